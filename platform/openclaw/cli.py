@@ -1,0 +1,75 @@
+"""`openclaw train CONFIG [--set k=v ...] [--address ADDR]`: parse, build, run, report.
+
+User mistakes (bad config, missing data) print one paragraph and exit 2; `--debug` adds the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from openclaw.errors import OpenClawError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openclaw", description="Elastic PyTorch training on Ray, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train from a YAML config. Every knob is a config key; override any with --set.",
+                       epilog="example: openclaw train jobs/configs/digits.yaml --set train.max_steps=200")
+    t.add_argument("config", help="path of the YAML config (see jobs/configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.optimizer.lr=3e-4 (repeatable)")
+    t.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a fresh local instance)")
+    t.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
+    t.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+    return p
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The command that opens the MLflow UI on this run, in its model-training view."""
+    fragment = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{fragment}"
+    return (f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000   "
+            f"# then open http://127.0.0.1:5000/{fragment}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from openclaw.config import load_config
+    from openclaw.launch import train
+    config = load_config(args.config, args.overrides)
+    result = train(config, address=args.address, verbose=args.verbose)
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("train/loss", "val/"))}
+    print(f"openclaw: done. final metrics: {shown}")
+    print(f"openclaw: MLflow run id: {result.run_id}")
+    print(f"openclaw: checkpoint: {result.checkpoint}")
+    print(f"openclaw: MLflow UI: {ui_hint(result.tracking_uri, result.experiment_id, result.run_id)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"openclaw: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OpenClawError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"openclaw: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("openclaw: interrupted; the latest checkpoint is kept, re-run the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""One hierarchy of typed, picklable errors. Each message says what is wrong and what to change.
+
+`UserError` subclasses are mistakes in the user's config or data: the CLI prints them as one paragraph
+and exits 2 (no traceback unless ``--debug``). Everything else is a bug or an infrastructure failure.
+"""
+from __future__ import annotations
+
+
+class OpenClawError(Exception):
+    """Base of every error openclaw raises on purpose."""
+
+    def __reduce__(self):  # picklable across Ray process boundaries, whatever the subclass signature
+        return (self.__class__, self.args)
+
+
+class UserError(OpenClawError):
+    """Bad input from the user: config, data or command line. Exit code 2."""
+
+
+class ConfigError(UserError):
+    """The config file or an override is malformed, has an unknown key or a bad value."""
+
+
+class DataError(UserError):
+    """A dataset path, shard or column is missing or does not match the config."""
+
+
+class CheckpointError(OpenClawError):
+    """A checkpoint is missing, truncated or fails its manifest check."""
+
+
+class NonFiniteLossError(OpenClawError):
+    """The loss became NaN or infinite and `train.on_nonfinite_loss` is `fail`."""

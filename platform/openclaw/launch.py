@@ -1,0 +1,296 @@
+"""Driver side: validate everything, open the MLflow run, connect to Ray, build the Train V2
+`TorchTrainer`, stream progress lines, and log the final model. Worker code is in `openclaw.worker`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from openclaw import constants
+from openclaw.config import Config
+from openclaw.data import Source, check_columns, resolve
+from openclaw.errors import OpenClawError
+from openclaw.models import build_model, import_path
+from openclaw.progress import format_progress
+
+log = logging.getLogger("openclaw")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    checkpoint: str | None
+    """Path (or URI) of the final checkpoint."""
+    metrics: dict[str, Any]
+    experiment_id: str
+    tracking_uri: str
+
+
+# ---- before any worker starts ----------------------------------------------------------------------
+
+def preflight(config: Config) -> dict[str, Source]:
+    """Check data paths, columns and import paths; raise a `UserError` naming what to fix."""
+    sources = {"train": resolve(config.data.train, "data.train")}
+    if config.data.val:
+        sources["val"] = resolve(config.data.val, "data.val")
+    for source in sources.values():
+        check_columns(source, config.data.features, config.data.label)
+    if config.task != "language_modeling" and config.data.label is None and ":" not in config.task:
+        from openclaw.errors import ConfigError
+        raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
+    if ":" in config.task:
+        import_path(config.task, "task")
+    build_model(config.model.name, config.model.kwargs)  # imports a user's model and checks its kwargs
+    train_rows = sources["train"].num_rows
+    if train_rows < config.train.global_batch_size:
+        from openclaw.errors import DataError
+        raise DataError(f"`data.train` has {train_rows} rows, fewer than one global batch "
+                        f"(`train.global_batch_size` = {config.train.global_batch_size}). Lower the batch size.")
+    return sources
+
+
+def tracking_uri(config: Config) -> str:
+    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    # Absolute, so that every worker process (whatever its cwd) writes to the same store.
+    return f"sqlite:///{os.path.abspath(constants.DEFAULT_MLFLOW_DB)}"
+
+
+def storage_path(config: Config) -> str:
+    s = config.checkpoint.storage
+    return s if "://" in s else os.path.abspath(os.path.expanduser(s))
+
+
+# ---- MLflow run: one per job, found again on resume ------------------------------------------------
+
+def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
+    """Create the job's MLflow run, or reopen the one recorded in the job folder. Returns (run, experiment, resumed)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(config.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        config.tracking.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
+    job = _read_job_file(storage, config.name)
+    if job.get("mlflow_run_id"):
+        try:
+            run = client.get_run(job["mlflow_run_id"])
+            if run.info.lifecycle_stage == "active":
+                client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id, run.info.experiment_id, True
+        except Exception:
+            pass
+    run = client.create_run(exp_id, run_name=config.name, tags={"openclaw.name": config.name})
+    run_id = run.info.run_id
+    params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_dict(run_id, config.resolved(), "config.yaml")
+    _write_job_file(storage, config.name, {"mlflow_run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri})
+    return run_id, exp_id, False
+
+
+def _flat(config: Config) -> dict[str, Any]:
+    from openclaw.config import flatten
+    return flatten(config.resolved())
+
+
+def _param_str(v: Any) -> str:
+    return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
+
+
+def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    return fs, f"{root.rstrip('/')}/{name}/{constants.JOB_FILE}"
+
+
+def _read_job_file(storage: str, name: str) -> dict[str, Any]:
+    fs, path = _job_fs(storage, name)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
+    fs, path = _job_fs(storage, name)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(content, indent=2).encode())
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+
+def connect_ray(address: str | None, verbose: bool, config: Config | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS), or start a fresh local instance.
+
+    A local instance gets at least two logical CPUs beyond what the workers reserve: Ray Data's read
+    tasks need CPUs of their own, and with every CPU held by a training worker they would never run.
+    """
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        need = 0
+        if config is not None:
+            need = int(config.scaling.max_workers * config.scaling.resources_per_worker.get("CPU", 1)) + 2
+        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
+
+
+def _worker_runtime_env() -> dict[str, Any]:
+    """Ship the package to workers when it is not installed there (e.g. `ray job submit --working-dir .`)."""
+    import openclaw
+    env: dict[str, Any] = {"env_vars": constants.forwarded_env()}
+    if os.environ.get(constants.SHIP_PACKAGE_ENV_VAR) == "1":
+        env["py_modules"] = [os.path.dirname(openclaw.__file__)]
+    return env
+
+
+def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[str, Any], storage: str,
+                  verbose: bool):
+    import ray.data
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from openclaw.worker import train_loop
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    datasets = {k: ray.data.read_parquet(list(s.files), filesystem=s.filesystem) for k, s in sources.items()}
+    s = config.scaling
+    use_gpu = _use_gpu(s.use_gpu)
+    num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
+    resources = dict(s.resources_per_worker)
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=config.name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            worker_runtime_env=_worker_runtime_env(),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+        datasets=datasets,
+        # Every worker sees the whole dataset; the platform's sampler picks each worker's rows, in a
+        # fixed order, so that the data order does not depend on the world size or on Ray's timing.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def _use_gpu(setting: bool | str) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    import ray
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+# ---- progress lines --------------------------------------------------------------------------------
+
+class _ProgressPrinter(threading.Thread):
+    def __init__(self, queue, out=sys.stdout):
+        super().__init__(daemon=True, name="openclaw-progress")
+        self.queue, self.out, self._stop_event = queue, out, threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.drain(timeout=0.5)
+
+    def drain(self, timeout: float | None = None) -> None:
+        try:
+            items = self.queue.get_nowait_batch(self.queue.qsize()) if timeout is None else [
+                self.queue.get(timeout=timeout)]
+        except Exception:
+            return
+        for item in items:
+            print(format_progress(item), file=self.out, flush=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        self.drain()
+
+
+# ---- the whole job ---------------------------------------------------------------------------------
+
+def train(config: Config, *, address: str | None = None, verbose: bool = False) -> TrainResult:
+    """Run one training job to the end and return its run id, final checkpoint and metrics."""
+    from ray.util.queue import Queue
+
+    sources = preflight(config)
+    uri, storage = tracking_uri(config), storage_path(config)
+    run_id, exp_id, resumed = open_run(config, uri, storage)
+    print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; MLflow run {run_id} ({uri})",
+          flush=True)
+    connect_ray(address, verbose, config)
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    printer = _ProgressPrinter(progress)
+    printer.start()
+    loop_config = {"config": config.resolved(), "run_id": run_id, "tracking_uri": uri, "progress": progress}
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    try:
+        result = build_trainer(config, sources, loop_config, storage, verbose).fit()
+    except BaseException as e:
+        printer.stop()
+        client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise _unwrap(e) from None
+    printer.stop()
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint:
+        log_final_model(config, run_id, result.checkpoint, sources)
+    client.set_terminated(run_id, status="FINISHED")
+    return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """Surface an openclaw error raised in a worker as itself, not wrapped in Ray's TrainingFailedError."""
+    seen = error
+    for _ in range(5):
+        if isinstance(seen, OpenClawError):
+            return seen
+        inner = getattr(seen, "worker_failures", None) or {}
+        nested = next(iter(inner.values()), None) if isinstance(inner, dict) else None
+        seen = nested or seen.__cause__
+        if seen is None:
+            break
+    return error
+
+
+def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, Source]) -> None:
+    """Log the trained model as an MLflow PyTorch model with a signature and an input example."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from openclaw.data import column_to_numpy
+    from openclaw.sdk import model_from_checkpoint_dir
+
+    with checkpoint.as_directory() as d:
+        model = model_from_checkpoint_dir(d)
+    src = sources.get("val") or sources["train"]
+    first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
+    example = column_to_numpy(first.column(config.data.features)[:2])
+    example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", input_example=example)

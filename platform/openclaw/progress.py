@@ -1,0 +1,26 @@
+"""The driver's progress lines: pure formatting of what rank 0 reports."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_progress(item: dict[str, Any]) -> str:
+    if "message" in item:
+        return f"openclaw: {item['message']}"
+    width = len(str(item["max_steps"]))
+    parts = [f"step {item['step']:>{width}}/{item['max_steps']}"]
+    if "loss" in item:
+        parts.append(f"loss {item['loss']:.4f}")
+    if "samples_per_s" in item:
+        parts.append(f"{item['samples_per_s']:,.0f} samples/s")
+    if "eta_s" in item:
+        parts.append(f"ETA {format_duration(item['eta_s'])}")
+    parts += [f"{k} {v:.4f}" for k, v in item.items() if k.startswith("val/")]
+    return "  ".join(parts)

@@ -1,0 +1,42 @@
+"""The one train state: everything that must survive a restart, behind state_dict()/load_state_dict().
+
+The data position and the RNG are functions of the step (see `sampler` and `worker.seed_step`), so the
+step alone would do; the state records them anyway so that a resume can check it reads the same data.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from openclaw.errors import CheckpointError
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed. Global step `step` is the next one to run."""
+    samples_seen: int = 0
+    world_size: int = 0
+    """World size of the attempt that saved this state."""
+    num_samples: int = 0
+    """Training rows when saved; a resume over a different dataset is refused."""
+    seed: int = 0
+    mlflow_run_id: str = ""
+    attempt: int = 0
+    """How many times the worker group has started on this run (1 on the first start)."""
+    pending_metrics: list[dict[str, Any]] = field(default_factory=list)
+    """Metrics logged since the last publish, with their timestamps; re-published idempotently on resume."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - set(asdict(self))
+        if unknown:
+            raise CheckpointError(f"train state has unknown fields {sorted(unknown)}: written by a newer openclaw?")
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def data_position(self, epoch_steps: int) -> dict[str, int]:
+        epoch, within = divmod(self.step, epoch_steps)
+        return {"epoch": epoch, "step_in_epoch": within}

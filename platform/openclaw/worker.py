@@ -1,0 +1,229 @@
+"""The training loop that runs inside every Ray Train worker. It reads top to bottom:
+set-up, data, model and engine, restore, then the loop with its log/eval/save predicates.
+
+Driver-side code lives in `openclaw.launch`; the two run in different processes.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from openclaw import checkpoint as ckpt_io
+from openclaw.config import Config
+from openclaw.data import column_to_numpy, table_from_shard
+from openclaw.engine import Engine
+from openclaw.errors import CheckpointError, NonFiniteLossError
+from openclaw.models import build_model
+from openclaw.sampler import Sampler, steps_per_epoch
+from openclaw.state import TrainState
+from openclaw.tasks import Batch, build_task
+from openclaw.tracking import NullTracker, Tracker
+
+log = logging.getLogger("openclaw")
+
+
+# ---- small predicates -----------------------------------------------------------------------------
+
+def should_log(step: int, cfg: Config) -> bool:
+    return step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+
+
+def should_eval(step: int, cfg: Config) -> bool:
+    every = cfg.train.eval_every
+    return cfg.data.val is not None and ((every and step % every == 0) or step == cfg.train.max_steps)
+
+
+def should_save(step: int, cfg: Config) -> bool:
+    return step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """RNG (dropout, ...) as a function of (seed, step, rank): a resumed step draws what the original drew."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+class TensorData:
+    """A dataset shard held as tensors, indexed by sample position (the sampler decides the order)."""
+
+    def __init__(self, shard, features: str, label: str | None, pin: bool = False):
+        cols = [features] + ([label] if label else [])
+        table = table_from_shard(shard, cols)
+        self.x = torch.from_numpy(np.ascontiguousarray(column_to_numpy(table.column(features))))
+        self.y = torch.from_numpy(column_to_numpy(table.column(label))) if label else None
+        if pin:
+            self.x, self.y = self.x.pin_memory(), (self.y.pin_memory() if self.y is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, positions: np.ndarray) -> Batch:
+        idx = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        out = {"x": self.x[idx]}
+        if self.y is not None:
+            out["y"] = self.y[idx]
+        return out
+
+
+def _allreduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(engine: Engine, data: TensorData, micro: int, world: int, rank: int) -> dict[str, float]:
+    """Every worker scores a strided share of the validation set; sums are reduced across workers."""
+    mine = np.arange(rank, len(data), world)
+    sums = engine.evaluate(data.batch(mine[i:i + micro]) for i in range(0, len(mine), micro))
+    keys = sorted(set(sums) | {"loss", "count"})
+    totals = dict(zip(keys, _allreduce([sums.get(k, 0.0) for k in keys], engine.device)))
+    out = {"val/loss": totals["loss"] / max(1.0, totals["count"])}
+    if "correct" in totals:
+        out["val/accuracy"] = totals["correct"] / max(1.0, totals["count"])
+    return out
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def restore(checkpoint, tracker) -> dict[str, Any] | None:
+    """Load the newest checkpoint that passes its manifest check, newest first; report skipped ones."""
+    if checkpoint is None:
+        return None
+    for candidate in _newest_first(checkpoint):
+        try:
+            with candidate.as_directory() as d:
+                loaded = ckpt_io.load(d)
+            return loaded | {"path": candidate.path}
+        except CheckpointError as e:
+            msg = f"skipping invalid checkpoint: {e}"
+            log.warning(msg)
+            tracker.event("checkpoint_invalid", checkpoint=candidate.path, reason=str(e))
+            tracker.progress({"message": msg})
+    raise CheckpointError(f"no valid checkpoint found next to {checkpoint.path}; every candidate failed its "
+                          f"manifest check. Delete the run folder to start over.")
+
+
+def _newest_first(checkpoint):
+    """The given (latest) checkpoint, then its older siblings in the run's storage folder."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+    yield checkpoint
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.path != checkpoint.path.rstrip("/")),
+                   reverse=True)
+    for path in older:
+        if path < checkpoint.path:
+            yield Checkpoint(path, filesystem=checkpoint.filesystem)
+
+
+def save(engine: Engine, state: TrainState, tracker, config: dict, metrics: dict[str, float], rank: int) -> None:
+    """All ranks call this together: rank 0 writes, everyone reports, then metrics are published."""
+    import ray.train
+    with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
+        checkpoint = None
+        if rank == 0:
+            state.pending_metrics = tracker.pending()
+            es = engine.state_dict()
+            ckpt_io.save(d, model=es["model"], trainer={k: v for k, v in es.items() if k != "model"},
+                         state=state.state_dict(), config=config)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({"step": state.step, **metrics}, checkpoint=checkpoint)
+    tracker.publish()
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    # ---- set-up
+    config = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    torch.set_num_threads(config.train.threads_per_worker or max(1, int(config.scaling.resources_per_worker.get("CPU", 1))))
+    device = ray.train.torch.get_device()
+    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("progress")) \
+        if rank == 0 else NullTracker()
+    t, G, micro = config.train, config.train.global_batch_size, config.train.micro_batch_size
+
+    # ---- data
+    pin = device.type == "cuda"
+    train = TensorData(ray.train.get_dataset_shard("train"), config.data.features, config.data.label, pin)
+    val = TensorData(ray.train.get_dataset_shard("val"), config.data.features, config.data.label, pin) \
+        if config.data.val else None
+    sampler = Sampler(len(train), G, micro, config.seed, world, rank)
+
+    # ---- model and engine
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, config.model.kwargs)
+    state = TrainState(world_size=world, num_samples=len(train), seed=config.seed, mlflow_run_id=loop_config["run_id"])
+    loaded = restore(ray.train.get_checkpoint(), tracker)
+    if loaded:
+        state.load_state_dict(loaded["state"])
+        model.load_state_dict(loaded["model"])
+        if state.num_samples != len(train):
+            raise CheckpointError(f"checkpoint {loaded['path']} was trained on {state.num_samples} rows but "
+                                  f"`data.train` now has {len(train)}; use a new `name` to start a fresh run.")
+    model = ray.train.torch.prepare_model(model)
+    engine = Engine(model, build_task(config.task), t, device=device, world_size=world)
+    if loaded:
+        engine.optimizer.load_state_dict(loaded["trainer"]["optimizer"])
+        engine.scaler.load_state_dict(loaded["trainer"]["scaler"])
+        tracker.restore_pending(state.pending_metrics)
+
+    # ---- record how this attempt started
+    cause = "start" if not loaded else ("resize" if state.world_size != world else "restart")
+    tracker.event(cause, world_size=world, previous_world_size=state.world_size if loaded else None,
+                  resumed_from_step=state.step, accumulation=sampler.accumulation,
+                  checkpoint=loaded["path"] if loaded else None)
+    tracker.progress({"message": f"{cause} at step {state.step}/{t.max_steps} with {world} worker(s), "
+                                 f"accumulation {sampler.accumulation}"})
+    state.world_size, state.attempt = world, state.attempt + 1
+    epoch_steps = steps_per_epoch(len(train), G)
+
+    # ---- the loop
+    window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
+    for step in range(state.step, t.max_steps):
+        batches = [train.batch(p) for p in sampler.micro_batches(step)]
+        seed_step(config.seed, step, rank)
+        stats = engine.train_step(step, batches)
+        if not stats.finite:
+            raise NonFiniteLossError(f"non-finite loss or gradient at global step {step} (lr {stats.lr:g}). "
+                                     f"Lower `train.optimizer.lr`, enable `train.grad_clip`, or check the data.")
+        window_loss += stats.loss_sum
+        window_n += stats.samples
+        state.step, state.samples_seen = step + 1, state.samples_seen + G
+
+        if should_log(state.step, config):
+            loss_sum, n = _allreduce([window_loss, float(window_n)], device)
+            elapsed = time.perf_counter() - window_t0
+            sps = n / elapsed
+            last_metrics = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
+                            "train/grad_norm": stats.grad_norm, "train/epoch": step // epoch_steps}
+            tracker.log_metrics(last_metrics, state.step)
+            tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
+                              "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * G / sps})
+            window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+
+        if should_eval(state.step, config):
+            val_metrics = evaluate(engine, val, micro, world, rank)
+            tracker.log_metrics(val_metrics, state.step)
+            tracker.progress({"step": state.step, "max_steps": t.max_steps, **val_metrics})
+            last_metrics.update(val_metrics)
+
+        if should_save(state.step, config):
+            save(engine, state, tracker, loop_config["config"], last_metrics, rank)
+            window_t0 = time.perf_counter()  # the save is not training time
+    tracker.close()
