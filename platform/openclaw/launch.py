@@ -142,7 +142,7 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-                                  configure_logging=True)
+                                  configure_logging=True, runtime_env=_runtime_env())
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -152,13 +152,16 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
         ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
 
 
-def _worker_runtime_env() -> dict[str, Any]:
-    """Ship the package to workers when it is not installed there (e.g. `ray job submit --working-dir .`)."""
+def _runtime_env() -> dict[str, Any] | None:
+    """Ship the package with the job when the cluster does not have it installed (`jobs/*.py` decide).
+
+    Ray merges this with the runtime env of a `ray job submit`, so the controller, the workers and Ray
+    Data's tasks can all import openclaw.
+    """
+    if os.environ.get(constants.SHIP_PACKAGE_ENV_VAR) != "1":
+        return None
     import openclaw
-    env: dict[str, Any] = {"env_vars": constants.forwarded_env()}
-    if os.environ.get(constants.SHIP_PACKAGE_ENV_VAR) == "1":
-        env["py_modules"] = [os.path.dirname(openclaw.__file__)]
-    return env
+    return {"py_modules": [os.path.dirname(openclaw.__file__)]}
 
 
 def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[str, Any], storage: str,
@@ -189,7 +192,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
             name=config.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            worker_runtime_env=_worker_runtime_env(),
+            worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         datasets=datasets,
         # Every worker sees the whole dataset; the platform's sampler picks each worker's rows, in a

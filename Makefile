@@ -1,0 +1,52 @@
+# openclaw: two set-up commands. `make quickstart` trains the digits example; `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+
+.PHONY: help venv install install-test quickstart test test-unit data bench clean
+
+help:
+	@echo "make quickstart   create $(VENV), install, prepare digits, train it on a local Ray instance (2 workers)"
+	@echo "make test         install test dependencies and run the whole suite"
+	@echo "make test-unit    only the tests that need no Ray cluster"
+	@echo "make data         prepare the digits and text datasets under datasets/"
+	@echo "make bench        run the engine-overhead benchmark"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+venv: $(BIN)/python
+
+# The CPU build of torch first, only where no torch is installed: pyproject's torch range would
+# otherwise pull a multi-GB CUDA build. Users with their own (CUDA) torch keep it.
+install: venv
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q -e .
+
+install-test: install
+	$(BIN)/python -m pip install -q -e ".[test]"
+
+datasets/digits/stats.json: data/prepare.py | venv
+	$(BIN)/python data/prepare.py digits --out datasets/digits
+
+datasets/text/stats.json: data/prepare.py | venv
+	$(BIN)/python data/prepare.py text --out datasets/text
+
+data: datasets/digits/stats.json datasets/text/stats.json
+
+quickstart: install datasets/digits/stats.json
+	$(BIN)/openclaw train jobs/configs/digits.yaml
+
+test: install-test
+	$(BIN)/python -m pytest
+
+test-unit: install-test
+	$(BIN)/python -m pytest -m "not integration"
+
+bench: install
+	$(BIN)/python bench/engine_overhead.py
+
+clean:
+	rm -rf runs mlruns mlflow.db datasets .pytest_cache

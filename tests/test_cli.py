@@ -1,0 +1,57 @@
+"""Bad input: one paragraph naming the file, key or column; exit 2; no traceback unless --debug.
+Each case fails in preflight, before Ray or any worker starts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "jobs" / "configs" / "digits.yaml"
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "openclaw.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def _data(digits_dir):
+    return ["--set", f"data.train={digits_dir / 'train'}", "--set", f"data.val={digits_dir / 'val'}"]
+
+
+CASES = {
+    "missing dataset": (lambda d, t: [DIGITS, "--set", f"data.train={t / 'missing'}"],
+                        "`data.train`: dataset path"),
+    "missing column": (lambda d, t: [DIGITS, *_data(d), "--set", "data.features=pixels"],
+                       "`data.features`: column 'pixels' is not in"),
+    "malformed yaml": (lambda d, t: [_write(t, "name: [x\n")], "is not valid YAML at line"),
+    "unknown key": (lambda d, t: [DIGITS, *_data(d), "--set", "train.lr=1"], "unknown key `train.lr`"),
+    "wrong type": (lambda d, t: [DIGITS, *_data(d), "--set", "train.max_steps=lots"], "`train.max_steps`"),
+    "indivisible batch": (lambda d, t: [DIGITS, *_data(d), "--set", "train.global_batch_size=40"],
+                          "must be divisible by `train.micro_batch_size`"),
+}
+
+
+def _write(tmp, text):
+    p = tmp / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_error_exit_2_without_traceback(case, digits_dir, tmp_path):
+    make_args, expected = CASES[case]
+    r = run_cli("train", *make_args(digits_dir, tmp_path), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("openclaw: error: ")
+
+
+def test_debug_adds_traceback(tmp_path):
+    r = run_cli("train", tmp_path / "missing.yaml", "--debug")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "does not exist" in r.stderr
+
+
+def test_help_lists_the_flags():
+    r = run_cli("train", "--help")
+    assert r.returncode == 0 and all(f in r.stdout for f in ("--set", "--address", "--verbose", "--debug"))

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+
+from openclaw.config import Config, flatten, load_config
+from openclaw.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MIN = {"data": {"train": "x"}}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["train.max_steps=7", "train.optimizer.lr=3e-4", "scaling.use_gpu=false",
+                             "model.kwargs.hidden=32"], base=MIN)
+    assert cfg.train.max_steps == 7 and cfg.train.optimizer.lr == 3e-4
+    assert cfg.scaling.use_gpu is False and cfg.model.kwargs == {"hidden": 32}
+    assert cfg.tracking.experiment == "openclaw" and cfg.train.precision == "auto"
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.max_stpes=5"], base=MIN)
+    msg = str(e.value)
+    assert "`train.max_stpes`" in msg and "max_steps" in msg and "global_batch_size" in msg
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match=r"unknown key `trian`.*allowed keys there: name, seed, model"):
+        load_config(None, {"trian": {}}, base=MIN)
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"`train.max_steps`.*'many'"):
+        load_config(None, ["train.max_steps=many"], base=MIN)
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"`train.precision`.*'auto', 'fp32', 'bf16' or 'fp16'"):
+        load_config(None, ["train.precision=fp8"], base=MIN)
+
+
+def test_missing_data_section():
+    with pytest.raises(ConfigError, match="missing required key `data`"):
+        load_config(None, {})
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ntrain:\n  max_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=rf"{p} is not valid YAML at line \d+"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_batch_not_divisible_names_world_sizes():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.global_batch_size=48", "train.micro_batch_size=16", "scaling.min_workers=1",
+                           "scaling.max_workers=4"], base=MIN)
+    assert "world size 2, 4" in str(e.value) and "global_batch_size=192" in str(e.value)
+
+
+def test_min_workers_above_max():
+    with pytest.raises(ConfigError, match="min_workers"):
+        load_config(None, ["scaling.min_workers=3", "scaling.max_workers=2"], base=MIN)
+
+
+def test_model_and_task_accept_import_paths_only_in_form():
+    assert load_config(None, ["model.name=mypkg.models:build", "task=mypkg:loss"], base=MIN).task == "mypkg:loss"
+    with pytest.raises(ConfigError, match="`model.name`"):
+        load_config(None, ["model.name=resnet"], base=MIN)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.max_steps"], base=MIN)
+
+
+def test_resolved_config_round_trips_and_flattens():
+    cfg = load_config(None, ["seed=3"], base=MIN)
+    again = Config.model_validate(cfg.resolved())
+    assert again == cfg
+    flat = flatten(cfg.resolved())
+    assert flat["train.optimizer.lr"] == cfg.train.optimizer.lr and flat["seed"] == 3
