@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both sides)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall clock (default), or this process's CPU time: steadier on a shared CPU box (CPU only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -99,6 +101,9 @@ def main(argv=None) -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
+    if args.timer == "cpu" and device.type != "cpu":
+        sys.exit("--timer cpu only makes sense with --device cpu (it does not count GPU time)")
+    clock = time.perf_counter if args.timer == "wall" else time.process_time
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if cuda:
@@ -154,6 +159,7 @@ def main(argv=None) -> None:
         return stats.loss_sum / stats.samples
 
     bare_model = models["bare"]
+    bare_model.train()  # once, as a plain loop does; the engine sets train mode itself
     bare_opt = build_optimizer(bare_model, cfg.optimizer)
     bare_scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     use_autocast = dtype != torch.float32
@@ -166,7 +172,6 @@ def main(argv=None) -> None:
         return F.cross_entropy(bare_model(mb["x"]).float(), mb["y"])
 
     def bare_step(step: int, micro_batches) -> float:
-        bare_model.train()
         total = 0.0
         for mb in micro_batches:
             if use_autocast:
@@ -196,10 +201,10 @@ def main(argv=None) -> None:
     def timed(side: str) -> float:
         run(side, args.warmup)
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         run(side, args.steps)
         sync()
-        return args.steps * args.global_batch / (time.perf_counter() - t0)
+        return args.steps * args.global_batch / (clock() - t0)
 
     # ---- same math check: first step from identical weights on identical data ------------------
     first = {side: steps_fn[side](0, data[0]) for side in ("openclaw", "bare")}
@@ -212,7 +217,7 @@ def main(argv=None) -> None:
             if args.model == "gpt" else
             f"in {args.in_features} hidden {args.dim} depth {args.depth} classes {args.classes}")
     print(f"device {device}{f' ({gpu_name})' if gpu_name else f' threads {torch.get_num_threads()}'}, "
-          f"torch {torch.__version__}, precision {precision}, compile {args.compile}")
+          f"torch {torch.__version__}, precision {precision}, compile {args.compile}, timer {args.timer}")
     print(f"model {args.model} ({size}; {n_params / 1e6:.2f}M params), global batch {args.global_batch} = "
           f"micro {args.micro_batch} x {accumulation}, {args.steps} steps (+{args.warmup} warmup) x {args.repeats} "
           f"repeats")
@@ -247,13 +252,14 @@ def main(argv=None) -> None:
                 line += "  MFU: n/a"
         print(line)
     ratio = med["openclaw"] / med["bare"]
-    print(f"ratio openclaw / bare: {ratio:.4f}")
+    paired = statistics.median(a / b for a, b in zip(results["openclaw"], results["bare"]))
+    print(f"ratio openclaw / bare: {ratio:.4f} (ratio of medians; median of per-repeat ratios {paired:.4f})")
     summary.update({"openclaw_samples_per_s": round(med["openclaw"], 2), "bare_samples_per_s": round(med["bare"], 2),
-                    "ratio": round(ratio, 4)})
+                    "ratio": round(ratio, 4), "paired_ratio_median": round(paired, 4)})
     if args.model == "gpt" and peak is not None:
         summary["peak_flops"] = peak
         summary["flops_per_token"] = flops_per_token
-    summary.update({"steps": args.steps, "repeats": args.repeats, "global_batch": args.global_batch,
+    summary.update({"timer": args.timer, "steps": args.steps, "repeats": args.repeats, "global_batch": args.global_batch,
                     "micro_batch": args.micro_batch, "threads": torch.get_num_threads() if not cuda else None,
                     "openclaw_runs": [round(v, 2) for v in results["openclaw"]],
                     "bare_runs": [round(v, 2) for v in results["bare"]]})

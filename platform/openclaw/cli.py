@@ -5,6 +5,7 @@ User mistakes (bad config, missing data) print one paragraph and exit 2; `--debu
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 
@@ -39,6 +40,8 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     from openclaw.config import load_config
     from openclaw.launch import train
     config = load_config(args.config, args.overrides)

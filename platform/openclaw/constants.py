@@ -18,3 +18,17 @@ FORWARDED_ENV_PREFIXES = ("OPENCLAW_", "MLFLOW_", "AWS_")
 
 def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+RAY_TRAIN_DEFAULTS = {
+    # The controller polls workers (and drains their one-slot report queue) at this interval. Ray's
+    # default of 2 s stalls every checkpoint report for up to 2 s and detects dead workers late.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+}
+"""Ray Train tunables openclaw sets in the driver (Ray forwards them to its controller) unless the
+user already set them."""
+
+
+def apply_ray_train_defaults() -> None:
+    for key, value in RAY_TRAIN_DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -173,6 +173,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
 
     from openclaw.worker import train_loop
 
+    constants.apply_ray_train_defaults()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
@@ -250,7 +251,8 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     printer = _ProgressPrinter(progress)
     printer.start()
-    loop_config = {"config": config.resolved(), "run_id": run_id, "tracking_uri": uri, "progress": progress}
+    loop_config = {"config": config.resolved(), "run_id": run_id, "tracking_uri": uri, "progress": progress,
+                   "run_dir": f"{storage.rstrip('/')}/{config.name}"}
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     try:
@@ -295,5 +297,8 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
     example = column_to_numpy(first.column(config.data.features)[:2])
     example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
+    import torch
+    # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", input_example=example)
+        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements)

@@ -94,11 +94,15 @@ def evaluate(engine: Engine, data: TensorData, micro: int, world: int, rank: int
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def restore(checkpoint, tracker) -> dict[str, Any] | None:
-    """Load the newest checkpoint that passes its manifest check, newest first; report skipped ones."""
-    if checkpoint is None:
-        return None
-    for candidate in _newest_first(checkpoint):
+def restore(run_dir: str, tracker) -> dict[str, Any] | None:
+    """Load the newest checkpoint in the run's folder that passes its manifest check.
+
+    The folder is scanned rather than trusting `ray.train.get_checkpoint()` alone: a worker can die
+    after rank 0's report returned but before Ray's controller registered that checkpoint, and the
+    metrics published with it must not be replayed. Invalid (partial, truncated, corrupt) checkpoints
+    are reported and skipped in favour of the next newest.
+    """
+    for candidate in checkpoints_newest_first(run_dir):
         try:
             with candidate.as_directory() as d:
                 loaded = ckpt_io.load(d)
@@ -108,23 +112,18 @@ def restore(checkpoint, tracker) -> dict[str, Any] | None:
             log.warning(msg)
             tracker.event("checkpoint_invalid", checkpoint=candidate.path, reason=str(e))
             tracker.progress({"message": msg})
-    raise CheckpointError(f"no valid checkpoint found next to {checkpoint.path}; every candidate failed its "
-                          f"manifest check. Delete the run folder to start over.")
+    return None
 
 
-def _newest_first(checkpoint):
-    """The given (latest) checkpoint, then its older siblings in the run's storage folder."""
+def checkpoints_newest_first(run_dir: str):
+    """Every `checkpoint_*` folder of a run (local path or URI), newest first (Ray names them by time)."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
-    yield checkpoint
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
-    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.path != checkpoint.path.rstrip("/")),
-                   reverse=True)
-    for path in older:
-        if path < checkpoint.path:
-            yield Checkpoint(path, filesystem=checkpoint.filesystem)
+    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                  reverse=True)
+    return [Checkpoint(path, filesystem=fs) for path in dirs]
 
 
 def save(engine: Engine, state: TrainState, tracker, config: dict, metrics: dict[str, float], rank: int) -> None:
@@ -169,7 +168,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, config.model.kwargs)
     state = TrainState(world_size=world, num_samples=len(train), seed=config.seed, mlflow_run_id=loop_config["run_id"])
-    loaded = restore(ray.train.get_checkpoint(), tracker)
+    loaded = restore(loop_config["run_dir"], tracker)
     if loaded:
         state.load_state_dict(loaded["state"])
         model.load_state_dict(loaded["model"])

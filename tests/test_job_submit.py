@@ -1,0 +1,96 @@
+"""`ray job submit` against a real `ray start --head` cluster on loopback, with token auth on, where
+openclaw is NOT importable on the cluster: the package travels with the job's working dir."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+HIDE_INSTALLED = """\
+import os, sys
+hide = os.path.realpath(os.environ["OPENCLAW_TEST_HIDE_PATH"])
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != hide]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A real head node on 127.0.0.1 whose processes cannot import the installed openclaw."""
+    hide_dir = tmp_path / "hide"
+    hide_dir.mkdir()
+    (hide_dir / "sitecustomize.py").write_text(HIDE_INSTALLED)
+    temp_dir = f"/tmp/oc-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "PYTHONPATH": str(hide_dir), "OPENCLAW_TEST_HIDE_PATH": str(REPO / "platform"),
+           "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    probe = subprocess.run([sys.executable, "-c", "import openclaw"], env=env, capture_output=True)
+    assert probe.returncode != 0, "the test cannot hide the installed openclaw"
+    dash = _free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for p in procs + [c for p in procs for c in _children(p)]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _children(p):
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def test_ray_job_submit_trains_without_openclaw_installed(head, digits_dir, tmp_path):
+    address, env = head
+    work = tmp_path / "job"
+    for part in ("jobs", "platform"):
+        shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {"data.train": digits_dir / "train", "data.val": digits_dir / "val", "tracking.uri": uri,
+                 "checkpoint.storage": tmp_path / "runs", "train.max_steps": 60, "train.eval_every": 0,
+                 "checkpoint.every_steps": 30, "name": "submitted"}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
+           "python", "jobs/train.py", "jobs/configs/digits.yaml"]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={v}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout and "step 60/60" in r.stdout
+    run_id = next(line.split()[-1] for line in r.stdout.splitlines() if "MLflow run id:" in line)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["val/accuracy"] > 0.5
+    job = json.loads((tmp_path / "runs" / "submitted" / "openclaw_job.json").read_text())
+    assert job["mlflow_run_id"] == run_id
+
+
+def test_submit_without_token_is_refused(head):
+    address, env = head
+    r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+                       env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
