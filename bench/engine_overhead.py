@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import importlib
 import json
 import statistics
 import sys
@@ -40,13 +40,20 @@ PRESETS = {
 
 
 def _check_deps() -> None:
-    missing = [(mod, pkg) for mod, pkg in (("torch", "torch"), ("pydantic", "pydantic"), ("yaml", "PyYAML"))
-               if importlib.util.find_spec(mod) is None]
+    """Fail with one clear line when a package the engine needs cannot be imported (Ray, MLflow, pyarrow are not)."""
+    missing, pkgs = [], []
+    for mod, pkg, why in (("torch", "torch", "the model and both loops"),
+                          ("pydantic", "pydantic", "openclaw.config (imported by openclaw.engine)"),
+                          ("yaml", "PyYAML", "openclaw.config (imported by openclaw.engine)")):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # ImportError, or a broken build (e.g. a pydantic_core for another Python)
+            pkgs.append(pkg)
+            missing.append(f"{pkg} (import {mod}, for {why}: {type(e).__name__}: {e})")
     if missing:
-        names = ", ".join(f"{pkg} (import {mod})" for mod, pkg in missing)
-        sys.exit(f"engine_overhead.py: missing Python package(s): {names}. openclaw.engine imports openclaw.config, "
-                 f"which needs pydantic and PyYAML; install them (pip install {' '.join(p for _, p in missing)}) "
-                 f"or put their wheels on the path. Ray, MLflow and pyarrow are not needed.")
+        sys.exit("engine_overhead.py cannot import: " + "; ".join(missing) + ". Install them for this Python "
+                 f"(pip install {' '.join(pkgs)}) or put their wheels on PYTHONPATH; Ray, MLflow and pyarrow are "
+                 "not needed.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,7 +223,9 @@ def main(argv=None) -> None:
     size = (f"dim {args.dim} depth {args.depth} heads {args.heads} block {args.block} vocab {args.vocab}"
             if args.model == "gpt" else
             f"in {args.in_features} hidden {args.dim} depth {args.depth} classes {args.classes}")
-    print(f"device {device}{f' ({gpu_name})' if gpu_name else f' threads {torch.get_num_threads()}'}, "
+    where = (f" ({gpu_name}; TF32 on; MFU vs dense bf16 peak "
+             f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})" if cuda else f" threads {torch.get_num_threads()}")
+    print(f"device {device}{where}, "
           f"torch {torch.__version__}, precision {precision}, compile {args.compile}, timer {args.timer}")
     print(f"model {args.model} ({size}; {n_params / 1e6:.2f}M params), global batch {args.global_batch} = "
           f"micro {args.micro_batch} x {accumulation}, {args.steps} steps (+{args.warmup} warmup) x {args.repeats} "

@@ -95,3 +95,15 @@ def test_sigkilled_worker_resumes_bit_for_bit(ray_local, digits_dir, tmp_path, m
     assert _history(client, result.run_id, "train/loss") == _history(client, clean.run_id, "train/loss")
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     assert [e["event"] for e in events][:2] == ["start", "restart"] and events[1]["resumed_from_step"] >= 20
+
+
+def test_text_lm_beats_the_unigram_baseline(ray_local, text_dir, tmp_path, mlflow_uri):
+    from conftest import REPO
+    unigram = json.loads((text_dir / "stats.json").read_text())["unigram_entropy_nats"]
+    cfg = openclaw.load_config(REPO / "jobs" / "configs" / "text-lm.yaml", {
+        "data.train": str(text_dir / "train"), "data.val": str(text_dir / "val"),
+        "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": mlflow_uri,
+        "model.kwargs.block_size": 64, "model.kwargs.depth": 2, "train.max_steps": 150,
+        "train.eval_every": 0, "checkpoint.every_steps": 150})
+    result = openclaw.train(cfg)
+    assert result.metrics["val/loss"] < unigram - 0.5, (result.metrics, unigram)

@@ -73,31 +73,37 @@ class Engine:
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self._loss_scale = world_size / cfg.global_batch_size
+        self._can_skip_sync = hasattr(model, "no_sync")  # DDP
 
     # ---- the step ----------------------------------------------------------------------------
 
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
-        """Forward/backward every micro-batch, then one optimizer step at the LR of `step`."""
-        self.model.train()
+        """Forward/backward every micro-batch, then one optimizer step at the LR of `step`.
+
+        One device-to-host read per step (loss and grad norm together), as in a bare loop.
+        """
+        if not self.model.training:  # model.train() walks every module; evaluate() is the only other mode
+            self.model.train()
         lr = lr_at(step, self.cfg.optimizer.lr, self.cfg.schedule, self.cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, samples = torch.zeros((), device=self.device), 0
+        losses, samples = [], 0
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             with self._no_sync(i < last), self.autocast():
                 loss, count = self.task.loss(self.model, self._to_device(batch))
             self.scaler.scale(loss * self._loss_scale).backward()
-            loss_sum += loss.detach().float()
+            losses.append(loss.detach())
             samples += count
         self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()
-        finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+        loss_sum, norm = torch.stack([torch.stack(losses).float().sum(), grad_norm.float()]).tolist()
+        finite = math.isfinite(loss_sum) and math.isfinite(norm)
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss_sum.item(), samples, lr, float(grad_norm), finite)
+        return StepStats(loss_sum, samples, lr, norm, finite)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
@@ -120,7 +126,7 @@ class Engine:
 
     def _no_sync(self, skip_sync: bool):
         # DDP all-reduces on every backward unless told not to; accumulate locally until the last micro-batch.
-        return self.model.no_sync() if skip_sync and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+        return self.model.no_sync() if skip_sync and self._can_skip_sync else contextlib.nullcontext()
 
     def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -30,4 +30,4 @@ class CheckpointError(OpenClawError):
 
 
 class NonFiniteLossError(OpenClawError):
-    """The loss became NaN or infinite and `train.on_nonfinite_loss` is `fail`."""
+    """The loss or the gradient norm became NaN or infinite."""
