@@ -85,6 +85,9 @@ class TrainConfig(_Section):
     """Evaluate every N steps (0: only at the end). Needs `data.val`."""
     threads_per_worker: int | None = Field(None, gt=0)
     """torch intra-op threads per worker; default: the worker's CPU count. Pinned so restarts reproduce."""
+    on_nonfinite_loss: Literal["fail", "skip", "rollback"] = "fail"
+    """A NaN/inf loss or gradient: `fail` naming the step; `skip` the batch (counted); or `rollback` to the
+    newest valid checkpoint and skip the offending batch on the replay."""
 
 
 class ScalingConfig(_Section):
@@ -93,6 +96,8 @@ class ScalingConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
     """auto: use GPUs when the cluster has any."""
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    resize_monitor_interval_s: float = Field(10.0, gt=0)
+    """Elastic runs (min < max): how often Ray Train looks for resources to grow into."""
 
     @model_validator(mode="after")
     def _range(self) -> "ScalingConfig":
@@ -114,6 +119,9 @@ class CheckpointConfig(_Section):
 class FailureConfig(_Section):
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts before the run fails; -1 retries forever."""
+    worker_start_timeout_s: float = Field(30.0, gt=0)
+    """How long Ray Train waits for a worker group to start before it retries at another size
+    (Ray's default is 60 s, which it can spend waiting on a node that has died)."""
 
 
 class TrackingConfig(_Section):

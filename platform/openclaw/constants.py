@@ -29,6 +29,11 @@ RAY_TRAIN_DEFAULTS = {
 user already set them."""
 
 
-def apply_ray_train_defaults() -> None:
+WORKER_GROUP_START_TIMEOUT_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Set from `failure.worker_start_timeout_s` unless the user set it in the environment."""
+
+
+def apply_ray_train_defaults(worker_start_timeout_s: float) -> None:
     for key, value in RAY_TRAIN_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV_VAR, str(worker_start_timeout_s))

@@ -140,6 +140,8 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
     import ray
     if ray.is_initialized():
         return
+    if not verbose:  # "Token authentication is enabled..." on every start: expected, not news
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                                   configure_logging=True, runtime_env=_runtime_env())
@@ -173,7 +175,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
 
     from openclaw.worker import train_loop
 
-    constants.apply_ray_train_defaults()
+    constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
@@ -188,7 +190,8 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=s.resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),

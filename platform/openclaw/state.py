@@ -24,6 +24,8 @@ class TrainState:
     mlflow_run_id: str = ""
     attempt: int = 0
     """How many times the worker group has started on this run (1 on the first start)."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Global steps whose batch was skipped for a non-finite loss (`train.on_nonfinite_loss`)."""
     pending_metrics: list[dict[str, Any]] = field(default_factory=list)
     """Metrics logged since the last publish, with their timestamps; re-published idempotently on resume."""
 

@@ -24,6 +24,7 @@ class NullTracker:
     def progress(self, line: dict[str, Any]) -> None: ...
     def pending(self) -> list[dict[str, Any]]: return []
     def restore_pending(self, pending: list[dict[str, Any]]) -> None: ...
+    def rollback(self, pending: list[dict[str, Any]]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -55,6 +56,11 @@ class Tracker(NullTracker):
         self._pending = list(pending) + self._pending
         self.publish()
 
+    def rollback(self, pending: list[dict[str, Any]]) -> None:
+        """Drop what was logged after the checkpoint rolled back to; keep that checkpoint's own pending metrics."""
+        self._pending = list(pending)
+        self.publish()
+
     def event(self, kind: str, **fields: Any) -> None:
         """Record a lifecycle event (start, restart, resize, checkpoint) on the run as `events.json`."""
         self._events.append({"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
@@ -73,10 +79,11 @@ class Tracker(NullTracker):
             pass
 
     def _load_events(self) -> list[dict[str, Any]]:
+        import tempfile
         try:
-            import mlflow
-            return list(mlflow.artifacts.load_dict(f"runs:/{self.run_id}/events.json"))
-        except Exception:
+            with tempfile.TemporaryDirectory() as d:
+                return list(json.load(open(self.client.download_artifacts(self.run_id, "events.json", d))))
+        except Exception:  # a new run has none yet
             return []
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from openclaw import checkpoint as ckpt_io
 from openclaw.config import Config
 from openclaw.data import column_to_numpy, table_from_shard
-from openclaw.engine import Engine
+from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError
 from openclaw.models import build_model
 from openclaw.sampler import Sampler, steps_per_epoch
@@ -166,20 +166,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # ---- model and engine
     torch.manual_seed(config.seed)
-    model = build_model(config.model.name, config.model.kwargs)
+    model = ray.train.torch.prepare_model(build_model(config.model.name, config.model.kwargs))
+    engine = Engine(model, build_task(config.task), t, device=device, world_size=world)
     state = TrainState(world_size=world, num_samples=len(train), seed=config.seed, mlflow_run_id=loop_config["run_id"])
     loaded = restore(loop_config["run_dir"], tracker)
     if loaded:
-        state.load_state_dict(loaded["state"])
-        model.load_state_dict(loaded["model"])
-        if state.num_samples != len(train):
-            raise CheckpointError(f"checkpoint {loaded['path']} was trained on {state.num_samples} rows but "
-                                  f"`data.train` now has {len(train)}; use a new `name` to start a fresh run.")
-    model = ray.train.torch.prepare_model(model)
-    engine = Engine(model, build_task(config.task), t, device=device, world_size=world)
-    if loaded:
-        engine.optimizer.load_state_dict(loaded["trainer"]["optimizer"])
-        engine.scaler.load_state_dict(loaded["trainer"]["scaler"])
+        resume_from(loaded, engine, state, len(train))
         tracker.restore_pending(state.pending_metrics)
 
     # ---- record how this attempt started
@@ -194,23 +186,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # ---- the loop
     window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
-    for step in range(state.step, t.max_steps):
-        batches = [train.batch(p) for p in sampler.micro_batches(step)]
-        seed_step(config.seed, step, rank)
-        stats = engine.train_step(step, batches)
-        if not stats.finite:
-            raise NonFiniteLossError(f"non-finite loss or gradient at global step {step} (lr {stats.lr:g}). "
-                                     f"Lower `train.optimizer.lr`, enable `train.grad_clip`, or check the data.")
-        window_loss += stats.loss_sum
-        window_n += stats.samples
+    while state.step < t.max_steps:
+        step = state.step
+        if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
+            batches = [train.batch(p) for p in sampler.micro_batches(step)]
+            seed_step(config.seed, step, rank)
+            stats = engine.train_step(step, batches)
+            if not stats.finite:  # the grad norm is global after DDP, so every rank decides alike
+                if on_nonfinite(step, stats, config, engine, state, tracker, loop_config["run_dir"], len(train)):
+                    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                    continue  # rolled back: carry on from the restored step
+            else:
+                window_loss += stats.loss_sum
+                window_n += stats.samples
         state.step, state.samples_seen = step + 1, state.samples_seen + G
 
-        if should_log(state.step, config):
+        if should_log(state.step, config) and window_n:
             loss_sum, n = _allreduce([window_loss, float(window_n)], device)
-            elapsed = time.perf_counter() - window_t0
-            sps = n / elapsed
+            sps = n / (time.perf_counter() - window_t0)
             last_metrics = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
-                            "train/grad_norm": stats.grad_norm, "train/epoch": step // epoch_steps}
+                            "train/grad_norm": stats.grad_norm, "train/epoch": step // epoch_steps,
+                            "train/skipped_batches": len(state.skipped_steps)}
             tracker.log_metrics(last_metrics, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
                               "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * G / sps})
@@ -226,3 +222,45 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             save(engine, state, tracker, loop_config["config"], last_metrics, rank)
             window_t0 = time.perf_counter()  # the save is not training time
     tracker.close()
+
+
+def resume_from(loaded: dict[str, Any], engine: Engine, state: TrainState, num_samples: int) -> None:
+    state.load_state_dict(loaded["state"])
+    if state.num_samples != num_samples:
+        raise CheckpointError(f"checkpoint {loaded['path']} was trained on {state.num_samples} rows but "
+                              f"`data.train` now has {num_samples}; use a new `name` to start a fresh run.")
+    engine.load_state_dict({"model": loaded["model"], **loaded["trainer"]})
+
+
+def on_nonfinite(step: int, stats, config: Config, engine: Engine, state: TrainState, tracker, run_dir: str,
+                 num_samples: int) -> bool:
+    """Carry out `train.on_nonfinite_loss`. The engine has not applied the step. True if rolled back."""
+    policy = config.train.on_nonfinite_loss
+    if policy == "fail":
+        raise NonFiniteLossError(f"non-finite loss or gradient at global step {step} (lr {stats.lr:g}). Lower "
+                                 f"`train.optimizer.lr`, check the data, or set `train.on_nonfinite_loss` to "
+                                 f"skip or rollback.")
+    skipped = sorted(set(state.skipped_steps) | {step})
+    loaded = None
+    if policy == "rollback":
+        loaded = restore(run_dir, tracker)
+        if loaded:
+            resume_from(loaded, engine, state, num_samples)
+        else:  # before the first checkpoint: the last valid state is the initial one
+            start_over(engine, state, config)
+        tracker.rollback(state.pending_metrics)
+    state.skipped_steps = skipped
+    tracker.event("nonfinite_loss", step=step, action=policy, resumed_from_step=state.step if policy == "rollback"
+                  else None, checkpoint=loaded["path"] if loaded else None, skipped_batches=len(skipped))
+    tracker.progress({"message": f"non-finite loss at step {step}: {policy} "
+                                 f"({len(skipped)} batch(es) skipped so far)"})
+    return policy == "rollback"
+
+
+def start_over(engine: Engine, state: TrainState, config: Config) -> None:
+    """Back to step 0 with the initial weights (same seed) and a fresh optimizer."""
+    torch.manual_seed(config.seed)
+    fresh = build_model(config.model.name, config.model.kwargs)
+    engine.load_state_dict({"model": fresh.state_dict(),
+                            "optimizer": build_optimizer(fresh, config.train.optimizer).state_dict()})
+    state.step, state.samples_seen, state.pending_metrics = 0, 0, []

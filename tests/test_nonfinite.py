@@ -1,0 +1,80 @@
+"""`train.on_nonfinite_loss`: a real NaN sample in the data, on real Ray workers."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import openclaw
+from conftest import digits_config
+from openclaw.errors import NonFiniteLossError
+from openclaw.sampler import Sampler
+
+pytestmark = pytest.mark.integration
+BAD_ROW, STEPS = 100, 50
+
+
+@pytest.fixture(scope="module")
+def poisoned(digits_dir, tmp_path_factory):
+    """The digits data with one NaN pixel in training row BAD_ROW (of the concatenated shards)."""
+    out = tmp_path_factory.mktemp("poisoned")
+    (out / "train").mkdir()
+    table = pq.read_table(digits_dir / "train")
+    x = np.stack(table.column("x").to_numpy(zero_copy_only=False)).astype(np.float32)
+    x[BAD_ROW, 5] = np.nan
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 64)
+    pq.write_table(pa.table({"x": col, "y": table.column("y")}), out / "train" / "part-00000.parquet")
+    (out / "val").symlink_to(digits_dir / "val")
+    return out
+
+
+def _bad_steps(cfg, rows):
+    s = Sampler(rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.seed)
+    return [step for step in range(STEPS) if BAD_ROW in s.global_batch(step)]
+
+
+def _cfg(poisoned, tmp_path, mlflow_uri, policy, name):
+    return digits_config(poisoned, tmp_path, mlflow_uri, name=name, **{
+        "train.on_nonfinite_loss": policy, "train.max_steps": STEPS, "checkpoint.every_steps": 10,
+        "train.log_every": 10, "train.eval_every": 0, "failure.max_failures": 0})
+
+
+def _events(client, run_id, tmp_path):
+    return json.load(open(client.download_artifacts(run_id, "events.json", str(tmp_path))))
+
+
+def test_skip_and_rollback(ray_local, poisoned, tmp_path, mlflow_uri):
+    skip_cfg = _cfg(poisoned, tmp_path, mlflow_uri, "skip", "skip")
+    bad = _bad_steps(skip_cfg, 1438)
+    assert len(bad) >= 2  # the bad row comes round once per epoch
+    client = MlflowClient(mlflow_uri)
+
+    skipped = openclaw.train(skip_cfg)
+    events = [e for e in _events(client, skipped.run_id, tmp_path) if e["event"] == "nonfinite_loss"]
+    assert [e["step"] for e in events] == bad and all(e["action"] == "skip" for e in events)
+    assert client.get_run(skipped.run_id).data.metrics["train/skipped_batches"] == len(bad)
+    skip_model = openclaw.load_model(skipped.checkpoint)
+    assert all(torch.isfinite(p).all() for p in skip_model.parameters())
+
+    rolled = openclaw.train(_cfg(poisoned, tmp_path, mlflow_uri, "rollback", "rollback"))
+    events = [e for e in _events(client, rolled.run_id, tmp_path) if e["event"] == "nonfinite_loss"]
+    assert [e["step"] for e in events] == bad
+    assert all(e["resumed_from_step"] == e["step"] // 10 * 10 for e in events)  # the newest checkpoint
+    # Rolling back and replaying without the bad batch is the same optimization as skipping it.
+    roll_model = openclaw.load_model(rolled.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(roll_model.state_dict().values(), skip_model.state_dict().values()))
+    steps = [m.step for m in client.get_metric_history(rolled.run_id, "train/loss")]
+    assert steps == sorted(set(steps))  # the rolled-back steps were not logged twice
+
+
+def test_fail_names_the_step(ray_local, poisoned, tmp_path, mlflow_uri):
+    cfg = _cfg(poisoned, tmp_path, mlflow_uri, "fail", "fail")
+    first_bad = _bad_steps(cfg, 1438)[0]
+    with pytest.raises(NonFiniteLossError, match=f"global step {first_bad} "):
+        openclaw.train(cfg)
+    run = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("openclaw")
+                                                .experiment_id])[0]
+    assert run.info.status == "FAILED"
