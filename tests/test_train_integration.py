@@ -107,3 +107,44 @@ def test_text_lm_beats_the_unigram_baseline(ray_local, text_dir, tmp_path, mlflo
         "train.eval_every": 0, "checkpoint.every_steps": 150})
     result = openclaw.train(cfg)
     assert result.metrics["val/loss"] < unigram - 0.5, (result.metrics, unigram)
+
+
+def test_datasets_keep_file_order(ray_local, tmp_path):
+    """Row positions must not depend on which Ray read task finishes first."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openclaw.data import resolve
+    from openclaw.launch import read_datasets
+    for i in range(12):  # shards of very different sizes finish reading in a different order
+        rows = 20_000 if i % 3 == 0 else 50
+        pq.write_table(pa.table({"x": np.arange(rows, dtype=np.int64) + i * 1_000_000}),
+                       tmp_path / f"part-{i:03d}.parquet")
+    ds = read_datasets({"train": resolve(str(tmp_path), "data.train")})["train"]
+    got = np.concatenate([b["x"] for b in ds.iter_batches(batch_format="numpy", batch_size=None)])
+    want = pq.read_table(sorted(tmp_path.glob("*.parquet"))).column("x").to_numpy()
+    assert np.array_equal(got, want)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(ray_local, digits_dir, tmp_path, mlflow_uri, capsys):
+    common = {"name": "corrupt", "train.eval_every": 0, "train.log_every": 10, "checkpoint.every_steps": 20,
+              "checkpoint.keep": 3}
+    first = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, **common, **{"train.max_steps": 60}))
+    newest = sorted(p for p in (tmp_path / "runs" / "corrupt").glob("checkpoint_*") if p.is_dir())[-1]
+    assert json.loads((newest / "manifest.json").read_text())["step"] == 60
+    data = (newest / "model.pt").read_bytes()
+    (newest / "model.pt").write_bytes(data[: len(data) // 3])  # a torn write
+
+    again = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, **common, **{"train.max_steps": 80}))
+    assert again.run_id == first.run_id and again.metrics["step"] == 80
+    out = capsys.readouterr().out
+    assert f"skipping invalid checkpoint: checkpoint {newest}: model.pt is" in out
+    assert "restart at step 40/80" in out
+    client = MlflowClient(mlflow_uri)
+    events = json.load(open(client.download_artifacts(again.run_id, "events.json", str(tmp_path))))
+    invalid = [e for e in events if e["event"] == "checkpoint_invalid"]
+    assert invalid and invalid[0]["checkpoint"] == str(newest)
+    assert [e["resumed_from_step"] for e in events if e["event"] == "restart"] == [40]
+    # steps 50 and 60 were trained twice, but each is recorded once
+    assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == list(range(10, 81, 10))

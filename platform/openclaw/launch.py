@@ -176,10 +176,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
     from openclaw.worker import train_loop
 
     constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    datasets = {k: ray.data.read_parquet(list(s.files), filesystem=s.filesystem) for k, s in sources.items()}
+    datasets = read_datasets(sources, verbose)
     s = config.scaling
     use_gpu = _use_gpu(s.use_gpu)
     num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
@@ -206,6 +203,22 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
     )
 
 
+def read_datasets(sources: dict[str, Source], verbose: bool = False) -> dict[str, Any]:
+    """Read each source once, on the cluster, into the object store, rows in file order.
+
+    Every worker then iterates the same blocks instead of re-running the read (each worker needs the
+    whole dataset: the sampler picks its rows), and a restarted worker group gets its data back
+    without touching the files. `preserve_order` keeps row positions stable from run to run.
+    """
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ctx.execution_options.preserve_order = True
+    return {k: ray.data.read_parquet(list(s.files), filesystem=s.filesystem).materialize()
+            for k, s in sources.items()}
+
+
 def _use_gpu(setting: bool | str) -> bool:
     if setting != "auto":
         return bool(setting)
@@ -216,9 +229,9 @@ def _use_gpu(setting: bool | str) -> bool:
 # ---- progress lines --------------------------------------------------------------------------------
 
 class _ProgressPrinter(threading.Thread):
-    def __init__(self, queue, out=sys.stdout):
+    def __init__(self, queue, out=None):
         super().__init__(daemon=True, name="openclaw-progress")
-        self.queue, self.out, self._stop_event = queue, out, threading.Event()
+        self.queue, self.out, self._stop_event = queue, out or sys.stdout, threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():

@@ -33,9 +33,12 @@ class Tracker(NullTracker):
         from mlflow.tracking import MlflowClient
         self.client, self.run_id, self.queue = MlflowClient(tracking_uri), run_id, progress_queue
         self._pending: list[dict[str, Any]] = []
+        self._published_through = 0
         self._events: list[dict[str, Any]] = self._load_events()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self._published_through:  # replayed past a checkpoint that turned out invalid
+            return
         ts = int(time.time() * 1000)
         self._pending += [{"key": k, "value": float(v), "step": step, "timestamp": ts} for k, v in metrics.items()]
 
@@ -53,8 +56,13 @@ class Tracker(NullTracker):
         return list(self._pending)
 
     def restore_pending(self, pending: list[dict[str, Any]]) -> None:
+        """On resume: re-send the checkpoint's pending metrics (MLflow drops exact duplicates), and note
+        how far this run's metrics already go. A resume from an older checkpoint than the newest (which
+        failed its check) replays steps that were published once already; those keep their record."""
         self._pending = list(pending) + self._pending
         self.publish()
+        history = self.client.get_metric_history(self.run_id, "train/loss")
+        self._published_through = max((m.step for m in history), default=0)
 
     def rollback(self, pending: list[dict[str, Any]]) -> None:
         """Drop what was logged after the checkpoint rolled back to; keep that checkpoint's own pending metrics."""

@@ -56,8 +56,8 @@ class TensorData:
     def __init__(self, shard, features: str, label: str | None, pin: bool = False):
         cols = [features] + ([label] if label else [])
         table = table_from_shard(shard, cols)
-        self.x = torch.from_numpy(np.ascontiguousarray(column_to_numpy(table.column(features))))
-        self.y = torch.from_numpy(column_to_numpy(table.column(label))) if label else None
+        self.x = torch.from_numpy(np.array(column_to_numpy(table.column(features)), order="C"))  # writable copy
+        self.y = torch.from_numpy(np.array(column_to_numpy(table.column(label)))) if label else None
         if pin:
             self.x, self.y = self.x.pin_memory(), (self.y.pin_memory() if self.y is not None else None)
 
