@@ -71,7 +71,9 @@ class Tracker(NullTracker):
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record a lifecycle event (start, restart, resize, checkpoint) on the run as `events.json`."""
-        self._events.append({"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
+        now = time.time()
+        self._events.append({"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+                             "t": round(now, 3), **fields})
         try:
             self.client.log_dict(self.run_id, self._events, "events.json")
             self.client.set_tag(self.run_id, "openclaw.last_event", json.dumps(self._events[-1]))

@@ -1,0 +1,127 @@
+"""Elastic node loss and return on a 2-node `ray.cluster_utils.Cluster` on this machine.
+
+Trains the digits MLP (made wide enough to take a while) with `num_workers=(1, 2)`, kills one worker
+node after the first checkpoint, adds a replacement node once training has resumed on one worker,
+and reads the run's events back from MLflow. Prints one JSON line:
+
+    node_loss_recovery_s   node death -> training resumed at world size 1
+    regrow_s               replacement node added -> training resumed at world size 2
+    world_sizes            the world size of every start, restart and resize, in order
+
+    python bench/node_loss.py --out /tmp/nodeloss     # then compare with ../shared/anchors/bare_ray_node_loss.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+OVERRIDES = {
+    "name": "elastic", "train.max_steps": 1500, "train.log_every": 50, "train.eval_every": 0,
+    "checkpoint.every_steps": 100, "checkpoint.keep": 3, "failure.max_failures": 10,
+    "model.kwargs.hidden": 512, "model.kwargs.depth": 3,
+    "scaling.min_workers": 1, "scaling.max_workers": 2,
+    "scaling.resources_per_worker": {"CPU": 1, "trainer": 1},
+    "scaling.resize_monitor_interval_s": 2, "failure.worker_start_timeout_s": 10,
+}
+
+# Node health checks: a dead node is declared dead after about period x threshold.
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="work folder (data, runs, mlflow.db)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if not (a.out / "digits" / "stats.json").exists():
+        subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(a.out / "digits")],
+                       check=True, capture_output=True)
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import openclaw
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{a.out / 'mlflow.db'}"
+    overrides = {**OVERRIDES, "data.train": str(a.out / "digits" / "train"), "data.val": str(a.out / "digits" / "val"),
+                 "checkpoint.storage": str(a.out / "runs"), "tracking.uri": uri}
+    config = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", overrides)
+    config = openclaw.load_config(None, a.overrides, base=config.resolved())
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "_system_config": SYSTEM_CONFIG})
+    cluster.add_node(num_cpus=1, resources={"trainer": 1})
+    victim = cluster.add_node(num_cpus=1, resources={"trainer": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    run_dir = a.out / "runs" / config.name
+    marks: dict[str, float] = {}
+    result: dict = {}
+
+    def fit():
+        result["train"] = openclaw.train(config)
+
+    trainer = threading.Thread(target=fit, daemon=True)
+    trainer.start()
+    try:
+        _wait_for(lambda: any((d / "manifest.json").exists() for d in run_dir.glob("checkpoint_*")), 300,
+                  "the first checkpoint")
+        cluster.remove_node(victim, allow_graceful=False)
+        marks["killed"] = time.time()
+        events = lambda: _events(uri, run_dir)  # noqa: E731
+        _wait_for(lambda: any(e.get("world_size") == 1 for e in events()), 300, "a restart at world size 1")
+        cluster.add_node(num_cpus=1, resources={"trainer": 1})
+        marks["added"] = time.time()
+        _wait_for(lambda: any(e.get("world_size") == 2 and e["t"] > marks["added"] for e in events()), 300,
+                  "growing back to world size 2")
+        trainer.join(timeout=600)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    evs = [e for e in _events(uri, run_dir) if e["event"] in ("start", "restart", "resize")]
+    shrink = next(e for e in evs if e["world_size"] == 1)
+    grow = next(e for e in evs if e["world_size"] == 2 and e["t"] > marks["added"])
+    print(json.dumps({
+        "node_loss_recovery_s": round(shrink["t"] - marks["killed"], 1),
+        "regrow_s": round(grow["t"] - marks["added"], 1),
+        "world_sizes": [e["world_size"] for e in evs], "causes": [e["event"] for e in evs],
+        "finished_step": result["train"].metrics.get("step") if "train" in result else None,
+        "checkpoint": result["train"].checkpoint if "train" in result else None,
+    }))
+    return 0
+
+
+def _events(uri: str, run_dir: Path) -> list[dict]:
+    from mlflow.tracking import MlflowClient
+    job = run_dir / "openclaw_job.json"
+    if not job.exists():
+        return []
+    run_id = json.loads(job.read_text())["mlflow_run_id"]
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            return json.load(open(MlflowClient(uri).download_artifacts(run_id, "events.json", d)))
+        except Exception:
+            return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())
