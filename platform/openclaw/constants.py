@@ -37,3 +37,12 @@ def apply_ray_train_defaults(worker_start_timeout_s: float) -> None:
     for key, value in RAY_TRAIN_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV_VAR, str(worker_start_timeout_s))
+
+
+NODE_WATCH_INTERVAL_S_ENV_VAR = "OPENCLAW_NODE_WATCH_INTERVAL_S"
+DEFAULT_NODE_WATCH_INTERVAL_S = 0.5
+"""How often an elastic run's driver polls the node table for joins and deaths."""
+
+
+def node_watch_interval_s() -> float:
+    return float(os.environ.get(NODE_WATCH_INTERVAL_S_ENV_VAR, DEFAULT_NODE_WATCH_INTERVAL_S))

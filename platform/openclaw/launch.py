@@ -264,9 +264,16 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; MLflow run {run_id} ({uri})",
           flush=True)
     connect_ray(address, verbose, config)
-    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": _on_this_node()})
     printer = _ProgressPrinter(progress)
     printer.start()
+    watcher = None
+    if config.scaling.min_workers < config.scaling.max_workers:
+        from openclaw.node_watch import NodeWatcher, pin_coordinator
+        pin_coordinator()
+        watcher = NodeWatcher(constants.node_watch_interval_s(),
+                              on_change=lambda msg: progress.put_nowait({"message": msg}))
+        watcher.start()
     loop_config = {"config": config.resolved(), "run_id": run_id, "tracking_uri": uri, "progress": progress,
                    "run_dir": f"{storage.rstrip('/')}/{config.name}"}
     from mlflow.tracking import MlflowClient
@@ -274,15 +281,26 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     try:
         result = build_trainer(config, sources, loop_config, storage, verbose).fit()
     except BaseException as e:
+        if watcher:
+            watcher.stop()
         printer.stop()
         client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise _unwrap(e) from None
+    if watcher:
+        watcher.stop()
     printer.stop()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint:
         log_final_model(config, run_id, result.checkpoint, sources)
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
+
+
+def _on_this_node():
+    """Driver-side helper actors live on the driver's node: a worker node may die, the driver's may not."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _unwrap(error: BaseException) -> BaseException:

@@ -1,0 +1,76 @@
+"""Driver side: refresh Ray's view of the cluster the moment a node joins or dies.
+
+Ray Train V2's elastic policy sizes a (re)started worker group from the node resources held by Ray
+Data's AutoscalingCoordinator, which re-reads the cluster only every 20 s. For up to 20 s after a node
+dies, the policy still counts the dead node's resources, asks for a worker group that cannot be
+placed, and waits out a whole worker-start timeout before it retries smaller (Ray's default is 60 s:
+74 s from node death to the first step, measured in the issue). Polling the GCS node table is cheap;
+on a change the watcher asks the coordinator to recompute at once, so the restart sees the truth.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger("openclaw")
+
+
+def _alive_nodes() -> frozenset[str]:
+    import ray
+    return frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+
+def _refresh_coordinator() -> None:
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("openclaw-node-watch", recompute=True), timeout=10)
+
+
+def pin_coordinator() -> None:
+    """Create the coordinator from the driver, so that it lives on the driver's node.
+
+    Whoever asks first creates it, pinned (hard node affinity) to the asker's node. If that is a worker
+    node that later dies, the detached actor cannot be restarted anywhere and every elastic decision
+    after the loss fails ("The actor died unexpectedly"), which is what we saw without this.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        get_or_create_autoscaling_coordinator()
+    except Exception as e:  # a Ray upgrade that moved it: elastic runs still work, with slower recovery
+        log.warning("could not pin Ray's autoscaling coordinator to the driver's node: %s", e)
+
+
+class NodeWatcher(threading.Thread):
+    def __init__(self, interval_s: float, on_change: Callable[[str], None] | None = None):
+        super().__init__(daemon=True, name="openclaw-node-watch")
+        self.interval_s, self.on_change = interval_s, on_change
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            known = _alive_nodes()
+        except Exception as e:  # best effort: without the watcher, Ray's own (slower) path still works
+            log.warning("node watcher disabled: %s", e)
+            return
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                now = _alive_nodes()
+                if now == known:
+                    continue
+                lost, joined = known - now, now - known
+                known = now
+                _refresh_coordinator()
+                if self.on_change:
+                    self.on_change(f"cluster changed: {len(lost)} node(s) lost, {len(joined)} joined; "
+                                   f"{len(now)} alive")
+            except Exception as e:
+                log.warning("node watcher: %s", e)
+
+    def stop(self) -> None:
+        self._stop_event.set()
