@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -58,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     import openclaw
-    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{a.out / 'mlflow.db'}"
     overrides = {**OVERRIDES, "data.train": str(a.out / "digits" / "train"), "data.val": str(a.out / "digits" / "val"),

@@ -6,7 +6,6 @@ owns this one. The reference run is uninterrupted, at world size 2, with the sam
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

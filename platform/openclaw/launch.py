@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -11,13 +10,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data import Source, check_columns, resolve
-from openclaw.errors import OpenClawError
+from openclaw.errors import ConfigError, DataError, OpenClawError
 from openclaw.models import build_model, import_path
+from openclaw.mlflow_run import log_final_model, open_run
 from openclaw.progress import format_progress
 
 log = logging.getLogger("openclaw")
@@ -43,14 +42,12 @@ def preflight(config: Config) -> dict[str, Source]:
     for source in sources.values():
         check_columns(source, config.data.features, config.data.label)
     if config.task != "language_modeling" and config.data.label is None and ":" not in config.task:
-        from openclaw.errors import ConfigError
         raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
     if ":" in config.task:
         import_path(config.task, "task")
     build_model(config.model.name, config.model.kwargs)  # imports a user's model and checks its kwargs
     train_rows = sources["train"].num_rows
     if train_rows < config.train.global_batch_size:
-        from openclaw.errors import DataError
         raise DataError(f"`data.train` has {train_rows} rows, fewer than one global batch "
                         f"(`train.global_batch_size` = {config.train.global_batch_size}). Lower the batch size.")
     return sources
@@ -67,66 +64,6 @@ def tracking_uri(config: Config) -> str:
 def storage_path(config: Config) -> str:
     s = config.checkpoint.storage
     return s if "://" in s else os.path.abspath(os.path.expanduser(s))
-
-
-# ---- MLflow run: one per job, found again on resume ------------------------------------------------
-
-def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
-    """Create the job's MLflow run, or reopen the one recorded in the job folder. Returns (run, experiment, resumed)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(config.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        config.tracking.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
-    job = _read_job_file(storage, config.name)
-    if job.get("mlflow_run_id"):
-        try:
-            run = client.get_run(job["mlflow_run_id"])
-            if run.info.lifecycle_stage == "active":
-                client.update_run(run.info.run_id, status="RUNNING")
-                return run.info.run_id, run.info.experiment_id, True
-        except Exception:
-            pass
-    run = client.create_run(exp_id, run_name=config.name, tags={"openclaw.name": config.name})
-    run_id = run.info.run_id
-    params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
-    client.log_dict(run_id, config.resolved(), "config.yaml")
-    _write_job_file(storage, config.name, {"mlflow_run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri})
-    return run_id, exp_id, False
-
-
-def _flat(config: Config) -> dict[str, Any]:
-    from openclaw.config import flatten
-    return flatten(config.resolved())
-
-
-def _param_str(v: Any) -> str:
-    return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
-
-
-def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-    return fs, f"{root.rstrip('/')}/{name}/{constants.JOB_FILE}"
-
-
-def _read_job_file(storage: str, name: str) -> dict[str, Any]:
-    fs, path = _job_fs(storage, name)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
-    fs, path = _job_fs(storage, name)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(content, indent=2).encode())
 
 
 # ---- Ray ------------------------------------------------------------------------------------------
@@ -315,24 +252,3 @@ def _unwrap(error: BaseException) -> BaseException:
         if seen is None:
             break
     return error
-
-
-def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, Source]) -> None:
-    """Log the trained model as an MLflow PyTorch model with a signature and an input example."""
-    import mlflow
-    import pyarrow.parquet as pq
-
-    from openclaw.data import column_to_numpy
-    from openclaw.sdk import model_from_checkpoint_dir
-
-    with checkpoint.as_directory() as d:
-        model = model_from_checkpoint_dir(d)
-    src = sources.get("val") or sources["train"]
-    first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
-    example = column_to_numpy(first.column(config.data.features)[:2])
-    example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
-    import torch
-    # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements)

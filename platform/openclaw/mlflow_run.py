@@ -1,0 +1,90 @@
+"""Driver side: the job's MLflow run. One run per job, found again on resume through a small job file
+in the run's storage folder; params and the resolved config at creation; the final model at the end."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from openclaw import constants
+from openclaw.config import Config, flatten
+from openclaw.data import Source
+
+
+def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
+    """Create the job's MLflow run, or reopen the one recorded in the job folder. Returns (run, experiment, resumed)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(config.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        config.tracking.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
+    job = _read_job_file(storage, config.name)
+    if job.get("mlflow_run_id"):
+        try:
+            run = client.get_run(job["mlflow_run_id"])
+            if run.info.lifecycle_stage == "active":
+                client.update_run(run.info.run_id, status="RUNNING")
+                return run.info.run_id, run.info.experiment_id, True
+        except Exception:
+            pass
+    run = client.create_run(exp_id, run_name=config.name, tags={"openclaw.name": config.name})
+    run_id = run.info.run_id
+    params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_dict(run_id, config.resolved(), "config.yaml")
+    _write_job_file(storage, config.name, {"mlflow_run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri})
+    return run_id, exp_id, False
+
+
+def _flat(config: Config) -> dict[str, Any]:
+    return flatten(config.resolved())
+
+
+def _param_str(v: Any) -> str:
+    return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
+
+
+def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    return fs, f"{root.rstrip('/')}/{name}/{constants.JOB_FILE}"
+
+
+def _read_job_file(storage: str, name: str) -> dict[str, Any]:
+    fs, path = _job_fs(storage, name)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
+    fs, path = _job_fs(storage, name)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(content, indent=2).encode())
+
+
+def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, Source]) -> None:
+    """Log the trained model as an MLflow PyTorch model with a signature and an input example."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from openclaw.data import column_to_numpy
+    from openclaw.sdk import model_from_checkpoint_dir
+
+    with checkpoint.as_directory() as d:
+        model = model_from_checkpoint_dir(d)
+    src = sources.get("val") or sources["train"]
+    first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
+    example = column_to_numpy(first.column(config.data.features)[:2])
+    example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
+    import torch
+    # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements)
