@@ -46,3 +46,12 @@ DEFAULT_NODE_WATCH_INTERVAL_S = 0.5
 
 def node_watch_interval_s() -> float:
     return float(os.environ.get(NODE_WATCH_INTERVAL_S_ENV_VAR, DEFAULT_NODE_WATCH_INTERVAL_S))
+
+
+NODE_DEATH_WAIT_S_ENV_VAR = "OPENCLAW_NODE_DEATH_WAIT_S"
+DEFAULT_NODE_DEATH_WAIT_S = 30.0
+"""After a worker failure with an unreachable node: the longest wait for the GCS to declare it dead."""
+
+
+def node_death_wait_s() -> float:
+    return float(os.environ.get(NODE_DEATH_WAIT_S_ENV_VAR, DEFAULT_NODE_DEATH_WAIT_S))

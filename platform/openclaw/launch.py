@@ -129,6 +129,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
+            callbacks=_controller_callbacks(config),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
@@ -138,6 +139,13 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
+
+
+def _controller_callbacks(config: Config) -> list:
+    if config.scaling.min_workers == config.scaling.max_workers:
+        return []
+    from openclaw.node_watch import SettleLostNodes
+    return [SettleLostNodes(constants.node_death_wait_s())]
 
 
 def read_datasets(sources: dict[str, Source], verbose: bool = False) -> dict[str, Any]:

@@ -74,3 +74,55 @@ class NodeWatcher(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+
+
+def _raylet_answers(node: dict, timeout_s: float = 1.0) -> bool:
+    import socket
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _settle_lost_nodes(wait_s: float) -> list[str]:
+    """If a node the GCS still lists as alive no longer answers, wait (at most `wait_s`) until the GCS
+    declares it dead, then refresh the coordinator. Returns the ids of the nodes found unreachable."""
+    import time
+
+    import ray
+    lost = [n["NodeID"] for n in ray.nodes() if n["Alive"] and not _raylet_answers(n)]
+    deadline = time.monotonic() + wait_s
+    while lost and time.monotonic() < deadline and lost[0] in _alive_nodes():
+        time.sleep(0.2)  # polling the GCS, which decides node death on its own health-check clock
+    if lost:
+        _refresh_coordinator()
+    return lost
+
+
+try:
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+except ImportError:  # pragma: no cover - a Ray without Train V2's callback interface
+    ControllerCallback = object  # type: ignore[misc,assignment]
+
+
+class SettleLostNodes(ControllerCallback):
+    """Runs in Ray Train's controller, before it acts on a worker failure.
+
+    A worker on a lost node is seen dead at once, but the GCS declares the node dead only after its
+    health checks run out. A restart decided in between is sized for the dead node too, and waits out
+    the whole worker-start timeout. A raylet that refuses the connection tells us sooner: then wait
+    for the GCS to agree (no wait at all when only a process died) and refresh the resource view.
+    """
+
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+
+    def before_controller_execute_failure_decision(self, failure_decision):
+        try:
+            lost = _settle_lost_nodes(self.wait_s)
+            if lost:
+                log.warning("openclaw: %d node(s) lost; restarting without them", len(lost))
+        except Exception as e:  # best effort: Ray's own path still recovers, only later
+            log.warning("openclaw: could not settle lost nodes: %s", e)
+        return None

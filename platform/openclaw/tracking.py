@@ -23,6 +23,7 @@ class NullTracker:
     def event(self, kind: str, **fields: Any) -> None: ...
     def progress(self, line: dict[str, Any]) -> None: ...
     def pending(self) -> list[dict[str, Any]]: return []
+    def last_world_size(self) -> int | None: return None
     def restore_pending(self, pending: list[dict[str, Any]]) -> None: ...
     def rollback(self, pending: list[dict[str, Any]]) -> None: ...
     def close(self) -> None: ...
@@ -79,6 +80,11 @@ class Tracker(NullTracker):
             self.client.set_tag(self.run_id, "openclaw.last_event", json.dumps(self._events[-1]))
         except Exception as e:  # best effort: an event must never stop training
             log.warning("could not record event %s on MLflow run %s: %s", kind, self.run_id, e)
+
+    def last_world_size(self) -> int | None:
+        """The world size of the previous attempt, which may have run past the checkpoint we resume from."""
+        sizes = [e["world_size"] for e in self._events if e["event"] in ("start", "restart", "resize")]
+        return sizes[-1] if sizes else None
 
     def progress(self, line: dict[str, Any]) -> None:
         if self.queue is None:

@@ -175,8 +175,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tracker.restore_pending(state.pending_metrics)
 
     # ---- record how this attempt started
-    cause = "start" if not loaded else ("resize" if state.world_size != world else "restart")
-    tracker.event(cause, world_size=world, previous_world_size=state.world_size if loaded else None,
+    previous = tracker.last_world_size() or state.world_size
+    cause = "start" if not loaded else ("resize" if previous != world else "restart")
+    tracker.event(cause, world_size=world, previous_world_size=previous if loaded else None,
                   resumed_from_step=state.step, accumulation=sampler.accumulation,
                   checkpoint=loaded["path"] if loaded else None)
     tracker.progress({"message": f"{cause} at step {state.step}/{t.max_steps} with {world} worker(s), "
