@@ -137,7 +137,7 @@ def test_fast_node_failure_detection(cluster):
     assert system_config.get("health_check_failure_threshold", Config.health_check_failure_threshold()) <= 5
 
     train_env = {train_constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR: "15",
-                 train_constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR: "1"}
+                 train_constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR: "0.25"}
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         env = exported(cluster[key])
         assert train_env.items() <= env.items(), (key, env)

@@ -66,6 +66,17 @@ def _children(p):
         return []
 
 
+def _submit(cmd, env, ready_within_s=90):
+    """Submit; a head that has only just started may not have its job agent up yet, and says so."""
+    import time
+    deadline = time.monotonic() + ready_within_s
+    while True:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(1)
+
+
 def test_ray_job_submit_trains_without_openclaw_installed(head, digits_dir, tmp_path):
     address, env = head
     work = tmp_path / "job"
@@ -79,7 +90,7 @@ def test_ray_job_submit_trains_without_openclaw_installed(head, digits_dir, tmp_
            "python", "jobs/train.py", "jobs/configs/digits.yaml"]
     for k, v in overrides.items():
         cmd += ["--set", f"{k}={v}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    r = _submit(cmd, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout and "step 60/60" in r.stdout
     run_id = next(line.split()[-1] for line in r.stdout.splitlines() if "MLflow run id:" in line)
