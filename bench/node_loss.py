@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     config = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", overrides)
     config = openclaw.load_config(None, a.overrides, base=config.resolved())
 
+    import psutil
+    started_before = {p.pid for p in psutil.Process().children(recursive=True)}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "_system_config": SYSTEM_CONFIG})
     cluster.add_node(num_cpus=1, resources={"trainer": 1})
     victim = cluster.add_node(num_cpus=1, resources={"trainer": 1})
@@ -79,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = threading.Thread(target=fit, daemon=True)
     trainer.start()
     try:
-        _wait_for(lambda: any((d / "manifest.json").exists() for d in run_dir.glob("checkpoint_*")), 300,
-                  "the first checkpoint")
+        _wait_for(lambda: _has_valid_checkpoint(run_dir), 300, "the first checkpoint")
         cluster.remove_node(victim, allow_graceful=False)
         marks["killed"] = time.time()
         events = lambda: _events(uri, run_dir)  # noqa: E731
@@ -91,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                   "growing back to world size 2")
         trainer.join(timeout=600)
     finally:
+        cluster_procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in started_before]
         ray.shutdown()
         cluster.shutdown()
+        _kill(cluster_procs)
 
     evs = [e for e in _events(uri, run_dir) if e["event"] in ("start", "restart", "resize")]
     shrink = next(e for e in evs if e["world_size"] == 1)
@@ -105,6 +108,29 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": result["train"].checkpoint if "train" in result else None,
     }))
     return 0
+
+
+def _has_valid_checkpoint(run_dir: Path) -> bool:
+    """A checkpoint whose files all match its manifest: Ray copies a checkpoint's files into storage in
+    no particular order, so the manifest can appear before the files it lists are complete."""
+    from openclaw import checkpoint
+    for d in run_dir.glob("checkpoint_*"):
+        try:
+            checkpoint.verify(d)
+            return True
+        except Exception:
+            pass
+    return False
+
+
+def _kill(procs) -> None:
+    """The nodes' agents (dashboard, runtime env) outlive `cluster.shutdown()` and keep their ports."""
+    import psutil
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def _events(uri: str, run_dir: Path) -> list[dict]:

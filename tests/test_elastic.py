@@ -27,7 +27,7 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
                         *[x for s in STEPS for x in ("--set", s)]], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["world_sizes"] == [2, 1, 2] and got["causes"] == ["start", "resize", "resize"]
+    assert got["world_sizes"] == [2, 1, 2] and got["causes"] == ["start", "resize", "resize"], got
     assert got["finished_step"] == 800
     assert "cluster changed: 1 node(s) lost" in r.stdout and "resize at step" in r.stdout
 

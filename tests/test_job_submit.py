@@ -45,6 +45,9 @@ def head(tmp_path):
     dash = _free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
+                    # fresh ports: agents of an earlier cluster on this machine may still hold the defaults
+                    f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                    f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
                    timeout=120)
     try:
