@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = threading.Thread(target=fit, daemon=True)
     trainer.start()
     try:
-        _wait_for(lambda: _has_valid_checkpoint(run_dir), 300, "the first checkpoint")
+        _wait_for(lambda: has_valid_checkpoint(run_dir), 300, "the first checkpoint")
         cluster.remove_node(victim, allow_graceful=False)
         marks["killed"] = time.time()
         events = lambda: _events(uri, run_dir)  # noqa: E731
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _has_valid_checkpoint(run_dir: Path) -> bool:
+def has_valid_checkpoint(run_dir: Path) -> bool:
     """A checkpoint whose files all match its manifest: Ray copies a checkpoint's files into storage in
     no particular order, so the manifest can appear before the files it lists are complete."""
     from openclaw import checkpoint

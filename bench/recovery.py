@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from node_loss import has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "anchors" / "bare_ray_recovery.py"
 
@@ -47,7 +49,7 @@ def openclaw_side(work: Path) -> dict:
 
     def kill():
         run_dir = work / "runs" / "recovery"
-        while not any((d / "manifest.json").exists() for d in run_dir.glob("checkpoint_*")):
+        while not has_valid_checkpoint(run_dir):
             time.sleep(0.01)
         victim = next(p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or []))
         os.kill(victim.pid, signal.SIGKILL)
@@ -60,7 +62,7 @@ def openclaw_side(work: Path) -> dict:
         ray.shutdown()
     client = MlflowClient(uri)
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(work))))
-    restart = next(e for e in events if e["event"] == "restart")
+    restart = [e for e in events if e["t"] > killed["t"]][0]  # the first start after the kill
     return {"recovery_s": round(restart["t"] - killed["t"], 2), "resumed_at_step": restart["resumed_from_step"]}
 
 
