@@ -82,8 +82,3 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
         "state": torch.load(d / "state.pt", map_location="cpu", weights_only=True),
         "config": json.loads((d / "config.json").read_text()),
     }
-
-
-def load_config_only(directory: str | os.PathLike) -> dict[str, Any]:
-    verify(directory)
-    return json.loads((Path(directory) / "config.json").read_text())

@@ -10,7 +10,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data import Source, check_columns, resolve
@@ -226,14 +225,12 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     try:
         result = build_trainer(config, sources, loop_config, storage, verbose).fit()
     except BaseException as e:
+        client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise _unwrap(e) from None
+    finally:
         if watcher:
             watcher.stop()
         printer.stop()
-        client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise _unwrap(e) from None
-    if watcher:
-        watcher.stop()
-    printer.stop()
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint:
         log_final_model(config, run_id, result.checkpoint, sources)

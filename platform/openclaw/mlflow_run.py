@@ -73,6 +73,7 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     """Log the trained model as an MLflow PyTorch model with a signature and an input example."""
     import mlflow
     import pyarrow.parquet as pq
+    import torch
 
     from openclaw.data import column_to_numpy
     from openclaw.sdk import model_from_checkpoint_dir
@@ -83,7 +84,6 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
     example = column_to_numpy(first.column(config.data.features)[:2])
     example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
-    import torch
     # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
     with mlflow.start_run(run_id=run_id):

@@ -1,4 +1,5 @@
-"""Driver side: refresh Ray's view of the cluster the moment a node joins or dies.
+"""Elastic runs: refresh Ray's view of the cluster the moment a node joins or dies. `NodeWatcher`
+runs in the driver; `SettleLostNodes` runs in Ray Train's controller.
 
 Ray Train V2's elastic policy sizes a (re)started worker group from the node resources held by Ray
 Data's AutoscalingCoordinator, which re-reads the cluster only every 20 s. For up to 20 s after a node
@@ -21,13 +22,17 @@ def _alive_nodes() -> frozenset[str]:
     return frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
 
-def _refresh_coordinator() -> None:
-    import ray
+def _coordinator():
+    """Ray Data's AutoscalingCoordinator (a named, detached actor), created on this node if missing."""
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
         get_or_create_autoscaling_coordinator,
     )
-    coordinator = get_or_create_autoscaling_coordinator()
-    ray.get(coordinator.get_reserved_resources.remote("openclaw-node-watch", recompute=True), timeout=10)
+    return get_or_create_autoscaling_coordinator()
+
+
+def _refresh_coordinator() -> None:
+    import ray
+    ray.get(_coordinator().get_reserved_resources.remote("openclaw-node-watch", recompute=True), timeout=10)
 
 
 def pin_coordinator() -> None:
@@ -38,10 +43,7 @@ def pin_coordinator() -> None:
     after the loss fails ("The actor died unexpectedly"), which is what we saw without this.
     """
     try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-        get_or_create_autoscaling_coordinator()
+        _coordinator()
     except Exception as e:  # a Ray upgrade that moved it: elastic runs still work, with slower recovery
         log.warning("could not pin Ray's autoscaling coordinator to the driver's node: %s", e)
 
@@ -93,7 +95,7 @@ def _settle_lost_nodes(wait_s: float) -> list[str]:
     import ray
     lost = [n["NodeID"] for n in ray.nodes() if n["Alive"] and not _raylet_answers(n)]
     deadline = time.monotonic() + wait_s
-    while lost and time.monotonic() < deadline and lost[0] in _alive_nodes():
+    while lost and time.monotonic() < deadline and not _alive_nodes().isdisjoint(lost):
         time.sleep(0.2)  # polling the GCS, which decides node death on its own health-check clock
     if lost:
         _refresh_coordinator()

@@ -1,7 +1,8 @@
 """The one train state: everything that must survive a restart, behind state_dict()/load_state_dict().
 
-The data position and the RNG are functions of the step (see `sampler` and `worker.seed_step`), so the
-step alone would do; the state records them anyway so that a resume can check it reads the same data.
+The data position and the RNG are functions of (seed, step) (see `sampler` and `worker.seed_step`), so
+`step` and `seed` are the data position and the RNG state; `num_samples` lets a resume check that it
+reads the same data.
 """
 from __future__ import annotations
 
@@ -38,7 +39,3 @@ class TrainState:
             raise CheckpointError(f"train state has unknown fields {sorted(unknown)}: written by a newer openclaw?")
         for key, value in state.items():
             setattr(self, key, value)
-
-    def data_position(self, epoch_steps: int) -> dict[str, int]:
-        epoch, within = divmod(self.step, epoch_steps)
-        return {"epoch": epoch, "step_in_epoch": within}
