@@ -20,6 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+ATTEMPTS = ("start", "resume", "restart", "resize")
+"""The events.json kinds that mark a worker group starting (see openclaw.tracking_service)."""
+
 REPO = Path(__file__).resolve().parents[1]
 
 OVERRIDES = {
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_for(lambda: has_valid_checkpoint(run_dir), 300, "the first checkpoint")
         cluster.remove_node(victim, allow_graceful=False)
         marks["killed"] = time.time()
-        events = lambda: _events(uri, run_dir)  # noqa: E731
+        events = lambda: [e for e in _events(uri, run_dir) if e["event"] in ATTEMPTS]  # noqa: E731
         _wait_for(lambda: any(e.get("world_size") == 1 for e in events()), 300, "a restart at world size 1")
         cluster.add_node(num_cpus=1, resources={"trainer": 1})
         marks["added"] = time.time()
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.shutdown()
         _kill(cluster_procs)
 
-    evs = [e for e in _events(uri, run_dir) if e["event"] in ("start", "restart", "resize")]
+    evs = [e for e in _events(uri, run_dir) if e["event"] in ATTEMPTS]
     shrink = next(e for e in evs if e["world_size"] == 1)
     grow = next(e for e in evs if e["world_size"] == 2 and e["t"] > marks["added"])
     print(json.dumps({

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from node_loss import has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
+from node_loss import ATTEMPTS, has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "anchors" / "bare_ray_recovery.py"
@@ -62,7 +62,7 @@ def openclaw_side(work: Path) -> dict:
         ray.shutdown()
     client = MlflowClient(uri)
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(work))))
-    restart = [e for e in events if e["t"] > killed["t"]][0]  # the first start after the kill
+    restart = [e for e in events if e["t"] > killed["t"] and e["event"] in ATTEMPTS][0]  # the first start after the kill
     return {"recovery_s": round(restart["t"] - killed["t"], 2), "resumed_at_step": restart["resumed_from_step"]}
 
 

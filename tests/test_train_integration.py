@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import openclaw
 from conftest import digits_config
+from openclaw.tracking_service import ATTEMPT_EVENTS
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +95,10 @@ def test_sigkilled_worker_resumes_bit_for_bit(ray_local, digits_dir, tmp_path, m
     assert steps == list(range(10, 241, 10))  # the replayed steps were not logged twice
     assert _history(client, result.run_id, "train/loss") == _history(client, clean.run_id, "train/loss")
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
-    assert [e["event"] for e in events][:2] == ["start", "restart"] and events[1]["resumed_from_step"] >= 20
+    attempts = [e for e in events if e["event"] in ATTEMPT_EVENTS]
+    assert [e["event"] for e in attempts][:2] == ["start", "restart"] and attempts[1]["resumed_from_step"] >= 20
+    saved = {e["step"] for e in events if e["event"] == "checkpoint"}
+    assert 240 in saved and saved <= set(range(20, 241, 20))
 
 
 def test_text_lm_beats_the_unigram_baseline(ray_local, text_dir, tmp_path, mlflow_uri):
@@ -140,11 +144,11 @@ def test_corrupt_newest_checkpoint_is_skipped_on_resume(ray_local, digits_dir, t
     assert again.run_id == first.run_id and again.metrics["step"] == 80
     out = capsys.readouterr().out
     assert f"skipping invalid checkpoint: checkpoint {newest}: model.pt is" in out
-    assert "restart at step 40/80" in out
+    assert "resume at step 40/80" in out
     client = MlflowClient(mlflow_uri)
     events = json.load(open(client.download_artifacts(again.run_id, "events.json", str(tmp_path))))
     invalid = [e for e in events if e["event"] == "checkpoint_invalid"]
     assert invalid and invalid[0]["checkpoint"] == str(newest)
-    assert [e["resumed_from_step"] for e in events if e["event"] == "restart"] == [40]
+    assert [e["resumed_from_step"] for e in events if e["event"] == "resume"] == [40]
     # steps 50 and 60 were trained twice, but each is recorded once
     assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == list(range(10, 81, 10))

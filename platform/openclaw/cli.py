@@ -27,7 +27,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a fresh local instance)")
     t.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
     t.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+    s = sub.add_parser("sync-spool", help="upload tracking updates a run kept while MLflow was away",
+                       description="Upload, in order, the metrics and events a run spooled to a local file "
+                                   "because its MLflow server did not answer before the run ended.")
+    s.add_argument("spool", help="the spool file the run printed (tracking-spool-RUN_ID.jsonl)")
+    s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one the run used)")
+    s.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     return p
+
+
+def cmd_sync_spool(args: argparse.Namespace) -> int:
+    from openclaw.errors import ConfigError
+    from openclaw.tracking_service import sync_spool
+    try:
+        n = sync_spool(args.spool, args.tracking_uri)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"cannot read spool file {args.spool}: {e}") from None
+    print(f"openclaw: uploaded {n} tracking update(s) from {args.spool}; you may delete it now.")
+    return 0
 
 
 def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -57,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "sync-spool": cmd_sync_spool}[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()

@@ -17,6 +17,7 @@ from openclaw.errors import ConfigError, DataError, OpenClawError
 from openclaw.models import build_model, import_path
 from openclaw.mlflow_run import log_final_model, open_run
 from openclaw.progress import format_progress
+from openclaw.tracking_service import start_service
 
 log = logging.getLogger("openclaw")
 
@@ -218,24 +219,49 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
         watcher = NodeWatcher(constants.node_watch_interval_s(),
                               on_change=lambda msg: progress.put_nowait({"message": msg}))
         watcher.start()
-    loop_config = {"config": config.resolved(), "run_id": run_id, "tracking_uri": uri, "progress": progress,
-                   "run_dir": f"{storage.rstrip('/')}/{config.name}"}
+    run_dir = f"{storage.rstrip('/')}/{config.name}"
+    tracking = start_service(uri, run_id, progress, _spool_path(run_dir, run_id), _on_this_node())
+    loop_config = {"config": config.resolved(), "run_id": run_id, "tracking": tracking, "progress": progress,
+                   "run_dir": run_dir}
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     try:
         result = build_trainer(config, sources, loop_config, storage, verbose).fit()
     except BaseException as e:
+        _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
         client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise _unwrap(e) from None
     finally:
         if watcher:
             watcher.stop()
         printer.stop()
+    _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint:
         log_final_model(config, run_id, result.checkpoint, sources)
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
+
+
+def _spool_path(run_dir: str, run_id: str) -> str:
+    """Where undelivered tracking ops are kept: the run's folder when it is local, else the working folder."""
+    folder = run_dir if "://" not in run_dir else os.getcwd()
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"tracking-spool-{run_id}.jsonl")
+
+
+def _flush_tracking(tracking, uri: str, timeout_s: float) -> None:
+    """Wait for the tracking service to deliver everything; if the server stays away, say where it is kept."""
+    import ray
+    try:
+        outcome = ray.get(tracking.flush.remote(timeout_s))
+    except Exception as e:  # the service is gone with its queue: nothing more can be done here
+        log.warning("the tracking service failed: %s", e)
+        return
+    if not outcome["delivered"]:
+        print(f"openclaw: MLflow at {uri} did not answer; {outcome['ops']} tracking update(s) are kept in "
+              f"{outcome['spool']}. Upload them when it is back: openclaw sync-spool {outcome['spool']}",
+              file=sys.stderr, flush=True)
 
 
 def _on_this_node():

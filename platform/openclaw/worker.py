@@ -139,6 +139,7 @@ def save(engine: Engine, state: TrainState, tracker, config: dict, metrics: dict
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"step": state.step, **metrics}, checkpoint=checkpoint)
     tracker.publish()
+    tracker.event("checkpoint", step=state.step, world_size=state.world_size)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -153,8 +154,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.set_num_threads(config.train.threads_per_worker or max(1, int(config.scaling.resources_per_worker.get("CPU", 1))))
     device = ray.train.torch.get_device()
-    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("progress")) \
-        if rank == 0 else NullTracker()
+    tracker = Tracker(loop_config["tracking"], loop_config.get("progress")) if rank == 0 else NullTracker()
     t, G, micro = config.train, config.train.global_batch_size, config.train.micro_batch_size
 
     # ---- data
@@ -174,14 +174,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         resume_from(loaded, engine, state, len(train))
         tracker.restore_pending(state.pending_metrics)
 
-    # ---- record how this attempt started
-    previous = tracker.last_world_size() or state.world_size
-    cause = "start" if not loaded else ("resize" if previous != world else "restart")
-    tracker.event(cause, world_size=world, previous_world_size=previous if loaded else None,
-                  resumed_from_step=state.step, accumulation=sampler.accumulation,
-                  checkpoint=loaded["path"] if loaded else None)
-    tracker.progress({"message": f"{cause} at step {state.step}/{t.max_steps} with {world} worker(s), "
-                                 f"accumulation {sampler.accumulation}"})
+    # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
+    tracker.attempt(world_size=world, resumed_from_step=state.step, max_steps=t.max_steps,
+                    accumulation=sampler.accumulation, checkpoint=loaded["path"] if loaded else None)
     state.world_size, state.attempt = world, state.attempt + 1
     epoch_steps = steps_per_epoch(len(train), G)
 
