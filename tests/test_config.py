@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from openclaw.config import Config, flatten, load_config
+from openclaw.config import Config, flatten, load_config, validate
 from openclaw.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +91,14 @@ def test_resolved_config_round_trips_and_flattens():
     assert again == cfg
     flat = flatten(cfg.resolved())
     assert flat["train.optimizer.lr"] == cfg.train.optimizer.lr and flat["seed"] == 3
+
+
+def test_scale_lr_needs_only_the_largest_world_to_divide_the_batch():
+    base = {"data": {"train": "d"}, "train": {"global_batch_size": 64, "micro_batch_size": 16},
+            "scaling": {"min_workers": 1, "max_workers": 4}}
+    with pytest.raises(ConfigError, match="world size 3"):
+        validate(base)
+    cfg = validate({**base, "elastic": {"on_resize": "scale_lr", "lr_rule": "sqrt"}})
+    assert cfg.elastic.on_resize == "scale_lr"
+    with pytest.raises(ConfigError, match="elastic.lr_rule"):
+        validate({**base, "elastic": {"on_resize": "scale_lr", "lr_rule": "cubic"}})

@@ -54,3 +54,36 @@ def test_accumulation_and_slices():
         worker_slice(64, 4, 4)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         steps_per_epoch(10, 64)
+
+
+def test_batch_plan_keeps_the_global_batch_or_scales_the_lr():
+    from openclaw.sampler import batch_plan
+    keep = batch_plan("keep_global_batch", "linear", 64, 16, 2, 1)
+    assert (keep.global_batch_size, keep.accumulation, keep.lr_factor) == (64, 4, 1.0)
+    lin = batch_plan("scale_lr", "linear", 96, 8, 4, 3)   # 24 samples per worker, as at 4 workers
+    assert (lin.global_batch_size, lin.accumulation, lin.lr_factor) == (72, 3, 0.75)
+    sq = batch_plan("scale_lr", "sqrt", 96, 8, 4, 1)
+    assert (sq.global_batch_size, sq.accumulation) == (24, 3) and sq.lr_factor == pytest.approx(0.5)
+    assert batch_plan("scale_lr", "sqrt", 96, 8, 4, 4).lr_factor == 1.0
+
+
+def test_scale_lr_resizes_change_the_batch_but_never_repeat_or_drop_a_sample_in_an_epoch():
+    from openclaw.sampler import batch_plan
+    n, g, micro, max_w = 1000, 120, 10, 4
+    epoch, offset, by_epoch = 0, 0, {}
+    for world, steps in [(4, 3), (2, 5), (3, 4), (1, 9), (4, 6)]:   # crosses into epoch 1 and beyond
+        plan = batch_plan("scale_lr", "linear", g, micro, max_w, world)
+        workers = [Sampler(n, plan.global_batch_size, micro, seed=3, world_size=world, rank=r) for r in range(world)]
+        for _ in range(steps):
+            taken = []
+            for w in workers:
+                positions, e, o = w.global_batch_at(epoch, offset)
+                taken.append(np.concatenate(w.split(positions)))
+            assert len(np.concatenate(taken)) == plan.global_batch_size
+            by_epoch.setdefault(e, []).append(np.concatenate(taken))
+            epoch, offset = e, o + plan.global_batch_size
+    for e, parts in by_epoch.items():
+        seen = np.concatenate(parts)
+        assert len(set(seen.tolist())) == len(seen)                        # nothing twice in an epoch
+        assert np.array_equal(seen, epoch_order(3, e, n)[:len(seen)])      # exactly the next samples
+    assert len(by_epoch) >= 2

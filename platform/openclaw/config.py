@@ -85,6 +85,9 @@ class TrainConfig(_Section):
     """Evaluate every N steps (0: only at the end). Needs `data.val`."""
     threads_per_worker: int | None = Field(None, gt=0)
     """torch intra-op threads per worker; default: the worker's CPU count. Pinned so restarts reproduce."""
+    record_samples: bool = False
+    """Write the sample positions of every step to `<checkpoint.storage>/<name>/samples/` (JSON lines per
+    rank), to audit the data order across restarts and resizes. Local storage only."""
     on_nonfinite_loss: Literal["fail", "skip", "rollback"] = "fail"
     """A NaN/inf loss or gradient: `fail` naming the step; `skip` the batch (counted); or `rollback` to the
     newest valid checkpoint and skip the offending batch on the replay."""
@@ -105,6 +108,17 @@ class ScalingConfig(_Section):
             raise ValueError(f"`scaling.min_workers` ({self.min_workers}) is larger than `scaling.max_workers` "
                              f"({self.max_workers})")
         return self
+
+
+class ElasticConfig(_Section):
+    on_resize: Literal["keep_global_batch", "scale_lr"] = "keep_global_batch"
+    """What a change of world size does to the optimization. `keep_global_batch`: the global batch and
+    the LR schedule stay as configured and gradient accumulation absorbs the change, so a resized run
+    follows the same optimization path. `scale_lr`: each worker keeps the batch it has at
+    `scaling.max_workers` (`train.global_batch_size / max_workers`), so the global batch shrinks and
+    grows with the world, and the LR is scaled by `lr_rule`."""
+    lr_rule: Literal["linear", "sqrt"] = "linear"
+    """With `scale_lr`: the LR is multiplied by `world / max_workers` (linear) or its square root (sqrt)."""
 
 
 class CheckpointConfig(_Section):
@@ -143,6 +157,7 @@ class Config(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    elastic: ElasticConfig = Field(default_factory=ElasticConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -162,7 +177,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
         t, s = self.train, self.scaling
-        bad = [w for w in range(s.min_workers, s.max_workers + 1) if t.global_batch_size % (t.micro_batch_size * w)]
+        # scale_lr keeps the per-worker batch of max_workers, so only that world size has to divide.
+        worlds = range(s.min_workers, s.max_workers + 1) if self.elastic.on_resize == "keep_global_batch" \
+            else [s.max_workers]
+        bad = [w for w in worlds if t.global_batch_size % (t.micro_batch_size * w)]
         if bad:
             raise ValueError(
                 f"`train.global_batch_size` ({t.global_batch_size}) must be divisible by `train.micro_batch_size` "

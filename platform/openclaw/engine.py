@@ -65,14 +65,16 @@ class StepStats:
 
 class Engine:
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, *, device: torch.device | None = None,
-                 world_size: int = 1):
+                 world_size: int = 1, global_batch_size: int | None = None, lr_factor: float = 1.0):
+        """`global_batch_size` and `lr_factor` default to the config's batch and 1; the elastic
+        `scale_lr` policy sets them per world size (see `sampler.batch_plan`)."""
         self.model, self.task, self.cfg = model, task, cfg
         self.device = device or next(model.parameters()).device
-        self.world_size = world_size
+        self.world_size, self.lr_factor = world_size, lr_factor
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self._loss_scale = world_size / cfg.global_batch_size
+        self._loss_scale = world_size / (global_batch_size or cfg.global_batch_size)
         self._can_skip_sync = hasattr(model, "no_sync")  # DDP
 
     # ---- the step ----------------------------------------------------------------------------
@@ -84,7 +86,7 @@ class Engine:
         """
         if not self.model.training:  # model.train() walks every module; evaluate() is the only other mode
             self.model.train()
-        lr = lr_at(step, self.cfg.optimizer.lr, self.cfg.schedule, self.cfg.max_steps)
+        lr = lr_at(step, self.cfg.optimizer.lr * self.lr_factor, self.cfg.schedule, self.cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         losses, samples = [], 0

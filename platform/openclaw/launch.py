@@ -46,6 +46,9 @@ def preflight(config: Config) -> dict[str, Source]:
     if ":" in config.task:
         import_path(config.task, "task")
     build_model(config.model.name, config.model.kwargs)  # imports a user's model and checks its kwargs
+    if config.train.record_samples and "://" in config.checkpoint.storage:
+        raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
+                          "`checkpoint.storage`; turn it off or use a local folder.")
     train_rows = sources["train"].num_rows
     if train_rows < config.train.global_batch_size:
         raise DataError(f"`data.train` has {train_rows} rows, fewer than one global batch "

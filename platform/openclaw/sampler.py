@@ -1,16 +1,20 @@
-"""The platform's sample order: pure functions of plain arguments, no Ray, no torch.
+"""The platform's sample order and batch plan: pure functions of plain arguments, no Ray, no torch.
 
-The order of an epoch is a permutation that depends only on (seed, epoch). Global step ``s`` consumes
-the fixed positions ``[o, o + G)`` of its epoch's permutation (``G`` the global batch size), whatever
-the world size; each worker takes one contiguous slice of that global batch and splits it into
-micro-batches. So the data position is the step itself, and a restart at any world size continues
+The order of an epoch is a permutation that depends only on (seed, epoch). The data position is
+(epoch, offset): a global batch of ``G`` samples consumes positions ``[offset, offset + G)`` of its
+epoch's permutation, whatever the world size; each worker takes one contiguous slice of that global
+batch and splits it into micro-batches. A restart at any world size continues from the saved position
 with exactly the next samples: nothing is dropped or repeated within an epoch.
 
-Each epoch holds ``n // G`` steps; the ``n % G`` samples left over are not seen in that epoch (they
-are in the next, since its permutation differs), which keeps every optimizer step at exactly ``G``.
+A batch that would run past the end of the epoch starts the next epoch instead; the samples left over
+are not seen in that epoch (they are in the next, since its permutation differs), which keeps every
+optimizer step at exactly ``G``. With a fixed ``G`` the position is a function of the step
+(`position_of`); with `elastic.on_resize: scale_lr` ``G`` changes with the world size, and the saved
+position carries the run across.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +38,40 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
 def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
     """A permutation of ``range(num_samples)`` that depends only on (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a world size trains: the global batch, the micro-batches per worker, and the LR factor."""
+    global_batch_size: int
+    accumulation: int
+    lr_factor: float
+
+
+def batch_plan(policy: str, lr_rule: str, global_batch_size: int, micro_batch_size: int, max_workers: int,
+               world_size: int) -> BatchPlan:
+    """`keep_global_batch`: the global batch and LR stay; accumulation absorbs the world size.
+
+    `scale_lr`: each worker keeps the batch it has at `max_workers` (``global_batch_size / max_workers``),
+    so the global batch scales with the world size, and the LR scales by ``world / max_workers``
+    (`linear`) or its square root (`sqrt`).
+    """
+    if policy == "keep_global_batch":
+        return BatchPlan(global_batch_size, accumulation_steps(global_batch_size, micro_batch_size, world_size), 1.0)
+    if policy != "scale_lr":
+        raise ValueError(f"unknown resize policy {policy!r}")
+    per_worker = global_batch_size // max_workers
+    accumulation = accumulation_steps(global_batch_size, micro_batch_size, max_workers)
+    ratio = world_size / max_workers
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio)}[lr_rule]
+    return BatchPlan(per_worker * world_size, accumulation, factor)
+
+
+def batch_start(epoch: int, offset: int, global_batch_size: int, num_samples: int) -> tuple[int, int]:
+    """Where a batch of `global_batch_size` taken at data position (epoch, offset) starts."""
+    if num_samples < global_batch_size:
+        raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch ({global_batch_size})")
+    return (epoch, offset) if offset + global_batch_size <= num_samples else (epoch + 1, 0)
 
 
 @dataclass(frozen=True)
@@ -70,13 +108,22 @@ class Sampler:
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def global_batch(self, step: int) -> np.ndarray:
-        """All positions global step `step` consumes, across all workers."""
+        """All positions global step `step` consumes, across all workers (a run with a fixed batch)."""
         pos = position_of(step, self.num_samples, self.global_batch_size)
-        if pos.epoch != self._epoch:
-            self._epoch, self._order = pos.epoch, epoch_order(self.seed, pos.epoch, self.num_samples)
-        return self._order[pos.offset:pos.offset + self.global_batch_size]
+        return self.global_batch_at(pos.epoch, pos.offset)[0]
+
+    def global_batch_at(self, epoch: int, offset: int) -> tuple[np.ndarray, int, int]:
+        """The next global batch from data position (epoch, offset): (positions, its epoch, its start)."""
+        epoch, offset = batch_start(epoch, offset, self.global_batch_size, self.num_samples)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_order(self.seed, epoch, self.num_samples)
+        return self._order[offset:offset + self.global_batch_size], epoch, offset
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
-        """This worker's positions for `step`, split into `accumulation` micro-batches."""
-        mine = self.global_batch(step)[self._slice]
+        """This worker's positions for `step`, split into `accumulation` micro-batches (fixed batch)."""
+        return self.split(self.global_batch(step))
+
+    def split(self, global_batch: np.ndarray) -> list[np.ndarray]:
+        """This worker's slice of a global batch, as `accumulation` micro-batches."""
+        mine = global_batch[self._slice]
         return [mine[i:i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]

@@ -1,8 +1,8 @@
 """The one train state: everything that must survive a restart, behind state_dict()/load_state_dict().
 
-The data position and the RNG are functions of (seed, step) (see `sampler` and `worker.seed_step`), so
-`step` and `seed` are the data position and the RNG state; `num_samples` lets a resume check that it
-reads the same data.
+The data position is (epoch, offset) into the epoch's sample order (see `sampler`), and the RNG is a
+function of (seed, step) (see `worker.seed_step`); `num_samples` lets a resume check that it reads the
+same data.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class TrainState:
     step: int = 0
     """Optimizer steps completed. Global step `step` is the next one to run."""
     samples_seen: int = 0
+    epoch: int = 0
+    """The data position: the epoch of the next batch ..."""
+    offset: int = 0
+    """... and where in that epoch's sample order it starts."""
     world_size: int = 0
     """World size of the attempt that saved this state."""
     num_samples: int = 0

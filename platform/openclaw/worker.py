@@ -5,6 +5,7 @@ Driver-side code lives in `openclaw.launch`; the two run in different processes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -20,7 +21,7 @@ from openclaw.data import column_to_numpy, table_from_shard
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError
 from openclaw.models import build_model
-from openclaw.sampler import Sampler, steps_per_epoch
+from openclaw.sampler import Sampler, batch_plan
 from openclaw.state import TrainState
 from openclaw.tasks import Batch, build_task
 from openclaw.tracking import NullTracker, Tracker
@@ -70,6 +71,26 @@ class TensorData:
         if self.y is not None:
             out["y"] = self.y[idx]
         return out
+
+
+class SampleLog:
+    """`train.record_samples`: the sample positions every step trained on, for audits of the data order.
+
+    One JSON line per step in `<run folder>/samples/rank<R>-<pid>.jsonl`. A step replayed after a restart
+    or rollback appears again, later; the newest line of a step is the one the final model saw.
+    """
+
+    def __init__(self, run_dir: str, rank: int, world: int):
+        import os
+        folder = os.path.join(run_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        self.rank, self.world = rank, world
+        self.file = open(os.path.join(folder, f"rank{rank}-{os.getpid()}.jsonl"), "a", buffering=1)
+
+    def write(self, step: int, epoch: int, micro_batches: list[np.ndarray], applied: bool) -> None:
+        self.file.write(json.dumps({"t": time.time(), "step": step, "epoch": epoch, "world": self.world,
+                                    "rank": self.rank, "applied": applied,
+                                    "positions": np.concatenate(micro_batches).tolist()}) + "\n")
 
 
 def _allreduce(values: list[float], device: torch.device) -> list[float]:
@@ -155,7 +176,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(config.train.threads_per_worker or max(1, int(config.scaling.resources_per_worker.get("CPU", 1))))
     device = ray.train.torch.get_device()
     tracker = Tracker(loop_config["tracking"], loop_config.get("progress")) if rank == 0 else NullTracker()
-    t, G, micro = config.train, config.train.global_batch_size, config.train.micro_batch_size
+    t, micro = config.train, config.train.micro_batch_size
+    plan = batch_plan(config.elastic.on_resize, config.elastic.lr_rule, t.global_batch_size, micro,
+                      config.scaling.max_workers, world)
+    G = plan.global_batch_size
 
     # ---- data
     pin = device.type == "cuda"
@@ -167,7 +191,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # ---- model and engine
     torch.manual_seed(config.seed)
     model = ray.train.torch.prepare_model(build_model(config.model.name, config.model.kwargs))
-    engine = Engine(model, build_task(config.task), t, device=device, world_size=world)
+    engine = Engine(model, build_task(config.task), t, device=device, world_size=world, global_batch_size=G,
+                    lr_factor=plan.lr_factor)
     state = TrainState(world_size=world, num_samples=len(train), seed=config.seed, mlflow_run_id=loop_config["run_id"])
     loaded = restore(loop_config["run_dir"], tracker)
     if loaded:
@@ -175,19 +200,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tracker.restore_pending(state.pending_metrics)
 
     # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
-    tracker.attempt(world_size=world, resumed_from_step=state.step, max_steps=t.max_steps,
-                    accumulation=sampler.accumulation, checkpoint=loaded["path"] if loaded else None)
+    tracker.attempt(world_size=world, resumed_from_step=state.step, max_steps=t.max_steps, global_batch_size=G,
+                    accumulation=sampler.accumulation, lr_factor=plan.lr_factor,
+                    checkpoint=loaded["path"] if loaded else None)
     state.world_size, state.attempt = world, state.attempt + 1
-    epoch_steps = steps_per_epoch(len(train), G)
+    samples_log = SampleLog(loop_config["run_dir"], rank, world) if t.record_samples else None
 
     # ---- the loop
     window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
     while state.step < t.max_steps:
         step = state.step
+        positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
         if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
-            batches = [train.batch(p) for p in sampler.micro_batches(step)]
+            mine = sampler.split(positions)
+            batches = [train.batch(p) for p in mine]
             seed_step(config.seed, step, rank)
             stats = engine.train_step(step, batches)
+            if samples_log:
+                samples_log.write(step, epoch, mine, stats.finite)
             if not stats.finite:  # the grad norm is global after DDP, so every rank decides alike
                 if on_nonfinite(step, stats, config, engine, state, tracker, loop_config["run_dir"], len(train)):
                     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
@@ -196,13 +226,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 window_loss += stats.loss_sum
                 window_n += stats.samples
         state.step, state.samples_seen = step + 1, state.samples_seen + G
+        state.epoch, state.offset = epoch, offset + G
 
         if should_log(state.step, config) and window_n:
             loss_sum, n = _allreduce([window_loss, float(window_n)], device)
             sps = n / (time.perf_counter() - window_t0)
             last_metrics = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
-                            "train/grad_norm": stats.grad_norm, "train/epoch": step // epoch_steps,
-                            "train/skipped_batches": len(state.skipped_steps)}
+                            "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
+                            "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps)}
             tracker.log_metrics(last_metrics, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
                               "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * G / sps})
@@ -259,4 +290,4 @@ def start_over(engine: Engine, state: TrainState, config: Config) -> None:
     fresh = build_model(config.model.name, config.model.kwargs)
     engine.load_state_dict({"model": fresh.state_dict(),
                             "optimizer": build_optimizer(fresh, config.train.optimizer).state_dict()})
-    state.step, state.samples_seen, state.pending_metrics = 0, 0, []
+    state.step, state.samples_seen, state.epoch, state.offset, state.pending_metrics = 0, 0, 0, 0, []
