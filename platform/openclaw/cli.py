@@ -9,9 +9,10 @@ import logging
 import sys
 import traceback
 
-from openclaw.errors import OpenClawError, UserError
+from openclaw.errors import OpenClawError, RunStopped, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, resumable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"openclaw: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as e:
+        print(f"openclaw: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except OpenClawError as e:
         if args.debug:
             traceback.print_exc()

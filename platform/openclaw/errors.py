@@ -31,3 +31,11 @@ class CheckpointError(OpenClawError):
 
 class NonFiniteLossError(OpenClawError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class WorkerPreempted(OpenClawError):
+    """A training worker got SIGTERM; it checkpointed first, and Ray Train restarts the group from there."""
+
+
+class RunStopped(OpenClawError):
+    """The driver was asked to stop (SIGTERM, Ctrl-C); the run checkpointed and can be resumed."""

@@ -3,8 +3,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data import Source, check_columns, resolve
-from openclaw.errors import ConfigError, DataError, OpenClawError
+from openclaw.errors import ConfigError, DataError, OpenClawError, RunStopped
 from openclaw.models import build_model, import_path
 from openclaw.mlflow_run import log_final_model, open_run
 from openclaw.progress import format_progress
@@ -229,7 +231,8 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     try:
-        result = build_trainer(config, sources, loop_config, storage, verbose).fit()
+        with _graceful_sigterm(tracking):
+            result = build_trainer(config, sources, loop_config, storage, verbose).fit()
     except BaseException as e:
         _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
         client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -240,10 +243,37 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
         printer.stop()
     _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
     checkpoint = result.checkpoint.path if result.checkpoint else None
+    stopped_at = (result.metrics or {}).get("step", config.train.max_steps)
+    if stopped_at < config.train.max_steps:  # the workers checkpointed and returned on a stop request
+        client.set_terminated(run_id, status="KILLED")
+        raise RunStopped(f"stopped at step {stopped_at} of {config.train.max_steps} on request; checkpoint "
+                         f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.")
     if checkpoint:
         log_final_model(config, run_id, result.checkpoint, sources)
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
+
+
+@contextlib.contextmanager
+def _graceful_sigterm(tracking):
+    """While training: the first SIGTERM asks the workers to checkpoint at their next step and return
+    (a second one stops at once, as before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+        tracking.request_stop.remote("SIGTERM")
+        print("openclaw: SIGTERM: checkpointing at the next step, then stopping (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _spool_path(run_dir: str, run_id: str) -> str:

@@ -107,6 +107,7 @@ class TrackingService:
         self._ops: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._stop_reason: str | None = None
         self.outages = 0
         threading.Thread(target=self._run, daemon=True, name="openclaw-tracking").start()
 
@@ -114,6 +115,13 @@ class TrackingService:
         with self._cv:
             self._ops.append((op, args))
             self._cv.notify_all()
+
+    def request_stop(self, reason: str) -> None:
+        """The driver was told to stop; rank 0 polls `stop_requested` and the workers checkpoint and return."""
+        self._stop_reason = reason
+
+    def stop_requested(self) -> str | None:
+        return self._stop_reason
 
     def flush(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Wait until every op is applied, or `timeout_s`; spool what is left. Ends the service."""

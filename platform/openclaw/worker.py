@@ -19,8 +19,9 @@ from openclaw import checkpoint as ckpt_io
 from openclaw.config import Config
 from openclaw.data import column_to_numpy, table_from_shard
 from openclaw.engine import Engine, build_optimizer
-from openclaw.errors import CheckpointError, NonFiniteLossError
+from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
+from openclaw.preemption import NOTICE, STOP, StopSignals, install_in_ray_worker
 from openclaw.sampler import Sampler, batch_plan
 from openclaw.state import TrainState
 from openclaw.tasks import Batch, build_task
@@ -205,12 +206,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     checkpoint=loaded["path"] if loaded else None)
     state.world_size, state.attempt = world, state.attempt + 1
     samples_log = SampleLog(loop_config["run_dir"], rank, world) if t.record_samples else None
+    install_in_ray_worker()
+    stops = StopSignals(device, stop_requested=_asker(loop_config["tracking"]) if rank == 0 else None)
 
     # ---- the loop
     window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
     while state.step < t.max_steps:
         step = state.step
         positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
+        stop_vote = stops.start()  # agreed on while the step computes
         if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
             mine = sampler.split(positions)
             batches = [train.batch(p) for p in mine]
@@ -218,6 +222,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             stats = engine.train_step(step, batches)
             if samples_log:
                 samples_log.write(step, epoch, mine, stats.finite)
+            stop = stops.finish(stop_vote)
             if not stats.finite:  # the grad norm is global after DDP, so every rank decides alike
                 if on_nonfinite(step, stats, config, engine, state, tracker, loop_config["run_dir"], len(train)):
                     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
@@ -225,6 +230,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             else:
                 window_loss += stats.loss_sum
                 window_n += stats.samples
+        else:
+            stop = stops.finish(stop_vote)
         state.step, state.samples_seen = step + 1, state.samples_seen + G
         state.epoch, state.offset = epoch, offset + G
 
@@ -245,10 +252,38 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.progress({"step": state.step, "max_steps": t.max_steps, **val_metrics})
             last_metrics.update(val_metrics)
 
-        if should_save(state.step, config):
+        if should_save(state.step, config) or stop:
             save(engine, state, tracker, loop_config["config"], last_metrics, rank)
             window_t0 = time.perf_counter()  # the save is not training time
+        if stop and answer_stop(stop, state.step, stops, tracker):
+            break
+    stops.close()
     tracker.close()
+
+
+def _asker(tracking):
+    """Rank 0 asks the driver's tracking service whether the driver was told to stop."""
+    import ray
+    return lambda: ray.get(tracking.stop_requested.remote(), timeout=10)
+
+
+def answer_stop(stop: int, step: int, stops: StopSignals, tracker) -> bool:
+    """After the stop checkpoint: fail on purpose (SIGTERM), end the loop (driver stop: True), or go on."""
+    if stop == NOTICE:
+        stops.notice_answered()
+        tracker.event("preemption_notice", step=step, action="checkpointed")
+        tracker.progress({"message": f"Ray announced a preemption: checkpointed at step {step}, training on"})
+        return False
+    if stop == STOP:
+        stops.close()
+        tracker.event("stopped", step=step, cause="driver asked to stop")
+        tracker.close()
+        return True
+    tracker.event("preempted", step=step, cause="SIGTERM")
+    tracker.progress({"message": f"SIGTERM: checkpointed at step {step}; Ray Train restarts from there"})
+    tracker.close()
+    stops.close()
+    raise WorkerPreempted(f"a training worker got SIGTERM; checkpointed at step {step}, resuming from there")
 
 
 def resume_from(loaded: dict[str, Any], engine: Engine, state: TrainState, num_samples: int) -> None:

@@ -1,0 +1,97 @@
+"""Graceful stops: SIGTERM to a training worker, and to the driver of `openclaw train`. Real Ray, real
+signals. The run checkpoints at the very next step, so no step is lost, and resumes from that step."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import openclaw
+from conftest import REPO, digits_config
+
+pytestmark = pytest.mark.integration
+
+
+def _events(uri, run_id, tmp_path):
+    return json.load(open(MlflowClient(uri).download_artifacts(run_id, "events.json", str(tmp_path))))
+
+
+def _newest_step(run_dir, pid) -> int:
+    for f in (run_dir / "samples").glob(f"rank*-{pid}.jsonl"):
+        lines = f.read_text().splitlines()
+        if lines:
+            return json.loads(lines[-1])["step"]
+    return -1
+
+
+def test_sigterm_to_a_worker_checkpoints_at_once_and_resumes_from_that_step(ray_local, digits_dir, tmp_path,
+                                                                            mlflow_uri):
+    common = {"train.max_steps": 600, "checkpoint.every_steps": 200, "train.log_every": 10, "train.eval_every": 0,
+              "train.record_samples": True}
+    clean = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="clean", **common))
+    run_dir = tmp_path / "runs" / "termed"
+    sent: list[int] = []
+
+    def sigterm_a_worker_mid_interval():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not sent:
+            for p in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and _newest_step(run_dir, p.pid) >= 250:
+                    os.kill(p.pid, signal.SIGTERM)
+                    sent.append(_newest_step(run_dir, p.pid))
+                    break
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=sigterm_a_worker_mid_interval)
+    killer.start()
+    result = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="termed", **common))
+    killer.join()
+    assert sent and result.metrics["step"] == 600
+
+    events = _events(mlflow_uri, result.run_id, tmp_path)
+    preempted = [e for e in events if e["event"] == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["cause"] == "SIGTERM"
+    stopped_at = preempted[0]["step"]
+    assert sent[0] < stopped_at <= sent[0] + 5 and stopped_at % 200  # the very next step, off the 200-step grid
+    restart = [e for e in events if e["event"] == "restart"]
+    assert [e["resumed_from_step"] for e in restart] == [stopped_at]  # zero steps lost
+    assert stopped_at in {e["step"] for e in events if e["event"] == "checkpoint"}
+
+    # The extra checkpoint changes nothing: the result is the uninterrupted run's, bit for bit.
+    final, reference = openclaw.load_model(result.checkpoint), openclaw.load_model(clean.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), reference.state_dict().values()))
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(result.run_id, "train/loss")]
+    assert steps == list(range(10, 601, 10))
+
+
+def test_sigterm_to_the_driver_checkpoints_stops_and_the_same_command_resumes(digits_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "openclaw.cli", "train", str(REPO / "jobs" / "configs" / "digits.yaml"),
+           "--set", f"data.train={digits_dir / 'train'}", "--set", f"data.val={digits_dir / 'val'}",
+           "--set", f"checkpoint.storage={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+           "--set", "train.max_steps=4000", "--set", "checkpoint.every_steps=1000", "--set", "train.log_every=50",
+           "--set", "train.eval_every=0", "--set", "name=driver-term"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 300:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out
+    assert "SIGTERM: checkpointing at the next step" in out
+    stopped = int(out.split("stopped at step ")[1].split()[0])
+    assert 300 <= stopped < 4000 and stopped % 1000, out  # not a scheduled checkpoint: the stop's own
+    assert "Traceback" not in out
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resume at step {stopped}/4000" in again.stdout
