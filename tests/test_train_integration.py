@@ -81,14 +81,15 @@ def committed_batches(run_dir) -> dict[int, dict]:
     return steps
 
 
-def test_three_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ray_local, digits_dir, tmp_path,
+def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_and_end_bit_for_bit(ray_local, digits_dir, tmp_path,
                                                                              mlflow_uri):
     import random
     common = {"train.max_steps": 600, "checkpoint.every_steps": 50, "train.log_every": 10, "train.eval_every": 0,
               "failure.max_failures": 3, "train.record_samples": True}
     clean = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="clean", **common))
 
-    cfg = digits_config(digits_dir, tmp_path, mlflow_uri, name="killed", **common)
+    # The faulty run saves in the background (checkpoint.async), the clean one synchronously.
+    cfg = digits_config(digits_dir, tmp_path, mlflow_uri, name="killed", **common, **{"checkpoint.async": True})
     run_dir = tmp_path / "runs" / "killed"
     targets = sorted(random.Random(1234).sample(range(60, 560), 3))
     killed: list[tuple[int, int]] = []
@@ -142,8 +143,9 @@ def test_three_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ray_l
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     attempts = [e for e in events if e["event"] in ATTEMPT_EVENTS]
     assert [e["event"] for e in attempts] == ["start", "restart", "restart", "restart"]
-    saved = {e["step"] for e in events if e["event"] == "checkpoint"}
-    assert 600 in saved and saved <= set(range(50, 601, 50))
+    saved = {e["step"]: e["mode"] for e in events if e["event"] == "checkpoint"}
+    assert saved[600] == "sync" and set(saved) <= set(range(50, 601, 50))
+    assert "async" in saved.values()
 
 
 def test_text_lm_beats_the_unigram_baseline(ray_local, text_dir, tmp_path, mlflow_uri):

@@ -19,7 +19,7 @@ BUILTIN_TASKS = ("classification", "language_modeling")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 def _import_path_or(value: str, builtins: tuple[str, ...], key: str) -> str:
@@ -128,6 +128,9 @@ class CheckpointConfig(_Section):
     """How many checkpoints to keep."""
     storage: str = "runs"
     """A local folder (made absolute) or a URI such as s3://bucket/prefix."""
+    async_: bool = Field(False, alias="async")
+    """`async: true`: snapshot the state to host memory and write the checkpoint in the background, so
+    training stalls only for the snapshot. The final checkpoint and a stop's are always written at once."""
 
 
 class FailureConfig(_Section):
@@ -192,7 +195,7 @@ class Config(_Section):
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain data, defaults filled in."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 def _lcm_batch(micro: int, lo: int, hi: int) -> int:
@@ -294,7 +297,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
-    return list(model.model_fields)
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

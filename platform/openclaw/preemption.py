@@ -12,7 +12,7 @@ graceful stop loses no step:
   checkpoint and return; the same command resumes from that step.
 
 Every rank must agree on the step at which to checkpoint, so each rank's flag is all-reduced (max)
-once per step. The reduction is started before the step's compute and read after it, so it overlaps
+once per step (with rank 0's "background checkpoint written" flag, see `openclaw.saver`). The reduction is started before the step's compute and read after it, so it overlaps
 the step instead of adding a round trip to it.
 """
 from __future__ import annotations
@@ -116,20 +116,22 @@ class StopSignals:
             return NOTICE
         return NONE
 
-    def start(self):
-        """Begin agreeing on this step's flag (call before the step's compute)."""
-        flag = torch.tensor([self.local()], dtype=torch.int32)
+    def start(self, checkpoint_written: int = 0):
+        """Begin agreeing on this step's flags (call before the step's compute). The vote also carries
+        rank 0's "background checkpoint written" flag (`saver.Saver.ready`)."""
+        flag = torch.tensor([self.local(), checkpoint_written], dtype=torch.int32)
         if not self._distributed:
             return flag, None
         flag = flag.to(self.device)
         return flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
 
-    def finish(self, pending) -> int:
-        """The flag every rank agreed on for this step (call after the step's compute)."""
+    def finish(self, pending) -> tuple[int, int]:
+        """(stop flag, checkpoint written) as every rank agreed for this step (call after the compute)."""
         flag, work = pending
         if work is not None:
             work.wait()
-        return int(flag.item())
+        stop, written = flag.tolist()
+        return stop, written
 
     def notice_answered(self) -> None:
         """The checkpoint for the current preemption notice is saved: do not save again for it."""

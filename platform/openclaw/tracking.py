@@ -28,7 +28,7 @@ class NullTracker:
     """What non-zero ranks hold: every call is a no-op."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def publish(self) -> None: ...
+    def publish(self, through_step: int | None = None) -> None: ...
     def event(self, kind: str, **fields: Any) -> None: ...
     def attempt(self, **fields: Any) -> None: ...
     def progress(self, line: dict[str, Any]) -> None: ...
@@ -47,11 +47,13 @@ class Tracker(NullTracker):
         ts = int(time.time() * 1000)
         self._pending += [{"key": k, "value": float(v), "step": step, "timestamp": ts} for k, v in metrics.items()]
 
-    def publish(self) -> None:
-        """Send the buffered metrics; call only after the checkpoint that covers them is committed."""
-        if self._pending:
-            self.service.submit.remote("metrics", self._pending)
-            self._pending = []
+    def publish(self, through_step: int | None = None) -> None:
+        """Send the buffered metrics (of steps up to `through_step`); call only after the checkpoint that
+        covers them is committed."""
+        due = [m for m in self._pending if through_step is None or m["step"] <= through_step]
+        if due:
+            self.service.submit.remote("metrics", due)
+            self._pending = self._pending[len(due):]
 
     def pending(self) -> list[dict[str, Any]]:
         return list(self._pending)

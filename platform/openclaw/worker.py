@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from typing import Any
 
@@ -15,13 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from openclaw import checkpoint as ckpt_io
 from openclaw.config import Config
 from openclaw.data import column_to_numpy, table_from_shard
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
 from openclaw.preemption import NOTICE, STOP, StopSignals, install_in_ray_worker
+from openclaw.saver import Saver, restore
 from openclaw.sampler import Sampler, batch_plan
 from openclaw.state import TrainState
 from openclaw.tasks import Batch, build_task
@@ -114,56 +113,6 @@ def evaluate(engine: Engine, data: TensorData, micro: int, world: int, rank: int
     return out
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
-
-def restore(run_dir: str, tracker) -> dict[str, Any] | None:
-    """Load the newest checkpoint in the run's folder that passes its manifest check.
-
-    The folder is scanned rather than trusting `ray.train.get_checkpoint()` alone: a worker can die
-    after rank 0's report returned but before Ray's controller registered that checkpoint, and the
-    metrics published with it must not be replayed. Invalid (partial, truncated, corrupt) checkpoints
-    are reported and skipped in favour of the next newest.
-    """
-    for candidate in checkpoints_newest_first(run_dir):
-        try:
-            with candidate.as_directory() as d:
-                loaded = ckpt_io.load(d)
-            return loaded | {"path": candidate.path}
-        except CheckpointError as e:
-            msg = f"skipping invalid checkpoint: {e}"
-            log.warning(msg)
-            tracker.event("checkpoint_invalid", checkpoint=candidate.path, reason=str(e))
-            tracker.progress({"message": msg})
-    return None
-
-
-def checkpoints_newest_first(run_dir: str):
-    """Every `checkpoint_*` folder of a run (local path or URI), newest first (Ray names them by time)."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-    fs, root = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                  reverse=True)
-    return [Checkpoint(path, filesystem=fs) for path in dirs]
-
-
-def save(engine: Engine, state: TrainState, tracker, config: dict, metrics: dict[str, float], rank: int) -> None:
-    """All ranks call this together: rank 0 writes, everyone reports, then metrics are published."""
-    import ray.train
-    with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
-        checkpoint = None
-        if rank == 0:
-            state.pending_metrics = tracker.pending()
-            es = engine.state_dict()
-            ckpt_io.save(d, model=es["model"], trainer={k: v for k, v in es.items() if k != "model"},
-                         state=state.state_dict(), config=config)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report({"step": state.step, **metrics}, checkpoint=checkpoint)
-    tracker.publish()
-    tracker.event("checkpoint", step=state.step, world_size=state.world_size)
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -206,6 +155,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     checkpoint=loaded["path"] if loaded else None)
     state.world_size, state.attempt = world, state.attempt + 1
     samples_log = SampleLog(loop_config["run_dir"], rank, world) if t.record_samples else None
+    saver = Saver(engine, state, tracker, loop_config["config"], rank, loop_config["run_dir"],
+                  background=config.checkpoint.async_)
     install_in_ray_worker()
     stops = StopSignals(device, stop_requested=_asker(loop_config["tracking"]) if rank == 0 else None)
 
@@ -214,7 +165,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     while state.step < t.max_steps:
         step = state.step
         positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
-        stop_vote = stops.start()  # agreed on while the step computes
+        vote = stops.start(saver.ready())  # agreed on while the step computes
         if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
             mine = sampler.split(positions)
             batches = [train.batch(p) for p in mine]
@@ -222,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             stats = engine.train_step(step, batches)
             if samples_log:
                 samples_log.write(step, epoch, mine, stats.finite)
-            stop = stops.finish(stop_vote)
+            stop, written = stops.finish(vote)
             if not stats.finite:  # the grad norm is global after DDP, so every rank decides alike
                 if on_nonfinite(step, stats, config, engine, state, tracker, loop_config["run_dir"], len(train)):
                     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
@@ -231,7 +182,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 window_loss += stats.loss_sum
                 window_n += stats.samples
         else:
-            stop = stops.finish(stop_vote)
+            stop, written = stops.finish(vote)
         state.step, state.samples_seen = step + 1, state.samples_seen + G
         state.epoch, state.offset = epoch, offset + G
 
@@ -252,9 +203,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.progress({"step": state.step, "max_steps": t.max_steps, **val_metrics})
             last_metrics.update(val_metrics)
 
+        if written:  # rank 0's background checkpoint is on storage: every rank reports it now
+            saver.report_ready()
         if should_save(state.step, config) or stop:
-            save(engine, state, tracker, loop_config["config"], last_metrics, rank)
+            saver.save(last_metrics, final=bool(stop) or state.step == t.max_steps)
             window_t0 = time.perf_counter()  # the save is not training time
+        for saved_step, stall_s in saver.take_completed():
+            tracker.log_metrics({"perf/checkpoint_stall_s": stall_s}, saved_step)
         if stop and answer_stop(stop, state.step, stops, tracker):
             break
     stops.close()
