@@ -1,8 +1,9 @@
 """Elastic node loss and return on a 2-node `ray.cluster_utils.Cluster` on this machine.
 
 Trains the digits MLP (made wide enough to take a while) with `num_workers=(1, 2)`, kills one worker
-node after the first checkpoint, adds a replacement node once training has resumed on one worker,
-and reads the run's events back from MLflow. Prints one JSON line:
+node after the first checkpoint, adds a replacement node once training has resumed on one worker
+(by default with `ray start --address`, as an operator would), and reads the run's events back from
+MLflow. Prints one JSON line:
 
     node_loss_recovery_s   node death -> training resumed at world size 1
     regrow_s               replacement node added -> training resumed at world size 2
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work folder (data, runs, mlflow.db)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    p.add_argument("--replacement", choices=["ray-start", "cluster"], default="ray-start",
+                   help="how the replacement node joins: a `ray start --address` raylet (as an operator would "
+                        "add one) or `Cluster.add_node`")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if not (a.out / "digits" / "stats.json").exists():
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = a.out / "runs" / config.name
     marks: dict[str, float] = {}
     result: dict = {}
+    joined: list = []
 
     def fit():
         result["train"] = openclaw.train(config)
@@ -89,21 +94,28 @@ def main(argv: list[str] | None = None) -> int:
         marks["killed"] = time.time()
         events = lambda: [e for e in _events(uri, run_dir) if e["event"] in ATTEMPTS]  # noqa: E731
         _wait_for(lambda: any(e.get("world_size") == 1 for e in events()), 300, "a restart at world size 1")
-        cluster.add_node(num_cpus=1, resources={"trainer": 1})
+        if a.replacement == "ray-start":
+            joined += ray_start_node(cluster.address)
+        else:
+            cluster.add_node(num_cpus=1, resources={"trainer": 1})
         marks["added"] = time.time()
         _wait_for(lambda: any(e.get("world_size") == 2 and e["t"] > marks["added"] for e in events()), 300,
                   "growing back to world size 2")
         trainer.join(timeout=600)
     finally:
         cluster_procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in started_before]
+        cluster_procs += joined + [c for p in joined for c in _children(p)]
         ray.shutdown()
         cluster.shutdown()
         _kill(cluster_procs)
 
-    evs = [e for e in _events(uri, run_dir) if e["event"] in ATTEMPTS]
+    all_events = _events(uri, run_dir)
+    evs = [e for e in all_events if e["event"] in ATTEMPTS]
     shrink = next(e for e in evs if e["world_size"] == 1)
     grow = next(e for e in evs if e["world_size"] == 2 and e["t"] > marks["added"])
+    requested = [e["step"] for e in all_events if e["event"] == "checkpoint_requested"]
     print(json.dumps({
+        "grow_resumed_from_step": grow["resumed_from_step"], "checkpoints_before_grow": requested,
         "node_loss_recovery_s": round(shrink["t"] - marks["killed"], 1),
         "regrow_s": round(grow["t"] - marks["added"], 1),
         "world_sizes": [e["world_size"] for e in evs], "causes": [e["event"] for e in evs],
@@ -124,6 +136,38 @@ def has_valid_checkpoint(run_dir: Path) -> bool:
         except Exception:
             pass
     return False
+
+
+def ray_start_node(address: str) -> list:
+    """Join a worker node to the cluster with `ray start --address` (fresh ports: it shares this machine).
+    Returns the node's processes, which outlive `ray start` and the cluster's shutdown."""
+    import os
+    import socket
+
+    import psutil
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    before = {p.pid for p in psutil.process_iter()}
+    ports = [f"--{k}={free_port()}" for k in ("node-manager-port", "object-manager-port",
+                                               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                               "runtime-env-agent-port", "metrics-export-port")]
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", f"--address={address}",
+                    f"--node-ip-address={address.split(':')[0]}", "--num-cpus=1", '--resources={"trainer": 1}',
+                    *ports, "--disable-usage-stats"], check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "RAY_AUTH_MODE": "token"})
+    return [p for p in psutil.process_iter() if p.pid not in before]
+
+
+def _children(p) -> list:
+    import psutil
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _kill(procs) -> None:

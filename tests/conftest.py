@@ -2,6 +2,7 @@
 MLflow sqlite store per test. Nothing here is mocked."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,23 @@ def digits_config(digits_dir: Path, tmp_path: Path, mlflow_uri: str, **overrides
     base = {"data.train": str(digits_dir / "train"), "data.val": str(digits_dir / "val"),
             "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": mlflow_uri}
     return load_config(REPO / "jobs" / "configs" / "digits.yaml", {**base, **overrides})
+
+
+def committed_batches(run_dir) -> dict[int, dict]:
+    """From `train.record_samples` logs: each step's global batch as the final model saw it (from the
+    newest attempt that ran that step, across restarts and resizes), with its epoch and world size."""
+    lines = [json.loads(line) for f in (run_dir / "samples").glob("*.jsonl") for line in f.read_text().splitlines()]
+    newest_attempt: dict[int, tuple[float, str]] = {}
+    for rec in lines:
+        newest_attempt[rec["step"]] = max(newest_attempt.get(rec["step"], (0.0, "")), (rec["t"], rec["attempt"]))
+    by_rank: dict[tuple[int, int], dict] = {}
+    for rec in sorted(lines, key=lambda r: r["t"]):  # a rollback replays within an attempt: keep the last
+        if rec["attempt"] == newest_attempt[rec["step"]][1]:
+            by_rank[(rec["step"], rec["rank"])] = rec
+    steps: dict[int, dict] = {}
+    for (step, rank), rec in sorted(by_rank.items()):
+        entry = steps.setdefault(step, {"epoch": rec["epoch"], "world": rec["world"], "positions": []})
+        assert (entry["epoch"], entry["world"]) == (rec["epoch"], rec["world"]) and rec["applied"]
+        entry["positions"] += rec["positions"]
+    assert all(len({r for (s, r) in by_rank if s == step}) == b["world"] for step, b in steps.items())
+    return steps

@@ -1,4 +1,5 @@
-"""Elastic training on a real 2-node `ray.cluster_utils.Cluster`: lose a node mid-run, add one back.
+"""Elastic training on a real 2-node `ray.cluster_utils.Cluster`: lose a node mid-run, then a
+replacement joins with `ray start --address`.
 
 The cluster runs in its own process (bench/node_loss.py), since this session's local Ray instance
 owns this one. The reference run is uninterrupted, at world size 2, with the same config and seed.
@@ -12,13 +13,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import REPO
+from conftest import REPO, committed_batches
 
 pytestmark = pytest.mark.integration
 sys.path.insert(0, str(REPO / "bench"))
 from node_loss import OVERRIDES  # noqa: E402
 
-STEPS = ["train.max_steps=800", "train.optimizer.lr=5e-4"]
+STEPS = ["train.max_steps=800", "train.optimizer.lr=5e-4", "train.record_samples=true"]
 
 
 def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray_local, digits_dir, tmp_path):
@@ -30,6 +31,10 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
     assert got["world_sizes"] == [2, 1, 2] and got["causes"] == ["start", "resize", "resize"], got
     assert got["finished_step"] == 800
     assert "cluster changed: 1 node(s) lost" in r.stdout and "resize at step" in r.stdout
+    # The replacement joined through `ray start --address`; no worker-group start failed or timed out.
+    assert "worker group start failed" not in r.stdout
+    # Before growing into the new node, the workers checkpointed on the driver's request: no step replayed.
+    assert got["checkpoints_before_grow"] and got["grow_resumed_from_step"] == got["checkpoints_before_grow"][-1]
 
     uri = f"sqlite:///{tmp_path / 'ref.db'}"
     ref_cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
@@ -37,6 +42,12 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
         "scaling.resources_per_worker": {"CPU": 1}, "data.train": str(out / "digits" / "train"),
         "data.val": str(out / "digits" / "val"), "checkpoint.storage": str(tmp_path / "ref"), "tracking.uri": uri})
     ref = openclaw.train(ref_cfg)
+
+    # Every step trained on exactly the samples of the uninterrupted run, whatever its world size.
+    got_b, ref_b = committed_batches(out / "runs" / "elastic"), committed_batches(tmp_path / "ref" / "reference")
+    assert sorted(got_b) == sorted(ref_b) == list(range(800))
+    assert all(got_b[s]["positions"] == ref_b[s]["positions"] for s in range(800))
+    assert {b["world"] for b in got_b.values()} == {1, 2}
 
     # Same samples, same global batch, same LR at every step: only the float summation order differs.
     ref_w, got_w = openclaw.load_model(ref.checkpoint).state_dict(), openclaw.load_model(got["checkpoint"]).state_dict()

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import digits_config
+from conftest import committed_batches, digits_config
 from openclaw.tracking_service import ATTEMPT_EVENTS
 
 pytestmark = pytest.mark.integration
@@ -61,24 +61,6 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
     mlflow.set_tracking_uri(mlflow_uri)
     logged_model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     assert torch.equal(logged_model(x[:8]), model(x[:8]))
-
-
-def committed_batches(run_dir) -> dict[int, dict]:
-    """From `train.record_samples` logs: each step's global batch as the final model saw it (the newest
-    execution of that step, across restarts), with its epoch."""
-    newest: dict[tuple[int, int], dict] = {}
-    for f in (run_dir / "samples").glob("*.jsonl"):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            key = (rec["step"], rec["rank"])
-            if key not in newest or rec["t"] > newest[key]["t"]:
-                newest[key] = rec
-    steps: dict[int, dict] = {}
-    for (step, rank), rec in sorted(newest.items()):
-        entry = steps.setdefault(step, {"epoch": rec["epoch"], "world": rec["world"], "positions": []})
-        assert (entry["epoch"], entry["world"]) == (rec["epoch"], rec["world"]) and rec["applied"]
-        entry["positions"] += rec["positions"]
-    return steps
 
 
 def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_and_end_bit_for_bit(ray_local, digits_dir, tmp_path,

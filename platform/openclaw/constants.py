@@ -55,3 +55,12 @@ DEFAULT_NODE_DEATH_WAIT_S = 30.0
 
 def node_death_wait_s() -> float:
     return float(os.environ.get(NODE_DEATH_WAIT_S_ENV_VAR, DEFAULT_NODE_DEATH_WAIT_S))
+
+
+CHECKPOINT_BEFORE_GROW_S_ENV_VAR = "OPENCLAW_CHECKPOINT_BEFORE_GROW_S"
+DEFAULT_CHECKPOINT_BEFORE_GROW_S = 30.0
+"""Elastic runs: when nodes join, the longest wait for the workers' checkpoint before Ray may resize."""
+
+
+def checkpoint_before_grow_s() -> float:
+    return float(os.environ.get(CHECKPOINT_BEFORE_GROW_S_ENV_VAR, DEFAULT_CHECKPOINT_BEFORE_GROW_S))

@@ -134,7 +134,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
-            callbacks=_controller_callbacks(config),
+            callbacks=_controller_callbacks(config, loop_config["progress"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
@@ -146,11 +146,12 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
     )
 
 
-def _controller_callbacks(config: Config) -> list:
-    if config.scaling.min_workers == config.scaling.max_workers:
-        return []
-    from openclaw.node_watch import SettleLostNodes
-    return [SettleLostNodes(constants.node_death_wait_s())]
+def _controller_callbacks(config: Config, progress) -> list:
+    from openclaw.node_watch import ReportStartFailures, SettleLostNodes
+    callbacks = [ReportStartFailures(progress)]
+    if config.scaling.min_workers < config.scaling.max_workers:
+        callbacks.append(SettleLostNodes(constants.node_death_wait_s()))
+    return callbacks
 
 
 def read_datasets(sources: dict[str, Source], verbose: bool = False) -> dict[str, Any]:
@@ -217,15 +218,16 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": _on_this_node()})
     printer = _ProgressPrinter(progress)
     printer.start()
+    run_dir = f"{storage.rstrip('/')}/{config.name}"
+    tracking = start_service(uri, run_id, progress, _spool_path(run_dir, run_id), _on_this_node())
     watcher = None
     if config.scaling.min_workers < config.scaling.max_workers:
         from openclaw.node_watch import NodeWatcher, pin_coordinator
         pin_coordinator()
         watcher = NodeWatcher(constants.node_watch_interval_s(),
-                              on_change=lambda msg: progress.put_nowait({"message": msg}))
+                              on_change=lambda msg: progress.put_nowait({"message": msg}),
+                              before_grow=lambda: _checkpoint_now(tracking, constants.checkpoint_before_grow_s()))
         watcher.start()
-    run_dir = f"{storage.rstrip('/')}/{config.name}"
-    tracking = start_service(uri, run_id, progress, _spool_path(run_dir, run_id), _on_this_node())
     loop_config = {"config": config.resolved(), "run_id": run_id, "tracking": tracking, "progress": progress,
                    "run_dir": run_dir}
     from mlflow.tracking import MlflowClient
@@ -274,6 +276,20 @@ def _graceful_sigterm(tracking):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _checkpoint_now(tracking, timeout_s: float) -> bool:
+    """Ask the workers for a checkpoint at their next step and wait (at most `timeout_s`) until it is saved."""
+    import time
+
+    import ray
+    request = ray.get(tracking.request_checkpoint.remote())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.get(tracking.checkpoint_request_done.remote(request)):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _spool_path(run_dir: str, run_id: str) -> str:

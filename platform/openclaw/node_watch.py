@@ -49,9 +49,13 @@ def pin_coordinator() -> None:
 
 
 class NodeWatcher(threading.Thread):
-    def __init__(self, interval_s: float, on_change: Callable[[str], None] | None = None):
+    """`before_grow` runs when nodes join, before Ray is told: the driver has the workers checkpoint,
+    so that the resize into the new nodes replays no steps."""
+
+    def __init__(self, interval_s: float, on_change: Callable[[str], None] | None = None,
+                 before_grow: Callable[[], None] | None = None):
         super().__init__(daemon=True, name="openclaw-node-watch")
-        self.interval_s, self.on_change = interval_s, on_change
+        self.interval_s, self.on_change, self.before_grow = interval_s, on_change, before_grow
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -67,6 +71,8 @@ class NodeWatcher(threading.Thread):
                     continue
                 lost, joined = known - now, now - known
                 known = now
+                if joined and self.before_grow:
+                    self.before_grow()
                 _refresh_coordinator()
                 if self.on_change:
                     self.on_change(f"cluster changed: {len(lost)} node(s) lost, {len(joined)} joined; "
@@ -128,3 +134,31 @@ class SettleLostNodes(ControllerCallback):
         except Exception as e:  # best effort: Ray's own path still recovers, only later
             log.warning("openclaw: could not settle lost nodes: %s", e)
         return None
+
+
+class ReportStartFailures(ControllerCallback):
+    """Says on the driver's progress stream when a worker group failed to start and Ray Train retries
+    (a start timeout or a failed start): a run that loops on such retries is visibly stuck, not silent."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.count = 0
+
+    def after_controller_state_update(self, previous_state, current_state):
+        error = getattr(current_state, "training_failed_error", None)
+        if error is None or "WorkerGroupStartup" not in _error_chain(error):
+            return
+        self.count += 1
+        from openclaw.tracking import put_nowait
+        put_nowait(self.progress, {"message": f"worker group start failed ({self.count} so far): "
+                                              f"{str(error).splitlines()[0][:200]}; Ray Train retries"})
+
+
+def _error_chain(error: BaseException) -> str:
+    names, seen = [], error
+    for _ in range(6):
+        if seen is None:
+            break
+        names.append(type(seen).__name__ + ": " + str(seen)[:200])
+        seen = getattr(seen, "controller_failure", None) or seen.__cause__ or seen.__context__
+    return " | ".join(names)

@@ -6,8 +6,10 @@ graceful stop loses no step:
 - `TERM`: SIGTERM to a training worker process (a node being drained, a spot reclaim, `kill`). The
   worker checkpoints and then fails on purpose, so Ray Train restarts the group from that checkpoint.
   A second SIGTERM exits at once, as Ray's own handler would.
-- `NOTICE`: Ray Train's preemption notice (`ray.train.get_preemption_info`): a node of this group is
-  about to go. The run checkpoints once and trains on; Ray restarts it when the node is gone.
+- `CHECKPOINT`: Ray Train's preemption notice (`ray.train.get_preemption_info`: a node of this group
+  is about to go), or the driver's request before a planned resize (a node joined, see
+  `openclaw.node_watch`). The run checkpoints once and trains on; the restart that follows replays
+  nothing.
 - `STOP`: the driver was asked to stop (SIGTERM or Ctrl-C on `openclaw train`). The workers
   checkpoint and return; the same command resumes from that step.
 
@@ -28,7 +30,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("openclaw")
 
-NONE, NOTICE, TERM, STOP = 0, 1, 2, 3
+NONE, CHECKPOINT, TERM, STOP = 0, 1, 2, 3
 
 _ACTIVE = threading.Event()   # a training loop runs in this process
 _TERMED = threading.Event()   # SIGTERM arrived while it ran
@@ -86,25 +88,34 @@ def _ray_preemption_notice() -> Any:
 class StopSignals:
     """One per training loop: the local flag, the per-step agreement, and the driver's stop request."""
 
-    def __init__(self, device: torch.device, stop_requested=None, poll_s: float = 0.5):
-        """`stop_requested`: a callable that asks the driver (rank 0 only; polled in a thread)."""
+    def __init__(self, device: torch.device, control=None, on_request_answered=None, poll_s: float = 0.5):
+        """`control`: a callable that returns the driver's {"stop": reason or None, "checkpoint": request id}
+        (rank 0 only; polled in a thread); `on_request_answered(request_id, step)` tells the driver."""
         self.device = device
         self._driver_stop = threading.Event()
         self._notice_answered = False
+        self._request, self._answered_request = 0, 0
+        self._on_request_answered = on_request_answered
         self._closed = threading.Event()
         _ACTIVE.set()
-        if stop_requested is not None:
-            threading.Thread(target=self._poll, args=(stop_requested, poll_s), daemon=True,
-                             name="openclaw-stop-poll").start()
+        if control is not None:
+            # A request made before this attempt started is answered by the checkpoint it resumed from.
+            self._request = self._answered_request = control().get("checkpoint", 0)
+            if self._request and on_request_answered is not None:
+                on_request_answered(self._request, None)
+            threading.Thread(target=self._poll, args=(control, poll_s), daemon=True,
+                             name="openclaw-control-poll").start()
         self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _poll(self, stop_requested, poll_s: float) -> None:
+    def _poll(self, control, poll_s: float) -> None:
         while not self._closed.wait(poll_s):
             try:
-                if stop_requested():
-                    self._driver_stop.set()
-                    return
+                state = control()
             except Exception:  # the driver is gone: Ray tears the group down by itself
+                return
+            self._request = max(self._request, state.get("checkpoint", 0))
+            if state.get("stop"):
+                self._driver_stop.set()
                 return
 
     def local(self) -> int:
@@ -112,8 +123,10 @@ class StopSignals:
             return STOP
         if _TERMED.is_set():
             return TERM
+        if self._request > self._answered_request:
+            return CHECKPOINT
         if not self._notice_answered and _ray_preemption_notice() is not None:
-            return NOTICE
+            return CHECKPOINT
         return NONE
 
     def start(self, checkpoint_written: int = 0):
@@ -133,9 +146,17 @@ class StopSignals:
         stop, written = flag.tolist()
         return stop, written
 
-    def notice_answered(self) -> None:
-        """The checkpoint for the current preemption notice is saved: do not save again for it."""
-        self._notice_answered = True
+    def checkpoint_answered(self, step: int) -> str:
+        """The checkpoint asked for (preemption notice or driver request) is saved at `step`: do not save
+        again for it, and tell the driver. Returns what asked for it."""
+        cause = "preemption notice"
+        if _ray_preemption_notice() is not None:
+            self._notice_answered = True
+        if self._request > self._answered_request:
+            self._answered_request, cause = self._request, "driver request"
+            if self._on_request_answered is not None:
+                self._on_request_answered(self._request, step)
+        return cause
 
     def close(self) -> None:
         self._closed.set()

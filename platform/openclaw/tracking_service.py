@@ -108,6 +108,7 @@ class TrackingService:
         self._cv = threading.Condition()
         self._closed = False
         self._stop_reason: str | None = None
+        self._checkpoint_request = self._checkpoint_answered = 0
         self.outages = 0
         threading.Thread(target=self._run, daemon=True, name="openclaw-tracking").start()
 
@@ -116,12 +117,25 @@ class TrackingService:
             self._ops.append((op, args))
             self._cv.notify_all()
 
+    # ---- the driver's requests to the workers (rank 0 polls `control`) ---------------------------
+
     def request_stop(self, reason: str) -> None:
-        """The driver was told to stop; rank 0 polls `stop_requested` and the workers checkpoint and return."""
+        """The driver was told to stop: the workers checkpoint at their next step and return."""
         self._stop_reason = reason
 
-    def stop_requested(self) -> str | None:
-        return self._stop_reason
+    def request_checkpoint(self) -> int:
+        """Ask for a checkpoint at the next step (before a planned resize); returns the request's id."""
+        self._checkpoint_request += 1
+        return self._checkpoint_request
+
+    def checkpoint_answered(self, request: int, step: int) -> None:
+        self._checkpoint_answered = max(self._checkpoint_answered, request)
+
+    def checkpoint_request_done(self, request: int) -> bool:
+        return self._checkpoint_answered >= request
+
+    def control(self) -> dict[str, Any]:
+        return {"stop": self._stop_reason, "checkpoint": self._checkpoint_request}
 
     def flush(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Wait until every op is applied, or `timeout_s`; spool what is left. Ends the service."""

@@ -19,7 +19,7 @@ from openclaw.data import column_to_numpy, table_from_shard
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
-from openclaw.preemption import NOTICE, STOP, StopSignals, install_in_ray_worker
+from openclaw.preemption import CHECKPOINT, STOP, StopSignals, install_in_ray_worker
 from openclaw.saver import Saver, restore
 from openclaw.sampler import Sampler, batch_plan
 from openclaw.state import TrainState
@@ -76,19 +76,27 @@ class TensorData:
 class SampleLog:
     """`train.record_samples`: the sample positions every step trained on, for audits of the data order.
 
-    One JSON line per step in `<run folder>/samples/rank<R>-<pid>.jsonl`. A step replayed after a restart
-    or rollback appears again, later; the newest line of a step is the one the final model saw.
+    One JSON line per step in `<run folder>/samples/rank<R>-<pid>.jsonl`, tagged with the attempt (one id
+    for all ranks of a worker group). A step replayed after a restart or rollback appears again, later:
+    the newest attempt that ran a step is the one the final model saw.
     """
 
     def __init__(self, run_dir: str, rank: int, world: int):
+        """Collective: every rank of the attempt takes rank 0's attempt id."""
         import os
+        import uuid
         folder = os.path.join(run_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         self.rank, self.world = rank, world
+        ids = [uuid.uuid4().hex]
+        if dist.is_available() and dist.is_initialized() and world > 1:
+            dist.broadcast_object_list(ids, src=0)
+        self.attempt = ids[0]
         self.file = open(os.path.join(folder, f"rank{rank}-{os.getpid()}.jsonl"), "a", buffering=1)
 
     def write(self, step: int, epoch: int, micro_batches: list[np.ndarray], applied: bool) -> None:
-        self.file.write(json.dumps({"t": time.time(), "step": step, "epoch": epoch, "world": self.world,
+        self.file.write(json.dumps({"t": time.time(), "attempt": self.attempt, "step": step, "epoch": epoch,
+                                    "world": self.world,
                                     "rank": self.rank, "applied": applied,
                                     "positions": np.concatenate(micro_batches).tolist()}) + "\n")
 
@@ -158,7 +166,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     saver = Saver(engine, state, tracker, loop_config["config"], rank, loop_config["run_dir"],
                   background=config.checkpoint.async_)
     install_in_ray_worker()
-    stops = StopSignals(device, stop_requested=_asker(loop_config["tracking"]) if rank == 0 else None)
+    stops = StopSignals(device, **(_driver_control(loop_config["tracking"]) if rank == 0 else {}))
 
     # ---- the loop
     window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
@@ -216,18 +224,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     tracker.close()
 
 
-def _asker(tracking):
-    """Rank 0 asks the driver's tracking service whether the driver was told to stop."""
+def _driver_control(tracking) -> dict[str, Any]:
+    """Rank 0 polls the driver's requests (stop, checkpoint before a resize) through the tracking service."""
     import ray
-    return lambda: ray.get(tracking.stop_requested.remote(), timeout=10)
+    return {"control": lambda: ray.get(tracking.control.remote(), timeout=10),
+            "on_request_answered": lambda request, step: tracking.checkpoint_answered.remote(request, step)}
 
 
 def answer_stop(stop: int, step: int, stops: StopSignals, tracker) -> bool:
     """After the stop checkpoint: fail on purpose (SIGTERM), end the loop (driver stop: True), or go on."""
-    if stop == NOTICE:
-        stops.notice_answered()
-        tracker.event("preemption_notice", step=step, action="checkpointed")
-        tracker.progress({"message": f"Ray announced a preemption: checkpointed at step {step}, training on"})
+    if stop == CHECKPOINT:
+        cause = stops.checkpoint_answered(step)
+        tracker.event("checkpoint_requested", step=step, cause=cause)
+        tracker.progress({"message": f"{cause}: checkpointed at step {step}, training on"})
         return False
     if stop == STOP:
         stops.close()
