@@ -102,3 +102,18 @@ def test_scale_lr_needs_only_the_largest_world_to_divide_the_batch():
     assert cfg.elastic.on_resize == "scale_lr"
     with pytest.raises(ConfigError, match="elastic.lr_rule"):
         validate({**base, "elastic": {"on_resize": "scale_lr", "lr_rule": "cubic"}})
+
+
+def test_secret_looking_values_are_redacted_before_logging():
+    from openclaw.config import REDACTED, is_secret_key, redacted
+    for key in ("api_key", "model.kwargs.hf_token", "aws_secret_access_key", "password", "db-password", "key",
+                "access_token", "client_secret", "credentials"):
+        assert is_secret_key(key), key
+    for key in ("keep", "checkpoint.keep", "keyword_weight", "monkey", "tokenizer", "max_tokens", "name"):
+        assert not is_secret_key(key), key
+    tree = {"model": {"kwargs": {"api_key": "sk-123", "hidden": 8, "nested": {"hf_token": "hf_abc"}}},
+            "tracking": {"password": None}}
+    out = redacted(tree)
+    assert out["model"]["kwargs"] == {"api_key": REDACTED, "hidden": 8, "nested": {"hf_token": REDACTED}}
+    assert out["tracking"]["password"] is None and tree["model"]["kwargs"]["api_key"] == "sk-123"
+    assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from openclaw import constants
-from openclaw.config import Config, flatten
+from openclaw.config import Config, flatten, redacted
 from openclaw.data import Source
 
 
@@ -35,13 +35,13 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
     params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
-    client.log_dict(run_id, config.resolved(), "config.yaml")
+    client.log_dict(run_id, redacted(config.resolved()), "config.yaml")  # secret-looking values never logged
     _write_job_file(storage, config.name, {"mlflow_run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri})
     return run_id, exp_id, False
 
 
 def _flat(config: Config) -> dict[str, Any]:
-    return flatten(config.resolved())
+    return flatten(redacted(config.resolved()))
 
 
 def _param_str(v: Any) -> str:
