@@ -26,9 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-# Peak dense bf16/fp16 tensor FLOP/s, matched in order against torch.cuda.get_device_name().
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-              ("A100", 312e12)]
+from openclaw.perf import PEAK_FLOPS  # noqa: E402  (dense bf16 peaks of the GPUs we know)
 
 PRESETS = {
     # name -> model -> defaults (explicit flags win)

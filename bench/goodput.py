@@ -64,8 +64,8 @@ def timed_run(work: Path, name: str, steps: int, ckpt_every: int, kill_every: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=60_000, help="training steps (60000: about 10 minutes here)")
-    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--steps", type=int, default=15_000, help="training steps (15000: about 10 minutes here)")
+    p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--kill-every", type=float, default=60.0)
     a = p.parse_args(argv)
     import ray

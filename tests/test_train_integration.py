@@ -181,3 +181,21 @@ def test_corrupt_newest_checkpoint_is_skipped_on_resume(ray_local, digits_dir, t
     assert [e["resumed_from_step"] for e in events if e["event"] == "resume"] == [40]
     # steps 50 and 60 were trained twice, but each is recorded once
     assert [m.step for m in client.get_metric_history(again.run_id, "train/loss")] == list(range(10, 81, 10))
+
+
+def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_path, mlflow_uri):
+    from conftest import REPO
+    cfg = openclaw.load_config(REPO / "jobs" / "configs" / "text-lm.yaml", {
+        "data.train": str(text_dir / "train"), "data.val": None, "checkpoint.storage": str(tmp_path / "runs"),
+        "tracking.uri": mlflow_uri, "model.kwargs.block_size": 64, "model.kwargs.depth": 1, "train.max_steps": 20,
+        "train.log_every": 10, "train.eval_every": 0, "checkpoint.every_steps": 10})
+    result = openclaw.train(cfg)
+    metrics = MlflowClient(mlflow_uri).get_run(result.run_id).data.metrics
+    split = [metrics[f"perf/step_{k}_s"] for k in ("data", "compute", "checkpoint")]
+    assert all(v >= 0 for v in split) and metrics["perf/step_compute_s"] > 0
+    assert 0 <= metrics["perf/data_wait_frac"] < 1
+    assert metrics["perf/tokens_per_s"] == pytest.approx(metrics["perf/samples_per_s"] * 64, rel=1e-6)
+    assert "perf/mfu" not in metrics  # no known peak on a CPU
+    assert 0 < metrics["system/node0/memory_percent"] <= 100 and "system/node0/cpu_percent" in metrics
+    assert not any(k.startswith("system/node1/") for k in metrics)  # one node: one sample, not one per worker
+    assert metrics["perf/checkpoint_stall_s"] > 0

@@ -237,7 +237,8 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
             result = build_trainer(config, sources, loop_config, storage, verbose).fit()
     except BaseException as e:
         _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
-        client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        with contextlib.suppress(Exception):  # the server may be away too; the error below matters more
+            client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise _unwrap(e) from None
     finally:
         if watcher:
@@ -247,12 +248,17 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     checkpoint = result.checkpoint.path if result.checkpoint else None
     stopped_at = (result.metrics or {}).get("step", config.train.max_steps)
     if stopped_at < config.train.max_steps:  # the workers checkpointed and returned on a stop request
-        client.set_terminated(run_id, status="KILLED")
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status="KILLED")
         raise RunStopped(f"stopped at step {stopped_at} of {config.train.max_steps} on request; checkpoint "
                          f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.")
-    if checkpoint:
-        log_final_model(config, run_id, result.checkpoint, sources)
-    client.set_terminated(run_id, status="FINISHED")
+    try:
+        if checkpoint:
+            log_final_model(config, run_id, result.checkpoint, sources)
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception as e:  # the server is away: training is done and its checkpoint is safe
+        print(f"openclaw: could not log the final model or close MLflow run {run_id} at {uri} ({e}); the "
+              f"trained model is in {checkpoint}.", file=sys.stderr, flush=True)
     return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
 
 

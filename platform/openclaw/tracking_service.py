@@ -103,6 +103,11 @@ class TrackingService:
     """The Ray actor (one per job, on the driver's node). `submit` only enqueues; a thread applies."""
 
     def __init__(self, tracking_uri: str, run_id: str, progress=None, spool_path: str | None = None):
+        import os
+        # One quick attempt per request: this service retries itself, with backoff capped at RETRY_MAX_S,
+        # so delivery resumes within seconds of a server's return (MLflow's own retries back off to minutes).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.run_id, self.progress, self.spool_path = tracking_uri, run_id, progress, spool_path
         self._ops: collections.deque = collections.deque()
         self._cv = threading.Condition()

@@ -19,6 +19,8 @@ from openclaw.data import column_to_numpy, table_from_shard
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
+from openclaw.perf import StepClock, data_wait_advice, gather_per_node, peak_flops, system_metrics
+from openclaw.perf import now as perf_now
 from openclaw.preemption import CHECKPOINT, STOP, StopSignals, install_in_ray_worker
 from openclaw.saver import Saver, restore
 from openclaw.sampler import Sampler, batch_plan
@@ -170,15 +172,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # ---- the loop
     window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
+    eta_t0, eta_step = window_t0, state.step
+    clock, advised = StepClock(), False
+    tokens_per_sample = train.x.shape[1] - 1 if config.task == "language_modeling" else None
+    flops_per_token = getattr(engine._unwrapped(), "flops_per_token", lambda: None)()
+    peak, node_rank = peak_flops(device), ctx.get_node_rank()
+    system_metrics(device)  # primes psutil's CPU counter
     while state.step < t.max_steps:
         step = state.step
         positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
         vote = stops.start(saver.ready())  # agreed on while the step computes
         if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
+            t0 = perf_now()
             mine = sampler.split(positions)
             batches = [train.batch(p) for p in mine]
+            t1 = perf_now()
             seed_step(config.seed, step, rank)
             stats = engine.train_step(step, batches)
+            clock.data_s, clock.compute_s, clock.steps = clock.data_s + t1 - t0, clock.compute_s + perf_now() - t1, \
+                clock.steps + 1
             if samples_log:
                 samples_log.write(step, epoch, mine, stats.finite)
             stop, written = stops.finish(vote)
@@ -196,14 +208,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         if should_log(state.step, config) and window_n:
             loss_sum, n = _allreduce([window_loss, float(window_n)], device)
-            sps = n / (time.perf_counter() - window_t0)
+            now = time.perf_counter()
+            sps = n / (now - window_t0)  # training throughput: checkpoint stalls excluded
+            wall_step_s = (now - eta_t0) / max(1, state.step - eta_step)  # the ETA counts everything
+            eta_t0, eta_step = now, state.step
             last_metrics = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
                             "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
                             "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps)}
-            tracker.log_metrics(last_metrics, state.step)
+            perf = clock.window(n, tokens_per_sample, flops_per_token, peak, world)
+            system = gather_per_node(system_metrics(device) if ctx.get_local_rank() == 0 else None, node_rank)
+            tracker.log_metrics({**last_metrics, **perf, **system}, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
-                              "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * G / sps})
+                              "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * wall_step_s})
+            advice = None if advised else data_wait_advice(perf["perf/data_wait_frac"])
+            if advice:
+                tracker.progress({"message": advice})
+                advised = True
             window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+            clock.reset()
 
         if should_eval(state.step, config):
             val_metrics = evaluate(engine, val, micro, world, rank)
@@ -211,11 +233,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.progress({"step": state.step, "max_steps": t.max_steps, **val_metrics})
             last_metrics.update(val_metrics)
 
+        saving_t0 = time.perf_counter()
         if written:  # rank 0's background checkpoint is on storage: every rank reports it now
             saver.report_ready()
         if should_save(state.step, config) or stop:
             saver.save(last_metrics, final=bool(stop) or state.step == t.max_steps)
-            window_t0 = time.perf_counter()  # the save is not training time
+        saving_s = time.perf_counter() - saving_t0
+        window_t0 += saving_s  # checkpoint stalls are not training time
+        clock.checkpoint_s += saving_s
         for saved_step, stall_s in saver.take_completed():
             tracker.log_metrics({"perf/checkpoint_stall_s": stall_s}, saved_step)
         if stop and answer_stop(stop, state.step, stops, tracker):

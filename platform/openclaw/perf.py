@@ -1,0 +1,99 @@
+"""Performance and system metrics of the training loop (worker side; plain torch and psutil).
+
+`StepClock` splits each step's wall-clock time into data (gathering the batch), compute (the engine's
+step, which ends with one device-to-host read, so its time is real on GPUs too) and checkpoint
+stalls, and turns a logging window into `perf/` metrics. `system_metrics` samples the node a worker
+runs on; the loop gathers one sample per node at each log step, as `system/node<i>/...`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+# Peak dense bf16/fp16 tensor FLOP/s, matched in order against torch.cuda.get_device_name().
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+              ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
+
+DATA_WAIT_WARN_FRAC = 0.05
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, when it is a GPU we know; None otherwise (no MFU on CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_FLOPS if key in name), None)
+
+
+class StepClock:
+    """Accumulates the time split of the steps in one logging window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.data_s = self.compute_s = self.checkpoint_s = 0.0
+        self.steps = 0
+
+    def window(self, samples: float, tokens_per_sample: int | None, flops_per_token: float | None,
+               peak: float | None, world: int) -> dict[str, float]:
+        """`perf/` metrics of the window (samples: the global count, summed over workers)."""
+        busy = self.data_s + self.compute_s + self.checkpoint_s
+        steps = max(1, self.steps)
+        out = {"perf/step_data_s": self.data_s / steps, "perf/step_compute_s": self.compute_s / steps,
+               "perf/step_checkpoint_s": self.checkpoint_s / steps,
+               "perf/data_wait_frac": self.data_s / busy if busy else 0.0,
+               "perf/samples_per_s": samples / busy if busy else 0.0}
+        if tokens_per_sample:
+            out["perf/tokens_per_s"] = out["perf/samples_per_s"] * tokens_per_sample
+            if flops_per_token and peak:
+                out["perf/mfu"] = out["perf/tokens_per_s"] * flops_per_token / (peak * world)
+        return out
+
+
+def data_wait_advice(frac: float) -> str | None:
+    """One line when the step waits on data for more than 5% of its time: the cause and the knob."""
+    if frac <= DATA_WAIT_WARN_FRAC:
+        return None
+    return (f"the step waits on data for {frac:.0%} of its time: gathering each micro-batch from host memory is "
+            f"slow next to the compute. Raise `train.micro_batch_size` (fewer, larger gathers), or store the "
+            f"features as one fixed-size tensor column (`data.features`) rather than many scalar columns.")
+
+
+def system_metrics(device: torch.device) -> dict[str, float]:
+    """This node's CPU and memory use, and this worker's GPU memory and utilization where it has one."""
+    import psutil
+    vm = psutil.virtual_memory()
+    out = {"cpu_percent": psutil.cpu_percent(interval=None), "memory_percent": vm.percent,
+           "memory_used_gb": (vm.total - vm.available) / 1e9}
+    if device.type == "cuda":
+        out["gpu_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        out["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        try:
+            out["gpu_utilization_percent"] = float(torch.cuda.utilization(device))
+        except Exception:  # needs pynvml; memory is still reported
+            pass
+    return out
+
+
+def gather_per_node(local: dict[str, float] | None, node_key: Any) -> dict[str, float]:
+    """Collective: one sample per node (from its first rank), as `system/node<i>/<name>` on every rank."""
+    import torch.distributed as dist
+    items = [(node_key, local)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (node_key, local))
+        items = gathered
+    out, nodes = {}, []
+    for key, sample in items:
+        if sample is None or key in nodes:
+            continue
+        nodes.append(key)
+        out.update({f"system/node{len(nodes) - 1}/{k}": v for k, v in sample.items()})
+    return out
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,129 @@
+"""Tracking against a real `mlflow server` process on loopback that goes away mid-run: training does not
+wait for it, and no metric is lost, whether the server comes back or not."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import openclaw
+from conftest import digits_config
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                MlflowClient(self.uri).search_experiments(max_results=1)
+                return
+            except Exception:
+                time.sleep(0.2)
+        raise TimeoutError("mlflow server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its gunicorn/uvicorn workers
+        self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path / "server")
+    srv.root.mkdir()
+    srv.start()
+    yield srv
+    if srv.proc.poll() is None:
+        srv.stop()
+
+
+def _during(history, start_ms, end_ms):
+    return [m.step for m in history if start_ms <= m.timestamp <= end_ms]
+
+
+def test_a_60_s_tracking_outage_neither_stops_training_nor_loses_a_metric(ray_local, digits_dir, tmp_path, server):
+    steps = 16_000
+    cfg = digits_config(digits_dir, tmp_path, server.uri, name="outage", **{
+        "train.max_steps": steps, "train.log_every": 20, "train.eval_every": 0, "checkpoint.every_steps": 400})
+    outage: dict[str, float] = {}
+
+    def take_the_server_away():
+        run_dir = tmp_path / "runs" / "outage"
+        while not any(run_dir.glob("checkpoint_*/manifest.json")):
+            time.sleep(0.05)
+        server.stop()
+        outage["down"] = time.time()
+        time.sleep(60)  # the outage itself, as the issue specifies: not a synchronization
+        server.start()
+        outage["up"] = time.time()
+
+    chaos = threading.Thread(target=take_the_server_away)
+    chaos.start()
+    result = openclaw.train(cfg)
+    chaos.join()
+    assert result.metrics["step"] == steps
+    assert outage["up"] - outage["down"] >= 60
+
+    client = MlflowClient(server.uri)
+    history = client.get_metric_history(result.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(20, steps + 1, 20))  # nothing lost, nothing twice
+    # Training went on at its pace while the server was down (metric timestamps are the workers' clocks).
+    down_ms, up_ms = outage["down"] * 1000, outage["up"] * 1000
+    during = _during(history, down_ms, up_ms)
+    first, last = min(m.timestamp for m in history), max(m.timestamp for m in history)
+    overall_rate = len(history) / (last - first)
+    assert len(during) / (up_ms - down_ms) >= 0.5 * overall_rate, (len(during), len(history))
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_server_that_never_returns_leaves_a_spool_that_uploads_later(ray_local, digits_dir, tmp_path, server,
+                                                                       capsys):
+    steps = 3000
+    cfg = digits_config(digits_dir, tmp_path, server.uri, name="gone", **{
+        "train.max_steps": steps, "train.log_every": 20, "train.eval_every": 0, "checkpoint.every_steps": 200,
+        "tracking.flush_timeout_s": 5})
+    run_dir = tmp_path / "runs" / "gone"
+
+    def take_the_server_away():
+        while not any(run_dir.glob("checkpoint_*/manifest.json")):
+            time.sleep(0.05)
+        server.stop()
+
+    chaos = threading.Thread(target=take_the_server_away)
+    chaos.start()
+    result = openclaw.train(cfg)
+    chaos.join()
+    assert result.metrics["step"] == steps
+    err = capsys.readouterr().err
+    assert f"MLflow at {server.uri} did not answer" in err and "openclaw sync-spool" in err
+    spool = err.split("openclaw sync-spool ")[1].split()[0]
+    assert Path(spool).parent == run_dir
+
+    server.start()
+    r = subprocess.run([sys.executable, "-m", "openclaw.cli", "sync-spool", spool], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "uploaded" in r.stdout, r.stderr
+    steps_logged = sorted(m.step for m in MlflowClient(server.uri).get_metric_history(result.run_id, "train/loss"))
+    assert steps_logged == list(range(20, steps + 1, 20))
