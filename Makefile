@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: help venv install install-test quickstart test test-unit data bench clean
+.PHONY: help venv install install-test quickstart test test-unit data bench mlflow-server clean
 
 help:
 	@echo "make quickstart   create $(VENV), install, prepare digits, train it on a local Ray instance (2 workers)"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-unit    only the tests that need no Ray cluster"
 	@echo "make data         prepare the digits and text datasets under datasets/"
 	@echo "make bench        run the engine-overhead benchmark"
+	@echo "make mlflow-server  an MLflow tracking server for a cluster (MLFLOW_BACKEND, MLFLOW_ARTIFACTS, MLFLOW_HOST, MLFLOW_PORT)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,18 @@ test-unit: install-test
 
 bench: install
 	$(BIN)/python bench/engine_overhead.py
+
+# The tracking server for a cluster: a database backend and an artifact root on shared storage, e.g.
+#   make mlflow-server MLFLOW_BACKEND=postgresql://mlflow:PASS@db-host/mlflow MLFLOW_ARTIFACTS=s3://bucket/mlflow MLFLOW_HOST=0.0.0.0
+# (PostgreSQL needs `pip install psycopg2-binary`, S3 needs boto3 and the AWS_* credentials). Clients and
+# the job use `tracking.uri: http://HOST:PORT`, or MLFLOW_TRACKING_URI.
+MLFLOW_BACKEND   ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+MLFLOW_HOST      ?= 127.0.0.1
+MLFLOW_PORT      ?= 5000
+mlflow-server: install
+	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf runs mlruns mlflow.db datasets .pytest_cache

@@ -22,8 +22,8 @@ BIN = Path(sys.executable).parent
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, *extra: str, env: dict | None = None):
+        self.root, self.extra, self.env = root, list(extra), env
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -33,13 +33,18 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             "--artifacts-destination", str(self.root / "artifacts"), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **(self.env or {})})
+        import urllib.error
+        import urllib.request
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                MlflowClient(self.uri).search_experiments(max_results=1)
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
                 return
+            except urllib.error.HTTPError:
+                return  # it answers (an auth server may refuse an anonymous health check)
             except Exception:
                 time.sleep(0.2)
         raise TimeoutError("mlflow server did not start")
@@ -127,3 +132,29 @@ def test_a_server_that_never_returns_leaves_a_spool_that_uploads_later(ray_local
     assert r.returncode == 0 and "uploaded" in r.stdout, r.stderr
     steps_logged = sorted(m.step for m in MlflowClient(server.uri).get_metric_history(result.run_id, "train/loss"))
     assert steps_logged == list(range(20, steps + 1, 20))
+
+
+def test_a_basic_auth_server_works_with_the_standard_credentials(ray_local, digits_dir, tmp_path, monkeypatch):
+    root = tmp_path / "auth-server"
+    root.mkdir()
+    ini = root / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{root / 'users.db'}\nadmin_username = admin\n"
+                   "admin_password = s3cret-Pass-1234\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    srv = MlflowServer(root, "--app-name", "basic-auth", env={"MLFLOW_AUTH_CONFIG_PATH": str(ini)})
+    srv.start()
+    try:
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        with pytest.raises(Exception, match="401|Unauthorized|credentials"):
+            MlflowClient(srv.uri).search_experiments()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-Pass-1234")
+        cfg = digits_config(digits_dir, tmp_path, srv.uri, name="auth", **{
+            "train.max_steps": 40, "train.log_every": 10, "train.eval_every": 0, "checkpoint.every_steps": 20})
+        result = openclaw.train(cfg)
+        run = MlflowClient(srv.uri).get_run(result.run_id)
+        assert [m.step for m in MlflowClient(srv.uri).get_metric_history(result.run_id, "train/loss")] == [10, 20, 30, 40]
+        assert run.info.status == "FINISHED"
+    finally:
+        srv.stop()

@@ -26,7 +26,7 @@ def _train_workers():
 
 
 def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_path, mlflow_uri):
-    cfg = digits_config(digits_dir, tmp_path, mlflow_uri)
+    cfg = digits_config(digits_dir, tmp_path, mlflow_uri, **{"tracking.register_as": "digits-mlp"})
     t0 = time.monotonic()
     result = openclaw.train(cfg)
     assert time.monotonic() - t0 < 180
@@ -61,6 +61,11 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
     mlflow.set_tracking_uri(mlflow_uri)
     logged_model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     assert torch.equal(logged_model(x[:8]), model(x[:8]))
+    # openclaw.load_model takes a run id or a registry URI as well as a checkpoint
+    for source in (result.run_id, "models:/digits-mlp/1"):
+        assert torch.equal(openclaw.load_model(source, tracking_uri=mlflow_uri)(x[:8]), model(x[:8]))
+    with pytest.raises(openclaw.CheckpointError, match="models:/digits-mlp/7"):
+        openclaw.load_model("models:/digits-mlp/7", tracking_uri=mlflow_uri)
 
 
 def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_and_end_bit_for_bit(ray_local, digits_dir, tmp_path,
@@ -199,3 +204,25 @@ def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_
     assert 0 < metrics["system/node0/memory_percent"] <= 100 and "system/node0/cpu_percent" in metrics
     assert not any(k.startswith("system/node1/") for k in metrics)  # one node: one sample, not one per worker
     assert metrics["perf/checkpoint_stall_s"] > 0
+
+
+def test_scale_lr_policy_trains_a_smaller_world_with_its_own_batch_and_a_scaled_lr(ray_local, digits_dir, tmp_path,
+                                                                                  mlflow_uri):
+    # Elastic (1, 2) workers of 5 CPUs each on an 8-CPU instance: only one fits, so the world is 1 of 2.
+    cfg = digits_config(digits_dir, tmp_path, mlflow_uri, name="scale-lr", **{
+        "scaling.min_workers": 1, "scaling.max_workers": 2, "scaling.resources_per_worker": {"CPU": 5},
+        "elastic.on_resize": "scale_lr", "elastic.lr_rule": "sqrt", "train.max_steps": 40, "train.log_every": 10,
+        "train.eval_every": 0, "checkpoint.every_steps": 20, "train.record_samples": True,
+        "train.schedule.name": "constant", "train.schedule.warmup_steps": 0})
+    result = openclaw.train(cfg)
+    client = MlflowClient(mlflow_uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["train/global_batch_size"] == 32  # 64 at 2 workers: each worker keeps its 32
+    assert metrics["train/lr"] == pytest.approx(3e-3 * 0.5 ** 0.5)
+    batches = committed_batches(tmp_path / "runs" / "scale-lr")
+    assert {b["world"] for b in batches.values()} == {1} and all(len(b["positions"]) == 32 for b in batches.values())
+    seen = [p for b in batches.values() if b["epoch"] == 0 for p in b["positions"]]
+    assert len(seen) == len(set(seen))
+    events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
+    start = next(e for e in events if e["event"] == "start")
+    assert (start["world_size"], start["global_batch_size"], start["lr_factor"]) == (1, 32, pytest.approx(0.5 ** 0.5))

@@ -145,6 +145,8 @@ class TrackingConfig(_Section):
     uri: str | None = None
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder."""
     experiment: str = "openclaw"
+    register_as: str | None = None
+    """Register the final model in the MLflow model registry under this name (a new version per run)."""
     flush_timeout_s: float = Field(120.0, ge=0)
     """At the end of a run, how long to wait for an unreachable tracking server before the queued
     metrics are written to a local spool file (uploaded later with `openclaw sync-spool FILE`)."""

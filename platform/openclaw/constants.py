@@ -6,6 +6,12 @@ import os
 DEFAULT_MLFLOW_DB = "mlflow.db"
 """MLflow's sqlite store, in the working folder, when no tracking URI is configured."""
 
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the sqlite store in the working folder (absolute, so that every process
+    of the job, whatever its working folder, writes to the same store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(DEFAULT_MLFLOW_DB)}"
+
 JOB_FILE = "openclaw_job.json"
 """Written in the run's storage folder: the MLflow run id, so a re-submitted job continues its run."""
 

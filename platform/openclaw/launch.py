@@ -59,11 +59,7 @@ def preflight(config: Config) -> dict[str, Source]:
 
 
 def tracking_uri(config: Config) -> str:
-    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    # Absolute, so that every worker process (whatever its cwd) writes to the same store.
-    return f"sqlite:///{os.path.abspath(constants.DEFAULT_MLFLOW_DB)}"
+    return config.tracking.uri or constants.default_tracking_uri()
 
 
 def storage_path(config: Config) -> str:

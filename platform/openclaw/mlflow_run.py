@@ -87,4 +87,8 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements)
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements,
+                                        registered_model_name=config.tracking.register_as)
+    if config.tracking.register_as:
+        print(f"openclaw: registered the model as models:/{config.tracking.register_as}/"
+              f"{info.registered_model_version}", flush=True)

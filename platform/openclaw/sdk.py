@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from torch import nn
 
 from openclaw import checkpoint as ckpt_io
+from openclaw.constants import default_tracking_uri
 from openclaw.config import Config, load_config
 from openclaw.errors import CheckpointError
 from openclaw.models import build_model
@@ -29,14 +31,37 @@ def model_from_checkpoint_dir(directory: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def load_model(checkpoint: str | os.PathLike) -> nn.Module:
-    """The trained `torch.nn.Module` from a checkpoint folder (or a `TrainResult.checkpoint` path/URI)."""
-    path = str(checkpoint)
+def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None) -> nn.Module:
+    """The trained `torch.nn.Module` from any of:
+
+    - a checkpoint folder or URI (a `TrainResult.checkpoint`), loaded with `weights_only` after its
+      manifest check;
+    - an MLflow run id (its logged `model`), or a `runs:/RUN_ID/model` or `models:/NAME/VERSION` URI,
+      from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).
+    """
+    path = str(source)
+    if path.startswith(("models:/", "runs:/")) or (RUN_ID.fullmatch(path) and not Path(path).exists()):
+        return _from_mlflow(path if ":/" in path else f"runs:/{path}/model", tracking_uri)
     if "://" in path:
         from ray.train import Checkpoint
         with Checkpoint(path).as_directory() as d:
             return model_from_checkpoint_dir(d)
     if not Path(path).is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a folder; pass the `checkpoint` of a TrainResult, or a "
-                              f"checkpoint_* folder under the run's storage path.")
+        raise CheckpointError(f"{path} is neither a checkpoint folder nor an MLflow model; pass the `checkpoint` or "
+                              f"`run_id` of a TrainResult, a checkpoint_* folder, or models:/NAME/VERSION.")
     return model_from_checkpoint_dir(path)
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
+    import mlflow.pytorch
+    where = tracking_uri or default_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(where)
+        model = mlflow.pytorch.load_model(uri, dst_path=None)
+    except Exception as e:
+        raise CheckpointError(f"could not load MLflow model {uri} from {where}: {str(e).splitlines()[0]}. Check the "
+                              f"run id or model name and version, and `tracking_uri`.") from None
+    return model.eval()

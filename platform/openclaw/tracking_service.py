@@ -200,9 +200,13 @@ class TrackingService:
 def start_service(tracking_uri: str, run_id: str, progress, spool_path: str, node_affinity):
     """The driver starts one service per job on its own node (a worker node may die, the driver's may not)."""
     import ray
+
+    from openclaw.constants import forwarded_env
     actor = ray.remote(num_cpus=0, max_restarts=0)(TrackingService)
-    return actor.options(scheduling_strategy=node_affinity, name=None).remote(tracking_uri, run_id, progress,
-                                                                              spool_path)
+    env = forwarded_env()  # MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth), MLFLOW_TRACKING_TOKEN, AWS_*, ...
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    return actor.options(scheduling_strategy=node_affinity, **options).remote(tracking_uri, run_id, progress,
+                                                                             spool_path)
 
 
 def sync_spool(path: str, tracking_uri: str | None = None) -> int:
