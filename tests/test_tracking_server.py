@@ -142,7 +142,8 @@ def test_a_basic_auth_server_works_with_the_standard_credentials(ray_local, digi
                    f"database_uri = sqlite:///{root / 'users.db'}\nadmin_username = admin\n"
                    "admin_password = s3cret-Pass-1234\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    srv = MlflowServer(root, "--app-name", "basic-auth", env={"MLFLOW_AUTH_CONFIG_PATH": str(ini)})
+    srv = MlflowServer(root, "--app-name", "basic-auth",
+                       env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-key"})
     srv.start()
     try:
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)

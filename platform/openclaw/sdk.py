@@ -64,4 +64,4 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
     except Exception as e:
         raise CheckpointError(f"could not load MLflow model {uri} from {where}: {str(e).splitlines()[0]}. Check the "
                               f"run id or model name and version, and `tracking_uri`.") from None
-    return model.eval()
+    return model  # logged in eval mode; MLflow may return an exported program, which has no .eval()
