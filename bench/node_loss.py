@@ -2,8 +2,8 @@
 
 Trains the digits MLP (made wide enough to take a while) with `num_workers=(1, 2)`, kills one worker
 node after the first checkpoint, adds a replacement node once training has resumed on one worker
-(by default with `ray start --address`, as an operator would), and reads the run's events back from
-MLflow. Prints one JSON line:
+(`Cluster.add_node`, or with `--replacement ray-start` a `ray start --address` raylet, as an operator
+would add one), and reads the run's events back from MLflow. Prints one JSON line:
 
     node_loss_recovery_s   node death -> training resumed at world size 1
     regrow_s               replacement node added -> training resumed at world size 2
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work folder (data, runs, mlflow.db)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
-    p.add_argument("--replacement", choices=["ray-start", "cluster"], default="ray-start",
+    p.add_argument("--replacement", choices=["ray-start", "cluster"], default="cluster",
                    help="how the replacement node joins: a `ray start --address` raylet (as an operator would "
                         "add one) or `Cluster.add_node`")
     a = p.parse_args(argv)
