@@ -2,8 +2,8 @@
 
 Trains the digits MLP (made wide enough to take a while) with `num_workers=(1, 2)`, kills one worker
 node after the first checkpoint, adds a replacement node once training has resumed on one worker
-(`Cluster.add_node`, or with `--replacement ray-start` a `ray start --address` raylet, as an operator
-would add one), and reads the run's events back from MLflow. Prints one JSON line:
+(by default a `ray start --address` raylet, as an operator would add one; `--replacement cluster` uses
+`Cluster.add_node`), and reads the run's events back from MLflow. Prints one JSON line:
 
     node_loss_recovery_s   node death -> training resumed at world size 1
     regrow_s               replacement node added -> training resumed at world size 2
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="work folder (data, runs, mlflow.db)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
-    p.add_argument("--replacement", choices=["ray-start", "cluster"], default="cluster",
+    p.add_argument("--replacement", choices=["ray-start", "cluster"], default="ray-start",
                    help="how the replacement node joins: a `ray start --address` raylet (as an operator would "
                         "add one) or `Cluster.add_node`")
     a = p.parse_args(argv)
@@ -158,8 +158,20 @@ def ray_start_node(address: str) -> list:
     subprocess.run([str(Path(sys.executable).parent / "ray"), "start", f"--address={address}",
                     f"--node-ip-address={address.split(':')[0]}", "--num-cpus=1", '--resources={"trainer": 1}',
                     *ports, "--disable-usage-stats"], check=True, capture_output=True, timeout=120,
-                   env={**os.environ, "RAY_AUTH_MODE": "token"})
+                   env={**os.environ, **_cluster_auth()})
     return [p for p in psutil.process_iter() if p.pid not in before]
+
+
+def _cluster_auth() -> dict[str, str]:
+    """The joining raylet must use the cluster's auth mode (and token). `ray.cluster_utils.Cluster` runs
+    without token auth; a raylet started with RAY_AUTH_MODE=token then refuses the GCS's unauthenticated
+    lease requests ("InvalidAuthToken"), and every grow into the new node times out."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    if not is_token_auth_enabled():
+        return {"RAY_AUTH_MODE": "disabled"}
+    from ray._raylet import AuthenticationTokenLoader
+    header = next(iter(AuthenticationTokenLoader.instance().get_token_for_http_header().values()), "")
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": header.removeprefix("Bearer ").strip()}
 
 
 def _children(p) -> list:
