@@ -42,24 +42,34 @@ def head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     probe = subprocess.run([sys.executable, "-c", "import openclaw"], env=env, capture_output=True)
     assert probe.returncode != 0, "the test cannot hide the installed openclaw"
-    dash = _free_port()
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=6",
-                    # fresh ports: agents of an earlier cluster on this machine may still hold the defaults
-                    f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                    f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=120)
+    for attempt in range(2):  # a start on a loaded 2-core machine can fail; retry once on fresh ports
+        dash = _free_port()
+        r = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                            f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                            "--num-cpus=6",
+                            # fresh ports: agents of an earlier cluster on this machine may still hold the defaults
+                            f"--dashboard-agent-listen-port={_free_port()}",
+                            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                            f"--metrics-export-port={_free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            break
+        _kill_cluster(temp_dir)
+    assert r.returncode == 0, f"ray start --head failed twice:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-        for p in procs + [c for p in procs for c in _children(p)]:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _kill_cluster(temp_dir)
+
+
+def _kill_cluster(temp_dir: str) -> None:
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in procs + [c for p in procs for c in _children(p)]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _children(p):
