@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     with tempfile.TemporaryDirectory(prefix="openclaw-stall-") as d:
         work = Path(d)
-        subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(work / "digits")],
-                       check=True, capture_output=True)
+        prepare_digits(work / "digits")
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             sync = run(work, False, a.steps, a.every, a.hidden)

@@ -15,12 +15,13 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import openclaw
     with tempfile.TemporaryDirectory(prefix="openclaw-goodput-") as d:
         work = Path(d)
-        subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(work / "digits")],
-                       check=True, capture_output=True)
+        prepare_digits(work / "digits")
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             clean = timed_run(work, "clean", a.steps, a.ckpt_every, None)

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
+
 ATTEMPTS = ("start", "resume", "restart", "resize")
 """The events.json kinds that mark a worker group starting (see openclaw.tracking_service)."""
 
@@ -56,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                         "add one) or `Cluster.add_node`")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    if not (a.out / "digits" / "stats.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(a.out / "digits")],
-                       check=True, capture_output=True)
+    prepare_digits(a.out / "digits")
 
     import ray
     from ray.cluster_utils import Cluster

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
+
 from node_loss import ATTEMPTS, has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +39,7 @@ def openclaw_side(work: Path) -> dict:
 
     import openclaw
     from mlflow.tracking import MlflowClient
-    subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(work / "digits")],
-                   check=True, capture_output=True)
+    prepare_digits(work / "digits")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
         "name": "recovery", "data.train": str(work / "digits" / "train"), "data.val": str(work / "digits" / "val"),

@@ -37,6 +37,11 @@ class StepClock:
         self.data_s = self.compute_s = self.checkpoint_s = 0.0
         self.steps = 0
 
+    def add_step(self, data_s: float, compute_s: float) -> None:
+        self.data_s += data_s
+        self.compute_s += compute_s
+        self.steps += 1
+
     def window(self, samples: float, tokens_per_sample: int | None, flops_per_token: float | None,
                peak: float | None, world: int) -> dict[str, float]:
         """`perf/` metrics of the window (samples: the global count, summed over workers)."""

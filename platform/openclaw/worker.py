@@ -189,8 +189,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t1 = perf_now()
             seed_step(config.seed, step, rank)
             stats = engine.train_step(step, batches)
-            clock.data_s, clock.compute_s, clock.steps = clock.data_s + t1 - t0, clock.compute_s + perf_now() - t1, \
-                clock.steps + 1
+            clock.add_step(data_s=t1 - t0, compute_s=perf_now() - t1)
             if samples_log:
                 samples_log.write(step, epoch, mine, stats.finite)
             stop, written = stops.finish(vote)
