@@ -54,10 +54,22 @@ def digits_config(digits_dir: Path, tmp_path: Path, mlflow_uri: str, **overrides
     return load_config(REPO / "jobs" / "configs" / "digits.yaml", {**base, **overrides})
 
 
+def ledger_records(path) -> list[dict]:
+    """A `train.record_samples` log's records. The worker appends as it trains (and a SIGKILL can cut
+    its last write short), so only lines that end in a newline are whole."""
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
+
+
+def newest_logged_step(run_dir, pid) -> int:
+    """The newest step worker `pid` has logged in `run_dir`'s sample ledger, or -1."""
+    steps = [rec["step"] for f in (run_dir / "samples").glob(f"rank*-{pid}.jsonl") for rec in ledger_records(f)[-1:]]
+    return max(steps, default=-1)
+
+
 def committed_batches(run_dir) -> dict[int, dict]:
     """From `train.record_samples` logs: each step's global batch as the final model saw it (from the
     newest attempt that ran that step, across restarts and resizes), with its epoch and world size."""
-    lines = [json.loads(line) for f in (run_dir / "samples").glob("*.jsonl") for line in f.read_text().splitlines()]
+    lines = [rec for f in (run_dir / "samples").glob("*.jsonl") for rec in ledger_records(f)]
     newest_attempt: dict[int, tuple[float, str]] = {}
     for rec in lines:
         newest_attempt[rec["step"]] = max(newest_attempt.get(rec["step"], (0.0, "")), (rec["t"], rec["attempt"]))

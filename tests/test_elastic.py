@@ -58,4 +58,7 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
         MlflowClient(u).search_runs([MlflowClient(u).get_experiment_by_name("openclaw").experiment_id],
                                     filter_string=f"attributes.run_name = '{name}'")[0].info.run_id, "train/loss")}
     a, b = curve(elastic_uri, "elastic"), curve(uri, "reference")
-    assert sorted(a) == sorted(b) and all(abs(a[s] - b[s]) <= 1e-3 * abs(b[s]) for s in b)
+    # Each logged loss averages the same steps, across the checkpoint before the grow (off the log grid).
+    assert sorted(a) == sorted(b)
+    worst = max(b, key=lambda s: abs(a[s] - b[s]) / abs(b[s]))
+    assert abs(a[worst] - b[worst]) <= 1e-3 * abs(b[worst]), (worst, a[worst], b[worst])

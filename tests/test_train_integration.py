@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import committed_batches, digits_config
+from conftest import committed_batches, digits_config, newest_logged_step
 from openclaw.tracking_service import ATTEMPT_EVENTS
 
 pytestmark = pytest.mark.integration
@@ -82,12 +82,7 @@ def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_an
     killed: list[tuple[int, int]] = []
 
     def newest_step(pids) -> int:
-        steps = [-1]
-        for pid in pids:
-            for f in (run_dir / "samples").glob(f"rank*-{pid}.jsonl"):
-                lines = f.read_text().splitlines()
-                steps += [json.loads(lines[-1])["step"]] if lines else []
-        return max(steps)
+        return max((newest_logged_step(run_dir, pid) for pid in pids), default=-1)
 
     def kill_at_random_steps():
         deadline = time.monotonic() + 300

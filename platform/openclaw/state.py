@@ -33,6 +33,10 @@ class TrainState:
     """Global steps whose batch was skipped for a non-finite loss (`train.on_nonfinite_loss`)."""
     pending_metrics: list[dict[str, Any]] = field(default_factory=list)
     """Metrics logged since the last publish, with their timestamps; re-published idempotently on resume."""
+    loss_window: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """The training loss summed over the steps since the last logged `train/loss`, and their sample count
+    (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the
+    same steps as an uninterrupted run would."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

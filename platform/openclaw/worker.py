@@ -171,7 +171,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     stops = StopSignals(device, **(_driver_control(loop_config["tracking"]) if rank == 0 else {}))
 
     # ---- the loop
-    window_loss, window_n, window_t0, last_metrics = 0.0, 0, time.perf_counter(), {}
+    window_loss, window_n = carried_loss_window(state, rank)
+    window_t0, last_metrics = time.perf_counter(), {}
     eta_t0, eta_step = window_t0, state.step
     clock, advised = StepClock(), False
     tokens_per_sample = train.x.shape[1] - 1 if config.task == "language_modeling" else None
@@ -195,7 +196,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             stop, written = stops.finish(vote)
             if not stats.finite:  # the grad norm is global after DDP, so every rank decides alike
                 if on_nonfinite(step, stats, config, engine, state, tracker, loop_config["run_dir"], len(train)):
-                    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                    (window_loss, window_n), window_t0 = carried_loss_window(state, rank), time.perf_counter()
                     continue  # rolled back: carry on from the restored step
             else:
                 window_loss += stats.loss_sum
@@ -236,6 +237,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if written:  # rank 0's background checkpoint is on storage: every rank reports it now
             saver.report_ready()
         if should_save(state.step, config) or stop:
+            state.loss_window = _allreduce([window_loss, float(window_n)], device)
             saver.save(last_metrics, final=bool(stop) or state.step == t.max_steps)
         saving_s = time.perf_counter() - saving_t0
         window_t0 += saving_s  # checkpoint stalls are not training time
@@ -272,6 +274,11 @@ def answer_stop(stop: int, step: int, stops: StopSignals, tracker) -> bool:
     tracker.close()
     stops.close()
     raise WorkerPreempted(f"a training worker got SIGTERM; checkpointed at step {step}, resuming from there")
+
+
+def carried_loss_window(state: TrainState, rank: int) -> tuple[float, int]:
+    """(loss sum, samples) of the unlogged steps before the restored step: rank 0 carries all ranks' share."""
+    return (state.loss_window[0], int(state.loss_window[1])) if rank == 0 else (0.0, 0)
 
 
 def resume_from(loaded: dict[str, Any], engine: Engine, state: TrainState, num_samples: int) -> None:
@@ -314,3 +321,4 @@ def start_over(engine: Engine, state: TrainState, config: Config) -> None:
     engine.load_state_dict({"model": fresh.state_dict(),
                             "optimizer": build_optimizer(fresh, config.train.optimizer).state_dict()})
     state.step, state.samples_seen, state.epoch, state.offset, state.pending_metrics = 0, 0, 0, 0, []
+    state.loss_window = [0.0, 0.0]
