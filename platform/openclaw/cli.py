@@ -1,4 +1,5 @@
-"""`openclaw train CONFIG [--set k=v ...] [--address ADDR]`: parse, build, run, report.
+"""`openclaw train CONFIG [--set k=v ...] [--address ADDR]`, `openclaw sweep CONFIG [--resume]` and
+`openclaw sync-spool FILE`: parse, build, run, report.
 
 User mistakes (bad config, missing data) print one paragraph and exit 2; `--debug` adds the traceback.
 """
@@ -22,12 +23,17 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train from a YAML config. Every knob is a config key; override any with --set.",
                        epilog="example: openclaw train jobs/configs/digits.yaml --set train.max_steps=200")
     t.add_argument("config", help="path of the YAML config (see jobs/configs/)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.optimizer.lr=3e-4 (repeatable)")
-    t.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: $RAY_ADDRESS, else a fresh local instance)")
-    t.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars")
-    t.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+    _run_options(t, "train.optimizer.lr=3e-4")
+    w = sub.add_parser("sweep", help="tune hyperparameters: a Ray Tune search over whole training runs",
+                       description="Run the hyperparameter sweep in the config's `sweep:` section. Each trial is "
+                                   "a full training run (elastic, fault tolerant), logged as a child MLflow run "
+                                   "under one parent run that keeps the best trial and a table of all trials.",
+                       epilog="example: openclaw sweep jobs/configs/digits-sweep.yaml --set sweep.num_samples=12")
+    w.add_argument("config", help="path of a YAML config with a `sweep:` section (see jobs/configs/digits-sweep.yaml)")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the sweep of this name after its driver died: finished trials are kept, "
+                        "unfinished ones resume from their checkpoints")
+    _run_options(w, "sweep.max_concurrent=4")
     s = sub.add_parser("sync-spool", help="upload tracking updates a run kept while MLflow was away",
                        description="Upload, in order, the metrics and events a run spooled to a local file "
                                    "because its MLflow server did not answer before the run ended.")
@@ -35,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one the run used)")
     s.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     return p
+
+
+def _run_options(parser: argparse.ArgumentParser, example: str) -> None:
+    """The options of the commands that run on a Ray cluster (train, sweep)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example} (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, else a fresh local instance)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's (and Tune's) own logs and progress bars")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
 
 
 def cmd_sync_spool(args: argparse.Namespace) -> int:
@@ -72,10 +88,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    from openclaw.config import load_config
+    from openclaw.sweep import sweep
+    result = sweep(load_config(args.config, args.overrides), resume=args.resume, address=args.address,
+                   verbose=args.verbose)
+    counts = {o: sum(t["outcome"] == o for t in result.trials) for o in ("finished", "stopped_early", "failed")}
+    print(f"openclaw: sweep done: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
+          f"{counts['failed']} failed")
+    if result.best_trial:
+        print(f"openclaw: best trial {result.best_trial}: {result.best_metric:.4g} with {result.best_params} "
+              f"(MLflow run {result.best_run_id})")
+    print(f"openclaw: MLflow UI: {ui_hint(result.tracking_uri, result.experiment_id, result.parent_run_id)}")
+    return 0 if counts["failed"] < len(result.trials) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sync-spool": cmd_sync_spool}[args.command](args)
+        return {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool}[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()

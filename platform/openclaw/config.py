@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from openclaw.errors import ConfigError
+from openclaw.sweep_config import SweepConfig
 
 BUILTIN_MODELS = ("mlp", "gpt")
 BUILTIN_TASKS = ("classification", "language_modeling")
@@ -142,11 +143,15 @@ class FailureConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    enabled: bool = True
+    """false: no MLflow run (progress lines and checkpoints as usual), e.g. to measure tracking's cost."""
     uri: str | None = None
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder."""
     experiment: str = "openclaw"
     register_as: str | None = None
     """Register the final model in the MLflow model registry under this name (a new version per run)."""
+    parent_run_id: str | None = None
+    """Nest this run under that MLflow run (a sweep sets it on its trials)."""
     flush_timeout_s: float = Field(120.0, ge=0)
     """At the end of a run, how long to wait for an unreachable tracking server before the queued
     metrics are written to a local spool file (uploaded later with `openclaw sync-spool FILE`)."""
@@ -166,6 +171,8 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig | None = None
+    """Hyperparameter search for `openclaw sweep` (see `sweep_config`); `openclaw train` ignores it."""
 
     @field_validator("task")
     @classmethod
@@ -215,7 +222,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     if path is not None:
         raw = _read_yaml(Path(path))
     for key, value in _parse_overrides(overrides).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return validate(raw, source=str(path) if path else "config")
 
 
@@ -262,7 +269,7 @@ def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, 
     return parsed
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -296,6 +303,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part)
         ann = getattr(field, "annotation", None)
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)  # X | None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

@@ -17,7 +17,7 @@ from openclaw.config import Config
 from openclaw.data import Source, check_columns, resolve
 from openclaw.errors import ConfigError, DataError, OpenClawError, RunStopped
 from openclaw.models import build_model, import_path
-from openclaw.mlflow_run import log_final_model, open_run
+from openclaw.mlflow_run import log_final_model, open_run, record_finished
 from openclaw.progress import format_progress
 from openclaw.tracking_service import start_service
 
@@ -69,7 +69,7 @@ def storage_path(config: Config) -> str:
 
 # ---- Ray ------------------------------------------------------------------------------------------
 
-def connect_ray(address: str | None, verbose: bool, config: Config | None = None) -> None:
+def connect_ray(address: str | None, verbose: bool, config: Config | None = None, min_cpus: int = 0) -> None:
     """Join `address` (or $RAY_ADDRESS), or start a fresh local instance.
 
     A local instance gets at least two logical CPUs beyond what the workers reserve: Ray Data's read
@@ -86,7 +86,7 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
     if address:
         ray.init(address=address, **kwargs)
     else:
-        need = 0
+        need = min_cpus
         if config is not None:
             need = int(config.scaling.max_workers * config.scaling.resources_per_worker.get("CPU", 1)) + 2
         ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
@@ -105,7 +105,7 @@ def _runtime_env() -> dict[str, Any] | None:
 
 
 def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[str, Any], storage: str,
-                  verbose: bool):
+                  verbose: bool, callbacks: list | None = None, datasets: dict[str, Any] | None = None):
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -114,7 +114,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
     from openclaw.worker import train_loop
 
     constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
-    datasets = read_datasets(sources, verbose)
+    datasets = datasets or read_datasets(sources, verbose)
     s = config.scaling
     use_gpu = _use_gpu(s.use_gpu)
     num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
@@ -130,7 +130,7 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
-            callbacks=_controller_callbacks(config, loop_config["progress"]),
+            callbacks=_controller_callbacks(config, loop_config["progress"]) + list(callbacks or []),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
@@ -201,21 +201,26 @@ class _ProgressPrinter(threading.Thread):
 
 # ---- the whole job ---------------------------------------------------------------------------------
 
-def train(config: Config, *, address: str | None = None, verbose: bool = False) -> TrainResult:
-    """Run one training job to the end and return its run id, final checkpoint and metrics."""
+def train(config: Config, *, address: str | None = None, verbose: bool = False,
+          callbacks: list | None = None, datasets: dict[str, Any] | None = None) -> TrainResult:
+    """Run one training job to the end and return its run id, final checkpoint and metrics.
+
+    A sweep's trial passes `callbacks` (more Ray Train controller callbacks: Tune's report callback)
+    and `datasets` (the sweep's data, read once into the object store by its driver)."""
     from ray.util.queue import Queue
 
     sources = preflight(config)
     uri, storage = tracking_uri(config), storage_path(config)
-    run_id, exp_id, resumed = open_run(config, uri, storage)
-    print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; MLflow run {run_id} ({uri})",
-          flush=True)
+    tracked = config.tracking.enabled
+    run_id, exp_id, resumed = open_run(config, uri, storage) if tracked else ("", "", False)
+    print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; " +
+          (f"MLflow run {run_id} ({uri})" if tracked else "tracking off (`tracking.enabled: false`)"), flush=True)
     connect_ray(address, verbose, config)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": _on_this_node()})
     printer = _ProgressPrinter(progress)
     printer.start()
     run_dir = f"{storage.rstrip('/')}/{config.name}"
-    tracking = start_service(uri, run_id, progress, _spool_path(run_dir, run_id), _on_this_node())
+    tracking = start_service(uri, run_id, progress, _spool_path(run_dir, run_id), _on_this_node(), config.name)
     watcher = None
     if config.scaling.min_workers < config.scaling.max_workers:
         from openclaw.node_watch import NodeWatcher, pin_coordinator
@@ -230,11 +235,12 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     client = MlflowClient(uri)
     try:
         with _graceful_sigterm(tracking):
-            result = build_trainer(config, sources, loop_config, storage, verbose).fit()
+            result = build_trainer(config, sources, loop_config, storage, verbose, callbacks, datasets).fit()
     except BaseException as e:
         _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
         with contextlib.suppress(Exception):  # the server may be away too; the error below matters more
-            client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if tracked and client.get_run(run_id).info.status == "RUNNING":  # a sweep may have marked it already
+                client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise _unwrap(e) from None
     finally:
         if watcher:
@@ -248,10 +254,12 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
             client.set_terminated(run_id, status="KILLED")
         raise RunStopped(f"stopped at step {stopped_at} of {config.train.max_steps} on request; checkpoint "
                          f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.")
+    record_finished(config, storage, stopped_at, checkpoint, dict(result.metrics or {}))
     try:
-        if checkpoint:
+        if checkpoint and tracked:
             log_final_model(config, run_id, result.checkpoint, sources)
-        client.set_terminated(run_id, status="FINISHED")
+        if tracked:
+            client.set_terminated(run_id, status="FINISHED")
     except Exception as e:  # the server is away: training is done and its checkpoint is safe
         print(f"openclaw: could not log the final model or close MLflow run {run_id} at {uri} ({e}); the "
               f"trained model is in {checkpoint}.", file=sys.stderr, flush=True)

@@ -30,7 +30,10 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
                 return run.info.run_id, run.info.experiment_id, True
         except Exception:
             pass
-    run = client.create_run(exp_id, run_name=config.name, tags={"openclaw.name": config.name})
+    tags = {"openclaw.name": config.name}
+    if config.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = config.tracking.parent_run_id
+    run = client.create_run(exp_id, run_name=config.name, tags=tags)
     run_id = run.info.run_id
     params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
     for i in range(0, len(params), 100):
@@ -38,6 +41,19 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
     client.log_dict(run_id, redacted(config.resolved()), "config.yaml")  # secret-looking values never logged
     _write_job_file(storage, config.name, {"mlflow_run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri})
     return run_id, exp_id, False
+
+
+def record_finished(config: Config, storage: str, step: int, checkpoint: str | None, metrics: dict[str, Any]) -> None:
+    """Note in the job file that the run reached its last step (a sweep's rerun trial then only reports it)."""
+    job = _read_job_file(storage, config.name)
+    job["finished"] = {"step": step, "checkpoint": checkpoint,
+                       "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    _write_job_file(storage, config.name, job)
+
+
+def finished_run(config: Config, storage: str) -> dict[str, Any] | None:
+    """What `record_finished` noted for this job name, or None if it has not finished."""
+    return _read_job_file(storage, config.name).get("finished")
 
 
 def _flat(config: Config) -> dict[str, Any]:

@@ -23,6 +23,16 @@ def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = N
     return _train(config, address=address, verbose=verbose)
 
 
+def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, resume: bool = False,
+          address: str | None = None, verbose: bool = False):
+    """Run the config's `sweep:` (or continue it, with `resume`). Returns a `SweepResult`: the parent run
+    id, the best trial (its run, metric and params) and every trial's outcome."""
+    from openclaw.sweep import sweep as _sweep
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    return _sweep(config, resume=resume, address=address, verbose=verbose)
+
+
 def model_from_checkpoint_dir(directory: str | os.PathLike) -> nn.Module:
     parts = ckpt_io.load(directory)
     cfg = Config.model_validate(parts["config"])

@@ -38,6 +38,24 @@ class NullTracker:
     def close(self) -> None: ...
 
 
+class ProgressOnlyTracker(NullTracker):
+    """Rank 0's tracker with `tracking.enabled: false`: progress lines on the console, nothing to MLflow."""
+
+    def __init__(self, progress_queue=None):
+        self.queue = progress_queue
+
+    def progress(self, line: dict[str, Any]) -> None:
+        if self.queue is not None:
+            put_nowait(self.queue, line)
+
+
+def make_tracker(rank: int, enabled: bool, service, progress_queue=None) -> NullTracker:
+    """Rank 0 tracks (or, with tracking off, only prints progress); every other rank gets a null tracker."""
+    if rank != 0:
+        return NullTracker()
+    return Tracker(service, progress_queue) if enabled else ProgressOnlyTracker(progress_queue)
+
+
 class Tracker(NullTracker):
     def __init__(self, service, progress_queue=None):
         self.service, self.queue = service, progress_queue
@@ -77,9 +95,8 @@ class Tracker(NullTracker):
         self.service.submit.remote("attempt", fields, time.time())
 
     def progress(self, line: dict[str, Any]) -> None:
-        if self.queue is None:
-            return
-        put_nowait(self.queue, line)
+        if self.queue is not None:
+            put_nowait(self.queue, line)
 
     def close(self) -> None:
         self.publish()

@@ -18,6 +18,7 @@ import logging
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any
 
 log = logging.getLogger("openclaw")
@@ -197,7 +198,7 @@ class TrackingService:
                 self._cv.notify_all()
 
 
-def start_service(tracking_uri: str, run_id: str, progress, spool_path: str, node_affinity):
+def start_service(tracking_uri: str, run_id: str, progress, spool_path: str, node_affinity, job_name: str):
     """The driver starts one service per job on its own node (a worker node may die, the driver's may not)."""
     import ray
 
@@ -205,8 +206,15 @@ def start_service(tracking_uri: str, run_id: str, progress, spool_path: str, nod
     actor = ray.remote(num_cpus=0, max_restarts=0)(TrackingService)
     env = forwarded_env()  # MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth), MLFLOW_TRACKING_TOKEN, AWS_*, ...
     options = {"runtime_env": {"env_vars": env}} if env else {}
-    return actor.options(scheduling_strategy=node_affinity, **options).remote(tracking_uri, run_id, progress,
-                                                                             spool_path)
+    name = f"{service_name_prefix(job_name)}{uuid.uuid4().hex[:8]}"  # unique: a resumed job may reuse its name
+    return actor.options(name=name, scheduling_strategy=node_affinity, **options).remote(
+        tracking_uri, run_id, progress, spool_path)
+
+
+def service_name_prefix(job_name: str) -> str:
+    """How the service's actor name starts, in the job's namespace: a sweep's driver finds a trial's
+    service by it, to flush it before the scheduler stops the trial."""
+    return f"openclaw-tracking-{job_name}-"
 
 
 def sync_spool(path: str, tracking_uri: str | None = None) -> int:

@@ -26,7 +26,7 @@ from openclaw.saver import Saver, restore
 from openclaw.sampler import Sampler, batch_plan
 from openclaw.state import TrainState
 from openclaw.tasks import Batch, build_task
-from openclaw.tracking import NullTracker, Tracker
+from openclaw.tracking import make_tracker
 
 log = logging.getLogger("openclaw")
 
@@ -135,7 +135,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.set_num_threads(config.train.threads_per_worker or max(1, int(config.scaling.resources_per_worker.get("CPU", 1))))
     device = ray.train.torch.get_device()
-    tracker = Tracker(loop_config["tracking"], loop_config.get("progress")) if rank == 0 else NullTracker()
+    tracked = config.tracking.enabled
+    tracker = make_tracker(rank, tracked, loop_config["tracking"], loop_config.get("progress"))
     t, micro = config.train, config.train.micro_batch_size
     plan = batch_plan(config.elastic.on_resize, config.elastic.lr_rule, t.global_batch_size, micro,
                       config.scaling.max_workers, world)
@@ -174,6 +175,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window_loss, window_n = carried_loss_window(state, rank)
     window_t0, last_metrics = time.perf_counter(), {}
     eta_t0, eta_step = window_t0, state.step
+    loop_t0, first_step = window_t0, state.step
     clock, advised = StepClock(), False
     tokens_per_sample = train.x.shape[1] - 1 if config.task == "language_modeling" else None
     flops_per_token = getattr(engine._unwrapped(), "flops_per_token", lambda: None)()
@@ -216,8 +218,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
                             "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps)}
             perf = clock.window(n, tokens_per_sample, flops_per_token, peak, world)
-            system = gather_per_node(system_metrics(device) if ctx.get_local_rank() == 0 else None, node_rank)
-            tracker.log_metrics({**last_metrics, **perf, **system}, state.step)
+            if tracked:  # a collective: every rank agrees, as they share the config
+                system = gather_per_node(system_metrics(device) if ctx.get_local_rank() == 0 else None, node_rank)
+                tracker.log_metrics({**last_metrics, **perf, **system}, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
                               "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * wall_step_s})
             advice = None if advised else data_wait_advice(perf["perf/data_wait_frac"])
@@ -236,6 +239,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         saving_t0 = time.perf_counter()
         if written:  # rank 0's background checkpoint is on storage: every rank reports it now
             saver.report_ready()
+        if state.step == t.max_steps:  # this attempt's wall time per step, all included: in the final report
+            last_metrics["perf/wall_step_s"] = (time.perf_counter() - loop_t0) / max(1, state.step - first_step)
         if should_save(state.step, config) or stop:
             state.loss_window = _allreduce([window_loss, float(window_n)], device)
             saver.save(last_metrics, final=bool(stop) or state.step == t.max_steps)

@@ -1,0 +1,118 @@
+"""Sweeps on a real local Ray instance with Ray Tune: trials are whole openclaw runs, nested under one
+MLflow parent run; ASHA stops laggards; a sweep whose driver was killed resumes without rerunning the
+trials that had finished."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import openclaw
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+SWEEP = REPO / "jobs" / "configs" / "digits-sweep.yaml"
+
+
+def sweep_overrides(digits_dir, tmp_path, uri, **more) -> dict:
+    return {"data.train": str(digits_dir / "train"), "data.val": str(digits_dir / "val"),
+            "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": uri, **more}
+
+
+def children(client: MlflowClient, parent) -> list:
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def history(client, run_id, key) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with_the_best(
+        ray_local, digits_dir, tmp_path, mlflow_uri):
+    # A grid of a hopeless and a good learning rate, each with 3 warmups (Tune's grid varies the first key
+    # in sorted order fastest, so they alternate): ASHA must cut the hopeless ones once it has seen a
+    # good one at the same step.
+    cfg = openclaw.load_config(SWEEP, sweep_overrides(digits_dir, tmp_path, mlflow_uri, **{
+        "train.max_steps": 200, "sweep.search": "grid", "sweep.num_samples": 1, "sweep.max_concurrent": 2,
+        "sweep.asha.grace_period_steps": 50, "sweep.space": {"train.optimizer.lr": {"choice": [1e-5, 3e-3]},
+                                                             "train.schedule.warmup_steps": {"choice": [5, 10, 20]}}}))
+    result = openclaw.sweep(cfg)
+
+    client = MlflowClient(mlflow_uri)
+    kids = children(client, result.parent_run_id)
+    assert len(kids) == 6 == len(result.trials)
+    by_outcome = {o: [k for k in kids if k.data.tags.get("openclaw.outcome", "finished") == o]
+                  for o in ("finished", "stopped_early")}
+    assert len(by_outcome["finished"]) + len(by_outcome["stopped_early"]) == 6
+    assert len(by_outcome["stopped_early"]) >= 2, [t["outcome"] for t in result.trials]
+    for k in by_outcome["stopped_early"]:  # recorded as stopped early, not failed, with every metric flushed
+        assert k.info.status == "KILLED" and "Stopped early by the sweep's ASHA" in k.data.tags["mlflow.note.content"]
+        assert float(k.data.params["train.optimizer.lr"]) == 1e-5
+        row = next(t for t in result.trials if t["trial"] and k.data.tags["openclaw.name"].endswith(t["trial"]))
+        steps = [s for s, _ in history(client, k.info.run_id, "val/loss")]  # (it may train on while Tune stops it)
+        assert steps == list(range(50, steps[-1] + 1, 50)) and row["step"] <= steps[-1] < 200
+    for k in by_outcome["finished"]:
+        assert k.info.status == "FINISHED" and [s for s, _ in history(client, k.info.run_id, "val/loss")][-1] == 200
+
+    # At most 2 trials ran at once: no child run started while two others were open.
+    spans = sorted((k.info.start_time, k.info.end_time) for k in kids)
+    assert all(sum(s <= start < e for s, e in spans) <= 2 for start, _ in spans)
+
+    # The parent: the best trial's run, metric and params, and a table of every trial.
+    parent = client.get_run(result.parent_run_id)
+    finals = {k.info.run_id: k.data.metrics["val/loss"] for k in by_outcome["finished"]}
+    assert parent.data.tags["best.run_id"] == min(finals, key=finals.get) == result.best_run_id
+    assert parent.data.metrics["best/val/loss"] == pytest.approx(min(finals.values()))
+    best_params = json.loads(parent.data.tags["best.params"])
+    assert best_params["train.optimizer.lr"] == 3e-3 and len(set(finals.values())) == len(finals)  # warmups differ
+    assert best_params["train.schedule.warmup_steps"] == int(
+        client.get_run(result.best_run_id).data.params["train.schedule.warmup_steps"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["openclaw.kind"] == "sweep"
+    table = json.load(open(client.download_artifacts(result.parent_run_id, "trials.json", str(tmp_path))))
+    assert len(table["data"]) == 6 and "outcome" in table["columns"]
+    best_cfg = openclaw.load_config(client.download_artifacts(result.parent_run_id, "best_config.yaml", str(tmp_path)))
+    assert best_cfg.train.optimizer.lr == 3e-3 and best_cfg.sweep is None
+
+
+def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "openclaw.cli", "sweep", str(SWEEP)] + [
+        f"--set={k}={v}" for k, v in sweep_overrides(digits_dir, tmp_path, uri, **{
+            "train.max_steps": 100, "sweep.num_samples": 3, "sweep.max_concurrent": 1,
+            "sweep.scheduler": "none"}).items()]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The first driver (with its own local Ray instance) is killed, all of it, once a trial has finished.
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
+                             start_new_session=True)
+    finished = None
+    for line in first.stdout:
+        m = re.search(r"trial (\S+) finished at step 100", line)
+        if m:
+            finished = m.group(1)
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+    first.wait(timeout=60)
+    assert finished, "no trial finished before the first driver ended"
+
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id],
+                                filter_string="tags.`openclaw.kind` = 'sweep'")[0].info.run_id
+    done = next(k for k in children(client, parent) if k.data.tags["openclaw.name"].endswith(finished))
+    before = (done.info.end_time, history(client, done.info.run_id, "train/loss"))
+
+    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "sweep done: 3 finished, 0 stopped early, 0 failed" in second.stdout
+
+    kids = children(client, parent)
+    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)  # no trial ran as a second child run
+    again = client.get_run(done.info.run_id)
+    assert (again.info.end_time, history(client, done.info.run_id, "train/loss")) == before
+    events = json.load(open(client.download_artifacts(done.info.run_id, "events.json", str(tmp_path))))
+    assert [e["event"] for e in events if e["event"] in ("start", "resume", "restart", "resize")] == ["start"]
+    assert client.get_run(parent).info.status == "FINISHED"

@@ -1,0 +1,83 @@
+"""The `sweep:` section and the checks `openclaw sweep` makes before anything starts (no Ray, no MLflow)."""
+from pathlib import Path
+
+import pytest
+
+from openclaw.config import load_config
+from openclaw.errors import ConfigError
+from openclaw.sweep import check_sweep
+from openclaw.sweep_config import grid_size
+from openclaw.sweep_trial import trial_config
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "jobs" / "configs" / "digits-sweep.yaml"
+
+
+def test_shipped_sweep_config_passes_every_check():
+    cfg = load_config(SWEEP)
+    s = check_sweep(cfg)
+    assert s.num_samples >= 6 and s.scheduler == "asha" and s.space["train.optimizer.lr"].kind == "loguniform"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"uniform": [1, 0]}, r"low < high"),
+    ({"loguniform": [0, 1]}, r"low bound > 0"),
+    ({"choice": []}, r"at least one value"),
+    ({"choice": [1], "uniform": [0, 1]}, r"exactly one of choice, uniform, loguniform, randint"),
+    ({"normal": [0, 1]}, r"unknown key `sweep.space.train.optimizer.lr.normal`"),
+])
+def test_bad_distribution_names_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(SWEEP, {"sweep.space": {"train.optimizer.lr": spec}})
+    assert "sweep.space.train.optimizer.lr" in str(e.value)
+
+
+def test_tuned_key_must_exist_and_accept_its_values():
+    with pytest.raises(ConfigError, match=r"`sweep.space.train.optimiser.lr` gives 0.1.*unknown key `train.optimiser`"):
+        check_sweep(load_config(SWEEP, {"sweep.space": {"train.optimiser.lr": {"choice": [0.1]}}}))
+    with pytest.raises(ConfigError, match=r"`sweep.space.train.max_steps` gives 0.*greater than 0"):
+        check_sweep(load_config(SWEEP, {"sweep.space": {"train.max_steps": {"choice": [0, 10]}}}))
+    with pytest.raises(ConfigError, match=r"cannot tune checkpoint.storage"):
+        load_config(SWEEP, {"sweep.space": {"checkpoint.storage": {"choice": ["a", "b"]}}})
+
+
+def test_metric_must_be_reported_with_every_checkpoint():
+    with pytest.raises(ConfigError, match=r"set `train.eval_every` to a divisor of `checkpoint.every_steps` \(50\)"):
+        check_sweep(load_config(SWEEP, ["train.eval_every=30"]))
+    with pytest.raises(ConfigError, match=r"`data.val` is not set"):
+        check_sweep(load_config(SWEEP, ["data.val=null"]))
+    with pytest.raises(ConfigError, match=r"must be a `train/...` or `val/...` metric"):
+        check_sweep(load_config(SWEEP, ["sweep.metric=accuracy"]))
+    check_sweep(load_config(SWEEP, ["sweep.metric=train/loss", "data.val=null"]))
+
+
+def test_asha_grace_period_must_leave_room_to_stop():
+    with pytest.raises(ConfigError, match=r"grace_period_steps` \(300\) must be below `train.max_steps` \(300\)"):
+        check_sweep(load_config(SWEEP, ["sweep.asha.grace_period_steps=300"]))
+    with pytest.raises(ConfigError, match=r"multiple of `checkpoint.every_steps` \(50\)"):
+        check_sweep(load_config(SWEEP, ["sweep.asha.grace_period_steps=75"]))
+
+
+def test_grid_search_takes_choices_only_and_counts_combinations():
+    with pytest.raises(ConfigError, match=r"train.optimizer.lr is not a choice"):
+        load_config(SWEEP, ["sweep.search=grid"])
+    cfg = load_config(SWEEP, {"sweep.search": "grid", "sweep.num_samples": 2,
+                              "sweep.space": {"train.optimizer.lr": {"choice": [1e-3, 1e-2]},
+                                              "model.kwargs.hidden": {"choice": [32, 64, 128]}}})
+    assert grid_size(cfg.sweep) == 2 * 2 * 3
+
+
+def test_no_sweep_section_says_what_to_add():
+    with pytest.raises(ConfigError, match=r"has no `sweep:` section"):
+        check_sweep(load_config(REPO / "jobs" / "configs" / "digits.yaml"))
+
+
+def test_trial_config_sets_the_sampled_keys_and_its_own_name_storage_and_parent():
+    base = load_config(SWEEP).resolved()
+    cfg = trial_config(base, {"train.optimizer.lr": 0.01, "model.kwargs.hidden": 32}, sweep_name="s",
+                       trial_id="abc_00001", storage="/data/runs", tracking_uri="http://127.0.0.1:5000",
+                       parent_run_id="p" * 32)
+    assert cfg.train.optimizer.lr == 0.01 and cfg.model.kwargs["hidden"] == 32 and cfg.model.kwargs["depth"] == 2
+    assert cfg.name == "s-abc_00001" and cfg.checkpoint.storage == "/data/runs/s/trials" and cfg.sweep is None
+    assert cfg.tracking.parent_run_id == "p" * 32 and cfg.tracking.uri == "http://127.0.0.1:5000"
+    assert base["train"]["optimizer"]["lr"] == 3e-3  # the base is untouched
