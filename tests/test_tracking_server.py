@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
@@ -132,6 +133,11 @@ def test_a_server_that_never_returns_leaves_a_spool_that_uploads_later(ray_local
     assert r.returncode == 0 and "uploaded" in r.stdout, r.stderr
     steps_logged = sorted(m.step for m in MlflowClient(server.uri).get_metric_history(result.run_id, "train/loss"))
     assert steps_logged == list(range(20, steps + 1, 20))
+    # The run did not wait at its end for the server; sync-spool logged its model and closed it.
+    assert "also logs it to MLflow and closes the run" in err
+    assert MlflowClient(server.uri).get_run(result.run_id).info.status == "FINISHED"
+    reloaded, trained = openclaw.load_model(result.run_id, tracking_uri=server.uri), openclaw.load_model(result.checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), trained.state_dict().values()))
 
 
 def test_a_basic_auth_server_works_with_the_standard_credentials(ray_local, digits_dir, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from openclaw.errors import ConfigError, DataError, OpenClawError, RunStopped
 from openclaw.models import build_model, import_path
 from openclaw.mlflow_run import log_final_model, open_run, record_finished
 from openclaw.progress import format_progress
-from openclaw.tracking_service import start_service
+from openclaw.tracking_service import append_to_spool, start_service
 
 log = logging.getLogger("openclaw")
 
@@ -237,24 +237,35 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
         with _graceful_sigterm(tracking):
             result = build_trainer(config, sources, loop_config, storage, verbose, callbacks, datasets).fit()
     except BaseException as e:
-        _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
-        with contextlib.suppress(Exception):  # the server may be away too; the error below matters more
-            if tracked and client.get_run(run_id).info.status == "RUNNING":  # a sweep may have marked it already
-                client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        spool = _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
+        if spool:  # the server is away: `sync-spool` closes the run
+            append_to_spool(spool, "end", status)
+        with contextlib.suppress(Exception):  # the error below matters more
+            if tracked and not spool and client.get_run(run_id).info.status == "RUNNING":  # a sweep may have marked it
+                client.set_terminated(run_id, status=status)
         raise _unwrap(e) from None
     finally:
         if watcher:
             watcher.stop()
         printer.stop()
-    _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
+    spool = _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     stopped_at = (result.metrics or {}).get("step", config.train.max_steps)
     if stopped_at < config.train.max_steps:  # the workers checkpointed and returned on a stop request
+        if spool:
+            append_to_spool(spool, "end", "KILLED")
         with contextlib.suppress(Exception):
-            client.set_terminated(run_id, status="KILLED")
+            if tracked and not spool:
+                client.set_terminated(run_id, status="KILLED")
         raise RunStopped(f"stopped at step {stopped_at} of {config.train.max_steps} on request; checkpoint "
                          f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.")
     record_finished(config, storage, stopped_at, checkpoint, dict(result.metrics or {}))
+    if spool:  # the server is away: `sync-spool` logs the model and closes the run, instead of waiting here
+        append_to_spool(spool, "finish", config.resolved(), checkpoint)
+        print(f"openclaw: the final model is in {checkpoint}; `openclaw sync-spool {spool}` also logs it to "
+              f"MLflow and closes the run.", file=sys.stderr, flush=True)
+        return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
     try:
         if checkpoint and tracked:
             log_final_model(config, run_id, result.checkpoint, sources)
@@ -309,18 +320,21 @@ def _spool_path(run_dir: str, run_id: str) -> str:
     return os.path.join(folder, f"tracking-spool-{run_id}.jsonl")
 
 
-def _flush_tracking(tracking, uri: str, timeout_s: float) -> None:
-    """Wait for the tracking service to deliver everything; if the server stays away, say where it is kept."""
+def _flush_tracking(tracking, uri: str, timeout_s: float) -> str | None:
+    """Wait for the tracking service to deliver everything. If the server stays away, say where it is
+    kept and return that spool file's path."""
     import ray
     try:
         outcome = ray.get(tracking.flush.remote(timeout_s))
     except Exception as e:  # the service is gone with its queue: nothing more can be done here
         log.warning("the tracking service failed: %s", e)
-        return
-    if not outcome["delivered"]:
-        print(f"openclaw: MLflow at {uri} did not answer; {outcome['ops']} tracking update(s) are kept in "
-              f"{outcome['spool']}. Upload them when it is back: openclaw sync-spool {outcome['spool']}",
-              file=sys.stderr, flush=True)
+        return None
+    if outcome["delivered"]:
+        return None
+    print(f"openclaw: MLflow at {uri} did not answer; {outcome['ops']} tracking update(s) are kept in "
+          f"{outcome['spool']}. Upload them when it is back: openclaw sync-spool {outcome['spool']}",
+          file=sys.stderr, flush=True)
+    return outcome["spool"]
 
 
 def _on_this_node():

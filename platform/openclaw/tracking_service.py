@@ -84,6 +84,23 @@ class MlflowWriter:
         self._say(f"{cause} at step {fields['resumed_from_step']}/{fields['max_steps']} with {world} worker(s), "
                   f"accumulation {fields['accumulation']}")
 
+    # ---- the end of a run whose server was away (written to the spool by the driver) ----------------
+
+    def _op_end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def _op_finish(self, config: dict[str, Any], checkpoint: str | None) -> None:
+        """Log the final model (as the run would have) and close the run."""
+        if checkpoint:
+            from ray.train import Checkpoint
+
+            from openclaw.config import Config
+            from openclaw.launch import preflight
+            from openclaw.mlflow_run import log_final_model
+            cfg = Config.model_validate(config)
+            log_final_model(cfg, self.run_id, Checkpoint(checkpoint), preflight(cfg))
+        self._op_end("FINISHED")
+
     def events(self) -> list[dict[str, Any]]:
         if self._events is None:  # errors (server away) propagate: the op is retried, nothing overwritten
             if "events.json" not in {a.path for a in self.client.list_artifacts(self.run_id)}:
@@ -155,12 +172,10 @@ class TrackingService:
             return {"delivered": True, "outages": self.outages}
         path = self.spool_path or f"openclaw-spool-{self.run_id}.jsonl"
         import os
-        new = not os.path.exists(path)
-        with open(path, "a") as f:
-            if new:
-                f.write(json.dumps({"op": "run", "args": [self.uri, self.run_id]}) + "\n")
-            for op, args in left:
-                f.write(json.dumps({"op": op, "args": list(args)}) + "\n")
+        if not os.path.exists(path):
+            append_to_spool(path, "run", self.uri, self.run_id)
+        for op, args in left:
+            append_to_spool(path, op, *args)
         return {"delivered": False, "spool": path, "ops": len(left), "outages": self.outages}
 
     def _run(self) -> None:
@@ -215,6 +230,12 @@ def service_name_prefix(job_name: str) -> str:
     """How the service's actor name starts, in the job's namespace: a sweep's driver finds a trial's
     service by it, to flush it before the scheduler stops the trial."""
     return f"openclaw-tracking-{job_name}-"
+
+
+def append_to_spool(path: str, op: str, *args: Any) -> None:
+    """One op, as a JSON line, at the end of a spool file (`sync_spool` applies them in order)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"op": op, "args": list(args)}) + "\n")
 
 
 def sync_spool(path: str, tracking_uri: str | None = None) -> int:
