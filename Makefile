@@ -26,8 +26,11 @@ install: venv
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
 	$(BIN)/python -m pip install -q -e .
 
+# The MLflow UI test drives Debian's chromium headless (no browser download from outside the registries).
 install-test: install
 	$(BIN)/python -m pip install -q -e ".[test]"
+	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 
 datasets/digits/stats.json: data/prepare.py | venv
 	$(BIN)/python data/prepare.py digits --out datasets/digits

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+BIN = Path(sys.executable).parent
 
 
 def prepare(name: str, out: Path, *args: str) -> Path:
@@ -84,3 +88,38 @@ def committed_batches(run_dir) -> dict[int, dict]:
         entry["positions"] += rec["positions"]
     assert all(len({r for (s, r) in by_rank if s == step}) == b["world"] for step, b in steps.items())
     return steps
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data."""
+
+    def __init__(self, root: Path, *extra: str, env: dict | None = None):
+        self.root, self.extra, self.env = root, list(extra), env
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **(self.env or {})})
+        import urllib.error
+        import urllib.request
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # it answers (an auth server may refuse an anonymous health check)
+            except Exception:
+                time.sleep(0.2)
+        raise TimeoutError("mlflow server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its gunicorn/uvicorn workers
+        self.proc.wait()

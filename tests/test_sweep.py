@@ -1,18 +1,21 @@
 """Sweeps on a real local Ray instance with Ray Tune: trials are whole openclaw runs, nested under one
 MLflow parent run; ASHA stops laggards; a sweep whose driver was killed resumes without rerunning the
-trials that had finished."""
+trials that had finished. And what people see of them in the MLflow UI, in headless Chromium."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import REPO
+from conftest import REPO, MlflowServer
+from openclaw.cli import ui_hint
 
 pytestmark = pytest.mark.integration
 SWEEP = REPO / "jobs" / "configs" / "digits-sweep.yaml"
@@ -32,8 +35,11 @@ def history(client, run_id, key) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with_the_best(
-        ray_local, digits_dir, tmp_path, mlflow_uri):
+@pytest.fixture(scope="module")
+def asha_sweep(ray_local, digits_dir, tmp_path_factory):
+    """One ASHA sweep for this module's tests: (result, tracking URI, its folder)."""
+    tmp_path = tmp_path_factory.mktemp("asha")
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # A grid of a hopeless and a good learning rate, each with 3 warmups (Tune's grid varies the first key
     # in sorted order fastest, so they alternate): ASHA must cut the hopeless ones once it has seen a
     # good one at the same step.
@@ -41,7 +47,11 @@ def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with
         "train.max_steps": 200, "sweep.search": "grid", "sweep.num_samples": 1, "sweep.max_concurrent": 2,
         "sweep.asha.grace_period_steps": 50, "sweep.space": {"train.optimizer.lr": {"choice": [1e-5, 3e-3]},
                                                              "train.schedule.warmup_steps": {"choice": [5, 10, 20]}}}))
-    result = openclaw.sweep(cfg)
+    return openclaw.sweep(cfg), mlflow_uri, tmp_path
+
+
+def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with_the_best(asha_sweep):
+    result, mlflow_uri, tmp_path = asha_sweep
 
     client = MlflowClient(mlflow_uri)
     kids = children(client, result.parent_run_id)
@@ -73,6 +83,7 @@ def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with
     assert best_params["train.schedule.warmup_steps"] == int(
         client.get_run(result.best_run_id).data.params["train.schedule.warmup_steps"])
     assert parent.info.status == "FINISHED" and parent.data.tags["openclaw.kind"] == "sweep"
+    assert f"Best: trial {parent.data.tags['best.trial']}" in parent.data.tags["mlflow.note.content"]
     table = json.load(open(client.download_artifacts(result.parent_run_id, "trials.json", str(tmp_path))))
     assert len(table["data"]) == 6 and "outcome" in table["columns"]
     best_cfg = openclaw.load_config(client.download_artifacts(result.parent_run_id, "best_config.yaml", str(tmp_path)))
@@ -81,8 +92,11 @@ def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with
 
 def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Data paths relative to the driver's working folder (the trials run in Tune's trial folders).
     cmd = [sys.executable, "-m", "openclaw.cli", "sweep", str(SWEEP)] + [
         f"--set={k}={v}" for k, v in sweep_overrides(digits_dir, tmp_path, uri, **{
+            "data.train": os.path.relpath(digits_dir / "train", tmp_path),
+            "data.val": os.path.relpath(digits_dir / "val", tmp_path),
             "train.max_steps": 100, "sweep.num_samples": 3, "sweep.max_concurrent": 1,
             "sweep.scheduler": "none"}).items()]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -116,3 +130,49 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path):
     events = json.load(open(client.download_artifacts(done.info.run_id, "events.json", str(tmp_path))))
     assert [e["event"] for e in events if e["event"] in ("start", "resume", "restart", "resize")] == ["start"]
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SECTION = re.compile(r'white-space: pre;">([^<]+)</div><div[^>]*>\((\d+)\)')  # a chart section: name (count)
+
+
+def browse(url: str, screenshot: Path, profile: Path) -> str:
+    """What headless Chromium shows at `url` once its scripts have run: the DOM, and a screenshot."""
+    flags = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1100",
+             "--virtual-time-budget=20000", f"--user-data-dir={profile}"]  # a fresh profile: MLflow's defaults
+    subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def test_the_mlflow_ui_opens_the_printed_links_in_the_model_training_view_with_grouped_charts_and_children(
+        asha_sweep, tmp_path):
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: `make install-test` installs it"
+    result, _, root = asha_sweep
+    server = MlflowServer(root)  # the sweep's own store, served by a real `mlflow server`
+    server.start()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        # The link the CLI prints for the sweep's parent run, pointed at this server.
+        link = ui_hint(f"sqlite:///{root / 'mlflow.db'}", result.experiment_id, result.parent_run_id)
+        fragment = link.split("http://127.0.0.1:5000/")[1]
+        parent = browse(f"{server.uri}/{fragment}", shots / "parent.png", tmp_path / "p1")
+        assert "Model registry" in parent and "Evaluation runs" not in parent  # the model-training view ...
+        plain = browse(f"{server.uri}/{fragment.split('?')[0]}", shots / "plain.png", tmp_path / "p2")
+        assert "Evaluation runs" in plain  # ... which MLflow 3.17 opens only with the query openclaw adds
+
+        # The parent lists its 6 children.
+        assert "Child runs" in parent
+        assert all(f"digits-sweep-{t['trial']}" in parent for t in result.trials)
+
+        # A trial's charts, grouped by prefix: train/, val/, perf/ on the model-metrics tab, system/ on its own.
+        run = f"{server.uri}/#/experiments/{result.experiment_id}/runs/{result.best_run_id}"
+        model = dict(SECTION.findall(browse(f"{run}/model-metrics?workflowType=machine_learning",
+                                            shots / "model-metrics.png", tmp_path / "p3")))
+        assert int(model["train"]) >= 5 and int(model["val"]) == 2 and int(model["perf"]) >= 5, model
+        system = dict(SECTION.findall(browse(f"{run}/system-metrics?workflowType=machine_learning",
+                                             shots / "system-metrics.png", tmp_path / "p4")))
+        assert int(system["system/node0"]) >= 3, system
+        print(f"MLflow UI screenshots: {shots}")
+    finally:
+        server.stop()

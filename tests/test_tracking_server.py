@@ -1,8 +1,5 @@
 """Tracking against a real `mlflow server` process on loopback that goes away mid-run: training does not
 wait for it, and no metric is lost, whether the server comes back or not."""
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,45 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import digits_config
+from conftest import MlflowServer, digits_config
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data."""
-
-    def __init__(self, root: Path, *extra: str, env: dict | None = None):
-        self.root, self.extra, self.env = root, list(extra), env
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, **(self.env or {})})
-        import urllib.error
-        import urllib.request
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except urllib.error.HTTPError:
-                return  # it answers (an auth server may refuse an anonymous health check)
-            except Exception:
-                time.sleep(0.2)
-        raise TimeoutError("mlflow server did not start")
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its gunicorn/uvicorn workers
-        self.proc.wait()
 
 
 @pytest.fixture

@@ -211,6 +211,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
 
     sources = preflight(config)
     uri, storage = tracking_uri(config), storage_path(config)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
     tracked = config.tracking.enabled
     run_id, exp_id, resumed = open_run(config, uri, storage) if tracked else ("", "", False)
     print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; " +

@@ -224,6 +224,12 @@ class SweepTracker(_tune_callback_base()):
                 return
             best = (min if self.mode == "min" else max)(done, key=lambda r: r[self.metric])
             client.log_metric(self.parent, f"best/{self.metric}", best[self.metric], step=len(done))
+            counts = {o: sum(r["outcome"] == o for r in rows) for o in (FINISHED, STOPPED_EARLY, FAILED, RUNNING)}
+            client.set_tag(self.parent, "mlflow.note.content", (
+                f"Sweep over {', '.join(trials[0].config)}: {len(rows)} trial(s) so far, {counts[FINISHED]} finished, "
+                f"{counts[STOPPED_EARLY]} stopped early, {counts[FAILED]} failed, {counts[RUNNING]} running. Best: "
+                f"trial {best['trial']} ({self.metric} {_short(best[self.metric])}), run {best['run_id']}; its "
+                f"config is `best_config.yaml`, every trial is in `trials.json`."))
             if best["trial"] != self._best:
                 self._best = best["trial"]
                 params = {k: best[k] for k in trials[0].config}
@@ -257,6 +263,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     from openclaw.mlflow_run import open_run
 
     s = check_sweep(config)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
     sources = preflight(config)  # the data's files and columns, before anything starts
     uri, storage = tracking_uri(config), storage_path(config)
     exp_path = f"{storage.rstrip('/')}/{config.name}"
@@ -282,7 +289,8 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
     constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
     datasets = read_datasets(sources, verbose)  # once, into the object store: every trial reads the same blocks
-    trainable = tune.with_parameters(run_trial, base=config.resolved(), sweep_name=config.name, storage=storage,
+    trainable = tune.with_parameters(run_trial, base=_absolute_data_paths(config.resolved()), sweep_name=config.name,
+                                     storage=storage,
                                      tracking_uri=uri, parent_run_id=parent_id, datasets=datasets)
     if resume:
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -312,6 +320,16 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
         print(f"openclaw: {len(failed)} of {len(trials)} trial(s) failed: {', '.join(str(t['trial']) for t in failed)}",
               file=sys.stderr, flush=True)
     return result
+
+
+def _absolute_data_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Local data paths made absolute from the driver's working folder: trials run in Tune's trial
+    folders (and a trial's log of its config then says where the data was)."""
+    for key in ("train", "val"):
+        path = raw["data"].get(key)
+        if path and "://" not in path:
+            raw["data"][key] = os.path.abspath(os.path.expanduser(path))
+    return raw
 
 
 def _row(result, metric: str, max_steps: int) -> dict[str, Any]:
