@@ -5,7 +5,7 @@ import pytest
 
 from openclaw.config import load_config
 from openclaw.errors import ConfigError
-from openclaw.sweep import check_sweep
+from openclaw.sweep_launch import check_sweep
 from openclaw.sweep_config import grid_size
 from openclaw.sweep_trial import trial_config
 
@@ -81,3 +81,20 @@ def test_trial_config_sets_the_sampled_keys_and_its_own_name_storage_and_parent(
     assert cfg.name == "s-abc_00001" and cfg.checkpoint.storage == "/data/runs/s/trials" and cfg.sweep is None
     assert cfg.tracking.parent_run_id == "p" * 32 and cfg.tracking.uri == "http://127.0.0.1:5000"
     assert base["train"]["optimizer"]["lr"] == 3e-3  # the base is untouched
+
+
+def test_each_search_maps_to_tune():
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from openclaw.sweep_launch import search_alg, tune_space
+    cfg = load_config(SWEEP)
+    space = tune_space(cfg.sweep)
+    assert isinstance(space["train.optimizer.lr"], tune.search.sample.Float)
+    assert space["model.kwargs.hidden"].categories == [32, 128, 256]
+    assert isinstance(search_alg(cfg.sweep), BasicVariantGenerator)
+    assert isinstance(search_alg(load_config(SWEEP, ["sweep.search=optuna"]).sweep), OptunaSearch)
+    grid = tune_space(load_config(SWEEP, {"sweep.search": "grid", "sweep.space": {
+        "model.kwargs.hidden": {"choice": [32, 64]}}}).sweep)
+    assert grid == {"model.kwargs.hidden": {"grid_search": [32, 64]}}

@@ -128,6 +128,9 @@ def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_an
     saved = {e["step"]: e["mode"] for e in events if e["event"] == "checkpoint"}
     assert saved[600] == "sync" and set(saved) <= set(range(50, 601, 50))
     assert "async" in saved.values()
+    # Each checkpoint event names its checkpoint's URI; the final one is the run's result.
+    uris = {e["step"]: e["checkpoint"] for e in events if e["event"] == "checkpoint"}
+    assert all(u.startswith(f"{run_dir}/checkpoint_") for u in uris.values()) and uris[600] == result.checkpoint
 
 
 def test_text_lm_beats_the_unigram_baseline(ray_local, text_dir, tmp_path, mlflow_uri):

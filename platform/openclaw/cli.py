@@ -92,7 +92,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     from openclaw.config import load_config
-    from openclaw.sweep import sweep
+    from openclaw.sweep_launch import sweep
     result = sweep(load_config(args.config, args.overrides), resume=args.resume, address=args.address,
                    verbose=args.verbose)
     counts = {o: sum(t["outcome"] == o for t in result.trials) for o in ("finished", "stopped_early", "failed")}

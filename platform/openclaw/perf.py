@@ -7,8 +7,8 @@ runs on; the loop gathers one sample per node at each log step, as `system/node<
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
 
 import torch
 
@@ -83,20 +83,29 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     return out
 
 
-def gather_per_node(local: dict[str, float] | None, node_key: Any) -> dict[str, float]:
-    """Collective: one sample per node (from its first rank), as `system/node<i>/<name>` on every rank."""
-    import torch.distributed as dist
-    items = [(node_key, local)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (node_key, local))
-        items = gathered
-    out, nodes = {}, []
-    for key, sample in items:
-        if sample is None or key in nodes:
-            continue
-        nodes.append(key)
-        out.update({f"system/node{len(nodes) - 1}/{k}": v for k, v in sample.items()})
+SYSTEM_KEYS = ("cpu_percent", "memory_percent", "memory_used_gb", "gpu_memory_gb", "gpu_memory_peak_gb",
+               "gpu_utilization_percent")
+
+
+def node_sample_vector(local: dict[str, float] | None, rank: int, world: int) -> list[float]:
+    """This rank's share of a sum over ranks that carries one system sample per node: a slot per rank,
+    filled only by a node's first rank (`local`), so it rides on the loss all-reduce (no extra collective)."""
+    width = len(SYSTEM_KEYS) + 1
+    vec = [0.0] * (width * world)
+    if local is not None:
+        vec[rank * width] = 1.0  # this rank speaks for its node
+        vec[rank * width + 1:(rank + 1) * width] = [local.get(k, math.nan) for k in SYSTEM_KEYS]
+    return vec
+
+
+def per_node_metrics(summed: list[float]) -> dict[str, float]:
+    """`system/node<i>/<name>` from the all-reduced `node_sample_vector`s, nodes numbered in rank order."""
+    width, out, node = len(SYSTEM_KEYS) + 1, {}, 0
+    for start in range(0, len(summed), width):
+        if summed[start] >= 1.0:
+            out.update({f"system/node{node}/{k}": v for k, v in zip(SYSTEM_KEYS, summed[start + 1:start + width])
+                        if not math.isnan(v)})
+            node += 1
     return out
 
 

@@ -79,11 +79,15 @@ def to_host(obj: Any) -> Any:
     return obj
 
 
+def checkpoint_dir_name() -> str:
+    """A new checkpoint folder's name, as Ray names them (by time, so that names sort oldest first)."""
+    return "checkpoint_" + datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")
+
+
 def publish_dir(local: str, run_dir: str) -> str:
     """Copy a written checkpoint folder into the run's storage, manifest last; return its path there."""
     fs, root = _fs(run_dir)
-    name = "checkpoint_" + datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")  # Ray's naming
-    dest = f"{root.rstrip('/')}/{name}"
+    dest = f"{root.rstrip('/')}/{checkpoint_dir_name()}"
     fs.create_dir(dest, recursive=True)
     names = sorted(os.listdir(local), key=lambda n: n == ckpt_io.MANIFEST)  # the manifest goes last
     for n in names:
@@ -124,7 +128,8 @@ class Saver:
         ray.train.report({"step": step, **done.get("metrics", {})}, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         self.tracker.publish(through_step=step)
-        self.tracker.event("checkpoint", step=step, world_size=self.state.world_size, mode="async")
+        self.tracker.event("checkpoint", step=step, world_size=self.state.world_size, mode="async",
+                           checkpoint=done.get("path"))
         self._completed.append((step, self._outstanding["stall_s"] + time.perf_counter() - t0))
         self._thread, self._written, self._outstanding = None, None, None
 
@@ -150,16 +155,18 @@ class Saver:
     def _save_now(self, metrics: dict[str, float]) -> None:
         import ray.train
         with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
-            checkpoint = None
+            checkpoint, name = None, checkpoint_dir_name()
             if self.rank == 0:
                 self.state.pending_metrics = self.tracker.pending()
                 es = self.engine.state_dict()
                 ckpt_io.save(d, model=es["model"], trainer={k: v for k, v in es.items() if k != "model"},
                              state=self.state.state_dict(), config=self.config)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"step": self.state.step, **metrics}, checkpoint=checkpoint)
+            ray.train.report({"step": self.state.step, **metrics}, checkpoint=checkpoint,
+                             checkpoint_dir_name=name if checkpoint else None)
         self.tracker.publish()
-        self.tracker.event("checkpoint", step=self.state.step, world_size=self.state.world_size, mode="sync")
+        self.tracker.event("checkpoint", step=self.state.step, world_size=self.state.world_size, mode="sync",
+                           checkpoint=f"{self.run_dir.rstrip('/')}/{name}")
 
     def _begin_background(self, metrics: dict[str, float]) -> None:
         self._outstanding = {"step": self.state.step, "stall_s": 0.0}

@@ -27,7 +27,7 @@ def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = N
           address: str | None = None, verbose: bool = False):
     """Run the config's `sweep:` (or continue it, with `resume`). Returns a `SweepResult`: the parent run
     id, the best trial (its run, metric and params) and every trial's outcome."""
-    from openclaw.sweep import sweep as _sweep
+    from openclaw.sweep_launch import sweep as _sweep
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return _sweep(config, resume=resume, address=address, verbose=verbose)

@@ -19,7 +19,8 @@ from openclaw.data import column_to_numpy, table_from_shard
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
-from openclaw.perf import StepClock, data_wait_advice, gather_per_node, peak_flops, system_metrics
+from openclaw.perf import (StepClock, data_wait_advice, node_sample_vector, peak_flops, per_node_metrics,
+                           system_metrics)
 from openclaw.perf import now as perf_now
 from openclaw.preemption import CHECKPOINT, STOP, StopSignals, install_in_ray_worker
 from openclaw.saver import Saver, restore
@@ -179,7 +180,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     clock, advised = StepClock(), False
     tokens_per_sample = train.x.shape[1] - 1 if config.task == "language_modeling" else None
     flops_per_token = getattr(engine._unwrapped(), "flops_per_token", lambda: None)()
-    peak, node_rank = peak_flops(device), ctx.get_node_rank()
+    peak = peak_flops(device)
     system_metrics(device)  # primes psutil's CPU counter
     while state.step < t.max_steps:
         step = state.step
@@ -209,7 +210,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         state.epoch, state.offset = epoch, offset + G
 
         if should_log(state.step, config) and window_n:
-            loss_sum, n = _allreduce([window_loss, float(window_n)], device)
+            # One all-reduce: the loss window and, when tracking, each node's system sample.
+            sample = system_metrics(device) if tracked and ctx.get_local_rank() == 0 else None
+            totals = _allreduce([window_loss, float(window_n),
+                                 *(node_sample_vector(sample, rank, world) if tracked else [])], device)
+            loss_sum, n = totals[:2]
             now = time.perf_counter()
             sps = n / (now - window_t0)  # training throughput: checkpoint stalls excluded
             wall_step_s = (now - eta_t0) / max(1, state.step - eta_step)  # the ETA counts everything
@@ -218,9 +223,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
                             "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps)}
             perf = clock.window(n, tokens_per_sample, flops_per_token, peak, world)
-            if tracked:  # a collective: every rank agrees, as they share the config
-                system = gather_per_node(system_metrics(device) if ctx.get_local_rank() == 0 else None, node_rank)
-                tracker.log_metrics({**last_metrics, **perf, **system}, state.step)
+            tracker.log_metrics({**last_metrics, **perf, **per_node_metrics(totals[2:])}, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
                               "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * wall_step_s})
             advice = None if advised else data_wait_advice(perf["perf/data_wait_frac"])
