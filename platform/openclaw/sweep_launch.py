@@ -2,8 +2,8 @@
 
 One MLflow parent run per sweep holds the search space, the best trial so far (its run, metric and
 config, updated as trials finish) and a table of every trial. Each trial is a child run (see
-`sweep_trial`). ASHA's early stops are recorded as such on the child run, not as failures, after the
-trial's queued metrics are flushed. A sweep whose driver died resumes with `--resume`: Tune keeps
+`sweep_trial`). ASHA's early stops are graceful (the trial checkpoints and returns) and recorded as
+such on the child run, not as failures. A sweep whose driver died resumes with `--resume`: Tune keeps
 finished trials finished, and unfinished ones resume their own checkpoints.
 """
 from __future__ import annotations
@@ -92,42 +92,43 @@ def search_alg(s: SweepConfig):
 def _ashascheduler():
     from ray.tune.schedulers import ASHAScheduler
 
-    class FlushingASHA(ASHAScheduler):
-        """ASHA that lets a trial finish by itself (Tune would kill it right after its final report,
-        before it logs its model), and flushes a trial's queued metrics to MLflow before stopping it."""
+    class GracefulASHA(ASHAScheduler):
+        """ASHA whose stops are graceful. Tune would kill the trial's actor, which leaves its worker group's
+        placement group behind (a CPU per stopped trial, until the job ends) and can cut its last metrics
+        off. Instead the trial is asked, through its tracking service, to checkpoint at its next step and
+        return; it then ends like a finished trial and shuts its workers down. A trial at its last step is
+        never stopped: it logs its model."""
 
-        def __init__(self, *, max_steps: int, sweep_name: str, flush_timeout_s: float, **kwargs):
+        def __init__(self, *, max_steps: int, sweep_name: str, **kwargs):
             super().__init__(time_attr="step", max_t=max_steps, **kwargs)
-            self.max_steps, self.sweep_name, self.flush_timeout_s = max_steps, sweep_name, flush_timeout_s
+            self.max_steps, self.sweep_name, self.stopping = max_steps, sweep_name, set()
 
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             decision = super().on_trial_result(tune_controller, trial, result)
-            if result.get("step", 0) >= self.max_steps:
-                return self.CONTINUE
-            if decision == self.STOP:
-                flush_trial_tracking(trial_name(self.sweep_name, trial.trial_id), self.flush_timeout_s)
-            return decision
+            if decision == self.STOP and result.get("step", 0) < self.max_steps and trial.trial_id not in self.stopping:
+                self.stopping.add(trial.trial_id)
+                ask_trial_to_stop(trial_name(self.sweep_name, trial.trial_id), "stopped early by ASHA")
+            return self.CONTINUE
 
-    return FlushingASHA
+    return GracefulASHA
 
 
 def scheduler(s: SweepConfig, config: Config):
     if s.scheduler != "asha":
         return None
     return _ashascheduler()(max_steps=config.train.max_steps, sweep_name=config.name,
-                            flush_timeout_s=config.tracking.flush_timeout_s,
                             grace_period=s.asha.grace_period_steps, reduction_factor=s.asha.reduction_factor)
 
 
-def flush_trial_tracking(job_name: str, timeout_s: float) -> None:
-    """Deliver what a trial's tracking service still holds (it ends the service) before Tune kills the trial."""
+def ask_trial_to_stop(job_name: str, reason: str) -> None:
+    """Ask a trial's workers, through its tracking service, to checkpoint at their next step and return."""
     import ray
     from openclaw.tracking_service import service_name_prefix
     prefix = service_name_prefix(job_name)
     for name in ray.util.list_named_actors():
         if name.startswith(prefix):
             with contextlib.suppress(Exception):  # a service from an earlier attempt may be gone already
-                ray.get(ray.get_actor(name).flush.remote(timeout_s), timeout=timeout_s + 10)
+                ray.get(ray.get_actor(name).request_stop.remote(reason), timeout=30)
 
 
 # ---- the parent run ---------------------------------------------------------------------------------

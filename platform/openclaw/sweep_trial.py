@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from openclaw.config import Config, set_dotted, validate
+from openclaw.errors import RunStopped
 
 
 def trial_name(sweep_name: str, trial_id: str) -> str:
@@ -52,4 +53,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str, 
               flush=True)
         ray.tune.report({**done["metrics"], "step": done["step"], "already_finished": 1})
         return
-    train(config, callbacks=[TuneReportCallback()], datasets=datasets)
+    try:
+        train(config, callbacks=[TuneReportCallback()], datasets=datasets)
+    except RunStopped:  # the scheduler stopped it: its stop checkpoint is its last result
+        pass
