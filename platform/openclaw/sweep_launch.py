@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ray.tune import Callback
+
 from openclaw import constants
 from openclaw.config import Config, redacted
 from openclaw.errors import ConfigError
@@ -133,12 +135,7 @@ def ask_trial_to_stop(job_name: str, reason: str) -> None:
 
 # ---- the parent run ---------------------------------------------------------------------------------
 
-def _tune_callback_base():
-    from ray.tune import Callback
-    return Callback
-
-
-class SweepTracker(_tune_callback_base()):
+class SweepTracker(Callback):
     """A Tune callback on the driver: keeps the parent run (best trial, trials table) up to date and
     marks each child run's outcome. Picklable (Tune saves it with the experiment, for `--resume`)."""
 
@@ -184,7 +181,7 @@ class SweepTracker(_tune_callback_base()):
             return FAILED, step, value
         if trial.status != "TERMINATED" and not completed:
             return RUNNING, step, value
-        return (FINISHED if (step or 0) >= self.max_steps else STOPPED_EARLY), step, value
+        return ended_outcome(step, self.max_steps), step, value
 
     def child_run(self, trial_id: str) -> str | None:
         if trial_id not in self._child:
@@ -202,7 +199,7 @@ class SweepTracker(_tune_callback_base()):
                                                       f"of {self.max_steps} ({self.metric} {_short(value)}).")
         MlflowWriter(self.uri, run_id).apply("event", "stopped_early", {"step": step, "cause": "ASHA",
                                                                         self.metric: value}, time.time())
-        client.set_terminated(run_id, status="KILLED")
+        # (the trial closed its run as KILLED itself when it stopped on the scheduler's request)
 
     def rows(self, trials, completing=None) -> list[dict[str, Any]]:
         rows = []
@@ -247,6 +244,11 @@ class SweepTracker(_tune_callback_base()):
     def _client(self):
         from mlflow.tracking import MlflowClient
         return MlflowClient(self.uri)
+
+
+def ended_outcome(step: int | None, max_steps: int) -> str:
+    """How a trial that ended without an error ended: at its last step, or stopped early by the scheduler."""
+    return FINISHED if (step or 0) >= max_steps else STOPPED_EARLY
 
 
 def _short(v: Any) -> str:
@@ -337,6 +339,6 @@ def _row(result, metric: str, max_steps: int) -> dict[str, Any]:
     """A trial's outcome from Tune's result (Tune adds `trial_id` to every reported result)."""
     m = result.metrics or {}
     step = m.get("step")
-    outcome = FAILED if result.error else FINISHED if (step or 0) >= max_steps else STOPPED_EARLY
+    outcome = FAILED if result.error else ended_outcome(step, max_steps)
     return {"trial": m.get("trial_id"), "outcome": outcome, "step": step, metric: m.get(metric),
             **(result.config or {})}
