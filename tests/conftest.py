@@ -123,3 +123,55 @@ class MlflowServer:
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its gunicorn/uvicorn workers
         self.proc.wait()
+
+
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1 (in memory: a restart starts empty)."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint, self.proc = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> "S3Server":
+        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)
+                return self
+            except Exception:
+                time.sleep(0.1)
+        raise TimeoutError("moto_server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+        return pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1",
+                                 access_key="testing", secret_key="testing", allow_bucket_creation=True)
+
+    def upload(self, local: Path, bucket_path: str) -> str:
+        """Copy a local folder to `bucket/prefix`; returns its s3:// URI."""
+        import pyarrow.fs as pafs
+        fs = self.filesystem()
+        fs.create_dir(bucket_path.split("/", 1)[0])
+        pafs.copy_files(str(local), bucket_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        return f"s3://{bucket_path}"
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A fresh S3 server; the driver's environment holds its credentials (as a user's would)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = S3Server().start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()

@@ -62,8 +62,20 @@ def test_corrupt_shard_is_named(tmp_path):
 def test_schema_mismatch_between_shards(tmp_path):
     pq.write_table(pa.table({"x": [1.0], "y": [1]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"x": [1.0], "label": [1]}), tmp_path / "b.parquet")
-    with pytest.raises(DataError, match=r"b.parquet has schema .*label.* differs from the first shard"):
+    pq.write_table(pa.table({"x": [1.0], "y": ["one"]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"b.parquet: column 'y' is missing; column 'label' is extra.*on_bad_shard"):
         resolve(str(tmp_path), "data.train")
+    src = resolve(str(tmp_path), "data.train", on_bad_shard="skip")
+    assert src.files == (str(tmp_path / "a.parquet"),) and src.num_rows == 1
+    assert [p.rsplit("/", 1)[1] for p, _ in src.skipped] == ["b.parquet", "c.parquet"]
+    assert "column 'y' has type string, not int64" in src.skipped[1][1]
+
+
+def test_corrupt_shard_skipped(tmp_path):
+    pq.write_table(pa.table({"x": [1.0, 2.0]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 garbage")
+    src = resolve(str(tmp_path), "data.train", on_bad_shard="skip")
+    assert src.num_rows == 2 and "not a readable Parquet file" in src.skipped[0][1]
 
 
 def test_empty_dataset(tmp_path):

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from openclaw.sampler import Sampler, accumulation_steps, epoch_order, position_of, steps_per_epoch, worker_slice
+from openclaw.sampler import (Sampler, accumulation_steps, epoch_order, position_of, shard_windows, steps_per_epoch,
+                              window_bounds, worker_slice)
 
 
 def test_epoch_order_is_a_pure_permutation_of_seed_and_epoch():
@@ -87,3 +88,42 @@ def test_scale_lr_resizes_change_the_batch_but_never_repeat_or_drop_a_sample_in_
         assert len(set(seen.tolist())) == len(seen)                        # nothing twice in an epoch
         assert np.array_equal(seen, epoch_order(3, e, n)[:len(seen)])      # exactly the next samples
     assert len(by_epoch) >= 2
+
+
+def test_windowed_order_is_a_permutation_that_stays_within_its_windows():
+    rows = [100, 37, 250, 80, 80, 1, 120, 64, 99, 10]  # 10 shards of uneven sizes
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    n = int(starts[-1])
+    order = epoch_order(5, 2, n, rows, window_shards=3)
+    assert np.array_equal(np.sort(order), np.arange(n))                       # every sample once
+    assert np.array_equal(order, epoch_order(5, 2, n, rows, window_shards=3))  # pure
+    assert not np.array_equal(order, epoch_order(5, 3, n, rows, window_shards=3))
+    windows = shard_windows(5, 2, len(rows), 3)
+    assert [len(w) for w in windows] == [3, 3, 3, 1]
+    bounds = window_bounds(rows, windows)
+    shard_of = np.searchsorted(starts, order, side="right") - 1
+    for k, w in enumerate(windows):  # the samples of window k come only from its shards
+        assert set(shard_of[bounds[k]:bounds[k + 1]]) == set(w.tolist())
+    # a window covering every shard is the plain whole-dataset permutation
+    assert np.array_equal(epoch_order(5, 2, n, rows, window_shards=10), epoch_order(5, 2, n))
+
+
+def test_windowed_resize_continues_with_exactly_the_next_samples_and_prefetches_the_next_window():
+    rows = [64] * 12
+    n, G = sum(rows), 96
+    seen, epoch, offset = [], 0, 0
+    for world, steps in ((3, 2), (2, 2), (4, 3)):  # 3 -> 2 -> 4 workers, resuming from the saved position
+        samplers = [Sampler(n, G, 8, 11, world, r, rows, 4) for r in range(world)]  # 96 = 8 x 12
+        for _ in range(steps):
+            parts = []
+            for s in samplers:
+                batch, epoch, offset_now = s.global_batch_at(epoch, offset)
+                parts.append(np.concatenate(s.split(batch)))
+            seen.append(np.concatenate(parts))
+            offset = offset_now + G
+    seen = np.concatenate(seen)
+    assert np.array_equal(seen, epoch_order(11, 0, n, rows, 4)[:len(seen)])
+    s = Sampler(n, G, 8, 11, 1, 0, rows, 4)
+    windows = shard_windows(11, 0, len(rows), 4)
+    assert np.array_equal(s.next_window_shards(0, 0), windows[1])
+    assert np.array_equal(s.next_window_shards(0, n - 1), shard_windows(11, 1, len(rows), 4)[0])

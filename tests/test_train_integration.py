@@ -145,24 +145,6 @@ def test_text_lm_beats_the_unigram_baseline(ray_local, text_dir, tmp_path, mlflo
     assert result.metrics["val/loss"] < unigram - 0.5, (result.metrics, unigram)
 
 
-def test_datasets_keep_file_order(ray_local, tmp_path):
-    """Row positions must not depend on which Ray read task finishes first."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from openclaw.data import resolve
-    from openclaw.launch import read_datasets
-    for i in range(12):  # shards of very different sizes finish reading in a different order
-        rows = 20_000 if i % 3 == 0 else 50
-        pq.write_table(pa.table({"x": np.arange(rows, dtype=np.int64) + i * 1_000_000}),
-                       tmp_path / f"part-{i:03d}.parquet")
-    ds = read_datasets({"train": resolve(str(tmp_path), "data.train")})["train"]
-    got = np.concatenate([b["x"] for b in ds.iter_batches(batch_format="numpy", batch_size=None)])
-    want = pq.read_table(sorted(tmp_path.glob("*.parquet"))).column("x").to_numpy()
-    assert np.array_equal(got, want)
-
-
 def test_corrupt_newest_checkpoint_is_skipped_on_resume(ray_local, digits_dir, tmp_path, mlflow_uri, capsys):
     common = {"name": "corrupt", "train.eval_every": 0, "train.log_every": 10, "checkpoint.every_steps": 20,
               "checkpoint.keep": 3}

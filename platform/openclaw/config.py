@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from openclaw.data_config import DataConfig
 from openclaw.errors import ConfigError
 from openclaw.sweep_config import SweepConfig
 
@@ -39,17 +40,6 @@ class ModelConfig(_Section):
     @classmethod
     def _name(cls, v: str) -> str:
         return _import_path_or(v, BUILTIN_MODELS, "model.name")
-
-
-class DataConfig(_Section):
-    train: str
-    """Training shards: a folder, a glob of Parquet files, or a URI."""
-    val: str | None = None
-    """Validation shards, same forms as `train`; evaluation is skipped when unset."""
-    features: str = "x"
-    """The input column: a fixed-size list (tensor) column, or a scalar column."""
-    label: str | None = "y"
-    """The target column for classification; unset for language modeling."""
 
 
 class OptimizerConfig(_Section):

@@ -16,64 +16,123 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from openclaw.errors import DataError
+from openclaw.filesystems import filesystem_for
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One Parquet file of a dataset: what the readers and the cache fingerprints need."""
+    path: str
+    rows: int
+    size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved dataset: its shard files (sorted, so row positions are stable), filesystem and schema."""
+    """A resolved dataset: its good shards (sorted, so sample ids are stable), filesystem and schema, and
+    the shards left out under `data.on_bad_shard: skip` with the reason for each."""
     key: str
     spec: str
-    files: tuple[str, ...]
+    shards: tuple[Shard, ...]
     filesystem: pafs.FileSystem
     schema: pa.Schema
-    num_rows: int
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(s.path for s in self.shards)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def uri(self) -> str:
+        """Where the data lives, for lineage: the spec as the user wrote it, made absolute when local."""
+        return self.spec if "://" in self.spec else os.path.abspath(os.path.expanduser(self.spec))
+
+    def with_shards(self, shards: tuple[Shard, ...], skipped: tuple[tuple[str, str], ...]) -> "Source":
+        return Source(self.key, self.spec, shards, self.filesystem, self.schema, self.skipped + skipped)
 
 
-def resolve(spec: str, key: str) -> Source:
-    """Expand a folder, glob or URI into its Parquet shards and read their metadata."""
-    if "://" in spec:
-        fs, root = pafs.FileSystem.from_uri(spec)
-    else:
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(spec))
-    files = _list_parquet(fs, root, spec, key)
-    schema, rows = None, 0
-    for f in files:
+def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
+    """Expand a folder, glob or URI into its Parquet shards and read their footers.
+
+    A shard whose footer is unreadable, or whose schema differs from the first good shard's, stops the
+    run with its name (`on_bad_shard: fail`) or is left out (`skip`)."""
+    fs, root = filesystem_for(spec, s3)
+    infos = _list_parquet(fs, root, spec, key)
+    schema, shards, skipped = None, [], []
+    for info in infos:
         try:
-            meta = pq.ParquetFile(f, filesystem=fs).metadata
+            meta = pq.ParquetFile(info.path, filesystem=fs).metadata
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"`{key}`: shard {f} is not a readable Parquet file ({e}). Re-create it, or remove it "
-                            f"from {spec}.") from None
+            problem = f"shard {info.path} is not a readable Parquet file ({e})"
+            if on_bad_shard == "skip":
+                skipped.append((info.path, problem))
+                continue
+            raise DataError(f"`{key}`: {problem}. Re-create it, remove it from {spec}, or set "
+                            f"`data.on_bad_shard: skip` to train without it.") from None
         shard_schema = meta.schema.to_arrow_schema()
         if schema is None:
             schema = shard_schema
         elif not shard_schema.equals(schema):
-            raise DataError(f"`{key}`: shard {f} has schema {_cols(shard_schema)}, which differs from the first "
-                            f"shard's {_cols(schema)}. All shards of a dataset must share one schema.")
-        rows += meta.num_rows
-    if rows == 0:
-        raise DataError(f"`{key}`: {spec} holds {len(files)} Parquet file(s) but no rows.")
-    return Source(key, spec, tuple(files), fs, schema, rows)
+            problem = f"shard {info.path}: {_schema_difference(schema, shard_schema)}"
+            if on_bad_shard == "skip":
+                skipped.append((info.path, problem))
+                continue
+            raise DataError(f"`{key}`: {problem}. All shards of a dataset must share one schema; fix the shard, "
+                            f"or set `data.on_bad_shard: skip` to train without it.")
+        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0))
+    source = Source(key, spec, tuple(shards), fs, schema, tuple(skipped))
+    if not shards:
+        raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) and none is readable"
+                        + (f" ({skipped[0][1]})." if skipped else "."))
+    if source.num_rows == 0:
+        raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) but no rows.")
+    return source
 
 
-def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[str]:
+def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[pafs.FileInfo]:
     if any(ch in root for ch in "*?["):
         if not isinstance(fs, pafs.LocalFileSystem):
             raise DataError(f"`{key}`: globs are supported for local paths only; give the folder {spec} instead.")
-        files = sorted(f for f in _glob.glob(root, recursive=True) if f.endswith(".parquet"))
+        infos = fs.get_file_info(sorted(f for f in _glob.glob(root, recursive=True) if f.endswith(".parquet")))
     else:
-        info = fs.get_file_info(root)
+        try:
+            info = fs.get_file_info(root)
+        except OSError as e:
+            raise DataError(f"`{key}`: cannot reach {spec} ({e}). Check the endpoint (`data.s3.endpoint_url` or "
+                            f"AWS_ENDPOINT_URL) and the credentials (AWS_ACCESS_KEY_ID, ...).") from None
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"`{key}`: dataset path {spec} does not exist. Prepare it first, e.g. "
                             f"`python data/prepare.py digits --out datasets/digits`, or fix the path.")
         if info.type == pafs.FileType.File:
-            files = [root]
+            infos = [info]
         else:
             sel = pafs.FileSelector(root, recursive=True)
-            files = sorted(i.path for i in fs.get_file_info(sel)
-                           if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    if not files:
+            infos = sorted((i for i in fs.get_file_info(sel)
+                            if i.type == pafs.FileType.File and i.path.endswith(".parquet")), key=lambda i: i.path)
+    if not infos:
         raise DataError(f"`{key}`: no .parquet files found at {spec}.")
-    return files
+    return infos
+
+
+def _schema_difference(first: pa.Schema, other: pa.Schema) -> str:
+    """Name the columns that differ: missing, extra, or of another type."""
+    parts = []
+    for f in first:
+        if f.name not in other.names:
+            parts.append(f"column {f.name!r} is missing")
+        elif not other.field(f.name).type.equals(f.type):
+            parts.append(f"column {f.name!r} has type {other.field(f.name).type}, not {f.type} as in the first shard")
+    parts += [f"column {n!r} is extra" for n in other.names if n not in first.names]
+    return "; ".join(parts or [f"schema {_cols(other)} differs from the first shard's {_cols(first)}"])
 
 
 def _cols(schema: pa.Schema) -> str:
@@ -107,11 +166,3 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         flat = arr.flatten().to_numpy(zero_copy_only=False)
         return flat.reshape(len(arr), -1)
     return arr.to_numpy(zero_copy_only=False)
-
-
-def table_from_shard(shard, columns: list[str]) -> pa.Table:
-    """Collect a Ray Data shard into one Arrow table, in the dataset's own (file) order."""
-    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
-    if not batches:
-        raise DataError("the dataset shard delivered no rows; check that the data path is not empty.")
-    return pa.concat_tables(batches).select(columns)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -15,6 +16,8 @@ from typing import Any
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data import Source, check_columns, resolve
+from openclaw.data_prep import Prepared, check_transforms, prepare
+from openclaw.data_stream import shard_specs
 from openclaw.errors import ConfigError, DataError, OpenClawError, RunStopped
 from openclaw.models import build_model, import_path
 from openclaw.mlflow_run import log_final_model, open_run, record_finished
@@ -37,13 +40,15 @@ class TrainResult:
 # ---- before any worker starts ----------------------------------------------------------------------
 
 def preflight(config: Config) -> dict[str, Source]:
-    """Check data paths, columns and import paths; raise a `UserError` naming what to fix."""
-    sources = {"train": resolve(config.data.train, "data.train")}
-    if config.data.val:
-        sources["val"] = resolve(config.data.val, "data.val")
+    """Check data paths, columns, transforms and import paths; raise a `UserError` naming what to fix."""
+    d = config.data
+    sources = {"train": resolve(d.train, "data.train", d.s3, d.on_bad_shard)}
+    if d.val:
+        sources["val"] = resolve(d.val, "data.val", d.s3, d.on_bad_shard)
     for source in sources.values():
-        check_columns(source, config.data.features, config.data.label)
-    if config.task != "language_modeling" and config.data.label is None and ":" not in config.task:
+        schema = check_transforms(source, config) if d.transforms else source.schema
+        check_columns(dataclasses.replace(source, schema=schema), d.features, d.label)
+    if config.task != "language_modeling" and d.label is None and ":" not in config.task:
         raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
     if ":" in config.task:
         import_path(config.task, "task")
@@ -51,11 +56,14 @@ def preflight(config: Config) -> dict[str, Source]:
     if config.train.record_samples and "://" in config.checkpoint.storage:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")
-    train_rows = sources["train"].num_rows
-    if train_rows < config.train.global_batch_size:
-        raise DataError(f"`data.train` has {train_rows} rows, fewer than one global batch "
-                        f"(`train.global_batch_size` = {config.train.global_batch_size}). Lower the batch size.")
+    check_rows(sources["train"], config)
     return sources
+
+
+def check_rows(train: Source, config: Config) -> None:
+    if train.num_rows < config.train.global_batch_size:
+        raise DataError(f"`data.train` has {train.num_rows} rows, fewer than one global batch "
+                        f"(`train.global_batch_size` = {config.train.global_batch_size}). Lower the batch size.")
 
 
 def tracking_uri(config: Config) -> str:
@@ -104,23 +112,22 @@ def _runtime_env() -> dict[str, Any] | None:
     return {"py_modules": [os.path.dirname(openclaw.__file__)]}
 
 
-def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[str, Any], storage: str,
-                  verbose: bool, callbacks: list | None = None, datasets: dict[str, Any] | None = None):
-    import ray.data
+def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, verbose: bool,
+                  callbacks: list | None = None):
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     from openclaw.worker import train_loop
 
     constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
-    datasets = datasets or read_datasets(sources, verbose)
     s = config.scaling
     use_gpu = _use_gpu(s.use_gpu)
     num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
     resources = dict(s.resources_per_worker)
     if use_gpu:
         resources.setdefault("GPU", 1)
+    # The workers stream their shards themselves (`openclaw.data_stream`), in the platform's order: no
+    # Ray Data iterator, whose order and position a restart could not recover.
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -134,11 +141,6 @@ def build_trainer(config: Config, sources: dict[str, Source], loop_config: dict[
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
-        datasets=datasets,
-        # Every worker sees the whole dataset; the platform's sampler picks each worker's rows, in a
-        # fixed order, so that the data order does not depend on the world size or on Ray's timing.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
 
 
@@ -150,20 +152,19 @@ def _controller_callbacks(config: Config, progress) -> list:
     return callbacks
 
 
-def read_datasets(sources: dict[str, Source], verbose: bool = False) -> dict[str, Any]:
-    """Read each source once, on the cluster, into the object store, rows in file order.
-
-    Every worker then iterates the same blocks instead of re-running the read (each worker needs the
-    whole dataset: the sampler picks its rows), and a restarted worker group gets its data back
-    without touching the files. `preserve_order` keeps row positions stable from run to run.
-    """
-    import ray.data
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    ctx.execution_options.preserve_order = True
-    return {k: ray.data.read_parquet(list(s.files), filesystem=s.filesystem).materialize()
-            for k, s in sources.items()}
+def prepare_data(config: Config, sources: dict[str, Source], storage: str) -> tuple[dict[str, Prepared], Any]:
+    """Prepare (or find in the cache) what training reads, and say so."""
+    prepared, cache = prepare(sources, config, storage)
+    for name, p in prepared.items():
+        if p.cache != "off":
+            how = ("found in the cache" if p.cache == "hit" else f"prepared in {p.prepare_s:.1f} s")
+            print(f"openclaw: data.{name}: {p.source.num_rows} rows in {len(p.source.shards)} shard(s), {how} "
+                  f"({p.source.spec})", flush=True)
+        if p.source.skipped:
+            print(f"openclaw: data.{name}: skipped {len(p.source.skipped)} bad shard(s) (`data.on_bad_shard: skip`): "
+                  + "; ".join(why for _, why in p.source.skipped), file=sys.stderr, flush=True)
+    check_rows(prepared["train"].source, config)
+    return prepared, cache
 
 
 def _use_gpu(setting: bool | str) -> bool:
@@ -202,21 +203,27 @@ class _ProgressPrinter(threading.Thread):
 # ---- the whole job ---------------------------------------------------------------------------------
 
 def train(config: Config, *, address: str | None = None, verbose: bool = False,
-          callbacks: list | None = None, datasets: dict[str, Any] | None = None) -> TrainResult:
+          callbacks: list | None = None) -> TrainResult:
     """Run one training job to the end and return its run id, final checkpoint and metrics.
 
-    A sweep's trial passes `callbacks` (more Ray Train controller callbacks: Tune's report callback)
-    and `datasets` (the sweep's data, read once into the object store by its driver)."""
+    A sweep's trial passes `callbacks` (more Ray Train controller callbacks: Tune's report callback)."""
     from ray.util.queue import Queue
 
     sources = preflight(config)
     uri, storage = tracking_uri(config), storage_path(config)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
     tracked = config.tracking.enabled
+    connect_ray(address, verbose, config)
+    prepared, cache = prepare_data(config, sources, storage)  # a bad shard stops the job here, before its run
     run_id, exp_id, resumed = open_run(config, uri, storage) if tracked else ("", "", False)
     print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; " +
           (f"MLflow run {run_id} ({uri})" if tracked else "tracking off (`tracking.enabled: false`)"), flush=True)
-    connect_ray(address, verbose, config)
+    if tracked:
+        try:
+            from openclaw.lineage import log_lineage
+            log_lineage(uri, run_id, prepared)
+        except Exception as e:  # lineage must not cost the run
+            log.warning("could not record the datasets in MLflow run %s: %s", run_id, e)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": _on_this_node()})
     printer = _ProgressPrinter(progress)
     printer.start()
@@ -231,12 +238,14 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
                               before_grow=lambda: _checkpoint_now(tracking, constants.checkpoint_before_grow_s()))
         watcher.start()
     loop_config = {"config": config.resolved(), "run_id": run_id, "tracking": tracking, "progress": progress,
-                   "run_dir": run_dir}
+                   "run_dir": run_dir,
+                   "data": {k: {"spec": p.source.spec, "shards": shard_specs(p.source.shards)}
+                            for k, p in prepared.items()}}
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     try:
         with _graceful_sigterm(tracking):
-            result = build_trainer(config, sources, loop_config, storage, verbose, callbacks, datasets).fit()
+            result = build_trainer(config, loop_config, storage, verbose, callbacks).fit()
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         spool = _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
@@ -250,6 +259,9 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
         if watcher:
             watcher.stop()
         printer.stop()
+        if cache:  # the prepared data may be evicted again
+            for p in prepared.values():
+                cache.release(p.cache_key)
     spool = _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     stopped_at = (result.metrics or {}).get("step", config.train.max_steps)
@@ -269,7 +281,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
         return TrainResult(run_id, checkpoint, dict(result.metrics or {}), exp_id, uri)
     try:
         if checkpoint and tracked:
-            log_final_model(config, run_id, result.checkpoint, sources)
+            log_final_model(config, run_id, result.checkpoint, {k: p.source for k, p in prepared.items()})
         if tracked:
             client.set_terminated(run_id, status="FINISHED")
     except Exception as e:  # the server is away: training is done and its checkpoint is safe

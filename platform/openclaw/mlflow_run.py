@@ -97,9 +97,11 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     with checkpoint.as_directory() as d:
         model = model_from_checkpoint_dir(d)
     src = sources.get("val") or sources["train"]
-    first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
-    example = column_to_numpy(first.column(config.data.features)[:2])
-    example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
+    example = None
+    if config.data.features in src.schema.names:  # (sync-spool after transforms sees the raw columns: no example)
+        first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
+        example = column_to_numpy(first.column(config.data.features)[:2])
+        example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
     # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
     with mlflow.start_run(run_id=run_id):

@@ -58,10 +58,16 @@ class StepClock:
         return out
 
 
-def data_wait_advice(frac: float) -> str | None:
-    """One line when the step waits on data for more than 5% of its time: the cause and the knob."""
+def data_wait_advice(frac: float, read_share: float = 0.0) -> str | None:
+    """One line when the step waits on data for more than 5% of its time: the likely cause and the knob.
+    `read_share`: the part of that wait spent waiting for shards to be read (not read ahead in time)."""
     if frac <= DATA_WAIT_WARN_FRAC:
         return None
+    if read_share > 0.5:
+        return (f"the step waits on data for {frac:.0%} of its time, mostly for shards the reader thread did not "
+                f"read ahead in time. Give each worker more CPUs (`scaling.resources_per_worker.CPU`), keep remote "
+                f"shards in the node's cache (`data.shard_cache.max_bytes`), or store the features as one tensor "
+                f"column (`data.transforms`: to_tensor) so shards decode faster.")
     return (f"the step waits on data for {frac:.0%} of its time: gathering each micro-batch from host memory is "
             f"slow next to the compute. Raise `train.micro_batch_size` (fewer, larger gathers), or store the "
             f"features as one fixed-size tensor column (`data.features`) rather than many scalar columns.")

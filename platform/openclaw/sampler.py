@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -35,9 +36,39 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
     return per_worker
 
 
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """A permutation of ``range(num_samples)`` that depends only on (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+def epoch_order(seed: int, epoch: int, num_samples: int, shard_rows: Sequence[int] | None = None,
+                window_shards: int = 0) -> np.ndarray:
+    """A permutation of ``range(num_samples)`` that depends only on (seed, epoch, shard sizes, window).
+
+    Sample ids number the rows of the shards in file order. With a window (fewer shards per window than
+    shards), the epoch shuffles the shards, cuts them into windows of `window_shards`, and shuffles the
+    samples within each window: a worker then needs only one window's shards (and the next) in memory.
+    Without one, it is one permutation of the whole dataset.
+    """
+    if not shard_rows or window_shards <= 0 or len(shard_rows) <= window_shards:
+        return np.random.default_rng([seed, epoch]).permutation(num_samples)
+    starts = np.concatenate([[0], np.cumsum(shard_rows)])
+    if starts[-1] != num_samples:
+        raise ValueError(f"shard rows sum to {starts[-1]}, not {num_samples}")
+    parts = []
+    for k, ids in enumerate(shard_windows(seed, epoch, len(shard_rows), window_shards)):
+        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in ids])
+        parts.append(rows[np.random.default_rng([seed, epoch, 2, k]).permutation(len(rows))])
+    return np.concatenate(parts)
+
+
+def shard_windows(seed: int, epoch: int, num_shards: int, window_shards: int) -> list[np.ndarray]:
+    """The epoch's shard order cut into windows: which shards each window draws its samples from."""
+    if window_shards <= 0 or num_shards <= window_shards:
+        return [np.arange(num_shards)]
+    perm = np.random.default_rng([seed, epoch, 1]).permutation(num_shards)
+    return [perm[i:i + window_shards] for i in range(0, num_shards, window_shards)]
+
+
+def window_bounds(shard_rows: Sequence[int], windows: list[np.ndarray]) -> np.ndarray:
+    """Epoch offsets where each window starts, and the epoch's end: ``[0, n0, n0 + n1, ..., N]``."""
+    rows = np.asarray(shard_rows)
+    return np.concatenate([[0], np.cumsum([rows[w].sum() for w in windows])])
 
 
 @dataclass(frozen=True)
@@ -100,8 +131,10 @@ class Sampler:
     """Caches one epoch's permutation and hands out each step's sample positions for one worker."""
 
     def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, seed: int,
-                 world_size: int = 1, rank: int = 0):
+                 world_size: int = 1, rank: int = 0, shard_rows: Sequence[int] | None = None,
+                 window_shards: int = 0):
         self.num_samples, self.global_batch_size, self.seed = num_samples, global_batch_size, seed
+        self.shard_rows, self.window_shards = list(shard_rows or []), window_shards
         self.micro_batch_size = micro_batch_size
         self.accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
         self._slice = worker_slice(global_batch_size, world_size, rank)
@@ -116,8 +149,19 @@ class Sampler:
         """The next global batch from data position (epoch, offset): (positions, its epoch, its start)."""
         epoch, offset = batch_start(epoch, offset, self.global_batch_size, self.num_samples)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, epoch_order(self.seed, epoch, self.num_samples)
+            self._epoch = epoch
+            self._order = epoch_order(self.seed, epoch, self.num_samples, self.shard_rows, self.window_shards)
         return self._order[offset:offset + self.global_batch_size], epoch, offset
+
+    def next_window_shards(self, epoch: int, offset: int) -> np.ndarray:
+        """The shards of the window after the one that position (epoch, offset) reads: what to prefetch."""
+        windows = shard_windows(self.seed, epoch, len(self.shard_rows), self.window_shards)
+        if len(windows) == 1:
+            return windows[0]
+        k = int(np.searchsorted(window_bounds(self.shard_rows, windows), offset, side="right")) - 1
+        if k + 1 < len(windows):
+            return windows[k + 1]
+        return shard_windows(self.seed, epoch + 1, len(self.shard_rows), self.window_shards)[0]
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
         """This worker's positions for `step`, split into `accumulation` micro-batches (fixed batch)."""

@@ -20,7 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from openclaw import constants
-from openclaw.config import Config, redacted
+from openclaw.config import Config, redacted, validate
 from openclaw.errors import ConfigError
 from openclaw.sweep_config import SweepConfig, check_against, grid_size
 from openclaw.sweep_trial import run_trial, trial_config, trial_name
@@ -262,7 +262,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from openclaw.launch import connect_ray, preflight, read_datasets, storage_path, tracking_uri
+    from openclaw.launch import connect_ray, preflight, storage_path, tracking_uri
     from openclaw.mlflow_run import open_run
 
     s = check_sweep(config)
@@ -291,10 +291,10 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SWEEP_STATE_SAVE_S)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
     constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
-    datasets = read_datasets(sources, verbose)  # once, into the object store: every trial reads the same blocks
-    trainable = tune.with_parameters(run_trial, base=_absolute_data_paths(config.resolved()), sweep_name=config.name,
-                                     storage=storage,
-                                     tracking_uri=uri, parent_run_id=parent_id, datasets=datasets)
+    base = _absolute_data_paths(config.resolved(), storage)
+    _prepare_once(validate(base), sources, storage)
+    trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
+                                     tracking_uri=uri, parent_run_id=parent_id)
     if resume:
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -325,14 +325,28 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     return result
 
 
-def _absolute_data_paths(raw: dict[str, Any]) -> dict[str, Any]:
+def _absolute_data_paths(raw: dict[str, Any], storage: str) -> dict[str, Any]:
     """Local data paths made absolute from the driver's working folder: trials run in Tune's trial
-    folders (and a trial's log of its config then says where the data was)."""
+    folders (and a trial's log of its config then says where the data was). All trials share the
+    sweep's prepared-data cache."""
     for key in ("train", "val"):
         path = raw["data"].get(key)
         if path and "://" not in path:
             raw["data"][key] = os.path.abspath(os.path.expanduser(path))
+    if not raw["data"]["cache"].get("dir") and "://" not in storage:
+        raw["data"]["cache"]["dir"] = os.path.join(storage, ".data-cache")
     return raw
+
+
+def _prepare_once(config: Config, sources, storage: str) -> None:
+    """Prepare the data before the trials start, so that they all find it in the cache."""
+    from openclaw.data_prep import prepare
+    prepared, cache = prepare(sources, config, storage)
+    for name, p in prepared.items():
+        if cache:
+            print(f"openclaw: data.{name}: {p.source.num_rows} rows, "
+                  f"{'found in the cache' if p.cache == 'hit' else f'prepared in {p.prepare_s:.1f} s'}", flush=True)
+            cache.release(p.cache_key)
 
 
 def _row(result, metric: str, max_steps: int) -> dict[str, Any]:

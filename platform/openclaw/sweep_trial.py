@@ -37,9 +37,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, sweep_name: st
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str, storage: str, tracking_uri: str,
-              parent_run_id: str, datasets: dict[str, Any]) -> None:
-    """The Tune trainable (bound with `tune.with_parameters`). `datasets`: the sweep's data, read once by
-    its driver into the object store, which every trial shares."""
+              parent_run_id: str) -> None:
+    """The Tune trainable (bound with `tune.with_parameters`)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -54,6 +53,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str, 
         ray.tune.report({**done["metrics"], "step": done["step"], "already_finished": 1})
         return
     try:
-        train(config, callbacks=[TuneReportCallback()], datasets=datasets)
+        train(config, callbacks=[TuneReportCallback()])
     except RunStopped:  # the scheduler stopped it: its stop checkpoint is its last result
         pass

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from openclaw.config import Config
-from openclaw.data import column_to_numpy, table_from_shard
+from openclaw.data_stream import ShardedData
+from openclaw.shard_cache import ShardCache
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
@@ -26,7 +27,7 @@ from openclaw.preemption import CHECKPOINT, STOP, StopSignals, install_in_ray_wo
 from openclaw.saver import Saver, restore
 from openclaw.sampler import Sampler, batch_plan
 from openclaw.state import TrainState
-from openclaw.tasks import Batch, build_task
+from openclaw.tasks import build_task
 from openclaw.tracking import make_tracker
 
 log = logging.getLogger("openclaw")
@@ -53,28 +54,6 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 # ---- data -----------------------------------------------------------------------------------------
-
-class TensorData:
-    """A dataset shard held as tensors, indexed by sample position (the sampler decides the order)."""
-
-    def __init__(self, shard, features: str, label: str | None, pin: bool = False):
-        cols = [features] + ([label] if label else [])
-        table = table_from_shard(shard, cols)
-        self.x = torch.from_numpy(np.array(column_to_numpy(table.column(features)), order="C"))  # writable copy
-        self.y = torch.from_numpy(np.array(column_to_numpy(table.column(label)))) if label else None
-        if pin:
-            self.x, self.y = self.x.pin_memory(), (self.y.pin_memory() if self.y is not None else None)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def batch(self, positions: np.ndarray) -> Batch:
-        idx = torch.from_numpy(np.asarray(positions, dtype=np.int64))
-        out = {"x": self.x[idx]}
-        if self.y is not None:
-            out["y"] = self.y[idx]
-        return out
-
 
 class SampleLog:
     """`train.record_samples`: the sample positions every step trained on, for audits of the data order.
@@ -112,16 +91,25 @@ def _allreduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def evaluate(engine: Engine, data: TensorData, micro: int, world: int, rank: int) -> dict[str, float]:
+def evaluate(engine: Engine, data: ShardedData, micro: int, world: int, rank: int) -> dict[str, float]:
     """Every worker scores a strided share of the validation set; sums are reduced across workers."""
-    mine = np.arange(rank, len(data), world)
-    sums = engine.evaluate(data.batch(mine[i:i + micro]) for i in range(0, len(mine), micro))
+    sums = engine.evaluate(data.sequential(np.arange(rank, len(data), world), micro))
     keys = sorted(set(sums) | {"loss", "count"})
     totals = dict(zip(keys, _allreduce([sums.get(k, 0.0) for k in keys], engine.device)))
     out = {"val/loss": totals["loss"] / max(1.0, totals["count"])}
     if "correct" in totals:
         out["val/accuracy"] = totals["correct"] / max(1.0, totals["count"])
     return out
+
+
+def open_datasets(data: dict[str, Any], config: Config, pin: bool) -> tuple[ShardedData, ShardedData | None]:
+    """The train (and val) shards this run reads, held at most two shuffle windows at a time."""
+    d = config.data
+    cache = ShardCache(d.shard_cache.dir, d.shard_cache.max_bytes)
+    resident = 2 * d.shuffle_window_shards
+    opened = {k: ShardedData(v["spec"], v["shards"], d.features, d.label, s3=d.s3, shard_cache=cache,
+                             max_resident=resident, pin=pin) for k, v in data.items()}
+    return opened["train"], opened.get("val")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -144,11 +132,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     G = plan.global_batch_size
 
     # ---- data
-    pin = device.type == "cuda"
-    train = TensorData(ray.train.get_dataset_shard("train"), config.data.features, config.data.label, pin)
-    val = TensorData(ray.train.get_dataset_shard("val"), config.data.features, config.data.label, pin) \
-        if config.data.val else None
-    sampler = Sampler(len(train), G, micro, config.seed, world, rank)
+    train, val = open_datasets(loop_config["data"], config, pin=device.type == "cuda")
+    sampler = Sampler(len(train), G, micro, config.seed, world, rank, train.shard_rows(),
+                      config.data.shuffle_window_shards)
 
     # ---- model and engine
     torch.manual_seed(config.seed)
@@ -178,13 +164,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     eta_t0, eta_step = window_t0, state.step
     loop_t0, first_step = window_t0, state.step
     clock, advised = StepClock(), False
-    tokens_per_sample = train.x.shape[1] - 1 if config.task == "language_modeling" else None
+    tokens_per_sample = train.batch(np.zeros(1))["x"].shape[1] - 1 if config.task == "language_modeling" else None
     flops_per_token = getattr(engine._unwrapped(), "flops_per_token", lambda: None)()
     peak = peak_flops(device)
     system_metrics(device)  # primes psutil's CPU counter
     while state.step < t.max_steps:
         step = state.step
         positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
+        train.prefetch(sampler.next_window_shards(epoch, offset))  # read while this step computes
         vote = stops.start(saver.ready())  # agreed on while the step computes
         if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
             t0 = perf_now()
@@ -223,10 +210,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
                             "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps)}
             perf = clock.window(n, tokens_per_sample, flops_per_token, peak, world)
+            perf["perf/ingest_rows_per_s"] = train.ingest_rows_per_s()
+            read_share = train.take_wait_s() / clock.data_s if clock.data_s else 0.0
             tracker.log_metrics({**last_metrics, **perf, **per_node_metrics(totals[2:])}, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
                               "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * wall_step_s})
-            advice = None if advised else data_wait_advice(perf["perf/data_wait_frac"])
+            advice = None if advised else data_wait_advice(perf["perf/data_wait_frac"], read_share)
             if advice:
                 tracker.progress({"message": advice})
                 advised = True
@@ -255,6 +244,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if stop and answer_stop(stop, state.step, stops, tracker):
             break
     stops.close()
+    train.close()
     tracker.close()
 
 

@@ -1,0 +1,189 @@
+"""Driver side: prepare each dataset before training, as Ray Data tasks, through the prepared-data cache.
+
+Preparation runs when `data.transforms` is set (their output is cached) or under `data.on_bad_shard:
+skip` (every shard is read through once, and the bad ones are left out, before sample ids are fixed).
+One Ray Data task per shard reads it (from the node's shard cache when it is remote) a row group at a
+time, runs the transforms and writes `part-<shard>.parquet`: output files keep the source's order, so
+sample ids are stable, and a bad shard is known by name. Training then streams the cached shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from openclaw.config import Config
+from openclaw.data import Shard, Source, check_columns
+from openclaw.errors import DataError
+from openclaw.filesystems import filesystem_for, is_remote
+from openclaw.prep_cache import PrepCache
+from openclaw.shard_cache import ShardCache
+from openclaw.transforms import apply_to_table, code_version
+
+
+@dataclass
+class Prepared:
+    """A dataset as training reads it, and what its preparation did (for lineage)."""
+    source: Source
+    raw: Source
+    cache: str = "off"
+    """`hit`, `miss`, or `off` (nothing to prepare)."""
+    cache_key: str | None = None
+    prepare_s: float = 0.0
+    evicted: list[str] = field(default_factory=list)
+
+
+def needs_preparation(config: Config) -> bool:
+    return bool(config.data.transforms) or config.data.on_bad_shard == "skip"
+
+
+def fingerprint(source: Source, config: Config) -> str:
+    """The cache key: the source's files, the transforms and their code, and the bad-shard policy."""
+    d = config.data
+    payload = {"files": [[s.path, s.size, s.mtime_ns] for s in source.shards],
+               "skipped": [p for p, _ in source.skipped],
+               "transforms": [t.model_dump() for t in d.transforms], "code": code_version(d.transforms),
+               "on_bad_shard": d.on_bad_shard, "endpoint": d.s3.endpoint_url}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_dir(config: Config, storage: str) -> str:
+    if config.data.cache.dir:
+        return config.data.cache.dir
+    if "://" in storage:
+        raise DataError("`data.transforms` (or `data.on_bad_shard: skip`) needs a local or shared folder for the "
+                        "prepared data; set `data.cache.dir`.")
+    return os.path.join(storage, ".data-cache")
+
+
+def check_transforms(source: Source, config: Config) -> pa.Schema:
+    """Run the transforms on a few rows of the first shard, before anything starts: a transform that
+    fails, or an output without the training columns, is reported now. Returns the output schema."""
+    first = source.shards[0]
+    head = pq.ParquetFile(first.path, filesystem=source.filesystem).read_row_group(0).slice(0, 64)
+    try:
+        out = apply_to_table(head, config.data.transforms)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"`data.transforms` failed on the first rows of {first.path}: {type(e).__name__}: {e}") from None
+    return out.schema
+
+
+def prepare(sources: dict[str, Source], config: Config, storage: str) -> tuple[dict[str, Prepared], PrepCache | None]:
+    """Each source as training reads it: prepared (or found in the cache) when `needs_preparation`."""
+    if not needs_preparation(config):
+        return {k: Prepared(s, s) for k, s in sources.items()}, None
+    cache = PrepCache(cache_dir(config, storage), config.data.cache.max_bytes)
+    out = {}
+    for name, src in sources.items():
+        key = fingerprint(src, config)
+        entry = cache.acquire(key, lambda tmp, src=src: _prepare_source(src, config, tmp))
+        prepared = _prepared_source(src, entry.path, entry.manifest, transformed=bool(config.data.transforms))
+        check_columns(prepared, config.data.features, config.data.label)
+        out[name] = Prepared(prepared, src, "hit" if entry.hit else "miss", key, entry.manifest["prepare_s"],
+                             entry.evicted)
+    return out, cache
+
+
+def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transformed: bool) -> Source:
+    skipped = tuple((p, why) for p, why in manifest["skipped"])
+    if not transformed:  # verified only: train on the good source shards themselves
+        good = {s["source"] for s in manifest["shards"]}
+        return raw.with_shards(tuple(s for s in raw.shards if s.path in good), skipped)
+    shards = tuple(Shard(os.path.join(folder, s["file"]), s["rows"], s["bytes"], 0)
+                   for s in manifest["shards"] if s["rows"])
+    if not shards:
+        raise DataError(f"`{raw.key}`: no rows left after preparing {raw.spec}"
+                        + (f" ({len(skipped)} bad shard(s) skipped; the first: {skipped[0][1]})." if skipped else "."))
+    schema = pq.read_schema(shards[0].path)
+    return Source(raw.key, folder, shards, filesystem_for(folder)[0], schema, raw.skipped + skipped)
+
+
+def _prepare_source(src: Source, config: Config, tmp: str) -> dict[str, Any]:
+    import ray.data
+    t0 = time.perf_counter()
+    d = config.data
+    items = [{"i": i, "path": s.path, "size": s.size, "mtime_ns": s.mtime_ns} for i, s in enumerate(src.shards)]
+    task = _ShardTask(src.spec, d.s3.model_dump(), d.transforms, tmp, d.shard_cache.dir, d.shard_cache.max_bytes)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    results = sorted(ray.data.from_items(items, override_num_blocks=len(items)).map(task).take_all(),
+                     key=lambda r: r["i"])
+    shards, skipped = [], []
+    for r in results:
+        if r.get("fatal"):
+            raise DataError(r["fatal"])
+        if r["error"] is None:
+            shards.append({"source": r["path"], "file": r["file"], "rows": r["rows"], "bytes": r["bytes"]})
+        elif d.on_bad_shard == "skip":
+            skipped.append([r["path"], r["error"]])
+        else:
+            raise DataError(f"`{src.key}`: {r['error']}. Re-create the shard, or set `data.on_bad_shard: skip` to "
+                            f"train without it.")
+    return {"source": src.uri, "shards": shards, "skipped": skipped, "rows": sum(s["rows"] for s in shards),
+            "transforms": [t.model_dump() for t in d.transforms], "prepare_s": time.perf_counter() - t0}
+
+
+class _ShardTask:
+    """One shard: read it a row group at a time, transform, write (or, with no transforms, only read)."""
+
+    def __init__(self, spec: str, s3: dict, transforms: list, out_dir: str, shard_cache_dir: str | None,
+                 shard_cache_bytes: int):
+        self.spec, self.s3, self.transforms, self.out_dir = spec, s3, transforms, out_dir
+        self.shard_cache = (shard_cache_dir, shard_cache_bytes) if is_remote(spec) else None
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        fs, _ = filesystem_for(self.spec, self.s3)
+        out = {"i": item["i"], "path": item["path"], "file": None, "rows": 0, "bytes": 0, "error": None,
+               "fatal": None}
+        try:
+            if self.shard_cache:
+                body = ShardCache(*self.shard_cache).read(fs, item["path"], item["size"], item["mtime_ns"])
+                reader = pq.ParquetFile(pa.BufferReader(body))
+            else:
+                reader = pq.ParquetFile(item["path"], filesystem=fs)
+            tables = (reader.read_row_group(g) for g in range(reader.num_row_groups))
+            if not self.transforms:
+                out["rows"] = sum(t.num_rows for t in tables)
+                return out
+            out["file"] = f"part-{item['i']:05d}.parquet"
+            path = os.path.join(self.out_dir, out["file"])
+            writer = None
+            for table in tables:
+                table = _transform(table, self.transforms, item["path"])
+                if writer is None:
+                    writer = pq.ParquetWriter(path, table.schema)
+                writer.write_table(table)
+                out["rows"] += table.num_rows
+            if writer is not None:
+                writer.close()
+                out["bytes"] = os.path.getsize(path)
+        except (pa.ArrowException, OSError) as e:
+            out["error"] = f"shard {item['path']} could not be read ({type(e).__name__}: {' '.join(str(e).split())})"
+            if out["file"]:
+                _unlink(os.path.join(self.out_dir, out["file"]))
+        except DataError as e:  # a transform that does not fit the data: no policy skips that
+            out["fatal"] = str(e)
+        return out
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _transform(table: pa.Table, transforms: list, path: str) -> pa.Table:
+    try:
+        return apply_to_table(table, transforms)
+    except DataError as e:
+        raise DataError(f"{e} (shard {path})") from None

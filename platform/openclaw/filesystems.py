@@ -1,0 +1,41 @@
+"""pyarrow filesystems for dataset specs: a local path, or a URI with its object-store settings.
+
+Credentials come from `data.s3` or the standard AWS environment variables; they are passed to pyarrow
+and never printed or logged.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_remote(spec: str) -> bool:
+    return "://" in spec and not spec.startswith("file://")
+
+
+def filesystem_for(spec: str, s3: Any = None) -> tuple[pafs.FileSystem, str]:
+    """`(filesystem, path within it)` for a folder, glob, file or URI. `s3` is a `data.s3` section (or its
+    dict) used for `s3://` URIs."""
+    if spec.startswith("s3://"):
+        parsed = urlparse(spec)
+        return s3_filesystem(s3), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if "://" in spec:
+        return pafs.FileSystem.from_uri(spec)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(spec))
+
+
+def s3_filesystem(s3: Any = None) -> pafs.S3FileSystem:
+    cfg = s3.model_dump() if hasattr(s3, "model_dump") else dict(s3 or {})
+    endpoint = cfg.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"region": cfg.get("region") or os.environ.get("AWS_DEFAULT_REGION")
+                              or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+    if cfg.get("access_key_id"):
+        kwargs.update(access_key=cfg["access_key_id"], secret_key=cfg.get("secret_access_key"),
+                      session_token=cfg.get("session_token"))
+    return pafs.S3FileSystem(**kwargs)

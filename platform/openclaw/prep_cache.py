@@ -1,0 +1,130 @@
+"""The prepared-data cache: the transforms' output, kept as Parquet shards under `data.cache.dir`.
+
+An entry is a folder named by its key, a fingerprint of the source files (paths, sizes, modification
+times), the transform config and the transform code. Its lifecycle:
+
+    absent --(a run takes the key's lock exclusively)--> preparing in `.tmp/<key>-<uuid>/`
+           --(manifest written last, folder renamed into place: atomic)--> published
+           --(no run holds the key's lock; least recently used; cache over `max_bytes`)--> evicted
+
+A run holds a shared lock on its entry's key for as long as it trains on it, so eviction (which needs
+the lock exclusively) never removes an entry in use, and a second run preparing the same key waits for
+the first and then reads its entry: one valid entry, and nobody reads a half-written one.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Entry:
+    key: str
+    path: str
+    manifest: dict[str, Any]
+    hit: bool
+    """False when this run prepared it."""
+    evicted: list[str] = field(default_factory=list)
+
+
+class PrepCache:
+    def __init__(self, root: str, max_bytes: int):
+        self.root, self.max_bytes = os.path.abspath(os.path.expanduser(root)), max_bytes
+        for sub in ("entries", ".tmp", ".locks"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self._held: dict[str, int] = {}
+
+    def entry_path(self, key: str) -> str:
+        return os.path.join(self.root, "entries", key)
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The published entry's manifest, or None."""
+        try:
+            with open(os.path.join(self.entry_path(key), MANIFEST)) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def acquire(self, key: str, prepare: Callable[[str], dict[str, Any]]) -> Entry:
+        """The entry for `key`, prepared with `prepare(tmp_folder) -> manifest` on a miss, and held in use
+        (shared lock) until `release(key)`. Then evicts other unused entries to fit `max_bytes`."""
+        fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            manifest, hit = self.lookup(key), True
+            if manifest is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # one preparer per key; others wait here, then find it published
+                manifest = self.lookup(key)
+                if manifest is None:
+                    manifest, hit = self._prepare(key, prepare), False
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held[key] = fd
+        os.utime(os.path.join(self.entry_path(key), MANIFEST))  # recency, for eviction
+        return Entry(key, self.entry_path(key), manifest, hit, self.evict(keep=key))
+
+    def release(self, key: str) -> None:
+        fd = self._held.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _prepare(self, key: str, prepare: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        tmp = os.path.join(self.root, ".tmp", f"{key}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(tmp)
+        try:
+            t0 = time.perf_counter()
+            manifest = dict(prepare(tmp), key=key, created=time.time())
+            manifest.setdefault("prepare_s", time.perf_counter() - t0)
+            manifest["bytes"] = _folder_bytes(tmp)
+            with open(os.path.join(tmp, MANIFEST), "w") as f:  # last: a folder without it is not an entry
+                json.dump(manifest, f, indent=1)
+            os.rename(tmp, self.entry_path(key))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    def evict(self, keep: str | None = None) -> list[str]:
+        """Remove least-recently-used entries no run holds until the cache fits `max_bytes`."""
+        entries = []
+        for key in os.listdir(os.path.join(self.root, "entries")):
+            manifest = os.path.join(self.entry_path(key), MANIFEST)
+            try:
+                entries.append((os.stat(manifest).st_mtime, key, _folder_bytes(self.entry_path(key))))
+            except FileNotFoundError:
+                continue
+        total, evicted = sum(e[2] for e in entries), []
+        for _, key, size in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if key == keep or key in self._held:
+                continue
+            fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a run is training on it
+                os.close(fd)
+                continue
+            try:
+                doomed = os.path.join(self.root, ".tmp", f"evict-{key}-{uuid.uuid4().hex[:8]}")
+                os.rename(self.entry_path(key), doomed)  # gone from view at once, then deleted
+                shutil.rmtree(doomed, ignore_errors=True)
+            finally:
+                os.close(fd)
+            total -= size
+            evicted.append(key)
+        return evicted
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)

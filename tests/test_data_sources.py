@@ -1,0 +1,99 @@
+"""Object-store sources (a real S3-compatible server on loopback) and each node's shard cache; the
+worker's shard stream. No Ray: these are the pieces the workers and the preparation tasks use."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from openclaw.data import resolve
+from openclaw.data_stream import ShardedData, shard_specs
+from openclaw.errors import DataError
+from openclaw.shard_cache import ShardCache
+
+
+def _stream(src, cache=None, resident=0):
+    return ShardedData(src.spec, shard_specs(src.shards), "x", "y", s3=None, shard_cache=cache, max_resident=resident)
+
+
+def test_stream_ids_follow_file_order_with_bounded_residency(tmp_path):
+    for i in range(12):  # shards of very different sizes
+        rows = 2_000 if i % 3 == 0 else 50
+        pq.write_table(pa.table({"x": np.arange(rows, dtype=np.int64) + i * 1_000_000, "y": np.full(rows, i)}),
+                       tmp_path / f"part-{i:03d}.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    data = _stream(src, resident=3)
+    want = pq.read_table(sorted(tmp_path.glob("*.parquet"))).column("x").to_numpy()
+    ids = np.random.default_rng(0).permutation(len(data))
+    for chunk in np.array_split(ids[:3000], 30):  # random ids: every batch touches several shards
+        assert np.array_equal(data.batch(np.sort(chunk[:2]))["x"].numpy(), want[np.sort(chunk[:2])])
+        assert len(data._resident) <= 3
+    batch = data.batch(ids[:500])
+    assert np.array_equal(batch["x"].numpy(), want[ids[:500]]) and len(data._resident) <= 3 + 12
+    seq = np.concatenate([b["x"].numpy() for b in data.sequential(np.arange(len(data)), 256)])
+    assert np.array_equal(seq, want)
+
+
+def test_s3_source_streams_through_the_node_cache_and_rereads_without_the_network(s3_server, digits_dir, tmp_path):
+    uri = s3_server.upload(digits_dir / "train", "bkt/digits/train")
+    s3 = {"endpoint_url": s3_server.endpoint}
+    src = resolve(uri, "data.train", s3)
+    local = resolve(str(digits_dir / "train"), "data.train")
+    assert len(src.shards) == 4 and src.num_rows == local.num_rows == 1438
+    ids = np.random.default_rng(1).permutation(src.num_rows)[:300]
+    want = _stream(local).batch(ids)
+
+    cache = ShardCache(str(tmp_path / "shards"), max_bytes=10**9)
+    remote = ShardedData(uri, shard_specs(src.shards), "x", "y", s3=s3, shard_cache=cache)
+    got = remote.batch(ids)
+    assert all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in ("x", "y"))
+    assert (cache.stats.misses, cache.stats.hits, cache.stats.bytes_fetched) == (4, 0, src.num_bytes)
+
+    # a damaged local copy fails its CRC and is fetched again, not trained on
+    copy = next(p for p in (tmp_path / "shards").glob("*.parquet"))
+    body = bytearray(copy.read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    copy.write_bytes(bytes(body))
+    again = ShardCache(str(tmp_path / "shards"), max_bytes=10**9)
+    ShardedData(uri, shard_specs(src.shards), "x", "y", s3=s3, shard_cache=again).batch(ids)
+    assert (again.stats.misses, again.stats.hits) == (1, 3)
+
+    s3_server.stop()  # no network from here on
+    offline = ShardCache(str(tmp_path / "shards"), max_bytes=10**9)
+    got = ShardedData(uri, shard_specs(src.shards), "x", "y", s3=s3, shard_cache=offline).batch(ids)
+    assert np.array_equal(got["x"].numpy(), want["x"].numpy()) and offline.stats.hits == 4
+
+
+def test_shard_cache_evicts_least_recently_used_to_its_limit(s3_server, digits_dir, tmp_path):
+    uri = s3_server.upload(digits_dir / "train", "bkt/d")
+    src = resolve(uri, "data.train", {"endpoint_url": s3_server.endpoint})
+    limit = src.shards[0].size * 2 + 10  # room for two shards
+    cache = ShardCache(str(tmp_path / "shards"), max_bytes=limit)
+    data = ShardedData(uri, shard_specs(src.shards), "x", "y", s3={"endpoint_url": s3_server.endpoint},
+                       shard_cache=cache, max_resident=1)
+    for i, s in enumerate(src.shards):  # read shards 0, 1, 2, 3 in turn
+        data.batch(np.array([sum(x.rows for x in src.shards[:i])]))
+    cached = sorted((tmp_path / "shards").glob("*.parquet"))
+    assert len(cached) == 2 and sum(p.stat().st_size for p in cached) <= limit
+    assert len(cache.stats.evicted) == 2
+    # the two newest (2 and 3) stay: shard 2 comes from disk, shard 0 from the network again
+    data.batch(np.array([sum(x.rows for x in src.shards[:2])]))
+    assert (cache.stats.hits, cache.stats.misses) == (1, 4)
+    data.batch(np.array([0]))
+    assert (cache.stats.hits, cache.stats.misses) == (1, 5)
+
+
+def test_unreachable_endpoint_says_what_to_check(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(DataError, match=r"`data.train`: cannot reach s3://bkt/x .*data.s3.endpoint_url"):
+        resolve("s3://bkt/x", "data.train", {"endpoint_url": "http://127.0.0.1:9"})
+
+
+def test_a_shard_that_breaks_at_read_time_is_named(tmp_path):
+    pq.write_table(pa.table({"x": np.arange(100, dtype=np.float32), "y": np.arange(100)}), tmp_path / "part-0.parquet")
+    body = bytearray((tmp_path / "part-0.parquet").read_bytes())
+    body[8:60] = b"\xab" * 52  # page headers destroyed; the footer still reads
+    (tmp_path / "part-0.parquet").write_bytes(bytes(body))
+    src = resolve(str(tmp_path), "data.train")  # footers pass
+    with pytest.raises(DataError, match=r"shard .*part-0.parquet could not be read \(.*page header.*on_bad_shard: skip"):
+        _stream(src).batch(np.arange(4))

@@ -1,0 +1,141 @@
+"""The transforms and the prepared-data cache, without Ray: keys, atomic publication, one preparer per
+key across processes, and LRU eviction that never removes an entry in use."""
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import digits_config
+from openclaw.config import load_config
+from openclaw.data import resolve
+from openclaw.data_config import DataConfig
+from openclaw.data_prep import fingerprint
+from openclaw.errors import DataError
+from openclaw.prep_cache import PrepCache
+from openclaw.transforms import apply_to_table
+
+
+def _transforms(*items):
+    return DataConfig(train="x", transforms=list(items)).transforms
+
+
+def test_builtin_transforms_make_one_tensor_column():
+    table = pa.table({"f0": [1.0, 2.0], "f1": [3.0, 4.0], "label": [0, 1], "text": ["abcdefg", "hij"]})
+    out = apply_to_table(table.drop(["text"]), _transforms(
+        {"op": "to_tensor", "prefix": "f", "out": "x"}, {"op": "normalize", "column": "x", "mean": 1.0, "std": 2.0},
+        {"op": "cast", "column": "label", "dtype": "int64"}))
+    assert out.schema.field("x").type == pa.list_(pa.float32(), 2) and set(out.column_names) == {"x", "label"}
+    assert out.column("x").to_pylist() == [[0.0, 1.0], [0.5, 1.5]]
+    tokens = apply_to_table(table.select(["text"]), _transforms({"op": "tokenize_bytes", "column": "text",
+                                                                 "seq_len": 4}))
+    assert tokens.column("x").to_pylist() == [list(b"abcde"), list(b"fghij")]  # 10 bytes -> 2 windows of 5
+
+
+def test_user_transform_and_errors_name_the_transform_and_column(tmp_path, monkeypatch):
+    (tmp_path / "my_prep.py").write_text("def double(batch, factor=2):\n"
+                                         "    return {**batch, 'x': batch['x'] * factor}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = apply_to_table(pa.table({"x": [1.0, 2.0]}), _transforms({"op": "map_batches", "fn": "my_prep:double",
+                                                                   "kwargs": {"factor": 3}}))
+    assert out.column("x").to_pylist() == [3.0, 6.0]
+    with pytest.raises(DataError, match=r"#1 \(normalize\): column 'z' is not in the data \(columns: x\)"):
+        apply_to_table(pa.table({"x": [1.0]}), _transforms({"op": "cast", "column": "x", "dtype": "float32"},
+                                                           {"op": "normalize", "column": "z"}))
+
+
+def test_cache_key_changes_with_the_source_the_transforms_and_their_code(digits_dir, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in (digits_dir / "train").glob("*.parquet"):
+        (data / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "prep_fn.py").write_text("def f(batch):\n    return batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = digits_config(digits_dir, tmp_path, "sqlite:///x.db", **{"data.train": str(data), "data.transforms": [
+        {"op": "map_batches", "fn": "prep_fn:f"}]})
+    key = fingerprint(resolve(str(data), "data.train"), cfg)
+    assert fingerprint(resolve(str(data), "data.train"), cfg) == key  # stable
+    other = digits_config(digits_dir, tmp_path, "sqlite:///x.db", **{"data.train": str(data), "data.transforms": [
+        {"op": "map_batches", "fn": "prep_fn:f", "kwargs": {"a": 1}}]})
+    assert fingerprint(resolve(str(data), "data.train"), other) != key  # transform config
+    os.utime(data / "part-00001.parquet", ns=(1, 1))
+    assert fingerprint(resolve(str(data), "data.train"), cfg) != key  # a source file changed
+    key = fingerprint(resolve(str(data), "data.train"), cfg)
+    import sys
+    (tmp_path / "prep_fn.py").write_text("def f(batch):\n    return dict(batch)\n")
+    sys.modules.pop("prep_fn", None)
+    assert fingerprint(resolve(str(data), "data.train"), cfg) != key  # the transform's code changed
+
+
+def _prepare_slowly(root, key, log):
+    cache = PrepCache(root, 10**9)
+
+    def prepare(tmp):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        pq.write_table(pa.table({"x": [1, 2, 3]}), os.path.join(tmp, "part-00000.parquet"))
+        time.sleep(0.5)  # a window in which a reader of a half-written entry would see one
+        return {"shards": [{"file": "part-00000.parquet", "rows": 3}]}
+
+    entry = cache.acquire(key, prepare)
+    assert pq.read_table(os.path.join(entry.path, "part-00000.parquet")).num_rows == 3
+    cache.release(key)
+
+
+def test_two_processes_preparing_one_key_make_one_entry(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    log = tmp_path / "prepared_by.txt"
+    procs = [ctx.Process(target=_prepare_slowly, args=(str(tmp_path / "c"), "k1", str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(log.read_text().split()) == 1  # one preparer; the others waited and read its entry
+    assert os.listdir(tmp_path / "c" / "entries") == ["k1"] and os.listdir(tmp_path / "c" / ".tmp") == []
+
+
+def test_failed_preparation_leaves_no_entry(tmp_path):
+    cache = PrepCache(str(tmp_path), 10**9)
+
+    def boom(tmp):
+        pq.write_table(pa.table({"x": [1]}), os.path.join(tmp, "part-00000.parquet"))
+        raise RuntimeError("transform crashed")
+
+    with pytest.raises(RuntimeError):
+        cache.acquire("k", boom)
+    assert cache.lookup("k") is None and os.listdir(tmp_path / ".tmp") == []
+    assert cache.acquire("k", lambda tmp: {"shards": []}).hit is False
+
+
+def test_lru_eviction_never_removes_an_entry_in_use(tmp_path):
+    def entry(n):
+        def prepare(tmp):
+            pq.write_table(pa.table({"x": np.zeros(n)}), os.path.join(tmp, "part-00000.parquet"))
+            return {}
+        return prepare
+
+    root = str(tmp_path / "c")
+    other_run = PrepCache(root, 10**9)
+    one_entry = other_run.acquire("in-use", entry(1000)).manifest["bytes"]  # another run trains on it (locked)
+    ours = PrepCache(root, 10**9)
+    for key in ("a", "b"):
+        ours.acquire(key, entry(1000))
+        ours.release(key)
+    os.utime(os.path.join(root, "entries", "a", "manifest.json"), (1, 1))  # "a" is the least recently used
+    os.utime(os.path.join(root, "entries", "in-use", "manifest.json"), (0, 0))  # older still, but in use
+    ours.max_bytes = int(1.5 * one_entry)  # room for one entry of the four
+    got = ours.acquire("c", entry(1000))
+    assert got.evicted == ["a", "b"]  # least recently used first; the older "in-use" and our own "c" stay
+    assert sorted(os.listdir(os.path.join(root, "entries"))) == ["c", "in-use"]
+    other_run.release("in-use")
+    assert "in-use" in ours.evict(keep="c")  # released: now it may go
+
+
+def test_transforms_are_validated_with_the_config(tmp_path):
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError, match="transforms"):
+        load_config(base={"data": {"train": "x", "transforms": [{"op": "normalise", "column": "x"}]}})
