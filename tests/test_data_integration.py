@@ -78,3 +78,38 @@ def test_a_bad_shard_fails_preparation_naming_it(ray_local, digits_dir, tmp_path
         "data.train": str(folder), "data.transforms": [{"op": "cast", "column": "y", "dtype": "int64"}]})
     with pytest.raises(DataError, match=r"shard .*part-00009.parquet could not be read.*on_bad_shard: skip"):
         openclaw.train(cfg)
+
+
+BIG_RUN = r"""
+import json, sys
+import ray
+import openclaw
+ray.init(address="local", num_cpus=4, object_store_memory={store}, include_dashboard=False, log_to_driver=False)
+result = openclaw.train(openclaw.load_config(base=json.loads(sys.argv[1])))
+print("RESULT", json.dumps(result.metrics))
+"""
+
+
+def test_a_dataset_five_times_the_object_store_streams_through_a_whole_epoch(tmp_path):
+    """Workers hold two shuffle windows, never the dataset, and the object store carries no samples."""
+    import subprocess
+    import sys
+
+    from conftest import prepare
+    store = 80 * 2**20
+    data = prepare("synthetic", tmp_path / "big", "--rows", "1600000", "--features", "64", "--shards", "16")
+    size = sum(p.stat().st_size for p in (data / "train").glob("*.parquet"))
+    assert size > 5 * store
+    cfg = {"name": "big", "model": {"name": "mlp", "kwargs": {"in_features": 64, "hidden": 32, "depth": 1,
+                                                              "num_classes": 10}},
+           "data": {"train": str(data / "train"), "shuffle_window_shards": 2},
+           "train": {"global_batch_size": 16384, "micro_batch_size": 8192, "max_steps": 97, "log_every": 97,
+                     "eval_every": 0},
+           "scaling": {"min_workers": 2, "max_workers": 2}, "checkpoint": {"storage": str(tmp_path / "runs"),
+                                                                          "every_steps": 97},
+           "tracking": {"enabled": False}}
+    out = subprocess.run([sys.executable, "-c", BIG_RUN.format(store=store), json.dumps(cfg)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert metrics["step"] == 97 and metrics["train/epoch"] == 0  # 97 x 16384 = 1,589,248 of 1.6 M: one epoch

@@ -43,9 +43,10 @@ def asha_sweep(ray_local, digits_dir, tmp_path_factory):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # A grid of a hopeless and a good learning rate, each with 3 warmups (Tune's grid varies the first key
     # in sorted order fastest, so they alternate): ASHA must cut the hopeless ones once it has seen a
-    # good one at the same step.
+    # good one at the same step. 300 steps: a trial trains on while Tune decides at its rung (ASHA is
+    # asynchronous), and the margin keeps a hopeless one from finishing before the stop reaches it.
     cfg = openclaw.load_config(SWEEP, sweep_overrides(digits_dir, tmp_path, mlflow_uri, **{
-        "train.max_steps": 200, "sweep.search": "grid", "sweep.num_samples": 1, "sweep.max_concurrent": 2,
+        "train.max_steps": 300, "sweep.search": "grid", "sweep.num_samples": 1, "sweep.max_concurrent": 2,
         "sweep.asha.grace_period_steps": 50, "sweep.space": {"train.optimizer.lr": {"choice": [1e-5, 3e-3]},
                                                              "train.schedule.warmup_steps": {"choice": [5, 10, 20]}}}))
     return openclaw.sweep(cfg), mlflow_uri, tmp_path
@@ -68,11 +69,11 @@ def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with
         assert k.info.status == "KILLED" and "Stopped early by the sweep's ASHA" in k.data.tags["mlflow.note.content"]
         row = next(t for t in result.trials if t["trial"] and k.data.tags["openclaw.name"].endswith(t["trial"]))
         mine = curves[k.info.run_id]  # evaluations every 50 steps, up to its stop checkpoint's step
-        assert sorted(mine) == list(range(50, max(mine) + 1, 50)) and max(mine) <= row["step"] < 200
+        assert sorted(mine) == list(range(50, max(mine) + 1, 50)) and max(mine) <= row["step"] < 300
         # ASHA cut it because it trailed: another trial did better at a step both evaluated.
         assert any(c.get(s, float("inf")) < v for c in curves.values() for s, v in mine.items())
     for k in by_outcome["finished"]:
-        assert k.info.status == "FINISHED" and [s for s, _ in history(client, k.info.run_id, "val/loss")][-1] == 200
+        assert k.info.status == "FINISHED" and [s for s, _ in history(client, k.info.run_id, "val/loss")][-1] == 300
 
     # Stopped trials shut their workers down: every CPU is free again (Tune killing a trial's actor left
     # its worker group's placement group behind, starving the tests after it).

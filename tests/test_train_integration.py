@@ -71,8 +71,10 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
 def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_and_end_bit_for_bit(ray_local, digits_dir, tmp_path,
                                                                              mlflow_uri):
     import random
+    # Shuffle windows of one shard: each worker holds two of the four shards, reads the next one ahead and
+    # evicts, so exact resume is checked on the streaming path.
     common = {"train.max_steps": 600, "checkpoint.every_steps": 50, "train.log_every": 10, "train.eval_every": 0,
-              "failure.max_failures": 3, "train.record_samples": True}
+              "failure.max_failures": 3, "train.record_samples": True, "data.shuffle_window_shards": 1}
     clean = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="clean", **common))
 
     # The faulty run saves in the background (checkpoint.async), the clean one synchronously.

@@ -60,13 +60,16 @@ class ShardedData:
         needed = np.unique(which)
         parts = {int(i): self._get(int(i)) for i in needed}
         self._trim(keep=set(parts))
-        if len(needed) == 1:
-            x, y = parts[int(needed[0])]
-            local = torch.from_numpy(ids - self.starts[needed[0]])
-            return self._pack(x[local], y[local] if y is not None else None)
         x0, y0 = parts[int(needed[0])]
-        x = torch.empty((len(ids), *x0.shape[1:]), dtype=x0.dtype)
-        y = torch.empty((len(ids), *y0.shape[1:]), dtype=y0.dtype) if y0 is not None else None
+        # Gathered straight into (pinned, on GPUs) batch tensors: one copy, and an async host-to-device one.
+        x = torch.empty((len(ids), *x0.shape[1:]), dtype=x0.dtype, pin_memory=self.pin)
+        y = torch.empty((len(ids), *y0.shape[1:]), dtype=y0.dtype, pin_memory=self.pin) if y0 is not None else None
+        if len(needed) == 1:
+            local = torch.from_numpy(ids - self.starts[needed[0]])
+            torch.index_select(x0, 0, local, out=x)
+            if y is not None:
+                torch.index_select(y0, 0, local, out=y)
+            return self._pack(x, y)
         for i in needed:
             mask = torch.from_numpy(which == i)
             local = torch.from_numpy(ids[which == i] - self.starts[i])
@@ -153,8 +156,7 @@ class ShardedData:
             arr = column_to_numpy(table.column(column))
         except (pa.ArrowException, ValueError) as e:
             raise DataError(f"shard {shard.path}, column {column!r}: cannot be read as a tensor ({e}).") from None
-        t = torch.from_numpy(np.array(arr, order="C"))  # a writable copy
-        return t.pin_memory() if self.pin else t
+        return torch.from_numpy(np.array(arr, order="C"))  # a writable copy
 
     @staticmethod
     def _pack(x: torch.Tensor, y: torch.Tensor | None) -> Batch:

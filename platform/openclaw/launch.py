@@ -207,8 +207,11 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
     """Run one training job to the end and return its run id, final checkpoint and metrics.
 
     A sweep's trial passes `callbacks` (more Ray Train controller callbacks: Tune's report callback)."""
+    import time
+
     from ray.util.queue import Queue
 
+    job_start = time.time()
     sources = preflight(config)
     uri, storage = tracking_uri(config), storage_path(config)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
@@ -238,7 +241,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
                               before_grow=lambda: _checkpoint_now(tracking, constants.checkpoint_before_grow_s()))
         watcher.start()
     loop_config = {"config": config.resolved(), "run_id": run_id, "tracking": tracking, "progress": progress,
-                   "run_dir": run_dir,
+                   "run_dir": run_dir, "job_start_time": job_start,
                    "data": {k: {"spec": p.source.spec, "shards": shard_specs(p.source.shards)}
                             for k, p in prepared.items()}}
     from mlflow.tracking import MlflowClient

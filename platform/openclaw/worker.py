@@ -163,7 +163,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window_t0, last_metrics = time.perf_counter(), {}
     eta_t0, eta_step = window_t0, state.step
     loop_t0, first_step = window_t0, state.step
-    clock, advised = StepClock(), False
+    clock, advised, first_step_s = StepClock(), False, None
     tokens_per_sample = train.batch(np.zeros(1))["x"].shape[1] - 1 if config.task == "language_modeling" else None
     flops_per_token = getattr(engine._unwrapped(), "flops_per_token", lambda: None)()
     peak = peak_flops(device)
@@ -181,6 +181,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             seed_step(config.seed, step, rank)
             stats = engine.train_step(step, batches)
             clock.add_step(data_s=t1 - t0, compute_s=perf_now() - t1)
+            if first_step_s is None:  # start-up cost, preparation included: what a cache hit saves
+                first_step_s = time.time() - loop_config.get("job_start_time", time.time())
             if samples_log:
                 samples_log.write(step, epoch, mine, stats.finite)
             stop, written = stops.finish(vote)
@@ -208,7 +210,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             eta_t0, eta_step = now, state.step
             last_metrics = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
                             "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
-                            "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps)}
+                            "train/global_batch_size": G, "train/skipped_batches": len(state.skipped_steps),
+                            **({"perf/time_to_first_step_s": first_step_s} if first_step_s is not None else {})}
             perf = clock.window(n, tokens_per_sample, flops_per_token, peak, world)
             perf["perf/ingest_rows_per_s"] = train.ingest_rows_per_s()
             read_share = train.take_wait_s() / clock.data_s if clock.data_s else 0.0

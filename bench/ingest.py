@@ -1,0 +1,153 @@
+"""Ingest: rows/s delivered as torch batches into a Ray Train worker, against a raw pyarrow scan of the
+same files in one process, measured in one run.
+
+    python bench/ingest.py [--rows 2000000] [--repeats 3]
+
+Two datasets: the issue's 2M x 33 float32 scalar columns in 8 shards, and token sequences (one
+fixed-size uint8 column, 129 tokens per row). The worker side is openclaw's own path: the platform's
+shuffled order (windows of shards), `ShardedData` reading shards ahead in a thread, batches of 1024 ids
+gathered into tensors. Cases:
+  - streaming: the token shards read straight from Parquet (one tensor column: no preparation);
+  - cache hit: the scalar-column shards after the `to_tensor` transform, read from the prepared cache.
+The raw side scans the source files in order (the anchor's `raw`: no shuffle, batches of 1024).
+Medians over `--repeats` alternating runs; the ratio is openclaw / raw.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO.parent / "shared" / "anchors"))
+
+BATCH = 1024
+
+
+def make_tokens(folder: Path, rows: int, shards: int = 8, seq: int = 129) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        n = rows // shards
+        tokens = rng.integers(0, 256, size=(n, seq), dtype=np.uint8)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), seq)
+        pq.write_table(pa.table({"x": col}), folder / f"part-{s:03d}.parquet", row_group_size=50_000)
+
+
+def raw_rows_per_s(files: list[str]) -> float:
+    """The anchor's raw scan; a tensor column is flattened to [N, D] instead of stacked."""
+    import torch
+    from ingest_raw_vs_raydata import raw
+    if pq.read_schema(files[0]).field(0).type.num_fields == 0:  # scalar columns
+        return raw(files, BATCH)
+    t, n = time.perf_counter(), 0
+    for f in files:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=BATCH):
+            col = rb.column(0)
+            x = torch.from_numpy(col.flatten().to_numpy().reshape(len(col), -1))
+            n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def worker_loop(cfg: dict) -> None:
+    """Inside a Ray Train worker: deliver one epoch in the platform's order, as the training loop does."""
+    import torch
+
+    from openclaw.data_stream import ShardedData
+    from openclaw.sampler import Sampler
+    torch.set_num_threads(1)
+    data = ShardedData(cfg["spec"], cfg["shards"], cfg["features"], None, max_resident=2 * cfg["window"])
+    sampler = Sampler(len(data), BATCH, BATCH, 0, 1, 0, data.shard_rows(), cfg["window"])
+    t, n, epoch, offset = time.perf_counter(), 0, 0, 0
+    for _ in range(len(data) // BATCH):
+        ids, epoch, offset = sampler.global_batch_at(epoch, offset)
+        data.prefetch(sampler.next_window_shards(epoch, offset))
+        n += len(data.batch(ids)["x"])
+        offset += BATCH
+    Path(cfg["out"]).write_text(json.dumps({"rows_per_s": n / (time.perf_counter() - t)}))
+    data.close()
+
+
+def worker_rows_per_s(spec: str, features: str, window: int, out: Path) -> float:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from openclaw.data import resolve
+    from openclaw.data_stream import shard_specs
+    src = resolve(spec, "data.train")
+    TorchTrainer(worker_loop, train_loop_config={"spec": spec, "shards": shard_specs(src.shards), "features": features,
+                                                 "window": window, "out": str(out)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 run_config=ray.train.RunConfig(storage_path=str(out.parent / "ray"), name=f"ingest-{time.time_ns()}",
+                                                logging_config=ray.train.LoggingConfig(log_level="WARNING"))).fit()
+    return json.loads(out.read_text())["rows_per_s"]
+
+
+def prepared_scalar_columns(src: Path, work: Path) -> str:
+    """The 33-column shards after `to_tensor` (f0..f31 -> x), prepared once through the cache."""
+    from openclaw.config import load_config
+    from openclaw.data import resolve
+    from openclaw.data_prep import prepare
+    cfg = load_config(base={"data": {"train": str(src), "label": None, "cache": {"dir": str(work / "cache")},
+                                     "transforms": [{"op": "to_tensor", "prefix": "f", "out": "x"}]},
+                            "task": "language_modeling", "train": {"global_batch_size": BATCH,
+                                                                   "micro_batch_size": BATCH}})
+    t0 = time.perf_counter()
+    prepared, cache = prepare({"train": resolve(str(src), "data.train")}, cfg, str(work))
+    p = prepared["train"]
+    print(f"  prepared the scalar columns into one tensor column in {time.perf_counter() - t0:.1f} s "
+          f"(cache {p.cache})", flush=True)
+    cache.release(p.cache_key)
+    return p.source.spec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--token-rows", type=int, default=400_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--window", type=int, default=4, help="data.shuffle_window_shards")
+    ap.add_argument("--dir", default=None, help="where the datasets are made (default: a temporary folder)")
+    args = ap.parse_args()
+    import ray
+
+    from ingest_raw_vs_raydata import make
+    work = Path(args.dir or tempfile.mkdtemp(prefix="openclaw-ingest-"))
+    scalar, tokens = work / "scalar", work / "tokens"
+    if not scalar.exists():
+        scalar.mkdir(parents=True)
+        make(str(scalar), rows=args.rows)
+    if not tokens.exists():
+        make_tokens(tokens, args.token_rows)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    cases = {"tokens, streaming from Parquet": (str(tokens), "x"),
+             "2M x 33 columns, prepared-cache hit": (prepared_scalar_columns(scalar, work), "x")}
+    raw_files = {"tokens, streaming from Parquet": sorted(map(str, tokens.glob("*.parquet"))),
+                 "2M x 33 columns, prepared-cache hit": sorted(map(str, scalar.glob("*.parquet")))}
+    results = {}
+    for name, (spec, features) in cases.items():
+        raw_rates, ours = [], []
+        raw_rows_per_s(raw_files[name])  # warm the page cache
+        for _ in range(args.repeats):
+            raw_rates.append(raw_rows_per_s(raw_files[name]))
+            ours.append(worker_rows_per_s(spec, features, args.window, work / "out.json"))
+        r, o = statistics.median(raw_rates), statistics.median(ours)
+        results[name] = {"raw_rows_per_s": round(r), "openclaw_rows_per_s": round(o), "ratio": round(o / r, 3)}
+        print(f"{name}: raw pyarrow scan {r:,.0f} rows/s, openclaw into a Ray Train worker {o:,.0f} rows/s, "
+              f"ratio {o / r:.2f}  (medians of {args.repeats})", flush=True)
+    ray.shutdown()
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
