@@ -1,7 +1,7 @@
 """Prepared-data cache: time to the first training step with an expensive transform, on a cache miss
 and on a cache hit, measured in one run.
 
-    python bench/cache.py [--rows 200000] [--rounds 100] [--pairs 3]
+    python bench/cache.py [--rows 200000] [--rounds 1500] [--pairs 3]
 
 Each pair uses a fresh cache folder: run A prepares the data (miss), run B finds it (hit). The time is
 `perf/time_to_first_step_s`, from the start of `openclaw.train` to the end of the first step: data
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "bench"))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=100, help="tanh layers of the transform (its cost)")
+    ap.add_argument("--rounds", type=int, default=1500, help="tanh layers of the transform (its cost)")
     ap.add_argument("--pairs", type=int, default=3)
     args = ap.parse_args()
     import openclaw
@@ -55,7 +55,8 @@ def main() -> int:
         cache = work / f"cache-{i}"
         misses.append(openclaw.train(config(f"miss-{i}", cache)).metrics["perf/time_to_first_step_s"])
         hits.append(openclaw.train(config(f"hit-{i}", cache)).metrics["perf/time_to_first_step_s"])
-        print(f"pair {i}: miss {misses[-1]:.1f} s, hit {hits[-1]:.1f} s", flush=True)
+        prep = max(json.loads(m.read_text())["prepare_s"] for m in cache.glob("entries/*/manifest.json"))
+        print(f"pair {i}: miss {misses[-1]:.1f} s (of which preparation {prep:.1f} s), hit {hits[-1]:.1f} s", flush=True)
     miss, hit = statistics.median(misses), statistics.median(hits)
     print(f"time to first step with a {args.rounds}-round transform over {args.rows:,} rows: cache miss {miss:.1f} s, "
           f"cache hit {hit:.1f} s, hit is {miss / hit:.1f}x faster (medians of {args.pairs})", flush=True)

@@ -9,6 +9,7 @@ not depend on the world size or on which worker read what.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -71,12 +72,12 @@ class ShardedData:
                 torch.index_select(y0, 0, local, out=y)
             return self._pack(x, y)
         for i in needed:
-            mask = torch.from_numpy(which == i)
-            local = torch.from_numpy(ids[which == i] - self.starts[i])
+            where = np.flatnonzero(which == i)
+            at, local = torch.from_numpy(where), torch.from_numpy(ids[where] - self.starts[i])
             xs, ys = parts[int(i)]
-            x[mask] = xs[local]
+            x.index_copy_(0, at, xs.index_select(0, local))
             if y is not None:
-                y[mask] = ys[local]
+                y.index_copy_(0, at, ys.index_select(0, local))
         return self._pack(x, y)
 
     def prefetch(self, shards: Iterable[int]) -> None:
@@ -156,7 +157,11 @@ class ShardedData:
             arr = column_to_numpy(table.column(column))
         except (pa.ArrowException, ValueError) as e:
             raise DataError(f"shard {shard.path}, column {column!r}: cannot be read as a tensor ({e}).") from None
-        return torch.from_numpy(np.array(arr, order="C"))  # a writable copy
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        with warnings.catch_warnings():  # Arrow's buffer is read-only: shard tensors are only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
 
     @staticmethod
     def _pack(x: torch.Tensor, y: torch.Tensor | None) -> Batch:

@@ -139,6 +139,7 @@ class Sampler:
         self.accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
         self._slice = worker_slice(global_batch_size, world_size, rank)
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self._windows: tuple = (-1, [], np.empty(0))
 
     def global_batch(self, step: int) -> np.ndarray:
         """All positions global step `step` consumes, across all workers (a run with a fixed batch)."""
@@ -155,10 +156,13 @@ class Sampler:
 
     def next_window_shards(self, epoch: int, offset: int) -> np.ndarray:
         """The shards of the window after the one that position (epoch, offset) reads: what to prefetch."""
-        windows = shard_windows(self.seed, epoch, len(self.shard_rows), self.window_shards)
+        if self._windows[0] != epoch:
+            windows = shard_windows(self.seed, epoch, len(self.shard_rows), self.window_shards)
+            self._windows = (epoch, windows, window_bounds(self.shard_rows, windows))
+        _, windows, bounds = self._windows
         if len(windows) == 1:
             return windows[0]
-        k = int(np.searchsorted(window_bounds(self.shard_rows, windows), offset, side="right")) - 1
+        k = int(np.searchsorted(bounds, offset, side="right")) - 1
         if k + 1 < len(windows):
             return windows[k + 1]
         return shard_windows(self.seed, epoch + 1, len(self.shard_rows), self.window_shards)[0]

@@ -171,12 +171,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     while state.step < t.max_steps:
         step = state.step
         positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
-        train.prefetch(sampler.next_window_shards(epoch, offset))  # read while this step computes
         vote = stops.start(saver.ready())  # agreed on while the step computes
         if step not in state.skipped_steps:  # a batch skipped before a rollback stays skipped on the replay
             t0 = perf_now()
             mine = sampler.split(positions)
             batches = [train.batch(p) for p in mine]
+            train.prefetch(sampler.next_window_shards(epoch, offset))  # after this step's own shards
             t1 = perf_now()
             seed_step(config.seed, step, rank)
             stats = engine.train_step(step, batches)
