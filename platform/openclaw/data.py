@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,10 @@ import pyarrow.parquet as pq
 
 from openclaw.errors import DataError
 from openclaw.filesystems import filesystem_for
+
+
+FOOTER_READERS = 16
+"""Shard footers read at once when resolving a dataset (each is a request on an object store)."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,12 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     run with its name (`on_bad_shard: fail`) or is left out (`skip`)."""
     fs, root = filesystem_for(spec, s3)
     infos = _list_parquet(fs, root, spec, key)
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:  # one request each: in parallel for object stores
+        footers = list(pool.map(lambda i: _footer(fs, i.path), infos))
     schema, shards, skipped = None, [], []
-    for info in infos:
-        try:
-            meta = pq.ParquetFile(info.path, filesystem=fs).metadata
-        except (pa.ArrowInvalid, OSError) as e:
-            problem = f"shard {info.path} is not a readable Parquet file ({e})"
+    for info, meta in zip(infos, footers):
+        if isinstance(meta, Exception):
+            problem = f"shard {info.path} is not a readable Parquet file ({meta})"
             if on_bad_shard == "skip":
                 skipped.append((info.path, problem))
                 continue
@@ -96,6 +101,13 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     if source.num_rows == 0:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) but no rows.")
     return source
+
+
+def _footer(fs: pafs.FileSystem, path: str):
+    try:
+        return pq.ParquetFile(path, filesystem=fs).metadata
+    except (pa.ArrowInvalid, OSError) as e:
+        return e
 
 
 def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[pafs.FileInfo]:
