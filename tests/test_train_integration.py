@@ -180,7 +180,9 @@ def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_
     metrics = MlflowClient(mlflow_uri).get_run(result.run_id).data.metrics
     split = [metrics[f"perf/step_{k}_s"] for k in ("data", "compute", "checkpoint")]
     assert all(v >= 0 for v in split) and metrics["perf/step_compute_s"] > 0
-    assert 0 <= metrics["perf/data_wait_frac"] < 1
+    # The example's steps do not wait on data once its shards are in memory (the last window's figure).
+    assert 0 <= metrics["perf/data_wait_frac"] < 0.05 and metrics["perf/ingest_rows_per_s"] > 0
+    assert metrics["perf/time_to_first_step_s"] > 0
     assert metrics["perf/tokens_per_s"] == pytest.approx(metrics["perf/samples_per_s"] * 64, rel=1e-6)
     assert "perf/mfu" not in metrics  # no known peak on a CPU
     assert 0 < metrics["system/node0/memory_percent"] <= 100 and "system/node0/cpu_percent" in metrics
