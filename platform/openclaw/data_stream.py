@@ -48,6 +48,8 @@ class ShardedData:
         self._resident: OrderedDict[int, Future] = OrderedDict()  # shard -> its tensors, least recent first
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openclaw-shard-reader")
         self.read_s, self.rows_read, self.wait_s = 0.0, 0, 0.0
+        self._joined: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._joined_at = np.full(len(self.shards), -1, dtype=np.int64)  # shard -> its first row in _joined
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -58,27 +60,36 @@ class ShardedData:
     def batch(self, ids: np.ndarray) -> Batch:
         ids = np.asarray(ids, dtype=np.int64)
         which = np.searchsorted(self.starts, ids, side="right") - 1
-        needed = np.unique(which)
+        if self._joined is None or (self._joined_at[which] < 0).any():
+            self._join(np.unique(which))
+        rows = torch.from_numpy(self._joined_at[which] + ids - self.starts[which])
+        x_all, y_all = self._joined
+        # Gathered straight into (pinned, on GPUs) batch tensors: one copy, and an async host-to-device one.
+        x = torch.empty((len(ids), *x_all.shape[1:]), dtype=x_all.dtype, pin_memory=self.pin)
+        torch.index_select(x_all, 0, rows, out=x)
+        if y_all is None:
+            return {"x": x}
+        y = torch.empty((len(ids), *y_all.shape[1:]), dtype=y_all.dtype, pin_memory=self.pin)
+        torch.index_select(y_all, 0, rows, out=y)
+        return {"x": x, "y": y}
+
+    def _join(self, needed: np.ndarray) -> None:
+        """One tensor of every shard held (those `needed` read first), so that a batch is one gather
+        however many shards it draws from. Rebuilt when a batch needs a shard outside it: once per window."""
         parts = {int(i): self._get(int(i)) for i in needed}
         self._trim(keep=set(parts))
-        x0, y0 = parts[int(needed[0])]
-        # Gathered straight into (pinned, on GPUs) batch tensors: one copy, and an async host-to-device one.
-        x = torch.empty((len(ids), *x0.shape[1:]), dtype=x0.dtype, pin_memory=self.pin)
-        y = torch.empty((len(ids), *y0.shape[1:]), dtype=y0.dtype, pin_memory=self.pin) if y0 is not None else None
-        if len(needed) == 1:
-            local = torch.from_numpy(ids - self.starts[needed[0]])
-            torch.index_select(x0, 0, local, out=x)
-            if y is not None:
-                torch.index_select(y0, 0, local, out=y)
-            return self._pack(x, y)
-        for i in needed:
-            where = np.flatnonzero(which == i)
-            at, local = torch.from_numpy(where), torch.from_numpy(ids[where] - self.starts[i])
-            xs, ys = parts[int(i)]
-            x.index_copy_(0, at, xs.index_select(0, local))
-            if y is not None:
-                y.index_copy_(0, at, ys.index_select(0, local))
-        return self._pack(x, y)
+        for i, fut in self._resident.items():
+            if i not in parts and fut.done():
+                parts[i] = fut.result()
+        order = sorted(parts)
+        self._joined_at = np.full(len(self.shards), -1, dtype=np.int64)
+        offset = 0
+        for i in order:
+            self._joined_at[i] = offset
+            offset += self.shards[i].rows
+        x = torch.cat([parts[i][0] for i in order])
+        y = torch.cat([parts[i][1] for i in order]) if self.label else None
+        self._joined = (x, y)
 
     def prefetch(self, shards: Iterable[int]) -> None:
         """Start reading these shards in the background (those not already held), within the memory bound."""
@@ -162,7 +173,3 @@ class ShardedData:
         with warnings.catch_warnings():  # Arrow's buffer is read-only: shard tensors are only ever read
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
-
-    @staticmethod
-    def _pack(x: torch.Tensor, y: torch.Tensor | None) -> Batch:
-        return {"x": x} if y is None else {"x": x, "y": y}

@@ -218,7 +218,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.log_metrics({**last_metrics, **perf, **per_node_metrics(totals[2:])}, state.step)
             tracker.progress({"step": state.step, "max_steps": t.max_steps, "loss": loss_sum / n,
                               "samples_per_s": sps, "eta_s": (t.max_steps - state.step) * wall_step_s})
-            advice = None if advised else data_wait_advice(perf["perf/data_wait_frac"], read_share)
+            # Not on the attempt's first window: its first step reads the first window of shards, a start-up
+            # cost (in perf/time_to_first_step_s) that no knob hides.
+            warm = state.step - first_step > config.train.log_every
+            advice = None if advised or not warm else data_wait_advice(perf["perf/data_wait_frac"], read_share)
             if advice:
                 tracker.progress({"message": advice})
                 advised = True
