@@ -340,12 +340,10 @@ def _absolute_data_paths(raw: dict[str, Any], storage: str) -> dict[str, Any]:
 
 def _prepare_once(config: Config, sources, storage: str) -> None:
     """Prepare the data before the trials start, so that they all find it in the cache."""
-    from openclaw.data_prep import prepare
-    prepared, cache = prepare(sources, config, storage)
-    for name, p in prepared.items():
-        if cache:
-            print(f"openclaw: data.{name}: {p.source.num_rows} rows, "
-                  f"{'found in the cache' if p.cache == 'hit' else f'prepared in {p.prepare_s:.1f} s'}", flush=True)
+    from openclaw.launch import prepare_data
+    prepared, cache = prepare_data(config, sources, storage)
+    if cache:
+        for p in prepared.values():
             cache.release(p.cache_key)
 
 

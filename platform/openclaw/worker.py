@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from openclaw.config import Config
 from openclaw.data_stream import ShardedData
+from openclaw.filesystems import is_remote
 from openclaw.shard_cache import ShardCache
 from openclaw.engine import Engine, build_optimizer
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
@@ -105,7 +106,8 @@ def evaluate(engine: Engine, data: ShardedData, micro: int, world: int, rank: in
 def open_datasets(data: dict[str, Any], config: Config, pin: bool) -> tuple[ShardedData, ShardedData | None]:
     """The train (and val) shards this run reads, held at most two shuffle windows at a time."""
     d = config.data
-    cache = ShardCache(d.shard_cache.dir, d.shard_cache.max_bytes)
+    remote = any(is_remote(v["spec"]) for v in data.values())  # local data needs no node cache (nor its folder)
+    cache = ShardCache(d.shard_cache.dir, d.shard_cache.max_bytes) if remote else None
     resident = 2 * d.shuffle_window_shards
     opened = {k: ShardedData(v["spec"], v["shards"], d.features, d.label, s3=d.s3, shard_cache=cache,
                              max_resident=resident, pin=pin) for k, v in data.items()}
@@ -164,7 +166,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     eta_t0, eta_step = window_t0, state.step
     loop_t0, first_step = window_t0, state.step
     clock, advised, first_step_s = StepClock(), False, None
-    tokens_per_sample = train.batch(np.zeros(1))["x"].shape[1] - 1 if config.task == "language_modeling" else None
+    tokens_per_sample = None  # language modeling: known from the first batch (no extra read at start-up)
     flops_per_token = getattr(engine._unwrapped(), "flops_per_token", lambda: None)()
     peak = peak_flops(device)
     system_metrics(device)  # primes psutil's CPU counter
@@ -176,6 +178,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t0 = perf_now()
             mine = sampler.split(positions)
             batches = [train.batch(p) for p in mine]
+            if tokens_per_sample is None and config.task == "language_modeling":
+                tokens_per_sample = batches[0]["x"].shape[1] - 1
             train.prefetch(sampler.next_window_shards(epoch, offset))  # after this step's own shards
             t1 = perf_now()
             seed_step(config.seed, step, rank)
