@@ -98,3 +98,16 @@ def test_each_search_maps_to_tune():
     grid = tune_space(load_config(SWEEP, {"sweep.search": "grid", "sweep.space": {
         "model.kwargs.hidden": {"choice": [32, 64]}}}).sweep)
     assert grid == {"model.kwargs.hidden": {"grid_search": [32, 64]}}
+
+
+def test_the_best_trial_is_a_finished_one_unless_none_finished():
+    from openclaw.sweep_launch import FINISHED, STOPPED_EARLY, best_row
+    # The CI case: ASHA cut a trial at its 200-step rung; at step 250 its loss was below the finished ones'.
+    rows = [{"trial": "a", "outcome": FINISHED, "val/loss": 0.1093},
+            {"trial": "b", "outcome": STOPPED_EARLY, "val/loss": 0.1077},
+            {"trial": "c", "outcome": FINISHED, "val/loss": 0.1098}]
+    assert best_row(rows, "val/loss", "min")["trial"] == "a"
+    assert best_row(rows, "val/loss", "max")["trial"] == "c"
+    stopped = [r for r in rows if r["outcome"] == STOPPED_EARLY] + [{"trial": "d", "outcome": STOPPED_EARLY,
+                                                                      "val/loss": 2.3}]
+    assert best_row(stopped, "val/loss", "min")["trial"] == "b"

@@ -220,7 +220,7 @@ class SweepTracker(Callback):
             done = [r for r in rows if r["outcome"] in (FINISHED, STOPPED_EARLY) and r[self.metric] is not None]
             if not done:
                 return
-            best = (min if self.mode == "min" else max)(done, key=lambda r: r[self.metric])
+            best = best_row(done, self.metric, self.mode)
             client.log_metric(self.parent, f"best/{self.metric}", best[self.metric], step=len(done))
             counts = {o: sum(r["outcome"] == o for r in rows) for o in (FINISHED, STOPPED_EARLY, FAILED, RUNNING)}
             client.set_tag(self.parent, "mlflow.note.content", (
@@ -244,6 +244,14 @@ class SweepTracker(Callback):
     def _client(self):
         from mlflow.tracking import MlflowClient
         return MlflowClient(self.uri)
+
+
+def best_row(done: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """The best of the ended trials: among those that finished, if any did. A trial ASHA stopped was judged
+    worse than others at one of its rungs, and its last metric is from an earlier step than the finished
+    ones' (a stopped trial that had not yet overfit can show a lower loss than every finished one)."""
+    finished = [r for r in done if r["outcome"] == FINISHED] or done
+    return (min if mode == "min" else max)(finished, key=lambda r: r[metric])
 
 
 def ended_outcome(step: int | None, max_steps: int) -> str:
