@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from openclaw.config import ScheduleConfig, TrainConfig
-from openclaw.engine import Engine, lr_at
+from openclaw.engine import Engine, configure_cpu, lr_at
 from openclaw.models import GPT, MLP
 from openclaw.tasks import Classification, LanguageModeling
 
@@ -96,3 +96,19 @@ def test_gpt_language_modeling_step():
     tokens = torch.arange(36).remainder(16).view(4, 9)  # a learnable cyclic sequence
     losses = [e.train_step(s, [{"x": tokens[:2]}, {"x": tokens[2:]}]).loss_sum / 4 for s in range(30)]
     assert losses[-1] < 0.5 * losses[0] and model.flops_per_token() > 0
+
+
+def test_cpu_settings_pin_threads_and_flush_subnormals():
+    threads = torch.get_num_threads()  # (flushing is off in a fresh process, and put back off below)
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    try:
+        configure_cpu(TrainConfig(global_batch_size=8, micro_batch_size=8, max_steps=1), cpus=1)
+        assert torch.get_num_threads() == 1
+        if torch.set_flush_denormal(True):  # the CPU supports it (x86 with SSE3)
+            assert (tiny * 1.0).item() == 0.0
+        configure_cpu(TrainConfig(global_batch_size=8, micro_batch_size=8, max_steps=1, threads_per_worker=2,
+                                  flush_denormal=False), cpus=1)
+        assert torch.get_num_threads() == 2 and (tiny * 1.0).item() > 0.0
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)

@@ -35,6 +35,13 @@ def lr_at(step: int, base_lr: float, schedule: ScheduleConfig, max_steps: int) -
     return base_lr - (base_lr - floor) * progress
 
 
+def configure_cpu(train: TrainConfig, cpus: int) -> None:
+    """Process-wide CPU settings, the same in every attempt so that a restart reproduces the run bit for
+    bit: intra-op threads (`train.threads_per_worker`, else the worker's CPUs) and flushing subnormals."""
+    torch.set_num_threads(train.threads_per_worker or max(1, cpus))
+    torch.set_flush_denormal(train.flush_denormal)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -18,7 +18,7 @@ from openclaw.config import Config
 from openclaw.data_stream import ShardedData
 from openclaw.filesystems import is_remote
 from openclaw.shard_cache import ShardCache
-from openclaw.engine import Engine, build_optimizer
+from openclaw.engine import Engine, build_optimizer, configure_cpu
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
 from openclaw.models import build_model
 from openclaw.perf import (StepClock, data_wait_advice, node_sample_vector, peak_flops, per_node_metrics,
@@ -124,7 +124,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    torch.set_num_threads(config.train.threads_per_worker or max(1, int(config.scaling.resources_per_worker.get("CPU", 1))))
+    configure_cpu(config.train, int(config.scaling.resources_per_worker.get("CPU", 1)))
     device = ray.train.torch.get_device()
     tracked = config.tracking.enabled
     tracker = make_tracker(rank, tracked, loop_config["tracking"], loop_config.get("progress"))
