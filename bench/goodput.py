@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -59,8 +60,23 @@ def timed_run(work: Path, name: str, steps: int, ckpt_every: int, kill_every: fl
     result = openclaw.train(_config(work, name, steps, ckpt_every))
     elapsed = time.perf_counter() - t0
     done.set()
-    return {"seconds": elapsed, "kills": len(kills), "step": result.metrics.get("step"),
-            "checkpoint": result.checkpoint}
+    return {"seconds": elapsed, "kills": kills, "step": result.metrics.get("step"),
+            "checkpoint": result.checkpoint, "run_id": result.run_id}
+
+
+def recoveries(work: Path, run_id: str, kills: list[float]) -> list[dict]:
+    """Each kill's recovery, from the run's events: seconds from the kill to training again (the
+    `restart` event), and the step it resumed from."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    events = json.load(open(client.download_artifacts(run_id, "events.json", str(work))))
+    starts = [(e["t"], e["resumed_from_step"]) for e in events if e["event"] == "restart"]
+    out = []
+    for k in kills:
+        after = [r for r in starts if r[0] > k]
+        if after:
+            out.append({"recovery_s": round(after[0][0] - k, 2), "resumed_from_step": after[0][1]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +100,21 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         same = all(torch.equal(x, y) for x, y in zip(openclaw.load_model(clean["checkpoint"]).state_dict().values(),
                                                       openclaw.load_model(faulty["checkpoint"]).state_dict().values()))
+        costs = recoveries(work, faulty["run_id"], faulty["kills"])
     goodput = clean["seconds"] / faulty["seconds"]
     print(f"uninterrupted: {clean['seconds']:.1f} s for {a.steps} steps")
-    print(f"with a SIGKILL every {a.kill_every:.0f} s: {faulty['seconds']:.1f} s, {faulty['kills']} kills; "
+    print(f"with a SIGKILL every {a.kill_every:.0f} s: {faulty['seconds']:.1f} s, {len(faulty['kills'])} kills; "
           f"final weights bitwise equal to the uninterrupted run: {same}")
+    for i, c in enumerate(costs, 1):
+        print(f"  kill {i}: training again {c['recovery_s']:.2f} s later, from step {c['resumed_from_step']}")
+    if costs:
+        lost = (faulty["seconds"] - clean["seconds"]) / len(faulty["kills"])
+        recovery = statistics.fmean(c["recovery_s"] for c in costs)
+        print(f"lost per kill: {lost:.1f} s = recovery {recovery:.1f} s (mean) + {lost - recovery:.1f} s of steps "
+              f"trained again since the last checkpoint and of slower first steps")
     print(f"goodput: {goodput:.3f}")
     print(json.dumps({"clean_s": round(clean["seconds"], 1), "faulty_s": round(faulty["seconds"], 1),
-                      "kills": faulty["kills"], "goodput": round(goodput, 4), "bitwise_equal": same,
+                      "kills": len(faulty["kills"]), "per_kill": costs, "goodput": round(goodput, 4), "bitwise_equal": same,
                       "steps": a.steps, "finished_step": faulty["step"]}))
     return 0
 
