@@ -1,8 +1,10 @@
 """Helpers the benchmarks share."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,3 +16,19 @@ def prepare_digits(out: Path) -> Path:
         subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(out)],
                        check=True, capture_output=True)
     return out
+
+
+ATTEMPTS = ("start", "resume", "restart", "resize")
+"""The events.json kinds that mark a worker group starting (see openclaw.tracking_service)."""
+
+
+def run_events(uri: str, run_id: str) -> list[dict]:
+    """A run's `events.json` artifact: its starts, restarts, resizes, checkpoints and failures."""
+    from mlflow.tracking import MlflowClient
+    with tempfile.TemporaryDirectory() as d:
+        return json.load(open(MlflowClient(uri).download_artifacts(run_id, "events.json", d)))
+
+
+def first_start_after(events: list[dict], t: float) -> dict | None:
+    """The first worker-group start recorded after time `t` (a kill): training again from its step."""
+    return next((e for e in events if e["t"] > t and e["event"] in ATTEMPTS), None)

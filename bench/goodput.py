@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
+from common import first_start_after, prepare_digits, run_events  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,19 +64,12 @@ def timed_run(work: Path, name: str, steps: int, ckpt_every: int, kill_every: fl
             "checkpoint": result.checkpoint, "run_id": result.run_id}
 
 
-def recoveries(work: Path, run_id: str, kills: list[float]) -> list[dict]:
-    """Each kill's recovery, from the run's events: seconds from the kill to training again (the
-    `restart` event), and the step it resumed from."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    events = json.load(open(client.download_artifacts(run_id, "events.json", str(work))))
-    starts = [(e["t"], e["resumed_from_step"]) for e in events if e["event"] == "restart"]
-    out = []
-    for k in kills:
-        after = [r for r in starts if r[0] > k]
-        if after:
-            out.append({"recovery_s": round(after[0][0] - k, 2), "resumed_from_step": after[0][1]})
-    return out
+def recoveries(uri: str, run_id: str, kills: list[float]) -> list[dict]:
+    """Each kill's recovery, from the run's events: seconds from the kill to training again, and the
+    step it resumed from."""
+    events = run_events(uri, run_id)
+    starts = [(k, first_start_after(events, k)) for k in kills]
+    return [{"recovery_s": round(e["t"] - k, 2), "resumed_from_step": e["resumed_from_step"]} for k, e in starts if e]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         same = all(torch.equal(x, y) for x, y in zip(openclaw.load_model(clean["checkpoint"]).state_dict().values(),
                                                       openclaw.load_model(faulty["checkpoint"]).state_dict().values()))
-        costs = recoveries(work, faulty["run_id"], faulty["kills"])
+        costs = recoveries(f"sqlite:///{work / 'mlflow.db'}", faulty["run_id"], faulty["kills"])
     goodput = clean["seconds"] / faulty["seconds"]
     print(f"uninterrupted: {clean['seconds']:.1f} s for {a.steps} steps")
     print(f"with a SIGKILL every {a.kill_every:.0f} s: {faulty['seconds']:.1f} s, {len(faulty['kills'])} kills; "
@@ -114,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
               f"trained again since the last checkpoint and of slower first steps")
     print(f"goodput: {goodput:.3f}")
     print(json.dumps({"clean_s": round(clean["seconds"], 1), "faulty_s": round(faulty["seconds"], 1),
-                      "kills": len(faulty["kills"]), "per_kill": costs, "goodput": round(goodput, 4), "bitwise_equal": same,
+                      "kills": len(faulty["kills"]), "per_kill": costs, "goodput": round(goodput, 4),
+                      "bitwise_equal": same,
                       "steps": a.steps, "finished_step": faulty["step"]}))
     return 0
 

@@ -21,10 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
-
-ATTEMPTS = ("start", "resume", "restart", "resize")
-"""The events.json kinds that mark a worker group starting (see openclaw.tracking_service)."""
+from common import ATTEMPTS, prepare_digits, run_events  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,17 +190,13 @@ def _kill(procs) -> None:
 
 
 def _events(uri: str, run_dir: Path) -> list[dict]:
-    from mlflow.tracking import MlflowClient
     job = run_dir / "openclaw_job.json"
     if not job.exists():
         return []
-    run_id = json.loads(job.read_text())["mlflow_run_id"]
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            return json.load(open(MlflowClient(uri).download_artifacts(run_id, "events.json", d)))
-        except Exception:
-            return []
+    try:  # polled while the run starts: no artifact yet is not an error
+        return run_events(uri, json.loads(job.read_text())["mlflow_run_id"])
+    except Exception:
+        return []
 
 
 if __name__ == "__main__":

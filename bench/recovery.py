@@ -20,9 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-from common import prepare_digits  # noqa: E402  (bench/ is this script's folder)
+from common import first_start_after, prepare_digits, run_events  # noqa: E402  (bench/ is this script's folder)
 
-from node_loss import ATTEMPTS, has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
+from node_loss import has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "anchors" / "bare_ray_recovery.py"
@@ -38,7 +38,6 @@ def openclaw_side(work: Path) -> dict:
     import ray
 
     import openclaw
-    from mlflow.tracking import MlflowClient
     prepare_digits(work / "digits")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
@@ -62,9 +61,7 @@ def openclaw_side(work: Path) -> dict:
         result = openclaw.train(cfg)
     finally:
         ray.shutdown()
-    client = MlflowClient(uri)
-    events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(work))))
-    restart = [e for e in events if e["t"] > killed["t"] and e["event"] in ATTEMPTS][0]  # the first start after the kill
+    restart = first_start_after(run_events(uri, result.run_id), killed["t"])
     return {"recovery_s": round(restart["t"] - killed["t"], 2), "resumed_at_step": restart["resumed_from_step"]}
 
 
