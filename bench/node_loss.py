@@ -57,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     prepare_digits(a.out / "digits")
 
-    import ray
-    from ray.cluster_utils import Cluster
-
     import openclaw
 
     uri = f"sqlite:///{a.out / 'mlflow.db'}"
@@ -68,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     config = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", overrides)
     config = openclaw.load_config(None, a.overrides, base=config.resolved())
 
-    import psutil
-    started_before = {p.pid for p in psutil.Process().children(recursive=True)}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "_system_config": SYSTEM_CONFIG})
-    cluster.add_node(num_cpus=1, resources={"trainer": 1})
-    victim = cluster.add_node(num_cpus=1, resources={"trainer": 1})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster, victim, started_before = start_cluster(head_cpus=3)
     run_dir = a.out / "runs" / config.name
     marks: dict[str, float] = {}
     result: dict = {}
@@ -100,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                   "growing back to world size 2")
         trainer.join(timeout=600)
     finally:
-        cluster_procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in started_before]
-        cluster_procs += joined + [c for p in joined for c in _children(p)]
-        ray.shutdown()
-        cluster.shutdown()
-        _kill(cluster_procs)
+        stop_cluster(cluster, started_before, joined)
 
     all_events = _events(uri, run_dir)
     evs = [e for e in all_events if e["event"] in ATTEMPTS]
@@ -120,6 +107,32 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": result["train"].checkpoint if "train" in result else None,
     }))
     return 0
+
+
+def start_cluster(head_cpus: int):
+    """A `Cluster` on this machine: the head and two worker nodes with one `trainer` slot each, joined
+    by this process. Returns the cluster, the second worker node, and the pids to spare at teardown."""
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "_system_config": SYSTEM_CONFIG})
+    cluster.add_node(num_cpus=1, resources={"trainer": 1})
+    second = cluster.add_node(num_cpus=1, resources={"trainer": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, second, before
+
+
+def stop_cluster(cluster, before: set[int], joined: list = ()) -> None:
+    """Shut the cluster down and kill whatever of it is left (and of the raylets in `joined`)."""
+    import psutil
+    import ray
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    procs += list(joined) + [c for p in joined for c in _children(p)]
+    ray.shutdown()
+    cluster.shutdown()
+    _kill(procs)
 
 
 def has_valid_checkpoint(run_dir: Path) -> bool:

@@ -117,3 +117,27 @@ def test_secret_looking_values_are_redacted_before_logging():
     assert out["model"]["kwargs"] == {"api_key": REDACTED, "hidden": 8, "nested": {"hf_token": REDACTED}}
     assert out["tracking"]["password"] is None and tree["model"]["kwargs"]["api_key"] == "sk-123"
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
+
+
+def test_ray_train_tunables_leave_the_users_values_alone_and_follow_each_runs_config(monkeypatch):
+    import os
+
+    from openclaw import constants
+    keys = [*constants.RAY_TRAIN_DEFAULTS, constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR]
+    for key in keys:  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    monkeypatch.setattr(constants, "_SET_BY_OPENCLAW", set())
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    constants.apply_ray_train_defaults(30.0)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"  # the user's
+    assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "30.0"
+    # Ray's per-group drain watcher is off; openclaw runs its own, once per run.
+    assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "0" and constants.run_preemption_watcher()
+    constants.apply_ray_train_defaults(12.0)  # a later run in the same process, with another config
+    assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "12.0"
+
+    monkeypatch.setattr(constants, "_SET_BY_OPENCLAW", set())
+    monkeypatch.setenv(constants.PREEMPTION_WATCHER_ENV_VAR, "1")  # the user wants Ray's own watcher
+    constants.apply_ray_train_defaults(12.0)
+    assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1" and not constants.run_preemption_watcher()

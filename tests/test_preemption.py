@@ -93,3 +93,25 @@ def test_sigterm_to_the_driver_checkpoints_stops_and_the_same_command_resumes(di
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resume at step {stopped}/1500" in again.stdout
+
+
+def test_ray_preemption_notice_reaches_a_restarted_group_and_is_answered_with_a_checkpoint(digits_dir, tmp_path):
+    """A node drain (Ray's preemption notice) after a worker restart: the run's one drain watcher,
+    re-aimed at the new group, tells the workers, and they checkpoint at the next step and train on."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.2"}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "drain_cluster.py"), str(tmp_path), str(digits_dir)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["finished_step"] == 2500
+    events = got["events"]
+    assert [e["event"] for e in events if e["event"] in ("start", "restart")] == ["start", "restart"]
+    answered = [e for e in events if e["event"] == "checkpoint_requested"]
+    assert [e["cause"] for e in answered] == ["preemption notice"], answered
+    noticed = answered[0]
+    assert noticed["t"] > got["drained_at"] and noticed["t"] - got["drained_at"] < 5
+    saved = {e["step"] for e in events if e["event"] == "checkpoint"}
+    assert noticed["step"] in saved and noticed["step"] % 100  # its own checkpoint, off the 100-step grid
+    # Four workers (two groups), one drain watcher for both, and no Ray Data dataset manager.
+    assert got["actors"]["RayTrainWorker"] == 4, got["actors"]
+    assert got["actors"]["RunPreemptionWatcher"] == 1 and "DatasetManager" not in got["actors"], got["actors"]

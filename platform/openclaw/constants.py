@@ -26,10 +26,18 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+PREEMPTION_WATCHER_ENV_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+PREEMPTION_POLL_INTERVAL_S_ENV_VAR = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
+DEFAULT_PREEMPTION_POLL_INTERVAL_S = 5.0
+"""Ray Train's own name and default: how often the node-drain watcher polls the GCS."""
+
 RAY_TRAIN_DEFAULTS = {
     # The controller polls workers (and drains their one-slot report queue) at this interval. Ray's
     # default of 2 s stalls every checkpoint report for up to 2 s and detects dead workers late.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # Ray's drain watcher is a new actor process at every worker-group start; openclaw keeps one per run
+    # instead (`node_watch.PreemptionNotices`).
+    PREEMPTION_WATCHER_ENV_VAR: "0",
 }
 """Ray Train tunables openclaw sets in the driver (Ray forwards them to its controller) unless the
 user already set them."""
@@ -38,11 +46,26 @@ user already set them."""
 WORKER_GROUP_START_TIMEOUT_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Set from `failure.worker_start_timeout_s` unless the user set it in the environment."""
 
+_SET_BY_OPENCLAW: set[str] = set()
+
 
 def apply_ray_train_defaults(worker_start_timeout_s: float) -> None:
-    for key, value in RAY_TRAIN_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV_VAR, str(worker_start_timeout_s))
+    """Set openclaw's Ray Train tunables for this run, leaving alone any the user set (a value openclaw
+    set for an earlier run in this process is replaced: a later config may differ)."""
+    for key, value in {**RAY_TRAIN_DEFAULTS, WORKER_GROUP_START_TIMEOUT_ENV_VAR: str(worker_start_timeout_s)}.items():
+        if key not in os.environ or key in _SET_BY_OPENCLAW:
+            os.environ[key] = value
+            _SET_BY_OPENCLAW.add(key)
+
+
+def run_preemption_watcher() -> bool:
+    """Whether openclaw watches for node drains itself: yes, unless the user set Ray's own switch (then
+    Ray's per-group watcher runs, or none)."""
+    return PREEMPTION_WATCHER_ENV_VAR in _SET_BY_OPENCLAW
+
+
+def preemption_poll_interval_s() -> float:
+    return float(os.environ.get(PREEMPTION_POLL_INTERVAL_S_ENV_VAR, DEFAULT_PREEMPTION_POLL_INTERVAL_S))
 
 
 NODE_WATCH_INTERVAL_S_ENV_VAR = "OPENCLAW_NODE_WATCH_INTERVAL_S"

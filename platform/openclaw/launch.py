@@ -128,7 +128,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
         resources.setdefault("GPU", 1)
     # The workers stream their shards themselves (`openclaw.data_stream`), in the platform's order: no
     # Ray Data iterator, whose order and position a restart could not recover.
-    return TorchTrainer(
+    return _trainer_cls(TorchTrainer)(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -144,9 +144,35 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     )
 
 
+def _trainer_cls(torch_trainer: type) -> type:
+    """TorchTrainer without Ray Data's dataset manager, which openclaw has no use for.
+
+    Ray Train starts a `DatasetManager` actor at every worker-group start, datasets or not. openclaw
+    passes none (its workers read their shards themselves), so the actor only costs a process start
+    and a `ray.data` import, on the CPUs the new workers are starting on: about 1 s of a 6 s restart
+    on 2 cores. Without the callback, `ray.train.get_dataset_shard` is unavailable, which openclaw does
+    not call.
+    """
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:  # another Ray layout: keep Ray's callbacks as they are
+        return torch_trainer
+
+    class OpenclawTorchTrainer(torch_trainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return OpenclawTorchTrainer
+
+
 def _controller_callbacks(config: Config, progress) -> list:
-    from openclaw.node_watch import ReportStartFailures, SettleLostNodes
+    from openclaw.node_watch import PreemptionNotices, ReportStartFailures, SettleLostNodes
     callbacks = [ReportStartFailures(progress)]
+    if constants.run_preemption_watcher():
+        callbacks.append(PreemptionNotices(constants.preemption_poll_interval_s()))
     if config.scaling.min_workers < config.scaling.max_workers:
         callbacks.append(SettleLostNodes(constants.node_death_wait_s()))
     return callbacks
