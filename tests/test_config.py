@@ -119,7 +119,7 @@ def test_secret_looking_values_are_redacted_before_logging():
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 
 
-def test_ray_train_tunables_leave_the_users_values_alone_and_follow_each_runs_config(monkeypatch):
+def test_ray_train_tunables_are_set_for_the_run_only_and_leave_the_users_values_alone(monkeypatch):
     import os
 
     from openclaw import constants
@@ -127,17 +127,20 @@ def test_ray_train_tunables_leave_the_users_values_alone_and_follow_each_runs_co
     for key in keys:  # recorded, so that the test leaves the environment as it found it
         monkeypatch.setenv(key, "x")
         monkeypatch.delenv(key)
-    monkeypatch.setattr(constants, "_SET_BY_OPENCLAW", set())
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
-    constants.apply_ray_train_defaults(30.0)
-    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"  # the user's
-    assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "30.0"
-    # Ray's per-group drain watcher is off; openclaw runs its own, once per run.
-    assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "0" and constants.run_preemption_watcher()
-    constants.apply_ray_train_defaults(12.0)  # a later run in the same process, with another config
-    assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "12.0"
+    with constants.ray_train_env(30.0):
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"  # the user's
+        assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "30.0"
+        # Ray's per-group drain watcher is off; openclaw runs its own, once per run.
+        assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "0" and constants.run_preemption_watcher()
+    # Gone after the run: a later run (another config) and a process started from this one see the user's only.
+    assert constants.PREEMPTION_WATCHER_ENV_VAR not in os.environ and not constants.run_preemption_watcher()
+    assert constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR not in os.environ
+    with constants.ray_train_env(12.0):
+        assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "12.0"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
 
-    monkeypatch.setattr(constants, "_SET_BY_OPENCLAW", set())
     monkeypatch.setenv(constants.PREEMPTION_WATCHER_ENV_VAR, "1")  # the user wants Ray's own watcher
-    constants.apply_ray_train_defaults(12.0)
-    assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1" and not constants.run_preemption_watcher()
+    with constants.ray_train_env(12.0):
+        assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1" and not constants.run_preemption_watcher()
+    assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1"

@@ -1,7 +1,9 @@
 """Environment-variable tunables and fixed names, in one place. Units are in the names."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
 """MLflow's sqlite store, in the working folder, when no tracking URI is configured."""
@@ -39,29 +41,37 @@ RAY_TRAIN_DEFAULTS = {
     # instead (`node_watch.PreemptionNotices`).
     PREEMPTION_WATCHER_ENV_VAR: "0",
 }
-"""Ray Train tunables openclaw sets in the driver (Ray forwards them to its controller) unless the
-user already set them."""
+"""Ray Train tunables openclaw sets in the driver for a run (`ray_train_env`) unless the user set them."""
 
 
 WORKER_GROUP_START_TIMEOUT_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Set from `failure.worker_start_timeout_s` unless the user set it in the environment."""
 
-_SET_BY_OPENCLAW: set[str] = set()
+_SET_FOR_THIS_RUN: set[str] = set()
 
 
-def apply_ray_train_defaults(worker_start_timeout_s: float) -> None:
-    """Set openclaw's Ray Train tunables for this run, leaving alone any the user set (a value openclaw
-    set for an earlier run in this process is replaced: a later config may differ)."""
-    for key, value in {**RAY_TRAIN_DEFAULTS, WORKER_GROUP_START_TIMEOUT_ENV_VAR: str(worker_start_timeout_s)}.items():
-        if key not in os.environ or key in _SET_BY_OPENCLAW:
-            os.environ[key] = value
-            _SET_BY_OPENCLAW.add(key)
+@contextlib.contextmanager
+def ray_train_env(worker_start_timeout_s: float) -> Iterator[None]:
+    """openclaw's Ray Train tunables, in this process's environment while a run is built and runs (Ray
+    forwards them to its controller), each one only where the user has not set it. They are removed
+    afterwards, so a later run with another config, and any process started later from this one, see
+    only the user's own settings."""
+    values = {**RAY_TRAIN_DEFAULTS, WORKER_GROUP_START_TIMEOUT_ENV_VAR: str(worker_start_timeout_s)}
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    _SET_FOR_THIS_RUN.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+            _SET_FOR_THIS_RUN.discard(key)
 
 
 def run_preemption_watcher() -> bool:
-    """Whether openclaw watches for node drains itself: yes, unless the user set Ray's own switch (then
-    Ray's per-group watcher runs, or none)."""
-    return PREEMPTION_WATCHER_ENV_VAR in _SET_BY_OPENCLAW
+    """Whether openclaw watches for node drains itself (inside `ray_train_env`): yes, unless the user
+    set Ray's own switch (then Ray's per-group watcher runs, or none)."""
+    return PREEMPTION_WATCHER_ENV_VAR in _SET_FOR_THIS_RUN
 
 
 def preemption_poll_interval_s() -> float:

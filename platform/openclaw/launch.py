@@ -119,7 +119,6 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
 
     from openclaw.worker import train_loop
 
-    constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
     s = config.scaling
     use_gpu = _use_gpu(s.use_gpu)
     num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
@@ -273,7 +272,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     try:
-        with _graceful_sigterm(tracking):
+        with _graceful_sigterm(tracking), constants.ray_train_env(config.failure.worker_start_timeout_s):
             result = build_trainer(config, loop_config, storage, verbose, callbacks).fit()
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"

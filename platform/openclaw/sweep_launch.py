@@ -19,7 +19,6 @@ from typing import Any
 
 from ray.tune import Callback
 
-from openclaw import constants
 from openclaw.config import Config, redacted, validate
 from openclaw.errors import ConfigError
 from openclaw.sweep_config import SweepConfig, check_against, grid_size
@@ -298,7 +297,6 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     connect_ray(address, verbose, min_cpus=s.max_concurrent * per_trial + 2)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SWEEP_STATE_SAVE_S)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
-    constants.apply_ray_train_defaults(config.failure.worker_start_timeout_s)
     base = _absolute_data_paths(config.resolved(), storage)
     _prepare_once(validate(base), sources, storage)
     trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
