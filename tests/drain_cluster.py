@@ -4,7 +4,7 @@ own process, since the test session's local Ray instance owns that one).
 One training worker on each worker node. After the first checkpoint a worker is SIGKILLed, so that the
 notice must reach a restarted worker group; once it trains again, the second node is drained the way
 a spot reclaim or an autoscaler scale-down drains it (`DrainNode`, reason preemption, with a
-deadline). Prints one JSON line: the run's events, the drained node's ranks, the actors started.
+deadline). Prints one JSON line: the run's events, when the drain was requested, the actors started.
 
     python tests/drain_cluster.py OUT DIGITS_DIR
 """

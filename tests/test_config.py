@@ -128,19 +128,20 @@ def test_ray_train_tunables_are_set_for_the_run_only_and_leave_the_users_values_
         monkeypatch.setenv(key, "x")
         monkeypatch.delenv(key)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
-    with constants.ray_train_env(30.0):
+    with constants.ray_train_env(30.0) as added:
         assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"  # the user's
         assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "30.0"
         # Ray's per-group drain watcher is off; openclaw runs its own, once per run.
-        assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "0" and constants.run_preemption_watcher()
+        assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "0" and constants.PREEMPTION_WATCHER_ENV_VAR in added
+        assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in added
     # Gone after the run: a later run (another config) and a process started from this one see the user's only.
-    assert constants.PREEMPTION_WATCHER_ENV_VAR not in os.environ and not constants.run_preemption_watcher()
+    assert constants.PREEMPTION_WATCHER_ENV_VAR not in os.environ
     assert constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR not in os.environ
     with constants.ray_train_env(12.0):
         assert os.environ[constants.WORKER_GROUP_START_TIMEOUT_ENV_VAR] == "12.0"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
 
     monkeypatch.setenv(constants.PREEMPTION_WATCHER_ENV_VAR, "1")  # the user wants Ray's own watcher
-    with constants.ray_train_env(12.0):
-        assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1" and not constants.run_preemption_watcher()
+    with constants.ray_train_env(12.0) as added:
+        assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1" and constants.PREEMPTION_WATCHER_ENV_VAR not in added
     assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1"

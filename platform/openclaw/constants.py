@@ -29,9 +29,7 @@ def forwarded_env() -> dict[str, str]:
 
 
 PREEMPTION_WATCHER_ENV_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-PREEMPTION_POLL_INTERVAL_S_ENV_VAR = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
-DEFAULT_PREEMPTION_POLL_INTERVAL_S = 5.0
-"""Ray Train's own name and default: how often the node-drain watcher polls the GCS."""
+"""Ray Train's switch for its per-group drain watcher."""
 
 RAY_TRAIN_DEFAULTS = {
     # The controller polls workers (and drains their one-slot report queue) at this interval. Ray's
@@ -47,35 +45,20 @@ RAY_TRAIN_DEFAULTS = {
 WORKER_GROUP_START_TIMEOUT_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Set from `failure.worker_start_timeout_s` unless the user set it in the environment."""
 
-_SET_FOR_THIS_RUN: set[str] = set()
-
-
 @contextlib.contextmanager
-def ray_train_env(worker_start_timeout_s: float) -> Iterator[None]:
+def ray_train_env(worker_start_timeout_s: float) -> Iterator[dict[str, str]]:
     """openclaw's Ray Train tunables, in this process's environment while a run is built and runs (Ray
-    forwards them to its controller), each one only where the user has not set it. They are removed
-    afterwards, so a later run with another config, and any process started later from this one, see
-    only the user's own settings."""
+    forwards them to its controller), each one only where the user has not set it. Yields the ones it
+    set. They are removed afterwards, so a later run with another config, and any process started
+    later from this one, see only the user's own settings."""
     values = {**RAY_TRAIN_DEFAULTS, WORKER_GROUP_START_TIMEOUT_ENV_VAR: str(worker_start_timeout_s)}
     added = {k: v for k, v in values.items() if k not in os.environ}
     os.environ.update(added)
-    _SET_FOR_THIS_RUN.update(added)
     try:
-        yield
+        yield added
     finally:
         for key in added:
             os.environ.pop(key, None)
-            _SET_FOR_THIS_RUN.discard(key)
-
-
-def run_preemption_watcher() -> bool:
-    """Whether openclaw watches for node drains itself (inside `ray_train_env`): yes, unless the user
-    set Ray's own switch (then Ray's per-group watcher runs, or none)."""
-    return PREEMPTION_WATCHER_ENV_VAR in _SET_FOR_THIS_RUN
-
-
-def preemption_poll_interval_s() -> float:
-    return float(os.environ.get(PREEMPTION_POLL_INTERVAL_S_ENV_VAR, DEFAULT_PREEMPTION_POLL_INTERVAL_S))
 
 
 NODE_WATCH_INTERVAL_S_ENV_VAR = "OPENCLAW_NODE_WATCH_INTERVAL_S"

@@ -113,7 +113,9 @@ def _runtime_env() -> dict[str, Any] | None:
 
 
 def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, verbose: bool,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, watch_drains: bool = True):
+    """`watch_drains`: openclaw's one drain watcher for the run, in place of Ray's per-group one (false
+    when the user chose with `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -136,7 +138,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
-            callbacks=_controller_callbacks(config, loop_config["progress"]) + list(callbacks or []),
+            callbacks=_controller_callbacks(config, loop_config["progress"], watch_drains) + list(callbacks or []),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
@@ -167,11 +169,11 @@ def _trainer_cls(torch_trainer: type) -> type:
     return OpenclawTorchTrainer
 
 
-def _controller_callbacks(config: Config, progress) -> list:
+def _controller_callbacks(config: Config, progress, watch_drains: bool) -> list:
     from openclaw.node_watch import PreemptionNotices, ReportStartFailures, SettleLostNodes
     callbacks = [ReportStartFailures(progress)]
-    if constants.run_preemption_watcher():
-        callbacks.append(PreemptionNotices(constants.preemption_poll_interval_s()))
+    if watch_drains:
+        callbacks.append(PreemptionNotices())
     if config.scaling.min_workers < config.scaling.max_workers:
         callbacks.append(SettleLostNodes(constants.node_death_wait_s()))
     return callbacks
@@ -272,8 +274,9 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
     try:
-        with _graceful_sigterm(tracking), constants.ray_train_env(config.failure.worker_start_timeout_s):
-            result = build_trainer(config, loop_config, storage, verbose, callbacks).fit()
+        with _graceful_sigterm(tracking), constants.ray_train_env(config.failure.worker_start_timeout_s) as env:
+            result = build_trainer(config, loop_config, storage, verbose, callbacks,
+                                   watch_drains=constants.PREEMPTION_WATCHER_ENV_VAR in env).fit()
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         spool = _flush_tracking(tracking, uri, config.tracking.flush_timeout_s)

@@ -201,10 +201,10 @@ class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
     workers: on 2 cores about 0.8 s of a 5 s restart. This callback starts Ray's watcher once, at the
     first start, and re-aims it at each new group; openclaw turns Ray's own off
     (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`, see `constants.RAY_TRAIN_DEFAULTS`) unless the user set it.
+    The poll interval is Ray's `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`.
     """
 
-    def __init__(self, poll_interval_s: float):
-        self.poll_interval_s = poll_interval_s
+    def __init__(self):
         self._watcher = None
 
     def after_worker_group_start(self, worker_group) -> None:
@@ -216,10 +216,18 @@ class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
             actors[rank] = w.actor
         try:
             if self._watcher is None:
+                import os
+
                 import ray
+                from ray.train.v2._internal.constants import (
+                    DEFAULT_PREEMPTION_POLL_INTERVAL_S,
+                    PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
+                )
+                # Ray's knob, read here in the controller as Ray's own callback reads it.
+                poll_interval_s = float(os.environ.get(PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
+                                                       DEFAULT_PREEMPTION_POLL_INTERVAL_S))
                 self._watcher = ray.remote(num_cpus=0, max_restarts=-1)(_preemption_watcher_cls()).remote(
-                    node_to_ranks=node_to_ranks, poll_interval_s=self.poll_interval_s,
-                    worker_actors_by_rank=actors)
+                    node_to_ranks=node_to_ranks, poll_interval_s=poll_interval_s, worker_actors_by_rank=actors)
             else:
                 self._watcher.retarget.remote(node_to_ranks, actors)
         except Exception as e:  # training goes on; a drain then ends as a worker failure, from the last checkpoint
