@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-from openclaw.perf import PEAK_FLOPS  # noqa: E402  (dense bf16 peaks of the GPUs we know)
+from openclaw.engine.metrics import PEAK_FLOPS  # noqa: E402  (dense bf16 peaks of the GPUs we know)
 
 PRESETS = {
     # name -> model -> defaults (explicit flags win)
@@ -41,8 +41,8 @@ def _check_deps() -> None:
     """Fail with one clear line when a package the engine needs cannot be imported (Ray, MLflow, pyarrow are not)."""
     missing, pkgs = [], []
     for mod, pkg, why in (("torch", "torch", "the model and both loops"),
-                          ("pydantic", "pydantic", "openclaw.config (imported by openclaw.engine)"),
-                          ("yaml", "PyYAML", "openclaw.config (imported by openclaw.engine)")):
+                          ("pydantic", "pydantic", "openclaw.config (imported by openclaw.engine.engine)"),
+                          ("yaml", "PyYAML", "openclaw.config (imported by openclaw.engine.engine)")):
         try:
             importlib.import_module(mod)
         except Exception as e:  # ImportError, or a broken build (e.g. a pydantic_core for another Python)
@@ -100,9 +100,9 @@ def main(argv=None) -> None:
     from torch.nn import functional as F
 
     from openclaw.config import TrainConfig
-    from openclaw.engine import Engine, build_optimizer, resolve_precision
-    from openclaw.models import GPT, MLP
-    from openclaw.tasks import Classification, LanguageModeling
+    from openclaw.engine.engine import Engine, build_optimizer, resolve_precision
+    from openclaw.engine.models import GPT, MLP
+    from openclaw.engine.tasks import Classification, LanguageModeling
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"

@@ -64,8 +64,8 @@ def worker_loop(cfg: dict) -> None:
     the second is timed, with a fresh reader, so no shard is still in memory."""
     import torch
 
-    from openclaw.data_stream import ShardedData
-    from openclaw.sampler import Sampler
+    from openclaw.data.stream import ShardedData
+    from openclaw.data.sampler import Sampler
     torch.set_num_threads(1)
     for _ in range(2):
         data = ShardedData(cfg["spec"], cfg["shards"], cfg["features"], None, max_resident=2 * cfg["window"])
@@ -85,8 +85,8 @@ def worker_rows_per_s(spec: str, features: str, window: int, out: Path) -> float
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from openclaw.data import resolve
-    from openclaw.data_stream import shard_specs
+    from openclaw.data.sources import resolve
+    from openclaw.data.stream import shard_specs
     src = resolve(spec, "data.train")
     TorchTrainer(worker_loop, train_loop_config={"spec": spec, "shards": shard_specs(src.shards), "features": features,
                                                  "window": window, "out": str(out)},
@@ -99,8 +99,8 @@ def worker_rows_per_s(spec: str, features: str, window: int, out: Path) -> float
 def prepared_scalar_columns(src: Path, work: Path) -> str:
     """The 33-column shards after `to_tensor` (f0..f31 -> x), prepared once through the cache."""
     from openclaw.config import load_config
-    from openclaw.data import resolve
-    from openclaw.data_prep import prepare
+    from openclaw.data.sources import resolve
+    from openclaw.data.prep import prepare
     cfg = load_config(base={"data": {"train": str(src), "label": None, "cache": {"dir": str(work / "cache")},
                                      "transforms": [{"op": "to_tensor", "prefix": "f", "out": "x"}]},
                             "task": "language_modeling", "train": {"global_batch_size": BATCH,

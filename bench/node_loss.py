@@ -138,7 +138,7 @@ def stop_cluster(cluster, before: set[int], joined: list = ()) -> None:
 def has_valid_checkpoint(run_dir: Path) -> bool:
     """A checkpoint whose files all match its manifest: Ray copies a checkpoint's files into storage in
     no particular order, so the manifest can appear before the files it lists are complete."""
-    from openclaw import checkpoint
+    from openclaw.engine import checkpoint
     for d in run_dir.glob("checkpoint_*"):
         try:
             checkpoint.verify(d)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from openclaw import checkpoint as ckpt
+from openclaw.engine import checkpoint as ckpt
 from openclaw.errors import CheckpointError
 
 

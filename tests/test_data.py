@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import prepare
-from openclaw.data import check_columns, column_to_numpy, resolve
+from openclaw.data.sources import check_columns, column_to_numpy, resolve
 from openclaw.errors import DataError
 
 

@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from openclaw.data import resolve
-from openclaw.data_stream import ShardedData, shard_specs
+from openclaw.data.sources import resolve
+from openclaw.data.stream import ShardedData, shard_specs
 from openclaw.errors import DataError
-from openclaw.shard_cache import ShardCache
+from openclaw.data.shard_cache import ShardCache
 
 
 def _stream(src, cache=None, resident=0):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from openclaw.config import ScheduleConfig, TrainConfig
-from openclaw.engine import Engine, configure_cpu, lr_at
-from openclaw.models import GPT, MLP
-from openclaw.tasks import Classification, LanguageModeling
+from openclaw.engine.engine import Engine, configure_cpu, lr_at
+from openclaw.engine.models import GPT, MLP
+from openclaw.engine.tasks import Classification, LanguageModeling
 
 
 def _data(n=256, d=16, classes=4, seed=0):

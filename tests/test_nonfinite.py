@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 import openclaw
 from conftest import digits_config
 from openclaw.errors import NonFiniteLossError
-from openclaw.sampler import Sampler
+from openclaw.data.sampler import Sampler
 
 pytestmark = pytest.mark.integration
 BAD_ROW, STEPS = 100, 50

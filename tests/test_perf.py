@@ -1,7 +1,7 @@
 """Pure parts of the perf/ and system/ metrics (no Ray, no torch.distributed)."""
 import math
 
-from openclaw.perf import node_sample_vector, per_node_metrics
+from openclaw.engine.metrics import node_sample_vector, per_node_metrics
 
 
 def test_one_system_sample_per_node_rides_a_sum_over_ranks():
@@ -22,7 +22,7 @@ def test_a_single_worker_is_node0():
 
 
 def test_data_wait_advice_names_the_cause_and_the_knob():
-    from openclaw.perf import data_wait_advice
+    from openclaw.engine.metrics import data_wait_advice
     assert data_wait_advice(0.04) is None
     reads = data_wait_advice(0.2, read_share=0.9)
     assert "20%" in reads and "did not read ahead" in reads and "scaling.resources_per_worker.CPU" in reads

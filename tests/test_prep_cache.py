@@ -11,12 +11,12 @@ import pytest
 
 from conftest import digits_config
 from openclaw.config import load_config
-from openclaw.data import resolve
-from openclaw.data_config import DataConfig
-from openclaw.data_prep import fingerprint
+from openclaw.data.sources import resolve
+from openclaw.data.config import DataConfig
+from openclaw.data.prep import fingerprint
 from openclaw.errors import DataError
-from openclaw.prep_cache import PrepCache
-from openclaw.transforms import apply_to_table
+from openclaw.data.prep_cache import PrepCache
+from openclaw.data.transforms import apply_to_table
 
 
 def _transforms(*items):

@@ -55,7 +55,7 @@ def _run_options(parser: argparse.ArgumentParser, example: str) -> None:
 
 def cmd_sync_spool(args: argparse.Namespace) -> int:
     from openclaw.errors import ConfigError
-    from openclaw.tracking_service import sync_spool
+    from openclaw.tracking.service import sync_spool
     try:
         n = sync_spool(args.spool, args.tracking_uri)
     except (FileNotFoundError, ValueError) as e:
@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     from openclaw.config import load_config
-    from openclaw.launch import train
+    from openclaw.launch.session import train
     config = load_config(args.config, args.overrides)
     result = train(config, address=args.address, verbose=args.verbose)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("train/loss", "val/"))}
@@ -92,7 +92,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     from openclaw.config import load_config
-    from openclaw.sweep_launch import sweep
+    from openclaw.sweep.launch import sweep
     result = sweep(load_config(args.config, args.overrides), resume=args.resume, address=args.address,
                    verbose=args.verbose)
     counts = {o: sum(t["outcome"] == o for t in result.trials) for o in ("finished", "stopped_early", "failed")}

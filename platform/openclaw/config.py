@@ -12,9 +12,9 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from openclaw.data_config import DataConfig
+from openclaw.data.config import DataConfig
 from openclaw.errors import ConfigError
-from openclaw.sweep_config import SweepConfig
+from openclaw.sweep.config import SweepConfig
 
 BUILTIN_MODELS = ("mlp", "gpt")
 BUILTIN_TASKS = ("classification", "language_modeling")

@@ -7,17 +7,17 @@ from pathlib import Path
 
 from torch import nn
 
-from openclaw import checkpoint as ckpt_io
+from openclaw.engine import checkpoint as ckpt_io
 from openclaw.constants import default_tracking_uri
 from openclaw.config import Config, load_config
 from openclaw.errors import CheckpointError
-from openclaw.models import build_model
+from openclaw.engine.models import build_model
 
 
 def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
           verbose: bool = False):
     """Train to the end. Returns a `TrainResult` with `run_id`, `checkpoint` and final `metrics`."""
-    from openclaw.launch import train as _train
+    from openclaw.launch.session import train as _train
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return _train(config, address=address, verbose=verbose)
@@ -27,7 +27,7 @@ def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = N
           address: str | None = None, verbose: bool = False):
     """Run the config's `sweep:` (or continue it, with `resume`). Returns a `SweepResult`: the parent run
     id, the best trial (its run, metric and params) and every trial's outcome."""
-    from openclaw.sweep_launch import sweep as _sweep
+    from openclaw.sweep.launch import sweep as _sweep
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return _sweep(config, resume=resume, address=address, verbose=verbose)

@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from openclaw.config import Config
-from openclaw.data import Shard, Source, check_columns
+from openclaw.data.sources import Shard, Source, check_columns
 from openclaw.errors import DataError
-from openclaw.filesystems import filesystem_for, is_remote
-from openclaw.prep_cache import PrepCache
-from openclaw.shard_cache import ShardCache
-from openclaw.transforms import apply_to_table, code_version
+from openclaw.data.filesystems import filesystem_for, is_remote
+from openclaw.data.prep_cache import PrepCache
+from openclaw.data.shard_cache import ShardCache
+from openclaw.data.transforms import apply_to_table, code_version
 
 
 @dataclass

@@ -2,7 +2,7 @@
 Ray Data shard into tensors that the sampler indexes by sample position (worker).
 
 Ray Data reads and prepares the rows; the order in which they are trained on is the platform's
-(`openclaw.sampler`), so no Ray worker's timing can change it.
+(`openclaw.data.sampler`), so no Ray worker's timing can change it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from openclaw.errors import DataError
-from openclaw.filesystems import filesystem_for
+from openclaw.data.filesystems import filesystem_for
 
 
 FOOTER_READERS = 16

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from openclaw.data import Shard, column_to_numpy
+from openclaw.data.sources import Shard, column_to_numpy
 from openclaw.errors import DataError
-from openclaw.filesystems import filesystem_for, is_remote
-from openclaw.shard_cache import ShardCache
+from openclaw.data.filesystems import filesystem_for, is_remote
+from openclaw.data.shard_cache import ShardCache
 
 Batch = dict[str, torch.Tensor]
 

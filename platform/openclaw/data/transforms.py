@@ -2,7 +2,7 @@
 
 A batch is ``dict[str, numpy.ndarray]``: a scalar column is ``[N]``, a tensor (fixed-size list) column
 ``[N, D]``. Arrow tables convert to and from that form without a Python loop per row. The chain runs
-inside Ray Data tasks (`openclaw.data_prep`); here it is plain functions, testable without Ray.
+inside Ray Data tasks (`openclaw.data.prep`); here it is plain functions, testable without Ray.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from openclaw.data import column_to_numpy
+from openclaw.data.sources import column_to_numpy
 from openclaw.errors import ConfigError, DataError
 
 Columns = dict[str, np.ndarray]
@@ -87,7 +87,7 @@ BUILTINS: dict[str, Callable[[Columns, Any, str], Columns]] = {
 
 
 def _user(t) -> Callable[[Columns], Columns]:
-    from openclaw.models import import_path
+    from openclaw.engine.models import import_path
     return import_path(t.fn, "data.transforms.fn")
 
 

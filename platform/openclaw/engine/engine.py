@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from openclaw.config import OptimizerConfig, ScheduleConfig, TrainConfig
-from openclaw.tasks import Batch, Task
+from openclaw.engine.tasks import Batch, Task
 
 
 def lr_at(step: int, base_lr: float, schedule: ScheduleConfig, max_steps: int) -> float:

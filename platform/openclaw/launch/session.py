@@ -1,5 +1,5 @@
 """Driver side: validate everything, open the MLflow run, connect to Ray, build the Train V2
-`TorchTrainer`, stream progress lines, and log the final model. Worker code is in `openclaw.worker`.
+`TorchTrainer`, stream progress lines, and log the final model. Worker code is in `openclaw.runtime.loop`.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from typing import Any
 
 from openclaw import constants
 from openclaw.config import Config
-from openclaw.data import Source, check_columns, resolve
-from openclaw.data_prep import Prepared, check_transforms, prepare
-from openclaw.data_stream import shard_specs
+from openclaw.data.sources import Source, check_columns, resolve
+from openclaw.data.prep import Prepared, check_transforms, prepare
+from openclaw.data.stream import shard_specs
 from openclaw.errors import ConfigError, DataError, OpenClawError, RunStopped
-from openclaw.models import build_model, import_path
-from openclaw.mlflow_run import log_final_model, open_run, record_finished
-from openclaw.progress import format_progress
-from openclaw.tracking_service import append_to_spool, start_service
+from openclaw.engine.models import build_model, import_path
+from openclaw.tracking.run import log_final_model, open_run, record_finished
+from openclaw.tracking.progress import format_progress
+from openclaw.tracking.service import append_to_spool, start_service
 
 log = logging.getLogger("openclaw")
 
@@ -119,7 +119,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from openclaw.worker import train_loop
+    from openclaw.runtime.loop import train_loop
 
     s = config.scaling
     use_gpu = _use_gpu(s.use_gpu)
@@ -127,7 +127,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     resources = dict(s.resources_per_worker)
     if use_gpu:
         resources.setdefault("GPU", 1)
-    # The workers stream their shards themselves (`openclaw.data_stream`), in the platform's order: no
+    # The workers stream their shards themselves (`openclaw.data.stream`), in the platform's order: no
     # Ray Data iterator, whose order and position a restart could not recover.
     return _trainer_cls(TorchTrainer)(
         train_loop,
@@ -170,7 +170,7 @@ def _trainer_cls(torch_trainer: type) -> type:
 
 
 def _controller_callbacks(config: Config, progress, watch_drains: bool) -> list:
-    from openclaw.node_watch import PreemptionNotices, ReportStartFailures, SettleLostNodes
+    from openclaw.runtime.controller_callbacks import PreemptionNotices, ReportStartFailures, SettleLostNodes
     callbacks = [ReportStartFailures(progress)]
     if watch_drains:
         callbacks.append(PreemptionNotices())
@@ -250,7 +250,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
           (f"MLflow run {run_id} ({uri})" if tracked else "tracking off (`tracking.enabled: false`)"), flush=True)
     if tracked:
         try:
-            from openclaw.lineage import log_lineage
+            from openclaw.tracking.lineage import log_lineage
             log_lineage(uri, run_id, prepared)
         except Exception as e:  # lineage must not cost the run
             log.warning("could not record the datasets in MLflow run %s: %s", run_id, e)
@@ -261,7 +261,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False,
     tracking = start_service(uri, run_id, progress, _spool_path(run_dir, run_id), _on_this_node(), config.name)
     watcher = None
     if config.scaling.min_workers < config.scaling.max_workers:
-        from openclaw.node_watch import NodeWatcher, pin_coordinator
+        from openclaw.runtime.controller_callbacks import NodeWatcher, pin_coordinator
         pin_coordinator()
         watcher = NodeWatcher(constants.node_watch_interval_s(),
                               on_change=lambda msg: progress.put_nowait({"message": msg}),

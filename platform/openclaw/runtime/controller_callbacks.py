@@ -151,7 +151,7 @@ class ReportStartFailures(ControllerCallback):
         if error is None or "WorkerGroupStartup" not in _error_chain(error):
             return
         self.count += 1
-        from openclaw.tracking import put_nowait
+        from openclaw.tracking.tracker import put_nowait
         put_nowait(self.progress, {"message": f"worker group start failed ({self.count} so far): "
                                               f"{str(error).splitlines()[0][:200]}; Ray Train retries"})
 

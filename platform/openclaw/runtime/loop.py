@@ -1,7 +1,7 @@
 """The training loop that runs inside every Ray Train worker. It reads top to bottom:
 set-up, data, model and engine, restore, then the loop with its log/eval/save predicates.
 
-Driver-side code lives in `openclaw.launch`; the two run in different processes.
+Driver-side code lives in `openclaw.launch.session`; the two run in different processes.
 """
 from __future__ import annotations
 
@@ -15,21 +15,21 @@ import torch
 import torch.distributed as dist
 
 from openclaw.config import Config
-from openclaw.data_stream import ShardedData
-from openclaw.filesystems import is_remote
-from openclaw.shard_cache import ShardCache
-from openclaw.engine import Engine, build_optimizer, configure_cpu
+from openclaw.data.stream import ShardedData
+from openclaw.data.filesystems import is_remote
+from openclaw.data.shard_cache import ShardCache
+from openclaw.engine.engine import Engine, build_optimizer, configure_cpu
 from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
-from openclaw.models import build_model
-from openclaw.perf import (StepClock, data_wait_advice, node_sample_vector, peak_flops, per_node_metrics,
+from openclaw.engine.models import build_model
+from openclaw.engine.metrics import (StepClock, data_wait_advice, node_sample_vector, peak_flops, per_node_metrics,
                            system_metrics)
-from openclaw.perf import now as perf_now
-from openclaw.preemption import CHECKPOINT, STOP, StopSignals, install_in_ray_worker
-from openclaw.saver import Saver, restore
-from openclaw.sampler import Sampler, batch_plan
-from openclaw.state import TrainState
-from openclaw.tasks import build_task
-from openclaw.tracking import make_tracker
+from openclaw.engine.metrics import now as perf_now
+from openclaw.runtime.stops import CHECKPOINT, STOP, StopSignals, install_in_ray_worker
+from openclaw.runtime.saver import Saver, restore
+from openclaw.data.sampler import Sampler, batch_plan
+from openclaw.engine.state import TrainState
+from openclaw.engine.tasks import build_task
+from openclaw.tracking.tracker import make_tracker
 
 log = logging.getLogger("openclaw")
 

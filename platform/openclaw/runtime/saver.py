@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from openclaw import checkpoint as ckpt_io
+from openclaw.engine import checkpoint as ckpt_io
 from openclaw.errors import CheckpointError
 
 log = logging.getLogger("openclaw")

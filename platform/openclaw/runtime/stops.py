@@ -8,13 +8,13 @@ graceful stop loses no step:
   A second SIGTERM exits at once, as Ray's own handler would.
 - `CHECKPOINT`: Ray Train's preemption notice (`ray.train.get_preemption_info`: a node of this group
   is about to go), or the driver's request before a planned resize (a node joined, see
-  `openclaw.node_watch`). The run checkpoints once and trains on; the restart that follows replays
+  `openclaw.runtime.controller_callbacks`). The run checkpoints once and trains on; the restart that follows replays
   nothing.
 - `STOP`: the driver was asked to stop (SIGTERM or Ctrl-C on `openclaw train`). The workers
   checkpoint and return; the same command resumes from that step.
 
 Every rank must agree on the step at which to checkpoint, so each rank's flag is all-reduced (max)
-once per step (with rank 0's "background checkpoint written" flag, see `openclaw.saver`). The reduction is started before the step's compute and read after it, so it overlaps
+once per step (with rank 0's "background checkpoint written" flag, see `openclaw.runtime.saver`). The reduction is started before the step's compute and read after it, so it overlaps
 the step instead of adding a round trip to it.
 """
 from __future__ import annotations

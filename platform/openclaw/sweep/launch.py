@@ -21,8 +21,8 @@ from ray.tune import Callback
 
 from openclaw.config import Config, redacted, validate
 from openclaw.errors import ConfigError
-from openclaw.sweep_config import SweepConfig, check_against, grid_size
-from openclaw.sweep_trial import run_trial, trial_config, trial_name
+from openclaw.sweep.config import SweepConfig, check_against, grid_size
+from openclaw.sweep.trial import run_trial, trial_config, trial_name
 
 FINISHED, STOPPED_EARLY, FAILED, RUNNING = "finished", "stopped_early", "failed", "running"
 SWEEP_STATE_SAVE_S = "2"
@@ -124,7 +124,7 @@ def scheduler(s: SweepConfig, config: Config):
 def ask_trial_to_stop(job_name: str, reason: str) -> None:
     """Ask a trial's workers, through its tracking service, to checkpoint at their next step and return."""
     import ray
-    from openclaw.tracking_service import service_name_prefix
+    from openclaw.tracking.service import service_name_prefix
     prefix = service_name_prefix(job_name)
     for name in ray.util.list_named_actors():
         if name.startswith(prefix):
@@ -191,7 +191,7 @@ class SweepTracker(Callback):
         return self._child.get(trial_id)
 
     def _mark_stopped_early(self, run_id: str, step: int | None, value: float | None) -> None:
-        from openclaw.tracking_service import MlflowWriter
+        from openclaw.tracking.service import MlflowWriter
         client = self._client()
         client.set_tag(run_id, "openclaw.outcome", STOPPED_EARLY)
         client.set_tag(run_id, "mlflow.note.content", f"Stopped early by the sweep's ASHA scheduler at step {step} "
@@ -269,8 +269,8 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from openclaw.launch import connect_ray, preflight, storage_path, tracking_uri
-    from openclaw.mlflow_run import open_run
+    from openclaw.launch.session import connect_ray, preflight, storage_path, tracking_uri
+    from openclaw.tracking.run import open_run
 
     s = check_sweep(config)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
@@ -346,7 +346,7 @@ def _absolute_data_paths(raw: dict[str, Any], storage: str) -> dict[str, Any]:
 
 def _prepare_once(config: Config, sources, storage: str) -> None:
     """Prepare the data before the trials start, so that they all find it in the cache."""
-    from openclaw.launch import prepare_data
+    from openclaw.launch.session import prepare_data
     prepared, cache = prepare_data(config, sources, storage)
     if cache:
         for p in prepared.values():

@@ -42,8 +42,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str, 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from openclaw.launch import train
-    from openclaw.mlflow_run import finished_run
+    from openclaw.launch.session import train
+    from openclaw.tracking.run import finished_run
     config = trial_config(base, params, sweep_name=sweep_name, trial_id=ray.tune.get_context().get_trial_id(),
                           storage=storage, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     done = finished_run(config, config.checkpoint.storage)

@@ -12,7 +12,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
-from openclaw.data import Source
+from openclaw.data.sources import Source
 
 
 class ParquetShards(Dataset):

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 
 from openclaw import constants
 from openclaw.config import Config, flatten, redacted
-from openclaw.data import Source
+from openclaw.data.sources import Source
 
 
 def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
@@ -91,7 +91,7 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     import pyarrow.parquet as pq
     import torch
 
-    from openclaw.data import column_to_numpy
+    from openclaw.data.sources import column_to_numpy
     from openclaw.sdk import model_from_checkpoint_dir
 
     with checkpoint.as_directory() as d:

@@ -1,6 +1,6 @@
 """The run's tracking service: every MLflow write of a run, applied in order in the background.
 
-Rank 0's `Tracker` (in `openclaw.tracking`) sends small ops here with fire-and-forget actor calls, so no
+Rank 0's `Tracker` (in `openclaw.tracking.tracker`) sends small ops here with fire-and-forget actor calls, so no
 training step ever waits on MLflow, and a restarted worker group does not import MLflow or reload the
 run's events before its first step. The service runs as a Ray actor on the driver's node: it outlives
 worker-group restarts and lost worker nodes, and goes away with the job.
@@ -95,8 +95,8 @@ class MlflowWriter:
             from ray.train import Checkpoint
 
             from openclaw.config import Config
-            from openclaw.launch import preflight
-            from openclaw.mlflow_run import log_final_model
+            from openclaw.launch.session import preflight
+            from openclaw.tracking.run import log_final_model
             cfg = Config.model_validate(config)
             log_final_model(cfg, self.run_id, Checkpoint(checkpoint), preflight(cfg))
         self._op_end("FINISHED")
@@ -113,7 +113,7 @@ class MlflowWriter:
 
     def _say(self, message: str) -> None:
         if self.progress is not None:
-            from openclaw.tracking import put_nowait
+            from openclaw.tracking.tracker import put_nowait
             put_nowait(self.progress, {"message": message})
 
 

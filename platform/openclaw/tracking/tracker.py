@@ -6,7 +6,7 @@ the failed attempt's later metrics were never sent, and the checkpoint's own pen
 re-sent with identical (key, step, value, timestamp), which MLflow de-duplicates.
 
 The tracker itself does no I/O: it hands ops to the job's `TrackingService` (a Ray actor on the
-driver's node, see `openclaw.tracking_service`) without waiting, and puts progress lines on the
+driver's node, see `openclaw.tracking.service`) without waiting, and puts progress lines on the
 driver's queue. So tracking adds no MLflow latency to a step, and none to a restart.
 """
 from __future__ import annotations
