@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3)
     args = ap.parse_args()
     import openclaw
-    from openclaw.launch.session import connect_ray
+    from openclaw.launch.ray_setup import connect_ray
     work = Path(tempfile.mkdtemp(prefix="openclaw-cache-bench-"))
     subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "synthetic", "--out", str(work / "data"),
                     "--rows", str(args.rows), "--features", "64"], check=True, capture_output=True)

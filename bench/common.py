@@ -19,7 +19,7 @@ def prepare_digits(out: Path) -> Path:
 
 
 ATTEMPTS = ("start", "resume", "restart", "resize")
-"""The events.json kinds that mark a worker group starting (see openclaw.tracking.service)."""
+"""The events.json kinds that mark a worker group starting (see openclaw.tracking.writer)."""
 
 
 def run_events(uri: str, run_id: str) -> list[dict]:

@@ -100,7 +100,9 @@ def main(argv=None) -> None:
     from torch.nn import functional as F
 
     from openclaw.config import TrainConfig
-    from openclaw.engine.engine import Engine, build_optimizer, resolve_precision
+    from openclaw.engine.engine import Engine
+    from openclaw.engine.optim import build_optimizer
+    from openclaw.engine.precision import resolve_precision
     from openclaw.engine.models import GPT, MLP
     from openclaw.engine.tasks import Classification, LanguageModeling
 

@@ -106,7 +106,7 @@ def prepared_scalar_columns(src: Path, work: Path) -> str:
                             "task": "language_modeling", "train": {"global_batch_size": BATCH,
                                                                    "micro_batch_size": BATCH}})
     t0 = time.perf_counter()
-    prepared, cache = prepare({"train": resolve(str(src), "data.train")}, cfg, str(work))
+    prepared, cache = prepare({"train": resolve(str(src), "data.train")}, cfg.data, str(work))
     p = prepared["train"]
     print(f"  prepared the scalar columns into one tensor column in {time.perf_counter() - t0:.1f} s "
           f"(cache {p.cache})", flush=True)

@@ -44,7 +44,7 @@ def openclaw_side(work: Path) -> dict:
         "name": "recovery", "data.train": str(work / "digits" / "train"), "data.val": str(work / "digits" / "val"),
         "checkpoint.storage": str(work / "runs"), "tracking.uri": uri, "train.max_steps": 3000,
         "checkpoint.every_steps": 100, "train.eval_every": 0, "train.log_every": 100})
-    from openclaw.launch.session import connect_ray
+    from openclaw.launch.ray_setup import connect_ray
     connect_ray(None, verbose=False, config=cfg)  # a fresh local instance with openclaw's defaults (4 CPUs here)
     killed: dict[str, float] = {}
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from openclaw.config import Config, flatten, load_config, validate
+from openclaw.config import Config, load_config, validate
 from openclaw.errors import ConfigError
+from openclaw.tracking.redact import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 MIN = {"data": {"train": "x"}}
@@ -105,7 +106,7 @@ def test_scale_lr_needs_only_the_largest_world_to_divide_the_batch():
 
 
 def test_secret_looking_values_are_redacted_before_logging():
-    from openclaw.config import REDACTED, is_secret_key, redacted
+    from openclaw.tracking.redact import REDACTED, is_secret_key, redacted
     for key in ("api_key", "model.kwargs.hf_token", "aws_secret_access_key", "password", "db-password", "key",
                 "access_token", "client_secret", "credentials"):
         assert is_secret_key(key), key

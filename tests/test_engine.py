@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from openclaw.config import ScheduleConfig, TrainConfig
-from openclaw.engine.engine import Engine, configure_cpu, lr_at
+from openclaw.engine.device import configure_cpu
+from openclaw.engine.engine import Engine
+from openclaw.engine.optim import lr_at
 from openclaw.engine.models import GPT, MLP
 from openclaw.engine.tasks import Classification, LanguageModeling
 

@@ -56,18 +56,18 @@ def test_cache_key_changes_with_the_source_the_transforms_and_their_code(digits_
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = digits_config(digits_dir, tmp_path, "sqlite:///x.db", **{"data.train": str(data), "data.transforms": [
         {"op": "map_batches", "fn": "prep_fn:f"}]})
-    key = fingerprint(resolve(str(data), "data.train"), cfg)
-    assert fingerprint(resolve(str(data), "data.train"), cfg) == key  # stable
+    key = fingerprint(resolve(str(data), "data.train"), cfg.data)
+    assert fingerprint(resolve(str(data), "data.train"), cfg.data) == key  # stable
     other = digits_config(digits_dir, tmp_path, "sqlite:///x.db", **{"data.train": str(data), "data.transforms": [
         {"op": "map_batches", "fn": "prep_fn:f", "kwargs": {"a": 1}}]})
-    assert fingerprint(resolve(str(data), "data.train"), other) != key  # transform config
+    assert fingerprint(resolve(str(data), "data.train"), other.data) != key  # transform config
     os.utime(data / "part-00001.parquet", ns=(1, 1))
-    assert fingerprint(resolve(str(data), "data.train"), cfg) != key  # a source file changed
-    key = fingerprint(resolve(str(data), "data.train"), cfg)
+    assert fingerprint(resolve(str(data), "data.train"), cfg.data) != key  # a source file changed
+    key = fingerprint(resolve(str(data), "data.train"), cfg.data)
     import sys
     (tmp_path / "prep_fn.py").write_text("def f(batch):\n    return dict(batch)\n")
     sys.modules.pop("prep_fn", None)
-    assert fingerprint(resolve(str(data), "data.train"), cfg) != key  # the transform's code changed
+    assert fingerprint(resolve(str(data), "data.train"), cfg.data) != key  # the transform's code changed
 
 
 def _prepare_slowly(root, key, log):

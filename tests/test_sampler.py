@@ -58,7 +58,7 @@ def test_accumulation_and_slices():
 
 
 def test_batch_plan_keeps_the_global_batch_or_scales_the_lr():
-    from openclaw.data.sampler import batch_plan
+    from openclaw.runtime.policies import batch_plan
     keep = batch_plan("keep_global_batch", "linear", 64, 16, 2, 1)
     assert (keep.global_batch_size, keep.accumulation, keep.lr_factor) == (64, 4, 1.0)
     lin = batch_plan("scale_lr", "linear", 96, 8, 4, 3)   # 24 samples per worker, as at 4 workers
@@ -69,7 +69,7 @@ def test_batch_plan_keeps_the_global_batch_or_scales_the_lr():
 
 
 def test_scale_lr_resizes_change_the_batch_but_never_repeat_or_drop_a_sample_in_an_epoch():
-    from openclaw.data.sampler import batch_plan
+    from openclaw.runtime.policies import batch_plan
     n, g, micro, max_w = 1000, 120, 10, 4
     epoch, offset, by_epoch = 0, 0, {}
     for world, steps in [(4, 3), (2, 5), (3, 4), (1, 9), (4, 6)]:   # crosses into epoch 1 and beyond

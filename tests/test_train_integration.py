@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import openclaw
 from conftest import committed_batches, digits_config, newest_logged_step
-from openclaw.tracking.service import ATTEMPT_EVENTS
+from openclaw.tracking.writer import ATTEMPT_EVENTS
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,19 @@
-"""openclaw: elastic, exactly-resumable PyTorch training on Ray, tracked in MLflow."""
+"""openclaw: elastic, exactly-resumable PyTorch training on Ray, tracked in MLflow.
+
+The SDK (`train`, `sweep`, `load_model`) is imported on first use: every Ray worker imports this package
+(its training loop lives in it), and a worker needs neither the driver's code nor MLflow.
+"""
 from openclaw.config import Config, load_config
 from openclaw.errors import CheckpointError, ConfigError, DataError, OpenClawError, UserError
-from openclaw.sdk import load_model, sweep, train
 
 __all__ = ["Config", "load_config", "train", "sweep", "load_model",
            "OpenClawError", "UserError", "ConfigError", "DataError", "CheckpointError"]
+
+_SDK = ("train", "sweep", "load_model")
+
+
+def __getattr__(name: str):
+    if name in _SDK:  # heavy (Ray's driver side, MLflow): loaded when the SDK is used, not by workers
+        from openclaw import sdk
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'openclaw' has no attribute {name!r}")

@@ -1,7 +1,8 @@
-"""`openclaw train CONFIG [--set k=v ...] [--address ADDR]`, `openclaw sweep CONFIG [--resume]` and
-`openclaw sync-spool FILE`: parse, build, run, report.
+"""The `openclaw` command (driver): `train CONFIG [--set k=v ...] [--address ADDR]`, `sweep CONFIG
+[--resume]`, `sync-spool FILE` and `config --schema | --defaults`: parse, build, run, report.
 
 User mistakes (bad config, missing data) print one paragraph and exit 2; `--debug` adds the traceback.
+The commands' modules are imported when a command runs, so that `openclaw --help` answers at once.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import logging
 import sys
 import traceback
 
-from openclaw.errors import OpenClawError, RunStopped, UserError
+from openclaw.config import load_config
+from openclaw.errors import ConfigError, OpenClawError, RunStopped, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, resumable
@@ -40,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("spool", help="the spool file the run printed (tracking-spool-RUN_ID.jsonl)")
     s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one the run used)")
     s.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+    c = sub.add_parser("config", help="print the config's JSON schema, or every key at its default",
+                       description="Describe the config tree: every key, its type, default and meaning.",
+                       epilog="example: openclaw config --defaults > my-job.yaml   (then set data.train)")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--schema", action="store_true",
+                      help="the JSON schema, with every key's description (for editors that check YAML files)")
+    what.add_argument("--defaults", action="store_true",
+                      help="a YAML file of every key at its default, each described in a comment")
+    c.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     return p
 
 
@@ -53,9 +64,14 @@ def _run_options(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from openclaw.config_schema import defaults_yaml, json_schema
+    print(json_schema() if args.schema else defaults_yaml(), end="" if args.defaults else "\n")
+    return 0
+
+
 def cmd_sync_spool(args: argparse.Namespace) -> int:
-    from openclaw.errors import ConfigError
-    from openclaw.tracking.service import sync_spool
+    from openclaw.tracking.writer import sync_spool
     try:
         n = sync_spool(args.spool, args.tracking_uri)
     except (FileNotFoundError, ValueError) as e:
@@ -76,10 +92,11 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
-    from openclaw.config import load_config
-    from openclaw.launch.session import train
+    from openclaw.launch.preflight import preflight
     config = load_config(args.config, args.overrides)
-    result = train(config, address=args.address, verbose=args.verbose)
+    sources = preflight(config)  # a user's mistake is reported here, before Ray and MLflow are even imported
+    from openclaw.launch.session import train
+    result = train(config, address=args.address, verbose=args.verbose, sources=sources)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("train/loss", "val/"))}
     print(f"openclaw: done. final metrics: {shown}")
     print(f"openclaw: MLflow run id: {result.run_id}")
@@ -91,7 +108,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    from openclaw.config import load_config
     from openclaw.sweep.launch import sweep
     result = sweep(load_config(args.config, args.overrides), resume=args.resume, address=args.address,
                    verbose=args.verbose)
@@ -108,7 +124,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool}[args.command](args)
+        commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config}
+        return commands[args.command](args)
     except UserError as e:
         if args.debug:
             traceback.print_exc()

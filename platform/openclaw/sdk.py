@@ -1,4 +1,4 @@
-"""The Python SDK: load_config, train and load_model."""
+"""The Python SDK (driver): `train`, `sweep` and `load_model`, re-exported as `openclaw.train` etc."""
 from __future__ import annotations
 
 import os
@@ -7,38 +7,35 @@ from pathlib import Path
 
 from torch import nn
 
-from openclaw.engine import checkpoint as ckpt_io
-from openclaw.constants import default_tracking_uri
 from openclaw.config import Config, load_config
+from openclaw.constants import default_tracking_uri
+from openclaw.data.filesystems import local_copy
+from openclaw.engine.checkpoint import load_model_dir
 from openclaw.errors import CheckpointError
-from openclaw.engine.models import build_model
+from openclaw.launch.session import TrainResult
+from openclaw.launch.session import train as _train
+from openclaw.sweep.launch import SweepResult
+from openclaw.sweep.launch import sweep as _sweep
+from openclaw.tracking.run import load_logged_model
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
-          verbose: bool = False):
+          verbose: bool = False) -> TrainResult:
     """Train to the end. Returns a `TrainResult` with `run_id`, `checkpoint` and final `metrics`."""
-    from openclaw.launch.session import train as _train
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return _train(config, address=address, verbose=verbose)
 
 
 def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, resume: bool = False,
-          address: str | None = None, verbose: bool = False):
+          address: str | None = None, verbose: bool = False) -> SweepResult:
     """Run the config's `sweep:` (or continue it, with `resume`). Returns a `SweepResult`: the parent run
     id, the best trial (its run, metric and params) and every trial's outcome."""
-    from openclaw.sweep.launch import sweep as _sweep
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return _sweep(config, resume=resume, address=address, verbose=verbose)
-
-
-def model_from_checkpoint_dir(directory: str | os.PathLike) -> nn.Module:
-    parts = ckpt_io.load(directory)
-    cfg = Config.model_validate(parts["config"])
-    model = build_model(cfg.model.name, cfg.model.kwargs)
-    model.load_state_dict(parts["model"])
-    return model.eval()
 
 
 def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None) -> nn.Module:
@@ -53,25 +50,18 @@ def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None) ->
     if path.startswith(("models:/", "runs:/")) or (RUN_ID.fullmatch(path) and not Path(path).exists()):
         return _from_mlflow(path if ":/" in path else f"runs:/{path}/model", tracking_uri)
     if "://" in path:
-        from ray.train import Checkpoint
-        with Checkpoint(path).as_directory() as d:
-            return model_from_checkpoint_dir(d)
+        with local_copy(path) as d:
+            return load_model_dir(d)
     if not Path(path).is_dir():
         raise CheckpointError(f"{path} is neither a checkpoint folder nor an MLflow model; pass the `checkpoint` or "
                               f"`run_id` of a TrainResult, a checkpoint_* folder, or models:/NAME/VERSION.")
-    return model_from_checkpoint_dir(path)
-
-
-RUN_ID = re.compile(r"[0-9a-f]{32}")
+    return load_model_dir(path)
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
-    import mlflow.pytorch
     where = tracking_uri or default_tracking_uri()
     try:
-        mlflow.set_tracking_uri(where)
-        model = mlflow.pytorch.load_model(uri, dst_path=None)
+        return load_logged_model(uri, where)  # logged in eval mode
     except Exception as e:
         raise CheckpointError(f"could not load MLflow model {uri} from {where}: {str(e).splitlines()[0]}. Check the "
                               f"run id or model name and version, and `tracking_uri`.") from None
-    return model  # logged in eval mode; MLflow may return an exported program, which has no .eval()

@@ -1,11 +1,15 @@
-"""pyarrow filesystems for dataset specs: a local path, or a URI with its object-store settings.
+"""pyarrow filesystems for dataset specs (a local path, or a URI with its object-store settings) and for
+checkpoint storage (driver, workers and Ray Data tasks).
 
 Credentials come from `data.s3` or the standard AWS environment variables; they are passed to pyarrow
 and never printed or logged.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,3 +43,22 @@ def s3_filesystem(s3: Any = None) -> pafs.S3FileSystem:
         kwargs.update(access_key=cfg["access_key_id"], secret_key=cfg.get("secret_access_key"),
                       session_token=cfg.get("session_token"))
     return pafs.S3FileSystem(**kwargs)
+
+
+def storage_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """`(filesystem, path within it)` of checkpoint storage: a local folder or a URI (s3://, gs://, ...),
+    whose credentials come from the standard environment."""
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
+@contextlib.contextmanager
+def local_copy(folder: str) -> Iterator[str]:
+    """A local folder with the files of `folder`: the folder itself when it is local, else a temporary
+    copy (removed afterwards)."""
+    if "://" not in folder:
+        yield folder
+        return
+    fs, root = storage_filesystem(folder)
+    with tempfile.TemporaryDirectory(prefix="openclaw-copy-") as d:
+        pafs.copy_files(root, d, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield d

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from openclaw.config import Config
+from openclaw.data.config import DataConfig
 from openclaw.data.sources import Shard, Source, check_columns
 from openclaw.errors import DataError
 from openclaw.data.filesystems import filesystem_for, is_remote
@@ -39,13 +39,12 @@ class Prepared:
     evicted: list[str] = field(default_factory=list)
 
 
-def needs_preparation(config: Config) -> bool:
-    return bool(config.data.transforms) or config.data.on_bad_shard == "skip"
+def needs_preparation(d: DataConfig) -> bool:
+    return bool(d.transforms) or d.on_bad_shard == "skip"
 
 
-def fingerprint(source: Source, config: Config) -> str:
+def fingerprint(source: Source, d: DataConfig) -> str:
     """The cache key: the source's files, the transforms and their code, and the bad-shard policy."""
-    d = config.data
     payload = {"files": [[s.path, s.size, s.mtime_ns] for s in source.shards],
                "skipped": [p for p, _ in source.skipped],
                "transforms": [t.model_dump() for t in d.transforms], "code": code_version(d.transforms),
@@ -53,22 +52,22 @@ def fingerprint(source: Source, config: Config) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_dir(config: Config, storage: str) -> str:
-    if config.data.cache.dir:
-        return config.data.cache.dir
+def cache_dir(d: DataConfig, storage: str) -> str:
+    if d.cache.dir:
+        return d.cache.dir
     if "://" in storage:
         raise DataError("`data.transforms` (or `data.on_bad_shard: skip`) needs a local or shared folder for the "
                         "prepared data; set `data.cache.dir`.")
     return os.path.join(storage, ".data-cache")
 
 
-def check_transforms(source: Source, config: Config) -> pa.Schema:
+def check_transforms(source: Source, d: DataConfig) -> pa.Schema:
     """Run the transforms on a few rows of the first shard, before anything starts: a transform that
     fails, or an output without the training columns, is reported now. Returns the output schema."""
     first = source.shards[0]
     head = pq.ParquetFile(first.path, filesystem=source.filesystem).read_row_group(0).slice(0, 64)
     try:
-        out = apply_to_table(head, config.data.transforms)
+        out = apply_to_table(head, d.transforms)
     except DataError:
         raise
     except Exception as e:
@@ -76,17 +75,17 @@ def check_transforms(source: Source, config: Config) -> pa.Schema:
     return out.schema
 
 
-def prepare(sources: dict[str, Source], config: Config, storage: str) -> tuple[dict[str, Prepared], PrepCache | None]:
+def prepare(sources: dict[str, Source], d: DataConfig, storage: str) -> tuple[dict[str, Prepared], PrepCache | None]:
     """Each source as training reads it: prepared (or found in the cache) when `needs_preparation`."""
-    if not needs_preparation(config):
+    if not needs_preparation(d):
         return {k: Prepared(s, s) for k, s in sources.items()}, None
-    cache = PrepCache(cache_dir(config, storage), config.data.cache.max_bytes)
+    cache = PrepCache(cache_dir(d, storage), d.cache.max_bytes)
     out = {}
     for name, src in sources.items():
-        key = fingerprint(src, config)
-        entry = cache.acquire(key, lambda tmp, src=src: _prepare_source(src, config, tmp))
-        prepared = _prepared_source(src, entry.path, entry.manifest, transformed=bool(config.data.transforms))
-        check_columns(prepared, config.data.features, config.data.label)
+        key = fingerprint(src, d)
+        entry = cache.acquire(key, lambda tmp, src=src: _prepare_source(src, d, tmp))
+        prepared = _prepared_source(src, entry.path, entry.manifest, transformed=bool(d.transforms))
+        check_columns(prepared, d.features, d.label)
         out[name] = Prepared(prepared, src, "hit" if entry.hit else "miss", key, entry.manifest["prepare_s"],
                              entry.evicted)
     return out, cache
@@ -106,10 +105,9 @@ def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transfo
     return Source(raw.key, folder, shards, filesystem_for(folder)[0], schema, raw.skipped + skipped)
 
 
-def _prepare_source(src: Source, config: Config, tmp: str) -> dict[str, Any]:
+def _prepare_source(src: Source, d: DataConfig, tmp: str) -> dict[str, Any]:
     import ray.data
     t0 = time.perf_counter()
-    d = config.data
     items = [{"i": i, "path": s.path, "size": s.size, "mtime_ns": s.mtime_ns} for i, s in enumerate(src.shards)]
     task = _ShardTask(src.spec, d.s3.model_dump(), d.transforms, tmp, d.shard_cache.dir, d.shard_cache.max_bytes)
     ctx = ray.data.DataContext.get_current()

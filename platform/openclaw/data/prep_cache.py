@@ -1,4 +1,4 @@
-"""The prepared-data cache: the transforms' output, kept as Parquet shards under `data.cache.dir`.
+"""The prepared-data cache (driver): the transforms' output, kept as Parquet shards under `data.cache.dir`.
 
 An entry is a folder named by its key, a fingerprint of the source files (paths, sizes, modification
 times), the transform config and the transform code. Its lifecycle:

@@ -1,4 +1,4 @@
-"""The platform's sample order and batch plan: pure functions of plain arguments, no Ray, no torch.
+"""The platform's sample order: pure functions of plain arguments, no Ray, no torch (worker process).
 
 The order of an epoch is a permutation that depends only on (seed, epoch). The data position is
 (epoch, offset): a global batch of ``G`` samples consumes positions ``[offset, offset + G)`` of its
@@ -9,12 +9,11 @@ with exactly the next samples: nothing is dropped or repeated within an epoch.
 A batch that would run past the end of the epoch starts the next epoch instead; the samples left over
 are not seen in that epoch (they are in the next, since its permutation differs), which keeps every
 optimizer step at exactly ``G``. With a fixed ``G`` the position is a function of the step
-(`position_of`); with `elastic.on_resize: scale_lr` ``G`` changes with the world size, and the saved
-position carries the run across.
+(`position_of`); with `elastic.on_resize: scale_lr` ``G`` changes with the world size (see
+`runtime.policies.batch_plan`), and the saved position carries the run across.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -69,33 +68,6 @@ def window_bounds(shard_rows: Sequence[int], windows: list[np.ndarray]) -> np.nd
     """Epoch offsets where each window starts, and the epoch's end: ``[0, n0, n0 + n1, ..., N]``."""
     rows = np.asarray(shard_rows)
     return np.concatenate([[0], np.cumsum([rows[w].sum() for w in windows])])
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a world size trains: the global batch, the micro-batches per worker, and the LR factor."""
-    global_batch_size: int
-    accumulation: int
-    lr_factor: float
-
-
-def batch_plan(policy: str, lr_rule: str, global_batch_size: int, micro_batch_size: int, max_workers: int,
-               world_size: int) -> BatchPlan:
-    """`keep_global_batch`: the global batch and LR stay; accumulation absorbs the world size.
-
-    `scale_lr`: each worker keeps the batch it has at `max_workers` (``global_batch_size / max_workers``),
-    so the global batch scales with the world size, and the LR scales by ``world / max_workers``
-    (`linear`) or its square root (`sqrt`).
-    """
-    if policy == "keep_global_batch":
-        return BatchPlan(global_batch_size, accumulation_steps(global_batch_size, micro_batch_size, world_size), 1.0)
-    if policy != "scale_lr":
-        raise ValueError(f"unknown resize policy {policy!r}")
-    per_worker = global_batch_size // max_workers
-    accumulation = accumulation_steps(global_batch_size, micro_batch_size, max_workers)
-    ratio = world_size / max_workers
-    factor = {"linear": ratio, "sqrt": math.sqrt(ratio)}[lr_rule]
-    return BatchPlan(per_worker * world_size, accumulation, factor)
 
 
 def batch_start(epoch: int, offset: int, global_batch_size: int, num_samples: int) -> tuple[int, int]:

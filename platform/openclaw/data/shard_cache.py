@@ -1,4 +1,5 @@
-"""Each node's local cache of shards read from object storage (the idea of MosaicML Streaming's cache).
+"""Each node's local cache of shards read from object storage (workers and Ray Data tasks; the idea of
+MosaicML Streaming's cache).
 
 A cached shard is `<key>.parquet` plus `<key>.json` (its source, size and CRC32), where the key hashes the
 object's path, size and modification time, so a changed object is a miss. Every hit checks the size and

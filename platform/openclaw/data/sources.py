@@ -1,8 +1,8 @@
-"""Datasets: resolving and checking Parquet sources (driver, before any worker starts), and turning a
-Ray Data shard into tensors that the sampler indexes by sample position (worker).
+"""Datasets: resolving a Parquet source into its shards and checking its columns (driver, before any
+worker starts), and turning Arrow columns into numpy arrays (driver, workers and Ray Data tasks).
 
-Ray Data reads and prepares the rows; the order in which they are trained on is the platform's
-(`openclaw.data.sampler`), so no Ray worker's timing can change it.
+Ray Data prepares the rows (`data.prep`); the workers stream the shards themselves (`data.stream`) in
+the platform's order (`data.sampler`), so no Ray worker's timing can change it.
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ BUILTINS: dict[str, Callable[[Columns, Any, str], Columns]] = {
 
 
 def _user(t) -> Callable[[Columns], Columns]:
-    from openclaw.engine.models import import_path
+    from openclaw.user_code import import_path
     return import_path(t.fn, "data.transforms.fn")
 
 

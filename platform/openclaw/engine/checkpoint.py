@@ -1,4 +1,6 @@
-"""Checkpoint files: written in full, then a manifest (sizes and sha256 of every file) written last.
+"""Checkpoint files: written in full, then a manifest (sizes and sha256 of every file) written last; and
+the model rebuilt from a checkpoint folder (plain torch; workers write and read them, the driver and the
+SDK load models from them).
 
 A checkpoint directory is valid only if its manifest exists and every file matches it, so a
 truncated or corrupt checkpoint is detected on load instead of crashing (or silently diverging)
@@ -22,6 +24,8 @@ from typing import Any
 
 import torch
 
+from openclaw.config import Config
+from openclaw.engine.models import build_model
 from openclaw.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -82,3 +86,13 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
         "state": torch.load(d / "state.pt", map_location="cpu", weights_only=True),
         "config": json.loads((d / "config.json").read_text()),
     }
+
+
+def load_model_dir(directory: str | os.PathLike) -> torch.nn.Module:
+    """The trained model of a checkpoint folder, in eval mode: rebuilt from the checkpoint's own config,
+    its weights loaded after the manifest check."""
+    parts = load(directory)
+    cfg = Config.model_validate(parts["config"])
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    model.load_state_dict(parts["model"])
+    return model.eval()

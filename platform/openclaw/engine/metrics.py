@@ -1,4 +1,4 @@
-"""Performance and system metrics of the training loop (worker side; plain torch and psutil).
+"""Performance and system metrics of the training loop (plain torch and psutil; worker process).
 
 `StepClock` splits each step's wall-clock time into data (gathering the batch), compute (the engine's
 step, which ends with one device-to-host read, so its time is real on GPUs too) and checkpoint
@@ -11,6 +11,7 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 
 # Peak dense bf16/fp16 tensor FLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -117,3 +118,12 @@ def per_node_metrics(summed: list[float]) -> dict[str, float]:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def allreduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """The sums of `values` over every rank (one all-reduce; the values as they are without a group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

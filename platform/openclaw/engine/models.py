@@ -1,7 +1,7 @@
-"""Built-in models (`mlp`, `gpt`) and the resolver for a user's `module:function`."""
+"""Built-in models (`mlp`, `gpt`), and `build_model` for them and a user's `module:function` (worker,
+and the driver's preflight that checks a model builds)."""
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable
 
@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from openclaw.errors import ConfigError
+from openclaw.user_code import import_path
 
 
 class MLP(nn.Module):
@@ -82,23 +83,6 @@ class GPT(nn.Module):
 
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "gpt": GPT}
-
-
-def import_path(path: str, key: str) -> Callable[..., Any]:
-    """Resolve ``module:function``; a failure names the config key."""
-    module_name, _, attr = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"`{key}`: cannot import module {module_name!r} ({e}). Check the spelling, and that the "
-                          f"module is on PYTHONPATH (or ships with the job's working dir).") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"`{key}`: module {module_name!r} has no attribute {attr!r}.")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"`{key}`: {path} is not callable.")
-    return obj
 
 
 def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -1,7 +1,8 @@
-"""The one train state: everything that must survive a restart, behind state_dict()/load_state_dict().
+"""The one train state: everything that must survive a restart, behind state_dict()/load_state_dict()
+(plain torch; worker process, saved in every checkpoint).
 
-The data position is (epoch, offset) into the epoch's sample order (see `sampler`), and the RNG is a
-function of (seed, step) (see `worker.seed_step`); `num_samples` lets a resume check that it reads the
+The data position is (epoch, offset) into the epoch's sample order (see `data.sampler`), and the RNG is
+a function of (seed, step, rank) (`seed_step`); `num_samples` lets a resume check that it reads the
 same data.
 """
 from __future__ import annotations
@@ -9,7 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from openclaw.errors import CheckpointError
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """RNG (dropout, ...) as a function of (seed, step, rank): a resumed step draws what the original drew."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
 @dataclass
@@ -37,6 +45,16 @@ class TrainState:
     """The training loss summed over the steps since the last logged `train/loss`, and their sample count
     (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the
     same steps as an uninterrupted run would."""
+
+    def advance(self, epoch: int, offset: int, global_batch_size: int) -> None:
+        """One optimizer step done, on the global batch read at data position (epoch, offset)."""
+        self.step, self.samples_seen = self.step + 1, self.samples_seen + global_batch_size
+        self.epoch, self.offset = epoch, offset + global_batch_size
+
+    def start_over(self) -> None:
+        """Back to step 0 (a rollback before the first checkpoint)."""
+        self.step, self.samples_seen, self.epoch, self.offset, self.pending_metrics = 0, 0, 0, 0, []
+        self.loss_window = [0.0, 0.0]
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

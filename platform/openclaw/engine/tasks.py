@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from openclaw.engine.models import import_path
+from openclaw.user_code import import_path
 
 Batch = dict[str, torch.Tensor]
 

@@ -1,11 +1,11 @@
-"""Worker side of checkpoints: find and load the newest valid one, and save, synchronously or in the
-background (`checkpoint.async`).
+"""Checkpoints as the training loop sees them (worker process): find and load the newest valid one, and
+save, synchronously or in the background (`checkpoint.async`).
 
 A synchronous save stalls training for the whole write: serialize, checksum, copy into storage, and
 report to Ray Train. An asynchronous save stalls it only for a snapshot: rank 0 copies the model and
 optimizer state to host memory and a thread writes, checksums and publishes the checkpoint straight
 into the run's storage folder (manifest last). Every rank must then report it to Ray Train at the
-same step: rank 0's "written" flag rides on the per-step vote (`preemption.StopSignals`), and the
+same step: rank 0's "written" flag rides on the per-step vote (`stops.StopSignals`), and the
 ranks report at the first step where it is set. Metrics are published with the checkpoint that
 covers them, as with synchronous saves.
 
@@ -23,8 +23,14 @@ import threading
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
+import ray.train
 import torch
+from ray.train import Checkpoint
+from ray.train.v2.api.report_config import CheckpointUploadMode
 
+from openclaw.config import Config
+from openclaw.data.filesystems import storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.errors import CheckpointError
 
@@ -52,16 +58,13 @@ def restore(run_dir: str, tracker) -> dict[str, Any] | None:
     return None
 
 
-def _fs(run_dir: str):
-    import pyarrow.fs as pafs
-    return pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
+def should_save(step: int, cfg: Config) -> bool:
+    return step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps
 
 
 def checkpoints_newest_first(run_dir: str):
     """Every `checkpoint_*` folder of a run (local path or URI), newest first (Ray names them by time)."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-    fs, root = _fs(run_dir)
+    fs, root = storage_filesystem(run_dir)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
                   reverse=True)
@@ -86,7 +89,7 @@ def checkpoint_dir_name() -> str:
 
 def publish_dir(local: str, run_dir: str) -> str:
     """Copy a written checkpoint folder into the run's storage, manifest last; return its path there."""
-    fs, root = _fs(run_dir)
+    fs, root = storage_filesystem(run_dir)
     dest = f"{root.rstrip('/')}/{checkpoint_dir_name()}"
     fs.create_dir(dest, recursive=True)
     names = sorted(os.listdir(local), key=lambda n: n == ckpt_io.MANIFEST)  # the manifest goes last
@@ -115,16 +118,13 @@ class Saver:
 
     def report_ready(self) -> None:
         """Every rank, at the step the vote said rank 0's background write is done: report it."""
-        import ray.train
-        from ray.train import Checkpoint
-        from ray.train.v2.api.report_config import CheckpointUploadMode
         t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
         done, step = self._written or {}, self._outstanding["step"]
         if self.rank == 0 and "error" in done:
             raise CheckpointError(f"the background checkpoint of step {step} failed: {done['error']}")
-        checkpoint = Checkpoint(done["path"], filesystem=_fs(self.run_dir)[0]) if self.rank == 0 else None
+        checkpoint = Checkpoint(done["path"], filesystem=storage_filesystem(self.run_dir)[0]) if self.rank == 0 else None
         ray.train.report({"step": step, **done.get("metrics", {})}, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         self.tracker.publish(through_step=step)
@@ -153,7 +153,6 @@ class Saver:
             self._completed.append((self.state.step, time.perf_counter() - t0))
 
     def _save_now(self, metrics: dict[str, float]) -> None:
-        import ray.train
         with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
             checkpoint, name = None, checkpoint_dir_name()
             if self.rank == 0:

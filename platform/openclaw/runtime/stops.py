@@ -1,16 +1,16 @@
-"""Graceful stops, seen by the training loop between steps (worker side).
+"""Graceful stops, seen by the training loop between steps (worker process).
 
 Three things ask a run to stop, and each is answered with a checkpoint at the very next step, so a
 graceful stop loses no step:
 
-- `TERM`: SIGTERM to a training worker process (a node being drained, a spot reclaim, `kill`). The
+- `StopFlag.TERM`: SIGTERM to a training worker process (a node being drained, a spot reclaim, `kill`). The
   worker checkpoints and then fails on purpose, so Ray Train restarts the group from that checkpoint.
   A second SIGTERM exits at once, as Ray's own handler would.
-- `CHECKPOINT`: Ray Train's preemption notice (`ray.train.get_preemption_info`: a node of this group
+- `StopFlag.CHECKPOINT`: Ray Train's preemption notice (`ray.train.get_preemption_info`: a node of this group
   is about to go), or the driver's request before a planned resize (a node joined, see
-  `openclaw.runtime.controller_callbacks`). The run checkpoints once and trains on; the restart that follows replays
+  `openclaw.launch.node_watcher`). The run checkpoints once and trains on; the restart that follows replays
   nothing.
-- `STOP`: the driver was asked to stop (SIGTERM or Ctrl-C on `openclaw train`). The workers
+- `StopFlag.STOP`: the driver was asked to stop (SIGTERM or Ctrl-C on `openclaw train`). The workers
   checkpoint and return; the same command resumes from that step.
 
 Every rank must agree on the step at which to checkpoint, so each rank's flag is all-reduced (max)
@@ -19,18 +19,37 @@ the step instead of adding a round trip to it.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import sys
 import threading
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 
+from openclaw.runtime.ray_private import get_train_context
+
 log = logging.getLogger("openclaw")
 
-NONE, CHECKPOINT, TERM, STOP = 0, 1, 2, 3
+
+class StopFlag(enum.IntEnum):
+    """What a step's vote asks for. Ranks vote their local flag and the maximum wins, so a stop beats a
+    SIGTERM, which beats a checkpoint request.
+
+    Transitions, per training loop:
+        NONE -> CHECKPOINT  a drain notice or a driver's checkpoint request arrives; after the checkpoint
+                            is saved it is answered (`checkpoint_answered`) -> NONE, and training goes on
+        NONE -> TERM        SIGTERM; after the checkpoint the worker fails on purpose, and Ray Train
+                            restarts the group from that checkpoint (a new loop starts at NONE)
+        NONE -> STOP        the driver asks to stop; after the checkpoint the loop returns (final)
+    """
+    NONE = 0
+    CHECKPOINT = 1
+    TERM = 2
+    STOP = 3
 
 _ACTIVE = threading.Event()   # a training loop runs in this process
 _TERMED = threading.Event()   # SIGTERM arrived while it ran
@@ -68,7 +87,6 @@ def install_in_ray_worker() -> bool:
     if threading.current_thread() is threading.main_thread():
         return _install_sigterm_handler()
     try:
-        import ray
         actor = ray.get_runtime_context().current_actor
         return bool(ray.get(actor.__ray_call__.remote(_install_sigterm_handler), timeout=30))
     except Exception as e:  # SIGTERM then keeps Ray's default: the process exits, the last checkpoint stays
@@ -79,7 +97,6 @@ def install_in_ray_worker() -> bool:
 def _ray_preemption_notice() -> Any:
     """This worker's latest preemption notice from Ray Train's watcher, read locally (no collective)."""
     try:
-        from ray.train.v2._internal.execution.context import get_train_context
         return get_train_context().preemption_context.preemption_info
     except Exception:
         return None
@@ -118,16 +135,16 @@ class StopSignals:
                 self._driver_stop.set()
                 return
 
-    def local(self) -> int:
+    def local(self) -> StopFlag:
         if self._driver_stop.is_set():
-            return STOP
+            return StopFlag.STOP
         if _TERMED.is_set():
-            return TERM
+            return StopFlag.TERM
         if self._request > self._answered_request:
-            return CHECKPOINT
+            return StopFlag.CHECKPOINT
         if not self._notice_answered and _ray_preemption_notice() is not None:
-            return CHECKPOINT
-        return NONE
+            return StopFlag.CHECKPOINT
+        return StopFlag.NONE
 
     def start(self, checkpoint_written: int = 0):
         """Begin agreeing on this step's flags (call before the step's compute). The vote also carries
@@ -138,13 +155,13 @@ class StopSignals:
         flag = flag.to(self.device)
         return flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
 
-    def finish(self, pending) -> tuple[int, int]:
+    def finish(self, pending) -> tuple[StopFlag, bool]:
         """(stop flag, checkpoint written) as every rank agreed for this step (call after the compute)."""
         flag, work = pending
         if work is not None:
             work.wait()
         stop, written = flag.tolist()
-        return stop, written
+        return StopFlag(stop), bool(written)
 
     def checkpoint_answered(self, step: int) -> str:
         """The checkpoint asked for (preemption notice or driver request) is saved at `step`: do not save

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from openclaw.section import Section
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-class ParamSpec(_Section):
+class ParamSpec(Section):
     """One tuned key: exactly one of these."""
     choice: list[Any] | None = None
     """Pick one of these values (with `search: grid`, try each)."""
@@ -61,7 +59,7 @@ class ParamSpec(_Section):
         return getattr(self, self.kind)
 
 
-class AshaConfig(_Section):
+class AshaConfig(Section):
     grace_period_steps: int = Field(100, gt=0)
     """No trial is stopped before this many steps. Trials report at checkpoints, so make it a multiple
     of `checkpoint.every_steps`."""
@@ -69,19 +67,23 @@ class AshaConfig(_Section):
     """At each rung, keep the best 1/reduction_factor of the trials."""
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     metric: str = "val/loss"
     """The metric to optimize: one reported with every checkpoint (`train/loss`, or `val/...` when every
     checkpoint step is an evaluation step)."""
     mode: Literal["min", "max"] = "min"
+    """Whether the best trial has the lowest (`min`) or highest (`max`) metric."""
     num_samples: int = Field(8, gt=0)
     """How many trials; with `search: grid`, how many times the whole grid is run."""
     max_concurrent: int = Field(2, gt=0)
     """Trials running at once."""
     search: Literal["random", "grid", "optuna"] = "random"
+    """`random` samples the space, `grid` tries every combination of `choice` values, `optuna` searches
+    with Optuna's TPE (pip install 'openclaw[optuna]')."""
     scheduler: Literal["none", "asha"] = "none"
     """`asha`: stop trials whose metric trails the others' at the same step (asynchronous successive halving)."""
     asha: AshaConfig = Field(default_factory=AshaConfig)
+    """ASHA's settings, with `scheduler: asha`."""
     seed: int = 0
     """The search's seed: the same seed samples the same trials."""
     space: dict[str, ParamSpec]

@@ -1,4 +1,4 @@
-"""One sweep trial, run by Ray Tune in its trial actor: a whole openclaw training job (elastic, fault
+"""One sweep trial (a Tune trial actor): a whole openclaw training job (elastic, fault
 tolerant, one MLflow run nested under the sweep's) of the sweep's config with the sampled keys set.
 
 The trial is the Train V2 pattern: a Tune function that calls `TorchTrainer.fit` with Tune's report
@@ -10,8 +10,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from openclaw.config import Config, set_dotted, validate
 from openclaw.errors import RunStopped
+from openclaw.launch.session import train
+from openclaw.tracking.run import finished_run
 
 
 def trial_name(sweep_name: str, trial_id: str) -> str:
@@ -39,11 +44,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, sweep_name: st
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str, storage: str, tracking_uri: str,
               parent_run_id: str) -> None:
     """The Tune trainable (bound with `tune.with_parameters`)."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from openclaw.launch.session import train
-    from openclaw.tracking.run import finished_run
     config = trial_config(base, params, sweep_name=sweep_name, trial_id=ray.tune.get_context().get_trial_id(),
                           storage=storage, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     done = finished_run(config, config.checkpoint.storage)

@@ -1,4 +1,4 @@
-"""Data lineage in the MLflow run: each dataset as an MLflow dataset input (source URI, digest, rows,
+"""Data lineage in the MLflow run (driver): each dataset as an MLflow dataset input (source URI, digest, rows,
 shards, schema), its preparation (cache hit or miss, seconds), and the shards a run left out."""
 from __future__ import annotations
 

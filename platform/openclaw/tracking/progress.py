@@ -1,4 +1,4 @@
-"""The driver's progress lines: pure formatting of what rank 0 reports."""
+"""The driver's progress lines: pure formatting of what rank 0 reports (driver)."""
 from __future__ import annotations
 
 from typing import Any

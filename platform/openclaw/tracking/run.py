@@ -1,21 +1,28 @@
-"""Driver side: the job's MLflow run. One run per job, found again on resume through a small job file
-in the run's storage folder; params and the resolved config at creation; the final model at the end."""
+"""The job's MLflow run (driver; the tracking actor logs the model of a run whose server was away). One
+run per job, found again on resume through a small job file in the run's storage folder; params and the
+resolved config at creation; the final model at the end."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import mlflow
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from mlflow.tracking import MlflowClient
 
 from openclaw import constants
-from openclaw.config import Config, flatten, redacted
-from openclaw.data.sources import Source
+from openclaw.config import Config
+from openclaw.data.config import DataConfig
+from openclaw.data.filesystems import local_copy, storage_filesystem
+from openclaw.data.sources import Source, column_to_numpy, resolve
+from openclaw.engine.checkpoint import load_model_dir
+from openclaw.tracking.redact import flatten, redacted
 
 
 def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
     """Create the job's MLflow run, or reopen the one recorded in the job folder. Returns (run, experiment, resumed)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(config.tracking.experiment)
@@ -65,7 +72,7 @@ def _param_str(v: Any) -> str:
 
 
 def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
-    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    fs, root = storage_filesystem(storage)
     return fs, f"{root.rstrip('/')}/{name}/{constants.JOB_FILE}"
 
 
@@ -85,17 +92,16 @@ def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
         f.write(json.dumps(content, indent=2).encode())
 
 
-def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, Source]) -> None:
-    """Log the trained model as an MLflow PyTorch model with a signature and an input example."""
-    import mlflow
-    import pyarrow.parquet as pq
-    import torch
+def resolve_sources(d: DataConfig) -> dict[str, Source]:
+    """The run's datasets, resolved (no preparation): where an input example for the model comes from."""
+    return {k: resolve(getattr(d, k), f"data.{k}", d.s3, d.on_bad_shard) for k in ("train", "val") if getattr(d, k)}
 
-    from openclaw.data.sources import column_to_numpy
-    from openclaw.sdk import model_from_checkpoint_dir
 
-    with checkpoint.as_directory() as d:
-        model = model_from_checkpoint_dir(d)
+def log_final_model(config: Config, run_id: str, checkpoint: str, sources: dict[str, Source]) -> None:
+    """Log the trained model of `checkpoint` (a folder or URI) as an MLflow PyTorch model with a signature
+    and an input example."""
+    with local_copy(checkpoint) as d:
+        model = load_model_dir(d)
     src = sources.get("val") or sources["train"]
     example = None
     if config.data.features in src.schema.names:  # (sync-spool after transforms sees the raw columns: no example)
@@ -110,3 +116,9 @@ def log_final_model(config: Config, run_id: str, checkpoint, sources: dict[str, 
     if config.tracking.register_as:
         print(f"openclaw: registered the model as models:/{config.tracking.register_as}/"
               f"{info.registered_model_version}", flush=True)
+
+
+def load_logged_model(uri: str, tracking_uri: str) -> torch.nn.Module:
+    """A model logged with `log_final_model`, by `runs:/RUN_ID/model` or `models:/NAME/VERSION`."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pytorch.load_model(uri, dst_path=None)

@@ -1,4 +1,4 @@
-"""Rank-0 side effects go through one tracker; every other rank holds a `NullTracker`.
+"""Rank-0 side effects go through one tracker (worker process); every other rank holds a `NullTracker`.
 
 Metrics are buffered with their timestamps and published only together with the checkpoint that
 covers them (`publish`). A restart replays from that checkpoint, so a step's metric is published once:

@@ -1,0 +1,30 @@
+"""How the model is spread over the ranks: one strategy per kind of parallelism, behind one small
+interface (plain torch, no Ray; runs in a Ray Train worker or in any torch process with torchrun-style
+ranks, or in one process with no process group at all).
+
+The engine holds a `Strategy` and never asks which one. A strategy:
+
+- `wrap`s the model for the ranks (and moves it to the device);
+- runs the forward and backward passes of one optimizer step's micro-batches (`forward_backward`),
+  synchronizing gradients only once, after the last;
+- clips the gradients by their global norm, however they are laid out over the ranks;
+- gives the model's and the optimizer's full state, and loads it back.
+
+`ddp.DDPStrategy` replicates the model (PyTorch's DistributedDataParallel). Sharded strategies (FSDP2,
+tensor and pipeline parallelism) implement the same protocol.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from openclaw.engine.parallel.base import Strategy
+from openclaw.engine.parallel.ddp import DDPStrategy
+
+STRATEGIES: dict[str, Callable[[], Strategy]] = {"ddp": DDPStrategy}
+
+
+def build_strategy(name: str = "ddp") -> Strategy:
+    """The strategy named by the config."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown parallelism strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]()

@@ -1,0 +1,37 @@
+"""The config sections the driver hands to Ray Train: `scaling` and `failure` (foundation: pydantic only)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from openclaw.section import Section
+
+
+class ScalingConfig(Section):
+    min_workers: int = Field(1, gt=0)
+    """The fewest training workers the run trains with; below `max_workers` the run is elastic: it shrinks
+    on node loss (down to this) and grows back when resources return."""
+    max_workers: int = Field(1, gt=0)
+    """The most training workers; with `min_workers` equal to it, the world size is fixed."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """auto: use GPUs when the cluster has any."""
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    """Ray resources each worker reserves, e.g. {CPU: 4, GPU: 1}; its CPUs also set its torch threads."""
+    resize_monitor_interval_s: float = Field(10.0, gt=0)
+    """Elastic runs (min < max): how often Ray Train looks for resources to grow into."""
+
+    @model_validator(mode="after")
+    def _range(self) -> "ScalingConfig":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"`scaling.min_workers` ({self.min_workers}) is larger than `scaling.max_workers` "
+                             f"({self.max_workers})")
+        return self
+
+
+class FailureConfig(Section):
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts before the run fails; -1 retries forever."""
+    worker_start_timeout_s: float = Field(30.0, gt=0)
+    """How long Ray Train waits for a worker group to start before it retries at another size
+    (Ray's default is 60 s, which it can spend waiting on a node that has died)."""

@@ -1,0 +1,119 @@
+"""Connecting to Ray and building Ray Train's trainer for a run (driver)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from openclaw import constants
+from openclaw.config import Config
+from openclaw.runtime.controller_callbacks import PreemptionNotices, ReportStartFailures, SettleLostNodes
+from openclaw.runtime.loop import train_loop
+from openclaw.runtime.ray_private import DatasetsCallback
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+"""The openclaw package folder, shipped to the cluster when it does not have openclaw installed."""
+
+
+def connect_ray(address: str | None, verbose: bool, config: Config | None = None, min_cpus: int = 0) -> None:
+    """Join `address` (or $RAY_ADDRESS), or start a fresh local instance.
+
+    A local instance gets at least two logical CPUs beyond what the workers reserve: Ray Data's read
+    tasks need CPUs of their own, and with every CPU held by a training worker they would never run.
+    """
+    if ray.is_initialized():
+        return
+    if not verbose:  # "Token authentication is enabled..." on every start: expected, not news
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                                  configure_logging=True, runtime_env=_runtime_env())
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        need = min_cpus
+        if config is not None:
+            need = int(config.scaling.max_workers * config.scaling.resources_per_worker.get("CPU", 1)) + 2
+        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    """Ship the package with the job when the cluster does not have it installed (`jobs/*.py` decide).
+
+    Ray merges this with the runtime env of a `ray job submit`, so the controller, the workers and Ray
+    Data's tasks can all import openclaw.
+    """
+    if os.environ.get(constants.SHIP_PACKAGE_ENV_VAR) != "1":
+        return None
+    return {"py_modules": [str(PACKAGE_DIR)]}
+
+
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Driver-side helper actors live on the driver's node: a worker node may die, the driver's may not."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, verbose: bool, progress,
+                  callbacks: list | None = None, watch_drains: bool = True) -> TorchTrainer:
+    """`watch_drains`: openclaw's one drain watcher for the run, in place of Ray's per-group one (false
+    when the user chose with `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`)."""
+    s = config.scaling
+    use_gpu = _use_gpu(s.use_gpu)
+    num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
+    resources = dict(s.resources_per_worker)
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    # The workers stream their shards themselves (`openclaw.data.stream`), in the platform's order: no
+    # Ray Data iterator, whose order and position a restart could not recover.
+    return OpenclawTorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=s.resize_monitor_interval_s),
+        run_config=ray.train.RunConfig(
+            name=config.name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
+            callbacks=_controller_callbacks(config, progress, watch_drains) + list(callbacks or []),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            worker_runtime_env={"env_vars": constants.forwarded_env()},
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+    )
+
+
+class OpenclawTorchTrainer(TorchTrainer):
+    """TorchTrainer without Ray Data's dataset manager, which openclaw has no use for.
+
+    Ray Train starts a `DatasetManager` actor at every worker-group start, datasets or not. openclaw
+    passes none (its workers read their shards themselves), so the actor only costs a process start
+    and a `ray.data` import, on the CPUs the new workers are starting on: about 1 s of a 6 s restart
+    on 2 cores. Without the callback, `ray.train.get_dataset_shard` is unavailable, which openclaw does
+    not call.
+    """
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+
+def _controller_callbacks(config: Config, progress, watch_drains: bool) -> list:
+    callbacks = [ReportStartFailures(progress)]
+    if watch_drains:
+        callbacks.append(PreemptionNotices())
+    if config.scaling.min_workers < config.scaling.max_workers:
+        callbacks.append(SettleLostNodes(constants.node_death_wait_s()))
+    return callbacks
+
+
+def _use_gpu(setting: bool | str) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    return ray.cluster_resources().get("GPU", 0) > 0

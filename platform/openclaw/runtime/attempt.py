@@ -1,0 +1,213 @@
+"""One attempt of a run on one worker (worker process): everything the training loop holds, built in
+order (data, model and engine, restore), and the loop's actions that are more than a line: a training
+step, acting on a non-finite decision, checkpointing, answering a stop. `runtime.loop` reads top to
+bottom over these.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from openclaw.config import Config
+from openclaw.data.config import DataConfig
+from openclaw.data.filesystems import is_remote
+from openclaw.data.sampler import Sampler
+from openclaw.data.shard_cache import ShardCache
+from openclaw.data.stream import ShardedData
+from openclaw.engine.device import configure_cpu
+from openclaw.engine.engine import Engine, StepStats
+from openclaw.engine.metrics import now as perf_now
+from openclaw.engine.models import build_model
+from openclaw.engine.optim import build_optimizer
+from openclaw.engine.parallel import build_strategy
+from openclaw.engine.state import TrainState, seed_step
+from openclaw.engine.tasks import build_task
+from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
+from openclaw.runtime.log_window import LogWindow
+from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
+from openclaw.runtime.sample_log import SampleLog
+from openclaw.runtime.saver import Saver, restore, should_save
+from openclaw.runtime.stops import StopFlag, StopSignals, install_in_ray_worker
+from openclaw.tracking.tracker import NullTracker, make_tracker
+
+log = logging.getLogger("openclaw")
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker of every attempt (inside Ray Train's `train_loop_config`)."""
+    config: dict[str, Any]
+    """The resolved config, as plain data (saved in every checkpoint)."""
+    run_id: str
+    """The MLflow run ("" with tracking off)."""
+    run_dir: str
+    """`<checkpoint.storage>/<name>`: checkpoints, the job file, the sample ledger."""
+    data: dict[str, dict[str, Any]]
+    """{"train": {"spec": ..., "shards": [...]}, "val": ...}: the prepared shards to stream."""
+    tracking: Any
+    """The job's tracking service (a Ray actor), None with tracking off."""
+    control: Any
+    """The job's control plane (a Ray actor): the driver's stop and checkpoint requests."""
+    progress: Any
+    """The driver's progress queue."""
+    job_start_time: float
+
+
+class Attempt:
+    def __init__(self, inputs: LoopInputs):
+        # ---- set-up: the worker's place in the group, its device, its tracker
+        self.inputs, self.config = inputs, Config.model_validate(inputs.config)
+        cfg, ctx = self.config, ray.train.get_context()
+        self.world, self.rank = ctx.get_world_size(), ctx.get_world_rank()
+        configure_cpu(cfg.train, int(cfg.scaling.resources_per_worker.get("CPU", 1)))
+        self.device = ray.train.torch.get_device()
+        self.tracker: NullTracker = make_tracker(self.rank, cfg.tracking.enabled, inputs.tracking, inputs.progress)
+        self.plan: BatchPlan = batch_plan(cfg.elastic.on_resize, cfg.elastic.lr_rule, cfg.train.global_batch_size,
+                                          cfg.train.micro_batch_size, cfg.scaling.max_workers, self.world)
+        # ---- data
+        self.train, self.val = open_datasets(inputs.data, cfg.data, pin=self.device.type == "cuda")
+        self.sampler = Sampler(len(self.train), self.plan.global_batch_size, cfg.train.micro_batch_size, cfg.seed,
+                               self.world, self.rank, self.train.shard_rows(), cfg.data.shuffle_window_shards)
+        # ---- model and engine, then the newest valid checkpoint
+        torch.manual_seed(cfg.seed)
+        self.engine = Engine(build_model(cfg.model.name, cfg.model.kwargs), build_task(cfg.task), cfg.train,
+                             device=self.device, world_size=self.world, global_batch_size=self.plan.global_batch_size,
+                             lr_factor=self.plan.lr_factor, strategy=build_strategy("ddp"))
+        self.state = TrainState(world_size=self.world, num_samples=len(self.train), seed=cfg.seed,
+                                mlflow_run_id=inputs.run_id)
+        loaded = restore(inputs.run_dir, self.tracker)
+        if loaded:
+            self._resume_from(loaded)
+            self.tracker.restore_pending(self.state.pending_metrics)
+        # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
+        self.tracker.attempt(world_size=self.world, resumed_from_step=self.state.step, max_steps=cfg.train.max_steps,
+                             global_batch_size=self.plan.global_batch_size, accumulation=self.sampler.accumulation,
+                             lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None)
+        self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
+        self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world) if cfg.train.record_samples else None
+        self.saver = Saver(self.engine, self.state, self.tracker, inputs.config, self.rank, inputs.run_dir,
+                           background=cfg.checkpoint.async_)
+        install_in_ray_worker()
+        self.stops = StopSignals(self.device, **(_driver_control(inputs.control) if self.rank == 0 else {}))
+        self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
+                                speaks_for_node=ctx.get_local_rank() == 0,
+                                flops_per_token=getattr(self.engine.module, "flops_per_token", lambda: None)(),
+                                job_start_time=inputs.job_start_time)
+
+    # ---- a training step ---------------------------------------------------------------------
+
+    def train_step(self, step: int, positions: np.ndarray, epoch: int, offset: int) -> StepStats:
+        t0 = perf_now()
+        mine = self.sampler.split(positions)
+        batches = [self.train.batch(p) for p in mine]
+        self.train.prefetch(self.sampler.next_window_shards(epoch, offset))  # after this step's own shards
+        t1 = perf_now()
+        seed_step(self.config.seed, step, self.rank)
+        stats = self.engine.train_step(step, batches)
+        self.window.add(batches, stats, data_s=t1 - t0, compute_s=perf_now() - t1)
+        if self.samples_log:
+            self.samples_log.write(step, epoch, mine, stats.finite)
+        return stats
+
+    def on_nonfinite(self, decision: NonFiniteDecision) -> bool:
+        """Carry out the non-finite policy's decision (the engine has not applied the step). True if the
+        run rolled back, and the loop carries on from the restored step."""
+        if isinstance(decision, Fail):
+            raise NonFiniteLossError(decision.message)
+        state, loaded = self.state, None
+        skipped = sorted(set(state.skipped_steps) | {decision.step})
+        if isinstance(decision, Rollback):
+            loaded = restore(self.inputs.run_dir, self.tracker)
+            if loaded:
+                self._resume_from(loaded)
+            else:  # before the first checkpoint: the last valid state is the initial one
+                self._start_over()
+            self.tracker.rollback(state.pending_metrics)
+            self.window.restart(state)
+        state.skipped_steps = skipped
+        rolled_back = isinstance(decision, Rollback)
+        action = "rollback" if rolled_back else "skip"
+        self.tracker.event("nonfinite_loss", step=decision.step, action=action,
+                           resumed_from_step=state.step if rolled_back else None,
+                           checkpoint=loaded["path"] if loaded else None, skipped_batches=len(skipped))
+        self.tracker.progress({"message": f"non-finite loss at step {decision.step}: {action} "
+                                          f"({len(skipped)} batch(es) skipped so far)"})
+        return rolled_back
+
+    def _resume_from(self, loaded: dict[str, Any]) -> None:
+        self.state.load_state_dict(loaded["state"])
+        if self.state.num_samples != len(self.train):
+            raise CheckpointError(f"checkpoint {loaded['path']} was trained on {self.state.num_samples} rows but "
+                                  f"`data.train` now has {len(self.train)}; use a new `name` to start a fresh run.")
+        self.engine.load_state_dict({"model": loaded["model"], **loaded["trainer"]})
+
+    def _start_over(self) -> None:
+        """Back to step 0 with the initial weights (same seed) and a fresh optimizer."""
+        torch.manual_seed(self.config.seed)
+        fresh = build_model(self.config.model.name, self.config.model.kwargs)
+        self.engine.load_state_dict({"model": fresh.state_dict(),
+                                     "optimizer": build_optimizer(fresh, self.config.train.optimizer).state_dict()})
+        self.state.start_over()
+
+    # ---- checkpoints and stops ---------------------------------------------------------------
+
+    def checkpoint(self, stop: StopFlag, written: bool) -> None:
+        """Report a finished background save, save when due (or asked to stop), and keep the stall out of
+        the throughput."""
+        t0, step, max_steps = time.perf_counter(), self.state.step, self.config.train.max_steps
+        if written:  # rank 0's background checkpoint is on storage: every rank reports it now
+            self.saver.report_ready()
+        if step == max_steps:  # this attempt's wall time per step, all included: in the final report
+            self.window.last["perf/wall_step_s"] = self.window.wall_step_s(step)
+        if should_save(step, self.config) or stop:
+            self.state.loss_window = self.window.carry()
+            self.saver.save(self.window.last, final=bool(stop) or step == max_steps)
+        self.window.exclude(time.perf_counter() - t0)  # checkpoint stalls are not training time
+        for saved_step, stall_s in self.saver.take_completed():
+            self.tracker.log_metrics({"perf/checkpoint_stall_s": stall_s}, saved_step)
+
+    def answer_stop(self, stop: StopFlag) -> bool:
+        """After the stop checkpoint: go on (CHECKPOINT), end the loop (STOP: True) or fail on purpose (TERM)."""
+        step, tracker = self.state.step, self.tracker
+        if stop == StopFlag.CHECKPOINT:
+            cause = self.stops.checkpoint_answered(step)
+            tracker.event("checkpoint_requested", step=step, cause=cause)
+            tracker.progress({"message": f"{cause}: checkpointed at step {step}, training on"})
+            return False
+        if stop == StopFlag.STOP:
+            tracker.event("stopped", step=step, cause="driver asked to stop")
+            return True
+        tracker.event("preempted", step=step, cause="SIGTERM")
+        tracker.progress({"message": f"SIGTERM: checkpointed at step {step}; Ray Train restarts from there"})
+        self.close()
+        raise WorkerPreempted(f"a training worker got SIGTERM; checkpointed at step {step}, resuming from there")
+
+    def close(self) -> None:
+        """The attempt ends on purpose: stop polling, close the data, publish what is left."""
+        self.stops.close()
+        self.train.close()
+        self.tracker.close()
+
+
+def _driver_control(control) -> dict[str, Any]:
+    """Rank 0 polls the driver's requests (stop, checkpoint before a resize) from the control plane."""
+    return {"control": lambda: ray.get(control.state.remote(), timeout=10),
+            "on_request_answered": lambda request, step: control.checkpoint_answered.remote(request, step)}
+
+
+def open_datasets(data: dict[str, Any], d: DataConfig, pin: bool) -> tuple[ShardedData, ShardedData | None]:
+    """The train (and val) shards this run reads, held at most two shuffle windows at a time."""
+    remote = any(is_remote(v["spec"]) for v in data.values())  # local data needs no node cache (nor its folder)
+    cache = ShardCache(d.shard_cache.dir, d.shard_cache.max_bytes) if remote else None
+    resident = 2 * d.shuffle_window_shards
+    opened = {k: ShardedData(v["spec"], v["shards"], d.features, d.label, s3=d.s3, shard_cache=cache,
+                             max_resident=resident, pin=pin) for k, v in data.items()}
+    return opened["train"], opened.get("val")

@@ -1,0 +1,114 @@
+"""The metrics of the training loop's logging windows (worker process): training loss, throughput, the
+step's time split, MFU, each node's system sample, the ETA, and the data-wait advice.
+
+Each rank sums its loss over the steps of a window; at a log step one all-reduce brings the sums (and
+one system sample per node) together, and rank 0's tracker logs them. Rank 0 also carries the unlogged
+steps of the window a checkpoint cut (`TrainState.loss_window`), so a resumed run's next `train/loss`
+averages the same steps as an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from openclaw.config import Config
+from openclaw.engine.engine import StepStats
+from openclaw.engine.metrics import (StepClock, allreduce_sum, data_wait_advice, node_sample_vector, peak_flops,
+                                     per_node_metrics, system_metrics)
+from openclaw.engine.state import TrainState
+
+
+def should_log(step: int, cfg: Config) -> bool:
+    return step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+
+
+class LogWindow:
+    def __init__(self, cfg: Config, state: TrainState, *, device: torch.device, rank: int, world: int,
+                 speaks_for_node: bool, flops_per_token: float | None, job_start_time: float):
+        """`speaks_for_node`: this rank samples its node's CPU and memory (the node's first local rank)."""
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.sample_node = speaks_for_node and cfg.tracking.enabled
+        self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
+        self.job_start_time = job_start_time
+        self.clock = StepClock()
+        self.last: dict[str, Any] = {}
+        """The newest logged (and evaluated) metrics: what each checkpoint reports to Ray Train."""
+        self.tokens_per_sample: int | None = None  # language modeling: known from the first batch
+        self.first_step_s: float | None = None
+        self._stats: StepStats | None = None
+        self._advised = False
+        self.loop_t0 = self._eta_t0 = time.perf_counter()
+        self.first_step = self._eta_step = state.step
+        self.restart(state)
+        system_metrics(device)  # primes psutil's CPU counter
+
+    def restart(self, state: TrainState) -> None:
+        """A new window from `state` (the attempt's start, or a rollback): rank 0 carries the cut window."""
+        carried = state.loss_window if self.rank == 0 else [0.0, 0.0]
+        self.loss_sum, self.samples = carried[0], int(carried[1])
+        self.t0 = time.perf_counter()
+
+    def add(self, batches: list[dict[str, torch.Tensor]], stats: StepStats, data_s: float, compute_s: float) -> None:
+        """A computed step (applied or not)."""
+        self.clock.add_step(data_s=data_s, compute_s=compute_s)
+        if self.first_step_s is None:  # start-up cost, preparation included: what a cache hit saves
+            self.first_step_s = time.time() - self.job_start_time
+        if self.tokens_per_sample is None and self.cfg.task == "language_modeling":
+            self.tokens_per_sample = batches[0]["x"].shape[1] - 1
+        self._stats = stats
+        if stats.finite:
+            self.loss_sum += stats.loss_sum
+            self.samples += stats.samples
+
+    def exclude(self, seconds: float) -> None:
+        """Time that is not training (checkpoint stalls): out of the throughput, into the time split."""
+        self.t0 += seconds
+        self.clock.checkpoint_s += seconds
+
+    def due(self, step: int) -> bool:
+        return should_log(step, self.cfg) and self.samples > 0
+
+    def carry(self) -> list[float]:
+        """Collective: the window so far, summed over the ranks, for the checkpoint to carry."""
+        return allreduce_sum([self.loss_sum, float(self.samples)], self.device)
+
+    def wall_step_s(self, step: int) -> float:
+        """This attempt's wall time per step, everything included."""
+        return (time.perf_counter() - self.loop_t0) / max(1, step - self.first_step)
+
+    def log(self, state: TrainState, epoch: int, global_batch_size: int, data, tracker) -> None:
+        """Collective: reduce the window, log it (rank 0), print progress and, once, advice; start anew."""
+        sample = system_metrics(self.device) if self.sample_node else None
+        node_vec = node_sample_vector(sample, self.rank, self.world) if self.cfg.tracking.enabled else []
+        totals = allreduce_sum([self.loss_sum, float(self.samples), *node_vec], self.device)
+        loss_sum, n = totals[:2]
+        now = time.perf_counter()
+        sps = n / (now - self.t0)  # training throughput: checkpoint stalls excluded
+        wall_step_s = (now - self._eta_t0) / max(1, state.step - self._eta_step)  # the ETA counts everything
+        self._eta_t0, self._eta_step = now, state.step
+        stats = self._stats
+        self.last = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
+                     "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
+                     "train/global_batch_size": global_batch_size, "train/skipped_batches": len(state.skipped_steps),
+                     **({"perf/time_to_first_step_s": self.first_step_s} if self.first_step_s is not None else {})}
+        perf = self.clock.window(n, self.tokens_per_sample, self.flops_per_token, self.peak, self.world)
+        perf["perf/ingest_rows_per_s"] = data.ingest_rows_per_s()
+        read_share = data.take_wait_s() / self.clock.data_s if self.clock.data_s else 0.0
+        tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[2:])}, state.step)
+        max_steps = self.cfg.train.max_steps
+        tracker.progress({"step": state.step, "max_steps": max_steps, "loss": loss_sum / n, "samples_per_s": sps,
+                          "eta_s": (max_steps - state.step) * wall_step_s})
+        self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
+        self.loss_sum, self.samples, self.t0 = 0.0, 0, time.perf_counter()
+        self.clock.reset()
+
+    def _advise(self, step: int, data_wait_frac: float, read_share: float, tracker) -> None:
+        # Not on the attempt's first window: its first step reads the first window of shards, a start-up
+        # cost (in perf/time_to_first_step_s) that no knob hides.
+        warm = step - self.first_step > self.cfg.train.log_every
+        advice = None if self._advised or not warm else data_wait_advice(data_wait_frac, read_share)
+        if advice:
+            tracker.progress({"message": advice})
+            self._advised = True

@@ -1,0 +1,48 @@
+"""Every import of a private Ray module in openclaw, each with its reason (imported by the driver, Ray
+Train's controller and the workers).
+
+openclaw pins Ray to 2.60.x (`pyproject.toml`). These names are not Ray's public API, so a Ray upgrade
+may move them: this module then fails at import, naming what moved, instead of a fallback silently
+changing what openclaw does. Nothing else in openclaw imports `ray.*._internal` (a test enforces it).
+"""
+from __future__ import annotations
+
+try:
+    # Base classes of Ray Train V2's controller and worker-group callbacks (`ray.train.RunConfig(callbacks=)`
+    # accepts them; Ray 2.60 exports no public name for them). openclaw's callbacks settle lost nodes
+    # before a restart, report failed worker-group starts, and run one drain watcher per run.
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    # The callback through which Ray Train starts a Ray Data `DatasetManager` actor at every worker-group
+    # start, datasets or not. openclaw passes no datasets (its workers stream their own shards) and leaves
+    # it out: about 1 s of a restart on 2 cores.
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    # Ray Train's node-drain watcher, and its poll-interval knob. Ray starts one per worker group (a new
+    # actor process at every restart); openclaw starts this class once per run and re-aims it.
+    from ray.train.v2._internal.execution.preemption import PreemptionWatcher
+    from ray.train.v2._internal.constants import (
+        DEFAULT_PREEMPTION_POLL_INTERVAL_S,
+        PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
+    )
+
+    # The worker's train context, whose preemption context holds the latest drain notice. The public
+    # `ray.train.get_preemption_info()` reads it too, but raises outside a Ray Train worker; the stop
+    # signals poll it every step and want None instead.
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    # Ray Data's cluster autoscaling coordinator: Ray Train V2's elastic policy sizes a restarted worker
+    # group from the resources it holds, which it re-reads only every 20 s. openclaw asks it to recompute
+    # when a node joins or dies, and creates it on the driver's node (see `launch.node_watcher`).
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+except ImportError as e:  # pragma: no cover - only on a Ray other than 2.60
+    import ray
+
+    raise ImportError(f"openclaw needs Ray 2.60's internal layout, and Ray {ray.__version__} moved {e.name or e}. "
+                      f"Install ray==2.60.* (pyproject.toml pins it).") from e
+
+__all__ = ["ControllerCallback", "WorkerGroupCallback", "DatasetsCallback", "PreemptionWatcher",
+           "DEFAULT_PREEMPTION_POLL_INTERVAL_S", "PREEMPTION_POLL_INTERVAL_S_ENV_VAR", "get_train_context",
+           "get_or_create_autoscaling_coordinator"]

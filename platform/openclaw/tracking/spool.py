@@ -1,0 +1,25 @@
+"""The spool file: tracking ops a run could not deliver before it ended, kept as JSON lines (written by
+the tracking actor and the driver, read by `openclaw sync-spool` on the driver). Its first line names
+the run (`run`: tracking URI, run id); the others are ops, in the order they were sent."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def append_to_spool(path: str, op: str, *args: Any) -> None:
+    """One op, as a JSON line, at the end of a spool file (`sync_spool` applies them in order)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"op": op, "args": list(args)}) + "\n")
+
+
+def read_spool(path: str) -> tuple[tuple[str, str], list[dict[str, Any]]]:
+    """((tracking URI, run id), ops) of a spool file."""
+    with open(path) as f:
+        ops = [json.loads(line) for line in f if line.strip()]
+    if not ops:
+        return ("", ""), []
+    if ops[0]["op"] != "run":
+        raise ValueError(f"{path} is not an openclaw spool file (it must start with a 'run' line)")
+    uri, run_id = ops[0]["args"][:2]
+    return (uri, run_id), ops[1:]

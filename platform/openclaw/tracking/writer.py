@@ -1,0 +1,116 @@
+"""Applying tracking ops to one MLflow run (tracking actor, and `openclaw sync-spool` on the driver), and
+the spool file that keeps the ops a server did not take in time.
+
+An op is a name and JSON-able arguments (`metrics`, `restore`, `event`, `attempt`, `end`, `finish`);
+`MlflowWriter.apply` carries one out. The tracking service applies them as they come; `sync_spool`
+applies a spool file's, in order, later.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from typing import Any
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from openclaw.config import Config
+from openclaw.tracking.run import log_final_model, resolve_sources
+from openclaw.tracking.spool import read_spool
+from openclaw.tracking.tracker import put_nowait
+
+ATTEMPT_EVENTS = ("start", "resume", "restart", "resize")
+
+
+class MlflowWriter:
+    """Applies ops to one MLflow run. Plain code, no Ray: the service's thread and `sync-spool` use it."""
+
+    def __init__(self, tracking_uri: str, run_id: str, progress=None):
+        self.client, self.run_id, self.progress = MlflowClient(tracking_uri), run_id, progress
+        self._events: list[dict[str, Any]] | None = None
+        self._published_through = 0
+        self._attempts = 0
+
+    def apply(self, op: str, *args: Any) -> None:
+        getattr(self, f"_op_{op}")(*args)
+
+    # ---- metrics -------------------------------------------------------------------------------
+
+    def _op_metrics(self, metrics: list[dict[str, Any]]) -> None:
+        # Steps at or before `_published_through` were published by an earlier attempt that ran past the
+        # checkpoint this one resumed from (the newer one failed its check): they keep their first record.
+        rows = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics
+                if m["step"] > self._published_through]
+        for i in range(0, len(rows), 1000):  # MLflow's log_batch limit
+            self.client.log_batch(self.run_id, metrics=rows[i:i + 1000], synchronous=True)
+
+    def _op_restore(self, pending: list[dict[str, Any]]) -> None:
+        """A resume: re-send the checkpoint's pending metrics (MLflow keeps one row per identical
+        (key, step, value, timestamp)), then note how far the run's published record already goes."""
+        self._published_through = 0
+        self._op_metrics(pending)
+        history = self.client.get_metric_history(self.run_id, "train/loss")
+        self._published_through = max((m.step for m in history), default=0)
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def _op_event(self, kind: str, fields: dict[str, Any], t: float) -> None:
+        events = self.events()
+        events.append({"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
+                       "t": round(t, 3), **fields})
+        self.client.log_dict(self.run_id, events, "events.json")
+        self.client.set_tag(self.run_id, "openclaw.last_event", json.dumps(events[-1]))
+
+    def _op_attempt(self, fields: dict[str, Any], t: float) -> None:
+        """A worker group started: record it as start, resume (a new driver), restart or resize."""
+        sizes = [e["world_size"] for e in self.events() if e["event"] in ATTEMPT_EVENTS]
+        previous = sizes[-1] if sizes else None
+        world = fields["world_size"]
+        if previous is None:
+            cause = "start"
+        elif previous != world:
+            cause = "resize"
+        else:
+            cause = "resume" if self._attempts == 0 else "restart"
+        self._attempts += 1
+        self._op_event(cause, {**fields, "previous_world_size": previous}, t)
+        self._say(f"{cause} at step {fields['resumed_from_step']}/{fields['max_steps']} with {world} worker(s), "
+                  f"accumulation {fields['accumulation']}")
+
+    # ---- the end of a run whose server was away (written to the spool by the driver) ----------------
+
+    def _op_end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def _op_finish(self, config: dict[str, Any], checkpoint: str | None) -> None:
+        """Log the final model (as the run would have) and close the run."""
+        if checkpoint:
+            cfg = Config.model_validate(config)
+            log_final_model(cfg, self.run_id, checkpoint, resolve_sources(cfg.data))
+        self._op_end("FINISHED")
+
+    def events(self) -> list[dict[str, Any]]:
+        if self._events is None:  # errors (server away) propagate: the op is retried, nothing overwritten
+            if "events.json" not in {a.path for a in self.client.list_artifacts(self.run_id)}:
+                self._events = []  # a new run has none yet
+            else:
+                with tempfile.TemporaryDirectory() as d:
+                    with open(self.client.download_artifacts(self.run_id, "events.json", d)) as f:
+                        self._events = list(json.load(f))
+        return self._events
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            put_nowait(self.progress, {"message": message})
+
+
+def sync_spool(path: str, tracking_uri: str | None = None) -> int:
+    """Upload a spool file's ops in order (`openclaw sync-spool`). Returns how many were applied."""
+    (uri, run_id), ops = read_spool(path)
+    if not ops:
+        return 0
+    writer = MlflowWriter(tracking_uri or uri, run_id)
+    for item in ops:
+        writer.apply(item["op"], *item["args"])
+    return len(ops)
