@@ -55,3 +55,34 @@ def test_debug_adds_traceback(tmp_path):
 def test_help_lists_the_flags():
     r = run_cli("train", "--help")
     assert r.returncode == 0 and all(f in r.stdout for f in ("--set", "--address", "--verbose", "--debug"))
+
+
+def test_config_defaults_prints_every_key_described_and_loads_back(tmp_path):
+    import yaml
+
+    from openclaw.config import Config
+    r = run_cli("config", "--defaults")
+    assert r.returncode == 0, r.stderr
+    raw = yaml.safe_load(r.stdout)
+    assert raw["data"]["train"] is None and "# (required)" in r.stdout  # the one key without a default
+    raw["data"]["train"] = "datasets/x"
+    assert Config.model_validate(raw) == Config.model_validate({"data": {"train": "datasets/x"}})
+    keys = [line for line in r.stdout.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    described = [i for i, line in enumerate(r.stdout.splitlines()) if line.strip() and not line.lstrip().startswith("#")
+                 and r.stdout.splitlines()[i - 1].lstrip().startswith("#")]
+    assert len(described) == len(keys) > 60  # every key has its description right above it
+
+
+def test_config_schema_is_json_schema_with_descriptions():
+    import json
+    r = run_cli("config", "--schema")
+    assert r.returncode == 0, r.stderr
+    schema = json.loads(r.stdout)
+    assert schema["properties"]["train"]["description"].startswith("Batch sizes")
+    assert "max_steps" in schema["$defs"]["TrainConfig"]["properties"]
+    assert schema["$defs"]["CheckpointConfig"]["properties"]["async"]["description"].startswith("`async: true`")
+
+
+def test_config_needs_schema_or_defaults():
+    r = run_cli("config")
+    assert r.returncode == 2 and "--schema" in r.stderr

@@ -146,3 +146,27 @@ def test_ray_train_tunables_are_set_for_the_run_only_and_leave_the_users_values_
     with constants.ray_train_env(12.0) as added:
         assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1" and constants.PREEMPTION_WATCHER_ENV_VAR not in added
     assert os.environ[constants.PREEMPTION_WATCHER_ENV_VAR] == "1"
+
+
+def test_every_config_key_has_a_description():
+    """Each field's docstring is its description: `openclaw config --schema/--defaults` show it."""
+    from pydantic import BaseModel
+
+    from openclaw.config import section_model
+    from openclaw.data.config import Transform
+    from typing import get_args
+    seen, missing, todo = set(), [], [("", Config), *[(f"data.transforms[{t.__name__}]", t)
+                                                     for t in get_args(get_args(Transform)[0])]]
+    while todo:
+        prefix, model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            key = f"{prefix}.{field.alias or name}".lstrip(".")
+            if not (field.description or "").strip():
+                missing.append(key)
+            sub = section_model(field.annotation)
+            if sub is not None and issubclass(sub, BaseModel):
+                todo.append((key, sub))
+    assert len(seen) > 15 and missing == []
