@@ -5,6 +5,7 @@ Each component declares its own section next to it; this module composes them an
 
     name, seed          here
     model, train        engine/config.py
+    parallelism         engine/parallel/config.py
     task                here (a built-in task or a `module:function` loss)
     data                data/config.py
     scaling, failure    launch/config.py
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from openclaw.data.config import DataConfig
 from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: F401
+from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.errors import ConfigError
 from openclaw.launch.config import FailureConfig, ScalingConfig
 from openclaw.runtime.config import CheckpointConfig, ElasticConfig
@@ -51,6 +53,8 @@ class Config(Section):
     """The datasets: where they are, their columns, transforms and caches."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """Batch sizes, steps, optimizer, schedule, precision and the training loop's cadence."""
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    """How the model is spread over the workers: DDP, FSDP (and HSDP), tensor and pipeline parallelism."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     """How many workers, and the resources of each."""
     elastic: ElasticConfig = Field(default_factory=ElasticConfig)
@@ -77,19 +81,43 @@ class Config(Section):
         return v
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "Config":
-        t, s = self.train, self.scaling
-        # scale_lr keeps the per-worker batch of max_workers, so only that world size has to divide.
-        worlds = range(s.min_workers, s.max_workers + 1) if self.elastic.on_resize == "keep_global_batch" \
-            else [s.max_workers]
-        bad = [w for w in worlds if t.global_batch_size % (t.micro_batch_size * w)]
+    def _worlds_lay_out(self) -> "Config":
+        """Every world size an elastic run may take must lay out as replicate x tensor x pipeline x shard."""
+        p, s = self.parallelism, self.scaling
+        fixed = p.replicate * p.tensor * p.pipeline
+        bad = [w for w in range(s.min_workers, s.max_workers + 1) if w % fixed]
         if bad:
             raise ValueError(
+                f"world size {', '.join(map(str, bad))} (from `scaling.min_workers` {s.min_workers} to "
+                f"`scaling.max_workers` {s.max_workers}) cannot be laid out as `parallelism.replicate` "
+                f"({p.replicate}) x `parallelism.tensor` ({p.tensor}) x `parallelism.pipeline` ({p.pipeline}) "
+                f"x shard: every world size must be a multiple of {fixed}. Change those keys or the worker range.")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "Config":
+        t, s, mp = self.train, self.scaling, self.parallelism.model_parallel
+        # The data-parallel degree is the world over tensor x pipeline. scale_lr keeps the per-worker batch
+        # of max_workers, so only that world size has to divide.
+        worlds = range(s.min_workers, s.max_workers + 1) if self.elastic.on_resize == "keep_global_batch" \
+            else [s.max_workers]
+        bad = [w for w in worlds if t.global_batch_size % (t.micro_batch_size * (w // mp))]
+        if bad:
+            per = "data-parallel degree (world size / (tensor x pipeline))" if mp > 1 else "world size"
+            raise ValueError(
                 f"`train.global_batch_size` ({t.global_batch_size}) must be divisible by `train.micro_batch_size` "
-                f"({t.micro_batch_size}) x world size for every world size from `scaling.min_workers` to "
+                f"({t.micro_batch_size}) x {per} for every world size from `scaling.min_workers` to "
                 f"`scaling.max_workers`; it is not for world size {', '.join(map(str, bad))}. Change the batch "
-                f"sizes (e.g. global_batch_size={t.micro_batch_size * lcm(*range(s.min_workers, s.max_workers + 1))})"
-                f" or the worker range.")
+                f"sizes (e.g. global_batch_size="
+                f"{t.micro_batch_size * lcm(*(w // mp for w in range(s.min_workers, s.max_workers + 1)))}) or the "
+                f"worker range.")
+        mb = self.parallelism.microbatches
+        if isinstance(mb, int):
+            uneven = [w for w in worlds if (t.global_batch_size // (w // mp)) % mb]
+            if uneven:
+                raise ValueError(f"`parallelism.microbatches` ({mb}) must divide each data-parallel rank's share of "
+                                 f"`train.global_batch_size` ({t.global_batch_size}); it does not at world size "
+                                 f"{', '.join(map(str, uneven))}. Use `auto` or a divisor.")
         return self
 
     def resolved(self) -> dict[str, Any]:
@@ -176,10 +204,10 @@ def _explain(error: ValidationError, source: str) -> str:
         elif err["type"] == "missing":
             lines.append(f"missing required key `{key}`")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = err["msg"].removeprefix("Value error, ").rstrip(".")
             given = err.get("input")
             shown = "" if isinstance(given, dict) or "`" in msg else f" (got {given!r})"
-            lines.append(f"`{key}`: {msg}{shown}")
+            lines.append(f"`{key}`: {msg}{shown}" if loc else f"{msg}{shown}")
     return f"Invalid config in {source}: " + "; ".join(lines) + "."
 
 

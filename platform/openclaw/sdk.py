@@ -10,7 +10,7 @@ from torch import nn
 from openclaw.config import Config, load_config
 from openclaw.constants import default_tracking_uri
 from openclaw.data.filesystems import local_copy
-from openclaw.engine.checkpoint import load_model_dir
+from openclaw.engine.model_io import load_model_dir
 from openclaw.errors import CheckpointError
 from openclaw.launch.session import TrainResult
 from openclaw.launch.session import train as _train

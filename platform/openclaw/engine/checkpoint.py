@@ -1,18 +1,20 @@
-"""Checkpoint files: written in full, then a manifest (sizes and sha256 of every file) written last; and
-the model rebuilt from a checkpoint folder (plain torch; workers write and read them, the driver and the
-SDK load models from them).
+"""Checkpoint files (plain torch; workers write and read them, the driver and the SDK load models from
+them): written in full, then a manifest (size and sha256 of every file) written last.
 
-A checkpoint directory is valid only if its manifest exists and every file matches it, so a
-truncated or corrupt checkpoint is detected on load instead of crashing (or silently diverging)
-later. Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+A checkpoint folder is valid only if its manifest exists and every file matches it, so a truncated or
+corrupt checkpoint is detected on load instead of crashing (or silently diverging) later. Loading uses
+``torch.load(weights_only=True)``, and sharded parts go through `engine.sharded`'s safe reader: a
+checkpoint cannot run code. File names in a manifest are relative and stay inside the folder.
 
-Layout::
+Two layouts, named by the manifest's `format`::
 
-    model.pt        model state_dict (unwrapped: loads into a bare model)
-    trainer.pt      optimizer and grad-scaler state
-    state.pt        the TrainState (step, data position, world size, run id, ...)
-    config.json     the resolved config, so a checkpoint alone rebuilds its model
-    manifest.json   {"files": {name: {"size": int, "sha256": str}}, "step": int}
+    whole (DDP: rank 0 writes)            sharded (FSDP, TP, PP: every rank writes its shards)
+    model.pt    model state_dict           model/      torch.distributed.checkpoint: .metadata and
+    trainer.pt  optimizer + grad scaler                __<rank>_0.distcp (model and optimizer, by name)
+                                           trainer.pt  grad scaler
+    state.pt     the TrainState (step, data position, world size, run id, ...)
+    config.json  the resolved config, so a checkpoint alone rebuilds its model
+    manifest.json  {"format": ..., "step": int, "files": {relative name: {"size", "sha256"}}}
 """
 from __future__ import annotations
 
@@ -24,14 +26,13 @@ from typing import Any
 
 import torch
 
-from openclaw.config import Config
-from openclaw.engine.models import build_model
 from openclaw.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+WHOLE, SHARDED = "whole", "sharded"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -39,19 +40,44 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_info(directory: str | os.PathLike, name: str) -> dict[str, Any]:
+    p = Path(directory) / name
+    return {"size": p.stat().st_size, "sha256": sha256(p)}
+
+
 def save(directory: str | os.PathLike, *, model: dict, trainer: dict, state: dict, config: dict) -> Path:
+    """A whole checkpoint: every file, then the manifest."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(model, d / "model.pt")
-    torch.save(trainer, d / "trainer.pt")
-    torch.save(state, d / "state.pt")
-    (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
-    tmp = d / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"step": state.get("step"), "files": files}, indent=2))
-    os.replace(tmp, d / MANIFEST)  # the manifest appears only once everything it lists is on disk
+    save_small(d, trainer=trainer, state=state, config=config)
+    write_manifest(d, state.get("step"), WHOLE, {n: file_info(d, n) for n in ("model.pt", *SMALL)})
     return d
+
+
+SMALL = ("trainer.pt", "state.pt", "config.json")
+
+
+def save_small(directory: Path, *, trainer: dict, state: dict, config: dict) -> None:
+    """The files every layout has, written by rank 0."""
+    torch.save(trainer, directory / "trainer.pt")
+    torch.save(state, directory / "state.pt")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_manifest(directory: str | os.PathLike, step: int | None, fmt: str, files: dict[str, dict]) -> None:
+    """Last, and atomically: the manifest appears only once everything it lists is on disk."""
+    d = Path(directory)
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": fmt, "step": step, "files": files}, indent=2, sort_keys=True))
+    os.replace(tmp, d / MANIFEST)
+
+
+def inside(directory: Path, name: str) -> Path:
+    """`directory / name` for a relative name that stays inside it; a `CheckpointError` otherwise."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+        raise CheckpointError(f"checkpoint {directory}: its manifest names {name!r}, which is not a file inside it.")
+    return directory / name
 
 
 def verify(directory: str | os.PathLike) -> dict[str, Any]:
@@ -64,35 +90,33 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {d}: {MANIFEST} is corrupt ({e}).") from None
     for name, want in manifest["files"].items():
-        p = d / name
+        p = inside(d, name)
         if not p.is_file():
             raise CheckpointError(f"checkpoint {d}: {name} is missing.")
         size = p.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"checkpoint {d}: {name} is {size} bytes, the manifest says {want['size']} "
                                   f"(truncated or overwritten).")
-        if _sha256(p) != want["sha256"]:
+        if sha256(p) != want["sha256"]:
             raise CheckpointError(f"checkpoint {d}: {name} fails its sha256 check (corrupt).")
+    manifest.setdefault("format", WHOLE)
     return manifest
 
 
-def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify, then load a checkpoint's parts. Never unpickles arbitrary objects."""
+def read(directory: str | os.PathLike) -> dict[str, Any]:
+    """Verify, then read what every layout has: {"manifest", "state", "trainer", "config"}."""
     d = Path(directory)
-    verify(d)
-    return {
-        "model": torch.load(d / "model.pt", map_location=map_location, weights_only=True),
-        "trainer": torch.load(d / "trainer.pt", map_location=map_location, weights_only=True),
-        "state": torch.load(d / "state.pt", map_location="cpu", weights_only=True),
-        "config": json.loads((d / "config.json").read_text()),
-    }
+    manifest = verify(d)
+    return {"manifest": manifest,
+            "trainer": torch.load(d / "trainer.pt", map_location="cpu", weights_only=True),
+            "state": torch.load(d / "state.pt", map_location="cpu", weights_only=True),
+            "config": json.loads((d / "config.json").read_text())}
 
 
-def load_model_dir(directory: str | os.PathLike) -> torch.nn.Module:
-    """The trained model of a checkpoint folder, in eval mode: rebuilt from the checkpoint's own config,
-    its weights loaded after the manifest check."""
-    parts = load(directory)
-    cfg = Config.model_validate(parts["config"])
-    model = build_model(cfg.model.name, cfg.model.kwargs)
-    model.load_state_dict(parts["model"])
-    return model.eval()
+def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify, then load a whole checkpoint's parts. Never unpickles arbitrary objects."""
+    parts = read(directory)
+    if parts["manifest"]["format"] != WHOLE:
+        raise CheckpointError(f"checkpoint {directory} is sharded; load it with `openclaw.load_model`, or resume "
+                              f"with the run's `parallelism` settings.")
+    return {**parts, "model": torch.load(Path(directory) / "model.pt", map_location=map_location, weights_only=True)}

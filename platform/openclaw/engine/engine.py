@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from openclaw.engine.config import TrainConfig
+from openclaw.engine.metrics import state_bytes
 from openclaw.engine.optim import build_optimizer, lr_at
 from openclaw.engine.parallel import Strategy, build_strategy
+from openclaw.engine.parallel.base import StepFns
 from openclaw.engine.precision import resolve_precision
 from openclaw.engine.tasks import Batch, Task
 
@@ -41,8 +43,9 @@ class Engine:
                  world_size: int = 1, global_batch_size: int | None = None, lr_factor: float = 1.0,
                  strategy: Strategy | None = None):
         """`model` is the bare model; the strategy (default: DDP, which leaves one process's model as it
-        is) wraps it. `global_batch_size` and `lr_factor` default to the config's batch and 1; the
-        elastic `scale_lr` policy sets them per world size (see `runtime.policies.batch_plan`)."""
+        is) wraps it. `world_size` is the data-parallel degree: how many ranks train on different samples.
+        `global_batch_size` and `lr_factor` default to the config's batch and 1; the elastic `scale_lr`
+        policy sets them per world size (see `runtime.policies.batch_plan`)."""
         self.task, self.cfg = task, cfg
         self.device = device or next(model.parameters()).device
         self.strategy = strategy or build_strategy()
@@ -51,7 +54,10 @@ class Engine:
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self._loss_scale = world_size / (global_batch_size or cfg.global_batch_size)
+        self.state_bytes: dict[str, int] | None = None
+        """Bytes this rank holds of parameters, gradients and optimizer state (measured at the first step)."""
+        self.fns = StepFns(task, self._to_device, self.autocast, world_size / (global_batch_size or cfg.global_batch_size),
+                           self.scaler)
 
     @property
     def module(self) -> nn.Module:
@@ -70,7 +76,7 @@ class Engine:
         lr = lr_at(step, self.cfg.optimizer.lr * self.lr_factor, self.cfg.schedule, self.cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses, samples = self.strategy.forward_backward(self.model, micro_batches, self._loss, self._backward)
+        losses, samples = self.strategy.forward_backward(self.model, micro_batches, self.fns)
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
         loss_sum, norm = torch.stack([torch.stack(losses).float().sum(), grad_norm.float()]).tolist()
@@ -78,27 +84,16 @@ class Engine:
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.state_bytes is None and finite:  # once, while gradients and optimizer state both exist
+            self.state_bytes = state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss_sum, samples, lr, norm, finite)
-
-    def _loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        with self.autocast():
-            return self.task.loss(model, self._to_device(batch))
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss * self._loss_scale).backward()
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """Sums of the task's eval metrics over `batches` (this worker's share)."""
         self.model.eval()
-        totals: dict[str, float] = {}
-        for batch in batches:
-            with self.autocast():
-                sums = self.task.eval_sums(self.module, self._to_device(batch))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + v
-        return totals
+        return self.strategy.evaluate(self.model, batches, self.fns)
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -121,3 +116,8 @@ class Engine:
         self.strategy.load_state_dict(self.model, self.optimizer, state)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+    def start_over(self, model_state: dict[str, torch.Tensor]) -> None:
+        """Back to these (initial) weights with a fresh optimizer."""
+        self.strategy.load_full_model(self.model, model_state)
+        self.optimizer = build_optimizer(self.model, self.cfg.optimizer)

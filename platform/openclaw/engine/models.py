@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from openclaw.errors import ConfigError
 from openclaw.user_code import import_path
@@ -31,35 +32,64 @@ class MLP(nn.Module):
         return self.net(x.flatten(1).float())
 
 
-class _Block(nn.Module):
+class _Attention(nn.Module):
+    """Causal self-attention with separate q, k and v projections: tensor parallelism splits each of them
+    by heads (column-wise), so under it `view(..., -1, head_dim)` sees this worker's heads only.
+
+    The key projection has no bias: softmax ignores a constant added to all of a query's scores, so a key
+    bias only ever gets a zero gradient (and Adam would turn its rounding noise into steps)."""
+
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head_dim, self.dropout = dim // heads, dropout
+        self.q, self.v, self.proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, -1, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(att.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block. `checkpointed`: its activations are recomputed in the backward pass
+    (`parallelism.activation_checkpointing`) instead of kept."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.checkpointed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
-    """A small decoder-only transformer over a byte (or any small) vocabulary."""
+    """A small decoder-only transformer over a byte (or any small) vocabulary.
+
+    A pipeline stage is a GPT with the parts of other stages removed (set to None, and blocks deleted
+    from `blocks`, which is keyed by the block's index in the whole model): its forward runs what it
+    holds, and its parameter names stay those of the whole model.
+    """
 
     def __init__(self, vocab_size: int = 256, block_size: int = 128, dim: int = 128, depth: int = 4,
                  heads: int = 4, dropout: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"`model.kwargs.dim` ({dim}) must be divisible by `model.kwargs.heads` ({heads}).")
-        self.block_size = block_size
+        self.block_size, self.dim, self.heads, self.depth = block_size, dim, heads, depth
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(block_size, dim)
-        self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleDict({str(i): Block(dim, heads, dropout) for i in range(depth)})
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied embeddings
@@ -68,18 +98,22 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * depth) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        x = self.tok(idx.long()) + self.pos(torch.arange(t, device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
+    def forward(self, x: torch.Tensor, blocks: list[str] | None = None, embed: bool | None = None,
+                head: bool | None = None) -> torch.Tensor:
+        """Token ids to logits; a pipeline stage runs only `blocks` (of those it holds), and embeds or
+        applies the head only when told (by default: when it holds them)."""
+        if self.tok is not None if embed is None else embed:
+            x = self.tok(x.long()) + self.pos(torch.arange(x.shape[1], device=x.device))
+        for key in self.blocks if blocks is None else blocks:
+            x = self.blocks[key](x)
+        if self.head is not None if head is None else head:
+            x = self.head(self.ln(x))
+        return x
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (6N plus attention), for MFU."""
         n = sum(p.numel() for p in self.parameters()) - self.pos.weight.numel()
-        blk = self.blocks[0]
-        return 6 * n + 12 * len(self.blocks) * blk.proj.in_features * self.block_size
+        return 6 * n + 12 * self.depth * self.dim * self.block_size
 
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "gpt": GPT}

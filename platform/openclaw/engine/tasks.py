@@ -1,5 +1,11 @@
-"""Tasks turn a batch into a loss. A loss is a *sum* over samples plus the sample count, so the engine
-can normalise by the global batch size and keep the optimization independent of the world size."""
+"""Tasks turn a batch into a loss (plain torch; worker process). A loss is a *sum* over samples plus the
+sample count, so the engine can normalise by the global batch size and keep the optimization
+independent of the world size.
+
+The built-in tasks also split a batch into the model's input and the targets and score a model's
+output against the targets: what a pipeline needs, whose last stage computes the loss without seeing
+the batch.
+"""
 from __future__ import annotations
 
 from typing import Callable, Protocol
@@ -22,30 +28,42 @@ class Task(Protocol):
 
 
 class Classification:
+    def split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["x"], batch["y"]
+
+    def output_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y.long(), reduction="sum")
+
     def loss(self, model, batch):
-        return F.cross_entropy(model(batch["x"]).float(), batch["y"].long(), reduction="sum"), len(batch["y"])
+        x, y = self.split(batch)
+        return self.output_loss(model(x), y), len(y)
 
     def eval_sums(self, model, batch):
-        logits = model(batch["x"]).float()
-        y = batch["y"].long()
-        return {"loss": F.cross_entropy(logits, y, reduction="sum").item(),
-                "correct": (logits.argmax(-1) == y).sum().item(), "count": len(y)}
+        x, y = self.split(batch)
+        logits = model(x).float()
+        return {"loss": self.output_loss(logits, y).item(), "correct": (logits.argmax(-1) == y.long()).sum().item(),
+                "count": len(y)}
 
 
 class LanguageModeling:
     """Next-token prediction over a `[B, T+1]` token column; a sample's loss is its mean token loss."""
 
-    def _per_sample(self, model, batch):
+    def split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["x"].long()
-        logits = model(tokens[:, :-1]).float()
-        t = tokens.shape[1] - 1
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum") / t
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def output_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction="sum") / targets.shape[1]
 
     def loss(self, model, batch):
-        return self._per_sample(model, batch), len(batch["x"])
+        x, y = self.split(batch)
+        return self.output_loss(model(x), y), len(x)
 
     def eval_sums(self, model, batch):
-        return {"loss": self._per_sample(model, batch).item(), "count": len(batch["x"])}
+        loss, count = self.loss(model, batch)
+        return {"loss": loss.item(), "count": count}
 
 
 class UserLoss:

@@ -26,15 +26,16 @@ from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats
 from openclaw.engine.metrics import now as perf_now
 from openclaw.engine.models import build_model
-from openclaw.engine.optim import build_optimizer
-from openclaw.engine.parallel import build_strategy
+from openclaw.engine.parallel import build_strategy, layout_for
+from openclaw.engine.precision import resolve_precision
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task
-from openclaw.errors import CheckpointError, NonFiniteLossError, WorkerPreempted
+from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
 from openclaw.runtime.log_window import LogWindow
 from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
 from openclaw.runtime.sample_log import SampleLog
-from openclaw.runtime.saver import Saver, restore, should_save
+from openclaw.runtime.checkpoint_store import restore
+from openclaw.runtime.saver import Saver, should_save
 from openclaw.runtime.stops import StopFlag, StopSignals, install_in_ray_worker
 from openclaw.tracking.tracker import NullTracker, make_tracker
 
@@ -63,44 +64,57 @@ class LoopInputs:
 
 class Attempt:
     def __init__(self, inputs: LoopInputs):
-        # ---- set-up: the worker's place in the group, its device, its tracker
+        # ---- set-up: the worker's place in the group and the mesh, its device, its tracker
         self.inputs, self.config = inputs, Config.model_validate(inputs.config)
         cfg, ctx = self.config, ray.train.get_context()
         self.world, self.rank = ctx.get_world_size(), ctx.get_world_rank()
+        layout = layout_for(cfg.parallelism, self.world)  # samples are shared out over the data-parallel ranks
+        self.dp, self.dp_rank = layout.dp, layout.dp_rank(self.rank)
         configure_cpu(cfg.train, int(cfg.scaling.resources_per_worker.get("CPU", 1)))
         self.device = ray.train.torch.get_device()
         self.tracker: NullTracker = make_tracker(self.rank, cfg.tracking.enabled, inputs.tracking, inputs.progress)
+        max_dp = cfg.scaling.max_workers // cfg.parallelism.model_parallel
         self.plan: BatchPlan = batch_plan(cfg.elastic.on_resize, cfg.elastic.lr_rule, cfg.train.global_batch_size,
-                                          cfg.train.micro_batch_size, cfg.scaling.max_workers, self.world)
+                                          cfg.train.micro_batch_size, max_dp, self.dp)
         # ---- data
         self.train, self.val = open_datasets(inputs.data, cfg.data, pin=self.device.type == "cuda")
         self.sampler = Sampler(len(self.train), self.plan.global_batch_size, cfg.train.micro_batch_size, cfg.seed,
-                               self.world, self.rank, self.train.shard_rows(), cfg.data.shuffle_window_shards)
+                               self.dp, self.dp_rank, self.train.shard_rows(), cfg.data.shuffle_window_shards)
         # ---- model and engine, then the newest valid checkpoint
-        torch.manual_seed(cfg.seed)
-        self.engine = Engine(build_model(cfg.model.name, cfg.model.kwargs), build_task(cfg.task), cfg.train,
-                             device=self.device, world_size=self.world, global_batch_size=self.plan.global_batch_size,
-                             lr_factor=self.plan.lr_factor, strategy=build_strategy("ddp"))
+        self.engine = self._build_engine()
         self.state = TrainState(world_size=self.world, num_samples=len(self.train), seed=cfg.seed,
                                 mlflow_run_id=inputs.run_id)
-        loaded = restore(inputs.run_dir, self.tracker)
+        loaded = restore(inputs.run_dir, self.tracker, self.engine, self._check_resumable)
         if loaded:
-            self._resume_from(loaded)
+            self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
         self.tracker.attempt(world_size=self.world, resumed_from_step=self.state.step, max_steps=cfg.train.max_steps,
                              global_batch_size=self.plan.global_batch_size, accumulation=self.sampler.accumulation,
-                             lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None)
+                             lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None,
+                             mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)))
         self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
-        self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world) if cfg.train.record_samples else None
+        self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
+                                     records=layout.coords(self.rank)["tp"] == 0 == layout.coords(self.rank)["pp"]) \
+            if cfg.train.record_samples else None
         self.saver = Saver(self.engine, self.state, self.tracker, inputs.config, self.rank, inputs.run_dir,
                            background=cfg.checkpoint.async_)
         install_in_ray_worker()
         self.stops = StopSignals(self.device, **(_driver_control(inputs.control) if self.rank == 0 else {}))
         self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
-                                speaks_for_node=ctx.get_local_rank() == 0,
-                                flops_per_token=getattr(self.engine.module, "flops_per_token", lambda: None)(),
-                                job_start_time=inputs.job_start_time)
+                                speaks_for_node=ctx.get_local_rank() == 0, flops_per_token=self.flops_per_token,
+                                job_start_time=inputs.job_start_time, engine=self.engine)
+
+    def _build_engine(self) -> Engine:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model.name, cfg.model.kwargs)
+        self.flops_per_token = getattr(model, "flops_per_token", lambda: None)()
+        bf16 = resolve_precision(cfg.train.precision, self.device) == torch.bfloat16
+        strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
+                                  param_dtype=torch.bfloat16 if bf16 else None)
+        return Engine(model, build_task(cfg.task), cfg.train, device=self.device, world_size=self.dp,
+                      global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
 
     # ---- a training step ---------------------------------------------------------------------
 
@@ -125,9 +139,9 @@ class Attempt:
         state, loaded = self.state, None
         skipped = sorted(set(state.skipped_steps) | {decision.step})
         if isinstance(decision, Rollback):
-            loaded = restore(self.inputs.run_dir, self.tracker)
+            loaded = restore(self.inputs.run_dir, self.tracker, self.engine, self._check_resumable)
             if loaded:
-                self._resume_from(loaded)
+                state.load_state_dict(loaded["state"])
             else:  # before the first checkpoint: the last valid state is the initial one
                 self._start_over()
             self.tracker.rollback(state.pending_metrics)
@@ -142,19 +156,15 @@ class Attempt:
                                           f"({len(skipped)} batch(es) skipped so far)"})
         return rolled_back
 
-    def _resume_from(self, loaded: dict[str, Any]) -> None:
-        self.state.load_state_dict(loaded["state"])
-        if self.state.num_samples != len(self.train):
-            raise CheckpointError(f"checkpoint {loaded['path']} was trained on {self.state.num_samples} rows but "
-                                  f"`data.train` now has {len(self.train)}; use a new `name` to start a fresh run.")
-        self.engine.load_state_dict({"model": loaded["model"], **loaded["trainer"]})
+    def _check_resumable(self, state: dict[str, Any], path: str) -> None:
+        if state["num_samples"] != len(self.train):
+            raise DataError(f"checkpoint {path} was trained on {state['num_samples']} rows but `data.train` now has "
+                            f"{len(self.train)}; use a new `name` to start a fresh run.")
 
     def _start_over(self) -> None:
         """Back to step 0 with the initial weights (same seed) and a fresh optimizer."""
         torch.manual_seed(self.config.seed)
-        fresh = build_model(self.config.model.name, self.config.model.kwargs)
-        self.engine.load_state_dict({"model": fresh.state_dict(),
-                                     "optimizer": build_optimizer(fresh, self.config.train.optimizer).state_dict()})
+        self.engine.start_over(build_model(self.config.model.name, self.config.model.kwargs).state_dict())
         self.state.start_over()
 
     # ---- checkpoints and stops ---------------------------------------------------------------

@@ -15,8 +15,8 @@ import torch
 
 from openclaw.config import Config
 from openclaw.engine.engine import StepStats
-from openclaw.engine.metrics import (StepClock, allreduce_sum, data_wait_advice, node_sample_vector, peak_flops,
-                                     per_node_metrics, system_metrics)
+from openclaw.engine.metrics import (StepClock, allreduce_max, allreduce_sum, data_wait_advice, node_sample_vector,
+                                     peak_flops, peak_memory_bytes, per_node_metrics, system_metrics)
 from openclaw.engine.state import TrainState
 
 
@@ -26,9 +26,10 @@ def should_log(step: int, cfg: Config) -> bool:
 
 class LogWindow:
     def __init__(self, cfg: Config, state: TrainState, *, device: torch.device, rank: int, world: int,
-                 speaks_for_node: bool, flops_per_token: float | None, job_start_time: float):
-        """`speaks_for_node`: this rank samples its node's CPU and memory (the node's first local rank)."""
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+                 speaks_for_node: bool, flops_per_token: float | None, job_start_time: float, engine=None):
+        """`speaks_for_node`: this rank samples its node's CPU and memory (the node's first local rank).
+        `engine`: whose state bytes are logged (the largest rank's)."""
+        self.cfg, self.device, self.rank, self.world, self.engine = cfg, device, rank, world, engine
         self.sample_node = speaks_for_node and cfg.tracking.enabled
         self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
         self.job_start_time = job_start_time
@@ -95,6 +96,7 @@ class LogWindow:
                      **({"perf/time_to_first_step_s": self.first_step_s} if self.first_step_s is not None else {})}
         perf = self.clock.window(n, self.tokens_per_sample, self.flops_per_token, self.peak, self.world)
         perf["perf/ingest_rows_per_s"] = data.ingest_rows_per_s()
+        perf.update(self._memory())
         read_share = data.take_wait_s() / self.clock.data_s if self.clock.data_s else 0.0
         tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[2:])}, state.step)
         max_steps = self.cfg.train.max_steps
@@ -103,6 +105,16 @@ class LogWindow:
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
         self.loss_sum, self.samples, self.t0 = 0.0, 0, time.perf_counter()
         self.clock.reset()
+
+    def _memory(self) -> dict[str, float]:
+        """Collective: the largest rank's bytes of parameters, gradients and optimizer state, and its peak
+        memory (CUDA's allocator peak on GPUs, the resident set on CPUs)."""
+        held = (self.engine.state_bytes if self.engine is not None else None) or {}
+        values = [held.get("params", 0), held.get("grads", 0), held.get("optimizer", 0), sum(held.values()),
+                  peak_memory_bytes(self.device)]
+        names = ("param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "state_bytes_per_rank",
+                 "peak_memory_bytes")
+        return {f"perf/{n}": v for n, v in zip(names, allreduce_max(values, self.device))}
 
     def _advise(self, step: int, data_wait_frac: float, read_share: float, tracker) -> None:
         # Not on the attempt's first window: its first step reads the first window of shards, a start-up

@@ -22,11 +22,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     while state.step < max_steps:
         step = state.step
         positions, epoch, offset = a.sampler.global_batch_at(state.epoch, state.offset)
-        vote = a.stops.start(a.saver.ready())  # agreed on by all ranks while the step computes
+        vote = a.stops.start(a.saver.writing())  # agreed on by all ranks while the step computes
 
         # ---- the step (a batch skipped before a rollback stays skipped on the replay)
         stats = a.train_step(step, positions, epoch, offset) if step not in state.skipped_steps else None
-        stop, written = a.stops.finish(vote)
+        stop, writing = a.stops.finish(vote)
         if stats is not None and not stats.finite:  # the grad norm is global: every rank decides alike
             if a.on_nonfinite(nonfinite_decision(cfg.train.on_nonfinite_loss, step, stats.lr)):
                 continue  # rolled back: carry on from the restored step
@@ -36,13 +36,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if a.window.due(state.step):
             a.window.log(state, epoch, G, a.train, a.tracker)
         if should_eval(state.step, cfg):
-            val_metrics = evaluate(a.engine, a.val, cfg.train.micro_batch_size, a.world, a.rank)
+            val_metrics = evaluate(a.engine, a.val, cfg.train.micro_batch_size, a.dp, a.dp_rank)
             a.tracker.log_metrics(val_metrics, state.step)
             a.tracker.progress({"step": state.step, "max_steps": max_steps, **val_metrics})
             a.window.last.update(val_metrics)
 
         # ---- checkpoints, and the answer to a stop (after its checkpoint)
-        a.checkpoint(stop, written)
+        a.checkpoint(stop, a.saver.written(writing))
         if stop and a.answer_stop(stop):
             break
     a.close()

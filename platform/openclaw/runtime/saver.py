@@ -1,102 +1,46 @@
-"""Checkpoints as the training loop sees them (worker process): find and load the newest valid one, and
-save, synchronously or in the background (`checkpoint.async`).
+"""Saving checkpoints from the training loop (worker process), synchronously or in the background
+(`checkpoint.async`), whole (rank 0 writes: DDP) or sharded (every rank writes its shards).
 
 A synchronous save stalls training for the whole write: serialize, checksum, copy into storage, and
-report to Ray Train. An asynchronous save stalls it only for a snapshot: rank 0 copies the model and
-optimizer state to host memory and a thread writes, checksums and publishes the checkpoint straight
-into the run's storage folder (manifest last). Every rank must then report it to Ray Train at the
-same step: rank 0's "written" flag rides on the per-step vote (`stops.StopSignals`), and the
-ranks report at the first step where it is set. Metrics are published with the checkpoint that
-covers them, as with synchronous saves.
+report to Ray Train. An asynchronous save stalls it only for a snapshot to host memory; threads write,
+checksum and publish the files straight into the run's storage folder. Every rank must then report
+the checkpoint to Ray Train at the same step: each rank's "still writing" flag rides on the per-step
+vote (`stops.StopSignals`), and the ranks report at the first step where no rank is still writing.
+The manifest, listing every file of every rank, is written last, by rank 0, when the checkpoint is
+reported. Metrics are published with the checkpoint that covers them.
 
 The final checkpoint and the checkpoint of a stop are always synchronous: they must be durable before
 the workers return or exit.
 """
 from __future__ import annotations
 
-import datetime
-import logging
-import os
 import shutil
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray.train
-import torch
+import torch.distributed as dist
 from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from openclaw.config import Config
 from openclaw.data.filesystems import storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
+from openclaw.engine.sharded import SHARDS_DIR, async_save_shards, save_shards
 from openclaw.errors import CheckpointError
-
-log = logging.getLogger("openclaw")
-
-
-def restore(run_dir: str, tracker) -> dict[str, Any] | None:
-    """Load the newest checkpoint in the run's folder that passes its manifest check.
-
-    The folder is scanned rather than trusting `ray.train.get_checkpoint()` alone: a worker can die
-    after rank 0's report returned but before Ray's controller registered that checkpoint, and the
-    metrics published with it must not be replayed. Invalid (partial, truncated, corrupt) checkpoints
-    are reported and skipped in favour of the next newest.
-    """
-    for candidate in checkpoints_newest_first(run_dir):
-        try:
-            with candidate.as_directory() as d:
-                loaded = ckpt_io.load(d)
-            return loaded | {"path": candidate.path}
-        except CheckpointError as e:
-            msg = f"skipping invalid checkpoint: {e}"
-            log.warning(msg)
-            tracker.event("checkpoint_invalid", checkpoint=candidate.path, reason=str(e))
-            tracker.progress({"message": msg})
-    return None
+from openclaw.runtime.checkpoint_store import (checkpoint_dir_name, files_under, publish, publish_dir,
+                                               publish_manifest, to_host)
 
 
 def should_save(step: int, cfg: Config) -> bool:
     return step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps
 
 
-def checkpoints_newest_first(run_dir: str):
-    """Every `checkpoint_*` folder of a run (local path or URI), newest first (Ray names them by time)."""
-    fs, root = storage_filesystem(run_dir)
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                  reverse=True)
-    return [Checkpoint(path, filesystem=fs) for path in dirs]
-
-
-def to_host(obj: Any) -> Any:
-    """A deep copy of a state dict with every tensor copied to host memory: training can go on."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
-    return obj
-
-
-def checkpoint_dir_name() -> str:
-    """A new checkpoint folder's name, as Ray names them (by time, so that names sort oldest first)."""
-    return "checkpoint_" + datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")
-
-
-def publish_dir(local: str, run_dir: str) -> str:
-    """Copy a written checkpoint folder into the run's storage, manifest last; return its path there."""
-    fs, root = storage_filesystem(run_dir)
-    dest = f"{root.rstrip('/')}/{checkpoint_dir_name()}"
-    fs.create_dir(dest, recursive=True)
-    names = sorted(os.listdir(local), key=lambda n: n == ckpt_io.MANIFEST)  # the manifest goes last
-    for n in names:
-        with open(os.path.join(local, n), "rb") as src, fs.open_output_stream(f"{dest}/{n}") as out:
-            shutil.copyfileobj(src, out, 8 << 20)
-    return dest
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Saver:
@@ -105,33 +49,36 @@ class Saver:
     def __init__(self, engine, state, tracker, config: dict, rank: int, run_dir: str, background: bool):
         self.engine, self.state, self.tracker, self.config = engine, state, tracker, config
         self.rank, self.run_dir, self.background = rank, run_dir, background
+        self.sharded = engine.strategy.sharded
+        self.fs, self.root = storage_filesystem(run_dir)
+        # DCP's background writes run collectives of their own: never on the training's group.
+        self._group = dist.new_group(backend="gloo") if self.sharded and background and _distributed() else None
         self._thread: threading.Thread | None = None
-        self._written: dict[str, Any] | None = None   # rank 0: the background write's outcome
-        self._outstanding: dict[str, Any] | None = None  # every rank: {"step", "stall_s"} of a save not yet reported
+        self._written: dict[str, Any] = {}   # this rank's background write: {"files", "error"}
+        self._outstanding: dict[str, Any] | None = None  # every rank: {"step", "stall_s", "path", "metrics"}
         self._completed: list[tuple[int, float]] = []
 
     # ---- the per-step vote -------------------------------------------------------------------
 
-    def ready(self) -> int:
-        """1 on rank 0 once a background write has finished (and is not yet reported)."""
-        return int(self._outstanding is not None and self._thread is not None and not self._thread.is_alive())
+    def writing(self) -> int:
+        """1 while this rank's background write runs: what this rank votes."""
+        return int(self._thread is not None and self._thread.is_alive())
+
+    def written(self, any_writing: bool) -> bool:
+        """Whether the background checkpoint is complete on every rank, by the step's vote."""
+        return self._outstanding is not None and not any_writing
 
     def report_ready(self) -> None:
-        """Every rank, at the step the vote said rank 0's background write is done: report it."""
-        t0 = time.perf_counter()
+        """Every rank, at the step the vote said no rank is still writing: report the checkpoint."""
+        t0, out = time.perf_counter(), self._outstanding
         if self._thread is not None:
             self._thread.join()
-        done, step = self._written or {}, self._outstanding["step"]
-        if self.rank == 0 and "error" in done:
-            raise CheckpointError(f"the background checkpoint of step {step} failed: {done['error']}")
-        checkpoint = Checkpoint(done["path"], filesystem=storage_filesystem(self.run_dir)[0]) if self.rank == 0 else None
-        ray.train.report({"step": step, **done.get("metrics", {})}, checkpoint=checkpoint,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-        self.tracker.publish(through_step=step)
-        self.tracker.event("checkpoint", step=step, world_size=self.state.world_size, mode="async",
-                           checkpoint=done.get("path"))
-        self._completed.append((step, self._outstanding["stall_s"] + time.perf_counter() - t0))
-        self._thread, self._written, self._outstanding = None, None, None
+        files = self._gather(self._written)
+        if self.rank == 0 and self.sharded:
+            publish_manifest(self.fs, out["path"], out["step"], ckpt_io.SHARDED, files)
+        self._report(out["step"], out["metrics"], out["path"], mode="async")
+        self._completed.append((out["step"], out["stall_s"] + time.perf_counter() - t0))
+        self._thread, self._written, self._outstanding = None, {}, None
 
     def take_completed(self) -> list[tuple[int, float]]:
         """(step, seconds training stalled for it) of every checkpoint reported since the last call."""
@@ -145,6 +92,8 @@ class Saver:
         if self._outstanding is not None:  # the previous background save has not been reported yet
             self.report_ready()
         t0 = time.perf_counter()
+        if self.rank == 0:
+            self.state.pending_metrics = self.tracker.pending()
         if self.background and not final:
             self._begin_background(metrics)
             self._outstanding["stall_s"] = time.perf_counter() - t0
@@ -153,40 +102,101 @@ class Saver:
             self._completed.append((self.state.step, time.perf_counter() - t0))
 
     def _save_now(self, metrics: dict[str, float]) -> None:
+        if self.sharded:
+            dest = f"{self.root.rstrip('/')}/{self._agreed_name()}"
+            with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
+                save_shards(self.engine.state_dict(), f"{d}/{SHARDS_DIR}")
+                files = self._gather({"files": self._publish_shards(d, dest)})
+            if self.rank == 0:
+                publish_manifest(self.fs, dest, self.state.step, ckpt_io.SHARDED, files)
+            self._report(self.state.step, metrics, dest, mode="sync")
+            return
         with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
             checkpoint, name = None, checkpoint_dir_name()
             if self.rank == 0:
-                self.state.pending_metrics = self.tracker.pending()
                 es = self.engine.state_dict()
                 ckpt_io.save(d, model=es["model"], trainer={k: v for k, v in es.items() if k != "model"},
                              state=self.state.state_dict(), config=self.config)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": self.state.step, **metrics}, checkpoint=checkpoint,
                              checkpoint_dir_name=name if checkpoint else None)
-        self.tracker.publish()
-        self.tracker.event("checkpoint", step=self.state.step, world_size=self.state.world_size, mode="sync",
-                           checkpoint=f"{self.run_dir.rstrip('/')}/{name}")
+        self._after_report(self.state.step, f"{self.run_dir.rstrip('/')}/{name}", mode="sync")
 
     def _begin_background(self, metrics: dict[str, float]) -> None:
-        self._outstanding = {"step": self.state.step, "stall_s": 0.0}
-        if self.rank != 0:
-            return
-        self.state.pending_metrics = self.tracker.pending()
-        snapshot = to_host(self.engine.state_dict())
-        state, config = dict(self.state.state_dict()), self.config
-        written: dict[str, Any] = {"metrics": dict(metrics)}
-
-        def write() -> None:
+        dest = f"{self.root.rstrip('/')}/{self._agreed_name()}" if self.sharded else None
+        self._outstanding = {"step": self.state.step, "stall_s": 0.0, "path": dest, "metrics": dict(metrics)}
+        if self.sharded:
             local = tempfile.mkdtemp(prefix="openclaw-ckpt-")
-            try:
-                ckpt_io.save(local, model=snapshot["model"], state=state, config=config,
-                             trainer={k: v for k, v in snapshot.items() if k != "model"})
-                written["path"] = publish_dir(local, self.run_dir)
-            except Exception as e:  # reported on the training thread at the next vote
-                written["error"] = f"{type(e).__name__}: {e}"
-            finally:
-                shutil.rmtree(local, ignore_errors=True)
+            future = async_save_shards(self.engine.state_dict(), f"{local}/{SHARDS_DIR}", self._group)
+            small = self._small_parts() if self.rank == 0 else None
+            self._start(lambda: self._finish_shards(future, local, dest, small))
+        elif self.rank == 0:
+            snapshot, state, config = to_host(self.engine.state_dict()), dict(self.state.state_dict()), self.config
+            self._start(lambda: self._write_whole(snapshot, state, config))
 
-        self._written = written
-        self._thread = threading.Thread(target=write, daemon=True, name="openclaw-async-checkpoint")
+    def _start(self, write) -> None:
+        def run() -> None:
+            try:
+                write()
+            except Exception as e:  # reported on the training thread when the checkpoint is
+                self._written["error"] = f"{type(e).__name__}: {e}"
+        self._thread = threading.Thread(target=run, daemon=True, name="openclaw-async-checkpoint")
         self._thread.start()
+
+    def _write_whole(self, snapshot: dict, state: dict, config: dict) -> None:
+        local = tempfile.mkdtemp(prefix="openclaw-ckpt-")
+        try:
+            ckpt_io.save(local, model=snapshot["model"], state=state, config=config,
+                         trainer={k: v for k, v in snapshot.items() if k != "model"})
+            self._outstanding["path"] = publish_dir(local, self.run_dir)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def _finish_shards(self, future, local: str, dest: str, small: dict | None) -> None:
+        try:
+            future.result()
+            if small is not None:
+                ckpt_io.save_small(Path(local), **small)
+            self._written["files"] = self._publish_shards(local, dest, write_small=False)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    # ---- the pieces ----------------------------------------------------------------------------
+
+    def _small_parts(self) -> dict[str, Any]:
+        return {"trainer": {"scaler": self.engine.scaler.state_dict()}, "state": dict(self.state.state_dict()),
+                "config": self.config}
+
+    def _publish_shards(self, local: str, dest: str, write_small: bool = True) -> dict[str, dict]:
+        """This rank's shards (and rank 0's small files) into `dest`; their manifest entries."""
+        if self.rank == 0 and write_small:
+            ckpt_io.save_small(Path(local), **self._small_parts())
+        return publish(local, files_under(local), self.fs, dest)
+
+    def _agreed_name(self) -> str:
+        """Collective: rank 0's name for the new checkpoint folder."""
+        name = [checkpoint_dir_name()]
+        if _distributed():
+            dist.broadcast_object_list(name, src=0)
+        return name[0]
+
+    def _gather(self, written: dict[str, Any]) -> dict[str, dict]:
+        """Collective for sharded saves: every rank's files (or errors), at rank 0."""
+        results = [written]
+        if self.sharded and _distributed():
+            results = [None] * dist.get_world_size()
+            dist.all_gather_object(results, written)
+        errors = [r["error"] for r in results if r and "error" in r]
+        if errors:
+            raise CheckpointError(f"the background checkpoint of step {self._outstanding['step']} failed: {errors[0]}")
+        return {name: info for r in results for name, info in (r or {}).get("files", {}).items()}
+
+    def _report(self, step: int, metrics: dict, path: str, mode: str) -> None:
+        checkpoint = Checkpoint(path, filesystem=self.fs) if self.rank == 0 else None
+        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        self._after_report(step, path, mode)
+
+    def _after_report(self, step: int, path: str, mode: str) -> None:
+        self.tracker.publish(through_step=step)
+        self.tracker.event("checkpoint", step=step, world_size=self.state.world_size, mode=mode, checkpoint=path)

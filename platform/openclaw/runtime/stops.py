@@ -14,8 +14,9 @@ graceful stop loses no step:
   checkpoint and return; the same command resumes from that step.
 
 Every rank must agree on the step at which to checkpoint, so each rank's flag is all-reduced (max)
-once per step (with rank 0's "background checkpoint written" flag, see `openclaw.runtime.saver`). The reduction is started before the step's compute and read after it, so it overlaps
-the step instead of adding a round trip to it.
+once per step, with each rank's "background checkpoint still writing" flag (`openclaw.runtime.saver`).
+The reduction is started before the step's compute and read after it, so it overlaps the step
+instead of adding a round trip to it.
 """
 from __future__ import annotations
 
@@ -146,22 +147,23 @@ class StopSignals:
             return StopFlag.CHECKPOINT
         return StopFlag.NONE
 
-    def start(self, checkpoint_written: int = 0):
+    def start(self, writing: int = 0):
         """Begin agreeing on this step's flags (call before the step's compute). The vote also carries
-        rank 0's "background checkpoint written" flag (`saver.Saver.ready`)."""
-        flag = torch.tensor([self.local(), checkpoint_written], dtype=torch.int32)
+        this rank's "background checkpoint still writing" flag (`saver.Saver.writing`)."""
+        flag = torch.tensor([self.local(), writing], dtype=torch.int32)
         if not self._distributed:
             return flag, None
         flag = flag.to(self.device)
         return flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
 
     def finish(self, pending) -> tuple[StopFlag, bool]:
-        """(stop flag, checkpoint written) as every rank agreed for this step (call after the compute)."""
+        """(stop flag, whether any rank is still writing a background checkpoint), as every rank agreed
+        for this step (call after the compute)."""
         flag, work = pending
         if work is not None:
             work.wait()
-        stop, written = flag.tolist()
-        return StopFlag(stop), bool(written)
+        stop, writing = flag.tolist()
+        return StopFlag(stop), bool(writing)
 
     def checkpoint_answered(self, step: int) -> str:
         """The checkpoint asked for (preemption notice or driver request) is saved at `step`: do not save

@@ -17,7 +17,7 @@ from openclaw.config import Config
 from openclaw.data.config import DataConfig
 from openclaw.data.filesystems import local_copy, storage_filesystem
 from openclaw.data.sources import Source, column_to_numpy, resolve
-from openclaw.engine.checkpoint import load_model_dir
+from openclaw.engine.model_io import load_model_dir
 from openclaw.tracking.redact import flatten, redacted
 
 

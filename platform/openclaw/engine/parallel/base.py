@@ -1,38 +1,85 @@
-"""The strategy protocol every kind of parallelism implements (plain torch; worker process). See
-`openclaw.engine.parallel` for what a strategy does."""
+"""The strategy protocol every kind of parallelism implements, and what the engine lends a strategy for
+a step (plain torch; worker process). See `openclaw.engine.parallel` for what a strategy does."""
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
-"""(model, micro-batch) -> (loss: the sum over the micro-batch's samples, sample count)."""
-BackwardFn = Callable[[torch.Tensor], None]
-"""Back-propagates one micro-batch's loss (the engine scales it: global-batch mean, fp16 loss scale)."""
+
+
+@dataclass
+class StepFns:
+    """The engine's side of a step: the task, device placement, precision and the loss's scale."""
+    task: Any
+    """The `engine.tasks.Task`: loss sums over samples; the built-in ones also split a batch into the
+    model's input and the targets (`split`) and score an output (`output_loss`)."""
+    to_device: Callable[[Batch], Batch]
+    autocast: Callable[[], ContextManager]
+    loss_scale: float
+    """data-parallel degree / global batch: with gradients averaged over the data-parallel ranks, the
+    gradient is the mean over the global batch."""
+    scaler: torch.amp.GradScaler
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        with self.autocast():
+            return self.task.loss(model, self.to_device(batch))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss * self.loss_scale).backward()
+
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        with self.autocast():
+            return self.task.eval_sums(model, self.to_device(batch))
 
 
 class Strategy(Protocol):
     name: str
+    sharded: bool
+    """True when every rank holds its own part of the state (checkpoints are written by every rank,
+    through torch.distributed.checkpoint); False when every rank holds all of it (rank 0 writes)."""
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The model, on `device`, ready for the ranks of the default process group (if any)."""
+        """The model, on `device`, spread over the ranks of the default process group (if any)."""
 
-    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
-                         backward: BackwardFn) -> tuple[list[torch.Tensor], int]:
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
+                         fns: StepFns) -> tuple[list[torch.Tensor], int]:
         """Forward and backward every micro-batch; gradients are synchronized after the last. Returns
-        each micro-batch's (detached) loss sum and the samples seen on this rank."""
+        each micro-batch's (detached) loss sum and the samples seen, for this rank's share of the batch."""
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         """The global gradient norm (over every rank's gradients), clipped to `max_norm` unless None."""
 
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], fns: StepFns) -> dict[str, float]:
+        """Sums of the task's eval metrics over `batches` (this rank's share)."""
+
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The user's module inside the wrapper: evaluation, FLOP counts, attributes of the model."""
+        """The user's module inside the wrapper (for a pipeline: this rank's first stage)."""
 
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """{"model": ..., "optimizer": ...}: the full state, loadable into a bare model."""
+        """{"model": ..., "optimizer": ...}: whole tensors when not `sharded`, else this rank's shards
+        keyed by parameter name (what torch.distributed.checkpoint saves and loads into)."""
 
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Load a `state_dict` (from this strategy's or any other's save)."""
+        """Load a `state_dict` (for sharded strategies: one filled by torch.distributed.checkpoint)."""
+
+    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a whole model's state dict (its initial weights, on a rollback before the first checkpoint)."""
+
+
+def evaluate_each(model: nn.Module, batches: Iterable[Batch], fns: StepFns) -> dict[str, float]:
+    """Evaluation where every rank runs the whole model (all but pipelines)."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for k, v in fns.eval_sums(model, batch).items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
+def no_context() -> ContextManager:
+    return contextlib.nullcontext()

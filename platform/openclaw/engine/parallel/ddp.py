@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from openclaw.engine.parallel.base import BackwardFn, Batch, LossFn
+from openclaw.engine.parallel.base import Batch, StepFns, evaluate_each
+from openclaw.engine.parallel.fsdp import apply_activation_checkpointing
 
 
 def distributed_world() -> int:
@@ -23,9 +24,13 @@ def distributed_world() -> int:
 
 
 class DDPStrategy:
-    name = "ddp"
+    name, sharded = "ddp", False
+
+    def __init__(self, activation_checkpointing: str = "none"):
+        self.ac = activation_checkpointing
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        apply_activation_checkpointing(model, self.ac)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         model = model.to(device)
@@ -35,13 +40,13 @@ class DDPStrategy:
             return DistributedDataParallel(model, device_ids=[device], output_device=device)
         return DistributedDataParallel(model)
 
-    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
-                         backward: BackwardFn) -> tuple[list[torch.Tensor], int]:
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
+                         fns: StepFns) -> tuple[list[torch.Tensor], int]:
         losses, samples, last = [], 0, len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             with self._sync(model, i == last):
-                loss, count = loss_fn(model, batch)
-                backward(loss)
+                loss, count = fns.loss(model, batch)
+                fns.backward(loss)
             losses.append(loss.detach())
             samples += count
         return losses, samples
@@ -60,6 +65,9 @@ class DDPStrategy:
             return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         return nn.utils.clip_grad_norm_(params, max_norm)
 
+    def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
+        return evaluate_each(self.unwrap(model), batches, fns)
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -69,3 +77,6 @@ class DDPStrategy:
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         self.unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+
+    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.unwrap(model).load_state_dict(state)

@@ -1,0 +1,55 @@
+"""The `parallelism:` config section: how the model is spread over the workers (foundation: pydantic
+only). See `openclaw.engine.parallel` for what each strategy does."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from openclaw.section import Section
+
+
+class ParallelismConfig(Section):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every worker holds the whole model, its gradients and its optimizer state (PyTorch's
+    DistributedDataParallel). `fsdp`: each of them is sharded over the data-parallel workers (FSDP2's
+    `fully_shard`, per transformer block and at the root), so a worker holds about 1/N of them."""
+    replicate: int = Field(1, gt=0)
+    """With `fsdp` and above 1: hybrid sharding (HSDP). The data-parallel workers form `replicate` groups;
+    the model is sharded within each group and replicated across them (a 2-D mesh, replicate x shard)."""
+    tensor: int = Field(1, gt=0)
+    """Tensor-parallel degree: each of the built-in gpt's attention and MLP matrices is split over this
+    many workers (column-wise, then row-wise). A user's model opts in by exporting
+    `parallelize_plan(mesh)`. Fixed for the run: elastic resizes change only the data-parallel degree."""
+    pipeline: int = Field(1, gt=0)
+    """Pipeline stages: the built-in gpt's blocks are split into this many consecutive stages, one per
+    worker of a pipeline group. Fixed for the run, like `tensor`."""
+    pipeline_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages."""
+    microbatches: int | Literal["auto"] = "auto"
+    """Pipeline micro-batches per optimizer step and data-parallel rank. `auto`: the gradient
+    accumulation (each micro-batch of `train.micro_batch_size` samples is one pipeline micro-batch)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in the backward pass instead of keeping them: `full` for every transformer
+    block, `selective` for every other block (about half the memory saving for half the recompute)."""
+    reshard_after_forward: bool = True
+    """`fsdp`: free each block's gathered parameters after its forward (all-gather them again for the
+    backward). `false` keeps them, trading memory for one all-gather per block and step."""
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "ParallelismConfig":
+        if self.replicate > 1 and self.strategy != "fsdp":
+            raise ValueError(f"`parallelism.replicate` ({self.replicate}) shards within groups and replicates "
+                             f"across them: it needs `parallelism.strategy: fsdp`")
+        if self.tensor > 1 and self.pipeline > 1:
+            raise ValueError("`parallelism.tensor` and `parallelism.pipeline` cannot both be above 1 (tensor x "
+                             "pipeline parallelism is not supported); pick one, with `strategy: fsdp` for the "
+                             "data dimension")
+        if isinstance(self.microbatches, int) and self.microbatches < 1:
+            raise ValueError(f"`parallelism.microbatches` must be `auto` or at least 1, got {self.microbatches}")
+        return self
+
+    @property
+    def model_parallel(self) -> int:
+        """Workers that hold one copy of the model between them: tensor x pipeline."""
+        return self.tensor * self.pipeline

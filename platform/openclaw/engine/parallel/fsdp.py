@@ -1,0 +1,130 @@
+"""Sharded data parallelism with FSDP2 (`fully_shard`), alone or as hybrid sharding (HSDP), and composed
+with tensor parallelism (plain torch; worker process).
+
+In the order torchtitan applies them: tensor parallelism over the mesh's `tp` dimension, activation
+checkpointing per block, then `fully_shard` on every transformer block and on the root over the
+data-parallel dimensions. A rank then holds 1/shard of each parameter, its gradient and its optimizer
+state; a block's parameters are gathered for its forward and backward and freed after.
+`strategy: ddp` with tensor parallelism replicates over the data-parallel ranks the same way (a
+mesh of replicate x 1).
+
+Gradients are averaged over the data-parallel ranks (the engine scales each loss by dp / global
+batch, so the gradient is the global batch's mean). Accumulation keeps the gathered parameters and
+the unsharded gradients between micro-batches and reduce-scatters once, after the last.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from openclaw.engine.parallel.base import Batch, StepFns, evaluate_each
+from openclaw.engine.parallel.clip import clip_global
+from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.engine.parallel.tp import apply_tensor_parallel
+
+SHARDED = StateDictOptions(flatten_optimizer_state_dict=True)
+"""Optimizer state keyed by parameter name, flat: loadable at any layout, including pipeline stages
+that each hold different parameters."""
+FULL_MODEL = StateDictOptions(full_state_dict=True, strict=False)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: `model.blocks` (the built-in gpt), else none (the root
+    alone is one FSDP unit)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleDict):
+        return list(blocks.values())
+    return list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """`full`: every block recomputes its activations in the backward; `selective`: every other block."""
+    if mode == "none":
+        return
+    for i, block in enumerate(transformer_blocks(model)):
+        if hasattr(block, "checkpointed"):
+            block.checkpointed = mode == "full" or i % 2 == 0
+
+
+def shard(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
+          param_dtype: torch.dtype | None) -> nn.Module:
+    """`fully_shard` each block, then the root (which holds the embeddings, the final norm and the head,
+    tied weights included)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs: dict[str, Any] = {"mesh": dp_mesh, **({"mp_policy": mp} if mp else {})}
+    for block in transformer_blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    return model
+
+
+class ShardedState:
+    """State dicts of strategies whose parameters are DTensors or pipeline stages: by parameter name,
+    through torch.distributed.checkpoint's state-dict API."""
+    sharded = True
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        msd, osd = get_state_dict(model, optimizer, options=SHARDED)
+        return {"model": msd, "optimizer": osd}
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=SHARDED)
+
+    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(model, state, options=FULL_MODEL)
+
+
+class FSDPStrategy(ShardedState):
+    name = "fsdp"
+
+    def __init__(self, layout: MeshLayout, mesh: DeviceMesh, *, reshard_after_forward: bool = True,
+                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None):
+        self.layout, self.mesh = layout, mesh
+        self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
+
+    def dp_mesh(self) -> DeviceMesh | None:
+        if self.layout.dp == 1:
+            return None
+        return self.mesh["dp_shard"] if self.layout.replicate == 1 else self.mesh["dp_replicate", "dp_shard"]
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        model = model.to(device)
+        if self.layout.tensor > 1:
+            apply_tensor_parallel(model, self.mesh["tp"])
+        apply_activation_checkpointing(model, self.ac)
+        dp = self.dp_mesh()
+        return shard(model, dp, self.reshard_after_forward, self.param_dtype) if dp is not None else model
+
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
+                         fns: StepFns) -> tuple[list[torch.Tensor], int]:
+        losses, samples, last = [], 0, len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            if isinstance(model, FSDPModule):  # one reduce-scatter per step, after the last micro-batch
+                model.set_requires_gradient_sync(i == last)
+                model.set_reshard_after_backward(i == last)
+            loss, count = fns.loss(model, batch)
+            fns.backward(loss)
+            losses.append(loss.detach())
+            samples += count
+        return losses, samples
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        return clip_global(model.parameters(), max_norm)
+
+    def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
+        return evaluate_each(model, batches, fns)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model  # fully_shard and parallelize_module change the model in place
+

@@ -1,0 +1,80 @@
+"""Where each rank sits in the device mesh: pure arithmetic of plain integers (no torch.distributed), so
+layouts we cannot run (64 ranks as 4 x 4 x 4) are unit-tested (worker process).
+
+The mesh's dimensions, outermost first: pipeline stages, data-parallel replicas (HSDP's replicate),
+data-parallel shards, tensor parallelism. Ranks are laid out row-major, so tensor-parallel ranks are
+neighbours (on one node, where their frequent collectives are cheapest) and pipeline stages are
+farthest apart (their point-to-point traffic is the lightest), as torchtitan lays them out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    pipeline: int
+    replicate: int
+    shard: int
+    tensor: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.pipeline, self.replicate, self.shard, self.tensor)
+
+    @property
+    def world(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dp(self) -> int:
+        """The data-parallel degree: how many different batches one optimizer step trains on."""
+        return self.replicate * self.shard
+
+    def coords(self, rank: int) -> dict[str, int]:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} outside a world of {self.world}")
+        out = {}
+        for name, size in zip(reversed(DIM_NAMES), reversed(self.shape)):
+            rank, out[name] = divmod(rank, size)
+        return {name: out[name] for name in DIM_NAMES}
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        rank = 0
+        for name, size in zip(DIM_NAMES, self.shape):
+            rank = rank * size + coords[name]
+        return rank
+
+    def dp_rank(self, rank: int) -> int:
+        """Which share of the global batch `rank` trains on: ranks of one tensor or pipeline group share it."""
+        c = self.coords(rank)
+        return c["dp_replicate"] * self.shard + c["dp_shard"]
+
+    def group(self, dims: tuple[str, ...] | str, rank: int) -> list[int]:
+        """The ranks that differ from `rank` only along `dims` (the members of its group there)."""
+        dims = (dims,) if isinstance(dims, str) else dims
+        c = self.coords(rank)
+        ranks = [c]
+        for name in dims:
+            size = self.shape[DIM_NAMES.index(name)]
+            ranks = [{**r, name: i} for r in ranks for i in range(size)]
+        return sorted(self.rank_of(r) for r in ranks)
+
+    def groups(self, dims: tuple[str, ...] | str) -> list[list[int]]:
+        """Every group along `dims`, each once: what `dist.new_group` must be called for on every rank."""
+        seen: dict[tuple[int, ...], None] = {}
+        for rank in range(self.world):
+            seen.setdefault(tuple(self.group(dims, rank)), None)
+        return [list(g) for g in seen]
+
+
+def mesh_layout(world: int, replicate: int = 1, tensor: int = 1, pipeline: int = 1) -> MeshLayout:
+    """The layout of `world` ranks: the data-parallel shard degree is what is left after the others."""
+    fixed = replicate * tensor * pipeline
+    if world % fixed:
+        raise ValueError(f"a world of {world} rank(s) cannot be laid out as replicate {replicate} x tensor {tensor} "
+                         f"x pipeline {pipeline} x shard: {world} is not a multiple of {fixed}")
+    return MeshLayout(pipeline=pipeline, replicate=replicate, shard=world // fixed, tensor=tensor)

@@ -1,0 +1,204 @@
+"""Pipeline parallelism for the built-in gpt (plain torch; worker process): consecutive blocks on
+consecutive ranks of a pipeline group, micro-batches flowing through them on torch's schedules (1F1B,
+GPipe, interleaved 1F1B), composed with FSDP over the data-parallel ranks.
+
+Every rank builds the whole model with the run's seed, keeps its stages' parts (its blocks; the
+embeddings on the first stage; the final norm and the head on the last) and drops the rest, so
+parameter names, and checkpoints, are those of the whole model. With interleaved 1F1B a rank holds
+two stages, `pipeline` apart, in one pruned model.
+
+The tied embedding lives on the first stage and the head on the last: each holds a copy. After the
+backward their gradients are summed across the two ranks, so both copies get the same update and stay
+equal. The global gradient norm sums every stage's squares (the copy counted once). The loss is
+computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and broadcast
+to the group, so every rank reports it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from openclaw.engine.models import GPT
+from openclaw.engine.parallel.base import Batch, StepFns
+from openclaw.engine.parallel.clip import clip_global
+from openclaw.engine.parallel.fsdp import ShardedState, apply_activation_checkpointing, shard
+from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.errors import ConfigError
+
+SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+def stage_blocks(depth: int, stages: int) -> list[list[int]]:
+    """The blocks of each of `stages` consecutive stages: as even as can be, earlier stages one more."""
+    if depth < stages:
+        raise ConfigError(f"`parallelism.pipeline` needs at least one block per stage: {stages} stage(s), but "
+                          f"`model.kwargs.depth` is {depth}. Lower `parallelism.pipeline` (or use `gpipe`/`1f1b` "
+                          f"rather than `interleaved_1f1b`, which runs two stages per rank).")
+    per, extra = divmod(depth, stages)
+    bounds, start = [], 0
+    for s in range(stages):
+        n = per + (s < extra)
+        bounds.append(list(range(start, start + n)))
+        start += n
+    return bounds
+
+
+class _StageView(nn.Module):
+    """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds)."""
+
+    def __init__(self, model: GPT, blocks: list[int], first: bool, last: bool):
+        super().__init__()
+        self.model, self.blocks, self.first, self.last = model, [str(b) for b in blocks], first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, blocks=self.blocks, embed=self.first, head=self.last)
+
+
+class PipelineStrategy(ShardedState):
+    name = "pipeline"
+
+    def __init__(self, layout: MeshLayout, mesh: DeviceMesh, rank: int, *, schedule: str = "1f1b",
+                 microbatches: int | str = "auto", reshard_after_forward: bool = True,
+                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None):
+        self.layout, self.mesh, self.rank = layout, mesh, rank
+        self.pp, self.pp_rank = layout.pipeline, layout.coords(rank)["pp"]
+        self.schedule_name, self.microbatches = schedule, microbatches
+        self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
+        self.stages = self.pp * (2 if schedule == "interleaved_1f1b" else 1)
+        self.my_stages = list(range(self.pp_rank, self.stages, self.pp))
+        self.group = mesh["pp"].get_group()
+        self.last_rank = layout.group("pp", rank)[-1]  # the global rank of this group's last stage
+        self.tied_group = None  # the first and last stages' ranks (every rank takes part in making each pair)
+        for ranks in layout.groups("pp"):
+            pair = dist.new_group([ranks[0], ranks[-1]])
+            if rank in (ranks[0], ranks[-1]):
+                self.tied_group = pair
+        self._mb_rows = 0
+        self._schedules: dict[int, Any] = {}
+        self._views: list[PipelineStage] = []
+        self._tied: list[nn.Parameter] = []
+        self._copy: nn.Parameter | None = None
+
+    # ---- building the stages ------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if not isinstance(model, GPT):
+            raise ConfigError(f"`parallelism.pipeline` splits the built-in gpt into stages; {type(model).__name__} "
+                              f"is not one. Set `parallelism.pipeline: 1`.")
+        bounds = stage_blocks(model.depth, self.stages)
+        keep = {b for s in self.my_stages for b in bounds[s]}
+        first, last = 0 in self.my_stages, self.stages - 1 in self.my_stages
+        part = copy.deepcopy(model).to(device)
+        for b in [k for k in part.blocks if int(k) not in keep]:
+            del part.blocks[b]
+        if not first:
+            part.tok = part.pos = None
+        if not last:
+            part.ln = part.head = None
+        apply_activation_checkpointing(part, self.ac)
+        dp = None if self.layout.dp == 1 else (self.mesh["dp_shard"] if self.layout.replicate == 1
+                                                 else self.mesh["dp_replicate", "dp_shard"])
+        if dp is not None:  # (new parameter objects: the tied ones are looked up after)
+            shard(part, dp, self.reshard_after_forward, self.param_dtype)
+        self._tied = [p for p in (part.tok.weight if first else None, part.head.weight if last else None) if p is not None]
+        self._copy = part.head.weight if last and not first else None  # counted once in the norm: on the first stage
+        self._views = [PipelineStage(_StageView(part, bounds[s], s == 0, s == self.stages - 1), s, self.stages,
+                                     device, group=self.group) for s in self.my_stages]
+        return part
+
+    def _schedule(self, n: int, fns: StepFns):
+        if n not in self._schedules:
+            def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return fns.scaler.scale(fns.task.output_loss(output, target) * fns.loss_scale)
+
+            stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
+            self._schedules[n] = SCHEDULES[self.schedule_name](stages, n_microbatches=n, loss_fn=loss_fn,
+                                                               scale_grads=False)
+        return self._schedules[n]
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
+                         fns: StepFns) -> tuple[list[torch.Tensor], int]:
+        if not hasattr(fns.task, "output_loss"):
+            raise ConfigError("`parallelism.pipeline` computes the loss on the last stage: it needs a built-in "
+                              "`task`, not a user's loss function.")
+        n = len(micro_batches) if self.microbatches == "auto" else int(self.microbatches)
+        inputs, targets = fns.task.split(fns.to_device({k: torch.cat([b[k] for b in micro_batches])
+                                                        for k in micro_batches[0]}))
+        self._mb_rows = len(inputs) // n  # the stages' buffers are sized for this: evaluation uses it too
+        losses: list[torch.Tensor] = []
+        with fns.autocast():
+            self._run(self._schedule(n, fns), inputs, targets, losses)
+        scale = fns.loss_scale * (fns.scaler.get_scale() if fns.scaler.is_enabled() else 1.0)
+        total = (torch.stack(losses).sum() / scale).detach() if losses else torch.zeros((), device=inputs.device)
+        self._sum_tied_grads()
+        return [self._from_last_stage(total)], len(inputs)
+
+    def _run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor, losses: list, train: bool = True) -> None:
+        run = schedule.step if train else schedule.eval
+        args = (inputs,) if 0 in self.my_stages else ()
+        if self.stages - 1 in self.my_stages:
+            run(*args, target=targets, losses=losses)
+        else:
+            run(*args)
+
+    def _sum_tied_grads(self) -> None:
+        """The embedding's gradient from the first stage plus the head's from the last, on both."""
+        for p in self._tied:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(grad, group=self.tied_group)
+
+    def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.float().clone()
+        dist.broadcast(value, src=self.last_rank, group=self.group)
+        return value
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        return clip_global(model.parameters(), max_norm, sum_over=[self.group],
+                           exclude=[self._copy] if self._copy is not None else [])
+
+    def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
+        """Forward only through the stages, one training-sized micro-batch at a time (the stages' buffers
+        have that shape); the last one is padded with rows whose targets are ignored."""
+        rows = self._mb_rows or None
+        loss, count = torch.zeros(()), 0
+        for inputs, targets, n in self._rechunk(batches, fns, rows):
+            losses: list[torch.Tensor] = []
+            with fns.autocast():
+                self._run(self._eval_schedule(fns), inputs, targets, losses, train=False)
+            loss = loss + (torch.stack(losses).sum().float().cpu() if losses else 0.0)
+            count += n
+        return {"loss": self._from_last_stage(loss).item(), "count": count}
+
+    @staticmethod
+    def _rechunk(batches, fns: StepFns, rows: int | None):
+        """(inputs, targets, real rows) in chunks of exactly `rows` (the first batch's size if unset)."""
+        x = y = None
+        for batch in batches:
+            bx, by = fns.task.split(fns.to_device(batch))
+            rows = rows or len(bx)
+            x, y = (bx, by) if x is None else (torch.cat([x, bx]), torch.cat([y, by]))
+            while len(x) >= rows:
+                yield x[:rows], y[:rows], rows
+                x, y = x[rows:], y[rows:]
+        if x is not None and len(x):
+            pad = rows - len(x)
+            yield (torch.cat([x, x[:1].expand(pad, *x.shape[1:])]),
+                   torch.cat([y, torch.full((pad, *y.shape[1:]), -100, dtype=y.dtype, device=y.device)]), len(x))
+
+    def _eval_schedule(self, fns: StepFns):
+        if "eval" not in self._schedules:
+            stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
+            self._schedules["eval"] = SCHEDULES[self.schedule_name](
+                stages, n_microbatches=1, loss_fn=lambda o, t: fns.task.output_loss(o, t), scale_grads=False)
+        return self._schedules["eval"]
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model

@@ -1,0 +1,96 @@
+"""Tensor parallelism (plain torch; worker process): each large matrix split over the ranks of a tensor-
+parallel group, with torch's DTensor plans (`parallelize_module`).
+
+The built-in gpt's plan, per block: q, k, v and the MLP's first layer column-wise (each rank computes
+its heads and its slice of the hidden layer), the attention's output projection and the MLP's second
+layer row-wise (their outputs summed over the group). The layer norms run sequence-parallel: between
+blocks each rank holds a slice of the sequence, so their activations are not replicated. The
+embeddings are split by vocabulary row; the output head column-wise, its logits gathered whole (no loss
+parallelism: the task computes the loss on whole logits). A user's model opts in with a method
+`parallelize_plan(mesh)` that returns such a plan.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from openclaw.engine.models import GPT
+from openclaw.errors import ConfigError
+
+
+def gpt_plan(model: GPT) -> dict:
+    first = next(iter(model.blocks))
+    plan = {
+        # the embeddings' sum stays replicated (a DTensor plus a plain tensor is refused); block 0 slices it
+        "tok": RowwiseParallel(input_layouts=Replicate()),
+        "pos": RowwiseParallel(input_layouts=Replicate()),
+        f"blocks.{first}": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+                                              use_local_output=False),
+        "ln": SequenceParallel(),
+        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+    for i in model.blocks:
+        b = f"blocks.{i}"
+        plan.update({
+            f"{b}.ln1": SequenceParallel(), f"{b}.ln2": SequenceParallel(),
+            f"{b}.attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            f"{b}.attn.q": ColwiseParallel(), f"{b}.attn.k": ColwiseParallel(), f"{b}.attn.v": ColwiseParallel(),
+            f"{b}.attn.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            f"{b}.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            f"{b}.mlp.0": ColwiseParallel(),
+            f"{b}.mlp.2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        })
+    return plan
+
+
+def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
+    """Whether `model` can be split `tensor` ways; raises a `ConfigError` naming the key otherwise."""
+    if isinstance(model, GPT):
+        bad = [f"`model.kwargs.{k}` ({v})" for k, v in (("heads", model.heads), ("dim", model.dim)) if v % tensor]
+        if bad:
+            raise ConfigError(f"`parallelism.tensor` ({tensor}) must divide {' and '.join(bad)}: each rank computes "
+                              f"an equal share of the heads. Change `parallelism.tensor` or the model's size.")
+    elif not callable(getattr(model, "parallelize_plan", None)):
+        raise ConfigError(f"`parallelism.tensor` ({tensor}) needs a model that says how to split it: the built-in "
+                          f"gpt, or a model with a method `parallelize_plan(mesh)` returning a torch "
+                          f"`parallelize_module` plan. {type(model).__name__} has none; set `parallelism.tensor: 1`.")
+
+
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Split `model` over the tensor-parallel `mesh`, keeping its tied parameters tied."""
+    check_tensor_parallel(model, mesh.size())
+    tied = _tied(model)
+    plan = gpt_plan(model) if isinstance(model, GPT) else model.parallelize_plan(mesh)
+    parallelize_module(model, mesh, plan)
+    for owner, alias in tied:  # parallelize_module gives each module a new parameter: tie them again
+        _set(model, alias, _get(model, owner))
+    return model
+
+
+def _tied(model: nn.Module) -> list[tuple[str, str]]:
+    """(first name, other name) of every parameter reachable under two names."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            pairs.append((first[id(p)], name))
+        else:
+            first[id(p)] = name
+    return pairs
+
+
+def _get(model: nn.Module, name: str) -> nn.Parameter:
+    return model.get_parameter(name)
+
+
+def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, value)

@@ -1,0 +1,128 @@
+"""A run's checkpoints in its storage folder, as the workers see them (worker process): listing them
+newest first, publishing files into a checkpoint folder (the manifest last), and restoring the newest
+checkpoint that every rank finds valid.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from openclaw.data.filesystems import storage_filesystem
+from openclaw.engine import checkpoint as ckpt_io
+from openclaw.engine.model_io import restore_engine
+from openclaw.errors import CheckpointError
+
+log = logging.getLogger("openclaw")
+
+
+def checkpoints_newest_first(run_dir: str) -> list[Checkpoint]:
+    """Every `checkpoint_*` folder of a run (local path or URI), newest first (Ray names them by time)."""
+    fs, root = storage_filesystem(run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                  reverse=True)
+    return [Checkpoint(path, filesystem=fs) for path in dirs]
+
+
+def restore(run_dir: str, tracker, engine, accept: Callable[[dict[str, Any], str], None]) -> dict[str, Any] | None:
+    """Load the newest checkpoint of the run's folder that passes its manifest check on every rank into
+    `engine`; returns its {"state", "config", "manifest", "trainer", "path"}, or None if there is none.
+
+    The folder is scanned rather than trusting `ray.train.get_checkpoint()` alone: a worker can die
+    after rank 0's report returned but before Ray's controller registered that checkpoint, and the
+    metrics published with it must not be replayed. Invalid (partial, truncated, corrupt) checkpoints
+    are reported and skipped in favour of the next newest; the ranks agree on each verdict, so that
+    they all load the same one. `accept(state, path)` may refuse a valid checkpoint for good (the data
+    changed under the run) by raising.
+    """
+    for candidate in checkpoints_newest_first(run_dir):
+        with candidate.as_directory() as d:
+            parts, problem = None, None
+            try:
+                parts = ckpt_io.read(d)
+            except CheckpointError as e:
+                problem = str(e)
+            if not _all_ranks_agree(parts is not None, engine.device):
+                _skip(tracker, candidate.path, problem or "another rank found it invalid")
+                continue
+            accept(parts["state"], candidate.path)
+            restore_engine(engine, d, parts)
+        return parts | {"path": candidate.path}
+    return None
+
+
+def _all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _skip(tracker, path: str, reason: str) -> None:
+    msg = f"skipping invalid checkpoint: {reason}"
+    log.warning(msg)
+    tracker.event("checkpoint_invalid", checkpoint=path, reason=reason)
+    tracker.progress({"message": msg})
+
+
+def checkpoint_dir_name() -> str:
+    """A new checkpoint folder's name, as Ray names them (by time, so that names sort oldest first)."""
+    return "checkpoint_" + datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")
+
+
+def publish_dir(local: str, run_dir: str) -> str:
+    """Copy a written checkpoint folder into the run's storage, manifest last; return its path there."""
+    fs, root = storage_filesystem(run_dir)
+    dest = f"{root.rstrip('/')}/{checkpoint_dir_name()}"
+    names = sorted(os.listdir(local), key=lambda n: n == ckpt_io.MANIFEST)  # the manifest goes last
+    publish(local, names, fs, dest)
+    return dest
+
+
+def publish(local: str, names: list[str], fs: pafs.FileSystem, dest: str) -> dict[str, dict[str, Any]]:
+    """Copy `names` (relative to `local`, sub-folders included) into `dest` on `fs`, in order; returns
+    each file's manifest entry (size and sha256)."""
+    infos = {}
+    for name in names:
+        target = f"{dest.rstrip('/')}/{name}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(os.path.join(local, name), "rb") as src, fs.open_output_stream(target) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+        infos[name] = ckpt_io.file_info(local, name)
+    return infos
+
+
+def publish_manifest(fs: pafs.FileSystem, dest: str, step: int, fmt: str, files: dict[str, dict]) -> None:
+    """The manifest of a checkpoint whose files are all in `dest` already: written last."""
+    with tempfile.TemporaryDirectory(prefix="openclaw-manifest-") as d:
+        ckpt_io.write_manifest(d, step, fmt, files)
+        publish(d, [ckpt_io.MANIFEST], fs, dest)
+
+
+def files_under(folder: str | os.PathLike) -> list[str]:
+    """Every file below `folder`, as relative names."""
+    root = Path(folder)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to host memory: training can go on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj

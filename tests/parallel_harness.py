@@ -1,0 +1,136 @@
+"""Real multi-process gloo groups for the parallelism tests (no Ray): `spawn(world, fn, *args)` starts
+`world` processes on 127.0.0.1, one thread each, runs `fn(rank, world, *args)` in each and returns the
+results in rank order. `train` is the engine-level training run the tests compare."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    finally:
+        torch.save(result, f"{out}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def spawn(world: int, fn, *args) -> list[Any]:
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, start_method="spawn")
+        results = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(world)]
+    errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
+    assert not errors, errors[0]
+    return results
+
+
+# ---- an engine-level run ---------------------------------------------------------------------------
+
+GPT_KWARGS = {"vocab_size": 64, "block_size": 16, "dim": 32, "depth": 4, "heads": 4}
+GLOBAL_BATCH, MICRO = 8, 2
+
+
+def global_batch(step: int) -> dict[str, torch.Tensor]:
+    """Step `step`'s global batch: the same whatever the world size."""
+    g = torch.Generator().manual_seed(1000 + step)
+    start = torch.randint(0, 64, (GLOBAL_BATCH, 1), generator=g)
+    noise = (torch.rand(GLOBAL_BATCH, GPT_KWARGS["block_size"] + 1, generator=g) < 0.1).long()
+    return {"x": (start + torch.arange(GPT_KWARGS["block_size"] + 1) * 3 + noise) % 64}
+
+
+def build(rank: int, world: int, parallelism: dict, seed: int = 0):
+    from openclaw.engine.config import TrainConfig
+    from openclaw.engine.engine import Engine
+    from openclaw.engine.models import GPT
+    from openclaw.engine.parallel import build_strategy, layout_for
+    from openclaw.engine.parallel.config import ParallelismConfig
+    from openclaw.engine.tasks import LanguageModeling
+    cfg = ParallelismConfig(**parallelism)
+    layout = layout_for(cfg, world)
+    torch.manual_seed(seed)
+    train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100,
+                        optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0)
+    engine = Engine(GPT(**GPT_KWARGS), LanguageModeling(), train, world_size=layout.dp, global_batch_size=GLOBAL_BATCH,
+                    strategy=build_strategy(cfg, world=world, rank=rank))
+    return engine, layout
+
+
+def my_micro_batches(step: int, layout, rank: int) -> list[dict[str, torch.Tensor]]:
+    per = GLOBAL_BATCH // layout.dp
+    mine = global_batch(step)["x"][layout.dp_rank(rank) * per:(layout.dp_rank(rank) + 1) * per]
+    return [{"x": mine[i:i + MICRO]} for i in range(0, per, MICRO)]
+
+
+def steps(engine, layout, rank: int, first: int, last: int) -> list[tuple[float, float]]:
+    """(mean loss over the global batch, global grad norm) of steps first..last-1."""
+    from openclaw.engine.metrics import allreduce_sum
+    out = []
+    for step in range(first, last):
+        stats = engine.train_step(step, my_micro_batches(step, layout, rank))
+        loss_sum, n = allreduce_sum([stats.loss_sum, float(stats.samples)], engine.device)
+        out.append((loss_sum / n, stats.grad_norm))
+    return out
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """Collective: the whole model's weights, on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not engine.strategy.sharded:
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    sd = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def train(rank: int, world: int, parallelism: dict, n_steps: int = 10) -> dict[str, Any]:
+    engine, layout = build(rank, world, parallelism)
+    history = steps(engine, layout, rank, 0, n_steps)
+    return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None}
+
+
+def checkpoint_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="openclaw-dcp-"))
+
+
+# ---- sharded checkpoints ---------------------------------------------------------------------------
+
+def full_state(engine) -> dict[str, Any]:
+    """Collective: every parameter and every optimizer state, whole, keyed by name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(engine.model, engine.optimizer,
+                              options=StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True))
+    return {"model": {k: v.detach().clone() for k, v in msd.items()},
+            "optimizer": {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in osd.items()}}
+
+
+def hop(rank: int, world: int, parallelism: dict, load_from: str | None, save_to: str, n_steps: int) -> dict:
+    """Train `n_steps` (or load `load_from`), then save the shards to `save_to`; the whole state after."""
+    from openclaw.engine.sharded import load_shards, save_shards
+    engine, layout = build(rank, world, parallelism)
+    if load_from:
+        template = engine.state_dict()
+        load_shards(template, load_from)
+        engine.load_state_dict(template)
+    else:
+        steps(engine, layout, rank, 0, n_steps)
+    state = full_state(engine)
+    save_shards(engine.state_dict(), save_to)
+    return {"state": state, "next": steps(engine, layout, rank, n_steps, n_steps + 2)}

@@ -1,0 +1,69 @@
+"""The device mesh's layout and the pipeline's stage split: pure arithmetic, at topologies we cannot run."""
+import pytest
+
+from openclaw.engine.parallel.config import ParallelismConfig
+from openclaw.engine.parallel.mesh import DIM_NAMES, mesh_layout
+
+
+def test_64_ranks_as_4_replicas_of_4_shards_of_4_tensor_ranks():
+    layout = mesh_layout(64, replicate=4, tensor=4)
+    assert layout.shape == (1, 4, 4, 4) and layout.dp == 16 and layout.world == 64
+    # tensor-parallel ranks are neighbours; shards next; replicas farthest apart
+    assert layout.group("tp", 5) == [4, 5, 6, 7]
+    assert layout.group("dp_shard", 5) == [1, 5, 9, 13]
+    assert layout.group("dp_replicate", 5) == [5, 21, 37, 53]
+    assert layout.group(("dp_replicate", "dp_shard"), 5) == sorted(r for r in range(64) if r % 4 == 1)
+    # every rank's coordinates map back, and ranks of one tensor group read the same share of the batch
+    assert all(layout.rank_of(layout.coords(r)) == r for r in range(64))
+    assert {layout.dp_rank(r) for r in layout.group("tp", 42)} == {layout.dp_rank(42)}
+    assert sorted({layout.dp_rank(r) for r in range(64)}) == list(range(16))
+    assert len(layout.groups("tp")) == 16 and all(len(g) == 4 for g in layout.groups("tp"))
+
+
+def test_4x4x4_pipeline_shard_tensor():
+    layout = mesh_layout(64, pipeline=4, tensor=4)
+    assert layout.shape == (4, 1, 4, 4) and layout.dp == 4
+    assert layout.coords(63) == dict(zip(DIM_NAMES, (3, 0, 3, 3)))
+    assert layout.group("pp", 0) == [0, 16, 32, 48]
+    # the pipeline's first and last stages pair up per (shard, tensor) position: 16 pairs
+    pairs = {(g[0], g[-1]) for g in layout.groups("pp")}
+    assert len(pairs) == 16 and (5, 53) in pairs
+
+
+@pytest.mark.parametrize("world,kw,shape", [(8, {}, (1, 1, 8, 1)), (8, {"replicate": 2}, (1, 2, 4, 1)),
+                                            (8, {"tensor": 2, "pipeline": 2}, (2, 1, 2, 2)), (1, {}, (1, 1, 1, 1))])
+def test_layouts(world, kw, shape):
+    assert mesh_layout(world, **kw).shape == shape
+
+
+def test_a_world_that_does_not_divide_is_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"a world of 6 rank\(s\) cannot be laid out .* not a multiple of 4"):
+        mesh_layout(6, tensor=2, pipeline=2)
+
+
+def test_stage_blocks_split_evenly_with_earlier_stages_taking_the_rest():
+    from openclaw.engine.parallel.pp import stage_blocks
+    assert stage_blocks(4, 2) == [[0, 1], [2, 3]]
+    assert stage_blocks(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError, match="`parallelism.pipeline` needs at least one block per stage"):
+        stage_blocks(3, 4)
+
+
+def test_parallelism_config_is_checked_before_any_worker_starts():
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    base = {"data": {"train": "x"}}
+    with pytest.raises(ConfigError, match=r"world size 3 .* multiple of 2. Change those keys"):
+        load_config(None, {"parallelism.tensor": 2, "scaling.min_workers": 2, "scaling.max_workers": 4,
+                           "train.global_batch_size": 64}, base=base)
+    with pytest.raises(ConfigError, match="needs `parallelism.strategy: fsdp`"):
+        load_config(None, {"parallelism.replicate": 2}, base=base)
+    with pytest.raises(ConfigError, match="cannot both be above 1"):
+        load_config(None, {"parallelism.tensor": 2, "parallelism.pipeline": 2}, base=base)
+    with pytest.raises(ConfigError, match="data-parallel degree"):  # dp = 4 / 2 = 2: 12 % (4 x 2) != 0
+        load_config(None, {"parallelism.tensor": 2, "scaling.min_workers": 4, "scaling.max_workers": 4,
+                           "train.global_batch_size": 12, "train.micro_batch_size": 4}, base=base)
+    ok = load_config(None, {"parallelism.strategy": "fsdp", "parallelism.tensor": 2, "scaling.min_workers": 4,
+                            "scaling.max_workers": 4, "train.global_batch_size": 64}, base=base)
+    assert ok.parallelism.model_parallel == 2 and ParallelismConfig().strategy == "ddp"
