@@ -9,7 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "platform" / "openclaw"
 
-LAYERS = ["foundation", "engine", "data", "tracking", "runtime", "launch", "sweep", "front"]
+LAYERS = ["foundation", "engine", "data", "tracking", "runtime", "launch", "sweeps", "front"]
 """Bottom to top: a module may import modules of its own layer or below."""
 FOUNDATION = {"openclaw.config", "openclaw.errors", "openclaw.constants", "openclaw.section", "openclaw.user_code",
               "openclaw.config_schema"}
@@ -141,13 +141,13 @@ def test_a_planted_violation_and_cycle_are_caught():
                Edge("openclaw.data.stream", "mlflow", "planted:3", False),
                Edge("openclaw.launch.session", "ray.train.v2._internal.execution.context", "planted:4", False),
                Edge("openclaw.config", "torch", "planted:5", False),
-               Edge("openclaw.tracking.run", "openclaw.sweep.launch", "planted:6", True)]
+               Edge("openclaw.tracking.run", "openclaw.sweeps.launch", "planted:6", True)]
     found = violations(edges + planted)
     assert len(found) == len(planted), found
     for edge in planted:
         assert any(f"{edge.source} -> {edge.target} ({edge.where})" in v for v in found), edge
     looped = cycles(edges + planted)  # tracking.run -> sweep.launch -> ... -> tracking.run, through a function
-    assert looped and any({"openclaw.tracking.run", "openclaw.sweep.launch"} <= set(c) for c in looped)
+    assert looped and any({"openclaw.tracking.run", "openclaw.sweeps.launch"} <= set(c) for c in looped)
 
 
 def test_the_scan_sees_imports_inside_functions():
@@ -167,3 +167,13 @@ def test_files_and_functions_stay_small():
                 if n > 60:
                     long_functions.append(f"{p.relative_to(PKG)}:{node.lineno} {node.name}: {n}")
     assert long_files == [] and long_functions == []
+
+
+def test_no_subpackage_shadows_an_sdk_function():
+    """`import openclaw.<x>` sets the attribute <x> on the package: a subpackage named like an SDK
+    function (`openclaw.sweep`) would replace the function once anything imported it."""
+    import openclaw
+    subpackages = {p.parent.name for p in PKG.glob("*/__init__.py")} | {p.stem for p in PKG.glob("*.py")}
+    assert not subpackages & set(openclaw.__all__), subpackages & set(openclaw.__all__)
+    import openclaw.sweeps.launch  # noqa: F401
+    assert callable(openclaw.sweep) and callable(openclaw.train) and callable(openclaw.load_model)

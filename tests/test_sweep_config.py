@@ -5,9 +5,9 @@ import pytest
 
 from openclaw.config import load_config
 from openclaw.errors import ConfigError
-from openclaw.sweep.launch import check_sweep
-from openclaw.sweep.config import grid_size
-from openclaw.sweep.trial import trial_config
+from openclaw.sweeps.launch import check_sweep
+from openclaw.sweeps.config import grid_size
+from openclaw.sweeps.trial import trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "jobs" / "configs" / "digits-sweep.yaml"
@@ -88,7 +88,7 @@ def test_each_search_maps_to_tune():
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from openclaw.sweep.search import search_alg, tune_space
+    from openclaw.sweeps.search import search_alg, tune_space
     cfg = load_config(SWEEP)
     space = tune_space(cfg.sweep)
     assert isinstance(space["train.optimizer.lr"], tune.search.sample.Float)
@@ -101,7 +101,7 @@ def test_each_search_maps_to_tune():
 
 
 def test_the_best_trial_is_a_finished_one_unless_none_finished():
-    from openclaw.sweep.parent_run import FINISHED, STOPPED_EARLY, best_row
+    from openclaw.sweeps.parent_run import FINISHED, STOPPED_EARLY, best_row
     # The CI case: ASHA cut a trial at its 200-step rung; at step 250 its loss was below the finished ones'.
     rows = [{"trial": "a", "outcome": FINISHED, "val/loss": 0.1093},
             {"trial": "b", "outcome": STOPPED_EARLY, "val/loss": 0.1077},

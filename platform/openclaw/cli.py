@@ -1,5 +1,6 @@
 """The `openclaw` command (driver): `train CONFIG [--set k=v ...] [--address ADDR]`, `sweep CONFIG
-[--resume]`, `sync-spool FILE` and `config --schema | --defaults`: parse, build, run, report.
+[--resume]`, `sync-spool FILE`, `checkpoint consolidate DIR --out FILE` and `config --schema |
+--defaults`: parse, build, run, report.
 
 User mistakes (bad config, missing data) print one paragraph and exit 2; `--debug` adds the traceback.
 The commands' modules are imported when a command runs, so that `openclaw --help` answers at once.
@@ -42,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("spool", help="the spool file the run printed (tracking-spool-RUN_ID.jsonl)")
     s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one the run used)")
     s.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+    k = sub.add_parser("checkpoint", help="work with a run's checkpoints",
+                       description="Work with a checkpoint folder (or URI) a run wrote.")
+    ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kc = ksub.add_parser("consolidate", help="write a checkpoint's whole model as one file",
+                         description="Gather a checkpoint's model (whole or sharded over any number of workers) "
+                                     "into one file of its weights and config, loadable with weights_only "
+                                     "(`openclaw.load_model(FILE)`, or torch.load).",
+                         epilog="example: openclaw checkpoint consolidate runs/text-lm-fsdp/checkpoint_... "
+                                "--out model.pt")
+    kc.add_argument("checkpoint", help="a checkpoint folder or URI (a run prints its final one)")
+    kc.add_argument("--out", required=True, help="the file to write")
+    kc.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     c = sub.add_parser("config", help="print the config's JSON schema, or every key at its default",
                        description="Describe the config tree: every key, its type, default and meaning.",
                        epilog="example: openclaw config --defaults > my-job.yaml   (then set data.train)")
@@ -62,6 +75,20 @@ def _run_options(parser: argparse.ArgumentParser, example: str) -> None:
                         help="Ray cluster to join (default: $RAY_ADDRESS, else a fresh local instance)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's (and Tune's) own logs and progress bars")
     parser.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    import os
+
+    from openclaw.data.filesystems import local_copy
+    from openclaw.engine.model_io import consolidate
+    if "://" not in args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise ConfigError(f"there is no checkpoint folder at {args.checkpoint}. Pass a run's checkpoint_* folder "
+                          f"(the run prints its final one) or its URI.")
+    with local_copy(args.checkpoint) as d:
+        out = consolidate(d, args.out)
+    print(f"openclaw: wrote the whole model of {args.checkpoint} to {out} ({out.stat().st_size:,} bytes)")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -108,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-    from openclaw.sweep.launch import sweep
+    from openclaw.sweeps.launch import sweep
     result = sweep(load_config(args.config, args.overrides), resume=args.resume, address=args.address,
                    verbose=args.verbose)
     counts = {o: sum(t["outcome"] == o for t in result.trials) for o in ("finished", "stopped_early", "failed")}
@@ -124,7 +151,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config}
+        commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config,
+                    "checkpoint": cmd_checkpoint}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

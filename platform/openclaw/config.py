@@ -11,7 +11,7 @@ Each component declares its own section next to it; this module composes them an
     scaling, failure    launch/config.py
     elastic, checkpoint runtime/config.py
     tracking            tracking/config.py
-    sweep               sweep/config.py
+    sweep               sweeps/config.py
 
 Validation names the key and what is allowed there. The resolved config (after defaults and
 overrides) is what the run saves and logs, so it alone describes a run.
@@ -19,6 +19,7 @@ overrides) is what the run saves and logs, so it alone describes a run.
 from __future__ import annotations
 
 import os
+import re
 from math import lcm
 from pathlib import Path
 from typing import Any, get_args
@@ -33,10 +34,13 @@ from openclaw.errors import ConfigError
 from openclaw.launch.config import FailureConfig, ScalingConfig
 from openclaw.runtime.config import CheckpointConfig, ElasticConfig
 from openclaw.section import Section, import_path_or
-from openclaw.sweep.config import SweepConfig
+from openclaw.sweeps.config import SweepConfig
 from openclaw.tracking.config import TrackingConfig
 
 BUILTIN_TASKS = ("classification", "language_modeling")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RESERVED_NAMES = frozenset({"trials", "samples", "data-cache", "spool"})
+"""Folder names openclaw itself uses inside storage and run folders."""
 
 
 class Config(Section):
@@ -66,7 +70,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """The MLflow run: server, experiment, registry."""
     sweep: SweepConfig | None = None
-    """Hyperparameter search for `openclaw sweep` (see `sweep/config.py`); `openclaw train` ignores it."""
+    """Hyperparameter search for `openclaw sweep` (see `sweeps/config.py`); `openclaw train` ignores it."""
 
     @field_validator("task")
     @classmethod
@@ -76,8 +80,10 @@ class Config(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or "/" in v or v.strip() != v:
-            raise ValueError(f"`name` must be a non-empty name without '/' or surrounding spaces, got {v!r}")
+        if not NAME.fullmatch(v) or v.lower() in RESERVED_NAMES or v.startswith("checkpoint_"):
+            raise ValueError(f"`name` must start with a letter or digit and hold only letters, digits, '.', '_' and '-' "
+                             f"(it names a folder in `checkpoint.storage` and an MLflow run), and not be one of the "
+                             f"folder names openclaw uses ({', '.join(sorted(RESERVED_NAMES))}, checkpoint_*); got {v!r}")
         return v
 
     @model_validator(mode="after")

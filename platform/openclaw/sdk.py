@@ -10,12 +10,12 @@ from torch import nn
 from openclaw.config import Config, load_config
 from openclaw.constants import default_tracking_uri
 from openclaw.data.filesystems import local_copy
-from openclaw.engine.model_io import load_model_dir
+from openclaw.engine.model_io import load_model_dir, load_model_file
 from openclaw.errors import CheckpointError
 from openclaw.launch.session import TrainResult
 from openclaw.launch.session import train as _train
-from openclaw.sweep.launch import SweepResult
-from openclaw.sweep.launch import sweep as _sweep
+from openclaw.sweeps.launch import SweepResult
+from openclaw.sweeps.launch import sweep as _sweep
 from openclaw.tracking.run import load_logged_model
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -41,8 +41,9 @@ def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = N
 def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None) -> nn.Module:
     """The trained `torch.nn.Module` from any of:
 
-    - a checkpoint folder or URI (a `TrainResult.checkpoint`), loaded with `weights_only` after its
-      manifest check;
+    - a checkpoint folder or URI (a `TrainResult.checkpoint`), whole or sharded, loaded with
+      `weights_only` after its manifest check;
+    - a file written by `openclaw checkpoint consolidate`;
     - an MLflow run id (its logged `model`), or a `runs:/RUN_ID/model` or `models:/NAME/VERSION` URI,
       from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).
     """
@@ -52,6 +53,8 @@ def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None) ->
     if "://" in path:
         with local_copy(path) as d:
             return load_model_dir(d)
+    if Path(path).is_file():
+        return load_model_file(path)
     if not Path(path).is_dir():
         raise CheckpointError(f"{path} is neither a checkpoint folder nor an MLflow model; pass the `checkpoint` or "
                               f"`run_id` of a TrainResult, a checkpoint_* folder, or models:/NAME/VERSION.")

@@ -23,10 +23,10 @@ from openclaw.config import Config, validate
 from openclaw.errors import ConfigError
 from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
-from openclaw.sweep.config import SweepConfig, check_against, grid_size
-from openclaw.sweep.parent_run import FAILED, SweepTracker, ended_outcome
-from openclaw.sweep.search import scheduler, search_alg, tune_space
-from openclaw.sweep.trial import run_trial, trial_config
+from openclaw.sweeps.config import SweepConfig, check_against, grid_size
+from openclaw.sweeps.parent_run import FAILED, SweepTracker, ended_outcome
+from openclaw.sweeps.search import scheduler, search_alg, tune_space
+from openclaw.sweeps.trial import run_trial, trial_config
 from openclaw.tracking.run import open_run
 SWEEP_STATE_SAVE_S = "2"
 """Tune saves its experiment state (which trials finished) at most this often (its default is 10 s or

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from openclaw.config import Config
-from openclaw.sweep.trial import trial_config, trial_name
+from openclaw.sweeps.trial import trial_config, trial_name
 from openclaw.tracking.redact import redacted
 from openclaw.tracking.writer import MlflowWriter
 

@@ -10,8 +10,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from openclaw.config import Config
 from openclaw.runtime.control import ask_to_stop
-from openclaw.sweep.config import SweepConfig
-from openclaw.sweep.trial import trial_name
+from openclaw.sweeps.config import SweepConfig
+from openclaw.sweeps.trial import trial_name
 
 
 def tune_space(s: SweepConfig) -> dict[str, Any]:
