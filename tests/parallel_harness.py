@@ -1,46 +1,17 @@
-"""Real multi-process gloo groups for the parallelism tests (no Ray): `spawn(world, fn, *args)` starts
-`world` processes on 127.0.0.1, one thread each, runs `fn(rank, world, *args)` in each and returns the
-results in rank order. `train` is the engine-level training run the tests compare."""
+"""Real multi-process gloo groups for the parallelism tests (no Ray): `spawn(world, fn, *args)` runs
+`fn(rank, world, *args)` on `world` local processes (`openclaw.engine.parallel.local`). `train` and
+`hop` are the engine-level runs the tests compare."""
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, out: str, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    finally:
-        torch.save(result, f"{out}/rank{rank}.pt")
-        dist.destroy_process_group()
+from openclaw.engine.parallel.local import run_local
 
 
 def spawn(world: int, fn, *args) -> list[Any]:
-    with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, start_method="spawn")
-        results = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(world)]
-    errors = [r["error"] for r in results if isinstance(r, dict) and "error" in r]
-    assert not errors, errors[0]
-    return results
+    return run_local(world, fn, *args, backend="gloo")
 
 
 # ---- an engine-level run ---------------------------------------------------------------------------
@@ -103,11 +74,8 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
 def train(rank: int, world: int, parallelism: dict, n_steps: int = 10) -> dict[str, Any]:
     engine, layout = build(rank, world, parallelism)
     history = steps(engine, layout, rank, 0, n_steps)
-    return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None}
-
-
-def checkpoint_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="openclaw-dcp-"))
+    return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
+            "state_bytes": engine.state_bytes}
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------

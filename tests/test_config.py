@@ -170,3 +170,10 @@ def test_every_config_key_has_a_description():
             if sub is not None and issubclass(sub, BaseModel):
                 todo.append((key, sub))
     assert len(seen) > 15 and missing == []
+
+
+@pytest.mark.parametrize("name", ["..", ".data-cache", "a'b", "a/b", "", "trials", "checkpoint_x", " x"])
+def test_a_name_is_confined_to_its_folder_and_to_mlflow_filters(name):
+    with pytest.raises(ConfigError, match="`name` must start with a letter or digit"):
+        load_config(None, {"name": name}, base=MIN)
+    assert load_config(None, {"name": "text-lm_2.b"}, base=MIN).name == "text-lm_2.b"

@@ -22,10 +22,13 @@ from node_loss import OVERRIDES  # noqa: E402
 STEPS = ["train.max_steps=800", "train.optimizer.lr=5e-4", "train.record_samples=true"]
 
 
-def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray_local, digits_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray_local, digits_dir, tmp_path, strategy):
+    """With `fsdp` the model and optimizer are sharded: each resize reshards them from the checkpoint."""
     out = tmp_path / "cluster"
+    steps = [*STEPS, f"parallelism.strategy={strategy}"]
     r = subprocess.run([sys.executable, str(REPO / "bench" / "node_loss.py"), "--out", str(out), "--replacement", "ray-start",
-                        *[x for s in STEPS for x in ("--set", s)]], capture_output=True, text=True, timeout=900)
+                        *[x for s in steps for x in ("--set", s)]], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["world_sizes"] == [2, 1, 2] and got["causes"] == ["start", "resize", "resize"], got
@@ -39,7 +42,7 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
 
     uri = f"sqlite:///{tmp_path / 'ref.db'}"
     ref_cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
-        **OVERRIDES, **dict(s.split("=") for s in STEPS), "name": "reference", "scaling.min_workers": 2,
+        **OVERRIDES, **dict(s.split("=") for s in steps), "name": "reference", "scaling.min_workers": 2,
         "scaling.resources_per_worker": {"CPU": 1}, "data.train": str(out / "digits" / "train"),
         "data.val": str(out / "digits" / "val"), "checkpoint.storage": str(tmp_path / "ref"), "tracking.uri": uri})
     ref = openclaw.train(ref_cfg)
@@ -49,6 +52,9 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
     assert sorted(got_b) == sorted(ref_b) == list(range(800))
     assert all(got_b[s]["positions"] == ref_b[s]["positions"] for s in range(800))
     assert {b["world"] for b in got_b.values()} == {1, 2}
+    if strategy == "fsdp":
+        manifest = json.loads(open(f"{got['checkpoint']}/manifest.json").read())
+        assert manifest["format"] == "sharded" and "model/__1_0.distcp" in manifest["files"]
 
     # Same samples, same global batch, same LR at every step: only the float summation order differs.
     ref_w, got_w = openclaw.load_model(ref.checkpoint).state_dict(), openclaw.load_model(got["checkpoint"]).state_dict()

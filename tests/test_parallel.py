@@ -44,6 +44,10 @@ def test_fsdp_matches_ddp_at_two_ranks(one_rank):
     _check_history(ddp, fsdp, 1e-6)
     _check_weights(ddp, fsdp, 1e-5)
     _check_history(one_rank, fsdp, 1e-6)
+    # each rank holds about half of the parameters, gradients and optimizer state (measured after a step)
+    held = {name: sum(run["state_bytes"].values()) for name, run in (("ddp", ddp), ("fsdp", fsdp))}
+    assert held["fsdp"] <= 0.55 * held["ddp"], held
+    assert fsdp["state_bytes"]["grads"] <= 0.55 * ddp["state_bytes"]["grads"]
 
 
 def test_tensor_parallel_at_two_ranks_matches_one_rank(one_rank):

@@ -43,7 +43,7 @@ def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank
     layout = layout_for(cfg, world)
     mesh = init_device_mesh((device or torch.device("cpu")).type, layout.shape, mesh_dim_names=DIM_NAMES)
     kwargs = dict(reshard_after_forward=cfg.reshard_after_forward, activation_checkpointing=cfg.activation_checkpointing,
-                  param_dtype=param_dtype)
+                  param_dtype=param_dtype, always_shard=cfg.strategy == "fsdp")
     if cfg.pipeline > 1:
         return PipelineStrategy(layout, mesh, rank, schedule=cfg.pipeline_schedule, microbatches=cfg.microbatches,
                                 **kwargs)

@@ -38,6 +38,13 @@ that each hold different parameters."""
 FULL_MODEL = StateDictOptions(full_state_dict=True, strict=False)
 
 
+def dp_mesh(layout: MeshLayout, mesh: DeviceMesh, always_shard: bool) -> DeviceMesh | None:
+    """The data-parallel part of the mesh FSDP shards over (2-D for HSDP), or None: nothing to shard."""
+    if layout.dp == 1 and not always_shard:
+        return None
+    return mesh["dp_shard"] if layout.replicate == 1 else mesh["dp_replicate", "dp_shard"]
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one: `model.blocks` (the built-in gpt), else none (the root
     alone is one FSDP unit)."""
@@ -89,14 +96,15 @@ class FSDPStrategy(ShardedState):
     name = "fsdp"
 
     def __init__(self, layout: MeshLayout, mesh: DeviceMesh, *, reshard_after_forward: bool = True,
-                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None):
-        self.layout, self.mesh = layout, mesh
+                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
+                 always_shard: bool = True):
+        """`always_shard`: `fully_shard` even over one data-parallel rank (`strategy: fsdp`); without it
+        (tensor parallelism under `strategy: ddp`) one rank keeps its parameters as they are."""
+        self.layout, self.mesh, self.always_shard = layout, mesh, always_shard
         self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
 
     def dp_mesh(self) -> DeviceMesh | None:
-        if self.layout.dp == 1:
-            return None
-        return self.mesh["dp_shard"] if self.layout.replicate == 1 else self.mesh["dp_replicate", "dp_shard"]
+        return dp_mesh(self.layout, self.mesh, self.always_shard)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         model = model.to(device)

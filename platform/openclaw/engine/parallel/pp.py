@@ -27,7 +27,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import Batch, StepFns
 from openclaw.engine.parallel.clip import clip_global
-from openclaw.engine.parallel.fsdp import ShardedState, apply_activation_checkpointing, shard
+from openclaw.engine.parallel.fsdp import ShardedState, apply_activation_checkpointing, dp_mesh, shard
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.errors import ConfigError
 
@@ -65,8 +65,9 @@ class PipelineStrategy(ShardedState):
 
     def __init__(self, layout: MeshLayout, mesh: DeviceMesh, rank: int, *, schedule: str = "1f1b",
                  microbatches: int | str = "auto", reshard_after_forward: bool = True,
-                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None):
-        self.layout, self.mesh, self.rank = layout, mesh, rank
+                 activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
+                 always_shard: bool = True):
+        self.layout, self.mesh, self.rank, self.always_shard = layout, mesh, rank, always_shard
         self.pp, self.pp_rank = layout.pipeline, layout.coords(rank)["pp"]
         self.schedule_name, self.microbatches = schedule, microbatches
         self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
@@ -102,8 +103,7 @@ class PipelineStrategy(ShardedState):
         if not last:
             part.ln = part.head = None
         apply_activation_checkpointing(part, self.ac)
-        dp = None if self.layout.dp == 1 else (self.mesh["dp_shard"] if self.layout.replicate == 1
-                                                 else self.mesh["dp_replicate", "dp_shard"])
+        dp = dp_mesh(self.layout, self.mesh, self.always_shard)
         if dp is not None:  # (new parameter objects: the tied ones are looked up after)
             shard(part, dp, self.reshard_after_forward, self.param_dtype)
         self._tied = [p for p in (part.tok.weight if first else None, part.head.weight if last else None) if p is not None]

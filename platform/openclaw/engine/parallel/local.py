@@ -1,0 +1,51 @@
+"""Running the engine on several local processes without Ray (tests and benchmarks; any torch machine):
+`run_local(world, fn, *args)` starts `world` processes with torchrun-style ranks in one gloo group on
+127.0.0.1 (NCCL on GPUs when there is one per rank), runs `fn(rank, world, *args)` in each with one
+intra-op thread, and returns the results in rank order. An exception in a rank is raised here with
+that rank's traceback."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out: str, backend: str, threads: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    finally:
+        torch.save(result, f"{out}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def run_local(world: int, fn: Callable[..., Any], *args, backend: str | None = None, threads: int = 1) -> list[Any]:
+    """`fn` must be importable by name (a module-level function): the ranks are spawned processes."""
+    backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo")
+    with tempfile.TemporaryDirectory(prefix="openclaw-ranks-") as out:
+        mp.start_processes(_entry, args=(world, _free_port(), out, backend, threads, fn, args), nprocs=world,
+                           start_method="spawn")
+        results = [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(world)]
+    errors = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if isinstance(res, dict) and "error" in res]
+    if errors:
+        raise RuntimeError(errors[0])
+    return results
