@@ -12,7 +12,7 @@ help:
 	@echo "make test-unit    only the tests that need no Ray cluster"
 	@echo "make data         prepare the digits and text datasets under datasets/"
 	@echo "make bench        run the engine-overhead benchmark"
-	@echo "make mlflow-server  an MLflow tracking server for a cluster (MLFLOW_BACKEND, MLFLOW_ARTIFACTS, MLFLOW_HOST, MLFLOW_PORT)"
+	@echo "make mlflow-server  a basic-auth MLflow server for a cluster (deploy/mlflow-server.sh says its settings)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,17 +52,13 @@ test-unit: install-test
 bench: install
 	$(BIN)/python bench/engine_overhead.py
 
-# The tracking server for a cluster: a database backend and an artifact root on shared storage, e.g.
-#   make mlflow-server MLFLOW_BACKEND=postgresql://mlflow:PASS@db-host/mlflow MLFLOW_ARTIFACTS=s3://bucket/mlflow MLFLOW_HOST=0.0.0.0
-# (PostgreSQL needs `pip install psycopg2-binary`, S3 needs boto3 and the AWS_* credentials). Clients and
-# the job use `tracking.uri: http://HOST:PORT`, or MLFLOW_TRACKING_URI.
-MLFLOW_BACKEND   ?= sqlite:///$(CURDIR)/mlflow-server.db
-MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
-MLFLOW_HOST      ?= 127.0.0.1
-MLFLOW_PORT      ?= 5000
+# A tracking server for a cluster, safe by default (deploy/mlflow-server.sh): basic-auth with a generated
+# admin password kept 0600 in ~/openclaw/mlflow-server, host checks, and no secret on the command line, e.g.
+#   MLFLOW_BACKEND_STORE_URI_FILE=/etc/openclaw/db-uri MLFLOW_ARTIFACTS=s3://bucket/mlflow \
+#   MLFLOW_HOST=0.0.0.0 MLFLOW_ALLOWED_HOSTS=mlflow.internal:5000 make mlflow-server
+# (PostgreSQL needs `pip install psycopg2-binary`; S3 needs boto3.) Put TLS in front of it.
 mlflow-server: install
-	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
-		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+	PYTHON=$(BIN)/python deploy/mlflow-server.sh
 
 clean:
 	rm -rf runs mlruns mlflow.db datasets .pytest_cache
