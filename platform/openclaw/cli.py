@@ -14,6 +14,7 @@ import traceback
 
 from openclaw.config import load_config
 from openclaw.errors import ConfigError, OpenClawError, RunStopped, UserError
+from openclaw.tracking.redact import public_uri, scrub
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, resumable
@@ -41,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                        description="Upload, in order, the metrics and events a run spooled to a local file "
                                    "because its MLflow server did not answer before the run ended.")
     s.add_argument("spool", help="the spool file the run printed (tracking-spool-RUN_ID.jsonl)")
-    s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one the run used)")
+    s.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the one the run used); it must be "
+                        "the server the spool was written for")
+    s.add_argument("--trust-code", action="store_true",
+                   help="let the spooled run's config build its `module:function` model, to log it (its code runs)")
     s.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     k = sub.add_parser("checkpoint", help="work with a run's checkpoints",
                        description="Work with a checkpoint folder (or URI) a run wrote.")
@@ -54,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "--out model.pt")
     kc.add_argument("checkpoint", help="a checkpoint folder or URI (a run prints its final one)")
     kc.add_argument("--out", required=True, help="the file to write")
+    kc.add_argument("--trust-code", action="store_true",
+                    help="let the checkpoint's config build its `module:function` model (its code runs)")
     kc.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     c = sub.add_parser("config", help="print the config's JSON schema, or every key at its default",
                        description="Describe the config tree: every key, its type, default and meaning.",
@@ -86,7 +93,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         raise ConfigError(f"there is no checkpoint folder at {args.checkpoint}. Pass a run's checkpoint_* folder "
                           f"(the run prints its final one) or its URI.")
     with local_copy(args.checkpoint) as d:
-        out = consolidate(d, args.out)
+        out = consolidate(d, args.out, trust_code=args.trust_code)
     print(f"openclaw: wrote the whole model of {args.checkpoint} to {out} ({out.stat().st_size:,} bytes)")
     return 0
 
@@ -100,7 +107,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_sync_spool(args: argparse.Namespace) -> int:
     from openclaw.tracking.writer import sync_spool
     try:
-        n = sync_spool(args.spool, args.tracking_uri)
+        n = sync_spool(args.spool, args.tracking_uri, trust_code=args.trust_code)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"cannot read spool file {args.spool}: {e}") from None
     print(f"openclaw: uploaded {n} tracking update(s) from {args.spool}; you may delete it now.")
@@ -110,6 +117,7 @@ def cmd_sync_spool(args: argparse.Namespace) -> int:
 def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The command that opens the MLflow UI on this run, in its model-training view."""
     fragment = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    tracking_uri = public_uri(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri.rstrip('/')}/{fragment}"
     return (f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000   "
@@ -119,8 +127,9 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    from openclaw.launch.places import place
     from openclaw.launch.preflight import preflight
-    config = load_config(args.config, args.overrides)
+    config = place(load_config(args.config, args.overrides))
     sources = preflight(config)  # a user's mistake is reported here, before Ray and MLflow are even imported
     from openclaw.launch.session import train
     result = train(config, address=args.address, verbose=args.verbose, sources=sources)
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"openclaw: error: {e}", file=sys.stderr)
+        print(f"openclaw: error: {scrub(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunStopped as e:
         print(f"openclaw: {e}", file=sys.stderr)
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except OpenClawError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"openclaw: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"openclaw: {type(e).__name__}: {scrub(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("openclaw: interrupted; the latest checkpoint is kept, re-run the same command to resume.",

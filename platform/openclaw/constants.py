@@ -6,13 +6,36 @@ import os
 from collections.abc import Iterator
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
-"""MLflow's sqlite store, in the working folder, when no tracking URI is configured."""
+"""MLflow's sqlite store, in the job's home folder (`job_home`), when no tracking URI is configured."""
+
+HOME_ENV_VAR = "OPENCLAW_HOME"
+DEFAULT_HOME = "~/openclaw"
+"""Where a `ray job submit` job keeps what relative paths name (runs, the MLflow store, data), as Ray
+Train keeps its results in ~/ray_results: the job's working folder is Ray's temporary copy."""
+
+RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray in the driver of a submitted job (`ray job submit`), and only there."""
+
+
+def under_ray_job() -> bool:
+    return RAY_JOB_ENV_VAR in os.environ
+
+
+def openclaw_home() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get(HOME_ENV_VAR) or DEFAULT_HOME))
+
+
+def job_home() -> str:
+    """The folder a job's relative paths start from: the working folder, or under `ray job submit`
+    (whose working folder Ray deletes when the job ends) `$OPENCLAW_HOME`, by default ~/openclaw."""
+    return openclaw_home() if under_ray_job() else os.getcwd()
 
 
 def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the sqlite store in the working folder (absolute, so that every process
-    of the job, whatever its working folder, writes to the same store)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(DEFAULT_MLFLOW_DB)}"
+    """$MLFLOW_TRACKING_URI, else the sqlite store in the job's home folder (absolute, so that every
+    process of the job, whatever its working folder, writes to the same store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(job_home(), DEFAULT_MLFLOW_DB)}"
+
 
 JOB_FILE = "openclaw_job.json"
 """Written in the run's storage folder: the MLflow run id, so a re-submitted job continues its run."""
@@ -20,12 +43,48 @@ JOB_FILE = "openclaw_job.json"
 SHIP_PACKAGE_ENV_VAR = "OPENCLAW_SHIP_PACKAGE"
 """Set to 1 (by jobs/*.py when openclaw is not installed) to send the package to workers as a py_module."""
 
-FORWARDED_ENV_PREFIXES = ("OPENCLAW_", "MLFLOW_", "AWS_")
-"""Driver environment variables forwarded to every worker (tracking credentials, storage endpoints)."""
+FORWARDED_ENV_PREFIXES = ("OPENCLAW_",)
+FORWARDED_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                      "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+"""Driver environment variables forwarded to openclaw's Ray processes in their runtime env, which Ray's
+dashboard shows and logs: openclaw's tunables, endpoints and regions. No credential."""
+
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                   "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+"""Credentials in the driver's environment. They reach openclaw's own processes (training workers, the
+tracking service, data preparation tasks, sweep trials) as arguments, held in memory, never through a
+runtime env. On a cluster, prefer each node's own environment or an instance role: then nothing travels."""
 
 
 def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """What goes into the runtime env of openclaw's Ray processes (no credential)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_VARS}
+
+
+def secret_env() -> dict[str, str]:
+    """The driver's credentials, to hand to openclaw's processes as arguments (`apply_secret_env`)."""
+    return {k: os.environ[k] for k in SECRET_ENV_VARS if os.environ.get(k)}
+
+
+TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+"""What Ray Tune copies from the driver's environment into every trial actor's runtime env (which Ray's
+state API shows): a sweep's driver holds them outside its environment while Tune runs."""
+
+
+@contextlib.contextmanager
+def env_without(names: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """This process's environment without `names` for a while (yields what was taken out, put back after)."""
+    taken = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield taken
+    finally:
+        os.environ.update(taken)
+
+
+def apply_secret_env(secrets: dict[str, str]) -> None:
+    """In a process of the job: the driver's credentials, where this process has none of its own."""
+    for key, value in secrets.items():
+        os.environ.setdefault(key, value)
 
 
 PREEMPTION_WATCHER_ENV_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"

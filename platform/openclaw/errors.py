@@ -39,3 +39,13 @@ class WorkerPreempted(OpenClawError):
 
 class RunStopped(OpenClawError):
     """The driver was asked to stop (SIGTERM, Ctrl-C); the run checkpointed and can be resumed."""
+
+
+class UntrustedCodeError(UserError):
+    """A checkpoint, logged model or spool names code that loading it would import and run, and the user
+    has not said to trust it."""
+
+
+class FailureBudgetSpent(OpenClawError):
+    """The run failed more often than its `failure` settings allow; the message names the budget and the
+    latest error."""

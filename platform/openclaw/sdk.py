@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -11,7 +12,7 @@ from openclaw.config import Config, load_config
 from openclaw.constants import default_tracking_uri
 from openclaw.data.filesystems import local_copy
 from openclaw.engine.model_io import load_model_dir, load_model_file
-from openclaw.errors import CheckpointError
+from openclaw.errors import CheckpointError, UntrustedCodeError
 from openclaw.launch.session import TrainResult
 from openclaw.launch.session import train as _train
 from openclaw.sweeps.launch import SweepResult
@@ -38,33 +39,43 @@ def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = N
     return _sweep(config, resume=resume, address=address, verbose=verbose)
 
 
-def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None) -> nn.Module:
+def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None, trust_code: bool = False,
+               model_fn: Callable[..., nn.Module] | None = None, trust_pickle: bool = False) -> nn.Module:
     """The trained `torch.nn.Module` from any of:
 
     - a checkpoint folder or URI (a `TrainResult.checkpoint`), whole or sharded, loaded with
       `weights_only` after its manifest check;
     - a file written by `openclaw checkpoint consolidate`;
     - an MLflow run id (its logged `model`), or a `runs:/RUN_ID/model` or `models:/NAME/VERSION` URI,
-      from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).
+      from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db), rebuilt from the
+      state dict and config openclaw logs beside the MLflow model (nothing is unpickled unless
+      `trust_pickle=True`, which loads the MLflow model itself).
+
+    Nothing runs code unless you say so: a built-in model is built; a `module:function` model named by
+    the checkpoint needs `trust_code=True`, or your own `model_fn`, called with its `model.kwargs`.
     """
+    trust = {"trust_code": trust_code, "model_fn": model_fn}
     path = str(source)
     if path.startswith(("models:/", "runs:/")) or (RUN_ID.fullmatch(path) and not Path(path).exists()):
-        return _from_mlflow(path if ":/" in path else f"runs:/{path}/model", tracking_uri)
+        return _from_mlflow(path if ":/" in path else f"runs:/{path}/model", tracking_uri,
+                            trust_pickle=trust_pickle, **trust)
     if "://" in path:
         with local_copy(path) as d:
-            return load_model_dir(d)
+            return load_model_dir(d, **trust)
     if Path(path).is_file():
-        return load_model_file(path)
+        return load_model_file(path, **trust)
     if not Path(path).is_dir():
         raise CheckpointError(f"{path} is neither a checkpoint folder nor an MLflow model; pass the `checkpoint` or "
                               f"`run_id` of a TrainResult, a checkpoint_* folder, or models:/NAME/VERSION.")
-    return load_model_dir(path)
+    return load_model_dir(path, **trust)
 
 
-def _from_mlflow(uri: str, tracking_uri: str | None) -> nn.Module:
+def _from_mlflow(uri: str, tracking_uri: str | None, **trust) -> nn.Module:
     where = tracking_uri or default_tracking_uri()
     try:
-        return load_logged_model(uri, where)  # logged in eval mode
+        return load_logged_model(uri, where, **trust)  # logged in eval mode
+    except (CheckpointError, UntrustedCodeError):
+        raise
     except Exception as e:
         raise CheckpointError(f"could not load MLflow model {uri} from {where}: {str(e).splitlines()[0]}. Check the "
                               f"run id or model name and version, and `tracking_uri`.") from None

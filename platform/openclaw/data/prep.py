@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from openclaw.constants import apply_secret_env, secret_env
 from openclaw.data.config import DataConfig
 from openclaw.data.sources import Shard, Source, check_columns
 from openclaw.errors import DataError
@@ -96,7 +97,7 @@ def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transfo
     if not transformed:  # verified only: train on the good source shards themselves
         good = {s["source"] for s in manifest["shards"]}
         return raw.with_shards(tuple(s for s in raw.shards if s.path in good), skipped)
-    shards = tuple(Shard(os.path.join(folder, s["file"]), s["rows"], s["bytes"], 0)
+    shards = tuple(Shard(os.path.join(folder, _shard_name(s["file"], folder)), s["rows"], s["bytes"], 0)
                    for s in manifest["shards"] if s["rows"])
     if not shards:
         raise DataError(f"`{raw.key}`: no rows left after preparing {raw.spec}"
@@ -105,11 +106,20 @@ def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transfo
     return Source(raw.key, folder, shards, filesystem_for(folder)[0], schema, raw.skipped + skipped)
 
 
+def _shard_name(name: str, folder: str) -> str:
+    """A shard file named by a cache entry's manifest: a plain name inside the entry's folder."""
+    if not name or os.path.isabs(name) or "/" in name or "\\" in name or name in (".", ".."):
+        raise DataError(f"the prepared-data cache entry {folder} names the shard {name!r}, which is not a file in it; "
+                        f"delete the entry (it is prepared again).")
+    return name
+
+
 def _prepare_source(src: Source, d: DataConfig, tmp: str) -> dict[str, Any]:
     import ray.data
     t0 = time.perf_counter()
     items = [{"i": i, "path": s.path, "size": s.size, "mtime_ns": s.mtime_ns} for i, s in enumerate(src.shards)]
-    task = _ShardTask(src.spec, d.s3.model_dump(), d.transforms, tmp, d.shard_cache.dir, d.shard_cache.max_bytes)
+    task = _ShardTask(src.spec, d.s3.model_dump(), d.transforms, tmp, d.shard_cache.dir, d.shard_cache.max_bytes,
+                      secret_env())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -134,11 +144,13 @@ class _ShardTask:
     """One shard: read it a row group at a time, transform, write (or, with no transforms, only read)."""
 
     def __init__(self, spec: str, s3: dict, transforms: list, out_dir: str, shard_cache_dir: str | None,
-                 shard_cache_bytes: int):
-        self.spec, self.s3, self.transforms, self.out_dir = spec, s3, transforms, out_dir
+                 shard_cache_bytes: int, secrets: dict[str, str]):
+        """`secrets`: the driver's credentials, carried in the task (in memory), not in a runtime env."""
+        self.spec, self.s3, self.transforms, self.out_dir, self.secrets = spec, s3, transforms, out_dir, secrets
         self.shard_cache = (shard_cache_dir, shard_cache_bytes) if is_remote(spec) else None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        apply_secret_env(self.secrets)
         fs, _ = filesystem_for(self.spec, self.s3)
         out = {"i": item["i"], "path": item["path"], "file": None, "rows": 0, "bytes": 0, "error": None,
                "fatal": None}

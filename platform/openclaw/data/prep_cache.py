@@ -41,6 +41,39 @@ class PrepCache:
         for sub in ("entries", ".tmp", ".locks"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self._held: dict[str, int] = {}
+        self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove what died preparers left: `.tmp` folders no preparer is writing (its key's lock is free),
+        and lock files of keys with no entry (taken exclusively first, so no run holds them)."""
+        removed = []
+        for name in os.listdir(os.path.join(self.root, ".tmp")):
+            key = name.rsplit("-", 1)[0].removeprefix("evict-")
+            if self._if_free(key, lambda: shutil.rmtree(os.path.join(self.root, ".tmp", name), ignore_errors=True)):
+                removed.append(f".tmp/{name}")
+        for name in os.listdir(os.path.join(self.root, ".locks")):
+            key = name.removesuffix(".lock")
+            if not os.path.exists(self.entry_path(key)) and self._if_free(
+                    key, lambda: os.unlink(os.path.join(self.root, ".locks", name))):
+                removed.append(f".locks/{name}")
+        return removed
+
+    def _if_free(self, key: str, action) -> bool:
+        """Run `action` while holding `key`'s lock exclusively, if no one holds it; whether it ran."""
+        path = os.path.join(self.root, ".locks", key + ".lock")
+        if key in self._held or not os.path.exists(path):
+            return False
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            action()
+            return True
+        finally:
+            os.close(fd)
 
     def entry_path(self, key: str) -> str:
         return os.path.join(self.root, "entries", key)
@@ -56,7 +89,7 @@ class PrepCache:
     def acquire(self, key: str, prepare: Callable[[str], dict[str, Any]]) -> Entry:
         """The entry for `key`, prepared with `prepare(tmp_folder) -> manifest` on a miss, and held in use
         (shared lock) until `release(key)`. Then evicts other unused entries to fit `max_bytes`."""
-        fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             manifest, hit = self.lookup(key), True
@@ -109,7 +142,7 @@ class PrepCache:
                 break
             if key == keep or key in self._held:
                 continue
-            fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+            fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a run is training on it

@@ -16,7 +16,9 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,11 +26,30 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from openclaw.errors import DataError
+
 CHUNK_BYTES = 8 * 2**20
 
 
+STALE_S = 3600.0
+"""A `.part` file or a lock file with no shard this old is left over from a process that died."""
+
+
 def default_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "openclaw-shards")
+    """Per user: other users of the machine can neither read the shards nor plant files in the folder."""
+    return os.path.join(tempfile.gettempdir(), f"openclaw-shards-{os.getuid()}")
+
+
+def own_folder(root: str) -> str:
+    """Create `root` (0700) or check that it is a real folder of this user's that no one else may write:
+    the shards in it are trained on."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise DataError(f"`data.shard_cache.dir` ({root}) is not a folder of this user's that only this user may "
+                        f"write (owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); choose another, or "
+                        f"chmod 700 it.")
+    return root
 
 
 @dataclass
@@ -41,9 +62,20 @@ class ShardCacheStats:
 
 class ShardCache:
     def __init__(self, root: str | None, max_bytes: int):
-        self.root, self.max_bytes = root or default_dir(), max_bytes
-        os.makedirs(self.root, exist_ok=True)
+        self.root, self.max_bytes = own_folder(root or default_dir()), max_bytes
         self.stats = ShardCacheStats()
+        self.sweep()
+
+    def sweep(self, stale_s: float = STALE_S) -> list[str]:
+        """Remove what died processes left: `.part` files, and lock files of no shard, older than `stale_s`."""
+        removed, now = [], time.time()
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            orphan_lock = name.endswith(".lock") and not os.path.exists(path[:-5] + ".json")
+            if (name.endswith(".part") or orphan_lock) and now - os.lstat(path).st_mtime > stale_s:
+                _unlink(path)
+                removed.append(name)
+        return removed
 
     def read(self, fs: pafs.FileSystem, path: str, size: int, mtime_ns: int) -> pa.Buffer:
         """The shard's bytes, from the local copy when it is valid, else fetched once and cached."""
@@ -71,12 +103,12 @@ class ShardCache:
             raise OSError(f"shard {path}: fetched {len(body)} bytes, expected {size}; the object changed or the "
                           f"transfer was cut short")
         tmp = data + f".{os.getpid()}.part"
-        with open(tmp, "wb") as f:
+        with _new_file(tmp) as f:
             f.write(body)
         os.replace(tmp, data)
-        with open(meta + ".part", "w") as f:
-            json.dump({"source": path, "size": size, "crc32": crc}, f)
-        os.replace(meta + ".part", meta)
+        with _new_file(meta + f".{os.getpid()}.part") as f:
+            f.write(json.dumps({"source": path, "size": size, "crc32": crc}).encode())
+        os.replace(meta + f".{os.getpid()}.part", meta)
         self.stats.bytes_fetched += size
         return pa.py_buffer(body)
 
@@ -108,7 +140,7 @@ class ShardCache:
 
     @contextmanager
     def _lock(self, key: str, blocking: bool = True):
-        fd = os.open(os.path.join(self.root, key + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(os.path.join(self.root, key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -118,6 +150,12 @@ class ShardCache:
             yield True
         finally:
             os.close(fd)
+
+
+def _new_file(path: str):
+    """A new file of this user's only: never one that exists, never through a link someone planted."""
+    _unlink(path)  # a .part of this process's that an earlier attempt left
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb")
 
 
 def _valid_copy(data: str, meta: str, size: int) -> pa.Buffer | None:

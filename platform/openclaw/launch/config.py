@@ -31,7 +31,14 @@ class ScalingConfig(Section):
 
 class FailureConfig(Section):
     max_failures: int = Field(3, ge=-1)
-    """Worker-group restarts before the run fails; -1 retries forever."""
+    """Worker-group restarts after failures before the run fails; -1 retries forever. Preemptions do not
+    count here (see `max_preemptions`)."""
+    max_preemptions: int = Field(-1, ge=-1)
+    """Restarts after preemptions (a worker's SIGTERM, a node drained by the autoscaler or a spot
+    reclaim) before the run fails; -1 (the default) retries forever: a preempted run checkpointed first."""
+    max_same_error: int = Field(3, ge=0)
+    """Give up once this many attempts in a row failed with the same error (a retry would fail the same
+    way: a bug, a bad input), before `max_failures` is spent; 0 never gives up early."""
     worker_start_timeout_s: float = Field(30.0, gt=0)
     """How long Ray Train waits for a worker group to start before it retries at another size
     (Ray's default is 60 s, which it can spend waiting on a node that has died)."""

@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from openclaw import constants
 from openclaw.config import Config
-from openclaw.runtime.controller_callbacks import PreemptionNotices, ReportStartFailures, SettleLostNodes
+from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.loop import train_loop
 from openclaw.runtime.ray_private import DatasetsCallback
 
@@ -79,7 +79,8 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
                                                elastic_resize_monitor_interval_s=s.resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=config.failure.max_failures),
+            # Unlimited for Ray: openclaw's FailureBudget callback keeps the config's budgets (preemptions apart).
+            failure_config=ray.train.FailureConfig(max_failures=-1, max_preemption_failures=-1),
             callbacks=_controller_callbacks(config, progress, watch_drains) + list(callbacks or []),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             worker_runtime_env={"env_vars": constants.forwarded_env()},
@@ -105,7 +106,9 @@ class OpenclawTorchTrainer(TorchTrainer):
 
 
 def _controller_callbacks(config: Config, progress, watch_drains: bool) -> list:
-    callbacks = [ReportStartFailures(progress)]
+    f = config.failure
+    callbacks = [ReportStartFailures(progress), FailureBudget(f.max_failures, f.max_preemptions, f.max_same_error,
+                                                              progress)]
     if watch_drains:
         callbacks.append(PreemptionNotices())
     if config.scaling.min_workers < config.scaling.max_workers:

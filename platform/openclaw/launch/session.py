@@ -29,11 +29,13 @@ from openclaw.data.stream import shard_specs
 from openclaw.errors import OpenClawError, RunStopped
 from openclaw.launch.console import ProgressPrinter
 from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
+from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.loop import LoopInputs
 from openclaw.tracking.lineage import log_lineage
+from openclaw.tracking.redact import public_uri, redacted, scrub
 from openclaw.tracking.run import log_final_model, open_run, record_finished
 from openclaw.tracking.service import start_service
 from openclaw.tracking.spool import append_to_spool
@@ -57,7 +59,8 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False, 
 
     A sweep's trial passes `callbacks` (more Ray Train controller callbacks: Tune's report callback);
     the CLI passes the `sources` its preflight already checked."""
-    session = RunSession(config, verbose=verbose)
+    session = RunSession(place(config), verbose=verbose)
+    config = session.config
     try:
         session.open(address, sources)
         result = session.fit(callbacks)
@@ -72,7 +75,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False, 
         raise RunStopped(f"stopped at step {stopped_at} of {config.train.max_steps} on request; checkpoint "
                          f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.")
     session.close("FINISHED", checkpoint, metrics)
-    return TrainResult(session.run_id, checkpoint, metrics, session.experiment_id, session.uri)
+    return TrainResult(session.run_id, checkpoint, metrics, session.experiment_id, public_uri(session.uri))
 
 
 class RunSession:
@@ -97,7 +100,7 @@ class RunSession:
         if self.tracked:
             self.run_id, self.experiment_id, resumed = open_run(config, self.uri, self.storage)
         print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; " +
-              (f"MLflow run {self.run_id} ({self.uri})" if self.tracked else
+              (f"MLflow run {self.run_id} ({public_uri(self.uri)})" if self.tracked else
                "tracking off (`tracking.enabled: false`)"), flush=True)
         if self.tracked:
             try:
@@ -110,7 +113,7 @@ class RunSession:
         self.control = start_control(config.name, on_this_node())
         if self.tracked:
             self.tracking = start_service(self.uri, self.run_id, self.progress, _spool_path(self.run_dir, self.run_id),
-                                          on_this_node())
+                                          on_this_node(), constants.secret_env())
         if config.scaling.min_workers < config.scaling.max_workers:
             pin_coordinator()
             self.watcher = NodeWatcher(
@@ -121,6 +124,7 @@ class RunSession:
     def fit(self, callbacks: list | None = None):
         """Ray Train's run of the workers, to its end; returns Ray's `Result`."""
         inputs = LoopInputs(config=self.config.resolved(), run_id=self.run_id, run_dir=self.run_dir,
+                            secrets=constants.secret_env(),
                             data={k: {"spec": p.source.spec, "shards": shard_specs(p.source.shards)}
                                   for k, p in self.prepared.items()},
                             tracking=self.tracking, control=self.control, progress=self.progress,
@@ -158,7 +162,7 @@ class RunSession:
         if status != "FINISHED":
             append_to_spool(spool, "end", status)
             return
-        append_to_spool(spool, "finish", self.config.resolved(), checkpoint)
+        append_to_spool(spool, "finish", redacted(self.config.resolved()), checkpoint)
         print(f"openclaw: the final model is in {checkpoint}; `openclaw sync-spool {spool}` also logs it to "
               f"MLflow and closes the run.", file=sys.stderr, flush=True)
 
@@ -171,11 +175,12 @@ class RunSession:
             return
         try:
             if checkpoint:
-                log_final_model(self.config, self.run_id, checkpoint, {k: p.source for k, p in self.prepared.items()})
+                log_final_model(self.config, self.uri, self.run_id, checkpoint,
+                                {k: p.source for k, p in self.prepared.items()})
             client.set_terminated(self.run_id, status="FINISHED")
         except Exception as e:  # the server is away: training is done and its checkpoint is safe
-            print(f"openclaw: could not log the final model or close MLflow run {self.run_id} at {self.uri} ({e}); "
-                  f"the trained model is in {checkpoint}.", file=sys.stderr, flush=True)
+            print(scrub(f"openclaw: could not log the final model or close MLflow run {self.run_id} at {self.uri} ({e}); "
+                        f"the trained model is in {checkpoint}."), file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -201,9 +206,10 @@ def _graceful_sigterm(control):
 
 
 def _spool_path(run_dir: str, run_id: str) -> str:
-    """Where undelivered tracking ops are kept: the run's folder when it is local, else the working folder."""
-    folder = run_dir if "://" not in run_dir else os.getcwd()
-    os.makedirs(folder, exist_ok=True)
+    """Where undelivered tracking ops are kept: the run's folder when it is local, else `$OPENCLAW_HOME/spool`
+    (never the working folder, which `ray job submit --working-dir .` would ship)."""
+    folder = run_dir if "://" not in run_dir else os.path.join(constants.openclaw_home(), "spool")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     return os.path.join(folder, f"tracking-spool-{run_id}.jsonl")
 
 
@@ -215,9 +221,13 @@ def _flush_tracking(tracking, uri: str, timeout_s: float) -> str | None:
     except Exception as e:  # the service is gone with its queue: nothing more can be done here
         log.warning("the tracking service failed: %s", e)
         return None
+    if outcome.get("refused"):
+        print(f"openclaw: MLflow at {public_uri(uri)} refused {outcome['refused']} tracking update(s); they are kept in "
+              f"{outcome['dead_letter']} (after fixing the cause, `openclaw sync-spool {outcome['dead_letter']}` "
+              f"sends them again). Every other update was delivered.", file=sys.stderr, flush=True)
     if outcome["delivered"]:
         return None
-    print(f"openclaw: MLflow at {uri} did not answer; {outcome['ops']} tracking update(s) are kept in "
+    print(f"openclaw: MLflow at {public_uri(uri)} did not answer; {outcome['ops']} tracking update(s) are kept in "
           f"{outcome['spool']}. Upload them when it is back: openclaw sync-spool {outcome['spool']}",
           file=sys.stderr, flush=True)
     return outcome["spool"]
@@ -231,7 +241,7 @@ def _unwrap(error: BaseException) -> BaseException:
             return seen
         inner = getattr(seen, "worker_failures", None) or {}
         nested = next(iter(inner.values()), None) if isinstance(inner, dict) else None
-        seen = nested or seen.__cause__
+        seen = nested or getattr(seen, "controller_failure", None) or seen.__cause__
         if seen is None:
             break
     return error

@@ -17,6 +17,7 @@ import ray.train.torch
 import torch
 
 from openclaw.config import Config
+from openclaw.constants import apply_secret_env
 from openclaw.data.config import DataConfig
 from openclaw.data.filesystems import is_remote
 from openclaw.data.sampler import Sampler
@@ -34,7 +35,7 @@ from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
 from openclaw.runtime.log_window import LogWindow
 from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
 from openclaw.runtime.sample_log import SampleLog
-from openclaw.runtime.checkpoint_store import restore
+from openclaw.runtime.checkpoint_store import prune, restore
 from openclaw.runtime.saver import Saver, should_save
 from openclaw.runtime.stops import StopFlag, StopSignals, install_in_ray_worker
 from openclaw.tracking.tracker import NullTracker, make_tracker
@@ -53,6 +54,8 @@ class LoopInputs:
     """`<checkpoint.storage>/<name>`: checkpoints, the job file, the sample ledger."""
     data: dict[str, dict[str, Any]]
     """{"train": {"spec": ..., "shards": [...]}, "val": ...}: the prepared shards to stream."""
+    secrets: dict[str, str]
+    """The driver's credentials (`constants.secret_env`): in memory, never in a runtime env."""
     tracking: Any
     """The job's tracking service (a Ray actor), None with tracking off."""
     control: Any
@@ -66,6 +69,7 @@ class Attempt:
     def __init__(self, inputs: LoopInputs):
         # ---- set-up: the worker's place in the group and the mesh, its device, its tracker
         self.inputs, self.config = inputs, Config.model_validate(inputs.config)
+        apply_secret_env(inputs.secrets)
         cfg, ctx = self.config, ray.train.get_context()
         self.world, self.rank = ctx.get_world_size(), ctx.get_world_rank()
         layout = layout_for(cfg.parallelism, self.world)  # samples are shared out over the data-parallel ranks
@@ -88,6 +92,8 @@ class Attempt:
         if loaded:
             self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
+        if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
+            prune(inputs.run_dir, cfg.checkpoint.keep)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
         self.tracker.attempt(world_size=self.world, resumed_from_step=self.state.step, max_steps=cfg.train.max_steps,
                              global_batch_size=self.plan.global_batch_size, accumulation=self.sampler.accumulation,

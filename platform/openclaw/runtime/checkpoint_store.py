@@ -126,3 +126,25 @@ def to_host(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     return obj
+
+
+def prune(run_dir: str, keep: int) -> list[str]:
+    """Rank 0, when an attempt starts: keep the newest `keep` checkpoints that have a manifest, whether Ray
+    Train registered them or not (a background checkpoint published just before a worker died never was,
+    and Ray would never delete it), and remove the rest, and the unfinished folders older than those."""
+    candidates = checkpoints_newest_first(run_dir)
+    if not candidates:
+        return []
+    fs = candidates[0].filesystem
+    finished = [c.path for c in candidates
+                if fs.get_file_info(f"{c.path}/{ckpt_io.MANIFEST}").type == pafs.FileType.File]
+    if not finished:
+        return []
+    newest = finished[0]
+    doomed = [p for p in finished[keep:]] + [c.path for c in candidates if c.path not in finished and c.path < newest]
+    for path in doomed:
+        try:
+            fs.delete_dir(path)
+        except OSError:  # Ray Train may be removing it too
+            pass
+    return doomed

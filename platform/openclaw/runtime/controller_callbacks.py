@@ -1,6 +1,6 @@
 """Callbacks that run in Ray Train's controller process (the driver hands them to `RunConfig`):
-settle lost nodes before a restart, say when a worker group fails to start, and keep one node-drain
-watcher for the whole run."""
+settle lost nodes before a restart, say when a worker group fails to start, keep one node-drain
+watcher for the whole run, and keep openclaw's failure budgets."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,12 @@ import os
 import threading
 
 import ray
+from ray.exceptions import RayActorError
+from ray.train import ControllerError, PreemptionError
 
+from openclaw.errors import FailureBudgetSpent, OpenClawError, WorkerPreempted
 from openclaw.runtime.cluster_view import settle_lost_nodes
+from openclaw.runtime.policies import FailureCounts, GiveUp, failure_decision
 from openclaw.runtime.ray_private import (
     DEFAULT_PREEMPTION_POLL_INTERVAL_S,
     PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
@@ -59,6 +63,55 @@ class ReportStartFailures(ControllerCallback):
         self.count += 1
         put_nowait(self.progress, {"message": f"worker group start failed ({self.count} so far): "
                                               f"{str(error).splitlines()[0][:200]}; Ray Train retries"})
+
+
+class FailureBudget(ControllerCallback):
+    """openclaw's failure budgets (`runtime.policies.failure_decision`), kept here because only the controller
+    sees every failed attempt's error. The driver sets Ray Train's own limits to unlimited, so these decide:
+    preemptions (a worker that got SIGTERM and checkpointed, a drained node) have a budget of their own and
+    never spend `failure.max_failures`, and the same error in `failure.max_same_error` attempts in a row
+    ends the run with it. A spent budget ends the run through Ray's failure path (a ControllerError)."""
+
+    def __init__(self, max_failures: int, max_preemptions: int, max_same_error: int, progress=None):
+        self.limits = dict(max_failures=max_failures, max_preemptions=max_preemptions, max_same_error=max_same_error)
+        self.progress, self.counts, self._seen = progress, FailureCounts(), None
+
+    def after_controller_state_update(self, previous_state, current_state):
+        error = getattr(current_state, "training_failed_error", None)
+        if error is None or error is self._seen or type(current_state).__name__ not in ("RestartingState",
+                                                                                        "ReschedulingState"):
+            return
+        self._seen = error
+        if "WorkerGroupStartup" in _error_chain(error):  # a start that failed: Ray retries it under its own limit
+            return
+        causes = _causes(error)
+        preempted = any(isinstance(c, (WorkerPreempted, PreemptionError)) or getattr(c, "preempted", False)
+                        for c in causes)
+        decision = failure_decision(self.counts, preempted, _summary(causes), **self.limits)
+        if isinstance(decision, GiveUp):
+            if self.progress is not None:
+                put_nowait(self.progress, {"message": f"giving up: {decision.message}"})
+            # openclaw's own error (a non-finite loss, bad data) says best what to change: end with it
+            ours = next((c for c in causes if isinstance(c, OpenClawError)), None)
+            raise ControllerError(ours or FailureBudgetSpent(decision.message))
+        self.counts = decision.counts
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The errors behind a failed attempt: each worker's, or the controller's."""
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return list(failures.values())
+    inner = getattr(error, "controller_failure", None)
+    return [inner] if inner is not None else [error]
+
+
+def _summary(causes: list[BaseException]) -> str:
+    """One line that names the error the same way whenever it recurs (the first worker's, by rank)."""
+    first = causes[0]
+    if isinstance(first, RayActorError):  # a dead worker: which one (its id) does not make it another error
+        return "a training worker died (RayActorError)"
+    return f"{type(first).__name__}: {str(first).strip().splitlines()[0][:300] if str(first).strip() else ''}"
 
 
 def _error_chain(error: BaseException) -> str:

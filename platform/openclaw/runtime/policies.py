@@ -72,3 +72,49 @@ def nonfinite_decision(policy: str, step: int, lr: float) -> NonFiniteDecision:
     if policy == "rollback":
         return Rollback(step)
     raise ValueError(f"unknown non-finite loss policy {policy!r}")
+
+
+# ---- a failed attempt --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FailureCounts:
+    """What a run has survived so far (`failure_decision` returns the next counts)."""
+    failures: int = 0
+    preemptions: int = 0
+    same_error: int = 0
+    """How many attempts in a row failed with `last_error`."""
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Start the worker group again, from the newest valid checkpoint."""
+    counts: FailureCounts
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """End the run with this message (a budget is spent)."""
+    message: str
+
+
+def failure_decision(counts: FailureCounts, preempted: bool, error: str, *, max_failures: int, max_preemptions: int,
+                     max_same_error: int) -> Retry | GiveUp:
+    """After a failed attempt: preemptions (a SIGTERM, a drained node) count against `failure.max_preemptions`,
+    everything else against `failure.max_failures` (-1: no limit); the same error in `failure.max_same_error`
+    attempts in a row (0: no limit) gives up at once, since a retry would fail the same way."""
+    if preempted:
+        counts = FailureCounts(counts.failures, counts.preemptions + 1, 0, "")
+        if 0 <= max_preemptions < counts.preemptions:
+            return GiveUp(f"preempted {counts.preemptions} times, more than `failure.max_preemptions` "
+                          f"({max_preemptions}); the latest: {error}")
+        return Retry(counts)
+    same = counts.same_error + 1 if error == counts.last_error else 1
+    counts = FailureCounts(counts.failures + 1, counts.preemptions, same, error)
+    if max_same_error and same >= max_same_error:
+        return GiveUp(f"the same error in {same} attempts in a row (`failure.max_same_error` is {max_same_error}), "
+                      f"so a retry would fail alike: {error}")
+    if 0 <= max_failures < counts.failures:
+        return GiveUp(f"failed {counts.failures} times, more than `failure.max_failures` ({max_failures}); "
+                      f"the latest: {error}")
+    return Retry(counts)

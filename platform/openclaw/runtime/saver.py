@@ -31,6 +31,7 @@ from openclaw.data.filesystems import storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.sharded import SHARDS_DIR, async_save_shards, save_shards
 from openclaw.errors import CheckpointError
+from openclaw.tracking.redact import redacted
 from openclaw.runtime.checkpoint_store import (checkpoint_dir_name, files_under, publish, publish_dir,
                                                publish_manifest, to_host)
 
@@ -47,7 +48,8 @@ class Saver:
     """Saves for one training loop. Every rank calls `save` and `report_ready` at the same steps."""
 
     def __init__(self, engine, state, tracker, config: dict, rank: int, run_dir: str, background: bool):
-        self.engine, self.state, self.tracker, self.config = engine, state, tracker, config
+        self.engine, self.state, self.tracker = engine, state, tracker
+        self.config = redacted(config)  # what checkpoints keep: the model's config, never a credential
         self.rank, self.run_dir, self.background = rank, run_dir, background
         self.sharded = engine.strategy.sharded
         self.fs, self.root = storage_filesystem(run_dir)

@@ -19,14 +19,17 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from openclaw import constants
 from openclaw.config import Config, validate
 from openclaw.errors import ConfigError
+from openclaw.launch.places import place
 from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
 from openclaw.sweeps.parent_run import FAILED, SweepTracker, ended_outcome
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
 from openclaw.sweeps.trial import run_trial, trial_config
+from openclaw.tracking.redact import public_uri
 from openclaw.tracking.run import open_run
 SWEEP_STATE_SAVE_S = "2"
 """Tune saves its experiment state (which trials finished) at most this often (its default is 10 s or
@@ -76,6 +79,7 @@ def check_sweep(config: Config) -> SweepConfig:
 
 def sweep(config: Config, *, resume: bool = False, address: str | None = None, verbose: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) the config's sweep to the end."""
+    config = place(config)
     s = check_sweep(config)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
     sources = preflight(config)  # the data's files and columns, before anything starts
@@ -89,8 +93,9 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
     base = _absolute_data_paths(config.resolved(), storage)
     _prepare_once(validate(base), sources, storage)
+    # The trials' credentials travel as a parameter (Ray's object store, in memory), not in a runtime env.
     trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
-                                     tracking_uri=uri, parent_run_id=parent_id)
+                                     tracking_uri=uri, parent_run_id=parent_id, secrets=constants.secret_env())
     if resume:
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -103,7 +108,10 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
                                       callbacks=[SweepTracker(config, uri, exp_id, parent_id, storage)]))
     client = MlflowClient(uri)
     try:
-        grid = tuner.fit()
+        # Tune copies the driver's AWS credentials into its trial actors' runtime env; the trials get them
+        # as the `secrets` parameter instead.
+        with constants.env_without(constants.TUNE_PROPAGATED_SECRETS):
+            grid = tuner.fit()
     except BaseException:
         with contextlib.suppress(Exception):
             client.set_terminated(parent_id, status="KILLED")
@@ -130,7 +138,7 @@ def _open_parent_run(config: Config, s: SweepConfig, uri: str, storage: str, res
     n_trials = grid_size(s) if s.search == "grid" else s.num_samples
     print(f"openclaw: {'resuming' if resume else 'starting'} sweep {config.name!r}: {n_trials} trials, "
           f"{s.max_concurrent} at a time, {s.search} search{', ASHA' if s.scheduler == 'asha' else ''}, "
-          f"{s.mode} {s.metric}; MLflow parent run {parent_id} ({uri})", flush=True)
+          f"{s.mode} {s.metric}; MLflow parent run {parent_id} ({public_uri(uri)})", flush=True)
     return parent_id, exp_id
 
 
@@ -146,7 +154,7 @@ def _finish(client: MlflowClient, grid, s: SweepConfig, max_steps: int, parent_i
               file=sys.stderr, flush=True)
     return SweepResult(parent_id, parent.tags.get("best.trial"), parent.tags.get("best.run_id") or None,
                        parent.metrics.get(f"best/{s.metric}"), json.loads(parent.tags.get("best.params", "{}")),
-                       trials, exp_id, uri)
+                       trials, exp_id, public_uri(uri))
 
 
 def _absolute_data_paths(raw: dict[str, Any], storage: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class SweepTracker(Callback):
         self.sweep_name, self.uri, self.exp_id, self.parent = config.name, tracking_uri, experiment_id, parent_run_id
         self.storage = storage
         self.metric, self.mode, self.max_steps = config.sweep.metric, config.sweep.mode, config.train.max_steps
-        self.base = config.resolved()
+        self.base = redacted(config.resolved())  # Tune saves this callback with the experiment: no credential
         self._child: dict[str, str] = {}
         self._best: str | None = None
 

@@ -14,6 +14,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from openclaw.config import Config, set_dotted, validate
+from openclaw.constants import apply_secret_env
 from openclaw.errors import RunStopped
 from openclaw.launch.session import train
 from openclaw.tracking.run import finished_run
@@ -42,8 +43,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, sweep_name: st
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_name: str, storage: str, tracking_uri: str,
-              parent_run_id: str) -> None:
-    """The Tune trainable (bound with `tune.with_parameters`)."""
+              parent_run_id: str, secrets: dict[str, str] | None = None) -> None:
+    """The Tune trainable (bound with `tune.with_parameters`). `secrets`: the sweep driver's credentials."""
+    apply_secret_env(secrets or {})
     config = trial_config(base, params, sweep_name=sweep_name, trial_id=ray.tune.get_context().get_trial_id(),
                           storage=storage, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     done = finished_run(config, config.checkpoint.storage)

@@ -1,9 +1,13 @@
-"""What may be written where others can read it: secret-looking config values masked (driver, workers,
-tracking actor). Params, `config.yaml` and every other copy of the config written by openclaw go
-through `redacted`."""
+"""What may be written where others can read it (driver, workers, tracking actor): secret-looking
+config values masked (`redacted`: params, `config.yaml`, checkpoints' `config.json`, the spool, the
+sweep's saved state), URIs without user info (`public_uri`: what is printed and stored), and messages
+with credentials masked (`scrub`: errors and warnings openclaw prints)."""
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from openclaw.constants import secret_env
 
 SECRET_WORDS = ("token", "password", "passwd", "secret", "credential", "key")
 REDACTED = "***"
@@ -36,3 +40,25 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def public_uri(uri: str | None) -> str | None:
+    """A URI without its user info (`http://user:pass@host` -> `http://host`): what may be printed or stored."""
+    if not uri or "://" not in uri or "@" not in uri.split("://", 1)[1].split("/", 1)[0]:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    netloc, sep, path = rest.partition("/")
+    return f"{scheme}://{netloc.rsplit('@', 1)[1]}{sep}{path}"
+
+
+_USERINFO = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
+
+
+def scrub(text: str) -> str:
+    """`text` (an error message, a log line) with credentials masked: the user info of any URL, and the
+    value of every credential in this process's environment (`constants.SECRET_ENV_VARS`)."""
+    text = _USERINFO.sub("://***@", str(text))
+    for value in secret_env().values():
+        if len(value) >= 4:
+            text = text.replace(value, REDACTED)
+    return text

@@ -14,6 +14,7 @@ could not be delivered by then is written to a local spool file (JSON lines of o
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import threading
@@ -22,7 +23,8 @@ from typing import Any
 
 import ray
 
-from openclaw.constants import forwarded_env
+from openclaw.constants import apply_secret_env, forwarded_env
+from openclaw.tracking.redact import public_uri, scrub
 from openclaw.tracking.spool import append_to_spool
 
 log = logging.getLogger("openclaw")
@@ -33,7 +35,9 @@ RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0
 class TrackingService:
     """The Ray actor. `submit` only enqueues; a thread applies."""
 
-    def __init__(self, tracking_uri: str, run_id: str, progress=None, spool_path: str | None = None):
+    def __init__(self, tracking_uri: str, run_id: str, progress=None, spool_path: str | None = None,
+                 secrets: dict[str, str] | None = None):
+        apply_secret_env(secrets or {})  # MLflow's basic-auth or token, the artifact store's keys
         # One quick attempt per request: this service retries itself, with backoff capped at RETRY_MAX_S,
         # so delivery resumes within seconds of a server's return (MLflow's own retries back off to minutes).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -43,6 +47,8 @@ class TrackingService:
         self._cv = threading.Condition()
         self._closed = False
         self.outages = 0
+        self.dead_letter, self.refused = dead_letter_path(spool_path, run_id), 0
+        self._writer = None
         threading.Thread(target=self._run, daemon=True, name="openclaw-tracking").start()
 
     def submit(self, op: str, *args: Any) -> None:
@@ -58,57 +64,109 @@ class TrackingService:
                 self._cv.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             self._closed = True
             left = list(self._ops)
+        outcome = {"outages": self.outages, "refused": self.refused, "dead_letter": self.dead_letter}
         if not left:
-            return {"delivered": True, "outages": self.outages}
+            try:  # the run's events in one file, for readers of events.json (best effort: its parts are kept)
+                if self._writer is not None:
+                    self._writer.write_events_file()
+            except Exception as e:
+                log.warning("could not write events.json: %s", scrub(e))
+            return {**outcome, "delivered": True}
         path = self.spool_path or f"openclaw-spool-{self.run_id}.jsonl"
         if not os.path.exists(path):
-            append_to_spool(path, "run", self.uri, self.run_id)
+            append_to_spool(path, "run", public_uri(self.uri), self.run_id)  # no credential at rest
         for op, args in left:
             append_to_spool(path, op, *args)
-        return {"delivered": False, "spool": path, "ops": len(left), "outages": self.outages}
+        return {**outcome, "delivered": False, "spool": path, "ops": len(left)}
+
+    def _next(self) -> tuple[str, tuple, int]:
+        """The next op to apply, and how many queued ops it stands for: consecutive events go as one batch."""
+        op, args = self._ops[0]
+        if op != "event":
+            return op, args, 1
+        batch = []
+        for queued_op, queued_args in itertools.islice(self._ops, 0, 100):
+            if queued_op != "event":
+                break
+            batch.append(list(queued_args))
+        return "events", (batch,), len(batch)
 
     def _run(self) -> None:
         # MLflow is imported here, on the service's thread, so that the actor answers at once and the
         # import (seconds) overlaps the workers' start.
         from openclaw.tracking.writer import MlflowWriter
-        writer = None
         try:  # warm up (read the run's events) while the workers start
-            writer = MlflowWriter(self.uri, self.run_id, self.progress)
-            writer.events()
+            self._writer = MlflowWriter(self.uri, self.run_id, self.progress)
+            self._writer.events()
         except Exception:
-            writer = None
+            self._writer = None
         while True:
             with self._cv:
                 while not self._ops and not self._closed:
                     self._cv.wait()
                 if self._closed:
                     return
-                op, args = self._ops[0]
-            delay, failing = RETRY_MIN_S, False
-            while not self._closed:
-                try:
-                    writer = writer or MlflowWriter(self.uri, self.run_id, self.progress)
-                    writer.apply(op, *args)
-                    break
-                except Exception as e:  # the server is away (or refused): keep the op, retry with backoff
-                    if not failing:
-                        failing, self.outages = True, self.outages + 1
-                        log.warning("MLflow at %s is not answering (%s); metrics are queued and retried",
-                                    self.uri, e)
-                        if writer is not None:
-                            writer._say(f"MLflow at {self.uri} is not answering; queuing metrics, training goes on")
-                    time.sleep(delay)
-                    delay = min(RETRY_MAX_S, delay * 2)
+                op, args, n = self._next()
+            self._deliver(op, args, MlflowWriter)
             with self._cv:
                 if not self._closed:
-                    self._ops.popleft()
+                    for _ in range(n):
+                        self._ops.popleft()
                 self._cv.notify_all()
 
+    def _deliver(self, op: str, args: tuple, writer_cls) -> None:
+        """Apply one op: retried with backoff while the server is away; set aside for good if it refuses."""
+        delay, failing = RETRY_MIN_S, False
+        while not self._closed:
+            try:
+                self._writer = self._writer or writer_cls(self.uri, self.run_id, self.progress)
+                self._writer.apply(op, *args)
+                return
+            except Exception as e:
+                status = refused_status(e)
+                if status is not None:  # the server answered no: retrying cannot help, and must not block the rest
+                    self._set_aside(op, args, status, e)
+                    return
+                if not failing:  # the server is away: keep the op, retry with backoff
+                    failing, self.outages = True, self.outages + 1
+                    log.warning("MLflow at %s is not answering (%s); metrics are queued and retried",
+                                public_uri(self.uri), scrub(e))
+                    if self._writer is not None:
+                        self._writer._say(f"MLflow at {public_uri(self.uri)} is not answering; queuing metrics, "
+                                          f"training goes on")
+                time.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
 
-def start_service(tracking_uri: str, run_id: str, progress, spool_path: str, node_affinity):
-    """The driver starts one service per job on its own node (a worker node may die, the driver's may not)."""
+    def _set_aside(self, op: str, args: tuple, status: int, error: Exception) -> None:
+        ops = [("event", tuple(a)) for a in args[0]] if op == "events" else [(op, args)]
+        if not os.path.exists(self.dead_letter):
+            append_to_spool(self.dead_letter, "run", public_uri(self.uri), self.run_id)
+        for item_op, item_args in ops:
+            append_to_spool(self.dead_letter, item_op, *item_args)
+        self.refused += len(ops)
+        log.warning("MLflow at %s refused a tracking update (HTTP %s: %s); it is kept in %s", public_uri(self.uri),
+                    status, scrub(str(error).splitlines()[0][:200]), self.dead_letter)
+
+
+def refused_status(error: Exception) -> int | None:
+    """The HTTP status of a request the server refused for good (4xx, but not a timeout or throttling)."""
+    status_of = getattr(error, "get_http_status_code", None)
+    status = status_of() if callable(status_of) else None
+    return status if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429) else None
+
+
+def dead_letter_path(spool_path: str | None, run_id: str) -> str:
+    """Beside the spool: the ops MLflow refused, in the spool's format (`openclaw sync-spool` retries them)."""
+    folder = os.path.dirname(spool_path) if spool_path else "."
+    return os.path.join(folder, f"tracking-deadletter-{run_id}.jsonl")
+
+
+def start_service(tracking_uri: str, run_id: str, progress, spool_path: str, node_affinity,
+                  secrets: dict[str, str] | None = None):
+    """The driver starts one service per job on its own node (a worker node may die, the driver's may not).
+    Its credentials (`secrets`) are constructor arguments, never in its runtime env."""
     actor = ray.remote(num_cpus=0, max_restarts=0)(TrackingService)
-    env = forwarded_env()  # MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth), MLFLOW_TRACKING_TOKEN, AWS_*, ...
+    env = forwarded_env()
     options = {"runtime_env": {"env_vars": env}} if env else {}
     return actor.options(scheduling_strategy=node_affinity, **options).remote(tracking_uri, run_id, progress,
-                                                                                spool_path)
+                                                                                spool_path, secrets)

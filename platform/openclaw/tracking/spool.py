@@ -4,12 +4,14 @@ the run (`run`: tracking URI, run id); the others are ops, in the order they wer
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 
 def append_to_spool(path: str, op: str, *args: Any) -> None:
     """One op, as a JSON line, at the end of a spool file (`sync_spool` applies them in order)."""
-    with open(path, "a") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it may hold the run's metrics: its owner's only
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps({"op": op, "args": list(args)}) + "\n")
 
 

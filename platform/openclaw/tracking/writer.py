@@ -8,6 +8,8 @@ applies a spool file's, in order, later.
 from __future__ import annotations
 
 import json
+import os
+import hashlib
 import tempfile
 import time
 from typing import Any
@@ -16,19 +18,26 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from openclaw.config import Config
+from openclaw.errors import ConfigError
 from openclaw.tracking.run import log_final_model, resolve_sources
+from openclaw.tracking.redact import public_uri
 from openclaw.tracking.spool import read_spool
 from openclaw.tracking.tracker import put_nowait
 
 ATTEMPT_EVENTS = ("start", "resume", "restart", "resize")
+EVENTS_DIR, EVENTS_FILE = "events", "events.json"
 
 
 class MlflowWriter:
     """Applies ops to one MLflow run. Plain code, no Ray: the service's thread and `sync-spool` use it."""
 
-    def __init__(self, tracking_uri: str, run_id: str, progress=None):
+    def __init__(self, tracking_uri: str, run_id: str, progress=None, trust_code: bool = True):
+        """`trust_code`: a spooled run's `finish` may build the `module:function` model its config names
+        (`openclaw sync-spool --trust-code`); the service's own runs always may."""
         self.client, self.run_id, self.progress = MlflowClient(tracking_uri), run_id, progress
+        self.uri, self.trust_code = tracking_uri, trust_code
         self._events: list[dict[str, Any]] | None = None
+        self._unwritten = False
         self._published_through = 0
         self._attempts = 0
 
@@ -56,11 +65,25 @@ class MlflowWriter:
     # ---- events --------------------------------------------------------------------------------
 
     def _op_event(self, kind: str, fields: dict[str, Any], t: float) -> None:
+        self._op_events([[kind, fields, t]])
+
+    def _op_events(self, batch: list[list]) -> None:
+        """Events, appended as one part (`events/<time>.json`): an event never re-uploads the ones before it."""
         events = self.events()
-        events.append({"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)),
-                       "t": round(t, 3), **fields})
-        self.client.log_dict(self.run_id, events, "events.json")
-        self.client.set_tag(self.run_id, "openclaw.last_event", json.dumps(events[-1]))
+        new = [{"event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)), "t": round(t, 3),
+                **fields} for kind, fields, t in batch]
+        # Named by its content, so that a retry of this op writes the same part again, not a second one.
+        digest = hashlib.sha1(json.dumps(new, sort_keys=True).encode()).hexdigest()[:10]
+        self.client.log_dict(self.run_id, new, f"{EVENTS_DIR}/{int(batch[0][2] * 1e6):019d}-{digest}.json")
+        self.client.set_tag(self.run_id, "openclaw.last_event", json.dumps(new[-1]))
+        events.extend(new)
+        self._unwritten = True
+
+    def write_events_file(self) -> None:
+        """All events in one file, `events.json`, once a run (or a late writer) is done appending."""
+        if self._unwritten:
+            self.client.log_dict(self.run_id, self.events(), EVENTS_FILE)
+            self._unwritten = False
 
     def _op_attempt(self, fields: dict[str, Any], t: float) -> None:
         """A worker group started: record it as start, resume (a new driver), restart or resize."""
@@ -87,17 +110,20 @@ class MlflowWriter:
         """Log the final model (as the run would have) and close the run."""
         if checkpoint:
             cfg = Config.model_validate(config)
-            log_final_model(cfg, self.run_id, checkpoint, resolve_sources(cfg.data))
+            log_final_model(cfg, self.uri, self.run_id, checkpoint, resolve_sources(cfg.data), self.trust_code)
         self._op_end("FINISHED")
 
     def events(self) -> list[dict[str, Any]]:
+        """The run's events so far: its parts, in order (or a run's one `events.json`, from before parts)."""
         if self._events is None:  # errors (server away) propagate: the op is retried, nothing overwritten
-            if "events.json" not in {a.path for a in self.client.list_artifacts(self.run_id)}:
-                self._events = []  # a new run has none yet
-            else:
-                with tempfile.TemporaryDirectory() as d:
-                    with open(self.client.download_artifacts(self.run_id, "events.json", d)) as f:
-                        self._events = list(json.load(f))
+            parts = sorted(a.path for a in self.client.list_artifacts(self.run_id, EVENTS_DIR))
+            names = parts or [a.path for a in self.client.list_artifacts(self.run_id) if a.path == EVENTS_FILE]
+            events: list[dict[str, Any]] = []
+            with tempfile.TemporaryDirectory() as d:
+                for name in names:
+                    with open(self.client.download_artifacts(self.run_id, name, d)) as f:
+                        events += json.load(f)
+            self._events = events
         return self._events
 
     def _say(self, message: str) -> None:
@@ -105,12 +131,20 @@ class MlflowWriter:
             put_nowait(self.progress, {"message": message})
 
 
-def sync_spool(path: str, tracking_uri: str | None = None) -> int:
-    """Upload a spool file's ops in order (`openclaw sync-spool`). Returns how many were applied."""
+def sync_spool(path: str, tracking_uri: str | None = None, trust_code: bool = False) -> int:
+    """Upload a spool file's ops in order (`openclaw sync-spool`). Returns how many were applied.
+
+    The spool names the MLflow server it was written for; the server given (`tracking_uri`, else
+    $MLFLOW_TRACKING_URI) must be that one: a spool's ops close and rewrite a run wherever they go."""
     (uri, run_id), ops = read_spool(path)
     if not ops:
         return 0
-    writer = MlflowWriter(tracking_uri or uri, run_id)
+    target = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if public_uri(target) != public_uri(uri):
+        raise ConfigError(f"{path} was written for the MLflow server at {public_uri(uri)}, not {public_uri(target)} "
+                          f"(`--tracking-uri`, else $MLFLOW_TRACKING_URI). Pass --tracking-uri {public_uri(uri)}, with "
+                          f"its credentials in MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN.")
+    writer = MlflowWriter(target, run_id, trust_code=trust_code)
     for item in ops:
         writer.apply(item["op"], *item["args"])
     return len(ops)
