@@ -175,3 +175,55 @@ def s3_server(monkeypatch):
     yield server
     if server.proc.poll() is None:
         server.stop()
+
+
+class RefusingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real server that answers one chosen request itself with
+    400, as MLflow does for an op it refuses (the first request whose path ends with `path` and whose body
+    contains `needle`), and passes everything else through unchanged."""
+
+    def __init__(self, target: str, path: str, needle: bytes):
+        import http.server
+        import urllib.error
+        import urllib.request
+        proxy = self
+        self.refused: list[bytes] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.split("?")[0].endswith(path) and needle in body and not proxy.refused:
+                    proxy.refused.append(body)
+                    payload = b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "refused by the test"}'
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                request = urllib.request.Request(target + self.path, data=body or None, method=self.command,
+                                                 headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as r:
+                        status, data, kind = r.status, r.read(), r.headers.get("Content-Type", "application/json")
+                except urllib.error.HTTPError as e:
+                    status, data, kind = e.code, e.read(), e.headers.get("Content-Type", "application/json")
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        import threading
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()

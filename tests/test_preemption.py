@@ -25,8 +25,9 @@ def _events(uri, run_id, tmp_path):
 
 def test_sigterm_to_a_worker_checkpoints_at_once_and_resumes_from_that_step(ray_local, digits_dir, tmp_path,
                                                                             mlflow_uri):
+    # No failure budget at all: a preemption has its own (`failure.max_preemptions`, unlimited by default).
     common = {"train.max_steps": 600, "checkpoint.every_steps": 200, "train.log_every": 10, "train.eval_every": 0,
-              "train.record_samples": True}
+              "train.record_samples": True, "failure.max_failures": 0}
     clean = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="clean", **common))
     run_dir = tmp_path / "runs" / "termed"
     sent: list[int] = []

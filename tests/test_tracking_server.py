@@ -126,3 +126,33 @@ def test_a_basic_auth_server_works_with_the_standard_credentials(ray_local, digi
         assert run.info.status == "FINISHED"
     finally:
         srv.stop()
+
+
+def test_an_op_the_server_refuses_is_set_aside_and_every_other_metric_arrives(ray_local, digits_dir, tmp_path, server,
+                                                                              capsys):
+    from conftest import RefusingProxy
+    # The metrics published with the step-20 checkpoint are refused once (HTTP 400), as MLflow refuses a bad op.
+    proxy = RefusingProxy(server.uri, "/runs/log-batch", b'"step": 20')
+    try:
+        _refused_op_test(proxy, server, digits_dir, tmp_path, capsys)
+    finally:
+        proxy.close()
+
+
+def _refused_op_test(proxy, server, digits_dir, tmp_path, capsys):
+    from openclaw.tracking.writer import sync_spool
+    cfg = digits_config(digits_dir, tmp_path, proxy.uri, name="refused", **{
+        "train.max_steps": 60, "train.log_every": 10, "train.eval_every": 0, "checkpoint.every_steps": 20})
+    result = openclaw.train(cfg)
+    assert result.metrics["step"] == 60 and len(proxy.refused) == 1
+    client = MlflowClient(server.uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+    assert steps == [30, 40, 50, 60]  # 10 and 20 went in the refused batch; nothing after it was held up
+    dead = tmp_path / "runs" / "refused" / f"tracking-deadletter-{result.run_id}.jsonl"
+    assert f"refused 1 tracking update(s); they are kept in {dead}" in capsys.readouterr().err
+    assert oct(dead.stat().st_mode & 0o777) == "0o600"
+    # Once the cause is gone, the set-aside op is sent again like a spool's (to the server it was refused by).
+    assert sync_spool(str(dead), proxy.uri) == 1
+    steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+    assert steps == [10, 20, 30, 40, 50, 60]

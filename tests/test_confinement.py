@@ -1,0 +1,108 @@
+"""Names from files and folders stay where they belong: checkpoint manifests, prepared-data manifests,
+the node shard cache (per user, 0700, no planted links), leftovers swept, and every checkpoint counted
+toward `checkpoint.keep`."""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from openclaw.engine import checkpoint as ckpt
+from openclaw.errors import CheckpointError, DataError
+
+
+def _checkpoint(d, step=1):
+    return ckpt.save(d, model={"w": torch.ones(3)}, trainer={}, state={"step": step}, config={"name": "t"})
+
+
+@pytest.mark.parametrize("name", ["../outside", "/etc/passwd", "a/../../b", ""])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path, name):
+    d = _checkpoint(tmp_path / "c")
+    (tmp_path / "outside").write_text("x")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"][name] = {"size": 1, "sha256": "0" * 64}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="which is not a file inside it"):
+        ckpt.verify(d)
+
+
+def test_a_prepared_cache_manifest_naming_a_path_is_refused(tmp_path):
+    from openclaw.data.prep import _shard_name
+    assert _shard_name("part-00001.parquet", str(tmp_path)) == "part-00001.parquet"
+    for bad in ("../x.parquet", "/etc/passwd", "a/b.parquet", ".."):
+        with pytest.raises(DataError, match="which is not a file in it"):
+            _shard_name(bad, str(tmp_path))
+
+
+def test_the_shard_cache_is_a_private_folder_and_refuses_a_shared_one(tmp_path):
+    from openclaw.data.shard_cache import ShardCache, default_dir
+    assert default_dir().endswith(f"openclaw-shards-{os.getuid()}")
+    cache = ShardCache(str(tmp_path / "mine"), 1 << 20)
+    assert oct(os.stat(cache.root).st_mode & 0o777) == "0o700"
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    with pytest.raises(DataError, match="chmod 700"):
+        ShardCache(str(shared), 1 << 20)
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(DataError, match="not a folder of this user's"):
+        ShardCache(str(tmp_path / "link"), 1 << 20)
+
+
+def test_the_shard_cache_never_writes_through_a_planted_link_and_sweeps_leftovers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from openclaw.data.shard_cache import ShardCache
+    src = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), src)
+    cache = ShardCache(str(tmp_path / "cache"), 1 << 20)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    # a link planted where this process will write its part file: replaced, never followed
+    import hashlib
+    info = os.stat(src)
+    key = hashlib.sha1(f"{src}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()[:24]
+    (tmp_path / "cache" / f"{key}.parquet.{os.getpid()}.part").symlink_to(victim)
+    body = cache.read(pafs.LocalFileSystem(), str(src), info.st_size, info.st_mtime_ns)
+    assert len(body) == info.st_size and victim.read_text() == "keep me"
+    old = time.time() - 2 * 3600
+    for name in ("dead.parquet.99.part", "gone.lock"):
+        (tmp_path / "cache" / name).write_text("")
+        os.utime(tmp_path / "cache" / name, (old, old))
+    ShardCache(str(tmp_path / "cache"), 1 << 20)  # a cache sweeps what died processes left when it opens
+    assert not (tmp_path / "cache" / "dead.parquet.99.part").exists() and not (tmp_path / "cache" / "gone.lock").exists()
+    assert (tmp_path / "cache" / f"{key}.lock").exists() and (tmp_path / "cache" / f"{key}.json").exists()
+
+
+def test_the_prepared_cache_sweeps_what_dead_preparers_left_but_not_what_a_live_one_writes(tmp_path):
+    import fcntl
+    from openclaw.data.prep_cache import PrepCache
+    cache = PrepCache(str(tmp_path / "c"), 1 << 30)
+    (tmp_path / "c" / ".tmp" / "dead-1234abcd").mkdir()
+    (tmp_path / "c" / ".locks" / "dead.lock").write_text("")
+    (tmp_path / "c" / ".tmp" / "live-5678abcd").mkdir()
+    fd = os.open(tmp_path / "c" / ".locks" / "live.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a preparer at work
+    try:
+        PrepCache(str(tmp_path / "c"), 1 << 30)  # sweeps when it opens
+        assert not (tmp_path / "c" / ".tmp" / "dead-1234abcd").exists()
+        assert not (tmp_path / "c" / ".locks" / "dead.lock").exists()
+        assert (tmp_path / "c" / ".tmp" / "live-5678abcd").exists() and (tmp_path / "c" / ".locks" / "live.lock").exists()
+    finally:
+        os.close(fd)
+    assert cache.root == str(tmp_path / "c")
+
+
+def test_checkpoints_ray_never_registered_count_toward_keep(tmp_path):
+    from openclaw.runtime.checkpoint_store import prune
+    run = tmp_path / "run"
+    names = [f"checkpoint_2026-01-0{i}_00-00-00.000000" for i in range(1, 6)]
+    for i, name in enumerate(names):
+        _checkpoint(run / name, step=i)
+    (run / names[3] / "manifest.json").unlink()  # a background write cut short: no manifest
+    doomed = prune(str(run), keep=2)
+    left = sorted(p.name for p in run.iterdir())
+    assert left == [names[2], names[4]]  # the two newest finished ones; the unfinished older one is gone
+    assert len(doomed) == 3
