@@ -116,6 +116,25 @@ class GPT(nn.Module):
         return 6 * n + 12 * self.depth * self.dim * self.block_size
 
 
+def tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(first name, other name) of every parameter reachable under two names (the gpt's head and embedding)."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            pairs.append((first[id(p)], name))
+        else:
+            first[id(p)] = name
+    return pairs
+
+
+def retie(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Make each (owner, alias) pair one parameter again, after something replaced them one by one."""
+    for owner, alias in pairs:
+        module, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(module) if module else model, attr, model.get_parameter(owner))
+
+
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "gpt": GPT}
 
 

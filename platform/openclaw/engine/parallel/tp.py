@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from openclaw.engine.models import GPT
+from openclaw.engine.models import GPT, retie, tied_parameters
 from openclaw.errors import ConfigError
 
 
@@ -67,30 +67,8 @@ def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Split `model` over the tensor-parallel `mesh`, keeping its tied parameters tied."""
     check_tensor_parallel(model, mesh.size())
-    tied = _tied(model)
+    tied = tied_parameters(model)
     plan = gpt_plan(model) if isinstance(model, GPT) else model.parallelize_plan(mesh)
     parallelize_module(model, mesh, plan)
-    for owner, alias in tied:  # parallelize_module gives each module a new parameter: tie them again
-        _set(model, alias, _get(model, owner))
+    retie(model, tied)  # parallelize_module gives each module a new parameter: tie them again
     return model
-
-
-def _tied(model: nn.Module) -> list[tuple[str, str]]:
-    """(first name, other name) of every parameter reachable under two names."""
-    first: dict[int, str] = {}
-    pairs = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            pairs.append((first[id(p)], name))
-        else:
-            first[id(p)] = name
-    return pairs
-
-
-def _get(model: nn.Module, name: str) -> nn.Parameter:
-    return model.get_parameter(name)
-
-
-def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, attr, value)
