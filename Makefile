@@ -28,7 +28,7 @@ install: venv
 
 # The MLflow UI test drives Debian's chromium headless (no browser download from outside the registries).
 install-test: install
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,quantize]"
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || \
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 

@@ -6,10 +6,10 @@ The SDK (`train`, `sweep`, `load_model`) is imported on first use: every Ray wor
 from openclaw.config import Config, load_config
 from openclaw.errors import CheckpointError, ConfigError, DataError, OpenClawError, UserError
 
-__all__ = ["Config", "load_config", "train", "sweep", "load_model",
+__all__ = ["Config", "load_config", "train", "sweep", "load_model", "export",
            "OpenClawError", "UserError", "ConfigError", "DataError", "CheckpointError"]
 
-_SDK = ("train", "sweep", "load_model")
+_SDK = ("train", "sweep", "load_model", "export")
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -23,11 +24,22 @@ EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, resumable
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openclaw", description="Elastic PyTorch training on Ray, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_sweep, _add_sync_spool, _add_checkpoint, _add_export, _add_config):
+        add(sub)
+    return p
+
+
+def _add_train(sub) -> None:
+    """`openclaw train`."""
     t = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train from a YAML config. Every knob is a config key; override any with --set.",
                        epilog="example: openclaw train jobs/configs/digits.yaml --set train.max_steps=200")
     t.add_argument("config", help="path of the YAML config (see jobs/configs/)")
     _run_options(t, "train.optimizer.lr=3e-4")
+
+
+def _add_sweep(sub) -> None:
+    """`openclaw sweep`."""
     w = sub.add_parser("sweep", help="tune hyperparameters: a Ray Tune search over whole training runs",
                        description="Run the hyperparameter sweep in the config's `sweep:` section. Each trial is "
                                    "a full training run (elastic, fault tolerant), logged as a child MLflow run "
@@ -38,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the sweep of this name after its driver died: finished trials are kept, "
                         "unfinished ones resume from their checkpoints")
     _run_options(w, "sweep.max_concurrent=4")
+
+
+def _add_sync_spool(sub) -> None:
+    """`openclaw sync-spool`."""
     s = sub.add_parser("sync-spool", help="upload tracking updates a run kept while MLflow was away",
                        description="Upload, in order, the metrics and events a run spooled to a local file "
                                    "because its MLflow server did not answer before the run ended.")
@@ -48,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-code", action="store_true",
                    help="let the spooled run's config build its `module:function` model, to log it (its code runs)")
     s.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+
+
+def _add_checkpoint(sub) -> None:
+    """`openclaw checkpoint consolidate`."""
     k = sub.add_parser("checkpoint", help="work with a run's checkpoints",
                        description="Work with a checkpoint folder (or URI) a run wrote.")
     ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -62,6 +82,33 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--trust-code", action="store_true",
                     help="let the checkpoint's config build its `module:function` model (its code runs)")
     kc.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+
+
+def _add_export(sub) -> None:
+    """`openclaw export`."""
+    e = sub.add_parser("export", help="quantize a trained model (int8, int8-dynamic, int4) and measure what it costs",
+                       description="Quantize a trained model's Linear layers with torchao, save it (load it with "
+                                   "openclaw.load_model(OUT)), and measure it against the full model: size on disk "
+                                   "and in memory, peak memory of a forward pass, latency, and with --eval the "
+                                   "validation metrics. Recorded as a child MLflow run of the source run. Needs "
+                                   "pip install 'openclaw[quantize]'.",
+                       epilog="example: openclaw export runs/text-lm/checkpoint_... --quantize int4 --eval")
+    e.add_argument("source", help="a checkpoint folder or URI, an MLflow run id, or models:/NAME/VERSION")
+    e.add_argument("--quantize", required=True, choices=("int8", "int8-dynamic", "int4"),
+                   help="int8 weight-only, int8 weights and dynamically quantized activations, or int4 weight-only")
+    e.add_argument("--group-size", type=int, default=None, help="int4: weights per scale, 32, 64 (default) or 128")
+    e.add_argument("--eval", action="store_true", help="score the source run's validation set, full and quantized")
+    e.add_argument("--out", default=None, help="the folder to write (default: exports/<name>-<mode>)")
+    e.add_argument("--register", default=None, metavar="NAME", help="register the export as a new version of NAME")
+    e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to quantize and measure (cpu)")
+    e.add_argument("--trust-code", action="store_true",
+                   help="let the source's config build its `module:function` model (its code runs)")
+    e.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+
+
+def _add_config(sub) -> None:
+    """`openclaw config`."""
     c = sub.add_parser("config", help="print the config's JSON schema, or every key at its default",
                        description="Describe the config tree: every key, its type, default and meaning.",
                        epilog="example: openclaw config --defaults > my-job.yaml   (then set data.train)")
@@ -71,7 +118,6 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--defaults", action="store_true",
                       help="a YAML file of every key at its default, each described in a comment")
     c.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
-    return p
 
 
 def _run_options(parser: argparse.ArgumentParser, example: str) -> None:
@@ -95,6 +141,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     with local_copy(args.checkpoint) as d:
         out = consolidate(d, args.out, trust_code=args.trust_code)
     print(f"openclaw: wrote the whole model of {args.checkpoint} to {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from openclaw.exports.run import export
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one table is the output
+    export(args.source, quantize=args.quantize, group_size=args.group_size, evaluate=args.eval, out=args.out,
+           register=args.register, tracking_uri=args.tracking_uri, device=args.device, trust_code=args.trust_code)
     return 0
 
 
@@ -161,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config,
-                    "checkpoint": cmd_checkpoint}
+                    "checkpoint": cmd_checkpoint, "export": cmd_export}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

@@ -1,8 +1,7 @@
-"""The Python SDK (driver): `train`, `sweep` and `load_model`, re-exported as `openclaw.train` etc."""
+"""The Python SDK (driver): `train`, `sweep`, `load_model` and `export`, re-exported as `openclaw.train` etc."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -13,14 +12,14 @@ from openclaw.constants import default_tracking_uri
 from openclaw.data.filesystems import local_copy
 from openclaw.engine.model_io import load_model_dir, load_model_file
 from openclaw.errors import CheckpointError, UntrustedCodeError
+from openclaw.exports.files import is_export, load_export
+from openclaw.exports.run import ExportResult
+from openclaw.exports.run import export as _export
 from openclaw.launch.session import TrainResult
 from openclaw.launch.session import train as _train
 from openclaw.sweeps.launch import SweepResult
 from openclaw.sweeps.launch import sweep as _sweep
-from openclaw.tracking.run import load_logged_model
-
-RUN_ID = re.compile(r"[0-9a-f]{32}")
-
+from openclaw.tracking.run import RUN_ID_PATTERN, load_logged_model, logged_export
 
 def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
           verbose: bool = False) -> TrainResult:
@@ -45,7 +44,8 @@ def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None, tr
 
     - a checkpoint folder or URI (a `TrainResult.checkpoint`), whole or sharded, loaded with
       `weights_only` after its manifest check;
-    - a file written by `openclaw checkpoint consolidate`;
+    - a file written by `openclaw checkpoint consolidate`, or a folder written by `openclaw export`
+      (its quantized model);
     - an MLflow run id (its logged `model`), or a `runs:/RUN_ID/model` or `models:/NAME/VERSION` URI,
       from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db), rebuilt from the
       state dict and config openclaw logs beside the MLflow model (nothing is unpickled unless
@@ -56,7 +56,7 @@ def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None, tr
     """
     trust = {"trust_code": trust_code, "model_fn": model_fn}
     path = str(source)
-    if path.startswith(("models:/", "runs:/")) or (RUN_ID.fullmatch(path) and not Path(path).exists()):
+    if path.startswith(("models:/", "runs:/")) or (RUN_ID_PATTERN.fullmatch(path) and not Path(path).exists()):
         return _from_mlflow(path if ":/" in path else f"runs:/{path}/model", tracking_uri,
                             trust_pickle=trust_pickle, **trust)
     if "://" in path:
@@ -64,16 +64,32 @@ def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None, tr
             return load_model_dir(d, **trust)
     if Path(path).is_file():
         return load_model_file(path, **trust)
+    if is_export(path):  # a quantized export (`openclaw export`)
+        return load_export(path, **trust)
     if not Path(path).is_dir():
         raise CheckpointError(f"{path} is neither a checkpoint folder nor an MLflow model; pass the `checkpoint` or "
                               f"`run_id` of a TrainResult, a checkpoint_* folder, or models:/NAME/VERSION.")
     return load_model_dir(path, **trust)
 
 
-def _from_mlflow(uri: str, tracking_uri: str | None, **trust) -> nn.Module:
+def export(source: str | os.PathLike, *, quantize: str, group_size: int | None = None, evaluate: bool = False,
+           out: str | os.PathLike | None = None, register: str | None = None, tracking_uri: str | None = None,
+           device: str = "cpu", trust_code: bool = False, model_fn: Callable[..., nn.Module] | None = None) -> ExportResult:
+    """Quantize a trained model (`int8`, `int8-dynamic` or `int4`) from a checkpoint, a run id or
+    models:/NAME/VERSION; save it (load it with `load_model(result.out)`), measure size, memory, latency
+    and, with `evaluate`, quality against the full model, and record it as a child MLflow run of the
+    source run (and a registered model version with `register`). Needs `pip install 'openclaw[quantize]'`."""
+    return _export(source, quantize=quantize, group_size=group_size, evaluate=evaluate, out=out, register=register,
+                   tracking_uri=tracking_uri, device=device, trust_code=trust_code, model_fn=model_fn)
+
+
+def _from_mlflow(uri: str, tracking_uri: str | None, trust_pickle: bool, **trust) -> nn.Module:
     where = tracking_uri or default_tracking_uri()
     try:
-        return load_logged_model(uri, where, **trust)  # logged in eval mode
+        with logged_export(uri, where) as folder:
+            if folder is not None:  # a registered `openclaw export`
+                return load_export(folder, **trust)
+        return load_logged_model(uri, where, trust_pickle=trust_pickle, **trust)  # logged in eval mode
     except (CheckpointError, UntrustedCodeError):
         raise
     except Exception as e:

@@ -3,10 +3,12 @@ run per job, found again on resume through a small job file in the run's storage
 resolved config at creation; the final model at the end."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlflow
 import pyarrow.fs as pafs
@@ -101,6 +103,8 @@ def resolve_sources(d: DataConfig) -> dict[str, Source]:
     return {k: resolve(getattr(d, k), f"data.{k}", d.s3, d.on_bad_shard) for k in ("train", "val") if getattr(d, k)}
 
 
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+"""An MLflow run id, as a source to load a model from."""
 OPENCLAW_MODEL_DIR = "openclaw-model"
 """Beside the MLflow model: the state dict and the (redacted) config, which load with `weights_only`."""
 
@@ -158,6 +162,37 @@ def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
     model = build_from_config(config, f"MLflow model {uri}", trust_code=trust_code, model_fn=model_fn)
     model.load_state_dict(weights)
     return model.eval()
+
+
+EXPORT_KIND, EXPORT_DIR = "export", "quantized"
+"""An `openclaw export` run is tagged `openclaw.kind: export` and keeps the export folder under `quantized/`."""
+
+
+@contextlib.contextmanager
+def logged_export(uri: str, tracking_uri: str) -> Iterator[str | None]:
+    """The export folder of `uri`, downloaded to a temporary folder, when `uri` names an `openclaw export`
+    run (`runs:/RUN_ID/quantized`, or a model version registered from one); else None."""
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(_source_run(client, uri))
+    if run.data.tags.get("openclaw.kind") != EXPORT_KIND:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="openclaw-export-") as d:
+        yield client.download_artifacts(run.info.run_id, EXPORT_DIR, d)
+
+
+def load_logged_config(uri: str, tracking_uri: str) -> tuple[dict[str, Any], str]:
+    """(the redacted config, the run id) of a model logged with `log_final_model`."""
+    client = MlflowClient(tracking_uri)
+    run_id = _source_run(client, uri)
+    with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
+        try:
+            path = client.download_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/config.json", d)
+        except Exception:
+            raise CheckpointError(f"MLflow run {run_id} ({uri}) has no {OPENCLAW_MODEL_DIR}/config.json (an older "
+                                  f"openclaw logged it): export from its checkpoint instead.") from None
+        with open(path) as f:
+            return json.load(f), run_id
 
 
 def _source_run(client: MlflowClient, uri: str) -> str:

@@ -1,0 +1,79 @@
+"""What a quantized export costs and saves, measured (plain torch): sizes on disk and in memory, the
+quantized layers' bytes against their fp32 bytes, forward latency, and the peak memory of a process that
+loads the model and runs one forward pass."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from openclaw.exports.quantize import tensor_bytes
+
+
+def state_bytes(model: nn.Module) -> int:
+    """The model's weights in memory (each tensor once: tied weights count once)."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t.data if isinstance(t, nn.Parameter) else t)
+    return total
+
+
+def layer_bytes(model: nn.Module, names: list[str]) -> int:
+    """The weights (and biases) of the named layers."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        total += sum(tensor_bytes(p.data) for p in (module.weight, module.bias) if p is not None)
+    return total
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, batch: torch.Tensor, repeats: int = 20, budget_s: float = 5.0) -> float:
+    """Median wall time of a forward pass, after two warm-up passes: `repeats` passes, or as many as fit
+    in `budget_s` (at least five)."""
+    for _ in range(2):
+        model(batch)
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 5 or sum(times) < budget_s * 1e3):
+        t0 = time.perf_counter()
+        model(batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+PEAK_SCRIPT = """
+import json, os, resource, sys, torch
+import openclaw
+from openclaw.exports.quantize import torchao
+torchao()  # both sides import the same libraries, so they start from the same footprint
+resident = lambda: os.sysconf("SC_PAGE_SIZE") * int(open("/proc/self/statm").read().split()[1])
+before = resident()
+model = openclaw.load_model(sys.argv[1], trust_code=sys.argv[4] == "trust")
+shape, dtype = json.loads(sys.argv[2]), getattr(torch, sys.argv[3])
+with torch.no_grad():
+    model(torch.zeros(shape, dtype=dtype))
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "model": resident() - before}))
+"""
+
+
+def forward_memory(source: str, shape: list[int], dtype: torch.dtype, trust_code: bool = False) -> dict[str, int]:
+    """The memory of a fresh process that loads `source` (a checkpoint or an export) and runs one forward
+    pass on a batch of `shape`, as a deployment pays it: `peak`, the process's peak resident memory,
+    torch's own footprint included; `model`, how much its resident memory grew from just before loading
+    the model to just after the forward pass (Linux)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, source, json.dumps(shape), str(dtype).removeprefix("torch."),
+                        "trust" if trust_code else "no"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring the forward pass's memory failed: {r.stderr[-1500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,0 +1,145 @@
+"""Which Linear layers a quantization mode takes, and quantizing them with torchao (plain torch + torchao).
+
+A layer is left in full precision, and listed with the reason, when the mode cannot take it (int4's CPU
+kernel needs output features divisible by 16), or when it shares its weight with another module (the
+gpt's output head is its token embedding: quantizing it would store the weight twice).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from openclaw.engine.models import tied_parameters
+from openclaw.errors import ConfigError
+
+MODES = ("int8", "int8-dynamic", "int4")
+GROUP_SIZES = (32, 64, 128)
+INT4_OUT_MULTIPLE = 16
+
+
+@dataclass
+class Plan:
+    mode: str
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    """Linear layers left in full precision, with why."""
+    groups: dict[str, int] = field(default_factory=dict)
+    """int4: each quantized layer's group size (weights per scale)."""
+
+    @property
+    def group_size(self) -> int | str | None:
+        """The one group size of every int4 layer, "per layer" where they differ, None for int8."""
+        sizes = set(self.groups.values())
+        return None if not sizes else sizes.pop() if len(sizes) == 1 else "per layer"
+
+    def describe(self) -> str:
+        counts = {g: list(self.groups.values()).count(g) for g in sorted(set(self.groups.values()))}
+        if len(counts) > 1:
+            return f"{self.mode}, group sizes " + ", ".join(f"{g} ({n} layer{'s' * (n > 1)})" for g, n in counts.items())
+        return f"{self.mode}, group size {self.group_size}" if counts else self.mode
+
+
+def plan(model: nn.Module, mode: str, group_size: int | None) -> Plan:
+    """Which of the model's Linear layers `mode` quantizes (and, for int4, each one's group size: `group_size`,
+    else the largest of 128, 64 and 32 that divides the layer's input features, as fewer scales take
+    fewer bytes). A `ConfigError` naming the option if it takes none, or if `group_size` does not
+    divide a layer it would take."""
+    if mode not in MODES:
+        raise ConfigError(f"`--quantize` must be one of {', '.join(MODES)}, got {mode!r}.")
+    if mode == "int4" and group_size is not None and group_size not in GROUP_SIZES:
+        raise ConfigError(f"`--group-size` must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}.")
+    if mode != "int4" and group_size is not None:
+        raise ConfigError(f"`--group-size` is for int4 (it groups int4 weights for their scales), not {mode}.")
+    tied = {name.rsplit(".", 1)[0] for pair in tied_parameters(model) for name in pair}
+    out = Plan(mode)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        divisors = [g for g in sorted(GROUP_SIZES, reverse=True) if module.in_features % g == 0]
+        if name in tied:
+            out.kept[name] = "its weight is tied to the embedding's, which stays in full precision"
+        elif mode == "int4" and module.out_features % INT4_OUT_MULTIPLE:
+            out.kept[name] = (f"int4 needs output features divisible by {INT4_OUT_MULTIPLE} "
+                              f"({module.out_features} here)")
+        elif mode == "int4" and group_size and module.in_features % group_size:
+            raise ConfigError(f"`--group-size` {group_size} does not divide the {module.in_features} input features of "
+                              f"layer {name}; use {' or '.join(map(str, divisors[::-1])) if divisors else 'int8'}, "
+                              f"or leave it out to choose per layer.")
+        elif mode == "int4" and not divisors:
+            out.kept[name] = f"int4 needs input features divisible by {min(GROUP_SIZES)} ({module.in_features} here)"
+        else:
+            out.quantized.append(name)
+            if mode == "int4":
+                out.groups[name] = group_size or divisors[0]
+    if not out.quantized:
+        kept = "; ".join(f"{k}: {v}" for k, v in out.kept.items()) or "it has no nn.Linear layer"
+        raise ConfigError(f"`--quantize {mode}` finds no Linear layer it can quantize in this model ({kept}). "
+                          f"Quantized export works on models whose weights are mostly nn.Linear layers.")
+    return out
+
+
+def torchao():
+    """torchao, imported quietly: on a machine without CUDA it logs that its CUDA kernels cannot load,
+    which is expected and not the user's concern."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao as ao
+            import torchao.prototype.safetensors.safetensors_support  # noqa: F401  (imported quietly, once)
+            import torchao.quantization  # noqa: F401  (registers its tensor types for weights_only loading)
+    except ImportError:
+        raise ConfigError("quantized export needs torchao: pip install 'openclaw[quantize]'.") from None
+    finally:
+        for log, level in zip(quiet[1:], levels[1:]):
+            log.setLevel(level)
+    return ao
+
+
+def tensor_types() -> list[type]:
+    """torchao's tensor types that `torch.load(weights_only=True)` must be told about (the CPU int4 one is
+    a prototype, which torchao does not register); library classes, so allowing them runs no file's code."""
+    torchao()
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    return [Int4OpaqueTensor]
+
+
+def config_for(mode: str, group_size: int | None, device: torch.device):
+    """torchao's config for `mode` on `device`; int4 on a CPU is torchao's CPU int4 weight-only path."""
+    torchao()
+    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    if mode == "int8":
+        return Int8WeightOnlyConfig()
+    if mode == "int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    if device.type == "cuda":
+        return Int4WeightOnlyConfig(group_size=group_size)
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size)
+
+
+def quantize(model: nn.Module, p: Plan, device: torch.device) -> nn.Module:
+    """Quantize the planned layers of `model` (on `device`) in place; returns it, in eval mode."""
+    from torchao.quantization import quantize_
+    model.to(device).eval()
+    batches = {g: {n for n in p.quantized if p.groups.get(n) == g} for g in set(p.groups.get(n) for n in p.quantized)}
+    for group_size, names in batches.items():  # one torchao config per group size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, config_for(p.mode, group_size, device), filter_fn=lambda module, fqn: fqn in names)
+    return model
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, a quantized tensor's inner data and scales included."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
