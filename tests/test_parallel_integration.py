@@ -30,9 +30,9 @@ def _workers():
     return [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in p.info["cmdline"] or [])]
 
 
-def _val_loss(model, val_dir) -> float:
+def _val_loss(model, val_dir, rows: int | None = None) -> float:
     import pyarrow.parquet as pq
-    tokens = torch.tensor(pq.read_table(val_dir).column("x").to_pylist())
+    tokens = torch.tensor(pq.read_table(val_dir).column("x").to_pylist()[:rows])
     from openclaw.engine.tasks import LanguageModeling
     with torch.no_grad():
         loss, n = LanguageModeling().loss(model, {"x": tokens})
@@ -59,6 +59,12 @@ def test_fsdp_example_beats_the_unigram_baseline_loads_whole_and_resumes_on_one_
     assert main(["checkpoint", "consolidate", checkpoint, "--out", str(out)]) == 0
     again = openclaw.load_model(out)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    # a quantized export of the sharded checkpoint gathers it first, and is recorded under its run
+    exported = openclaw.export(checkpoint, quantize="int8", evaluate=True, out=tmp_path / "int8", tracking_uri=mlflow_uri)
+    rows = int(exported.measured["val_rows"])
+    assert exported.measured["val_loss_full"] == pytest.approx(_val_loss(model, text_dir / "val", rows), rel=1e-5)
+    assert abs(exported.measured["val_loss_delta"]) < 0.01 * exported.measured["val_loss_full"]
+    assert MlflowClient(mlflow_uri).get_run(exported.run_id).data.tags["mlflow.parentRunId"] == first.run_id
 
     # FSDP holds half the state per worker (measured in the run); its peak memory is logged too.
     metrics = MlflowClient(mlflow_uri).get_run(first.run_id).data.metrics

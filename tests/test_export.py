@@ -1,0 +1,180 @@
+"""Quantized export with real torchao: a trained run exported to int8 and int4 from the CLI, recorded as
+a child MLflow run and a registered model version, loaded back bit for bit; every mode's round trip
+through a weights-only file; which layers each mode takes; and the errors a user can make."""
+import copy
+import json
+import pickle
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import openclaw
+from openclaw.cli import main
+from openclaw.config import load_config
+from openclaw.engine.models import build_model
+from openclaw.errors import CheckpointError, ConfigError
+from openclaw.exports.files import load_export, model_file, save_export
+from openclaw.exports.measure import layer_bytes
+from openclaw.exports.quantize import MODES, plan, quantize
+
+from conftest import REPO, digits_config
+
+CPU = torch.device("cpu")
+GPT_KW = {"vocab_size": 256, "block_size": 32, "dim": 64, "depth": 2, "heads": 4}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, digits_dir, tmp_path_factory):
+    """A digits MLP trained by openclaw (one worker, 150 steps), tracked in its own sqlite store."""
+    tmp = tmp_path_factory.mktemp("export")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config = digits_config(digits_dir, tmp, uri, **{"train.max_steps": 150, "scaling.min_workers": 1,
+                                                   "scaling.max_workers": 1})
+    return openclaw.train(config), uri, tmp
+
+
+def _config(name: str, kwargs: dict) -> dict:
+    return load_config(None, {"model": {"name": name, "kwargs": kwargs}}, base={"data": {"train": "x"}}).resolved()
+
+
+def _report(folder) -> dict:
+    return json.loads((folder / "quantization.json").read_text())
+
+
+@pytest.mark.parametrize("mode,max_layer_ratio", [("int8", 0.30), ("int4", 0.20)])
+def test_a_trained_run_exports_registers_and_loads_back(trained, digits_dir, mode, max_layer_ratio, capsys):
+    result, uri, tmp = trained
+    out = tmp / f"digits-{mode}"
+    assert main(["export", result.run_id, "--quantize", mode, "--eval", "--out", str(out), "--register", f"digits-{mode}",
+                 "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "the brief: 4-bit weights need 75% less memory than 16-bit ones" in printed
+    report, measured = _report(out), _report(out)["measured"]
+    assert measured["file_bytes_quantized"] == model_file(out).stat().st_size
+    assert measured["layer_ratio"] < max_layer_ratio
+    assert measured["file_ratio"] < max_layer_ratio + 0.1
+    assert measured["val_accuracy_quantized"] >= measured["val_accuracy_full"] - 0.02
+    assert measured["val_accuracy_full"] == pytest.approx(result.metrics["val/accuracy"], abs=1e-4)
+    if mode == "int4":  # the 10-way output layer cannot take int4's CPU kernel and stays fp32
+        assert report["kept_layers"] == {"net.6": "int4 needs output features divisible by 16 (10 here)"}
+
+    client = MlflowClient(uri)
+    version = client.get_model_version(f"digits-{mode}", "1")
+    assert version.tags == {"quantization": mode, "source_run": result.run_id}
+    child = client.get_run(version.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == result.run_id
+    assert child.data.metrics["layer_ratio"] == pytest.approx(measured["layer_ratio"])
+    assert client.get_run(result.run_id).data.tags[f"openclaw.export.{mode}"] == child.info.run_id
+
+    local, registered = openclaw.load_model(out), openclaw.load_model(f"models:/digits-{mode}/1", tracking_uri=uri)
+    first = local.get_submodule(report["quantized_layers"][0]).weight
+    assert type(first) is not torch.nn.Parameter and type(first) is not torch.Tensor  # a torchao tensor
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(local(x), registered(x))
+    val = pq.read_table(digits_dir / "val")  # the SDK-loaded quantized model, scored here on the whole val set
+    features, labels = torch.tensor(val.column("x").to_pylist()), torch.tensor(val.column("y").to_pylist())
+    with torch.no_grad():
+        assert (local(features).argmax(-1) == labels).float().mean().item() >= 0.93
+
+    assert main(["export", str(out), "--quantize", "int8"]) == 2  # an export is not exported again
+    assert "already a quantized export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_round_trips_bit_for_bit_through_a_weights_only_file(tmp_path, mode):
+    torch.manual_seed(0)
+    model = build_model("gpt", GPT_KW).eval()
+    config = _config("gpt", GPT_KW)
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    p = plan(model, mode, None)
+    quantized = quantize(copy.deepcopy(model), p, CPU)
+    save_export(tmp_path, quantized, config, {"mode": mode})
+    loaded = load_export(tmp_path)
+    x = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(quantized(x), loaded(x))
+    assert loaded.head.weight is loaded.tok.weight  # the tied head is tied again, and stored once
+    assert model_file(tmp_path).name == ("model.pt" if mode == "int4" else "model.safetensors")  # CPU int4: no safetensors yet
+    assert model_file(tmp_path).stat().st_size < 0.45 * (tmp_path / "full.pt").stat().st_size
+    assert layer_bytes(loaded, p.quantized) < (0.3 if mode.startswith("int8") else 0.2) * layer_bytes(model, p.quantized)
+
+
+def test_each_mode_takes_the_linear_layers_it_can_and_says_why_it_keeps_the_rest():
+    gpt = build_model("gpt", GPT_KW)
+    linears = {n for n, m in gpt.named_modules() if isinstance(m, torch.nn.Linear)}
+    for mode in MODES:
+        p = plan(gpt, mode, None)
+        assert set(p.kept) == {"head"} and "tied" in p.kept["head"]
+        assert set(p.quantized) == linears - {"head"}
+    groups = plan(gpt, "int4", None).groups  # the widest group that divides each layer's inputs
+    assert {g for n, g in groups.items() if not n.endswith("mlp.2")} == {64} and groups["blocks.0.mlp.2"] == 128
+    mlp = build_model("mlp", {"in_features": 64, "hidden": 128, "depth": 2, "num_classes": 10})
+    int4 = plan(mlp, "int4", None)
+    assert int4.groups == {"net.0": 64, "net.3": 128} and int4.group_size == "per layer"
+    assert int4.kept == {"net.6": "int4 needs output features divisible by 16 (10 here)"}
+    assert plan(mlp, "int4", 32).groups == {"net.0": 32, "net.3": 32}
+    with pytest.raises(ConfigError, match=r"`--group-size` 128 does not divide the 64 input features .* use 32 or 64"):
+        plan(gpt, "int4", 128)
+    with pytest.raises(ConfigError, match=r"`--group-size` is for int4"):
+        plan(gpt, "int8", 32)
+    with pytest.raises(ConfigError, match=r"`--group-size` must be one of 32, 64, 128, got 48"):
+        plan(gpt, "int4", 48)
+    with pytest.raises(ConfigError, match=r"finds no Linear layer .* no nn.Linear layer"):
+        plan(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3)), "int8", None)
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"import pathlib; pathlib.Path({self.path!r}).write_text('ran')",))
+
+
+def test_an_export_whose_weights_file_would_run_code_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    kwargs = {"in_features": 8, "hidden": 16, "depth": 1, "num_classes": 16}
+    model, config = build_model("mlp", kwargs), _config("mlp", kwargs)
+    save_export(tmp_path, quantize(model, plan(model, "int8", None), CPU), config, {"mode": "int8"})
+    marker = tmp_path / "marker"
+    header = {"tensor_names": json.dumps(["net.0.weight"]),
+              "net.0.weight": json.dumps({"_type": "Int8Tensor", "_tensor_data_names": ["qdata"], "_data": {"act_quant_kwargs": {
+                  "_type": "builtins.exec", "_data": {"source": f"open({str(marker)!r}, 'w')"}}}})}
+    save_file({"net.0._weight_qdata": torch.zeros(16, 8, dtype=torch.int8)}, str(tmp_path / "model.safetensors"),
+              metadata=header)
+    with pytest.raises(CheckpointError, match="is not a quantized export's weights .*builtins.exec in any of the allowed"):
+        openclaw.load_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with open(tmp_path / "model.pt", "wb") as f:
+        pickle.dump({"net.0.weight": _Payload(marker)}, f)
+    with pytest.raises(CheckpointError, match="is not a quantized export's weights"):
+        openclaw.load_model(tmp_path)
+    assert not marker.exists()
+
+
+def test_user_errors_exit_2_naming_what_to_change(trained, tmp_path, capsys):
+    result, uri, _ = trained
+    cases = [(["export", str(tmp_path / "nope"), "--quantize", "int8"], "is not a checkpoint folder, an MLflow run id"),
+             (["export", result.checkpoint, "--quantize", "int8", "--group-size", "64"], "`--group-size` is for int4"),
+             (["export", result.checkpoint, "--quantize", "int4", "--group-size", "128"],
+              "`--group-size` 128 does not divide the 64 input features of layer net.0; use 32 or 64"),
+             (["export", result.checkpoint, "--quantize", "int8", "--device", "cuda"] if not torch.cuda.is_available()
+              else ["export", str(tmp_path / "nope"), "--quantize", "int8"], "`--device cuda` but no CUDA device"
+              if not torch.cuda.is_available() else "is not a checkpoint folder")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_without_torchao_export_says_how_to_install_it(tmp_path):
+    code = ("import sys; sys.modules['torchao'] = None\n"
+            "from openclaw.cli import main\n"
+            f"sys.exit(main(['export', {str(tmp_path)!r}, '--quantize', 'int8']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert "pip install 'openclaw[quantize]'" in r.stderr and "Traceback" not in r.stderr
