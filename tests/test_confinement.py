@@ -95,14 +95,20 @@ def test_the_prepared_cache_sweeps_what_dead_preparers_left_but_not_what_a_live_
     assert cache.root == str(tmp_path / "c")
 
 
-def test_checkpoints_ray_never_registered_count_toward_keep(tmp_path):
+def test_checkpoints_ray_never_registered_count_toward_keep_and_those_it_tracks_are_left_to_it(tmp_path):
     from openclaw.runtime.checkpoint_store import prune
     run = tmp_path / "run"
-    names = [f"checkpoint_2026-01-0{i}_00-00-00.000000" for i in range(1, 6)]
+    names = [f"checkpoint_2026-01-0{i}_00-00-00.000000" for i in range(1, 8)]
     for i, name in enumerate(names):
         _checkpoint(run / name, step=i)
+    assert prune(str(run), keep=2) == []  # Ray has registered nothing yet: nothing is known to be orphaned
     (run / names[3] / "manifest.json").unlink()  # a background write cut short: no manifest
+    # Ray tracks 0, 2 and 4 (it deletes those itself); 1 and 3 it never registered; 5 and 6 are newer than
+    # anything it tracks, so it may be about to register them.
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": names[i]} for i in (0, 2, 4)],
+                "latest_checkpoint_result": {"checkpoint_dir_name": names[4]}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     doomed = prune(str(run), keep=2)
-    left = sorted(p.name for p in run.iterdir())
-    assert left == [names[2], names[4]]  # the two newest finished ones; the unfinished older one is gone
-    assert len(doomed) == 3
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_2"))
+    assert left == [names[0], names[2], names[4], names[5], names[6]]
+    assert sorted(os.path.basename(p) for p in doomed) == [names[1], names[3]]

@@ -43,8 +43,10 @@ cfg = openclaw.load_config(spec["repo"] + "/jobs/configs/digits.yaml", {**common
 openclaw.train(cfg)
 
 from ray.util.state import list_actors, list_jobs, list_runtime_envs
-state = {"actors": [str(a) for a in list_actors(detail=True, limit=10000)],
-         "runtime_envs": [str(e) for e in list_runtime_envs(detail=True)], "jobs": [str(j) for j in list_jobs()]}
+here = ray.get_runtime_context().gcs_address  # this instance, whatever other Ray instances the machine runs
+state = {"actors": [str(a) for a in list_actors(address=here, detail=True, limit=10000)],
+         "runtime_envs": [str(e) for e in list_runtime_envs(address=here, detail=True)],
+         "jobs": [str(j) for j in list_jobs(address=here)]}
 Path(spec["state_dump"]).write_text(json.dumps(state))
 """
 

@@ -5,6 +5,7 @@ checkpoint that every rank finds valid.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from openclaw.data.filesystems import storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.model_io import restore_engine
 from openclaw.errors import CheckpointError
+from openclaw.runtime.ray_private import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 log = logging.getLogger("openclaw")
 
@@ -129,22 +131,51 @@ def to_host(obj: Any) -> Any:
 
 
 def prune(run_dir: str, keep: int) -> list[str]:
-    """Rank 0, when an attempt starts: keep the newest `keep` checkpoints that have a manifest, whether Ray
-    Train registered them or not (a background checkpoint published just before a worker died never was,
-    and Ray would never delete it), and remove the rest, and the unfinished folders older than those."""
+    """Rank 0, when an attempt starts: count the checkpoints Ray Train never registered (a background
+    checkpoint published just before a worker died) toward `keep`, and remove those of them that fall
+    outside it, with unfinished folders. Ray deletes the ones it tracks itself, and fails the run if one
+    is gone already, so those are never touched here; nor is anything newer than the newest checkpoint
+    Ray tracks, which Ray may still be about to register (it registers reports in order)."""
     candidates = checkpoints_newest_first(run_dir)
     if not candidates:
         return []
     fs = candidates[0].filesystem
+    tracked = ray_tracked(fs, candidates[0].path.rsplit("/", 1)[0])
+    if not tracked:
+        return []
+    newest_tracked = max(tracked)
     finished = [c.path for c in candidates
                 if fs.get_file_info(f"{c.path}/{ckpt_io.MANIFEST}").type == pafs.FileType.File]
-    if not finished:
-        return []
-    newest = finished[0]
-    doomed = [p for p in finished[keep:]] + [c.path for c in candidates if c.path not in finished and c.path < newest]
+    unfinished = [c.path for c in candidates if c.path not in finished]
+    doomed = [p for p in finished[keep:] + unfinished
+              if os.path.basename(p) not in tracked and os.path.basename(p) < newest_tracked]
     for path in doomed:
         try:
             fs.delete_dir(path)
-        except OSError:  # Ray Train may be removing it too
+        except OSError:
             pass
     return doomed
+
+
+def ray_tracked(fs: pafs.FileSystem, run_root: str) -> set[str]:
+    """The checkpoint folder names Ray Train's checkpoint manager tracks for this run (empty if it has
+    registered none yet, or its record cannot be read: then nothing is pruned)."""
+    try:
+        with fs.open_input_stream(f"{run_root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}") as f:
+            snapshot = json.loads(f.read())
+    except (OSError, ValueError):
+        return set()
+    names: set[str] = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            name = node.get("checkpoint_dir_name")
+            if isinstance(name, str):
+                names.add(name)
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+    collect(snapshot)
+    return names

@@ -37,6 +37,11 @@ try:
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
         get_or_create_autoscaling_coordinator,
     )
+
+    # The file in which Ray Train's checkpoint manager records the checkpoints it tracks (and will delete
+    # itself, failing the run if one is already gone). openclaw reads it so that its own pruning of
+    # checkpoints Ray never registered leaves every one Ray knows alone.
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 except ImportError as e:  # pragma: no cover - only on a Ray other than 2.60
     import ray
 
@@ -45,4 +50,4 @@ except ImportError as e:  # pragma: no cover - only on a Ray other than 2.60
 
 __all__ = ["ControllerCallback", "WorkerGroupCallback", "DatasetsCallback", "PreemptionWatcher",
            "DEFAULT_PREEMPTION_POLL_INTERVAL_S", "PREEMPTION_POLL_INTERVAL_S_ENV_VAR", "get_train_context",
-           "get_or_create_autoscaling_coordinator"]
+           "get_or_create_autoscaling_coordinator", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"]
