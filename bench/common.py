@@ -1,10 +1,8 @@
 """Helpers the benchmarks share."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +21,9 @@ ATTEMPTS = ("start", "resume", "restart", "resize")
 
 
 def run_events(uri: str, run_id: str) -> list[dict]:
-    """A run's `events.json` artifact: its starts, restarts, resizes, checkpoints and failures."""
-    from mlflow.tracking import MlflowClient
-    with tempfile.TemporaryDirectory() as d:
-        return json.load(open(MlflowClient(uri).download_artifacts(run_id, "events.json", d)))
+    """A run's events, while it runs or after: its starts, restarts, resizes, checkpoints and failures."""
+    import openclaw
+    return openclaw.events(run_id, tracking_uri=uri)
 
 
 def first_start_after(events: list[dict], t: float) -> dict | None:

@@ -6,10 +6,10 @@ The SDK (`train`, `sweep`, `load_model`) is imported on first use: every Ray wor
 from openclaw.config import Config, load_config
 from openclaw.errors import CheckpointError, ConfigError, DataError, OpenClawError, UserError
 
-__all__ = ["Config", "load_config", "train", "sweep", "load_model", "export",
+__all__ = ["Config", "load_config", "train", "sweep", "load_model", "export", "events",
            "OpenClawError", "UserError", "ConfigError", "DataError", "CheckpointError"]
 
-_SDK = ("train", "sweep", "load_model", "export")
+_SDK = ("train", "sweep", "load_model", "export", "events")
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from openclaw.launch.session import train as _train
 from openclaw.sweeps.launch import SweepResult
 from openclaw.sweeps.launch import sweep as _sweep
 from openclaw.tracking.run import RUN_ID_PATTERN, load_logged_model, logged_export
+from openclaw.tracking.writer import read_events
 
 def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
           verbose: bool = False) -> TrainResult:
@@ -81,6 +82,15 @@ def export(source: str | os.PathLike, *, quantize: str, group_size: int | None =
     source run (and a registered model version with `register`). Needs `pip install 'openclaw[quantize]'`."""
     return _export(source, quantize=quantize, group_size=group_size, evaluate=evaluate, out=out, register=register,
                    tracking_uri=tracking_uri, device=device, trust_code=trust_code, model_fn=model_fn)
+
+
+def events(run_id: str, *, tracking_uri: str | None = None) -> list[dict]:
+    """A run's events, in order, while it runs or after: each start, resume, restart and resize (with its
+    world size and the step it resumed from), checkpoint, checkpoint request, skipped batch and failure,
+    each with `event`, `t` (epoch seconds) and `time`. Reads from `tracking_uri` (default:
+    $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+    return read_events(MlflowClient(tracking_uri or default_tracking_uri()), run_id)
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None, trust_pickle: bool, **trust) -> nn.Module:

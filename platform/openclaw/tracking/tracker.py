@@ -87,7 +87,7 @@ class Tracker(NullTracker):
         self.publish()
 
     def event(self, kind: str, **fields: Any) -> None:
-        """Record a lifecycle event (checkpoint, skipped batch, ...) in the run's `events.json`."""
+        """Record a lifecycle event (checkpoint, skipped batch, ...) in the run's events (`openclaw.events`)."""
         self.service.submit.remote("event", kind, fields, time.time())
 
     def attempt(self, **fields: Any) -> None:

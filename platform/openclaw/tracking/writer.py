@@ -28,6 +28,19 @@ ATTEMPT_EVENTS = ("start", "resume", "restart", "resize")
 EVENTS_DIR, EVENTS_FILE = "events", "events.json"
 
 
+def read_events(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    """A run's events, in order: its parts while it runs (`events/`), or the one `events.json` of a run
+    from before parts. Readers of a live run use this; `events.json` is written once the run is done."""
+    parts = sorted(a.path for a in client.list_artifacts(run_id, EVENTS_DIR))
+    names = parts or [a.path for a in client.list_artifacts(run_id) if a.path == EVENTS_FILE]
+    events: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in names:
+            with open(client.download_artifacts(run_id, name, d)) as f:
+                events += json.load(f)
+    return events
+
+
 class MlflowWriter:
     """Applies ops to one MLflow run. Plain code, no Ray: the service's thread and `sync-spool` use it."""
 
@@ -114,16 +127,9 @@ class MlflowWriter:
         self._op_end("FINISHED")
 
     def events(self) -> list[dict[str, Any]]:
-        """The run's events so far: its parts, in order (or a run's one `events.json`, from before parts)."""
-        if self._events is None:  # errors (server away) propagate: the op is retried, nothing overwritten
-            parts = sorted(a.path for a in self.client.list_artifacts(self.run_id, EVENTS_DIR))
-            names = parts or [a.path for a in self.client.list_artifacts(self.run_id) if a.path == EVENTS_FILE]
-            events: list[dict[str, Any]] = []
-            with tempfile.TemporaryDirectory() as d:
-                for name in names:
-                    with open(self.client.download_artifacts(self.run_id, name, d)) as f:
-                        events += json.load(f)
-            self._events = events
+        """The run's events so far (read once; errors, such as a server away, propagate: the op is retried)."""
+        if self._events is None:
+            self._events = read_events(self.client, self.run_id)
         return self._events
 
     def _say(self, message: str) -> None:

@@ -1,0 +1,30 @@
+"""A run's events are readable while it runs (from their parts) and after (from `events.json`)."""
+import json
+
+from mlflow.tracking import MlflowClient
+
+import openclaw
+from openclaw.tracking.writer import EVENTS_FILE, MlflowWriter
+
+
+def test_events_are_read_in_order_while_the_run_goes_on_and_match_events_json_at_the_end(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("events")).info.run_id
+    first = MlflowWriter(uri, run_id)
+    first.apply("attempt", {"world_size": 2, "resumed_from_step": 0, "max_steps": 10, "accumulation": 1}, 100.0)
+    first.apply("events", [["checkpoint", {"step": 5}, 101.0], ["checkpoint_requested", {"step": 7}, 102.0]])
+    live = openclaw.events(run_id, tracking_uri=uri)
+    assert [(e["event"], e["t"]) for e in live] == [("start", 100.0), ("checkpoint", 101.0),
+                                                    ("checkpoint_requested", 102.0)]
+    assert EVENTS_FILE not in {a.path for a in client.list_artifacts(run_id)}  # not yet: the run goes on
+
+    # A new driver resumes the run: its writer reads the events so far and appends after them.
+    again = MlflowWriter(uri, run_id)
+    again.apply("attempt", {"world_size": 1, "resumed_from_step": 5, "max_steps": 10, "accumulation": 2}, 200.0)
+    again.write_events_file()
+    events = openclaw.events(run_id, tracking_uri=uri)
+    assert [e["event"] for e in events] == ["start", "checkpoint", "checkpoint_requested", "resize"]
+    assert events[-1]["previous_world_size"] == 2
+    saved = json.load(open(client.download_artifacts(run_id, EVENTS_FILE, str(tmp_path))))
+    assert saved == events
