@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-from openclaw.engine.metrics import PEAK_FLOPS  # noqa: E402  (dense bf16 peaks of the GPUs we know)
+from openclaw.engine.flops import device_peak_flops, training_flops  # noqa: E402
 
 PRESETS = {
     # name -> model -> defaults (explicit flags win)
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     from openclaw.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.optim import build_optimizer
-    from openclaw.engine.precision import resolve_precision
+    from openclaw.engine.precision import choose_precision, device_facts
     from openclaw.engine.models import GPT, MLP
     from openclaw.engine.tasks import Classification, LanguageModeling
 
@@ -126,8 +126,8 @@ def main(argv=None) -> None:
                       max_steps=10 ** 9, grad_clip=1.0, precision=args.precision,
                       optimizer={"name": "adamw", "lr": args.lr, "weight_decay": args.weight_decay},
                       schedule={"name": "constant", "warmup_steps": 0})
-    dtype = resolve_precision(cfg.precision, device)
-    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    chosen = choose_precision(cfg.precision, device_facts(device), cfg.tf32)
+    dtype, precision = chosen.dtype, chosen.name
 
     # ---- model: one init, two identical copies -------------------------------------------------
     torch.manual_seed(args.seed)
@@ -139,7 +139,6 @@ def main(argv=None) -> None:
         task = Classification()
     base = base.to(device)
     n_params = sum(p.numel() for p in base.parameters())
-    flops_per_token = base.flops_per_token() if args.model == "gpt" else None
     raw = {"openclaw": base, "bare": copy.deepcopy(base)}
     models = {k: (torch.compile(m) if args.compile else m) for k, m in raw.items()}
 
@@ -157,6 +156,8 @@ def main(argv=None) -> None:
                    for a, b in zip(x.split(args.micro_batch), y.split(args.micro_batch))]
         data.append(mbs)
     sync()
+    # Training FLOPs per sample, counted by torch's FlopCounterMode on one micro-batch (what the platform logs)
+    flops_per_sample = training_flops(raw["bare"], task.loss, data[0][0]) / args.micro_batch
 
     # ---- the two step functions ----------------------------------------------------------------
     engine = Engine(models["openclaw"], task, cfg, device=device)
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
 
     bare_model = models["bare"]
     bare_model.train()  # once, as a plain loop does; the engine sets train mode itself
-    bare_opt = build_optimizer(bare_model, cfg.optimizer)
+    bare_opt = build_optimizer(bare_model, cfg.optimizer, fused=device.type == "cuda")  # as the engine
     bare_scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     use_autocast = dtype != torch.float32
 
@@ -219,11 +220,11 @@ def main(argv=None) -> None:
     sync()
 
     gpu_name = torch.cuda.get_device_name(device) if cuda else None
-    peak = next((f for key, f in PEAK_FLOPS if gpu_name and key in gpu_name), None)
+    peak = device_peak_flops(device, precision, chosen.tf32)
     size = (f"dim {args.dim} depth {args.depth} heads {args.heads} block {args.block} vocab {args.vocab}"
             if args.model == "gpt" else
             f"in {args.in_features} hidden {args.dim} depth {args.depth} classes {args.classes}")
-    where = (f" ({gpu_name}; TF32 on; MFU vs dense bf16 peak "
+    where = (f" ({gpu_name}; TF32 {'on' if chosen.tf32 else 'off'}; MFU vs the dense {precision} peak "
              f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'})" if cuda else f" threads {torch.get_num_threads()}")
     print(f"device {device}{where}, "
           f"torch {torch.__version__}, precision {precision}, compile {args.compile}, timer {args.timer}")
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
             summary[f"{side}_tokens_per_s"] = round(tps, 1)
             line += f"  {tps:,.0f} tokens/s"
             if peak is not None:
-                mfu = tps * flops_per_token / peak
+                mfu = med[side] * flops_per_sample / peak
                 summary[f"{side}_mfu"] = round(mfu, 4)
                 line += f"  MFU {100 * mfu:.1f}%"
             else:
@@ -267,7 +268,7 @@ def main(argv=None) -> None:
                     "ratio": round(ratio, 4), "paired_ratio_median": round(paired, 4)})
     if args.model == "gpt" and peak is not None:
         summary["peak_flops"] = peak
-        summary["flops_per_token"] = flops_per_token
+        summary["flops_per_sample"] = flops_per_sample
     summary.update({"timer": args.timer, "steps": args.steps, "repeats": args.repeats, "global_batch": args.global_batch,
                     "micro_batch": args.micro_batch, "threads": torch.get_num_threads() if not cuda else None,
                     "openclaw_runs": [round(v, 2) for v in results["openclaw"]],

@@ -47,7 +47,8 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
 
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
-    from openclaw.engine.metrics import peak_flops, peak_memory_bytes
+    from openclaw.engine.flops import device_peak_flops, training_flops
+    from openclaw.engine.metrics import peak_memory_bytes
     from openclaw.engine.models import GPT
     from openclaw.engine.parallel import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
@@ -58,7 +59,6 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
     layout = layout_for(cfg, world)
     torch.manual_seed(0)
     model = GPT(vocab_size=a["vocab"], block_size=a["block"], dim=a["dim"], depth=a["depth"], heads=a["heads"])
-    flops_per_token = model.flops_per_token()
     train = TrainConfig(global_batch_size=a["global_batch"], micro_batch_size=a["micro_batch"], max_steps=10_000,
                         precision=a["precision"], optimizer={"name": "adamw", "lr": 3e-4, "weight_decay": 0.1})
     bf16 = a["precision"] == "bf16"
@@ -73,6 +73,9 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
     g = torch.Generator().manual_seed(1 + layout.dp_rank(rank))
     data = torch.randint(0, a["vocab"], (4, per, a["block"] + 1), generator=g)
     micro = [[{"x": data[i % 4][j:j + a["micro_batch"]]} for j in range(0, per, a["micro_batch"])] for i in range(4)]
+    with torch.device("meta"):  # FLOPs per sample, as the platform counts them: on a meta copy of the model
+        meta = GPT(vocab_size=a["vocab"], block_size=a["block"], dim=a["dim"], depth=a["depth"], heads=a["heads"])
+    flops_per_sample = training_flops(meta, LanguageModeling().loss, {"x": micro[0][0]["x"].to("meta")}) / a["micro_batch"]
     for step in range(a["warmup"]):
         engine.train_step(step, micro[step % 4])
     _sync(device)
@@ -84,9 +87,10 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
     dist.barrier()
     seconds = time.perf_counter() - t0
     tokens_per_s = a["steps"] * a["global_batch"] * a["block"] / seconds
-    peak = peak_flops(device)
-    return {"samples_per_s": a["steps"] * a["global_batch"] / seconds, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * flops_per_token / (peak * world) if peak else None,
+    peak = device_peak_flops(device, engine.precision.name, engine.precision.tf32)
+    samples_per_s = a["steps"] * a["global_batch"] / seconds
+    return {"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
+            "mfu": samples_per_s * flops_per_sample / (peak * world) if peak else None,
             "state_bytes": engine.state_bytes, "peak_memory_bytes": peak_memory_bytes(device),
             "params": sum(p.numel() for p in model.parameters())}
 

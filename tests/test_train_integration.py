@@ -49,6 +49,16 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
     assert [m.source_run_id for m in models] == [result.run_id]  # MLflow 3: the model is a LoggedModel
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     assert events[0]["event"] == "start" and events[0]["world_size"] == 2
+    # The precision, resolved on the workers' device: printed, a param and an event, once.
+    assert run.data.params["resolved/precision"] == "fp32" and "CPU" in run.data.params["resolved/precision_reason"]
+    assert [e["precision"] for e in events if e["event"] == "precision"] == ["fp32"]
+    # FLOPs per sample, counted with FlopCounterMode: the MLP's 6 x (64x128 + 128x128 + 128x10) less the
+    # first layer's input gradient (2 x 64x128), at the logged samples/s; no MFU on a CPU.
+    flops = _history(client, result.run_id, "perf/flops_per_s")
+    sps = dict(_history(client, result.run_id, "perf/samples_per_s"))
+    per_sample = 6 * (64 * 128 + 128 * 128 + 128 * 10) - 2 * 64 * 128
+    assert flops and all(v == pytest.approx(sps[s] * per_sample) for s, v in flops)
+    assert not _history(client, result.run_id, "perf/mfu")
 
     model = openclaw.load_model(result.checkpoint)
     import pyarrow.parquet as pq

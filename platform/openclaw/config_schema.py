@@ -41,7 +41,7 @@ def _section(model: type[BaseModel], depth: int, lines: list[str]) -> None:
         lines += [f"{pad}# {line}" for line in textwrap.wrap(doc, WIDTH - len(pad) - 2, break_on_hyphens=False)]
         sub = section_model(field.annotation)
         value = None if required else field.get_default(call_default_factory=True)
-        if sub is not None and (value is not None or required):
+        if sub is not None and (isinstance(value, BaseModel) or required):  # a section, not `false` or null
             lines.append(f"{pad}{key}:")
             _section(sub, depth + 1, lines)
         else:

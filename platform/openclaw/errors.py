@@ -49,3 +49,7 @@ class UntrustedCodeError(UserError):
 class FailureBudgetSpent(OpenClawError):
     """The run failed more often than its `failure` settings allow; the message names the budget and the
     latest error."""
+
+
+class CompileError(UserError):
+    """`torch.compile` failed on the model (`train.compile`); the message says how to train without it."""

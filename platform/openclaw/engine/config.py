@@ -45,6 +45,16 @@ class ScheduleConfig(Section):
     """The LR at `train.max_steps`, as a fraction of `lr` (cosine and linear)."""
 
 
+class CompileConfig(Section):
+    mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode."""
+    fullgraph: bool = False
+    """Fail on any graph break instead of running the broken part eagerly."""
+    fallback: Literal["fail", "eager"] = "fail"
+    """When compiling fails: `fail` the run with the compiler's error, or train `eager` (uncompiled),
+    saying so."""
+
+
 class TrainConfig(Section):
     global_batch_size: int = Field(64, gt=0)
     """Samples per optimizer step, whatever the world size: micro_batch_size x accumulation x world_size."""
@@ -59,7 +69,14 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; null disables clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp32."""
+    """auto: bf16 autocast on GPUs of compute capability 8.0+, fp16 autocast with loss scaling on 7.x
+    (V100, T4), fp32 on CPUs and older GPUs. The choice and its reason are printed at the start and
+    logged (`resolved/precision`, `resolved/precision_reason`). bf16 on a GPU without it trains in fp16."""
+    tf32: bool = True
+    """fp32 matmuls and convolutions run as TF32 on the tensor cores of GPUs of compute capability 8.0+."""
+    compile: bool | CompileConfig = False
+    """`torch.compile` the model after the parallelism wrap, in place (checkpoint keys are the same with
+    it on or off): the built-in gpt block by block, other models whole. `true`, or options."""
     log_every: int = Field(10, gt=0)
     """Log `train/` and `perf/` metrics, and print a progress line, every N steps (and at the last)."""
     eval_every: int = Field(0, ge=0)
@@ -77,3 +94,11 @@ class TrainConfig(Section):
     on_nonfinite_loss: Literal["fail", "skip", "rollback"] = "fail"
     """A NaN/inf loss or gradient: `fail` naming the step; `skip` the batch (counted); or `rollback` to the
     newest valid checkpoint and skip the offending batch on the replay."""
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp8_yet(cls, v: Any) -> Any:
+        if v == "fp8":
+            raise ValueError("`train.precision: fp8` (float8 training) is not supported yet: it needs a GPU of "
+                             "compute capability 8.9+ and is not built into openclaw. Use `bf16` (or `auto`).")
+        return v

@@ -12,20 +12,26 @@ so the gradient is exactly the mean over the global batch, whatever the world si
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from openclaw.engine.compile import CompileCounters, compile_in_place, compile_options, is_compile_error, uncompile
 from openclaw.engine.config import TrainConfig
 from openclaw.engine.metrics import state_bytes
 from openclaw.engine.optim import build_optimizer, lr_at
 from openclaw.engine.parallel import Strategy, build_strategy
 from openclaw.engine.parallel.base import StepFns
-from openclaw.engine.precision import resolve_precision
+from openclaw.engine.precision import Precision, apply_matmul_precision, choose_precision, device_facts
 from openclaw.engine.tasks import Batch, Task
+from openclaw.errors import CompileError
+
+log = logging.getLogger("openclaw")
 
 
 @dataclass
@@ -36,26 +42,37 @@ class StepStats:
     lr: float
     grad_norm: float
     finite: bool
+    compiled: bool = False
+    """This step compiled (part of) the model: its time is compile time, not training."""
 
 
 class Engine:
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, *, device: torch.device | None = None,
                  world_size: int = 1, global_batch_size: int | None = None, lr_factor: float = 1.0,
-                 strategy: Strategy | None = None):
+                 strategy: Strategy | None = None, precision: Precision | None = None):
         """`model` is the bare model; the strategy (default: DDP, which leaves one process's model as it
         is) wraps it. `world_size` is the data-parallel degree: how many ranks train on different samples.
         `global_batch_size` and `lr_factor` default to the config's batch and 1; the elastic `scale_lr`
-        policy sets them per world size (see `runtime.policies.batch_plan`)."""
+        policy sets them per world size (see `runtime.policies.batch_plan`). `precision` defaults to
+        `choose_precision` of `cfg.precision` on the device."""
         self.task, self.cfg = task, cfg
         self.device = device or next(model.parameters()).device
         self.strategy = strategy or build_strategy()
         self.model = self.strategy.wrap(model, self.device)
         self.world_size, self.lr_factor = world_size, lr_factor
-        self.dtype = resolve_precision(cfg.precision, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.precision: Precision = precision or choose_precision(cfg.precision, device_facts(self.device), cfg.tf32)
+        apply_matmul_precision(self.precision)
+        self.dtype = self.precision.dtype
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaler)
         self.state_bytes: dict[str, int] | None = None
         """Bytes this rank holds of parameters, gradients and optimizer state (measured at the first step)."""
+        self.compile = compile_options(cfg.compile)
+        if self.compile:  # after the strategy's wrap, in place: the model's parameter names stay
+            compile_in_place(self.module, self.compile)
+        self.compile_counters = CompileCounters() if self.compile else None
+        self.fell_back: str | None = None
+        """Why the engine trains eager after `train.compile` failed (`fallback: eager`), until read."""
         self.fns = StepFns(task, self._to_device, self.autocast, world_size / (global_batch_size or cfg.global_batch_size),
                            self.scaler)
 
@@ -76,7 +93,11 @@ class Engine:
         lr = lr_at(step, self.cfg.optimizer.lr * self.lr_factor, self.cfg.schedule, self.cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        losses, samples = self.strategy.forward_backward(self.model, micro_batches, self.fns)
+        counters = self.compile_counters
+        if counters:
+            counters.begin()
+        t0 = time.perf_counter()
+        losses, samples = self._forward_backward(micro_batches)
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
         loss_sum, norm = torch.stack([torch.stack(losses).float().sum(), grad_norm.float()]).tolist()
@@ -87,13 +108,36 @@ class Engine:
         if self.state_bytes is None and finite:  # once, while gradients and optimizer state both exist
             self.state_bytes = state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss_sum, samples, lr, norm, finite)
+        compiled = counters.end(time.perf_counter() - t0) if counters else False
+        return StepStats(loss_sum, samples, lr, norm, finite, compiled)
+
+    def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], int]:
+        try:
+            return self.strategy.forward_backward(self.model, micro_batches, self.fns)
+        except Exception as e:
+            if not self.compile or not is_compile_error(e):
+                raise
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            if self.compile.fallback != "eager":
+                raise CompileError(f"torch.compile failed on the model ({why}). Set `train.compile.fallback: eager` "
+                                   f"to train uncompiled when compiling fails, or `train.compile: false`.") from e
+        log.warning("torch.compile failed (%s); training eager (`train.compile.fallback: eager`)", why)
+        uncompile(self.module)
+        self.compile, self.compile_counters, self.fell_back = None, None, why
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.strategy.forward_backward(self.model, micro_batches, self.fns)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """Sums of the task's eval metrics over `batches` (this worker's share)."""
         self.model.eval()
-        return self.strategy.evaluate(self.model, batches, self.fns)
+        counters, t0 = self.compile_counters, time.perf_counter()
+        if counters:
+            counters.begin()
+        sums = self.strategy.evaluate(self.model, batches, self.fns)
+        if counters:  # eval mode compiles graphs of its own: counted as compile time and recompiles
+            counters.end(time.perf_counter() - t0)
+        return sums
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -120,4 +164,4 @@ class Engine:
     def start_over(self, model_state: dict[str, torch.Tensor]) -> None:
         """Back to these (initial) weights with a fresh optimizer."""
         self.strategy.load_full_model(self.model, model_state)
-        self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        self.optimizer = build_optimizer(self.model, self.cfg.optimizer, fused=self.device.type == "cuda")

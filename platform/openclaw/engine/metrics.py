@@ -13,19 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-# Peak dense bf16/fp16 tensor FLOP/s, matched in order against torch.cuda.get_device_name().
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-              ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
-
 DATA_WAIT_WARN_FRAC = 0.05
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, when it is a GPU we know; None otherwise (no MFU on CPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
 
 
 class StepClock:
@@ -43,9 +31,10 @@ class StepClock:
         self.compute_s += compute_s
         self.steps += 1
 
-    def window(self, samples: float, tokens_per_sample: int | None, flops_per_token: float | None,
+    def window(self, samples: float, tokens_per_sample: int | None, flops_per_sample: float | None,
                peak: float | None, world: int) -> dict[str, float]:
-        """`perf/` metrics of the window (samples: the global count, summed over workers)."""
+        """`perf/` metrics of the window (samples: the global count, summed over workers; `peak`: one
+        device's peak FLOP/s, None where unknown, as on CPUs)."""
         busy = self.data_s + self.compute_s + self.checkpoint_s
         steps = max(1, self.steps)
         out = {"perf/step_data_s": self.data_s / steps, "perf/step_compute_s": self.compute_s / steps,
@@ -54,8 +43,10 @@ class StepClock:
                "perf/samples_per_s": samples / busy if busy else 0.0}
         if tokens_per_sample:
             out["perf/tokens_per_s"] = out["perf/samples_per_s"] * tokens_per_sample
-            if flops_per_token and peak:
-                out["perf/mfu"] = out["perf/tokens_per_s"] * flops_per_token / (peak * world)
+        if flops_per_sample:
+            out["perf/flops_per_s"] = out["perf/samples_per_s"] * flops_per_sample
+            if peak:
+                out["perf/mfu"] = out["perf/flops_per_s"] / (peak * world)
         return out
 
 

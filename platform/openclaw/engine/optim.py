@@ -23,7 +23,8 @@ def lr_at(step: int, base_lr: float, schedule: ScheduleConfig, max_steps: int) -
     return base_lr - (base_lr - floor) * progress
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: Adam and AdamW run as one fused kernel per step (CUDA; the engine asks for it there)."""
     # No weight decay on biases and norms: the usual choice for transformers, harmless for MLPs.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -31,4 +32,4 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=cfg.betas)
+    return cls(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if fused else {}))

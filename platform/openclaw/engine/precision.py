@@ -1,12 +1,85 @@
-"""Which floating-point precision a device trains in (plain torch; worker process)."""
+"""Which floating-point precision a device trains in (plain torch; worker process).
+
+`choose_precision` is a pure function of what was asked and what the device is (`DeviceFacts`), so every
+row of the table is tested on a CPU; `device_facts` reads a real device, and `apply_matmul_precision`
+is the one place that sets torch's global TF32 switches.
+
+    asked  device                      trains in                 why
+    auto   CUDA, compute capability 8+  bf16 autocast             bf16 tensor cores, no loss scaling needed
+    auto   CUDA 7.x (V100, T4)          fp16 autocast + scaler    tensor cores without bf16
+    auto   older CUDA, CPU              fp32                      no 16-bit tensor cores (CPU: see below)
+    bf16   CUDA without bf16            fp16 autocast + scaler    the nearest the device has
+    fp16   any                          fp16 autocast + scaler
+    fp32   any                          fp32 (TF32 matmuls on 8+ unless `train.tf32: false`)
+
+On CPU `auto` is fp32: bf16 autocast measured slower than fp32 for the built-in models on this
+project's CPUs (`python bench/cpu_precision.py`), and fp16 has no fast CPU kernels.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """`train.precision` on `device`: auto is bf16 where the GPU supports it, else fp32."""
-    if precision == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What precision depends on: the device type, and a GPU's compute capability and bf16 support."""
+    type: str
+    capability: tuple[int, int] | None = None
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision decision: what the step runs in, and why."""
+    name: str
+    """fp32, bf16 or fp16."""
+    scaler: bool
+    """Loss scaling (`torch.amp.GradScaler`): fp16 only, whose range is too small for small gradients."""
+    tf32: bool
+    """fp32 matmuls run as TF32 on the tensor cores (compute capability 8.0 and later)."""
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    if device.type != "cuda":
+        return DeviceFacts(device.type)
+    return DeviceFacts("cuda", torch.cuda.get_device_capability(device), torch.cuda.is_bf16_supported())
+
+
+def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True) -> Precision:
+    """`train.precision` (auto, fp32, bf16, fp16) on a device: see the module's table."""
+    cap = facts.capability or (0, 0)
+    on_gpu = facts.type == "cuda"
+    allow_tf32 = tf32 and on_gpu and cap >= (8, 0)
+    where = f"compute capability {cap[0]}.{cap[1]}" if on_gpu else facts.type.upper()
+    if asked == "auto":
+        if on_gpu and cap >= (8, 0) and facts.bf16:
+            return Precision("bf16", False, allow_tf32, f"auto: bf16 autocast on {where} (bf16 tensor cores)")
+        if on_gpu and cap >= (7, 0):
+            return Precision("fp16", True, False, f"auto: fp16 autocast with loss scaling on {where} "
+                                                  f"(tensor cores without bf16)")
+        why = "no 16-bit tensor cores" if on_gpu else "bf16 autocast is slower than fp32 on CPUs here"
+        return Precision("fp32", False, allow_tf32, f"auto: fp32 on {where} ({why})")
+    if asked == "bf16" and on_gpu and not facts.bf16:
+        return Precision("fp16", True, False, f"bf16 asked, but {where} has no bf16: fp16 autocast with loss "
+                                              f"scaling instead")
+    if asked == "fp16":
+        return Precision("fp16", True, False, "fp16 autocast with loss scaling, as asked")
+    if asked == "fp32":
+        return Precision("fp32", False, allow_tf32, "fp32, as asked" + (" (TF32 matmuls)" if allow_tf32 else ""))
+    return Precision(asked, False, allow_tf32, f"{asked} autocast, as asked")
+
+
+def apply_matmul_precision(p: Precision) -> None:
+    """torch's process-wide TF32 switches, set from the decision (both ways, so a switch is undone)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = p.tf32
+        torch.backends.cudnn.allow_tf32 = p.tf32

@@ -41,6 +41,8 @@ class TrainState:
     """Global steps whose batch was skipped for a non-finite loss (`train.on_nonfinite_loss`)."""
     pending_metrics: list[dict[str, Any]] = field(default_factory=list)
     """Metrics logged since the last publish, with their timestamps; re-published idempotently on resume."""
+    precision: str = ""
+    """The precision the run trains in (fp32, bf16, fp16), as first resolved on its hardware."""
     loss_window: list[float] = field(default_factory=lambda: [0.0, 0.0])
     """The training loss summed over the steps since the last logged `train/loss`, and their sample count
     (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the

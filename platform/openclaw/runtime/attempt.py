@@ -28,7 +28,8 @@ from openclaw.engine.engine import Engine, StepStats
 from openclaw.engine.metrics import now as perf_now
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel import build_strategy, layout_for
-from openclaw.engine.precision import resolve_precision
+from openclaw.engine.flops import training_flops
+from openclaw.engine.precision import choose_precision, device_facts
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task
 from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
@@ -36,6 +37,7 @@ from openclaw.runtime.log_window import LogWindow
 from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
 from openclaw.runtime.sample_log import SampleLog
 from openclaw.runtime.checkpoint_store import prune, restore
+from openclaw.runtime.compile_cache import CompileCache
 from openclaw.runtime.saver import Saver, should_save
 from openclaw.runtime.stops import StopFlag, StopSignals, install_in_ray_worker
 from openclaw.tracking.tracker import NullTracker, make_tracker
@@ -92,6 +94,11 @@ class Attempt:
         if loaded:
             self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
+        self.compile_cache = CompileCache(inputs.run_dir, self.rank) if self.engine.compile else None
+        if self.compile_cache:  # before the first step, which compiles
+            loaded = self.compile_cache.load()
+            if loaded:
+                self.tracker.event("compile_cache", loaded_artifacts=loaded, step=self.state.step)
         if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
             prune(inputs.run_dir, cfg.checkpoint.keep)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
@@ -100,6 +107,7 @@ class Attempt:
                              lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None,
                              mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)))
         self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
+        self._announce_precision()
         self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
                                      records=layout.coords(self.rank)["tp"] == 0 == layout.coords(self.rank)["pp"]) \
             if cfg.train.record_samples else None
@@ -108,19 +116,31 @@ class Attempt:
         install_in_ray_worker()
         self.stops = StopSignals(self.device, **(_driver_control(inputs.control) if self.rank == 0 else {}))
         self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
-                                speaks_for_node=ctx.get_local_rank() == 0, flops_per_token=self.flops_per_token,
+                                speaks_for_node=ctx.get_local_rank() == 0, flops_per_sample=self.flops_per_sample,
                                 job_start_time=inputs.job_start_time, engine=self.engine)
 
     def _build_engine(self) -> Engine:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, cfg.model.kwargs)
-        self.flops_per_token = getattr(model, "flops_per_token", lambda: None)()
-        bf16 = resolve_precision(cfg.train.precision, self.device) == torch.bfloat16
+        task = build_task(cfg.task)
+        self.flops_per_sample = flops_per_sample(cfg, task, self.train)
+        precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
-                                  param_dtype=torch.bfloat16 if bf16 else None)
-        return Engine(model, build_task(cfg.task), cfg.train, device=self.device, world_size=self.dp,
+                                  param_dtype=torch.bfloat16 if precision.name == "bf16" else None)
+        return Engine(model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
                       global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
+
+    def _announce_precision(self) -> None:
+        """Print, log and record the precision when it is new to the run (its first start, or a restart on
+        other hardware); the train state keeps it."""
+        p = self.engine.precision
+        if self.state.precision != p.name:
+            self.tracker.progress({"message": f"precision: {p.name} ({p.reason})"})
+            self.tracker.params({"resolved/precision": p.name, "resolved/precision_reason": p.reason})
+            self.tracker.event("precision", precision=p.name, reason=p.reason, scaler=p.scaler, tf32=p.tf32,
+                               step=self.state.step, previous=self.state.precision or None)
+            self.state.precision = p.name
 
     # ---- a training step ---------------------------------------------------------------------
 
@@ -133,9 +153,23 @@ class Attempt:
         seed_step(self.config.seed, step, self.rank)
         stats = self.engine.train_step(step, batches)
         self.window.add(batches, stats, data_s=t1 - t0, compute_s=perf_now() - t1)
+        if stats.compiled or self.engine.fell_back:
+            self._after_compile(step)
         if self.samples_log:
             self.samples_log.write(step, epoch, mine, stats.finite)
         return stats
+
+    def _after_compile(self, step: int) -> None:
+        """Save the compile cache after the attempt's first compile; say so when compiling failed."""
+        if self.engine.fell_back:
+            self.tracker.progress({"message": f"torch.compile failed; training eager (`train.compile.fallback: "
+                                              f"eager`): {self.engine.fell_back}"})
+            self.tracker.event("compile_fallback", step=step, error=self.engine.fell_back)
+            self.engine.fell_back = None
+        elif self.compile_cache and not self.compile_cache.saved:
+            saved = self.compile_cache.save()
+            self.tracker.event("compile_cache", saved_bytes=saved, step=step,
+                               compile_s=round(self.engine.compile_counters.compile_s, 2))
 
     def on_nonfinite(self, decision: NonFiniteDecision) -> bool:
         """Carry out the non-finite policy's decision (the engine has not applied the step). True if the
@@ -227,3 +261,18 @@ def open_datasets(data: dict[str, Any], d: DataConfig, pin: bool) -> tuple[Shard
     opened = {k: ShardedData(v["spec"], v["shards"], d.features, d.label, s3=d.s3, shard_cache=cache,
                              max_resident=resident, pin=pin) for k, v in data.items()}
     return opened["train"], opened.get("val")
+
+
+def flops_per_sample(cfg: Config, task, data: ShardedData) -> float | None:
+    """Training FLOPs per sample (forward and backward), counted once at the start on a copy of the model on
+    the meta device (no memory, no compute: any model size) with a micro-batch of the real data."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model.name, cfg.model.kwargs)
+        rows = np.arange(min(cfg.train.micro_batch_size, len(data)))
+        batch = {k: v.to("meta") for k, v in data.batch(rows).items()}
+        return training_flops(model, task.loss, batch) / len(rows)
+    except Exception as e:  # a model that cannot live on the meta device: no FLOP metrics, training goes on
+        log.warning("could not count the model's FLOPs on the meta device (%s): no perf/flops_per_s or perf/mfu",
+                    str(e).splitlines()[0][:200])
+        return None

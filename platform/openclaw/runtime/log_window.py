@@ -15,8 +15,9 @@ import torch
 
 from openclaw.config import Config
 from openclaw.engine.engine import StepStats
+from openclaw.engine.flops import device_peak_flops
 from openclaw.engine.metrics import (StepClock, allreduce_max, allreduce_sum, data_wait_advice, node_sample_vector,
-                                     peak_flops, peak_memory_bytes, per_node_metrics, system_metrics)
+                                     peak_memory_bytes, per_node_metrics, system_metrics)
 from openclaw.engine.state import TrainState
 
 
@@ -26,12 +27,15 @@ def should_log(step: int, cfg: Config) -> bool:
 
 class LogWindow:
     def __init__(self, cfg: Config, state: TrainState, *, device: torch.device, rank: int, world: int,
-                 speaks_for_node: bool, flops_per_token: float | None, job_start_time: float, engine=None):
+                 speaks_for_node: bool, flops_per_sample: float | None, job_start_time: float, engine=None):
         """`speaks_for_node`: this rank samples its node's CPU and memory (the node's first local rank).
-        `engine`: whose state bytes are logged (the largest rank's)."""
+        `flops_per_sample`: training FLOPs per sample (`perf/flops_per_s`, and `perf/mfu` on a GPU in the
+        peak table, at the peak of the precision in use). `engine`: whose state bytes and precision."""
         self.cfg, self.device, self.rank, self.world, self.engine = cfg, device, rank, world, engine
         self.sample_node = speaks_for_node and cfg.tracking.enabled
-        self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
+        precision = engine.precision if engine is not None else None
+        self.flops_per_sample = flops_per_sample
+        self.peak = device_peak_flops(device, precision.name, precision.tf32) if precision else None
         self.job_start_time = job_start_time
         self.clock = StepClock()
         self.last: dict[str, Any] = {}
@@ -49,11 +53,17 @@ class LogWindow:
         """A new window from `state` (the attempt's start, or a rollback): rank 0 carries the cut window."""
         carried = state.loss_window if self.rank == 0 else [0.0, 0.0]
         self.loss_sum, self.samples = carried[0], int(carried[1])
+        self.untimed = 0  # samples of steps that compiled: their time is not in the window's
         self.t0 = time.perf_counter()
 
     def add(self, batches: list[dict[str, torch.Tensor]], stats: StepStats, data_s: float, compute_s: float) -> None:
-        """A computed step (applied or not)."""
-        self.clock.add_step(data_s=data_s, compute_s=compute_s)
+        """A computed step (applied or not). A step that compiled is compile time (`perf/compile_s`): out of
+        the throughput and the time split."""
+        if stats.compiled:
+            self.t0 += data_s + compute_s
+            self.untimed += stats.samples
+        else:
+            self.clock.add_step(data_s=data_s, compute_s=compute_s)
         if self.first_step_s is None:  # start-up cost, preparation included: what a cache hit saves
             self.first_step_s = time.time() - self.job_start_time
         if self.tokens_per_sample is None and self.cfg.task == "language_modeling":
@@ -83,10 +93,10 @@ class LogWindow:
         """Collective: reduce the window, log it (rank 0), print progress and, once, advice; start anew."""
         sample = system_metrics(self.device) if self.sample_node else None
         node_vec = node_sample_vector(sample, self.rank, self.world) if self.cfg.tracking.enabled else []
-        totals = allreduce_sum([self.loss_sum, float(self.samples), *node_vec], self.device)
-        loss_sum, n = totals[:2]
+        totals = allreduce_sum([self.loss_sum, float(self.samples), float(self.untimed), *node_vec], self.device)
+        loss_sum, n, untimed = totals[:3]
         now = time.perf_counter()
-        sps = n / (now - self.t0)  # training throughput: checkpoint stalls excluded
+        sps = (n - untimed) / (now - self.t0)  # training throughput: checkpoint stalls and compiling excluded
         wall_step_s = (now - self._eta_t0) / max(1, state.step - self._eta_step)  # the ETA counts everything
         self._eta_t0, self._eta_step = now, state.step
         stats = self._stats
@@ -94,16 +104,18 @@ class LogWindow:
                      "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
                      "train/global_batch_size": global_batch_size, "train/skipped_batches": len(state.skipped_steps),
                      **({"perf/time_to_first_step_s": self.first_step_s} if self.first_step_s is not None else {})}
-        perf = self.clock.window(n, self.tokens_per_sample, self.flops_per_token, self.peak, self.world)
+        perf = self.clock.window(n - untimed, self.tokens_per_sample, self.flops_per_sample, self.peak, self.world)
         perf["perf/ingest_rows_per_s"] = data.ingest_rows_per_s()
         perf.update(self._memory())
+        if self.engine is not None and self.engine.compile_counters is not None:
+            perf.update(self.engine.compile_counters.metrics())
         read_share = data.take_wait_s() / self.clock.data_s if self.clock.data_s else 0.0
-        tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[2:])}, state.step)
+        tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[3:])}, state.step)
         max_steps = self.cfg.train.max_steps
         tracker.progress({"step": state.step, "max_steps": max_steps, "loss": loss_sum / n, "samples_per_s": sps,
                           "eta_s": (max_steps - state.step) * wall_step_s})
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
-        self.loss_sum, self.samples, self.t0 = 0.0, 0, time.perf_counter()
+        self.loss_sum, self.samples, self.untimed, self.t0 = 0.0, 0, 0, time.perf_counter()
         self.clock.reset()
 
     def _memory(self) -> dict[str, float]:

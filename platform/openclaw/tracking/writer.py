@@ -1,7 +1,7 @@
 """Applying tracking ops to one MLflow run (tracking actor, and `openclaw sync-spool` on the driver), and
 the spool file that keeps the ops a server did not take in time.
 
-An op is a name and JSON-able arguments (`metrics`, `restore`, `event`, `attempt`, `end`, `finish`);
+An op is a name and JSON-able arguments (`metrics`, `params`, `restore`, `event`, `attempt`, `end`, `finish`);
 `MlflowWriter.apply` carries one out. The tracking service applies them as they come; `sync_spool`
 applies a spool file's, in order, later.
 """
@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from openclaw.config import Config
@@ -74,6 +74,14 @@ class MlflowWriter:
         self._op_metrics(pending)
         history = self.client.get_metric_history(self.run_id, "train/loss")
         self._published_through = max((m.step for m in history), default=0)
+
+    def _op_params(self, params: dict[str, str]) -> None:
+        """Params a worker resolved (`resolved/...`). MLflow keeps a param's first value: a later attempt's
+        different value (a restart on other hardware) is in its event, not here."""
+        logged = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+        if new:
+            self.client.log_batch(self.run_id, params=new, synchronous=True)
 
     # ---- events --------------------------------------------------------------------------------
 

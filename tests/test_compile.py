@@ -1,0 +1,108 @@
+"""`train.compile` in the engine, on CPU (Inductor): in place and per block, the same checkpoint keys
+and losses as eager, its cost and health counted, a failure named, and its cache carried to a new
+process through the run's compile cache."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO
+from openclaw.engine.compile import compile_units
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.engine import Engine
+from openclaw.engine.models import GPT, MLP
+from openclaw.engine.tasks import Classification, LanguageModeling
+from openclaw.errors import CompileError
+
+
+def _engine(model, compile, task=None):
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=4, max_steps=100, compile=compile)
+    return Engine(model, task or LanguageModeling(), cfg, device=torch.device("cpu"))
+
+
+def _steps(engine, data, first, n):
+    return [engine.train_step(s, [{"x": data[s % 4][:4]}, {"x": data[s % 4][4:]}]) for s in range(first, first + n)]
+
+
+def test_compile_is_per_block_in_place_keeps_checkpoint_keys_and_resumes_with_compile_toggled():
+    torch.manual_seed(0)
+    base = GPT(vocab_size=64, block_size=16, dim=32, depth=2, heads=2)
+    assert compile_units(base) == list(base.blocks.values()) and compile_units(MLP()) != []
+    data = torch.randint(0, 64, (4, 8, 17), generator=torch.Generator().manual_seed(1))
+    eager, compiled = _engine(copy.deepcopy(base), False), _engine(copy.deepcopy(base), True)
+    a, b = _steps(eager, data, 0, 3), _steps(compiled, data, 0, 3)
+    assert [s.loss_sum for s in b] == pytest.approx([s.loss_sum for s in a], rel=1e-4)
+    assert [s.compiled for s in b] == [True, False, False] and not any(s.compiled for s in a)
+    m = compiled.compile_counters.metrics()
+    assert m["perf/compile_s"] > 0 and m["perf/graph_breaks"] == 0 and m["perf/recompiles"] == 0
+    state = compiled.state_dict()
+    assert list(state["model"]) == list(eager.state_dict()["model"])  # no `_orig_mod.` anywhere
+    assert not any("_orig_mod" in k for k in state["model"])
+
+    # Resume the compiled run's checkpoint eager, and the eager run's compiled: both go on alike.
+    resumed_eager, resumed_compiled = _engine(copy.deepcopy(base), False), _engine(copy.deepcopy(base), True)
+    resumed_eager.load_state_dict(copy.deepcopy(state))
+    resumed_compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
+    c, d = _steps(resumed_eager, data, 3, 2), _steps(resumed_compiled, data, 3, 2)
+    reference = _steps(eager, data, 3, 2)
+    assert [s.loss_sum for s in c] == pytest.approx([s.loss_sum for s in reference], rel=1e-4)
+    assert [s.loss_sum for s in d] == pytest.approx([s.loss_sum for s in reference], rel=1e-4)
+
+
+class _Breaks(nn.Module):
+    """A model with a graph break (a data-dependent Python branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum().item() > 1e9:  # .item() breaks the graph
+            x = x * 2
+        return self.fc(x.float())
+
+
+def test_a_failed_compile_names_the_key_or_falls_back_to_eager_as_configured():
+    data = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
+    strict = Engine(_Breaks(), Classification(), TrainConfig(global_batch_size=4, micro_batch_size=4,
+                    compile={"fullgraph": True}), device=torch.device("cpu"))
+    with pytest.raises(CompileError, match=r"`train.compile.fallback: eager`.*`train.compile: false`"):
+        strict.train_step(0, [data])
+    lenient = Engine(_Breaks(), Classification(), TrainConfig(global_batch_size=4, micro_batch_size=4,
+                     compile={"fullgraph": True, "fallback": "eager"}), device=torch.device("cpu"))
+    stats = lenient.train_step(0, [data])
+    assert stats.finite and lenient.fell_back and lenient.compile is None
+    assert lenient.train_step(1, [data]).finite
+
+
+def test_graph_breaks_are_counted():
+    engine = Engine(_Breaks(), Classification(), TrainConfig(global_batch_size=4, micro_batch_size=4, compile=True),
+                    device=torch.device("cpu"))
+    engine.train_step(0, [{"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}])
+    assert engine.compile_counters.metrics()["perf/graph_breaks"] >= 1
+
+
+def _worker(run_dir, cache_dir, load, save):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "compile_restart.py"), "--child", "--run-dir",
+                        str(run_dir), "--dim", "32", "--depth", "1", "--heads", "2", "--block", "16"]
+                       + (["--load"] if load else []) + (["--save"] if save else []),
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_the_run_compile_cache_is_found_and_used_by_a_fresh_worker_on_a_new_node(tmp_path):
+    """Each worker has its own empty Inductor cache (a new node): only the run's saved artifacts can hit."""
+    first = _worker(tmp_path / "run", tmp_path / "node1", load=False, save=True)
+    assert first["saved_bytes"] > 0 and (tmp_path / "run" / "compile_cache" / "rank0.bin").exists()
+    warm = _worker(tmp_path / "run", tmp_path / "node2", load=True, save=False)
+    cold = _worker(tmp_path / "run", tmp_path / "node3", load=False, save=False)
+    assert warm["loaded_artifacts"] > 0 and warm["perf/compile_cache_hits"] > 0
+    assert cold["loaded_artifacts"] == 0 and cold["perf/compile_cache_hits"] == 0

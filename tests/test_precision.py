@@ -1,0 +1,116 @@
+"""Precision and FLOPs decisions as pure functions: every row of the precision table, the GPU peak table
+matched on whole names, and the FLOP counter against the analytic 6N for the gpt (CPU only)."""
+import pytest
+import torch
+
+from openclaw.engine.engine import Engine
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.flops import gpu_model, mfu, peak_flops, training_flops
+from openclaw.engine.metrics import StepClock
+from openclaw.engine.models import GPT, MLP
+from openclaw.engine.precision import DeviceFacts, choose_precision
+from openclaw.engine.tasks import Classification, LanguageModeling
+
+H100, V100, T4, P100 = DeviceFacts("cuda", (9, 0), True), DeviceFacts("cuda", (7, 0)), DeviceFacts("cuda", (7, 5)), \
+    DeviceFacts("cuda", (6, 0))
+CPU = DeviceFacts("cpu")
+
+
+@pytest.mark.parametrize("asked,facts,name,scaler,tf32", [
+    ("auto", H100, "bf16", False, True),
+    ("auto", DeviceFacts("cuda", (8, 0), True), "bf16", False, True),   # A100
+    ("auto", V100, "fp16", True, False),
+    ("auto", T4, "fp16", True, False),
+    ("auto", P100, "fp32", False, False),
+    ("auto", CPU, "fp32", False, False),
+    ("bf16", V100, "fp16", True, False),    # the nearest the device has
+    ("bf16", H100, "bf16", False, True),
+    ("bf16", CPU, "bf16", False, False),
+    ("fp16", H100, "fp16", True, False),
+    ("fp16", CPU, "fp16", True, False),
+    ("fp32", H100, "fp32", False, True),     # TF32 matmuls on Ampere and later
+    ("fp32", V100, "fp32", False, False),
+    ("fp32", CPU, "fp32", False, False),
+])
+def test_every_row_of_the_precision_table(asked, facts, name, scaler, tf32):
+    p = choose_precision(asked, facts)
+    assert (p.name, p.scaler, p.tf32) == (name, scaler, tf32)
+    assert p.reason and (asked in p.reason)
+
+
+def test_tf32_false_keeps_fp32_matmuls_exact_and_the_reason_says_where():
+    assert not choose_precision("fp32", H100, tf32=False).tf32
+    assert not choose_precision("auto", H100, tf32=False).tf32
+    assert "compute capability 7.0" in choose_precision("auto", V100).reason
+    assert "CPU" in choose_precision("auto", CPU).reason
+
+
+@pytest.mark.parametrize("name,model", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA GH200 480GB", "H100 SXM"),
+    ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA A100-PCIE-40GB", "A100"), ("NVIDIA L40S", "L40S"),
+    ("NVIDIA L4", "L4"), ("NVIDIA A10G", "A10G"), ("Tesla V100-SXM2-32GB", "V100 SXM2"),
+    ("Tesla V100-PCIE-16GB", "V100 PCIe"), ("Tesla T4", "T4"),
+    ("NVIDIA L40", None), ("NVIDIA A10", None), ("NVIDIA GeForce RTX 4090", None), ("NVIDIA A40", None),
+])
+def test_gpu_names_match_whole_models_only(name, model):
+    assert gpu_model(name) == model
+
+
+def test_the_peak_is_the_one_of_the_precision_in_use():
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert peak_flops(h100, "bf16") == peak_flops(h100, "fp16") == 989e12
+    assert peak_flops(h100, "fp8") == 1979e12
+    assert peak_flops(h100, "fp32", tf32=True) == 494.5e12
+    assert peak_flops(h100, "fp32") == 66.9e12
+    assert peak_flops("Tesla V100-SXM2-32GB", "fp32", tf32=True) == 15.7e12  # no TF32 on Volta
+    assert peak_flops("Tesla T4", "fp8") is None and peak_flops("NVIDIA L40", "bf16") is None
+    assert mfu(494.5e12, 989e12, 1) == 0.5 and mfu(1e12, None, 1) is None
+
+
+def test_the_flop_counter_is_within_10_percent_of_6n_for_the_gpt():
+    model = GPT(vocab_size=256, block_size=64, dim=128, depth=4, heads=4)
+    x = torch.randint(0, 256, (8, 65))
+    flops = training_flops(model, LanguageModeling().loss, {"x": x})
+    tokens = 8 * 64
+    # N: the parameters a token's matmuls use; the position table is a lookup, and the tied token table
+    # is counted once (parameters() lists it once), as the head's matmul.
+    n = sum(p.numel() for p in model.parameters()) - model.pos.weight.numel()
+    assert abs(flops / tokens - 6 * n) / (6 * n) < 0.10
+    assert all(p.grad is None for p in model.parameters())  # counting leaves no gradient behind
+
+
+def test_the_flop_counter_counts_on_the_meta_device_and_for_any_model():
+    with torch.device("meta"):
+        model = MLP(in_features=64, hidden=32, depth=2, num_classes=10)
+    batch = {"x": torch.zeros(4, 64, device="meta"), "y": torch.zeros(4, dtype=torch.long, device="meta")}
+    # forward 2*B*(64*32 + 32*32 + 32*10), backward twice that (the first layer's input needs no gradient)
+    fwd = 2 * 4 * (64 * 32 + 32 * 32 + 32 * 10)
+    assert training_flops(model, Classification().loss, batch) == fwd + 2 * fwd - 2 * 4 * 64 * 32
+
+
+def test_flops_per_s_on_every_device_and_mfu_only_with_a_peak():
+    clock = StepClock()
+    clock.add_step(data_s=0.0, compute_s=2.0)
+    cpu = clock.window(samples=100, tokens_per_sample=None, flops_per_sample=1e9, peak=None, world=2)
+    assert cpu["perf/flops_per_s"] == pytest.approx(50 * 1e9) and "perf/mfu" not in cpu
+    gpu = clock.window(samples=100, tokens_per_sample=None, flops_per_sample=1e9, peak=1e11, world=2)
+    assert gpu["perf/mfu"] == pytest.approx(50e9 / 2e11)
+
+
+def test_the_engine_trains_in_the_decided_precision_with_a_scaler_only_for_fp16():
+    torch.manual_seed(0)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, precision="fp16")
+    engine = Engine(MLP(in_features=8, hidden=8, depth=1, num_classes=2), Classification(), cfg,
+                    device=torch.device("cpu"))
+    assert engine.precision.name == "fp16" and engine.scaler.is_enabled() and engine.dtype == torch.float16
+    auto = Engine(MLP(in_features=8, hidden=8, depth=1, num_classes=2), Classification(),
+                  TrainConfig(global_batch_size=8, micro_batch_size=8), device=torch.device("cpu"))
+    assert auto.precision.name == "fp32" and not auto.scaler.is_enabled()
+
+
+def test_fp8_is_a_config_error_that_names_the_key():
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"`train.precision`.*fp8.*Use `bf16`"):
+        load_config(None, ["data.train=/x", "train.precision=fp8"])
