@@ -114,3 +114,31 @@ def test_fp8_is_a_config_error_that_names_the_key():
     from openclaw.errors import ConfigError
     with pytest.raises(ConfigError, match=r"`train.precision`.*fp8.*Use `bf16`"):
         load_config(None, ["data.train=/x", "train.precision=fp8"])
+
+
+def test_the_precision_policy_switches_an_unstable_fp16_run_to_the_next_safer_precision():
+    from openclaw.runtime.policies import precision_decision
+    limits = dict(window_steps=10, max_overflow_frac=0.3, min_scale=1.0)
+    calm = [False] * 7 + [True] * 3                       # 3 of 10: not more than 30%
+    assert precision_decision("fp16", calm, None, bf16_ok=True, **limits) is None
+    assert precision_decision("fp16", [True] * 9, None, bf16_ok=True, **limits) is None  # the window is not full
+    stormy = precision_decision("fp16", calm + [True], None, bf16_ok=True, **limits)  # 4 of the last 10
+    assert stormy.to == "bf16" and "4 of the last 10" in stormy.cause and "max_overflow_frac" in stormy.cause
+    assert precision_decision("fp16", calm + [True], None, bf16_ok=False, **limits).to == "fp32"
+    collapsed = precision_decision("fp16", [True], 0.5, bf16_ok=True, **limits)
+    assert collapsed.to == "bf16" and "min_scale" in collapsed.cause
+    assert precision_decision("bf16", [True] * 10, 0.5, bf16_ok=True, **limits) is None
+
+
+def test_an_fp16_overflow_skips_the_update_lowers_the_scale_and_is_not_a_nonfinite_step():
+    torch.manual_seed(0)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, precision="fp16", amp={"init_scale": 2.0 ** 40})
+    engine = Engine(MLP(in_features=8, hidden=8, depth=1, num_classes=2), Classification(), cfg,
+                    device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    stats = engine.train_step(0, [{"x": torch.randn(8, 8), "y": torch.randint(0, 2, (8,))}])
+    assert stats.overflow and stats.finite and engine.loss_scale() == 2.0 ** 39
+    assert all(torch.equal(before[k], v) for k, v in engine.module.state_dict().items())  # no update applied
+    engine.set_precision(choose_precision("bf16", CPU))
+    assert engine.dtype == torch.bfloat16 and not engine.scaler.is_enabled() and engine.fns.scaler is engine.scaler
+    assert not engine.train_step(1, [{"x": torch.randn(8, 8), "y": torch.randint(0, 2, (8,))}]).overflow

@@ -55,6 +55,21 @@ class CompileConfig(Section):
     saying so."""
 
 
+class AmpConfig(Section):
+    init_scale: float = Field(65536.0, gt=0)
+    """fp16: the loss scaler's first scale (`torch.amp.GradScaler`); it halves at each overflow and
+    doubles after 2000 steps without one."""
+    switch: bool = True
+    """Switch a run that proves unstable in fp16 to the next safer precision (bf16 where the device has
+    it, else fp32) at its next checkpoint; later attempts keep the switch (it is in the train state)."""
+    window_steps: int = Field(50, gt=0)
+    """fp16: the recent steps over which overflowing steps are counted."""
+    max_overflow_frac: float = Field(0.25, gt=0, le=1)
+    """fp16: switch when more than this fraction of the last `window_steps` steps overflowed."""
+    min_scale: float = Field(1.0, gt=0)
+    """fp16: switch when the loss scale falls below this (gradients overflow fp16 even unscaled)."""
+
+
 class TrainConfig(Section):
     global_batch_size: int = Field(64, gt=0)
     """Samples per optimizer step, whatever the world size: micro_batch_size x accumulation x world_size."""
@@ -72,6 +87,8 @@ class TrainConfig(Section):
     """auto: bf16 autocast on GPUs of compute capability 8.0+, fp16 autocast with loss scaling on 7.x
     (V100, T4), fp32 on CPUs and older GPUs. The choice and its reason are printed at the start and
     logged (`resolved/precision`, `resolved/precision_reason`). bf16 on a GPU without it trains in fp16."""
+    amp: AmpConfig = Field(default_factory=AmpConfig)
+    """fp16's loss scaling, and when a run switches to a safer precision."""
     tf32: bool = True
     """fp32 matmuls and convolutions run as TF32 on the tensor cores of GPUs of compute capability 8.0+."""
     compile: bool | CompileConfig = False

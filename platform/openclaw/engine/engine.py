@@ -44,6 +44,9 @@ class StepStats:
     finite: bool
     compiled: bool = False
     """This step compiled (part of) the model: its time is compile time, not training."""
+    overflow: bool = False
+    """fp16: the scaled gradients overflowed, so the loss scaler skipped the update and lowered its scale
+    (a finite loss: not a non-finite step)."""
 
 
 class Engine:
@@ -64,7 +67,7 @@ class Engine:
         apply_matmul_precision(self.precision)
         self.dtype = self.precision.dtype
         self.optimizer = build_optimizer(self.model, cfg.optimizer, fused=self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scaler)
+        self.scaler = self._scaler()
         self.state_bytes: dict[str, int] | None = None
         """Bytes this rank holds of parameters, gradients and optimizer state (measured at the first step)."""
         self.compile = compile_options(cfg.compile)
@@ -101,6 +104,7 @@ class Engine:
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
         loss_sum, norm = torch.stack([torch.stack(losses).float().sum(), grad_norm.float()]).tolist()
+        overflow = self.scaler.is_enabled() and math.isfinite(loss_sum) and not math.isfinite(norm)
         finite = math.isfinite(loss_sum) and math.isfinite(norm)
         if finite:
             self.scaler.step(self.optimizer)
@@ -109,7 +113,7 @@ class Engine:
             self.state_bytes = state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         compiled = counters.end(time.perf_counter() - t0) if counters else False
-        return StepStats(loss_sum, samples, lr, norm, finite, compiled)
+        return StepStats(loss_sum, samples, lr, norm, finite or overflow, compiled, overflow)
 
     def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], int]:
         try:
@@ -138,6 +142,22 @@ class Engine:
         if counters:  # eval mode compiles graphs of its own: counted as compile time and recompiles
             counters.end(time.perf_counter() - t0)
         return sums
+
+    # ---- precision ---------------------------------------------------------------------------
+
+    def set_precision(self, precision: Precision) -> None:
+        """Train in `precision` from the next step on (a run-time switch), with a scaler of its own."""
+        self.precision, self.dtype = precision, precision.dtype
+        apply_matmul_precision(precision)
+        self.scaler = self.fns.scaler = self._scaler()
+
+    def loss_scale(self) -> float | None:
+        """fp16: the scaler's current scale (one device-to-host read); None without a scaler."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def _scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, init_scale=self.cfg.amp.init_scale,
+                                    enabled=self.precision.scaler)
 
     # ---- helpers -----------------------------------------------------------------------------
 

@@ -42,7 +42,11 @@ class TrainState:
     pending_metrics: list[dict[str, Any]] = field(default_factory=list)
     """Metrics logged since the last publish, with their timestamps; re-published idempotently on resume."""
     precision: str = ""
-    """The precision the run trains in (fp32, bf16, fp16), as first resolved on its hardware."""
+    """The precision the run trains in (fp32, bf16, fp16), as resolved on its hardware or switched to."""
+    precision_switched_to: str = ""
+    """Set by a run-time switch (`train.amp`): the precision every later attempt trains in."""
+    overflow_steps: int = 0
+    """fp16: steps whose scaled gradients overflowed (the update skipped, the scale lowered)."""
     loss_window: list[float] = field(default_factory=lambda: [0.0, 0.0])
     """The training loss summed over the steps since the last logged `train/loss`, and their sample count
     (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the

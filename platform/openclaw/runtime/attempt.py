@@ -35,6 +35,7 @@ from openclaw.engine.tasks import build_task
 from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
 from openclaw.runtime.log_window import LogWindow
 from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
+from openclaw.runtime.precision_watch import PrecisionWatch
 from openclaw.runtime.sample_log import SampleLog
 from openclaw.runtime.checkpoint_store import prune, restore
 from openclaw.runtime.compile_cache import CompileCache
@@ -94,6 +95,7 @@ class Attempt:
         if loaded:
             self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
+        self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
         self.compile_cache = CompileCache(inputs.run_dir, self.rank) if self.engine.compile else None
         if self.compile_cache:  # before the first step, which compiles
             loaded = self.compile_cache.load()
@@ -157,6 +159,7 @@ class Attempt:
             self._after_compile(step)
         if self.samples_log:
             self.samples_log.write(step, epoch, mine, stats.finite)
+        self.precision.after_step(step, stats.overflow)
         return stats
 
     def _after_compile(self, step: int) -> None:
@@ -218,6 +221,7 @@ class Attempt:
         if step == max_steps:  # this attempt's wall time per step, all included: in the final report
             self.window.last["perf/wall_step_s"] = self.window.wall_step_s(step)
         if should_save(step, self.config) or stop:
+            self.precision.at_checkpoint()
             self.state.loss_window = self.window.carry()
             self.saver.save(self.window.last, final=bool(stop) or step == max_steps)
         self.window.exclude(time.perf_counter() - t0)  # checkpoint stalls are not training time

@@ -104,6 +104,8 @@ class LogWindow:
                      "train/grad_norm": stats.grad_norm, "train/epoch": epoch,
                      "train/global_batch_size": global_batch_size, "train/skipped_batches": len(state.skipped_steps),
                      **({"perf/time_to_first_step_s": self.first_step_s} if self.first_step_s is not None else {})}
+        if state.overflow_steps or (self.engine is not None and self.engine.scaler.is_enabled()):
+            self.last["train/overflow_steps"] = state.overflow_steps  # fp16: updates the loss scaler skipped
         perf = self.clock.window(n - untimed, self.tokens_per_sample, self.flops_per_sample, self.peak, self.world)
         perf["perf/ingest_rows_per_s"] = data.ingest_rows_per_s()
         perf.update(self._memory())

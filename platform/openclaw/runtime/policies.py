@@ -1,5 +1,6 @@
 """Policies of a training attempt, as pure functions that return decisions (worker process): how a world
-size trains (the batch plan of the elastic resize policy), and what a non-finite loss does. The
+size trains (the batch plan of the elastic resize policy), what a non-finite loss does, and when an
+unstable fp16 run switches to a safer precision. The
 training loop carries the decisions out, in one place each (`runtime.attempt`).
 """
 from __future__ import annotations
@@ -72,6 +73,33 @@ def nonfinite_decision(policy: str, step: int, lr: float) -> NonFiniteDecision:
     if policy == "rollback":
         return Rollback(step)
     raise ValueError(f"unknown non-finite loss policy {policy!r}")
+
+
+# ---- precision that adapts to the run ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SwitchPrecision:
+    """Train in `to` from the next checkpoint on, because of `cause`."""
+    to: str
+    cause: str
+
+
+def precision_decision(current: str, overflows: list[bool], scale: float | None, *, bf16_ok: bool,
+                       window_steps: int, max_overflow_frac: float, min_scale: float) -> SwitchPrecision | None:
+    """fp16 with loss scaling is unstable when more than `max_overflow_frac` of the last `window_steps` steps
+    overflowed (`overflows`, oldest first), or when the scale fell below `min_scale`: then the next safer
+    precision is bf16 where the device has it (`bf16_ok`), else fp32. Other precisions never switch here."""
+    if current != "fp16":
+        return None
+    safer = "bf16" if bf16_ok else "fp32"
+    if scale is not None and scale < min_scale:
+        return SwitchPrecision(safer, f"the fp16 loss scale fell to {scale:g}, below `train.amp.min_scale` "
+                                      f"({min_scale:g})")
+    recent = overflows[-window_steps:]
+    if len(recent) == window_steps and sum(recent) > max_overflow_frac * window_steps:
+        return SwitchPrecision(safer, f"{sum(recent)} of the last {window_steps} steps overflowed in fp16, more than "
+                                      f"`train.amp.max_overflow_frac` ({max_overflow_frac:g})")
+    return None
 
 
 # ---- a failed attempt --------------------------------------------------------------------------

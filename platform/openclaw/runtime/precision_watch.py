@@ -1,0 +1,55 @@
+"""Precision that adapts to the run (worker process): fp16's overflowing steps are counted, the policy
+(`runtime.policies.precision_decision`) says when the run is unstable, and the switch to the safer
+precision happens here, at the next checkpoint, so the checkpoint and every later attempt carry it
+(`TrainState.precision_switched_to`)."""
+from __future__ import annotations
+
+import torch
+
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.engine import Engine
+from openclaw.engine.precision import choose_precision, device_facts
+from openclaw.engine.state import TrainState
+from openclaw.runtime.policies import SwitchPrecision, precision_decision
+
+
+class PrecisionWatch:
+    def __init__(self, engine: Engine, state: TrainState, tracker, cfg: TrainConfig, device: torch.device):
+        """After the restore: an earlier attempt's switch is put back in force."""
+        self.engine, self.state, self.tracker, self.cfg = engine, state, tracker, cfg
+        self.facts = device_facts(device)
+        self.overflows: list[bool] = []
+        self.pending: SwitchPrecision | None = None
+        if state.precision_switched_to and state.precision_switched_to != engine.precision.name:
+            engine.set_precision(choose_precision(state.precision_switched_to, self.facts, cfg.tf32))
+
+    def after_step(self, step: int, overflow: bool) -> None:
+        """fp16: count the step and ask the policy whether the run should switch. Every rank decides alike:
+        overflows come from the global grad norm, and the scale moves with them."""
+        if not self.engine.scaler.is_enabled():
+            return
+        amp = self.cfg.amp
+        self.state.overflow_steps += overflow
+        self.overflows = (self.overflows + [overflow])[-amp.window_steps:]
+        if not amp.switch or self.pending:
+            return
+        self.pending = precision_decision(
+            self.engine.precision.name, self.overflows, self.engine.loss_scale() if overflow else None,
+            bf16_ok=self.facts.type != "cuda" or self.facts.bf16, window_steps=amp.window_steps,
+            max_overflow_frac=amp.max_overflow_frac, min_scale=amp.min_scale)
+        if self.pending:
+            self.tracker.progress({"message": f"fp16 is unstable at step {step + 1}: {self.pending.cause}; "
+                                              f"switching to {self.pending.to} at the next checkpoint"})
+
+    def at_checkpoint(self) -> None:
+        """Before a checkpoint is written: carry out a pending switch, so that the checkpoint holds it."""
+        if self.pending is None:
+            return
+        before, cause = self.engine.precision.name, self.pending.cause
+        self.engine.set_precision(choose_precision(self.pending.to, self.facts, self.cfg.tf32))
+        now = self.engine.precision.name
+        self.state.precision = self.state.precision_switched_to = now
+        self.tracker.event("precision_switch", step=self.state.step, previous=before, precision=now, cause=cause,
+                           overflow_steps=self.state.overflow_steps)
+        self.tracker.progress({"message": f"precision: {before} -> {now} from step {self.state.step} ({cause})"})
+        self.pending = None
