@@ -33,7 +33,10 @@ def child(a: argparse.Namespace) -> None:
     from openclaw.engine.engine import Engine
     from openclaw.engine.models import GPT
     from openclaw.engine.tasks import LanguageModeling
-    from openclaw.runtime.compile_cache import CompileCache
+    try:
+        from openclaw.runtime.compile_cache import CompileCache
+    except ImportError:  # a GPU box with torch alone (no pyarrow): the same artifacts, in a local folder
+        CompileCache = _LocalCompileCache
 
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -48,6 +51,29 @@ def child(a: argparse.Namespace) -> None:
         engine.train_step(step, [{"x": x[:8]}, {"x": x[8:]}])
     saved = cache.save() if a.save else 0
     print(json.dumps({**engine.compile_counters.metrics(), "loaded_artifacts": loaded, "saved_bytes": saved}))
+
+
+class _LocalCompileCache:
+    """`runtime.compile_cache.CompileCache` for a local folder, without pyarrow."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.path = Path(run_dir) / "compile_cache" / f"rank{rank}.bin"
+
+    def load(self) -> int:
+        import torch
+        if not self.path.exists():
+            return 0
+        info = torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        return sum(len(v) for v in info.artifacts.values()) if info is not None else 0
+
+    def save(self) -> int:
+        import torch
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is None:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(artifacts[0])
+        return len(artifacts[0])
 
 
 def run_child(a: argparse.Namespace, run_dir: str, *, load: bool, save: bool) -> dict:

@@ -98,9 +98,9 @@ class Attempt:
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
         self.compile_cache = CompileCache(inputs.run_dir, self.rank) if self.engine.compile else None
         if self.compile_cache:  # before the first step, which compiles
-            loaded = self.compile_cache.load()
-            if loaded:
-                self.tracker.event("compile_cache", loaded_artifacts=loaded, step=self.state.step)
+            artifacts = self.compile_cache.load()
+            if artifacts:
+                self.tracker.event("compile_cache", loaded_artifacts=artifacts, step=self.state.step)
         if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
             prune(inputs.run_dir, cfg.checkpoint.keep)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)

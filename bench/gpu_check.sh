@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The device check: one script, under 8 minutes on one GPU (torch needed, Ray not). Prints every figure
+# with its ratio; each step has its own time limit so one slow step cannot eat the others'.
+#   bash bench/gpu_check.sh 2>&1 | tee gpu_check.log
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}"
+step() { echo; echo "=== $1"; shift; timeout "$@" || echo "!!! step failed or timed out (exit $?)"; }
+
+step "device, and the precision openclaw resolves on it" 60 "$PY" - <<'PY'
+import torch
+from openclaw.engine.flops import device_peak_flops, gpu_model
+from openclaw.engine.precision import choose_precision, device_facts
+d = torch.device("cuda")
+facts = device_facts(d)
+print(torch.cuda.get_device_name(d), "capability", facts.capability, "bf16", facts.bf16, "torch", torch.__version__)
+print("peak table entry:", gpu_model(torch.cuda.get_device_name(d)))
+for asked in ("auto", "bf16", "fp16", "fp32"):
+    p = choose_precision(asked, facts)
+    print(f"  {asked:>4} -> {p.name} scaler={p.scaler} tf32={p.tf32} peak={device_peak_flops(d, p.name, p.tf32)} ({p.reason})")
+PY
+
+step "engine steps on CUDA in each precision (finite losses, fused AdamW, fp16 scaler)" 120 "$PY" - <<'PY'
+import torch
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.engine import Engine
+from openclaw.engine.models import GPT
+from openclaw.engine.tasks import LanguageModeling
+for prec in ("auto", "bf16", "fp16", "fp32"):
+    torch.manual_seed(0)
+    e = Engine(GPT(dim=256, depth=4, heads=4).cuda(), LanguageModeling(),
+               TrainConfig(global_batch_size=16, micro_batch_size=8, precision=prec), device=torch.device("cuda"))
+    x = torch.randint(0, 256, (16, 129), device="cuda")
+    losses = [e.train_step(s, [{"x": x[:8]}, {"x": x[8:]}]).loss_sum / (16 * 128) for s in range(10)]
+    fused = e.optimizer.defaults.get("fused")
+    print(f"  {prec:>4} ({e.precision.name}): loss {losses[0]:.3f} -> {losses[-1]:.3f}, fused AdamW {fused}, "
+          f"scaler {e.scaler.is_enabled()}")
+    assert losses[-1] < losses[0] and all(l == l for l in losses)
+PY
+
+step "compile cache across a restart on a fresh node (cold vs warm)" 150 "$PY" bench/compile_restart.py --device cuda --dim 768 --depth 12 --heads 12 --block 1024 --repeats 2
+step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision" 90 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3
+step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision + compile" 150 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3 --compile
+echo; echo "=== done"
