@@ -1,5 +1,6 @@
-"""`train.compile` on real Ray workers (CPU, Inductor): the shipped examples reach their quality bars
-compiled, a run resumes with compile toggled, and a restarted worker group loads the run's compile cache."""
+"""`train.compile` on real Ray workers (CPU, Inductor): the text-lm example reaches its quality bar
+compiled, and a restarted worker group loads the run's compile cache. (A resume with compile toggled is
+tested on the engine, `tests/test_compile.py`: it rests on the checkpoint keys, which the engine makes.)"""
 import json
 import os
 import signal
@@ -13,28 +14,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import REPO, digits_config, newest_logged_step
+from conftest import REPO, newest_logged_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _metric(client, run_id, key):
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def test_digits_resumes_with_compile_toggled_and_reaches_its_bar(ray_local, digits_dir, tmp_path, mlflow_uri):
-    common = {"train.max_steps": 300, "checkpoint.every_steps": 150, "train.eval_every": 0}
-    eager = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="toggled",
-                                         **{**common, "train.max_steps": 150, "train.compile": False}))
-    compiled = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="toggled",
-                                            **{**common, "train.compile": True}))
-    assert compiled.run_id == eager.run_id and compiled.metrics["step"] == 300
-    assert compiled.metrics["val/accuracy"] >= 0.95
-    client = MlflowClient(mlflow_uri)
-    assert max(_metric(client, compiled.run_id, "perf/compile_s").values()) > 0
-    assert set(_metric(client, compiled.run_id, "perf/graph_breaks").values()) == {0}
-    events = openclaw.events(compiled.run_id, tracking_uri=mlflow_uri)
-    assert [e["resumed_from_step"] for e in events if e["event"] in ("start", "resume")] == [0, 150]
 
 
 def _workers(run_dir: Path) -> set[int]:
