@@ -102,6 +102,7 @@ def test_the_run_compile_cache_is_found_and_used_by_a_fresh_worker_on_a_new_node
     """Each worker has its own empty Inductor cache (a new node): only the run's saved artifacts can hit."""
     first = _worker(tmp_path / "run", tmp_path / "node1", load=False, save=True)
     assert first["saved_bytes"] > 0 and (tmp_path / "run" / "compile_cache" / "rank0.bin").exists()
+    assert (tmp_path / "run" / "compile_cache" / "rank0.kernels.tar").exists()  # the built CPU kernels
     warm = _worker(tmp_path / "run", tmp_path / "node2", load=True, save=False)
     cold = _worker(tmp_path / "run", tmp_path / "node3", load=False, save=False)
     assert warm["loaded_artifacts"] > 0 and warm["perf/compile_cache_hits"] > 0

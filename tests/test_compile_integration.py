@@ -33,7 +33,7 @@ def test_text_lm_compiled_beats_the_unigram_baseline_and_a_restart_loads_the_com
     unigram = json.loads((text_dir / "stats.json").read_text())["unigram_entropy_nats"]
     cfg = openclaw.load_config(REPO / "jobs" / "configs" / "text-lm.yaml", {
         "name": "compiled", "data.train": str(text_dir / "train"), "data.val": str(text_dir / "val"),
-        "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": mlflow_uri, "train.compile": True,
+        "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": mlflow_uri, "train.compile": {"cache": True},
         "model.kwargs.block_size": 64, "model.kwargs.depth": 2, "train.max_steps": 150, "train.eval_every": 0,
         "checkpoint.every_steps": 50, "train.record_samples": True, "failure.max_failures": 2})
     run_dir, killed = tmp_path / "runs" / "compiled", []

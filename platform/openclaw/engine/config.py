@@ -53,6 +53,10 @@ class CompileConfig(Section):
     fallback: Literal["fail", "eager"] = "fail"
     """When compiling fails: `fail` the run with the compiler's error, or train `eager` (uncompiled),
     saying so."""
+    cache: bool = False
+    """Save the compiled graphs and kernels beside the checkpoints (`<storage>/<name>/compile_cache/`) and
+    load them when the worker group restarts or resizes, so it does not compile from cold. Loading runs
+    the code stored there: turn it on for checkpoint storage only you can write."""
 
 
 class AmpConfig(Section):

@@ -12,8 +12,9 @@ is the one place that sets torch's global TF32 switches.
     fp16   any                          fp16 autocast + scaler
     fp32   any                          fp32 (TF32 matmuls on 8+ unless `train.tf32: false`)
 
-On CPU `auto` is fp32: bf16 autocast measured slower than fp32 for the built-in models on this
-project's CPUs (`python bench/cpu_precision.py`), and fp16 has no fast CPU kernels.
+On CPU `auto` is fp32: bf16 autocast measured no faster on this project's CPUs (`python
+bench/cpu_precision.py`: the digits MLP at 0.67x fp32's samples/s, the text-lm GPT at 1.05x with
+overlapping spreads), and it costs precision; fp16 has no fast CPU kernels.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True) -> Preci
         if on_gpu and cap >= (7, 0):
             return Precision("fp16", True, False, f"auto: fp16 autocast with loss scaling on {where} "
                                                   f"(tensor cores without bf16)")
-        why = "no 16-bit tensor cores" if on_gpu else "bf16 autocast is slower than fp32 on CPUs here"
+        why = "no 16-bit tensor cores" if on_gpu else "bf16 autocast was no faster than fp32 on CPUs here"
         return Precision("fp32", False, allow_tf32, f"auto: fp32 on {where} ({why})")
     if asked == "bf16" and on_gpu and not facts.bf16:
         return Precision("fp16", True, False, f"bf16 asked, but {where} has no bf16: fp16 autocast with loss "

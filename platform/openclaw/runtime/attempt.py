@@ -96,7 +96,8 @@ class Attempt:
             self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
-        self.compile_cache = CompileCache(inputs.run_dir, self.rank) if self.engine.compile else None
+        self.compile_cache = CompileCache(inputs.run_dir, self.rank) \
+            if self.engine.compile and self.engine.compile.cache else None
         if self.compile_cache:  # before the first step, which compiles
             artifacts = self.compile_cache.load()
             if artifacts:

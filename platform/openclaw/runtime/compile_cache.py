@@ -1,17 +1,24 @@
 """The compile cache beside a run's checkpoints (worker process): `torch.compile`'s work survives
-restarts and resizes, on this node or a new one.
+restarts and resizes, on this node or a new one (`train.compile.cache: true`).
 
 After an attempt's first step that compiled, each rank saves torch's cache artifacts
-(`torch.compiler.save_cache_artifacts`: Inductor's and AOTAutograd's compiled graphs) to
-`<run_dir>/compile_cache/rank<r>.bin`, in checkpoint storage (local or a URI). A later attempt's ranks
-load them (their own rank's file, else rank 0's) before the first step, so its compile finds the graphs
-in the cache instead of generating and building them again. Artifacts that do not match (another shape
-after a resize, another torch) are simply not hit. Dynamo's tracing itself is not cached.
+(`torch.compiler.save_cache_artifacts`: Inductor's and AOTAutograd's compiled graphs, with their Triton
+kernels on GPUs) to `<run_dir>/compile_cache/rank<r>.bin`, and the C++ kernels Inductor built for CPUs
+(shared objects, which the artifacts do not carry) to `rank<r>.kernels.tar`, in checkpoint storage
+(local or a URI). A later attempt's ranks load them (their own rank's files, else rank 0's) before the
+first step, so its compile finds the graphs and kernels built. Artifacts that do not match (another
+shape after a resize, another torch or compiler) are simply not hit. Dynamo's tracing is not cached.
+
+Loading runs the code stored there (generated Python and shared objects), so it is off unless the
+config turns it on: storage only the run's owner can write.
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 import posixpath
+import tarfile
 
 import torch
 
@@ -20,6 +27,13 @@ from openclaw.data.filesystems import storage_filesystem
 log = logging.getLogger("openclaw")
 
 FOLDER = "compile_cache"
+MAX_KERNEL_BYTES = 512 * 2 ** 20
+"""A node's built CPU kernels beyond this are not saved (the artifacts still are)."""
+
+
+def _inductor_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # private: where Inductor keeps built kernels
+    return cache_dir()
 
 
 class CompileCache:
@@ -28,19 +42,28 @@ class CompileCache:
         self.folder = posixpath.join(root, FOLDER)
         self.rank, self.saved = rank, False
 
-    def _path(self, rank: int) -> str:
-        return posixpath.join(self.folder, f"rank{rank}.bin")
+    def _path(self, rank: int, kind: str = "bin") -> str:
+        return posixpath.join(self.folder, f"rank{rank}.{kind}")
+
+    def _read(self, path: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            return None
 
     def load(self) -> int:
-        """Load this rank's artifacts (else rank 0's) into torch's caches; returns how many it loaded."""
+        """Load this rank's artifacts and kernels (else rank 0's) into torch's caches; returns how many
+        artifacts it loaded."""
         for rank in dict.fromkeys((self.rank, 0)):
-            try:
-                with self.fs.open_input_stream(self._path(rank)) as f:
-                    blob = f.read()
-            except (FileNotFoundError, OSError):
+            blob = self._read(self._path(rank))
+            if blob is None:
                 continue
             try:
                 info = torch.compiler.load_cache_artifacts(blob)
+                kernels = self._read(self._path(rank, "kernels.tar"))
+                if kernels:
+                    _unpack_kernels(kernels, _inductor_cache_dir())
             except Exception as e:  # another torch's format: compile from cold
                 log.warning("could not load the compile cache %s (%s); compiling from cold", self._path(rank), e)
                 return 0
@@ -55,10 +78,35 @@ class CompileCache:
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
             return 0
-        blob = artifacts[0]
         self.fs.create_dir(self.folder, recursive=True)
-        tmp = self._path(self.rank) + ".tmp"
+        kernels = _pack_kernels(_inductor_cache_dir())
+        if kernels:
+            self._write(self._path(self.rank, "kernels.tar"), kernels)
+        self._write(self._path(self.rank), artifacts[0])  # last: its presence says the kernels are there
+        return len(artifacts[0]) + len(kernels or b"")
+
+    def _write(self, path: str, blob: bytes) -> None:
+        tmp = path + ".tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(blob)
-        self.fs.move(tmp, self._path(self.rank))  # whole or not at all: a reader never sees half a file
-        return len(blob)
+        self.fs.move(tmp, path)  # whole or not at all: a reader never sees half a file
+
+
+def _pack_kernels(root: str) -> bytes | None:
+    """The shared objects Inductor built under `root` (its CPU kernels), as a tar; None when there are none
+    or too many bytes of them."""
+    files = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith(".so")]
+    if not files or sum(os.path.getsize(f) for f in files) > MAX_KERNEL_BYTES:
+        return None
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in files:
+            tar.add(f, arcname=os.path.relpath(f, root))
+    return buf.getvalue()
+
+
+def _unpack_kernels(blob: bytes, root: str) -> None:
+    """Into Inductor's cache folder, keeping what is there; names confined to it (tarfile's data filter)."""
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and not os.path.exists(os.path.join(root, m.name))]
+        tar.extractall(root, members=members, filter="data")
