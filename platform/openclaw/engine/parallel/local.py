@@ -29,12 +29,16 @@ def _entry(rank: int, world: int, port: int, out: str, backend: str, threads: in
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world)
+    ok = False
     try:
         result = fn(rank, world, *args)
+        ok = True
     except BaseException:
         result = {"error": traceback.format_exc()}
     finally:
         torch.save(result, f"{out}/rank{rank}.pt")
+        if ok:  # every rank done with its sends (a pipeline's last isends) before any tears the group down:
+            dist.barrier()  # a rank whose peer closed first aborted ("terminate called without an active exception")
         dist.destroy_process_group()
 
 
