@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-from openclaw.engine.flops import device_peak_flops, training_flops  # noqa: E402
+from openclaw.engine.flops import device_peak_flops, mfu, training_flops  # noqa: E402
 
 PRESETS = {
     # name -> model -> defaults (explicit flags win)
@@ -255,9 +255,9 @@ def main(argv=None) -> None:
             summary[f"{side}_tokens_per_s"] = round(tps, 1)
             line += f"  {tps:,.0f} tokens/s"
             if peak is not None:
-                mfu = med[side] * flops_per_sample / peak
-                summary[f"{side}_mfu"] = round(mfu, 4)
-                line += f"  MFU {100 * mfu:.1f}%"
+                side_mfu = mfu(med[side] * flops_per_sample, peak, 1)
+                summary[f"{side}_mfu"] = round(side_mfu, 4)
+                line += f"  MFU {100 * side_mfu:.1f}%"
             else:
                 line += "  MFU: n/a"
         print(line)

@@ -47,7 +47,7 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
 
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
-    from openclaw.engine.flops import device_peak_flops, training_flops
+    from openclaw.engine.flops import device_peak_flops, mfu, training_flops
     from openclaw.engine.metrics import peak_memory_bytes
     from openclaw.engine.models import GPT
     from openclaw.engine.parallel import build_strategy, layout_for
@@ -90,7 +90,7 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
     peak = device_peak_flops(device, engine.precision.name, engine.precision.tf32)
     samples_per_s = a["steps"] * a["global_batch"] / seconds
     return {"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
-            "mfu": samples_per_s * flops_per_sample / (peak * world) if peak else None,
+            "mfu": mfu(samples_per_s * flops_per_sample, peak, world),
             "state_bytes": engine.state_bytes, "peak_memory_bytes": peak_memory_bytes(device),
             "params": sum(p.numel() for p in model.parameters())}
 

@@ -70,6 +70,14 @@ def newest_logged_step(run_dir, pid) -> int:
     return max(steps, default=-1)
 
 
+def live_workers(run_dir) -> set[int]:
+    """The pids of a run's live training workers, from the sample ledgers they write (`rank<r>-<pid>.jsonl`):
+    this run's alone, whatever else runs on the machine."""
+    import psutil
+    pids = {int(f.stem.rsplit("-", 1)[1]) for f in (run_dir / "samples").glob("rank*-*.jsonl")}
+    return {pid for pid in pids if psutil.pid_exists(pid)}
+
+
 def committed_batches(run_dir) -> dict[int, dict]:
     """From `train.record_samples` logs: each step's global batch as the final model saw it (from the
     newest attempt that ran that step, across restarts and resizes), with its epoch and world size."""

@@ -8,24 +8,18 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import REPO, newest_logged_step
+from conftest import REPO, live_workers, newest_logged_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _metric(client, run_id, key):
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def _workers(run_dir: Path) -> set[int]:
-    pids = {int(f.stem.rsplit("-", 1)[1]) for f in (run_dir / "samples").glob("rank*-*.jsonl")}
-    return {pid for pid in pids if psutil.pid_exists(pid)}
 
 
 def test_text_lm_compiled_beats_the_unigram_baseline_and_a_restart_loads_the_compile_cache(ray_local, text_dir,
@@ -41,7 +35,7 @@ def test_text_lm_compiled_beats_the_unigram_baseline_and_a_restart_loads_the_com
     def kill_after_the_first_checkpoint():
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
-            pids = _workers(run_dir)
+            pids = live_workers(run_dir)
             if len(pids) == 2 and max(newest_logged_step(run_dir, pid) for pid in pids) >= 60:
                 os.kill(min(pids), signal.SIGKILL)
                 killed.append(min(pids))

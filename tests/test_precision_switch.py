@@ -6,21 +6,14 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import digits_config, newest_logged_step
+from conftest import digits_config, live_workers, newest_logged_step
 
 pytestmark = pytest.mark.integration
-
-
-def _workers(run_dir: Path) -> set[int]:
-    """This run's live training workers, by the sample ledgers they write (`rank<r>-<pid>.jsonl`)."""
-    pids = {int(f.stem.rsplit("-", 1)[1]) for f in (run_dir / "samples").glob("rank*-*.jsonl")}
-    return {pid for pid in pids if psutil.pid_exists(pid)}
 
 
 def test_an_unstable_fp16_run_switches_once_at_a_checkpoint_and_stays_switched_after_a_sigkill(ray_local, digits_dir,
@@ -36,7 +29,7 @@ def test_an_unstable_fp16_run_switches_once_at_a_checkpoint_and_stays_switched_a
     def kill_after_the_switch():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            pids = _workers(run_dir)
+            pids = live_workers(run_dir)
             if len(pids) == 2 and max(newest_logged_step(run_dir, pid) for pid in pids) >= 120:
                 victim = min(pids)
                 os.kill(victim, signal.SIGKILL)

@@ -56,8 +56,7 @@ def _counters() -> dict[str, int]:
     return {"frames": counters["frames"].get("ok", 0),
             "graph_breaks": sum(counters["graph_break"].values()),
             "cache_hits": counters["inductor"].get("fxgraph_cache_hit", 0)
-            + counters["aot_autograd"].get("autograd_cache_hit", 0),
-            "cache_misses": counters["inductor"].get("fxgraph_cache_miss", 0)}
+            + counters["aot_autograd"].get("autograd_cache_hit", 0)}
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Engine:
         self.precision: Precision = precision or choose_precision(cfg.precision, device_facts(self.device), cfg.tf32)
         apply_matmul_precision(self.precision)
         self.dtype = self.precision.dtype
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, fused=self.device.type == "cuda")
+        self.optimizer = self._optimizer()
         self.scaler = self._scaler()
         self.state_bytes: dict[str, int] | None = None
         """Bytes this rank holds of parameters, gradients and optimizer state (measured at the first step)."""
@@ -155,6 +155,9 @@ class Engine:
         """fp16: the scaler's current scale (one device-to-host read); None without a scaler."""
         return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.cfg.optimizer, fused=self.device.type == "cuda")
+
     def _scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, init_scale=self.cfg.amp.init_scale,
                                     enabled=self.precision.scaler)
@@ -184,4 +187,4 @@ class Engine:
     def start_over(self, model_state: dict[str, torch.Tensor]) -> None:
         """Back to these (initial) weights with a fresh optimizer."""
         self.strategy.load_full_model(self.model, model_state)
-        self.optimizer = build_optimizer(self.model, self.cfg.optimizer, fused=self.device.type == "cuda")
+        self.optimizer = self._optimizer()

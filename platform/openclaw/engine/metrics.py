@@ -13,6 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from openclaw.engine.flops import mfu
+
 DATA_WAIT_WARN_FRAC = 0.05
 
 
@@ -46,7 +48,7 @@ class StepClock:
         if flops_per_sample:
             out["perf/flops_per_s"] = out["perf/samples_per_s"] * flops_per_sample
             if peak:
-                out["perf/mfu"] = out["perf/flops_per_s"] / (peak * world)
+                out["perf/mfu"] = mfu(out["perf/flops_per_s"], peak, world)
         return out
 
 

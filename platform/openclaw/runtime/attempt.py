@@ -110,7 +110,7 @@ class Attempt:
                              lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None,
                              mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)))
         self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
-        self._announce_precision()
+        self.precision.announce()  # after the attempt event: the run reads start, then precision
         self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
                                      records=layout.coords(self.rank)["tp"] == 0 == layout.coords(self.rank)["pp"]) \
             if cfg.train.record_samples else None
@@ -133,17 +133,6 @@ class Attempt:
                                   param_dtype=torch.bfloat16 if precision.name == "bf16" else None)
         return Engine(model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
                       global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
-
-    def _announce_precision(self) -> None:
-        """Print, log and record the precision when it is new to the run (its first start, or a restart on
-        other hardware); the train state keeps it."""
-        p = self.engine.precision
-        if self.state.precision != p.name:
-            self.tracker.progress({"message": f"precision: {p.name} ({p.reason})"})
-            self.tracker.params({"resolved/precision": p.name, "resolved/precision_reason": p.reason})
-            self.tracker.event("precision", precision=p.name, reason=p.reason, scaler=p.scaler, tf32=p.tf32,
-                               step=self.state.step, previous=self.state.precision or None)
-            self.state.precision = p.name
 
     # ---- a training step ---------------------------------------------------------------------
 

@@ -33,9 +33,7 @@ class LogWindow:
         peak table, at the peak of the precision in use). `engine`: whose state bytes and precision."""
         self.cfg, self.device, self.rank, self.world, self.engine = cfg, device, rank, world, engine
         self.sample_node = speaks_for_node and cfg.tracking.enabled
-        precision = engine.precision if engine is not None else None
         self.flops_per_sample = flops_per_sample
-        self.peak = device_peak_flops(device, precision.name, precision.tf32) if precision else None
         self.job_start_time = job_start_time
         self.clock = StepClock()
         self.last: dict[str, Any] = {}
@@ -106,7 +104,7 @@ class LogWindow:
                      **({"perf/time_to_first_step_s": self.first_step_s} if self.first_step_s is not None else {})}
         if state.overflow_steps or (self.engine is not None and self.engine.scaler.is_enabled()):
             self.last["train/overflow_steps"] = state.overflow_steps  # fp16: updates the loss scaler skipped
-        perf = self.clock.window(n - untimed, self.tokens_per_sample, self.flops_per_sample, self.peak, self.world)
+        perf = self.clock.window(n - untimed, self.tokens_per_sample, self.flops_per_sample, self._peak(), self.world)
         perf["perf/ingest_rows_per_s"] = data.ingest_rows_per_s()
         perf.update(self._memory())
         if self.engine is not None and self.engine.compile_counters is not None:
@@ -119,6 +117,11 @@ class LogWindow:
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
         self.loss_sum, self.samples, self.untimed, self.t0 = 0.0, 0, 0, time.perf_counter()
         self.clock.reset()
+
+    def _peak(self) -> float | None:
+        """One device's peak FLOP/s at the precision in force now (a run-time switch changes it)."""
+        p = self.engine.precision if self.engine is not None else None
+        return device_peak_flops(self.device, p.name, p.tf32) if p else None
 
     def _memory(self) -> dict[str, float]:
         """Collective: the largest rank's bytes of parameters, gradients and optimizer state, and its peak

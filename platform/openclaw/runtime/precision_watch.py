@@ -23,6 +23,18 @@ class PrecisionWatch:
         if state.precision_switched_to and state.precision_switched_to != engine.precision.name:
             engine.set_precision(choose_precision(state.precision_switched_to, self.facts, cfg.tf32))
 
+    def announce(self) -> None:
+        """Print, log and record the precision when it is new to the run (its first start, or a restart on
+        other hardware); the train state keeps it."""
+        p = self.engine.precision
+        if self.state.precision == p.name:
+            return
+        self.tracker.progress({"message": f"precision: {p.name} ({p.reason})"})
+        self.tracker.params({"resolved/precision": p.name, "resolved/precision_reason": p.reason})
+        self.tracker.event("precision", precision=p.name, reason=p.reason, scaler=p.scaler, tf32=p.tf32,
+                           step=self.state.step, previous=self.state.precision or None)
+        self.state.precision = p.name
+
     def after_step(self, step: int, overflow: bool) -> None:
         """fp16: count the step and ask the policy whether the run should switch. Every rank decides alike:
         overflows come from the global grad norm, and the scale moves with them."""
