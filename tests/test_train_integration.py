@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import committed_batches, digits_config, newest_logged_step
+from conftest import committed_batches, digits_config, live_workers, newest_logged_step
 from openclaw.tracking.writer import ATTEMPT_EVENTS
 
 pytestmark = pytest.mark.integration
@@ -21,8 +21,8 @@ def _history(client, run_id, key):
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
-def _train_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in p.info["cmdline"] or [])]
+def _train_workers() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in p.info["cmdline"] or [])}
 
 
 def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_path, mlflow_uri):
@@ -100,8 +100,9 @@ def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_an
         deadline = time.monotonic() + 300
         for target in targets:
             while time.monotonic() < deadline:
-                workers = _train_workers()
-                pids = {p.pid for p in workers} - {pid for pid, _ in killed}
+                # This run's training workers: a worker of another run on the machine has no ledger here, and a
+                # killed group's survivor lives on as an idle Ray worker, no longer named RayTrainWorker.
+                pids = (live_workers(run_dir) & _train_workers()) - {pid for pid, _ in killed}
                 step = newest_step(pids)
                 if step >= target and len(pids) == 2:
                     victim = random.Random(target).choice(sorted(pids))
@@ -137,6 +138,13 @@ def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_an
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     attempts = [e for e in events if e["event"] in ATTEMPT_EVENTS]
     assert [e["event"] for e in attempts] == ["start", "restart", "restart", "restart"]
+    # Each worker group's first completed step follows its start, at the step it resumed from (where a
+    # recovery's clock stops: bench/recovery.py), and before the next group starts.
+    firsts = [e for e in events if e["event"] == "first_step"]
+    assert [f["step"] for f in firsts] == [a["resumed_from_step"] for a in attempts]
+    assert all(a["t"] <= f["t"] for a, f in zip(attempts, firsts))
+    assert all(f["t"] < a["t"] for f, a in zip(firsts, attempts[1:]))
+    assert all(0 < f["setup_s"] < 60 and f["world_size"] == 2 for f in firsts)
     saved = {e["step"]: e["mode"] for e in events if e["event"] == "checkpoint"}
     assert saved[600] == "sync" and set(saved) <= set(range(50, 601, 50))
     assert "async" in saved.values()

@@ -71,6 +71,7 @@ class LoopInputs:
 class Attempt:
     def __init__(self, inputs: LoopInputs):
         # ---- set-up: the worker's place in the group and the mesh, its device, its tracker
+        self.began, self.stepped = time.time(), False  # for the attempt's `first_step` event
         self.inputs, self.config = inputs, Config.model_validate(inputs.config)
         apply_secret_env(inputs.secrets)
         cfg, ctx = self.config, ray.train.get_context()
@@ -150,6 +151,10 @@ class Attempt:
         if self.samples_log:
             self.samples_log.write(step, epoch, mine, stats.finite)
         self.precision.after_step(step, stats.overflow)
+        if not self.stepped:  # training again: where a restart's or resize's recovery time ends
+            self.stepped = True
+            self.tracker.event("first_step", step=step, world_size=self.world,
+                               setup_s=round(time.time() - self.began, 3))
         return stats
 
     def _after_compile(self, step: int) -> None:
