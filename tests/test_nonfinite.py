@@ -93,3 +93,23 @@ def test_the_same_error_in_two_attempts_in_a_row_gives_up_before_max_failures(ra
                              filter_string="attributes.run_name = 'same-error'")[0]
     attempts = [e["event"] for e in _events(client, run.info.run_id, tmp_path) if e["event"] in ("start", "restart")]
     assert attempts == ["start", "restart"] and run.info.status == "FAILED"  # two attempts, not six
+
+
+def test_a_nonfinite_loss_that_recurs_after_a_rollback_in_bf16_switches_the_run_to_fp32(ray_local, poisoned,
+                                                                                      tmp_path, mlflow_uri):
+    cfg = _cfg(poisoned, tmp_path, mlflow_uri, "rollback", "bf16-rollbacks")
+    cfg = openclaw.load_config(None, {"train.precision": "bf16"}, base=cfg.resolved())
+    bad = _bad_steps(cfg, 1438)
+    result = openclaw.train(cfg)
+    assert result.metrics["step"] == STEPS
+    client = MlflowClient(mlflow_uri)
+    events = _events(client, result.run_id, tmp_path)
+    rollbacks = [e["step"] for e in events if e["event"] == "nonfinite_loss" and e["action"] == "rollback"]
+    assert rollbacks == bad
+    # Once, at the first checkpoint after the second rollback (the first is replayed without its batch).
+    switches = [e for e in events if e["event"] == "precision_switch"]
+    assert len(switches) == 1, switches
+    assert switches[0]["previous"] == "bf16" and switches[0]["precision"] == "fp32"
+    assert switches[0]["step"] == (bad[1] // 10 + 1) * 10 and "bf16_max_rollbacks" in switches[0]["cause"]
+    state = torch.load(f"{result.checkpoint}/state.pt", weights_only=True)  # kept for every later attempt
+    assert state["precision"] == state["precision_switched_to"] == "fp32"

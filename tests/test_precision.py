@@ -142,3 +142,12 @@ def test_an_fp16_overflow_skips_the_update_lowers_the_scale_and_is_not_a_nonfini
     engine.set_precision(choose_precision("bf16", CPU))
     assert engine.dtype == torch.bfloat16 and not engine.scaler.is_enabled() and engine.fns.scaler is engine.scaler
     assert not engine.train_step(1, [{"x": torch.randn(8, 8), "y": torch.randint(0, 2, (8,))}]).overflow
+
+
+def test_bf16_switches_to_fp32_once_a_nonfinite_loss_recurs_after_a_rollback():
+    from openclaw.runtime.policies import rollback_precision_decision
+    assert rollback_precision_decision("bf16", 1, 2) is None  # one rollback: the replay skips the batch
+    switch = rollback_precision_decision("bf16", 2, 2)
+    assert switch.to == "fp32" and "bf16_max_rollbacks" in switch.cause
+    assert rollback_precision_decision("bf16", 5, 0) is None  # 0: never
+    assert rollback_precision_decision("fp32", 5, 2) is None and rollback_precision_decision("fp16", 5, 2) is None

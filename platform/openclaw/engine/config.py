@@ -65,13 +65,17 @@ class AmpConfig(Section):
     doubles after 2000 steps without one."""
     switch: bool = True
     """Switch a run that proves unstable in fp16 to the next safer precision (bf16 where the device has
-    it, else fp32) at its next checkpoint; later attempts keep the switch (it is in the train state)."""
+    it, else fp32), or in bf16 to fp32, at its next checkpoint; later attempts keep the switch (it is in
+    the train state)."""
     window_steps: int = Field(50, gt=0)
     """fp16: the recent steps over which overflowing steps are counted."""
     max_overflow_frac: float = Field(0.25, gt=0, le=1)
     """fp16: switch when more than this fraction of the last `window_steps` steps overflowed."""
     min_scale: float = Field(1.0, gt=0)
     """fp16: switch when the loss scale falls below this (gradients overflow fp16 even unscaled)."""
+    bf16_max_rollbacks: int = Field(2, ge=0)
+    """bf16: switch to fp32 once this many non-finite losses were rolled back (`train.on_nonfinite_loss:
+    rollback`): 2 means a non-finite loss that recurs after a rollback. 0: never."""
 
 
 class TrainConfig(Section):

@@ -186,6 +186,8 @@ class Attempt:
             self.window.restart(state)
         state.skipped_steps = skipped
         rolled_back = isinstance(decision, Rollback)
+        if rolled_back:
+            self.precision.after_rollback(decision.step, len(skipped))
         action = "rollback" if rolled_back else "skip"
         self.tracker.event("nonfinite_loss", step=decision.step, action=action,
                            resumed_from_step=state.step if rolled_back else None,

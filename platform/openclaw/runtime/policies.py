@@ -102,6 +102,16 @@ def precision_decision(current: str, overflows: list[bool], scale: float | None,
     return None
 
 
+def rollback_precision_decision(current: str, rollbacks: int, max_rollbacks: int) -> SwitchPrecision | None:
+    """bf16 is unstable for this run when `rollbacks` non-finite losses (rolled back and skipped so far)
+    reach `max_rollbacks` (0: never): then fp32. fp16's non-finite steps are its scaler's overflows
+    (`precision_decision`); fp32 has nothing safer."""
+    if current != "bf16" or not max_rollbacks or rollbacks < max_rollbacks:
+        return None
+    return SwitchPrecision("fp32", f"{rollbacks} non-finite losses in bf16 were rolled back, "
+                                   f"`train.amp.bf16_max_rollbacks` is {max_rollbacks}")
+
+
 # ---- a failed attempt --------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Precision that adapts to the run (worker process): fp16's overflowing steps are counted, the policy
-(`runtime.policies.precision_decision`) says when the run is unstable, and the switch to the safer
-precision happens here, at the next checkpoint, so the checkpoint and every later attempt carry it
+"""Precision that adapts to the run (worker process): fp16's overflowing steps are counted, and so are
+bf16's rolled-back non-finite losses; the policies (`runtime.policies.precision_decision`,
+`rollback_precision_decision`) say when the run is unstable, and the switch to the safer precision
+happens here, at the next checkpoint, so the checkpoint and every later attempt carry it
 (`TrainState.precision_switched_to`)."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from openclaw.engine.config import TrainConfig
 from openclaw.engine.engine import Engine
 from openclaw.engine.precision import choose_precision, device_facts
 from openclaw.engine.state import TrainState
-from openclaw.runtime.policies import SwitchPrecision, precision_decision
+from openclaw.runtime.policies import SwitchPrecision, precision_decision, rollback_precision_decision
 
 
 class PrecisionWatch:
@@ -49,9 +50,20 @@ class PrecisionWatch:
             self.engine.precision.name, self.overflows, self.engine.loss_scale() if overflow else None,
             bf16_ok=self.facts.type != "cuda" or self.facts.bf16, window_steps=amp.window_steps,
             max_overflow_frac=amp.max_overflow_frac, min_scale=amp.min_scale)
+        self._say_pending(step + 1)
+
+    def after_rollback(self, step: int, rollbacks: int) -> None:
+        """bf16: a non-finite loss at `step` was rolled back, the run's `rollbacks`-th: ask the policy."""
+        if self.cfg.amp.switch and not self.pending:
+            self.pending = rollback_precision_decision(self.engine.precision.name, rollbacks,
+                                                       self.cfg.amp.bf16_max_rollbacks)
+            self._say_pending(step)
+
+    def _say_pending(self, step: int) -> None:
         if self.pending:
-            self.tracker.progress({"message": f"fp16 is unstable at step {step + 1}: {self.pending.cause}; "
-                                              f"switching to {self.pending.to} at the next checkpoint"})
+            self.tracker.progress({"message": f"{self.engine.precision.name} is unstable at step {step}: "
+                                              f"{self.pending.cause}; switching to {self.pending.to} at the next "
+                                              "checkpoint"})
 
     def at_checkpoint(self) -> None:
         """Before a checkpoint is written: carry out a pending switch, so that the checkpoint holds it."""
