@@ -1,9 +1,11 @@
 """Helpers the benchmarks share."""
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,3 +31,78 @@ def run_events(uri: str, run_id: str) -> list[dict]:
 def first_start_after(events: list[dict], t: float) -> dict | None:
     """The first worker-group start recorded after time `t` (a kill): training again from its step."""
     return next((e for e in events if e["t"] > t and e["event"] in ATTEMPTS), None)
+
+
+def run_side(argv: list[str], env: dict[str, str | None] | None = None, timeout_s: float = 900) -> dict:
+    """One side of a bench in a fresh Python process (`env` adds variables; None removes one). Its last
+    stdout line is its JSON result: an anchor that prints its figure and then fails to shut Ray down
+    cleanly still counts."""
+    import json
+    import os
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout_s, env=env)
+    lines = [x for x in r.stdout.strip().splitlines() if x.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{argv} exited {r.returncode} with no JSON result:\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def own_train_workers() -> list:
+    """The Ray Train workers of the Ray instance this process started (its descendants), not those of
+    anything else running on the machine."""
+    import psutil
+
+    def cmdline(p) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:
+            return ""
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in cmdline(p)]
+
+
+def first_step_after(events: list[dict], t: float, world_size: int | None = None) -> dict | None:
+    """The first `first_step` event after time `t` (a kill), at `world_size` if given: the end of the
+    first training step a restarted (or resized) worker group completed, where a recovery ends."""
+    return next((e for e in events if e["t"] > t and e["event"] == "first_step"
+                 and world_size in (None, e["world_size"])), None)
+
+
+def alternate(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Run every side `repeats` times, reversing the order on every other round (ABBA: A B, B A, A B, ...),
+    so that a drift of the machine over the invocation weighs on each side alike. Returns each side's
+    results in the order they ran."""
+    names, out = list(sides), {name: [] for name in sides}
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            print(f"  [{i + 1}/{repeats}] {name} ...", file=sys.stderr, flush=True)
+            out[name].append(sides[name]())
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of one side's repeats."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def figure(title: str, values: dict[str, list[float]], base: str, unit: str = "s", digits: int = 2) -> dict[str, Any]:
+    """One figure of a bench: each side's median, spread (min-max), repeats and ratio of medians to `base`."""
+    b = statistics.median(values[base])
+    out: dict[str, Any] = {"figure": title, "unit": unit, "base": base, "sides": {}}
+    for name, vals in values.items():
+        s = spread(vals)
+        out["sides"][name] = {**{k: round(v, digits) for k, v in s.items()},
+                              "ratio": round(s["median"] / b, 3) if b else None}
+    return out
+
+
+def summarize(title: str, values: dict[str, list[float]], base: str, unit: str = "s",
+              digits: int = 2) -> dict[str, Any]:
+    """Print `figure(...)`: each side's median and spread, and its ratio of medians to `base`; return it
+    (for the bench's JSON line, which `bench/run_all.py` gathers into `bench/results.md`)."""
+    out = figure(title, values, base, unit, digits)
+    print(title)
+    for name, s in out["sides"].items():
+        tail = "" if name == base else f"   ratio {name} / {base}: {s['ratio']}"
+        print(f"  {name:<30} median {s['median']:.{digits}f} {unit} (min {s['min']:.{digits}f}, "
+              f"max {s['max']:.{digits}f}, n={s['n']}){tail}")
+    return out

@@ -1,12 +1,20 @@
-"""Goodput under repeated worker loss: the same training run uninterrupted and with a training worker
-SIGKILLed every `--kill-every` seconds, in one invocation. Goodput = uninterrupted wall-clock time /
-wall-clock time with the kills (both from `openclaw.train` call to return, Ray already up).
+"""Goodput under repeated worker loss: a training worker SIGKILLed every `--kill-every` seconds, two ways,
+in one invocation.
+
+- Within the faulty run: useful step time / wall-clock time. Useful step time is the training time of
+  the steps whose results the run kept: the log windows MLflow holds (a failed attempt's windows after
+  its last checkpoint are never published; their steps are trained again). Logs fall on the checkpoint
+  grid (`train.log_every` = `checkpoint.every_steps`), so each published window is exactly the steps
+  from one checkpoint to the next. Wall-clock time is the `openclaw.train` call, Ray already up.
+  The same ratio for the clean runs shows what start-up, evaluation and the final save cost without faults.
+- Against clean runs: the median wall-clock time of the uninterrupted runs over that of the faulty runs,
+  the two alternating (clean, faulty, faulty, clean, ...) over `--repeats` rounds.
 
 The workload is the digits MLP made wide (hidden 1024, depth 3) on 2 CPU workers, with asynchronous
-checkpoints every `--ckpt-every` steps, sized by `--steps` to run about 10 minutes.
+checkpoints every `--ckpt-every` steps, sized by `--steps` (15000: about 10 minutes a run here).
 
-    python bench/goodput.py                        # about 20 minutes: both runs, then one JSON line
-    python bench/goodput.py --steps 3000 --kill-every 20   # a quick look
+    python bench/goodput.py                                      # 2 rounds (4 runs, about 40 minutes)
+    python bench/goodput.py --steps 4000 --kill-every 30         # quicker
 """
 from __future__ import annotations
 
@@ -15,14 +23,14 @@ import json
 import os
 import random
 import signal
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import first_start_after, prepare_digits, run_events  # noqa: E402  (bench/ is this script's folder)
+from common import (alternate, first_start_after, first_step_after, own_train_workers, prepare_digits,  # noqa: E402
+                    run_events, summarize)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,15 +40,14 @@ def _config(work: Path, name: str, steps: int, ckpt_every: int):
     return openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
         "name": name, "data.train": str(work / "digits" / "train"), "data.val": str(work / "digits" / "val"),
         "checkpoint.storage": str(work / "runs"), "tracking.uri": f"sqlite:///{work / 'mlflow.db'}",
-        "train.max_steps": steps, "train.log_every": 100, "train.eval_every": 0,
+        "train.max_steps": steps, "train.log_every": ckpt_every, "train.eval_every": 0,
         "checkpoint.every_steps": ckpt_every, "checkpoint.keep": 3, "checkpoint.async": True,
-        "failure.max_failures": -1, "model.kwargs.hidden": 1024, "model.kwargs.depth": 3,
+        "failure.max_failures": -1, "failure.max_same_error": 0,  # the kills are on purpose: never give up
+        "model.kwargs.hidden": 1024, "model.kwargs.depth": 3,
         "train.optimizer.lr": 5e-4})
 
 
 def timed_run(work: Path, name: str, steps: int, ckpt_every: int, kill_every: float | None) -> dict:
-    import psutil
-
     import openclaw
     kills: list[float] = []
     done = threading.Event()
@@ -48,8 +55,7 @@ def timed_run(work: Path, name: str, steps: int, ckpt_every: int, kill_every: fl
     def killer():
         rng = random.Random(0)
         while not done.wait(kill_every):
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            workers = own_train_workers()
             if workers:
                 os.kill(rng.choice(workers).pid, signal.SIGKILL)
                 kills.append(time.time())
@@ -60,16 +66,31 @@ def timed_run(work: Path, name: str, steps: int, ckpt_every: int, kill_every: fl
     result = openclaw.train(_config(work, name, steps, ckpt_every))
     elapsed = time.perf_counter() - t0
     done.set()
-    return {"seconds": elapsed, "kills": kills, "step": result.metrics.get("step"),
-            "checkpoint": result.checkpoint, "run_id": result.run_id}
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    useful = useful_step_s(uri, result.run_id, ckpt_every)
+    return {"seconds": elapsed, "kills": kills, "step": result.metrics.get("step"), "useful_s": useful,
+            "checkpoint": result.checkpoint, "run_id": result.run_id,
+            "per_kill": recoveries(uri, result.run_id, kills)}
+
+
+def useful_step_s(uri: str, run_id: str, log_every: int) -> float:
+    """Training time of the kept steps: each published log window's samples over its samples/s."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    history = sorted(client.get_metric_history(run_id, "train/samples_per_s"), key=lambda m: m.step)
+    steps = [m.step for m in history]
+    assert steps == list(range(log_every, log_every * len(steps) + 1, log_every)), f"log windows off the grid: {steps}"
+    global_batch = int(client.get_run(run_id).data.params["train.global_batch_size"])
+    return sum(log_every * global_batch / m.value for m in history)
 
 
 def recoveries(uri: str, run_id: str, kills: list[float]) -> list[dict]:
-    """Each kill's recovery, from the run's events: seconds from the kill to training again, and the
-    step it resumed from."""
+    """Each kill's recovery, from the run's events: seconds from the kill to the end of the first step
+    after the restore, and the step it resumed from."""
     events = run_events(uri, run_id)
-    starts = [(k, first_start_after(events, k)) for k in kills]
-    return [{"recovery_s": round(e["t"] - k, 2), "resumed_from_step": e["resumed_from_step"]} for k, e in starts if e]
+    starts = [(k, first_start_after(events, k), first_step_after(events, k)) for k in kills]
+    return [{"recovery_s": round(f["t"] - k, 2), "resumed_from_step": e["resumed_from_step"]}
+            for k, e, f in starts if e and f]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,39 +98,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=15_000, help="training steps (15000: about 10 minutes here)")
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--kill-every", type=float, default=60.0)
+    p.add_argument("--repeats", type=int, default=2, help="rounds of a clean and a faulty run, in ABBA order "
+                                                          "(default 2: 4 runs of about 10 minutes each)")
     a = p.parse_args(argv)
     import ray
     import torch
 
     import openclaw
+    names = iter(range(10**6))
     with tempfile.TemporaryDirectory(prefix="openclaw-goodput-") as d:
         work = Path(d)
         prepare_digits(work / "digits")
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            clean = timed_run(work, "clean", a.steps, a.ckpt_every, None)
-            faulty = timed_run(work, "faulty", a.steps, a.ckpt_every, a.kill_every)
+            runs = alternate({
+                "uninterrupted": lambda: timed_run(work, f"clean-{next(names)}", a.steps, a.ckpt_every, None),
+                f"a SIGKILL every {a.kill_every:g} s": lambda: timed_run(work, f"faulty-{next(names)}", a.steps,
+                                                                        a.ckpt_every, a.kill_every)}, a.repeats)
         finally:
             ray.shutdown()
-        same = all(torch.equal(x, y) for x, y in zip(openclaw.load_model(clean["checkpoint"]).state_dict().values(),
-                                                      openclaw.load_model(faulty["checkpoint"]).state_dict().values()))
-        costs = recoveries(f"sqlite:///{work / 'mlflow.db'}", faulty["run_id"], faulty["kills"])
-    goodput = clean["seconds"] / faulty["seconds"]
-    print(f"uninterrupted: {clean['seconds']:.1f} s for {a.steps} steps")
-    print(f"with a SIGKILL every {a.kill_every:.0f} s: {faulty['seconds']:.1f} s, {len(faulty['kills'])} kills; "
-          f"final weights bitwise equal to the uninterrupted run: {same}")
-    for i, c in enumerate(costs, 1):
-        print(f"  kill {i}: training again {c['recovery_s']:.2f} s later, from step {c['resumed_from_step']}")
-    if costs:
-        lost = (faulty["seconds"] - clean["seconds"]) / len(faulty["kills"])
-        recovery = statistics.fmean(c["recovery_s"] for c in costs)
-        print(f"lost per kill: {lost:.1f} s = recovery {recovery:.1f} s (mean) + {lost - recovery:.1f} s of steps "
-              f"trained again since the last checkpoint and of slower first steps")
-    print(f"goodput: {goodput:.3f}")
-    print(json.dumps({"clean_s": round(clean["seconds"], 1), "faulty_s": round(faulty["seconds"], 1),
-                      "kills": len(faulty["kills"]), "per_kill": costs, "goodput": round(goodput, 4),
-                      "bitwise_equal": same,
-                      "steps": a.steps, "finished_step": faulty["step"]}))
+        clean, faulty = runs.values()
+        weights = [openclaw.load_model(r["checkpoint"]).state_dict() for r in clean + faulty]
+        same = all(torch.equal(w[k], weights[0][k]) for w in weights for k in w)
+    for r in faulty:
+        print(f"faulty run: {r['seconds']:.1f} s, {len(r['kills'])} kills, finished at step {r['step']}")
+        for i, c in enumerate(r["per_kill"], 1):
+            print(f"  kill {i}: training again {c['recovery_s']:.2f} s later, from step {c['resumed_from_step']}")
+    walls = summarize("wall-clock seconds, the whole run", {k: [r["seconds"] for r in v] for k, v in runs.items()},
+                      base="uninterrupted", digits=1)
+    within = summarize("within each run: useful step time / wall-clock time",
+                       {k: [r["useful_s"] / r["seconds"] for r in v] for k, v in runs.items()},
+                       base="uninterrupted", unit="", digits=3)
+    name = next(k for k in runs if k != "uninterrupted")
+    against = 1 / walls["sides"][name]["ratio"]
+    print(f"goodput within the faulty runs (median): {within['sides'][name]['median']:.3f}; "
+          f"against the clean runs (median wall-clock, clean / faulty): {against:.3f}; "
+          f"every final model bitwise equal: {same}")
+    print(json.dumps({"wall": walls, "within": within, "goodput_against_clean": round(against, 4),
+                      "goodput_within": within["sides"][name]["median"], "bitwise_equal": same,
+                      "kills": [len(r["kills"]) for r in faulty], "steps": a.steps,
+                      "finished_steps": [r["step"] for r in clean + faulty]}))
     return 0
 
 

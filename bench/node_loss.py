@@ -1,15 +1,19 @@
-"""Elastic node loss and return on a 2-node `ray.cluster_utils.Cluster` on this machine.
+"""Elastic node loss on a 2-node `ray.cluster_utils.Cluster` on this machine: openclaw beside bare Ray
+Train V2 (`../shared/anchors/bare_ray_node_loss.py`), in one invocation, each clock stopped at the end of
+the first training step at world size 1 after the node died.
 
-Trains the digits MLP (made wide enough to take a while) with `num_workers=(1, 2)`, kills one worker
-node after the first checkpoint, adds a replacement node once training has resumed on one worker
-(by default a `ray start --address` raylet, as an operator would add one; `--replacement cluster` uses
-`Cluster.add_node`), and reads the run's events back from MLflow. Prints one JSON line:
+- openclaw: the digits MLP (made wide enough to take a while) with `num_workers=(1, 2)`. One worker node
+  is killed after the first checkpoint; once training goes on at world size 1 a replacement node joins
+  (by default a `ray start --address` raylet, as an operator would add one; `--replacement cluster` uses
+  `Cluster.add_node`), and the run grows back to 2. Both clocks read the run's `first_step` events.
+- bare, same settings: the anchor with `--tuned`: openclaw's node health checks (1 s x 3), worker-start
+  timeout (10 s), controller poll (0.25 s) and resize monitor (2 s).
+- bare, Ray's defaults: the anchor as a user gets it.
 
-    node_loss_recovery_s   node death -> training resumed at world size 1
-    regrow_s               replacement node added -> training resumed at world size 2
-    world_sizes            the world size of every start, restart and resize, in order
+Each side runs in its own process; the sides alternate (ABBA) over `--repeats` rounds.
 
-    python bench/node_loss.py --out /tmp/nodeloss     # then compare with ../shared/anchors/bare_ray_node_loss.py
+    python bench/node_loss.py                 # 5 rounds: medians, spreads, ratios, then one JSON line
+    python bench/node_loss.py --side openclaw --out /tmp/nodeloss   # one openclaw run, its files kept
 """
 from __future__ import annotations
 
@@ -17,13 +21,15 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import ATTEMPTS, prepare_digits, run_events  # noqa: E402  (bench/ is this script's folder)
+from common import ATTEMPTS, alternate, first_step_after, prepare_digits, run_events, run_side, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+ANCHOR = REPO.parent / "shared" / "anchors" / "bare_ray_node_loss.py"
 
 OVERRIDES = {
     "name": "elastic", "train.max_steps": 1500, "train.log_every": 50, "train.eval_every": 0,
@@ -48,25 +54,72 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="work folder (data, runs, mlflow.db)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the sides, in ABBA order (default 5)")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--out", type=Path, help="work folder (data, runs, mlflow.db); default: a temporary one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides, openclaw side")
     p.add_argument("--replacement", choices=["ray-start", "cluster"], default="ray-start",
                    help="how the replacement node joins: a `ray start --address` raylet (as an operator would "
                         "add one) or `Cluster.add_node`")
+    p.add_argument("--side", choices=["openclaw"], help="only one openclaw run in this process, printed as one JSON "
+                                                          "line with its world sizes and final checkpoint (needs --out)")
     a = p.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
-    prepare_digits(a.out / "digits")
+    if a.side:
+        if not a.out:
+            p.error("--side openclaw needs --out")
+        print(json.dumps(openclaw_side(a.out, a.overrides, a.replacement)))
+        return 0
+    work = a.out or Path(tempfile.mkdtemp(prefix="openclaw-node-loss-"))
+    rounds = iter(range(10**6))
+    argv_of = {
+        "openclaw": lambda: [__file__, "--side", "openclaw", "--out", str(work), "--replacement", a.replacement,
+                             "--set", f"name=elastic-{next(rounds)}", *sum((["--set", o] for o in a.overrides), [])],
+        "bare, same settings": lambda: [str(ANCHOR), "--tuned"],
+        "bare, Ray defaults": lambda: [str(ANCHOR)],
+    }
+    names = [s.strip() for s in a.sides.split(",")]
+    unknown = [n for n in names if n not in SIDES]
+    if unknown:
+        p.error(f"--sides: unknown {unknown}; choose from {list(SIDES)}")
+    runs = alternate({SIDES[n]: (lambda n=n: run_side(argv_of[SIDES[n]](), timeout_s=1200)) for n in names},
+                     a.repeats)
+    failed = {k: [r for r in v if r.get("node_loss_recovery_s") is None] for k, v in runs.items()}
+    for side, bad in failed.items():
+        if bad:
+            print(f"  {side}: {len(bad)} run(s) never trained again at world size 1: {bad}")
+    values = {k: [r["node_loss_recovery_s"] for r in v if r.get("node_loss_recovery_s") is not None]
+              for k, v in runs.items()}
+    base = "bare, same settings" if "bare, same settings" in values else next(iter(values))
+    out = summarize("seconds from a node's death to the end of the first step at world size 1", values, base=base)
+    if "openclaw" in runs:
+        out["regrow"] = summarize("openclaw: seconds from the replacement node's join to the end of the first "
+                                  "step at world size 2", {"openclaw": [r["regrow_s"] for r in runs["openclaw"]]},
+                                  base="openclaw")
+        out["openclaw_runs"] = runs["openclaw"]
+    print(json.dumps(out))
+    return 0
+
+
+SIDES = {"openclaw": "openclaw", "bare-tuned": "bare, same settings", "bare-default": "bare, Ray defaults"}
+"""`--sides` names and the columns they print."""
+
+
+def openclaw_side(out: Path, extra: list[str], replacement: str) -> dict:
+    """One openclaw run: kill a node after the first checkpoint, add a replacement once training goes on
+    at world size 1, read the times from the run's events."""
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_digits(out / "digits")
 
     import openclaw
 
-    uri = f"sqlite:///{a.out / 'mlflow.db'}"
-    overrides = {**OVERRIDES, "data.train": str(a.out / "digits" / "train"), "data.val": str(a.out / "digits" / "val"),
-                 "checkpoint.storage": str(a.out / "runs"), "tracking.uri": uri}
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    overrides = {**OVERRIDES, "data.train": str(out / "digits" / "train"), "data.val": str(out / "digits" / "val"),
+                 "checkpoint.storage": str(out / "runs"), "tracking.uri": uri}
     config = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", overrides)
-    config = openclaw.load_config(None, a.overrides, base=config.resolved())
+    config = openclaw.load_config(None, extra, base=config.resolved())
 
     cluster, victim, started_before = start_cluster(head_cpus=3)
-    run_dir = a.out / "runs" / config.name
+    run_dir = out / "runs" / config.name
     marks: dict[str, float] = {}
     result: dict = {}
     joined: list = []
@@ -80,33 +133,31 @@ def main(argv: list[str] | None = None) -> int:
         _wait_for(lambda: has_valid_checkpoint(run_dir), 300, "the first checkpoint")
         cluster.remove_node(victim, allow_graceful=False)
         marks["killed"] = time.time()
-        events = lambda: [e for e in _events(uri, run_dir) if e["event"] in ATTEMPTS]  # noqa: E731
-        _wait_for(lambda: any(e.get("world_size") == 1 for e in events()), 300, "a restart at world size 1")
-        if a.replacement == "ray-start":
+        _wait_for(lambda: first_step_after(_events(uri, run_dir), marks["killed"], 1), 300,
+                  "training at world size 1")
+        if replacement == "ray-start":
             joined += ray_start_node(cluster.address)
         else:
             cluster.add_node(num_cpus=1, resources={"trainer": 1})
         marks["added"] = time.time()
-        _wait_for(lambda: any(e.get("world_size") == 2 and e["t"] > marks["added"] for e in events()), 300,
-                  "growing back to world size 2")
+        _wait_for(lambda: first_step_after(_events(uri, run_dir), marks["added"], 2), 300,
+                  "training at world size 2 again")
         trainer.join(timeout=600)
     finally:
         stop_cluster(cluster, started_before, joined)
 
     all_events = _events(uri, run_dir)
+    shrink, grow = first_step_after(all_events, marks["killed"], 1), first_step_after(all_events, marks["added"], 2)
     evs = [e for e in all_events if e["event"] in ATTEMPTS]
-    shrink = next(e for e in evs if e["world_size"] == 1)
-    grow = next(e for e in evs if e["world_size"] == 2 and e["t"] > marks["added"])
-    requested = [e["step"] for e in all_events if e["event"] == "checkpoint_requested"]
-    print(json.dumps({
-        "grow_resumed_from_step": grow["resumed_from_step"], "checkpoints_before_grow": requested,
+    return {
         "node_loss_recovery_s": round(shrink["t"] - marks["killed"], 1),
         "regrow_s": round(grow["t"] - marks["added"], 1),
+        "grow_resumed_from_step": grow["step"],
+        "checkpoints_before_grow": [e["step"] for e in all_events if e["event"] == "checkpoint_requested"],
         "world_sizes": [e["world_size"] for e in evs], "causes": [e["event"] for e in evs],
         "finished_step": result["train"].metrics.get("step") if "train" in result else None,
         "checkpoint": result["train"].checkpoint if "train" in result else None,
-    }))
-    return 0
+    }
 
 
 def start_cluster(head_cpus: int):
