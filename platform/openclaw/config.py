@@ -126,6 +126,20 @@ class Config(Section):
                                  f"{', '.join(map(str, uneven))}. Use `auto` or a divisor.")
         return self
 
+    @model_validator(mode="after")
+    def _prepared_data_has_a_folder(self) -> "Config":
+        """The prepared-data cache is a folder (locks, renames): by default it lives in `checkpoint.storage`,
+        which an object store cannot hold it in."""
+        d, storage = self.data, self.checkpoint.storage
+        if (d.transforms or d.on_bad_shard == "skip") and not d.cache.dir and "://" in storage:
+            why = "`data.transforms`" if d.transforms else "`data.on_bad_shard: skip`"
+            raise ValueError(
+                f"`data.cache.dir` is unset, and its default, `<checkpoint.storage>/.data-cache`, cannot be used: "
+                f"`checkpoint.storage` is the URI {storage}, and the prepared-data cache that {why} needs is a "
+                f"folder. Set `data.cache.dir` to a local folder (one node) or to a folder every node sees (a "
+                f"shared mount), e.g. `--set data.cache.dir=/mnt/shared/openclaw-data-cache`")
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """The config as plain data, defaults filled in."""
         return self.model_dump(mode="json", by_alias=True)

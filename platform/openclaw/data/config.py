@@ -30,8 +30,9 @@ class S3Config(Section):
 class CacheConfig(Section):
     dir: str | None = None
     """Where the prepared data (the transforms' output) is cached as Parquet shards, one entry per
-    fingerprint of (source files, transforms, transform code). Unset: `<checkpoint.storage>/.data-cache`.
-    On many nodes it must be a folder every node sees (a shared mount)."""
+    fingerprint of (source files, transforms, transform code). Unset: `<checkpoint.storage>/.data-cache`,
+    where `checkpoint.storage` is a folder; with a URI `checkpoint.storage` (s3://...) it must be set. On
+    many nodes it must be a folder every node sees (a shared mount)."""
     max_bytes: int = Field(50 * 2**30, gt=0)
     """The cache's size bound; least-recently-used entries that no run is using are evicted to stay under it."""
 

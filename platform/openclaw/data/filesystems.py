@@ -47,8 +47,47 @@ def s3_filesystem(s3: Any = None) -> pafs.S3FileSystem:
 
 def storage_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """`(filesystem, path within it)` of checkpoint storage: a local folder or a URI (s3://, gs://, ...),
-    whose credentials come from the standard environment."""
-    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    whose endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
+    `AWS_ACCESS_KEY_ID`, ...; not `data.s3`, which is the data's).
+
+    An S3 filesystem names them explicitly, so that it keeps them when pickled: Ray Train carries the
+    checkpoints' filesystems to its controller (which deletes the old ones), whose environment may have
+    neither; `from_uri` alone resolves them at connection time, in the process that connects."""
+    if "://" not in path:
+        return pafs.LocalFileSystem(), path
+    fs, root = pafs.FileSystem.from_uri(path)
+    return (_portable(fs) if isinstance(fs, pafs.S3FileSystem) else fs), root
+
+
+def _portable(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
+    """`fs` (with the options its URI gave) naming the endpoint and the credentials of this process's
+    environment, where the URI named none."""
+    rebuild, (options,) = fs.__reduce__()  # the filesystem's own options, as it pickles them
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not options.get("endpoint_override"):
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(endpoint_override=url.netloc, scheme=url.scheme)
+    own_keys = options.get("access_key") or options.get("anonymous") or options.get("role_arn")
+    if os.environ.get("AWS_ACCESS_KEY_ID") and not own_keys:
+        options.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                       session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return rebuild(options)
+
+
+def ray_storage(storage: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's `(storage_path, storage_filesystem)` for checkpoint storage (driver). For a URI, the
+    filesystem travels to Ray's controller pickled, as an argument (see `storage_filesystem`)."""
+    if "://" not in storage:
+        return storage, None
+    fs, root = storage_filesystem(storage)
+    return root, fs
+
+
+def storage_uri(storage: str, path: str | None) -> str | None:
+    """A path within checkpoint storage's filesystem (`storage_filesystem`), as a URI again."""
+    if not path or "://" not in storage or "://" in path:
+        return path
+    return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ def needs_preparation(d: DataConfig) -> bool:
 
 def fingerprint(source: Source, d: DataConfig) -> str:
     """The cache key: the source's files, the transforms and their code, and the bad-shard policy."""
-    payload = {"files": [[s.path, s.size, s.mtime_ns] for s in source.shards],
+    payload = {"files": [[s.path, s.size, s.mtime_ns] + ([s.etag] if s.etag else []) for s in source.shards],
                "skipped": [p for p, _ in source.skipped],
                "transforms": [t.model_dump() for t in d.transforms], "code": code_version(d.transforms),
                "on_bad_shard": d.on_bad_shard, "endpoint": d.s3.endpoint_url}
@@ -117,7 +117,8 @@ def _shard_name(name: str, folder: str) -> str:
 def _prepare_source(src: Source, d: DataConfig, tmp: str) -> dict[str, Any]:
     import ray.data
     t0 = time.perf_counter()
-    items = [{"i": i, "path": s.path, "size": s.size, "mtime_ns": s.mtime_ns} for i, s in enumerate(src.shards)]
+    items = [{"i": i, "path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "etag": s.etag}
+             for i, s in enumerate(src.shards)]
     task = _ShardTask(src.spec, d.s3.model_dump(), d.transforms, tmp, d.shard_cache.dir, d.shard_cache.max_bytes,
                       secret_env())
     ctx = ray.data.DataContext.get_current()
@@ -156,7 +157,8 @@ class _ShardTask:
                "fatal": None}
         try:
             if self.shard_cache:
-                body = ShardCache(*self.shard_cache).read(fs, item["path"], item["size"], item["mtime_ns"])
+                body = ShardCache(*self.shard_cache).read(fs, item["path"], item["size"], item["mtime_ns"],
+                                                          item["etag"])
                 reader = pq.ParquetFile(pa.BufferReader(body))
             else:
                 reader = pq.ParquetFile(item["path"], filesystem=fs)

@@ -2,11 +2,13 @@
 MosaicML Streaming's cache).
 
 A cached shard is `<key>.parquet` plus `<key>.json` (its source, size and CRC32), where the key hashes the
-object's path, size and modification time, so a changed object is a miss. Every hit checks the size and
-the CRC32 of the bytes it returns, so a damaged local copy is fetched again instead of trained on. A
-re-read of a cached shard does not touch the network. Least-recently-used shards are evicted to keep
-the folder under `max_bytes`; a shard is read whole into memory under its lock, so eviction never pulls
-one from under a reader.
+object's path, size, modification time and ETag, so a changed object is a miss (S3 keeps modification
+times to the second: a rewrite of the same size within the same second differs by its ETag alone). A
+fetch whose object has another ETag than the job listed fails: the object changed under the job. Every
+hit checks the size and the CRC32 of the bytes it returns, so a damaged local copy is fetched again
+instead of trained on. A re-read of a cached shard does not touch the network. Least-recently-used
+shards are evicted to keep the folder under `max_bytes`; a shard is read whole into memory under its
+lock, so eviction never pulls one from under a reader.
 
 States of a shard: absent -> downloading (`.part` file, per-shard lock held) -> cached -> evicted.
 """
@@ -77,9 +79,10 @@ class ShardCache:
                 removed.append(name)
         return removed
 
-    def read(self, fs: pafs.FileSystem, path: str, size: int, mtime_ns: int) -> pa.Buffer:
-        """The shard's bytes, from the local copy when it is valid, else fetched once and cached."""
-        key = hashlib.sha1(f"{path}|{size}|{mtime_ns}".encode()).hexdigest()[:24]
+    def read(self, fs: pafs.FileSystem, path: str, size: int, mtime_ns: int, etag: str = "") -> pa.Buffer:
+        """The shard's bytes, from the local copy when it is valid, else fetched once and cached. `etag`: the
+        object's ETag when the job listed it (`Shard.etag`); empty, none is checked."""
+        key = hashlib.sha1(f"{path}|{size}|{mtime_ns}{'|' + etag if etag else ''}".encode()).hexdigest()[:24]
         data, meta = os.path.join(self.root, key + ".parquet"), os.path.join(self.root, key + ".json")
         with self._lock(key):
             buf = _valid_copy(data, meta, size)
@@ -88,13 +91,17 @@ class ShardCache:
                 os.utime(meta)  # recency, for eviction
                 return buf
             self.stats.misses += 1
-            buf = self._fetch(fs, path, size, data, meta)
+            buf = self._fetch(fs, path, size, etag, data, meta)
         self.evict(keep={key})
         return buf
 
-    def _fetch(self, fs: pafs.FileSystem, path: str, size: int, data: str, meta: str) -> pa.Buffer:
+    def _fetch(self, fs: pafs.FileSystem, path: str, size: int, etag: str, data: str, meta: str) -> pa.Buffer:
         chunks, crc = [], 0
         with fs.open_input_stream(path) as src:
+            got = (src.metadata() or {}).get("ETag", b"").decode()
+            if etag and got and got != etag:
+                raise OSError(f"shard {path}: the object changed since the job listed it (ETag {got}, not {etag}); "
+                              f"a dataset must not change under a run")
             while chunk := src.read(CHUNK_BYTES):
                 chunks.append(chunk)
                 crc = zlib.crc32(chunk, crc)

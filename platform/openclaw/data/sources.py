@@ -31,6 +31,9 @@ class Shard:
     rows: int
     size: int
     mtime_ns: int
+    etag: str = ""
+    """The object's ETag on an object store (empty for local files). S3 keeps modification times to the
+    second: a rewrite of the same size within the same second is told apart by its ETag alone."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     with ThreadPoolExecutor(FOOTER_READERS) as pool:  # one request each: in parallel for object stores
         footers = list(pool.map(lambda i: _footer(fs, i.path), infos))
     schema, shards, skipped = None, [], []
-    for info, meta in zip(infos, footers):
+    for info, (meta, etag) in zip(infos, footers):
         if isinstance(meta, Exception):
             problem = f"shard {info.path} is not a readable Parquet file ({meta})"
             if on_bad_shard == "skip":
@@ -93,7 +96,7 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
                 continue
             raise DataError(f"`{key}`: {problem}. All shards of a dataset must share one schema; fix the shard, "
                             f"or set `data.on_bad_shard: skip` to train without it.")
-        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0))
+        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag))
     source = Source(key, spec, tuple(shards), fs, schema, tuple(skipped))
     if not shards:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) and none is readable"
@@ -103,11 +106,18 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     return source
 
 
-def _footer(fs: pafs.FileSystem, path: str):
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData | Exception, str]:
+    """The shard's Parquet footer (or why it cannot be read) and its ETag, from the same request."""
     try:
-        return pq.ParquetFile(path, filesystem=fs).metadata
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata, _etag_of(f)
     except (pa.ArrowInvalid, OSError) as e:
-        return e
+        return e, ""
+
+
+def _etag_of(f: pa.NativeFile) -> str:
+    """The ETag an object store sent with an opened object ("" for local files)."""
+    return (f.metadata() or {}).get("ETag", b"").decode()
 
 
 def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[pafs.FileInfo]:

@@ -146,7 +146,7 @@ class ShardedData:
         shard = self.shards[i]
         try:
             if self.cache is not None:
-                body = self.cache.read(self.fs, shard.path, shard.size, shard.mtime_ns)
+                body = self.cache.read(self.fs, shard.path, shard.size, shard.mtime_ns, shard.etag)
                 table = pq.read_table(pa.BufferReader(body), columns=self.columns)
             else:
                 table = pq.read_table(shard.path, columns=self.columns, filesystem=self.fs)

@@ -13,6 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from openclaw import constants
 from openclaw.config import Config
+from openclaw.data.filesystems import ray_storage
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.loop import train_loop
 from openclaw.runtime.ray_private import DatasetsCallback
@@ -69,6 +70,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     resources = dict(s.resources_per_worker)
     if use_gpu:
         resources.setdefault("GPU", 1)
+    storage_path, storage_fs = ray_storage(storage)
     # The workers stream their shards themselves (`openclaw.data.stream`), in the platform's order: no
     # Ray Data iterator, whose order and position a restart could not recover.
     return OpenclawTorchTrainer(
@@ -78,7 +80,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
                                                resources_per_worker=resources,
                                                elastic_resize_monitor_interval_s=s.resize_monitor_interval_s),
         run_config=ray.train.RunConfig(
-            name=config.name, storage_path=storage,
+            name=config.name, storage_path=storage_path, storage_filesystem=storage_fs,
             # Unlimited for Ray: openclaw's FailureBudget callback keeps the config's budgets (preemptions apart).
             failure_config=ray.train.FailureConfig(max_failures=-1, max_preemption_failures=-1),
             callbacks=_controller_callbacks(config, progress, watch_drains) + list(callbacks or []),

@@ -24,6 +24,7 @@ from ray.util.queue import Queue
 
 from openclaw import constants
 from openclaw.config import Config
+from openclaw.data.filesystems import storage_uri
 from openclaw.data.sources import Source
 from openclaw.data.stream import shard_specs
 from openclaw.errors import OpenClawError, RunStopped
@@ -67,7 +68,7 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False, 
     except BaseException as e:
         session.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise _unwrap(e) from None
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = storage_uri(session.storage, result.checkpoint.path) if result.checkpoint else None
     metrics = dict(result.metrics or {})
     stopped_at = metrics.get("step", config.train.max_steps)
     if stopped_at < config.train.max_steps:  # the workers checkpointed and returned on a stop request

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
-from openclaw.data.filesystems import storage_filesystem
+from openclaw.data.filesystems import storage_filesystem, storage_uri
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.model_io import restore_engine
 from openclaw.errors import CheckpointError
@@ -49,6 +49,7 @@ def restore(run_dir: str, tracker, engine, accept: Callable[[dict[str, Any], str
     changed under the run) by raising.
     """
     for candidate in checkpoints_newest_first(run_dir):
+        uri = storage_uri(run_dir, candidate.path)
         with candidate.as_directory() as d:
             parts, problem = None, None
             try:
@@ -56,11 +57,11 @@ def restore(run_dir: str, tracker, engine, accept: Callable[[dict[str, Any], str
             except CheckpointError as e:
                 problem = str(e)
             if not _all_ranks_agree(parts is not None, engine.device):
-                _skip(tracker, candidate.path, problem or "another rank found it invalid")
+                _skip(tracker, uri, problem or "another rank found it invalid")
                 continue
-            accept(parts["state"], candidate.path)
+            accept(parts["state"], uri)
             restore_engine(engine, d, parts)
-        return parts | {"path": candidate.path}
+        return parts | {"path": uri}
     return None
 
 

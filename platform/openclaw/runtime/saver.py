@@ -27,7 +27,7 @@ from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from openclaw.config import Config
-from openclaw.data.filesystems import storage_filesystem
+from openclaw.data.filesystems import storage_filesystem, storage_uri
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.sharded import SHARDS_DIR, async_save_shards, save_shards
 from openclaw.errors import CheckpointError
@@ -201,4 +201,5 @@ class Saver:
 
     def _after_report(self, step: int, path: str, mode: str) -> None:
         self.tracker.publish(through_step=step)
-        self.tracker.event("checkpoint", step=step, world_size=self.state.world_size, mode=mode, checkpoint=path)
+        self.tracker.event("checkpoint", step=step, world_size=self.state.world_size, mode=mode,
+                           checkpoint=storage_uri(self.run_dir, path))

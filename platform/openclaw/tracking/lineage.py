@@ -26,7 +26,7 @@ class ParquetShards(Dataset):
         super().__init__(source=resolved, name=name)
 
     def _compute_digest(self) -> str:
-        files = [[s.path, s.size, s.mtime_ns, s.rows] for s in self._src.shards]
+        files = [[s.path, s.size, s.mtime_ns, s.rows] + ([s.etag] if s.etag else []) for s in self._src.shards]
         return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:10]
 
     @property
