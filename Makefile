@@ -11,7 +11,7 @@ help:
 	@echo "make test         install test dependencies and run the whole suite"
 	@echo "make test-unit    only the tests that need no Ray cluster"
 	@echo "make data         prepare the digits and text datasets under datasets/"
-	@echo "make bench        run the engine-overhead benchmark"
+	@echo "make bench        every CPU benchmark in a quick mode (about 40 min): bench/results.md and the README table"
 	@echo "make mlflow-server  a basic-auth MLflow server for a cluster (deploy/mlflow-server.sh says its settings)"
 
 $(BIN)/python:
@@ -49,8 +49,8 @@ test: install-test
 test-unit: install-test
 	$(BIN)/python -m pytest -m "not integration"
 
-bench: install
-	$(BIN)/python bench/engine_overhead.py
+bench: install-test
+	$(BIN)/python bench/run_all.py
 
 # A tracking server for a cluster, safe by default (deploy/mlflow-server.sh): basic-auth with a generated
 # admin password kept 0600 in ~/openclaw/mlflow-server, host checks, and no secret on the command line, e.g.

@@ -1,0 +1,194 @@
+"""`make bench`: every CPU bench in a quick mode, one after another, into one table (driver process).
+
+Each bench runs as its own process with the command shown in the table; its last stdout line is its
+JSON result. The figures (both sides, median, spread min-max, repeats, ratio of medians) go to
+`bench/results.md` and `bench/results.json`, and the README's performance table (between its
+`bench-results` markers) is rewritten from them, so that no figure there is typed by hand.
+
+    python bench/run_all.py                     # every bench (about 40 minutes on a 2-core machine)
+    python bench/run_all.py --only recovery,cache
+    python bench/run_all.py --readme-only       # rewrite the README table from bench/results.json
+
+Quick mode keeps each bench short: fewer steps, and fewer repeats where one repeat is minutes long
+(the table's `n` says how many each side had, and the notes below say why).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from common import REPO, figure  # noqa: E402  (bench/ is this script's folder)
+
+RESULTS_MD, RESULTS_JSON, README = REPO / "bench" / "results.md", REPO / "bench" / "results.json", REPO / "README.md"
+BEGIN, END = "<!-- bench-results:begin (bench/run_all.py writes this table) -->", "<!-- bench-results:end -->"
+
+
+def _found(result: Any) -> list[dict]:
+    """The figures (`common.figure` dicts) anywhere in a bench's JSON result."""
+    if isinstance(result, dict):
+        if "figure" in result and "sides" in result:
+            return [result]
+        return [f for v in result.values() for f in _found(v)]
+    if isinstance(result, list):
+        return [f for v in result for f in _found(v)]
+    return []
+
+
+def _engine(result: dict) -> list[dict]:
+    return [figure(f"engine vs a bare PyTorch loop, {result['model']}, {result['device']}, {result['precision']}",
+                   {"openclaw": result["openclaw_runs"], "bare loop": result["bare_runs"]}, base="bare loop",
+                   unit="samples/s", digits=1)]
+
+
+def _parallel(result: dict) -> list[dict]:
+    return [figure(f"parallelism, the engine alone: {result['params'] / 1e6:.1f}M-parameter GPT, {result['world']} gloo "
+                   "ranks", {k: v["samples_per_s"] for k, v in result["sides"].items()}, base="ddp",
+                   unit="samples/s", digits=1)]
+
+
+def _precision(result: dict) -> list[dict]:
+    return [figure(f"precision on CPU, the engine alone, {model}",
+                   {"fp32": r["fp32_runs"], "bf16": r["bf16_runs"]}, base="fp32", unit="samples/s", digits=1)
+            for model, r in result.items()]
+
+
+def _compile(result: dict) -> list[dict]:
+    return [figure(f"compile after a restart, {result['model']} on {result['device']}: perf/compile_s",
+                   {"cold Inductor cache": result["cold_s"], "warm (the run's compile cache)": result["warm_s"]},
+                   base="cold Inductor cache")]
+
+
+def _quantize(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        for key in (k for k in r if k.startswith("latency_b")):
+            lat = r[key]
+            f = {"figure": f"quantized export, {r['model']} {r['mode']} (layers {r['layer_ratio']:.3f}x of fp32 bytes, "
+                           f"val loss {r['val_loss_full']:.4f} -> {r['val_loss_quantized']:.4f}): forward ms, batch "
+                           f"{key.removeprefix('latency_b')}", "unit": "ms", "base": "full precision", "sides": {}}
+            for side, name in (("full", "full precision"), ("quantized", r["mode"])):
+                s = lat[side]
+                f["sides"][name] = {"median": round(s["median_ms"], 3), "min": round(s["min_ms"], 3),
+                                    "max": round(s["max_ms"], 3), "n": None,
+                                    "ratio": 1.0 if side == "full" else round(lat["ratio"], 3)}
+            out.append(f)
+    return out
+
+
+BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
+    # name -> (arguments, figures from its JSON, why fewer than 5 repeats where so)
+    "engine-gpt": (["engine_overhead.py", "--model", "gpt", "--steps", "20", "--repeats", "5"], _engine, ""),
+    "engine-mlp": (["engine_overhead.py", "--model", "mlp", "--steps", "200", "--repeats", "9"], _engine, ""),
+    "parallel": (["parallel_overhead.py", "--steps", "5", "--repeats", "5"], _parallel, ""),
+    "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
+    "compile": (["compile_restart.py", "--repeats", "3"], _compile, "a cold compile takes about 15 s here"),
+    "quantize": (["quantize.py", "--train", "--modes", "int8,int4", "--batches", "32", "--repeats", "5"], _quantize,
+                 ""),
+    "recovery": (["recovery.py", "--repeats", "2"], _found, "a round of three Ray runs takes about 2.5 minutes"),
+    "node-loss": (["node_loss.py", "--repeats", "1"], _found,
+                  "a round of three 2-node clusters takes about 5 minutes (Ray's defaults alone 1.7)"),
+    "checkpoint": (["checkpoint_stall.py", "--repeats", "3", "--steps", "90"], _found,
+                   "each run writes 300 MB checkpoints on two cores"),
+    "cache": (["cache.py", "--rows", "100000", "--rounds", "1000", "--repeats", "3"], _found,
+              "each miss prepares the data for about 20 s"),
+    "tracking": (["tracking_overhead.py", "--repeats", "4", "--steps", "300"], _found, ""),
+    "ingest": (["ingest.py", "--rows", "1000000", "--token-rows", "200000", "--repeats", "5"], _found, ""),
+    "goodput": (["goodput.py", "--steps", "3000", "--kill-every", "20", "--repeats", "1"], _found,
+                "a faulty run and a clean one take about 4 minutes"),
+}
+
+
+def run(name: str) -> dict[str, Any]:
+    args, figures, why = BENCHES[name]
+    print(f"== {name}: python bench/{' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, *args], cwd=REPO / "bench", capture_output=True, text=True, timeout=3600)
+    took = time.perf_counter() - t0
+    lines = [x for x in r.stdout.strip().splitlines() if x.startswith(("{", "["))]
+    if r.returncode != 0 or not lines:
+        print(r.stdout[-2000:], r.stderr[-4000:], sep="\n", file=sys.stderr)
+        return {"name": name, "command": f"python bench/{' '.join(args)}", "error": f"exit {r.returncode}",
+                "seconds": round(took)}
+    print(f"   {took:.0f} s", flush=True)
+    return {"name": name, "command": f"python bench/{' '.join(args)}", "seconds": round(took),
+            "figures": figures(json.loads(lines[-1])), "fewer_repeats": why}
+
+
+def _fmt(s: dict, unit: str) -> str:
+    n = f", n={s['n']}" if s.get("n") else ""
+    m = abs(s["median"])
+    digits = 0 if m >= 1000 else 1 if m >= 100 else 3 if unit in ("", "ms") or m < 1 else 2
+    f = lambda v: f"{v:,.{digits}f}"  # noqa: E731
+    return f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])}{n})"
+
+
+def table(results: list[dict]) -> str:
+    """The results as one Markdown table: each figure, each side's median (spread, repeats), the ratios."""
+    lines = ["| figure | sides: median (min-max, repeats) | ratio of medians | command |", "| --- | --- | --- | --- |"]
+    for res in results:
+        if "error" in res:
+            lines.append(f"| {res['name']}: **failed** ({res['error']}) | | | `{res['command']}` |")
+            continue
+        for f in res["figures"]:
+            unit = f["unit"]
+            sides = "; ".join(f"{name} {_fmt(s, unit)}" for name, s in f["sides"].items())
+            ratios = "; ".join(f"{name} / {f['base']} **{s['ratio']:.3f}**" if s["ratio"] is not None else
+                               f"{name} / {f['base']}: n/a (base 0)" for name, s in f["sides"].items() if name != f["base"])
+            lines.append(f"| {f['figure']}{f' ({unit})' if unit else ''} | {sides} | {ratios} | `{res['command']}` |")
+    return "\n".join(lines)
+
+
+def write(results: list[dict], meta: dict[str, str]) -> str:
+    fewer = [f"- {r['name']}: {r['fewer_repeats']}." for r in results if r.get("fewer_repeats")]
+    md = "\n".join([f"Measured by `make bench` (`python bench/run_all.py`) on {meta['when']}, {meta['machine']}, "
+                    f"at commit {meta['commit']}. Every side of a figure ran in the same invocation, the sides "
+                    "alternating (ABBA).", "", table(results), "",
+                    *(["Fewer than 5 repeats, and why:", *fewer, ""] if fewer else []),
+                    "Time each bench took: " + ", ".join(f"{r['name']} {r['seconds']} s" for r in results) + "."])
+    RESULTS_MD.write_text(md + "\n")
+    RESULTS_JSON.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    return md
+
+
+def update_readme(md: str) -> None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} markers to write the table between")
+    head, rest = text.split(BEGIN, 1)
+    README.write_text(head + BEGIN + "\n" + md + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=None, help=f"comma-separated, of {', '.join(BENCHES)}")
+    p.add_argument("--readme-only", action="store_true", help="only rewrite the README table from bench/results.json")
+    a = p.parse_args(argv)
+    if a.readme_only:
+        saved = json.loads(RESULTS_JSON.read_text())
+        update_readme(write(saved["results"], saved["meta"]))
+        return 0
+    names = a.only.split(",") if a.only else list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"--only: unknown {unknown}; choose from {list(BENCHES)}")
+    results = [run(n) for n in names]
+    if a.only and RESULTS_JSON.exists():  # keep the other benches' last results
+        old = {r["name"]: r for r in json.loads(RESULTS_JSON.read_text())["results"]}
+        results = [({r["name"]: r for r in results}.get(n) or old[n]) for n in BENCHES if n in old or n in names]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {"when": time.strftime("%Y-%m-%d"), "commit": commit or "unknown",
+            "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, no GPU"}
+    md = write(results, meta)
+    update_readme(md)
+    print(md)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
