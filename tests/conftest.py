@@ -58,6 +58,20 @@ def digits_config(digits_dir: Path, tmp_path: Path, mlflow_uri: str, **overrides
     return load_config(REPO / "jobs" / "configs" / "digits.yaml", {**base, **overrides})
 
 
+def with_bad_shard(digits_dir: Path, folder: Path) -> Path:
+    """A copy of the digits train shards in `folder` plus `part-00009.parquet`, whose footer (schema, row
+    counts) still reads but whose page headers are destroyed: found bad only when its rows are read."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    shutil.copytree(digits_dir / "train", folder)
+    pq.write_table(pq.read_table(folder / "part-00000.parquet"), folder / "part-00009.parquet")
+    body = bytearray((folder / "part-00009.parquet").read_bytes())
+    body[8:60] = b"\xab" * 52
+    (folder / "part-00009.parquet").write_bytes(bytes(body))
+    return folder
+
+
 def ledger_records(path) -> list[dict]:
     """A `train.record_samples` log's records. The worker appends as it trains (and a SIGKILL can cut
     its last write short), so only lines that end in a newline are whole."""

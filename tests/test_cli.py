@@ -1,5 +1,7 @@
 """Bad input: one paragraph naming the file, key or column; exit 2; no traceback unless --debug.
-Each case fails in preflight, before Ray or any worker starts."""
+Each case fails in preflight, before Ray or any worker starts, but the last: a bad shard that only the
+data's preparation (Ray Data tasks) finds."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,24 @@ def test_config_schema_is_json_schema_with_descriptions():
 def test_config_needs_schema_or_defaults():
     r = run_cli("config")
     assert r.returncode == 2 and "--schema" in r.stderr
+
+
+@pytest.mark.integration
+def test_a_bad_shard_found_while_preparing_the_data_exits_2_naming_it(digits_dir, tmp_path):
+    """A data error found after Ray starts (the preparation's Ray Data tasks read every shard; preflight
+    reads only footers) is a user error all the same: exit 2, one paragraph naming the shard, no traceback."""
+    from conftest import BIN, with_bad_shard
+    bad = with_bad_shard(digits_dir, tmp_path / "bad")
+    r = subprocess.run([str(BIN / "openclaw"), "train", str(DIGITS), "--set", f"data.train={bad}",
+                        "--set", f"data.val={digits_dir / 'val'}", "--set", "data.on_bad_shard=fail",
+                        "--set", "data.transforms=[{op: cast, column: y, dtype: int64}]",
+                        "--set", f"checkpoint.storage={tmp_path / 'runs'}",
+                        "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own local Ray
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]  # (after Ray Data's own log lines)
+    assert last.startswith(f"openclaw: error: `data.train`: shard {bad / 'part-00009.parquet'} could not be read"), \
+        r.stderr[-3000:]
+    assert "`data.on_bad_shard: skip`" in last and "Traceback" not in r.stdout + r.stderr
+    assert "starting" not in r.stdout  # it stopped before the run began

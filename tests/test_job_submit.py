@@ -2,6 +2,7 @@
 openclaw is NOT importable on the cluster: the package travels with the job's working dir."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -115,6 +116,20 @@ def test_ray_job_submit_trains_without_openclaw_installed(head, digits_dir, tmp_
 
 def test_submit_without_token_is_refused(head):
     address, env = head
-    r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
-                       env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    job_list = [str(BIN / "ray"), "job", "list", "--address", address]
+    # Without the cluster's token the job server answers 401, which Ray's client raises as its
+    # AuthenticationError (a traceback: Ray's own CLI, not openclaw's).
+    r = subprocess.run(job_list, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode != 0
+    assert "AuthenticationError: Authentication required: Unauthorized: Missing authentication token" in r.stderr, \
+        r.stderr[-3000:]
+    # The same request with the token (RAY_AUTH_MODE=token, the token `ray start` wrote) is answered.
+    ok = subprocess.run(job_list, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert f"Job submission server address: {address}" in _plain(ok.stdout) and "Authentication" not in ok.stderr
+
+
+def _plain(text: str) -> str:
+    """Ray's CLI output without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

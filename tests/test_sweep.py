@@ -104,17 +104,26 @@ def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with
     assert best_cfg.train.optimizer.lr == 3e-3 and best_cfg.sweep is None
 
 
-def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path):
+@pytest.mark.parametrize("tune_saved_it", [True, False], ids=["tune-saved-it-finished", "trial-finds-its-record"])
+def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path, tune_saved_it):
+    """The first driver is killed once a trial has finished; `--resume` must not train it again. Two paths,
+    each forced: Tune's saved state already says the trial finished, so Tune does not start it again; or
+    Tune last saved it before it finished, starts it again, and the trial finds its finished record in
+    its job file and reports that record without training (`sweeps.trial.run_trial`)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Data paths relative to the driver's working folder (the trials run in Tune's trial folders).
     cmd = [sys.executable, "-m", "openclaw.cli", "sweep", str(SWEEP)] + [
         f"--set={k}={v}" for k, v in sweep_overrides(digits_dir, tmp_path, uri, **{
             "data.train": os.path.relpath(digits_dir / "train", tmp_path),
             "data.val": os.path.relpath(digits_dir / "val", tmp_path),
-            "train.max_steps": 100, "sweep.num_samples": 3, "sweep.max_concurrent": 1,
+            "train.max_steps": 100, "sweep.num_samples": 2, "sweep.max_concurrent": 1,
             "sweep.scheduler": "none"}).items()]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # The first driver (with its own local Ray instance) is killed, all of it, once a trial has finished.
+    if not tune_saved_it:  # Tune saves its state when it starts, then not for a day (openclaw's period is 2 s)
+        env["TUNE_GLOBAL_CHECKPOINT_S"] = "86400"
+    experiment = tmp_path / "runs" / "digits-sweep"
+    # The first driver (with its own local Ray instance) is killed, all of it, once a trial has finished
+    # (and, on the first path, once Tune's saved state says so).
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
                              start_new_session=True)
     finished = None
@@ -122,10 +131,16 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path):
         m = re.search(r"trial (\S+) finished at step 100", line)
         if m:
             finished = m.group(1)
-            os.killpg(first.pid, signal.SIGKILL)
             break
+    if finished and tune_saved_it:
+        deadline = time.monotonic() + 60
+        while tune_saved_status(experiment).get(finished) != "TERMINATED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=60)
     assert finished, "no trial finished before the first driver ended"
+    saved = tune_saved_status(experiment)
+    assert finished in saved and (saved[finished] == "TERMINATED") == tune_saved_it, saved
 
     client = MlflowClient(uri)
     parent = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id],
@@ -135,15 +150,29 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path):
 
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "sweep done: 3 finished, 0 stopped early, 0 failed" in second.stdout
+    assert "sweep done: 2 finished, 0 stopped early, 0 failed" in second.stdout
+    started_again = f"trial {finished} started" in second.stdout
+    reported = (f"trial {finished} had finished before the sweep's driver stopped (not run again); it ended at "
+                f"step 100") in second.stdout
+    assert (started_again, reported) == (not tune_saved_it, not tune_saved_it), second.stdout[-3000:]
 
     kids = children(client, parent)
-    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)  # no trial ran as a second child run
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)  # no trial ran as a second child run
     again = client.get_run(done.info.run_id)
     assert (again.info.end_time, history(client, done.info.run_id, "train/loss")) == before
     events = json.load(open(client.download_artifacts(done.info.run_id, "events.json", str(tmp_path))))
     assert [e["event"] for e in events if e["event"] in ("start", "resume", "restart", "resize")] == ["start"]
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def tune_saved_status(experiment: Path) -> dict[str, str]:
+    """Each trial's status in the newest experiment state Tune saved in `experiment` (what `--resume` reads)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))  # named by the driver's start time
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except ValueError:  # being copied there right now: the next poll reads it whole
+        return {}
+    return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _ in trials)}
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
