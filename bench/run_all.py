@@ -55,7 +55,7 @@ def _parallel(result: dict) -> list[dict]:
 def _precision(result: dict) -> list[dict]:
     return [figure(f"precision on CPU, the engine alone, {model}",
                    {"fp32": r["fp32_runs"], "bf16": r["bf16_runs"]}, base="fp32", unit="samples/s", digits=1)
-            for model, r in result.items()]
+            for model, r in result.items() if isinstance(r, dict) and "fp32_runs" in r]
 
 
 def _compile(result: dict) -> list[dict]:
@@ -116,8 +116,13 @@ def run(name: str) -> dict[str, Any]:
         return {"name": name, "command": f"python bench/{' '.join(args)}", "error": f"exit {r.returncode}",
                 "seconds": round(took)}
     print(f"   {took:.0f} s", flush=True)
+    try:
+        found = figures(json.loads(lines[-1]))
+    except Exception as e:  # a bench whose output changed: say so in the table, keep the others
+        return {"name": name, "command": f"python bench/{' '.join(args)}", "seconds": round(took),
+                "error": f"its JSON result could not be read ({type(e).__name__}: {e})"}
     return {"name": name, "command": f"python bench/{' '.join(args)}", "seconds": round(took),
-            "figures": figures(json.loads(lines[-1])), "fewer_repeats": why}
+            "figures": found, "fewer_repeats": why}
 
 
 def _fmt(s: dict, unit: str) -> str:
@@ -177,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         p.error(f"--only: unknown {unknown}; choose from {list(BENCHES)}")
-    results = [run(n) for n in names]
-    if a.only and RESULTS_JSON.exists():  # keep the other benches' last results
-        old = {r["name"]: r for r in json.loads(RESULTS_JSON.read_text())["results"]}
-        results = [({r["name"]: r for r in results}.get(n) or old[n]) for n in BENCHES if n in old or n in names]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"when": time.strftime("%Y-%m-%d"), "commit": commit or "unknown",
             "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, no GPU"}
+    old = {r["name"]: r for r in json.loads(RESULTS_JSON.read_text())["results"]} \
+        if a.only and RESULTS_JSON.exists() else {}  # with --only, the other benches' last results stay
+    done: dict[str, dict] = {}
+    for n in names:  # saved after each bench, so that a failure later keeps what ran
+        done[n] = run(n)
+        results = [done.get(k) or old[k] for k in BENCHES if k in done or k in old]
+        write(results, meta)
     md = write(results, meta)
     update_readme(md)
     print(md)
