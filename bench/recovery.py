@@ -37,6 +37,19 @@ ANCHOR = REPO.parent / "shared" / "anchors" / "bare_ray_recovery.py"
 POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
+def bare_side(poll: str | None) -> dict:
+    """One run of the anchor. It stops its clock at the first step line written after the kill, from any
+    rank; rank 0 can write its line of the killed step just after rank 1 wrote the kill, which reads as a
+    recovery of 0 s. No restart takes under a second (new processes): such a run is run again, and said."""
+    for _ in range(3):
+        r = run_side([str(ANCHOR)], {POLL: poll})
+        if r["recovery_s"] >= 1.0:
+            return r
+        print(f"  (the anchor timed rank 0's in-flight step, {r['recovery_s']} s after the kill: run again)",
+              file=sys.stderr, flush=True)
+    raise RuntimeError("the anchor timed an in-flight step three times in a row")
+
+
 def openclaw_side(work: Path) -> dict:
     """One openclaw run with a SIGKILL after its first checkpoint (run in a process of its own)."""
     import ray
@@ -81,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = alternate({
         "openclaw": lambda: run_side([__file__, "--side", "openclaw"], {POLL: None}),
-        "bare Ray Train": lambda: run_side([str(ANCHOR)], {POLL: None}),
-        "bare, 0.25 s poll": lambda: run_side([str(ANCHOR)], {POLL: "0.25"}),
+        "bare Ray Train": lambda: bare_side(None),
+        "bare, 0.25 s poll": lambda: bare_side("0.25"),
     }, a.repeats)
     out = summarize("seconds from a worker SIGKILL to the end of the first step after the restore",
                     {k: [r["recovery_s"] for r in v] for k, v in runs.items()}, base="bare Ray Train")
