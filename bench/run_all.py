@@ -32,9 +32,8 @@ BEGIN, END = "<!-- bench-results:begin (bench/run_all.py writes this table) -->"
 def _found(result: Any) -> list[dict]:
     """The figures (`common.figure` dicts) anywhere in a bench's JSON result."""
     if isinstance(result, dict):
-        if "figure" in result and "sides" in result:
-            return [result]
-        return [f for v in result.values() for f in _found(v)]
+        own = [result] if "figure" in result and "sides" in result else []
+        return own + [f for k, v in result.items() if k != "sides" for f in _found(v)]
     if isinstance(result, list):
         return [f for v in result for f in _found(v)]
     return []

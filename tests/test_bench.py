@@ -1,0 +1,44 @@
+"""The benches' shared logic (pure): the ABBA order, the figures, and the README's performance table,
+which must be exactly what `bench/run_all.py` wrote from `bench/results.json` (no figure typed by hand)."""
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import run_all  # noqa: E402
+from common import alternate, figure  # noqa: E402
+
+
+def test_sides_alternate_abba_and_every_side_runs_every_round():
+    order = []
+    got = alternate({s: (lambda s=s: order.append(s) or len(order)) for s in "ABC"}, repeats=4)
+    assert "".join(order) == "ABCCBAABCCBA"
+    assert got == {"A": [1, 6, 7, 12], "B": [2, 5, 8, 11], "C": [3, 4, 9, 10]}
+
+
+def test_a_figure_has_each_sides_median_spread_and_ratio_of_medians():
+    f = figure("t", {"base": [3.0, 1.0, 2.0], "other": [10.0, 2.0, 4.0, 6.0]}, base="base")
+    assert f["sides"]["base"] == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3, "ratio": 1.0}
+    assert f["sides"]["other"] == {"median": 5.0, "min": 2.0, "max": 10.0, "n": 4, "ratio": 2.5}
+
+
+def test_the_table_shows_both_sides_the_ratio_and_the_command():
+    results = [{"name": "x", "command": "python bench/x.py --repeats 5", "seconds": 3, "fewer_repeats": "",
+                "figures": [figure("recovery", {"bare": [8.0, 9.0, 10.0], "openclaw": [4.0, 4.5, 5.0]}, base="bare")]},
+               {"name": "y", "command": "python bench/y.py", "error": "exit 1", "seconds": 1}]
+    t = run_all.table(results)
+    row = next(line for line in t.splitlines() if line.startswith("| recovery"))
+    assert "bare 9.00 (8.00-10.00, n=3)" in row and "openclaw 4.50 (4.00-5.00, n=3)" in row
+    assert "openclaw / bare **0.500**" in row and "`python bench/x.py --repeats 5`" in row
+    assert "| y: **failed** (exit 1)" in t
+
+
+def test_the_readme_table_is_the_one_run_all_wrote_from_results_json():
+    saved = json.loads(run_all.RESULTS_JSON.read_text())
+    readme = run_all.README.read_text()
+    between = readme.split(run_all.BEGIN, 1)[1].split(run_all.END, 1)[0]
+    assert between.strip() == run_all.RESULTS_MD.read_text().strip()
+    assert run_all.table(saved["results"]) in between
+    names = {r["name"] for r in saved["results"]}
+    assert names == set(run_all.BENCHES), f"benches missing from the last `make bench`: {set(run_all.BENCHES) - names}"
