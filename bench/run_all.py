@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:  # saved after each bench, so that a failure later keeps what ran
         done[n] = run(n)
         results = [done.get(k) or old[k] for k in BENCHES if k in done or k in old]
-        write(results, meta)
-    md = write(results, meta)
+        md = write(results, meta)
     update_readme(md)
     print(md)
     return 1 if any("error" in r for r in results) else 0
