@@ -206,6 +206,15 @@ def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_
     assert 0 < metrics["system/node0/memory_percent"] <= 100 and "system/node0/cpu_percent" in metrics
     assert not any(k.startswith("system/node1/") for k in metrics)  # one node: one sample, not one per worker
     assert metrics["perf/checkpoint_stall_s"] > 0
+    # every rank's split (DDP measures its all-reduce wait), the straggler index, what a worker may fill
+    for rank in range(cfg.scaling.max_workers):
+        parts = [metrics[f"perf/rank{rank}/{k}_frac"] for k in ("data", "compute", "comm", "idle")]
+        assert all(0 <= v <= 1 for v in parts) and 0.9 < sum(parts) <= 1.0 + 1e-9, parts
+        assert metrics[f"perf/rank{rank}/compute_frac"] > 0.3
+    assert f"perf/rank{cfg.scaling.max_workers}/data_frac" not in metrics
+    assert metrics["perf/comm_frac"] == max(metrics[f"perf/rank{r}/comm_frac"] for r in range(cfg.scaling.max_workers))
+    assert metrics["perf/straggler_index"] >= 1.0 and metrics["perf/slowest_rank"] in range(cfg.scaling.max_workers)
+    assert metrics["perf/memory_capacity_bytes"] > metrics["perf/state_bytes_per_rank"] > 0
 
 
 def test_scale_lr_policy_trains_a_smaller_world_with_its_own_batch_and_a_scaled_lr(ray_local, digits_dir, tmp_path,

@@ -23,7 +23,9 @@ from torch import nn
 
 from openclaw.engine.compile import CompileCounters, compile_in_place, compile_options, is_compile_error, uncompile
 from openclaw.engine.config import TrainConfig
-from openclaw.engine.metrics import state_bytes
+from openclaw.engine import fp8
+from openclaw.engine.metrics import allreduce_max, state_bytes
+from openclaw.engine.noise import GradPair, LocalGrad, grad_pair, mean_grad_sq
 from openclaw.engine.optim import build_optimizer, lr_at
 from openclaw.engine.parallel import Strategy, build_strategy
 from openclaw.engine.parallel.base import StepFns
@@ -47,6 +49,13 @@ class StepStats:
     overflow: bool = False
     """fp16: the scaled gradients overflowed, so the loss scaler skipped the update and lowered its scale
     (a finite loss: not a non-finite step)."""
+    comm_s: float | None = None
+    """Of the step's time, the collective wait its compute did not hide (None: the strategy does not
+    measure it)."""
+    grad_pair: GradPair | None = None
+    """The gradient noise scale's inputs (`engine.noise`): this rank's small-batch and the global squared
+    gradient norms. None when there is nothing to compare (one rank and one micro-batch), the strategy
+    cannot measure it, or the step was not finite."""
 
 
 class Engine:
@@ -76,6 +85,7 @@ class Engine:
         self.compile_counters = CompileCounters() if self.compile else None
         self.fell_back: str | None = None
         """Why the engine trains eager after `train.compile` failed (`fallback: eager`), until read."""
+        self.global_batch_size = global_batch_size or cfg.global_batch_size
         self.fns = StepFns(task, self._to_device, self.autocast, world_size / (global_batch_size or cfg.global_batch_size),
                            self.scaler)
 
@@ -89,7 +99,8 @@ class Engine:
     def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
         """Forward/backward every micro-batch, then one optimizer step at the LR of `step`.
 
-        One device-to-host read per step (loss and grad norm together), as in a bare loop.
+        One device-to-host read per step (loss and grad norm together, with the gradient noise scale's
+        small-batch norm), as in a bare loop.
         """
         if not self.model.training:  # model.train() walks every module; evaluate() is the only other mode
             self.model.train()
@@ -100,10 +111,13 @@ class Engine:
         if counters:
             counters.begin()
         t0 = time.perf_counter()
-        losses, samples = self._forward_backward(micro_batches)
+        with phase("forward_backward"):
+            losses, samples = self._forward_backward(micro_batches)
+        local = self.strategy.local_grad()  # read with the loss and the norm: no extra synchronization
+        small = [self._mean_grad_sq(local)] if local else []
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
-        loss_sum, norm = torch.stack([torch.stack(losses).float().sum(), grad_norm.float()]).tolist()
+        loss_sum, norm, *small_sq = torch.stack([torch.stack(losses).float().sum(), grad_norm.float(), *small]).tolist()
         overflow = self.scaler.is_enabled() and math.isfinite(loss_sum) and not math.isfinite(norm)
         finite = math.isfinite(loss_sum) and math.isfinite(norm)
         if finite:
@@ -113,7 +127,14 @@ class Engine:
             self.state_bytes = state_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         compiled = counters.end(time.perf_counter() - t0) if counters else False
-        return StepStats(loss_sum, samples, lr, norm, finite or overflow, compiled, overflow)
+        pair = grad_pair(small_sq[0], local.samples, norm, self.global_batch_size) if small_sq and finite else None
+        return StepStats(loss_sum, samples, lr, norm, finite or overflow, compiled, overflow,
+                         self.strategy.take_comm_s(), grad_pair=pair)
+
+    def _mean_grad_sq(self, local: LocalGrad) -> torch.Tensor:
+        """The squared norm of the mean gradient over the local gradient's samples (not read yet)."""
+        amp = self.scaler.scale(torch.ones((), device=local.sq_norm.device))  # the fp16 loss scale; 1 without
+        return mean_grad_sq(local, self.fns.loss_scale, amp).to(self.device)
 
     def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], int]:
         try:
@@ -150,6 +171,27 @@ class Engine:
         self.precision, self.dtype = precision, precision.dtype
         apply_matmul_precision(precision)
         self.scaler = self.fns.scaler = self._scaler()
+
+    def probe_fp8(self, micro_batch: Batch) -> tuple[float, float] | None:
+        """fp8 pays only where its GEMMs outrun the casts around them: time one micro-batch's forward and
+        backward with the float8 Linears and in bf16 (the slowest rank's times, so every rank decides
+        alike), keep fp8 only if faster, else train in bf16 and say why in the precision's reason. None:
+        nothing to measure (not fp8, no layer converted, or a sharded model, whose layers FSDP holds)."""
+        if not self.fp8_layers or self.strategy.sharded:
+            return None
+
+        def run() -> None:
+            self.strategy.forward_backward(self.model, [micro_batch], self.fns)
+            self.optimizer.zero_grad(set_to_none=True)
+
+        fp8_s, bf16_s = allreduce_max(list(fp8.probe(self.module, run)), self.device)
+        self.strategy.take_comm_s()  # the probe's collectives are not the first step's
+        if not fp8.pays(fp8_s, bf16_s):
+            bf16 = choose_precision("bf16", device_facts(self.device), self.cfg.tf32)
+            self.set_precision(Precision("bf16", bf16.scaler, bf16.tf32,
+                                         f"fp8 measured no faster than bf16 here ({fp8_s * 1e3:.1f} ms vs "
+                                         f"{bf16_s * 1e3:.1f} ms per micro-batch): {bf16.reason}"))
+        return fp8_s, bf16_s
 
     def loss_scale(self) -> float | None:
         """fp16: the scaler's current scale (one device-to-host read); None without a scaler."""

@@ -8,6 +8,7 @@ runs on; the loop gathers one sample per node at each log step, as `system/node<
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -15,23 +16,37 @@ import torch.distributed as dist
 
 from openclaw.engine.flops import mfu
 
-DATA_WAIT_WARN_FRAC = 0.05
-
 
 class StepClock:
-    """Accumulates the time split of the steps in one logging window."""
+    """Accumulates the time split of the steps in one logging window (this rank's)."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.data_s = self.compute_s = self.checkpoint_s = 0.0
+        self.data_s = self.compute_s = self.checkpoint_s = self.comm_s = 0.0
+        self.comm_measured = True
         self.steps = 0
 
-    def add_step(self, data_s: float, compute_s: float) -> None:
+    def add_step(self, data_s: float, compute_s: float, comm_s: float | None = None) -> None:
+        """`compute_s` includes the step's exposed collective wait `comm_s` (None: not measured)."""
         self.data_s += data_s
         self.compute_s += compute_s
+        if comm_s is None:
+            self.comm_measured = False
+        else:
+            self.comm_s += comm_s
         self.steps += 1
+
+    def rank_vector(self, wall_s: float, rank: int, world: int) -> list[float]:
+        """This rank's share of a sum over ranks that carries every rank's time split (`RANK_FIELDS`),
+        a slot per rank, so it rides on the window's all-reduce."""
+        comm = self.comm_s if self.comm_measured else math.nan
+        mine = [self.data_s, self.compute_s - (0.0 if math.isnan(comm) else comm), comm, self.checkpoint_s, wall_s,
+                float(self.steps)]
+        vec = [0.0] * (len(RANK_FIELDS) * world)
+        vec[rank * len(RANK_FIELDS):(rank + 1) * len(RANK_FIELDS)] = mine
+        return vec
 
     def window(self, samples: float, tokens_per_sample: int | None, flops_per_sample: float | None,
                peak: float | None, world: int) -> dict[str, float]:
@@ -52,19 +67,46 @@ class StepClock:
         return out
 
 
-def data_wait_advice(frac: float, read_share: float = 0.0) -> str | None:
-    """One line when the step waits on data for more than 5% of its time: the likely cause and the knob.
-    `read_share`: the part of that wait spent waiting for shards to be read (not read ahead in time)."""
-    if frac <= DATA_WAIT_WARN_FRAC:
-        return None
-    if read_share > 0.5:
-        return (f"the step waits on data for {frac:.0%} of its time, mostly for shards the reader thread did not "
-                f"read ahead in time. Give each worker more CPUs (`scaling.resources_per_worker.CPU`), keep remote "
-                f"shards in the node's cache (`data.shard_cache.max_bytes`), or store the features as one tensor "
-                f"column (`data.transforms`: to_tensor) so shards decode faster.")
-    return (f"the step waits on data for {frac:.0%} of its time: gathering each micro-batch from host memory is "
-            f"slow next to the compute. Raise `train.micro_batch_size` (fewer, larger gathers), or store the "
-            f"features as one fixed-size tensor column (`data.features`) rather than many scalar columns.")
+RANK_FIELDS = ("data", "compute", "comm", "checkpoint", "wall", "steps")
+"""One rank's window in `StepClock.rank_vector`: seconds of data wait, compute (collective wait out),
+exposed collective wait, checkpoint stalls, the window's wall time, and its steps."""
+STRAGGLER_INDEX = 1.2
+"""A rank whose busy time is over 1.2x the median rank's is a straggler (`perf/straggler_index`)."""
+
+
+def rank_breakdown(summed: list[float]) -> dict[str, float]:
+    """The window's per-rank time split, from the all-reduced `rank_vector`s (pure):
+
+    - `perf/rank<i>/{data,compute,comm,idle}_frac`: of rank i's wall time; idle is what none of the
+      others (nor checkpoint stalls) account for: the loop's own work, logging, evaluation;
+    - `perf/comm_frac`, `perf/idle_frac`, `perf/step_comm_s`: the largest rank's;
+    - `perf/straggler_index`: the busiest rank's busy time (data + compute) over the median rank's, and
+      `perf/slowest_rank`. A slow rank makes the others wait in the collectives, so their comm grows
+      while its own busy time stands out.
+    Communication keys are left out where a rank's strategy does not measure it (NaN)."""
+    width = len(RANK_FIELDS)
+    ranks = [dict(zip(RANK_FIELDS, summed[i:i + width])) for i in range(0, len(summed), width)]
+    out: dict[str, float] = {}
+    comm_known = all(not math.isnan(r["comm"]) for r in ranks)
+    for i, r in enumerate(ranks):
+        wall = r["wall"] or 1.0
+        comm = r["comm"] if comm_known else 0.0
+        idle = max(0.0, r["wall"] - r["data"] - r["compute"] - comm - r["checkpoint"])
+        out.update({f"perf/rank{i}/data_frac": r["data"] / wall, f"perf/rank{i}/compute_frac": r["compute"] / wall,
+                    f"perf/rank{i}/idle_frac": idle / wall})
+        if comm_known:
+            out[f"perf/rank{i}/comm_frac"] = comm / wall
+    idles = [out[f"perf/rank{i}/idle_frac"] for i in range(len(ranks))]
+    out["perf/idle_frac"] = max(idles)
+    if comm_known:
+        out["perf/comm_frac"] = max(out[f"perf/rank{i}/comm_frac"] for i in range(len(ranks)))
+        out["perf/step_comm_s"] = max(r["comm"] / max(1.0, r["steps"]) for r in ranks)
+    busy = [r["data"] + r["compute"] for r in ranks]
+    median = statistics.median(busy)
+    slowest = max(range(len(busy)), key=busy.__getitem__)
+    out["perf/straggler_index"] = busy[slowest] / median if median > 0 else 1.0
+    out["perf/slowest_rank"] = float(slowest)
+    return out
 
 
 def system_metrics(device: torch.device) -> dict[str, float]:
@@ -141,6 +183,14 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     import resource
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def memory_capacity_bytes(device: torch.device, workers_on_node: int = 1) -> int:
+    """What one worker may fill: a GPU's memory, or on a CPU its share of the node's memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+    return int(psutil.virtual_memory().total // max(1, workers_on_node))
 
 
 def allreduce_max(values: list[float], device: torch.device) -> list[float]:

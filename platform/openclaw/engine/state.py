@@ -51,6 +51,18 @@ class TrainState:
     """The training loss summed over the steps since the last logged `train/loss`, and their sample count
     (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the
     same steps as an uninterrupted run would."""
+    grad_noise_ema: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """The gradient noise scale's smoothed |G|^2 and S as of the last log step (`engine.noise`; the same
+    on every rank), so that `train/grad_noise_scale_smooth` carries on across a restart. Older
+    checkpoints lack it: it starts from zero."""
+    micro_batch_size: int = 0
+    """`train.micro_batch_size: auto`: the size chosen on the run's first start (0: the config sets it),
+    kept by every later attempt (restart, resize, resume) whose `micro_batch_key` is the same. Older
+    checkpoints lack it: the next start chooses."""
+    micro_batch_key: str = ""
+    """What that size was chosen for: model, precision, strategy, device type and memory."""
+    micro_batch_estimate_gb: float = 0.0
+    """The memory one worker was estimated to need at that size."""
 
     def advance(self, epoch: int, offset: int, global_batch_size: int) -> None:
         """One optimizer step done, on the global batch read at data position (epoch, offset)."""
@@ -61,6 +73,7 @@ class TrainState:
         """Back to step 0 (a rollback before the first checkpoint)."""
         self.step, self.samples_seen, self.epoch, self.offset, self.pending_metrics = 0, 0, 0, 0, []
         self.loss_window = [0.0, 0.0]
+        self.grad_noise_ema = [0.0, 0.0]
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

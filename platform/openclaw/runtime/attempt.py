@@ -121,7 +121,20 @@ class Attempt:
         self.stops = StopSignals(self.device, **(_driver_control(inputs.control) if self.rank == 0 else {}))
         self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
                                 speaks_for_node=ctx.get_local_rank() == 0, flops_per_sample=self.flops_per_sample,
-                                job_start_time=inputs.job_start_time, engine=self.engine)
+                                job_start_time=inputs.job_start_time, engine=self.engine,
+                                workers_on_node=ctx.get_local_world_size())
+        self.profile = StepProfiler(cfg, self.engine, self.tracker, inputs.run_dir, self.rank, self.world,
+                                    self.state.step, self.plan.global_batch_size) if cfg.profile else None
+
+    def _open_compile_cache(self) -> CompileCache | None:
+        """`train.compile.cache`: an earlier attempt's compiled graphs, loaded before the first step compiles."""
+        if not (self.engine.compile and self.engine.compile.cache):
+            return None
+        cache = CompileCache(self.inputs.run_dir, self.rank)
+        artifacts = cache.load()
+        if artifacts:
+            self.tracker.event("compile_cache", loaded_artifacts=artifacts, step=self.state.step)
+        return cache
 
     def _build_engine(self) -> Engine:
         cfg = self.config

@@ -1,5 +1,6 @@
 """The metrics of the training loop's logging windows (worker process): training loss, throughput, the
-step's time split, MFU, each node's system sample, the ETA, and the data-wait advice.
+step's time split (every rank's: data, compute, communication, idle, and the straggler index), MFU,
+the gradient noise scale (`engine.noise`), each node's system sample, the ETA, and the data-wait advice.
 
 Each rank sums its loss over the steps of a window; at a log step one all-reduce brings the sums (and
 one system sample per node) together, and rank 0's tracker logs them. Rank 0 also carries the unlogged
@@ -13,11 +14,14 @@ from typing import Any
 
 import torch
 
+from openclaw.advice.rules import data_wait_line
 from openclaw.config import Config
 from openclaw.engine.engine import StepStats
 from openclaw.engine.flops import device_peak_flops
-from openclaw.engine.metrics import (StepClock, allreduce_max, allreduce_sum, data_wait_advice, node_sample_vector,
-                                     peak_memory_bytes, per_node_metrics, system_metrics)
+from openclaw.engine.metrics import (RANK_FIELDS, StepClock, allreduce_max, allreduce_sum, memory_capacity_bytes,
+                                     node_sample_vector, peak_memory_bytes, per_node_metrics, rank_breakdown,
+                                     system_metrics)
+from openclaw.engine.noise import NoiseWindow
 from openclaw.engine.state import TrainState
 
 
@@ -27,7 +31,8 @@ def should_log(step: int, cfg: Config) -> bool:
 
 class LogWindow:
     def __init__(self, cfg: Config, state: TrainState, *, device: torch.device, rank: int, world: int,
-                 speaks_for_node: bool, flops_per_sample: float | None, job_start_time: float, engine=None):
+                 speaks_for_node: bool, flops_per_sample: float | None, job_start_time: float, engine=None,
+                 workers_on_node: int = 1):
         """`speaks_for_node`: this rank samples its node's CPU and memory (the node's first local rank).
         `flops_per_sample`: training FLOPs per sample (`perf/flops_per_s`, and `perf/mfu` on a GPU in the
         peak table, at the peak of the precision in use). `engine`: whose state bytes and precision."""
@@ -35,6 +40,7 @@ class LogWindow:
         self.sample_node = speaks_for_node and cfg.tracking.enabled
         self.flops_per_sample = flops_per_sample
         self.job_start_time = job_start_time
+        self.capacity = memory_capacity_bytes(device, workers_on_node)
         self.clock = StepClock()
         self.last: dict[str, Any] = {}
         """The newest logged (and evaluated) metrics: what each checkpoint reports to Ray Train."""
@@ -42,6 +48,7 @@ class LogWindow:
         self.first_step_s: float | None = None
         self._stats: StepStats | None = None
         self._advised = False
+        self.noise = NoiseWindow()  # the gradient noise scale's pairs (engine.noise)
         self.loop_t0 = self._eta_t0 = time.perf_counter()
         self.first_step = self._eta_step = state.step
         self.restart(state)
@@ -51,22 +58,25 @@ class LogWindow:
         """A new window from `state` (the attempt's start, or a rollback): rank 0 carries the cut window."""
         carried = state.loss_window if self.rank == 0 else [0.0, 0.0]
         self.loss_sum, self.samples = carried[0], int(carried[1])
+        self.noise.reset()
         self.untimed = 0  # samples of steps that compiled: their time is not in the window's
-        self.t0 = time.perf_counter()
+        self.t0 = self.wall_t0 = time.perf_counter()  # wall_t0: the per-rank split's (checkpoint stalls in)
 
     def add(self, batches: list[dict[str, torch.Tensor]], stats: StepStats, data_s: float, compute_s: float) -> None:
         """A computed step (applied or not). A step that compiled is compile time (`perf/compile_s`): out of
         the throughput and the time split."""
         if stats.compiled:
             self.t0 += data_s + compute_s
+            self.wall_t0 += data_s + compute_s
             self.untimed += stats.samples
         else:
-            self.clock.add_step(data_s=data_s, compute_s=compute_s)
+            self.clock.add_step(data_s=data_s, compute_s=compute_s, comm_s=stats.comm_s)
         if self.first_step_s is None:  # start-up cost, preparation included: what a cache hit saves
             self.first_step_s = time.time() - self.job_start_time
         if self.tokens_per_sample is None and self.cfg.task == "language_modeling":
             self.tokens_per_sample = batches[0]["x"].shape[1] - 1
         self._stats = stats
+        self.noise.add(stats.grad_pair)
         if stats.finite:
             self.loss_sum += stats.loss_sum
             self.samples += stats.samples
@@ -91,9 +101,12 @@ class LogWindow:
         """Collective: reduce the window, log it (rank 0), print progress and, once, advice; start anew."""
         sample = system_metrics(self.device) if self.sample_node else None
         node_vec = node_sample_vector(sample, self.rank, self.world) if self.cfg.tracking.enabled else []
-        totals = allreduce_sum([self.loss_sum, float(self.samples), float(self.untimed), *node_vec], self.device)
-        loss_sum, n, untimed = totals[:3]
         now = time.perf_counter()
+        rank_vec = self.clock.rank_vector(now - self.wall_t0, self.rank, self.world)
+        totals = allreduce_sum([self.loss_sum, float(self.samples), float(self.untimed), *rank_vec, *node_vec],
+                               self.device)
+        loss_sum, n, untimed = totals[:3]
+        ranks_end = 3 + len(RANK_FIELDS) * self.world
         sps = (n - untimed) / (now - self.t0)  # training throughput: checkpoint stalls and compiling excluded
         wall_step_s = (now - self._eta_t0) / max(1, state.step - self._eta_step)  # the ETA counts everything
         self._eta_t0, self._eta_step = now, state.step
@@ -104,18 +117,23 @@ class LogWindow:
                      **({"perf/time_to_first_step_s": self.first_step_s} if self.first_step_s is not None else {})}
         if state.overflow_steps or (self.engine is not None and self.engine.scaler.is_enabled()):
             self.last["train/overflow_steps"] = state.overflow_steps  # fp16: updates the loss scaler skipped
+        noise, state.grad_noise_ema = self.noise.close(state.grad_noise_ema, self.device)
+        self.last.update(noise)  # train/grad_noise_scale and its smoothed value, when measured
         perf = self.clock.window(n - untimed, self.tokens_per_sample, self.flops_per_sample, self._peak(), self.world)
         perf["perf/ingest_rows_per_s"] = data.ingest_rows_per_s()
+        perf.update(rank_breakdown(totals[3:ranks_end]))
         perf.update(self._memory())
         if self.engine is not None and self.engine.compile_counters is not None:
             perf.update(self.engine.compile_counters.metrics())
         read_share = data.take_wait_s() / self.clock.data_s if self.clock.data_s else 0.0
-        tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[3:])}, state.step)
+        tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[ranks_end:])}, state.step)
+        self.last.update(perf)  # the final metrics Ray returns: the last window's split, for the end-of-run advice
         max_steps = self.cfg.train.max_steps
         tracker.progress({"step": state.step, "max_steps": max_steps, "loss": loss_sum / n, "samples_per_s": sps,
                           "eta_s": (max_steps - state.step) * wall_step_s})
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
-        self.loss_sum, self.samples, self.untimed, self.t0 = 0.0, 0, 0, time.perf_counter()
+        self.loss_sum, self.samples, self.untimed = 0.0, 0, 0
+        self.t0 = self.wall_t0 = time.perf_counter()
         self.clock.reset()
 
     def _peak(self) -> float | None:
@@ -131,13 +149,16 @@ class LogWindow:
                   peak_memory_bytes(self.device)]
         names = ("param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "state_bytes_per_rank",
                  "peak_memory_bytes")
-        return {f"perf/{n}": v for n, v in zip(names, allreduce_max(values, self.device))}
+        out = {f"perf/{n}": v for n, v in zip(names, allreduce_max(values, self.device))}
+        out["perf/memory_capacity_bytes"] = self.capacity  # the same on every rank of one kind of machine
+        return out
 
     def _advise(self, step: int, data_wait_frac: float, read_share: float, tracker) -> None:
         # Not on the attempt's first window: its first step reads the first window of shards, a start-up
         # cost (in perf/time_to_first_step_s) that no knob hides.
         warm = step - self.first_step > self.cfg.train.log_every
-        advice = None if self._advised or not warm else data_wait_advice(data_wait_frac, read_share)
-        if advice:
+        advice = None if self._advised or not warm else data_wait_line(self.cfg, data_wait_frac, read_share,
+                                                                         self.world)
+        if advice:  # the data-wait rule fired (`openclaw.advice`): quiet when its fix is in place
             tracker.progress({"message": advice})
             self._advised = True

@@ -3,12 +3,15 @@ a step (plain torch; worker process). See `openclaw.engine.parallel` for what a 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
+
+from openclaw.engine.noise import LocalGrad
 
 Batch = dict[str, torch.Tensor]
 
@@ -38,6 +41,48 @@ class StepFns:
             return self.task.eval_sums(model, self.to_device(batch))
 
 
+class CommClock:
+    """This rank's exposed collective time: how long its step waited on communication that computing did
+    not hide (its own transfer, and waiting for slower ranks to arrive). A strategy that measures it
+    marks when it handed the last collective over (`launched`) and when its step could go on (`done`), or
+    adds a blocking collective's wall time (`add`). On a GPU the marks are CUDA events on the compute
+    stream, read (one synchronization) only when the window is logged; on a CPU, wall time."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.cuda = device is not None and device.type == "cuda"
+        self.seconds, self._events, self._launched = 0.0, [], None
+
+    def launched(self) -> None:
+        if self.cuda:
+            self._launched = torch.cuda.Event(enable_timing=True)
+            self._launched.record()
+        else:
+            self._launched = time.perf_counter()
+
+    def done(self) -> None:
+        """The step goes on: the time since the last `launched` (if any, this step) was exposed."""
+        start, self._launched = self._launched, None
+        if start is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((start, end))
+        else:
+            self.seconds += time.perf_counter() - start
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def take(self) -> float:
+        """The exposed seconds since the last `take`."""
+        for start, end in self._events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000
+        total, self.seconds, self._events = self.seconds, 0.0, []
+        return total
+
+
 class Strategy(Protocol):
     name: str
     sharded: bool
@@ -55,8 +100,17 @@ class Strategy(Protocol):
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         """The global gradient norm (over every rank's gradients), clipped to `max_norm` unless None."""
 
+    def local_grad(self) -> LocalGrad | None:
+        """From the last `forward_backward`: a gradient this rank computed on part of the global batch,
+        before any synchronization (the gradient noise scale's small batch, `engine.noise`); None where
+        the strategy cannot measure one, or there is none (one rank and one micro-batch)."""
+
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], fns: StepFns) -> dict[str, float]:
         """Sums of the task's eval metrics over `batches` (this rank's share)."""
+
+    def take_comm_s(self) -> float | None:
+        """Seconds this rank's steps waited on collectives since the last call (see `CommClock`); None
+        where the strategy does not measure it."""
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module inside the wrapper (for a pipeline: this rank's first stage)."""

@@ -3,6 +3,14 @@
 Every rank holds the whole model, its gradients and its optimizer state. Gradients are all-reduced
 (averaged) once per optimizer step, during the backward pass of the last micro-batch; the earlier
 ones accumulate locally under `no_sync`. With one rank (or no process group) the model is not wrapped.
+
+The all-reduce goes through a comm hook that is PyTorch's default one (`allreduce_hook`: divide by the
+world size, sum) plus a clock mark: the time from the last bucket's launch to the end of the backward
+is the communication the backward did not hide (`CommClock`).
+
+The gradient noise scale's small batch (`local_grad`, see `engine.noise`): with several micro-batches,
+the first one's gradient (accumulated under `no_sync`, so still local); with one micro-batch over
+several ranks, the hook measures each bucket before the all-reduce. One norm per step either way.
 """
 from __future__ import annotations
 
@@ -12,9 +20,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from openclaw.engine.parallel.base import Batch, StepFns, evaluate_each
+from openclaw.engine.noise import LocalGrad, measure_local
+from openclaw.engine.parallel.base import Batch, CommClock, StepFns, evaluate_each
 from openclaw.engine.parallel.fsdp import apply_activation_checkpointing
 
 
@@ -28,6 +38,10 @@ class DDPStrategy:
 
     def __init__(self, activation_checkpointing: str = "none"):
         self.ac = activation_checkpointing
+        self.comm: CommClock | None = None
+        self._local: LocalGrad | None = None
+        self._bucket_sq: torch.Tensor | None = None
+        self._measure_buckets = False
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         apply_activation_checkpointing(model, self.ac)
@@ -36,19 +50,28 @@ class DDPStrategy:
         model = model.to(device)
         if distributed_world() == 1:
             return model
-        if device.type == "cuda":
-            return DistributedDataParallel(model, device_ids=[device], output_device=device)
-        return DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, device_ids=[device], output_device=device) if device.type == "cuda" \
+            else DistributedDataParallel(model)
+        self.comm = CommClock(device)
+        ddp.register_comm_hook(self, _measured_allreduce)
+        return ddp
 
     def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
                          fns: StepFns) -> tuple[list[torch.Tensor], int]:
         losses, samples, last = [], 0, len(micro_batches) - 1
+        self._local, self._bucket_sq, self._measure_buckets = None, None, last == 0
         for i, batch in enumerate(micro_batches):
             with self._sync(model, i == last):
                 loss, count = fns.loss(model, batch)
-                fns.backward(loss)
+                fns.backward(loss)  # the last one's returns once every bucket's all-reduce is in
+            if i == last and self.comm:
+                self.comm.done()
+            if i == 0 < last:  # the first micro-batch's gradient, not yet all-reduced
+                self._local = measure_local(model.parameters(), count)
             losses.append(loss.detach())
             samples += count
+        if self._bucket_sq is not None:  # one micro-batch: the hook measured it before the all-reduce
+            self._local, self._bucket_sq = LocalGrad(self._bucket_sq, samples), None
         return losses, samples
 
     def _sync(self, model: nn.Module, last: bool):
@@ -68,6 +91,12 @@ class DDPStrategy:
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
         return evaluate_each(self.unwrap(model), batches, fns)
 
+    def take_comm_s(self) -> float | None:
+        return self.comm.take() if self.comm else 0.0  # one rank: nothing to communicate
+
+    def local_grad(self) -> LocalGrad | None:
+        return self._local
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -80,3 +109,20 @@ class DDPStrategy:
 
     def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         self.unwrap(model).load_state_dict(state)
+
+
+def _timed_allreduce(clock, bucket):
+    """DDP's default all-reduce of one gradient bucket (a `dist.GradBucket`), marking its launch: the last
+    launch is when the backward's compute ended, up to the last bucket's own gradients. (Unannotated: DDP
+    checks the annotations' values, which `from __future__ import annotations` turns into strings.)"""
+    clock.launched()
+    return allreduce_hook(None, bucket)
+
+
+def _measured_allreduce(strategy, bucket):
+    """`_timed_allreduce`, and with one micro-batch per step, the squared norm of this rank's bucket
+    before the all-reduce (the sum of its gradients: DDP leaves the division to the hook)."""
+    if strategy._measure_buckets:
+        sq = torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32) ** 2
+        strategy._bucket_sq = sq if strategy._bucket_sq is None else strategy._bucket_sq + sq
+    return _timed_allreduce(strategy.comm, bucket)

@@ -27,8 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from openclaw.engine.parallel.base import Batch, StepFns, evaluate_each
+from openclaw.engine.noise import LocalGrad, measure_local
+from openclaw.engine.parallel.base import Batch, CommClock, StepFns, evaluate_each
 from openclaw.engine.parallel.clip import clip_global
+from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.engine.parallel.tp import apply_tensor_parallel
 
@@ -102,6 +104,8 @@ class FSDPStrategy(ShardedState):
         (tensor parallelism under `strategy: ddp`) one rank keeps its parameters as they are."""
         self.layout, self.mesh, self.always_shard = layout, mesh, always_shard
         self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
+        self._local: LocalGrad | None = None
+        self.comm: CommClock | None = None
 
     def dp_mesh(self) -> DeviceMesh | None:
         return dp_mesh(self.layout, self.mesh, self.always_shard)
@@ -112,26 +116,49 @@ class FSDPStrategy(ShardedState):
             apply_tensor_parallel(model, self.mesh["tp"])
         apply_activation_checkpointing(model, self.ac)
         dp = self.dp_mesh()
-        return shard(model, dp, self.reshard_after_forward, self.param_dtype) if dp is not None else model
+        if dp is None:
+            return model
+        model = shard(model, dp, self.reshard_after_forward, self.param_dtype)
+        if device.type == "cpu" and self.layout.replicate == self.layout.tensor == 1:  # FSDP's collectives alone
+            clock = CommClock()
+            self.comm = clock if time_collectives(model, clock) else None
+        return model
 
     def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
                          fns: StepFns) -> tuple[list[torch.Tensor], int]:
         losses, samples, last = [], 0, len(micro_batches) - 1
+        self._local = None
         for i, batch in enumerate(micro_batches):
             if isinstance(model, FSDPModule):  # one reduce-scatter per step, after the last micro-batch
                 model.set_requires_gradient_sync(i == last)
                 model.set_reshard_after_backward(i == last)
             loss, count = fns.loss(model, batch)
             fns.backward(loss)
+            if i == 0 < last:
+                self._local = self._first_local_grad(model, count)
             losses.append(loss.detach())
             samples += count
         return losses, samples
+
+    def _first_local_grad(self, model: nn.Module, count: int) -> LocalGrad | None:
+        """The first micro-batch's gradient (`engine.noise`): not reduce-scattered nor resharded yet, so
+        the parameters are the whole, unsharded ones with this rank's gradients. None with tensor
+        parallelism (not measured yet) and with bf16 parameters (FSDP keeps their fp32 gradients aside)."""
+        return measure_local(model.parameters(), count) if self.layout.tensor == 1 else None
+
+    def local_grad(self) -> LocalGrad | None:
+        return self._local
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         return clip_global(model.parameters(), max_norm)
 
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
         return evaluate_each(model, batches, fns)
+
+    def take_comm_s(self) -> float | None:
+        # On CPUs the all-gathers and reduce-scatters block the step: timed (`fsdp_comm`). On GPUs they
+        # overlap on FSDP's streams and are not measured yet; HSDP's all-reduce over replicas is not either.
+        return self.comm.take() if self.comm else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard and parallelize_module change the model in place

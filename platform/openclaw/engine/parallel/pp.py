@@ -200,5 +200,13 @@ class PipelineStrategy(ShardedState):
                 stages, n_microbatches=1, loss_fn=lambda o, t: fns.task.output_loss(o, t), scale_grads=False)
         return self._schedules["eval"]
 
+    def take_comm_s(self) -> float | None:
+        # stage-to-stage sends and receives are inside the schedule's step; not separated yet
+        return None
+
+    def local_grad(self) -> None:
+        # the schedule runs every micro-batch's backward in one call: no gradient of part of the batch
+        return None
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model

@@ -1,0 +1,111 @@
+"""Every rank's step-time split (data, compute, communication, idle) and the straggler index: the pure
+breakdown at topologies we cannot run, and DDP's measured collective wait in a real 2-process gloo
+group (no Ray) where one rank is really slower."""
+import math
+import time
+
+import pytest
+
+from openclaw.engine.metrics import RANK_FIELDS, StepClock, rank_breakdown
+from openclaw.engine.parallel.base import CommClock
+from parallel_harness import build, my_micro_batches, spawn
+
+
+def _vector(world, per_rank):
+    """The all-reduced sum of every rank's `rank_vector`, built rank by rank as the loop does."""
+    total = [0.0] * (len(RANK_FIELDS) * world)
+    for rank, (data, compute, comm, ckpt, wall) in enumerate(per_rank):
+        clock = StepClock()
+        for _ in range(10):
+            clock.add_step(data / 10, compute / 10, None if comm is None else comm / 10)
+        clock.checkpoint_s = ckpt
+        total = [a + b for a, b in zip(total, clock.rank_vector(wall, rank, world))]
+    return total
+
+
+def test_64_ranks_one_straggler_makes_the_others_wait():
+    # rank 37 computes 2 s where the others compute 1 s and then wait 1 s in the all-reduce
+    ranks = [(0.1, 2.0, 1.0, 0.0, 2.2)] * 64
+    ranks[37] = (0.1, 2.0, 0.0, 0.0, 2.2)
+    out = rank_breakdown(_vector(64, ranks))
+    assert out["perf/slowest_rank"] == 37
+    assert out["perf/straggler_index"] == pytest.approx(2.1 / 1.1)
+    assert out["perf/rank0/comm_frac"] == pytest.approx(1.0 / 2.2)
+    assert out["perf/rank37/comm_frac"] == 0.0
+    assert out["perf/rank37/compute_frac"] == pytest.approx(2.0 / 2.2)
+    assert out["perf/comm_frac"] == pytest.approx(1.0 / 2.2)
+    assert out["perf/step_comm_s"] == pytest.approx(0.1)
+    for i in (0, 37, 63):  # the four parts are the whole of each rank's wall time
+        parts = [out[f"perf/rank{i}/{k}_frac"] for k in ("data", "compute", "comm", "idle")]
+        assert sum(parts) == pytest.approx(1.0)
+        assert out[f"perf/rank{i}/idle_frac"] == pytest.approx(0.1 / 2.2)
+
+
+def test_balanced_ranks_have_index_one_and_checkpoint_time_is_not_idle():
+    out = rank_breakdown(_vector(4, [(0.2, 1.0, 0.1, 0.5, 1.8)] * 4))
+    assert out["perf/straggler_index"] == pytest.approx(1.0)
+    assert out["perf/idle_frac"] == pytest.approx(0.1 / 1.8)
+
+
+def test_a_strategy_that_does_not_measure_communication_logs_no_comm_keys():
+    out = rank_breakdown(_vector(2, [(0.0, 1.0, None, 0.0, 1.0), (0.0, 1.0, None, 0.0, 1.0)]))
+    assert not any("comm" in k for k in out)
+    assert out["perf/rank1/compute_frac"] == pytest.approx(1.0)  # the unmeasured wait stays in compute
+    assert not any(math.isnan(v) for v in out.values())
+
+
+def test_comm_clock_counts_from_the_last_launch_to_done():
+    clock = CommClock()
+    clock.done()  # nothing launched: nothing exposed
+    assert clock.take() == 0.0
+    clock.launched()
+    time.sleep(0.01)  # the work being timed, not a synchronization
+    clock.launched()
+    clock.done()
+    clock.add(0.5)
+    got = clock.take()
+    assert 0.5 <= got < 0.51
+    assert clock.take() == 0.0
+
+
+N_STEPS = 6
+DELAY_S = {"ddp": 0.05, "fsdp": 0.15}
+"""Per forward of the slow rank: FSDP's steps compute longer (gathers, copies), so it needs more to stand out."""
+
+
+def _slow_rank_run(rank, world, slow_rank, strategy="ddp"):
+    """`strategy` over `world` gloo ranks; rank `slow_rank` really works longer in every forward."""
+    from openclaw.engine.metrics import allreduce_sum, now
+    engine, layout = build(rank, world, {"strategy": strategy})
+    if rank == slow_rank:
+        engine.module.register_forward_pre_hook(lambda module, args: time.sleep(DELAY_S[strategy]))
+    clock, t0, comm = StepClock(), now(), []
+    for step in range(N_STEPS):
+        t = now()
+        stats = engine.train_step(step, my_micro_batches(step, layout, rank))
+        clock.add_step(0.0, now() - t, stats.comm_s)
+        comm.append(stats.comm_s)
+    summed = allreduce_sum(clock.rank_vector(now() - t0, rank, world), engine.device)
+    return {"breakdown": rank_breakdown(summed), "comm": comm}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_wait_for_a_slower_rank_is_measured(strategy):
+    results = spawn(2, _slow_rank_run, 1, strategy)
+    out = results[0]["breakdown"]
+    assert out == results[1]["breakdown"]  # every rank computes the same figures from the same sums
+    assert out["perf/slowest_rank"] == 1
+    assert out["perf/straggler_index"] > 1.2, out
+    # rank 0 waits in the collectives (DDP's all-reduce, FSDP's all-gathers) for rank 1's extra forward time
+    assert out["perf/rank0/comm_frac"] > 2 * out["perf/rank1/comm_frac"], out
+    assert sum(results[0]["comm"]) > 0.5 * DELAY_S[strategy] * N_STEPS, results[0]["comm"]
+    assert all(c is not None and c >= 0 for r in results for c in r["comm"])
+
+
+def _one_rank_comm(rank, world):
+    engine, layout = build(rank, world, {"strategy": "ddp"})
+    return [engine.train_step(s, my_micro_batches(s, layout, rank)).comm_s for s in range(2)]
+
+
+def test_one_rank_has_nothing_to_communicate():
+    assert spawn(1, _one_rank_comm) == [[0.0, 0.0]]
