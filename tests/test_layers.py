@@ -9,7 +9,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "platform" / "openclaw"
 
-LAYERS = ["foundation", "engine", "data", "tracking", "exports", "runtime", "launch", "sweeps", "front"]
+LAYERS = ["foundation", "engine", "data", "tracking", "exports", "advice", "profiling", "runtime", "launch", "sweeps",
+          "front"]
 """Bottom to top: a module may import modules of its own layer or below."""
 FOUNDATION = {"openclaw.config", "openclaw.errors", "openclaw.constants", "openclaw.section", "openclaw.user_code",
               "openclaw.config_schema"}

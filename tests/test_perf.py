@@ -19,12 +19,3 @@ def test_one_system_sample_per_node_rides_a_sum_over_ranks():
 
 def test_a_single_worker_is_node0():
     assert per_node_metrics(node_sample_vector({"cpu_percent": 5.0}, 0, 1)) == {"system/node0/cpu_percent": 5.0}
-
-
-def test_data_wait_advice_names_the_cause_and_the_knob():
-    from openclaw.engine.metrics import data_wait_advice
-    assert data_wait_advice(0.04) is None
-    reads = data_wait_advice(0.2, read_share=0.9)
-    assert "20%" in reads and "did not read ahead" in reads and "scaling.resources_per_worker.CPU" in reads
-    gathers = data_wait_advice(0.2, read_share=0.1)
-    assert "train.micro_batch_size" in gathers and "did not read ahead" not in gathers

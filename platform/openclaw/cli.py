@@ -1,6 +1,6 @@
 """The `openclaw` command (driver): `train CONFIG [--set k=v ...] [--address ADDR]`, `sweep CONFIG
-[--resume]`, `sync-spool FILE`, `checkpoint consolidate DIR --out FILE` and `config --schema |
---defaults`: parse, build, run, report.
+[--resume]`, `sync-spool FILE`, `checkpoint consolidate DIR --out FILE`, `config --schema |
+--defaults` and `advise RUN_ID`: parse, build, run, report.
 
 User mistakes (bad config, missing data) print one paragraph and exit 2; `--debug` adds the traceback.
 The commands' modules are imported when a command runs, so that `openclaw --help` answers at once.
@@ -24,7 +24,7 @@ EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, resumable
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openclaw", description="Elastic PyTorch training on Ray, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_sweep, _add_sync_spool, _add_checkpoint, _add_export, _add_config):
+    for add in (_add_train, _add_sweep, _add_sync_spool, _add_checkpoint, _add_export, _add_advise, _add_config):
         add(sub)
     return p
 
@@ -107,6 +107,23 @@ def _add_export(sub) -> None:
     e.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
 
 
+def _add_advise(sub) -> None:
+    """`openclaw advise`."""
+    a = sub.add_parser("advise", help="recommend config changes from a run's measured step-time breakdown",
+                       description="Read a run's logged metrics (its log windows: data wait, compute, communication, "
+                                   "checkpoint stalls, memory, MFU, ...) and config from MLflow, and print what the "
+                                   "advice rules recommend: each finding with its number, the config key to change "
+                                   "with a suggested value (as --set takes it), and the expected effect. Every "
+                                   "finished run prints the same at its end and logs it as advice.md / advice.json.",
+                       epilog="example: openclaw advise 0ab8bc5fbaf84a5f91e41a661c509acf   (the run id `openclaw "
+                              "train` printed)")
+    a.add_argument("run_id", help="the MLflow run id of a training run")
+    a.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    a.add_argument("--json", action="store_true", help="print the recommendations and facts as JSON (advice.json)")
+    a.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+
+
 def _add_config(sub) -> None:
     """`openclaw config`."""
     c = sub.add_parser("config", help="print the config's JSON schema, or every key at its default",
@@ -149,6 +166,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one table is the output
     export(args.source, quantize=args.quantize, group_size=args.group_size, evaluate=args.eval, out=args.out,
            register=args.register, tracking_uri=args.tracking_uri, device=args.device, trust_code=args.trust_code)
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from openclaw.advice.render import as_json, console
+    from openclaw.advice.report import advise_logged_run
+    from openclaw.constants import default_tracking_uri
+    if not args.debug:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    recs, facts, source = advise_logged_run(args.run_id, args.tracking_uri or default_tracking_uri())
+    print(as_json(recs, facts, run_id=args.run_id, source=source) if args.json else console(recs, source))
     return 0
 
 
@@ -215,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config,
-                    "checkpoint": cmd_checkpoint, "export": cmd_export}
+                    "checkpoint": cmd_checkpoint, "export": cmd_export, "advise": cmd_advise}
         return commands[args.command](args)
     except UserError as e:
         if args.debug:

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray.util.queue import Queue
 
 from openclaw import constants
+from openclaw.advice.report import advise_at_end
 from openclaw.config import Config
 from openclaw.data.filesystems import storage_uri
 from openclaw.data.sources import Source
@@ -152,6 +153,8 @@ class RunSession:
         if status == "FINISHED":
             record_finished(self.config, self.storage, (metrics or {}).get("step", self.config.train.max_steps),
                             checkpoint, metrics or {})
+            advise_at_end(self.config, metrics or {}, uri=self.uri, run_id=None if spool else self.run_id,
+                          prepared=self.prepared, wall_s=time.time() - self.job_start)  # printed, logged; never raises
         if not self.run_id:
             return
         if spool:

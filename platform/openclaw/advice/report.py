@@ -1,0 +1,150 @@
+"""A run's advice, read from MLflow or from its final metrics (driver: the end of every run, and
+`openclaw advise RUN_ID` for any run logged before).
+
+From MLflow: the run's metric history (its log windows), its logged config (`config.yaml`), the
+`resolved/precision` params, its attempt and precision events and its data lineage. Without tracking:
+the final metrics Ray Train returns (the last window). The driver prints the recommendations and logs
+them on the run as `advice.md` and `advice.json`; nothing here may fail a run that trained.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from typing import Any
+
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from openclaw.advice.facts import WINDOW_KEYS, RunNotes, facts_from_history, facts_from_metrics
+from openclaw.advice.measured import Facts, Recommendation
+from openclaw.advice.render import as_json, console, markdown
+from openclaw.advice.rules import advise
+from openclaw.config import Config, validate
+from openclaw.errors import ConfigError
+from openclaw.tracking.redact import public_uri, scrub
+from openclaw.tracking.writer import ATTEMPT_EVENTS, read_events
+
+log = logging.getLogger("openclaw")
+ADVICE_MD, ADVICE_JSON = "advice.md", "advice.json"
+
+
+def advise_logged_run(run_id: str, tracking_uri: str) -> tuple[list[Recommendation], Facts, str]:
+    """(recommendations, facts, where they come from) of an MLflow run (`openclaw advise`)."""
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ConfigError(f"could not read MLflow run {run_id!r} at {public_uri(tracking_uri)}: {e.message}. Is "
+                              f"the tracking server up, and is `--tracking-uri` the one the run used?") from None
+        raise ConfigError(f"there is no MLflow run {run_id!r} at {public_uri(tracking_uri)} ({e.error_code}). Pass the "
+                          f"run id a training run printed (\"MLflow run <id>\"), and `--tracking-uri` if it was logged "
+                          f"elsewhere.") from None
+    facts, windows = _logged_facts(client, run, logged_config(client, run_id))
+    source = f"{windows} log window(s) of MLflow run {run_id}, {run.info.status}"
+    return advise(facts), facts, source
+
+
+def advise_at_end(config: Config, metrics: dict[str, Any], *, uri: str | None = None, run_id: str | None = None,
+                  prepared: dict[str, Any] | None = None, wall_s: float | None = None) -> list[Recommendation]:
+    """The end of a finished run (driver): its advice, printed, and logged on its MLflow run (`run_id`;
+    None: tracking off, or the server away). From the MLflow history where it can be read, else from
+    the final `metrics`. Never raises: advice must not cost a run that trained."""
+    try:
+        facts, source = None, "the final log window"
+        if run_id and uri:
+            try:
+                client = MlflowClient(uri)
+                facts, windows = _logged_facts(client, client.get_run(run_id), config, wall_s)
+                source = f"{windows} log window(s)"
+            except Exception as e:  # the history could not be read: the final window still speaks
+                log.warning("could not read MLflow run %s's metrics for advice (%s); advising from the final ones",
+                            run_id, scrub(e))
+        if facts is None:
+            facts = facts_from_metrics(config, metrics, RunNotes(**_prep_notes(prepared or {}), wall_s=wall_s))
+        recs = advise(facts)
+        print(console(recs, source), flush=True)
+    except Exception as e:
+        log.warning("no advice for this run: %s", scrub(e))
+        return []
+    if run_id and uri:
+        log_advice(uri, run_id, recs, facts, source)
+    return recs
+
+
+def log_advice(uri: str, run_id: str, recs: list[Recommendation], facts: Facts, source: str) -> None:
+    """`advice.md` and `advice.json` on the run (a warning where the server refuses)."""
+    try:
+        client = MlflowClient(uri)
+        client.log_text(run_id, markdown(recs, facts, facts.config.name, source), ADVICE_MD)
+        client.log_text(run_id, as_json(recs, facts, run_id=run_id, source=source), ADVICE_JSON)
+    except Exception as e:
+        log.warning("could not log the advice on MLflow run %s: %s", run_id, scrub(e))
+
+
+def logged_config(client: MlflowClient, run_id: str) -> Config:
+    """The config a run logged (`config.yaml`, secrets masked), validated."""
+    with tempfile.TemporaryDirectory(prefix="openclaw-advice-") as d, _no_progress_bars():
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", d)
+        except Exception:
+            raise ConfigError(f"MLflow run {run_id} has no config.yaml: it is not an openclaw training run (or "
+                              f"its artifacts cannot be read).") from None
+        with open(path) as f:
+            return validate(yaml.safe_load(f) or {}, source=f"MLflow run {run_id}'s config.yaml")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow draws a progress bar per artifact it downloads (the run's event parts): not on this console."""
+    name, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _logged_facts(client: MlflowClient, run, config: Config, wall_s: float | None = None) -> tuple[Facts, int]:
+    run_id = run.info.run_id
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+               for k in WINDOW_KEYS if k in run.data.metrics}
+    with _no_progress_bars():
+        notes = run_notes(run, read_events(client, run_id))
+    if wall_s is not None:
+        notes.wall_s = wall_s
+    windows = len({step for points in history.values() for step, _ in points})
+    return facts_from_history(config, history, notes), windows
+
+
+def run_notes(run, events: list[dict[str, Any]]) -> RunNotes:
+    """A logged run's params, attempt and precision events, data preparation and wall time."""
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    attempts = [e for e in events if e.get("event") in ATTEMPT_EVENTS]
+    precision = [e for e in events if e.get("event") == "precision"]
+    caches = {k.split(".")[2]: v for k, v in tags.items() if k.startswith("openclaw.data.") and k.endswith(".cache")}
+    prep = _prep_notes({name: (cache, metrics.get(f"data/{name}/prepare_s", 0.0)) for name, cache in caches.items()})
+    end = run.info.end_time
+    wall = (end - run.info.start_time) / 1000 + (prep["prepare_s"] or 0.0) if end else None  # prepared before it
+    return RunNotes(precision=params.get("resolved/precision"),
+                    precision_reason=params.get("resolved/precision_reason"),
+                    tf32=precision[-1].get("tf32") if precision else None,
+                    attempt_starts=[int(e.get("resumed_from_step") or 0) for e in attempts],
+                    world_size=attempts[-1].get("world_size") if attempts else None,
+                    accumulation=attempts[-1].get("accumulation") if attempts else None, wall_s=wall, **prep)
+
+
+def _prep_notes(prepared: dict[str, Any]) -> dict[str, Any]:
+    """`prepare_s` and `prepare_cache` of the datasets: `Prepared` objects (the driver's), or (cache,
+    seconds) pairs (from MLflow). Seconds count on misses only."""
+    pairs = [p if isinstance(p, tuple) else (p.cache, p.prepare_s) for p in prepared.values()]
+    caches = {cache for cache, _ in pairs}
+    cache = "miss" if "miss" in caches else "hit" if "hit" in caches else ("off" if caches else None)
+    spent = sum(s for c, s in pairs if c == "miss")
+    return {"prepare_s": spent if pairs else None, "prepare_cache": cache}
