@@ -12,6 +12,7 @@ Each component declares its own section next to it; this module composes them an
     elastic, checkpoint runtime/config.py
     tracking            tracking/config.py
     sweep               sweeps/config.py
+    profile             profiling/config.py
 
 Validation names the key and what is allowed there. The resolved config (after defaults and
 overrides) is what the run saves and logs, so it alone describes a run.
@@ -32,6 +33,7 @@ from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig,
 from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.errors import ConfigError
 from openclaw.launch.config import FailureConfig, ScalingConfig
+from openclaw.profiling.config import ProfileConfig
 from openclaw.runtime.config import CheckpointConfig, ElasticConfig
 from openclaw.section import Section, import_path_or
 from openclaw.sweeps.config import SweepConfig
@@ -71,6 +73,9 @@ class Config(Section):
     """The MLflow run: server, experiment, registry."""
     sweep: SweepConfig | None = None
     """Hyperparameter search for `openclaw sweep` (see `sweeps/config.py`); `openclaw train` ignores it."""
+    profile: ProfileConfig | None = None
+    """Profile a few steps with `torch.profiler` and log the traces and an HTML report under `profile/`
+    (see `profiling/config.py`); null (the default): no profiler, no cost."""
 
     @field_validator("task")
     @classmethod
@@ -124,6 +129,12 @@ class Config(Section):
                 raise ValueError(f"`parallelism.microbatches` ({mb}) must divide each data-parallel rank's share of "
                                  f"`train.global_batch_size` ({t.global_batch_size}); it does not at world size "
                                  f"{', '.join(map(str, uneven))}. Use `auto` or a divisor.")
+        return self
+
+    @model_validator(mode="after")
+    def _profile_fits(self) -> "Config":
+        if self.profile is not None:
+            self.profile.check_fits(self.train.max_steps, self.scaling.max_workers)
         return self
 
     @model_validator(mode="after")

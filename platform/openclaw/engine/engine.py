@@ -36,6 +36,14 @@ from openclaw.errors import CompileError
 log = logging.getLogger("openclaw")
 
 
+def phase(name: str):
+    """A label, `openclaw/<name>`, around a phase of the step, for a profile (`openclaw.profiling`): a
+    `record_function` while a profiler records, else nothing (a `record_function` costs microseconds even then)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.autograd.profiler.record_function(f"openclaw/{name}")
+    return contextlib.nullcontext()
+
+
 @dataclass
 class StepStats:
     """What one optimizer step reports. `loss_sum`/`samples` are this worker's share, not yet reduced."""

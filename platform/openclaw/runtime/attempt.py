@@ -18,13 +18,9 @@ import torch
 
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
-from openclaw.data.config import DataConfig
-from openclaw.data.filesystems import is_remote
 from openclaw.data.sampler import Sampler
-from openclaw.data.shard_cache import ShardCache
-from openclaw.data.stream import ShardedData
 from openclaw.engine.device import configure_cpu
-from openclaw.engine.engine import Engine, StepStats
+from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import now as perf_now
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel import build_strategy, layout_for
@@ -33,7 +29,10 @@ from openclaw.engine.precision import choose_precision, device_facts
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task
 from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
+from openclaw.profiling.capture import StepProfiler
 from openclaw.runtime.log_window import LogWindow
+from openclaw.runtime.setup import flops_per_sample, open_datasets
+from openclaw.runtime.micro_batch import record_micro_batch, resolve_micro_batch
 from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
 from openclaw.runtime.precision_watch import PrecisionWatch
 from openclaw.runtime.sample_log import SampleLog
@@ -152,12 +151,14 @@ class Attempt:
 
     def train_step(self, step: int, positions: np.ndarray, epoch: int, offset: int) -> StepStats:
         t0 = perf_now()
-        mine = self.sampler.split(positions)
-        batches = [self.train.batch(p) for p in mine]
-        self.train.prefetch(self.sampler.next_window_shards(epoch, offset))  # after this step's own shards
+        with phase("data"):  # the `openclaw/<phase>` labels of a profile (`openclaw.profiling`); free otherwise
+            mine = self.sampler.split(positions)
+            batches = [self.train.batch(p) for p in mine]
+            self.train.prefetch(self.sampler.next_window_shards(epoch, offset))  # after this step's own shards
         t1 = perf_now()
         seed_step(self.config.seed, step, self.rank)
-        stats = self.engine.train_step(step, batches)
+        with phase("step"):
+            stats = self.engine.train_step(step, batches)
         self.window.add(batches, stats, data_s=t1 - t0, compute_s=perf_now() - t1)
         if stats.compiled or self.engine.fell_back:
             self._after_compile(step)
@@ -226,14 +227,17 @@ class Attempt:
         """Report a finished background save, save when due (or asked to stop), and keep the stall out of
         the throughput."""
         t0, step, max_steps = time.perf_counter(), self.state.step, self.config.train.max_steps
-        if written:  # rank 0's background checkpoint is on storage: every rank reports it now
-            self.saver.report_ready()
-        if step == max_steps:  # this attempt's wall time per step, all included: in the final report
-            self.window.last["perf/wall_step_s"] = self.window.wall_step_s(step)
-        if should_save(step, self.config) or stop:
-            self.precision.at_checkpoint()
-            self.state.loss_window = self.window.carry()
-            self.saver.save(self.window.last, final=bool(stop) or step == max_steps)
+        with phase("checkpoint"):
+            if written:  # rank 0's background checkpoint is on storage: every rank reports it now
+                self.saver.report_ready()
+            if step == max_steps:  # this attempt's wall time per step, all included: in the final report
+                self.window.last["perf/wall_step_s"] = self.window.wall_step_s(step)
+            if should_save(step, self.config) or stop:
+                self.precision.at_checkpoint()
+                self.state.loss_window = self.window.carry()
+                self.saver.save(self.window.last, final=bool(stop) or step == max_steps)
+        if self.profile:  # a profiled step ends here; the profile's own end (gather, report) is no training time
+            self.profile.step_ends(step)
         self.window.exclude(time.perf_counter() - t0)  # checkpoint stalls are not training time
         for saved_step, stall_s in self.saver.take_completed():
             self.tracker.log_metrics({"perf/checkpoint_stall_s": stall_s}, saved_step)

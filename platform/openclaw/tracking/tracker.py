@@ -11,6 +11,7 @@ driver's queue. So tracking adds no MLflow latency to a step, and none to a rest
 """
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ class NullTracker:
     def pending(self) -> list[dict[str, Any]]: return []
     def restore_pending(self, pending: list[dict[str, Any]]) -> None: ...
     def rollback(self, pending: list[dict[str, Any]]) -> None: ...
+    def artifact(self, path: str, data: bytes) -> None: ...
     def close(self) -> None: ...
 
 
@@ -102,6 +104,11 @@ class Tracker(NullTracker):
     def progress(self, line: dict[str, Any]) -> None:
         if self.queue is not None:
             put_nowait(self.queue, line)
+
+    def artifact(self, path: str, data: bytes) -> None:
+        """Log a file of the run at `path` (e.g. `profile/report.html`), in order with the other ops. Sent as
+        base64 text, so that the op also keeps in the spool (JSON lines) while MLflow is away."""
+        self.service.submit.remote("artifact", path, base64.b64encode(data).decode("ascii"))
 
     def close(self) -> None:
         self.publish()

@@ -1,12 +1,14 @@
 """Applying tracking ops to one MLflow run (tracking actor, and `openclaw sync-spool` on the driver), and
 the spool file that keeps the ops a server did not take in time.
 
-An op is a name and JSON-able arguments (`metrics`, `params`, `restore`, `event`, `attempt`, `end`, `finish`);
+An op is a name and JSON-able arguments (`metrics`, `params`, `restore`, `event`, `attempt`, `artifact`, `end`,
+`finish`);
 `MlflowWriter.apply` carries one out. The tracking service applies them as they come; `sync_spool`
 applies a spool file's, in order, later.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import hashlib
@@ -82,6 +84,15 @@ class MlflowWriter:
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
         if new:
             self.client.log_batch(self.run_id, params=new, synchronous=True)
+
+    def _op_artifact(self, path: str, data: str) -> None:
+        """A file of the run (`Tracker.artifact`: its bytes in base64) at `path` among its artifacts; a retry
+        writes the same file again."""
+        folder, name = os.path.split(path)
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(base64.b64decode(data))
+            self.client.log_artifact(self.run_id, os.path.join(d, name), folder or None)
 
     # ---- events --------------------------------------------------------------------------------
 
