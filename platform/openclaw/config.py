@@ -41,6 +41,8 @@ from openclaw.tracking.config import TrackingConfig
 
 BUILTIN_TASKS = ("classification", "language_modeling")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+FP8_ON_CPU = ("`train.precision: fp8` needs GPU workers of compute capability 8.9+ (float8 tensor cores); these "
+              "workers have no GPU (`scaling.use_gpu`). Use `train.precision: auto` (fp32 on CPUs) or run on GPUs.")
 RESERVED_NAMES = frozenset({"trials", "samples", "data-cache", "spool"})
 """Folder names openclaw itself uses inside storage and run folders."""
 
@@ -112,7 +114,8 @@ class Config(Section):
         # of max_workers, so only that world size has to divide.
         worlds = range(s.min_workers, s.max_workers + 1) if self.elastic.on_resize == "keep_global_batch" \
             else [s.max_workers]
-        bad = [w for w in worlds if t.global_batch_size % (t.micro_batch_size * (w // mp))]
+        micro = 1 if t.micro_batch_size == "auto" else t.micro_batch_size  # auto picks a divisor on the workers
+        bad = [w for w in worlds if t.global_batch_size % (micro * (w // mp))]
         if bad:
             per = "data-parallel degree (world size / (tensor x pipeline))" if mp > 1 else "world size"
             raise ValueError(
@@ -120,7 +123,7 @@ class Config(Section):
                 f"({t.micro_batch_size}) x {per} for every world size from `scaling.min_workers` to "
                 f"`scaling.max_workers`; it is not for world size {', '.join(map(str, bad))}. Change the batch "
                 f"sizes (e.g. global_batch_size="
-                f"{t.micro_batch_size * lcm(*(w // mp for w in range(s.min_workers, s.max_workers + 1)))}) or the "
+                f"{micro * lcm(*(w // mp for w in range(s.min_workers, s.max_workers + 1)))}) or the "
                 f"worker range.")
         mb = self.parallelism.microbatches
         if isinstance(mb, int):

@@ -53,3 +53,8 @@ class FailureBudgetSpent(OpenClawError):
 
 class CompileError(UserError):
     """`torch.compile` failed on the model (`train.compile`); the message says how to train without it."""
+
+
+class MemoryBudgetError(UserError):
+    """`train.micro_batch_size: auto` found no micro-batch that fits the memory; the message says what
+    to shard, recompute or raise."""

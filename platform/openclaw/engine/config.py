@@ -81,8 +81,16 @@ class AmpConfig(Section):
 class TrainConfig(Section):
     global_batch_size: int = Field(64, gt=0)
     """Samples per optimizer step, whatever the world size: micro_batch_size x accumulation x world_size."""
-    micro_batch_size: int = Field(16, gt=0)
-    """Samples per forward/backward on one worker."""
+    micro_batch_size: int | Literal["auto"] = 16
+    """Samples per forward/backward on one worker. `auto`: the largest that fits the memory, chosen on the
+    workers before the first step (parameters, gradients and optimizer state estimated under the strategy
+    and precision, activations measured on a probe micro-batch, then confirmed on a GPU) among the sizes
+    that divide every allowed world size's batch, agreed on by all workers, printed and logged
+    (`resolved/micro_batch_size`), and kept in the train state across restarts and resizes."""
+    memory_budget_gb: float | None = Field(None, gt=0)
+    """With `micro_batch_size: auto`: the memory (GB) one worker's training state and activations may use.
+    Default: on a CPU the worker's share of the node's memory (total / workers on the node), on a GPU 90%
+    of its free memory (the smaller of the two when set)."""
     max_steps: int = Field(100, gt=0)
     """Optimizer steps to train; the run ends (and logs its model) at this step."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -91,10 +99,16 @@ class TrainConfig(Section):
     """The learning-rate schedule, a pure function of the step (it survives restarts and resizes)."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; null disables clipping."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
     """auto: bf16 autocast on GPUs of compute capability 8.0+, fp16 autocast with loss scaling on 7.x
     (V100, T4), fp32 on CPUs and older GPUs. The choice and its reason are printed at the start and
-    logged (`resolved/precision`, `resolved/precision_reason`). bf16 on a GPU without it trains in fp16."""
+    logged (`resolved/precision`, `resolved/precision_reason`). bf16 on a GPU without it trains in fp16.
+    fp8: float8 Linears (see `fp8`) on GPUs of compute capability 8.9+, bf16 on older GPUs; GPU workers only."""
+    fp8: Literal["off", "auto"] = "off"
+    """`auto`: `precision: auto` trains in fp8 on GPUs of compute capability 8.9+ (Ada, Hopper). fp8 (either
+    way) converts the Linears whose shapes gain (torchao's float8 training, tensorwise scaling) and runs the
+    rest in bf16; on the first step it times a micro-batch both ways and keeps bf16 if fp8 is no faster,
+    saying so. Needs `pip install 'openclaw[quantize]'` (torchao) and GPU workers."""
     amp: AmpConfig = Field(default_factory=AmpConfig)
     """fp16's loss scaling, and when a run switches to a safer precision."""
     tf32: bool = True
@@ -120,10 +134,9 @@ class TrainConfig(Section):
     """A NaN/inf loss or gradient: `fail` naming the step; `skip` the batch (counted); or `rollback` to the
     newest valid checkpoint and skip the offending batch on the replay."""
 
-    @field_validator("precision", mode="before")
+    @field_validator("micro_batch_size", mode="before")
     @classmethod
-    def _no_fp8_yet(cls, v: Any) -> Any:
-        if v == "fp8":
-            raise ValueError("`train.precision: fp8` (float8 training) is not supported yet: it needs a GPU of "
-                             "compute capability 8.9+ and is not built into openclaw. Use `bf16` (or `auto`).")
-        return v
+    def _micro_batch(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"`train.micro_batch_size` must be a positive integer or `auto` (got {v!r})")

@@ -80,11 +80,14 @@ class Attempt:
         configure_cpu(cfg.train, int(cfg.scaling.resources_per_worker.get("CPU", 1)))
         self.device = ray.train.torch.get_device()
         self.tracker: NullTracker = make_tracker(self.rank, cfg.tracking.enabled, inputs.tracking, inputs.progress)
+        # ---- data, then `train.micro_batch_size: auto` resolved on it: from here on the config holds a number
+        self.train, self.val = open_datasets(inputs.data, cfg.data, pin=self.device.type == "cuda")
+        cfg, self.micro_batch = resolve_micro_batch(cfg, device=self.device, world=self.world, run_dir=inputs.run_dir,
+                                                    local_world=ctx.get_local_world_size(), data=self.train)
+        self.config = cfg
         max_dp = cfg.scaling.max_workers // cfg.parallelism.model_parallel
         self.plan: BatchPlan = batch_plan(cfg.elastic.on_resize, cfg.elastic.lr_rule, cfg.train.global_batch_size,
                                           cfg.train.micro_batch_size, max_dp, self.dp)
-        # ---- data
-        self.train, self.val = open_datasets(inputs.data, cfg.data, pin=self.device.type == "cuda")
         self.sampler = Sampler(len(self.train), self.plan.global_batch_size, cfg.train.micro_batch_size, cfg.seed,
                                self.dp, self.dp_rank, self.train.shard_rows(), cfg.data.shuffle_window_shards)
         # ---- model and engine, then the newest valid checkpoint
@@ -111,6 +114,7 @@ class Attempt:
                              mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)))
         self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
         self.precision.announce()  # after the attempt event: the run reads start, then precision
+        record_micro_batch(self.micro_batch, self.state, self.tracker)
         self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
                                      records=layout.coords(self.rank)["tp"] == 0 == layout.coords(self.rank)["pp"]) \
             if cfg.train.record_samples else None
@@ -269,28 +273,3 @@ def _driver_control(control) -> dict[str, Any]:
     """Rank 0 polls the driver's requests (stop, checkpoint before a resize) from the control plane."""
     return {"control": lambda: ray.get(control.state.remote(), timeout=10),
             "on_request_answered": lambda request, step: control.checkpoint_answered.remote(request, step)}
-
-
-def open_datasets(data: dict[str, Any], d: DataConfig, pin: bool) -> tuple[ShardedData, ShardedData | None]:
-    """The train (and val) shards this run reads, held at most two shuffle windows at a time."""
-    remote = any(is_remote(v["spec"]) for v in data.values())  # local data needs no node cache (nor its folder)
-    cache = ShardCache(d.shard_cache.dir, d.shard_cache.max_bytes) if remote else None
-    resident = 2 * d.shuffle_window_shards
-    opened = {k: ShardedData(v["spec"], v["shards"], d.features, d.label, s3=d.s3, shard_cache=cache,
-                             max_resident=resident, pin=pin) for k, v in data.items()}
-    return opened["train"], opened.get("val")
-
-
-def flops_per_sample(cfg: Config, task, data: ShardedData) -> float | None:
-    """Training FLOPs per sample (forward and backward), counted once at the start on a copy of the model on
-    the meta device (no memory, no compute: any model size) with a micro-batch of the real data."""
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg.model.name, cfg.model.kwargs)
-        rows = np.arange(min(cfg.train.micro_batch_size, len(data)))
-        batch = {k: v.to("meta") for k, v in data.batch(rows).items()}
-        return training_flops(model, task.loss, batch) / len(rows)
-    except Exception as e:  # a model that cannot live on the meta device: no FLOP metrics, training goes on
-        log.warning("could not count the model's FLOPs on the meta device (%s): no perf/flops_per_s or perf/mfu",
-                    str(e).splitlines()[0][:200])
-        return None

@@ -1,0 +1,171 @@
+"""How much memory a micro-batch needs, and the largest one that fits (plain torch; worker process,
+behind `train.micro_batch_size: auto`).
+
+The estimate of one rank's memory is a fixed part plus a part per sample:
+
+    fixed        parameters, gradients and optimizer state (fp32, AdamW: 2 states) of the parameters
+                 this rank holds: the whole model under DDP (plus DDP's gradient buckets), 1/shard under
+                 FSDP, 1/tensor under TP, 1/stages under PP; 16-bit precision adds a 16-bit copy of them
+    per sample   activations, measured on a probe micro-batch: on a CPU the bytes of the tensors saved
+                 for the backward (`saved_activation_bytes`), on a GPU the allocator's peak (`cuda_peak_bytes`)
+
+`choose_micro_batch` takes the largest size that fits the budget and divides the per-rank batch at
+every allowed data-parallel degree; on a GPU `confirm_micro_batch` then runs it and backs off by halves
+on an out-of-memory error. The arithmetic is pure, so topologies we cannot run are unit-tested.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.errors import MemoryBudgetError
+
+GB = 1e9
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
+"""Bytes of the low-precision copy of a weight (fp8 trains its float8 Linears beside bf16: counted as bf16)."""
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
+"""fp32 tensors per parameter the optimizer keeps (Adam's two moments; SGD's momentum, none at 0)."""
+CUDA_HEADROOM = 0.9
+"""The share of a GPU's free memory the estimate may fill: the allocator's rounding, cuBLAS workspaces
+and fragmentation take the rest (the confirmation probe checks what the estimate cannot see)."""
+
+
+@dataclass(frozen=True)
+class StateEstimate:
+    """Bytes one rank holds for the training state, whatever the micro-batch."""
+    params: int
+    grads: int
+    optimizer: int
+    extra: int
+    """DDP's gradient buckets (a second copy of the gradients) and 16-bit copies of the weights."""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.extra
+
+
+def state_bytes_estimate(num_params: int, layout: MeshLayout, *, replicated: bool, precision: str = "fp32",
+                         optimizer: str = "adamw", momentum: float = 0.9) -> StateEstimate:
+    """One rank's parameters, gradients and optimizer state (all fp32: autocast keeps fp32 master weights
+    and FSDP reduces gradients in fp32). `replicated`: plain DDP, whose buckets hold another copy of the
+    gradients when there is more than one rank. Tensor and pipeline parallelism split the model over
+    `layout.tensor x layout.pipeline` ranks; FSDP shards that part over `layout.shard` ranks."""
+    held = math.ceil(math.ceil(num_params / (layout.tensor * layout.pipeline)) / layout.shard)
+    states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum else 0
+    buckets = 4 * held if replicated and layout.dp > 1 else 0
+    casts = DTYPE_BYTES[precision] * held if precision != "fp32" else 0
+    return StateEstimate(params=4 * held, grads=4 * held, optimizer=4 * states * held, extra=buckets + casts)
+
+
+# ---- the sizes allowed, and the largest that fits ------------------------------------------------
+
+def micro_batch_sizes(global_batch: int, dp_sizes: Iterable[int]) -> list[int]:
+    """Every micro-batch size (ascending) that divides each data-parallel rank's share of the global batch
+    at every degree in `dp_sizes`: the divisors of their greatest common divisor."""
+    shares = []
+    for dp in dp_sizes:
+        if global_batch % dp:
+            raise ValueError(f"global batch {global_batch} does not divide over {dp} data-parallel ranks")
+        shares.append(global_batch // dp)
+    g = math.gcd(*shares)
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+@dataclass(frozen=True)
+class MicroBatchChoice:
+    """The micro-batch the estimate allows, and what it rests on (bytes)."""
+    size: int
+    estimate_bytes: int
+    """fixed + size x activations per sample: what this rank is estimated to need."""
+    largest: int
+    """The largest size the batch arithmetic allows (the choice with memory to spare)."""
+    budget_bytes: int
+    fixed_bytes: int
+    activation_bytes_per_sample: float
+
+
+def choose_micro_batch(budget_bytes: int, fixed_bytes: int, activation_bytes_per_sample: float, global_batch: int,
+                       dp_sizes: Iterable[int], budget_source: str = "`train.memory_budget_gb`") -> MicroBatchChoice:
+    """The largest allowed size (`micro_batch_sizes`) whose estimate fits `budget_bytes`. A
+    `MemoryBudgetError` when not even the smallest does."""
+    sizes = micro_batch_sizes(global_batch, dp_sizes)
+
+    def need(m: int) -> int:
+        return int(fixed_bytes + math.ceil(m * activation_bytes_per_sample))
+
+    fits = [m for m in sizes if need(m) <= budget_bytes]
+    if not fits:
+        raise MemoryBudgetError(
+            f"`train.micro_batch_size: auto`: even a micro-batch of {sizes[0]} needs an estimated "
+            f"{need(sizes[0]) / GB:.3g} GB per worker ({fixed_bytes / GB:.3g} GB of parameters, gradients and "
+            f"optimizer state, {activation_bytes_per_sample / GB:.3g} GB of activations per sample), more than "
+            f"the budget of {budget_bytes / GB:.3g} GB ({budget_source}). Shard the state "
+            f"(`parallelism.strategy: fsdp`, `parallelism.tensor`), recompute activations "
+            f"(`parallelism.activation_checkpointing: full`), use a smaller model, or raise the budget.")
+    return MicroBatchChoice(fits[-1], need(fits[-1]), sizes[-1], int(budget_bytes), int(fixed_bytes),
+                            float(activation_bytes_per_sample))
+
+
+def confirm_micro_batch(size: int, sizes: list[int], try_size: Callable[[int], Any]) -> tuple[int, list[int]]:
+    """Run `try_size(size)` (a forward and backward at that micro-batch); on a CUDA out-of-memory error
+    try the largest allowed size at most half of it, and so on. Returns the size that ran and those that
+    did not; a `MemoryBudgetError` when the smallest did not either."""
+    failed: list[int] = []
+    while True:
+        try:
+            try_size(size)
+            return size, failed
+        except torch.cuda.OutOfMemoryError:
+            failed.append(size)
+        smaller = [m for m in sizes if m <= size // 2]
+        if not smaller:
+            raise MemoryBudgetError(
+                f"`train.micro_batch_size: auto`: the device ran out of memory at every micro-batch tried "
+                f"({', '.join(map(str, failed))}). Shard the state (`parallelism.strategy: fsdp`), recompute "
+                f"activations (`parallelism.activation_checkpointing: full`) or use a smaller model.")
+        size = smaller[-1]
+
+
+# ---- measuring activations -----------------------------------------------------------------------
+
+def saved_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for the backward while `run()` builds its graph (each storage
+    once, the parameters' own storages excluded): the activations a step holds at its peak, measured
+    the same way on any device."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t  # the graph keeps `t` alive, so no other saved tensor reuses its memory while we count
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    del out
+    return sum(seen.values())
+
+
+def cuda_peak_bytes(run: Callable[[], Any], device: torch.device) -> int:
+    """The CUDA allocator's peak above what was allocated before, while `run()` runs."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def per_sample_bytes(measure: Callable[[int], int], probe: int) -> float:
+    """Activation bytes per sample from `measure(m)` at micro-batches of `probe` and `2 x probe`: the
+    difference, so that what does not grow with the batch (gradients allocated by the first backward,
+    weight casts) is not counted per sample."""
+    small, large = measure(probe), measure(2 * probe)
+    return (large - small) / probe if large > small else large / (2 * probe)
