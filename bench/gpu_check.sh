@@ -39,6 +39,25 @@ for prec in ("auto", "bf16", "fp16", "fp32"):
     assert losses[-1] < losses[0] and all(l == l for l in losses)
 PY
 
+step "fp8 (torchao float8 Linears) against bf16: the first-step probe's decision, and the fp8 tests" 150 "$PY" - <<'PY'
+import torch
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.engine import Engine
+from openclaw.engine.models import GPT
+from openclaw.engine.tasks import LanguageModeling
+torch.manual_seed(0)
+e = Engine(GPT(dim=2048, depth=4, heads=16, block_size=512).cuda(), LanguageModeling(),
+           TrainConfig(global_batch_size=8, micro_batch_size=8, precision="fp8"), device=torch.device("cuda"))
+print(f"  asked fp8 -> {e.precision.name}: {len(e.fp8_layers)} float8 Linears ({e.precision.reason})")
+x = torch.randint(0, 256, (8, 513), device="cuda")
+fp8_s, bf16_s = e.probe_fp8({"x": x})
+print(f"  probe: fp8 {fp8_s * 1e3:.2f} ms vs bf16 {bf16_s * 1e3:.2f} ms per micro-batch (ratio {fp8_s / bf16_s:.3f}) "
+      f"-> trains in {e.precision.name}")
+losses = [e.train_step(s, [{"x": x}]).loss_sum / (8 * 512) for s in range(5)]
+print(f"  loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+assert all(l == l for l in losses)
+PY
+step "the fp8 and precision tests on this machine" 120 "$PY" -m pytest -q -x tests/test_fp8.py tests/test_precision.py -m "not integration"
 step "compile cache across a restart on a fresh node (cold vs warm)" 150 "$PY" bench/compile_restart.py --device cuda --dim 768 --depth 12 --heads 12 --block 1024 --repeats 2
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision" 90 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision + compile" 150 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3 --compile

@@ -42,7 +42,7 @@ def test_wrong_type_names_key_and_value():
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError, match=r"`train.precision`.*'auto', 'fp32', 'bf16' or 'fp16'"):
+    with pytest.raises(ConfigError, match=r"`train.precision`.*'auto', 'fp32', 'bf16', 'fp16' or 'fp8'"):
         load_config(None, ["train.precision=fp64"], base=MIN)
 
 

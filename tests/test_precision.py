@@ -109,11 +109,12 @@ def test_the_engine_trains_in_the_decided_precision_with_a_scaler_only_for_fp16(
     assert auto.precision.name == "fp32" and not auto.scaler.is_enabled()
 
 
-def test_fp8_is_a_config_error_that_names_the_key():
+def test_fp8_on_cpu_workers_is_a_config_error_that_names_the_key():
     from openclaw.config import load_config
     from openclaw.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"`train.precision`.*fp8.*Use `bf16`"):
-        load_config(None, ["data.train=/x", "train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"`train.precision: fp8` needs GPU workers.*`scaling.use_gpu`"):
+        load_config(None, ["data.train=/x", "train.precision=fp8", "scaling.use_gpu=false"])
+    assert load_config(None, ["data.train=/x", "train.precision=fp8"]).train.precision == "fp8"  # GPUs may come
 
 
 def test_the_precision_policy_switches_an_unstable_fp16_run_to_the_next_safer_precision():

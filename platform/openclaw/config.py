@@ -94,6 +94,12 @@ class Config(Section):
         return v
 
     @model_validator(mode="after")
+    def _fp8_needs_gpus(self) -> "Config":
+        if self.train.precision == "fp8" and self.scaling.use_gpu is False:
+            raise ValueError(FP8_ON_CPU)
+        return self
+
+    @model_validator(mode="after")
     def _worlds_lay_out(self) -> "Config":
         """Every world size an elastic run may take must lay out as replicate x tensor x pipeline x shard."""
         p, s = self.parallelism, self.scaling

@@ -78,9 +78,11 @@ class Engine:
         self.task, self.cfg = task, cfg
         self.device = device or next(model.parameters()).device
         self.strategy = strategy or build_strategy()
+        self.precision: Precision = precision or choose_precision(cfg.precision, device_facts(self.device), cfg.tf32,
+                                                                  cfg.fp8)
+        self.fp8_layers = fp8.convert(model) if self.precision.name == "fp8" else []  # before the wrap (torchtitan)
         self.model = self.strategy.wrap(model, self.device)
         self.world_size, self.lr_factor = world_size, lr_factor
-        self.precision: Precision = precision or choose_precision(cfg.precision, device_facts(self.device), cfg.tf32)
         apply_matmul_precision(self.precision)
         self.dtype = self.precision.dtype
         self.optimizer = self._optimizer()
@@ -175,7 +177,11 @@ class Engine:
     # ---- precision ---------------------------------------------------------------------------
 
     def set_precision(self, precision: Precision) -> None:
-        """Train in `precision` from the next step on (a run-time switch), with a scaler of its own."""
+        """Train in `precision` from the next step on (a run-time switch), with a scaler of its own. Leaving
+        fp8 swaps the float8 Linears back around the same parameters (the optimizer state stays)."""
+        if self.fp8_layers and precision.name != "fp8":
+            fp8.unconvert(self.module)
+            self.fp8_layers = []
         self.precision, self.dtype = precision, precision.dtype
         apply_matmul_precision(precision)
         self.scaler = self.fns.scaler = self._scaler()

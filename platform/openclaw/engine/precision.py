@@ -11,6 +11,10 @@ is the one place that sets torch's global TF32 switches.
     bf16   CUDA without bf16            fp16 autocast + scaler    the nearest the device has
     fp16   any                          fp16 autocast + scaler
     fp32   any                          fp32 (TF32 matmuls on 8+ unless `train.tf32: false`)
+    fp8    CUDA 8.9+ (Ada, Hopper)      float8 Linears + bf16     torchao float8 training (`engine.fp8`)
+    fp8    CUDA below 8.9               bf16 autocast (or fp16)   no float8 tensor cores
+    fp8    CPU                          float8 emulated           a config error before any worker starts
+    auto + `train.fp8: auto` on 8.9+    fp8                       as `fp8`; bf16 where fp8 measures slower
 
 On CPU `auto` is fp32: bf16 autocast measured no faster on this project's CPUs (`python
 bench/cpu_precision.py`: the digits MLP at 0.67x fp32's samples/s, the text-lm GPT at 1.05x with
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+"""The autocast dtype of each precision (fp8: the layers that stay high precision run in bf16)."""
+FP8_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class DeviceFacts:
 class Precision:
     """A precision decision: what the step runs in, and why."""
     name: str
-    """fp32, bf16 or fp16."""
+    """fp32, bf16, fp16 or fp8."""
     scaler: bool
     """Loss scaling (`torch.amp.GradScaler`): fp16 only, whose range is too small for small gradients."""
     tf32: bool
@@ -55,12 +61,21 @@ def device_facts(device: torch.device) -> DeviceFacts:
     return DeviceFacts("cuda", torch.cuda.get_device_capability(device), torch.cuda.is_bf16_supported())
 
 
-def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True) -> Precision:
-    """`train.precision` (auto, fp32, bf16, fp16) on a device: see the module's table."""
+def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True, fp8: str = "off") -> Precision:
+    """`train.precision` (auto, fp32, bf16, fp16, fp8) and `train.fp8` on a device: see the module's table."""
     cap = facts.capability or (0, 0)
     on_gpu = facts.type == "cuda"
     allow_tf32 = tf32 and on_gpu and cap >= (8, 0)
     where = f"compute capability {cap[0]}.{cap[1]}" if on_gpu else facts.type.upper()
+    if asked == "fp8" or (asked == "auto" and fp8 == "auto" and on_gpu and cap >= FP8_CAPABILITY):
+        how = "as asked" if asked == "fp8" else "auto with `train.fp8: auto`"
+        if on_gpu and cap < FP8_CAPABILITY:
+            fallback = choose_precision("bf16", facts, tf32)
+            return Precision(fallback.name, fallback.scaler, fallback.tf32,
+                             f"fp8 asked, but {where} has no float8 tensor cores (8.9+): {fallback.reason}")
+        if not on_gpu:
+            return Precision("fp8", False, False, "fp8 as asked, emulated on CPU (no float8 hardware: slow)")
+        return Precision("fp8", False, allow_tf32, f"fp8 {how}: torchao float8 Linears on {where}, bf16 elsewhere")
     if asked == "auto":
         if on_gpu and cap >= (8, 0) and facts.bf16:
             return Precision("bf16", False, allow_tf32, f"auto: bf16 autocast on {where} (bf16 tensor cores)")

@@ -12,8 +12,9 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from openclaw import constants
-from openclaw.config import Config
+from openclaw.config import FP8_ON_CPU, Config
 from openclaw.data.filesystems import ray_storage
+from openclaw.errors import ConfigError
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.loop import train_loop
 from openclaw.runtime.ray_private import DatasetsCallback
@@ -66,6 +67,8 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     when the user chose with `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`)."""
     s = config.scaling
     use_gpu = _use_gpu(s.use_gpu)
+    if config.train.precision == "fp8" and not use_gpu:  # `use_gpu: auto` found no GPU: before any worker starts
+        raise ConfigError(FP8_ON_CPU)
     num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
     resources = dict(s.resources_per_worker)
     if use_gpu:

@@ -24,7 +24,6 @@ from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import now as perf_now
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel import build_strategy, layout_for
-from openclaw.engine.flops import training_flops
 from openclaw.engine.precision import choose_precision, device_facts
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task
@@ -99,12 +98,10 @@ class Attempt:
             self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
-        self.compile_cache = CompileCache(inputs.run_dir, self.rank) \
-            if self.engine.compile and self.engine.compile.cache else None
-        if self.compile_cache:  # before the first step, which compiles
-            artifacts = self.compile_cache.load()
-            if artifacts:
-                self.tracker.event("compile_cache", loaded_artifacts=artifacts, step=self.state.step)
+        if self.engine.precision.name == "fp8":  # measured against bf16 on the first micro-batch, once per run
+            first = self.sampler.split(self.sampler.global_batch_at(self.state.epoch, self.state.offset)[0])[0]
+            self.precision.settle_fp8(lambda: self.train.batch(first))
+        self.compile_cache = self._open_compile_cache()
         if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
             prune(inputs.run_dir, cfg.checkpoint.keep)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
@@ -145,9 +142,9 @@ class Attempt:
         model = build_model(cfg.model.name, cfg.model.kwargs)
         task = build_task(cfg.task)
         self.flops_per_sample = flops_per_sample(cfg, task, self.train)
-        precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32)
+        precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32, cfg.train.fp8)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
-                                  param_dtype=torch.bfloat16 if precision.name == "bf16" else None)
+                                  param_dtype=torch.bfloat16 if precision.name in ("bf16", "fp8") else None)
         return Engine(model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
                       global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
 

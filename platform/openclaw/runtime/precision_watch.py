@@ -1,4 +1,5 @@
-"""Precision that adapts to the run (worker process): fp16's overflowing steps are counted, and so are
+"""Precision that adapts to the hardware and the run (worker process): fp8 is timed against bf16 once,
+fp16's overflowing steps are counted, and so are
 bf16's rolled-back non-finite losses; the policies (`runtime.policies.precision_decision`,
 `rollback_precision_decision`) say when the run is unstable, and the switch to the safer precision
 happens here, at the next checkpoint, so the checkpoint and every later attempt carry it
@@ -23,6 +24,21 @@ class PrecisionWatch:
         self.pending: SwitchPrecision | None = None
         if state.precision_switched_to and state.precision_switched_to != engine.precision.name:
             engine.set_precision(choose_precision(state.precision_switched_to, self.facts, cfg.tf32))
+
+    def settle_fp8(self, first_micro_batch) -> None:
+        """fp8, until the run has measured it: timed against bf16 on the first micro-batch
+        (`Engine.probe_fp8`, which keeps bf16 where fp8 is no faster); a fallback is a switch that every
+        later attempt keeps. `first_micro_batch()` reads it."""
+        if self.engine.precision.name != "fp8" or self.state.precision == "fp8":
+            return
+        timed = self.engine.probe_fp8(first_micro_batch())
+        if timed is None:
+            return
+        now = self.engine.precision.name
+        self.tracker.event("fp8_probe", step=self.state.step, fp8_s=round(timed[0], 5), bf16_s=round(timed[1], 5),
+                           precision=now, layers=len(self.engine.fp8_layers))
+        if now != "fp8":
+            self.state.precision_switched_to = now
 
     def announce(self) -> None:
         """Print, log and record the precision when it is new to the run (its first start, or a restart on

@@ -1,0 +1,95 @@
+"""float8 training through torchao (plain torch + torchao; worker process).
+
+`train.precision: fp8` swaps the model's `nn.Linear` layers whose GEMMs gain from float8 for torchao's
+`Float8Linear` (tensorwise dynamic scaling), before the parallelism wrap, as torchtitan does; the rest
+of the model runs under bf16 autocast. Which layers gain is `gains_from_fp8`, torchao's tensorwise
+auto-filter (`auto_filter_small_kn` in torchtitan): both dimensions multiples of 16, and not small in
+both (in_features <= 4096 and out_features <= 1024 measured slower than bf16 on H100s).
+
+A `Float8Linear` keeps its weight in high precision and casts per GEMM, so going back to bf16
+(`unconvert`) swaps the modules back around the same parameters: the optimizer state stays valid.
+Whether fp8 pays on this model and device is measured, not assumed: `probe` times the first micro-
+batch's forward and backward both ways, and `runtime.policies.fp8_decision` keeps fp8 only if faster.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+SMALL_IN, SMALL_OUT = 4096, 1024
+"""torchao's tensorwise auto-filter: a Linear with in_features <= 4096 and out_features <= 1024 stays
+in bf16 (`torchao.float8.float8_linear_utils._auto_filter_for_tensorwise`)."""
+
+
+def gains_from_fp8(in_features: int, out_features: int) -> bool:
+    """Whether a Linear of this shape is converted: float8 GEMMs need multiples of 16, and small ones lose
+    to the casts around them."""
+    if in_features % 16 or out_features % 16:
+        return False
+    return not (in_features <= SMALL_IN and out_features <= SMALL_OUT)
+
+
+def _filter(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and gains_from_fp8(module.in_features, module.out_features)
+
+
+def convert(model: nn.Module, module_filter: Callable[[nn.Module, str], bool] = _filter) -> list[str]:
+    """Swap the Linears that gain for `Float8Linear`, in place; the names of those swapped."""
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+    convert_to_float8_training(model, module_filter_fn=module_filter)
+    return [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
+
+
+def converted(model: nn.Module) -> list[str]:
+    """The names of the model's float8 Linears (none without torchao's layers)."""
+    return [name for name, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+
+
+def unconvert(model: nn.Module) -> int:
+    """Swap every `Float8Linear` back to `nn.Linear` around the same parameters; how many."""
+    swapped = 0
+    for name in converted(model):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        f8 = getattr(owner, child)
+        linear = nn.Linear(f8.in_features, f8.out_features, bias=f8.bias is not None, device="meta")
+        linear.weight, linear.bias = f8.weight, f8.bias
+        setattr(owner, child, linear)
+        swapped += 1
+    return swapped
+
+
+def pays(fp8_s: float, bf16_s: float) -> bool:
+    """Keep fp8 only when its micro-batch is faster than bf16's: any measured slowdown falls back."""
+    return fp8_s < bf16_s
+
+
+def probe(model: nn.Module, run_micro_batch: Callable[[], None], repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of `run_micro_batch` (a forward and backward whose gradients the caller drops) with
+    the model's float8 Linears, then with them swapped back to bf16; the model ends converted as it began.
+    The first run of each side warms it up and is not timed."""
+    names = converted(model)
+    fp8_s = _median_time(run_micro_batch, repeats)
+    unconvert(model)
+    bf16_s = _median_time(run_micro_batch, repeats)
+    convert(model, lambda m, fqn: fqn in names)
+    return fp8_s, bf16_s
+
+
+def _median_time(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,134 @@
+"""float8 training (torchao): which Linears are converted, the precision table's fp8 rows, and the
+first-step probe that keeps bf16 where fp8 is no faster. torchao's float8 Linear runs (emulated) on
+CPUs, so the probe and the fallback run here for real; fp8 on CPU workers is a config error for users."""
+import pytest
+import torch
+from torch import nn
+
+from openclaw.engine import fp8
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.engine import Engine
+from openclaw.engine.precision import DeviceFacts, choose_precision
+from openclaw.engine.tasks import Classification
+
+H100, L4, A100, T4 = (DeviceFacts("cuda", c, b) for c, b in (((9, 0), True), ((8, 9), True), ((8, 0), True),
+                                                              ((7, 5), False)))
+
+
+@pytest.mark.parametrize("in_features", [16, 1000, 1024, 4096, 4112, 8192])
+@pytest.mark.parametrize("out_features", [16, 1000, 1024, 1040, 2048, 8192])
+def test_the_filter_is_torchaos_tensorwise_auto_filter(in_features, out_features):
+    from torchao.float8 import _auto_filter_for_recipe
+    linear = nn.Linear(in_features, out_features, device="meta")
+    assert fp8.gains_from_fp8(in_features, out_features) == _auto_filter_for_recipe("tensorwise", [])(linear, "x")
+
+
+@pytest.mark.parametrize("asked,fp8_key,facts,name,reason", [
+    ("fp8", "off", H100, "fp8", "torchao float8"),
+    ("fp8", "off", L4, "fp8", "compute capability 8.9"),
+    ("fp8", "off", A100, "bf16", "no float8 tensor cores"),
+    ("fp8", "off", T4, "fp16", "no float8 tensor cores"),
+    ("auto", "auto", H100, "fp8", "auto with `train.fp8: auto`"),
+    ("auto", "auto", A100, "bf16", "bf16 tensor cores"),
+    ("auto", "off", H100, "bf16", "bf16 tensor cores"),
+    ("auto", "auto", DeviceFacts("cpu"), "fp32", "CPU"),
+])
+def test_the_fp8_rows_of_the_precision_table(asked, fp8_key, facts, name, reason):
+    p = choose_precision(asked, facts, True, fp8_key)
+    assert p.name == name and reason in p.reason, p
+    assert p.dtype == (torch.bfloat16 if name == "fp8" else p.dtype)
+
+
+class Wide(nn.Module):
+    """One Linear wide enough to convert (out_features 2048 > 1024), one too small to."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 2048), nn.Linear(2048, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_unconvert_and_convert_keep_the_same_parameters():
+    model = Wide()
+    params = [id(p) for p in model.parameters()]
+    assert fp8.convert(model) == ["up"] and type(model.up).__name__ == "Float8Linear"
+    assert type(model.down) is nn.Linear
+    assert [id(p) for p in model.parameters()] == params
+    assert fp8.unconvert(model) == 1 and type(model.up) is nn.Linear
+    assert [id(p) for p in model.parameters()] == params  # an optimizer built on them stays valid
+
+
+def _engine(seed=0):
+    torch.manual_seed(seed)
+    cfg = TrainConfig(global_batch_size=32, micro_batch_size=32, precision="fp8", optimizer={"lr": 1e-3})
+    return Engine(Wide(), Classification(), cfg, device=torch.device("cpu"))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    return {"x": torch.randn(32, 64, generator=g), "y": torch.randint(0, 16, (32,), generator=g)}
+
+
+def test_the_engine_converts_before_the_wrap_and_trains_in_fp8():
+    engine = _engine()
+    assert engine.precision.name == "fp8" and engine.fp8_layers == ["up"] and engine.dtype == torch.bfloat16
+    stats = [engine.train_step(s, [_batch()]) for s in range(3)]
+    assert all(s.finite for s in stats) and stats[-1].loss_sum < stats[0].loss_sum
+
+
+def test_the_probe_falls_back_to_bf16_where_fp8_is_slower_and_says_so():
+    # on a CPU, float8 is emulated (casts and scales around a bf16 GEMM): slower, so the probe keeps bf16
+    engine = _engine()
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    fp8_s, bf16_s = engine.probe_fp8(_batch())
+    assert fp8_s > bf16_s > 0
+    assert engine.precision.name == "bf16" and engine.fp8_layers == [] and type(engine.module.up) is nn.Linear
+    assert "fp8 measured no faster than bf16" in engine.precision.reason
+    assert f"{fp8_s * 1e3:.1f} ms" in engine.precision.reason
+    after = engine.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the probe trains nothing
+    assert all(p.grad is None for p in engine.module.parameters())
+    # and it trains on, in bf16, as a fresh bf16 engine of the same seed does
+    reference = Engine(Wide(), Classification(), engine.cfg.model_copy(update={"precision": "bf16"}),
+                       device=torch.device("cpu"))
+    reference.module.load_state_dict(before)
+    assert engine.train_step(0, [_batch()]).loss_sum == reference.train_step(0, [_batch()]).loss_sum
+
+
+def test_the_probe_times_both_sides_and_leaves_the_model_converted_around_the_same_parameters():
+    model = Wide()
+    fp8.convert(model)
+    params, sides = [id(p) for p in model.parameters()], []
+
+    def run():
+        sides.append(type(model.up).__name__)
+        model(_batch()["x"]).sum().backward()
+
+    fp8_s, bf16_s = fp8.probe(model, run, repeats=2)
+    assert sides == ["Float8Linear"] * 3 + ["Linear"] * 3  # a warm-up, then the timed repeats, each side
+    assert fp8_s > 0 and bf16_s > 0
+    assert type(model.up).__name__ == "Float8Linear" and [id(p) for p in model.parameters()] == params
+
+
+def test_nothing_to_probe_without_fp8_layers():
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, precision="bf16")
+    engine = Engine(Wide(), Classification(), cfg, device=torch.device("cpu"))
+    assert engine.probe_fp8(_batch()) is None and engine.precision.name == "bf16"
+
+
+def test_pays_only_when_faster():
+    assert fp8.pays(0.9, 1.0) and not fp8.pays(1.0, 1.0) and not fp8.pays(1.1, 1.0)
+
+
+@pytest.mark.integration
+def test_fp8_on_a_cluster_without_gpus_stops_before_any_worker_starts(ray_local, digits_dir, tmp_path, mlflow_uri):
+    import openclaw
+    from conftest import digits_config
+    from openclaw.errors import ConfigError
+    cfg = digits_config(digits_dir, tmp_path, mlflow_uri, **{"train.precision": "fp8", "train.max_steps": 5})
+    assert cfg.scaling.use_gpu == "auto"
+    with pytest.raises(ConfigError, match=r"`train.precision: fp8` needs GPU workers"):
+        openclaw.train(cfg)
+    assert not list((tmp_path / "runs").glob("**/checkpoint_*"))
