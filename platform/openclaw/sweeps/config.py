@@ -12,9 +12,13 @@
         model.kwargs.hidden: {choice: [64, 128, 256]}
 
 Each trial is a whole openclaw run of the rest of the file, with the sampled keys set. Pure: no Ray.
+
+An LR x batch-size sweep scales each trial's LR with its global batch (`lr_scaling`): the swept LR is
+the LR at `reference_batch`, and a trial of global batch B trains at lr x rule(B / reference_batch).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -67,6 +71,14 @@ class AshaConfig(Section):
     """At each rung, keep the best 1/reduction_factor of the trials."""
 
 
+class LrScalingConfig(Section):
+    reference_batch: int = Field(gt=0)
+    """The global batch at which the (swept) `train.optimizer.lr` is the LR itself."""
+    rule: Literal["elastic", "linear", "sqrt"] = "elastic"
+    """How the LR follows the batch: x B/reference_batch (`linear`), x its square root (`sqrt`), or
+    `elastic`: the rule the run's `elastic.lr_rule` names (what an elastic `scale_lr` resize applies)."""
+
+
 class SweepConfig(Section):
     metric: str = "val/loss"
     """The metric to optimize: one reported with every checkpoint (`train/loss`, or `val/...` when every
@@ -88,6 +100,10 @@ class SweepConfig(Section):
     """The search's seed: the same seed samples the same trials."""
     space: dict[str, ParamSpec]
     """Dotted config keys, each mapped to a distribution."""
+    lr_scaling: LrScalingConfig | None = None
+    """With `train.global_batch_size` in the `space`: each trial's LR is scaled to its batch, so the swept
+    `train.optimizer.lr` is the LR at `reference_batch`. The parent run then gets a heat-map of the final
+    metric over batch x LR (`lr_batch.png`), with the trials' gradient noise scale."""
 
     @model_validator(mode="after")
     def _space(self) -> "SweepConfig":
@@ -98,6 +114,10 @@ class SweepConfig(Section):
         if bad:
             raise ValueError(f"`sweep.space` cannot tune {', '.join(bad)}: the sweep sets each trial's name, "
                              f"storage and tracking itself")
+        if self.lr_scaling and "train.global_batch_size" not in self.space:
+            raise ValueError("`sweep.lr_scaling` scales each trial's LR to its global batch: add "
+                             "`train.global_batch_size` to `sweep.space` (e.g. {choice: [16, 64, 256]}), or drop "
+                             "`sweep.lr_scaling`")
         if self.search == "grid":
             not_choice = [k for k, p in self.space.items() if p.kind != "choice"]
             if not_choice:
@@ -113,6 +133,13 @@ def grid_size(sweep: SweepConfig) -> int:
     for p in sweep.space.values():
         n *= len(p.choice or [])
     return n
+
+
+def trial_lr(raw: dict[str, Any], scaling: dict[str, Any]) -> float:
+    """The LR a trial trains at (`raw`: its resolved config, plain data; `scaling`: `sweep.lr_scaling`)."""
+    rule = raw["elastic"]["lr_rule"] if scaling["rule"] == "elastic" else scaling["rule"]
+    ratio = raw["train"]["global_batch_size"] / scaling["reference_batch"]
+    return raw["train"]["optimizer"]["lr"] * {"linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
 def check_against(sweep: SweepConfig, train_cfg: dict[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """The sweep's MLflow parent run, kept up to date as trials start and end (driver: a Tune callback).
 
 The parent holds the search space, the best trial so far (its run, metric and config) and a table of
-every trial; each trial's own run is its child. An ASHA stop is recorded on the child as such, not as
+every trial; each trial's own run is its child. An LR x batch sweep (`sweep.lr_scaling`) also gets its
+heat-map when it ends (`sweeps.heatmap`). An ASHA stop is recorded on the child as such, not as
 a failure.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from openclaw.config import Config
+from openclaw.sweeps.heatmap import log_lr_batch
 from openclaw.sweeps.trial import trial_config, trial_name
 from openclaw.tracking.redact import redacted
 from openclaw.tracking.writer import MlflowWriter
@@ -57,6 +59,8 @@ class SweepTracker(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.update_parent(trials)
+        if self.base["sweep"].get("lr_scaling"):  # an LR x batch sweep: its heat-map, with the noise scale
+            log_lr_batch(self._client(), self.parent, self.rows(trials), self.metric, self.base)
 
     # -- the records
     def _outcome(self, trial, completed: bool = False) -> tuple[str, int | None, float | None]:

@@ -17,6 +17,7 @@ from openclaw.config import Config, set_dotted, validate
 from openclaw.constants import apply_secret_env
 from openclaw.errors import RunStopped
 from openclaw.launch.session import train
+from openclaw.sweeps.config import trial_lr
 from openclaw.tracking.run import finished_run
 
 
@@ -31,11 +32,14 @@ def trials_storage(storage: str, sweep_name: str) -> str:
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], *, sweep_name: str, trial_id: str, storage: str,
                  tracking_uri: str, parent_run_id: str | None) -> Config:
-    """The trial's config: the sweep's file without its `sweep:` section, with `params` (dotted keys) set."""
+    """The trial's config: the sweep's file without its `sweep:` section, with `params` (dotted keys) set
+    (and with `sweep.lr_scaling`, the LR scaled to the trial's global batch)."""
     raw = copy.deepcopy(base)
-    raw.pop("sweep", None)
+    sweep = raw.pop("sweep", None) or {}
     for key, value in params.items():
         set_dotted(raw, key, value)
+    if sweep.get("lr_scaling"):
+        raw["train"]["optimizer"]["lr"] = trial_lr(raw, sweep["lr_scaling"])
     raw["name"] = trial_name(sweep_name, trial_id)
     raw["checkpoint"]["storage"] = trials_storage(storage, sweep_name)
     raw["tracking"]["uri"], raw["tracking"]["parent_run_id"] = tracking_uri, parent_run_id
