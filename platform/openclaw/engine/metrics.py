@@ -70,8 +70,6 @@ class StepClock:
 RANK_FIELDS = ("data", "compute", "comm", "checkpoint", "wall", "steps")
 """One rank's window in `StepClock.rank_vector`: seconds of data wait, compute (collective wait out),
 exposed collective wait, checkpoint stalls, the window's wall time, and its steps."""
-STRAGGLER_INDEX = 1.2
-"""A rank whose busy time is over 1.2x the median rank's is a straggler (`perf/straggler_index`)."""
 
 
 def rank_breakdown(summed: list[float]) -> dict[str, float]:
