@@ -60,9 +60,12 @@ def test_full_activation_checkpointing_keeps_fewer_activation_bytes_than_none():
     assert [sides[m]["checkpointed_blocks"] for m in ("none", "selective", "full")] == [0, 1, 2]
     assert sides["full"]["saved_bytes"] < sides["selective"]["saved_bytes"] < sides["none"]["saved_bytes"]
     assert {s["first_step_loss"] for s in sides.values()} == {sides["none"]["first_step_loss"]}  # same math
+    base = sides["none"]["step_ms"]["median"]
     for mode in ("selective", "full"):
         ms = sides[mode]["step_ms"]
-        assert ms["n"] == 2 and ms["ratio"] == pytest.approx(ms["median"] / sides["none"]["step_ms"]["median"], rel=0.01)
+        # the ratio of the unrounded medians; the printed medians are rounded to 0.1 ms (a tiny model's are ~1 ms)
+        low, high = (ms["median"] - 0.05) / (base + 0.05), (ms["median"] + 0.05) / max(1e-9, base - 0.05)
+        assert ms["n"] == 2 and low - 1e-3 <= ms["ratio"] <= high + 1e-3, (ms, base)
     assert sides["none"]["step_peak_bytes"] is None and "not measured per side" in printed  # CPU: no peak claimed
 
 
