@@ -78,13 +78,18 @@ TIMED = {"train/samples_per_s", "perf/samples_per_s", "perf/tokens_per_s", "perf
 def _every_key_at_every_step_once(history, steps, every):
     """Nothing lost, nothing twice: each key the run logs at its first log step (before the outage) has
     every log step exactly once; the checkpoint stall has every checkpoint's step once."""
-    windowed = {k for k, h in history.items() if min(m.step for m in h) == 20}
+    # the gradient noise scale is logged only for windows whose estimate is positive: at log steps, once
+    noise = {k for k in history if k.startswith("train/grad_noise_scale")}
+    for key in noise:
+        logged = [m.step for m in history[key]]
+        assert len(logged) == len(set(logged)) and set(logged) <= set(range(20, steps + 1, 20)), key
+    windowed = {k for k, h in history.items() if min(m.step for m in h) == 20} - noise
     assert windowed >= {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/peak_memory_bytes",
-                        "system/node0/cpu_percent"}, sorted(history)
+                        "perf/rank0/comm_frac", "perf/straggler_index", "system/node0/cpu_percent"}, sorted(history)
     for key in windowed:
         assert sorted(m.step for m in history[key]) == list(range(20, steps + 1, 20)), key
     assert sorted(m.step for m in history["perf/checkpoint_stall_s"]) == list(range(every, steps + 1, every))
-    others = set(history) - windowed - {"perf/checkpoint_stall_s"}  # the data's lineage, the final evaluation
+    others = set(history) - windowed - noise - {"perf/checkpoint_stall_s"}  # the data's lineage, the final evaluation
     assert all(len(history[k]) == 1 for k in others), {k: len(history[k]) for k in others}
 
 
