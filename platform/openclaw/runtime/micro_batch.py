@@ -29,6 +29,7 @@ from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, choose_micro_batch, confirm_micro_batch,
                                     cuda_peak_bytes, micro_batch_sizes, per_sample_bytes, saved_activation_bytes,
                                     state_bytes_estimate)
+from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel import layout_for
 from openclaw.engine.precision import Precision, choose_precision, device_facts
@@ -65,7 +66,7 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
     `auto`: every rank calls it, and one all-gather agrees on the size."""
     if cfg.train.micro_batch_size != "auto":
         return cfg, None
-    precision = choose_precision(cfg.train.precision, device_facts(device), cfg.train.tf32)
+    precision = choose_precision(cfg.train.precision, device_facts(device), cfg.train.tf32, cfg.train.fp8)
     key = choice_key(cfg, device, precision)
     dp_sizes = micro_batch_dp_sizes(cfg.elastic.on_resize, cfg.scaling.min_workers, cfg.scaling.max_workers,
                                     cfg.parallelism.model_parallel)
@@ -159,9 +160,9 @@ def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[i
         return free, f"{CUDA_HEADROOM:.0%} of the GPU's free memory"
     if asked is not None:
         return asked, "`train.memory_budget_gb`"
-    total = psutil.virtual_memory().total
-    return total // max(1, local_world), (f"the worker's share of the node's memory, {total / GB:.1f} GB / "
-                                          f"{local_world} worker(s); set `train.memory_budget_gb`")
+    share = memory_capacity_bytes(device, local_world)
+    return share, (f"the worker's share of the node's memory, {share * max(1, local_world) / GB:.1f} GB / "
+                   f"{local_world} worker(s); set `train.memory_budget_gb`")
 
 
 def replicated(cfg: Config) -> bool:
