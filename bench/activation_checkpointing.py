@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.models import GPT
-    from openclaw.engine.parallel import build_strategy
+    from openclaw.engine.parallel.build import build_strategy
     from openclaw.engine.parallel.config import ParallelismConfig
     from openclaw.engine.tasks import LanguageModeling
 

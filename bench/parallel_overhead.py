@@ -50,7 +50,7 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
     from openclaw.engine.flops import device_peak_flops, mfu, training_flops
     from openclaw.engine.metrics import peak_memory_bytes
     from openclaw.engine.models import GPT
-    from openclaw.engine.parallel import build_strategy, layout_for
+    from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
     from openclaw.engine.tasks import LanguageModeling
 

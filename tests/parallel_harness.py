@@ -32,7 +32,7 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0):
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.models import GPT
-    from openclaw.engine.parallel import build_strategy, layout_for
+    from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
     from openclaw.engine.tasks import LanguageModeling
     cfg = ParallelismConfig(**parallelism)

@@ -14,7 +14,7 @@ def _train(rank, world, parallelism, compile_on):
     from openclaw.engine.engine import Engine
     from openclaw.engine.metrics import allreduce_sum
     from openclaw.engine.models import GPT
-    from openclaw.engine.parallel import build_strategy, layout_for
+    from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
     from openclaw.engine.tasks import LanguageModeling
     cfg = ParallelismConfig(**parallelism)

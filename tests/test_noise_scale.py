@@ -129,7 +129,7 @@ def test_one_process_with_one_micro_batch_has_nothing_to_compare():
 def least_squares_ranks(rank: int, world: int, parallelism: dict, micro: int, steps: int) -> dict:
     """One rank of a frozen least-squares run (B_noise = 9, global batch 32): its pairs, the expected
     step-0 small-batch norm from a plain model, and the log windows' metrics (collective, every 25 steps)."""
-    from openclaw.engine.parallel import build_strategy, layout_for
+    from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
     problem, per = LeastSquares(d=4), 32 // world
     pc = ParallelismConfig(**parallelism)

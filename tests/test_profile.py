@@ -40,7 +40,7 @@ def _profiled_loop(rank: int, world: int, storage: str, profiled: bool = True) -
     `profiled` false: the same loop without a profiler, as the attempt runs it without a `profile` section)."""
     from openclaw.engine.engine import Engine, phase
     from openclaw.engine.models import build_model
-    from openclaw.engine.parallel import build_strategy
+    from openclaw.engine.parallel.build import build_strategy
     from openclaw.engine.tasks import build_task
     from openclaw.profiling.capture import StepProfiler
     from openclaw.tracking.tracker import make_tracker

@@ -27,8 +27,8 @@ from openclaw.engine import fp8
 from openclaw.engine.metrics import allreduce_max, state_bytes
 from openclaw.engine.noise import GradPair, LocalGrad, grad_pair, mean_grad_sq
 from openclaw.engine.optim import build_optimizer, lr_at
-from openclaw.engine.parallel import Strategy, build_strategy
-from openclaw.engine.parallel.base import StepFns
+from openclaw.engine.parallel.base import StepFns, Strategy
+from openclaw.engine.parallel.build import build_strategy
 from openclaw.engine.precision import Precision, apply_matmul_precision, choose_precision, device_facts
 from openclaw.engine.tasks import Batch, Task
 from openclaw.errors import CompileError

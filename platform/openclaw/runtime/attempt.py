@@ -23,7 +23,7 @@ from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import now as perf_now
 from openclaw.engine.models import build_model
-from openclaw.engine.parallel import build_strategy, layout_for
+from openclaw.engine.parallel.build import build_strategy, layout_for
 from openclaw.engine.precision import choose_precision, device_facts
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task

@@ -31,7 +31,7 @@ from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, choose_
                                     state_bytes_estimate)
 from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
-from openclaw.engine.parallel import layout_for
+from openclaw.engine.parallel.build import layout_for
 from openclaw.engine.precision import Precision, choose_precision, device_facts
 from openclaw.engine.state import TrainState
 from openclaw.engine.tasks import build_task

@@ -1,0 +1,37 @@
+"""Picking the strategy a `ParallelismConfig` names, for one rank of a world (a Ray Train worker, or any
+torch process)."""
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from openclaw.engine.parallel.base import Strategy
+from openclaw.engine.parallel.config import ParallelismConfig
+from openclaw.engine.parallel.ddp import DDPStrategy
+from openclaw.engine.parallel.fsdp import FSDPStrategy
+from openclaw.engine.parallel.mesh import DIM_NAMES, MeshLayout, mesh_layout
+from openclaw.engine.parallel.pp import PipelineStrategy
+
+
+def layout_for(cfg: ParallelismConfig, world: int) -> MeshLayout:
+    """Where the ranks of a world of `world` sit. With `ddp`, every data-parallel rank is a replica."""
+    if cfg.strategy == "ddp":
+        return mesh_layout(world, replicate=world // cfg.model_parallel, tensor=cfg.tensor, pipeline=cfg.pipeline)
+    return mesh_layout(world, replicate=cfg.replicate, tensor=cfg.tensor, pipeline=cfg.pipeline)
+
+
+def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank: int = 0,
+                   device: torch.device | None = None, param_dtype: torch.dtype | None = None) -> Strategy:
+    """The strategy the config names, for this rank of a world of `world` (the default process group).
+    `param_dtype`: bf16 keeps sharded parameters in bf16 for compute (gradients are reduced in fp32)."""
+    cfg = cfg or ParallelismConfig()
+    if cfg.strategy == "ddp" and cfg.model_parallel == 1:
+        return DDPStrategy(activation_checkpointing=cfg.activation_checkpointing)
+    layout = layout_for(cfg, world)
+    mesh = init_device_mesh((device or torch.device("cpu")).type, layout.shape, mesh_dim_names=DIM_NAMES)
+    kwargs = dict(reshard_after_forward=cfg.reshard_after_forward, activation_checkpointing=cfg.activation_checkpointing,
+                  param_dtype=param_dtype, always_shard=cfg.strategy == "fsdp")
+    if cfg.pipeline > 1:
+        return PipelineStrategy(layout, mesh, rank, schedule=cfg.pipeline_schedule, microbatches=cfg.microbatches,
+                                **kwargs)
+    return FSDPStrategy(layout, mesh, **kwargs)
