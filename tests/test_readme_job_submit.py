@@ -42,12 +42,20 @@ def test_the_readme_job_submit_sequence_works_verbatim_on_a_fresh_machine(tmp_pa
     env = {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     script = (f"set -euo pipefail\nip link set lo up\nreadlink /proc/self/ns/net > {tmp_path / 'netns'}\n"
               f"cd {REPO}\n{block}")
+    # The README's `ray start` records its head in Ray's address file, shared with this machine; the head dies
+    # with its namespace, so the file would name a dead cluster for whatever runs next here.
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    before = address_file.read_bytes() if address_file.exists() else None
     try:
         r = subprocess.run(["unshare", "--net", "bash", "-c", script], env=env, capture_output=True, text=True,
                            timeout=900)
     finally:
         if (tmp_path / "netns").exists():
             _kill_namespace((tmp_path / "netns").read_text().strip())
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_bytes(before)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "Token authentication is disabled" not in out and "Token authentication is enabled" in out

@@ -237,3 +237,25 @@ def test_scale_lr_policy_trains_a_smaller_world_with_its_own_batch_and_a_scaled_
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     start = next(e for e in events if e["event"] == "start")
     assert (start["world_size"], start["global_batch_size"], start["lr_factor"]) == (1, 32, pytest.approx(0.5 ** 0.5))
+
+
+@pytest.mark.parametrize("address_file", ["absent", "a dead cluster", "this cluster"])
+def test_rays_placement_group_cleaner_is_started_only_where_the_state_api_finds_this_cluster(ray_local, tmp_path,
+                                                                                            monkeypatch, address_file):
+    """Ray Train's cleaner asks the state API whether the controller lives, and the state API looks for its
+    cluster in the address file of the last `ray start`. On the instance `ray.init()` started, a file left
+    by a killed cluster made every run's end wait out the cleaner's 12 s stop timeout."""
+    from ray.train import ScalingConfig
+
+    from openclaw.launch.ray_setup import OpenclawTorchTrainer
+    from openclaw.runtime.ray_private import DatasetsCallback, PlacementGroupCleanerCallback
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where Ray reads the address file
+    (tmp_path / "ray").mkdir()
+    if address_file != "absent":
+        live = ray_local.get_runtime_context().gcs_address
+        (tmp_path / "ray" / "ray_current_cluster").write_text(live if address_file == "this cluster" else "127.0.0.1:9")
+    kinds = {type(c) for c in OpenclawTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+             ._create_default_callbacks()}
+    assert (PlacementGroupCleanerCallback in kinds) == (address_file == "this cluster")
+    assert DatasetsCallback not in kinds and len(kinds) > 3  # Ray's other defaults stay

@@ -17,7 +17,7 @@ from openclaw.data.filesystems import ray_storage
 from openclaw.errors import ConfigError
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.loop import train_loop
-from openclaw.runtime.ray_private import DatasetsCallback
+from openclaw.runtime.ray_private import DatasetsCallback, PlacementGroupCleanerCallback, state_api_finds_this_cluster
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The openclaw package folder, shipped to the cluster when it does not have openclaw installed."""
@@ -101,13 +101,22 @@ class OpenclawTorchTrainer(TorchTrainer):
     and a `ray.data` import, on the CPUs the new workers are starting on: about 1 s of a 6 s restart
     on 2 cores. Without the callback, `ray.train.get_dataset_shard` is unavailable, which openclaw does
     not call.
+
+    On a Ray instance that `ray.init()` started (the local default), it also leaves out Ray's
+    placement-group cleaner, which cannot work there and cost 12 s at the end of every run. The cleaner
+    asks the state API whether the controller lives, and the state API looks for its cluster in the
+    address file of the last `ray start` on the machine, not at this instance. With no such file it gets no
+    answer and retries every second; with a stale one (a cluster since killed) each question hangs, so the
+    controller's shutdown waits out its 12 s stop timeout; with the file of another live cluster it would
+    find no such controller and remove this run's placement group. Such an instance shuts down with the
+    process that started it, placement groups included: the leak the cleaner guards against.
     """
 
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        unused = () if self.datasets else (DatasetsCallback,)
+        if not state_api_finds_this_cluster():
+            unused += (PlacementGroupCleanerCallback,)
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
 
 def _controller_callbacks(config: Config, progress, watch_drains: bool) -> list:

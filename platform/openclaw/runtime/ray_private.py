@@ -7,6 +7,8 @@ changing what openclaw does. Nothing else in openclaw imports `ray.*._internal` 
 """
 from __future__ import annotations
 
+import ray
+
 try:
     # Base classes of Ray Train V2's controller and worker-group callbacks (`ray.train.RunConfig(callbacks=)`
     # accepts them; Ray 2.60 exports no public name for them). openclaw's callbacks settle lost nodes
@@ -26,6 +28,16 @@ try:
         PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
     )
 
+    # Ray Train's callback that starts a detached `PlacementGroupCleaner` actor for every run. The cleaner
+    # asks Ray's state API, every second, whether the controller still lives, and removes the run's
+    # placement group when it does not. openclaw leaves it out where the state API cannot find this cluster
+    # (`launch.ray_setup.OpenclawTorchTrainer` says why).
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    # The address file that `ray start` writes on each node of its cluster: where Ray's state API looks
+    # for a cluster when nothing names one (no public name reads it).
+    from ray._private.utils import read_ray_address
+
     # The worker's train context, whose preemption context holds the latest drain notice. The public
     # `ray.train.get_preemption_info()` reads it too, but raises outside a Ray Train worker; the stop
     # signals poll it every step and want None instead.
@@ -43,11 +55,18 @@ try:
     # checkpoints Ray never registered leaves every one Ray knows alone.
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 except ImportError as e:  # pragma: no cover - only on a Ray other than 2.60
-    import ray
-
     raise ImportError(f"openclaw needs Ray 2.60's internal layout, and Ray {ray.__version__} moved {e.name or e}. "
                       f"Install ray==2.60.* (pyproject.toml pins it).") from e
 
-__all__ = ["ControllerCallback", "WorkerGroupCallback", "DatasetsCallback", "PreemptionWatcher",
+
+def state_api_finds_this_cluster() -> bool:
+    """Whether Ray's state API, asked on this node with no address, reaches the cluster this process is
+    connected to: true on every node of a `ray start` cluster, false on an instance `ray.init()` started
+    (no address file, or the stale one of an earlier `ray start`)."""
+    return read_ray_address() == ray.get_runtime_context().gcs_address
+
+
+__all__ = ["ControllerCallback", "WorkerGroupCallback", "DatasetsCallback", "PlacementGroupCleanerCallback",
+           "state_api_finds_this_cluster", "PreemptionWatcher",
            "DEFAULT_PREEMPTION_POLL_INTERVAL_S", "PREEMPTION_POLL_INTERVAL_S_ENV_VAR", "get_train_context",
            "get_or_create_autoscaling_coordinator", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"]
