@@ -90,6 +90,23 @@ def test_exposed_comm_under_ddp_carries_it_over_a_larger_batch_with_the_lr_rule(
     assert sr.rule_exposed_comm(facts()) is None
 
 
+def test_exposed_comm_under_ddp_splits_gradients_that_fill_at_most_two_buckets_before_touching_the_batch():
+    MiB = 2**20
+    rec = sr.rule_exposed_comm(facts(comm_frac=0.3, grad_bytes=40 * MiB))  # 2 buckets of DDP's 25 MB
+    assert rec.key == "parallelism.bucket_cap_mb" and rec.value == 10.0
+    assert "40 MB" in rec.effect and "4 all-reduces instead of 2" in rec.effect and "unchanged" in rec.effect
+    assert f"{1 / (1 - 0.3 * 3 / 4):.2f}x" in rec.effect
+    assert applied(cfg(), rec).parallelism.bucket_cap_mb == 10.0
+    windows = {"perf/comm_frac": 0.3, "perf/grad_bytes_per_rank": 40 * MiB}
+    assert facts_from_metrics(cfg(), windows).grad_bytes == 40 * MiB  # what a run logs reaches the rule
+    # In place (4 buckets already), or buckets so small their all-reduce is its launch: the batch, as before.
+    done = cfg(**{"parallelism.bucket_cap_mb": 10})
+    assert sr.rule_exposed_comm(facts(done, comm_frac=0.3, grad_bytes=40 * MiB)).key == "train.global_batch_size"
+    assert sr.rule_exposed_comm(facts(comm_frac=0.3, grad_bytes=3 * MiB)).key == "train.global_batch_size"
+    fsdp = cfg(**{"parallelism.strategy": "fsdp", "parallelism.reshard_after_forward": False})
+    assert sr.rule_exposed_comm(facts(fsdp, comm_frac=0.3, grad_bytes=40 * MiB)).key != "parallelism.bucket_cap_mb"
+
+
 def test_exposed_comm_under_fsdp_keeps_the_gathered_parameters_then_merges_micro_batches():
     fsdp = cfg(**{"parallelism.strategy": "fsdp"})
     rec = sr.rule_exposed_comm(facts(fsdp, comm_frac=0.3))

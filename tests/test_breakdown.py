@@ -8,7 +8,7 @@ import pytest
 
 from openclaw.engine.metrics import RANK_FIELDS, StepClock, rank_breakdown
 from openclaw.engine.parallel.base import CommClock
-from parallel_harness import build, my_micro_batches, spawn
+from parallel_harness import build, full_weights, my_micro_batches, spawn, steps
 
 
 def _vector(world, per_rank):
@@ -109,3 +109,19 @@ def _one_rank_comm(rank, world):
 
 def test_one_rank_has_nothing_to_communicate():
     assert spawn(1, _one_rank_comm) == [[0.0, 0.0]]
+
+
+def _bucketed(rank, world, cap_mb):
+    engine, layout = build(rank, world, {"strategy": "ddp", "bucket_cap_mb": cap_mb})
+    out = steps(engine, layout, rank, 0, 3)
+    return engine.model.bucket_bytes_cap, out, full_weights(engine)
+
+
+def test_ddp_bucket_size_is_the_configs_and_leaves_the_optimization_alone():
+    """`parallelism.bucket_cap_mb` (the exposed-comm advice's DDP fix) changes how the all-reduce is split,
+    not what it computes."""
+    import torch
+    default, small = spawn(2, _bucketed, 25.0)[0], spawn(2, _bucketed, 0.01)[0]
+    assert (default[0], small[0]) == (25 * 2**20, int(0.01 * 2**20))
+    assert [loss for loss, _ in small[1]] == pytest.approx([loss for loss, _ in default[1]], rel=1e-6)
+    assert all(torch.allclose(small[2][k], default[2][k], rtol=1e-5, atol=1e-7) for k in default[2])

@@ -22,7 +22,7 @@ from openclaw.advice.measured import Facts
 WINDOW_KEYS = ("perf/data_wait_frac", "perf/step_data_s", "perf/step_compute_s", "perf/step_checkpoint_s",
                "perf/step_comm_s", "perf/comm_frac", "perf/idle_frac", "perf/straggler_index", "perf/slowest_rank",
                "perf/samples_per_s", "perf/mfu", "perf/peak_memory_bytes", "perf/memory_capacity_bytes",
-               "perf/param_bytes_per_rank", "perf/optimizer_bytes_per_rank", "perf/state_bytes_per_rank",
+               "perf/param_bytes_per_rank", "perf/grad_bytes_per_rank", "perf/optimizer_bytes_per_rank", "perf/state_bytes_per_rank",
                "perf/graph_breaks", "perf/recompiles", "train/grad_noise_scale_smooth")
 """The metrics the facts are built from."""
 CAPABILITY = re.compile(r"compute capability (\d+)\.(\d+)")
@@ -90,7 +90,8 @@ def build_facts(config: Any, windows: list[dict[str, float]], notes: RunNotes | 
         graph_breaks=_int(_max(windows, "perf/graph_breaks")), recompiles=_int(_max(windows, "perf/recompiles")),
         grad_noise_scale=_last(windows, "train/grad_noise_scale_smooth"), compute_frac=_compute_frac(windows),
         world_size=world, accumulation=accum, checkpoint_bytes=_checkpoint_bytes(windows),
-        state_bytes=_max(windows, "perf/state_bytes_per_rank"), prepare_s=notes.prepare_s,
+        state_bytes=_max(windows, "perf/state_bytes_per_rank"), grad_bytes=_max(windows, "perf/grad_bytes_per_rank"),
+        prepare_s=notes.prepare_s,
         prepare_cache=notes.prepare_cache, wall_s=notes.wall_s)
 
 

@@ -83,6 +83,8 @@ class Facts:
     + `perf/optimizer_bytes_per_rank`)."""
     state_bytes: float | None = None
     """`perf/state_bytes_per_rank`: parameters, gradients and optimizer state (the largest rank's)."""
+    grad_bytes: float | None = None
+    """`perf/grad_bytes_per_rank`: the gradients one rank holds (and, under DDP, all-reduces) per step."""
     prepare_s: float | None = None
     """Seconds this run spent preparing its data (`data.transforms`) before training; 0 on a cache hit."""
     prepare_cache: str | None = None

@@ -9,7 +9,7 @@ reads was not measured (None). `advise` runs them all and orders what fired by w
     rule               fires when                                        suggests
     data_wait          data wait > 5% of the step                        micro-batch x2 (or CPUs for reads)
     data_preparation   preparing the data > 5% of the run (cache miss)   data.cache.dir pinned
-    exposed_comm       exposed collectives > 10% of the step             FSDP reshard, micro-batch, global batch
+    exposed_comm       exposed collectives > 10% of the step             FSDP reshard, micro-batch; DDP buckets; global batch
     straggler          slowest rank > 1.2x the median rank               (its node: no key)
     checkpoint_stall   checkpoint stalls > 5% of the step                checkpoint.async or every_steps
     small_micro_batch  micro-batch computes in < 2 ms, accumulation > 1  micro-batch up to the worker's batch

@@ -18,6 +18,12 @@ PREPARE_FRAC = 0.05
 """Preparing the data took more than this share of the run's wall time."""
 COMM_FRAC = 0.10
 """Exposed collective wait over this share of the step."""
+BUCKETS = 4
+"""Buckets a suggested `parallelism.bucket_cap_mb` splits DDP's all-reduce into: the backward can hide all
+but the last."""
+MIN_BUCKET_MB = 1.0
+"""Below about this size a bucket's all-reduce costs its launch more than its bytes: smaller buckets would
+hide nothing."""
 STRAGGLER_INDEX = 1.2
 """The slowest rank's busy time over the median rank's."""
 CHECKPOINT_FRAC = 0.05
@@ -88,8 +94,10 @@ def rule_data_preparation(f: Facts) -> Recommendation | None:
 def rule_exposed_comm(f: Facts) -> Recommendation | None:
     """`comm_frac` over 10% with more than one worker, and no straggler to blame (`rule_straggler` speaks
     then: the others' wait is for it). FSDP: keep the gathered parameters (`reshard_after_forward:
-    false`), then fewer, larger micro-batches (FSDP gathers per micro-batch). DDP all-reduces once per
-    step: a larger global batch carries that cost over more samples (its LR by `elastic.lr_rule`)."""
+    false`), then fewer, larger micro-batches (FSDP gathers per micro-batch). DDP: where its gradients
+    (`grad_bytes`) fill at most two buckets, smaller buckets, so that the backward hides all but the
+    last all-reduce and the optimization stays the same; else (DDP all-reduces once per step) a larger
+    global batch carries that cost over more samples (its LR by `elastic.lr_rule`)."""
     frac, cfg = f.comm_frac, f.config
     if frac is None or frac <= COMM_FRAC or (f.world_size or cfg.scaling.max_workers) < 2:
         return None
@@ -108,6 +116,15 @@ def rule_exposed_comm(f: Facts) -> Recommendation | None:
             return Recommendation("exposed_comm", finding, "train.micro_batch_size", bigger,
                                   f"{micro / bigger:.2g}x the collectives per step: up to "
                                   f"{_speedup(frac * (1 - micro / bigger)):.2f}x samples/s", frac)
+    if p.strategy == "ddp" and p.model_parallel == 1 and f.grad_bytes:
+        grad_mb = f.grad_bytes / 2**20
+        cap = round(grad_mb / BUCKETS, 1)
+        if cap >= MIN_BUCKET_MB and p.bucket_cap_mb > grad_mb / 2:
+            return Recommendation("exposed_comm", finding, "parallelism.bucket_cap_mb", cap,
+                                  f"its {grad_mb:.0f} MB of gradients go in {BUCKETS} all-reduces instead of "
+                                  f"{math.ceil(grad_mb / p.bucket_cap_mb)}, and the backward can hide all but the "
+                                  f"last: up to {_speedup(frac * (1 - 1 / BUCKETS)):.2f}x samples/s, the "
+                                  f"optimization unchanged", frac)
     new = batching.global_batch_near(cfg, 2 * cfg.train.global_batch_size)
     return Recommendation("exposed_comm", finding, "train.global_batch_size", new,
                           f"each all-reduce carries {new / cfg.train.global_batch_size:.2g}x the samples: up to "

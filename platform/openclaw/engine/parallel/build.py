@@ -26,7 +26,7 @@ def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank
     `param_dtype`: bf16 keeps sharded parameters in bf16 for compute (gradients are reduced in fp32)."""
     cfg = cfg or ParallelismConfig()
     if cfg.strategy == "ddp" and cfg.model_parallel == 1:
-        return DDPStrategy(activation_checkpointing=cfg.activation_checkpointing)
+        return DDPStrategy(activation_checkpointing=cfg.activation_checkpointing, bucket_cap_mb=cfg.bucket_cap_mb)
     layout = layout_for(cfg, world)
     mesh = init_device_mesh((device or torch.device("cpu")).type, layout.shape, mesh_dim_names=DIM_NAMES)
     kwargs = dict(reshard_after_forward=cfg.reshard_after_forward, activation_checkpointing=cfg.activation_checkpointing,

@@ -35,6 +35,10 @@ class ParallelismConfig(Section):
     reshard_after_forward: bool = True
     """`fsdp`: free each block's gathered parameters after its forward (all-gather them again for the
     backward). `false` keeps them, trading memory for one all-gather per block and step."""
+    bucket_cap_mb: float = Field(25.0, gt=0)
+    """`ddp`: the gradients are all-reduced in buckets of about this many MB, each launched as soon as its
+    gradients are ready, so all but the last overlap the rest of the backward. Smaller buckets hide more of
+    the all-reduce and launch more of them. PyTorch's default, 25."""
 
     @model_validator(mode="after")
     def _combinations(self) -> "ParallelismConfig":

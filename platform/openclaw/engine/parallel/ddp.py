@@ -36,8 +36,9 @@ def distributed_world() -> int:
 class DDPStrategy:
     name, sharded = "ddp", False
 
-    def __init__(self, activation_checkpointing: str = "none"):
+    def __init__(self, activation_checkpointing: str = "none", bucket_cap_mb: float = 25.0):
         self.ac = activation_checkpointing
+        self.bucket_cap_mb = bucket_cap_mb
         self.comm: CommClock | None = None
         self._local: LocalGrad | None = None
         self._bucket_sq: torch.Tensor | None = None
@@ -50,8 +51,8 @@ class DDPStrategy:
         model = model.to(device)
         if distributed_world() == 1:
             return model
-        ddp = DistributedDataParallel(model, device_ids=[device], output_device=device) if device.type == "cuda" \
-            else DistributedDataParallel(model)
+        on_gpu = dict(device_ids=[device], output_device=device) if device.type == "cuda" else {}
+        ddp = DistributedDataParallel(model, bucket_cap_mb=self.bucket_cap_mb, **on_gpu)
         self.comm = CommClock(device)
         ddp.register_comm_hook(self, _measured_allreduce)
         return ddp
