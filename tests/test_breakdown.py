@@ -125,3 +125,26 @@ def test_ddp_bucket_size_is_the_configs_and_leaves_the_optimization_alone():
     assert (default[0], small[0]) == (25 * 2**20, int(0.01 * 2**20))
     assert [loss for loss, _ in small[1]] == pytest.approx([loss for loss, _ in default[1]], rel=1e-6)
     assert all(torch.allclose(small[2][k], default[2][k], rtol=1e-5, atol=1e-7) for k in default[2])
+
+
+def _hsdp_slow_rank(rank, world, slow_rank):
+    """HSDP, 2 replicas x 2 shards; rank `slow_rank` really works longer in every forward."""
+    import torch.distributed as dist
+    engine, layout = build(rank, world, {"strategy": "fsdp", "replicate": 2})
+    if rank == slow_rank:
+        engine.module.register_forward_pre_hook(lambda module, args: time.sleep(DELAY_S["fsdp"]))
+    comm = [engine.train_step(s, my_micro_batches(s, layout, rank)).comm_s for s in range(N_STEPS)]
+    mesh = engine.strategy.mesh
+    groups = {dim: dist.get_process_group_ranks(mesh[dim].get_group()) for dim in ("dp_shard", "dp_replicate")}
+    return {"comm": comm, **groups}
+
+
+def test_hsdp_measures_the_wait_in_its_all_reduce_over_the_replicas():
+    """The rank whose replica peer is slow, in a shard group without it, waits in HSDP's all-reduce (not
+    in a reduce-scatter or an all-gather): only the all-reduce's timing shows it."""
+    slow = 3
+    results = spawn(4, _hsdp_slow_rank, slow)
+    waiting = next(r for r in range(4) if slow not in results[r]["dp_shard"] and slow in results[r]["dp_replicate"])
+    # The slow rank sleeps in each of a step's two micro-batch forwards: half of that, at least, is measured.
+    assert sum(results[waiting]["comm"]) > 0.5 * 2 * DELAY_S["fsdp"] * N_STEPS, results[waiting]["comm"]
+    assert all(c is not None and c >= 0 for r in results for c in r["comm"])

@@ -119,9 +119,11 @@ class FSDPStrategy(ShardedState):
         if dp is None:
             return model
         model = shard(model, dp, self.reshard_after_forward, self.param_dtype)
-        if device.type == "cpu" and self.layout.replicate == self.layout.tensor == 1:  # FSDP's collectives alone
+        # FSDP's (and HSDP's) collectives alone. Over one shard there is no reduce-scatter to time HSDP's
+        # all-reduce from: not measured.
+        if device.type == "cpu" and self.layout.tensor == 1 and self.layout.shard > 1:
             clock = CommClock()
-            self.comm = clock if time_collectives(model, clock) else None
+            self.comm = clock if time_collectives(model, clock, replicated=self.layout.replicate > 1) else None
         return model
 
     def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
@@ -157,7 +159,7 @@ class FSDPStrategy(ShardedState):
 
     def take_comm_s(self) -> float | None:
         # On CPUs the all-gathers and reduce-scatters block the step: timed (`fsdp_comm`). On GPUs they
-        # overlap on FSDP's streams and are not measured yet; HSDP's all-reduce over replicas is not either.
+        # overlap on FSDP's streams and are not measured yet; nor are tensor parallelism's collectives.
         return self.comm.take() if self.comm else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
