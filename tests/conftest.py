@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +47,25 @@ def ray_local():
     ray.shutdown()
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def sqlite_store(path: Path) -> str:
+    """The URI of a new, empty MLflow sqlite store at `path`: a copy of one this session created once.
+    Creating one runs MLflow's schema migrations, 2-3 s on 2 cores; the CLI and job tests still create
+    theirs as a user's first run does."""
+    if not _EMPTY_STORE:
+        empty = Path(tempfile.mkdtemp(prefix="openclaw-empty-store-")) / "mlflow.db"
+        from mlflow.tracking import MlflowClient
+        MlflowClient(f"sqlite:///{empty}").search_experiments()
+        _EMPTY_STORE.append(empty)
+    shutil.copyfile(_EMPTY_STORE[0], path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return sqlite_store(tmp_path / "mlflow.db")
 
 
 def digits_config(digits_dir: Path, tmp_path: Path, mlflow_uri: str, **overrides):

@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import digits_config, with_bad_shard
+from conftest import digits_config, sqlite_store, with_bad_shard
 from openclaw.errors import DataError
 
 pytestmark = pytest.mark.integration  # every test here starts Ray (the session's, or its own in a subprocess)
@@ -102,7 +102,7 @@ def test_a_dataset_five_times_the_object_store_streams_through_a_whole_epoch(tmp
     # The same job on 16 tiny shards (16,384 rows, one global batch) first: a training worker's own
     # footprint (torch, Ray, the model, Arrow's reader), to measure the big run's data memory against.
     tiny = prepare("synthetic", tmp_path / "tiny", "--rows", "16384", "--features", str(features), "--shards", "16")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
 
     def job(name, folder, steps):
         return {"name": name, "model": {"name": "mlp", "kwargs": {"in_features": features, "hidden": 32, "depth": 1,

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import REPO, committed_batches
+from conftest import REPO, committed_batches, sqlite_store
 from openclaw.engine.optim import lr_at
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def test_node_loss_shrinks_then_grows_back_and_matches_the_uninterrupted_run(ray
     # checkpoint or a newer one (training goes on until Ray resizes).
     assert got["checkpoints_before_grow"] and got["grow_resumed_from_step"] >= got["checkpoints_before_grow"][-1]
 
-    uri = f"sqlite:///{tmp_path / 'ref.db'}"
+    uri = sqlite_store(tmp_path / "ref.db")
     ref_cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
         **OVERRIDES, **dict(s.split("=") for s in steps), "name": "reference", "scaling.min_workers": 2,
         "scaling.resources_per_worker": {"CPU": 1}, "data.train": str(out / "digits" / "train"),

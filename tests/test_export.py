@@ -21,7 +21,7 @@ from openclaw.exports.files import load_export, model_file, save_export
 from openclaw.exports.measure import layer_bytes
 from openclaw.exports.quantize import MODES, plan, quantize
 
-from conftest import REPO, digits_config
+from conftest import REPO, digits_config, sqlite_store
 
 CPU = torch.device("cpu")
 GPT_KW = {"vocab_size": 256, "block_size": 32, "dim": 64, "depth": 2, "heads": 4}
@@ -31,7 +31,7 @@ GPT_KW = {"vocab_size": 256, "block_size": 32, "dim": 64, "depth": 2, "heads": 4
 def trained(ray_local, digits_dir, tmp_path_factory):
     """A digits MLP trained by openclaw (one worker, 150 steps), tracked in its own sqlite store."""
     tmp = tmp_path_factory.mktemp("export")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp / "mlflow.db")
     config = digits_config(digits_dir, tmp, uri, **{"train.max_steps": 150, "scaling.min_workers": 1,
                                                    "scaling.max_workers": 1})
     return openclaw.train(config), uri, tmp

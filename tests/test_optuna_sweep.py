@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.search.optuna import OptunaSearch
 
 import openclaw
-from conftest import REPO
+from conftest import REPO, sqlite_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def _optuna_asks(seed: int, n: int) -> list[dict]:
 
 
 def test_an_optuna_sweep_nests_its_trials_under_the_parent_and_records_the_best(ray_local, digits_dir, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits-sweep.yaml", {
         "name": "optuna-sweep", "data.train": str(digits_dir / "train"), "data.val": str(digits_dir / "val"),
         "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": uri,

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import REPO, MlflowServer
+from conftest import REPO, MlflowServer, sqlite_store
 from openclaw.cli import ui_hint
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def history(client, run_id, key) -> list[tuple[int, float]]:
 def asha_sweep(ray_local, digits_dir, tmp_path_factory):
     """One ASHA sweep for this module's tests: (result, tracking URI, its folder)."""
     tmp_path = tmp_path_factory.mktemp("asha")
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = sqlite_store(tmp_path / "mlflow.db")
     # A grid of a hopeless and a good learning rate, each with 3 warmups (Tune's grid varies the first key
     # in sorted order fastest, so they alternate): ASHA must cut the hopeless ones once it has seen a
     # good one at the same step. 300 steps: a trial trains on while Tune decides at its rung (ASHA is
@@ -110,7 +110,7 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path, tune_sav
     each forced: Tune's saved state already says the trial finished, so Tune does not start it again; or
     Tune last saved it before it finished, starts it again, and the trial finds its finished record in
     its job file and reports that record without training (`sweeps.trial.run_trial`)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     # Data paths relative to the driver's working folder (the trials run in Tune's trial folders).
     cmd = [sys.executable, "-m", "openclaw.cli", "sweep", str(SWEEP)] + [
         f"--set={k}={v}" for k, v in sweep_overrides(digits_dir, tmp_path, uri, **{
