@@ -55,7 +55,7 @@ def test_a_logged_model_loads_from_its_weights_and_never_unpickles(digits_dir, t
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from openclaw.tracking.run import log_final_model, resolve_sources
+    from openclaw.tracking.model import log_final_model, resolve_sources
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(None, {"data": {"train": str(digits_dir / "train")}, "tracking": {"uri": uri}})
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ from openclaw.launch.session import TrainResult
 from openclaw.launch.session import train as _train
 from openclaw.sweeps.launch import SweepResult
 from openclaw.sweeps.launch import sweep as _sweep
-from openclaw.tracking.run import RUN_ID_PATTERN, load_logged_model, logged_export
+from openclaw.tracking.model import load_logged_model
+from openclaw.tracking.run import RUN_ID_PATTERN, logged_export
 from openclaw.tracking.writer import read_events
 
 def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,

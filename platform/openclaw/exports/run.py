@@ -25,7 +25,8 @@ from openclaw.exports.quantize import Plan, plan, torchao
 from openclaw.exports.quantize import quantize as quantize_layers
 from openclaw.exports.report import print_table, record_in_mlflow
 from openclaw.tracking.redact import redacted
-from openclaw.tracking.run import RUN_ID_PATTERN, load_logged_config, load_logged_model, logged_export
+from openclaw.tracking.model import load_logged_model
+from openclaw.tracking.run import RUN_ID_PATTERN, load_logged_config, logged_export
 
 BRIEF_INT4_SAVING = 0.75
 """The product brief: "quantized to 4-bit precision, 75% less memory" (relative to 16-bit weights)."""

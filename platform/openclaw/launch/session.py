@@ -38,7 +38,8 @@ from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.loop import LoopInputs
 from openclaw.tracking.lineage import log_lineage
 from openclaw.tracking.redact import public_uri, redacted, scrub
-from openclaw.tracking.run import log_final_model, open_run, record_finished
+from openclaw.tracking.model import log_final_model
+from openclaw.tracking.run import open_run, record_finished
 from openclaw.tracking.service import start_service
 from openclaw.tracking.spool import append_to_spool
 

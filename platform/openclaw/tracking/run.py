@@ -1,27 +1,20 @@
-"""The job's MLflow run (driver; the tracking actor logs the model of a run whose server was away). One
-run per job, found again on resume through a small job file in the run's storage folder; params and the
-resolved config at creation; the final model at the end."""
+"""The job's MLflow run (driver). One run per job, found again on resume through a small job file in the
+run's storage folder; params and the resolved config at creation. The final model: `tracking.model`."""
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import mlflow
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-import torch
 from mlflow.tracking import MlflowClient
 
 from openclaw import constants
 from openclaw.config import Config
-from openclaw.data.config import DataConfig
-from openclaw.data.filesystems import local_copy, storage_filesystem
-from openclaw.data.sources import Source, column_to_numpy, resolve
-from openclaw.engine.model_io import build_from_config, load_model_dir
+from openclaw.data.filesystems import storage_filesystem
 from openclaw.errors import CheckpointError
 from openclaw.tracking.redact import flatten, public_uri, redacted
 
@@ -98,70 +91,10 @@ def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
         f.write(json.dumps(content, indent=2).encode())
 
 
-def resolve_sources(d: DataConfig) -> dict[str, Source]:
-    """The run's datasets, resolved (no preparation): where an input example for the model comes from."""
-    return {k: resolve(getattr(d, k), f"data.{k}", d.s3, d.on_bad_shard) for k in ("train", "val") if getattr(d, k)}
-
-
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 """An MLflow run id, as a source to load a model from."""
 OPENCLAW_MODEL_DIR = "openclaw-model"
 """Beside the MLflow model: the state dict and the (redacted) config, which load with `weights_only`."""
-
-
-def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sources: dict[str, Source],
-                    trust_code: bool = True) -> None:
-    """Log the trained model of `checkpoint` (a folder or URI): as an MLflow PyTorch model with a
-    signature and an input example (for MLflow's own tools; it loads by unpickling), and as openclaw's
-    weights-only state dict and config (what `openclaw.load_model` reads). `trust_code`: the run's own
-    config may build its `module:function` model (false for a spool of unknown origin)."""
-    with local_copy(checkpoint) as d:
-        model = load_model_dir(d, trust_code=trust_code)
-    src = sources.get("val") or sources["train"]
-    example = None
-    if config.data.features in src.schema.names:  # (sync-spool after transforms sees the raw columns: no example)
-        first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
-        example = column_to_numpy(first.column(config.data.features)[:2])
-        example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
-    # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements,
-                                        registered_model_name=config.tracking.register_as)
-    with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
-        torch.save(model.state_dict(), os.path.join(d, "model.pt"))
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(redacted(config.resolved()), f, indent=2)
-        MlflowClient(uri).log_artifacts(run_id, d, OPENCLAW_MODEL_DIR)
-    if config.tracking.register_as:
-        print(f"openclaw: registered the model as models:/{config.tracking.register_as}/"
-              f"{info.registered_model_version}", flush=True)
-
-
-def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
-                      model_fn: Callable[..., torch.nn.Module] | None = None, trust_pickle: bool = False) -> torch.nn.Module:
-    """A model logged with `log_final_model`, by `runs:/RUN_ID/model` or `models:/NAME/VERSION`, rebuilt
-    from its weights-only state dict and config. `trust_pickle`: unpickle the MLflow model instead
-    (it can run code)."""
-    mlflow.set_tracking_uri(tracking_uri)
-    if trust_pickle:
-        return mlflow.pytorch.load_model(uri, dst_path=None)
-    client = MlflowClient(tracking_uri)
-    run_id = _source_run(client, uri)
-    with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
-        try:
-            folder = client.download_artifacts(run_id, OPENCLAW_MODEL_DIR, d)
-        except Exception:
-            raise CheckpointError(f"MLflow run {run_id} ({uri}) has no {OPENCLAW_MODEL_DIR}/ (an older openclaw logged "
-                                  f"it): load its checkpoint instead, or pass trust_pickle=True to unpickle its MLflow "
-                                  f"model if you trust where it came from.") from None
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
-        weights = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
-    model = build_from_config(config, f"MLflow model {uri}", trust_code=trust_code, model_fn=model_fn)
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 EXPORT_KIND, EXPORT_DIR = "export", "quantized"

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from openclaw.config import Config
 from openclaw.errors import ConfigError
-from openclaw.tracking.run import log_final_model, resolve_sources
+from openclaw.tracking.model import log_final_model, resolve_sources
 from openclaw.tracking.redact import public_uri
 from openclaw.tracking.spool import read_spool
 from openclaw.tracking.tracker import put_nowait
