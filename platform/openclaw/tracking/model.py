@@ -20,7 +20,7 @@ from openclaw.data.sources import Source, column_to_numpy, resolve
 from openclaw.engine.model_io import build_from_config, load_model_dir
 from openclaw.errors import CheckpointError
 from openclaw.tracking.redact import redacted
-from openclaw.tracking.run import OPENCLAW_MODEL_DIR, _source_run
+from openclaw.tracking.run import OPENCLAW_MODEL_DIR, source_run
 
 
 def resolve_sources(d: DataConfig) -> dict[str, Source]:
@@ -67,7 +67,7 @@ def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
     if trust_pickle:
         return mlflow.pytorch.load_model(uri, dst_path=None)
     client = MlflowClient(tracking_uri)
-    run_id = _source_run(client, uri)
+    run_id = source_run(client, uri)
     with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
         try:
             folder = client.download_artifacts(run_id, OPENCLAW_MODEL_DIR, d)

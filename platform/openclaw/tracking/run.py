@@ -106,7 +106,7 @@ def logged_export(uri: str, tracking_uri: str) -> Iterator[str | None]:
     """The export folder of `uri`, downloaded to a temporary folder, when `uri` names an `openclaw export`
     run (`runs:/RUN_ID/quantized`, or a model version registered from one); else None."""
     client = MlflowClient(tracking_uri)
-    run = client.get_run(_source_run(client, uri))
+    run = client.get_run(source_run(client, uri))
     if run.data.tags.get("openclaw.kind") != EXPORT_KIND:
         yield None
         return
@@ -117,7 +117,7 @@ def logged_export(uri: str, tracking_uri: str) -> Iterator[str | None]:
 def load_logged_config(uri: str, tracking_uri: str) -> tuple[dict[str, Any], str]:
     """(the redacted config, the run id) of a model logged with `log_final_model`."""
     client = MlflowClient(tracking_uri)
-    run_id = _source_run(client, uri)
+    run_id = source_run(client, uri)
     with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
         try:
             path = client.download_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/config.json", d)
@@ -128,7 +128,7 @@ def load_logged_config(uri: str, tracking_uri: str) -> tuple[dict[str, Any], str
             return json.load(f), run_id
 
 
-def _source_run(client: MlflowClient, uri: str) -> str:
+def source_run(client: MlflowClient, uri: str) -> str:
     """The run that logged `runs:/RUN_ID/...` or `models:/NAME/VERSION` (or `models:/NAME@ALIAS`)."""
     if uri.startswith("runs:/"):
         return uri.removeprefix("runs:/").split("/", 1)[0]

@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 
 from openclaw.config import Config
 from openclaw.errors import ConfigError
-from openclaw.tracking.model import log_final_model, resolve_sources
 from openclaw.tracking.redact import public_uri
 from openclaw.tracking.spool import read_spool
 from openclaw.tracking.tracker import put_nowait
@@ -141,6 +140,9 @@ class MlflowWriter:
     def _op_finish(self, config: dict[str, Any], checkpoint: str | None) -> None:
         """Log the final model (as the run would have) and close the run."""
         if checkpoint:
+            # Imported here: logging a model needs torch, which the tracking actor otherwise never does,
+            # and it starts at every run's start, beside the workers importing theirs.
+            from openclaw.tracking.model import log_final_model, resolve_sources
             cfg = Config.model_validate(config)
             log_final_model(cfg, self.uri, self.run_id, checkpoint, resolve_sources(cfg.data), self.trust_code)
         self._op_end("FINISHED")
