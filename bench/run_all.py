@@ -150,14 +150,26 @@ def table(results: list[dict]) -> str:
 
 def write(results: list[dict], meta: dict[str, str]) -> str:
     fewer = [f"- {r['name']}: {r['fewer_repeats']}." for r in results if r.get("fewer_repeats")]
-    md = "\n".join([f"Measured by `make bench` (`python bench/run_all.py`) on {meta['when']}, {meta['machine']}, "
-                    f"at commit {meta['commit']}. Every side of a figure ran in the same invocation, the sides "
-                    "alternating (ABBA).", "", table(results), "",
+    md = "\n".join([f"Measured by `make bench` (`python bench/run_all.py`) {_when(results, meta)}, on {meta['machine']}. "
+                    "Every side of a figure ran in the same invocation, the sides alternating (ABBA).", "",
+                    table(results), "",
                     *(["Fewer than 5 repeats, and why:", *fewer, ""] if fewer else []),
                     "Time each bench took: " + ", ".join(f"{r['name']} {r['seconds']} s" for r in results) + "."])
     RESULTS_MD.write_text(md + "\n")
     RESULTS_JSON.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     return md
+
+
+def _when(results: list[dict], meta: dict[str, str]) -> str:
+    """When and at which commit the rows were measured: one date and commit for a whole `make bench`; the
+    benches of each `--only` rerun named beside theirs."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        groups.setdefault((r.get("when", meta["when"]), r.get("commit", meta["commit"])), []).append(r["name"])
+    if len(groups) == 1:
+        (when, commit), = groups
+        return f"on {when} at commit {commit}"
+    return "; ".join(f"{', '.join(names)} on {when} at commit {commit}" for (when, commit), names in groups.items())
 
 
 def update_readme(md: str) -> None:
@@ -184,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"when": time.strftime("%Y-%m-%d"), "commit": commit or "unknown",
             "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU cores, no GPU"}
-    old = {r["name"]: r for r in json.loads(RESULTS_JSON.read_text())["results"]} \
-        if a.only and RESULTS_JSON.exists() else {}  # with --only, the other benches' last results stay
+    saved = json.loads(RESULTS_JSON.read_text()) if a.only and RESULTS_JSON.exists() else {"results": []}
+    # With --only, the other benches' last results stay, each with when and where it was measured.
+    old = {r["name"]: {"when": saved["meta"]["when"], "commit": saved["meta"]["commit"], **r} for r in saved["results"]}
     done: dict[str, dict] = {}
     for n in names:  # saved after each bench, so that a failure later keeps what ran
-        done[n] = run(n)
+        done[n] = {**run(n), "when": meta["when"], "commit": meta["commit"]}
         results = [done.get(k) or old[k] for k in BENCHES if k in done or k in old]
         md = write(results, meta)
     update_readme(md)
