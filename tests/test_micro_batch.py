@@ -56,6 +56,19 @@ def test_the_config_accepts_auto_and_checks_only_that_the_batch_divides_over_the
 
 # ---- the training state each rank holds -------------------------------------------------------------
 
+def test_one_memory_budget_for_the_auto_micro_batch_and_the_logged_capacity(digits_dir, tmp_path):
+    """`train.memory_budget_gb` caps what a worker may fill, the same for the auto micro-batch's budget and
+    for `perf/memory_capacity_bytes` (which the memory advice compares the peak with)."""
+    import psutil
+
+    from openclaw.engine.metrics import memory_capacity_bytes
+    from openclaw.runtime.micro_batch import budget_bytes
+    cpu, share = torch.device("cpu"), psutil.virtual_memory().total // 2
+    for gb, expected in ((0.5, 500_000_000), (10 * share / 1e9, share), (None, share)):
+        cfg = digits_config(digits_dir, tmp_path, "sqlite:///x.db", **{"train.memory_budget_gb": gb})
+        assert memory_capacity_bytes(cpu, 2, gb) == budget_bytes(cfg, cpu, 2)[0] == expected
+
+
 def test_state_estimate_shards_under_fsdp_tp_and_pp_and_grows_in_16_bit():
     n = 1_000_000
     one = state_bytes_estimate(n, mesh_layout(1), replicated=True)

@@ -183,12 +183,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def memory_capacity_bytes(device: torch.device, workers_on_node: int = 1) -> int:
-    """What one worker may fill: a GPU's memory, or on a CPU its share of the node's memory."""
+def memory_capacity_bytes(device: torch.device, workers_on_node: int = 1, budget_gb: float | None = None) -> int:
+    """What one worker may fill: a GPU's memory, or on a CPU its share of the node's memory; at most
+    `budget_gb` (`train.memory_budget_gb`) where set."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    import psutil
-    return int(psutil.virtual_memory().total // max(1, workers_on_node))
+        capacity = int(torch.cuda.get_device_properties(device).total_memory)
+    else:
+        import psutil
+        capacity = int(psutil.virtual_memory().total // max(1, workers_on_node))
+    return min(capacity, int(budget_gb * 1e9)) if budget_gb else capacity
 
 
 def allreduce_max(values: list[float], device: torch.device) -> list[float]:

@@ -132,7 +132,8 @@ class StepProfiler:
         on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by Ray Train (torch's convention)
         held = self.engine.state_bytes or {}  # measured at the first finite step
         summary.process = {"peak_memory_bytes": peak_memory_bytes(self.device),
-                           "memory_capacity_bytes": memory_capacity_bytes(self.device, on_node),
+                           "memory_capacity_bytes": memory_capacity_bytes(self.device, on_node,
+                                                                         self.config.train.memory_budget_gb),
                            "state_bytes": sum(held.values()) if held else None,
                            "checkpoint_bytes": held.get("params", 0) + held.get("optimizer", 0) if held else None}
         return summary, gzip.compress(trace, compresslevel=6, mtime=0)

@@ -40,8 +40,7 @@ class LogWindow:
         self.sample_node = speaks_for_node and cfg.tracking.enabled
         self.flops_per_sample = flops_per_sample
         self.job_start_time = job_start_time
-        budget = cfg.train.memory_budget_gb  # what the worker may fill, as `micro_batch_size: auto` reads it
-        self.capacity = min(memory_capacity_bytes(device, workers_on_node), int(budget * 1e9) if budget else 2 ** 62)
+        self.capacity = memory_capacity_bytes(device, workers_on_node, cfg.train.memory_budget_gb)
         self.clock = StepClock()
         self.last: dict[str, Any] = {}
         """The newest logged (and evaluated) metrics: what each checkpoint reports to Ray Train."""

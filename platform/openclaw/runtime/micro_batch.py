@@ -158,9 +158,9 @@ def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[i
         if asked is not None and asked < free:
             return asked, "`train.memory_budget_gb`"
         return free, f"{CUDA_HEADROOM:.0%} of the GPU's free memory"
-    if asked is not None:
-        return asked, "`train.memory_budget_gb`"
     share = memory_capacity_bytes(device, local_world)
+    if asked is not None and asked < share:
+        return asked, "`train.memory_budget_gb`"
     return share, (f"the worker's share of the node's memory, {share * max(1, local_world) / GB:.1f} GB / "
                    f"{local_world} worker(s); set `train.memory_budget_gb`")
 
