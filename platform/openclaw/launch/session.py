@@ -35,7 +35,7 @@ from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
 from openclaw.runtime.control import start_control, wait_for_checkpoint
-from openclaw.runtime.loop import LoopInputs
+from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
 from openclaw.tracking.redact import public_uri, redacted, scrub
 from openclaw.tracking.model import log_final_model

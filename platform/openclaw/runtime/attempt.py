@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,33 +36,12 @@ from openclaw.runtime.precision_watch import PrecisionWatch
 from openclaw.runtime.sample_log import SampleLog
 from openclaw.runtime.checkpoint_store import prune, restore
 from openclaw.runtime.compile_cache import CompileCache
+from openclaw.runtime.inputs import LoopInputs
 from openclaw.runtime.saver import Saver, should_save
 from openclaw.runtime.stops import StopFlag, StopSignals, install_in_ray_worker
 from openclaw.tracking.tracker import NullTracker, make_tracker
 
 log = logging.getLogger("openclaw")
-
-
-@dataclass
-class LoopInputs:
-    """What the driver hands every worker of every attempt (inside Ray Train's `train_loop_config`)."""
-    config: dict[str, Any]
-    """The resolved config, as plain data (saved in every checkpoint)."""
-    run_id: str
-    """The MLflow run ("" with tracking off)."""
-    run_dir: str
-    """`<checkpoint.storage>/<name>`: checkpoints, the job file, the sample ledger."""
-    data: dict[str, dict[str, Any]]
-    """{"train": {"spec": ..., "shards": [...]}, "val": ...}: the prepared shards to stream."""
-    secrets: dict[str, str]
-    """The driver's credentials (`constants.secret_env`): in memory, never in a runtime env."""
-    tracking: Any
-    """The job's tracking service (a Ray actor), None with tracking off."""
-    control: Any
-    """The job's control plane (a Ray actor): the driver's stop and checkpoint requests."""
-    progress: Any
-    """The driver's progress queue."""
-    job_start_time: float
 
 
 class Attempt:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from openclaw.runtime.attempt import Attempt, LoopInputs
+from openclaw.runtime.attempt import Attempt
 from openclaw.runtime.evaluate import evaluate, should_eval
 from openclaw.runtime.policies import nonfinite_decision
 
-__all__ = ["LoopInputs", "train_loop"]
+__all__ = ["train_loop"]
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:

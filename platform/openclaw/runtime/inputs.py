@@ -1,0 +1,29 @@
+"""What the driver hands every worker of every attempt: `LoopInputs` (built by the driver, read by every
+worker process; the Ray Train controller only unpickles it, with Ray Train's `train_loop_config`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker of every attempt (inside Ray Train's `train_loop_config`)."""
+    config: dict[str, Any]
+    """The resolved config, as plain data (saved in every checkpoint)."""
+    run_id: str
+    """The MLflow run ("" with tracking off)."""
+    run_dir: str
+    """`<checkpoint.storage>/<name>`: checkpoints, the job file, the sample ledger."""
+    data: dict[str, dict[str, Any]]
+    """{"train": {"spec": ..., "shards": [...]}, "val": ...}: the prepared shards to stream."""
+    secrets: dict[str, str]
+    """The driver's credentials (`constants.secret_env`): in memory, never in a runtime env."""
+    tracking: Any
+    """The job's tracking service (a Ray actor), None with tracking off."""
+    control: Any
+    """The job's control plane (a Ray actor): the driver's stop and checkpoint requests."""
+    progress: Any
+    """The driver's progress queue."""
+    job_start_time: float
