@@ -178,3 +178,22 @@ def test_no_subpackage_shadows_an_sdk_function():
     assert not subpackages & set(openclaw.__all__), subpackages & set(openclaw.__all__)
     import openclaw.sweeps.launch  # noqa: F401
     assert callable(openclaw.sweep) and callable(openclaw.train) and callable(openclaw.load_model)
+
+
+def test_the_ray_train_controller_unpickles_the_training_function_without_the_engine():
+    """Ray Train pickles the training function and its config into the controller's arguments; the
+    controller unpickles them at start and never calls the function. What openclaw hands it must not make
+    it import torch or the training loop (about 2 s on the CPUs the workers are starting on)."""
+    import subprocess
+
+    from ray import cloudpickle
+
+    from openclaw.launch import ray_setup
+    from openclaw.runtime.inputs import LoopInputs
+    inputs = LoopInputs(config={}, run_id="", run_dir="", data={}, secrets={}, tracking=None, control=None,
+                        progress=None, job_start_time=0.0)
+    blob = cloudpickle.dumps((ray_setup.train_loop, {"inputs": inputs}))
+    probe = ("import pickle, sys; fn, cfg = pickle.loads(sys.stdin.buffer.read()); "
+             "print([m for m in ('torch', 'openclaw.runtime.loop', 'mlflow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], input=blob, capture_output=True, check=True, cwd=PKG.parent)
+    assert out.stdout.decode().strip() == "[]", out

@@ -16,7 +16,7 @@ from openclaw.config import FP8_ON_CPU, Config
 from openclaw.data.filesystems import ray_storage
 from openclaw.errors import ConfigError
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
-from openclaw.runtime.loop import train_loop
+from openclaw.runtime.entry import train_loop
 from openclaw.runtime.ray_private import DatasetsCallback, PlacementGroupCleanerCallback, state_api_finds_this_cluster
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
