@@ -1,7 +1,7 @@
 """Checkpoint cost: what checkpoints cost training, with no checkpoints, synchronous checkpoints and
 `checkpoint.async`, in one invocation.
 
-All three sides train the same ~100 MB MLP (25 M float32 parameters; with AdamW's two moments a
+All three sides train the same MLP (by default 25 M float32 parameters, 101 MB; with AdamW's two moments a
 checkpoint is about 300 MB) on the digits data, on one Ray Train worker (2 CPUs) of one local Ray
 instance, saving every `--every` steps (the no-checkpoint side saves only at the end). Two figures per run:
 
@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="rounds of the three sides, in ABBA order (default 5)")
     a = p.parse_args(argv)
     import ray
+    import torch
+
+    from openclaw.engine.models import build_model
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model("mlp", {"in_features": 64, "hidden": a.hidden, "depth": 2,
+                                                            "num_classes": 10}).parameters())
+    size = f"{params * 12 / 1e6:.0f} MB checkpoints every {a.every} of {a.steps} steps"  # weights and AdamW's 2 moments
+    print(f"model: {params / 1e6:.1f} M float32 parameters: {size}", flush=True)
     rounds = iter(range(10**6))
     with tempfile.TemporaryDirectory(prefix="openclaw-stall-") as d:
         work = Path(d)
@@ -70,22 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                               for side, bg in SIDES.items()}, a.repeats)
         finally:
             ray.shutdown()
-    import torch
-
-    from openclaw.engine.models import build_model
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model("mlp", {"in_features": 64, "hidden": a.hidden, "depth": 2,
-                                                            "num_classes": 10}).parameters())
-    print(f"model: {params * 4 / 1e6:.0f} MB of float32 parameters (a checkpoint with AdamW state is about 3x), "
-          f"a checkpoint every {a.every} of {a.steps} steps")
-    wall = summarize("wall time per step, checkpoints included", {k: [r["wall_step_s"] for r in v]
-                                                                  for k, v in runs.items()},
-                     base="no checkpoints", digits=4)
-    stall = summarize("stall per checkpoint (the loop waiting)", {k: [r["stall_s"] for r in v]
-                                                                  for k, v in runs.items() if k != "no checkpoints"},
+    wall = summarize(f"wall time per step, checkpoints included ({size})",
+                     {k: [r["wall_step_s"] for r in v] for k, v in runs.items()}, base="no checkpoints", digits=4)
+    stall = summarize(f"stall per checkpoint, the loop waiting ({size})",
+                      {k: [r["stall_s"] for r in v] for k, v in runs.items() if k != "no checkpoints"},
                       base="sync", digits=4)
     # Each round's overhead against the same round's no-checkpoint run, then medians over the rounds.
-    over = figure("overhead per step over the same round's run with no checkpoints",
+    over = figure(f"overhead per step over the same round's run with no checkpoints ({size})",
                   {k: [1e3 * (r["wall_step_s"] - n["wall_step_s"]) for r, n in zip(runs[k], runs["no checkpoints"])]
                    for k in ("sync", "async")}, base="sync", unit="ms", digits=1)
     print(over["figure"])

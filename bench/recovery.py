@@ -60,7 +60,7 @@ def openclaw_side(work: Path) -> dict:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg = openclaw.load_config(REPO / "jobs" / "configs" / "digits.yaml", {
         "name": "recovery", "data.train": str(work / "digits" / "train"), "data.val": str(work / "digits" / "val"),
-        "checkpoint.storage": str(work / "runs"), "tracking.uri": uri, "train.max_steps": 3000,
+        "checkpoint.storage": str(work / "runs"), "tracking.uri": uri, "train.max_steps": 1000,
         "checkpoint.every_steps": 100, "train.eval_every": 0, "train.log_every": 100})
     connect_ray(None, verbose=False, config=cfg)  # a fresh local instance with openclaw's defaults (4 CPUs here)
     killed: dict[str, float] = {}
