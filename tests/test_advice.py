@@ -144,6 +144,11 @@ def test_checkpoint_stall_of_a_large_synchronous_checkpoint_writes_in_the_backgr
     assert applied(cfg(), rec).checkpoint.async_ is True
     already = sr.rule_checkpoint_stall(facts(cfg(**{"checkpoint.async": True}), **big))
     assert already.key == "checkpoint.every_steps"  # async is in place: the other change
+    # A 0.6 s save after every 0.4 s step: a background write would still be running at the next
+    # snapshot, which would wait for it. Only saving less often helps.
+    every_step = sr.rule_checkpoint_stall(facts(cfg(**{"checkpoint.every_steps": 1, "train.max_steps": 10000}),
+                                                checkpoint_frac=0.6, step_s=1.0, checkpoint_bytes=40e9))
+    assert every_step.key == "checkpoint.every_steps" and every_step.value > 1
 
 
 def test_small_micro_batches_merge_up_to_the_workers_batch_and_not_without_accumulation():

@@ -148,8 +148,9 @@ def rule_straggler(f: Facts) -> Recommendation | None:
 
 def rule_checkpoint_stall(f: Facts) -> Recommendation | None:
     """Checkpoint stalls over 5% of the step. When writing the checkpoint's bytes would take a good part
-    of the stall (at `WRITE_BYTES_PER_S`) and saves are synchronous: `checkpoint.async`. Otherwise the
-    stall is the fixed cost of each checkpoint: save less often, to about 2% of the step."""
+    of the stall (at `WRITE_BYTES_PER_S`), saves are synchronous, and the steps between two checkpoints
+    compute for longer than a save stalls (the background write has them to hide behind; else the next
+    snapshot waits for it): `checkpoint.async`. Otherwise save less often, to about 2% of the step."""
     frac, cfg = f.checkpoint_frac, f.config
     if frac is None or frac <= CHECKPOINT_FRAC:
         return None
@@ -158,8 +159,9 @@ def rule_checkpoint_stall(f: Facts) -> Recommendation | None:
     finding = f"checkpoint stalls take {_pct(frac)} of the step: a checkpoint every {every} step(s)"
     finding += (f", {stall:.2f} s each" if stall else "") + (
         f" for {f.checkpoint_bytes / 1e6:.3g} MB" if f.checkpoint_bytes else "")
-    if not cfg.checkpoint.async_ and f.checkpoint_bytes and (stall is None or
-                                                             f.checkpoint_bytes / WRITE_BYTES_PER_S > stall / 2):
+    between = None if f.step_s is None else every * f.step_s * (1 - frac)  # compute between two checkpoints
+    if not cfg.checkpoint.async_ and f.checkpoint_bytes and (stall is None or (
+            f.checkpoint_bytes / WRITE_BYTES_PER_S > stall / 2 and stall < between)):
         return Recommendation("checkpoint_stall", finding, "checkpoint.async", True,
                               f"training stalls only for the snapshot to host memory: up to {_speedup(frac):.2f}x "
                               f"perf/samples_per_s", frac)
