@@ -148,3 +148,42 @@ def test_hsdp_measures_the_wait_in_its_all_reduce_over_the_replicas():
     # The slow rank sleeps in each of a step's two micro-batch forwards: half of that, at least, is measured.
     assert sum(results[waiting]["comm"]) > 0.5 * 2 * DELAY_S["fsdp"] * N_STEPS, results[waiting]["comm"]
     assert all(c is not None and c >= 0 for r in results for c in r["comm"])
+
+
+class WallEvent:
+    """`torch.cuda.Event` on a machine without a GPU: `record` reads the wall clock. On a GPU an event
+    completes when its stream reaches it; here the collectives block, so the host reaches it then."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self, stream=None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "WallEvent") -> float:
+        return (end.t - self.t) * 1000
+
+
+def _fsdp_event_path(rank, world, slow_rank):
+    """FSDP on 2 gloo ranks with the GPU's measurement (reduce-scatter launches marked with events, the end
+    of the backward marked by the strategy); rank `slow_rank` really works longer in the last gradient
+    it computes (the embedding's, reduced by the root unit's reduce-scatter, the step's last)."""
+    from openclaw.engine.parallel.fsdp_comm import mark_reduce_scatters
+    engine, layout = build(rank, world, {"strategy": "fsdp"})
+    clock = CommClock(event=WallEvent)
+    assert mark_reduce_scatters(engine.model, clock)
+    engine.strategy.comm = clock
+    if rank == slow_rank:
+        engine.module.tok.register_full_backward_pre_hook(lambda module, grad: time.sleep(DELAY_S["fsdp"]))
+    return [engine.train_step(s, my_micro_batches(s, layout, rank)).comm_s for s in range(N_STEPS)]
+
+
+def test_fsdp_on_a_gpu_measures_the_reduce_scatter_tail_from_event_marks():
+    """The GPU's path, driven by wall-clock events: from the last reduce-scatter's launch to the end of the
+    backward. The fast rank waits there for the slow one's last gradient; the slow rank does not."""
+    fast, slow = spawn(2, _fsdp_event_path, 1)
+    assert sum(fast) > 0.5 * DELAY_S["fsdp"] * N_STEPS, fast
+    assert sum(slow) < 0.5 * sum(fast), (fast, slow)

@@ -46,28 +46,34 @@ class CommClock:
     not hide (its own transfer, and waiting for slower ranks to arrive). A strategy that measures it
     marks when it handed the last collective over (`launched`) and when its step could go on (`done`), or
     adds a blocking collective's wall time (`add`). On a GPU the marks are CUDA events on the compute
-    stream, read (one synchronization) only when the window is logged; on a CPU, wall time."""
+    stream (`stream`: the current one at each mark unless given), read (one synchronization) only when
+    the window is logged; on a CPU, wall time. `event` replaces `torch.cuda.Event` (a class with its
+    `record(stream)`, `synchronize()` and `elapsed_time(end)` in ms): the event path on a machine without
+    a GPU."""
 
-    def __init__(self, device: torch.device | None = None):
-        self.cuda = device is not None and device.type == "cuda"
-        self.seconds, self._events, self._launched = 0.0, [], None
+    def __init__(self, device: torch.device | None = None, stream: Any = None, event: Any = None):
+        self.events = event is not None or (device is not None and device.type == "cuda")
+        self._event = event or (torch.cuda.Event if self.events else None)
+        self.stream = stream
+        self.seconds, self._marks, self._launched = 0.0, [], None
+
+    def _mark(self):
+        if not self.events:
+            return time.perf_counter()
+        e = self._event(enable_timing=True)
+        e.record(self.stream)
+        return e
 
     def launched(self) -> None:
-        if self.cuda:
-            self._launched = torch.cuda.Event(enable_timing=True)
-            self._launched.record()
-        else:
-            self._launched = time.perf_counter()
+        self._launched = self._mark()
 
     def done(self) -> None:
         """The step goes on: the time since the last `launched` (if any, this step) was exposed."""
         start, self._launched = self._launched, None
         if start is None:
             return
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((start, end))
+        if self.events:
+            self._marks.append((start, self._mark()))
         else:
             self.seconds += time.perf_counter() - start
 
@@ -76,10 +82,10 @@ class CommClock:
 
     def take(self) -> float:
         """The exposed seconds since the last `take`."""
-        for start, end in self._events:
+        for start, end in self._marks:
             end.synchronize()
             self.seconds += start.elapsed_time(end) / 1000
-        total, self.seconds, self._events = self.seconds, 0.0, []
+        total, self.seconds, self._marks = self.seconds, 0.0, []
         return total
 
 

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from openclaw.engine.noise import LocalGrad, measure_local
 from openclaw.engine.parallel.base import Batch, CommClock, StepFns, evaluate_each
 from openclaw.engine.parallel.clip import clip_global
-from openclaw.engine.parallel.fsdp_comm import time_collectives
+from openclaw.engine.parallel.fsdp_comm import measure_collectives
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.engine.parallel.tp import apply_tensor_parallel
 
@@ -121,9 +121,8 @@ class FSDPStrategy(ShardedState):
         model = shard(model, dp, self.reshard_after_forward, self.param_dtype)
         # FSDP's (and HSDP's) collectives alone. Over one shard there is no reduce-scatter to time HSDP's
         # all-reduce from: not measured.
-        if device.type == "cpu" and self.layout.tensor == 1 and self.layout.shard > 1:
-            clock = CommClock()
-            self.comm = clock if time_collectives(model, clock, replicated=self.layout.replicate > 1) else None
+        if self.layout.tensor == 1 and self.layout.shard > 1:
+            self.comm = measure_collectives(model, device, replicated=self.layout.replicate > 1)
         return model
 
     def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
@@ -135,7 +134,9 @@ class FSDPStrategy(ShardedState):
                 model.set_requires_gradient_sync(i == last)
                 model.set_reshard_after_backward(i == last)
             loss, count = fns.loss(model, batch)
-            fns.backward(loss)
+            fns.backward(loss)  # the last one's returns once the compute stream waits for the reductions
+            if i == last and self.comm:
+                self.comm.done()
             if i == 0 < last:
                 self._local = self._first_local_grad(model, count)
             losses.append(loss.detach())
@@ -158,8 +159,8 @@ class FSDPStrategy(ShardedState):
         return evaluate_each(model, batches, fns)
 
     def take_comm_s(self) -> float | None:
-        # On CPUs the all-gathers and reduce-scatters block the step: timed (`fsdp_comm`). On GPUs they
-        # overlap on FSDP's streams and are not measured yet; nor are tensor parallelism's collectives.
+        # On CPUs the all-gathers and reduce-scatters block the step: timed. On GPUs, the reductions'
+        # exposed tail (`fsdp_comm`). Tensor parallelism's collectives are not measured.
         return self.comm.take() if self.comm else None
 
     def unwrap(self, model: nn.Module) -> nn.Module:
