@@ -69,6 +69,20 @@ losses = [e.train_step(s, [{"x": x}]).loss_sum / (8 * 512) for s in range(5)]
 print(f"  loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 assert all(l == l for l in losses)
 PY
+step "CommClock's CUDA events (the comm wait of DDP and FSDP on GPUs): two marks on the compute stream around a sleep kernel" 60 "$PY" - <<'PY'
+import time
+import torch
+from openclaw.engine.parallel.base import CommClock
+d = torch.device("cuda")
+clock = CommClock(d, stream=torch.cuda.current_stream(d))
+torch.cuda.synchronize(); t0 = time.perf_counter()
+clock.launched(); torch.cuda._sleep(10**8); clock.done()
+torch.cuda.synchronize(); wall = time.perf_counter() - t0
+got = clock.take()
+print(f"  events: {got * 1e3:.1f} ms; host wall around the kernel: {wall * 1e3:.1f} ms")
+assert 0.5 * wall < got <= 1.05 * wall
+PY
+
 step "the fp8 and precision tests on this machine" 120 "$PY" -m pytest -q -x tests/test_fp8.py tests/test_precision.py -m "not integration"
 step "compile cache across a restart on a fresh node (cold vs warm)" 150 "$PY" bench/compile_restart.py --device cuda --dim 768 --depth 12 --heads 12 --block 1024 --repeats 2
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision" 90 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3
