@@ -106,24 +106,29 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
 }
 
 
+def command(name: str) -> str:
+    """The command line of a bench, as the table shows it."""
+    return f"python bench/{' '.join(BENCHES[name][0])}"
+
+
 def run(name: str) -> dict[str, Any]:
     args, figures, why = BENCHES[name]
-    print(f"== {name}: python bench/{' '.join(args)}", flush=True)
+    print(f"== {name}: {command(name)}", flush=True)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, *args], cwd=REPO / "bench", capture_output=True, text=True, timeout=3600)
     took = time.perf_counter() - t0
     lines = [x for x in r.stdout.strip().splitlines() if x.startswith(("{", "["))]
     if r.returncode != 0 or not lines:
         print(r.stdout[-2000:], r.stderr[-4000:], sep="\n", file=sys.stderr)
-        return {"name": name, "command": f"python bench/{' '.join(args)}", "error": f"exit {r.returncode}",
+        return {"name": name, "command": command(name), "error": f"exit {r.returncode}",
                 "seconds": round(took)}
     print(f"   {took:.0f} s", flush=True)
     try:
         found = figures(json.loads(lines[-1]))
     except Exception as e:  # a bench whose output changed: say so in the table, keep the others
-        return {"name": name, "command": f"python bench/{' '.join(args)}", "seconds": round(took),
+        return {"name": name, "command": command(name), "seconds": round(took),
                 "error": f"its JSON result could not be read ({type(e).__name__}: {e})"}
-    return {"name": name, "command": f"python bench/{' '.join(args)}", "seconds": round(took),
+    return {"name": name, "command": command(name), "seconds": round(took),
             "figures": found, "fewer_repeats": why}
 
 
@@ -167,7 +172,7 @@ def _why_fewer(result: dict) -> str:
     """Why a bench ran fewer than 5 repeats: as its entry in BENCHES says now, where it still runs the
     command the row was measured with; else as saved with the row."""
     name = result["name"]
-    if name in BENCHES and result["command"] == f"python bench/{' '.join(BENCHES[name][0])}":
+    if name in BENCHES and result["command"] == command(name):
         return BENCHES[name][2]
     return result.get("fewer_repeats", "")
 

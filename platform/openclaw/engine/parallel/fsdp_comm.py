@@ -60,8 +60,8 @@ def measure_collectives(model: nn.Module, device: torch.device, replicated: bool
 def time_collectives(model: nn.Module, clock: CommClock, replicated: bool = False) -> bool:
     """Time every FSDP unit's all-gathers and reduce-scatters into `clock`, and with `replicated` (HSDP)
     its all-reduce over the replicas; False where it cannot."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if DefaultAllGather is None or not units:
+    units = _fsdp_units(model)
+    if not units:
         return False
     for unit in units:
         unit.set_custom_all_gather(_timed(DefaultAllGather, clock))
@@ -75,12 +75,19 @@ def time_collectives(model: nn.Module, clock: CommClock, replicated: bool = Fals
 def mark_reduce_scatters(model: nn.Module, clock: CommClock) -> bool:
     """Mark the launch of every FSDP unit's reduce-scatter in `clock` (events on its stream: see the module
     docstring); False where it cannot."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if DefaultReduceScatter is None or not units:
+    units = _fsdp_units(model)
+    if not units:
         return False
     for unit in units:
         unit.set_custom_reduce_scatter(_marked(DefaultReduceScatter, clock))
     return True
+
+
+def _fsdp_units(model: nn.Module) -> list[FSDPModule]:
+    """`model`'s FSDP units, none where this torch lacks the private collective classes."""
+    if DefaultAllGather is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def _marked(base: type, clock: CommClock):
