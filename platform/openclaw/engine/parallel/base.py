@@ -143,3 +143,21 @@ def evaluate_each(model: nn.Module, batches: Iterable[Batch], fns: StepFns) -> d
 
 def no_context() -> ContextManager:
     return contextlib.nullcontext()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: `model.blocks` (the built-in gpt), else none (the root
+    alone is one FSDP unit)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleDict):
+        return list(blocks.values())
+    return list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """`full`: every block recomputes its activations in the backward; `selective`: every other block."""
+    if mode == "none":
+        return
+    for i, block in enumerate(transformer_blocks(model)):
+        if hasattr(block, "checkpointed"):
+            block.checkpointed = mode == "full" or i % 2 == 0

@@ -24,8 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from openclaw.engine.noise import LocalGrad, measure_local
-from openclaw.engine.parallel.base import Batch, CommClock, StepFns, evaluate_each
-from openclaw.engine.parallel.fsdp import apply_activation_checkpointing
+from openclaw.engine.parallel.base import Batch, CommClock, StepFns, apply_activation_checkpointing, evaluate_each
 
 
 def distributed_world() -> int:

@@ -28,7 +28,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from openclaw.engine.noise import LocalGrad, measure_local
-from openclaw.engine.parallel.base import Batch, CommClock, StepFns, evaluate_each
+from openclaw.engine.parallel.base import (Batch, CommClock, StepFns, apply_activation_checkpointing, evaluate_each,
+                                          transformer_blocks)
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp_comm import measure_collectives
 from openclaw.engine.parallel.mesh import MeshLayout
@@ -45,24 +46,6 @@ def dp_mesh(layout: MeshLayout, mesh: DeviceMesh, always_shard: bool) -> DeviceM
     if layout.dp == 1 and not always_shard:
         return None
     return mesh["dp_shard"] if layout.replicate == 1 else mesh["dp_replicate", "dp_shard"]
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP shards one by one: `model.blocks` (the built-in gpt), else none (the root
-    alone is one FSDP unit)."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleDict):
-        return list(blocks.values())
-    return list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """`full`: every block recomputes its activations in the backward; `selective`: every other block."""
-    if mode == "none":
-        return
-    for i, block in enumerate(transformer_blocks(model)):
-        if hasattr(block, "checkpointed"):
-            block.checkpointed = mode == "full" or i % 2 == 0
 
 
 def shard(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,

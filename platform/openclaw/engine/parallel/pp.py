@@ -25,9 +25,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from openclaw.engine.models import GPT
-from openclaw.engine.parallel.base import Batch, StepFns
+from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing
 from openclaw.engine.parallel.clip import clip_global
-from openclaw.engine.parallel.fsdp import ShardedState, apply_activation_checkpointing, dp_mesh, shard
+from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.errors import ConfigError
 
