@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "bench"))
-from common import alternate, summarize  # noqa: E402  (bench/ is this script's folder)
+from common import add_budget, alternate, summarize  # noqa: E402  (bench/ is this script's folder)
 
 
 def main() -> int:
@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=1500, help="tanh layers of the transform (its cost)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of both sides, in ABBA order (default 5)")
+    add_budget(ap)
     args = ap.parse_args()
     import openclaw
     from openclaw.launch.ray_setup import connect_ray
@@ -64,7 +65,7 @@ def main() -> int:
     def hit() -> dict:
         return {"s": openclaw.train(config(f"hit-{next(runs)}", work / "hit-cache")).metrics["perf/time_to_first_step_s"]}
 
-    got = alternate({"cache miss": miss, "cache hit": hit}, args.repeats)
+    got = alternate({"cache miss": miss, "cache hit": hit}, args.repeats, args.budget_s)
     out = summarize(f"seconds to the first step, a {args.rounds}-round transform over {args.rows:,} rows",
                     {k: [r["s"] for r in v] for k, v in got.items()}, base="cache hit", digits=1)
     out["prepare_s"] = [round(r["prepare_s"], 1) for r in got["cache miss"]]

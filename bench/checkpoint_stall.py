@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import alternate, figure, prepare_digits, summarize  # noqa: E402  (bench/ is this script's folder)
+from common import add_budget, alternate, figure, prepare_digits, summarize  # noqa: E402  (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = {"no checkpoints": None, "sync": False, "async": True}
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=20)
     p.add_argument("--hidden", type=int, default=5000, help="MLP width: 5000 gives 25 M parameters (101 MB)")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the three sides, in ABBA order (default 5)")
+    add_budget(p)
     a = p.parse_args(argv)
     import ray
     import torch
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             runs = alternate({side: (lambda bg=bg: run(work, f"run-{next(rounds)}", bg, a))
-                              for side, bg in SIDES.items()}, a.repeats)
+                              for side, bg in SIDES.items()}, a.repeats, a.budget_s)
         finally:
             ray.shutdown()
     wall = summarize(f"wall time per step, checkpoints included ({size})",

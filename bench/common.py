@@ -4,10 +4,15 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+STARTED = time.monotonic()
+"""When this bench's process started (near enough: when it imported this module); `--budget-s` counts from it."""
+BUDGET_LINE = "budget:"
+"""How the line starts that `alternate` writes to stderr when its budget cut the rounds short (read by run_all)."""
 
 
 def prepare_digits(out: Path) -> Path:
@@ -67,15 +72,35 @@ def first_step_after(events: list[dict], t: float, world_size: int | None = None
                  and world_size in (None, e["world_size"])), None)
 
 
-def alternate(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+def add_budget(parser) -> None:
+    """The `--budget-s` option every bench shares (`bench/run_all.py`'s quick mode passes it)."""
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds from this bench's start: begin no round that would end past it (at least one "
+                             "round runs). Default: no budget, every --repeats round runs")
+
+
+def alternate(sides: dict[str, Callable[[], dict]], repeats: int, budget_s: float | None = None,
+              clock: Callable[[], float] = time.monotonic, started: float | None = None) -> dict[str, list[dict]]:
     """Run every side `repeats` times, reversing the order on every other round (ABBA: A B, B A, A B, ...),
     so that a drift of the machine over the invocation weighs on each side alike. Returns each side's
-    results in the order they ran."""
+    results in the order they ran.
+
+    With `budget_s`, a round starts only if it would end within `budget_s` of `started` (the bench's
+    start), taking the longest round so far as what the next one costs; the first round always runs,
+    so every side has at least one result. Whole rounds only: each side keeps the same number of runs."""
     names, out = list(sides), {name: [] for name in sides}
+    started = STARTED if started is None else started
+    longest = 0.0
     for i in range(repeats):
+        now = clock()
+        if i and budget_s is not None and now - started + longest > budget_s:
+            print(f"{BUDGET_LINE} {i} of {repeats} rounds; one more (the longest took {longest:.0f} s) would end past "
+                  f"the {budget_s:.0f} s budget ({now - started:.0f} s spent)", file=sys.stderr, flush=True)
+            break
         for name in names if i % 2 == 0 else names[::-1]:
             print(f"  [{i + 1}/{repeats}] {name} ...", file=sys.stderr, flush=True)
             out[name].append(sides[name]())
+        longest = max(longest, clock() - now)
     return out
 
 

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import add_budget, alternate  # (bench/ is this script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -91,6 +93,7 @@ def run_child(a: argparse.Namespace, run_dir: str, *, load: bool, save: bool) ->
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
+    add_budget(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dim", type=int, default=128)
@@ -109,13 +112,11 @@ def main() -> int:
         prime = run_child(a, run_dir, load=False, save=True)
         print(f"priming worker: compiled in {prime['perf/compile_s']:.1f} s, saved {prime['saved_bytes']:,} bytes "
               f"of cache artifacts")
-        runs: dict[str, list[dict]] = {"cold": [], "warm": []}
-        for r in range(a.repeats):
-            for side in (("cold", "warm") if r % 4 in (0, 3) else ("warm", "cold")):
-                runs[side].append(run_child(a, run_dir, load=side == "warm", save=False))
-            print(f"  repeat {r + 1}/{a.repeats}: cold {runs['cold'][-1]['perf/compile_s']:.2f} s, warm "
-                  f"{runs['warm'][-1]['perf/compile_s']:.2f} s ({runs['warm'][-1]['perf/compile_cache_hits']} "
-                  f"cache hits, {runs['warm'][-1]['loaded_artifacts']} artifacts loaded)")
+        runs = alternate({side: (lambda side=side: run_child(a, run_dir, load=side == "warm", save=False))
+                          for side in ("cold", "warm")}, a.repeats, a.budget_s)
+        for cold, warm in zip(runs["cold"], runs["warm"]):
+            print(f"  cold {cold['perf/compile_s']:.2f} s, warm {warm['perf/compile_s']:.2f} s "
+                  f"({warm['perf/compile_cache_hits']} cache hits, {warm['loaded_artifacts']} artifacts loaded)")
     secs = {side: [x["perf/compile_s"] for x in v] for side, v in runs.items()}
     med = {side: statistics.median(v) for side, v in secs.items()}
     for side, v in secs.items():

@@ -41,7 +41,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-from common import figure  # noqa: E402  (bench/ is this script's folder)
+from common import add_budget, alternate, figure  # noqa: E402  (bench/ is this script's folder)
 from where_time_goes import print_where, profile_top  # noqa: E402
 from openclaw.engine.flops import device_peak_flops, mfu, training_flops  # noqa: E402
 
@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per repeat")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed run")
     p.add_argument("--repeats", type=int, default=5)
+    add_budget(p)
     p.add_argument("--global-batch", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (both sides)")
@@ -341,13 +342,8 @@ def main(argv=None) -> None:
           f"(|diff| {abs(first[engine_side] - first[base_side]):.2e})")
 
     # ---- alternate the sides ABBA to cancel drift; median per side -----------------------------
-    results: dict[str, list[float]] = {side: [] for side in names}
-    for r in range(args.repeats):
-        order = names if r % 4 in (0, 3) else names[::-1]
-        for side in order:
-            results[side].append(timed(side))
-        print(f"  repeat {r + 1}/{args.repeats}: " + "  ".join(f"{s} {results[s][-1]:10.1f}" for s in names)
-              + " samples/s")
+    results = alternate({side: (lambda side=side: timed(side)) for side in names}, args.repeats, args.budget_s)
+    print("  samples/s: " + "; ".join(f"{s} {[round(v, 1) for v in results[s]]}" for s in names))
 
     summary: dict[str, Any] = {"mode": "compile-sides" if args.compile_sides else "engine-vs-bare",
                                "device": gpu_name or str(device), "model": args.model, "preset": args.preset,
@@ -375,7 +371,7 @@ def main(argv=None) -> None:
     if args.where or (args.where is None and missed):
         summary["where"] = profile_top(lambda: run(engine_side, 1), args.where_steps, cuda)
         print_where(summary["where"], engine_side, missed)
-    summary.update({"timer": args.timer, "steps": args.steps, "repeats": args.repeats, "global_batch": args.global_batch,
+    summary.update({"timer": args.timer, "steps": args.steps, "repeats": len(results[names[0]]), "global_batch": args.global_batch,
                     "micro_batch": args.micro_batch, "threads": torch.get_num_threads() if not cuda else None,
                     **{f"{s}_runs": [round(v, 2) for v in results[s]] for s in names}})
     print(json.dumps(summary))

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import (alternate, first_start_after, first_step_after, own_train_workers, prepare_digits,  # noqa: E402
+from common import (add_budget, alternate, first_start_after, first_step_after, own_train_workers, prepare_digits,  # noqa: E402
                     run_events, summarize)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-every", type=float, default=60.0)
     p.add_argument("--repeats", type=int, default=2, help="rounds of a clean and a faulty run, in ABBA order "
                                                           "(default 2: 4 runs of about 10 minutes each)")
+    add_budget(p)
     a = p.parse_args(argv)
     import ray
     import torch
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = alternate({
                 "uninterrupted": lambda: timed_run(work, f"clean-{next(names)}", a.steps, a.ckpt_every, None),
                 f"a SIGKILL every {a.kill_every:g} s": lambda: timed_run(work, f"faulty-{next(names)}", a.steps,
-                                                                        a.ckpt_every, a.kill_every)}, a.repeats)
+                                                                        a.ckpt_every, a.kill_every)}, a.repeats, a.budget_s)
         finally:
             ray.shutdown()
         clean, faulty = runs.values()

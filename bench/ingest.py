@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO.parent / "shared" / "anchors"))
-from common import alternate, summarize  # noqa: E402  (bench/ is this script's folder)
+from common import add_budget, alternate, summarize  # noqa: E402  (bench/ is this script's folder)
 
 BATCH = 1024
 
@@ -120,6 +120,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--token-rows", type=int, default=400_000)
     ap.add_argument("--repeats", type=int, default=5, help="rounds of both sides, in ABBA order (default 5)")
+    add_budget(ap)
     ap.add_argument("--window", type=int, default=4, help="data.shuffle_window_shards")
     ap.add_argument("--dir", default=None, help="where the datasets are made (default: a temporary folder)")
     args = ap.parse_args()
@@ -144,7 +145,7 @@ def main() -> int:
         got = alternate({"raw pyarrow scan": lambda: raw_rows_per_s(files, features),
                          "openclaw in a Ray Train worker": lambda: worker_rows_per_s(spec, features, args.window,
                                                                                      work / "out.json")},
-                        args.repeats)
+                        args.repeats, args.budget_s)
         results[name] = summarize(f"{name}: rows/s delivered as torch batches", got, base="raw pyarrow scan",
                                   unit="rows/s", digits=0)
     results["prepare_s"] = round(prepare_s, 1)

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ATTEMPTS, alternate, first_step_after, prepare_digits, run_events, run_side, summarize  # noqa: E402
+from common import ATTEMPTS, add_budget, alternate, first_step_after, prepare_digits, run_events, run_side, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = REPO.parent / "shared" / "anchors" / "bare_ray_node_loss.py"
@@ -55,6 +55,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="rounds of the sides, in ABBA order (default 5)")
+    add_budget(p)
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--out", type=Path, help="work folder (data, runs, mlflow.db); default: a temporary one")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides, openclaw side")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--sides: unknown {unknown}; choose from {list(SIDES)}")
     runs = alternate({SIDES[n]: (lambda n=n: run_side(argv_of[SIDES[n]](), timeout_s=1200)) for n in names},
-                     a.repeats)
+                     a.repeats, a.budget_s)
     failed = {k: [r for r in v if r.get("node_loss_recovery_s") is None] for k, v in runs.items()}
     for side, bad in failed.items():
         if bad:

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import (alternate, first_start_after, first_step_after, own_train_workers, prepare_digits,  # noqa: E402  (bench/)
+from common import (add_budget, alternate, first_start_after, first_step_after, own_train_workers, prepare_digits,  # noqa: E402  (bench/)
                     run_events, run_side, summarize)
 
 from node_loss import has_valid_checkpoint  # noqa: E402  (bench/ is this script's folder)
@@ -86,6 +86,7 @@ def openclaw_side(work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="rounds of all three sides, in ABBA order (default 5)")
+    add_budget(p)
     p.add_argument("--side", choices=["openclaw"], help=argparse.SUPPRESS)  # one side, in its own process
     a = p.parse_args(argv)
     if a.side:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "openclaw": lambda: run_side([__file__, "--side", "openclaw"], {POLL: None}),
         "bare Ray Train": lambda: bare_side(None),
         "bare, 0.25 s poll": lambda: bare_side("0.25"),
-    }, a.repeats)
+    }, a.repeats, a.budget_s)
     out = summarize("seconds from a worker SIGKILL to the end of the first step after the restore",
                     {k: [r["recovery_s"] for r in v] for k, v in runs.items()}, base="bare Ray Train")
     for key, what in (("restart_event_s", "kill to the `restart` event (restored, before the first step)"),

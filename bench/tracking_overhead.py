@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, alternate, prepare_digits, summarize  # noqa: E402  (bench/ is this script's folder)
+from common import REPO, add_budget, alternate, prepare_digits, summarize  # noqa: E402  (bench/ is this script's folder)
 
 
 def run(work: Path, name: str, tracked: bool, a: argparse.Namespace) -> dict:
@@ -44,6 +44,7 @@ def run(work: Path, name: str, tracked: bool, a: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="rounds of both sides, in ABBA order (default 5)")
+    add_budget(p)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=200)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             runs = alternate({"tracking off": lambda: run(work, f"off-{next(names)}", False, a),
-                              "tracking on": lambda: run(work, f"on-{next(names)}", True, a)}, a.repeats)
+                              "tracking on": lambda: run(work, f"on-{next(names)}", True, a)}, a.repeats, a.budget_s)
         finally:
             ray.shutdown()
     step = summarize(f"wall time per step (metrics every {a.log_every} steps)",

@@ -17,6 +17,40 @@ def test_sides_alternate_abba_and_every_side_runs_every_round():
     assert got == {"A": [1, 6, 7, 12], "B": [2, 5, 8, 11], "C": [3, 4, 9, 10]}
 
 
+def test_a_budget_starts_only_whole_rounds_that_end_within_it(capsys):
+    """Each side takes 10 s of a fake clock, so a round of two takes 20 s: with 55 s, rounds end at 20 and
+    40 s, and a third (to 60 s) would pass the budget. The first round runs even past the budget."""
+    now = [0.0]
+
+    def side(name):
+        now[0] += 10.0
+        return name
+    clock = lambda: now[0]  # noqa: E731
+    got = alternate({"A": lambda: side("A"), "B": lambda: side("B")}, repeats=5, budget_s=55, clock=clock, started=0.0)
+    assert got == {"A": ["A", "A"], "B": ["B", "B"]} and now[0] == 40.0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("budget:"))
+    assert line.startswith("budget: 2 of 5 rounds") and "20 s" in line and "55 s budget" in line
+    now[0] = 100.0  # already past the budget: one round all the same, so every side has a result
+    got = alternate({"A": lambda: side("A"), "B": lambda: side("B")}, repeats=5, budget_s=55, clock=clock, started=0.0)
+    assert got == {"A": ["A"], "B": ["B"]}
+    now[0] = 0.0  # no budget: every round
+    got = alternate({"A": lambda: side("A"), "B": lambda: side("B")}, repeats=3, clock=clock, started=0.0)
+    assert got == {"A": ["A"] * 3, "B": ["B"] * 3}
+
+
+def test_the_notes_say_why_a_bench_ran_fewer_than_five_rounds():
+    name = "checkpoint"
+    five = figure("f", {"a": [1.0] * 5, "b": [2.0] * 5}, base="a")
+    two = figure("f", {"a": [1.0] * 2, "b": [2.0] * 2}, base="a")
+    row = {"name": name, "command": run_all.command(name), "seconds": 100, "fewer_repeats": "", "budget": ""}
+    assert run_all._why_fewer({**row, "figures": [five]}) == ""
+    why = run_all._why_fewer({**row, "figures": [two], "budget": "2 of 5 rounds; one more would end past it"})
+    assert why == f"{run_all.BENCHES[name][2]}; 2 of 5 rounds; one more would end past it"
+    # a row measured with another command keeps the reason saved with it
+    old = {**row, "command": "python bench/checkpoint_stall.py --repeats 3", "fewer_repeats": "then", "figures": [two]}
+    assert run_all._why_fewer(old) == "then"
+
+
 def test_a_figure_has_each_sides_median_spread_and_ratio_of_medians():
     f = figure("t", {"base": [3.0, 1.0, 2.0], "other": [10.0, 2.0, 4.0, 6.0]}, base="base")
     assert f["sides"]["base"] == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3, "ratio": 1.0}
