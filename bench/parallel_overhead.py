@@ -6,10 +6,11 @@ on the same GPT, data and global batch, in one invocation.
     python bench/parallel_overhead.py --memory                     # state bytes per rank, text-lm GPT
     python bench/parallel_overhead.py --preset gpu                 # one GPU: FSDP2 vs DDP, >= 1B GPT, bf16, compile
 
-Each side starts its ranks (`openclaw.engine.parallel.local`), builds the same seeded model under its
-strategy, trains `--warmup` untimed steps, then times `--steps` steps from a barrier to a barrier after
-the last optimizer step (the clocks of every side stop at that event). Sides alternate their order
-between repeats (ABBA); the median, the spread (min-max) and the ratio of medians to DDP are printed,
+One group of ranks (`openclaw.engine.parallel.local`) runs every side: each repeat, each side builds
+the same seeded model under its strategy, trains `--warmup` untimed steps, then times `--steps` steps
+from a barrier to a barrier after the last optimizer step (the clocks of every side stop at that event).
+Sides alternate their order between repeats (ABBA); the median, the spread (min-max) and the ratio of
+medians to DDP are printed,
 and the last line is one JSON object. On a GPU, MFU uses the model's FLOPs per token and the device's
 dense bf16 peak.
 """
@@ -21,6 +22,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from common import STARTED, add_budget  # (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
@@ -38,6 +41,29 @@ PRESETS = {
     "gpu": dict(dim=2048, depth=24, heads=16, block=2048, vocab=50304, global_batch=16, micro_batch=4, world=1,
                 sides="ddp,fsdp", precision="bf16", compile=True),
 }
+
+
+def rank_sides(rank: int, world: int, a: dict) -> dict[str, list[dict]]:
+    """Every side on one rank, alternated over the repeats (`common.alternate`). The ranks agree on when
+    the budget ends: the clock is rank 0's, broadcast. On a CPU the peak RSS of a process that ran every
+    side says nothing of one side (`--memory` runs one per process); on a GPU it is reset per side."""
+    import torch
+    import torch.distributed as dist
+
+    from common import alternate
+
+    def clock() -> float:
+        now = [time.time()]
+        dist.broadcast_object_list(now, src=0)
+        return now[0]
+
+    def side(name: str) -> dict:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        out = rank_run(rank, world, SIDES[name], a)
+        return out if torch.cuda.is_available() else {**out, "peak_memory_bytes": None}
+    return alternate({name: (lambda name=name: side(name)) for name in a["sides"].split(",")}, a["repeats"],
+                     a.get("budget_s"), clock=clock, started=a["started"])
 
 
 def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
@@ -102,15 +128,14 @@ def _sync(device) -> None:
 
 
 def measure(a: dict) -> dict[str, list[dict]]:
+    """Every side's repeats, each the rank with the most state (the ranks' step times are one, barrier to
+    barrier)."""
     from openclaw.engine.parallel.local import run_local
-    sides = a["sides"].split(",")
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for repeat in range(a["repeats"]):
-        for side in sides if repeat % 2 == 0 else list(reversed(sides)):  # ABBA
-            results = run_local(a["world"], rank_run, SIDES[side], a, threads=a["threads"])
-            runs[side].append(max(results, key=lambda r: r["state_bytes"] and sum(r["state_bytes"].values())))
-            print(f"  repeat {repeat + 1}/{a['repeats']} {side}: {results[0]['samples_per_s']:.1f} samples/s",
-                  flush=True)
+    per_rank = run_local(a["world"], rank_sides, a, threads=a["threads"])
+    runs = {side: [max((r[side][i] for r in per_rank), key=lambda x: x["state_bytes"] and sum(x["state_bytes"].values()))
+                   for i in range(len(per_rank[0][side]))] for side in per_rank[0]}
+    for side, rs in runs.items():
+        print(f"  {side}: {[round(r['samples_per_s'], 1) for r in rs]} samples/s", flush=True)
     return runs
 
 
@@ -118,15 +143,15 @@ def report(a: dict, runs: dict[str, list[dict]]) -> dict:
     base = statistics.median(r["samples_per_s"] for r in runs["ddp"])
     out = {"preset": a["preset"], "world": a["world"], "params": runs["ddp"][0]["params"], "sides": {}}
     print(f"\n{runs['ddp'][0]['params'] / 1e6:.1f}M-parameter GPT, {a['world']} rank(s), global batch "
-          f"{a['global_batch']} x {a['block']} tokens, {a['precision']}, median of {a['repeats']}")
+          f"{a['global_batch']} x {a['block']} tokens, {a['precision']}, median of {len(runs['ddp'])}")
     print(f"{'side':6} {'samples/s':>10} {'spread':>17} {'ratio':>6} {'state MB/rank':>14} {'peak MB':>9}  MFU")
     for side, rs in runs.items():
         sps = [r["samples_per_s"] for r in rs]
         med, state = statistics.median(sps), sum(rs[0]["state_bytes"].values())
         mfu = statistics.median(r["mfu"] for r in rs) if rs[0]["mfu"] is not None else None
-        peak = max(r["peak_memory_bytes"] for r in rs)
+        peak = max(r["peak_memory_bytes"] for r in rs) if rs[0]["peak_memory_bytes"] is not None else None
         print(f"{side:6} {med:10.1f} {min(sps):8.1f}-{max(sps):8.1f} {med / base:6.3f} {state / 1e6:14.2f} "
-              f"{peak / 1e6:9.0f}  {f'{mfu:.1%}' if mfu is not None else 'n/a (no known peak)'}")
+              f"{f'{peak / 1e6:9.0f}' if peak is not None else '      n/a'}  {f'{mfu:.1%}' if mfu is not None else 'n/a (no known peak)'}")
         out["sides"][side] = {"samples_per_s": sps, "median": med, "ratio": med / base, "state_bytes": state,
                               "peak_memory_bytes": peak, "mfu": mfu}
     return out
@@ -163,8 +188,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (CPU)")
     p.add_argument("--memory", action="store_true", help="only the state-bytes table of the text-lm GPT")
+    add_budget(p)
     args = p.parse_args(argv)
-    a = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    a = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None},
+         "started": time.time() - (time.monotonic() - STARTED)}  # the ranks' clock is the wall clock
     if "ddp" not in a["sides"].split(","):
         p.error("--sides must include ddp, the baseline")
     if a["preset"] == "gpu":
