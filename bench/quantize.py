@@ -32,8 +32,9 @@ TARGETS = {  # mode -> (most layer bytes vs fp32, val loss within, on text-lm), 
 DIGITS_POINTS = {"int8": 1.0, "int8-dynamic": 1.0, "int4": 3.0}
 
 
-def train_sources(work: Path) -> dict[str, str]:
-    """Train the shipped text-lm and digits examples (as shipped, on local Ray); their final checkpoints."""
+def train_sources(work: Path, steps: int | None = None) -> dict[str, str]:
+    """Train the shipped text-lm and digits examples (as shipped, on local Ray; `steps`: fewer steps); their
+    final checkpoints."""
     import openclaw
     from common import prepare_digits
     import subprocess
@@ -46,7 +47,7 @@ def train_sources(work: Path) -> dict[str, str]:
     for name, config, data in (("text-lm", "text-lm.yaml", text), ("digits", "digits.yaml", digits)):
         result = openclaw.train(REPO / "jobs" / "configs" / config, overrides=[
             f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"checkpoint.storage={work / 'runs'}",
-            "tracking.enabled=false"])
+            "tracking.enabled=false", *([f"train.max_steps={steps}"] if steps else [])])
         out[name] = result.checkpoint
     return out
 
@@ -131,6 +132,7 @@ def show(row: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train the text-lm and digits examples first")
+    p.add_argument("--train-steps", type=int, default=None, help="with --train: this many steps (default: as shipped)")
     p.add_argument("--text-lm", default=None, help="a text-lm checkpoint folder or run id")
     p.add_argument("--digits", default=None, help="a digits checkpoint folder or run id")
     p.add_argument("--modes", default=",".join(MODES))
@@ -144,7 +146,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # the same on both sides, and on every machine
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         work = Path(args.work or tmp)
-        sources = train_sources(work) if args.train else {}
+        sources = train_sources(work, args.train_steps) if args.train else {}
         sources.update({k: v for k, v in (("text-lm", args.text_lm), ("digits", args.digits)) if v})
         if not sources:
             p.error("pass --train, or --text-lm and/or --digits")

@@ -5,12 +5,14 @@ JSON result. The figures (both sides, median, spread min-max, repeats, ratio of 
 `bench/results.md` and `bench/results.json`, and the README's performance table (between its
 `bench-results` markers) is rewritten from them, so that no figure there is typed by hand.
 
-    python bench/run_all.py                     # every bench (about an hour on a 2-core machine)
+    python bench/run_all.py                     # every bench (about half an hour on a 2-core machine)
     python bench/run_all.py --only recovery,cache
     python bench/run_all.py --readme-only       # rewrite the README table from bench/results.json
 
-Quick mode keeps each bench short: fewer steps, and fewer repeats where one repeat is minutes long
-(the table's `n` says how many each side had, and the notes below say why).
+Quick mode keeps each bench under 2 minutes where one round of its sides fits: fewer steps, and up to 5
+rounds, as many as end within a budget of 110 s from the bench's start (`--budget-s`). The table's `n`
+says how many each side had, and the notes below say why where under 5. Each bench's own defaults (run
+it alone, without `--budget-s`) are the longer, 5-round measurement.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from common import REPO, figure  # noqa: E402  (bench/ is this script's folder)
+from common import BUDGET_LINE, REPO, figure  # noqa: E402  (bench/ is this script's folder)
 
 RESULTS_MD, RESULTS_JSON, README = REPO / "bench" / "results.md", REPO / "bench" / "results.json", REPO / "README.md"
 BEGIN, END = "<!-- bench-results:begin (bench/run_all.py writes this table) -->", "<!-- bench-results:end -->"
@@ -80,29 +82,34 @@ def _quantize(rows: list[dict]) -> list[dict]:
     return out
 
 
+QUICK = ["--repeats", "5", "--budget-s", "110"]
+"""Up to 5 rounds, as many as end within 110 s of the bench's start (`common.alternate`): with the start-up
+and the teardown, each bench takes under 2 minutes here, except where one round alone takes longer."""
+
 BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
-    # name -> (arguments, figures from its JSON, why fewer than 5 repeats where so)
-    "engine-gpt": (["engine_overhead.py", "--model", "gpt", "--steps", "20", "--repeats", "5"], _engine, ""),
-    "engine-mlp": (["engine_overhead.py", "--model", "mlp", "--steps", "200", "--repeats", "9"], _engine, ""),
-    "parallel": (["parallel_overhead.py", "--steps", "4", "--repeats", "5"], _parallel, ""),
+    # name -> (arguments, figures from its JSON, what one round is where it is long)
+    "engine-gpt": (["engine_overhead.py", "--model", "gpt", "--steps", "20", *QUICK], _engine, ""),
+    "engine-mlp": (["engine_overhead.py", "--model", "mlp", "--steps", "200", *QUICK], _engine, ""),
+    "parallel": (["parallel_overhead.py", "--steps", "3", "--warmup", "1", *QUICK], _parallel,
+                 "a round trains each of the four strategies"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
-    "compile": (["compile_restart.py", "--repeats", "3"], _compile,
-                "each cold side compiles from nothing in a fresh process"),
-    "quantize": (["quantize.py", "--train", "--modes", "int8,int4", "--batches", "32", "--repeats", "5"], _quantize,
-                 ""),
+    "compile": (["compile_restart.py", *QUICK], _compile, "a round compiles twice, each in a fresh process"),
+    "quantize": (["quantize.py", "--train", "--train-steps", "100", "--modes", "int8,int4", "--batches", "8",
+                  "--passes", "1", "--repeats", "5"], _quantize, ""),
     "recovery": (["recovery.py", "--repeats", "2"], _found,
-                 "a round is three Ray Train runs, each started, killed and restarted"),
+                 "a round is three Ray Train runs, each started, killed and restarted, two of them by the bare anchor "
+                 "(its 60 steps with a kill and a restart); one round alone is over 2 minutes"),
     "node-loss": (["node_loss.py", "--repeats", "1"], _found,
-                  "a round is three 2-node clusters, each losing a node (Ray's defaults take minutes to notice)"),
-    "checkpoint": (["checkpoint_stall.py", "--repeats", "3", "--steps", "90", "--every", "15"], _found,
+                  "a round is three 2-node clusters, each losing a node (Ray's defaults take over a minute to notice); "
+                  "one round alone is over 2 minutes"),
+    "checkpoint": (["checkpoint_stall.py", "--steps", "24", "--every", "6", *QUICK], _found,
                    "a round is three Ray Train runs, two of them writing 300 MB checkpoints"),
-    "cache": (["cache.py", "--rows", "60000", "--rounds", "1000", "--repeats", "3"], _found,
+    "cache": (["cache.py", "--rows", "30000", "--rounds", "1000", *QUICK], _found,
               "a round is a cache miss (Ray Data preparing the rows) and a hit, each a Ray Train run"),
-    "tracking": (["tracking_overhead.py", "--repeats", "4", "--steps", "200"], _found,
-                 "a round is two Ray Train runs"),
-    "ingest": (["ingest.py", "--rows", "800000", "--token-rows", "160000", "--repeats", "5"], _found, ""),
-    "goodput": (["goodput.py", "--steps", "2000", "--kill-every", "20", "--repeats", "1"], _found,
-                "a round is a faulty run and a clean one, minutes each"),
+    "tracking": (["tracking_overhead.py", "--steps", "100", *QUICK], _found, "a round is two Ray Train runs"),
+    "ingest": (["ingest.py", "--rows", "800000", "--token-rows", "160000", *QUICK], _found, ""),
+    "goodput": (["goodput.py", "--steps", "300", "--kill-every", "20", *QUICK], _found,
+                "a round is a faulty run and a clean one"),
 }
 
 
@@ -123,13 +130,14 @@ def run(name: str) -> dict[str, Any]:
         return {"name": name, "command": command(name), "error": f"exit {r.returncode}",
                 "seconds": round(took)}
     print(f"   {took:.0f} s", flush=True)
+    budget = next((x.removeprefix(BUDGET_LINE).strip() for x in r.stderr.splitlines() if x.startswith(BUDGET_LINE)), "")
     try:
         found = figures(json.loads(lines[-1]))
     except Exception as e:  # a bench whose output changed: say so in the table, keep the others
         return {"name": name, "command": command(name), "seconds": round(took),
                 "error": f"its JSON result could not be read ({type(e).__name__}: {e})"}
     return {"name": name, "command": command(name), "seconds": round(took),
-            "figures": found, "fewer_repeats": why}
+            "figures": found, "fewer_repeats": why, "budget": budget}
 
 
 def _fmt(s: dict, unit: str) -> str:
@@ -169,12 +177,15 @@ def write(results: list[dict], meta: dict[str, str]) -> str:
 
 
 def _why_fewer(result: dict) -> str:
-    """Why a bench ran fewer than 5 repeats: as its entry in BENCHES says now, where it still runs the
-    command the row was measured with; else as saved with the row."""
+    """Why a bench ran fewer than 5 repeats, where it did: what one round is (as its entry in BENCHES says
+    now, where it still runs the command the row was measured with; else as saved with the row), and how
+    many rounds its budget fit (the bench's own line)."""
+    sides = [s for f in result.get("figures", []) for s in f["sides"].values() if s.get("n")]
+    if not sides or min(s["n"] for s in sides) >= 5:
+        return ""
     name = result["name"]
-    if name in BENCHES and result["command"] == command(name):
-        return BENCHES[name][2]
-    return result.get("fewer_repeats", "")
+    what = BENCHES[name][2] if name in BENCHES and result["command"] == command(name) else result.get("fewer_repeats", "")
+    return "; ".join(x for x in (what, result.get("budget", "")) if x)
 
 
 def _when(results: list[dict], meta: dict[str, str]) -> str:
