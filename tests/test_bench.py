@@ -51,6 +51,13 @@ def test_the_notes_say_why_a_bench_ran_fewer_than_five_rounds():
     assert run_all._why_fewer(old) == "then"
 
 
+def test_a_bench_over_two_minutes_is_named_with_why_or_with_no_reason():
+    notes = run_all.over_two_minutes([{"name": "recovery", "seconds": 300}, {"name": "cache", "seconds": 121},
+                                      {"name": "ingest", "seconds": 120}])
+    assert notes == [f"- recovery (300 s): {run_all.OVER_2_MINUTES['recovery']}.",
+                     "- cache (121 s): no reason on record."]
+
+
 def test_a_figure_has_each_sides_median_spread_and_ratio_of_medians():
     f = figure("t", {"base": [3.0, 1.0, 2.0], "other": [10.0, 2.0, 4.0, 6.0]}, base="base")
     assert f["sides"]["base"] == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3, "ratio": 1.0}
