@@ -5,7 +5,7 @@ JSON result. The figures (both sides, median, spread min-max, repeats, ratio of 
 `bench/results.md` and `bench/results.json`, and the README's performance table (between its
 `bench-results` markers) is rewritten from them, so that no figure there is typed by hand.
 
-    python bench/run_all.py                     # every bench (about half an hour on a 2-core machine)
+    python bench/run_all.py                     # every bench (about 35 minutes on a 2-core machine)
     python bench/run_all.py --only recovery,cache
     python bench/run_all.py --readme-only       # rewrite the README table from bench/results.json
 
