@@ -119,9 +119,8 @@ OVER_2_MINUTES = {
                  "to notice the lost node",
     "checkpoint": "one round alone: three Ray Train runs of 60 steps, two of them writing a 300 MB checkpoint every "
                   "15 steps",
-    "goodput": "one round alone: the faulty run must lose workers mid-training more than once, after the 15-20 s "
-               "every Ray Train run takes to start here (with 300 steps, tried first, the faulty run came out faster "
-               "than the clean one, which says nothing of goodput)",
+    "goodput": "one round alone: a clean run and a faulty one, which must lose workers mid-training more than once, "
+               "after its start-up (Ray Train's controller, the worker processes, torch's imports)",
 }
 """Why a bench's quick mode cannot fit into 2 minutes on a 2-core machine, where it cannot."""
 
