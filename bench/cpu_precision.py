@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
+from common import alternate  # noqa: E402  (bench/ is this script's folder)
+
 from openclaw.engine.config import TrainConfig  # noqa: E402
 from openclaw.engine.engine import Engine  # noqa: E402
 from openclaw.engine.models import GPT, MLP  # noqa: E402
@@ -75,10 +77,7 @@ def main() -> int:
                 done[prec] += 1
             return a.steps * global_batch / (time.perf_counter() - t0)
 
-        runs: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        for r in range(a.repeats):
-            for prec in (("fp32", "bf16") if r % 4 in (0, 3) else ("bf16", "fp32")):
-                runs[prec].append(run(prec))
+        runs = alternate({prec: (lambda prec=prec: run(prec)) for prec in ("fp32", "bf16")}, a.repeats)
         med = {prec: statistics.median(v) for prec, v in runs.items()}
         for prec, v in runs.items():
             print(f"{name:>12} {prec}: median {med[prec]:9.1f} samples/s (min {min(v):.1f}, max {max(v):.1f})")

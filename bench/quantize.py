@@ -65,13 +65,10 @@ def timed(model, batch, passes: int) -> float:
 
 def latency(full, quantized, batch, repeats: int, passes: int) -> dict[str, list[float]]:
     """Each model's per-repeat median forward time (ms), the two alternating ABBA."""
+    from common import alternate
     timed(full, batch, 2), timed(quantized, batch, 2)  # warm-up, untimed
-    out: dict[str, list[float]] = {"full": [], "quantized": []}
-    for r in range(repeats):
-        order = ("full", "quantized") if r % 2 == 0 else ("quantized", "full")
-        for side in order:
-            out[side].append(timed(full if side == "full" else quantized, batch, passes))
-    return out
+    return alternate({"full": lambda: timed(full, batch, passes), "quantized": lambda: timed(quantized, batch, passes)},
+                     repeats)
 
 
 def bench_one(name: str, source: str, mode: str, work: Path, args) -> dict:
