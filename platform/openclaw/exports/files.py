@@ -23,7 +23,7 @@ from torch import nn
 from openclaw.engine.model_io import build_from_config
 from openclaw.engine.models import retie, tied_parameters
 from openclaw.errors import CheckpointError
-from openclaw.exports.quantize import tensor_types, torchao
+from openclaw.exports.quantize import compute_int4_in_bf16, tensor_types, torchao
 
 SAFETENSORS_FILE, PT_FILE, CONFIG_FILE, REPORT_FILE = "model.safetensors", "model.pt", "config.json", "quantization.json"
 
@@ -85,7 +85,7 @@ def load_export(directory: str | os.PathLike, *, trust_code: bool = False,
         raise CheckpointError(f"{model_file(d)} does not match the model its config.json describes (missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}).")
     retie(model, tied)
-    return model.eval()
+    return compute_int4_in_bf16(model).eval()
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
