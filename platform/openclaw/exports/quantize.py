@@ -6,8 +6,9 @@ gpt's output head is its token embedding: quantizing it would store the weight t
 
 int4 layers are quantized from bf16 weights and compute in bf16 (`Int4Linear`): torchao's int4 kernels
 take bf16 activations (its CUDA int4 tensor asserts it), and torch's CPU int4 matmul
-(`_weight_int4pack_mm_for_cpu`) has a fast path only for bf16: with fp32 activations it ran about 60x
-slower than with bf16 here, for the same int4 weights and output error.
+(`_weight_int4pack_mm_for_cpu`) has a fast path only for bf16: with fp32 activations a 256-1024-256 MLP's
+int4 forward of 1,024 rows took 969 ms against 15 ms in bf16 (torch 2.13, one thread, this 2-core CPU),
+for the same output error.
 """
 from __future__ import annotations
 
