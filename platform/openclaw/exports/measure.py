@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -64,16 +65,34 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 """
 
 
-def forward_memory(source: str, shape: list[int], dtype: torch.dtype, trust_code: bool = False) -> dict[str, int]:
-    """The memory of a fresh process that loads `source` (a checkpoint or an export) and runs one forward
-    pass on a batch of `shape`, as a deployment pays it: `peak`, the process's peak resident memory,
-    torch's own footprint included; `model`, how much its resident memory grew from just before loading
-    the model to just after the forward pass (Linux)."""
+def forward_memory(sources: dict[str, str], shape: list[int], dtype: torch.dtype,
+                   trust_code: bool = False) -> Callable[[], dict[str, dict[str, int]]]:
+    """Start measuring the memory of a fresh process that loads a source (a checkpoint or an export) and runs
+    one forward pass on a batch of `shape`, as a deployment pays it, for each of `sources` (name -> source);
+    the returned function waits for the results: `peak`, the process's peak resident memory, torch's own
+    footprint included; `model`, how much its resident memory grew from just before loading the model to
+    just after the forward pass (Linux). The processes run at once, and beside the caller's untimed work:
+    each measures only itself, and each spends most of its time importing torch."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, source, json.dumps(shape), str(dtype).removeprefix("torch."),
-                        "trust" if trust_code else "no"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"measuring the forward pass's memory failed: {r.stderr[-1500:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    procs = {name: subprocess.Popen([sys.executable, "-c", PEAK_SCRIPT, source, json.dumps(shape),
+                                     str(dtype).removeprefix("torch."), "trust" if trust_code else "no"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for name, source in sources.items()}
+
+    def results() -> dict[str, dict[str, int]]:
+        out, failed = {}, []
+        for name, proc in procs.items():
+            try:
+                stdout, stderr = proc.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            if proc.returncode != 0:
+                failed.append(f"{name}: {stderr[-1500:]}")
+            else:
+                out[name] = json.loads(stdout.strip().splitlines()[-1])
+        if failed:
+            raise RuntimeError(f"measuring the forward pass's memory failed: {'; '.join(failed)}")
+        return out
+    return results

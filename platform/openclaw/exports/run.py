@@ -109,31 +109,30 @@ def already_quantized(source: str) -> ConfigError:
 
 
 def measure(src: Loaded, quantized: nn.Module, p: Plan, folder: Path, evaluate: bool, trust_code: bool) -> dict:
-    """Sizes, memory, latency and (with `evaluate`) quality, full precision against quantized."""
+    """Sizes, memory, latency and (with `evaluate`) quality, full precision against quantized. The memory is
+    measured in fresh processes while this one scores the models; latency is timed after both."""
     from openclaw.exports.evaluate import sample_batch, scores, val_batches
     config = Config.model_validate(src.config)
+    batch = sample_batch(config, 32)
+    m = {"weight_bytes_full": state_bytes(src.model), "weight_bytes_quantized": state_bytes(quantized),
+         "layer_bytes_full": layer_bytes(src.model, p.quantized), "layer_bytes_quantized": layer_bytes(quantized, p.quantized)}
     with tempfile.TemporaryDirectory(prefix="openclaw-export-") as tmp:
         full = save_export(Path(tmp), src.model, redacted(src.config), {"mode": "none"})  # written as the export is
-        batch = sample_batch(config, 32)
-        m = {"file_bytes_full": model_file(full).stat().st_size, "file_bytes_quantized": model_file(folder).stat().st_size,
-             "weight_bytes_full": state_bytes(src.model), "weight_bytes_quantized": state_bytes(quantized),
-             "layer_bytes_full": layer_bytes(src.model, p.quantized),
-             "layer_bytes_quantized": layer_bytes(quantized, p.quantized)}
-        for side, path in (("full", full), ("quantized", folder)):
-            rss = forward_memory(str(path), list(batch.shape), batch.dtype, trust_code)
-            m[f"peak_rss_bytes_{side}"], m[f"model_rss_bytes_{side}"] = rss["peak"], rss["model"]
+        m["file_bytes_full"], m["file_bytes_quantized"] = model_file(full).stat().st_size, model_file(folder).stat().st_size
+        memory = forward_memory({"full": str(full), "quantized": str(folder)}, list(batch.shape), batch.dtype, trust_code)
+        if evaluate:
+            batches = val_batches(config)
+            m["val_rows"] = sum(len(b["x"]) for b in batches)
+            full_scores, quant = scores(src.model, config.task, batches, "full"), scores(quantized, config.task, batches, p.mode)
+            for k in full_scores:
+                m[f"val_{k}_full"], m[f"val_{k}_quantized"] = full_scores[k], quant[k]
+                m[f"val_{k}_delta"] = quant[k] - full_scores[k]
+        for side, r in memory().items():
+            m[f"peak_rss_bytes_{side}"], m[f"model_rss_bytes_{side}"] = r["peak"], r["model"]
     for n in (1, 32):
         m[f"latency_ms_b{n}_full"] = latency_ms(src.model.eval(), batch[:n])
         m[f"latency_ms_b{n}_quantized"] = latency_ms(quantized, batch[:n].to(next(quantized.parameters()).device))
     m["file_ratio"] = m["file_bytes_quantized"] / m["file_bytes_full"]
     m["layer_ratio"] = m["layer_bytes_quantized"] / m["layer_bytes_full"]
     m["layer_saving_vs_16bit"] = 1 - m["layer_bytes_quantized"] / (m["layer_bytes_full"] / 2)
-    if evaluate:
-        batches = val_batches(config)
-        m["val_rows"] = sum(len(b["x"]) for b in batches)
-        full, quant = scores(src.model, config.task, batches, "full"), scores(quantized, config.task, batches, p.mode)
-        for k in full:
-            m[f"val_{k}_full"], m[f"val_{k}_quantized"] = full[k], quant[k]
-            m[f"val_{k}_delta"] = quant[k] - full[k]
     return m
-
