@@ -32,9 +32,9 @@ TARGETS = {  # mode -> (most layer bytes vs fp32, val loss within, on text-lm), 
 DIGITS_POINTS = {"int8": 1.0, "int8-dynamic": 1.0, "int4": 3.0}
 
 
-def train_sources(work: Path, steps: int | None = None) -> dict[str, str]:
-    """Train the shipped text-lm and digits examples (as shipped, on local Ray; `steps`: fewer steps); their
-    final checkpoints."""
+def train_sources(work: Path, steps: int | None = None, val_rows: int | None = None) -> dict[str, str]:
+    """Train the shipped text-lm and digits examples (as shipped, on local Ray; `steps`: fewer steps;
+    `val_rows`: with `data.val` cut to its first rows); their final checkpoints."""
     import openclaw
     from common import prepare_digits
     import subprocess
@@ -45,10 +45,23 @@ def train_sources(work: Path, steps: int | None = None) -> dict[str, str]:
     digits = prepare_digits(work / "digits")
     out = {}
     for name, config, data in (("text-lm", "text-lm.yaml", text), ("digits", "digits.yaml", digits)):
+        val = data / "val" if val_rows is None else head(data / "val", val_rows)
         result = openclaw.train(REPO / "jobs" / "configs" / config, overrides=[
-            f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"checkpoint.storage={work / 'runs'}",
+            f"data.train={data / 'train'}", f"data.val={val}", f"checkpoint.storage={work / 'runs'}",
             "tracking.enabled=false", *([f"train.max_steps={steps}"] if steps else [])])
         out[name] = result.checkpoint
+    return out
+
+
+def head(folder: Path, rows: int) -> Path:
+    """The first `rows` rows of a folder of Parquet files (in file order, as the export scores them), as
+    one file in a folder beside it."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+    out = folder.with_name(f"{folder.name}-{rows}")
+    if not out.exists():
+        out.mkdir()
+        pq.write_table(ds.dataset(folder, format="parquet").head(rows), out / "part-00000.parquet")
     return out
 
 
@@ -130,6 +143,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train the text-lm and digits examples first")
     p.add_argument("--train-steps", type=int, default=None, help="with --train: this many steps (default: as shipped)")
+    p.add_argument("--val-rows", type=int, default=None,
+                   help="with --train: train with data.val cut to its first N rows, which makes the final evaluation "
+                        "shorter (the export scores the first 1,024; default: all)")
     p.add_argument("--text-lm", default=None, help="a text-lm checkpoint folder or run id")
     p.add_argument("--digits", default=None, help="a digits checkpoint folder or run id")
     p.add_argument("--modes", default=",".join(MODES))
@@ -143,7 +159,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # the same on both sides, and on every machine
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         work = Path(args.work or tmp)
-        sources = train_sources(work, args.train_steps) if args.train else {}
+        sources = train_sources(work, args.train_steps, args.val_rows) if args.train else {}
         sources.update({k: v for k, v in (("text-lm", args.text_lm), ("digits", args.digits)) if v})
         if not sources:
             p.error("pass --train, or --text-lm and/or --digits")
