@@ -39,10 +39,13 @@ def train_sources(work: Path, steps: int | None = None, val_rows: int | None = N
     from common import prepare_digits
     import subprocess
     text = work / "text"
-    if not (text / "stats.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "text", "--out", str(text)], check=True,
-                       capture_output=True)
-    digits = prepare_digits(work / "digits")
+    prep = None if (text / "stats.json").exists() else subprocess.Popen(
+        [sys.executable, str(REPO / "data" / "prepare.py"), "text", "--out", str(text)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    digits = prepare_digits(work / "digits")  # meanwhile
+    err = prep.communicate()[1] if prep is not None else ""
+    if prep is not None and prep.returncode != 0:
+        raise RuntimeError(f"preparing the text data failed: {err[-1500:]}")
     out = {}
     for name, config, data in (("text-lm", "text-lm.yaml", text), ("digits", "digits.yaml", digits)):
         val = data / "val" if val_rows is None else head(data / "val", val_rows)

@@ -94,7 +94,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
                  "a round trains each of the four strategies"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
     "compile": (["compile_restart.py", *QUICK], _compile, "a round compiles twice, each in a fresh process"),
-    "quantize": (["quantize.py", "--train", "--train-steps", "100", "--val-rows", "1024", "--modes", "int8,int4", "--batches", "8",
+    "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int8,int4", "--batches", "8",
                   "--passes", "1", "--repeats", "5"], _quantize, ""),
     "recovery": (["recovery.py", "--repeats", "2"], _found,
                  "a round is three Ray Train runs, each started, killed and restarted, two of them by the bare anchor"),
@@ -111,8 +111,6 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
 
 
 OVER_2_MINUTES = {
-    "quantize": "it trains the two examples with openclaw first (a Ray Train run each), and scores every export on "
-                "1,024 validation rows; torchao's int4 CPU kernels take over a second a forward of 8 rows here",
     "recovery": "one round alone: the bare anchor (`../shared/anchors/bare_ray_recovery.py`: a fresh Ray instance, "
                 "60 steps with a kill and a restart) runs twice in it",
     "node-loss": "one round alone: three 2-node clusters, and bare Ray Train with its defaults takes over a minute "
