@@ -94,13 +94,13 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
                  "a round trains each of the four strategies"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
     "compile": (["compile_restart.py", *QUICK], _compile, "a round compiles twice, each in a fresh process"),
-    "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int8,int4", "--batches", "8",
-                  "--passes", "1", "--repeats", "5"], _quantize, ""),
+    "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int8,int4",
+                  "--batches", "8", "--passes", "1", "--repeats", "5"], _quantize, ""),
     "recovery": (["recovery.py", "--repeats", "2"], _found,
                  "a round is three Ray Train runs, each started, killed and restarted, two of them by the bare anchor"),
     "node-loss": (["node_loss.py", "--repeats", "1"], _found, "a round is three 2-node clusters, each losing a node"),
-    "checkpoint": (["checkpoint_stall.py", "--steps", "60", "--every", "15", *QUICK], _found,
-                   "a round is three Ray Train runs, two of them writing 300 MB checkpoints"),
+    "checkpoint": (["checkpoint_stall.py", "--steps", "60", "--every", "15", "--hidden", "3000", *QUICK], _found,
+                   "a round is three Ray Train runs, two of them writing 110 MB checkpoints"),
     "cache": (["cache.py", "--rows", "30000", "--rounds", "1000", *QUICK], _found,
               "a round is a cache miss (Ray Data preparing the rows) and a hit, each a Ray Train run"),
     "tracking": (["tracking_overhead.py", "--steps", "100", *QUICK], _found, "a round is two Ray Train runs"),
@@ -115,8 +115,6 @@ OVER_2_MINUTES = {
                 "60 steps with a kill and a restart) runs twice in it",
     "node-loss": "one round alone: three 2-node clusters, and bare Ray Train with its defaults takes over a minute "
                  "to notice the lost node",
-    "checkpoint": "one round alone: three Ray Train runs of 60 steps, two of them writing a 300 MB checkpoint every "
-                  "15 steps",
     "goodput": "one round alone: a clean run and a faulty one, which must lose workers mid-training more than once, "
                "after its start-up (Ray Train's controller, the worker processes, torch's imports)",
 }
