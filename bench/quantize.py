@@ -32,25 +32,33 @@ TARGETS = {  # mode -> (most layer bytes vs fp32, val loss within, on text-lm), 
 DIGITS_POINTS = {"int8": 1.0, "int8-dynamic": 1.0, "int4": 3.0}
 
 
-def train_sources(work: Path, steps: int | None = None, val_rows: int | None = None) -> dict[str, str]:
-    """Train the shipped text-lm and digits examples (as shipped, on local Ray; `steps`: fewer steps;
-    `val_rows`: with `data.val` cut to its first rows); their final checkpoints."""
-    import openclaw
-    from common import prepare_digits
+def prepare(work: Path):
+    """Start preparing the text and digits data (the real recipes, once, at once, while this process imports
+    torch); the returned function waits for both and returns their folders."""
     import subprocess
-    text = work / "text"
-    prep = None if (text / "stats.json").exists() else subprocess.Popen(
-        [sys.executable, str(REPO / "data" / "prepare.py"), "text", "--out", str(text)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    digits = prepare_digits(work / "digits")  # meanwhile
-    err = prep.communicate()[1] if prep is not None else ""
-    if prep is not None and prep.returncode != 0:
-        raise RuntimeError(f"preparing the text data failed: {err[-1500:]}")
+    procs = {name: None if (work / name / "stats.json").exists() else subprocess.Popen(
+        [sys.executable, str(REPO / "data" / "prepare.py"), name, "--out", str(work / name)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in ("text", "digits")}
+
+    def folders() -> dict[str, Path]:
+        for name, proc in procs.items():
+            err = proc.communicate()[1] if proc is not None else ""
+            if proc is not None and proc.returncode != 0:
+                raise RuntimeError(f"preparing the {name} data failed: {err[-1500:]}")
+        return {name: work / name for name in procs}
+    return folders
+
+
+def train_sources(work: Path, data: dict[str, Path], steps: int | None = None,
+                  val_rows: int | None = None) -> dict[str, str]:
+    """Train the shipped text-lm and digits examples on `data` (as shipped, on local Ray; `steps`: fewer
+    steps; `val_rows`: with `data.val` cut to its first rows); their final checkpoints."""
+    import openclaw
     out = {}
-    for name, config, data in (("text-lm", "text-lm.yaml", text), ("digits", "digits.yaml", digits)):
-        val = data / "val" if val_rows is None else head(data / "val", val_rows)
+    for name, config, folder in (("text-lm", "text-lm.yaml", data["text"]), ("digits", "digits.yaml", data["digits"])):
+        val = folder / "val" if val_rows is None else head(folder / "val", val_rows)
         result = openclaw.train(REPO / "jobs" / "configs" / config, overrides=[
-            f"data.train={data / 'train'}", f"data.val={val}", f"checkpoint.storage={work / 'runs'}",
+            f"data.train={folder / 'train'}", f"data.val={val}", f"checkpoint.storage={work / 'runs'}",
             "tracking.enabled=false", *([f"train.max_steps={steps}"] if steps else [])])
         out[name] = result.checkpoint
     return out
@@ -158,11 +166,13 @@ def main(argv=None) -> None:
     p.add_argument("--passes", type=int, default=3, help="forward passes per repeat (their median)")
     p.add_argument("--work", default=None, help="folder for data, runs and exports (default: a temporary one)")
     args = p.parse_args(argv)
-    import torch
-    torch.set_num_threads(1)  # the same on both sides, and on every machine
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         work = Path(args.work or tmp)
-        sources = train_sources(work, args.train_steps, args.val_rows) if args.train else {}
+        work.mkdir(parents=True, exist_ok=True)
+        data = prepare(work) if args.train else None
+        import torch
+        torch.set_num_threads(1)  # the same on both sides, and on every machine
+        sources = train_sources(work, data(), args.train_steps, args.val_rows) if data else {}
         sources.update({k: v for k, v in (("text-lm", args.text_lm), ("digits", args.digits)) if v})
         if not sources:
             p.error("pass --train, or --text-lm and/or --digits")
