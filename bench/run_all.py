@@ -94,7 +94,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
                  "a round trains each of the four strategies"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
     "compile": (["compile_restart.py", *QUICK], _compile, "a round compiles twice, each in a fresh process"),
-    "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int8,int4",
+    "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int4",
                   "--batches", "8", "--passes", "1", "--repeats", "5"], _quantize, ""),
     "recovery": (["recovery.py", "--repeats", "2"], _found,
                  "a round is three Ray Train runs, each started, killed and restarted, two of them by the bare anchor"),
@@ -105,7 +105,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
               "a round is a cache miss (Ray Data preparing the rows) and a hit, each a Ray Train run"),
     "tracking": (["tracking_overhead.py", "--steps", "100", *QUICK], _found, "a round is two Ray Train runs"),
     "ingest": (["ingest.py", "--rows", "800000", "--token-rows", "160000", *QUICK], _found, ""),
-    "goodput": (["goodput.py", "--steps", "300", "--kill-every", "15", *QUICK], _found,
+    "goodput": (["goodput.py", "--steps", "200", "--kill-every", "15", *QUICK], _found,
                 "a round is a faulty run and a clean one"),
 }
 
