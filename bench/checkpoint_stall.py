@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     print(over["figure"])
     for k, v in over["sides"].items():
         print(f"  {k:<30} median {v['median']:.1f} ms (min {v['min']:.1f}, max {v['max']:.1f})")
-    print(f"ratio async / sync overhead: {over['sides']['async']['ratio']}")
+    ratio = over["sides"]["async"]["ratio"]
+    print(f"ratio async / sync overhead: {ratio}" if ratio is not None else
+          "ratio async / sync overhead: n/a (the sync overhead's median is at or below 0, within the noise; "
+          "save more often, or run more rounds)")
     print(json.dumps({"wall_step": wall, "stall": stall, "overhead": over}))
     return 0
 

@@ -110,13 +110,14 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def figure(title: str, values: dict[str, list[float]], base: str, unit: str = "s", digits: int = 2) -> dict[str, Any]:
-    """One figure of a bench: each side's median, spread (min-max), repeats and ratio of medians to `base`."""
+    """One figure of a bench: each side's median, spread (min-max), repeats and ratio of medians to `base`
+    (None where the base's median is 0 or below: an overhead lost in the noise has no meaningful ratio)."""
     b = statistics.median(values[base])
     out: dict[str, Any] = {"figure": title, "unit": unit, "base": base, "sides": {}}
     for name, vals in values.items():
         s = spread(vals)
         out["sides"][name] = {**{k: round(v, digits) for k, v in s.items()},
-                              "ratio": round(s["median"] / b, 3) if b else None}
+                              "ratio": round(s["median"] / b, 3) if b > 0 else None}
     return out
 
 

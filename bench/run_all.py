@@ -99,7 +99,7 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
     "recovery": (["recovery.py", "--repeats", "2"], _found,
                  "a round is three Ray Train runs, each started, killed and restarted, two of them by the bare anchor"),
     "node-loss": (["node_loss.py", "--repeats", "1"], _found, "a round is three 2-node clusters, each losing a node"),
-    "checkpoint": (["checkpoint_stall.py", "--steps", "60", "--every", "15", "--hidden", "3000", *QUICK], _found,
+    "checkpoint": (["checkpoint_stall.py", "--steps", "40", "--every", "5", "--hidden", "3000", *QUICK], _found,
                    "a round is three Ray Train runs, two of them writing 110 MB checkpoints"),
     "cache": (["cache.py", "--rows", "30000", "--rounds", "1000", *QUICK], _found,
               "a round is a cache miss (Ray Data preparing the rows) and a hit, each a Ray Train run"),
@@ -165,7 +165,7 @@ def table(results: list[dict]) -> str:
             unit = f["unit"]
             sides = "; ".join(f"{name} {_fmt(s, unit)}" for name, s in f["sides"].items())
             ratios = "; ".join(f"{name} / {f['base']} **{s['ratio']:.3f}**" if s["ratio"] is not None else
-                               f"{name} / {f['base']}: n/a (base 0)" for name, s in f["sides"].items() if name != f["base"])
+                               f"{name} / {f['base']}: n/a ({f['base']} at or below 0)" for name, s in f["sides"].items() if name != f["base"])
             lines.append(f"| {f['figure']}{f' ({unit})' if unit else ''} | {sides} | {ratios} | `{res['command']}` |")
     return "\n".join(lines)
 

@@ -64,6 +64,13 @@ def test_a_figure_has_each_sides_median_spread_and_ratio_of_medians():
     assert f["sides"]["other"] == {"median": 5.0, "min": 2.0, "max": 10.0, "n": 4, "ratio": 2.5}
 
 
+def test_an_overhead_lost_in_the_noise_gets_no_ratio_and_the_table_says_why():
+    over = figure("overhead", {"sync": [-11.9], "async": [-5.9]}, base="sync", unit="ms")
+    assert over["sides"]["async"]["ratio"] is None  # two negative overheads have no meaningful ratio
+    row = run_all.table([{"name": "c", "command": "python bench/c.py", "seconds": 1, "figures": [over]}]).splitlines()[-1]
+    assert "async / sync: n/a (sync at or below 0)" in row and "**" not in row
+
+
 def test_the_table_shows_both_sides_the_ratio_and_the_command():
     results = [{"name": "x", "command": "python bench/x.py --repeats 5", "seconds": 3, "fewer_repeats": "",
                 "figures": [figure("recovery", {"bare": [8.0, 9.0, 10.0], "openclaw": [4.0, 4.5, 5.0]}, base="bare")]},
