@@ -138,7 +138,7 @@ def test_checkpoint_stall_of_a_small_checkpoint_saves_less_often():
 
 
 def test_checkpoint_stall_of_a_large_synchronous_checkpoint_writes_in_the_background():
-    big = dict(checkpoint_frac=0.3, step_s=1.0, checkpoint_bytes=40e9)  # 40 GB: writing is the stall
+    big = dict(checkpoint_frac=0.3, step_s=1.0, checkpoint_bytes=40e9, device_type="cuda")  # 40 GB: writing is the stall
     rec = sr.rule_checkpoint_stall(facts(**big))
     assert rec.key == "checkpoint.async" and rec.value is True and "1.43x" in rec.effect
     assert applied(cfg(), rec).checkpoint.async_ is True
@@ -149,6 +149,16 @@ def test_checkpoint_stall_of_a_large_synchronous_checkpoint_writes_in_the_backgr
     every_step = sr.rule_checkpoint_stall(facts(cfg(**{"checkpoint.every_steps": 1, "train.max_steps": 10000}),
                                                 checkpoint_frac=0.6, step_s=1.0, checkpoint_bytes=40e9))
     assert every_step.key == "checkpoint.every_steps" and every_step.value > 1
+
+
+def test_a_cpu_worker_saves_in_the_background_only_with_a_cpu_its_torch_threads_leave_free():
+    big = dict(checkpoint_frac=0.3, step_s=1.0, checkpoint_bytes=40e9, device_type="cpu")
+    two_cpus = {"scaling.resources_per_worker": {"CPU": 2}}
+    # Its threads take both CPUs (the default): the background thread would slow the steps instead.
+    assert sr.rule_checkpoint_stall(facts(cfg(**two_cpus), **big)).key == "checkpoint.every_steps"
+    assert sr.rule_checkpoint_stall(facts(cfg(), **big)).key == "checkpoint.every_steps"  # 1 CPU, 1 thread
+    spare = sr.rule_checkpoint_stall(facts(cfg(**two_cpus, **{"train.threads_per_worker": 1}), **big))
+    assert spare.key == "checkpoint.async" and spare.value is True
 
 
 def test_small_micro_batches_merge_up_to_the_workers_batch_and_not_without_accumulation():

@@ -148,9 +148,10 @@ def rule_straggler(f: Facts) -> Recommendation | None:
 
 def rule_checkpoint_stall(f: Facts) -> Recommendation | None:
     """Checkpoint stalls over 5% of the step. When writing the checkpoint's bytes would take a good part
-    of the stall (at `WRITE_BYTES_PER_S`), saves are synchronous, and the steps between two checkpoints
+    of the stall (at `WRITE_BYTES_PER_S`), saves are synchronous, the steps between two checkpoints
     compute for longer than a save stalls (the background write has them to hide behind; else the next
-    snapshot waits for it): `checkpoint.async`. Otherwise save less often, to about 2% of the step."""
+    snapshot waits for it), and the worker has a CPU its steps leave free (`_cpu_to_spare`):
+    `checkpoint.async`. Otherwise save less often, to about 2% of the step."""
     frac, cfg = f.checkpoint_frac, f.config
     if frac is None or frac <= CHECKPOINT_FRAC:
         return None
@@ -160,7 +161,7 @@ def rule_checkpoint_stall(f: Facts) -> Recommendation | None:
     finding += (f", {stall:.2f} s each" if stall else "") + (
         f" for {f.checkpoint_bytes / 1e6:.3g} MB" if f.checkpoint_bytes else "")
     between = None if f.step_s is None else every * f.step_s * (1 - frac)  # compute between two checkpoints
-    if not cfg.checkpoint.async_ and f.checkpoint_bytes and (stall is None or (
+    if not cfg.checkpoint.async_ and f.checkpoint_bytes and _cpu_to_spare(f) and (stall is None or (
             f.checkpoint_bytes / WRITE_BYTES_PER_S > stall / 2 and stall < between)):
         return Recommendation("checkpoint_stall", finding, "checkpoint.async", True,
                               f"training stalls only for the snapshot to host memory: up to {_speedup(frac):.2f}x "
@@ -176,6 +177,19 @@ def rule_checkpoint_stall(f: Facts) -> Recommendation | None:
                           f"checkpoint stalls fall to about {_pct(share)} of the step: about "
                           f"{(1 - share) / (1 - frac):.1f}x perf/samples_per_s; a failure repeats up to {new} steps",
                           frac)
+
+
+def _cpu_to_spare(f: Facts) -> bool:
+    """Whether an async save's background thread (serializing, checksumming, writing) has a CPU to itself.
+    A GPU worker's steps leave its CPUs mostly idle. A CPU worker's torch threads take every CPU it
+    reserves unless `train.threads_per_worker` is lower, and then the thread slows the steps by about
+    what the loop no longer waits: on 2 cores, async overhead per step over sync overhead came out
+    1.02 and 2.05 in two runs of `python bench/checkpoint_stall.py --steps 40 --every 5 --hidden 3000
+    --repeats 5 --budget-s 110` (one round each), while the loop's stall fell to a quarter."""
+    if f.device_type != "cpu":
+        return True
+    cpus = f.config.scaling.resources_per_worker.get("CPU", 1)
+    return (f.config.train.threads_per_worker or max(1, int(cpus))) < cpus
 
 
 def _stall_per_checkpoint(f: Facts) -> float | None:

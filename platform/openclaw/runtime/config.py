@@ -30,4 +30,6 @@ class CheckpointConfig(Section):
     file and sample ledger live in `<storage>/<name>/`."""
     async_: bool = Field(False, alias="async")
     """`async: true`: snapshot the state to host memory and write the checkpoint in the background, so
-    training stalls only for the snapshot. The final checkpoint and a stop's are always written at once."""
+    training stalls only for the snapshot. The final checkpoint and a stop's are always written at once.
+    The writing thread needs a CPU the steps leave free (GPU workers; CPU workers with
+    `train.threads_per_worker` below their CPUs): else it slows the steps about as much as it saves."""
