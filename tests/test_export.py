@@ -133,6 +133,19 @@ def test_int4_layers_run_torchs_cpu_kernel_in_bf16_and_the_model_keeps_fp32(tmp_
             assert (out - model(x)).abs().mean() < 0.05 * model(x).abs().mean()
 
 
+def test_the_peak_memory_of_a_forward_is_the_fresh_processs_own_not_its_parents(tmp_path):
+    """ru_maxrss survives exec: a child forked from a large process would report the parent's size."""
+    from openclaw.exports.measure import forward_memory
+    model = build_model("gpt", GPT_KW).eval()
+    save_export(tmp_path, quantize(copy.deepcopy(model), plan(model, "int8", None), CPU), _config("gpt", GPT_KW),
+                {"mode": "int8"})
+    ballast = torch.ones(2 * 2**30 // 4)  # 2 GiB, every page touched
+    parent = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    peak = forward_memory({"q": str(tmp_path)}, [2, 32], torch.int64)()["q"]["peak"]
+    assert 100 * 2**20 < peak < parent - 2**30, (peak, parent)
+    del ballast
+
+
 def test_each_mode_takes_the_linear_layers_it_can_and_says_why_it_keeps_the_rest():
     gpt = build_model("gpt", GPT_KW)
     linears = {n for n, m in gpt.named_modules() if isinstance(m, torch.nn.Linear)}
