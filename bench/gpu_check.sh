@@ -89,4 +89,23 @@ step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision" 90
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision + compile" 150 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3 --compile
 step "engine vs bare loop, GPT 1.01B (the gpu-1b preset, dim 2048 x 20), bf16 + compile; where the time goes below 0.99x or 45% MFU" 240 "$PY" bench/engine_overhead.py --preset gpu-1b --precision bf16 --compile --steps 5 --warmup 2 --repeats 2
 step "activation checkpointing none / selective / full on CUDA: saved bytes, step peak, step time (GPT dim 1024 x 12, bf16)" 120 "$PY" bench/activation_checkpointing.py --device cuda --precision bf16 --dim 1024 --depth 12 --heads 16 --block 1024 --micro-batch 8 --steps 3 --repeats 3
+step "int4 export on CUDA (torchao Int4WeightOnlyConfig, computing in bf16): runs, fp32 out, error near the CPU path's (0.16 on this random GPT)" 60 "$PY" - <<'PY'
+import copy, torch
+from openclaw.engine.models import build_model
+from openclaw.exports.quantize import plan, quantize
+dev = torch.device("cuda")
+kw = {"vocab_size": 256, "block_size": 32, "dim": 256, "depth": 2, "heads": 4}
+torch.manual_seed(0)
+model = build_model("gpt", kw).eval().to(dev)
+p = plan(model, "int4", None)
+q = quantize(copy.deepcopy(model), p, dev)
+x = torch.randint(0, 256, (4, 32), device=dev)
+with torch.no_grad():
+    full, out = model(x), q(x)
+err = ((out - full).abs().mean() / full.abs().mean()).item()
+layers = {type(q.get_submodule(n)).__name__ for n in p.quantized}
+print(f"int4 on {dev}: {len(p.quantized)} layers {layers}, weight {type(q.get_submodule(p.quantized[0]).weight).__name__}, "
+      f"relative mean error {err:.4f}, output {out.dtype}")
+assert layers == {"Int4Linear"} and out.dtype == torch.float32 and out.isfinite().all() and err < 0.3
+PY
 echo; echo "=== done"
