@@ -95,9 +95,13 @@ def _add_export(sub) -> None:
                        epilog="example: openclaw export runs/text-lm/checkpoint_... --quantize int4 --eval")
     e.add_argument("source", help="a checkpoint folder or URI, an MLflow run id, or models:/NAME/VERSION")
     e.add_argument("--quantize", required=True, choices=("int8", "int8-dynamic", "int4"),
-                   help="int8 weight-only, int8 weights and dynamically quantized activations, or int4 weight-only")
-    e.add_argument("--group-size", type=int, default=None, help="int4: weights per scale, 32, 64 (default) or 128")
-    e.add_argument("--eval", action="store_true", help="score the source run's validation set, full and quantized")
+                   help="int8 weight-only, int8 weights and dynamically quantized activations, or int4 weight-only "
+                        "(its layers compute in bf16)")
+    e.add_argument("--group-size", type=int, default=None,
+                   help="int4: weights per scale, 32, 64 or 128 (default: for each layer, the largest that divides "
+                        "its input features)")
+    e.add_argument("--eval", action="store_true",
+                   help="score the first 1,024 rows of the source run's validation set, full and quantized")
     e.add_argument("--out", default=None, help="the folder to write (default: exports/<name>-<mode>)")
     e.add_argument("--register", default=None, metavar="NAME", help="register the export as a new version of NAME")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
