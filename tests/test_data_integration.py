@@ -123,7 +123,7 @@ def test_a_dataset_five_times_the_object_store_streams_through_a_whole_epoch(tmp
     metrics = big["metrics"]
     assert metrics["step"] == 97 and metrics["train/epoch"] == 0  # 97 x 16384 = 1,589,248 of 1.6 M: one epoch
 
-    # Memory: the largest worker's peak resident set (`perf/peak_memory_bytes`: `ru_maxrss`, the max over
+    # Memory: the largest worker's peak resident set (`perf/peak_memory_bytes`: VmHWM, the max over
     # ranks) over the epoch, less the footprint run's. A worker that held the whole dataset would hold at
     # least its tensors, `in_memory` bytes (float32 features and an int64 label per row); this stream would
     # hold twice that, as it joins what it holds into one tensor (with `shuffle_window_shards: 0`, which

@@ -176,11 +176,17 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak: CUDA's allocator peak on a GPU, the peak resident set size on a CPU."""
+    """This process's peak: CUDA's allocator peak on a GPU, the peak resident set size on a CPU. The
+    resident peak is the process image's own (Linux's VmHWM): `ru_maxrss` survives exec, so a process
+    started from a larger one would report its parent's size at the fork."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # kB
+    except (OSError, StopIteration):  # not Linux
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def memory_capacity_bytes(device: torch.device, workers_on_node: int = 1, budget_gb: float | None = None) -> int:

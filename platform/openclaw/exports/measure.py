@@ -51,8 +51,9 @@ def latency_ms(model: nn.Module, batch: torch.Tensor, repeats: int = 20, budget_
 
 
 PEAK_SCRIPT = """
-import json, os, re, resource, sys, torch
+import json, os, sys, torch
 import openclaw
+from openclaw.engine.metrics import peak_memory_bytes
 from openclaw.exports.quantize import torchao
 torchao()  # both sides import the same libraries, so they start from the same footprint
 resident = lambda: os.sysconf("SC_PAGE_SIZE") * int(open("/proc/self/statm").read().split()[1])
@@ -61,12 +62,7 @@ model = openclaw.load_model(sys.argv[1], trust_code=sys.argv[4] == "trust")
 shape, dtype = json.loads(sys.argv[2]), getattr(torch, sys.argv[3])
 with torch.no_grad():
     model(torch.zeros(shape, dtype=dtype))
-def peak():  # this process image's peak: ru_maxrss survives exec, and so would report the parent's size at fork
-    try:
-        return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak": peak(), "model": resident() - before}))
+print(json.dumps({"peak": peak_memory_bytes(torch.device("cpu")), "model": resident() - before}))
 """
 
 
