@@ -15,12 +15,25 @@ BUDGET_LINE = "budget:"
 """How the line starts that `alternate` writes to stderr when its budget cut the rounds short (read by run_all)."""
 
 
+def start_recipe(recipe: str, out: Path) -> Callable[[], Path]:
+    """Start making `recipe`'s dataset under `out` (the real recipe, `data/prepare.py`, once); the returned
+    function waits for it and returns `out`."""
+    proc = None if (out / "stats.json").exists() else subprocess.Popen(
+        [sys.executable, str(REPO / "data" / "prepare.py"), recipe, "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def done() -> Path:
+        if proc is not None:
+            err = proc.communicate()[1]
+            if proc.returncode != 0:
+                raise RuntimeError(f"preparing the {recipe} data failed: {err[-1500:]}")
+        return out
+    return done
+
+
 def prepare_digits(out: Path) -> Path:
     """The digits dataset under `out` (made by the real recipe, once)."""
-    if not (out / "stats.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "digits", "--out", str(out)],
-                       check=True, capture_output=True)
-    return out
+    return start_recipe("digits", out)()
 
 
 ATTEMPTS = ("start", "resume", "restart", "resize")

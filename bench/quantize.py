@@ -33,20 +33,11 @@ DIGITS_POINTS = {"int8": 1.0, "int8-dynamic": 1.0, "int4": 3.0}
 
 
 def prepare(work: Path):
-    """Start preparing the text and digits data (the real recipes, once, at once, while this process imports
-    torch); the returned function waits for both and returns their folders."""
-    import subprocess
-    procs = {name: None if (work / name / "stats.json").exists() else subprocess.Popen(
-        [sys.executable, str(REPO / "data" / "prepare.py"), name, "--out", str(work / name)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in ("text", "digits")}
-
-    def folders() -> dict[str, Path]:
-        for name, proc in procs.items():
-            err = proc.communicate()[1] if proc is not None else ""
-            if proc is not None and proc.returncode != 0:
-                raise RuntimeError(f"preparing the {name} data failed: {err[-1500:]}")
-        return {name: work / name for name in procs}
-    return folders
+    """Start preparing the text and digits data at once, while this process imports torch; the returned
+    function waits for both and returns their folders."""
+    from common import start_recipe
+    started = {name: start_recipe(name, work / name) for name in ("text", "digits")}
+    return lambda: {name: done() for name, done in started.items()}
 
 
 def train_sources(work: Path, data: dict[str, Path], steps: int | None = None,
