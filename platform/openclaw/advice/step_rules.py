@@ -189,7 +189,7 @@ def _cpu_to_spare(f: Facts) -> bool:
     if f.device_type != "cpu":
         return True
     cpus = f.config.scaling.resources_per_worker.get("CPU", 1)
-    return (f.config.train.threads_per_worker or max(1, int(cpus))) < cpus
+    return f.config.train.intra_op_threads(cpus) < cpus
 
 
 def _stall_per_checkpoint(f: Facts) -> float | None:

@@ -140,3 +140,7 @@ class TrainConfig(Section):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             return v
         raise ValueError(f"`train.micro_batch_size` must be a positive integer or `auto` (got {v!r})")
+
+    def intra_op_threads(self, cpus: float) -> int:
+        """torch's intra-op threads on a CPU worker that reserves `cpus` CPUs: `threads_per_worker`, else all."""
+        return self.threads_per_worker or max(1, int(cpus))
