@@ -5,7 +5,7 @@ JSON result. The figures (both sides, median, spread min-max, repeats, ratio of 
 `bench/results.md` and `bench/results.json`, and the README's performance table (between its
 `bench-results` markers) is rewritten from them, so that no figure there is typed by hand.
 
-    python bench/run_all.py                     # every bench (about 35 minutes on a 2-core machine)
+    python bench/run_all.py                     # every bench (about 25 minutes on a 2-core machine)
     python bench/run_all.py --only recovery,cache
     python bench/run_all.py --readme-only       # rewrite the README table from bench/results.json
 
@@ -112,9 +112,10 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
 
 OVER_2_MINUTES = {
     "recovery": "one round alone: the bare anchor (`../shared/anchors/bare_ray_recovery.py`: a fresh Ray instance, "
-                "60 steps with a kill and a restart) runs twice in it",
-    "node-loss": "one round alone: three 2-node clusters, and bare Ray Train with its defaults takes over a minute "
-                 "to notice the lost node",
+                "60 steps with a kill and a restart, all 60 run to the end) runs twice in it, beside openclaw's run",
+    "node-loss": "one round alone: three 2-node clusters; the anchor (`../shared/anchors/bare_ray_node_loss.py`) "
+                 "waits a fixed 30 s before it kills a node in each of its two columns, and bare Ray Train with its "
+                 "defaults takes over a minute to notice the lost node",
 }
 """Why a bench's quick mode cannot fit into 2 minutes on a 2-core machine, where it cannot."""
 
