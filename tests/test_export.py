@@ -20,6 +20,7 @@ from openclaw.errors import CheckpointError, ConfigError
 from openclaw.exports.files import load_export, model_file, save_export
 from openclaw.exports.measure import layer_bytes
 from openclaw.exports.quantize import MODES, plan, quantize
+from openclaw.exports.report import findings
 
 from conftest import REPO, digits_config, sqlite_store
 
@@ -79,6 +80,9 @@ def test_a_trained_run_exports_registers_and_loads_back(trained, digits_dir, mod
     features, labels = torch.tensor(val.column("x").to_pylist()), torch.tensor(val.column("y").to_pylist())
     with torch.no_grad():
         assert (local(features).argmax(-1) == labels).float().mean().item() >= 0.93
+
+    # What the numbers mean is kept with them, and printed: recomputed here from the recorded numbers.
+    assert report["findings"] == findings(report) and all(f"  - {line}" in printed for line in report["findings"])
 
     assert main(["export", str(out), "--quantize", "int8"]) == 2  # an export is not exported again
     assert "already a quantized export" in capsys.readouterr().err
@@ -168,6 +172,33 @@ def test_each_mode_takes_the_linear_layers_it_can_and_says_why_it_keeps_the_rest
         plan(gpt, "int4", 48)
     with pytest.raises(ConfigError, match=r"finds no Linear layer .* no nn.Linear layer"):
         plan(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3)), "int8", None)
+
+
+def _measured(**over) -> dict:
+    """An export report whose quantized model is as fast, as good and 4x smaller, with `over` changed."""
+    m = {"latency_ms_b1_full": 1.0, "latency_ms_b1_quantized": 1.05, "latency_ms_b32_full": 2.0,
+         "latency_ms_b32_quantized": 2.0, "val_loss_full": 0.5, "val_loss_quantized": 0.505, "val_accuracy_full": 0.9,
+         "val_accuracy_quantized": 0.89, "val_rows": 1024, "file_ratio": 0.27}
+    return {"mode": over.pop("mode", "int8"), "quantized_layers": ["a", "b"], "measured": {**m, **over}}
+
+
+def test_findings_say_when_an_export_is_slower_worse_or_barely_smaller_and_what_to_change():
+    assert findings(_measured()) == []  # within 10% of the time, 2% of the loss, 2 points of accuracy
+    slow = findings(_measured(mode="int8-dynamic", latency_ms_b1_quantized=19.9, latency_ms_b32_quantized=21.3))
+    assert slow == [
+        "slower: a forward at batch 1 takes 19.90x and batch 32 takes 10.65x the full model's time; int8-dynamic "
+        "quantizes each layer's activations on every call, which costs more than the int8 matmul saves on layers this "
+        "small; `--quantize int8` (weight-only) stores the same int8 weights without that step."]
+    assert "batch 1" not in findings(_measured(mode="int4", latency_ms_b32_quantized=2.4))[0]
+    worse = findings(_measured(mode="int4", val_loss_quantized=0.53, val_accuracy_quantized=0.85))
+    assert worse == ["quality: val loss 0.5000 -> 0.5300 (+6.0%); val accuracy 0.9000 -> 0.8500 on the first 1024 val "
+                     "rows; a smaller `--group-size` (32) fits each scale to fewer weights; `--quantize int8` loses less."]
+    unscored = _measured(file_ratio=0.95)
+    for k in ("val_loss_full", "val_loss_quantized", "val_accuracy_full", "val_accuracy_quantized", "val_rows"):
+        del unscored["measured"][k]  # without --eval: no quality finding
+    assert findings(unscored) == ["barely smaller: the file is 95.0% of the full one, since most of the model's bytes "
+                                  "are outside the 2 quantized layer(s) (embeddings, norms, or the layers kept in full "
+                                  "precision)."]
 
 
 class _Payload:

@@ -21,6 +21,52 @@ ROWS = (("file on disk", "file_bytes", "MB"), ("weights in memory", "weight_byte
         ("val loss", "val_loss", ""), ("val accuracy", "val_accuracy", ""), ("val perplexity", "val_perplexity", ""))
 
 
+SLOWER = 1.10
+"""A quantized forward that takes more than this times the full model's is reported as slower."""
+WORSE = 0.02
+"""A val loss that rises by more than this fraction, or an accuracy that falls by more than this, is reported."""
+SMALL_SAVING = 0.9
+"""A quantized file above this fraction of the full one's size is reported as barely smaller."""
+
+_WHY_SLOWER = {
+    "int8-dynamic": "int8-dynamic quantizes each layer's activations on every call, which costs more than the int8 "
+                    "matmul saves on layers this small; `--quantize int8` (weight-only) stores the same int8 weights "
+                    "without that step",
+    "int8": "weight-only int8 layers dequantize their weights on every call: what this export saves is memory, not time",
+    "int4": "int4 layers dequantize their weights to bf16 on every call: what this export saves is memory, not time",
+}
+_QUALITY_FIX = {
+    "int4": "a smaller `--group-size` (32) fits each scale to fewer weights; `--quantize int8` loses less",
+    "int8": "score it on your own data before you ship it, or keep the full model",
+    "int8-dynamic": "`--quantize int8` (weight-only) keeps activations in full precision and loses less",
+}
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """What an export's measurements mean for shipping it, each with what to change: a quantized model that
+    is slower, scores worse, or is barely smaller than the full one (pure: the report's numbers in,
+    sentences out; `print_table` prints them and `quantization.json` keeps them)."""
+    m, mode, out = report["measured"], report["mode"], []
+    slower = [(n, m[f"latency_ms_b{n}_quantized"] / m[f"latency_ms_b{n}_full"]) for n in (1, 32)
+              if m.get(f"latency_ms_b{n}_full") and m[f"latency_ms_b{n}_quantized"] / m[f"latency_ms_b{n}_full"] > SLOWER]
+    if slower:
+        out.append(f"slower: a forward at {' and '.join(f'batch {n} takes {r:.2f}x' for n, r in slower)} the full "
+                   f"model's time; {_WHY_SLOWER[mode]}.")
+    lost = []
+    if "val_loss_full" in m and m["val_loss_quantized"] - m["val_loss_full"] > WORSE * abs(m["val_loss_full"]):
+        lost.append(f"val loss {m['val_loss_full']:.4f} -> {m['val_loss_quantized']:.4f} "
+                    f"({m['val_loss_quantized'] / m['val_loss_full'] - 1:+.1%})")
+    if "val_accuracy_full" in m and m["val_accuracy_full"] - m["val_accuracy_quantized"] > WORSE:
+        lost.append(f"val accuracy {m['val_accuracy_full']:.4f} -> {m['val_accuracy_quantized']:.4f}")
+    if lost:
+        out.append(f"quality: {'; '.join(lost)} on the first {m['val_rows']:.0f} val rows; {_QUALITY_FIX[mode]}.")
+    if m["file_ratio"] > SMALL_SAVING:
+        out.append(f"barely smaller: the file is {m['file_ratio']:.1%} of the full one, since most of the model's bytes "
+                   f"are outside the {len(report['quantized_layers'])} quantized layer(s) (embeddings, norms, or the "
+                   f"layers kept in full precision).")
+    return out
+
+
 def print_table(report: dict[str, Any], folder: Path) -> None:
     m = report["measured"]
     print(f"openclaw: {report['described']} export of {report['source']} -> {folder}")
@@ -40,6 +86,8 @@ def print_table(report: dict[str, Any], folder: Path) -> None:
           f"measured here ({report['mode']}): the quantized layers take {m['layer_saving_vs_16bit']:.1%} less than "
           f"their 16-bit size ({1 - m['layer_ratio']:.1%} less than fp32), the whole file {1 - m['file_ratio']:.1%} "
           f"less than fp32.")
+    for line in report.get("findings", []):
+        print(f"  - {line}")
 
 
 def record_in_mlflow(uri: str, source_run: str, report: dict[str, Any], folder: Path,

@@ -23,7 +23,7 @@ from openclaw.exports.files import is_export, model_file, save_export, write_rep
 from openclaw.exports.measure import forward_memory, latency_ms, layer_bytes, state_bytes
 from openclaw.exports.quantize import Plan, plan, torchao
 from openclaw.exports.quantize import quantize as quantize_layers
-from openclaw.exports.report import print_table, record_in_mlflow
+from openclaw.exports.report import findings, print_table, record_in_mlflow
 from openclaw.tracking.redact import redacted
 from openclaw.tracking.model import load_logged_model
 from openclaw.tracking.run import RUN_ID_PATTERN, load_logged_config, logged_export
@@ -52,6 +52,8 @@ class ExportResult:
     run_id: str | None = None
     """The export's MLflow run (a child of the source run), when the source run is known."""
     model_version: str | None = None
+    findings: list[str] = field(default_factory=list)
+    """What the measurements mean for shipping it (`report.findings`): slower, worse, or barely smaller."""
 
 
 def export(source: str | os.PathLike, *, quantize: str, group_size: int | None = None, evaluate: bool = False,
@@ -77,10 +79,12 @@ def export(source: str | os.PathLike, *, quantize: str, group_size: int | None =
               "brief_int4_saving_vs_16bit": BRIEF_INT4_SAVING}
     save_export(folder, quantized, redacted(src.config), report)  # loadable before it is measured
     report["measured"] = measured = measure(src, quantized, p, folder, evaluate, trust_code)
+    report["findings"] = findings(report)
     write_report(folder, report)
     print_table(report, folder)
     run_id, version = record_in_mlflow(uri, src.run_id, report, folder, register) if src.run_id else (None, None)
-    return ExportResult(str(folder), p.mode, p.group_size, p.quantized, p.kept, measured, run_id, version)
+    return ExportResult(str(folder), p.mode, p.group_size, p.quantized, p.kept, measured, run_id, version,
+                        report["findings"])
 
 
 def load_source(source: str, uri: str, *, trust_code: bool, model_fn) -> Loaded:
