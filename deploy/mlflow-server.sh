@@ -5,7 +5,9 @@
 #     reaches MLflow through its environment, never the command line (which `ps` shows every user);
 #   - the backend store URI (which may hold a database password) likewise: $MLFLOW_BACKEND_STORE_URI, or
 #     the file $MLFLOW_BACKEND_STORE_URI_FILE, else a sqlite file in $MLFLOW_SERVER_HOME;
-#   - `--allowed-hosts`: requests for any other Host are refused (DNS rebinding).
+#   - `--allowed-hosts`: requests for any other Host are refused (DNS rebinding);
+#   - no job runner: MLflow 3 otherwise starts a huey job runner (eight more Python processes) for its GenAI
+#     jobs, which training runs never use; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it back.
 # Put TLS in front of it (a reverse proxy that terminates HTTPS) before it leaves a private network.
 #
 # Settings (environment): MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_ALLOWED_HOSTS
@@ -43,6 +45,7 @@ export MLFLOW_AUTH_CONFIG_PATH="$SERVER_HOME/basic_auth.ini"
 export MLFLOW_AUTH_ADMIN_USERNAME=admin
 export MLFLOW_AUTH_ADMIN_PASSWORD="$(secret_file "$SERVER_HOME/admin-password")"
 export MLFLOW_FLASK_SERVER_SECRET_KEY="$(secret_file "$SERVER_HOME/flask-secret-key")"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 echo "mlflow-server: basic-auth on http://${MLFLOW_HOST:-127.0.0.1}:${MLFLOW_PORT:-5000}; user admin, password in $SERVER_HOME/admin-password (0600)" >&2
 exec "$(dirname "$PY")/mlflow" server --app-name basic-auth \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \

@@ -1,6 +1,6 @@
 """`make mlflow-server`'s recipe (deploy/mlflow-server.sh) starts a real basic-auth MLflow server: a
-generated admin password kept 0600, anonymous requests refused, foreign Host headers refused, and no
-secret on any process's command line."""
+generated admin password kept 0600, anonymous requests refused, foreign Host headers refused, no
+secret on any process's command line, and no MLflow job runner beside it."""
 import base64
 import os
 import signal
@@ -63,6 +63,8 @@ def test_the_recipe_serves_basic_auth_with_a_private_password_and_no_secret_in_a
         cmdlines = [" ".join(p.cmdline()) for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]]
         assert any("--app-name basic-auth" in c and "--allowed-hosts" in c for c in cmdlines)
         assert not any(password in c or db_secret in c for c in cmdlines)
+        # The server and its uvicorn worker, and no huey job runner (MLflow 3 starts eight more processes).
+        assert not any("huey" in c or "_job_runner" in c for c in cmdlines) and len(cmdlines) <= 3, cmdlines
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
