@@ -131,7 +131,8 @@ def committed_batches(run_dir) -> dict[int, dict]:
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data."""
+    """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data.
+    Without MLflow's job runner, as `make mlflow-server` runs it (eight more processes that training never uses)."""
 
     def __init__(self, root: Path, *extra: str, env: dict | None = None):
         self.root, self.extra, self.env = root, list(extra), env
@@ -146,7 +147,7 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, **(self.env or {})})
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(self.env or {})})
         import urllib.error
         import urllib.request
         deadline = time.monotonic() + 120
