@@ -28,3 +28,15 @@ def test_events_are_read_in_order_while_the_run_goes_on_and_match_events_json_at
     assert events[-1]["previous_world_size"] == 2
     saved = json.load(open(client.download_artifacts(run_id, EVENTS_FILE, str(tmp_path))))
     assert saved == events
+
+
+def test_a_run_from_before_parts_reads_its_events_json_and_a_run_without_events_reads_none(tmp_path):
+    from openclaw.tracking.writer import read_events
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("events")
+    old, empty = (client.create_run(experiment).info.run_id for _ in range(2))
+    logged = [{"event": "start", "t": 1.0, "world_size": 2}, {"event": "checkpoint", "t": 2.0, "step": 5}]
+    client.log_text(old, json.dumps(logged), EVENTS_FILE)
+    assert read_events(client, old) == logged
+    assert read_events(client, empty) == []

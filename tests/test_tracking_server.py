@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 import openclaw
 from conftest import MlflowServer, digits_config
+from openclaw.advice.report import _histories, advise_logged_run
 from openclaw.data.sampler import position_of
 from openclaw.data.sources import resolve
 from openclaw.engine.optim import lr_at
@@ -221,3 +222,12 @@ def _refused_op_test(proxy, server, digits_dir, tmp_path, capsys):
     assert sync_spool(str(dead), proxy.uri) == 1
     steps = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
     assert steps == [10, 20, 30, 40, 50, 60]
+    # Through the server, the advice reads each history (8 requests at a time, in key order) and the events
+    # (their parts in one download), as `events.json` has them.
+    keys = sorted(client.get_run(result.run_id).data.metrics)
+    assert _histories(client, result.run_id, keys) == [
+        [(m.step, m.value) for m in client.get_metric_history(result.run_id, k)] for k in keys]
+    assert openclaw.events(result.run_id, tracking_uri=server.uri) == json.load(
+        open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
+    _, facts, source = advise_logged_run(result.run_id, server.uri)
+    assert facts.samples_per_s and facts.world_size and source.startswith("6 log window(s)"), source
