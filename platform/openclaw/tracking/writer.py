@@ -41,9 +41,9 @@ def read_events(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
         # The parts in one download of their folder: a download per part costs a tracking server four
         # requests each (the run, its logged models, a listing, the file). Parts written since the listing
         # are left for the next read, so that the events stay a prefix of the run's in time order.
-        root = client.download_artifacts(run_id, EVENTS_DIR if parts else EVENTS_FILE, d)
+        client.download_artifacts(run_id, EVENTS_DIR if parts else EVENTS_FILE, d)  # lands at d/<its path>
         for name in names:
-            with open(os.path.join(os.path.dirname(root), name) if parts else root) as f:
+            with open(os.path.join(d, name)) as f:
                 events += json.load(f)
     return events
 
