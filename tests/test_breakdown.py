@@ -1,4 +1,4 @@
-"""Every rank's step-time split (data, compute, communication, idle) and the straggler index: the pure
+"""Every rank's step-time split (data, compute, communication, checkpoint, idle) and the straggler index: the pure
 breakdown at topologies we cannot run, and DDP's measured collective wait in a real 2-process gloo
 group (no Ray) where one rank is really slower."""
 import math
@@ -35,8 +35,8 @@ def test_64_ranks_one_straggler_makes_the_others_wait():
     assert out["perf/rank37/compute_frac"] == pytest.approx(2.0 / 2.2)
     assert out["perf/comm_frac"] == pytest.approx(1.0 / 2.2)
     assert out["perf/step_comm_s"] == pytest.approx(0.1)
-    for i in (0, 37, 63):  # the four parts are the whole of each rank's wall time
-        parts = [out[f"perf/rank{i}/{k}_frac"] for k in ("data", "compute", "comm", "idle")]
+    for i in (0, 37, 63):  # the five parts are the whole of each rank's wall time
+        parts = [out[f"perf/rank{i}/{k}_frac"] for k in ("data", "compute", "comm", "checkpoint", "idle")]
         assert sum(parts) == pytest.approx(1.0)
         assert out[f"perf/rank{i}/idle_frac"] == pytest.approx(0.1 / 2.2)
 
@@ -45,6 +45,9 @@ def test_balanced_ranks_have_index_one_and_checkpoint_time_is_not_idle():
     out = rank_breakdown(_vector(4, [(0.2, 1.0, 0.1, 0.5, 1.8)] * 4))
     assert out["perf/straggler_index"] == pytest.approx(1.0)
     assert out["perf/idle_frac"] == pytest.approx(0.1 / 1.8)
+    assert out["perf/rank3/checkpoint_frac"] == pytest.approx(0.5 / 1.8)
+    parts = [out[f"perf/rank3/{k}_frac"] for k in ("data", "compute", "comm", "checkpoint", "idle")]
+    assert sum(parts) == pytest.approx(1.0)
 
 
 def test_a_strategy_that_does_not_measure_communication_logs_no_comm_keys():

@@ -208,8 +208,9 @@ def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_
     assert metrics["perf/checkpoint_stall_s"] > 0
     # every rank's split (DDP measures its all-reduce wait), the straggler index, what a worker may fill
     for rank in range(cfg.scaling.max_workers):
-        parts = [metrics[f"perf/rank{rank}/{k}_frac"] for k in ("data", "compute", "comm", "idle")]
-        assert all(0 <= v <= 1 for v in parts) and 0.9 < sum(parts) <= 1.0 + 1e-9, parts
+        parts = [metrics[f"perf/rank{rank}/{k}_frac"] for k in ("data", "compute", "comm", "checkpoint", "idle")]
+        assert all(0 <= v <= 1 for v in parts) and sum(parts) == pytest.approx(1.0), parts
+        assert metrics[f"perf/rank{rank}/checkpoint_frac"] > 0  # the last window holds the step-20 checkpoint
         assert metrics[f"perf/rank{rank}/compute_frac"] > 0.3
     assert f"perf/rank{cfg.scaling.max_workers}/data_frac" not in metrics
     assert metrics["perf/comm_frac"] == max(metrics[f"perf/rank{r}/comm_frac"] for r in range(cfg.scaling.max_workers))

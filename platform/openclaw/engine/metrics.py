@@ -75,8 +75,8 @@ exposed collective wait, checkpoint stalls, the window's wall time, and its step
 def rank_breakdown(summed: list[float]) -> dict[str, float]:
     """The window's per-rank time split, from the all-reduced `rank_vector`s (pure):
 
-    - `perf/rank<i>/{data,compute,comm,idle}_frac`: of rank i's wall time; idle is what none of the
-      others (nor checkpoint stalls) account for: the loop's own work, logging, evaluation;
+    - `perf/rank<i>/{data,compute,comm,checkpoint,idle}_frac`: of rank i's wall time, summing to one;
+      idle is what none of the others account for: the loop's own work, logging, evaluation;
     - `perf/comm_frac`, `perf/idle_frac`, `perf/step_comm_s`: the largest rank's;
     - `perf/straggler_index`: the busiest rank's busy time (data + compute) over the median rank's, and
       `perf/slowest_rank`. A slow rank makes the others wait in the collectives, so their comm grows
@@ -91,7 +91,7 @@ def rank_breakdown(summed: list[float]) -> dict[str, float]:
         comm = r["comm"] if comm_known else 0.0
         idle = max(0.0, r["wall"] - r["data"] - r["compute"] - comm - r["checkpoint"])
         out.update({f"perf/rank{i}/data_frac": r["data"] / wall, f"perf/rank{i}/compute_frac": r["compute"] / wall,
-                    f"perf/rank{i}/idle_frac": idle / wall})
+                    f"perf/rank{i}/checkpoint_frac": r["checkpoint"] / wall, f"perf/rank{i}/idle_frac": idle / wall})
         if comm_known:
             out[f"perf/rank{i}/comm_frac"] = comm / wall
     idles = [out[f"perf/rank{i}/idle_frac"] for i in range(len(ranks))]
