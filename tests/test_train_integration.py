@@ -8,6 +8,7 @@ import time
 import psutil
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 import openclaw
@@ -47,6 +48,15 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
     assert {"config.yaml", "events.json"} <= artifacts
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.source_run_id for m in models] == [result.run_id]  # MLflow 3: the model is a LoggedModel
+    # ...with the run's params, a run output at the final step, and the final evaluation and loss linked
+    # (the runs' points themselves, which the histories above show once each)
+    (logged_model,) = models
+    assert logged_model.params == run.data.params and logged_model.status == LoggedModelStatus.READY
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged_model.model_id, 300)]
+    linked = {k: v for k, v in run.data.metrics.items() if k.startswith(("val/", "train/loss"))}
+    assert sorted(linked) == ["train/loss", "val/accuracy", "val/loss"]
+    assert {m.key: (m.step, m.value, m.run_id) for m in logged_model.metrics} == {
+        k: (300, v, result.run_id) for k, v in linked.items()}
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     assert events[0]["event"] == "start" and events[0]["world_size"] == 2
     # The precision, resolved on the workers' device: printed, a param and an event, once.

@@ -11,6 +11,7 @@ from typing import Callable
 import mlflow
 import pyarrow.parquet as pq
 import torch
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.tracking import MlflowClient
 
 from openclaw.config import Config
@@ -45,17 +46,42 @@ def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sour
     # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements,
-                                        registered_model_name=config.tracking.register_as)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    # The model is the run's LoggedModel, as `log_model` inside the run would make it, but made here: inside
+    # the run, MLflow links the run's metrics of step 0 to the model, reading the whole history of every metric
+    # of the run to find them (a request each, 48 on digits); the model gets its final evaluation instead.
+    logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id, params=run.data.params,
+                                            experiment_id=run.info.experiment_id)
+    info = mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, input_example=example,
+                                    pip_requirements=requirements, registered_model_name=config.tracking.register_as)
+    final = final_points(client, run_id, [k for k in run.data.metrics if k.startswith(LINKED_METRICS)])
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=max((m.step for m in final), default=0))])
+    # The same points (key, value, time and step) with the model's id: the run's histories gain no point.
+    client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id)
+                                      for m in final])
     with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
         torch.save(model.state_dict(), os.path.join(d, "model.pt"))
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(redacted(config.resolved()), f, indent=2)
-        MlflowClient(uri).log_artifacts(run_id, d, OPENCLAW_MODEL_DIR)
+        client.log_artifacts(run_id, d, OPENCLAW_MODEL_DIR)
     if config.tracking.register_as:
         print(f"openclaw: registered the model as models:/{config.tracking.register_as}/"
               f"{info.registered_model_version}", flush=True)
+
+
+LINKED_METRICS = ("val/", "train/loss")
+"""The metrics whose last points are linked to the logged model (MLflow shows them with the model)."""
+
+
+def final_points(client: MlflowClient, run_id: str, keys: list[str]) -> list[Metric]:
+    """The last logged point of each of `keys` (its largest step, the latest at that step)."""
+    out = []
+    for key in sorted(keys):
+        history = client.get_metric_history(run_id, key)
+        if history:
+            out.append(max(history, key=lambda m: (m.step, m.timestamp)))
+    return out
 
 
 def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
