@@ -134,20 +134,24 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a sqlite store and served artifacts; stop/start keep the data.
     Without MLflow's job runner, as `make mlflow-server` runs it (eight more processes that training never uses)."""
 
-    def __init__(self, root: Path, *extra: str, env: dict | None = None):
-        self.root, self.extra, self.env = root, list(extra), env
+    def __init__(self, root: Path, *extra: str, env: dict | None = None, log: Path | None = None):
+        """`log`: a file for the server's output, its access log included (default: discarded)."""
+        self.root, self.extra, self.env, self.log = root, list(extra), env, log
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
 
     def start(self) -> None:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(self.env or {})})
+        if self.log:
+            out.close()  # the server holds its own copy
         import urllib.error
         import urllib.request
         deadline = time.monotonic() + 120

@@ -14,10 +14,12 @@ from mlflow.tracking import MlflowClient
 
 import openclaw
 from conftest import MlflowServer, digits_config
+from openclaw.advice.facts import WINDOW_KEYS
 from openclaw.advice.report import _histories, advise_logged_run
 from openclaw.data.sampler import position_of
 from openclaw.data.sources import resolve
 from openclaw.engine.optim import lr_at
+from openclaw.tracking.model import LINKED_METRICS
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +177,7 @@ def test_a_basic_auth_server_works_with_the_standard_credentials(ray_local, digi
                    f"database_uri = sqlite:///{root / 'users.db'}\nadmin_username = admin\n"
                    "admin_password = s3cret-Pass-1234\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    srv = MlflowServer(root, "--app-name", "basic-auth",
+    srv = MlflowServer(root, "--app-name", "basic-auth", log=root / "server.log",
                        env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-key"})
     srv.start()
     try:
@@ -187,7 +189,12 @@ def test_a_basic_auth_server_works_with_the_standard_credentials(ray_local, digi
         cfg = digits_config(digits_dir, tmp_path, srv.uri, name="auth", **{
             "train.max_steps": 40, "train.log_every": 10, "train.eval_every": 0, "checkpoint.every_steps": 20})
         result = openclaw.train(cfg)
+        # Each request costs this server its password hash: the run reads back only the histories its
+        # advice is built from and those it links to the logged model, not one per metric of the run.
+        reads = (root / "server.log").read_text().count("/metrics/get-history")
         run = MlflowClient(srv.uri).get_run(result.run_id)
+        linked = [k for k in run.data.metrics if k.startswith(LINKED_METRICS)]
+        assert 0 < reads <= len(WINDOW_KEYS) + len(linked) < len(run.data.metrics), (reads, len(run.data.metrics))
         assert [m.step for m in MlflowClient(srv.uri).get_metric_history(result.run_id, "train/loss")] == [10, 20, 30, 40]
         assert run.info.status == "FINISHED"
     finally:
