@@ -15,11 +15,12 @@ from mlflow.tracking import MlflowClient
 import openclaw
 from conftest import MlflowServer, digits_config
 from openclaw.advice.facts import WINDOW_KEYS
-from openclaw.advice.report import _histories, advise_logged_run
+from openclaw.advice.report import advise_logged_run
 from openclaw.data.sampler import position_of
 from openclaw.data.sources import resolve
 from openclaw.engine.optim import lr_at
 from openclaw.tracking.model import LINKED_METRICS
+from openclaw.tracking.run import metric_histories
 
 pytestmark = pytest.mark.integration
 
@@ -232,8 +233,9 @@ def _refused_op_test(proxy, server, digits_dir, tmp_path, capsys):
     # Through the server, the advice reads each history (8 requests at a time, in key order) and the events
     # (their parts in one download), as `events.json` has them.
     keys = sorted(client.get_run(result.run_id).data.metrics)
-    assert _histories(client, result.run_id, keys) == [
-        [(m.step, m.value) for m in client.get_metric_history(result.run_id, k)] for k in keys]
+    points = lambda history: [(m.key, m.step, m.value, m.timestamp) for m in history]  # noqa: E731
+    assert [points(h) for h in metric_histories(client, result.run_id, keys)] == [
+        points(client.get_metric_history(result.run_id, k)) for k in keys]
     assert openclaw.events(result.run_id, tracking_uri=server.uri) == json.load(
         open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
     _, facts, source = advise_logged_run(result.run_id, server.uri)

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 import openclaw
 from conftest import committed_batches, digits_config, live_workers, newest_logged_step
+from openclaw.tracking.model import LINKED_METRICS
 from openclaw.tracking.writer import ATTEMPT_EVENTS
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,7 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
     (logged_model,) = models
     assert logged_model.params == run.data.params and logged_model.status == LoggedModelStatus.READY
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged_model.model_id, 300)]
-    linked = {k: v for k, v in run.data.metrics.items() if k.startswith(("val/", "train/loss"))}
+    linked = {k: v for k, v in run.data.metrics.items() if k.startswith(LINKED_METRICS)}
     assert sorted(linked) == ["train/loss", "val/accuracy", "val/loss"]
     assert {m.key: (m.step, m.value, m.run_id) for m in logged_model.metrics} == {
         k: (300, v, result.run_id) for k, v in linked.items()}

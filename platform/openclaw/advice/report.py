@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import yaml
@@ -26,6 +25,7 @@ from openclaw.advice.rules import advise
 from openclaw.config import Config, validate
 from openclaw.errors import ConfigError
 from openclaw.tracking.redact import public_uri, scrub
+from openclaw.tracking.run import metric_histories
 from openclaw.tracking.writer import ATTEMPT_EVENTS, read_events
 
 log = logging.getLogger("openclaw")
@@ -115,25 +115,14 @@ def _no_progress_bars():
 def _logged_facts(client: MlflowClient, run, config: Config, wall_s: float | None = None) -> tuple[Facts, int]:
     run_id = run.info.run_id
     keys = [k for k in WINDOW_KEYS if k in run.data.metrics]
-    history = dict(zip(keys, _histories(client, run_id, keys)))
+    history = {k: [(m.step, m.value) for m in points]
+               for k, points in zip(keys, metric_histories(client, run_id, keys))}
     with _no_progress_bars():
         notes = run_notes(run, read_events(client, run_id))
     if wall_s is not None:
         notes.wall_s = wall_s
     windows = len({step for points in history.values() for step, _ in points})
     return facts_from_history(config, history, notes), windows
-
-
-def _histories(client: MlflowClient, run_id: str, keys: list[str]) -> list[list[tuple[int, float]]]:
-    """Each key's (step, value) history: one request per key, 8 at a time over HTTP (a tracking server
-    answers them in parallel; a basic-auth one spends most of each request checking the password)."""
-    def history(key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-
-    if not client.tracking_uri.startswith(("http://", "https://")):
-        return [history(k) for k in keys]
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="openclaw-advice") as pool:
-        return list(pool.map(history, keys))
 
 
 def run_notes(run, events: list[dict[str, Any]]) -> RunNotes:

@@ -21,7 +21,7 @@ from openclaw.data.sources import Source, column_to_numpy, resolve
 from openclaw.engine.model_io import build_from_config, load_model_dir
 from openclaw.errors import CheckpointError
 from openclaw.tracking.redact import redacted
-from openclaw.tracking.run import OPENCLAW_MODEL_DIR, source_run
+from openclaw.tracking.run import OPENCLAW_MODEL_DIR, metric_histories, source_run
 
 
 def resolve_sources(d: DataConfig) -> dict[str, Source]:
@@ -76,12 +76,7 @@ LINKED_METRICS = ("val/", "train/loss")
 
 def final_points(client: MlflowClient, run_id: str, keys: list[str]) -> list[Metric]:
     """The last logged point of each of `keys` (its largest step, the latest at that step)."""
-    out = []
-    for key in sorted(keys):
-        history = client.get_metric_history(run_id, key)
-        if history:
-            out.append(max(history, key=lambda m: (m.step, m.timestamp)))
-    return out
+    return [max(h, key=lambda m: (m.step, m.timestamp)) for h in metric_histories(client, run_id, sorted(keys)) if h]
 
 
 def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
