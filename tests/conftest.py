@@ -102,6 +102,13 @@ def newest_logged_step(run_dir, pid) -> int:
     return max(steps, default=-1)
 
 
+def exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped): no process has it now."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def live_workers(run_dir) -> set[int]:
     """The pids of a run's live training workers, from the sample ledgers they write (`rank<r>-<pid>.jsonl`):
     this run's alone, whatever else runs on the machine."""

@@ -1,9 +1,12 @@
 """End to end on a real local Ray instance, a real MLflow sqlite store, and real worker SIGKILLs."""
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -12,7 +15,8 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from conftest import committed_batches, digits_config, live_workers, newest_logged_step
+from conftest import committed_batches, digits_config, exited_pid, live_workers, newest_logged_step
+from openclaw.runtime import staging
 from openclaw.tracking.model import LINKED_METRICS
 from openclaw.tracking.writer import ATTEMPT_EVENTS
 
@@ -122,11 +126,24 @@ def test_three_random_sigkills_with_async_checkpoints_lose_and_repeat_nothing_an
                     break
                 time.sleep(0.005)
 
+    # What a worker killed in the middle of a save leaves in the node's temp folder (here, before the run):
+    # the next worker of this host removes it, and leaves a live process's folder alone.
+    tmp, host = Path(tempfile.gettempdir()), staging._host()
+    planted = {"exited": tmp / f"{staging.PREFIX}{host}-{exited_pid()}-test01",
+               "live": tmp / f"{staging.PREFIX}{host}-{os.getpid()}-test02"}
+    for d in planted.values():
+        d.mkdir()
+        (d / "model.pt").write_bytes(b"x" * 1024)
+
     killer = threading.Thread(target=kill_at_random_steps)
     killer.start()
     result = openclaw.train(cfg)
     killer.join()
     assert len(killed) == 3, f"killed {killed}, targets {targets}"
+    assert not planted["exited"].exists() and (planted["live"] / "model.pt").exists()
+    shutil.rmtree(planted["live"])
+    # Nor is any folder of the killed workers left: each restart's workers removed their predecessors'.
+    assert not [d for d in tmp.glob(f"{staging.PREFIX}{host}-*") if not staging._alive(int(d.name.split("-")[-2]))]
     assert result.metrics["step"] == 600
 
     # Every sample position exactly once per epoch, in the order of the clean run.

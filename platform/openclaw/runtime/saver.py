@@ -15,7 +15,6 @@ the workers return or exit.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from openclaw.errors import CheckpointError
 from openclaw.tracking.redact import redacted
 from openclaw.runtime.checkpoint_store import (checkpoint_dir_name, files_under, publish, publish_dir,
                                                publish_manifest, to_host)
+from openclaw.runtime.staging import new_staging_dir, remove_stale, staging_dir
 
 
 def should_save(step: int, cfg: Config) -> bool:
@@ -52,6 +52,7 @@ class Saver:
         self.config = redacted(config)  # what checkpoints keep: the model's config, never a credential
         self.rank, self.run_dir, self.background = rank, run_dir, background
         self.sharded = engine.strategy.sharded
+        remove_stale()  # what a killed worker of this node left in the middle of a save
         self.fs, self.root = storage_filesystem(run_dir)
         # DCP's background writes run collectives of their own: never on the training's group.
         self._group = dist.new_group(backend="gloo") if self.sharded and background and _distributed() else None
@@ -106,14 +107,14 @@ class Saver:
     def _save_now(self, metrics: dict[str, float]) -> None:
         if self.sharded:
             dest = f"{self.root.rstrip('/')}/{self._agreed_name()}"
-            with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
+            with staging_dir() as d:
                 save_shards(self.engine.state_dict(), f"{d}/{SHARDS_DIR}")
                 files = self._gather({"files": self._publish_shards(d, dest)})
             if self.rank == 0:
                 publish_manifest(self.fs, dest, self.state.step, ckpt_io.SHARDED, files)
             self._report(self.state.step, metrics, dest, mode="sync")
             return
-        with tempfile.TemporaryDirectory(prefix="openclaw-ckpt-") as d:
+        with staging_dir() as d:
             checkpoint, name = None, checkpoint_dir_name()
             if self.rank == 0:
                 es = self.engine.state_dict()
@@ -128,7 +129,7 @@ class Saver:
         dest = f"{self.root.rstrip('/')}/{self._agreed_name()}" if self.sharded else None
         self._outstanding = {"step": self.state.step, "stall_s": 0.0, "path": dest, "metrics": dict(metrics)}
         if self.sharded:
-            local = tempfile.mkdtemp(prefix="openclaw-ckpt-")
+            local = new_staging_dir()
             future = async_save_shards(self.engine.state_dict(), f"{local}/{SHARDS_DIR}", self._group)
             small = self._small_parts() if self.rank == 0 else None
             self._start(lambda: self._finish_shards(future, local, dest, small))
@@ -146,7 +147,7 @@ class Saver:
         self._thread.start()
 
     def _write_whole(self, snapshot: dict, state: dict, config: dict) -> None:
-        local = tempfile.mkdtemp(prefix="openclaw-ckpt-")
+        local = new_staging_dir()
         try:
             ckpt_io.save(local, model=snapshot["model"], state=state, config=config,
                          trainer={k: v for k, v in snapshot.items() if k != "model"})
