@@ -50,10 +50,17 @@ def ray_local():
 _EMPTY_STORE: list[Path] = []
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_the_empty_store():
+    yield
+    for db in _EMPTY_STORE:
+        shutil.rmtree(db.parent, ignore_errors=True)
+
+
 def sqlite_store(path: Path) -> str:
-    """The URI of a new, empty MLflow sqlite store at `path`: a copy of one this session created once.
-    Creating one runs MLflow's schema migrations, 2-3 s on 2 cores; the CLI and job tests still create
-    theirs as a user's first run does."""
+    """The URI of a new, empty MLflow sqlite store at `path`: a copy of one this session created once
+    (and removes at its end). Creating one runs MLflow's schema migrations, 2-3 s on 2 cores; the CLI
+    and job tests still create theirs as a user's first run does."""
     if not _EMPTY_STORE:
         empty = Path(tempfile.mkdtemp(prefix="openclaw-empty-store-")) / "mlflow.db"
         from mlflow.tracking import MlflowClient
