@@ -170,6 +170,16 @@ def test_files_and_functions_stay_small():
     assert long_files == [] and long_functions == []
 
 
+def test_no_unused_import_undefined_name_or_unused_variable():
+    """Pyflakes' checks (ruff's `F` rules, pyproject's `[tool.ruff]`) over the package, the tests, the
+    benches, the jobs and the data scripts."""
+    import subprocess
+    root = PKG.parents[1]
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
+                          "platform", "tests", "bench", "jobs", "data", "deploy"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_no_subpackage_shadows_an_sdk_function():
     """`import openclaw.<x>` sets the attribute <x> on the package: a subpackage named like an SDK
     function (`openclaw.sweep`) would replace the function once anything imported it."""

@@ -145,7 +145,7 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
         size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * num_params))
         return choice, size, failed
     finally:
-        del step, model
+        step = model = None  # their memory goes before the cache is emptied
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
