@@ -291,7 +291,7 @@ def test_every_rule_is_quiet_when_nothing_was_measured():
 
 def _window(data, compute, ckpt, **more):
     return {"perf/step_data_s": data, "perf/step_compute_s": compute, "perf/step_checkpoint_s": ckpt,
-            "perf/data_wait_frac": data / (data + compute + ckpt), **more}
+            "perf/step_net_compute_s": compute, "perf/data_wait_frac": data / (data + compute + ckpt), **more}
 
 
 def test_steady_windows_leave_out_each_attempts_first_and_know_their_length():
@@ -318,6 +318,18 @@ def test_history_facts_are_medians_but_checkpoints_and_step_time_are_ratios_of_s
     assert f.data_wait_frac == pytest.approx(0.1) and f.micro_batch_s == pytest.approx(0.045)
     assert f.peak_memory_bytes == 50e6 and f.memory_capacity_bytes == 1e9 and f.device_type == "cpu"
     assert f.straggler_index is None and f.mfu is None  # not measured: None, and the rules stay quiet
+
+
+def test_a_micro_batchs_compute_is_the_median_ranks_net_compute_not_rank_0s_less_anothers_wait():
+    # rank 0 logs 5 ms of compute (its 1 ms wait in); rank 1 waited 6 ms on it: the largest wait
+    history = {k: [(s, v) for s in (10, 20, 30)] for k, v in
+               {"perf/step_compute_s": 0.005, "perf/step_comm_s": 0.006, "perf/step_net_compute_s": 0.0025}.items()}
+    f = facts_from_history(cfg(), history, RunNotes(attempt_starts=[0], world_size=2, accumulation=2))
+    assert f.micro_batch_s == pytest.approx(0.00125)
+    rec = sr.rule_small_micro_batch(f)
+    assert rec is not None and "computes in 1.25 ms" in rec.finding
+    assert facts_from_history(cfg(), {k: v for k, v in history.items() if k != "perf/step_net_compute_s"},
+                              RunNotes(attempt_starts=[0], accumulation=2)).micro_batch_s is None
 
 
 def test_the_device_is_read_from_the_precision_reason():

@@ -35,10 +35,21 @@ def test_64_ranks_one_straggler_makes_the_others_wait():
     assert out["perf/rank37/compute_frac"] == pytest.approx(2.0 / 2.2)
     assert out["perf/comm_frac"] == pytest.approx(1.0 / 2.2)
     assert out["perf/step_comm_s"] == pytest.approx(0.1)
+    assert out["perf/step_net_compute_s"] == pytest.approx(0.1)  # the median rank: 2 s less 1 s waiting, per step
     for i in (0, 37, 63):  # the five parts are the whole of each rank's wall time
         parts = [out[f"perf/rank{i}/{k}_frac"] for k in ("data", "compute", "comm", "checkpoint", "idle")]
         assert sum(parts) == pytest.approx(1.0)
         assert out[f"perf/rank{i}/idle_frac"] == pytest.approx(0.1 / 2.2)
+
+
+def test_net_compute_is_one_ranks_compute_less_its_own_wait_never_less_than_zero():
+    # rank 0 computes 0.4 s and waits 0.1 s; rank 1 computes 0.1 s and waits 0.6 s for rank 0's slow
+    # start: rank 0's compute with its wait in (0.5 s) less the largest wait (0.6 s) would be negative
+    out = rank_breakdown(_vector(2, [(0.0, 0.5, 0.1, 0.0, 0.6), (0.0, 0.7, 0.6, 0.0, 0.8)]))
+    assert out["perf/step_comm_s"] == pytest.approx(0.06)
+    assert out["perf/step_net_compute_s"] == pytest.approx((0.04 + 0.01) / 2)
+    three = rank_breakdown(_vector(3, [(0.0, 0.5, 0.1, 0.0, 0.6), (0.0, 0.7, 0.6, 0.0, 0.8), (0.0, 0.3, 0.0, 0.0, 0.3)]))
+    assert three["perf/step_net_compute_s"] == pytest.approx(0.03)
 
 
 def test_balanced_ranks_have_index_one_and_checkpoint_time_is_not_idle():

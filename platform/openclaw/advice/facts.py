@@ -20,7 +20,7 @@ from openclaw.advice import batching
 from openclaw.advice.measured import Facts
 
 WINDOW_KEYS = ("perf/data_wait_frac", "perf/step_data_s", "perf/step_compute_s", "perf/step_checkpoint_s",
-               "perf/step_comm_s", "perf/comm_frac", "perf/idle_frac", "perf/straggler_index", "perf/slowest_rank",
+               "perf/step_net_compute_s", "perf/comm_frac", "perf/idle_frac", "perf/straggler_index", "perf/slowest_rank",
                "perf/samples_per_s", "perf/mfu", "perf/peak_memory_bytes", "perf/memory_capacity_bytes",
                "perf/param_bytes_per_rank", "perf/grad_bytes_per_rank", "perf/optimizer_bytes_per_rank", "perf/state_bytes_per_rank",
                "perf/graph_breaks", "perf/recompiles", "train/grad_noise_scale_smooth")
@@ -164,10 +164,10 @@ def _compute_frac(windows) -> float | None:
 
 
 def _micro_batch_s(windows, accumulation: int | None) -> float | None:
+    """A micro-batch's compute: the median rank's compute per step, collective wait out, per micro-batch."""
     if not accumulation:
         return None
-    values = [(w["perf/step_compute_s"] - w.get("perf/step_comm_s", 0.0)) / accumulation
-              for w in windows if "perf/step_compute_s" in w]
+    values = [w["perf/step_net_compute_s"] / accumulation for w in windows if "perf/step_net_compute_s" in w]
     return statistics.median(values) if values else None
 
 

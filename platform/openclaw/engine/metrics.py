@@ -78,6 +78,9 @@ def rank_breakdown(summed: list[float]) -> dict[str, float]:
     - `perf/rank<i>/{data,compute,comm,checkpoint,idle}_frac`: of rank i's wall time, summing to one;
       idle is what none of the others account for: the loop's own work, logging, evaluation;
     - `perf/comm_frac`, `perf/idle_frac`, `perf/step_comm_s`: the largest rank's;
+    - `perf/step_net_compute_s`: the median rank's compute per step, its exposed collective wait out
+      (rank 0's `perf/step_compute_s` less another rank's wait would mix ranks: a rank that waits on a
+      slow one can wait longer than the other computes);
     - `perf/straggler_index`: the busiest rank's busy time (data + compute) over the median rank's, and
       `perf/slowest_rank`. A slow rank makes the others wait in the collectives, so their comm grows
       while its own busy time stands out.
@@ -99,6 +102,7 @@ def rank_breakdown(summed: list[float]) -> dict[str, float]:
     if comm_known:
         out["perf/comm_frac"] = max(out[f"perf/rank{i}/comm_frac"] for i in range(len(ranks)))
         out["perf/step_comm_s"] = max(r["comm"] / max(1.0, r["steps"]) for r in ranks)
+    out["perf/step_net_compute_s"] = statistics.median(r["compute"] / max(1.0, r["steps"]) for r in ranks)
     busy = [r["data"] + r["compute"] for r in ranks]
     median = statistics.median(busy)
     slowest = max(range(len(busy)), key=busy.__getitem__)
