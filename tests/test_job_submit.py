@@ -33,20 +33,41 @@ def _free_port() -> int:
 
 @pytest.fixture
 def head(tmp_path):
-    """A real head node on 127.0.0.1 whose processes cannot import the installed openclaw."""
-    hide_dir = tmp_path / "hide"
-    hide_dir.mkdir()
-    (hide_dir / "sitecustomize.py").write_text(HIDE_INSTALLED)
+    """A real head node on 127.0.0.1 whose processes cannot import the installed openclaw: (the job
+    server's address, the environment to reach it with)."""
+    dash, _, env, temp_dir = _start_head(tmp_path, hide_openclaw=True)
+    try:
+        yield dash, env
+    finally:
+        _kill_cluster(temp_dir)
+
+
+@pytest.fixture
+def plain_head(tmp_path):
+    """A real head node on 127.0.0.1 where openclaw is installed, as on a cluster built from its image:
+    (the GCS address a driver joins, the environment to reach it with)."""
+    _, gcs, env, temp_dir = _start_head(tmp_path, hide_openclaw=False)
+    try:
+        yield gcs, env
+    finally:
+        _kill_cluster(temp_dir)
+
+
+def _start_head(tmp_path, hide_openclaw: bool) -> tuple[str, str, dict, str]:
     temp_dir = f"/tmp/oc-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "PYTHONPATH": str(hide_dir), "OPENCLAW_TEST_HIDE_PATH": str(REPO / "platform"),
-           "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    probe = subprocess.run([sys.executable, "-c", "import openclaw"], env=env, capture_output=True)
-    assert probe.returncode != 0, "the test cannot hide the installed openclaw"
+    if hide_openclaw:
+        hide_dir = tmp_path / "hide"
+        hide_dir.mkdir()
+        (hide_dir / "sitecustomize.py").write_text(HIDE_INSTALLED)
+        env.update(PYTHONPATH=str(hide_dir), OPENCLAW_TEST_HIDE_PATH=str(REPO / "platform"))
+        probe = subprocess.run([sys.executable, "-c", "import openclaw"], env=env, capture_output=True)
+        assert probe.returncode != 0, "the test cannot hide the installed openclaw"
     for attempt in range(2):  # a start on a loaded 2-core machine can fail; retry once on fresh ports
-        dash = _free_port()
+        dash, gcs = _free_port(), _free_port()
         r = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-                            f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                            f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                             "--num-cpus=6",
                             # fresh ports: agents of an earlier cluster on this machine may still hold the defaults
                             f"--dashboard-agent-listen-port={_free_port()}",
@@ -57,10 +78,7 @@ def head(tmp_path):
             break
         _kill_cluster(temp_dir)
     assert r.returncode == 0, f"ray start --head failed twice:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        _kill_cluster(temp_dir)
+    return f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env, temp_dir
 
 
 def _kill_cluster(temp_dir: str) -> None:
@@ -133,3 +151,28 @@ def test_submit_without_token_is_refused(head):
 def _plain(text: str) -> str:
     """Ray's CLI output without its terminal colours."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_the_cli_joins_a_running_cluster_with_address_and_verbose_shows_its_workers_logs(plain_head, digits_dir,
+                                                                                         tmp_path):
+    gcs, env = plain_head
+    cmd = [str(BIN / "openclaw"), "train", str(REPO / "jobs" / "configs" / "digits.yaml"), "--address", gcs,
+           "--set", f"data.train={digits_dir / 'train'}", "--set", f"data.val={digits_dir / 'val'}",
+           "--set", f"checkpoint.storage={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+           "--set", "train.max_steps=20", "--set", "train.eval_every=0"]
+    quiet = subprocess.run(cmd + ["--set", "name=quiet"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    loud = subprocess.run(cmd + ["--set", "name=loud", "--verbose"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    for r in (quiet, loud):
+        assert r.returncode == 0 and "step 20/20" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    said = {name: _plain(r.stdout + r.stderr) for name, r in (("quiet", quiet), ("loud", loud))}
+    # Both joined the running cluster; neither started an instance of its own.
+    assert all("Started a local Ray instance" not in out for out in said.values())
+    port = gcs.rsplit(":", 1)[1]  # Ray names the host by the node's address
+    assert re.search(rf"Connecting to existing Ray cluster at address: [0-9.]+:{port}\.\.\.", said["loud"])
+    # --verbose streams the controller's and the workers' logs to the console; without it, none.
+    assert "(RayTrainWorker pid=" in said["loud"] and "(TrainController pid=" in said["loud"]
+    assert "(RayTrainWorker pid=" not in said["quiet"] and "(TrainController pid=" not in said["quiet"]
+    # openclaw's drain watcher starts without actor handles in its arguments: no Ray error line about them.
+    assert "has constructor arguments in the object store" not in said["loud"]

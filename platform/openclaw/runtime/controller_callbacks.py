@@ -173,10 +173,12 @@ class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
                 # Ray's knob, read here in the controller as Ray's own callback reads it.
                 poll_interval_s = float(os.environ.get(PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
                                                        DEFAULT_PREEMPTION_POLL_INTERVAL_S))
+                # No actor handle among the constructor's arguments: Ray would keep them in the object store,
+                # which a restart of the watcher (max_restarts) needs alive, and log an error line at every
+                # run's start saying so (ray-project/ray#53727). The handles go in the first `retarget`.
                 self._watcher = ray.remote(num_cpus=0, max_restarts=-1)(RunPreemptionWatcher).remote(
-                    node_to_ranks=node_to_ranks, poll_interval_s=poll_interval_s, worker_actors_by_rank=actors)
-            else:
-                self._watcher.retarget.remote(node_to_ranks, actors)
+                    node_to_ranks={}, poll_interval_s=poll_interval_s)
+            self._watcher.retarget.remote(node_to_ranks, actors)
         except Exception as e:  # training goes on; a drain then ends as a worker failure, from the last checkpoint
             log.warning("openclaw: no preemption notices for this worker group: %s", e)
 
