@@ -151,6 +151,9 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path, tune_sav
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "sweep done: 2 finished, 0 stopped early, 0 failed" in second.stdout
+    # Without --verbose, openclaw's lines alone: not Tune's banner, folder or TensorBoard command.
+    assert not re.search(r"Configuration for experiment|View detailed results here|tensorboard", second.stdout), \
+        second.stdout[-3000:]
     started_again = f"trial {finished} started" in second.stdout
     reported = (f"trial {finished} had finished before the sweep's driver stopped (not run again); it ended at "
                 f"step 100") in second.stdout

@@ -81,6 +81,21 @@ def env_without(names: tuple[str, ...]) -> Iterator[dict[str, str]]:
         os.environ.update(taken)
 
 
+@contextlib.contextmanager
+def env_with(values: dict[str, str]) -> Iterator[None]:
+    """This process's environment with `values` set for a while (what was there before, put back after)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def apply_secret_env(secrets: dict[str, str]) -> None:
     """In a process of the job: the driver's credentials, where this process has none of its own."""
     for key, value in secrets.items():

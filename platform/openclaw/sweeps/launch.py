@@ -110,13 +110,22 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     try:
         # Tune copies the driver's AWS credentials into its trial actors' runtime env; the trials get them
         # as the `secrets` parameter instead.
-        with constants.env_without(constants.TUNE_PROPAGATED_SECRETS):
+        with constants.env_without(constants.TUNE_PROPAGATED_SECRETS), constants.env_with(_tune_output(verbose)):
             grid = tuner.fit()
     except BaseException:
         with contextlib.suppress(Exception):
             client.set_terminated(parent_id, status="KILLED")
         raise
     return _finish(client, grid, s, config.train.max_steps, parent_id, exp_id, uri)
+
+
+def _tune_output(verbose: bool) -> dict[str, str]:
+    """Without --verbose, Tune's own console output goes: openclaw prints each trial's start and end, and
+    the best. Tune's reporter prints its banner (a table, the experiment folder, a TensorBoard command for
+    logs openclaw does not keep) whatever the verbosity; its older reporter prints nothing at verbosity 0."""
+    if verbose or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        return {}
+    return {"RAY_AIR_NEW_OUTPUT": "0"}
 
 
 def _check_resume(config: Config, storage: str, exp_path: str, resume: bool) -> None:
