@@ -1,10 +1,11 @@
-"""A run's events are readable while it runs (from their parts) and after (from `events.json`)."""
+"""A run's events are readable while it runs (from their parts) and after (from `events.json`); the console line
+of an attempt names its mesh."""
 import json
 
 from mlflow.tracking import MlflowClient
 
 import openclaw
-from openclaw.tracking.writer import EVENTS_FILE, MlflowWriter
+from openclaw.tracking.writer import EVENTS_FILE, MlflowWriter, mesh_words
 
 
 def test_events_are_read_in_order_while_the_run_goes_on_and_match_events_json_at_the_end(tmp_path):
@@ -40,3 +41,13 @@ def test_a_run_from_before_parts_reads_its_events_json_and_a_run_without_events_
     client.log_text(old, json.dumps(logged), EVENTS_FILE)
     assert read_events(client, old) == logged
     assert read_events(client, empty) == []
+
+
+def test_the_start_line_names_the_mesh_unless_every_worker_is_a_replica():
+    mesh = lambda pipeline=1, replicate=1, shard=1, tensor=1: dict(pipeline=pipeline, replicate=replicate,  # noqa: E731
+                                                                   shard=shard, tensor=tensor)
+    assert mesh_words(mesh(replicate=64)) == "" and mesh_words(mesh()) == "" and mesh_words(None) == ""
+    assert mesh_words(mesh(shard=2)) == " (mesh shard 2)"
+    assert mesh_words(mesh(tensor=2)) == " (mesh tensor 2)"
+    assert mesh_words(mesh(replicate=2, shard=2)) == " (mesh replicate 2 x shard 2)"
+    assert mesh_words(mesh(pipeline=4, shard=4, tensor=4)) == " (mesh pipeline 4 x shard 4 x tensor 4)"

@@ -45,6 +45,7 @@ def test_fsdp_example_beats_the_unigram_baseline_loads_whole_and_resumes_on_one_
     common = {"train.eval_every": 0, "checkpoint.every_steps": 50, "train.log_every": 25}
     first = openclaw.train(_config(text_dir, tmp_path, mlflow_uri, **common, **{"train.max_steps": 150}))
     assert first.metrics["val/loss"] < unigram - 0.5, (first.metrics, unigram)
+    assert "start at step 0/150 with 2 worker(s) (mesh shard 2), accumulation" in capsys.readouterr().out
     checkpoint = first.checkpoint
     manifest = json.loads(open(f"{checkpoint}/manifest.json").read())
     assert manifest["format"] == "sharded" and {"model/__0_0.distcp", "model/__1_0.distcp"} <= set(manifest["files"])
@@ -139,11 +140,13 @@ def test_fsdp_two_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ra
 @pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "gpipe"}],
                          ids=["tensor", "pipeline"])
 def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local, text_dir, tmp_path, mlflow_uri,
-                                                                        parallelism):
+                                                                        parallelism, capsys):
     cfg = _config(text_dir, tmp_path, mlflow_uri, **{f"parallelism.{k}": v for k, v in parallelism.items()},
                   **{"train.max_steps": 40, "train.eval_every": 20, "checkpoint.every_steps": 20,
                      "parallelism.strategy": "ddp", "train.record_samples": True})
     result = openclaw.train(cfg)
+    dim = next(k for k in ("tensor", "pipeline") if k in parallelism)
+    assert f"start at step 0/40 with 2 worker(s) (mesh {dim} 2), accumulation" in capsys.readouterr().out
     model = openclaw.load_model(result.checkpoint)
     assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)
     # one data-parallel rank: both workers trained on the same samples, recorded once

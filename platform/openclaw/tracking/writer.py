@@ -135,8 +135,8 @@ class MlflowWriter:
             cause = "resume" if self._attempts == 0 else "restart"
         self._attempts += 1
         self._op_event(cause, {**fields, "previous_world_size": previous}, t)
-        self._say(f"{cause} at step {fields['resumed_from_step']}/{fields['max_steps']} with {world} worker(s), "
-                  f"accumulation {fields['accumulation']}")
+        self._say(f"{cause} at step {fields['resumed_from_step']}/{fields['max_steps']} with {world} worker(s)"
+                  f"{mesh_words(fields.get('mesh'))}, accumulation {fields['accumulation']}")
 
     # ---- the end of a run whose server was away (written to the spool by the driver) ----------------
 
@@ -162,6 +162,15 @@ class MlflowWriter:
     def _say(self, message: str) -> None:
         if self.progress is not None:
             put_nowait(self.progress, {"message": message})
+
+
+def mesh_words(mesh: dict[str, int] | None) -> str:
+    """How the workers are laid out, for the start line (pure): `" (mesh shard 2 x tensor 2)"`, the mesh's
+    dimensions above 1 in the config's names; nothing for plain data parallelism (every worker a replica)."""
+    used = [(name, size) for name, size in (mesh or {}).items() if size > 1]
+    if not used or [name for name, _ in used] == ["replicate"]:
+        return ""
+    return " (mesh " + " x ".join(f"{name} {size}" for name, size in used) + ")"
 
 
 def sync_spool(path: str, tracking_uri: str | None = None, trust_code: bool = False) -> int:
