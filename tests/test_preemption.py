@@ -70,7 +70,7 @@ def test_sigterm_to_a_worker_checkpoints_at_once_and_resumes_from_that_step(ray_
                                                                        if got[s] != want[s]]
 
 
-def test_sigterm_to_the_driver_checkpoints_stops_and_the_same_command_resumes(digits_dir, tmp_path):
+def test_sigterm_or_ctrl_c_to_the_driver_checkpoints_stops_and_the_same_command_resumes(digits_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "openclaw.cli", "train", str(REPO / "jobs" / "configs" / "digits.yaml"),
            "--set", f"data.train={digits_dir / 'train'}", "--set", f"data.val={digits_dir / 'val'}",
@@ -91,9 +91,26 @@ def test_sigterm_to_the_driver_checkpoints_stops_and_the_same_command_resumes(di
     assert 300 <= stopped < 1500 and stopped % 1000, out  # not a scheduled checkpoint: the stop's own
     assert "Traceback" not in out
 
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resume at step {stopped}/1500" in again.stdout
+    # The same command resumes there; Ctrl-C (SIGINT to its process group, as a terminal sends it) stops it
+    # the same way, where Ray Train's own handler would abort the run and lose the steps since its checkpoint.
+    again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
+                             start_new_session=True)
+    lines = []
+    for line in again.stdout:
+        lines.append(line)
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= stopped + 100:
+            os.killpg(again.pid, signal.SIGINT)
+            break
+    out = "".join(lines) + again.communicate(timeout=300)[0]
+    assert again.returncode == 130, out
+    assert f"resume at step {stopped}/1500" in out and "Ctrl-C: checkpointing at the next step" in out
+    interrupted = int(out.split("stopped at step ")[1].split()[0])
+    assert stopped + 100 <= interrupted < 1500 and interrupted % 1000, out
+    assert "Traceback" not in out
+
+    last = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert f"resume at step {interrupted}/1500" in last.stdout
 
 
 def test_ray_preemption_notice_reaches_a_restarted_group_and_is_answered_with_a_checkpoint(digits_dir, tmp_path):

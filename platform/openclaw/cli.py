@@ -18,7 +18,7 @@ from openclaw.errors import ConfigError, OpenClawError, RunStopped, UserError
 from openclaw.tracking.redact import public_uri, scrub
 
 EXIT_USER_ERROR = 2
-EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, resumable
+EXIT_STOPPED = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal: stopped on request, resumable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except RunStopped as e:
         print(f"openclaw: {e}", file=sys.stderr)
-        return EXIT_STOPPED
+        return EXIT_STOPPED.get(e.signal_name, 143)
     except OpenClawError as e:
         if args.debug:
             traceback.print_exc()

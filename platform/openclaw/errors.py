@@ -40,6 +40,11 @@ class WorkerPreempted(OpenClawError):
 class RunStopped(OpenClawError):
     """The driver was asked to stop (SIGTERM, Ctrl-C); the run checkpointed and can be resumed."""
 
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+        """The signal that asked: "SIGTERM" or "SIGINT" (Ctrl-C); the CLI exits with 128 + its number."""
+
 
 class UntrustedCodeError(UserError):
     """A checkpoint, logged model or spool names code that loading it would import and run, and the user

@@ -110,7 +110,21 @@ class OpenclawTorchTrainer(TorchTrainer):
     controller's shutdown waits out its 12 s stop timeout; with the file of another live cluster it would
     find no such controller and remove this run's placement group. Such an instance shuts down with the
     process that started it, placement groups included: the leak the cleaner guards against.
+
+    Ray Train's Ctrl-C handler, which aborts the run at the first Ctrl-C and loses the steps since the
+    last checkpoint, is not installed: the session's handler checkpoints first (`launch.session`), and
+    aborts the run through `abort` at a second Ctrl-C.
     """
+
+    _controller = None
+
+    def _register_sigint_handler(self, controller) -> None:
+        self._controller = controller
+
+    def abort(self) -> None:
+        """Abort Ray Train's run now, as Ray's own Ctrl-C handler would (without waiting for it)."""
+        if self._controller is not None:
+            self._controller.abort.remote()
 
     def _create_default_callbacks(self):
         unused = () if self.datasets else (DatasetsCallback,)

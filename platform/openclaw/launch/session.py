@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,8 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False, 
     if stopped_at < config.train.max_steps:  # the workers checkpointed and returned on a stop request
         session.close("KILLED")
         raise RunStopped(f"stopped at step {stopped_at} of {config.train.max_steps} on request; checkpoint "
-                         f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.")
+                         f"{checkpoint} is kept. Run the same command again to resume from step {stopped_at}.",
+                         signal_name="SIGINT" if session.stopped_by == "Ctrl-C" else "SIGTERM")
     session.close("FINISHED", checkpoint, metrics)
     return TrainResult(session.run_id, checkpoint, metrics, session.experiment_id, public_uri(session.uri))
 
@@ -91,6 +93,8 @@ class RunSession:
         self.prepared: dict[str, Any] = {}
         self.cache = self.progress = self.printer = self.control = self.tracking = self.watcher = None
         self._closed = False
+        self.stopped_by: str | None = None
+        """What asked the run to stop, if anything did: "SIGTERM" or "Ctrl-C" (the driver's signal handlers)."""
 
     def open(self, address: str | None, sources: dict[str, Source] | None = None) -> None:
         """Check (unless `sources` were), connect, prepare the data, open the MLflow run, start the helpers."""
@@ -132,10 +136,14 @@ class RunSession:
                                   for k, p in self.prepared.items()},
                             tracking=self.tracking, control=self.control, progress=self.progress,
                             job_start_time=self.job_start)
-        with _graceful_sigterm(self.control), constants.ray_train_env(self.config.failure.worker_start_timeout_s) as env:
+        with _graceful_stops(self.control) as stops, \
+                constants.ray_train_env(self.config.failure.worker_start_timeout_s) as env:
             trainer = build_trainer(self.config, {"inputs": inputs}, self.storage, self.verbose, self.progress,
                                     callbacks, watch_drains=constants.PREEMPTION_WATCHER_ENV_VAR in env)
-            return trainer.fit()
+            stops.abort = trainer.abort
+            result = trainer.fit()
+        self.stopped_by = stops.cause
+        return result
 
     def close(self, status: str, checkpoint: str | None = None, metrics: dict[str, Any] | None = None) -> None:
         """End the run with `status` (FINISHED, FAILED or KILLED): stop the helpers, deliver the tracking
@@ -188,26 +196,51 @@ class RunSession:
                         f"the trained model is in {checkpoint}."), file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _graceful_sigterm(control):
-    """While training: the first SIGTERM asks the workers to checkpoint at their next step and return
-    (a second one stops at once, as before)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
+class _Stops:
+    """What the driver's signal handlers did: the first SIGTERM or Ctrl-C asks the workers to checkpoint at
+    their next step and return (`cause` names it); a second one stops at once: SIGTERM as before, Ctrl-C
+    by aborting Ray Train's run (`abort`) and raising KeyboardInterrupt."""
 
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
-        control.request_stop.remote("SIGTERM")
-        print("openclaw: SIGTERM: checkpointing at the next step, then stopping (send it again to stop at once)",
+    def __init__(self, control):
+        self.control, self.cause, self.abort = control, None, None
+
+    def stop(self, cause: str, again: str) -> None:
+        self.cause = cause
+        self.control.request_stop.remote(cause)
+        print(f"openclaw: {cause}: checkpointing at the next step, then stopping ({again} to stop at once)",
               file=sys.stderr, flush=True)
 
+
+@contextlib.contextmanager
+def _graceful_stops(control) -> Iterator[_Stops]:
+    """While training, in the main thread: graceful SIGTERM and Ctrl-C (`_Stops`). Ray Train's own Ctrl-C
+    handler, which aborts the run at once, is left out (`OpenclawTorchTrainer`)."""
+    stops = _Stops(control)
+    if threading.current_thread() is not threading.main_thread():
+        yield stops
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, previous[signal.SIGTERM] if callable(previous[signal.SIGTERM]) else signal.SIG_DFL)
+        stops.stop("SIGTERM", "send it again")
+
+    def on_sigint(signum, frame):
+        if stops.cause is None:
+            stops.stop("Ctrl-C", "press Ctrl-C again")
+            return
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        if stops.abort is not None:
+            stops.abort()
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield
+        yield stops
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _spool_path(run_dir: str, run_id: str) -> str:
