@@ -168,6 +168,48 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path, tune_sav
     assert client.get_run(parent).info.status == "FINISHED"
 
 
+def test_ctrl_c_saves_the_sweep_ends_it_killed_and_resume_finishes_it_without_rerunning_a_finished_trial(
+        digits_dir, tmp_path):
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    cmd = [sys.executable, "-m", "openclaw.cli", "sweep", str(SWEEP)] + [
+        f"--set={k}={v}" for k, v in sweep_overrides(digits_dir, tmp_path, uri, **{
+            "train.max_steps": 100, "sweep.num_samples": 2, "sweep.max_concurrent": 1,
+            "sweep.scheduler": "none"}).items()]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ctrl-C to the driver's process group, as a terminal sends it, once the first trial has finished.
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
+                             start_new_session=True)
+    lines, finished = [], None
+    for line in first.stdout:
+        lines.append(line)
+        if m := re.search(r"trial (\S+) finished at step 100", line):
+            finished = m.group(1)
+            os.killpg(first.pid, signal.SIGINT)
+            break
+    out = "".join(lines) + first.communicate(timeout=300)[0]
+    assert finished and first.returncode == 130, out[-3000:]
+    assert "Ctrl-C: stopping the sweep" in out and "interrupted with 1 of its 2 trial(s) finished" in out
+    assert "--resume" in out and not re.search(r"Tuner.restore|Traceback|sweep done", out), out[-3000:]
+
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id],
+                                filter_string="tags.`openclaw.kind` = 'sweep'")[0].info.run_id
+    assert client.get_run(parent).info.status == "KILLED"
+    kids = {k.data.tags["openclaw.name"].rsplit("-", 1)[1]: k for k in children(client, parent)}
+    assert kids[finished].info.status == "FINISHED" and len(kids) in (1, 2)  # the next may have started
+    assert all(k.info.status == "KILLED" for name, k in kids.items() if name != finished)  # none left RUNNING
+    before = (kids[finished].info.end_time, history(client, kids[finished].info.run_id, "train/loss"))
+
+    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "sweep done: 2 finished, 0 stopped early, 0 failed" in second.stdout
+    assert f"trial {finished} started" not in second.stdout  # Tune saved it finished at the Ctrl-C
+    again = client.get_run(kids[finished].info.run_id)
+    assert (again.info.end_time, history(client, again.info.run_id, "train/loss")) == before
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert all(k.info.status == "FINISHED" for k in children(client, parent))
+
+
 def tune_saved_status(experiment: Path) -> dict[str, str]:
     """Each trial's status in the newest experiment state Tune saved in `experiment` (what `--resume` reads)."""
     states = sorted(experiment.glob("experiment_state-*.json"))  # named by the driver's start time

@@ -3,8 +3,9 @@
 One MLflow parent run per sweep holds the search space, the best trial so far (its run, metric and
 config, updated as trials finish) and a table of every trial (`sweep.parent_run`). Each trial is a
 child run (`sweep.trial`). ASHA's early stops are graceful (the trial checkpoints and returns) and recorded as
-such on the child run, not as failures. A sweep whose driver died resumes with `--resume`: Tune keeps
-finished trials finished, and unfinished ones resume their own checkpoints.
+such on the child run, not as failures. A sweep whose driver died, or that Ctrl-C stopped
+(`sweeps.interrupt`), resumes with `--resume`: Tune keeps finished trials finished, and unfinished ones
+resume their own checkpoints.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from ray import tune
 
 from openclaw import constants
 from openclaw.config import Config, validate
-from openclaw.errors import ConfigError
+from openclaw.errors import ConfigError, RunStopped
 from openclaw.launch.places import place
 from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
+from openclaw.sweeps.interrupt import graceful_interrupt
 from openclaw.sweeps.parent_run import FAILED, SweepTracker, ended_outcome
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
 from openclaw.sweeps.trial import run_trial, trial_config
@@ -110,12 +112,22 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     try:
         # Tune copies the driver's AWS credentials into its trial actors' runtime env; the trials get them
         # as the `secrets` parameter instead.
-        with constants.env_without(constants.TUNE_PROPAGATED_SECRETS), constants.env_with(_tune_output(verbose)):
+        with constants.env_without(constants.TUNE_PROPAGATED_SECRETS), \
+                constants.env_with({**_tune_output(verbose), "TUNE_DISABLE_SIGINT_HANDLER": "1"}), \
+                graceful_interrupt(verbose) as interrupt:
             grid = tuner.fit()
     except BaseException:
         with contextlib.suppress(Exception):
             client.set_terminated(parent_id, status="KILLED")
         raise
+    if interrupt.requested:
+        _close_interrupted(client, exp_id, parent_id)
+        done = sum(r.metrics.get("step") == config.train.max_steps for r in grid if r.metrics and not r.error)
+        total = grid_size(s) if s.search == "grid" else s.num_samples
+        raise RunStopped(f"sweep {config.name!r} interrupted with {done} of its {total} trial(s) finished; "
+                         f"Tune saved its state in {exp_path}. Run the same command with --resume to go on "
+                         f"(finished trials are kept, unfinished ones resume from their checkpoints).",
+                         signal_name="SIGINT")
     return _finish(client, grid, s, config.train.max_steps, parent_id, exp_id, uri)
 
 
@@ -126,6 +138,15 @@ def _tune_output(verbose: bool) -> dict[str, str]:
     if verbose or "RAY_AIR_NEW_OUTPUT" in os.environ:
         return {}
     return {"RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def _close_interrupted(client: MlflowClient, exp_id: str, parent_id: str) -> None:
+    """The parent run and the trials Tune stopped mid-run end KILLED (`--resume` reopens them)."""
+    running = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                         f"attributes.status = 'RUNNING'")
+    for run in running:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent_id, status="KILLED")
 
 
 def _check_resume(config: Config, storage: str, exp_path: str, resume: bool) -> None:
