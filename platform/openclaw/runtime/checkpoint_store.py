@@ -37,6 +37,21 @@ def checkpoints_newest_first(run_dir: str) -> list[Checkpoint]:
     return [Checkpoint(path, filesystem=fs) for path in dirs]
 
 
+def newest_finished_file(run_dir: str, name: str) -> tuple[str, bytes] | None:
+    """(checkpoint path, the bytes of its file `name`) from the run's newest checkpoint written in full (its
+    manifest there) whose file reads, or None. One small file, not a restore: `state.pt`, `config.json`."""
+    for candidate in checkpoints_newest_first(run_dir):
+        fs, folder = candidate.filesystem, candidate.path.rstrip("/")
+        try:
+            if fs.get_file_info(f"{folder}/{ckpt_io.MANIFEST}").type != pafs.FileType.File:
+                continue  # not written in full
+            with fs.open_input_stream(f"{folder}/{name}") as f:
+                return folder, f.read()
+        except Exception:  # unreadable: the restore will skip it too; try an older one
+            continue
+    return None
+
+
 def restore(run_dir: str, tracker, engine, accept: Callable[[dict[str, Any], str], None]) -> dict[str, Any] | None:
     """Load the newest checkpoint of the run's folder that passes its manifest check on every rank into
     `engine`; returns its {"state", "config", "manifest", "trainer", "path"}, or None if there is none.

@@ -19,13 +19,11 @@ from typing import Any
 
 import numpy as np
 import psutil
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
-from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, choose_micro_batch, confirm_micro_batch,
                                     cuda_peak_bytes, micro_batch_sizes, per_sample_bytes, saved_activation_bytes,
                                     state_bytes_estimate)
@@ -35,7 +33,7 @@ from openclaw.engine.parallel.build import layout_for
 from openclaw.engine.precision import Precision, choose_precision, device_facts
 from openclaw.engine.state import TrainState
 from openclaw.engine.tasks import build_task
-from openclaw.runtime.checkpoint_store import checkpoints_newest_first
+from openclaw.runtime.checkpoint_store import newest_finished_file
 from openclaw.runtime.policies import micro_batch_dp_sizes
 
 PROBE_SAMPLES = 4
@@ -111,16 +109,13 @@ def choice_key(cfg: Config, device: torch.device, precision: Precision) -> str:
 
 def stored_state(run_dir: str) -> dict[str, Any] | None:
     """The train state of the run's newest finished checkpoint (its `state.pt` alone), or None."""
-    for candidate in checkpoints_newest_first(run_dir):
-        fs, folder = candidate.filesystem, candidate.path.rstrip("/")
-        try:
-            if fs.get_file_info(f"{folder}/{ckpt_io.MANIFEST}").type != pafs.FileType.File:
-                continue  # not written in full
-            with fs.open_input_stream(f"{folder}/state.pt") as f:
-                return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        except Exception:  # unreadable: the restore will skip it too; try an older one
-            continue
-    return None
+    found = newest_finished_file(run_dir, "state.pt")
+    if found is None:
+        return None
+    try:
+        return torch.load(io.BytesIO(found[1]), map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the restore will skip it too
+        return None
 
 
 # ---- the probe -------------------------------------------------------------------------------------
