@@ -177,3 +177,20 @@ def test_a_name_is_confined_to_its_folder_and_to_mlflow_filters(name):
     with pytest.raises(ConfigError, match="`name` must start with a letter or digit"):
         load_config(None, {"name": name}, base=MIN)
     assert load_config(None, {"name": "text-lm_2.b"}, base=MIN).name == "text-lm_2.b"
+
+
+def test_a_resumed_run_may_change_anything_but_its_model_task_and_optimizer():
+    from openclaw.launch.resume_check import config_changes, is_fixed
+    before = load_config(None, ["model.kwargs.hidden=128"], base=MIN).resolved()
+    after = load_config(None, ["model.kwargs.hidden=128", "train.global_batch_size=128", "train.optimizer.lr=2e-3"],
+                        base=MIN).resolved()
+    assert config_changes(before, after) == {"train.global_batch_size": (64, 128),
+                                             "train.optimizer.lr": (1e-3, 2e-3)}
+    assert not any(is_fixed(k) for k in config_changes(before, after))
+    # a model argument added or dropped is a change of the model; a key only a newer openclaw has is not a change
+    wider = load_config(None, ["model.kwargs.hidden=128", "model.kwargs.depth=3"], base=MIN).resolved()
+    assert config_changes(before, wider) == {"model.kwargs.depth": (None, 3)}
+    newer = {**after, "train": {**after["train"], "a_new_key": 1}}
+    assert "train.a_new_key" not in config_changes(before, newer)
+    assert all(is_fixed(k) for k in ("model.name", "model.kwargs.hidden", "task", "train.optimizer.name"))
+    assert not any(is_fixed(k) for k in ("train.optimizer.lr", "modelx", "train.optimizer.name_x", "seed"))

@@ -108,9 +108,24 @@ def test_sigterm_or_ctrl_c_to_the_driver_checkpoints_stops_and_the_same_command_
     assert stopped + 100 <= interrupted < 1500 and interrupted % 1000, out
     assert "Traceback" not in out
 
-    last = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    # Another model cannot resume it: refused before anything starts, with what changed.
+    other = subprocess.run(cmd + ["--set", "model.kwargs.hidden=64"], capture_output=True, text=True, cwd=tmp_path,
+                           env=env, timeout=120)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert "`model.kwargs.hidden` was 128, now 64" in other.stderr and "Started a local Ray" not in other.stderr
+
+    # Another learning rate can: the run says so and keeps the change in MLflow beside its first params.
+    last = subprocess.run(cmd + ["--set", "train.optimizer.lr=0.002"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=600)
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     assert f"resume at step {interrupted}/1500" in last.stdout
+    assert "the config changed since " in last.stdout and "train.optimizer.lr 0.003 -> 0.002" in last.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = next(line.split()[-1] for line in last.stdout.splitlines() if "MLflow run id:" in line)
+    [changes] = client.list_artifacts(run_id, "config_changes")
+    recorded = json.load(open(client.download_artifacts(run_id, changes.path, str(tmp_path))))
+    assert recorded["changes"] == {"train.optimizer.lr": {"before": 0.003, "after": 0.002}}
+    assert client.get_run(run_id).data.params["train.optimizer.lr"] == "0.003"
 
 
 def test_ray_preemption_notice_reaches_a_restarted_group_and_is_answered_with_a_checkpoint(digits_dir, tmp_path):

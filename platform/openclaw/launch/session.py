@@ -35,6 +35,7 @@ from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
 from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
+from openclaw.launch.resume_check import changes_since_checkpoint
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
@@ -100,6 +101,7 @@ class RunSession:
         """Check (unless `sources` were), connect, prepare the data, open the MLflow run, start the helpers."""
         config = self.config
         sources = sources or preflight(config)  # before anything starts
+        resuming = changes_since_checkpoint(config, self.run_dir)  # the model, task and optimizer it must keep
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
         connect_ray(address, self.verbose, config)
         self.prepared, self.cache = prepare_data(config, sources, self.storage)  # a bad shard stops the job here
@@ -109,6 +111,8 @@ class RunSession:
         print(f"openclaw: {'resuming' if resumed else 'starting'} {config.name!r}; " +
               (f"MLflow run {self.run_id} ({public_uri(self.uri)})" if self.tracked else
                "tracking off (`tracking.enabled: false`)"), flush=True)
+        if resuming and resuming[1]:
+            self._note_changes(*resuming)
         if self.tracked:
             try:
                 log_lineage(self.uri, self.run_id, self.prepared)
@@ -127,6 +131,17 @@ class RunSession:
                 constants.node_watch_interval_s(), on_change=lambda msg: self.progress.put_nowait({"message": msg}),
                 before_grow=lambda: wait_for_checkpoint(self.control, constants.checkpoint_before_grow_s()))
             self.watcher.start()
+
+    def _note_changes(self, checkpoint: str, changes: dict[str, tuple[Any, Any]]) -> None:
+        """Say what the config changes since the checkpoint the run resumes from, and keep it in the run
+        (`config_changes/<time>.json`): its params keep the values it started with."""
+        said = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
+        print(f"openclaw: the config changed since {checkpoint}: {said}", flush=True)
+        if self.tracked:
+            with contextlib.suppress(Exception):  # a record, not a reason to stop the run
+                MlflowClient(self.uri).log_dict(self.run_id, {"checkpoint": checkpoint, "changes": {
+                    k: {"before": v[0], "after": v[1]} for k, v in changes.items()}},
+                    f"config_changes/{time.strftime('%Y%m%d-%H%M%S')}.json")
 
     def fit(self, callbacks: list | None = None):
         """Ray Train's run of the workers, to its end; returns Ray's `Result`."""
