@@ -194,3 +194,23 @@ def test_a_resumed_run_may_change_anything_but_its_model_task_and_optimizer():
     assert "train.a_new_key" not in config_changes(before, newer)
     assert all(is_fixed(k) for k in ("model.name", "model.kwargs.hidden", "task", "train.optimizer.name"))
     assert not any(is_fixed(k) for k in ("train.optimizer.lr", "modelx", "train.optimizer.name_x", "seed"))
+
+
+def test_the_resume_check_reads_the_newest_complete_checkpoint_and_refuses_another_model(tmp_path):
+    import json as _json
+
+    from openclaw.engine import checkpoint as ckpt_io
+    from openclaw.launch.resume_check import changes_since_checkpoint
+    first = load_config(None, ["model.kwargs.hidden=128"], base=MIN)
+    run = tmp_path / "run"
+    assert changes_since_checkpoint(first, str(run)) is None  # nothing to resume
+    ckpt_io.save(run / "checkpoint_2026-01-01_00-00-00.000001", model={}, trainer={}, state={"step": 10},
+                 config=first.resolved())
+    newest = run / "checkpoint_2026-01-02_00-00-00.000001"  # newer, but not written in full: no manifest
+    newest.mkdir()
+    (newest / "config.json").write_text(_json.dumps(load_config(None, ["model.kwargs.hidden=7"], base=MIN).resolved()))
+    path, changes = changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=128", "train.max_steps=50"],
+                                                         base=MIN), str(run))
+    assert path.endswith("checkpoint_2026-01-01_00-00-00.000001") and changes == {"train.max_steps": (first.train.max_steps, 50)}
+    with pytest.raises(ConfigError, match=r"`model.kwargs.hidden` was 128, now 64\. Set them back"):
+        changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=64"], base=MIN), str(run))

@@ -37,7 +37,10 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, t
 def changes_since_checkpoint(config: Config, run_dir: str) -> tuple[str, dict[str, tuple[Any, Any]]] | None:
     """(the checkpoint, what the config changes) when the run resumes from one, else None. Raises
     `ConfigError` where it changes a `FIXED` key."""
-    found = newest_finished_file(run_dir, "config.json")
+    try:
+        found = newest_finished_file(run_dir, "config.json")
+    except OSError:  # storage unreachable now: the run's own start says so, with Ray's retries
+        return None
     if found is None:
         return None
     path, raw = found
