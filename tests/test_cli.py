@@ -57,6 +57,10 @@ def test_debug_adds_traceback(tmp_path):
 def test_help_lists_the_flags():
     r = run_cli("train", "--help")
     assert r.returncode == 0 and all(f in r.stdout for f in ("--set", "--address", "--verbose", "--debug"))
+    # how to resume and stop, and what each exit code means
+    said = " ".join(r.stdout.split())
+    assert "The same command (the same `name` and `checkpoint.storage`) resumes the run" in said
+    assert "2 a config, data or usage error (nothing started); 130 (Ctrl-C) or 143 (SIGTERM) stopped" in said
 
 
 def test_config_defaults_prints_every_key_described_and_loads_back(tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 import traceback
 
 from openclaw.config import load_config
@@ -31,9 +32,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_train(sub) -> None:
     """`openclaw train`."""
-    t = sub.add_parser("train", help="train a model from a YAML config",
-                       description="Train from a YAML config. Every knob is a config key; override any with --set.",
-                       epilog="example: openclaw train jobs/configs/digits.yaml --set train.max_steps=200")
+    t = sub.add_parser("train", help="train a model from a YAML config", description=textwrap.fill(
+        "Train from a YAML config. Every knob is a config key; override any with --set. The same command (the "
+        "same `name` and `checkpoint.storage`) resumes the run from its newest checkpoint, with other settings if "
+        "you like, but not another model, task or optimizer. Ctrl-C or SIGTERM checkpoints at the next step and "
+        "stops; a second one stops at once.", 79), epilog=textwrap.fill(
+        "exit codes: 0 trained to train.max_steps; 1 failed; 2 a config, data or usage error (nothing started); "
+        "130 (Ctrl-C) or 143 (SIGTERM) stopped, resumable.", 79) +
+        "\n\nexample: openclaw train jobs/configs/digits.yaml --set train.max_steps=200",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="path of the YAML config (see jobs/configs/)")
     _run_options(t, "train.optimizer.lr=3e-4")
 
