@@ -48,13 +48,20 @@ def _add_train(sub) -> None:
 def _add_sweep(sub) -> None:
     """`openclaw sweep`."""
     w = sub.add_parser("sweep", help="tune hyperparameters: a Ray Tune search over whole training runs",
-                       description="Run the hyperparameter sweep in the config's `sweep:` section. Each trial is "
-                                   "a full training run (elastic, fault tolerant), logged as a child MLflow run "
-                                   "under one parent run that keeps the best trial and a table of all trials.",
-                       epilog="example: openclaw sweep jobs/configs/digits-sweep.yaml --set sweep.num_samples=12")
+                       description=textwrap.fill(
+                           "Run the hyperparameter sweep in the config's `sweep:` section. Each trial is a full "
+                           "training run (elastic, fault tolerant), logged as a child MLflow run under one parent "
+                           "run that keeps the best trial and a table of all trials. Ctrl-C saves the sweep's "
+                           "state and stops it (--resume goes on); a second one stops at once.", 79),
+                       epilog=textwrap.fill(
+                           "exit codes: 0 done (some trials may have failed: it says which); 1 every trial failed; "
+                           "2 a config, data or usage error (nothing started); 130 stopped by Ctrl-C, resumable "
+                           "with --resume.", 79) +
+                       "\n\nexample: openclaw sweep jobs/configs/digits-sweep.yaml --set sweep.num_samples=12",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("config", help="path of a YAML config with a `sweep:` section (see jobs/configs/digits-sweep.yaml)")
     w.add_argument("--resume", action="store_true",
-                   help="continue the sweep of this name after its driver died: finished trials are kept, "
+                   help="continue the sweep of this name after Ctrl-C or its driver died: finished trials are kept, "
                         "unfinished ones resume from their checkpoints")
     _run_options(w, "sweep.max_concurrent=4")
 
