@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -100,7 +101,6 @@ def _children(p):
 
 def _submit(cmd, env, ready_within_s=90):
     """Submit; a head that has only just started may not have its job agent up yet, and says so."""
-    import time
     deadline = time.monotonic() + ready_within_s
     while True:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -176,3 +176,42 @@ def test_the_cli_joins_a_running_cluster_with_address_and_verbose_shows_its_work
     assert "(RayTrainWorker pid=" not in said["quiet"] and "(TrainController pid=" not in said["quiet"]
     # openclaw's drain watcher starts without actor handles in its arguments: no Ray error line about them.
     assert "has constructor arguments in the object store" not in said["loud"]
+
+
+def test_ray_job_stop_checkpoints_at_the_next_step_and_the_same_submit_resumes(head, digits_dir, tmp_path):
+    """`ray job stop` sends SIGTERM, and SIGKILL if the job has not ended within the head's
+    `RAY_JOB_STOP_WAIT_TIME_S` (Ray's default, 3 s, here): time enough for this model's checkpoint."""
+    address, env = head
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    work = tmp_path / "job"
+    for part in ("jobs", "platform"):
+        shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
+           "python", "jobs/train.py", "jobs/configs/digits.yaml"]
+    for k, v in {"data.train": digits_dir / "train", "data.val": digits_dir / "val", "tracking.uri": uri,
+                 "checkpoint.storage": tmp_path / "runs", "train.max_steps": 4000, "train.eval_every": 0,
+                 "train.log_every": 100, "checkpoint.every_steps": 5000, "name": "stopped"}.items():
+        cmd += ["--set", f"{k}={v}"]
+    first = _submit(cmd[:3] + ["--no-wait"] + cmd[3:], env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    job = re.search(r"Job '(raysubmit_\w+)' submitted successfully", _plain(first.stdout)).group(1)
+    logs = [str(BIN / "ray"), "job", "logs", "--address", address, job]
+    deadline = time.monotonic() + 300
+    while not re.search(r"step +[3-9]\d\d/4000", subprocess.run(logs, env=env, capture_output=True, text=True).stdout):
+        assert time.monotonic() < deadline, "the job trained no 300 steps in 300 s"
+        time.sleep(0.5)
+    stop = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout[-3000:] + stop.stderr[-3000:]
+    out = _plain(subprocess.run(logs, env=env, capture_output=True, text=True).stdout)
+    assert "SIGTERM: checkpointing at the next step" in out, out[-3000:]
+    stopped = int(out.split("stopped at step ")[1].split()[0])
+    assert 300 <= stopped < 4000, out[-3000:]
+    run_id = re.search(r"MLflow run (\w+) ", out).group(1)
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+    again = _submit(cmd, env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resume at step {stopped}/4000" in again.stdout and "step 4000/4000" in again.stdout
+    assert f"MLflow run id: {run_id}" in again.stdout  # the same run, continued
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
