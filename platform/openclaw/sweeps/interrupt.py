@@ -25,6 +25,8 @@ report), which openclaw does not read: its trials report to MLflow (without --ve
 
 
 class Interrupt:
+    """Whether a Ctrl-C asked the sweep to stop (then Tune ended it early, and it is resumable)."""
+
     def __init__(self) -> None:
         self.requested = False
 
