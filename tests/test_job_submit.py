@@ -109,19 +109,26 @@ def _submit(cmd, env, ready_within_s=90):
         time.sleep(1)
 
 
-def test_ray_job_submit_trains_without_openclaw_installed(head, digits_dir, tmp_path):
-    address, env = head
+def _digits_job(address: str, digits_dir, tmp_path, uri: str, **overrides) -> list[str]:
+    """`ray job submit` of the digits example, its working dir a copy of `jobs/` and `platform/` (the package
+    travels with the job), its data, checkpoints and MLflow store in the test's folders."""
     work = tmp_path / "job"
     for part in ("jobs", "platform"):
         shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = {"data.train": digits_dir / "train", "data.val": digits_dir / "val", "tracking.uri": uri,
-                 "checkpoint.storage": tmp_path / "runs", "train.max_steps": 60, "train.eval_every": 0,
-                 "checkpoint.every_steps": 30, "name": "submitted"}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
            "python", "jobs/train.py", "jobs/configs/digits.yaml"]
-    for k, v in overrides.items():
+    base = {"data.train": digits_dir / "train", "data.val": digits_dir / "val", "tracking.uri": uri,
+            "checkpoint.storage": tmp_path / "runs"}
+    for k, v in {**base, **overrides}.items():
         cmd += ["--set", f"{k}={v}"]
+    return cmd
+
+
+def test_ray_job_submit_trains_without_openclaw_installed(head, digits_dir, tmp_path):
+    address, env = head
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = _digits_job(address, digits_dir, tmp_path, uri, **{"train.max_steps": 60, "train.eval_every": 0,
+                                                            "checkpoint.every_steps": 30, "name": "submitted"})
     r = _submit(cmd, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout and "step 60/60" in r.stdout
@@ -183,15 +190,9 @@ def test_ray_job_stop_checkpoints_at_the_next_step_and_the_same_submit_resumes(h
     `RAY_JOB_STOP_WAIT_TIME_S` (Ray's default, 3 s, here): time enough for this model's checkpoint."""
     address, env = head
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    work = tmp_path / "job"
-    for part in ("jobs", "platform"):
-        shutil.copytree(REPO / part, work / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(work), "--",
-           "python", "jobs/train.py", "jobs/configs/digits.yaml"]
-    for k, v in {"data.train": digits_dir / "train", "data.val": digits_dir / "val", "tracking.uri": uri,
-                 "checkpoint.storage": tmp_path / "runs", "train.max_steps": 4000, "train.eval_every": 0,
-                 "train.log_every": 100, "checkpoint.every_steps": 5000, "name": "stopped"}.items():
-        cmd += ["--set", f"{k}={v}"]
+    cmd = _digits_job(address, digits_dir, tmp_path, uri, **{"train.max_steps": 4000, "train.eval_every": 0,
+                                                            "train.log_every": 100, "checkpoint.every_steps": 5000,
+                                                            "name": "stopped"})
     first = _submit(cmd[:3] + ["--no-wait"] + cmd[3:], env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     job = re.search(r"Job '(raysubmit_\w+)' submitted successfully", _plain(first.stdout)).group(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -19,7 +20,6 @@ from openclaw.errors import ConfigError, OpenClawError, RunStopped, UserError
 from openclaw.tracking.redact import public_uri, scrub
 
 EXIT_USER_ERROR = 2
-EXIT_STOPPED = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal: stopped on request, resumable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except RunStopped as e:
         print(f"openclaw: {e}", file=sys.stderr)
-        return EXIT_STOPPED.get(e.signal_name, 143)
+        return 128 + signal.Signals[e.signal_name]  # stopped on request, resumable: 143 (SIGTERM), 130 (Ctrl-C)
     except OpenClawError as e:
         if args.debug:
             traceback.print_exc()

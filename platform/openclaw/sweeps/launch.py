@@ -28,7 +28,7 @@ from openclaw.launch.preflight import prepare_data, preflight, storage_path, tra
 from openclaw.launch.ray_setup import connect_ray
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
-from openclaw.sweeps.parent_run import FAILED, SweepTracker, ended_outcome
+from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
 from openclaw.sweeps.trial import run_trial, trial_config
 from openclaw.tracking.redact import public_uri
@@ -122,7 +122,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
         raise
     if interrupt.requested:
         _close_interrupted(client, exp_id, parent_id)
-        done = sum(r.metrics.get("step") == config.train.max_steps for r in grid if r.metrics and not r.error)
+        done = sum(_row(r, s.metric, config.train.max_steps)["outcome"] == FINISHED for r in grid)
         total = grid_size(s) if s.search == "grid" else s.num_samples
         raise RunStopped(f"sweep {config.name!r} interrupted with {done} of its {total} trial(s) finished; "
                          f"Tune saved its state in {exp_path}. Run the same command with --resume to go on "
