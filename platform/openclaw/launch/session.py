@@ -11,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +33,7 @@ from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
 from openclaw.launch.resume_check import changes_since_checkpoint
+from openclaw.launch.stops import graceful_stops
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
@@ -151,7 +149,7 @@ class RunSession:
                                   for k, p in self.prepared.items()},
                             tracking=self.tracking, control=self.control, progress=self.progress,
                             job_start_time=self.job_start)
-        with _graceful_stops(self.control) as stops, \
+        with graceful_stops(self.control) as stops, \
                 constants.ray_train_env(self.config.failure.worker_start_timeout_s) as env:
             trainer = build_trainer(self.config, {"inputs": inputs}, self.storage, self.verbose, self.progress,
                                     callbacks, watch_drains=constants.PREEMPTION_WATCHER_ENV_VAR in env)
@@ -209,53 +207,6 @@ class RunSession:
         except Exception as e:  # the server is away: training is done and its checkpoint is safe
             print(scrub(f"openclaw: could not log the final model or close MLflow run {self.run_id} at {self.uri} ({e}); "
                         f"the trained model is in {checkpoint}."), file=sys.stderr, flush=True)
-
-
-class _Stops:
-    """What the driver's signal handlers did: the first SIGTERM or Ctrl-C asks the workers to checkpoint at
-    their next step and return (`cause` names it); a second one stops at once: SIGTERM as before, Ctrl-C
-    by aborting Ray Train's run (`abort`) and raising KeyboardInterrupt."""
-
-    def __init__(self, control):
-        self.control, self.cause, self.abort = control, None, None
-
-    def stop(self, cause: str, again: str) -> None:
-        self.cause = cause
-        self.control.request_stop.remote(cause)
-        print(f"openclaw: {cause}: checkpointing at the next step, then stopping ({again} to stop at once)",
-              file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _graceful_stops(control) -> Iterator[_Stops]:
-    """While training, in the main thread: graceful SIGTERM and Ctrl-C (`_Stops`). Ray Train's own Ctrl-C
-    handler, which aborts the run at once, is left out (`OpenclawTorchTrainer`)."""
-    stops = _Stops(control)
-    if threading.current_thread() is not threading.main_thread():
-        yield stops
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, previous[signal.SIGTERM] if callable(previous[signal.SIGTERM]) else signal.SIG_DFL)
-        stops.stop("SIGTERM", "send it again")
-
-    def on_sigint(signum, frame):
-        if stops.cause is None:
-            stops.stop("Ctrl-C", "press Ctrl-C again")
-            return
-        signal.signal(signal.SIGINT, previous[signal.SIGINT])
-        if stops.abort is not None:
-            stops.abort()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stops
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _spool_path(run_dir: str, run_id: str) -> str:
