@@ -128,6 +128,68 @@ def test_sigterm_or_ctrl_c_to_the_driver_checkpoints_stops_and_the_same_command_
     assert client.get_run(run_id).data.params["train.optimizer.lr"] == "0.003"
 
 
+def block_in_preparation(batch):
+    """A user transform (`data.transforms` map_batches) that, in Ray Data's preparing tasks (batches of
+    more than the 64 rows the driver tries first), marks that preparation started and then blocks: the
+    driver is preparing, before any worker or MLflow run exists, until a signal ends it."""
+    if len(next(iter(batch.values()))) > 64:
+        open(os.environ["OPENCLAW_TEST_PREPARING"], "w").close()
+        threading.Event().wait(600)
+    return batch
+
+
+def test_sigterm_or_ctrl_c_before_training_or_twice_in_it_stops_at_once_and_closes_the_run(digits_dir, tmp_path):
+    """Where no graceful stop can be made (preparing the data), or when asked a second time, the driver
+    stops at once the way Ctrl-C always did: a message, exit 143 or 130, no traceback, its MLflow run
+    KILLED, its Ray instance gone. Before, a SIGTERM there ended the process where it stood."""
+    mark = tmp_path / "preparing"
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "OPENCLAW_TEST_PREPARING": str(mark)}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cmd = [sys.executable, "-m", "openclaw.cli", "train", str(REPO / "jobs" / "configs" / "digits.yaml"),
+           "--set", f"data.train={digits_dir / 'train'}", "--set", f"data.val={digits_dir / 'val'}",
+           "--set", f"checkpoint.storage={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}",
+           "--set", "train.eval_every=0", "--set", "name=stop-at-once"]
+    blocking = ["--set", 'data.transforms=[{"op": "map_batches", "fn": "tests.test_preemption:block_in_preparation"}]',
+                "--set", f"data.cache.dir={tmp_path / 'cache'}"]
+    for sig, code, name in [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")]:
+        mark.unlink(missing_ok=True)
+        proc = subprocess.Popen(cmd + blocking, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=tmp_path, env=env, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.exists(), proc.communicate(timeout=60)[0]
+        # Ray's processes (its local instance, the blocked task's worker) carry the driver's environment.
+        rays = [p for p in psutil.process_iter(["environ"]) if p.pid != proc.pid and (p.info["environ"] or {}).get(
+            "OPENCLAW_TEST_PREPARING") == str(mark)]
+        assert len(rays) >= 3, rays
+        # As `kill` or `ray job stop` sends SIGTERM (to the driver), and a terminal Ctrl-C (to its group).
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == code, out
+        assert f"stopped at once by {name}. Run the same command again" in out and "Traceback" not in out, out
+        assert not psutil.wait_procs(rays, timeout=60)[1]  # all ended with the driver
+
+    # In training: the first SIGTERM asks for a checkpoint at the next step, a second stops at once.
+    proc = subprocess.Popen(cmd + ["--set", "train.max_steps=100000", "--set", "train.log_every=50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step") and len([x for x in lines if x.startswith("step")]) == 1:
+            proc.send_signal(signal.SIGTERM)
+        if "SIGTERM: checkpointing at the next step" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out
+    assert "stopped at once by SIGTERM" in out and "Traceback" not in out, out
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def test_ray_preemption_notice_reaches_a_restarted_group_and_is_answered_with_a_checkpoint(digits_dir, tmp_path):
     """A node drain (Ray's preemption notice) after a worker restart: the run's one drain watcher,
     re-aimed at the new group, tells the workers, and they checkpoint at the next step and train on."""

@@ -16,7 +16,7 @@ import textwrap
 import traceback
 
 from openclaw.config import load_config
-from openclaw.errors import ConfigError, OpenClawError, RunStopped, UserError
+from openclaw.errors import ConfigError, OpenClawError, RunStopped, Terminated, UserError
 from openclaw.tracking.redact import public_uri, scrub
 
 EXIT_USER_ERROR = 2
@@ -276,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"openclaw: {type(e).__name__}: {scrub(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("openclaw: interrupted; the latest checkpoint is kept, re-run the same command to resume.",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before training started, or a second stop request
+        name = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"openclaw: stopped at once by {name}. Run the same command again to go on: it resumes from the "
+              f"run's newest checkpoint, or starts over if it wrote none.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ class RunStopped(OpenClawError):
         """The signal that asked: "SIGTERM" or "SIGINT" (Ctrl-C); the CLI exits with 128 + its number."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no graceful stop is set up (before training starts, or a second one): raised in the
+    main thread like Ctrl-C's KeyboardInterrupt, so that the run is closed and Ray shut down on the way out."""
+
+
 class UntrustedCodeError(UserError):
     """A checkpoint, logged model or spool names code that loading it would import and run, and the user
     has not said to trust it."""

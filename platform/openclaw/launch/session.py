@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,14 +27,14 @@ from openclaw.config import Config
 from openclaw.data.filesystems import storage_uri
 from openclaw.data.sources import Source
 from openclaw.data.stream import shard_specs
-from openclaw.errors import OpenClawError, RunStopped
+from openclaw.errors import OpenClawError, RunStopped, Terminated
 from openclaw.launch.console import ProgressPrinter
 from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
 from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
 from openclaw.launch.resume_check import changes_since_checkpoint
-from openclaw.launch.stops import graceful_stops
+from openclaw.launch.stops import graceful_stops, sigterm_raises
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
@@ -92,6 +93,8 @@ class RunSession:
         self.prepared: dict[str, Any] = {}
         self.cache = self.progress = self.printer = self.control = self.tracking = self.watcher = None
         self._closed = False
+        self._sigterm_before: Any = None
+        """The SIGTERM handler before the run opened, put back when it closes (None: not replaced)."""
         self.stopped_by: str | None = None
         """What asked the run to stop, if anything did: "SIGTERM" or "Ctrl-C" (the driver's signal handlers)."""
 
@@ -101,7 +104,9 @@ class RunSession:
         sources = sources or preflight(config)  # before anything starts
         resuming = changes_since_checkpoint(config, self.run_dir)  # the model, task and optimizer it must keep
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
+        self._sigterm_before = sigterm_raises()  # replaces the handler Ray's core worker installs next
         connect_ray(address, self.verbose, config)
+        sigterm_raises()
         self.prepared, self.cache = prepare_data(config, sources, self.storage)  # a bad shard stops the job here
         resumed = False
         if self.tracked:
@@ -154,7 +159,10 @@ class RunSession:
             trainer = build_trainer(self.config, {"inputs": inputs}, self.storage, self.verbose, self.progress,
                                     callbacks, watch_drains=constants.PREEMPTION_WATCHER_ENV_VAR in env)
             stops.abort = trainer.abort
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except KeyboardInterrupt:  # Ray Train raises its own for a stop at once, whatever the signal
+                raise Terminated if stops.at_once == signal.SIGTERM else KeyboardInterrupt from None
         self.stopped_by = stops.cause
         return result
 
@@ -165,6 +173,8 @@ class RunSession:
         if self._closed:
             return
         self._closed = True
+        if self._sigterm_before is not None:
+            signal.signal(signal.SIGTERM, self._sigterm_before)
         if self.watcher:
             self.watcher.stop()
         spool = _flush_tracking(self.tracking, self.uri, self.config.tracking.flush_timeout_s) if self.tracking else None

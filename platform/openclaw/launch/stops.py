@@ -1,7 +1,9 @@
-"""The driver's stop requests (driver process): SIGTERM and Ctrl-C while a run trains.
+"""The driver's stop requests (driver process): SIGTERM and Ctrl-C while a run is open.
 
-The first asks the workers, through the run's control actor, to checkpoint at their next step and
-return; a second stops at once. `launch.session` holds them around Ray Train's `fit()`.
+While it trains, the first asks the workers, through the run's control actor, to checkpoint at their
+next step and return; a second stops at once. Before training starts, either stops at once. Stopping at
+once raises KeyboardInterrupt (`Terminated` for SIGTERM), so that the run is closed on the way out.
+`launch.session` holds them around the run and around Ray Train's `fit()`.
 """
 from __future__ import annotations
 
@@ -10,15 +12,20 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+from openclaw.errors import Terminated
 
 
 class _Stops:
     """What the driver's signal handlers did: the first SIGTERM or Ctrl-C asks the workers to checkpoint at
-    their next step and return (`cause` names it); a second one stops at once: SIGTERM as before, Ctrl-C
-    by aborting Ray Train's run (`abort`) and raising KeyboardInterrupt."""
+    their next step and return (`cause` names it); a second one stops at once, aborting Ray Train's run
+    (`abort`) and raising KeyboardInterrupt (`Terminated` for SIGTERM), so that the run is closed KILLED."""
 
     def __init__(self, control):
         self.control, self.cause, self.abort = control, None, None
+        self.at_once: int | None = None
+        """The signal that asked to stop at once, if one did."""
 
     def stop(self, cause: str, again: str) -> None:
         self.cause = cause
@@ -36,24 +43,39 @@ def graceful_stops(control) -> Iterator[_Stops]:
         yield stops
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    said = {signal.SIGTERM: ("SIGTERM", "send it again", Terminated),
+            signal.SIGINT: ("Ctrl-C", "press Ctrl-C again", KeyboardInterrupt)}
 
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, previous[signal.SIGTERM] if callable(previous[signal.SIGTERM]) else signal.SIG_DFL)
-        stops.stop("SIGTERM", "send it again")
-
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
+        cause, again, error = said[signum]
         if stops.cause is None:
-            stops.stop("Ctrl-C", "press Ctrl-C again")
+            stops.stop(cause, again)
             return
-        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        stops.at_once = signum
         if stops.abort is not None:
             stops.abort()
-        raise KeyboardInterrupt
+        raise error
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
         yield stops
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def sigterm_raises() -> Any:
+    """In the main thread, SIGTERM raises `Terminated` (a KeyboardInterrupt, as Ctrl-C does) while the run
+    is open, so that the MLflow run is closed KILLED and Ray shut down on the way out. Ray's core worker
+    would otherwise dump a stack and abort the driver (exit 134) wherever a SIGTERM finds it before
+    training starts. Returns the handler it replaced (None where no handler can be installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigterm(signum, frame):
+        raise Terminated
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    return signal.SIG_DFL if before is None else before
