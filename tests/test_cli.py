@@ -62,8 +62,8 @@ def test_help_lists_the_flags():
     assert "The same command (the same `name` and `checkpoint.storage`) resumes the run" in said
     assert "2 a config, data or usage error (nothing started); 130 (Ctrl-C) or 143 (SIGTERM) stopped" in said
     sweep = " ".join(run_cli("sweep", "--help").stdout.split())
-    assert "Ctrl-C saves the sweep's state and stops it (--resume goes on)" in sweep
-    assert "130 stopped by Ctrl-C, resumable with --resume" in sweep
+    assert "Ctrl-C or SIGTERM saves the sweep's state, marks its MLflow runs KILLED and stops it" in sweep
+    assert "130 (Ctrl-C) or 143 (SIGTERM) stopped, resumable with --resume" in sweep
 
 
 def test_config_defaults_prints_every_key_described_and_loads_back(tmp_path):

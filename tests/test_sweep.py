@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -168,46 +169,70 @@ def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path, tune_sav
     assert client.get_run(parent).info.status == "FINISHED"
 
 
-def test_ctrl_c_saves_the_sweep_ends_it_killed_and_resume_finishes_it_without_rerunning_a_finished_trial(
+def _stop_after_a_trial(proc: subprocess.Popen, sig: int, skip: set[str]) -> tuple[str, list[str]]:
+    """Send `sig` once a trial not in `skip` has finished: a terminal's Ctrl-C to the driver's process
+    group, a SIGTERM (`kill`, `ray job stop`) to the driver. Returns that trial and the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if (m := re.search(r"trial (\S+) finished at step 100", line)) and m.group(1) not in skip:
+            os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+            return m.group(1), lines
+    raise AssertionError("".join(lines)[-3000:])
+
+
+def test_sigterm_or_ctrl_c_stops_the_sweep_killed_and_resume_finishes_it_without_rerunning_a_finished_trial(
         digits_dir, tmp_path):
     uri = sqlite_store(tmp_path / "mlflow.db")
     cmd = [sys.executable, "-m", "openclaw.cli", "sweep", str(SWEEP)] + [
         f"--set={k}={v}" for k, v in sweep_overrides(digits_dir, tmp_path, uri, **{
-            "train.max_steps": 100, "sweep.num_samples": 2, "sweep.max_concurrent": 1,
+            "train.max_steps": 100, "sweep.num_samples": 3, "sweep.max_concurrent": 1,
             "sweep.scheduler": "none"}).items()]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Ctrl-C to the driver's process group, as a terminal sends it, once the first trial has finished.
+    client = MlflowClient(uri)
+
+    def runs() -> tuple[str, dict[str, Any]]:
+        parent = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id],
+                                    filter_string="tags.`openclaw.kind` = 'sweep'")[0].info.run_id
+        return parent, {k.data.tags["openclaw.name"].rsplit("-", 1)[1]: k for k in children(client, parent)}
+
+    # SIGTERM, as `ray job stop` sends it, then SIGKILL once the runs are marked, as it sends 3 s later:
+    # nothing is left RUNNING in MLflow, though the driver never got to the end of Tune's stop.
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
                              start_new_session=True)
-    lines, finished = [], None
+    a, lines = _stop_after_a_trial(first, signal.SIGTERM, set())
     for line in first.stdout:
         lines.append(line)
-        if m := re.search(r"trial (\S+) finished at step 100", line):
-            finished = m.group(1)
-            os.killpg(first.pid, signal.SIGINT)
+        if "the sweep's MLflow runs are marked KILLED" in line:
+            os.killpg(first.pid, signal.SIGKILL)
             break
-    out = "".join(lines) + first.communicate(timeout=300)[0]
-    assert finished and first.returncode == 130, out[-3000:]
-    assert "Ctrl-C: stopping the sweep" in out and "interrupted with 1 of its 2 trial(s) finished" in out
+    out = "".join(lines) + first.communicate(timeout=60)[0]
+    assert first.returncode == -signal.SIGKILL and "SIGTERM: stopping the sweep" in out, out[-3000:]
+    parent, kids = runs()
+    assert client.get_run(parent).info.status == "KILLED" and kids[a].info.status == "FINISHED"
+    assert all(k.info.status == "KILLED" for name, k in kids.items() if name != a), kids  # none left RUNNING
+    before = (kids[a].info.end_time, history(client, kids[a].info.run_id, "train/loss"))
+
+    # Resumed, then Ctrl-C (to the process group, as a terminal sends it) once another trial finished.
+    second = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=tmp_path, env=env, start_new_session=True)
+    b, lines = _stop_after_a_trial(second, signal.SIGINT, {a})
+    out = "".join(lines) + second.communicate(timeout=300)[0]
+    assert second.returncode == 130, out[-3000:]
+    assert "Ctrl-C: stopping the sweep" in out and "interrupted with 2 of its 3 trial(s) finished" in out
     assert "--resume" in out and not re.search(r"Tuner.restore|Traceback|sweep done", out), out[-3000:]
+    _, kids = runs()
+    assert client.get_run(parent).info.status == "KILLED" and {kids[a].info.status, kids[b].info.status} == {"FINISHED"}
+    assert all(k.info.status == "KILLED" for name, k in kids.items() if name not in (a, b)), kids
 
-    client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id],
-                                filter_string="tags.`openclaw.kind` = 'sweep'")[0].info.run_id
-    assert client.get_run(parent).info.status == "KILLED"
-    kids = {k.data.tags["openclaw.name"].rsplit("-", 1)[1]: k for k in children(client, parent)}
-    assert kids[finished].info.status == "FINISHED" and len(kids) in (1, 2)  # the next may have started
-    assert all(k.info.status == "KILLED" for name, k in kids.items() if name != finished)  # none left RUNNING
-    before = (kids[finished].info.end_time, history(client, kids[finished].info.run_id, "train/loss"))
-
-    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "sweep done: 2 finished, 0 stopped early, 0 failed" in second.stdout
-    assert f"trial {finished} started" not in second.stdout  # Tune saved it finished at the Ctrl-C
-    again = client.get_run(kids[finished].info.run_id)
+    third = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "sweep done: 3 finished, 0 stopped early, 0 failed" in third.stdout
+    assert f"trial {b} started" not in third.stdout  # Tune saved it finished at the Ctrl-C
+    again = client.get_run(kids[a].info.run_id)  # trained once, whichever way the resumes kept it finished
     assert (again.info.end_time, history(client, again.info.run_id, "train/loss")) == before
     assert client.get_run(parent).info.status == "FINISHED"
-    assert all(k.info.status == "FINISHED" for k in children(client, parent))
+    assert all(k.info.status == "FINISHED" for k in children(client, parent)) and len(runs()[1]) == 3
 
 
 def tune_saved_status(experiment: Path) -> dict[str, str]:

@@ -51,17 +51,18 @@ def _add_sweep(sub) -> None:
                        description=textwrap.fill(
                            "Run the hyperparameter sweep in the config's `sweep:` section. Each trial is a full "
                            "training run (elastic, fault tolerant), logged as a child MLflow run under one parent "
-                           "run that keeps the best trial and a table of all trials. Ctrl-C saves the sweep's "
-                           "state and stops it (--resume goes on); a second one stops at once.", 79),
+                           "run that keeps the best trial and a table of all trials. Ctrl-C or SIGTERM saves the "
+                           "sweep's state, marks its MLflow runs KILLED and stops it (--resume goes on); a second "
+                           "one stops at once.", 79),
                        epilog=textwrap.fill(
                            "exit codes: 0 done (some trials may have failed: it says which); 1 every trial failed; "
-                           "2 a config, data or usage error (nothing started); 130 stopped by Ctrl-C, resumable "
-                           "with --resume.", 79) +
+                           "2 a config, data or usage error (nothing started); 130 (Ctrl-C) or 143 (SIGTERM) "
+                           "stopped, resumable with --resume.", 79) +
                        "\n\nexample: openclaw sweep jobs/configs/digits-sweep.yaml --set sweep.num_samples=12",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("config", help="path of a YAML config with a `sweep:` section (see jobs/configs/digits-sweep.yaml)")
     w.add_argument("--resume", action="store_true",
-                   help="continue the sweep of this name after Ctrl-C or its driver died: finished trials are kept, "
+                   help="continue the sweep of this name after Ctrl-C, SIGTERM or its driver died: finished trials are kept, "
                         "unfinished ones resume from their checkpoints")
     _run_options(w, "sweep.max_concurrent=4")
 
@@ -278,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:  # before training started, or a second stop request
         name = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        print(f"openclaw: stopped at once by {name}. Run the same command again to go on: it resumes from the "
-              f"run's newest checkpoint, or starts over if it wrote none.", file=sys.stderr)
+        again = ("with --resume to go on: finished trials are kept, unfinished ones resume from their "
+                 "checkpoints" if args.command == "sweep" else "again to go on: it resumes from the run's newest "
+                 "checkpoint, or starts over if it wrote none")
+        print(f"openclaw: stopped at once by {name}. Run the same command {again}.", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
 
 

@@ -3,7 +3,7 @@
 One MLflow parent run per sweep holds the search space, the best trial so far (its run, metric and
 config, updated as trials finish) and a table of every trial (`sweep.parent_run`). Each trial is a
 child run (`sweep.trial`). ASHA's early stops are graceful (the trial checkpoints and returns) and recorded as
-such on the child run, not as failures. A sweep whose driver died, or that Ctrl-C stopped
+such on the child run, not as failures. A sweep whose driver died, or that Ctrl-C or SIGTERM stopped
 (`sweeps.interrupt`), resumes with `--resume`: Tune keeps finished trials finished, and unfinished ones
 resume their own checkpoints.
 """
@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,11 @@ from openclaw.errors import ConfigError, RunStopped
 from openclaw.launch.places import place
 from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
+from openclaw.launch.stops import sigterm_raises
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
 from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome
+from openclaw.sweeps.saved_state import check_saved_state
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
 from openclaw.sweeps.trial import run_trial, trial_config
 from openclaw.tracking.redact import public_uri
@@ -89,46 +92,56 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     exp_path = f"{storage.rstrip('/')}/{config.name}"
     _check_resume(config, storage, exp_path, resume)
     parent_id, exp_id = _open_parent_run(config, s, uri, storage, resume)
-    per_trial = 1 + config.scaling.max_workers * int(config.scaling.resources_per_worker.get("CPU", 1))
-    connect_ray(address, verbose, min_cpus=s.max_concurrent * per_trial + 2)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SWEEP_STATE_SAVE_S)
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
-    base = _absolute_data_paths(config.resolved(), storage)
-    _prepare_once(validate(base), sources, storage)
-    # The trials' credentials travel as a parameter (Ray's object store, in memory), not in a runtime env.
-    trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
-                                     tracking_uri=uri, parent_run_id=parent_id, secrets=constants.secret_env())
-    if resume:
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=tune_space(s),
-            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
-                                        max_concurrent_trials=s.max_concurrent if s.search == "optuna" else None,
-                                        search_alg=search_alg(s), scheduler=scheduler(s, config)),
-            run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1 if verbose else 0,
-                                      callbacks=[SweepTracker(config, uri, exp_id, parent_id, storage)]))
     client = MlflowClient(uri)
+    sigterm_before = sigterm_raises()  # until the sweep ends: a SIGTERM stops it, the parent run KILLED
     try:
+        per_trial = 1 + config.scaling.max_workers * int(config.scaling.resources_per_worker.get("CPU", 1))
+        connect_ray(address, verbose, min_cpus=s.max_concurrent * per_trial + 2)
+        sigterm_raises()  # again: Ray's core worker replaced it with its own, which aborts the driver
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SWEEP_STATE_SAVE_S)
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
+        base = _absolute_data_paths(config.resolved(), storage)
+        _prepare_once(validate(base), sources, storage)
+        tuner = _tuner(config, s, base, storage, uri, exp_id, parent_id, exp_path, resume, verbose)
         # Tune copies the driver's AWS credentials into its trial actors' runtime env; the trials get them
         # as the `secrets` parameter instead.
         with constants.env_without(constants.TUNE_PROPAGATED_SECRETS), \
                 constants.env_with({**_tune_output(verbose), "TUNE_DISABLE_SIGINT_HANDLER": "1"}), \
-                graceful_interrupt(verbose) as interrupt:
+                graceful_interrupt(verbose, lambda: _close_interrupted(client, exp_id, parent_id)) as interrupt:
             grid = tuner.fit()
     except BaseException:
         with contextlib.suppress(Exception):
             client.set_terminated(parent_id, status="KILLED")
         raise
+    finally:
+        if sigterm_before is not None:
+            signal.signal(signal.SIGTERM, sigterm_before)
     if interrupt.requested:
-        _close_interrupted(client, exp_id, parent_id)
+        _close_interrupted(client, exp_id, parent_id)  # again: a trial may have started after the first time
         done = sum(_row(r, s.metric, config.train.max_steps)["outcome"] == FINISHED for r in grid)
         total = grid_size(s) if s.search == "grid" else s.num_samples
         raise RunStopped(f"sweep {config.name!r} interrupted with {done} of its {total} trial(s) finished; "
                          f"Tune saved its state in {exp_path}. Run the same command with --resume to go on "
                          f"(finished trials are kept, unfinished ones resume from their checkpoints).",
-                         signal_name="SIGINT")
+                         signal_name=interrupt.signal_name)
     return _finish(client, grid, s, config.train.max_steps, parent_id, exp_id, uri)
+
+
+def _tuner(config: Config, s: SweepConfig, base: dict[str, Any], storage: str, uri: str, exp_id: str,
+           parent_id: str, exp_path: str, resume: bool, verbose: bool) -> tune.Tuner:
+    """Tune's Tuner for the sweep, or with `resume` the one Tune saved."""
+    # The trials' credentials travel as a parameter (Ray's object store, in memory), not in a runtime env.
+    trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
+                                     tracking_uri=uri, parent_run_id=parent_id, secrets=constants.secret_env())
+    if resume:
+        return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space=tune_space(s),
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples,
+                                    max_concurrent_trials=s.max_concurrent if s.search == "optuna" else None,
+                                    search_alg=search_alg(s), scheduler=scheduler(s, config)),
+        run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1 if verbose else 0,
+                                  callbacks=[SweepTracker(config, uri, exp_id, parent_id, storage)]))
 
 
 def _tune_output(verbose: bool) -> dict[str, str]:
@@ -157,6 +170,8 @@ def _check_resume(config: Config, storage: str, exp_path: str, resume: bool) -> 
     if exists and not resume:
         raise ConfigError(f"sweep {config.name!r} already exists in {storage}. Pass --resume to continue it "
                           f"(finished trials are kept), or set a new `name` to start another.")
+    if resume and (moved := check_saved_state(exp_path, config.name)):
+        print(moved, flush=True)
 
 
 def _open_parent_run(config: Config, s: SweepConfig, uri: str, storage: str, resume: bool) -> tuple[str, str]:

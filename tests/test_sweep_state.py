@@ -1,0 +1,46 @@
+"""Tune's saved state of a sweep, checked before `--resume`: a state file a killed driver left cut short
+is moved aside when an earlier one reads whole, and is otherwise a clear error (Tune alone would log
+the failure and start the sweep over). Real files, written as Tune writes them."""
+import json
+
+import pytest
+
+from openclaw.errors import CheckpointError
+from openclaw.sweeps.saved_state import check_saved_state
+
+WHOLE = json.dumps({"trial_data": [["{}", "{}"]], "runner_data": {}, "stats": {"start_time": 0}})
+
+
+def _states(folder, **files):
+    folder.mkdir(exist_ok=True)
+    for stamp, text in files.items():
+        (folder / f"experiment_state-{stamp}.json").write_text(text)
+    (folder / "tuner.pkl").write_bytes(b"not read here")
+
+
+def test_a_cut_short_newest_state_is_moved_aside_and_the_earlier_one_resumes(tmp_path):
+    _states(tmp_path, **{"2026-12-05_10-00-00": WHOLE, "2026-12-05_11-00-00": WHOLE[:40],
+                         "2026-12-05_12-00-00": ""})
+    said = check_saved_state(str(tmp_path), "sw")
+    assert "experiment_state-2026-12-05_12-00-00.json.incomplete" in said
+    assert "resuming from experiment_state-2026-12-05_10-00-00.json" in said
+    # What Tune reads next: the newest by name, which is now the whole one; the cut ones are kept.
+    assert sorted(p.name for p in tmp_path.glob("experiment_state-*.json")) == ["experiment_state-2026-12-05_10-00-00.json"]
+    assert (tmp_path / "experiment_state-2026-12-05_11-00-00.json.incomplete").read_text() == WHOLE[:40]
+    assert check_saved_state(str(tmp_path), "sw") is None  # nothing more to do
+
+
+def test_whole_states_are_left_as_they_are(tmp_path):
+    _states(tmp_path, **{"2026-12-05_10-00-00": WHOLE, "2026-12-05_11-00-00": WHOLE})
+    assert check_saved_state(str(tmp_path), "sw") is None
+    assert len(list(tmp_path.glob("experiment_state-*.json"))) == 2
+
+
+@pytest.mark.parametrize("text", ["", WHOLE[:-1], json.dumps({"trial_data": []})])
+def test_no_state_that_reads_whole_is_a_clear_error(tmp_path, text):
+    _states(tmp_path, **{"2026-12-05_10-00-00": text})
+    with pytest.raises(CheckpointError, match=r"Tune's saved state of sweep 'sw' \(experiment_state-2026-12-05_"
+                                              r"10-00-00.json in .*\) is incomplete: .* start the sweep again under "
+                                              r"another `name`"):
+        check_saved_state(str(tmp_path), "sw")
+    assert (tmp_path / "experiment_state-2026-12-05_10-00-00.json").read_text() == text  # not moved: nothing else to read
