@@ -239,10 +239,18 @@ def test_user_errors_exit_2_naming_what_to_change(trained, tmp_path, capsys):
              (["export", result.checkpoint, "--quantize", "int8", "--device", "cuda"] if not torch.cuda.is_available()
               else ["export", str(tmp_path / "nope"), "--quantize", "int8"], "`--device cuda` but no CUDA device"
               if not torch.cuda.is_available() else "is not a checkpoint folder")]
+    # A run or model version the store does not have (was a traceback from MLflow, exit 1).
+    cases += [(["export", "0" * 32, "--quantize", "int8", "--tracking-uri", uri],
+               f"there is no MLflow run '{'0' * 32}' at {uri} (RESOURCE_DOES_NOT_EXIST)"),
+              (["export", "models:/nope/1", "--quantize", "int8", "--tracking-uri", uri],
+               f"there is no registered model version 'models:/nope/1' at {uri}")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err
+        assert message in err and "Traceback" not in err, err
+    # The SDK's loader raises the same error (a user's, as the CLI's exit 2 says).
+    with pytest.raises(ConfigError, match=f"there is no MLflow run '{'0' * 32}'"):
+        openclaw.load_model(f"runs:/{'0' * 32}/model", tracking_uri=uri)
 
 
 def test_without_torchao_export_says_how_to_install_it(tmp_path):

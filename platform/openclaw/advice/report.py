@@ -24,8 +24,8 @@ from openclaw.advice.render import as_json, console, markdown
 from openclaw.advice.rules import advise
 from openclaw.config import Config, validate
 from openclaw.errors import ConfigError
-from openclaw.tracking.redact import public_uri, scrub
-from openclaw.tracking.run import metric_histories
+from openclaw.tracking.redact import scrub
+from openclaw.tracking.run import metric_histories, unreadable
 from openclaw.tracking.writer import ATTEMPT_EVENTS, read_events
 
 log = logging.getLogger("openclaw")
@@ -38,12 +38,7 @@ def advise_logged_run(run_id: str, tracking_uri: str) -> tuple[list[Recommendati
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise ConfigError(f"could not read MLflow run {run_id!r} at {public_uri(tracking_uri)}: {e.message}. Is "
-                              f"the tracking server up, and is `--tracking-uri` the one the run used?") from None
-        raise ConfigError(f"there is no MLflow run {run_id!r} at {public_uri(tracking_uri)} ({e.error_code}). Pass the "
-                          f"run id a training run printed (\"MLflow run <id>\"), and `--tracking-uri` if it was logged "
-                          f"elsewhere.") from None
+        raise unreadable(e, f"MLflow run {run_id!r}", tracking_uri) from None
     facts, windows = _logged_facts(client, run, logged_config(client, run_id))
     source = f"{windows} log window(s) of MLflow run {run_id}, {run.info.status}"
     return advise(facts), facts, source

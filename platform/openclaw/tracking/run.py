@@ -12,12 +12,13 @@ from typing import Any, Iterator
 import mlflow
 import pyarrow.fs as pafs
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data.filesystems import storage_filesystem
-from openclaw.errors import CheckpointError
+from openclaw.errors import CheckpointError, ConfigError
 from openclaw.tracking.redact import flatten, public_uri, redacted
 
 
@@ -131,15 +132,33 @@ def load_logged_config(uri: str, tracking_uri: str) -> tuple[dict[str, Any], str
 
 
 def source_run(client: MlflowClient, uri: str) -> str:
-    """The run that logged `runs:/RUN_ID/...` or `models:/NAME/VERSION` (or `models:/NAME@ALIAS`)."""
-    if uri.startswith("runs:/"):
-        return uri.removeprefix("runs:/").split("/", 1)[0]
+    """The run that logged `runs:/RUN_ID/...` or `models:/NAME/VERSION` (or `models:/NAME@ALIAS`). One that
+    does not exist is a ConfigError that says what to pass."""
     ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id
-    name, _, version = ref.partition("/")
-    return client.get_model_version(name, version).run_id
+    try:
+        if uri.startswith("runs:/"):
+            run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+            return client.get_run(run_id).info.run_id
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = ref.partition("/")
+        return client.get_model_version(name, version).run_id
+    except MlflowException as e:
+        what = f"MLflow run {run_id!r}" if uri.startswith("runs:/") else f"registered model version {uri!r}"
+        raise unreadable(e, what, client.tracking_uri) from None
+
+
+def unreadable(e: MlflowException, what: str, tracking_uri: str) -> ConfigError:
+    """The error for a run or model the user named that the tracking store does not have (or did not
+    answer for)."""
+    where = public_uri(tracking_uri)
+    if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        return ConfigError(f"there is no {what} at {where} ({e.error_code}). Pass the run id a training run printed "
+                           f"(\"MLflow run <id>\") or a registered model's models:/NAME/VERSION, and `--tracking-uri` if "
+                           f"it was logged elsewhere.")
+    return ConfigError(f"could not read {what} at {where}: {e.message}. Is the tracking server up, and is "
+                       f"`--tracking-uri` the one the run used?")
 
 
 def metric_histories(client: MlflowClient, run_id: str, keys: list[str]) -> list[list[Metric]]:
