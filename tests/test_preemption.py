@@ -171,13 +171,14 @@ def test_sigterm_or_ctrl_c_before_training_or_twice_in_it_stops_at_once_and_clos
         assert f"stopped at once by {name}. Run the same command again" in out and "Traceback" not in out, out
         assert not psutil.wait_procs(rays, timeout=60)[1]  # all ended with the driver
 
-    # In training: the first SIGTERM asks for a checkpoint at the next step, a second stops at once.
-    proc = subprocess.Popen(cmd + ["--set", "train.max_steps=100000", "--set", "train.log_every=50"],
+    # In training: the first SIGTERM asks for a checkpoint at the next step, a second stops at once. (No
+    # log window before the end: `log_every` is past where it stops.)
+    proc = subprocess.Popen(cmd + ["--set", "train.max_steps=100000", "--set", "train.log_every=100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step") and len([x for x in lines if x.startswith("step")]) == 1:
+        if line.startswith("openclaw: start at step 0/100000"):
             proc.send_signal(signal.SIGTERM)
         if "SIGTERM: checkpointing at the next step" in line:
             proc.send_signal(signal.SIGTERM)
@@ -188,6 +189,16 @@ def test_sigterm_or_ctrl_c_before_training_or_twice_in_it_stops_at_once_and_clos
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("openclaw").experiment_id])
     assert run.info.status == "KILLED"
+
+    # What it left cannot be exported or advised on, and each says why and what to pass instead.
+    said = {c: subprocess.run([sys.executable, "-m", "openclaw.cli", *c.split(), run.info.run_id, "--tracking-uri", uri],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+            for c in ("export --quantize int8", "advise")}
+    assert [r.returncode for r in said.values()] == [2, 2], said
+    assert (f"MLflow run {run.info.run_id} is KILLED: it has not logged its final model. Pass its newest checkpoint "
+            f"(a checkpoint_* folder in {tmp_path / 'runs' / 'stop-at-once'}), or run the same `openclaw train` command"
+            ) in said["export --quantize int8"].stderr
+    assert "logged no step-time window yet" in said["advise"].stderr
 
 
 def test_ray_preemption_notice_reaches_a_restarted_group_and_is_answered_with_a_checkpoint(digits_dir, tmp_path):

@@ -105,6 +105,17 @@ def test_asha_sweep_of_six_trials_two_at_a_time_nests_them_under_one_parent_with
     assert best_cfg.train.optimizer.lr == 3e-3 and best_cfg.sweep is None
 
 
+def test_the_parent_run_is_not_a_model_and_advise_and_export_name_the_best_trial_instead(asha_sweep, capsys):
+    from openclaw.cli import main
+    result, mlflow_uri, _ = asha_sweep
+    for command, verb in ((["advise"], "advise"), (["export", "--quantize", "int8"], "pass")):
+        assert main([*command, result.parent_run_id, "--tracking-uri", mlflow_uri]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"openclaw: error: MLflow run {result.parent_run_id} is sweep "), err
+        assert f"parent run, which trains no model: {verb} a trial's run instead, e.g. the best one, " \
+               f"{result.best_run_id}." in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("tune_saved_it", [True, False], ids=["tune-saved-it-finished", "trial-finds-its-record"])
 def test_a_resumed_sweep_reruns_no_finished_trial(digits_dir, tmp_path, tune_saved_it):
     """The first driver is killed once a trial has finished; `--resume` must not train it again. Two paths,

@@ -25,7 +25,7 @@ from openclaw.advice.rules import advise
 from openclaw.config import Config, validate
 from openclaw.errors import ConfigError
 from openclaw.tracking.redact import scrub
-from openclaw.tracking.run import metric_histories, unreadable
+from openclaw.tracking.run import metric_histories, sweep_parent, unreadable
 from openclaw.tracking.writer import ATTEMPT_EVENTS, read_events
 
 log = logging.getLogger("openclaw")
@@ -39,7 +39,12 @@ def advise_logged_run(run_id: str, tracking_uri: str) -> tuple[list[Recommendati
         run = client.get_run(run_id)
     except MlflowException as e:
         raise unreadable(e, f"MLflow run {run_id!r}", tracking_uri) from None
+    if parent := sweep_parent(run, "advise"):
+        raise parent
     facts, windows = _logged_facts(client, run, logged_config(client, run_id))
+    if not windows:
+        raise ConfigError(f"MLflow run {run_id} ({run.info.status}) logged no step-time window yet, which the advice "
+                          f"reads (one every `train.log_every` steps): nothing to advise from.")
     source = f"{windows} log window(s) of MLflow run {run_id}, {run.info.status}"
     return advise(facts), facts, source
 

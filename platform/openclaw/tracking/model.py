@@ -19,9 +19,8 @@ from openclaw.data.config import DataConfig
 from openclaw.data.filesystems import local_copy
 from openclaw.data.sources import Source, column_to_numpy, resolve
 from openclaw.engine.model_io import build_from_config, load_model_dir
-from openclaw.errors import CheckpointError
 from openclaw.tracking.redact import redacted
-from openclaw.tracking.run import OPENCLAW_MODEL_DIR, metric_histories, source_run
+from openclaw.tracking.run import OPENCLAW_MODEL_DIR, metric_histories, no_logged_model, source_run
 
 
 def resolve_sources(d: DataConfig) -> dict[str, Source]:
@@ -93,9 +92,8 @@ def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
         try:
             folder = client.download_artifacts(run_id, OPENCLAW_MODEL_DIR, d)
         except Exception:
-            raise CheckpointError(f"MLflow run {run_id} ({uri}) has no {OPENCLAW_MODEL_DIR}/ (an older openclaw logged "
-                                  f"it): load its checkpoint instead, or pass trust_pickle=True to unpickle its MLflow "
-                                  f"model if you trust where it came from.") from None
+            raise no_logged_model(client, run_id, uri, "load its checkpoint instead, or pass trust_pickle=True to "
+                                  "unpickle its MLflow model if you trust where it came from") from None
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
         weights = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)

@@ -11,14 +11,14 @@ from typing import Any, Iterator
 
 import mlflow
 import pyarrow.fs as pafs
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data.filesystems import storage_filesystem
-from openclaw.errors import CheckpointError, ConfigError
+from openclaw.errors import CheckpointError, ConfigError, OpenClawError
 from openclaw.tracking.redact import flatten, public_uri, redacted
 
 
@@ -125,10 +125,37 @@ def load_logged_config(uri: str, tracking_uri: str) -> tuple[dict[str, Any], str
         try:
             path = client.download_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/config.json", d)
         except Exception:
-            raise CheckpointError(f"MLflow run {run_id} ({uri}) has no {OPENCLAW_MODEL_DIR}/config.json (an older "
-                                  f"openclaw logged it): export from its checkpoint instead.") from None
+            raise no_logged_model(client, run_id, uri, "export from its checkpoint instead") from None
         with open(path) as f:
             return json.load(f), run_id
+
+
+def no_logged_model(client: MlflowClient, run_id: str, uri: str, otherwise: str) -> OpenClawError:
+    """Why MLflow run `run_id` (named by `uri`) has no model that openclaw logged, and what to pass instead:
+    a sweep's parent run (its best trial's run), a run that never finished (its newest checkpoint), or
+    one an older openclaw logged (`otherwise`)."""
+    run = client.get_run(run_id)
+    if parent := sweep_parent(run, "pass"):
+        return parent
+    if run.info.status != "FINISHED":
+        folder = f"{run.data.params.get('checkpoint.storage', '<checkpoint.storage>')}/{run.info.run_name}"
+        finish = ("`openclaw sweep CONFIG --resume` to finish its sweep" if "mlflow.parentRunId" in run.data.tags
+                  else "the same `openclaw train` command to finish it")
+        return ConfigError(f"MLflow run {run_id} is {run.info.status}: it has not logged its final model. Pass its "
+                           f"newest checkpoint (a checkpoint_* folder in {folder}), or run {finish}.")
+    return CheckpointError(f"MLflow run {run_id} ({uri}) has no {OPENCLAW_MODEL_DIR}/ (an older openclaw logged it): "
+                           f"{otherwise}.")
+
+
+def sweep_parent(run: Run, verb: str) -> ConfigError | None:
+    """The error for a sweep's parent run given where a training run is wanted (None for any other run):
+    it names the best trial's run to `verb` instead."""
+    if run.data.tags.get("openclaw.kind") != "sweep":
+        return None
+    best = run.data.tags.get("best.run_id")
+    return ConfigError(f"MLflow run {run.info.run_id} is sweep {run.info.run_name}'s parent run, which trains no "
+                       f"model: {verb} " + (f"a trial's run instead, e.g. the best one, {best}." if best else
+                                            "one of its trials' runs instead."))
 
 
 def source_run(client: MlflowClient, uri: str) -> str:
