@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from openclaw.engine import checkpoint as ckpt
-from openclaw.errors import CheckpointError
+from openclaw.errors import CheckpointError, ConfigError
 
 
 def _save(d):
@@ -42,6 +42,16 @@ def test_missing_manifest_means_unfinished(tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="not written in full"):
         ckpt.load(d)
+
+
+def test_a_run_folder_given_for_a_checkpoint_names_its_newest_whole_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _save(run / "checkpoint_2026-01-01_00-00-00.000001")
+    whole = _save(run / "checkpoint_2026-01-02_00-00-00.000001")
+    (_save(run / "checkpoint_2026-01-03_00-00-00.000001") / "manifest.json").unlink()  # newer, not written in full
+    with pytest.raises(ConfigError, match=rf"{run} is a run's folder, not one checkpoint: pass one of its "
+                                          rf"checkpoint_\* folders \(the newest written in full is {whole}\)"):
+        ckpt.load(run)
 
 
 def test_load_refuses_pickled_code(tmp_path):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from openclaw.errors import CheckpointError
+from openclaw.errors import CheckpointError, ConfigError
 
 MANIFEST = "manifest.json"
 WHOLE, SHARDED = "whole", "sharded"
@@ -86,6 +86,10 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads((d / MANIFEST).read_text())
     except FileNotFoundError:
+        whole = sorted(c.name for c in d.glob("checkpoint_*") if (c / MANIFEST).is_file())
+        if whole:  # the run's folder, which holds its checkpoints
+            raise ConfigError(f"{d} is a run's folder, not one checkpoint: pass one of its checkpoint_* folders "
+                              f"(the newest written in full is {d / whole[-1]}).") from None
         raise CheckpointError(f"checkpoint {d} has no {MANIFEST}: it was not written in full.") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {d}: {MANIFEST} is corrupt ({e}).") from None
