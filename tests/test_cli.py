@@ -2,6 +2,7 @@
 Each case fails in preflight, before Ray or any worker starts, but the last: a bad shard that only the
 data's preparation (Ray Data tasks) finds."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,17 @@ CASES = {
     "wrong type": (lambda d, t: [DIGITS, *_data(d), "--set", "train.max_steps=lots"], "`train.max_steps`"),
     "indivisible batch": (lambda d, t: [DIGITS, *_data(d), "--set", "train.global_batch_size=40"],
                           "must be divisible by `train.micro_batch_size`"),
+    "unwritable storage": (lambda d, t: [DIGITS, *_data(d), "--set", f"checkpoint.storage={_write(t, '') / 'runs'}"],
+                           "/bad.yaml/runs cannot be written (Not a directory): set it to a folder"),
+    "no cluster there": (lambda d, t: [DIGITS, *_data(d), "--address", f"127.0.0.1:{_closed_port()}"],
+                         "no Ray cluster answers at 127.0.0.1:"),
 }
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound, then closed: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _write(tmp, text):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from typing import Any
 
 from openclaw import constants
@@ -35,7 +36,23 @@ def preflight(config: Config) -> dict[str, Source]:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")
     check_rows(sources["train"], config)
+    check_storage(config)
     return sources
+
+
+def check_storage(config: Config) -> None:
+    """A local `checkpoint.storage` must be a folder this process can create and write in; found here, not
+    when the run opens, after Ray started and the data was prepared. (A URI is reached when the run opens.)"""
+    if "://" in config.checkpoint.storage:
+        return
+    folder = storage_path(config)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".openclaw-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"`checkpoint.storage` {folder} cannot be written ({e.strerror or e}): set it to a folder "
+                          f"you can write in, or to a URI such as s3://bucket/runs.") from None
 
 
 def check_rows(train: Source, config: Config) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,28 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
     kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                                   configure_logging=True, runtime_env=_runtime_env())
     if address:
+        _check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         need = min_cpus
         if config is not None:
             need = int(config.scaling.max_workers * config.scaling.resources_per_worker.get("CPU", 1)) + 2
         ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A cluster address (`HOST:PORT`, `ray://HOST:PORT`) must answer: Ray itself retries an address that
+    does not for minutes, printing connection warnings."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # "auto", "local": Ray resolves them
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster answers at {address} (`--address` or $RAY_ADDRESS): "
+                          f"{e.strerror or e}. Check the address (`ray status` on the head node shows the "
+                          f"cluster), start one with `ray start --head`, or leave it unset for a local "
+                          f"instance.") from None
 
 
 def _runtime_env() -> dict[str, Any] | None:
