@@ -127,6 +127,14 @@ def test_sigterm_or_ctrl_c_to_the_driver_checkpoints_stops_and_the_same_command_
     assert recorded["changes"] == {"train.optimizer.lr": {"before": 0.003, "after": 0.002}}
     assert client.get_run(run_id).data.params["train.optimizer.lr"] == "0.003"
 
+    # Finished: the same command again says so and returns its result, starting nothing.
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"'driver-term' already finished at step 1500 (MLflow run {run_id}); nothing to train" in done.stdout
+    assert f"MLflow run id: {run_id}" in done.stdout and "checkpoint: " + last.stdout.split("checkpoint: ")[1].split()[0] \
+        in done.stdout
+    assert "Started a local Ray" not in done.stderr and "resume at step" not in done.stdout
+
 
 def block_in_preparation(batch):
     """A user transform (`data.transforms` map_batches) that, in Ray Data's preparing tasks (batches of

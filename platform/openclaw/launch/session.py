@@ -40,7 +40,7 @@ from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
 from openclaw.tracking.redact import public_uri, redacted, scrub
 from openclaw.tracking.model import log_final_model
-from openclaw.tracking.run import open_run, record_finished
+from openclaw.tracking.run import job_record, open_run, record_finished
 from openclaw.tracking.service import start_service
 from openclaw.tracking.spool import append_to_spool
 
@@ -65,6 +65,8 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False, 
     the CLI passes the `sources` its preflight already checked."""
     session = RunSession(place(config), verbose=verbose)
     config = session.config
+    if (done := _already_finished(config, session.storage, session.uri)) is not None:
+        return done
     try:
         session.open(address, sources)
         result = session.fit(callbacks)
@@ -81,6 +83,20 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False, 
                          signal_name="SIGINT" if session.stopped_by == "Ctrl-C" else "SIGTERM")
     session.close("FINISHED", checkpoint, metrics)
     return TrainResult(session.run_id, checkpoint, metrics, session.experiment_id, public_uri(session.uri))
+
+
+def _already_finished(config: Config, storage: str, uri: str) -> TrainResult | None:
+    """The result of a job whose record says it reached `train.max_steps` (the same command run again),
+    with nothing started; None for any other."""
+    job = job_record(config, storage)
+    done = job.get("finished")
+    if not done or done["step"] < config.train.max_steps:
+        return None
+    print(f"openclaw: {config.name!r} already finished at step {done['step']} (MLflow run {job.get('mlflow_run_id')}); "
+          f"nothing to train. Raise `train.max_steps` to train on from its checkpoint, or set another `name` for a "
+          f"new run.", flush=True)
+    return TrainResult(job.get("mlflow_run_id", ""), done["checkpoint"], done["metrics"], job.get("experiment_id", ""),
+                       public_uri(uri))
 
 
 class RunSession:

@@ -62,7 +62,13 @@ def record_finished(config: Config, storage: str, step: int, checkpoint: str | N
 
 def finished_run(config: Config, storage: str) -> dict[str, Any] | None:
     """What `record_finished` noted for this job name, or None if it has not finished."""
-    return _read_job_file(storage, config.name).get("finished")
+    return job_record(config, storage).get("finished")
+
+
+def job_record(config: Config, storage: str) -> dict[str, Any]:
+    """The job file of this job name (`mlflow_run_id`, `experiment_id`, and `finished` once it has); {} if
+    there is none yet."""
+    return _read_job_file(storage, config.name)
 
 
 def _flat(config: Config) -> dict[str, Any]:
