@@ -248,8 +248,8 @@ def test_user_errors_exit_2_naming_what_to_change(trained, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
-    # The SDK's loader raises the same error (a user's, as the CLI's exit 2 says).
-    with pytest.raises(ConfigError, match=f"there is no MLflow run '{'0' * 32}'"):
+    # The SDK's loader says the same, as its CheckpointError for a source it cannot load.
+    with pytest.raises(CheckpointError, match=f"^there is no MLflow run '{'0' * 32}'"):
         openclaw.load_model(f"runs:/{'0' * 32}/model", tracking_uri=uri)
 
 

@@ -11,7 +11,7 @@ from openclaw.config import Config, load_config
 from openclaw.constants import default_tracking_uri
 from openclaw.data.filesystems import local_copy
 from openclaw.engine.model_io import load_model_dir, load_model_file
-from openclaw.errors import CheckpointError, UserError
+from openclaw.errors import CheckpointError, ConfigError, UntrustedCodeError
 from openclaw.exports.files import is_export, load_export
 from openclaw.exports.run import ExportResult
 from openclaw.exports.run import export as _export
@@ -101,8 +101,10 @@ def _from_mlflow(uri: str, tracking_uri: str | None, trust_pickle: bool, **trust
             if folder is not None:  # a registered `openclaw export`
                 return load_export(folder, **trust)
         return load_logged_model(uri, where, trust_pickle=trust_pickle, **trust)  # logged in eval mode
-    except (CheckpointError, UserError):  # UserError: no such run or model version, or code not trusted
+    except (CheckpointError, UntrustedCodeError):
         raise
+    except ConfigError as e:  # no such run or model version, or a run with no model: said once, as the SDK's error
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"could not load MLflow model {uri} from {where}: {str(e).splitlines()[0]}. Check the "
                               f"run id or model name and version, and `tracking_uri`.") from None
