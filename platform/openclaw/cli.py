@@ -278,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openclaw: {type(e).__name__}: {scrub(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # before training started, or a second stop request
-        name = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        sig, name = (signal.SIGTERM, "SIGTERM") if isinstance(e, Terminated) else (signal.SIGINT, "Ctrl-C")
         again = ("with --resume to go on: finished trials are kept, unfinished ones resume from their "
                  "checkpoints" if args.command == "sweep" else "again to go on: it resumes from the run's newest "
                  "checkpoint, or starts over if it wrote none")
         print(f"openclaw: stopped at once by {name}. Run the same command {again}.", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        return 128 + sig
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,9 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                                   configure_logging=True, runtime_env=_runtime_env())
+    # Ray's core worker installs its own SIGTERM handler in the driver (it dumps a stack and aborts): the
+    # driver's own handler (`launch.stops.sigterm_raises`), if it has one, is put back after it.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         _check_reachable(address)
         ray.init(address=address, **kwargs)
@@ -45,6 +50,8 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
         if config is not None:
             need = int(config.scaling.max_workers * config.scaling.resources_per_worker.get("CPU", 1)) + 2
         ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
+    if callable(sigterm):
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

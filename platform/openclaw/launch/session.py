@@ -34,7 +34,7 @@ from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
 from openclaw.launch.resume_check import changes_since_checkpoint
-from openclaw.launch.stops import graceful_stops, sigterm_raises
+from openclaw.launch.stops import graceful_stops, put_back, sigterm_raises
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
@@ -109,8 +109,8 @@ class RunSession:
         self.prepared: dict[str, Any] = {}
         self.cache = self.progress = self.printer = self.control = self.tracking = self.watcher = None
         self._closed = False
-        self._sigterm_before: Any = None
-        """The SIGTERM handler before the run opened, put back when it closes (None: not replaced)."""
+        self._sigterm_before: dict[int, Any] = {}
+        """The SIGTERM handler before the run opened, put back when it closes (empty: not replaced)."""
         self.stopped_by: str | None = None
         """What asked the run to stop, if anything did: "SIGTERM" or "Ctrl-C" (the driver's signal handlers)."""
 
@@ -120,9 +120,8 @@ class RunSession:
         sources = sources or preflight(config)  # before anything starts
         resuming = changes_since_checkpoint(config, self.run_dir)  # the model, task and optimizer it must keep
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
-        self._sigterm_before = sigterm_raises()  # replaces the handler Ray's core worker installs next
+        self._sigterm_before = sigterm_raises()  # `connect_ray` keeps it in place of Ray's own
         connect_ray(address, self.verbose, config)
-        sigterm_raises()
         self.prepared, self.cache = prepare_data(config, sources, self.storage)  # a bad shard stops the job here
         resumed = False
         if self.tracked:
@@ -189,8 +188,7 @@ class RunSession:
         if self._closed:
             return
         self._closed = True
-        if self._sigterm_before is not None:
-            signal.signal(signal.SIGTERM, self._sigterm_before)
+        put_back(self._sigterm_before)
         if self.watcher:
             self.watcher.stop()
         spool = _flush_tracking(self.tracking, self.uri, self.config.tracking.flush_timeout_s) if self.tracking else None

@@ -51,8 +51,7 @@ def graceful_stops(control) -> Iterator[_Stops]:
         if stops.cause is None:
             stops.stop(cause, again)
             return
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        put_back(previous)
         stops.at_once = signum
         if stops.abort is not None:
             stops.abort()
@@ -63,19 +62,25 @@ def graceful_stops(control) -> Iterator[_Stops]:
     try:
         yield stops
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        put_back(previous)
 
 
-def sigterm_raises() -> Any:
+def sigterm_raises() -> dict[int, Any]:
     """In the main thread, SIGTERM raises `Terminated` (a KeyboardInterrupt, as Ctrl-C does) while the run
     is open, so that the MLflow run is closed KILLED and Ray shut down on the way out. Ray's core worker
     would otherwise dump a stack and abort the driver (exit 134) wherever a SIGTERM finds it before
-    training starts. Returns the handler it replaced (None where no handler can be installed)."""
+    training starts (`launch.ray_setup.connect_ray` keeps this handler in place of Ray's). Returns the
+    handler it replaced, for `put_back` (empty where no handler can be installed)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def on_sigterm(signum, frame):
         raise Terminated
-    before = signal.signal(signal.SIGTERM, on_sigterm)
-    return signal.SIG_DFL if before is None else before
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+
+
+def put_back(handlers: dict[int, Any]) -> None:
+    """Reinstall the signal handlers `signal.getsignal` or `signal.signal` returned (None, a handler
+    installed outside Python, as the default one)."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from openclaw.errors import Terminated
+from openclaw.launch.stops import put_back
 from openclaw.tracking.redact import scrub
 
 TUNE_SHUTDOWN_LOGGER = "ray.tune.tune"
@@ -60,8 +61,7 @@ def graceful_interrupt(verbose: bool, on_stop: Callable[[], None]) -> Iterator[I
     def on_signal(signum, frame):
         tune_listens = callable(signal.getsignal(signal.SIGUSR1))  # Tune installs its handler as its run starts
         if interrupt.requested or not tune_listens:
-            for sig, handler in previous.items():
-                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            put_back(previous)
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         interrupt.signal_name = signal.Signals(signum).name
         said, again = ("Ctrl-C", "press Ctrl-C again") if signum == signal.SIGINT else ("SIGTERM", "send it again")
@@ -74,8 +74,7 @@ def graceful_interrupt(verbose: bool, on_stop: Callable[[], None]) -> Iterator[I
     for sig in previous:
         signal.signal(sig, on_signal)
     with contextlib.ExitStack() as stack:
-        for sig, handler in previous.items():
-            stack.callback(signal.signal, sig, signal.SIG_DFL if handler is None else handler)
+        stack.callback(put_back, previous)
         for name, level in levels.items():
             stack.callback(loggers[name].setLevel, level)
         yield interrupt

@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from openclaw.errors import ConfigError, RunStopped
 from openclaw.launch.places import place
 from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
-from openclaw.launch.stops import sigterm_raises
+from openclaw.launch.stops import put_back, sigterm_raises
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
 from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome
@@ -97,7 +96,6 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     try:
         per_trial = 1 + config.scaling.max_workers * int(config.scaling.resources_per_worker.get("CPU", 1))
         connect_ray(address, verbose, min_cpus=s.max_concurrent * per_trial + 2)
-        sigterm_raises()  # again: Ray's core worker replaced it with its own, which aborts the driver
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SWEEP_STATE_SAVE_S)
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
         base = _absolute_data_paths(config.resolved(), storage)
@@ -114,8 +112,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
             client.set_terminated(parent_id, status="KILLED")
         raise
     finally:
-        if sigterm_before is not None:
-            signal.signal(signal.SIGTERM, sigterm_before)
+        put_back(sigterm_before)
     if interrupt.requested:
         _close_interrupted(client, exp_id, parent_id)  # again: a trial may have started after the first time
         done = sum(_row(r, s.metric, config.train.max_steps)["outcome"] == FINISHED for r in grid)
