@@ -102,3 +102,18 @@ def hop(rank: int, world: int, parallelism: dict, load_from: str | None, save_to
     state = full_state(engine)
     save_shards(engine.state_dict(), save_to)
     return {"state": state, "next": steps(engine, layout, rank, n_steps, n_steps + 2)}
+
+
+def wrap_on_meta(rank: int, world: int, parallelism: dict) -> dict[str, Any]:
+    """The strategy's wrap of a gpt built on the meta device: how much of it this rank holds, and where."""
+    from torch.distributed.tensor import DTensor
+
+    from openclaw.engine.models import GPT
+    from openclaw.engine.parallel.build import build_strategy
+    from openclaw.engine.parallel.config import ParallelismConfig
+    with torch.device("meta"):
+        model = GPT(**GPT_KWARGS)
+    whole = sum(p.numel() for p in model.parameters())
+    wrapped = build_strategy(ParallelismConfig(**parallelism), world=world, rank=rank).wrap(model, torch.device("cpu"))
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in wrapped.parameters()]
+    return {"whole": whole, "held": sum(t.numel() for t in local), "devices": sorted({t.device.type for t in local})}

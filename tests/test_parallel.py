@@ -7,7 +7,7 @@ changes its last bit (a relative 1e-7), nothing more: the maths is the same.
 import pytest
 import torch
 
-from parallel_harness import hop, spawn, train
+from parallel_harness import hop, spawn, train, wrap_on_meta
 
 N_STEPS = 10
 
@@ -48,6 +48,18 @@ def test_fsdp_matches_ddp_at_two_ranks(one_rank):
     held = {name: sum(run["state_bytes"].values()) for name, run in (("ddp", ddp), ("fsdp", fsdp))}
     assert held["fsdp"] <= 0.55 * held["ddp"], held
     assert fsdp["state_bytes"]["grads"] <= 0.55 * ddp["state_bytes"]["grads"]
+
+
+@pytest.mark.parametrize("parallelism", [{"strategy": "fsdp"}, {"strategy": "fsdp", "tensor": 2}],
+                         ids=["fsdp", "fsdp-x-tp"])
+def test_sharding_moves_no_whole_model_to_the_device(parallelism):
+    """A model bigger than one GPU must reach it a block at a time, as `fully_shard` shards it. A model
+    on the meta device shows it on a CPU: copying it whole to the device raises ("Cannot copy out of
+    meta tensor"); sharded block by block, each rank holds half of it, still on the meta device."""
+    for got in spawn(2, wrap_on_meta, parallelism):
+        assert "error" not in got, got.get("error")
+        assert got["devices"] == ["meta"]
+        assert got["held"] <= 0.55 * got["whole"], got
 
 
 def test_tensor_parallel_at_two_ranks_matches_one_rank(one_rank):

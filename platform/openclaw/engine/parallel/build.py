@@ -28,6 +28,8 @@ def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank
     if cfg.strategy == "ddp" and cfg.model_parallel == 1:
         return DDPStrategy(activation_checkpointing=cfg.activation_checkpointing, bucket_cap_mb=cfg.bucket_cap_mb)
     layout = layout_for(cfg, world)
+    if device is not None and device.type == "cuda":  # where the mesh, and `fully_shard`, place tensors
+        torch.cuda.set_device(device)
     mesh = init_device_mesh((device or torch.device("cpu")).type, layout.shape, mesh_dim_names=DIM_NAMES)
     kwargs = dict(reshard_after_forward=cfg.reshard_after_forward, activation_checkpointing=cfg.activation_checkpointing,
                   param_dtype=param_dtype, always_shard=cfg.strategy == "fsdp")

@@ -94,13 +94,16 @@ class FSDPStrategy(ShardedState):
         return dp_mesh(self.layout, self.mesh, self.always_shard)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        model = model.to(device)
+        """The model, still on the host, goes to the device a piece at a time: tensor parallelism places
+        each parameter as it splits it, and `fully_shard` moves a block's parameters and keeps this rank's
+        shard before it takes the next block. A model bigger than one device's memory never sits on one
+        whole (`build_strategy` set the device the mesh places on)."""
         if self.layout.tensor > 1:
             apply_tensor_parallel(model, self.mesh["tp"])
         apply_activation_checkpointing(model, self.ac)
         dp = self.dp_mesh()
-        if dp is None:
-            return model
+        if dp is None:  # tensor parallelism alone: what it did not split (norms, biases) goes whole
+            return model.to(device)
         model = shard(model, dp, self.reshard_after_forward, self.param_dtype)
         # FSDP's (and HSDP's) collectives alone. Over one shard there is no reduce-scatter to time HSDP's
         # all-reduce from: not measured.

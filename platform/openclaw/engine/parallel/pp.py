@@ -95,7 +95,7 @@ class PipelineStrategy(ShardedState):
         bounds = stage_blocks(model.depth, self.stages)
         keep = {b for s in self.my_stages for b in bounds[s]}
         first, last = 0 in self.my_stages, self.stages - 1 in self.my_stages
-        part = copy.deepcopy(model).to(device)
+        part = copy.deepcopy(model)  # on the host: only this rank's stages reach the device, below
         for b in [k for k in part.blocks if int(k) not in keep]:
             del part.blocks[b]
         if not first:
@@ -104,7 +104,9 @@ class PipelineStrategy(ShardedState):
             part.ln = part.head = None
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)
-        if dp is not None:  # (new parameter objects: the tied ones are looked up after)
+        if dp is None:
+            part = part.to(device)
+        else:  # `fully_shard` places each block's shard (new parameter objects: the tied ones are looked up after)
             shard(part, dp, self.reshard_after_forward, self.param_dtype)
         self._tied = [p for p in (part.tok.weight if first else None, part.head.weight if last else None) if p is not None]
         self._copy = part.head.weight if last and not first else None  # counted once in the norm: on the first stage
