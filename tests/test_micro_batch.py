@@ -62,7 +62,7 @@ def test_one_memory_budget_for_the_auto_micro_batch_and_the_logged_capacity(digi
     import psutil
 
     from openclaw.engine.metrics import memory_capacity_bytes
-    from openclaw.runtime.micro_batch import budget_bytes
+    from openclaw.runtime.micro_batch_probe import budget_bytes
     cpu, share = torch.device("cpu"), psutil.virtual_memory().total // 2
     for gb, expected in ((0.5, 500_000_000), (10 * share / 1e9, share), (None, share)):
         cfg = digits_config(digits_dir, tmp_path, "sqlite:///x.db", **{"train.memory_budget_gb": gb})
