@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import digits_config
-from openclaw.engine.memory import (MicroBatchChoice, choose_micro_batch, confirm_micro_batch, micro_batch_sizes,
-                                    per_sample_bytes, saved_activation_bytes, state_bytes_estimate)
+from openclaw.engine.memory import (MicroBatchChoice, choose_micro_batch, confirm_micro_batch, fake_tensors,
+                                    micro_batch_sizes, per_sample_bytes, probes_whole, saved_activation_bytes,
+                                    state_bytes_estimate)
 from openclaw.engine.parallel.mesh import mesh_layout
 from openclaw.errors import ConfigError, MemoryBudgetError
 from openclaw.runtime.policies import batch_plan, micro_batch_dp_sizes
@@ -197,6 +198,68 @@ def test_saved_activations_of_an_mlp_are_its_layer_outputs():
     assert per <= 4 * (64 + 4 * 128 + 2 * 10) + 8
 
 
+def _saved_bytes(build, batch: dict, task, dtype: torch.dtype | None, fake: bool) -> int:
+    """`saved_activation_bytes` of one forward, on real tensors or on fake ones (no memory)."""
+    import contextlib
+    mode = fake_tensors() if fake else contextlib.nullcontext()
+    with mode:
+        model = build()
+        batch = {k: mode.from_tensor(v) for k, v in batch.items()} if fake else batch
+
+        def loss():
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                return task.loss(model, batch)[0]
+        return saved_activation_bytes(loss, model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fake_tensors_count_exactly_the_activations_a_real_run_saves(dtype):
+    """The probe counts activations on fake tensors, so a model of any size, of which the device holds a
+    shard, costs it nothing: the count must be the real one, autocast's 16-bit tensors included."""
+    from openclaw.engine.models import GPT, MLP
+    from openclaw.engine.tasks import Classification, LanguageModeling
+    gpt = ({"x": torch.randint(0, 64, (4, 33))}, LanguageModeling(),
+           lambda: GPT(vocab_size=64, block_size=32, dim=32, depth=2, heads=4).train())
+    mlp = ({"x": torch.rand(4, 64), "y": torch.randint(0, 10, (4,))}, Classification(), lambda: MLP(64, 128, 2, 10))
+    for batch, task, build in (gpt, mlp):
+        real = _saved_bytes(build, batch, task, dtype, fake=False)
+        assert real > 0 and _saved_bytes(build, batch, task, dtype, fake=True) == real
+    # bf16 saves less than fp32 on the same model: autocast applied to the fake tensors too
+    if dtype is not None:
+        assert _saved_bytes(gpt[2], *gpt[:2], dtype, fake=True) < _saved_bytes(gpt[2], *gpt[:2], None, fake=True)
+
+
+def test_a_whole_copy_is_probed_only_where_its_state_takes_at_most_half_the_budget():
+    gb = 10 ** 9
+    assert probes_whole(1 * gb, 72 * gb)  # a 1B model on an 80 GB GPU (90% of it): 8 GB of fp32 state and grads
+    assert probes_whole(4 * gb, 72 * gb) and not probes_whole(5 * gb, 72 * gb)  # 40 GB > 36 GB
+    assert not probes_whole(70 * gb, 72 * gb)  # a 70B model that only FSDP fits: counted on fake tensors
+
+
+def test_a_model_that_cannot_run_on_fake_tensors_is_probed_on_a_real_copy(digits_dir):
+    """A forward that reads a value (fake tensors have none) falls back to a real copy of the model."""
+    from openclaw import load_config
+    from openclaw.data.sources import resolve
+    from openclaw.data.stream import ShardedData, shard_specs
+    from openclaw.runtime.micro_batch import resolve_micro_batch
+    src = resolve(str(digits_dir / "train"), "data.train")
+    data = ShardedData(src.spec, shard_specs(src.shards), "x", "y")
+    got = {}
+    for name in ("mlp", "user_models:reads_a_value"):
+        cfg = load_config(None, {"data.train": str(digits_dir / "train"), "data.features": "x", "data.label": "y",
+                                 "model.name": name, "train.micro_batch_size": "auto", "train.memory_budget_gb": 1.0,
+                                 "model.kwargs": {"in_features": 64, "hidden": 128, "depth": 1, "num_classes": 10}})
+        resolved, auto = resolve_micro_batch(cfg, device=torch.device("cpu"), world=1, local_world=1,
+                                             run_dir=str(digits_dir / "no-run"), data=data)
+        got[name] = auto
+        assert resolved.train.micro_batch_size == auto.size > 0
+    assert got["mlp"].activations == "saved tensors, fake"
+    assert got["user_models:reads_a_value"].activations == "saved tensors"
+    # the same layers, whichever way they were counted (the user's model saves its guard's input once more)
+    assert got["user_models:reads_a_value"].choice.activation_bytes_per_sample >= \
+        got["mlp"].choice.activation_bytes_per_sample > 0
+
+
 # ---- the ranks agree, and a kept size is not probed again ---------------------------------------------------
 
 def _resolve_on_rank(rank: int, world: int, digits_train: str, budgets: list[float], run_dir: str) -> dict:
@@ -214,7 +277,7 @@ def _resolve_on_rank(rank: int, world: int, digits_train: str, budgets: list[flo
     resolved, auto = resolve_micro_batch(cfg, device=torch.device("cpu"), world=world, local_world=world,
                                          run_dir=run_dir, data=data)
     return {"size": resolved.train.micro_batch_size, "source": auto.source, "proposed": auto.proposed,
-            "probed": auto.probed, "key": auto.key, "estimate_gb": auto.estimate_gb,
+            "probed": auto.probed, "key": auto.key, "estimate_gb": auto.estimate_gb, "activations": auto.activations,
             "choice": auto.choice and (auto.choice.fixed_bytes, auto.choice.activation_bytes_per_sample)}
 
 
@@ -229,6 +292,7 @@ def test_ranks_agree_on_the_smallest_size_and_a_kept_size_is_not_probed_again(di
     alone = _resolve_on_rank(0, 1, train, [1.0], str(tmp_path / "fresh"))
     fixed, per = alone["choice"]
     assert alone["size"] == 32 and alone["source"] == "probe"  # 64 over 2 workers: 32 each, with room to spare
+    assert alone["activations"] == "saved tensors, fake"  # no copy of the model in memory
     roomy, tight = 1.0, (fixed + 5 * per) / 1e9  # a budget with room for 5 samples: 4 is the size
     # a run whose train state kept 8 for rank 0's key (its model, precision, strategy, device and budget)
     state = {"step": 10, "micro_batch_size": 8, "micro_batch_key": alone["key"], "micro_batch_estimate_gb": 0.25}

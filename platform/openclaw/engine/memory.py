@@ -6,8 +6,9 @@ The estimate of one rank's memory is a fixed part plus a part per sample:
     fixed        parameters, gradients and optimizer state (fp32, AdamW: 2 states) of the parameters
                  this rank holds: the whole model under DDP (plus DDP's gradient buckets), 1/shard under
                  FSDP, 1/tensor under TP, 1/stages under PP; 16-bit precision adds a 16-bit copy of them
-    per sample   activations, measured on a probe micro-batch: on a CPU the bytes of the tensors saved
-                 for the backward (`saved_activation_bytes`), on a GPU the allocator's peak (`cuda_peak_bytes`)
+    per sample   activations, measured on a probe micro-batch: the bytes of the tensors saved for the
+                 backward (`saved_activation_bytes`), counted on fake tensors (`fake_tensors`: no memory);
+                 on a GPU with room for a whole copy of the model, the allocator's peak (`cuda_peak_bytes`)
 
 `choose_micro_batch` takes the largest size that fits the budget and divides the per-rank batch at
 every allowed data-parallel degree; on a GPU `confirm_micro_batch` then runs it and backs off by halves
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.errors import MemoryBudgetError
@@ -137,20 +140,35 @@ def saved_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor
     """Bytes of the tensors autograd saves for the backward while `run()` builds its graph (each storage
     once, the parameters' own storages excluded): the activations a step holds at its peak, measured
     the same way on any device."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
+    skip = {StorageWeakRef(p.untyped_storage()) for p in params}
+    seen: dict[StorageWeakRef, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in skip:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        key = StorageWeakRef(storage)  # a storage's identity, for fake tensors too (they have no data)
+        if key not in skip:
+            seen[key] = max(seen.get(key, 0), storage.nbytes())
         return t  # the graph keeps `t` alive, so no other saved tensor reuses its memory while we count
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     del out
     return sum(seen.values())
+
+
+def probes_whole(num_params: int, budget_bytes: int) -> bool:
+    """Whether the probe may run a whole copy of the model on the device: its fp32 parameters and
+    gradients in half the budget, the other half left for the probe micro-batches' activations. A model
+    too big for that (one FSDP, TP or PP shard among several) has its activations counted on fake tensors
+    (`fake_tensors`), with no memory, and the size is not confirmed on the device."""
+    return 8 * num_params <= budget_bytes // 2
+
+
+def fake_tensors() -> FakeTensorMode:
+    """A mode in which tensors have shapes, dtypes and a device but no memory (torch's `FakeTensorMode`,
+    as `torch.compile` traces with): a model of any size built and run in it costs nothing, and autocast
+    treats its tensors as it treats the device's, so `saved_activation_bytes` counts what a real run saves."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def cuda_peak_bytes(run: Callable[[], Any], device: torch.device) -> int:

@@ -2,12 +2,13 @@
 
 Every rank takes the size its run's train state keeps (chosen for the same model, precision, strategy,
 device type and memory: the `micro_batch_key`), or else probes its own device for one: the training
-state estimated under the strategy and precision, activations measured on a probe micro-batch, the
-largest allowed size that fits its memory budget, confirmed on a GPU by a forward and backward at that
-size (`engine.memory`). The probe touches no process group, so one rank's out-of-memory error cannot
-stall the others. The ranks then all-gather their sizes and all take the smallest, and the rest of the
-attempt reads a config that holds that number. The train state records it, so that restarts, resizes
-and resumes keep it and the optimization stays the same.
+state estimated under the strategy and precision, activations counted on a probe micro-batch (on fake
+tensors: no memory, whatever the model's size), the largest allowed size that fits its memory budget,
+confirmed on a GPU with room for a whole copy of the model (`runtime.micro_batch_probe`). The probe
+touches no process group, so one rank's out-of-memory error cannot stall the others. The ranks then
+all-gather their sizes and all take the smallest, and the rest of the attempt reads a config that holds
+that number. The train state records it, so that restarts, resizes and resumes keep it and the
+optimization stays the same.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class AutoMicroBatch:
     """This rank's probe, when it probed."""
     backed_off: list[int] = field(default_factory=list)
     """Sizes the confirmation probe ran out of memory at."""
+    activations: str = ""
+    """How this rank measured the activations when it probed (`micro_batch_probe.probe`)."""
 
 
 def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_world: int, run_dir: str,
@@ -61,15 +64,15 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
     stored = stored_state(run_dir)
     if stored and stored.get("micro_batch_key") == key and \
             stored.get("micro_batch_size") in micro_batch_sizes(cfg.train.global_batch_size, dp_sizes):
-        mine, choice, backed_off = stored["micro_batch_size"], None, []
+        mine, choice, backed_off, measured = stored["micro_batch_size"], None, [], ""
     else:
-        choice, mine, backed_off = probe(cfg, device, data, precision, dp_sizes, local_world)
+        choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, local_world)
     gathered = _all_gather([mine, int(choice is not None)], device, world)
     size = min(g[0] for g in gathered)
     estimate = (choice.fixed_bytes + size * choice.activation_bytes_per_sample) / GB if choice \
         else float(stored.get("micro_batch_estimate_gb", 0.0))
     auto = AutoMicroBatch(size, "probe" if choice else "train_state", key, [g[0] for g in gathered],
-                          sum(g[1] for g in gathered), estimate, choice, backed_off)
+                          sum(g[1] for g in gathered), estimate, choice, backed_off, measured)
     return with_micro_batch(cfg, size), auto
 
 
@@ -133,7 +136,7 @@ def record_micro_batch(auto: AutoMicroBatch | None, state: TrainState, tracker) 
     c = auto.choice
     probe_facts = {"budget_gb": c.budget_bytes / GB, "fixed_gb": c.fixed_bytes / GB,
                    "activation_mb_per_sample": c.activation_bytes_per_sample / 1e6,
-                   "largest": c.largest, "backed_off": auto.backed_off} if c else {}
+                   "largest": c.largest, "backed_off": auto.backed_off, "activations": auto.activations} if c else {}
     tracker.event("micro_batch", size=auto.size, source=auto.source, proposed=auto.proposed, probed=auto.probed,
                   estimate_gb=auto.estimate_gb, key=auto.key, step=state.step, **probe_facts)
     if auto.source != "probe":

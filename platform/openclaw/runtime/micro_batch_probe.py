@@ -1,8 +1,13 @@
 """The probe behind `train.micro_batch_size: auto` (worker process): one rank's largest micro-batch that
-fits its memory budget, measured on its own device with a bare copy of the model, touching no process
-group (`runtime.micro_batch` agrees on one size across the ranks and records it).
+fits its memory budget, touching no process group (`runtime.micro_batch` agrees on one size across the
+ranks and records it). The activations are counted on a copy of the model made of fake tensors, which
+hold no memory, so a model of any size can be probed, one that only its shards fit included; on a GPU
+with room for a whole copy, they are measured as the allocator's peak and the size is confirmed.
 """
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import numpy as np
 import torch
@@ -10,41 +15,74 @@ import torch
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
 from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, choose_micro_batch, confirm_micro_batch,
-                                    cuda_peak_bytes, micro_batch_sizes, per_sample_bytes, saved_activation_bytes,
-                                    state_bytes_estimate)
+                                    cuda_peak_bytes, fake_tensors, micro_batch_sizes, per_sample_bytes, probes_whole,
+                                    saved_activation_bytes, state_bytes_estimate)
 from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel.build import layout_for
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import build_task
+from openclaw.errors import MemoryBudgetError
+
+log = logging.getLogger("openclaw")
 
 PROBE_SAMPLES = 4
 """The probe measures activations at micro-batches of this many samples and twice as many."""
 
 
 def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Precision, dp_sizes: list[int],
-          local_world: int) -> tuple[MicroBatchChoice, int, list[int]]:
-    """This rank's choice: the estimate on its device, then (on a GPU) the guarded confirmation."""
+          local_world: int) -> tuple[MicroBatchChoice, int, list[int], str]:
+    """This rank's choice, the sizes it backed off from, and how it measured the activations: counted on
+    fake tensors (no memory, whatever the model's size), or on a GPU with room for a whole copy of the
+    model, the allocator's peak, then the guarded confirmation."""
     budget, source = budget_bytes(cfg, device, local_world)
-    model = build_model(cfg.model.name, cfg.model.kwargs).to(device).train()
-    step = _ProbeStep(model, build_task(cfg.task), data, device, precision)
+    task = build_task(cfg.task)
+    samples = max(1, min(PROBE_SAMPLES, len(data) // 2))
     try:
-        num_params = sum(p.numel() for p in model.parameters())
-        fixed = max(state_bytes_estimate(num_params, layout_for(cfg.parallelism, w), replicated=replicated(cfg),
-                                         precision=precision.name, optimizer=cfg.train.optimizer.name,
-                                         momentum=cfg.train.optimizer.momentum).total for w in _worlds(cfg))
-        samples = max(1, min(PROBE_SAMPLES, len(data) // 2))
-        activations = per_sample_bytes(step.activation_bytes, samples)
-        choice = choose_micro_batch(budget, fixed, activations, cfg.train.global_batch_size, dp_sizes, source)
-        if device.type != "cuda":  # a CPU has no out-of-memory error to catch: the estimate stands
-            return choice, choice.size, []
+        step = _ProbeStep(cfg, task, data, device, precision, fake=True)
+        counted = step.num_params, per_sample_bytes(step.activation_bytes, samples)
+    except Exception as e:  # a model that cannot run on fake tensors (it reads a value, calls numpy): a real copy
+        log.info("could not count the model's activations on fake tensors (%s): probing a real copy", e)
+        counted = None
+    if device.type == "cuda" and (counted is None or probes_whole(counted[0], budget)):
+        return _probe_on_gpu(cfg, task, data, device, precision, dp_sizes, samples, budget, source)
+    if counted is None:
+        step = _ProbeStep(cfg, task, data, device, precision, fake=False)
+        counted = step.num_params, per_sample_bytes(step.activation_bytes, samples)
+    choice = choose_micro_batch(budget, fixed_bytes(cfg, counted[0], precision), counted[1],
+                                cfg.train.global_batch_size, dp_sizes, source)
+    return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
+
+
+def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, precision: Precision,
+                  dp_sizes: list[int], samples: int, budget: int,
+                  source: str) -> tuple[MicroBatchChoice, int, list[int], str]:
+    """A whole copy of the model on the GPU: the allocator's peak over a forward and backward, then a run
+    at the chosen size beside the rest of the state, backing off on an out-of-memory error."""
+    step = _ProbeStep(cfg, task, data, torch.device("cpu"), precision, fake=False)
+    if not probes_whole(step.num_params, budget):
+        raise MemoryBudgetError(
+            f"`train.micro_batch_size: auto`: the model ({step.num_params / 1e6:.1f}M parameters) has no room on "
+            f"{device} whole, and it cannot run on fake tensors to count its activations. Set "
+            f"`train.micro_batch_size` to a number.")
+    step.to(device)
+    try:
+        fixed = fixed_bytes(cfg, step.num_params, precision)
+        choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
+                                    cfg.train.global_batch_size, dp_sizes, source)
         sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes)
-        size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * num_params))
-        return choice, size, failed
+        size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * step.num_params))
+        return choice, size, failed, "allocator peak, confirmed"
     finally:
-        step = model = None  # their memory goes before the cache is emptied
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        step = None  # its memory goes before the cache is emptied
+        torch.cuda.empty_cache()
+
+
+def fixed_bytes(cfg: Config, num_params: int, precision: Precision) -> int:
+    """One rank's training state at the largest of the layouts its worlds may take (`engine.memory`)."""
+    return max(state_bytes_estimate(num_params, layout_for(cfg.parallelism, w), replicated=replicated(cfg),
+                                    precision=precision.name, optimizer=cfg.train.optimizer.name,
+                                    momentum=cfg.train.optimizer.momentum).total for w in _worlds(cfg))
 
 
 def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[int, str]:
@@ -73,27 +111,43 @@ def _worlds(cfg: Config) -> range:
 
 class _ProbeStep:
     """Forward (and backward) passes of a bare copy of the model on this rank's device, on the run's
-    first rows, in the run's precision: no process group, nothing the engine holds."""
+    first rows, in the run's precision: no process group, nothing the engine holds. `fake`: the copy and
+    the rows are fake tensors (`engine.memory.fake_tensors`), which hold no memory."""
 
-    def __init__(self, model: torch.nn.Module, task, data: ShardedData, device: torch.device, precision: Precision):
-        self.model, self.task, self.data, self.device, self.precision = model, task, data, device, precision
+    def __init__(self, cfg: Config, task, data: ShardedData, device: torch.device, precision: Precision, *,
+                 fake: bool):
+        self.task, self.data, self.device, self.precision, self.fake = task, data, device, precision, fake
+        self.mode = fake_tensors() if fake else contextlib.nullcontext()
+        with self.mode, device:
+            self.model = build_model(cfg.model.name, cfg.model.kwargs).train()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
         self.warm = device.type != "cuda"
 
-    def _loss(self, m: int) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in self.data.batch(np.arange(m)).items()}
+    def to(self, device: torch.device) -> None:
+        self.model, self.device = self.model.to(device), device
+
+    def _rows(self, m: int) -> dict[str, torch.Tensor]:
+        """The run's first `m` rows, read outside the fake mode: tensors the data keeps must stay real."""
+        return self.data.batch(np.arange(m))
+
+    def _loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: (self.mode.from_tensor(v) if self.fake else v).to(self.device) for k, v in rows.items()}
         if self.precision.name == "fp32":
             return self.task.loss(self.model, batch)[0]
         with torch.autocast(self.device.type, dtype=self.precision.dtype):
             return self.task.loss(self.model, batch)[0]
 
     def _forward_backward(self, m: int) -> None:
-        self._loss(m).backward()
+        self._loss(self._rows(m)).backward()
         self.model.zero_grad(set_to_none=True)
 
     def activation_bytes(self, m: int) -> int:
-        """CPU: bytes saved for the backward; GPU: the allocator's peak over a forward and backward."""
-        if self.device.type != "cuda":
-            return saved_activation_bytes(lambda: self._loss(m), self.model.parameters())
+        """The bytes of the tensors saved for the backward (fake or on a CPU); on a GPU, the allocator's
+        peak over a forward and backward."""
+        if self.fake or self.device.type != "cuda":
+            rows = self._rows(m)
+            with self.mode:
+                return saved_activation_bytes(lambda: self._loss(rows), self.model.parameters())
         if not self.warm:  # the first pass allocates workspaces once: keep them out of the measure
             self._forward_backward(m)
             self.warm = True

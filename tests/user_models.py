@@ -1,0 +1,24 @@
+"""Models a user might name in `model.name` (`tests.user_models:<function>`): built by the tests that need
+a model the built-ins are not."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ReadsAValue(nn.Module):
+    """An MLP whose forward reads a tensor's value (a data-dependent branch): it cannot run on fake
+    tensors, which have no values."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max().item() > 1e6:  # a guard some models keep
+            x = x.clamp(-1e6, 1e6)
+        return self.body(x)
+
+
+def reads_a_value(in_features: int = 64, hidden: int = 128, num_classes: int = 10, **_) -> nn.Module:
+    return ReadsAValue(in_features, hidden, num_classes)
