@@ -83,6 +83,29 @@ print(f"  events: {got * 1e3:.1f} ms; host wall around the kernel: {wall * 1e3:.
 assert 0.5 * wall < got <= 1.05 * wall
 PY
 
+step "micro_batch_size: auto on CUDA: activations counted on fake tensors vs the real run's saved bytes and the allocator's peak (bf16)" 60 "$PY" - <<'PY'
+import contextlib, torch
+from openclaw.engine.memory import cuda_peak_bytes, fake_tensors, saved_activation_bytes
+from openclaw.engine.models import GPT
+from openclaw.engine.tasks import LanguageModeling
+d, task = torch.device("cuda"), LanguageModeling()
+x = torch.randint(0, 256, (8, 513))
+def counted(fake):
+    mode = fake_tensors() if fake else contextlib.nullcontext()
+    with mode, d:
+        model = GPT(dim=512, depth=6, heads=8, block_size=512).train()
+        batch = {"x": (mode.from_tensor(x) if fake else x).to(d)}
+        def loss():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return task.loss(model, batch)[0]
+        got = saved_activation_bytes(loss, model.parameters())
+    peak = None if fake else cuda_peak_bytes(lambda: loss().backward(), d)
+    return got, peak
+(fake, _), (real, peak) = counted(True), counted(False)
+print(f"  saved bytes, fake {fake / 1e6:.1f} MB vs real {real / 1e6:.1f} MB (equal: {fake == real}); "
+      f"allocator peak of a forward and backward {peak / 1e6:.1f} MB, ratio peak/saved {peak / real:.2f}")
+PY
+
 step "the fp8 and precision tests on this machine" 120 "$PY" -m pytest -q -x tests/test_fp8.py tests/test_precision.py -m "not integration"
 step "compile cache across a restart on a fresh node (cold vs warm)" 150 "$PY" bench/compile_restart.py --device cuda --dim 768 --depth 12 --heads 12 --block 1024 --repeats 2
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision" 90 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3
