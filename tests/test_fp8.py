@@ -56,8 +56,11 @@ def test_unconvert_and_convert_keep_the_same_parameters():
     assert fp8.convert(model) == ["up"] and type(model.up).__name__ == "Float8Linear"
     assert type(model.down) is nn.Linear
     assert [id(p) for p in model.parameters()] == params
-    assert fp8.unconvert(model) == 1 and type(model.up) is nn.Linear
+    up = model.up
+    assert fp8.unconvert(model) == ["up"] and type(model.up) is nn.Linear and model.up is up  # the same module
     assert [id(p) for p in model.parameters()] == params  # an optimizer built on them stays valid
+    fp8.reconvert(model, ["up"])
+    assert type(model.up).__name__ == "Float8Linear" and model.up is up
 
 
 def _engine(seed=0):
@@ -110,6 +113,35 @@ def test_the_probe_times_both_sides_and_leaves_the_model_converted_around_the_sa
     assert sides == ["Float8Linear"] * 3 + ["Linear"] * 3  # a warm-up, then the timed repeats, each side
     assert fp8_s > 0 and bf16_s > 0
     assert type(model.up).__name__ == "Float8Linear" and [id(p) for p in model.parameters()] == params
+
+
+def _probe_fp8_under_fsdp(rank: int, world: int) -> dict:
+    """On each rank of a 2-rank FSDP group: an fp8 engine's probe, then two steps, beside a bf16 engine's."""
+    from openclaw.engine.parallel.build import build_strategy
+    from openclaw.engine.parallel.config import ParallelismConfig
+
+    def engine(precision: str) -> Engine:
+        torch.manual_seed(0)
+        cfg = TrainConfig(global_batch_size=32, micro_batch_size=16, precision=precision, optimizer={"lr": 1e-3})
+        return Engine(Wide(), Classification(), cfg, device=torch.device("cpu"), world_size=world,
+                      strategy=build_strategy(ParallelismConfig(strategy="fsdp"), world=world, rank=rank))
+    mine = {k: v[rank * 16:(rank + 1) * 16] for k, v in _batch().items()}
+    probed = engine("fp8")
+    timed = probed.probe_fp8(mine)
+    got = {"timed": timed, "precision": probed.precision.name, "up": type(probed.module.up).__name__,
+           "losses": [probed.train_step(s, [mine]).loss_sum for s in range(2)]}
+    bf16 = engine("bf16")
+    return {**got, "bf16_losses": [bf16.train_step(s, [mine]).loss_sum for s in range(2)]}
+
+
+def test_a_sharded_model_is_probed_and_falls_back_to_bf16_in_place():
+    """Under FSDP each Linear's parameters are the shards FSDP gathers into those very modules: the probe
+    runs both sides on them, and the fallback keeps them, training on as a bf16 engine does."""
+    from parallel_harness import spawn
+    for got in spawn(2, _probe_fp8_under_fsdp):
+        assert got["timed"] is not None and got["timed"][0] > got["timed"][1] > 0  # emulated fp8 is slower
+        assert got["precision"] == "bf16" and got["up"] == "Linear"
+        assert got["losses"] == got["bf16_losses"]
 
 
 def test_nothing_to_probe_without_fp8_layers():

@@ -190,8 +190,9 @@ class Engine:
         """fp8 pays only where its GEMMs outrun the casts around them: time one micro-batch's forward and
         backward with the float8 Linears and in bf16 (the slowest rank's times, so every rank decides
         alike), keep fp8 only if faster, else train in bf16 and say why in the precision's reason. None:
-        nothing to measure (not fp8, no layer converted, or a sharded model, whose layers FSDP holds)."""
-        if not self.fp8_layers or self.strategy.sharded:
+        nothing to measure (not fp8, or no layer converted). Collective under every strategy: each rank
+        runs the micro-batch both ways."""
+        if not self.fp8_layers:
             return None
 
         def run() -> None:

@@ -7,7 +7,8 @@ auto-filter (`auto_filter_small_kn` in torchtitan): both dimensions multiples of
 both (in_features <= 4096 and out_features <= 1024 measured slower than bf16 on H100s).
 
 A `Float8Linear` keeps its weight in high precision and casts per GEMM, so going back to bf16
-(`unconvert`) swaps the modules back around the same parameters: the optimizer state stays valid.
+(`unconvert`) makes each one an `nn.Linear` in place: the same modules and parameters, which FSDP's
+sharding and the optimizer state point at, stay valid.
 Whether fp8 pays on this model and device is measured, not assumed: `probe` times the first micro-
 batch's forward and backward both ways, and `runtime.policies.fp8_decision` keeps fp8 only if faster.
 """
@@ -50,18 +51,22 @@ def converted(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
 
 
-def unconvert(model: nn.Module) -> int:
-    """Swap every `Float8Linear` back to `nn.Linear` around the same parameters; how many."""
-    swapped = 0
-    for name in converted(model):
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        f8 = getattr(owner, child)
-        linear = nn.Linear(f8.in_features, f8.out_features, bias=f8.bias is not None, device="meta")
-        linear.weight, linear.bias = f8.weight, f8.bias
-        setattr(owner, child, linear)
-        swapped += 1
-    return swapped
+def unconvert(model: nn.Module) -> list[str]:
+    """Make every `Float8Linear` an `nn.Linear` again, in place: the same module objects, parameters and
+    hooks (a subclass's instance takes its base class; `Float8Linear` keeps nothing `nn.Linear.forward`
+    reads besides the weight and bias). FSDP's and the pipeline's bookkeeping, which point at these
+    modules, stay valid, and so does an optimizer built on the parameters. The names of those made bf16."""
+    names = converted(model)
+    for name in names:
+        model.get_submodule(name).__class__ = nn.Linear
+    return names
+
+
+def reconvert(model: nn.Module, names: list[str]) -> None:
+    """Undo `unconvert` for the modules `names`: each is a `Float8Linear` again, with its float8 settings."""
+    from torchao.float8.float8_linear import Float8Linear
+    for name in names:
+        model.get_submodule(name).__class__ = Float8Linear
 
 
 def pays(fp8_s: float, bf16_s: float) -> bool:
@@ -71,13 +76,15 @@ def pays(fp8_s: float, bf16_s: float) -> bool:
 
 def probe(model: nn.Module, run_micro_batch: Callable[[], None], repeats: int = 3) -> tuple[float, float]:
     """Median seconds of `run_micro_batch` (a forward and backward whose gradients the caller drops) with
-    the model's float8 Linears, then with them swapped back to bf16; the model ends converted as it began.
+    the model's float8 Linears, then with them made bf16 Linears in place; the model ends converted as it
+    began, the same modules throughout, so a sharded model's (FSDP, pipeline stages) is probed as it trains.
     The first run of each side warms it up and is not timed."""
-    names = converted(model)
     fp8_s = _median_time(run_micro_batch, repeats)
-    unconvert(model)
-    bf16_s = _median_time(run_micro_batch, repeats)
-    convert(model, lambda m, fqn: fqn in names)
+    names = unconvert(model)
+    try:
+        bf16_s = _median_time(run_micro_batch, repeats)
+    finally:
+        reconvert(model, names)
     return fp8_s, bf16_s
 
 
