@@ -127,3 +127,22 @@ def test_a_bad_shard_found_while_preparing_the_data_exits_2_naming_it(digits_dir
         r.stderr[-3000:]
     assert "`data.on_bad_shard: skip`" in last and "Traceback" not in r.stdout + r.stderr
     assert "starting" not in r.stdout  # it stopped before the run began
+
+
+def test_a_finished_job_says_when_its_final_checkpoint_is_gone(digits_dir, tmp_path, capsys):
+    """The same command on a finished job answers from its record; a final checkpoint deleted since is named."""
+    from conftest import digits_config
+    from openclaw.launch.preflight import storage_path
+    from openclaw.launch.session import _already_finished
+    from openclaw.tracking.run import record_finished
+    cfg = digits_config(digits_dir, tmp_path, "sqlite:///unused.db",
+                        **{"train.max_steps": 20, "tracking.enabled": False, "name": "gone"})
+    final = tmp_path / "runs" / "gone" / "checkpoint_2026-12-05_06-00-00.000000"
+    final.mkdir(parents=True)
+    record_finished(cfg, storage_path(cfg), 20, str(final), {"train/loss": 0.5})
+    assert _already_finished(cfg, storage_path(cfg), "sqlite:///unused.db").checkpoint == str(final)
+    assert "already finished at step 20" in (out := capsys.readouterr().out) and "no longer there" not in out
+    final.rmdir()
+    assert _already_finished(cfg, storage_path(cfg), "sqlite:///unused.db").checkpoint == str(final)
+    assert f"its final checkpoint, {final}, is no longer there; no copy of the final model is kept elsewhere " \
+           "(`tracking.enabled` was off)" in capsys.readouterr().out

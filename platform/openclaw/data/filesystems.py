@@ -59,6 +59,12 @@ def storage_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return (_portable(fs) if isinstance(fs, pafs.S3FileSystem) else fs), root
 
 
+def storage_exists(path: str) -> bool:
+    """Whether a file or folder of checkpoint storage (a local path or a URI) is there."""
+    fs, root = storage_filesystem(path)
+    return fs.get_file_info(root).type != pafs.FileType.NotFound
+
+
 def _portable(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
     """`fs` (with the options its URI gave) naming the endpoint and the credentials of this process's
     environment, where the URI named none."""

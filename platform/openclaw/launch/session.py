@@ -24,7 +24,7 @@ from ray.util.queue import Queue
 from openclaw import constants
 from openclaw.advice.report import advise_at_end
 from openclaw.config import Config
-from openclaw.data.filesystems import storage_uri
+from openclaw.data.filesystems import storage_exists, storage_uri
 from openclaw.data.sources import Source
 from openclaw.data.stream import shard_specs
 from openclaw.errors import OpenClawError, RunStopped, Terminated
@@ -95,6 +95,10 @@ def _already_finished(config: Config, storage: str, uri: str) -> TrainResult | N
     print(f"openclaw: {config.name!r} already finished at step {done['step']} (MLflow run {job.get('mlflow_run_id')}); "
           f"nothing to train. Raise `train.max_steps` to train on from its checkpoint, or set another `name` for a "
           f"new run.", flush=True)
+    if done["checkpoint"] and not storage_exists(done["checkpoint"]):
+        kept = f" the MLflow run keeps the final model (`openclaw export {job['mlflow_run_id']}`)" \
+            if job.get("mlflow_run_id") else " no copy of the final model is kept elsewhere (`tracking.enabled` was off)"
+        print(f"openclaw: its final checkpoint, {done['checkpoint']}, is no longer there;{kept}.", flush=True)
     return TrainResult(job.get("mlflow_run_id", ""), done["checkpoint"], done["metrics"], job.get("experiment_id", ""),
                        public_uri(uri))
 
