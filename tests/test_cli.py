@@ -36,6 +36,10 @@ CASES = {
                            "/bad.yaml/runs cannot be written (Not a directory): set it to a folder"),
     "no cluster there": (lambda d, t: [DIGITS, *_data(d), "--address", f"127.0.0.1:{_closed_port()}"],
                          "no Ray cluster answers at 127.0.0.1:"),
+    "tensor parallel mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.tensor=2"],
+                            "`parallelism.tensor` (2) needs a model that says how to split it"),
+    "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
+                           "`parallelism.pipeline` splits the built-in gpt into stages; MLP is not one"),
 }
 
 

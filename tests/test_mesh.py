@@ -67,3 +67,30 @@ def test_parallelism_config_is_checked_before_any_worker_starts():
     ok = load_config(None, {"parallelism.strategy": "fsdp", "parallelism.tensor": 2, "scaling.min_workers": 4,
                             "scaling.max_workers": 4, "train.global_batch_size": 64}, base=base)
     assert ok.parallelism.model_parallel == 2 and ParallelismConfig().strategy == "ddp"
+
+
+def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_worker_starts():
+    """What the wraps refuse (a model tensor parallelism cannot split, a pipeline of a model that is not
+    the gpt, of a user's loss, or of more stages than blocks), found on a model that holds no memory: a
+    175B-parameter gpt costs the driver nothing."""
+    import torch
+
+    from openclaw.engine.models import GPT, MLP
+    from openclaw.engine.parallel.build import check_layout
+    from openclaw.errors import ConfigError
+    with torch.device("meta"):
+        huge = GPT(vocab_size=50304, block_size=2048, dim=12288, depth=96, heads=96)
+        small, mlp = GPT(dim=48, depth=3, heads=6), MLP(64, 128, 2, 10)
+    assert sum(p.numel() for p in huge.parameters()) > 170e9
+    check_layout(huge, ParallelismConfig(strategy="fsdp", tensor=8), builtin_task=True)
+    check_layout(huge, ParallelismConfig(pipeline=8, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
+    with pytest.raises(ConfigError, match=r"`parallelism.tensor` \(2\) needs a model that says how to split it"):
+        check_layout(mlp, ParallelismConfig(tensor=2), builtin_task=True)
+    with pytest.raises(ConfigError, match=r"`parallelism.tensor` \(4\) must divide `model.kwargs.heads` \(6\)"):
+        check_layout(small, ParallelismConfig(tensor=4), builtin_task=True)
+    with pytest.raises(ConfigError, match="splits the built-in gpt into stages; MLP is not one"):
+        check_layout(mlp, ParallelismConfig(pipeline=2), builtin_task=True)
+    with pytest.raises(ConfigError, match="needs a built-in `task`"):
+        check_layout(small, ParallelismConfig(pipeline=2), builtin_task=False)
+    with pytest.raises(ConfigError, match="at least one block per stage: 4 stage"):  # 2 ranks x 2 stages each
+        check_layout(small, ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b"), builtin_task=True)

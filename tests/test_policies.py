@@ -41,6 +41,15 @@ def test_different_errors_spend_max_failures_and_a_preemption_breaks_a_run_of_er
     assert _run([(False, "x")] * 9, max_failures=-1, max_same_error=0)[-1].counts.failures == 9  # no limit at all
 
 
+def test_a_config_error_in_a_worker_gives_up_at_once_even_with_no_limits():
+    """A ConfigError a worker raises (a model the strategy cannot split) fails every retry alike."""
+    decision = failure_decision(FailureCounts(), False, "ConfigError: `parallelism.tensor` (2) needs a model...",
+                                max_failures=-1, max_preemptions=-1, max_same_error=0, config_error=True)
+    assert isinstance(decision, GiveUp) and decision.message.startswith("the config cannot work")
+    assert isinstance(failure_decision(FailureCounts(), False, "ValueError: x", max_failures=-1, max_preemptions=-1,
+                                       max_same_error=0, config_error=False), Retry)
+
+
 def test_nonfinite_policy_decisions():
     assert isinstance(nonfinite_decision("fail", 7, 1e-3), Fail) and "global step 7" in nonfinite_decision(
         "fail", 7, 1e-3).message

@@ -9,11 +9,14 @@ import sys
 import tempfile
 from typing import Any
 
+import torch
+
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data.prep import Prepared, check_transforms, prepare
 from openclaw.data.sources import Source, check_columns, resolve
 from openclaw.engine.models import build_model
+from openclaw.engine.parallel.build import check_layout
 from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
 
@@ -31,13 +34,25 @@ def preflight(config: Config) -> dict[str, Source]:
         raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
     if ":" in config.task:
         import_path(config.task, "task")
-    build_model(config.model.name, config.model.kwargs)  # imports a user's model and checks its kwargs
+    check_layout(model_on_meta(config), config.parallelism, builtin_task=":" not in config.task)
     if config.train.record_samples and "://" in config.checkpoint.storage:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")
     check_rows(sources["train"], config)
     check_storage(config)
     return sources
+
+
+def model_on_meta(config: Config) -> torch.nn.Module:
+    """The model, built on the meta device: a user's is imported and its kwargs checked, with no memory for
+    its weights, whatever its size (a model that cannot be built there is built for real)."""
+    try:
+        with torch.device("meta"):
+            return build_model(config.model.name, config.model.kwargs)
+    except ConfigError:
+        raise
+    except Exception:  # its constructor reads a value (or loads one) the meta device does not hold
+        return build_model(config.model.name, config.model.kwargs)
 
 
 def check_storage(config: Config) -> None:

@@ -11,7 +11,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.train import ControllerError, PreemptionError
 
-from openclaw.errors import FailureBudgetSpent, OpenClawError, WorkerPreempted
+from openclaw.errors import ConfigError, FailureBudgetSpent, OpenClawError, WorkerPreempted
 from openclaw.runtime.cluster_view import settle_lost_nodes
 from openclaw.runtime.policies import FailureCounts, GiveUp, failure_decision
 from openclaw.runtime.ray_private import (
@@ -87,7 +87,8 @@ class FailureBudget(ControllerCallback):
         causes = _causes(error)
         preempted = any(isinstance(c, (WorkerPreempted, PreemptionError)) or getattr(c, "preempted", False)
                         for c in causes)
-        decision = failure_decision(self.counts, preempted, _summary(causes), **self.limits)
+        decision = failure_decision(self.counts, preempted, _summary(causes), **self.limits,
+                                    config_error=any(isinstance(c, ConfigError) for c in causes))
         if isinstance(decision, GiveUp):
             if self.progress is not None:
                 put_nowait(self.progress, {"message": f"giving up: {decision.message}"})

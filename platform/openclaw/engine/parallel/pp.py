@@ -49,6 +49,21 @@ def stage_blocks(depth: int, stages: int) -> list[list[int]]:
     return bounds
 
 
+NEEDS_BUILTIN_TASK = ("`parallelism.pipeline` computes the loss on the last stage: it needs a built-in `task`, not "
+                      "a user's loss function.")
+
+
+def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True) -> None:
+    """Whether `model` (on any device, the meta device included) splits into `stages` stages; a `ConfigError`
+    naming the key otherwise."""
+    if not isinstance(model, GPT):
+        raise ConfigError(f"`parallelism.pipeline` splits the built-in gpt into stages; {type(model).__name__} "
+                          f"is not one. Set `parallelism.pipeline: 1`.")
+    if not builtin_task:
+        raise ConfigError(NEEDS_BUILTIN_TASK)
+    stage_blocks(model.depth, stages)
+
+
 class _StageView(nn.Module):
     """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds)."""
 
@@ -89,9 +104,7 @@ class PipelineStrategy(ShardedState):
     # ---- building the stages ------------------------------------------------------------------
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        if not isinstance(model, GPT):
-            raise ConfigError(f"`parallelism.pipeline` splits the built-in gpt into stages; {type(model).__name__} "
-                              f"is not one. Set `parallelism.pipeline: 1`.")
+        check_pipeline(model, self.stages)
         bounds = stage_blocks(model.depth, self.stages)
         keep = {b for s in self.my_stages for b in bounds[s]}
         first, last = 0 in self.my_stages, self.stages - 1 in self.my_stages
@@ -129,8 +142,7 @@ class PipelineStrategy(ShardedState):
     def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
                          fns: StepFns) -> tuple[list[torch.Tensor], int]:
         if not hasattr(fns.task, "output_loss"):
-            raise ConfigError("`parallelism.pipeline` computes the loss on the last stage: it needs a built-in "
-                              "`task`, not a user's loss function.")
+            raise ConfigError(NEEDS_BUILTIN_TASK)
         n = len(micro_batches) if self.microbatches == "auto" else int(self.microbatches)
         inputs, targets = fns.task.split(fns.to_device({k: torch.cat([b[k] for b in micro_batches])
                                                         for k in micro_batches[0]}))
