@@ -42,7 +42,7 @@ def test_a_world_that_does_not_divide_is_refused_with_the_numbers():
 
 
 def test_stage_blocks_split_evenly_with_earlier_stages_taking_the_rest():
-    from openclaw.engine.parallel.pp import stage_blocks
+    from openclaw.engine.parallel.layout_checks import stage_blocks
     assert stage_blocks(4, 2) == [[0, 1], [2, 3]]
     assert stage_blocks(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
     from openclaw.errors import ConfigError
@@ -76,7 +76,7 @@ def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_w
     import torch
 
     from openclaw.engine.models import GPT, MLP
-    from openclaw.engine.parallel.build import check_layout
+    from openclaw.engine.parallel.layout_checks import check_layout
     from openclaw.errors import ConfigError
     with torch.device("meta"):
         huge = GPT(vocab_size=50304, block_size=2048, dim=12288, depth=96, heads=96)

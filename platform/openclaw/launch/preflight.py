@@ -16,7 +16,7 @@ from openclaw.config import Config
 from openclaw.data.prep import Prepared, check_transforms, prepare
 from openclaw.data.sources import Source, check_columns, resolve
 from openclaw.engine.models import build_model
-from openclaw.engine.parallel.build import check_layout
+from openclaw.engine.parallel.layout_checks import check_layout
 from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
 

@@ -3,7 +3,6 @@ torch process)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from openclaw.engine.parallel.base import Strategy
@@ -11,8 +10,7 @@ from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.engine.parallel.ddp import DDPStrategy
 from openclaw.engine.parallel.fsdp import FSDPStrategy
 from openclaw.engine.parallel.mesh import DIM_NAMES, MeshLayout, mesh_layout
-from openclaw.engine.parallel.pp import PipelineStrategy, check_pipeline
-from openclaw.engine.parallel.tp import check_tensor_parallel
+from openclaw.engine.parallel.pp import PipelineStrategy
 
 
 def layout_for(cfg: ParallelismConfig, world: int) -> MeshLayout:
@@ -20,17 +18,6 @@ def layout_for(cfg: ParallelismConfig, world: int) -> MeshLayout:
     if cfg.strategy == "ddp":
         return mesh_layout(world, replicate=world // cfg.model_parallel, tensor=cfg.tensor, pipeline=cfg.pipeline)
     return mesh_layout(world, replicate=cfg.replicate, tensor=cfg.tensor, pipeline=cfg.pipeline)
-
-
-def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool) -> None:
-    """What the strategy's wrap (or its first step) would refuse for this model, found before any worker
-    starts: a `ConfigError` naming the key. `model` may be on the meta device (`build_model` there costs
-    nothing, whatever its size)."""
-    if cfg.tensor > 1:
-        check_tensor_parallel(model, cfg.tensor)
-    if cfg.pipeline > 1:
-        check_pipeline(model, cfg.pipeline * (2 if cfg.pipeline_schedule == "interleaved_1f1b" else 1),
-                       builtin_task=builtin_task)
 
 
 def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank: int = 0,

@@ -28,40 +28,11 @@ from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
+from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.errors import ConfigError
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
-
-
-def stage_blocks(depth: int, stages: int) -> list[list[int]]:
-    """The blocks of each of `stages` consecutive stages: as even as can be, earlier stages one more."""
-    if depth < stages:
-        raise ConfigError(f"`parallelism.pipeline` needs at least one block per stage: {stages} stage(s), but "
-                          f"`model.kwargs.depth` is {depth}. Lower `parallelism.pipeline` (or use `gpipe`/`1f1b` "
-                          f"rather than `interleaved_1f1b`, which runs two stages per rank).")
-    per, extra = divmod(depth, stages)
-    bounds, start = [], 0
-    for s in range(stages):
-        n = per + (s < extra)
-        bounds.append(list(range(start, start + n)))
-        start += n
-    return bounds
-
-
-NEEDS_BUILTIN_TASK = ("`parallelism.pipeline` computes the loss on the last stage: it needs a built-in `task`, not "
-                      "a user's loss function.")
-
-
-def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True) -> None:
-    """Whether `model` (on any device, the meta device included) splits into `stages` stages; a `ConfigError`
-    naming the key otherwise."""
-    if not isinstance(model, GPT):
-        raise ConfigError(f"`parallelism.pipeline` splits the built-in gpt into stages; {type(model).__name__} "
-                          f"is not one. Set `parallelism.pipeline: 1`.")
-    if not builtin_task:
-        raise ConfigError(NEEDS_BUILTIN_TASK)
-    stage_blocks(model.depth, stages)
 
 
 class _StageView(nn.Module):

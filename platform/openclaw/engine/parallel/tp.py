@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from openclaw.engine.models import GPT, retie, tied_parameters
-from openclaw.errors import ConfigError
+from openclaw.engine.parallel.layout_checks import check_tensor_parallel
 
 
 def gpt_plan(model: GPT) -> dict:
@@ -49,19 +49,6 @@ def gpt_plan(model: GPT) -> dict:
             f"{b}.mlp.2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         })
     return plan
-
-
-def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
-    """Whether `model` can be split `tensor` ways; raises a `ConfigError` naming the key otherwise."""
-    if isinstance(model, GPT):
-        bad = [f"`model.kwargs.{k}` ({v})" for k, v in (("heads", model.heads), ("dim", model.dim)) if v % tensor]
-        if bad:
-            raise ConfigError(f"`parallelism.tensor` ({tensor}) must divide {' and '.join(bad)}: each rank computes "
-                              f"an equal share of the heads. Change `parallelism.tensor` or the model's size.")
-    elif not callable(getattr(model, "parallelize_plan", None)):
-        raise ConfigError(f"`parallelism.tensor` ({tensor}) needs a model that says how to split it: the built-in "
-                          f"gpt, or a model with a method `parallelize_plan(mesh)` returning a torch "
-                          f"`parallelize_module` plan. {type(model).__name__} has none; set `parallelism.tensor: 1`.")
 
 
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
