@@ -29,10 +29,14 @@ def test_unknown_key_names_key_and_allowed_keys():
         load_config(None, ["train.max_stpes=5"], base=MIN)
     msg = str(e.value)
     assert "`train.max_stpes`" in msg and "max_steps" in msg and "global_batch_size" in msg
+    assert "unknown key `train.max_stpes`; did you mean `train.max_steps`? allowed keys there:" in msg
+    with pytest.raises(ConfigError) as e:  # nothing close: no guess
+        load_config(None, ["train.zzzz=5"], base=MIN)
+    assert "did you mean" not in str(e.value) and "unknown key `train.zzzz`; allowed keys there:" in str(e.value)
 
 
 def test_unknown_top_level_section():
-    with pytest.raises(ConfigError, match=r"unknown key `trian`.*allowed keys there: name, seed, model"):
+    with pytest.raises(ConfigError, match=r"unknown key `trian`; did you mean `train`\? allowed keys there: name, seed"):
         load_config(None, {"trian": {}}, base=MIN)
 
 

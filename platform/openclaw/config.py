@@ -19,6 +19,7 @@ overrides) is what the run saves and logs, so it alone describes a run.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from math import lcm
@@ -240,7 +241,9 @@ def _explain(error: ValidationError, source: str) -> str:
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = [name for name, _ in section_fields(loc[:-1])]
-            lines.append(f"unknown key `{key}`; allowed keys there: {', '.join(allowed)}")
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            guess = f"did you mean `{'.'.join(loc[:-1] + close)}`? " if close else ""
+            lines.append(f"unknown key `{key}`; {guess}allowed keys there: {', '.join(allowed)}")
         elif err["type"] == "missing":
             lines.append(f"missing required key `{key}`")
         else:
