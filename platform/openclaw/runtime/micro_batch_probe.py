@@ -124,7 +124,9 @@ class _ProbeStep:
         self.warm = device.type != "cuda"
 
     def to(self, device: torch.device) -> None:
+        """Move the (real) copy to `device`; on a GPU the next measure first runs a pass unmeasured."""
         self.model, self.device = self.model.to(device), device
+        self.warm = device.type != "cuda"
 
     def _rows(self, m: int) -> dict[str, torch.Tensor]:
         """The run's first `m` rows, read outside the fake mode: tensors the data keeps must stay real."""
