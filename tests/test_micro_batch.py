@@ -10,8 +10,8 @@ import torch
 
 from conftest import digits_config
 from openclaw.engine.memory import (MicroBatchChoice, choose_micro_batch, confirm_micro_batch, fake_tensors,
-                                    micro_batch_sizes, per_sample_bytes, probes_whole, saved_activation_bytes,
-                                    state_bytes_estimate)
+                                    gathered_bytes, micro_batch_sizes, per_sample_bytes, probes_whole,
+                                    saved_activation_bytes, state_bytes_estimate)
 from openclaw.engine.parallel.mesh import mesh_layout
 from openclaw.errors import ConfigError, MemoryBudgetError
 from openclaw.runtime.policies import batch_plan, micro_batch_dp_sizes
@@ -86,6 +86,38 @@ def test_state_estimate_shards_under_fsdp_tp_and_pp_and_grows_in_16_bit():
     assert bf16.total - one.total == 2 * n  # a bf16 copy of the weights
     sgd = state_bytes_estimate(n, mesh_layout(1), replicated=True, optimizer="sgd", momentum=0.0)
     assert sgd.optimizer == 0
+
+
+def test_fsdp_holds_its_largest_unit_gathered_beside_the_shards():
+    n = 1_000_000  # one unit's parameters: gathered for its forward and the next one's prefetched, then its grads
+    assert gathered_bytes(n, mesh_layout(8, replicate=1)) == n * (2 * 4 + 4)
+    assert gathered_bytes(n, mesh_layout(8, replicate=1), "bf16") == n * (2 * 2 + 4)  # gathered in bf16
+    assert gathered_bytes(n, mesh_layout(64, replicate=4, tensor=4)) == n // 4 * 12  # TP splits the block
+    assert gathered_bytes(n, mesh_layout(8, replicate=8)) == 0  # one shard: nothing is gathered (DDP, or HSDP of 1)
+
+
+def test_the_probe_adds_the_largest_unit_fsdp_gathers_to_the_fixed_state():
+    from openclaw import load_config
+    from openclaw.engine.models import GPT
+    from openclaw.engine.precision import Precision
+    from openclaw.engine.tasks import LanguageModeling
+    from openclaw.runtime.micro_batch_probe import _ProbeStep, fixed_bytes
+    kwargs = {"vocab_size": 4096, "block_size": 32, "dim": 64, "depth": 2, "heads": 4}
+    fp32 = Precision("fp32", False, False, "")
+
+    def cfg(strategy: str):
+        return load_config(None, {"data.train": "x", "data.features": "x", "data.label": None, "task": "language_modeling",
+                                  "model.name": "gpt", "model.kwargs": kwargs, "parallelism.strategy": strategy,
+                                  "scaling.min_workers": 2, "scaling.max_workers": 2})
+    step = _ProbeStep(cfg("fsdp"), LanguageModeling(), None, torch.device("cpu"), fp32, fake=True)
+    gpt = GPT(**kwargs)
+    block = sum(p.numel() for p in gpt.blocks["0"].parameters())
+    # the root's embeddings and head (4096 x 64, tied) outweigh a block of dim 64: the root is the largest unit
+    assert step.num_params == sum(p.numel() for p in gpt.parameters()) and step.largest_unit == step.num_params - 2 * block
+    sharded = state_bytes_estimate(step.num_params, mesh_layout(2, replicate=1), replicated=False).total
+    assert fixed_bytes(cfg("fsdp"), step, fp32) == sharded + 12 * step.largest_unit
+    whole = state_bytes_estimate(step.num_params, mesh_layout(2, replicate=2), replicated=True).total
+    assert fixed_bytes(cfg("ddp"), step, fp32) == whole  # DDP gathers nothing
 
 
 def test_state_estimate_matches_what_a_real_engine_holds():

@@ -5,7 +5,9 @@ The estimate of one rank's memory is a fixed part plus a part per sample:
 
     fixed        parameters, gradients and optimizer state (fp32, AdamW: 2 states) of the parameters
                  this rank holds: the whole model under DDP (plus DDP's gradient buckets), 1/shard under
-                 FSDP, 1/tensor under TP, 1/stages under PP; 16-bit precision adds a 16-bit copy of them
+                 FSDP, 1/tensor under TP, 1/stages under PP; 16-bit precision adds a 16-bit copy of them;
+                 FSDP adds the largest unit gathered whole, the next one prefetched, and its gradients
+                 (`gathered_bytes`)
     per sample   activations, measured on a probe micro-batch: the bytes of the tensors saved for the
                  backward (`saved_activation_bytes`), counted on fake tensors (`fake_tensors`: no memory);
                  on a GPU with room for a whole copy of the model, the allocator's peak (`cuda_peak_bytes`)
@@ -64,6 +66,18 @@ def state_bytes_estimate(num_params: int, layout: MeshLayout, *, replicated: boo
     buckets = 4 * held if replicated and layout.dp > 1 else 0
     casts = DTYPE_BYTES[precision] * held if precision != "fp32" else 0
     return StateEstimate(params=4 * held, grads=4 * held, optimizer=4 * states * held, extra=buckets + casts)
+
+
+def gathered_bytes(largest_unit_params: int, layout: MeshLayout, precision: str = "fp32") -> int:
+    """What FSDP holds beside a rank's shards while a step runs: a unit's parameters gathered whole for
+    its forward and backward, and the next unit's, prefetched (in the compute precision), then the unit's
+    whole gradients before they are reduce-scattered (fp32). `largest_unit_params`: the largest
+    `fully_shard` unit's parameters (a transformer block, or what the root holds besides the blocks),
+    which tensor parallelism still splits. 0 where nothing is sharded (DDP, one shard)."""
+    if layout.shard == 1:
+        return 0
+    unit = math.ceil(largest_unit_params / layout.tensor)
+    return unit * (2 * (DTYPE_BYTES[precision] if precision != "fp32" else 4) + 4)
 
 
 # ---- the sizes allowed, and the largest that fits ------------------------------------------------

@@ -15,10 +15,11 @@ import torch
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
 from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, choose_micro_batch, confirm_micro_batch,
-                                    cuda_peak_bytes, fake_tensors, micro_batch_sizes, per_sample_bytes, probes_whole,
-                                    saved_activation_bytes, state_bytes_estimate)
+                                    cuda_peak_bytes, fake_tensors, gathered_bytes, micro_batch_sizes, per_sample_bytes,
+                                    probes_whole, saved_activation_bytes, state_bytes_estimate)
 from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
+from openclaw.engine.parallel.base import transformer_blocks
 from openclaw.engine.parallel.build import layout_for
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import build_task
@@ -40,18 +41,18 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
     samples = max(1, min(PROBE_SAMPLES, len(data) // 2))
     try:
         step = _ProbeStep(cfg, task, data, device, precision, fake=True)
-        counted = step.num_params, per_sample_bytes(step.activation_bytes, samples)
+        counted = step, per_sample_bytes(step.activation_bytes, samples)
     except Exception as e:  # a model that cannot run on fake tensors (it reads a value, calls numpy): a real copy
         log.info("could not count the model's activations on fake tensors (%s): probing a real copy", e)
         counted = None
-    if device.type == "cuda" and (counted is None or probes_whole(counted[0], budget)):
+    if device.type == "cuda" and (counted is None or probes_whole(counted[0].num_params, budget)):
         return _probe_on_gpu(cfg, task, data, device, precision, dp_sizes, samples, budget, source)
     if counted is None:
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
-        counted = step.num_params, per_sample_bytes(step.activation_bytes, samples)
+        counted = step, per_sample_bytes(step.activation_bytes, samples)
     choice = choose_micro_batch(budget, fixed_bytes(cfg, counted[0], precision), counted[1],
                                 cfg.train.global_batch_size, dp_sizes, source)
-    return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
+    return choice, choice.size, [], "saved tensors, fake" if counted[0].fake else "saved tensors"
 
 
 def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, precision: Precision,
@@ -67,7 +68,7 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
             f"`train.micro_batch_size` to a number.")
     step.to(device)
     try:
-        fixed = fixed_bytes(cfg, step.num_params, precision)
+        fixed = fixed_bytes(cfg, step, precision)
         choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
                                     cfg.train.global_batch_size, dp_sizes, source)
         sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes)
@@ -78,11 +79,15 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
         torch.cuda.empty_cache()
 
 
-def fixed_bytes(cfg: Config, num_params: int, precision: Precision) -> int:
-    """One rank's training state at the largest of the layouts its worlds may take (`engine.memory`)."""
-    return max(state_bytes_estimate(num_params, layout_for(cfg.parallelism, w), replicated=replicated(cfg),
-                                    precision=precision.name, optimizer=cfg.train.optimizer.name,
-                                    momentum=cfg.train.optimizer.momentum).total for w in _worlds(cfg))
+def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
+    """One rank's training state, and what FSDP gathers beside it, at the largest of the layouts its
+    worlds may take (`engine.memory`)."""
+    def at(world: int) -> int:
+        layout = layout_for(cfg.parallelism, world)
+        state = state_bytes_estimate(step.num_params, layout, replicated=replicated(cfg), precision=precision.name,
+                                     optimizer=cfg.train.optimizer.name, momentum=cfg.train.optimizer.momentum)
+        return state.total + gathered_bytes(step.largest_unit, layout, precision.name)
+    return max(at(w) for w in _worlds(cfg))
 
 
 def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[int, str]:
@@ -121,6 +126,9 @@ class _ProbeStep:
         with self.mode, device:
             self.model = build_model(cfg.model.name, cfg.model.kwargs).train()
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(self.model)]
+        self.largest_unit = max(blocks + [self.num_params - sum(blocks)])
+        """The parameters of the largest `fully_shard` unit: a transformer block, or what the root holds."""
         self.warm = device.type != "cuda"
 
     def to(self, device: torch.device) -> None:
