@@ -92,6 +92,7 @@ def test_fsdp_holds_its_largest_unit_gathered_beside_the_shards():
     n = 1_000_000  # one unit's parameters: gathered for its forward and the next one's prefetched, then its grads
     assert gathered_bytes(n, mesh_layout(8, replicate=1)) == n * (2 * 4 + 4)
     assert gathered_bytes(n, mesh_layout(8, replicate=1), "bf16") == n * (2 * 2 + 4)  # gathered in bf16
+    assert gathered_bytes(n, mesh_layout(8, replicate=1), "fp16") == n * (2 * 4 + 4)  # fp16 keeps fp32 parameters
     assert gathered_bytes(n, mesh_layout(64, replicate=4, tensor=4)) == n // 4 * 12  # TP splits the block
     assert gathered_bytes(n, mesh_layout(8, replicate=8)) == 0  # one shard: nothing is gathered (DDP, or HSDP of 1)
 

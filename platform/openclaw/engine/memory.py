@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.engine.precision import sharded_param_dtype
 from openclaw.errors import MemoryBudgetError
 
 GB = 1e9
@@ -70,14 +71,15 @@ def state_bytes_estimate(num_params: int, layout: MeshLayout, *, replicated: boo
 
 def gathered_bytes(largest_unit_params: int, layout: MeshLayout, precision: str = "fp32") -> int:
     """What FSDP holds beside a rank's shards while a step runs: a unit's parameters gathered whole for
-    its forward and backward, and the next unit's, prefetched (in the compute precision), then the unit's
+    its forward and backward, and the next unit's, prefetched (in `sharded_param_dtype`), then the unit's
     whole gradients before they are reduce-scattered (fp32). `largest_unit_params`: the largest
     `fully_shard` unit's parameters (a transformer block, or what the root holds besides the blocks),
     which tensor parallelism still splits. 0 where nothing is sharded (DDP, one shard)."""
     if layout.shard == 1:
         return 0
     unit = math.ceil(largest_unit_params / layout.tensor)
-    return unit * (2 * (DTYPE_BYTES[precision] if precision != "fp32" else 4) + 4)
+    gathered = sharded_param_dtype(precision) or torch.float32
+    return unit * (2 * gathered.itemsize + 4)
 
 
 # ---- the sizes allowed, and the largest that fits ------------------------------------------------

@@ -94,6 +94,13 @@ def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True, fp8: str
     return Precision(asked, False, allow_tf32, f"{asked} autocast, as asked")
 
 
+def sharded_param_dtype(precision: str) -> torch.dtype | None:
+    """The dtype sharded strategies gather parameters in and compute with (FSDP's mixed-precision
+    policy) under this precision: bf16 for bf16 and for fp8 (whose other layers run in bf16); None keeps
+    the fp32 parameters as they are."""
+    return torch.bfloat16 if precision in ("bf16", "fp8") else None
+
+
 def apply_matmul_precision(p: Precision) -> None:
     """torch's process-wide TF32 switches, set from the decision (both ways, so a switch is undone)."""
     if torch.cuda.is_available():

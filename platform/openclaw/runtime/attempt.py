@@ -23,7 +23,7 @@ from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import now as perf_now
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel.build import build_strategy, layout_for
-from openclaw.engine.precision import choose_precision, device_facts
+from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task
 from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
@@ -122,7 +122,7 @@ class Attempt:
         self.flops_per_sample = flops_per_sample(cfg, task, self.train)
         precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32, cfg.train.fp8)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
-                                  param_dtype=torch.bfloat16 if precision.name in ("bf16", "fp8") else None)
+                                  param_dtype=sharded_param_dtype(precision.name))
         return Engine(model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
                       global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
 

@@ -40,19 +40,19 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
     task = build_task(cfg.task)
     samples = max(1, min(PROBE_SAMPLES, len(data) // 2))
     try:
-        step = _ProbeStep(cfg, task, data, device, precision, fake=True)
-        counted = step, per_sample_bytes(step.activation_bytes, samples)
+        step: _ProbeStep | None = _ProbeStep(cfg, task, data, device, precision, fake=True)
+        per_sample = per_sample_bytes(step.activation_bytes, samples)
     except Exception as e:  # a model that cannot run on fake tensors (it reads a value, calls numpy): a real copy
         log.info("could not count the model's activations on fake tensors (%s): probing a real copy", e)
-        counted = None
-    if device.type == "cuda" and (counted is None or probes_whole(counted[0].num_params, budget)):
+        step = None
+    if device.type == "cuda" and (step is None or probes_whole(step.num_params, budget)):
         return _probe_on_gpu(cfg, task, data, device, precision, dp_sizes, samples, budget, source)
-    if counted is None:
+    if step is None:
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
-        counted = step, per_sample_bytes(step.activation_bytes, samples)
-    choice = choose_micro_batch(budget, fixed_bytes(cfg, counted[0], precision), counted[1],
-                                cfg.train.global_batch_size, dp_sizes, source)
-    return choice, choice.size, [], "saved tensors, fake" if counted[0].fake else "saved tensors"
+        per_sample = per_sample_bytes(step.activation_bytes, samples)
+    choice = choose_micro_batch(budget, fixed_bytes(cfg, step, precision), per_sample, cfg.train.global_batch_size,
+                                dp_sizes, source)
+    return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
 
 
 def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, precision: Precision,
