@@ -11,7 +11,7 @@ help:
 	@echo "make test         install test dependencies and run the whole suite"
 	@echo "make test-unit    only the tests that need no Ray cluster"
 	@echo "make data         prepare the digits and text datasets under datasets/"
-	@echo "make bench        every CPU benchmark in a quick mode (about 25 minutes): bench/results.md and the README table"
+	@echo "make bench        every CPU benchmark in a quick mode (about 27 minutes): bench/results.md and the README table"
 	@echo "make mlflow-server  a basic-auth MLflow server for a cluster (deploy/mlflow-server.sh says its settings)"
 
 $(BIN)/python:

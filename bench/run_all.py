@@ -5,7 +5,7 @@ JSON result. The figures (both sides, median, spread min-max, repeats, ratio of 
 `bench/results.md` and `bench/results.json`, and the README's performance table (between its
 `bench-results` markers) is rewritten from them, so that no figure there is typed by hand.
 
-    python bench/run_all.py                     # every bench (about 25 minutes on a 2-core machine)
+    python bench/run_all.py                     # every bench (about 27 minutes on a 2-core machine)
     python bench/run_all.py --only recovery,cache
     python bench/run_all.py --readme-only       # rewrite the README table from bench/results.json
 
@@ -92,6 +92,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
     "engine-mlp": (["engine_overhead.py", "--model", "mlp", "--steps", "200", *QUICK], _engine, ""),
     "parallel": (["parallel_overhead.py", "--steps", "3", "--warmup", "1", *QUICK], _parallel,
                  "a round trains each of the four strategies"),
+    "fsdp-bare": (["fsdp_vs_bare.py", "--strategies", "fsdp", "--steps", "10", "--warmup", "2", *QUICK], _found,
+                  "a round is two torchrun launches of 2 ranks"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
     "compile": (["compile_restart.py", *QUICK], _compile, "a round compiles twice, each in a fresh process"),
     "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int4",

@@ -1,6 +1,7 @@
 """The GPU-efficiency benches at tiny sizes on CPU, each run as its own process as a user runs it: the
-engine against the bare loop with where the time goes, the engine eager against `train.compile`, and
-activation checkpointing none / selective / full. Each checks the printed JSON: both sides, a ratio, and
+engine against the bare loop with where the time goes, the engine eager against `train.compile`,
+activation checkpointing none / selective / full, and the engine under FSDP2 and DDP against the bare
+FSDP2 anchor under torchrun. Each checks the printed JSON: both sides, a ratio, and
 for activation checkpointing that checkpointing keeps fewer activation bytes (measured, not assumed)."""
 import json
 import subprocess
@@ -40,6 +41,21 @@ def test_engine_vs_bare_loop_prints_both_sides_a_ratio_and_where_the_time_goes()
                                                                   reverse=True)
     assert any(r["name"].startswith("aten::") for r in where["top"])  # the model's operators, not only labels
     assert "where the time goes (" in printed and "self ms/step   share  calls/step  operator" in printed
+
+
+def test_fsdp_and_ddp_against_the_bare_anchor_hold_the_same_bytes_and_reach_the_same_loss():
+    """Both sides train the anchor's model from one seed on the same tokens: rank 0 holds the same
+    parameter and optimizer bytes (FSDP half of DDP's at 2 ranks) and ends at the same loss."""
+    out, printed = run_bench("fsdp_vs_bare.py", "--dim", "32", "--depth", "2", "--block", "16", "--batch", "2",
+                             "--steps", "2", "--warmup", "1", "--repeats", "1")
+    for s in ("fsdp", "ddp"):
+        got = out["strategies"][s]
+        assert set(got["speed"]["sides"]) == {f"bare {s}", f"openclaw {s}"}
+        assert min(side["median"] for side in got["speed"]["sides"].values()) > 0
+        assert got["held_bytes_rank0"][f"openclaw {s}"] == got["held_bytes_rank0"][f"bare {s}"] > 0
+        assert got["final_loss"][f"openclaw {s}"] == pytest.approx(got["final_loss"][f"bare {s}"], abs=2e-4)
+    assert out["fsdp_over_ddp_bytes"]["openclaw"] == out["fsdp_over_ddp_bytes"]["bare"] == pytest.approx(0.5, abs=0.02)
+    assert "ratio openclaw fsdp / bare fsdp" in printed
 
 
 def test_engine_eager_vs_train_compile_times_no_compile():
