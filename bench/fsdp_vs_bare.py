@@ -130,7 +130,7 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
         losses = {name: runs[name][-1]["final_loss"] for name in names}
         title = (f"{s.upper()} against a bare {s.upper()} loop, {a.world} ranks, {out['model']} (rank 0 holds "
                  f"{' / '.join(f'{held[n] / 1e6:.2f}' for n in names)} MB of parameters and optimizer state, last "
-                 f"loss {' / '.join(str(losses[n]) for n in names)}, bare / openclaw): samples/s")
+                 f"loss {' / '.join(str(losses[n]) for n in names)}, bare / openclaw)")
         speed = summarize(title, {name: [r["samples_per_s"] for r in runs[name]] for name in names},
                           base=f"bare {s}", unit="samples/s", digits=1)
         out["strategies"][s] = {"speed": speed, "held_bytes_rank0": held, "final_loss": losses}
