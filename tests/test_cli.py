@@ -64,6 +64,31 @@ def test_user_error_exit_2_without_traceback(case, digits_dir, tmp_path):
     assert r.stderr.startswith("openclaw: error: ")
 
 
+def test_a_sweep_whose_space_gives_a_layout_the_model_cannot_take_exits_2_before_anything_starts(text_dir, tmp_path):
+    """Each key's values can each be fine while a combination is not: 3 heads over 2 tensor-parallel
+    ranks. Found before Ray, MLflow or any trial starts."""
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"""name: sw
+model: {{name: gpt, kwargs: {{vocab_size: 256, block_size: 128, dim: 48, depth: 2, heads: 6}}}}
+task: language_modeling
+data: {{train: {text_dir / 'train'}, features: x, label: null}}
+train: {{global_batch_size: 8, micro_batch_size: 4, max_steps: 10}}
+scaling: {{min_workers: 2, max_workers: 2}}
+sweep:
+  metric: train/loss
+  mode: min
+  search: grid
+  space:
+    parallelism.tensor: {{choice: [1, 2]}}
+    model.kwargs.heads: {{choice: [6, 3]}}
+""")
+    r = run_cli("sweep", cfg, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("openclaw: error: `sweep.space` gives parallelism.tensor=2, model.kwargs.heads=3, a "
+                               "layout the model cannot take: `parallelism.tensor` (2) must divide"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no MLflow store, no runs folder
+
+
 def test_debug_adds_traceback(tmp_path):
     r = run_cli("train", tmp_path / "missing.yaml", "--debug")
     assert r.returncode == 2 and "Traceback" in r.stderr and "does not exist" in r.stderr

@@ -34,13 +34,19 @@ def preflight(config: Config) -> dict[str, Source]:
         raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
     if ":" in config.task:
         import_path(config.task, "task")
-    check_layout(model_on_meta(config), config.parallelism, builtin_task=":" not in config.task)
+    check_model_layout(config)
     if config.train.record_samples and "://" in config.checkpoint.storage:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")
     check_rows(sources["train"], config)
     check_storage(config)
     return sources
+
+
+def check_model_layout(config: Config) -> None:
+    """The model, built on the meta device, can take the layout `parallelism` asks for (heads and widths
+    divisible by `tensor`, enough blocks for `pipeline`); a `ConfigError` names the key if not."""
+    check_layout(model_on_meta(config), config.parallelism, builtin_task=":" not in config.task)
 
 
 def model_on_meta(config: Config) -> torch.nn.Module:

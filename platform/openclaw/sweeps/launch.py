@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from openclaw import constants
 from openclaw.config import Config, validate
 from openclaw.errors import ConfigError, RunStopped
 from openclaw.launch.places import place
-from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
+from openclaw.launch.preflight import check_model_layout, prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
 from openclaw.launch.stops import put_back, sigterm_raises
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
@@ -73,10 +74,35 @@ def check_sweep(config: Config) -> SweepConfig:
                              storage="/tmp", tracking_uri="sqlite://", parent_run_id=None)
             except ConfigError as e:
                 raise ConfigError(f"`sweep.space.{key}` gives {value!r}, which the config refuses: {e}") from None
+    check_layouts(config, s)
     if s.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("`sweep.search: optuna` needs optuna: pip install 'openclaw[optuna]', or use "
                           "`search: random`.")
     return s
+
+
+MAX_LAYOUT_CHECKS = 256
+"""Combinations of the space's model and parallelism values `check_layouts` builds at most (on the meta
+device, a few milliseconds each for the built-in models)."""
+
+
+def check_layouts(config: Config, s: SweepConfig) -> None:
+    """Every combination of the values the space gives the model and parallelism keys (each `choice`,
+    each integer of a `randint`; a float range keeps the file's value) against the layout the model must
+    take, as preflight checks the file's own: a trial that could not start is found before any does.
+    The first `MAX_LAYOUT_CHECKS` combinations, in grid order."""
+    keys = [k for k, spec in s.space.items()
+            if k.startswith(("model.", "parallelism.")) and spec.kind in ("choice", "randint")]
+    values = [s.space[k].choice if s.space[k].kind == "choice" else range(*s.space[k].args) for k in keys]
+    for combo in itertools.islice(itertools.product(*values), MAX_LAYOUT_CHECKS if keys else 0):
+        params = dict(zip(keys, combo))
+        trial = trial_config(config.resolved(), params, sweep_name=config.name, trial_id="check", storage="/tmp",
+                             tracking_uri="sqlite://", parent_run_id=None)
+        try:
+            check_model_layout(trial)
+        except ConfigError as e:
+            given = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"`sweep.space` gives {given}, a layout the model cannot take: {e}") from None
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
