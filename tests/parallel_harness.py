@@ -28,20 +28,33 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     return {"x": (start + torch.arange(GPT_KWARGS["block_size"] + 1) * 3 + noise) % 64}
 
 
-def build(rank: int, world: int, parallelism: dict, seed: int = 0):
+def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False):
+    """The engine over the test gpt. `as_a_worker`: the model built as a worker builds it
+    (`engine.initial_model`: under a sharded strategy, on the meta device, rank 0's weights sent after
+    the wrap); else built whole on every rank."""
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
+    from openclaw.engine.initial_model import InitialModel, initial_model
     from openclaw.engine.models import GPT
     from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
     from openclaw.engine.tasks import LanguageModeling
     cfg = ParallelismConfig(**parallelism)
     layout = layout_for(cfg, world)
-    torch.manual_seed(seed)
+    strategy = build_strategy(cfg, world=world, rank=rank)
+    if as_a_worker:
+        init = initial_model("gpt", GPT_KWARGS, seed=seed, rank=rank, world=world, sharded=strategy.sharded)
+    else:
+        torch.manual_seed(seed)
+        init = InitialModel(GPT(**GPT_KWARGS))
+    built_on_meta = init.state is not None and all(p.is_meta for p in init.model.parameters())
     train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100,
                         optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0)
-    engine = Engine(GPT(**GPT_KWARGS), LanguageModeling(), train, world_size=layout.dp, global_batch_size=GLOBAL_BATCH,
-                    strategy=build_strategy(cfg, world=world, rank=rank))
+    engine = Engine(init.model, LanguageModeling(), train, device=torch.device("cpu"), world_size=layout.dp,
+                    global_batch_size=GLOBAL_BATCH, strategy=strategy)
+    if init.state is not None:
+        engine.start_over(init.state, from_rank0=True)
+    engine.built_on_meta, engine.whole_state_keys = built_on_meta, len(init.state or {})
     return engine, layout
 
 
@@ -71,11 +84,12 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
-def train(rank: int, world: int, parallelism: dict, n_steps: int = 10) -> dict[str, Any]:
-    engine, layout = build(rank, world, parallelism)
+def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_worker: bool = False) -> dict[str, Any]:
+    engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker)
     history = steps(engine, layout, rank, 0, n_steps)
     return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
-            "state_bytes": engine.state_bytes}
+            "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
+            "whole_state_keys": engine.whole_state_keys}
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------
@@ -116,4 +130,5 @@ def wrap_on_meta(rank: int, world: int, parallelism: dict) -> dict[str, Any]:
     whole = sum(p.numel() for p in model.parameters())
     wrapped = build_strategy(ParallelismConfig(**parallelism), world=world, rank=rank).wrap(model, torch.device("cpu"))
     local = [p.to_local() if isinstance(p, DTensor) else p for p in wrapped.parameters()]
+    # a meta model's parts get memory on the device, uninitialized (their weights are loaded after the wrap)
     return {"whole": whole, "held": sum(t.numel() for t in local), "devices": sorted({t.device.type for t in local})}

@@ -55,11 +55,29 @@ def test_fsdp_matches_ddp_at_two_ranks(one_rank):
 def test_sharding_moves_no_whole_model_to_the_device(parallelism):
     """A model bigger than one GPU must reach it a block at a time, as `fully_shard` shards it. A model
     on the meta device shows it on a CPU: copying it whole to the device raises ("Cannot copy out of
-    meta tensor"); sharded block by block, each rank holds half of it, still on the meta device."""
+    meta tensor"); sharded block by block, each rank holds half of it, given memory on the device."""
     for got in spawn(2, wrap_on_meta, parallelism):
         assert "error" not in got, got.get("error")
-        assert got["devices"] == ["meta"]
+        assert got["devices"] == ["cpu"]
         assert got["held"] <= 0.55 * got["whole"], got
+
+
+@pytest.mark.parametrize("world,parallelism", [(2, {"strategy": "fsdp"}), (2, {"strategy": "ddp", "tensor": 2}),
+                                               (2, {"strategy": "ddp", "pipeline": 2}),
+                                               (4, {"strategy": "fsdp", "tensor": 2})],
+                         ids=["fsdp", "tp", "pp", "fsdp-x-tp"])
+def test_only_rank_0_builds_the_whole_model_and_the_run_is_the_same(world, parallelism):
+    """As a worker builds it (`engine.initial_model`): every rank builds the model on the meta device,
+    rank 0 alone builds it whole and sends its weights after the wrap. The losses, norms and final weights
+    equal those of every rank building it whole, bit for bit."""
+    whole = spawn(world, train, parallelism, 4)
+    meta = spawn(world, train, parallelism, 4, True)
+    for rank, (a, b) in enumerate(zip(whole, meta)):
+        assert b["built_on_meta"] and not a["built_on_meta"]
+        assert (b["whole_state_keys"] > 20) == (rank == 0), (rank, b["whole_state_keys"])
+        assert a["history"] == b["history"]
+        if a["weights"] is not None:
+            assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
 
 
 def test_tensor_parallel_at_two_ranks_matches_one_rank(one_rank):

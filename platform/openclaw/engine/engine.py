@@ -77,6 +77,8 @@ class Engine:
         `choose_precision` of `cfg.precision` on the device."""
         self.task, self.cfg = task, cfg
         self.device = device or next(model.parameters()).device
+        if self.device.type == "meta":
+            raise ValueError("a model built on the meta device needs the `device` it trains on")
         self.strategy = strategy or build_strategy()
         self.precision: Precision = precision or choose_precision(cfg.precision, device_facts(self.device), cfg.tf32,
                                                                   cfg.fp8)
@@ -241,7 +243,8 @@ class Engine:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def start_over(self, model_state: dict[str, torch.Tensor]) -> None:
-        """Back to these (initial) weights with a fresh optimizer."""
-        self.strategy.load_full_model(self.model, model_state)
+    def start_over(self, model_state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+        """Back to these (initial) weights with a fresh optimizer. `from_rank0`: only rank 0's `model_state`
+        holds them (`Strategy.load_full_model`); also how a model built on the meta device gets its weights."""
+        self.strategy.load_full_model(self.model, model_state, from_rank0)
         self.optimizer = self._optimizer()

@@ -13,7 +13,6 @@ import numpy as np
 import ray
 import ray.train
 import ray.train.torch
-import torch
 
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
@@ -21,7 +20,7 @@ from openclaw.data.sampler import Sampler
 from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import now as perf_now
-from openclaw.engine.models import build_model
+from openclaw.engine.initial_model import InitialModel, initial_model
 from openclaw.engine.parallel.build import build_strategy, layout_for
 from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
 from openclaw.engine.state import TrainState, seed_step
@@ -116,15 +115,23 @@ class Attempt:
 
     def _build_engine(self) -> Engine:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, cfg.model.kwargs)
         task = build_task(cfg.task)
         self.flops_per_sample = flops_per_sample(cfg, task, self.train)
         precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32, cfg.train.fp8)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
                                   param_dtype=sharded_param_dtype(precision.name))
-        return Engine(model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
-                      global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
+        init = self._initial_model(strategy.sharded)
+        engine = Engine(init.model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
+                        global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor,
+                        strategy=strategy)
+        if init.state is not None:  # built on the meta device: rank 0's weights, into each rank's part
+            engine.start_over(init.state, from_rank0=True)
+        return engine
+
+    def _initial_model(self, sharded: bool) -> InitialModel:
+        cfg = self.config
+        return initial_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, rank=self.rank, world=self.world,
+                             sharded=sharded)
 
     # ---- a training step ---------------------------------------------------------------------
 
@@ -196,8 +203,11 @@ class Attempt:
 
     def _start_over(self) -> None:
         """Back to step 0 with the initial weights (same seed) and a fresh optimizer."""
-        torch.manual_seed(self.config.seed)
-        self.engine.start_over(build_model(self.config.model.name, self.config.model.kwargs).state_dict())
+        init = self._initial_model(self.engine.strategy.sharded)
+        if init.state is None:
+            self.engine.start_over(init.model.state_dict())
+        else:
+            self.engine.start_over(init.state, from_rank0=True)
         self.state.start_over()
 
     # ---- checkpoints and stops ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, ContextManager, Protocol
 import torch
 from torch import nn
 
+from openclaw.engine.models import retie, tied_parameters
 from openclaw.engine.noise import LocalGrad
 
 Batch = dict[str, torch.Tensor]
@@ -128,8 +129,27 @@ class Strategy(Protocol):
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load a `state_dict` (for sharded strategies: one filled by torch.distributed.checkpoint)."""
 
-    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load a whole model's state dict (its initial weights, on a rollback before the first checkpoint)."""
+    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+        """Load a whole model's state dict (its initial weights: after the wrap of a model built on the meta
+        device, and on a rollback before the first checkpoint). `from_rank0` (sharded strategies): only
+        rank 0's `state` holds the weights; it sends each tensor in turn and every rank keeps its part."""
+
+
+def on_meta(module: nn.Module) -> bool:
+    """Whether `module` was built on the meta device (shapes, no weights)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def place(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` on `device`: moved there; or, where it was built on the meta device (its weights come
+    after the wrap, `load_full_model(..., from_rank0=True)`), given memory there, uninitialized, its tied
+    parameters tied again (`to_empty` makes a tensor per name)."""
+    if not on_meta(module):
+        return module.to(device)
+    tied = tied_parameters(module)
+    module.to_empty(device=device)
+    retie(module, tied)
+    return module
 
 
 def evaluate_each(model: nn.Module, batches: Iterable[Batch], fns: StepFns) -> dict[str, float]:

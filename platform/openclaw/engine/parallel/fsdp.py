@@ -29,7 +29,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from openclaw.engine.noise import LocalGrad, measure_local
 from openclaw.engine.parallel.base import (Batch, CommClock, StepFns, apply_activation_checkpointing, evaluate_each,
-                                          transformer_blocks)
+                                          on_meta, place, transformer_blocks)
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp_comm import measure_collectives
 from openclaw.engine.parallel.mesh import MeshLayout
@@ -39,6 +39,9 @@ SHARDED = StateDictOptions(flatten_optimizer_state_dict=True)
 """Optimizer state keyed by parameter name, flat: loadable at any layout, including pipeline stages
 that each hold different parameters."""
 FULL_MODEL = StateDictOptions(full_state_dict=True, strict=False)
+FROM_RANK0 = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=True)
+"""Rank 0's whole state dict, each tensor broadcast in turn and kept as this rank's part: the other ranks
+never hold the whole model."""
 
 
 def dp_mesh(layout: MeshLayout, mesh: DeviceMesh, always_shard: bool) -> DeviceMesh | None:
@@ -73,8 +76,8 @@ class ShardedState:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=SHARDED)
 
-    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        set_model_state_dict(model, state, options=FULL_MODEL)
+    def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
+        set_model_state_dict(model, state, options=FROM_RANK0 if from_rank0 else FULL_MODEL)
 
 
 class FSDPStrategy(ShardedState):
@@ -103,8 +106,10 @@ class FSDPStrategy(ShardedState):
         apply_activation_checkpointing(model, self.ac)
         dp = self.dp_mesh()
         if dp is None:  # tensor parallelism alone: what it did not split (norms, biases) goes whole
-            return model.to(device)
+            return place(model, device)
         model = shard(model, dp, self.reshard_after_forward, self.param_dtype)
+        if on_meta(model):  # `fully_shard` keeps a meta model's shards on the meta device
+            place(model, device)
         # FSDP's (and HSDP's) collectives alone. Over one shard there is no reduce-scatter to time HSDP's
         # all-reduce from: not measured.
         if self.layout.tensor == 1 and self.layout.shard > 1:

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from openclaw.engine.models import GPT
-from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing
+from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing, on_meta, place
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, stage_blocks
@@ -89,9 +89,11 @@ class PipelineStrategy(ShardedState):
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)
         if dp is None:
-            part = part.to(device)
+            part = place(part, device)
         else:  # `fully_shard` places each block's shard (new parameter objects: the tied ones are looked up after)
             shard(part, dp, self.reshard_after_forward, self.param_dtype)
+            if on_meta(part):
+                place(part, device)
         self._tied = [p for p in (part.tok.weight if first else None, part.head.weight if last else None) if p is not None]
         self._copy = part.head.weight if last and not first else None  # counted once in the norm: on the first stage
         self._views = [PipelineStage(_StageView(part, bounds[s], s == 0, s == self.stages - 1), s, self.stages,

@@ -1,0 +1,64 @@
+"""The model a worker builds for its strategy to wrap, and where its initial weights come from (plain
+torch; worker process).
+
+Under DDP every rank holds the whole model, so every rank builds it, from the run's seed. Under a
+sharded strategy (FSDP, tensor or pipeline parallelism) over more than one rank, a rank holds only its
+part: building the whole model on every rank would put one whole copy per worker in the host's memory
+(eight copies of a 70B model on an 8-GPU node). There only rank 0 builds it whole, on the host; every
+rank builds it on the meta device (shapes, no memory), the wrap gives each rank memory for its own part,
+and rank 0 sends the weights one tensor at a time into the parts (`Engine.start_over(state,
+from_rank0=True)`). They are the weights every rank would have built (the same constructor and seed),
+so a run is the same at any layout.
+
+A model whose constructor cannot run on the meta device (it reads or loads a value), or that keeps
+buffers outside its state dict (which nothing would send), is built whole on every rank, as under DDP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from openclaw.engine.models import build_model
+from openclaw.errors import ConfigError
+
+
+@dataclass
+class InitialModel:
+    model: nn.Module
+    """What the strategy wraps: the whole model, or (with `state`) the model on the meta device."""
+    state: dict[str, torch.Tensor] | None = None
+    """With a meta model: rank 0's whole initial weights, to load after the wrap ({} on the other ranks)."""
+
+
+def whole_on_rank0_only(sharded: bool, world: int) -> bool:
+    """Whether only rank 0 builds the whole model: a strategy whose ranks each hold a part, over more
+    than one rank."""
+    return sharded and world > 1
+
+
+def initial_model(name: str, kwargs: dict[str, Any], *, seed: int, rank: int, world: int,
+                  sharded: bool) -> InitialModel:
+    """The model for the strategy to wrap, built from `seed` (see the module docstring)."""
+    if whole_on_rank0_only(sharded, world):
+        meta = _on_meta(name, kwargs)
+        if meta is not None:
+            torch.manual_seed(seed)
+            return InitialModel(meta, build_model(name, kwargs).state_dict() if rank == 0 else {})
+    torch.manual_seed(seed)
+    return InitialModel(build_model(name, kwargs))
+
+
+def _on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module | None:
+    """The model on the meta device, or None where it must be built whole: its constructor failed there,
+    or it has buffers its state dict leaves out (`persistent=False`)."""
+    try:
+        with torch.device("meta"):
+            model = build_model(name, kwargs)
+    except ConfigError:
+        raise
+    except Exception:  # the constructor reads (or loads) a value the meta device does not hold
+        return None
+    return None if set(dict(model.named_buffers())) - set(model.state_dict()) else model
