@@ -28,7 +28,8 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
     return {"x": (start + torch.arange(GPT_KWARGS["block_size"] + 1) * 3 + noise) % 64}
 
 
-def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False):
+def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False,
+          model_kwargs: dict | None = None):
     """The engine over the test gpt. `as_a_worker`: the model built as a worker builds it
     (`engine.initial_model`: under a sharded strategy, on the meta device, rank 0's weights sent after
     the wrap); else built whole on every rank."""
@@ -43,10 +44,11 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
     layout = layout_for(cfg, world)
     strategy = build_strategy(cfg, world=world, rank=rank)
     if as_a_worker:
-        init = initial_model("gpt", GPT_KWARGS, seed=seed, rank=rank, world=world, sharded=strategy.sharded)
+        init = initial_model("gpt", model_kwargs or GPT_KWARGS, seed=seed, rank=rank, world=world,
+                             sharded=strategy.sharded)
     else:
         torch.manual_seed(seed)
-        init = InitialModel(GPT(**GPT_KWARGS))
+        init = InitialModel(GPT(**(model_kwargs or GPT_KWARGS)))
     built_on_meta = init.state is not None and all(p.is_meta for p in init.model.parameters())
     train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100,
                         optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0)
@@ -90,6 +92,18 @@ def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_work
     return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
             "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
             "whole_state_keys": engine.whole_state_keys}
+
+
+def host_peak_growth(rank: int, world: int, parallelism: dict, model_kwargs: dict, as_a_worker: bool) -> int:
+    """How much this rank's peak resident memory (VmHWM) grew while it built the engine: its host's
+    share of the model."""
+    import openclaw.engine.engine  # noqa: F401  (imported before the first reading: what `build` imports
+    import openclaw.engine.initial_model  # noqa: F401  is not the model)
+    import openclaw.engine.parallel.build  # noqa: F401
+    from openclaw.engine.metrics import peak_memory_bytes
+    before = peak_memory_bytes(torch.device("cpu"))
+    build(rank, world, parallelism, as_a_worker=as_a_worker, model_kwargs=model_kwargs)
+    return peak_memory_bytes(torch.device("cpu")) - before
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------
