@@ -22,3 +22,27 @@ class ReadsAValue(nn.Module):
 
 def reads_a_value(in_features: int = 64, hidden: int = 128, num_classes: int = 10, **_) -> nn.Module:
     return ReadsAValue(in_features, hidden, num_classes)
+
+
+class KeepsACache(nn.Module):
+    """An MLP with a buffer left out of its state dict (`persistent=False`): a checkpoint or a broadcast of
+    the state dict would not carry it."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Linear(in_features, num_classes)
+        self.register_buffer("scale", torch.full((in_features,), 0.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * self.scale)
+
+
+def keeps_a_cache(in_features: int = 64, num_classes: int = 10, **_) -> nn.Module:
+    return KeepsACache(in_features, num_classes)
+
+
+def built_from_a_value(in_features: int = 64, num_classes: int = 10, **_) -> nn.Module:
+    """A constructor that reads a tensor's value (a width computed from data): it cannot run on the meta
+    device."""
+    hidden = int(torch.tensor([2.0 * in_features]).item())
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.Linear(hidden, num_classes))

@@ -21,8 +21,9 @@ def clip_global(params: Iterable[nn.Parameter], max_norm: float | None, *, sum_o
 
     A DTensor gradient's squares are summed over the mesh dimensions it is sharded on (`_squared_norm`);
     a plain gradient is the same on every rank that holds it and counts once. `sum_over`: process
-    groups whose ranks hold different parameters (pipeline stages): their squared norms are summed. `exclude`: parameters counted on
-    another rank (the last stage's copy of a tied embedding), still scaled.
+    groups whose ranks hold different parameters (pipeline stages): their squared norms are summed.
+    `exclude`: parameters counted on another rank (the last stage's copy of a tied embedding), still
+    scaled.
     """
     params = [p for p in params if p.grad is not None]
     reduce_partial_grads(params)
@@ -45,8 +46,8 @@ def _squared_norm(params: list[nn.Parameter], device: torch.device) -> torch.Ten
     """The squared L2 norm of the parameters' gradients over every rank, in float64, with one all-reduce
     per mesh dimension the gradients are sharded over (not one per parameter): this rank's squares are
     summed first, by mesh and sharded dimensions, then over each sharded dimension's group. A gradient
-    replicated over a dimension counts once; a partial one (none that FSDP or tensor parallelism leave)
-    is reduced on its own."""
+    replicated over a dimension counts once; one still partial (`reduce_partial_grads` leaves none) has
+    its norm reduced on its own."""
     squared = torch.zeros((), dtype=torch.float64, device=device)
     sharded: dict[tuple[Any, tuple[int, ...]], list[torch.Tensor]] = {}  # by mesh (equal, not one object per unit)
     for p in params:

@@ -108,7 +108,7 @@ class DDPStrategy:
         optimizer.load_state_dict(state["optimizer"])
 
     def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
-        if from_rank0:  # every rank holds the whole model: each builds its own (`runtime.initial_model`)
+        if from_rank0:  # every rank holds the whole model: each builds its own (`engine.initial_model`)
             raise ValueError("DDP loads a whole model on every rank; from_rank0 is for sharded strategies")
         self.unwrap(model).load_state_dict(state)
 
