@@ -29,13 +29,13 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
 
 
 def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False,
-          model_kwargs: dict | None = None):
+          model_kwargs: dict | None = None, restoring: bool = False):
     """The engine over the test gpt. `as_a_worker`: the model built as a worker builds it
-    (`engine.initial_model`: under a sharded strategy, on the meta device, rank 0's weights sent after
-    the wrap); else built whole on every rank."""
+    (`engine.initial_model`: under a sharded strategy on the meta device, and unless `restoring` from a
+    checkpoint, rank 0's weights sent after the wrap); else built whole on every rank."""
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
-    from openclaw.engine.initial_model import InitialModel, initial_model
+    from openclaw.engine.initial_model import InitialModel, initial_model, rank0_weights
     from openclaw.engine.models import GPT
     from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
@@ -43,20 +43,21 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
     cfg = ParallelismConfig(**parallelism)
     layout = layout_for(cfg, world)
     strategy = build_strategy(cfg, world=world, rank=rank)
+    kwargs = model_kwargs or GPT_KWARGS
     if as_a_worker:
-        init = initial_model("gpt", model_kwargs or GPT_KWARGS, seed=seed, rank=rank, world=world,
-                             sharded=strategy.sharded)
+        init = initial_model("gpt", kwargs, seed=seed, world=world, sharded=strategy.sharded)
     else:
         torch.manual_seed(seed)
-        init = InitialModel(GPT(**(model_kwargs or GPT_KWARGS)))
-    built_on_meta = init.state is not None and all(p.is_meta for p in init.model.parameters())
+        init = InitialModel(GPT(**kwargs))
     train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100,
                         optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0)
     engine = Engine(init.model, LanguageModeling(), train, device=torch.device("cpu"), world_size=layout.dp,
                     global_batch_size=GLOBAL_BATCH, strategy=strategy)
-    if init.state is not None:
-        engine.start_over(init.state, from_rank0=True)
-    engine.built_on_meta, engine.whole_state_keys = built_on_meta, len(init.state or {})
+    weights = {}
+    if init.on_meta and not restoring:  # as the attempt does on a fresh start
+        weights = rank0_weights("gpt", kwargs, seed=seed, rank=rank)
+        engine.start_over(weights, from_rank0=True)
+    engine.built_on_meta, engine.whole_state_keys = init.on_meta, len(weights)
     return engine, layout
 
 
@@ -117,10 +118,12 @@ def full_state(engine) -> dict[str, Any]:
             "optimizer": {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in osd.items()}}
 
 
-def hop(rank: int, world: int, parallelism: dict, load_from: str | None, save_to: str, n_steps: int) -> dict:
-    """Train `n_steps` (or load `load_from`), then save the shards to `save_to`; the whole state after."""
+def hop(rank: int, world: int, parallelism: dict, load_from: str | None, save_to: str, n_steps: int,
+        as_a_worker: bool = False) -> dict:
+    """Train `n_steps` (or load `load_from`), then save the shards to `save_to`; the whole state after.
+    `as_a_worker`: built as a worker builds it (see `build`), no initial weights where it loads."""
     from openclaw.engine.sharded import load_shards, save_shards
-    engine, layout = build(rank, world, parallelism)
+    engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker, restoring=bool(load_from))
     if load_from:
         template = engine.state_dict()
         load_shards(template, load_from)

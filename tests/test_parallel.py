@@ -133,10 +133,12 @@ def _bitwise(a, b, path=""):
 
 
 def test_sharded_checkpoint_hops_two_ranks_one_rank_two_ranks_bit_for_bit(tmp_path):
+    """The last hop loads as a restarted worker does: the model built on the meta device, given no
+    initial weights (no rank builds it whole), every weight from the checkpoint."""
     spec = {"strategy": "fsdp"}
     saved_at_2 = spawn(2, hop, spec, None, str(tmp_path / "a"), 3)
     loaded_at_1 = spawn(1, hop, spec, str(tmp_path / "a"), str(tmp_path / "b"), 3)
-    loaded_at_2 = spawn(2, hop, spec, str(tmp_path / "b"), str(tmp_path / "c"), 3)
+    loaded_at_2 = spawn(2, hop, spec, str(tmp_path / "b"), str(tmp_path / "c"), 3, True)
     state = saved_at_2[0]["state"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     # every parameter and every optimizer state (moments and step counts), bit for bit after each hop

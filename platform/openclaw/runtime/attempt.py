@@ -20,7 +20,7 @@ from openclaw.data.sampler import Sampler
 from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import now as perf_now
-from openclaw.engine.initial_model import InitialModel, initial_model
+from openclaw.engine.initial_model import initial_model, rank0_weights
 from openclaw.engine.parallel.build import build_strategy, layout_for
 from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
 from openclaw.engine.state import TrainState, seed_step
@@ -74,6 +74,8 @@ class Attempt:
         if loaded:
             self.state.load_state_dict(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
+        elif self.on_meta:  # a fresh start of a model built on the meta device: rank 0's initial weights
+            self._initial_weights()
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
         if self.engine.precision.name == "fp8":  # measured against bf16 on the first micro-batch, once per run
             first = self.sampler.split(self.sampler.global_batch_at(self.state.epoch, self.state.offset)[0])[0]
@@ -120,18 +122,22 @@ class Attempt:
         precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32, cfg.train.fp8)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
                                   param_dtype=sharded_param_dtype(precision.name))
-        init = self._initial_model(strategy.sharded)
-        engine = Engine(init.model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
-                        global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor,
-                        strategy=strategy)
-        if init.state is not None:  # built on the meta device: rank 0's weights, into each rank's part
-            engine.start_over(init.state, from_rank0=True)
-        return engine
+        init = initial_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, world=self.world,
+                             sharded=strategy.sharded)
+        self.on_meta = init.on_meta  # its weights come from the checkpoint restored next, or `_initial_weights`
+        return Engine(init.model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
+                      global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
 
-    def _initial_model(self, sharded: bool) -> InitialModel:
+    def _initial_weights(self) -> None:
+        """The run's initial weights (same seed) and a fresh optimizer: rank 0's sent into every rank's part
+        of a model built on the meta device, else each rank's own whole build."""
         cfg = self.config
-        return initial_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, rank=self.rank, world=self.world,
-                             sharded=sharded)
+        if self.on_meta:
+            weights = rank0_weights(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, rank=self.rank)
+            self.engine.start_over(weights, from_rank0=True)
+        else:
+            self.engine.start_over(initial_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, world=self.world,
+                                                 sharded=False).model.state_dict())
 
     # ---- a training step ---------------------------------------------------------------------
 
@@ -203,11 +209,7 @@ class Attempt:
 
     def _start_over(self) -> None:
         """Back to step 0 with the initial weights (same seed) and a fresh optimizer."""
-        init = self._initial_model(self.engine.strategy.sharded)
-        if init.state is None:
-            self.engine.start_over(init.model.state_dict())
-        else:
-            self.engine.start_over(init.state, from_rank0=True)
+        self._initial_weights()
         self.state.start_over()
 
     # ---- checkpoints and stops ---------------------------------------------------------------
