@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from openclaw.engine.models import build_model
-from openclaw.errors import ConfigError
+from openclaw.engine.models import build_model, build_on_meta
 
 
 @dataclass
@@ -62,11 +61,5 @@ def rank0_weights(name: str, kwargs: dict[str, Any], *, seed: int, rank: int) ->
 def _on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module | None:
     """The model on the meta device, or None where it must be built whole: its constructor failed there,
     or it has buffers its state dict leaves out (`persistent=False`)."""
-    try:
-        with torch.device("meta"):
-            model = build_model(name, kwargs)
-    except ConfigError:
-        raise
-    except Exception:  # the constructor reads (or loads) a value the meta device does not hold
-        return None
-    return None if set(dict(model.named_buffers())) - set(model.state_dict()) else model
+    model = build_on_meta(name, kwargs)
+    return None if model is None or set(dict(model.named_buffers())) - set(model.state_dict()) else model

@@ -147,3 +147,16 @@ def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"`model.name` {name!r} returned a {type(model).__name__}, not a torch.nn.Module.")
     return model
+
+
+def build_on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module | None:
+    """The model built on the meta device (shapes, no memory for its weights, whatever its size), or None
+    where its constructor cannot run there (it reads or loads a value). A `ConfigError` (its kwargs do
+    not fit, it is no module) is raised as `build_model` raises it."""
+    try:
+        with torch.device("meta"):
+            return build_model(name, kwargs)
+    except ConfigError:
+        raise
+    except Exception:  # the constructor reads (or loads) a value the meta device does not hold
+        return None

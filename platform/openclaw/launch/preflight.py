@@ -15,7 +15,7 @@ from openclaw import constants
 from openclaw.config import Config
 from openclaw.data.prep import Prepared, check_transforms, prepare
 from openclaw.data.sources import Source, check_columns, resolve
-from openclaw.engine.models import build_model
+from openclaw.engine.models import build_model, build_on_meta
 from openclaw.engine.parallel.layout_checks import check_layout
 from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
@@ -52,13 +52,8 @@ def check_model_layout(config: Config) -> None:
 def model_on_meta(config: Config) -> torch.nn.Module:
     """The model, built on the meta device: a user's is imported and its kwargs checked, with no memory for
     its weights, whatever its size (a model that cannot be built there is built for real)."""
-    try:
-        with torch.device("meta"):
-            return build_model(config.model.name, config.model.kwargs)
-    except ConfigError:
-        raise
-    except Exception:  # its constructor reads a value (or loads one) the meta device does not hold
-        return build_model(config.model.name, config.model.kwargs)
+    model = build_on_meta(config.model.name, config.model.kwargs)
+    return build_model(config.model.name, config.model.kwargs) if model is None else model
 
 
 def check_storage(config: Config) -> None:

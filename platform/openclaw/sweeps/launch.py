@@ -93,10 +93,13 @@ def check_layouts(config: Config, s: SweepConfig) -> None:
     The first `MAX_LAYOUT_CHECKS` combinations, in grid order."""
     keys = [k for k, spec in s.space.items()
             if k.startswith(("model.", "parallelism.")) and spec.kind in ("choice", "randint")]
+    if not keys:
+        return
     values = [s.space[k].choice if s.space[k].kind == "choice" else range(*s.space[k].args) for k in keys]
-    for combo in itertools.islice(itertools.product(*values), MAX_LAYOUT_CHECKS if keys else 0):
+    base = config.resolved()
+    for combo in itertools.islice(itertools.product(*values), MAX_LAYOUT_CHECKS):
         params = dict(zip(keys, combo))
-        trial = trial_config(config.resolved(), params, sweep_name=config.name, trial_id="check", storage="/tmp",
+        trial = trial_config(base, params, sweep_name=config.name, trial_id="check", storage="/tmp",
                              tracking_uri="sqlite://", parent_run_id=None)
         try:
             check_model_layout(trial)

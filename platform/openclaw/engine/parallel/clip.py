@@ -46,21 +46,19 @@ def _squared_norm(params: list[nn.Parameter], device: torch.device) -> torch.Ten
     """The squared L2 norm of the parameters' gradients over every rank, in float64, with one all-reduce
     per mesh dimension the gradients are sharded over (not one per parameter): this rank's squares are
     summed first, by mesh and sharded dimensions, then over each sharded dimension's group. A gradient
-    replicated over a dimension counts once; one still partial (`reduce_partial_grads` leaves none) has
-    its norm reduced on its own."""
+    replicated over a dimension counts once (`reduce_partial_grads` left none partial)."""
     squared = torch.zeros((), dtype=torch.float64, device=device)
     sharded: dict[tuple[Any, tuple[int, ...]], list[torch.Tensor]] = {}  # by mesh (equal, not one object per unit)
     for p in params:
         g = p.grad
-        if isinstance(g, DTensor) and not any(pl.is_partial() for pl in g.placements):
+        if isinstance(g, DTensor):
             # sharded over every dimension it is not replicated on (`_StridedShard`, FSDP's shard of a tensor
             # parallel shard, is not `is_shard()`)
             dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
             local = torch.linalg.vector_norm(g.to_local(), dtype=torch.float64)
             sharded.setdefault((g.device_mesh, dims), []).append(local ** 2)
         else:
-            norm = torch.linalg.vector_norm(g, dtype=torch.float64)
-            squared += (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+            squared += torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
     for (mesh, dims), squares in sharded.items():
         local = torch.stack(squares).sum()
         for dim in dims:
