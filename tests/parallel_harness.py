@@ -29,10 +29,11 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
 
 
 def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False,
-          model_kwargs: dict | None = None, restoring: bool = False):
+          model_kwargs: dict | None = None, restoring: bool = False, split_logits_ok: bool = True):
     """The engine over the test gpt. `as_a_worker`: the model built as a worker builds it
     (`engine.initial_model`: under a sharded strategy on the meta device, and unless `restoring` from a
-    checkpoint, rank 0's weights sent after the wrap); else built whole on every rank."""
+    checkpoint, rank 0's weights sent after the wrap); else built whole on every rank.
+    `split_logits_ok`: `build_strategy`'s (false: as for a task that needs whole logits)."""
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.initial_model import InitialModel, initial_model, rank0_weights
@@ -42,7 +43,7 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
     from openclaw.engine.tasks import LanguageModeling
     cfg = ParallelismConfig(**parallelism)
     layout = layout_for(cfg, world)
-    strategy = build_strategy(cfg, world=world, rank=rank)
+    strategy = build_strategy(cfg, world=world, rank=rank, split_logits_ok=split_logits_ok)
     kwargs = model_kwargs or GPT_KWARGS
     if as_a_worker:
         init = initial_model("gpt", kwargs, seed=seed, world=world, sharded=strategy.sharded)

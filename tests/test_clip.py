@@ -14,9 +14,7 @@ def _clip_on_rank(rank: int, world: int, parallelism: dict) -> dict:
 
     from openclaw.engine.parallel.clip import clip_global
     engine, layout = build(rank, world, parallelism)
-    for batch in my_micro_batches(0, layout, rank):
-        loss, _ = engine.fns.loss(engine.model, batch)
-        engine.fns.backward(loss)
+    engine.strategy.forward_backward(engine.model, my_micro_batches(0, layout, rank), engine.fns)
     params = list(engine.model.parameters())
 
     def whole_norm() -> float:

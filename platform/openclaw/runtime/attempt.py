@@ -121,7 +121,8 @@ class Attempt:
         self.flops_per_sample = flops_per_sample(cfg, task, self.train)
         precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32, cfg.train.fp8)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
-                                  param_dtype=sharded_param_dtype(precision.name))
+                                  param_dtype=sharded_param_dtype(precision.name),
+                                  split_logits_ok=cfg.task == "language_modeling")
         init = initial_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, world=self.world,
                              sharded=strategy.sharded)
         self.on_meta = init.on_meta  # its weights come from the checkpoint restored next, or `_initial_weights`

@@ -21,6 +21,13 @@ class ParallelismConfig(Section):
     """Tensor-parallel degree: each of the built-in gpt's attention and MLP matrices is split over this
     many workers (column-wise, then row-wise). A user's model opts in by exporting
     `parallelize_plan(mesh)`. Fixed for the run: elastic resizes change only the data-parallel degree."""
+    loss_parallel: bool = True
+    """With `tensor` above 1, the built-in gpt and `task: language_modeling`: the output head keeps its
+    logits split by vocabulary over the tensor-parallel ranks, and the cross-entropy is computed on the
+    split logits (torch's `loss_parallel`). Each rank then holds 1/tensor of the logits (batch x sequence
+    x vocabulary, the largest activation of a large-vocabulary model), and the forward exchanges a few
+    numbers per token instead of gathering the logits whole. `false` gathers them (a user's loss function
+    always gets them whole). The losses agree to float32 rounding either way."""
     pipeline: int = Field(1, gt=0)
     """Pipeline stages: the built-in gpt's blocks are split into this many consecutive stages, one per
     worker of a pipeline group. Fixed for the run, like `tensor`."""

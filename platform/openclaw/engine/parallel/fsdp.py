@@ -33,7 +33,7 @@ from openclaw.engine.parallel.base import (Batch, CommClock, StepFns, apply_acti
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp_comm import measure_collectives
 from openclaw.engine.parallel.mesh import MeshLayout
-from openclaw.engine.parallel.tp import apply_tensor_parallel
+from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 
 SHARDED = StateDictOptions(flatten_optimizer_state_dict=True)
 """Optimizer state keyed by parameter name, flat: loadable at any layout, including pipeline stages
@@ -85,10 +85,12 @@ class FSDPStrategy(ShardedState):
 
     def __init__(self, layout: MeshLayout, mesh: DeviceMesh, *, reshard_after_forward: bool = True,
                  activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
-                 always_shard: bool = True):
+                 always_shard: bool = True, loss_parallel: bool = False):
         """`always_shard`: `fully_shard` even over one data-parallel rank (`strategy: fsdp`); without it
-        (tensor parallelism under `strategy: ddp`) one rank keeps its parameters as they are."""
+        (tensor parallelism under `strategy: ddp`) one rank keeps its parameters as they are.
+        `loss_parallel`: under tensor parallelism, the built-in gpt's logits stay split (`tp.gpt_plan`)."""
         self.layout, self.mesh, self.always_shard = layout, mesh, always_shard
+        self.loss_parallel, self.split_logits = loss_parallel, False
         self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
         self._local: LocalGrad | None = None
         self.comm: CommClock | None = None
@@ -102,7 +104,7 @@ class FSDPStrategy(ShardedState):
         shard before it takes the next block. A model bigger than one device's memory never sits on one
         whole (`build_strategy` set the device the mesh places on)."""
         if self.layout.tensor > 1:
-            apply_tensor_parallel(model, self.mesh["tp"])
+            self.split_logits = apply_tensor_parallel(model, self.mesh["tp"], self.loss_parallel)
         apply_activation_checkpointing(model, self.ac)
         dp = self.dp_mesh()
         if dp is None:  # tensor parallelism alone: what it did not split (norms, biases) goes whole
@@ -124,8 +126,10 @@ class FSDPStrategy(ShardedState):
             if isinstance(model, FSDPModule):  # one reduce-scatter per step, after the last micro-batch
                 model.set_requires_gradient_sync(i == last)
                 model.set_reshard_after_backward(i == last)
-            loss, count = fns.loss(model, batch)
-            fns.backward(loss)  # the last one's returns once the compute stream waits for the reductions
+            with loss_context(self.split_logits):
+                loss, count = fns.loss(model, batch)
+                loss = whole_loss(loss)
+                fns.backward(loss)  # the last one's returns once the compute stream waits for the reductions
             if i == last and self.comm:
                 self.comm.done()
             if i == 0 < last:
@@ -147,7 +151,8 @@ class FSDPStrategy(ShardedState):
         return clip_global(model.parameters(), max_norm)
 
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
-        return evaluate_each(model, batches, fns)
+        with loss_context(self.split_logits):
+            return evaluate_each(model, batches, fns)
 
     def take_comm_s(self) -> float | None:
         # On CPUs the all-gathers and reduce-scatters block the step: timed. On GPUs, the reductions'

@@ -5,20 +5,26 @@ The built-in gpt's plan, per block: q, k, v and the MLP's first layer column-wis
 its heads and its slice of the hidden layer), the attention's output projection and the MLP's second
 layer row-wise (their outputs summed over the group). The layer norms run sequence-parallel: between
 blocks each rank holds a slice of the sequence, so their activations are not replicated. The
-embeddings are split by vocabulary row; the output head column-wise, its logits gathered whole (no loss
-parallelism: the task computes the loss on whole logits). A user's model opts in with a method
-`parallelize_plan(mesh)` that returns such a plan.
+embeddings are split by vocabulary row; the output head column-wise. With loss parallelism (the
+default for language modeling) its logits stay split by vocabulary, and the cross-entropy runs on the
+split logits under torch's `loss_parallel` (`loss_context`); without it they are gathered whole. A
+user's model opts in with a method `parallelize_plan(mesh)` that returns such a plan.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
+    loss_parallel,
     parallelize_module,
 )
 
@@ -26,8 +32,11 @@ from openclaw.engine.models import GPT, retie, tied_parameters
 from openclaw.engine.parallel.layout_checks import check_tensor_parallel
 
 
-def gpt_plan(model: GPT) -> dict:
+def gpt_plan(model: GPT, loss_parallel: bool = False) -> dict:
+    """`loss_parallel`: the head's logits stay a DTensor split by vocabulary (`Shard(-1)`), for a loss
+    computed under `loss_context`; else they are gathered whole (`Replicate`)."""
     first = next(iter(model.blocks))
+    logits = Shard(-1) if loss_parallel else Replicate()
     plan = {
         # the embeddings' sum stays replicated (a DTensor plus a plain tensor is refused); block 0 slices it
         "tok": RowwiseParallel(input_layouts=Replicate()),
@@ -35,7 +44,7 @@ def gpt_plan(model: GPT) -> dict:
         f"blocks.{first}": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                               use_local_output=False),
         "ln": SequenceParallel(),
-        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=logits, use_local_output=not loss_parallel),
     }
     for i in model.blocks:
         b = f"blocks.{i}"
@@ -51,11 +60,26 @@ def gpt_plan(model: GPT) -> dict:
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Split `model` over the tensor-parallel `mesh`, keeping its tied parameters tied."""
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool = False) -> bool:
+    """Split `model` over the tensor-parallel `mesh` in place, keeping its tied parameters tied. Returns
+    whether its output is split logits, which its loss needs `loss_context` for (the built-in gpt with
+    `loss_parallel`; a user's plan gives what it gives)."""
     check_tensor_parallel(model, mesh.size())
     tied = tied_parameters(model)
-    plan = gpt_plan(model) if isinstance(model, GPT) else model.parallelize_plan(mesh)
+    split = loss_parallel and isinstance(model, GPT)
+    plan = gpt_plan(model, split) if isinstance(model, GPT) else model.parallelize_plan(mesh)
     parallelize_module(model, mesh, plan)
     retie(model, tied)  # parallelize_module gives each module a new parameter: tie them again
-    return model
+    return split
+
+
+def loss_context(split_logits: bool) -> ContextManager:
+    """Where a loss of split logits is computed and back-propagated: torch's `loss_parallel` (its
+    cross-entropy reduces the per-token maxima and sums over the group instead of gathering the logits)."""
+    return loss_parallel() if split_logits else contextlib.nullcontext()
+
+
+def whole_loss(loss: torch.Tensor) -> torch.Tensor:
+    """A loss computed on split logits is a replicated DTensor: the plain tensor every rank holds, still
+    differentiable (the engine adds and scales plain tensors)."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
