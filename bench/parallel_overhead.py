@@ -5,6 +5,7 @@ on the same GPT, data and global batch, in one invocation.
     python bench/parallel_overhead.py                              # CPU: 2 gloo ranks, 5 repeats
     python bench/parallel_overhead.py --memory                     # state bytes per rank, text-lm GPT
     python bench/parallel_overhead.py --preset gpu                 # one GPU: FSDP2 vs DDP, >= 1B GPT, bf16, compile
+    python bench/parallel_overhead.py --sides ddp,tp,tp-gathered --vocab 16384   # loss parallelism's gain
 
 One group of ranks (`openclaw.engine.parallel.local`) runs every side: each repeat, each side builds
 the same seeded model under its strategy, trains `--warmup` untimed steps, then times `--steps` steps
@@ -32,6 +33,7 @@ SIDES = {  # name -> parallelism section; every side runs on --world ranks
     "ddp": {"strategy": "ddp"},
     "fsdp": {"strategy": "fsdp"},
     "tp": {"strategy": "ddp", "tensor": 2},
+    "tp-gathered": {"strategy": "ddp", "tensor": 2, "loss_parallel": False},  # logits gathered whole for the loss
     "pp": {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": "1f1b"},
 }
 PRESETS = {
@@ -141,19 +143,24 @@ def measure(a: dict) -> dict[str, list[dict]]:
 
 def report(a: dict, runs: dict[str, list[dict]]) -> dict:
     base = statistics.median(r["samples_per_s"] for r in runs["ddp"])
-    out = {"preset": a["preset"], "world": a["world"], "params": runs["ddp"][0]["params"], "sides": {}}
+    out = {"preset": a["preset"], "world": a["world"], "params": runs["ddp"][0]["params"], "vocab": a["vocab"],
+           "sides": {}}
     print(f"\n{runs['ddp'][0]['params'] / 1e6:.1f}M-parameter GPT, {a['world']} rank(s), global batch "
           f"{a['global_batch']} x {a['block']} tokens, {a['precision']}, median of {len(runs['ddp'])}")
-    print(f"{'side':6} {'samples/s':>10} {'spread':>17} {'ratio':>6} {'state MB/rank':>14} {'peak MB':>9}  MFU")
+    print(f"{'side':11} {'samples/s':>10} {'spread':>17} {'ratio':>6} {'state MB/rank':>14} {'peak MB':>9}  MFU")
     for side, rs in runs.items():
         sps = [r["samples_per_s"] for r in rs]
         med, state = statistics.median(sps), sum(rs[0]["state_bytes"].values())
         mfu = statistics.median(r["mfu"] for r in rs) if rs[0]["mfu"] is not None else None
         peak = max(r["peak_memory_bytes"] for r in rs) if rs[0]["peak_memory_bytes"] is not None else None
-        print(f"{side:6} {med:10.1f} {min(sps):8.1f}-{max(sps):8.1f} {med / base:6.3f} {state / 1e6:14.2f} "
+        print(f"{side:11} {med:10.1f} {min(sps):8.1f}-{max(sps):8.1f} {med / base:6.3f} {state / 1e6:14.2f} "
               f"{f'{peak / 1e6:9.0f}' if peak is not None else '      n/a'}  {f'{mfu:.1%}' if mfu is not None else 'n/a (no known peak)'}")
         out["sides"][side] = {"samples_per_s": sps, "median": med, "ratio": med / base, "state_bytes": state,
                               "peak_memory_bytes": peak, "mfu": mfu}
+    if {"tp", "tp-gathered"} <= set(runs):  # loss parallelism against logits gathered whole, the same tp
+        gain = out["sides"]["tp"]["median"] / out["sides"]["tp-gathered"]["median"]
+        print(f"tp (loss parallel) / tp-gathered: {gain:.3f}")
+        out["tp_over_tp_gathered"] = gain
     return out
 
 
@@ -187,6 +194,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (CPU)")
+    p.add_argument("--vocab", type=int, default=None, help="the GPT's vocabulary (default: the preset's)")
     p.add_argument("--memory", action="store_true", help="only the state-bytes table of the text-lm GPT")
     add_budget(p)
     args = p.parse_args(argv)

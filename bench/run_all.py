@@ -53,6 +53,13 @@ def _parallel(result: dict) -> list[dict]:
                    unit="samples/s", digits=1)]
 
 
+def _loss_parallel(result: dict) -> list[dict]:
+    sides = {k: result["sides"][k]["samples_per_s"] for k in ("tp", "tp-gathered")}
+    return [figure(f"tensor parallelism, loss parallel vs logits gathered whole: {result['params'] / 1e6:.1f}M-parameter "
+                   f"GPT with a {result['vocab']}-token vocabulary, {result['world']} gloo ranks", sides, base="tp-gathered",
+                   unit="samples/s", digits=1)]
+
+
 def _precision(result: dict) -> list[dict]:
     return [figure(f"precision on CPU, the engine alone, {model}",
                    {"fp32": r["fp32_runs"], "bf16": r["bf16_runs"]}, base="fp32", unit="samples/s", digits=1)
@@ -92,6 +99,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
     "engine-mlp": (["engine_overhead.py", "--model", "mlp", "--steps", "200", *QUICK], _engine, ""),
     "parallel": (["parallel_overhead.py", "--steps", "3", "--warmup", "1", *QUICK], _parallel,
                  "a round trains each of the four strategies"),
+    "loss-parallel": (["parallel_overhead.py", "--sides", "ddp,tp,tp-gathered", "--vocab", "16384", "--steps", "3",
+                       "--warmup", "1", *QUICK], _loss_parallel, ""),
     "fsdp-bare": (["fsdp_vs_bare.py", "--strategies", "fsdp", "--steps", "10", "--warmup", "2", *QUICK], _found,
                   "a round is two torchrun launches of 2 ranks"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
