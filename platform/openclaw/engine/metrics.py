@@ -166,6 +166,18 @@ def allreduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def allgather_ints(values: list[int], device: torch.device, world: int) -> list[list[int]]:
+    """Every rank's `values`, in rank order (one collective on the default group)."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [values]
+    if device.type == "cuda":  # before the model's wrap sets it: NCCL talks from the current device
+        torch.cuda.set_device(device)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
 def _local_bytes(t: torch.Tensor) -> int:
     local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
     return local.numel() * local.element_size()

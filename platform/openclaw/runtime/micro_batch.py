@@ -20,11 +20,11 @@ from typing import Any
 
 import psutil
 import torch
-import torch.distributed as dist
 
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
 from openclaw.engine.memory import GB, MicroBatchChoice, micro_batch_sizes
+from openclaw.engine.metrics import allgather_ints
 from openclaw.engine.precision import Precision, choose_precision, device_facts
 from openclaw.engine.state import TrainState
 from openclaw.runtime.checkpoint_store import newest_finished_file
@@ -67,7 +67,7 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
         mine, choice, backed_off, measured = stored["micro_batch_size"], None, [], ""
     else:
         choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, local_world)
-    gathered = _all_gather([mine, int(choice is not None)], device, world)
+    gathered = allgather_ints([mine, int(choice is not None)], device, world)
     size = min(g[0] for g in gathered)
     estimate = (choice.fixed_bytes + size * choice.activation_bytes_per_sample) / GB if choice \
         else float(stored.get("micro_batch_estimate_gb", 0.0))
@@ -109,18 +109,6 @@ def stored_state(run_dir: str) -> dict[str, Any] | None:
         return torch.load(io.BytesIO(found[1]), map_location="cpu", weights_only=True)
     except Exception:  # unreadable: the restore will skip it too
         return None
-
-
-def _all_gather(values: list[int], device: torch.device, world: int) -> list[list[int]]:
-    """Every rank's `values`, in rank order (one collective on the default group)."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [values]
-    if device.type == "cuda":  # before the model's wrap sets it: NCCL talks from the current device
-        torch.cuda.set_device(device)
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, mine)
-    return [t.tolist() for t in out]
 
 
 # ---- recording it ----------------------------------------------------------------------------------
