@@ -45,6 +45,9 @@ class RunNotes:
     prepare_s: float | None = None
     prepare_cache: str | None = None
     wall_s: float | None = None
+    tensor_group_nodes: int | None = None
+    """From the newest attempt event (recorded where `parallelism.tensor` > 1)."""
+    workers_per_node: tuple[int, ...] | None = None
 
 
 def windows_from_history(history: dict[str, list[tuple[int, float]]]) -> list[dict[str, float]]:
@@ -92,7 +95,8 @@ def build_facts(config: Any, windows: list[dict[str, float]], notes: RunNotes | 
         world_size=world, accumulation=accum, checkpoint_bytes=_checkpoint_bytes(windows),
         state_bytes=_max(windows, "perf/state_bytes_per_rank"), grad_bytes=_max(windows, "perf/grad_bytes_per_rank"),
         prepare_s=notes.prepare_s,
-        prepare_cache=notes.prepare_cache, wall_s=notes.wall_s)
+        prepare_cache=notes.prepare_cache, wall_s=notes.wall_s, tensor_group_nodes=notes.tensor_group_nodes,
+        workers_per_node=notes.workers_per_node)
 
 
 def facts_from_history(config: Any, history: dict[str, list[tuple[int, float]]], notes: RunNotes) -> Facts:

@@ -91,3 +91,7 @@ class Facts:
     """The prepared-data cache: `miss` (this run prepared), `hit`, or `off` (nothing to prepare)."""
     wall_s: float | None = None
     """The run's wall time, from the job's start (preparation included) to its end."""
+    tensor_group_nodes: int | None = None
+    """The most nodes a tensor-parallel group spans in the newest attempt (1: each on one node)."""
+    workers_per_node: tuple[int, ...] | None = None
+    """The newest attempt's workers on each node, in Ray Train's node order."""

@@ -134,12 +134,14 @@ def run_notes(run, events: list[dict[str, Any]]) -> RunNotes:
     prep = _prep_notes({name: (cache, metrics.get(f"data/{name}/prepare_s", 0.0)) for name, cache in caches.items()})
     end = run.info.end_time
     wall = (end - run.info.start_time) / 1000 + (prep["prepare_s"] or 0.0) if end else None  # prepared before it
+    last = attempts[-1] if attempts else {}
     return RunNotes(precision=params.get("resolved/precision"),
                     precision_reason=params.get("resolved/precision_reason"),
                     tf32=precision[-1].get("tf32") if precision else None,
                     attempt_starts=[int(e.get("resumed_from_step") or 0) for e in attempts],
-                    world_size=attempts[-1].get("world_size") if attempts else None,
-                    accumulation=attempts[-1].get("accumulation") if attempts else None, wall_s=wall, **prep)
+                    world_size=last.get("world_size"), accumulation=last.get("accumulation"), wall_s=wall,
+                    tensor_group_nodes=last.get("tensor_group_nodes"),
+                    workers_per_node=tuple(last["workers_per_node"]) if last.get("workers_per_node") else None, **prep)
 
 
 def _prep_notes(prepared: dict[str, Any]) -> dict[str, Any]:

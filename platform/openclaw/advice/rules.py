@@ -21,6 +21,7 @@ reads was not measured (None). `advise` runs them all and orders what fired by w
     graph_breaks       graph breaks under compile                        train.compile.fullgraph
     low_mfu            MFU < 50% on a GPU in the peak table, eager       train.compile
     critical_batch     global batch < 0.25x or > 4x grad_noise_scale     global batch near it, LR by lr_rule
+    tensor_across_nodes  a tensor-parallel group spans nodes             parallelism.tensor dividing each node's workers
 """
 from __future__ import annotations
 
@@ -28,17 +29,18 @@ from typing import Callable
 
 from openclaw.advice.device_rules import (rule_critical_batch, rule_graph_breaks, rule_launch_bound, rule_low_mfu,
                                           rule_memory_headroom, rule_memory_high, rule_no_autocast, rule_no_tf32)
+from openclaw.advice.layout_rules import rule_tensor_across_nodes
 from openclaw.advice.measured import Facts, Recommendation
 from openclaw.advice.render import line
 from openclaw.advice.step_rules import (rule_checkpoint_stall, rule_data_preparation, rule_data_wait,
                                         rule_exposed_comm, rule_small_micro_batch, rule_straggler)
 
-__all__ = ["Facts", "Recommendation", "Rule", "RULES", "advise", "data_wait_line"]
+__all__ = ["Facts", "Recommendation", "Rule", "RULES", "advise", "data_wait_line", "placement_line"]
 
 Rule = Callable[[Facts], "Recommendation | None"]
 RULES: list[Rule] = [rule_data_wait, rule_data_preparation, rule_exposed_comm, rule_straggler, rule_checkpoint_stall,
                      rule_small_micro_batch, rule_launch_bound, rule_no_autocast, rule_no_tf32, rule_memory_headroom,
-                     rule_memory_high, rule_graph_breaks, rule_low_mfu, rule_critical_batch]
+                     rule_memory_high, rule_graph_breaks, rule_low_mfu, rule_critical_batch, rule_tensor_across_nodes]
 """The rules, in the order they are documented; `advise` orders their findings by `at_stake`."""
 
 
@@ -57,4 +59,12 @@ def advise(facts: Facts, rules: list[Rule] | None = None) -> list[Recommendation
 def data_wait_line(config, data_wait_frac: float, read_share: float, world: int) -> str | None:
     """The mid-run advice line (rank 0, once a run): `rule_data_wait` on one log window, when it fires."""
     rec = rule_data_wait(Facts(config, data_wait_frac=data_wait_frac, read_share=read_share, world_size=world))
+    return f"advice: {line(rec)}" if rec else None
+
+
+def placement_line(config, tensor_group_nodes: int, workers_per_node: tuple[int, ...]) -> str | None:
+    """The attempt's start-up advice line (rank 0, each attempt): `rule_tensor_across_nodes` on where this
+    attempt's workers sit, when it fires."""
+    rec = rule_tensor_across_nodes(Facts(config, tensor_group_nodes=tensor_group_nodes,
+                                         workers_per_node=workers_per_node))
     return f"advice: {line(rec)}" if rec else None

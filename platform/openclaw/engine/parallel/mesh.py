@@ -71,6 +71,17 @@ class MeshLayout:
         return [list(g) for g in seen]
 
 
+def nodes_spanned(layout: MeshLayout, node_of_rank: list[int], dims: tuple[str, ...] | str = "tp") -> int:
+    """The most nodes any group along `dims` spans, given each rank's node (`node_of_rank[rank]`, as Ray
+    Train numbers them): 1 where every group sits within one node. Ray Train gives the workers of a node
+    consecutive ranks, so with `tensor` dividing every node's worker count each tensor-parallel group is on
+    one node; an uneven node (an elastic run grown onto a half-free machine) or a `tensor` larger than a
+    node splits some across the network."""
+    if len(node_of_rank) != layout.world:
+        raise ValueError(f"{len(node_of_rank)} node numbers for a world of {layout.world}")
+    return max(len({node_of_rank[r] for r in group}) for group in layout.groups(dims))
+
+
 def mesh_layout(world: int, replicate: int = 1, tensor: int = 1, pipeline: int = 1) -> MeshLayout:
     """The layout of `world` ranks: the data-parallel shard degree is what is left after the others."""
     fixed = replicate * tensor * pipeline
