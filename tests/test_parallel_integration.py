@@ -146,7 +146,13 @@ def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local
                      "parallelism.strategy": "ddp", "train.record_samples": True})
     result = openclaw.train(cfg)
     dim = next(k for k in ("tensor", "pipeline") if k in parallelism)
-    assert f"start at step 0/40 with 2 worker(s) (mesh {dim} 2), accumulation" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"start at step 0/40 with 2 worker(s) (mesh {dim} 2), accumulation" in out
+    if dim == "tensor":  # both workers on this one node: their group spans one node, and nothing is advised
+        events = json.load(open(MlflowClient(mlflow_uri).download_artifacts(result.run_id, "events.json", str(tmp_path))))
+        start = next(e for e in events if e["event"] == "start")
+        assert start["tensor_group_nodes"] == 1 and start["workers_per_node"] == [2], start
+        assert "tensor_across_nodes" not in out and "tensor-parallel groups" not in out
     model = openclaw.load_model(result.checkpoint)
     assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)
     # one data-parallel rank: both workers trained on the same samples, recorded once

@@ -14,14 +14,16 @@ import ray
 import ray.train
 import ray.train.torch
 
+from openclaw.advice.rules import placement_line
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
 from openclaw.data.sampler import Sampler
 from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats, phase
-from openclaw.engine.metrics import now as perf_now
+from openclaw.engine.metrics import allgather_ints, now as perf_now
 from openclaw.engine.initial_model import initial_model, rank0_weights
 from openclaw.engine.parallel.build import build_strategy, layout_for
+from openclaw.engine.parallel.mesh import MeshLayout, nodes_spanned
 from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
 from openclaw.engine.state import TrainState, seed_step
 from openclaw.engine.tasks import build_task
@@ -84,16 +86,16 @@ class Attempt:
         if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
             prune(inputs.run_dir, cfg.checkpoint.keep)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
+        placement = self._placement(layout) if cfg.parallelism.tensor > 1 else {}
         self.tracker.attempt(world_size=self.world, resumed_from_step=self.state.step, max_steps=cfg.train.max_steps,
                              global_batch_size=self.plan.global_batch_size, accumulation=self.sampler.accumulation,
                              lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None,
-                             mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)))
+                             mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)), **placement)
         self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
         self.precision.announce()  # after the attempt event: the run reads start, then precision
+        self._advise_placement(placement)
         record_micro_batch(self.micro_batch, self.state, self.tracker)
-        self.samples_log = SampleLog(inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
-                                     records=layout.coords(self.rank)["tp"] == 0 == layout.coords(self.rank)["pp"]) \
-            if cfg.train.record_samples else None
+        self.samples_log = self._sample_log(layout) if cfg.train.record_samples else None
         self.saver = Saver(self.engine, self.state, self.tracker, inputs.config, self.rank, inputs.run_dir,
                            background=cfg.checkpoint.async_)
         install_in_ray_worker()
@@ -104,6 +106,27 @@ class Attempt:
                                 workers_on_node=ctx.get_local_world_size())
         self.profile = StepProfiler(cfg, self.engine, self.tracker, inputs.run_dir, self.rank, self.world,
                                     self.state.step, self.plan.global_batch_size) if cfg.profile else None
+
+    def _placement(self, layout: MeshLayout) -> dict[str, Any]:
+        """Where this attempt's tensor-parallel groups sit (one all-gather of the workers' Ray node ids, as
+        60-bit numbers): the most nodes one spans, and each node's workers in rank order. Ray Train's node
+        rank would not do: it numbers nodes by IP, which nodes sharing a host (or a test cluster) share."""
+        mine = int(ray.get_runtime_context().get_node_id()[:15], 16)
+        nodes = [n for n, in allgather_ints([mine], self.device, self.world)]
+        return {"tensor_group_nodes": nodes_spanned(layout, nodes, "tp"),
+                "workers_per_node": tuple(nodes.count(n) for n in dict.fromkeys(nodes))}
+
+    def _advise_placement(self, placement: dict[str, Any]) -> None:
+        """Rank 0 says so at the start when a tensor-parallel group spans nodes (`rule_tensor_across_nodes`)."""
+        advice = placement and placement_line(self.config, placement["tensor_group_nodes"], placement["workers_per_node"])
+        if advice:
+            self.tracker.progress({"message": advice})
+
+    def _sample_log(self, layout: MeshLayout) -> SampleLog:
+        """`train.record_samples`: one rank of each tensor and pipeline group records what its group trained on."""
+        coords = layout.coords(self.rank)
+        return SampleLog(self.inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
+                         records=coords["tp"] == 0 == coords["pp"])
 
     def _open_compile_cache(self) -> CompileCache | None:
         """`train.compile.cache`: an earlier attempt's compiled graphs, loaded before the first step compiles."""
