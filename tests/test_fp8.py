@@ -63,6 +63,17 @@ def test_unconvert_and_convert_keep_the_same_parameters():
     assert type(model.up).__name__ == "Float8Linear" and model.up is up
 
 
+def test_the_gpts_output_head_stays_bf16_where_the_filter_alone_would_convert_it():
+    """A head of 64 features into 2048 classes passes torchao's filter; it is kept out (as torchtitan's
+    float8 configs keep `output`), while a block's MLP of the same shape is converted."""
+    from openclaw.engine.models import GPT
+    model = GPT(vocab_size=2048, block_size=16, dim=512, depth=1, heads=8)
+    assert fp8.gains_from_fp8(512, 2048) and fp8.gains_from_fp8(model.head.in_features, model.head.out_features)
+    names = fp8.convert(model)
+    assert "head" not in names and type(model.head) is nn.Linear
+    assert "blocks.0.mlp.0" in names and model.head.weight is model.tok.weight  # still tied
+
+
 def _engine(seed=0):
     torch.manual_seed(seed)
     cfg = TrainConfig(global_batch_size=32, micro_batch_size=32, precision="fp8", optimizer={"lr": 1e-3})

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from openclaw.engine.models import GPT
+
 SMALL_IN, SMALL_OUT = 4096, 1024
 """torchao's tensorwise auto-filter: a Linear with in_features <= 4096 and out_features <= 1024 stays
 in bf16 (`torchao.float8.float8_linear_utils._auto_filter_for_tensorwise`)."""
@@ -38,11 +40,19 @@ def _filter(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and gains_from_fp8(module.in_features, module.out_features)
 
 
+def kept_in_bf16(model: nn.Module) -> set[str]:
+    """Linears never converted: the built-in gpt's output head. Logits in float8 cost loss, so torchtitan's
+    float8 configs filter their `output` layer out, and its MX converter does by default."""
+    return {"head"} if isinstance(model, GPT) else set()
+
+
 def convert(model: nn.Module, module_filter: Callable[[nn.Module, str], bool] = _filter) -> list[str]:
-    """Swap the Linears that gain for `Float8Linear`, in place; the names of those swapped."""
+    """Swap the Linears that gain for `Float8Linear`, in place, but those `kept_in_bf16`; the names of those
+    swapped."""
     from torchao.float8 import convert_to_float8_training
     from torchao.float8.float8_linear import Float8Linear
-    convert_to_float8_training(model, module_filter_fn=module_filter)
+    kept = kept_in_bf16(model)
+    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn not in kept and module_filter(m, fqn))
     return [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]
 
 
