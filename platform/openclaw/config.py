@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from math import lcm
+from math import gcd, lcm
 from pathlib import Path
 from typing import Any, get_args
 
@@ -139,7 +139,28 @@ class Config(Section):
                 raise ValueError(f"`parallelism.microbatches` ({mb}) must divide each data-parallel rank's share of "
                                  f"`train.global_batch_size` ({t.global_batch_size}); it does not at world size "
                                  f"{', '.join(map(str, uneven))}. Use `auto` or a divisor.")
+        self._schedule_takes_its_microbatches(sorted({t.global_batch_size // (w // mp) for w in worlds}))
         return self
+
+    def _schedule_takes_its_microbatches(self, shares: list[int]) -> None:
+        """The pipeline schedule takes the micro-batches each data-parallel rank's share splits into. Where
+        the workers pick the micro-batch (`auto` both), one size that it takes must exist."""
+        p, micro = self.parallelism, self.train.micro_batch_size
+        counts = {share: p.microbatches_per_step(share, micro) for share in shares}
+        if micro == "auto" and p.microbatches == "auto":
+            g = gcd(*shares)
+            if any(g % d == 0 and all(p.count_suits(s // d) for s in shares) for d in range(1, g + 1)):
+                return
+            counts = {share: share for share in shares}  # micro-batches of 1 sample: as many as there can be
+        for share, n in counts.items():
+            why = None if n is None else p.schedule_refuses(n)
+            if why:
+                fits = [d for d in range(1, share + 1) if all(s % d == 0 for s in shares) and not p.schedule_refuses(d)]
+                fix = f"`parallelism.microbatches: {fits[0]}`, " if fits else ""
+                raise ValueError(f"`parallelism.pipeline_schedule: {p.pipeline_schedule}`: {why} (a data-parallel "
+                                 f"rank's {share} samples as `parallelism.microbatches: {p.microbatches}` splits them). "
+                                 f"Set {fix}a smaller `train.micro_batch_size` (or a larger "
+                                 f"`train.global_batch_size`), or `parallelism.pipeline_schedule: gpipe`.")
 
     @model_validator(mode="after")
     def _profile_fits(self) -> "Config":

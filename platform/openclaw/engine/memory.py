@@ -84,16 +84,18 @@ def gathered_bytes(largest_unit_params: int, layout: MeshLayout, precision: str 
 
 # ---- the sizes allowed, and the largest that fits ------------------------------------------------
 
-def micro_batch_sizes(global_batch: int, dp_sizes: Iterable[int]) -> list[int]:
+def micro_batch_sizes(global_batch: int, dp_sizes: Iterable[int],
+                      count_suits: Callable[[int], bool] = lambda n: True) -> list[int]:
     """Every micro-batch size (ascending) that divides each data-parallel rank's share of the global batch
-    at every degree in `dp_sizes`: the divisors of their greatest common divisor."""
+    at every degree in `dp_sizes` (the divisors of their greatest common divisor), and splits each share
+    into a count of micro-batches that `count_suits` (a pipeline schedule's minimum)."""
     shares = []
     for dp in dp_sizes:
         if global_batch % dp:
             raise ValueError(f"global batch {global_batch} does not divide over {dp} data-parallel ranks")
         shares.append(global_batch // dp)
     g = math.gcd(*shares)
-    return [d for d in range(1, g + 1) if g % d == 0]
+    return [d for d in range(1, g + 1) if g % d == 0 and all(count_suits(s // d) for s in shares)]
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,11 @@ class MicroBatchChoice:
 
 
 def choose_micro_batch(budget_bytes: int, fixed_bytes: int, activation_bytes_per_sample: float, global_batch: int,
-                       dp_sizes: Iterable[int], budget_source: str = "`train.memory_budget_gb`") -> MicroBatchChoice:
+                       dp_sizes: Iterable[int], budget_source: str = "`train.memory_budget_gb`",
+                       count_suits: Callable[[int], bool] = lambda n: True) -> MicroBatchChoice:
     """The largest allowed size (`micro_batch_sizes`) whose estimate fits `budget_bytes`. A
     `MemoryBudgetError` when not even the smallest does."""
-    sizes = micro_batch_sizes(global_batch, dp_sizes)
+    sizes = micro_batch_sizes(global_batch, dp_sizes, count_suits)
 
     def need(m: int) -> int:
         return int(fixed_bytes + math.ceil(m * activation_bytes_per_sample))

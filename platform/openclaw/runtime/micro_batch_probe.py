@@ -51,7 +51,7 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
         per_sample = per_sample_bytes(step.activation_bytes, samples)
     choice = choose_micro_batch(budget, fixed_bytes(cfg, step, precision), per_sample, cfg.train.global_batch_size,
-                                dp_sizes, source)
+                                dp_sizes, source, cfg.parallelism.count_suits)
     return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
 
 
@@ -70,8 +70,8 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
     try:
         fixed = fixed_bytes(cfg, step, precision)
         choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
-                                    cfg.train.global_batch_size, dp_sizes, source)
-        sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes)
+                                    cfg.train.global_batch_size, dp_sizes, source, cfg.parallelism.count_suits)
+        sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, cfg.parallelism.count_suits)
         size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * step.num_params))
         return choice, size, failed, "allocator peak, confirmed"
     finally:

@@ -64,3 +64,29 @@ class ParallelismConfig(Section):
     def model_parallel(self) -> int:
         """Workers that hold one copy of the model between them: tensor x pipeline."""
         return self.tensor * self.pipeline
+
+    def schedule_refuses(self, n: int) -> str | None:
+        """Why torch's pipeline schedule refuses `n` micro-batches per step (None: it takes them). 1F1B needs
+        at least one per pipeline rank; interleaved 1F1B runs them in rounds of `pipeline` and needs a
+        whole number of rounds (`max(1, n // pipeline)` of them); GPipe takes any number."""
+        if self.pipeline == 1:
+            return None
+        if self.pipeline_schedule == "1f1b" and n < self.pipeline:
+            return f"1F1B needs at least {self.pipeline} micro-batches per step (one per pipeline stage), not {n}"
+        rounds = max(1, n // self.pipeline)
+        if self.pipeline_schedule == "interleaved_1f1b" and n % rounds:
+            return (f"interleaved 1F1B runs micro-batches in rounds of {self.pipeline}, and {n} is not a whole "
+                    f"number of its {rounds} rounds")
+        return None
+
+    def count_suits(self, n: int) -> bool:
+        """Whether a micro-batch size that splits a data-parallel rank's share into `n` micro-batches suits
+        the pipeline schedule: under `microbatches: auto` they are the pipeline's micro-batches."""
+        return isinstance(self.microbatches, int) or self.schedule_refuses(n) is None
+
+    def microbatches_per_step(self, share: int, micro_batch: int | str) -> int | None:
+        """Pipeline micro-batches per step for a data-parallel rank's `share` of the global batch: the
+        `microbatches` key, or under `auto` the accumulation (None while `train.micro_batch_size` is `auto`)."""
+        if isinstance(self.microbatches, int):
+            return self.microbatches
+        return None if micro_batch == "auto" else share // int(micro_batch)

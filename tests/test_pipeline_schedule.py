@@ -1,0 +1,76 @@
+"""How many micro-batches a step gives torch's pipeline schedules, checked before any worker starts: the
+rule (`ParallelismConfig.schedule_refuses`) against torch's own refusals in a real 2-rank gloo pipeline,
+the config's error naming the keys and a count that works, and `auto` micro-batches that only pick
+sizes the schedule takes."""
+import pytest
+
+from openclaw.config import load_config
+from openclaw.engine.memory import micro_batch_sizes
+from openclaw.engine.parallel.config import ParallelismConfig
+from openclaw.errors import ConfigError
+from parallel_harness import build, my_micro_batches, spawn
+
+BASE = {"data": {"train": "x"}, "model": {"name": "gpt", "kwargs": {"depth": 4}}, "task": "language_modeling"}
+
+
+def test_1f1b_needs_one_micro_batch_per_stage_and_interleaved_a_whole_number_of_rounds():
+    one_f_one_b = ParallelismConfig(pipeline=4, pipeline_schedule="1f1b")
+    assert one_f_one_b.schedule_refuses(3).startswith("1F1B needs at least 4 micro-batches per step")
+    assert one_f_one_b.schedule_refuses(4) is None and one_f_one_b.schedule_refuses(7) is None
+    interleaved = ParallelismConfig(pipeline=4, pipeline_schedule="interleaved_1f1b")
+    # torch's own examples: 4 ranks take 10 micro-batches (2 rounds of 5) and 3 (one round)
+    assert interleaved.schedule_refuses(10) is None and interleaved.schedule_refuses(3) is None
+    assert "9 is not a whole number of its 2 rounds" in interleaved.schedule_refuses(9)
+    assert all(ParallelismConfig(pipeline=4, pipeline_schedule="gpipe").schedule_refuses(n) is None for n in (1, 3, 9))
+    assert ParallelismConfig().schedule_refuses(1) is None
+
+
+def _counts_torch_takes(rank: int, world: int, schedule: str) -> dict[int, str | None]:
+    """One step of each count of micro-batches on a 2-stage pipeline: None where torch's schedule ran it,
+    else its error."""
+    engine, layout = build(rank, world, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule})
+    batches = my_micro_batches(0, layout, rank) + my_micro_batches(1, layout, rank)
+    out: dict[int, str | None] = {}
+    for n in (1, 2, 3, 5, 6):
+        try:
+            engine.train_step(n, batches[:n])
+            out[n] = None
+        except ValueError as e:
+            out[n] = str(e)
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_the_rule_refuses_exactly_what_torch_refuses(schedule):
+    got = spawn(2, _counts_torch_takes, schedule)[0]
+    rule = ParallelismConfig(pipeline=2, pipeline_schedule=schedule)
+    assert {n: err is None for n, err in got.items()} == {n: rule.schedule_refuses(n) is None for n in got}, got
+    assert any(err is not None for err in got.values())  # each schedule refuses one of these counts
+
+
+def test_a_config_whose_schedule_refuses_its_micro_batches_exits_before_any_worker_starts():
+    one_batch = {"parallelism.pipeline": 2, "parallelism.pipeline_schedule": "1f1b", "train.global_batch_size": 32,
+                 "train.micro_batch_size": 32, "scaling.min_workers": 2, "scaling.max_workers": 2}
+    with pytest.raises(ConfigError, match=r"1F1B needs at least 2 micro-batches per step .* not 1 .* Set "
+                                          r"`parallelism.microbatches: 2`"):
+        load_config(None, one_batch, base=BASE)
+    assert load_config(None, {**one_batch, "parallelism.microbatches": 2}, base=BASE).parallelism.microbatches == 2
+    load_config(None, {**one_batch, "parallelism.pipeline_schedule": "gpipe"}, base=BASE)
+    # 4 workers, 2 data-parallel ranks: a rank's share is 16, one micro-batch of 16
+    with pytest.raises(ConfigError, match=r"not 1 \(a data-parallel rank's 16 samples"):
+        load_config(None, {**one_batch, "train.micro_batch_size": 16, "scaling.min_workers": 4,
+                           "scaling.max_workers": 4}, base=BASE)
+    # `auto` micro-batches: some size must give the schedule its count; a share of 1 sample cannot
+    auto = {**one_batch, "train.micro_batch_size": "auto"}
+    load_config(None, auto, base=BASE)
+    with pytest.raises(ConfigError, match=r"not 1 \(a data-parallel rank's 1 samples"):
+        load_config(None, {**auto, "train.global_batch_size": 1}, base=BASE)
+
+
+def test_auto_picks_only_sizes_the_schedule_takes():
+    """A share of 32 (and of 16 at twice the workers) into at least 4 micro-batches: sizes up to 4."""
+    rule = ParallelismConfig(pipeline=4, pipeline_schedule="1f1b")
+    assert micro_batch_sizes(32, [1, 2]) == [1, 2, 4, 8, 16]
+    assert micro_batch_sizes(32, [1, 2], rule.count_suits) == [1, 2, 4]
+    fixed = ParallelismConfig(pipeline=4, pipeline_schedule="1f1b", microbatches=4)  # the count is the key's
+    assert micro_batch_sizes(32, [1, 2], fixed.count_suits) == [1, 2, 4, 8, 16]
