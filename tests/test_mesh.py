@@ -54,8 +54,13 @@ def test_parallelism_config_is_checked_before_any_worker_starts():
     from openclaw.config import load_config
     from openclaw.errors import ConfigError
     base = {"data": {"train": "x"}}
-    with pytest.raises(ConfigError, match=r"world size 3 .* multiple of 2. Change those keys"):
-        load_config(None, {"parallelism.tensor": 2, "scaling.min_workers": 2, "scaling.max_workers": 4,
+    # an elastic run with tensor parallelism takes whole layouts only: 2 or 4 workers, never 3
+    elastic = load_config(None, {"parallelism.tensor": 2, "scaling.min_workers": 2, "scaling.max_workers": 4,
+                                 "train.global_batch_size": 64}, base=base)
+    assert elastic.worlds == [2, 4]
+    with pytest.raises(ConfigError, match=r"`scaling.min_workers` \(3\) .* = 2: 3 is not. An elastic run takes the "
+                                          r"multiples of 2 between them"):
+        load_config(None, {"parallelism.tensor": 2, "scaling.min_workers": 3, "scaling.max_workers": 4,
                            "train.global_batch_size": 64}, base=base)
     with pytest.raises(ConfigError, match="needs `parallelism.strategy: fsdp`"):
         load_config(None, {"parallelism.replicate": 2}, base=base)

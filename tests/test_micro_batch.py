@@ -23,7 +23,7 @@ MB = 1_000_000
 # ---- the sizes every allowed world size divides ---------------------------------------------------
 
 def test_sizes_divide_every_allowed_world_up_to_64_ranks_and_the_batch_plan_agrees():
-    dp_sizes = micro_batch_dp_sizes("keep_global_batch", 62, 64, 1)
+    dp_sizes = micro_batch_dp_sizes("keep_global_batch", [62, 63, 64], 1)
     assert dp_sizes == [62, 63, 64]
     global_batch = 2 * math.lcm(62, 63, 64)  # 249,984: shares of 4032, 3968 and 3906 samples
     sizes = micro_batch_sizes(global_batch, dp_sizes)
@@ -33,10 +33,10 @@ def test_sizes_divide_every_allowed_world_up_to_64_ranks_and_the_batch_plan_agre
             plan = batch_plan("keep_global_batch", "linear", global_batch, m, 64, world)
             assert plan.accumulation * m * world == global_batch
     # scale_lr: each worker keeps its batch at max_workers, so only 64 ranks must divide
-    assert micro_batch_dp_sizes("scale_lr", 32, 64, 1) == [64]
+    assert micro_batch_dp_sizes("scale_lr", list(range(32, 65)), 1) == [64]
     assert micro_batch_sizes(4096, [64]) == [1, 2, 4, 8, 16, 32, 64]
     # 64 ranks as replicate 4 x shard 4 x tensor 4: 16 data-parallel ranks share the batch
-    assert micro_batch_dp_sizes("keep_global_batch", 64, 64, 4) == [16]
+    assert micro_batch_dp_sizes("keep_global_batch", [64], 4) == [16]
     assert micro_batch_sizes(1024, [16])[-1] == 64
     with pytest.raises(ValueError, match="does not divide over 63"):
         micro_batch_sizes(4096, [64, 63])

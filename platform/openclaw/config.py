@@ -102,25 +102,29 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _worlds_lay_out(self) -> "Config":
-        """Every world size an elastic run may take must lay out as replicate x tensor x pipeline x shard."""
-        p, s = self.parallelism, self.scaling
-        fixed = p.replicate * p.tensor * p.pipeline
-        bad = [w for w in range(s.min_workers, s.max_workers + 1) if w % fixed]
+        """The worker range's ends must lay out as replicate x tensor x pipeline x shard; an elastic run
+        takes only the multiples of that unit between them (`mesh.layout_worlds`)."""
+        p, s, unit = self.parallelism, self.scaling, self.parallelism.world_unit
+        bad = [w for w in (s.min_workers, s.max_workers) if w % unit]
         if bad:
             raise ValueError(
-                f"world size {', '.join(map(str, bad))} (from `scaling.min_workers` {s.min_workers} to "
-                f"`scaling.max_workers` {s.max_workers}) cannot be laid out as `parallelism.replicate` "
-                f"({p.replicate}) x `parallelism.tensor` ({p.tensor}) x `parallelism.pipeline` ({p.pipeline}) "
-                f"x shard: every world size must be a multiple of {fixed}. Change those keys or the worker range.")
+                f"`scaling.min_workers` ({s.min_workers}) and `scaling.max_workers` ({s.max_workers}) must be "
+                f"multiples of `parallelism.replicate` ({p.replicate}) x `parallelism.tensor` ({p.tensor}) x "
+                f"`parallelism.pipeline` ({p.pipeline}) = {unit}: {bad[0]} is not. An elastic run takes the "
+                f"multiples of {unit} between them. Change those keys or the worker range.")
         return self
+
+    @property
+    def worlds(self) -> list[int]:
+        """Every world size the run may take (an elastic run's: whole layouts from min to max workers)."""
+        return self.parallelism.worlds(self.scaling.min_workers, self.scaling.max_workers)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
         t, s, mp = self.train, self.scaling, self.parallelism.model_parallel
         # The data-parallel degree is the world over tensor x pipeline. scale_lr keeps the per-worker batch
         # of max_workers, so only that world size has to divide.
-        worlds = range(s.min_workers, s.max_workers + 1) if self.elastic.on_resize == "keep_global_batch" \
-            else [s.max_workers]
+        worlds = self.worlds if self.elastic.on_resize == "keep_global_batch" else [s.max_workers]
         micro = 1 if t.micro_batch_size == "auto" else t.micro_batch_size  # auto picks a divisor on the workers
         bad = [w for w in worlds if t.global_batch_size % (micro * (w // mp))]
         if bad:
@@ -130,7 +134,7 @@ class Config(Section):
                 f"({t.micro_batch_size}) x {per} for every world size from `scaling.min_workers` to "
                 f"`scaling.max_workers`; it is not for world size {', '.join(map(str, bad))}. Change the batch "
                 f"sizes (e.g. global_batch_size="
-                f"{micro * lcm(*(w // mp for w in range(s.min_workers, s.max_workers + 1)))}) or the "
+                f"{micro * lcm(*(w // mp for w in self.worlds))}) or the "
                 f"worker range.")
         mb = self.parallelism.microbatches
         if isinstance(mb, int):

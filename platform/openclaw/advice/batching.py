@@ -11,8 +11,7 @@ from typing import Any
 def dp_degrees(config: Any) -> list[int]:
     """The data-parallel degrees the batch sizes must divide for (as `Config._batch_divides` checks)."""
     s, mp = config.scaling, config.parallelism.model_parallel
-    worlds = range(s.min_workers, s.max_workers + 1) if config.elastic.on_resize == "keep_global_batch" \
-        else [s.max_workers]
+    worlds = config.worlds if config.elastic.on_resize == "keep_global_batch" else [s.max_workers]
     return sorted({max(1, w // mp) for w in worlds})
 
 

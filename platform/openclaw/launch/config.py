@@ -11,7 +11,9 @@ from openclaw.section import Section
 class ScalingConfig(Section):
     min_workers: int = Field(1, gt=0)
     """The fewest training workers the run trains with; below `max_workers` the run is elastic: it shrinks
-    on node loss (down to this) and grows back when resources return."""
+    on node loss (down to this) and grows back when resources return. With `parallelism.replicate`,
+    `tensor` or `pipeline` above 1, both ends are multiples of their product, and so is every size the
+    run takes between them."""
     max_workers: int = Field(1, gt=0)
     """The most training workers; with `min_workers` equal to it, the world size is fixed."""
     use_gpu: bool | Literal["auto"] = "auto"

@@ -20,7 +20,9 @@ from openclaw.data.filesystems import ray_storage
 from openclaw.errors import ConfigError
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.entry import train_loop
-from openclaw.runtime.ray_private import DatasetsCallback, PlacementGroupCleanerCallback, state_api_finds_this_cluster
+from openclaw.runtime.ray_private import (DatasetsCallback, ElasticScalingPolicy, PlacementGroupCleanerCallback,
+                                         state_api_finds_this_cluster)
+from openclaw.runtime.scaling import WholeLayoutsPolicy
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The openclaw package folder, shipped to the cluster when it does not have openclaw installed."""
@@ -100,7 +102,7 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     storage_path, storage_fs = ray_storage(storage)
     # The workers stream their shards themselves (`openclaw.data.stream`), in the platform's order: no
     # Ray Data iterator, whose order and position a restart could not recover.
-    return OpenclawTorchTrainer(
+    trainer = OpenclawTorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -115,6 +117,8 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
             worker_runtime_env={"env_vars": constants.forwarded_env()},
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
+    trainer.world_unit = config.parallelism.world_unit
+    return trainer
 
 
 class OpenclawTorchTrainer(TorchTrainer):
@@ -141,6 +145,15 @@ class OpenclawTorchTrainer(TorchTrainer):
     """
 
     _controller = None
+    world_unit = 1
+    """Workers of one whole layout (`parallelism.world_unit`): above 1, an elastic run's worker counts are
+    rounded down to its multiples (`runtime.scaling.WholeLayoutsPolicy`)."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        policy = controller_init_kwargs.get("scaling_policy")
+        if self.world_unit > 1 and isinstance(policy, ElasticScalingPolicy):
+            controller_init_kwargs["scaling_policy"] = WholeLayoutsPolicy(self.scaling_config, self.world_unit)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _register_sigint_handler(self, controller) -> None:
         self._controller = controller

@@ -59,8 +59,7 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
         return cfg, None
     precision = choose_precision(cfg.train.precision, device_facts(device), cfg.train.tf32, cfg.train.fp8)
     key = choice_key(cfg, device, precision)
-    dp_sizes = micro_batch_dp_sizes(cfg.elastic.on_resize, cfg.scaling.min_workers, cfg.scaling.max_workers,
-                                    cfg.parallelism.model_parallel)
+    dp_sizes = micro_batch_dp_sizes(cfg.elastic.on_resize, cfg.worlds, cfg.parallelism.model_parallel)
     stored = stored_state(run_dir)
     if stored and stored.get("micro_batch_key") == key and \
             stored.get("micro_batch_size") in micro_batch_sizes(cfg.train.global_batch_size, dp_sizes,

@@ -87,7 +87,7 @@ def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
         state = state_bytes_estimate(step.num_params, layout, replicated=replicated(cfg), precision=precision.name,
                                      optimizer=cfg.train.optimizer.name, momentum=cfg.train.optimizer.momentum)
         return state.total + gathered_bytes(step.largest_unit, layout, precision.name)
-    return max(at(w) for w in _worlds(cfg))
+    return max(at(w) for w in cfg.worlds)
 
 
 def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[int, str]:
@@ -108,10 +108,6 @@ def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[i
 def replicated(cfg: Config) -> bool:
     """Plain DDP: every rank holds the whole model, with DDP's gradient buckets."""
     return cfg.parallelism.strategy == "ddp" and cfg.parallelism.model_parallel == 1
-
-
-def _worlds(cfg: Config) -> range:
-    return range(cfg.scaling.min_workers, cfg.scaling.max_workers + 1)
 
 
 class _ProbeStep:

@@ -38,12 +38,11 @@ def batch_plan(policy: str, lr_rule: str, global_batch_size: int, micro_batch_si
     return BatchPlan(per_worker * world_size, accumulation, factor)
 
 
-def micro_batch_dp_sizes(policy: str, min_workers: int, max_workers: int, model_parallel: int) -> list[int]:
+def micro_batch_dp_sizes(policy: str, worlds: list[int], model_parallel: int) -> list[int]:
     """The data-parallel degrees whose per-rank batch a micro-batch must divide (`batch_plan`'s): every
-    allowed world's under `keep_global_batch`, only `max_workers`' under `scale_lr` (each worker keeps that
-    batch). The data-parallel degree is the world over tensor x pipeline."""
-    worlds = range(min_workers, max_workers + 1) if policy == "keep_global_batch" else [max_workers]
-    return sorted({w // model_parallel for w in worlds})
+    world's the run may take (`Config.worlds`) under `keep_global_batch`, only the largest's under
+    `scale_lr` (each worker keeps that batch). The data-parallel degree is the world over tensor x pipeline."""
+    return sorted({w // model_parallel for w in (worlds if policy == "keep_global_batch" else [max(worlds)])})
 
 
 # ---- a non-finite loss or gradient -------------------------------------------------------------

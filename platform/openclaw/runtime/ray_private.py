@@ -50,6 +50,12 @@ try:
         get_or_create_autoscaling_coordinator,
     )
 
+    # Ray Train V2's elastic scaling policy, which starts or resizes a worker group to as many workers as the
+    # cluster fits, any count from min to max (the trainer builds it with no public way to choose another).
+    # openclaw rounds that count down to whole layouts of replicate x tensor x pipeline workers
+    # (`runtime.scaling`), so that an elastic run with model parallelism never starts a world it cannot lay out.
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
     # The file in which Ray Train's checkpoint manager records the checkpoints it tracks (and will delete
     # itself, failing the run if one is already gone). openclaw reads it so that its own pruning of
     # checkpoints Ray never registered leaves every one Ray knows alone.
@@ -69,4 +75,4 @@ def state_api_finds_this_cluster() -> bool:
 __all__ = ["ControllerCallback", "WorkerGroupCallback", "DatasetsCallback", "PlacementGroupCleanerCallback",
            "state_api_finds_this_cluster", "PreemptionWatcher",
            "DEFAULT_PREEMPTION_POLL_INTERVAL_S", "PREEMPTION_POLL_INTERVAL_S_ENV_VAR", "get_train_context",
-           "get_or_create_autoscaling_coordinator", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME"]
+           "get_or_create_autoscaling_coordinator", "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME", "ElasticScalingPolicy"]

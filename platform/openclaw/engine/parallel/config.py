@@ -61,6 +61,17 @@ class ParallelismConfig(Section):
         return self
 
     @property
+    def world_unit(self) -> int:
+        """Workers of one whole layout: every world size is a multiple (replicate x tensor x pipeline)."""
+        return self.replicate * self.model_parallel
+
+    def worlds(self, min_workers: int, max_workers: int) -> list[int]:
+        """The world sizes an elastic run takes from `min_workers` to `max_workers`: the multiples of
+        `world_unit`. Ray Train's elastic policy, which would start any count that fits, is rounded down to
+        one of these (`mesh.whole_layouts`)."""
+        return [w for w in range(min_workers, max_workers + 1) if w % self.world_unit == 0]
+
+    @property
     def model_parallel(self) -> int:
         """Workers that hold one copy of the model between them: tensor x pipeline."""
         return self.tensor * self.pipeline

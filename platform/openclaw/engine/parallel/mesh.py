@@ -82,6 +82,12 @@ def nodes_spanned(layout: MeshLayout, node_of_rank: list[int], dims: tuple[str, 
     return max(len({node_of_rank[r] for r in group}) for group in layout.groups(dims))
 
 
+def whole_layouts(workers: int, unit: int) -> int:
+    """The most workers, at most `workers`, that lay out as whole layouts of `unit` workers (the world
+    sizes `ParallelismConfig.worlds` allows)."""
+    return workers // unit * unit
+
+
 def mesh_layout(world: int, replicate: int = 1, tensor: int = 1, pipeline: int = 1) -> MeshLayout:
     """The layout of `world` ranks: the data-parallel shard degree is what is left after the others."""
     fixed = replicate * tensor * pipeline
