@@ -110,6 +110,18 @@ def host_peak_growth(rank: int, world: int, parallelism: dict, model_kwargs: dic
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------
 
+def bitwise(a, b, path="") -> int:
+    """Assert two (nested) states equal bit for bit; the number of tensors compared."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, sorted(set(a) ^ set(b))[:5])
+        return sum(bitwise(a[k], b[k], f"{path}.{k}") for k in a)
+    if torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+        return 1
+    assert a == b, path
+    return 0
+
+
 def full_state(engine) -> dict[str, Any]:
     """Collective: every parameter and every optimizer state, whole, keyed by name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

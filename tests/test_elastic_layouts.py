@@ -9,8 +9,7 @@ import ray.train
 import openclaw
 from openclaw.runtime.ray_private import ElasticScalingPolicy
 from openclaw.runtime.scaling import WholeLayoutsPolicy
-from parallel_harness import hop, spawn
-from test_parallel import _bitwise
+from parallel_harness import bitwise, hop, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +51,7 @@ def test_fsdp_x_tensor_checkpoints_hop_between_the_worlds_an_elastic_run_takes(t
     at_2 = spawn(2, hop, spec, str(tmp_path / "a"), str(tmp_path / "b"), 3, True)
     back_at_4 = spawn(4, hop, spec, str(tmp_path / "b"), str(tmp_path / "c"), 3, True)
     state = at_4[0]["state"]
-    tensors = _bitwise(state, at_2[0]["state"])
-    assert tensors == _bitwise(state, back_at_4[0]["state"]) and tensors > 3 * len(state["model"]) // 2
+    tensors = bitwise(state, at_2[0]["state"])
+    assert tensors == bitwise(state, back_at_4[0]["state"]) and tensors > 3 * len(state["model"]) // 2
     assert at_4[0]["next"] == back_at_4[0]["next"]
     assert all(abs(a - b) / a < 1e-6 for (a, _), (b, _) in zip(at_4[0]["next"], at_2[0]["next"]))

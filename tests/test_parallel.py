@@ -7,7 +7,7 @@ changes its last bit (a relative 1e-7), nothing more: the maths is the same.
 import pytest
 import torch
 
-from parallel_harness import hop, host_peak_growth, spawn, train, wrap_on_meta
+from parallel_harness import bitwise, hop, host_peak_growth, spawn, train, wrap_on_meta
 
 N_STEPS = 10
 
@@ -122,17 +122,6 @@ def test_hsdp_two_replicas_of_one_shard_and_activation_checkpointing(one_rank):
     _check_weights(one_rank, hsdp, 1e-5)
 
 
-def _bitwise(a, b, path=""):
-    if isinstance(a, dict):
-        assert set(a) == set(b), (path, sorted(set(a) ^ set(b))[:5])
-        return sum(_bitwise(a[k], b[k], f"{path}.{k}") for k in a)
-    if torch.is_tensor(a):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
-        return 1
-    assert a == b, path
-    return 0
-
-
 def test_sharded_checkpoint_hops_two_ranks_one_rank_two_ranks_bit_for_bit(tmp_path):
     """The last hop loads as a restarted worker does: the model built on the meta device, given no
     initial weights (no rank builds it whole), every weight from the checkpoint."""
@@ -143,8 +132,8 @@ def test_sharded_checkpoint_hops_two_ranks_one_rank_two_ranks_bit_for_bit(tmp_pa
     state = saved_at_2[0]["state"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     # every parameter and every optimizer state (moments and step counts), bit for bit after each hop
-    tensors = _bitwise(state, loaded_at_1[0]["state"])
-    assert tensors == _bitwise(state, loaded_at_2[0]["state"]) and tensors > 3 * len(state["model"]) // 2
+    tensors = bitwise(state, loaded_at_1[0]["state"])
+    assert tensors == bitwise(state, loaded_at_2[0]["state"]) and tensors > 3 * len(state["model"]) // 2
     assert any(k.endswith("exp_avg_sq") for k in state["optimizer"]) and any(k.endswith(".step") for k in state["optimizer"])
     # and training goes on alike from each
     assert saved_at_2[0]["next"] == loaded_at_2[0]["next"]
