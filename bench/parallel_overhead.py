@@ -6,6 +6,7 @@ on the same GPT, data and global batch, in one invocation.
     python bench/parallel_overhead.py --memory                     # state bytes per rank, text-lm GPT
     python bench/parallel_overhead.py --preset gpu                 # one GPU: FSDP2 vs DDP, >= 1B GPT, bf16, compile
     python bench/parallel_overhead.py --sides ddp,tp,tp-gathered --vocab 16384   # loss parallelism's gain
+    python bench/parallel_overhead.py --sides ddp,pp-2mb,pp-8mb,pp-16mb          # the pipeline's bubble
 
 One group of ranks (`openclaw.engine.parallel.local`) runs every side: each repeat, each side builds
 the same seeded model under its strategy, trains `--warmup` untimed steps, then times `--steps` steps
@@ -35,6 +36,8 @@ SIDES = {  # name -> parallelism section; every side runs on --world ranks
     "tp": {"strategy": "ddp", "tensor": 2},
     "tp-gathered": {"strategy": "ddp", "tensor": 2, "loss_parallel": False},  # logits gathered whole for the loss
     "pp": {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": "1f1b"},
+    # the same pipeline with the rank's batch cut into 2, 8 or 16 pipeline micro-batches (`pp`: the accumulation)
+    **{f"pp-{n}mb": {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": "1f1b", "microbatches": n} for n in (2, 8, 16)},
 }
 PRESETS = {
     "cpu": dict(dim=256, depth=4, heads=8, block=128, vocab=256, global_batch=16, micro_batch=4, world=2,

@@ -1,9 +1,16 @@
-"""The rule that reads where the workers sit (pure; see `openclaw.advice.rules`): tensor-parallel groups
-split across nodes. `rule(facts) -> Recommendation | None`, quiet when every group is on one node or
-the placement was not recorded."""
+"""The rules that read the layout (pure; see `openclaw.advice.rules`): tensor-parallel groups split
+across nodes, and a pipeline whose schedule leaves its stages idle. Each is `rule(facts) ->
+Recommendation | None`, quiet when its fix is in place or its fact is unknown."""
 from __future__ import annotations
 
+from openclaw.advice import batching
 from openclaw.advice.measured import Facts, Recommendation
+
+BUBBLE_FRAC = 0.2
+"""A pipeline schedule idles its stages for more than this share of the step."""
+PER_STAGE = 4
+"""Micro-batches per pipeline stage a suggested `parallelism.microbatches` aims at: GPipe's paper found the
+bubble negligible from 4 per stage; more, each a smaller slice, compute less efficiently."""
 
 
 def rule_tensor_across_nodes(f: Facts) -> Recommendation | None:
@@ -25,3 +32,40 @@ def rule_tensor_across_nodes(f: Facts) -> Recommendation | None:
     if fits == 1:
         effect += f"; or keep `tensor` and give every node a multiple of {tensor} workers"
     return Recommendation("tensor_across_nodes", finding, "parallelism.tensor", fits, effect, 0.0)
+
+
+def bubble(stages: int, microbatches: int, per_rank: int = 1) -> float:
+    """The share of a step each pipeline stage idles, filling and draining the pipeline, with stages that
+    take equal time: (S - 1) / (v M + S - 1) for S ranks, M micro-batches and v stages per rank (the
+    interleaved schedule's 2; GPipe's and 1F1B's 1)."""
+    return (stages - 1) / (per_rank * microbatches + stages - 1)
+
+
+def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
+    """A pipeline whose schedule idles each stage for over 20% of the step: more micro-batches per step
+    (`parallelism.microbatches`, each a smaller slice of the same batch), the fewest giving each stage
+    `PER_STAGE` of them (the interleaved schedule's two stages per rank: half as many), or as many as the
+    batch allows. The share is the schedule's arithmetic for stages of equal time, not a measurement (the
+    step-time split does not separate it yet), and the finding says so; it orders the advice as what is
+    at stake."""
+    cfg = f.config
+    p = cfg.parallelism
+    now = p.microbatches if isinstance(p.microbatches, int) else f.accumulation
+    if p.pipeline == 1 or not now:
+        return None
+    v = 2 if p.pipeline_schedule == "interleaved_1f1b" else 1
+    idle = bubble(p.pipeline, now, v)
+    if idle <= BUBBLE_FRAC:
+        return None
+    shares = [cfg.train.global_batch_size // dp for dp in batching.dp_degrees(cfg)]
+    counts = [n for n in range(now + 1, min(shares) + 1)
+              if all(s % n == 0 for s in shares) and p.schedule_refuses(n) is None]
+    if not counts:
+        return None
+    n = next((c for c in counts if c * v >= PER_STAGE * p.pipeline), counts[-1])
+    after = bubble(p.pipeline, n, v)
+    finding = (f"the {p.pipeline_schedule} schedule of {p.pipeline} stages runs {now} micro-batch(es) per step: "
+               f"by its arithmetic each stage idles {idle:.0%} of the step filling and draining the pipeline")
+    effect = (f"{after:.0%} idle: up to {(1 - after) / (1 - idle):.2g}x samples/s, with pipeline micro-batches of "
+              f"{min(shares) // n} sample(s) (a smaller slice of the same batch: each computes less efficiently)")
+    return Recommendation("pipeline_bubble", finding, "parallelism.microbatches", n, effect, idle)

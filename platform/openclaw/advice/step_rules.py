@@ -207,9 +207,11 @@ def _round_up_nicely(x: float) -> int:
 def rule_small_micro_batch(f: Facts) -> Recommendation | None:
     """Micro-batches computing in under `MICRO_BATCH_MIN_S` with gradient accumulation: each call's fixed
     cost dominates. Fewer, larger micro-batches, up to the whole per-worker batch, as memory allows
-    (activations grow with the micro-batch). Quiet without accumulation or with `auto`."""
+    (activations grow with the micro-batch). Quiet without accumulation or with `auto`, and under pipeline
+    parallelism, where fewer micro-batches idle the stages longer (`pipeline_bubble` weighs them)."""
     cfg, accum, micro = f.config, f.accumulation, batching.fixed_micro(f.config)
-    if f.micro_batch_s is None or f.micro_batch_s >= MICRO_BATCH_MIN_S or not micro or not accum or accum < 2:
+    if f.micro_batch_s is None or f.micro_batch_s >= MICRO_BATCH_MIN_S or not micro or not accum or accum < 2 \
+            or cfg.parallelism.pipeline > 1:
         return None
     cap = float(batching.per_worker_batch(cfg))
     if f.device_type == "cuda" and f.peak_memory_bytes and f.memory_capacity_bytes:  # a CPU's peak is the process's
