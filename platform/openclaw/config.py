@@ -103,7 +103,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _worlds_lay_out(self) -> "Config":
         """The worker range's ends must lay out as replicate x tensor x pipeline x shard; an elastic run
-        takes only the multiples of that unit between them (`mesh.layout_worlds`)."""
+        takes only the multiples of that unit between them (`ParallelismConfig.worlds`)."""
         p, s, unit = self.parallelism, self.scaling, self.parallelism.world_unit
         bad = [w for w in (s.min_workers, s.max_workers) if w % unit]
         if bad:
@@ -159,11 +159,12 @@ class Config(Section):
         for share, n in counts.items():
             why = None if n is None else p.schedule_refuses(n)
             if why:
-                fits = [d for d in range(1, share + 1) if all(s % d == 0 for s in shares) and not p.schedule_refuses(d)]
+                fits = [d for d in range(1, share + 1)
+                        if all(s % d == 0 for s in shares) and not p.schedule_refuses(d)]
                 fix = f"`parallelism.microbatches: {fits[0]}`, " if fits else ""
                 raise ValueError(f"`parallelism.pipeline_schedule: {p.pipeline_schedule}`: {why} (a data-parallel "
-                                 f"rank's {share} samples as `parallelism.microbatches: {p.microbatches}` splits them). "
-                                 f"Set {fix}a smaller `train.micro_batch_size` (or a larger "
+                                 f"rank's {share} samples as `parallelism.microbatches: {p.microbatches}` splits "
+                                 f"them). Set {fix}a smaller `train.micro_batch_size` (or a larger "
                                  f"`train.global_batch_size`), or `parallelism.pipeline_schedule: gpipe`.")
 
     @model_validator(mode="after")

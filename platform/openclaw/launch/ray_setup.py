@@ -139,6 +139,11 @@ class OpenclawTorchTrainer(TorchTrainer):
     find no such controller and remove this run's placement group. Such an instance shuts down with the
     process that started it, placement groups included: the leak the cleaner guards against.
 
+    Where a whole layout spans several workers (`parallelism.world_unit`: tensor, pipeline or HSDP), an
+    elastic run's controller gets `runtime.scaling.WholeLayoutsPolicy` in place of Ray's elastic policy,
+    which would start any worker count that fits; the trainer builds that policy with no public way to
+    choose another.
+
     Ray Train's Ctrl-C handler, which aborts the run at the first Ctrl-C and loses the steps since the
     last checkpoint, is not installed: the session's handler checkpoints first (`launch.session`), and
     aborts the run through `abort` at a second Ctrl-C.

@@ -118,7 +118,8 @@ class Attempt:
 
     def _advise_placement(self, placement: dict[str, Any]) -> None:
         """Rank 0 says so at the start when a tensor-parallel group spans nodes (`rule_tensor_across_nodes`)."""
-        advice = placement and placement_line(self.config, placement["tensor_group_nodes"], placement["workers_per_node"])
+        advice = placement and placement_line(self.config, placement["tensor_group_nodes"],
+                                              placement["workers_per_node"])
         if advice:
             self.tracker.progress({"message": advice})
 

@@ -44,7 +44,8 @@ def gpt_plan(model: GPT, loss_parallel: bool = False) -> dict:
         f"blocks.{first}": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                               use_local_output=False),
         "ln": SequenceParallel(),
-        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=logits, use_local_output=not loss_parallel),
+        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=logits,
+                                use_local_output=not loss_parallel),
     }
     for i in model.blocks:
         b = f"blocks.{i}"
