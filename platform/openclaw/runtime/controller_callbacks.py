@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.exceptions import RayActorError
 from ray.train import ControllerError, PreemptionError
 
@@ -145,6 +147,19 @@ class RunPreemptionWatcher(PreemptionWatcher):
             self._failure_domain_map = self._build_failure_domain_map(self._node_to_ranks)
             self._last_drained = {}
 
+    def adopt(self, node_to_ranks: dict, worker_actors_by_rank: dict) -> None:
+        """`retarget`, where this watcher watches nothing: after Ray restarted it (its constructor's
+        arguments name no node). A watcher already aimed keeps what it has seen."""
+        with self._lock:
+            aimed = bool(self._node_to_ranks)
+        if not aimed:
+            self.retarget(node_to_ranks, worker_actors_by_rank)
+
+
+REAIM_S = 2.0
+"""How often the controller hands the drain watcher its group again, which a watcher Ray restarted takes
+(`RunPreemptionWatcher.adopt`): the longest a restarted watcher watches nothing."""
+
 
 class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
     """One node-drain watcher for the whole run, where Ray Train starts one per worker group.
@@ -154,13 +169,17 @@ class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
     checkpoint at the next step. Ray starts it as a new actor process after every worker-group start,
     so each restart also pays for a process start and a `ray` import, on the same CPUs as the new
     workers: on 2 cores about 0.8 s of a 5 s restart. This callback starts Ray's watcher once, at the
-    first start, and re-aims it at each new group; openclaw turns Ray's own off
+    first start, on the controller's node, and re-aims it at each new group. Ray restarts a watcher
+    whose process died, with its constructor's empty arguments: every `REAIM_S` the controller's poll
+    hands it the group again, which only a watcher that watches nothing takes. openclaw turns Ray's own off
     (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`, see `constants.RAY_TRAIN_DEFAULTS`) unless the user set it.
     The poll interval is Ray's `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`.
     """
 
     def __init__(self):
         self._watcher = None
+        self._targets: tuple[dict, dict] | None = None
+        self._aimed_at = 0.0
 
     def after_worker_group_start(self, worker_group) -> None:
         node_to_ranks: dict[str, list[int]] = {}
@@ -177,13 +196,25 @@ class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
                 # No actor handle among the constructor's arguments: Ray would keep them in the object store,
                 # which a restart of the watcher (max_restarts) needs alive, and log an error line at every
                 # run's start saying so (ray-project/ray#53727). The handles go in the first `retarget`.
-                self._watcher = ray.remote(num_cpus=0, max_restarts=-1)(RunPreemptionWatcher).remote(
-                    node_to_ranks={}, poll_interval_s=poll_interval_s)
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self._watcher = ray.remote(num_cpus=0, max_restarts=-1, scheduling_strategy=here)(
+                    RunPreemptionWatcher).remote(node_to_ranks={}, poll_interval_s=poll_interval_s)
             self._watcher.retarget.remote(node_to_ranks, actors)
+            self._targets, self._aimed_at = (node_to_ranks, actors), time.monotonic()
         except Exception as e:  # training goes on; a drain then ends as a worker failure, from the last checkpoint
             log.warning("openclaw: no preemption notices for this worker group: %s", e)
 
+    def after_worker_group_poll_status(self, worker_group_status) -> None:
+        if self._watcher is None or self._targets is None or time.monotonic() - self._aimed_at < REAIM_S:
+            return
+        self._aimed_at = time.monotonic()
+        try:
+            self._watcher.adopt.remote(*self._targets)
+        except Exception:  # the next poll tries again
+            pass
+
     def _stand_down(self, *_args) -> None:
+        self._targets = None
         if self._watcher is not None:
             try:
                 self._watcher.retarget.remote({}, {})
