@@ -48,6 +48,24 @@ def test_the_rule_refuses_exactly_what_torch_refuses(schedule):
     assert any(err is not None for err in got.values())  # each schedule refuses one of these counts
 
 
+def _evaluation(rank: int, world: int, parallelism: dict) -> dict[str, float]:
+    """Two training steps, then the engine's evaluation of three micro-batches (forward only)."""
+    engine, layout = build(rank, world, parallelism)
+    for step in range(2):
+        engine.train_step(step, my_micro_batches(step, layout, rank))
+    return engine.evaluate(my_micro_batches(5, layout, rank)[:3])
+
+
+def test_every_schedule_evaluates_and_agrees_with_one_rank():
+    """Evaluation runs one micro-batch at a time, which 1F1B refuses (fewer than its stages): every 1F1B
+    run through Ray failed at its final evaluation, after training. It runs on GPipe's forward now."""
+    one = spawn(1, _evaluation, {"strategy": "ddp"})[0]
+    for schedule in ("1f1b", "gpipe", "interleaved_1f1b"):
+        got = spawn(2, _evaluation, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule})
+        assert got[0]["count"] == one["count"] == 6, (schedule, got)
+        assert got[0]["loss"] == pytest.approx(one["loss"], rel=1e-5), (schedule, got[0], one)
+
+
 def test_a_config_whose_schedule_refuses_its_micro_batches_exits_before_any_worker_starts():
     one_batch = {"parallelism.pipeline": 2, "parallelism.pipeline_schedule": "1f1b", "train.global_batch_size": 32,
                  "train.micro_batch_size": 32, "scaling.min_workers": 2, "scaling.max_workers": 2}

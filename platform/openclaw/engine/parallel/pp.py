@@ -181,9 +181,12 @@ class PipelineStrategy(ShardedState):
                    torch.cat([y, torch.full((pad, *y.shape[1:]), -100, dtype=y.dtype, device=y.device)]), len(x))
 
     def _eval_schedule(self, fns: StepFns):
+        """One micro-batch at a time, forward only. 1F1B refuses fewer micro-batches than stages, and a
+        forward-only pass has no backward to interleave: it runs on GPipe's schedule, the same forward."""
         if "eval" not in self._schedules:
             stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
-            self._schedules["eval"] = SCHEDULES[self.schedule_name](
+            name = "gpipe" if self.schedule_name == "1f1b" else self.schedule_name
+            self._schedules["eval"] = SCHEDULES[name](
                 stages, n_microbatches=1, loss_fn=lambda o, t: fns.task.output_loss(o, t), scale_grads=False)
         return self._schedules["eval"]
 
