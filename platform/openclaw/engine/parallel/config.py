@@ -32,7 +32,9 @@ class ParallelismConfig(Section):
     """Pipeline stages: the built-in gpt's blocks are split into this many consecutive stages, one per
     worker of a pipeline group. Fixed for the run, like `tensor`."""
     pipeline_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
-    """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages."""
+    """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages.
+    Evaluation, forward only and one micro-batch at a time, runs on GPipe's schedule under `1f1b`
+    (which refuses fewer micro-batches than stages)."""
     microbatches: int | Literal["auto"] = "auto"
     """Pipeline micro-batches per optimizer step and data-parallel rank. `auto`: the gradient
     accumulation (each micro-batch of `train.micro_batch_size` samples is one pipeline micro-batch)."""
