@@ -137,7 +137,7 @@ def test_fsdp_two_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ra
     assert "async" in {e["mode"] for e in events if e["event"] == "checkpoint"}
 
 
-@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "gpipe"}],
+@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "1f1b"}],
                          ids=["tensor", "pipeline"])
 def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local, text_dir, tmp_path, mlflow_uri,
                                                                         parallelism, capsys):
