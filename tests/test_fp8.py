@@ -155,6 +155,36 @@ def test_a_sharded_model_is_probed_and_falls_back_to_bf16_in_place():
         assert got["losses"] == got["bf16_losses"]
 
 
+def _probe_fp8_in_a_pipeline(rank: int, world: int) -> dict:
+    """On each rank of a 2-stage 1F1B pipeline: an fp8 gpt engine's probe on this rank's first step (4
+    micro-batches), then a step."""
+    from openclaw.engine.models import GPT
+    from openclaw.engine.parallel.build import build_strategy
+    from openclaw.engine.parallel.config import ParallelismConfig
+    from openclaw.engine.tasks import LanguageModeling
+    torch.manual_seed(0)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=2, precision="fp8", optimizer={"lr": 1e-3})
+    strategy = build_strategy(ParallelismConfig(pipeline=2, pipeline_schedule="1f1b"), world=world, rank=rank)
+    engine = Engine(GPT(vocab_size=64, block_size=16, dim=512, depth=2, heads=8), LanguageModeling(), cfg,
+                    device=torch.device("cpu"), strategy=strategy)
+    tokens = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    step = [{"x": tokens[i:i + 2]} for i in range(0, 8, 2)]
+    layers = list(engine.fp8_layers)
+    timed = engine.probe_fp8(step)
+    return {"layers": layers, "timed": timed, "precision": engine.precision.name,
+            "finite": engine.train_step(0, step).finite}
+
+
+def test_a_pipeline_is_probed_on_a_whole_step():
+    """1F1B refuses fewer micro-batches than its stages, so a probe of one micro-batch raised in a pipeline;
+    the attempt probes the first step's, and the times are per micro-batch."""
+    from parallel_harness import spawn
+    for got in spawn(2, _probe_fp8_in_a_pipeline):
+        assert got["layers"] and "head" not in got["layers"], got["layers"]  # this stage's float8 MLPs
+        assert got["timed"] is not None and got["timed"][0] > got["timed"][1] > 0  # emulated fp8 is slower
+        assert got["precision"] == "bf16" and got["finite"]
+
+
 def test_nothing_to_probe_without_fp8_layers():
     cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, precision="bf16")
     engine = Engine(Wide(), Classification(), cfg, device=torch.device("cpu"))

@@ -188,20 +188,23 @@ class Engine:
         apply_matmul_precision(precision)
         self.scaler = self.fns.scaler = self._scaler()
 
-    def probe_fp8(self, micro_batch: Batch) -> tuple[float, float] | None:
-        """fp8 pays only where its GEMMs outrun the casts around them: time one micro-batch's forward and
-        backward with the float8 Linears and in bf16 (the slowest rank's times, so every rank decides
+    def probe_fp8(self, micro_batches: Batch | list[Batch]) -> tuple[float, float] | None:
+        """fp8 pays only where its GEMMs outrun the casts around them: time a forward and backward of
+        `micro_batches` (one, or a step's: a pipeline's 1F1B schedule takes no fewer than its stages) with
+        the float8 Linears and in bf16, per micro-batch (the slowest rank's times, so every rank decides
         alike), keep fp8 only if faster, else train in bf16 and say why in the precision's reason. None:
         nothing to measure (not fp8, or no layer converted). Collective under every strategy: each rank
-        runs the micro-batch both ways."""
+        runs them both ways."""
         if not self.fp8_layers:
             return None
+        batches = [micro_batches] if isinstance(micro_batches, dict) else list(micro_batches)
 
         def run() -> None:
-            self.strategy.forward_backward(self.model, [micro_batch], self.fns)
+            self.strategy.forward_backward(self.model, batches, self.fns)
             self.optimizer.zero_grad(set_to_none=True)
 
-        fp8_s, bf16_s = allreduce_max(list(fp8.probe(self.module, run)), self.device)
+        timed = allreduce_max(list(fp8.probe(self.module, run)), self.device)
+        fp8_s, bf16_s = (t / len(batches) for t in timed)
         self.strategy.take_comm_s()  # the probe's collectives are not the first step's
         if not fp8.pays(fp8_s, bf16_s):
             bf16 = choose_precision("bf16", device_facts(self.device), self.cfg.tf32)

@@ -79,9 +79,9 @@ class Attempt:
         elif self.on_meta:  # a fresh start of a model built on the meta device: rank 0's initial weights
             self._initial_weights()
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
-        if self.engine.precision.name == "fp8":  # measured against bf16 on the first micro-batch, once per run
-            first = self.sampler.split(self.sampler.global_batch_at(self.state.epoch, self.state.offset)[0])[0]
-            self.precision.settle_fp8(lambda: self.train.batch(first))
+        if self.engine.precision.name == "fp8":  # measured against bf16 on the first step, once per run
+            first = self.sampler.split(self.sampler.global_batch_at(self.state.epoch, self.state.offset)[0])
+            self.precision.settle_fp8(lambda: [self.train.batch(ids) for ids in first])
         self.compile_cache = self._open_compile_cache()
         if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
             prune(inputs.run_dir, cfg.checkpoint.keep)

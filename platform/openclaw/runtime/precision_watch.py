@@ -25,13 +25,13 @@ class PrecisionWatch:
         if state.precision_switched_to and state.precision_switched_to != engine.precision.name:
             engine.set_precision(choose_precision(state.precision_switched_to, self.facts, cfg.tf32))
 
-    def settle_fp8(self, first_micro_batch) -> None:
-        """fp8, until the run has measured it: timed against bf16 on the first micro-batch
+    def settle_fp8(self, first_step) -> None:
+        """fp8, until the run has measured it: timed against bf16 on the first step's micro-batches
         (`Engine.probe_fp8`, which keeps bf16 where fp8 is no faster); a fallback is a switch that every
-        later attempt keeps. `first_micro_batch()` reads it."""
+        later attempt keeps. `first_step()` reads them (this rank's, as the step will)."""
         if self.engine.precision.name != "fp8" or self.state.precision == "fp8":
             return
-        timed = self.engine.probe_fp8(first_micro_batch())
+        timed = self.engine.probe_fp8(first_step())
         if timed is None:
             return
         now = self.engine.precision.name
