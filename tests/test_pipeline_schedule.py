@@ -94,6 +94,18 @@ def test_auto_picks_only_sizes_the_schedule_takes():
     assert micro_batch_sizes(32, [1, 2], fixed.count_suits) == [1, 2, 4, 8, 16]
 
 
+def test_auto_aims_at_four_micro_batches_per_stage_where_the_batch_allows():
+    """What `auto` may pick (`auto_counts`): 2 stages on a share of 32, at least 8 micro-batches (sizes up to
+    4), where the schedule alone would take 16; the interleaved schedule's two stages per rank, 4 (sizes up
+    to 8). A share too small for 4 per stage falls back to what the schedule takes."""
+    two = ParallelismConfig(pipeline=2, pipeline_schedule="1f1b")
+    assert micro_batch_sizes(32, [1], two.auto_counts(32, [1])) == [1, 2, 4]
+    interleaved = ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b")
+    assert micro_batch_sizes(32, [1], interleaved.auto_counts(32, [1])) == [1, 2, 4, 8]
+    assert micro_batch_sizes(4, [1], two.auto_counts(4, [1])) == [1, 2]  # 4 or 2 micro-batches: both taken
+    assert ParallelismConfig().auto_counts(32, [1])(1)  # no pipeline: any count
+
+
 # ---- the pipeline_bubble advice rule ---------------------------------------------------------------
 
 def _pipelined(**overrides):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from openclaw.advice import batching
 from openclaw.advice.measured import Facts, Recommendation
+from openclaw.engine.parallel.config import PER_STAGE
 
 BUBBLE_FRAC = 0.2
 """A pipeline schedule idles its stages for more than this share of the step."""
-PER_STAGE = 4
-"""Micro-batches per pipeline stage a suggested `parallelism.microbatches` aims at: GPipe's paper found the
-bubble negligible from 4 per stage; more, each a smaller slice, compute less efficiently."""
+
 
 
 def rule_tensor_across_nodes(f: Facts) -> Recommendation | None:

@@ -61,9 +61,9 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
     key = choice_key(cfg, device, precision)
     dp_sizes = micro_batch_dp_sizes(cfg.elastic.on_resize, cfg.worlds, cfg.parallelism.model_parallel)
     stored = stored_state(run_dir)
-    if stored and stored.get("micro_batch_key") == key and \
-            stored.get("micro_batch_size") in micro_batch_sizes(cfg.train.global_batch_size, dp_sizes,
-                                                                 cfg.parallelism.count_suits):
+    allowed = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes,
+                                cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes))
+    if stored and stored.get("micro_batch_key") == key and stored.get("micro_batch_size") in allowed:
         mine, choice, backed_off, measured = stored["micro_batch_size"], None, [], ""
     else:
         choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, local_world)

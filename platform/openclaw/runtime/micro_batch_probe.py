@@ -50,8 +50,9 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
     if step is None:
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
         per_sample = per_sample_bytes(step.activation_bytes, samples)
+    counts = cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes)
     choice = choose_micro_batch(budget, fixed_bytes(cfg, step, precision), per_sample, cfg.train.global_batch_size,
-                                dp_sizes, source, cfg.parallelism.count_suits)
+                                dp_sizes, source, counts)
     return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
 
 
@@ -69,9 +70,10 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
     step.to(device)
     try:
         fixed = fixed_bytes(cfg, step, precision)
+        counts = cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes)
         choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
-                                    cfg.train.global_batch_size, dp_sizes, source, cfg.parallelism.count_suits)
-        sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, cfg.parallelism.count_suits)
+                                    cfg.train.global_batch_size, dp_sizes, source, counts)
+        sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, counts)
         size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * step.num_params))
         return choice, size, failed, "allocator peak, confirmed"
     finally:

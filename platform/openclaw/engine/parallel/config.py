@@ -2,11 +2,18 @@
 only). See `openclaw.engine.parallel` for what each strategy does."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from openclaw.section import Section
+
+
+PER_STAGE = 4
+"""Pipeline micro-batches per stage that `train.micro_batch_size: auto` aims at, and the `pipeline_bubble`
+advice suggests: GPipe's paper found the bubble negligible from 4 per stage."""
 
 
 class ParallelismConfig(Section):
@@ -96,6 +103,22 @@ class ParallelismConfig(Section):
         """Whether a micro-batch size that splits a data-parallel rank's share into `n` micro-batches suits
         the pipeline schedule: under `microbatches: auto` they are the pipeline's micro-batches."""
         return isinstance(self.microbatches, int) or self.schedule_refuses(n) is None
+
+    def auto_counts(self, global_batch: int, dp_sizes: list[int]) -> Callable[[int], bool]:
+        """The micro-batch counts per data-parallel rank that `train.micro_batch_size: auto` may choose: those
+        the schedule takes, and under `microbatches: auto` at least `PER_STAGE` per stage (the interleaved
+        schedule's two stages per rank: half as many) where some size allows that, since fewer idle a
+        pipeline's stages longer."""
+        if self.pipeline == 1 or isinstance(self.microbatches, int):
+            return self.count_suits
+        per_rank = 2 if self.pipeline_schedule == "interleaved_1f1b" else 1
+
+        def full(n: int) -> bool:
+            return self.count_suits(n) and n * per_rank >= PER_STAGE * self.pipeline
+        shares = [global_batch // dp for dp in dp_sizes]
+        g = math.gcd(*shares)
+        return full if any(g % d == 0 and all(full(s // d) for s in shares) for d in range(1, g + 1)) \
+            else self.count_suits
 
     def microbatches_per_step(self, share: int, micro_batch: int | str) -> int | None:
         """Pipeline micro-batches per step for a data-parallel rank's `share` of the global batch: the
