@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from math import gcd, lcm
+from math import lcm
 from pathlib import Path
 from typing import Any, get_args
 
@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from openclaw.data.config import DataConfig
 from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: F401
-from openclaw.engine.parallel.config import ParallelismConfig
+from openclaw.engine.parallel.config import ParallelismConfig, common_sizes
 from openclaw.errors import ConfigError
 from openclaw.launch.config import FailureConfig, ScalingConfig
 from openclaw.profiling.config import ProfileConfig
@@ -152,15 +152,13 @@ class Config(Section):
         p, micro = self.parallelism, self.train.micro_batch_size
         counts = {share: p.microbatches_per_step(share, micro) for share in shares}
         if micro == "auto" and p.microbatches == "auto":
-            g = gcd(*shares)
-            if any(g % d == 0 and all(p.count_suits(s // d) for s in shares) for d in range(1, g + 1)):
+            if common_sizes(shares, p.count_suits):
                 return
             counts = {share: share for share in shares}  # micro-batches of 1 sample: as many as there can be
         for share, n in counts.items():
             why = None if n is None else p.schedule_refuses(n)
             if why:
-                fits = [d for d in range(1, share + 1)
-                        if all(s % d == 0 for s in shares) and not p.schedule_refuses(d)]
+                fits = [d for d in common_sizes(shares) if not p.schedule_refuses(d)]
                 fix = f"`parallelism.microbatches: {fits[0]}`, " if fits else ""
                 raise ValueError(f"`parallelism.pipeline_schedule: {p.pipeline_schedule}`: {why} (a data-parallel "
                                  f"rank's {share} samples as `parallelism.microbatches: {p.microbatches}` splits "

@@ -52,7 +52,7 @@ def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
     now = p.microbatches if isinstance(p.microbatches, int) else f.accumulation
     if p.pipeline == 1 or not now:
         return None
-    v = 2 if p.pipeline_schedule == "interleaved_1f1b" else 1
+    v = p.stages_per_rank
     idle = bubble(p.pipeline, now, v)
     if idle <= BUBBLE_FRAC:
         return None

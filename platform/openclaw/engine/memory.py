@@ -28,6 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from openclaw.engine.parallel.config import common_sizes
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.engine.precision import sharded_param_dtype
 from openclaw.errors import MemoryBudgetError
@@ -94,8 +95,7 @@ def micro_batch_sizes(global_batch: int, dp_sizes: Iterable[int],
         if global_batch % dp:
             raise ValueError(f"global batch {global_batch} does not divide over {dp} data-parallel ranks")
         shares.append(global_batch // dp)
-    g = math.gcd(*shares)
-    return [d for d in range(1, g + 1) if g % d == 0 and all(count_suits(s // d) for s in shares)]
+    return common_sizes(shares, count_suits)
 
 
 @dataclass(frozen=True)

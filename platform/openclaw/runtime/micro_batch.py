@@ -61,12 +61,12 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
     key = choice_key(cfg, device, precision)
     dp_sizes = micro_batch_dp_sizes(cfg.elastic.on_resize, cfg.worlds, cfg.parallelism.model_parallel)
     stored = stored_state(run_dir)
-    allowed = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes,
-                                cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes))
-    if stored and stored.get("micro_batch_key") == key and stored.get("micro_batch_size") in allowed:
+    counts = cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes)
+    if stored and stored.get("micro_batch_key") == key and \
+            stored.get("micro_batch_size") in micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, counts):
         mine, choice, backed_off, measured = stored["micro_batch_size"], None, [], ""
     else:
-        choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, local_world)
+        choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, counts, local_world)
     gathered = allgather_ints([mine, int(choice is not None)], device, world)
     size = min(g[0] for g in gathered)
     estimate = (choice.fixed_bytes + size * choice.activation_bytes_per_sample) / GB if choice \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,10 +33,11 @@ PROBE_SAMPLES = 4
 
 
 def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Precision, dp_sizes: list[int],
-          local_world: int) -> tuple[MicroBatchChoice, int, list[int], str]:
+          counts: Callable[[int], bool], local_world: int) -> tuple[MicroBatchChoice, int, list[int], str]:
     """This rank's choice, the sizes it backed off from, and how it measured the activations: counted on
     fake tensors (no memory, whatever the model's size), or on a GPU with room for a whole copy of the
-    model, the allocator's peak, then the guarded confirmation."""
+    model, the allocator's peak, then the guarded confirmation. `counts`: the micro-batch counts per rank
+    a size may give (`ParallelismConfig.auto_counts`)."""
     budget, source = budget_bytes(cfg, device, local_world)
     task = build_task(cfg.task)
     samples = max(1, min(PROBE_SAMPLES, len(data) // 2))
@@ -46,18 +48,17 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
         log.info("could not count the model's activations on fake tensors (%s): probing a real copy", e)
         step = None
     if device.type == "cuda" and (step is None or probes_whole(step.num_params, budget)):
-        return _probe_on_gpu(cfg, task, data, device, precision, dp_sizes, samples, budget, source)
+        return _probe_on_gpu(cfg, task, data, device, precision, dp_sizes, counts, samples, budget, source)
     if step is None:
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
         per_sample = per_sample_bytes(step.activation_bytes, samples)
-    counts = cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes)
     choice = choose_micro_batch(budget, fixed_bytes(cfg, step, precision), per_sample, cfg.train.global_batch_size,
                                 dp_sizes, source, counts)
     return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
 
 
 def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, precision: Precision,
-                  dp_sizes: list[int], samples: int, budget: int,
+                  dp_sizes: list[int], counts: Callable[[int], bool], samples: int, budget: int,
                   source: str) -> tuple[MicroBatchChoice, int, list[int], str]:
     """A whole copy of the model on the GPU: the allocator's peak over a forward and backward, then a run
     at the chosen size beside the rest of the state, backing off on an out-of-memory error."""
@@ -70,7 +71,6 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
     step.to(device)
     try:
         fixed = fixed_bytes(cfg, step, precision)
-        counts = cfg.parallelism.auto_counts(cfg.train.global_batch_size, dp_sizes)
         choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
                                     cfg.train.global_batch_size, dp_sizes, source, counts)
         sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, counts)

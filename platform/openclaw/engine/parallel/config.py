@@ -16,6 +16,13 @@ PER_STAGE = 4
 advice suggests: GPipe's paper found the bubble negligible from 4 per stage."""
 
 
+def common_sizes(shares: list[int], count_ok: Callable[[int], bool] = lambda n: True) -> list[int]:
+    """Every size (ascending) that divides each of `shares` (the divisors of their greatest common divisor)
+    into a count of pieces `count_ok` takes: micro-batch sizes of data-parallel shares, or counts."""
+    g = math.gcd(*shares)
+    return [d for d in range(1, g + 1) if g % d == 0 and all(count_ok(s // d) for s in shares)]
+
+
 class ParallelismConfig(Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """`ddp`: every worker holds the whole model, its gradients and its optimizer state (PyTorch's
@@ -81,6 +88,11 @@ class ParallelismConfig(Section):
         return [w for w in range(min_workers, max_workers + 1) if w % self.world_unit == 0]
 
     @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pipeline rank runs: two under `interleaved_1f1b`, else one."""
+        return 2 if self.pipeline_schedule == "interleaved_1f1b" else 1
+
+    @property
     def model_parallel(self) -> int:
         """Workers that hold one copy of the model between them: tensor x pipeline."""
         return self.tensor * self.pipeline
@@ -111,14 +123,10 @@ class ParallelismConfig(Section):
         pipeline's stages longer."""
         if self.pipeline == 1 or isinstance(self.microbatches, int):
             return self.count_suits
-        per_rank = 2 if self.pipeline_schedule == "interleaved_1f1b" else 1
 
         def full(n: int) -> bool:
-            return self.count_suits(n) and n * per_rank >= PER_STAGE * self.pipeline
-        shares = [global_batch // dp for dp in dp_sizes]
-        g = math.gcd(*shares)
-        return full if any(g % d == 0 and all(full(s // d) for s in shares) for d in range(1, g + 1)) \
-            else self.count_suits
+            return self.count_suits(n) and n * self.stages_per_rank >= PER_STAGE * self.pipeline
+        return full if common_sizes([global_batch // dp for dp in dp_sizes], full) else self.count_suits
 
     def microbatches_per_step(self, share: int, micro_batch: int | str) -> int | None:
         """Pipeline micro-batches per step for a data-parallel rank's `share` of the global batch: the

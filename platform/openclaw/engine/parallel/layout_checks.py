@@ -17,7 +17,7 @@ def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool
     if cfg.tensor > 1:
         check_tensor_parallel(model, cfg.tensor)
     if cfg.pipeline > 1:
-        check_pipeline(model, cfg.pipeline * (2 if cfg.pipeline_schedule == "interleaved_1f1b" else 1),
+        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank,
                        builtin_task=builtin_task)
 
 
