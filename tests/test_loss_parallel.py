@@ -16,6 +16,7 @@ def _run(rank: int, world: int, parallelism: dict, split_logits_ok: bool = True)
     """Three steps and an evaluation of the big-vocabulary gpt; what the head hands the loss, the bytes
     autograd saves in one micro-batch's forward, and the elements the all-gathers of a step receive."""
     from torch.distributed.tensor import DTensor
+    from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from openclaw.engine.parallel.tp import loss_context
@@ -35,20 +36,23 @@ def _run(rank: int, world: int, parallelism: dict, split_logits_ok: bool = True)
 
     with Gathers() as gathers:
         history = steps(engine, layout, rank, 0, 3)
-    seen: dict[int, int] = {}
+    # Storages by identity, not address: FSDP frees a block's gathered weights after its forward, and
+    # the allocator may hand that address to the next saved tensor.
+    seen: dict[StorageWeakRef, int] = {}
 
     def pack(t):
-        local = t.to_local() if isinstance(t, DTensor) else t
-        seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+        key = StorageWeakRef(storage)
+        seen[key] = max(seen.get(key, 0), storage.nbytes())
         return t
     batch = my_micro_batches(3, layout, rank)[0]
-    params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+    params = {StorageWeakRef((p.to_local() if isinstance(p, DTensor) else p).untyped_storage())
               for p in engine.model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with loss_context(engine.strategy.split_logits):
             loss, _ = engine.fns.loss(engine.model, batch)
     del loss
-    saved = sum(n for ptr, n in seen.items() if ptr not in params)
+    saved = sum(n for key, n in seen.items() if key not in params)
     evaluation = engine.strategy.evaluate(engine.model, my_micro_batches(4, layout, rank), engine.fns)
     return {"history": history, "head": head[0], "gathered": gathers.received, "saved": saved,
             "eval": evaluation}
