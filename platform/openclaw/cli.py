@@ -16,7 +16,9 @@ import textwrap
 import traceback
 
 from openclaw.config import load_config
+from openclaw.constants import stop_grace_s
 from openclaw.errors import ConfigError, OpenClawError, RunStopped, Terminated, UserError
+from openclaw.launch.stops import exit_when_stuck
 from openclaw.tracking.redact import public_uri, scrub
 
 EXIT_USER_ERROR = 2
@@ -260,6 +262,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    exit_when_stuck(stop_grace_s())  # a stop at once ends this process, whatever its clean-up does
     try:
         commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config,
                     "checkpoint": cmd_checkpoint, "export": cmd_export, "advise": cmd_advise}

@@ -160,3 +160,13 @@ DEFAULT_CHECKPOINT_BEFORE_GROW_S = 30.0
 
 def checkpoint_before_grow_s() -> float:
     return float(os.environ.get(CHECKPOINT_BEFORE_GROW_S_ENV_VAR, DEFAULT_CHECKPOINT_BEFORE_GROW_S))
+
+
+STOP_GRACE_S_ENV_VAR = "OPENCLAW_STOP_GRACE_S"
+DEFAULT_STOP_GRACE_S = 30.0
+"""The command line: after a stop at once (SIGTERM before training, or a second SIGTERM or Ctrl-C), the
+longest wait for the driver's clean-up (closing the MLflow run, Ray's shutdown) before it exits without."""
+
+
+def stop_grace_s() -> float:
+    return float(os.environ.get(STOP_GRACE_S_ENV_VAR, DEFAULT_STOP_GRACE_S))

@@ -42,7 +42,7 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
     kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                                   configure_logging=True, runtime_env=_runtime_env())
     # Ray's core worker installs its own SIGTERM handler in the driver (it dumps a stack and aborts): the
-    # driver's own handler (`launch.stops.sigterm_raises`), if it has one, is put back after it.
+    # driver's own handler (`launch.stops.stop_signals_raise`), if it has one, is put back after it.
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if address:
         _check_reachable(address)

@@ -4,17 +4,29 @@ While it trains, the first asks the workers, through the run's control actor, to
 next step and return; a second stops at once. Before training starts, either stops at once. Stopping at
 once raises KeyboardInterrupt (`Terminated` for SIGTERM), so that the run is closed on the way out.
 `launch.session` holds them around the run and around Ray Train's `fit()`.
+
+The command line also bounds that way out (`exit_when_stuck`): a signal raised into the main thread can
+find it holding a lock its clean-up needs again, and a main thread blocked on it runs no further
+handler, so no second signal could end it either.
 """
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
+
+import psutil
 
 from openclaw.errors import Terminated
+
+_grace_s: float | None = None
+"""Set by `exit_when_stuck`: how long a stop at once may take before the process exits without it."""
+_armed = threading.Event()
 
 
 class _Stops:
@@ -43,19 +55,19 @@ def graceful_stops(control) -> Iterator[_Stops]:
         yield stops
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    said = {signal.SIGTERM: ("SIGTERM", "send it again", Terminated),
-            signal.SIGINT: ("Ctrl-C", "press Ctrl-C again", KeyboardInterrupt)}
+    said = {signal.SIGTERM: ("SIGTERM", "send it again"), signal.SIGINT: ("Ctrl-C", "press Ctrl-C again")}
 
     def on_signal(signum, frame):
-        cause, again, error = said[signum]
+        cause, again = said[signum]
         if stops.cause is None:
             stops.stop(cause, again)
             return
         put_back(previous)
         stops.at_once = signum
+        _start_grace_clock(signum)  # before Ray Train's abort, which may itself not return
         if stops.abort is not None:
             stops.abort()
-        raise error
+        stop_at_once(signum)
 
     for sig in previous:
         signal.signal(sig, on_signal)
@@ -65,18 +77,54 @@ def graceful_stops(control) -> Iterator[_Stops]:
         put_back(previous)
 
 
-def sigterm_raises() -> dict[int, Any]:
-    """In the main thread, SIGTERM raises `Terminated` (a KeyboardInterrupt, as Ctrl-C does) while the run
-    is open, so that the MLflow run is closed KILLED and Ray shut down on the way out. Ray's core worker
-    would otherwise dump a stack and abort the driver (exit 134) wherever a SIGTERM finds it before
-    training starts (`launch.ray_setup.connect_ray` keeps this handler in place of Ray's). Returns the
-    handler it replaced, for `put_back` (empty where no handler can be installed)."""
+def stop_signals_raise() -> dict[int, Any]:
+    """In the main thread, SIGTERM raises `Terminated` (a KeyboardInterrupt) and Ctrl-C KeyboardInterrupt
+    while the run is open (`stop_at_once`), so that the MLflow run is closed KILLED and Ray shut down on
+    the way out. Ray's core worker would otherwise dump a stack and abort the driver (exit 134) wherever
+    a SIGTERM finds it before training starts (`launch.ray_setup.connect_ray` keeps this handler in place
+    of Ray's). Returns the handlers it replaced, for `put_back` (empty where none can be installed)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
-    def on_sigterm(signum, frame):
-        raise Terminated
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    def on_signal(signum, frame):
+        stop_at_once(signum)
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def stop_at_once(signum: int) -> NoReturn:
+    """Raise KeyboardInterrupt (`Terminated` for SIGTERM) into the main thread, the run's clean-up on its
+    way out; under `exit_when_stuck`, first start the clock on that clean-up."""
+    _start_grace_clock(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _start_grace_clock(signum: int) -> None:
+    if _grace_s is not None and not _armed.is_set():
+        _armed.set()
+        threading.Thread(target=_exit_if_still_here, args=(signum, _grace_s), name="openclaw-stop-grace",
+                         daemon=True).start()
+
+
+def exit_when_stuck(grace_s: float) -> None:
+    """For a process that ends with its command (the command line, a job's driver): a stop at once whose
+    clean-up has not ended within `grace_s` ends the process anyway, with the processes it started (its
+    local Ray instance), saying so and where its threads stood. An SDK caller's interpreter is left alone."""
+    global _grace_s
+    _grace_s = grace_s
+
+
+def _exit_if_still_here(signum: int, grace_s: float) -> None:
+    threading.Event().wait(grace_s)  # a clean-up that ends in time ends the process, this thread with it
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    print(f"openclaw: stopped at once by {name}, but its clean-up did not end within {grace_s:g} s "
+          f"($OPENCLAW_STOP_GRACE_S); exiting without it. Run the same command again to go on. Where its "
+          f"threads stood:", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def put_back(handlers: dict[int, Any]) -> None:

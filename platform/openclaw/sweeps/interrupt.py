@@ -17,8 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from openclaw.errors import Terminated
-from openclaw.launch.stops import put_back
+from openclaw.launch.stops import put_back, stop_at_once
 from openclaw.tracking.redact import scrub
 
 TUNE_SHUTDOWN_LOGGER = "ray.tune.tune"
@@ -62,7 +61,7 @@ def graceful_interrupt(verbose: bool, on_stop: Callable[[], None]) -> Iterator[I
         tune_listens = callable(signal.getsignal(signal.SIGUSR1))  # Tune installs its handler as its run starts
         if interrupt.requested or not tune_listens:
             put_back(previous)
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            stop_at_once(signum)
         interrupt.signal_name = signal.Signals(signum).name
         said, again = ("Ctrl-C", "press Ctrl-C again") if signum == signal.SIGINT else ("SIGTERM", "send it again")
         print(f"openclaw: {said}: stopping the sweep; Tune saves its state first ({again} to stop at once)",

@@ -27,7 +27,7 @@ from openclaw.errors import ConfigError, RunStopped
 from openclaw.launch.places import place
 from openclaw.launch.preflight import check_model_layout, prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
-from openclaw.launch.stops import put_back, sigterm_raises
+from openclaw.launch.stops import put_back, stop_signals_raise
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
 from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome
@@ -121,7 +121,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     _check_resume(config, storage, exp_path, resume)
     parent_id, exp_id = _open_parent_run(config, s, uri, storage, resume)
     client = MlflowClient(uri)
-    sigterm_before = sigterm_raises()  # until the sweep ends: a SIGTERM stops it, the parent run KILLED
+    sigterm_before = stop_signals_raise()  # until the sweep ends: a SIGTERM stops it, the parent run KILLED
     try:
         per_trial = 1 + config.scaling.max_workers * int(config.scaling.resources_per_worker.get("CPU", 1))
         connect_ray(address, verbose, min_cpus=s.max_concurrent * per_trial + 2)

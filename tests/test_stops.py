@@ -1,0 +1,61 @@
+"""A stop at once whose clean-up cannot end (`launch.stops.exit_when_stuck`), in a real process with a
+real signal: no Ray, no mocks."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from conftest import REPO
+
+STUCK = textwrap.dedent("""
+    import subprocess, sys, threading
+    from openclaw.launch.stops import exit_when_stuck, stop_signals_raise
+    if sys.argv[1] == "cli":
+        exit_when_stuck(1.0)
+    stop_signals_raise()
+    child = subprocess.Popen(["sleep", "600"])  # as the driver's local Ray instance
+    print(child.pid, flush=True)
+    held = threading.Lock()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:  # the clean-up waits on a lock the main thread held when the signal came
+        held.acquire()
+        held.acquire()
+""")
+
+
+def _start(mode: str) -> tuple[subprocess.Popen, int]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    return proc, int(proc.stdout.readline())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_at_once_whose_clean_up_hangs_still_ends_the_command_and_what_it_started(sig):
+    proc, child = _start("cli")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert f"stopped at once by {name}, but its clean-up did not end within 1 s" in err, err
+    assert "Run the same command again to go on" in err and "held.acquire()" not in err
+    assert '<string>", line 14' in err, err  # where the main thread stood: the second acquire
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_sdk_callers_interpreter_is_not_ended_for_it():
+    proc, child = _start("sdk")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=3)  # three times the command line's grace: still there, as the caller left it
+        assert psutil.Process(child).status() != psutil.STATUS_ZOMBIE
+    finally:
+        proc.kill()
+        os.kill(child, signal.SIGKILL)
+        proc.communicate()
