@@ -165,7 +165,7 @@ def _probe_fp8_in_a_pipeline(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     cfg = TrainConfig(global_batch_size=8, micro_batch_size=2, precision="fp8", optimizer={"lr": 1e-3})
     strategy = build_strategy(ParallelismConfig(pipeline=2, pipeline_schedule="1f1b"), world=world, rank=rank)
-    engine = Engine(GPT(vocab_size=64, block_size=16, dim=512, depth=2, heads=8), LanguageModeling(), cfg,
+    engine = Engine(GPT(vocab_size=64, block_size=16, dim=272, depth=2, heads=8), LanguageModeling(), cfg,
                     device=torch.device("cpu"), strategy=strategy)
     tokens = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
     step = [{"x": tokens[i:i + 2]} for i in range(0, 8, 2)]
