@@ -95,7 +95,7 @@ def rank_run(rank: int, world: int, spec: dict, a: dict) -> dict:
     bf16 = a["precision"] == "bf16"
     engine = Engine(model, LanguageModeling(), train, device=device, world_size=layout.dp,
                     global_batch_size=a["global_batch"],
-                    strategy=build_strategy(cfg, world=world, rank=rank, device=device,
+                    strategy=build_strategy(cfg, world=world, rank=rank, device=device, split_logits_ok=True,
                                             param_dtype=torch.bfloat16 if bf16 else None))
     if a["compile"]:
         for block in engine.module.blocks.values():

@@ -23,7 +23,8 @@ def _train(rank, world, parallelism, compile_on):
     train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100, compile=compile_on,
                         optimizer={"name": "adamw", "lr": 3e-3})
     engine = Engine(GPT(**GPT_KWARGS), LanguageModeling(), train, world_size=layout.dp,
-                    global_batch_size=GLOBAL_BATCH, strategy=build_strategy(cfg, world=world, rank=rank))
+                    global_batch_size=GLOBAL_BATCH, strategy=build_strategy(cfg, world=world, rank=rank,
+                                                                                split_logits_ok=True))
     losses = []
     for step in range(N_STEPS):
         stats = engine.train_step(step, my_micro_batches(step, layout, rank))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from parallel_harness import GPT_KWARGS, build, my_micro_batches, spawn, steps
+from openclaw.engine.parallel.config import ParallelismConfig
 
 BIG_VOCAB = dict(GPT_KWARGS, vocab_size=2048)
 """Logits of 2048 classes per token: the largest activation of the test gpt by far, as in a large LM."""
@@ -91,3 +92,15 @@ def test_a_task_that_needs_whole_logits_gets_them():
     language modeling) gets the gathered logits as a plain tensor, `loss_parallel` or not."""
     got = spawn(2, _run, {"strategy": "ddp", "tensor": 2, "loss_parallel": True}, False)
     assert all(r["head"] == ("Tensor", 2048) for r in got), [r["head"] for r in got]
+
+
+def _loss_parallel_by_default(rank: int, world: int) -> bool:
+    from openclaw.engine.parallel.build import build_strategy
+    from openclaw.engine.parallel.config import ParallelismConfig
+    return build_strategy(ParallelismConfig(tensor=2), world=world, rank=rank).loss_parallel
+
+
+def test_a_caller_that_does_not_say_its_loss_takes_split_logits_gets_whole_ones():
+    """`build_strategy` used directly (an SDK user's engine, a bench) with its own task: `loss_parallel`
+    is the config's default, but split logits are only for a loss that says it takes them."""
+    assert ParallelismConfig().loss_parallel and spawn(2, _loss_parallel_by_default) == [False, False]

@@ -22,11 +22,12 @@ def layout_for(cfg: ParallelismConfig, world: int) -> MeshLayout:
 
 def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank: int = 0,
                    device: torch.device | None = None, param_dtype: torch.dtype | None = None,
-                   split_logits_ok: bool = True) -> Strategy:
+                   split_logits_ok: bool = False) -> Strategy:
     """The strategy the config names, for this rank of a world of `world` (the default process group).
     `param_dtype`: bf16 keeps sharded parameters in bf16 for compute (gradients are reduced in fp32).
-    `split_logits_ok`: the task's loss takes logits split by vocabulary (the built-in language modeling),
-    so `cfg.loss_parallel` applies."""
+    `split_logits_ok`: the task's loss takes logits split by vocabulary (the built-in language modeling:
+    `LanguageModeling`'s cross-entropy under `loss_context`), so `cfg.loss_parallel` applies. Off unless
+    the caller says so: another loss gets whole logits, as it would on one device."""
     cfg = cfg or ParallelismConfig()
     if cfg.strategy == "ddp" and cfg.model_parallel == 1:
         return DDPStrategy(activation_checkpointing=cfg.activation_checkpointing, bucket_cap_mb=cfg.bucket_cap_mb)
