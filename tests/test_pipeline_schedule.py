@@ -5,11 +5,12 @@ sizes the schedule takes."""
 import pytest
 
 from openclaw.config import load_config
-from openclaw.engine.memory import micro_batch_sizes
+from openclaw.engine.memory import choose_micro_batch, micro_batch_sizes
 from openclaw.engine.parallel.config import ParallelismConfig
-from openclaw.errors import ConfigError
+from openclaw.errors import ConfigError, MemoryBudgetError
 from parallel_harness import build, my_micro_batches, spawn
 
+MB = 1_000_000
 BASE = {"data": {"train": "x"}, "model": {"name": "gpt", "kwargs": {"depth": 4}}, "task": "language_modeling"}
 
 
@@ -140,3 +141,98 @@ def test_a_pipeline_idle_a_third_of_its_step_gets_four_micro_batches_per_stage()
     assert rule_pipeline_bubble(Facts(load_config(None, {}, base=BASE), accumulation=2)) is None
     # the small-micro-batch rule, whose larger micro-batches would idle the stages longer, stays out of it
     assert rule_small_micro_batch(Facts(cfg, accumulation=2, micro_batch_s=0.0005)) is None
+
+
+# ---- the activations a schedule keeps in flight ------------------------------------------------------
+
+def _peak_forwards_in_flight(ops) -> int:
+    """The most forwards whose backward has not yet run, along one rank's list of torch's actions."""
+    from torch.distributed.pipelining.schedules import _ComputationType
+    held = peak = 0
+    for op in ops:
+        if op is not None and op.computation_type == _ComputationType.FORWARD:
+            held += 1
+        elif op is not None and op.computation_type == _ComputationType.FULL_BACKWARD:
+            held -= 1
+        peak = max(peak, held)
+    return peak
+
+
+def _interleaved_rank0_order(stages: int, n: int):
+    """The first rank's actions in torch's interleaved 1F1B (two stages per rank) over `n` micro-batches:
+    its own order-building method, on an instance given only what that method reads."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+    schedule = object.__new__(ScheduleInterleaved1F1B)
+    schedule.pp_group_size, schedule.n_local_stages, schedule._n_microbatches = stages, 2, n
+    schedule.number_of_rounds = max(1, n // stages)
+    schedule.microbatches_per_round = n // schedule.number_of_rounds
+    return schedule._calculate_single_rank_operations(0)
+
+
+def test_the_activations_held_in_flight_follow_each_schedule_up_to_8_stages():
+    """GPipe holds every micro-batch's forward on each stage, 1F1B at most one per stage, and interleaved
+    1F1B what torch's own action order for the first rank keeps (checked for 2 to 8 stages and every count
+    it takes up to 48), each forward a 1 / (stages x stages per rank) share of the layers."""
+    for stages in range(2, 9):
+        for n in range(1, 49):
+            gpipe = ParallelismConfig(pipeline=stages, pipeline_schedule="gpipe")
+            assert gpipe.held_fraction(n) == n / stages
+            if n >= stages:
+                assert ParallelismConfig(pipeline=stages).held_fraction(n) == 1.0
+            interleaved = ParallelismConfig(pipeline=stages, pipeline_schedule="interleaved_1f1b")
+            if interleaved.schedule_refuses(n) is None:
+                peak = _peak_forwards_in_flight(_interleaved_rank0_order(stages, n))
+                assert interleaved.held_fraction(n) == peak / (2 * stages), (stages, n, peak)
+    assert ParallelismConfig(pipeline=4).held_fraction(2) == 0.5 and ParallelismConfig().held_fraction(7) == 1.0
+
+
+def test_auto_micro_batches_count_what_the_schedule_keeps_not_one_micro_batch():
+    """A 64-sample share on 2 stages, fp32 state of 100 MB and 3 MB of whole-model activations per sample,
+    a budget for 19 samples' worth. One micro-batch's worth alone would allow 16, but GPipe keeps all of a
+    step's forwards, 32 samples' worth at any size: no size fits, and the error says so. 1F1B keeps 2 of 2
+    stages' halves in flight: 16. Interleaved keeps 5 forwards of quarter models, 20 samples' worth at 16
+    (4 micro-batches): 8."""
+    fixed, per, budget = 100 * MB, 3 * MB, 100 * MB + 19 * 3 * MB
+
+    def choose(schedule: str):
+        cfg = ParallelismConfig(pipeline=2, pipeline_schedule=schedule)
+        return choose_micro_batch(budget, fixed, per, 64, [1], count_suits=cfg.count_suits,
+                                  activation_samples=cfg.activation_samples(64))
+    assert choose_micro_batch(budget, fixed, per, 64, [1]).size == 16
+    assert choose("1f1b").size == 16
+    interleaved = choose("interleaved_1f1b")
+    assert interleaved.size == 8 and interleaved.estimate_bytes == fixed + 10 * per
+    with pytest.raises(MemoryBudgetError, match="even a micro-batch of 1 needs an estimated 0.196 GB"):
+        choose("gpipe")
+    # A fixed count of pipeline micro-batches: the step's share runs in those, whatever the size.
+    fixed_count = ParallelismConfig(pipeline=2, pipeline_schedule="gpipe", microbatches=4).activation_samples(64)
+    assert {fixed_count(m) for m in (1, 8, 64)} == {32.0}
+
+
+def test_the_probe_estimates_a_pipeline_by_its_schedule(text_dir):
+    """The probe on the text gpt, 2 stages, one data-parallel rank: 1F1B's estimate holds one micro-batch's
+    whole-model activations (two halves in flight); GPipe's holds the step's share, over two stages."""
+    import torch
+
+    from openclaw.data.sources import resolve
+    from openclaw.data.stream import ShardedData, shard_specs
+    from openclaw.engine.precision import choose_precision, device_facts
+    from openclaw.runtime.micro_batch_probe import probe
+    src = resolve(str(text_dir / "train"), "data.train")
+    data = ShardedData(src.spec, shard_specs(src.shards), "x", None)
+    got = {}
+    for schedule in ("1f1b", "gpipe"):
+        cfg = load_config(None, {**BASE, "data": {"train": str(text_dir / "train"), "features": "x", "label": None},
+                                 "model": {"name": "gpt", "kwargs": {"vocab_size": 256, "block_size": 64, "dim": 32,
+                                                                     "depth": 2, "heads": 2}},
+                                 "parallelism": {"pipeline": 2, "pipeline_schedule": schedule},
+                                 "scaling": {"min_workers": 2, "max_workers": 2}, "train.global_batch_size": 32,
+                                 "train.micro_batch_size": "auto", "train.memory_budget_gb": 4.0})
+        counts = cfg.parallelism.auto_counts(32, [1])
+        got[schedule], _, _, _ = probe(cfg, torch.device("cpu"), data, choose_precision("fp32", device_facts(torch.device("cpu"))), [1], counts, 1)
+    one, all_of_it = got["1f1b"], got["gpipe"]
+    assert one.size == 4 and all_of_it.size == 4  # 8 micro-batches per step: 4 per stage
+    per = one.activation_bytes_per_sample
+    assert per == all_of_it.activation_bytes_per_sample > 0
+    assert one.estimate_bytes - one.fixed_bytes == pytest.approx(4 * per, abs=1)
+    assert all_of_it.estimate_bytes - all_of_it.fixed_bytes == pytest.approx(32 / 2 * per, abs=1)

@@ -113,13 +113,16 @@ class MicroBatchChoice:
 
 def choose_micro_batch(budget_bytes: int, fixed_bytes: int, activation_bytes_per_sample: float, global_batch: int,
                        dp_sizes: Iterable[int], budget_source: str = "`train.memory_budget_gb`",
-                       count_suits: Callable[[int], bool] = lambda n: True) -> MicroBatchChoice:
+                       count_suits: Callable[[int], bool] = lambda n: True,
+                       activation_samples: Callable[[int], float] = float) -> MicroBatchChoice:
     """The largest allowed size (`micro_batch_sizes`) whose estimate fits `budget_bytes`. A
-    `MemoryBudgetError` when not even the smallest does."""
+    `MemoryBudgetError` when not even the smallest does. `activation_samples(m)`: how many samples'
+    activations a rank holds at its peak at micro-batch `m` (`m` itself; under a pipeline, what its
+    schedule keeps in flight: `ParallelismConfig.activation_samples`)."""
     sizes = micro_batch_sizes(global_batch, dp_sizes, count_suits)
 
     def need(m: int) -> int:
-        return int(fixed_bytes + math.ceil(m * activation_bytes_per_sample))
+        return int(fixed_bytes + math.ceil(activation_samples(m) * activation_bytes_per_sample))
 
     fits = [m for m in sizes if need(m) <= budget_bytes]
     if not fits:

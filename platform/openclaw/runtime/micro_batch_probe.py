@@ -2,7 +2,8 @@
 fits its memory budget, touching no process group (`runtime.micro_batch` agrees on one size across the
 ranks and records it). The activations are counted on a copy of the model made of fake tensors, which
 hold no memory, so a model of any size can be probed, one that only its shards fit included; on a GPU
-with room for a whole copy, they are measured as the allocator's peak and the size is confirmed.
+with room for a whole copy, they are measured as the allocator's peak and the size is confirmed. Under
+a pipeline they are scaled by what its schedule keeps in flight (`held_samples`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
         per_sample = per_sample_bytes(step.activation_bytes, samples)
     choice = choose_micro_batch(budget, fixed_bytes(cfg, step, precision), per_sample, cfg.train.global_batch_size,
-                                dp_sizes, source, counts)
+                                dp_sizes, source, counts, held_samples(cfg, dp_sizes))
     return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
 
 
@@ -72,7 +73,7 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
     try:
         fixed = fixed_bytes(cfg, step, precision)
         choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
-                                    cfg.train.global_batch_size, dp_sizes, source, counts)
+                                    cfg.train.global_batch_size, dp_sizes, source, counts, held_samples(cfg, dp_sizes))
         sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, counts)
         size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * step.num_params))
         return choice, size, failed, "allocator peak, confirmed"
@@ -90,6 +91,12 @@ def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
                                      optimizer=cfg.train.optimizer.name, momentum=cfg.train.optimizer.momentum)
         return state.total + gathered_bytes(step.largest_unit, layout, precision.name)
     return max(at(w) for w in cfg.worlds)
+
+
+def held_samples(cfg: Config, dp_sizes: list[int]) -> Callable[[int], float]:
+    """Samples' worth of whole-model activations a rank holds at its peak, by micro-batch size, at the
+    largest share its worlds give a data-parallel rank (`ParallelismConfig.activation_samples`)."""
+    return cfg.parallelism.activation_samples(cfg.train.global_batch_size // min(dp_sizes))
 
 
 def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[int, str]:

@@ -111,6 +111,38 @@ class ParallelismConfig(Section):
                     f"number of its {rounds} rounds")
         return None
 
+    def held_fraction(self, n: int) -> float:
+        """At the busiest pipeline rank's peak (the first), the activations it holds over a step of `n`
+        pipeline micro-batches, as a share of one micro-batch's through the whole model: the micro-batch
+        x stage forwards whose backward has not yet run, each 1 / (stages x stages per rank) of the layers.
+        GPipe runs every forward first (all `n`); 1F1B at most one per stage in flight (`min(n, stages)`);
+        interleaved 1F1B warms up `(v - 1) x round + 2 x (stages - 1)` forwards, then one more (torch's
+        `_get_warmup_ops`, v stages per rank, rounds of `n // max(1, n // stages)`). 1 with no pipeline."""
+        if self.pipeline == 1:
+            return 1.0
+        stages, v = self.pipeline, self.stages_per_rank
+        if self.pipeline_schedule == "gpipe":
+            held = n
+        elif self.pipeline_schedule == "1f1b":
+            held = min(n, stages)
+        else:
+            per_round = n // max(1, n // stages)
+            held = min((v - 1) * per_round + 2 * (stages - 1) + 1, n * v)
+        return held / (stages * v)
+
+    def activation_samples(self, share: int) -> Callable[[int], float]:
+        """For a data-parallel rank's `share` of the global batch: at a micro-batch size `m`, the samples'
+        worth of whole-model activations the busiest rank holds at its peak. `m` itself without a
+        pipeline; with one, the step's micro-batches run in one schedule, so it is the rows of a pipeline
+        micro-batch times `held_fraction` of their count (`microbatches`, or under `auto` share / m)."""
+        if self.pipeline == 1:
+            return float
+
+        def samples(m: int) -> float:
+            n = self.microbatches if isinstance(self.microbatches, int) else share // m
+            return share / n * self.held_fraction(n)
+        return samples
+
     def count_suits(self, n: int) -> bool:
         """Whether a micro-batch size that splits a data-parallel rank's share into `n` micro-batches suits
         the pipeline schedule: under `microbatches: auto` they are the pipeline's micro-batches."""
