@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -13,8 +14,8 @@ from conftest import REPO
 
 STUCK = textwrap.dedent("""
     import subprocess, sys, threading
-    from openclaw.launch.stops import exit_when_stuck, stop_signals_raise
-    if sys.argv[1] == "cli":
+    from openclaw.launch.stops import allow_clean_up, exit_when_stuck, stop_signals_raise
+    if sys.argv[1] != "sdk":
         exit_when_stuck(1.0)
     stop_signals_raise()
     child = subprocess.Popen(["sleep", "600"])  # as the driver's local Ray instance
@@ -23,6 +24,8 @@ STUCK = textwrap.dedent("""
     try:
         threading.Event().wait()
     except KeyboardInterrupt:  # the clean-up waits on a lock the main thread held when the signal came
+        if sys.argv[1] == "flush":  # after announcing a bounded wait of its own, as a tracking flush
+            allow_clean_up(3.0)
         held.acquire()
         held.acquire()
 """)
@@ -42,10 +45,21 @@ def test_a_stop_at_once_whose_clean_up_hangs_still_ends_the_command_and_what_it_
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     name = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
-    assert f"stopped at once by {name}, but its clean-up did not end within 1 s" in err, err
+    assert f"stopped at once by {name}, but its clean-up did not end within 1 s beyond" in err, err
     assert "Run the same command again to go on" in err and "held.acquire()" not in err
-    assert '<string>", line 14' in err, err  # where the main thread stood: the second acquire
+    assert '<string>", line 16' in err, err  # where the main thread stood: the second acquire
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_bounded_wait_of_the_clean_up_own_is_waited_for():
+    """A tracking flush spools what it could not deliver when its timeout ends: a stop at once waits for
+    that (3 s here) and the grace (1 s) after it, so nothing the flush would keep is lost."""
+    proc, child = _start("flush")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "did not end within 1 s beyond its own bounded waits" in err, err
+    assert time.monotonic() - t0 >= 4.0
 
 
 def test_an_sdk_callers_interpreter_is_not_ended_for_it():

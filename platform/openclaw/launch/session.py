@@ -34,7 +34,7 @@ from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
 from openclaw.launch.resume_check import changes_since_checkpoint
-from openclaw.launch.stops import graceful_stops, put_back, stop_signals_raise
+from openclaw.launch.stops import allow_clean_up, graceful_stops, put_back, stop_signals_raise
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
@@ -195,6 +195,8 @@ class RunSession:
         put_back(self._sigterm_before)
         if self.watcher:
             self.watcher.stop()
+        if self.tracking:
+            allow_clean_up(self.config.tracking.flush_timeout_s)  # a stop at once waits for it too
         spool = _flush_tracking(self.tracking, self.uri, self.config.tracking.flush_timeout_s) if self.tracking else None
         if self.printer:
             self.printer.stop()

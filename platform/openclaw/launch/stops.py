@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -24,9 +25,43 @@ import psutil
 
 from openclaw.errors import Terminated
 
-_grace_s: float | None = None
-"""Set by `exit_when_stuck`: how long a stop at once may take before the process exits without it."""
-_armed = threading.Event()
+
+class _Grace:
+    """The command line's bound on a stop at once (`exit_when_stuck`): a deadline, pushed back by the
+    clean-up's own bounded waits (`allow`), and a daemon thread that ends the process when it passes."""
+
+    def __init__(self):
+        self.seconds: float | None = None
+        """`exit_when_stuck`'s grace; None: never end the process (an SDK caller's interpreter)."""
+        self.deadline: float | None = None
+        self.signum = 0
+
+    def start(self, signum: int) -> None:
+        if self.seconds is None or self.deadline is not None:
+            return
+        self.signum, self.deadline = signum, time.monotonic() + self.seconds
+        threading.Thread(target=self._exit_when_passed, name="openclaw-stop-grace", daemon=True).start()
+
+    def allow(self, seconds: float) -> None:
+        if self.deadline is not None:
+            self.deadline = max(self.deadline, time.monotonic() + seconds + self.seconds)
+
+    def _exit_when_passed(self) -> None:
+        while (left := self.deadline - time.monotonic()) > 0:  # a clean-up that ends in time ends this thread
+            threading.Event().wait(left)
+        name = "SIGTERM" if self.signum == signal.SIGTERM else "Ctrl-C"
+        print(f"openclaw: stopped at once by {name}, but its clean-up did not end within {self.seconds:g} s "
+              f"beyond its own bounded waits ($OPENCLAW_STOP_GRACE_S); exiting without it. Run the same command "
+              f"again to go on. Where its threads stood:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        sys.stderr.flush()
+        os._exit(128 + self.signum)
+
+
+_GRACE = _Grace()
 
 
 class _Stops:
@@ -64,7 +99,7 @@ def graceful_stops(control) -> Iterator[_Stops]:
             return
         put_back(previous)
         stops.at_once = signum
-        _start_grace_clock(signum)  # before Ray Train's abort, which may itself not return
+        _GRACE.start(signum)  # before Ray Train's abort, which may itself not return
         if stops.abort is not None:
             stops.abort()
         stop_at_once(signum)
@@ -94,37 +129,21 @@ def stop_signals_raise() -> dict[int, Any]:
 def stop_at_once(signum: int) -> NoReturn:
     """Raise KeyboardInterrupt (`Terminated` for SIGTERM) into the main thread, the run's clean-up on its
     way out; under `exit_when_stuck`, first start the clock on that clean-up."""
-    _start_grace_clock(signum)
+    _GRACE.start(signum)
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-
-def _start_grace_clock(signum: int) -> None:
-    if _grace_s is not None and not _armed.is_set():
-        _armed.set()
-        threading.Thread(target=_exit_if_still_here, args=(signum, _grace_s), name="openclaw-stop-grace",
-                         daemon=True).start()
 
 
 def exit_when_stuck(grace_s: float) -> None:
     """For a process that ends with its command (the command line, a job's driver): a stop at once whose
     clean-up has not ended within `grace_s` ends the process anyway, with the processes it started (its
     local Ray instance), saying so and where its threads stood. An SDK caller's interpreter is left alone."""
-    global _grace_s
-    _grace_s = grace_s
+    _GRACE.seconds = grace_s
 
 
-def _exit_if_still_here(signum: int, grace_s: float) -> None:
-    threading.Event().wait(grace_s)  # a clean-up that ends in time ends the process, this thread with it
-    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    print(f"openclaw: stopped at once by {name}, but its clean-up did not end within {grace_s:g} s "
-          f"($OPENCLAW_STOP_GRACE_S); exiting without it. Run the same command again to go on. Where its "
-          f"threads stood:", file=sys.stderr, flush=True)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    sys.stderr.flush()
-    os._exit(128 + signum)
+def allow_clean_up(seconds: float) -> None:
+    """A wait of the clean-up's own, bounded by `seconds` (the tracking flush's timeout, after which it
+    spools what is left): a stop at once under way gets that long more, so nothing it would keep is lost."""
+    _GRACE.allow(seconds)
 
 
 def put_back(handlers: dict[int, Any]) -> None:
