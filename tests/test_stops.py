@@ -16,7 +16,7 @@ STUCK = textwrap.dedent("""
     import subprocess, sys, threading
     from openclaw.launch.stops import allow_clean_up, exit_when_stuck, stop_signals_raise
     if sys.argv[1] != "sdk":
-        exit_when_stuck(1.0)
+        exit_when_stuck(1.0, "Run it with --resume." if sys.argv[1] == "flush" else None)
     stop_signals_raise()
     child = subprocess.Popen(["sleep", "600"])  # as the driver's local Ray instance
     print(child.pid, flush=True)
@@ -53,12 +53,14 @@ def test_a_stop_at_once_whose_clean_up_hangs_still_ends_the_command_and_what_it_
 
 def test_a_bounded_wait_of_the_clean_up_own_is_waited_for():
     """A tracking flush spools what it could not deliver when its timeout ends: a stop at once waits for
-    that (3 s here) and the grace (1 s) after it, so nothing the flush would keep is lost."""
+    that (3 s here) and the grace (1 s) after it, so nothing the flush would keep is lost. It says how to
+    go on as its command does (a sweep: with --resume)."""
     proc, child = _start("flush")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and "did not end within 1 s beyond its own bounded waits" in err, err
+    assert "exiting without it. Run it with --resume. Where its threads stood" in err  # as the command says
     assert time.monotonic() - t0 >= 4.0
 
 

@@ -262,7 +262,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    exit_when_stuck(stop_grace_s())  # a stop at once ends this process, whatever its clean-up does
+    again = ("with --resume to go on: finished trials are kept, unfinished ones resume from their checkpoints"
+             if args.command == "sweep" else "again to go on: it resumes from the run's newest checkpoint, or "
+             "starts over if it wrote none")
+    exit_when_stuck(stop_grace_s(), f"Run the same command {again}.")  # whatever its clean-up does
     try:
         commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config,
                     "checkpoint": cmd_checkpoint, "export": cmd_export, "advise": cmd_advise}
@@ -282,9 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:  # before training started, or a second stop request
         sig, name = (signal.SIGTERM, "SIGTERM") if isinstance(e, Terminated) else (signal.SIGINT, "Ctrl-C")
-        again = ("with --resume to go on: finished trials are kept, unfinished ones resume from their "
-                 "checkpoints" if args.command == "sweep" else "again to go on: it resumes from the run's newest "
-                 "checkpoint, or starts over if it wrote none")
         print(f"openclaw: stopped at once by {name}. Run the same command {again}.", file=sys.stderr)
         return 128 + sig
 

@@ -35,6 +35,8 @@ class _Grace:
         """`exit_when_stuck`'s grace; None: never end the process (an SDK caller's interpreter)."""
         self.deadline: float | None = None
         self.signum = 0
+        self.resume = "Run the same command again to go on."
+        """How to go on, as the command says it."""
 
     def start(self, signum: int) -> None:
         if self.seconds is None or self.deadline is not None:
@@ -51,8 +53,8 @@ class _Grace:
             threading.Event().wait(left)
         name = "SIGTERM" if self.signum == signal.SIGTERM else "Ctrl-C"
         print(f"openclaw: stopped at once by {name}, but its clean-up did not end within {self.seconds:g} s "
-              f"beyond its own bounded waits ($OPENCLAW_STOP_GRACE_S); exiting without it. Run the same command "
-              f"again to go on. Where its threads stood:", file=sys.stderr, flush=True)
+              f"beyond its own bounded waits ($OPENCLAW_STOP_GRACE_S); exiting without it. {self.resume} Where "
+              f"its threads stood:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
@@ -133,11 +135,13 @@ def stop_at_once(signum: int) -> NoReturn:
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def exit_when_stuck(grace_s: float) -> None:
+def exit_when_stuck(grace_s: float, resume: str | None = None) -> None:
     """For a process that ends with its command (the command line, a job's driver): a stop at once whose
     clean-up has not ended within `grace_s` ends the process anyway, with the processes it started (its
-    local Ray instance), saying so and where its threads stood. An SDK caller's interpreter is left alone."""
+    local Ray instance), saying so, how to go on (`resume`) and where its threads stood. An SDK caller's
+    interpreter is left alone."""
     _GRACE.seconds = grace_s
+    _GRACE.resume = resume or _GRACE.resume
 
 
 def allow_clean_up(seconds: float) -> None:
