@@ -19,9 +19,9 @@ STUCK = textwrap.dedent("""
         exit_when_stuck(1.0, "Run it with --resume." if sys.argv[1] == "flush" else None)
     stop_signals_raise()
     child = subprocess.Popen(["sleep", "600"])  # as the driver's local Ray instance
-    print(child.pid, flush=True)
     held = threading.Lock()
     try:
+        print(child.pid, flush=True)  # inside the try: the test signals once it reads this
         threading.Event().wait()
     except KeyboardInterrupt:  # the clean-up waits on a lock the main thread held when the signal came
         if sys.argv[1] == "flush":  # after announcing a bounded wait of its own, as a tracking flush
