@@ -195,8 +195,6 @@ class RunSession:
         put_back(self._sigterm_before)
         if self.watcher:
             self.watcher.stop()
-        if self.tracking:
-            allow_clean_up(self.config.tracking.flush_timeout_s)  # a stop at once waits for it too
         spool = _flush_tracking(self.tracking, self.uri, self.config.tracking.flush_timeout_s) if self.tracking else None
         if self.printer:
             self.printer.stop()
@@ -250,6 +248,7 @@ def _spool_path(run_dir: str, run_id: str) -> str:
 def _flush_tracking(tracking, uri: str, timeout_s: float) -> str | None:
     """Wait for the tracking service to deliver everything. If the server stays away, say where it is
     kept and return that spool file's path."""
+    allow_clean_up(timeout_s)  # a stop at once under way waits for the flush too (it spools at its end)
     try:
         outcome = ray.get(tracking.flush.remote(timeout_s))
     except Exception as e:  # the service is gone with its queue: nothing more can be done here
