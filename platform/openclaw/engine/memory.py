@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 # private: torch has no public path to FakeTensorMode (torch.compile traces with it)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -163,20 +164,45 @@ def saved_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor
     """Bytes of the tensors autograd saves for the backward while `run()` builds its graph (each storage
     once, the parameters' own storages excluded): the activations a step holds at its peak, measured
     the same way on any device."""
+    return sum(_saved_storages(run, params, lambda: None).values())
+
+
+def block_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[nn.Module]) -> list[int]:
+    """`saved_activation_bytes` of each of `blocks` while `run()` runs: the storages first saved inside its
+    forward. What a block with activation checkpointing holds again while its backward recomputes it."""
+    current: list[int | None] = [None]
+    hooks = [h for i, b in enumerate(blocks) for h in (
+        b.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i)),
+        b.register_forward_hook(lambda *_: current.__setitem__(0, None)))]
+    try:
+        saved = _saved_storages(run, params, lambda: current[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    by_block = [0] * len(blocks)
+    for (tag, _), n in saved.items():
+        if tag is not None:
+            by_block[tag] += n
+    return by_block
+
+
+def _saved_storages(run: Callable[[], Any], params: Iterable[torch.Tensor], tag: Callable[[], Any]) -> dict:
+    """{(tag() when first saved, storage): bytes} of what autograd saves while `run()` builds its graph."""
     skip = {StorageWeakRef(p.untyped_storage()) for p in params}
-    seen: dict[StorageWeakRef, int] = {}
+    seen: dict[StorageWeakRef, tuple[Any, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = StorageWeakRef(storage)  # a storage's identity, for fake tensors too (they have no data)
         if key not in skip:
-            seen[key] = max(seen.get(key, 0), storage.nbytes())
+            first, n = seen.get(key, (tag(), 0))
+            seen[key] = (first, max(n, storage.nbytes()))
         return t  # the graph keeps `t` alive, so no other saved tensor reuses its memory while we count
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     del out
-    return sum(seen.values())
+    return {(first, key): n for key, (first, n) in seen.items()}
 
 
 def probes_whole(num_params: int, budget_bytes: int) -> bool:

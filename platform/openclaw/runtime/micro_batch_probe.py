@@ -3,7 +3,9 @@ fits its memory budget, touching no process group (`runtime.micro_batch` agrees 
 ranks and records it). The activations are counted on a copy of the model made of fake tensors, which
 hold no memory, so a model of any size can be probed, one that only its shards fit included; on a GPU
 with room for a whole copy, they are measured as the allocator's peak and the size is confirmed. Under
-a pipeline they are scaled by what its schedule keeps in flight (`held_samples`).
+a pipeline they are scaled by what its schedule keeps in flight (`held_samples`). The copy's blocks
+recompute as the engine's do (`parallelism.activation_checkpointing`): the forward saves only their
+inputs, and the count adds the activations of the largest one, which its backward holds again.
 """
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ import torch
 
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
-from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, choose_micro_batch, confirm_micro_batch,
-                                    cuda_peak_bytes, fake_tensors, gathered_bytes, micro_batch_sizes, per_sample_bytes,
+from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, block_activation_bytes, choose_micro_batch,
+                                    confirm_micro_batch, cuda_peak_bytes, fake_tensors, gathered_bytes, micro_batch_sizes, per_sample_bytes,
                                     probes_whole, saved_activation_bytes, state_bytes_estimate)
 from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
-from openclaw.engine.parallel.base import transformer_blocks
+from openclaw.engine.parallel.base import apply_activation_checkpointing, transformer_blocks
 from openclaw.engine.parallel.build import layout_for
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import build_task
@@ -130,6 +132,7 @@ class _ProbeStep:
         self.mode = fake_tensors() if fake else contextlib.nullcontext()
         with self.mode, device:
             self.model = build_model(cfg.model.name, cfg.model.kwargs).train()
+        apply_activation_checkpointing(self.model, cfg.parallelism.activation_checkpointing)  # as the engine does
         self.num_params = sum(p.numel() for p in self.model.parameters())
         blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(self.model)]
         self.largest_unit = max(blocks + [self.num_params - sum(blocks)])
@@ -162,11 +165,26 @@ class _ProbeStep:
         if self.fake or self.device.type != "cuda":
             rows = self._rows(m)
             with self.mode:
-                return saved_activation_bytes(lambda: self._loss(rows), self.model.parameters())
+                return saved_activation_bytes(lambda: self._loss(rows), self.model.parameters()) + \
+                    self._recomputed_bytes(rows)
         if not self.warm:  # the first pass allocates workspaces once: keep them out of the measure
             self._forward_backward(m)
             self.warm = True
         return cuda_peak_bytes(lambda: self._forward_backward(m), self.device)
+
+    def _recomputed_bytes(self, rows: dict[str, torch.Tensor]) -> int:
+        """What the backward holds beyond the forward's saved tensors: the activations of the largest block
+        with activation checkpointing, recomputed (0 without). The forward saves only such a block's input."""
+        blocks = [b for b in transformer_blocks(self.model) if getattr(b, "checkpointed", False)]
+        if not blocks:
+            return 0
+        for b in blocks:
+            b.checkpointed = False
+        try:
+            return max(block_activation_bytes(lambda: self._loss(rows), self.model.parameters(), blocks))
+        finally:
+            for b in blocks:
+                b.checkpointed = True
 
     def run_beside(self, m: int, other_bytes: int) -> None:
         """A forward and backward at `m` while `other_bytes` more are held: the state the bare model lacks

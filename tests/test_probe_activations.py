@@ -1,0 +1,79 @@
+"""What `train.micro_batch_size: auto` counts as a rank's activations when the model is not run as one
+whole copy: blocks with activation checkpointing (they keep only their inputs, and the backward
+recomputes one at a time)."""
+import pytest
+import torch
+
+from openclaw import load_config
+from openclaw.data.sources import resolve
+from openclaw.data.stream import ShardedData, shard_specs
+from openclaw.engine.memory import fake_tensors, saved_activation_bytes
+from openclaw.engine.models import GPT
+from openclaw.engine.parallel.base import apply_activation_checkpointing
+from openclaw.engine.precision import Precision
+from openclaw.engine.tasks import LanguageModeling
+from openclaw.runtime.micro_batch import resolve_micro_batch
+from openclaw.runtime.micro_batch_probe import _ProbeStep
+
+KWARGS = {"vocab_size": 256, "block_size": 64, "dim": 128, "depth": 4, "heads": 4}
+FP32 = Precision("fp32", False, False, "")
+
+
+def _config(text_dir, **overrides):
+    return load_config(None, {"data.train": str(text_dir / "train"), "data.features": "x", "data.label": None,
+                              "task": "language_modeling", "model.name": "gpt", "model.kwargs": KWARGS,
+                              "train.global_batch_size": 256, **overrides})
+
+
+def _data(text_dir) -> ShardedData:
+    src = resolve(str(text_dir / "train"), "data.train")
+    return ShardedData(src.spec, shard_specs(src.shards), "x", None)
+
+
+def test_checkpointed_blocks_are_counted_by_their_inputs_plus_one_recomputed_block(text_dir):
+    """With `full` checkpointing the forward saves each block's input only; the backward then recomputes
+    one block at a time and holds its activations. The probe counts exactly that: the forward of a
+    checkpointed copy plus one block's own saved tensors, each counted here on its own."""
+    data, m = _data(text_dir), 4
+    counted = {mode: _ProbeStep(_config(text_dir, **{"parallelism.activation_checkpointing": mode}), LanguageModeling(),
+                                data, torch.device("cpu"), FP32, fake=True).activation_bytes(m)
+               for mode in ("none", "selective", "full")}
+
+    rows = data.batch(list(range(m)))
+    with fake_tensors() as mode:
+        gpt = GPT(**KWARGS).train()
+        whole = saved_activation_bytes(lambda: LanguageModeling().loss(gpt, rows)[0], gpt.parameters())
+        apply_activation_checkpointing(gpt, "full")
+        forward = saved_activation_bytes(lambda: LanguageModeling().loss(gpt, rows)[0], gpt.parameters())
+        x = mode.from_tensor(torch.zeros(m, KWARGS["block_size"], KWARGS["dim"]))
+        block = gpt.blocks["0"]
+        one_block = saved_activation_bytes(lambda: block._forward(x), block.parameters())
+    assert counted["none"] == whole
+    assert counted["full"] == forward + one_block
+    assert counted["full"] < counted["selective"] < counted["none"] / 1.2  # it pays, and the count shows it
+    assert counted["full"] < 0.4 * counted["none"], counted
+
+
+def test_checkpointing_lets_auto_choose_a_larger_micro_batch_in_the_same_budget(text_dir, tmp_path):
+    """The advice for a micro-batch that does not fit ("recompute activations") is one the probe honours:
+    in the same memory budget, `full` checkpointing resolves `auto` to a larger micro-batch."""
+    sizes = {}
+    for mode in ("none", "full"):
+        cfg = _config(text_dir, **{"parallelism.activation_checkpointing": mode, "train.micro_batch_size": "auto",
+                                   "train.memory_budget_gb": 0.05})
+        resolved, auto = resolve_micro_batch(cfg, device=torch.device("cpu"), world=1, local_world=1,
+                                             run_dir=str(tmp_path / mode), data=_data(text_dir))
+        sizes[mode] = resolved.train.micro_batch_size
+        assert auto.estimate_gb <= 0.05
+    assert sizes["full"] >= 2 * sizes["none"], sizes
+    assert sizes["none"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_the_probe_leaves_its_copy_checkpointed_as_the_engine_runs_it(text_dir, mode):
+    step = _ProbeStep(_config(text_dir, **{"parallelism.activation_checkpointing": mode}), LanguageModeling(),
+                      _data(text_dir), torch.device("cpu"), FP32, fake=True)
+    flags = [b.checkpointed for b in step.model.blocks.values()]
+    step.activation_bytes(2)
+    assert [b.checkpointed for b in step.model.blocks.values()] == flags
+    assert flags == ([True] * 4 if mode == "full" else [True, False, True, False])
