@@ -68,6 +68,32 @@ def my_micro_batches(step: int, layout, rank: int) -> list[dict[str, torch.Tenso
     return [{"x": mine[i:i + MICRO]} for i in range(0, per, MICRO)]
 
 
+def saved_bytes(engine, batch: dict[str, torch.Tensor]) -> int:
+    """The bytes this rank's autograd saves for the backward in one micro-batch's forward and loss: each
+    storage once (a DTensor's local one), the parameters' excluded. Storages by identity, not address:
+    FSDP frees a block's gathered weights after its forward, and the allocator may hand that address to
+    the next saved tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from openclaw.engine.parallel.tp import loss_context
+
+    def storage(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+    seen: dict[StorageWeakRef, int] = {}
+
+    def pack(t):
+        key = StorageWeakRef(storage(t))
+        seen[key] = max(seen.get(key, 0), storage(t).nbytes())
+        return t
+    params = {StorageWeakRef(storage(p)) for p in engine.model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with loss_context(engine.strategy.split_logits):
+            loss, _ = engine.fns.loss(engine.model, batch)
+    del loss
+    return sum(n for key, n in seen.items() if key not in params)
+
+
 def steps(engine, layout, rank: int, first: int, last: int) -> list[tuple[float, float]]:
     """(mean loss over the global batch, global grad norm) of steps first..last-1."""
     from openclaw.engine.metrics import allreduce_sum

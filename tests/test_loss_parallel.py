@@ -2,9 +2,8 @@
 logits stay split by vocabulary, the losses and the evaluation agree with gathered logits, and a rank
 saves less for the backward and gathers no logits."""
 import pytest
-import torch
 
-from parallel_harness import GPT_KWARGS, build, my_micro_batches, spawn, steps
+from parallel_harness import GPT_KWARGS, build, my_micro_batches, saved_bytes, spawn, steps
 from openclaw.engine.parallel.config import ParallelismConfig
 
 BIG_VOCAB = dict(GPT_KWARGS, vocab_size=2048)
@@ -17,10 +16,8 @@ def _run(rank: int, world: int, parallelism: dict, split_logits_ok: bool = True)
     """Three steps and an evaluation of the big-vocabulary gpt; what the head hands the loss, the bytes
     autograd saves in one micro-batch's forward, and the elements the all-gathers of a step receive."""
     from torch.distributed.tensor import DTensor
-    from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from openclaw.engine.parallel.tp import loss_context
     engine, layout = build(rank, world, parallelism, model_kwargs=BIG_VOCAB, split_logits_ok=split_logits_ok)
     head = []
     engine.model.head.register_forward_hook(
@@ -37,23 +34,7 @@ def _run(rank: int, world: int, parallelism: dict, split_logits_ok: bool = True)
 
     with Gathers() as gathers:
         history = steps(engine, layout, rank, 0, 3)
-    # Storages by identity, not address: FSDP frees a block's gathered weights after its forward, and
-    # the allocator may hand that address to the next saved tensor.
-    seen: dict[StorageWeakRef, int] = {}
-
-    def pack(t):
-        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
-        key = StorageWeakRef(storage)
-        seen[key] = max(seen.get(key, 0), storage.nbytes())
-        return t
-    batch = my_micro_batches(3, layout, rank)[0]
-    params = {StorageWeakRef((p.to_local() if isinstance(p, DTensor) else p).untyped_storage())
-              for p in engine.model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with loss_context(engine.strategy.split_logits):
-            loss, _ = engine.fns.loss(engine.model, batch)
-    del loss
-    saved = sum(n for key, n in seen.items() if key not in params)
+    saved = saved_bytes(engine, my_micro_batches(3, layout, rank)[0])
     evaluation = engine.strategy.evaluate(engine.model, my_micro_batches(4, layout, rank), engine.fns)
     return {"history": history, "head": head[0], "gathered": gathers.received, "saved": saved,
             "eval": evaluation}
