@@ -1,19 +1,20 @@
 """What `train.micro_batch_size: auto` counts as a rank's activations when the model is not run as one
 whole copy: blocks with activation checkpointing (they keep only their inputs, and the backward
-recomputes one at a time)."""
+recomputes one at a time), and a tensor-parallel rank's share, checked against real gloo ranks."""
 import pytest
 import torch
 
 from openclaw import load_config
 from openclaw.data.sources import resolve
 from openclaw.data.stream import ShardedData, shard_specs
-from openclaw.engine.memory import fake_tensors, saved_activation_bytes
+from openclaw.engine.memory import fake_tensors, probes_on_gpu, saved_activation_bytes
 from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import apply_activation_checkpointing
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import LanguageModeling
 from openclaw.runtime.micro_batch import resolve_micro_batch
 from openclaw.runtime.micro_batch_probe import _ProbeStep
+from parallel_harness import GPT_KWARGS, build, global_batch, saved_bytes, spawn
 
 KWARGS = {"vocab_size": 256, "block_size": 64, "dim": 128, "depth": 4, "heads": 4}
 FP32 = Precision("fp32", False, False, "")
@@ -77,3 +78,54 @@ def test_the_probe_leaves_its_copy_checkpointed_as_the_engine_runs_it(text_dir, 
     step.activation_bytes(2)
     assert [b.checkpointed for b in step.model.blocks.values()] == flags
     assert flags == ([True] * 4 if mode == "full" else [True, False, True, False])
+
+
+# ---- tensor parallelism: one rank's share -----------------------------------------------------------
+
+TP_KWARGS = dict(GPT_KWARGS, vocab_size=512, dim=64)
+"""The harness's gpt, wider and with more classes, so that heads, hidden layers and logits weigh."""
+
+
+class _FirstRows:
+    """The harness's first global batch as the probe's data (its `batch(ids)` protocol)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def batch(self, ids) -> dict[str, torch.Tensor]:
+        return {"x": global_batch(0)["x"][:len(ids)]}
+
+
+def _probed(parallelism: dict, m: int) -> int:
+    cfg = load_config(None, {"data.train": "x", "data.features": "x", "data.label": None, "task": "language_modeling",
+                             "model.name": "gpt", "model.kwargs": TP_KWARGS, "scaling.min_workers": 2,
+                             "scaling.max_workers": 2, "train.global_batch_size": 8, "train.micro_batch_size": 2,
+                             **{f"parallelism.{k}": v for k, v in parallelism.items()}})
+    return _ProbeStep(cfg, LanguageModeling(), _FirstRows(), torch.device("cpu"), FP32, fake=True).activation_bytes(m)
+
+
+def _saved_on_rank(rank: int, world: int, parallelism: dict, m: int) -> int:
+    engine, _ = build(rank, world, parallelism, model_kwargs=TP_KWARGS)
+    return saved_bytes(engine, {"x": global_batch(0)["x"][:m]})
+
+
+@pytest.mark.parametrize("loss_parallel", [True, False], ids=["split-logits", "gathered-logits"])
+def test_a_tensor_parallel_rank_is_probed_for_its_share_of_the_activations(loss_parallel):
+    """Under TP a rank saves the column-wise layers' inputs whole (they are gathered from the sequence
+    slices) and the rest split: heads, the MLP's hidden layer, the norms, and with loss parallelism the
+    logits. The probe, on one fake whole copy, counts what each of two real gloo ranks saves, to 0.1%;
+    it used to count the whole model's (1.6-1.8x as much here), and so chose micro-batches that small."""
+    parallelism, m = {"strategy": "ddp", "tensor": 2, "loss_parallel": loss_parallel}, 2
+    real = spawn(2, _saved_on_rank, parallelism, m)
+    probed, whole = _probed(parallelism, m), _probed({"strategy": "ddp"}, m)
+    assert real[0] == real[1]
+    assert probed == pytest.approx(real[0], rel=1e-3), (probed, real)
+    assert whole > 1.5 * real[0], (whole, real)
+
+
+def test_a_whole_copy_on_a_gpu_is_only_for_ranks_that_run_the_whole_model():
+    """On a GPU the probe measures a whole copy's peak and confirms the size with it only under DDP or
+    FSDP; a TP rank or a pipeline stage runs a part, so it is counted on fake tensors instead."""
+    gb = 10 ** 9
+    assert probes_on_gpu(1, 1 * gb, 72 * gb) and not probes_on_gpu(1, 5 * gb, 72 * gb)
+    assert not probes_on_gpu(2, 1 * gb, 72 * gb) and not probes_on_gpu(4, 10 ** 6, 72 * gb)

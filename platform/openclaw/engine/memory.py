@@ -9,8 +9,9 @@ The estimate of one rank's memory is a fixed part plus a part per sample:
                  FSDP adds the largest unit gathered whole, the next one prefetched, and its gradients
                  (`gathered_bytes`)
     per sample   activations, measured on a probe micro-batch: the bytes of the tensors saved for the
-                 backward (`saved_activation_bytes`), counted on fake tensors (`fake_tensors`: no memory);
-                 on a GPU with room for a whole copy of the model, the allocator's peak (`cuda_peak_bytes`)
+                 backward (`saved_activation_bytes`), counted on fake tensors (`fake_tensors`: no memory),
+                 a tensor-parallel rank's share of them (`TensorSplit`); where a rank runs the whole model
+                 on a GPU with room for a whole copy of it, the allocator's peak (`cuda_peak_bytes`)
 
 `choose_micro_batch` takes the largest size that fits the budget and divides the per-rank batch at
 every allowed data-parallel degree; on a GPU `confirm_micro_batch` then runs it and backs off by halves
@@ -160,49 +161,73 @@ def confirm_micro_batch(size: int, sizes: list[int], try_size: Callable[[int], A
 
 # ---- measuring activations -----------------------------------------------------------------------
 
-def saved_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor]) -> int:
+@dataclass(frozen=True)
+class TensorSplit:
+    """How tensor parallelism shares a model's saved activations over a group of `size` ranks: the inputs
+    of `whole_inputs` (column-wise layers, which gather theirs whole), everything saved after
+    `whole_after` (a head whose logits are gathered) and integer tensors (token ids) are whole on every
+    rank; every other activation is split (heads, hidden layers, sequence-parallel norms): 1/size."""
+    size: int
+    whole_inputs: tuple[nn.Module, ...] = ()
+    whole_after: nn.Module | None = None
+
+
+def saved_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor],
+                           split: TensorSplit | None = None) -> int:
     """Bytes of the tensors autograd saves for the backward while `run()` builds its graph (each storage
     once, the parameters' own storages excluded): the activations a step holds at its peak, measured
-    the same way on any device."""
-    return sum(_saved_storages(run, params, lambda: None).values())
+    the same way on any device. With `split`: one tensor-parallel rank's share of them."""
+    return sum(n for _, n in _saved(run, params, [], split))
 
 
-def block_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[nn.Module]) -> list[int]:
+def block_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[nn.Module],
+                           split: TensorSplit | None = None) -> list[int]:
     """`saved_activation_bytes` of each of `blocks` while `run()` runs: the storages first saved inside its
     forward. What a block with activation checkpointing holds again while its backward recomputes it."""
-    current: list[int | None] = [None]
-    hooks = [h for i, b in enumerate(blocks) for h in (
-        b.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i)),
-        b.register_forward_hook(lambda *_: current.__setitem__(0, None)))]
-    try:
-        saved = _saved_storages(run, params, lambda: current[0])
-    finally:
-        for h in hooks:
-            h.remove()
     by_block = [0] * len(blocks)
-    for (tag, _), n in saved.items():
-        if tag is not None:
-            by_block[tag] += n
+    for block, n in _saved(run, params, blocks, split):
+        if block is not None:
+            by_block[block] += n
     return by_block
 
 
-def _saved_storages(run: Callable[[], Any], params: Iterable[torch.Tensor], tag: Callable[[], Any]) -> dict:
-    """{(tag() when first saved, storage): bytes} of what autograd saves while `run()` builds its graph."""
+def _saved(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[nn.Module],
+           split: TensorSplit | None) -> list[tuple[int | None, int]]:
+    """(index in `blocks` of the block running when it was first saved, or None; bytes on one rank of
+    `split`) of each storage autograd saves while `run()` builds its graph."""
     skip = {StorageWeakRef(p.untyped_storage()) for p in params}
-    seen: dict[StorageWeakRef, tuple[Any, int]] = {}
+    seen: dict[StorageWeakRef, list] = {}  # storage -> [block, bytes, whole on every rank]
+    at: dict[str, Any] = {"block": None, "after": False}
+    gathered: set[StorageWeakRef] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = StorageWeakRef(storage)  # a storage's identity, for fake tensors too (they have no data)
         if key not in skip:
-            first, n = seen.get(key, (tag(), 0))
-            seen[key] = (first, max(n, storage.nbytes()))
+            entry = seen.setdefault(key, [at["block"], 0, at["after"] or not t.is_floating_point()])
+            entry[1] = max(entry[1], storage.nbytes())
         return t  # the graph keeps `t` alive, so no other saved tensor reuses its memory while we count
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    del out
-    return {(first, key): n for key, (first, n) in seen.items()}
+    def inputs_whole(_module, args) -> None:
+        gathered.update(StorageWeakRef(a.untyped_storage()) for a in args if isinstance(a, torch.Tensor))
+
+    hooks = [h for i, b in enumerate(blocks) for h in (
+        b.register_forward_pre_hook(lambda *_, i=i: at.__setitem__("block", i)),
+        b.register_forward_hook(lambda *_: at.__setitem__("block", None)))]
+    if split is not None:
+        hooks += [m.register_forward_pre_hook(inputs_whole) for m in split.whole_inputs]
+        if split.whole_after is not None:
+            hooks.append(split.whole_after.register_forward_hook(lambda *_: at.__setitem__("after", True)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run()
+        del out
+    finally:
+        for h in hooks:
+            h.remove()
+    size = split.size if split is not None else 1
+    return [(block, n if whole or key in gathered else math.ceil(n / size))
+            for key, (block, n, whole) in seen.items()]
 
 
 def probes_whole(num_params: int, budget_bytes: int) -> bool:
@@ -211,6 +236,15 @@ def probes_whole(num_params: int, budget_bytes: int) -> bool:
     too big for that (one FSDP, TP or PP shard among several) has its activations counted on fake tensors
     (`fake_tensors`), with no memory, and the size is not confirmed on the device."""
     return 8 * num_params <= budget_bytes // 2
+
+
+def probes_on_gpu(model_parallel: int, num_params: int, budget_bytes: int) -> bool:
+    """Whether the probe runs a whole copy of the model on the GPU (the allocator's peak, then the size
+    confirmed): only where a rank runs the whole model's forward (DDP, FSDP) and the copy fits
+    (`probes_whole`). A tensor-parallel rank holds a slice of the activations and a pipeline stage a
+    part of the layers, which a whole copy would overstate or misplace: their share is counted on fake
+    tensors (`TensorSplit`, `ParallelismConfig.held_fraction`)."""
+    return model_parallel == 1 and probes_whole(num_params, budget_bytes)
 
 
 def fake_tensors() -> FakeTensorMode:

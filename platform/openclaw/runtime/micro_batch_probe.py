@@ -2,8 +2,10 @@
 fits its memory budget, touching no process group (`runtime.micro_batch` agrees on one size across the
 ranks and records it). The activations are counted on a copy of the model made of fake tensors, which
 hold no memory, so a model of any size can be probed, one that only its shards fit included; on a GPU
-with room for a whole copy, they are measured as the allocator's peak and the size is confirmed. Under
-a pipeline they are scaled by what its schedule keeps in flight (`held_samples`). The copy's blocks
+with room for a whole copy, where a rank runs the whole model (DDP, FSDP), they are measured as the
+allocator's peak and the size is confirmed. Under tensor parallelism a rank's share of them is counted
+(`tensor_split`), and under a pipeline they are scaled by what its schedule keeps in flight
+(`held_samples`). The copy's blocks
 recompute as the engine's do (`parallelism.activation_checkpointing`): the forward saves only their
 inputs, and the count adds the activations of the largest one, which its backward holds again.
 """
@@ -18,13 +20,15 @@ import torch
 
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
-from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, block_activation_bytes, choose_micro_batch,
-                                    confirm_micro_batch, cuda_peak_bytes, fake_tensors, gathered_bytes, micro_batch_sizes, per_sample_bytes,
+from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, TensorSplit, block_activation_bytes,
+                                    choose_micro_batch, confirm_micro_batch, cuda_peak_bytes, fake_tensors,
+                                    gathered_bytes, micro_batch_sizes, per_sample_bytes, probes_on_gpu,
                                     probes_whole, saved_activation_bytes, state_bytes_estimate)
 from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel.base import apply_activation_checkpointing, transformer_blocks
 from openclaw.engine.parallel.build import layout_for
+from openclaw.engine.parallel.tp import whole_activations
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import build_task
 from openclaw.errors import MemoryBudgetError
@@ -38,8 +42,9 @@ PROBE_SAMPLES = 4
 def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Precision, dp_sizes: list[int],
           counts: Callable[[int], bool], local_world: int) -> tuple[MicroBatchChoice, int, list[int], str]:
     """This rank's choice, the sizes it backed off from, and how it measured the activations: counted on
-    fake tensors (no memory, whatever the model's size), or on a GPU with room for a whole copy of the
-    model, the allocator's peak, then the guarded confirmation. `counts`: the micro-batch counts per rank
+    fake tensors (no memory, whatever the model's size; a tensor-parallel rank's share of them), or where a
+    rank runs the whole model (DDP, FSDP) on a GPU with room for a whole copy of it, the allocator's peak,
+    then the guarded confirmation. `counts`: the micro-batch counts per rank
     a size may give (`ParallelismConfig.auto_counts`)."""
     budget, source = budget_bytes(cfg, device, local_world)
     task = build_task(cfg.task)
@@ -50,7 +55,8 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
     except Exception as e:  # a model that cannot run on fake tensors (it reads a value, calls numpy): a real copy
         log.info("could not count the model's activations on fake tensors (%s): probing a real copy", e)
         step = None
-    if device.type == "cuda" and (step is None or probes_whole(step.num_params, budget)):
+    whole_copy = step is None or probes_on_gpu(cfg.parallelism.model_parallel, step.num_params, budget)
+    if device.type == "cuda" and whole_copy:
         return _probe_on_gpu(cfg, task, data, device, precision, dp_sizes, counts, samples, budget, source)
     if step is None:
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
@@ -116,6 +122,20 @@ def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[i
                    f"{local_world} worker(s); set `train.memory_budget_gb`")
 
 
+def tensor_split(cfg: Config, model: torch.nn.Module) -> TensorSplit | None:
+    """What one tensor-parallel rank holds of the activations the probe counts on a whole copy, under the
+    built-in gpt's plan (`tp.whole_activations`; the logits stay split for language modeling with
+    `loss_parallel`, as the attempt builds it). None without TP, and for a model with its own plan:
+    counted whole, at most `tensor` x what a rank holds."""
+    whole = whole_activations(model, cfg.parallelism.loss_parallel and cfg.task == "language_modeling") \
+        if cfg.parallelism.tensor > 1 else None
+    if whole is None:
+        return None
+    names, after = whole
+    return TensorSplit(cfg.parallelism.tensor, tuple(model.get_submodule(n) for n in names),
+                       model.get_submodule(after) if after else None)
+
+
 def replicated(cfg: Config) -> bool:
     """Plain DDP: every rank holds the whole model, with DDP's gradient buckets."""
     return cfg.parallelism.strategy == "ddp" and cfg.parallelism.model_parallel == 1
@@ -133,6 +153,7 @@ class _ProbeStep:
         with self.mode, device:
             self.model = build_model(cfg.model.name, cfg.model.kwargs).train()
         apply_activation_checkpointing(self.model, cfg.parallelism.activation_checkpointing)  # as the engine does
+        self.split = tensor_split(cfg, self.model)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(self.model)]
         self.largest_unit = max(blocks + [self.num_params - sum(blocks)])
@@ -165,7 +186,7 @@ class _ProbeStep:
         if self.fake or self.device.type != "cuda":
             rows = self._rows(m)
             with self.mode:
-                return saved_activation_bytes(lambda: self._loss(rows), self.model.parameters()) + \
+                return saved_activation_bytes(lambda: self._loss(rows), self.model.parameters(), self.split) + \
                     self._recomputed_bytes(rows)
         if not self.warm:  # the first pass allocates workspaces once: keep them out of the measure
             self._forward_backward(m)
@@ -181,7 +202,7 @@ class _ProbeStep:
         for b in blocks:
             b.checkpointed = False
         try:
-            return max(block_activation_bytes(lambda: self._loss(rows), self.model.parameters(), blocks))
+            return max(block_activation_bytes(lambda: self._loss(rows), self.model.parameters(), blocks, self.split))
         finally:
             for b in blocks:
                 b.checkpointed = True

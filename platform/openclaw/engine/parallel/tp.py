@@ -61,6 +61,19 @@ def gpt_plan(model: GPT, loss_parallel: bool = False) -> dict:
     return plan
 
 
+def whole_activations(model: nn.Module, loss_parallel: bool) -> tuple[list[str], str | None] | None:
+    """Under the built-in gpt's plan, the activations every rank of the group holds whole: the inputs of
+    the column-wise layers (q, k, v, the MLP's first layer and the head gather theirs from the sequence
+    slices), and without loss parallelism everything from the head's gathered logits on. As (those
+    modules' names, the module after which all is whole or None). Every other activation is split: the
+    heads, the MLP's hidden layer, the sequence-parallel norms. None for another model: its own plan."""
+    if not isinstance(model, GPT):
+        return None
+    plan = gpt_plan(model, loss_parallel)
+    return [name for name, style in plan.items() if isinstance(style, ColwiseParallel)], \
+        None if loss_parallel else "head"
+
+
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool = False) -> bool:
     """Split `model` over the tensor-parallel `mesh` in place, keeping its tied parameters tied. Returns
     whether its output is split logits, which its loss needs `loss_context` for (the built-in gpt with
