@@ -46,3 +46,26 @@ def built_from_a_value(in_features: int = 64, num_classes: int = 10, **_) -> nn.
     device."""
     hidden = int(torch.tensor([2.0 * in_features]).item())
     return nn.Sequential(nn.Linear(in_features, hidden), nn.Linear(hidden, num_classes))
+
+
+class BlockStack(nn.Module):
+    """A classifier of residual MLP blocks kept in `self.blocks`, as a user's transformer keeps its layers:
+    FSDP shards them one by one, and activation checkpointing recomputes them."""
+
+    def __init__(self, in_features: int, hidden: int, depth: int, num_classes: int):
+        super().__init__()
+        self.inp = nn.Linear(in_features, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+            for _ in range(depth))
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x.flatten(1).float())
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x)
+
+
+def block_stack(in_features: int = 64, hidden: int = 64, depth: int = 3, num_classes: int = 10, **_) -> nn.Module:
+    return BlockStack(in_features, hidden, depth, num_classes)

@@ -10,6 +10,7 @@ from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from openclaw.engine.models import retie, tied_parameters
 from openclaw.engine.noise import LocalGrad
@@ -175,9 +176,26 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """`full`: every block recomputes its activations in the backward; `selective`: every other block."""
+    """`full`: every block (`transformer_blocks`) recomputes its activations in the backward; `selective`:
+    every other block. The built-in gpt's blocks have a `checkpointed` flag; a user's gets one
+    (`recomputable`). A model with no blocks is refused before any worker starts (`layout_checks`)."""
     if mode == "none":
         return
     for i, block in enumerate(transformer_blocks(model)):
-        if hasattr(block, "checkpointed"):
-            block.checkpointed = mode == "full" or i % 2 == 0
+        if not hasattr(block, "checkpointed"):
+            recomputable(block)
+        block.checkpointed = mode == "full" or i % 2 == 0
+
+
+def recomputable(block: nn.Module) -> None:
+    """Give a user's block what the built-in gpt's has: a `checkpointed` flag (off) that its forward
+    honours by running under torch's non-reentrant `checkpoint`, so that the backward recomputes its
+    activations instead of keeping them. The module, its parameters and their names stay as they are."""
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        if block.checkpointed and torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+    block.checkpointed = False
+    block.forward = forward

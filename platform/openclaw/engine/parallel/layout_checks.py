@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from openclaw.engine.models import GPT
+from openclaw.engine.parallel.base import transformer_blocks
 from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.errors import ConfigError
 
@@ -14,6 +15,12 @@ def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool
     """What the strategy's wrap (or its first step) would refuse for this model, found before any worker
     starts: a `ConfigError` naming the key. `model` may be on the meta device (`build_model` there costs
     nothing, whatever its size)."""
+    if cfg.activation_checkpointing != "none" and not transformer_blocks(model):
+        raise ConfigError(f"`parallelism.activation_checkpointing` ({cfg.activation_checkpointing}) recomputes a "
+                          f"model's repeated blocks, which openclaw finds in its `blocks` (an nn.ModuleList, "
+                          f"ModuleDict or Sequential, as the built-in gpt keeps them); {type(model).__name__} has "
+                          f"none, so nothing would be recomputed. Set it to `none`, or keep the blocks in "
+                          f"`self.blocks`.")
     if cfg.tensor > 1:
         check_tensor_parallel(model, cfg.tensor)
     if cfg.pipeline > 1:

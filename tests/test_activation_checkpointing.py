@@ -1,0 +1,85 @@
+"""`parallelism.activation_checkpointing` on a user's model: its blocks (`self.blocks`) recompute in the
+backward as the built-in gpt's do, with the same gradients; a model with no blocks is refused before
+any worker starts, where the setting would have done nothing."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, digits_config
+from openclaw.engine.memory import saved_activation_bytes
+from openclaw.engine.parallel.base import apply_activation_checkpointing
+from openclaw.errors import ConfigError
+from openclaw.launch.preflight import check_model_layout
+from user_models import block_stack
+
+
+def _loss_and_grads(mode: str) -> tuple[float, dict[str, torch.Tensor], int]:
+    torch.manual_seed(0)
+    model = block_stack(depth=4)
+    apply_activation_checkpointing(model, mode)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+
+    def loss():
+        return torch.nn.functional.cross_entropy(model(x), y)
+    saved = saved_activation_bytes(loss, model.parameters())
+    value = loss()
+    value.backward()
+    return value.item(), {k: p.grad for k, p in model.named_parameters()}, saved
+
+
+def test_a_users_blocks_recompute_with_the_same_gradients_and_keep_less():
+    """`full` on a user's model of 4 residual blocks: the forward keeps only each block's input (a 64-wide
+    row, where a block keeps its norm, its 256-wide hidden layer and its GELU), and the loss and every
+    gradient are bitwise those of the run that keeps everything. `selective` recomputes every other block."""
+    (loss, grads, saved) = _loss_and_grads("none")
+    for mode in ("full", "selective"):
+        loss_ac, grads_ac, saved_ac = _loss_and_grads(mode)
+        assert loss_ac == loss and all(torch.equal(grads_ac[k], grads[k]) for k in grads), mode
+        assert saved_ac < (0.3 if mode == "full" else 0.7) * saved, (mode, saved_ac, saved)
+    model = block_stack(depth=4)
+    names = [k for k, _ in model.named_parameters()]
+    apply_activation_checkpointing(model, "selective")
+    assert [b.checkpointed for b in model.blocks] == [True, False, True, False]
+    assert [k for k, _ in model.named_parameters()] == names  # checkpoints keep their keys
+
+
+def test_checkpointing_a_model_without_blocks_is_refused_before_anything_starts(digits_dir, tmp_path):
+    """The built-in mlp has no blocks: the setting would do nothing, so the preflight names the key, and
+    the CLI exits 2 before it starts Ray."""
+    cfg = digits_config(digits_dir, tmp_path, "sqlite:///unused.db", **{"parallelism.activation_checkpointing": "full"})
+    with pytest.raises(ConfigError, match=r"`parallelism.activation_checkpointing` \(full\).*MLP has none"):
+        check_model_layout(cfg)
+    user = digits_config(digits_dir, tmp_path, "sqlite:///unused.db", **{
+        "parallelism.activation_checkpointing": "full", "model.name": "user_models:block_stack", "model.kwargs": {}})
+    check_model_layout(user)  # blocks: accepted
+
+    r = subprocess.run([sys.executable, "-m", "openclaw.cli", "train", str(REPO / "jobs" / "configs" / "digits.yaml"),
+                        "--set", f"data.train={digits_dir / 'train'}", "--set", f"data.val={digits_dir / 'val'}",
+                        "--set", "parallelism.activation_checkpointing=selective", "--set",
+                        f"checkpoint.storage={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "`parallelism.activation_checkpointing` (selective)" in r.stderr and "Started a local Ray" not in r.stderr
+
+
+def test_auto_micro_batch_counts_a_users_recomputed_blocks(digits_dir, tmp_path):
+    """The probe checkpoints its copy of a user's model as the engine does: `full` counts the blocks'
+    inputs and one recomputed block, under half of what keeping every block's activations takes."""
+    from openclaw.data.sources import resolve
+    from openclaw.data.stream import ShardedData, shard_specs
+    from openclaw.engine.precision import Precision
+    from openclaw.engine.tasks import build_task
+    from openclaw.runtime.micro_batch_probe import _ProbeStep
+    src = resolve(str(digits_dir / "train"), "data.train")
+    data = ShardedData(src.spec, shard_specs(src.shards), "x", "y")
+    counted = {}
+    for mode in ("none", "full"):
+        cfg = digits_config(digits_dir, tmp_path, "sqlite:///unused.db", **{
+            "model.name": "user_models:block_stack", "model.kwargs": {"depth": 4},
+            "parallelism.activation_checkpointing": mode})
+        step = _ProbeStep(cfg, build_task(cfg.task), data, torch.device("cpu"), Precision("fp32", False, False, ""),
+                          fake=True)
+        counted[mode] = step.activation_bytes(8)
+    assert 0 < counted["full"] < 0.5 * counted["none"], counted
