@@ -218,7 +218,7 @@ def test_fp32_without_tf32_on_ampere_turns_tf32_on():
 def test_memory_headroom_on_a_gpu_suggests_a_larger_micro_batch():
     room = dict(peak_memory_bytes=20 * GiB, memory_capacity_bytes=80 * GiB, state_bytes=4 * GiB, **A100)
     rec = dr.rule_memory_headroom(facts(**room))
-    assert rec.key == "train.micro_batch_size" and "25%" in rec.finding and "80.0 GiB" in rec.finding
+    assert rec.key == "train.micro_batch_size" and "25%" in rec.finding and "80 GiB" in rec.finding
     assert rec.value == ("auto" if batching.takes_auto_micro(cfg()) else 32)
     assert dr.rule_memory_headroom(facts(cfg(**{"train.micro_batch_size": 32}), **room)) is None  # no accumulation
     assert dr.rule_memory_headroom(facts(**{**room, "peak_memory_bytes": 60 * GiB})) is None
@@ -230,6 +230,9 @@ def test_memory_high_checkpoints_activations_then_shards_then_shrinks():
     gpt = cfg(**{"model.name": "gpt"})
     rec = dr.rule_memory_high(facts(gpt, **full))
     assert rec.key == "parallelism.activation_checkpointing" and rec.value == "selective" and "95%" in rec.finding
+    assert "of the 80 GiB a worker has" in rec.finding
+    small = dr.rule_memory_high(facts(gpt, peak_memory_bytes=GiB // 10, memory_capacity_bytes=GiB // 50))
+    assert "500% of the 0.02 GiB" in small.finding  # a small `train.memory_budget_gb` is not shown as 0.0
     sel = cfg(**{"model.name": "gpt", "parallelism.activation_checkpointing": "selective"})
     assert dr.rule_memory_high(facts(sel, **full)).value == "full"
     assert dr.rule_memory_high(facts(**full)).value == "fsdp"  # the MLP: no blocks to checkpoint

@@ -103,7 +103,7 @@ def rule_memory_headroom(f: Facts) -> Recommendation | None:
         return None
     value = "auto" if batching.takes_auto_micro(cfg) else bigger
     return Recommendation("memory_headroom", f"the peak memory is {peak / cap:.0%} of the device's "
-                          f"{cap / 2**30:.1f} GiB", "train.micro_batch_size", value,
+                          f"{cap / 2**30:.3g} GiB", "train.micro_batch_size", value,
                           f"micro-batches of about {bigger} (from {micro}) fit: fewer per step, each fuller", 0.0)
 
 
@@ -113,7 +113,7 @@ def rule_memory_high(f: Facts) -> Recommendation | None:
     peak, cap, cfg = f.peak_memory_bytes, f.memory_capacity_bytes, f.config
     if not peak or not cap or peak / cap <= MEMORY_HIGH_FRAC:
         return None
-    p, finding = cfg.parallelism, f"the peak memory is {peak / cap:.0%} of the {cap / 2**30:.1f} GiB a worker has"
+    p, finding = cfg.parallelism, f"the peak memory is {peak / cap:.0%} of the {cap / 2**30:.3g} GiB a worker has"
     stake = min(1.0, (peak / cap - MEMORY_HIGH_FRAC) * 10)
     if cfg.model.name == "gpt" and p.activation_checkpointing != "full":
         to = "selective" if p.activation_checkpointing == "none" else "full"
