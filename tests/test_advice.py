@@ -236,6 +236,9 @@ def test_memory_high_checkpoints_activations_then_shards_then_shrinks():
     sel = cfg(**{"model.name": "gpt", "parallelism.activation_checkpointing": "selective"})
     assert dr.rule_memory_high(facts(sel, **full)).value == "full"
     assert dr.rule_memory_high(facts(**full)).value == "fsdp"  # the MLP: no blocks to checkpoint
+    users = cfg(**{"model.name": "user_models:block_stack"})
+    assert dr.rule_memory_high(facts(users, model_blocks=4, **full)).value == "selective"  # its own blocks
+    assert dr.rule_memory_high(facts(users, model_blocks=0, **full)).value == "fsdp"
     fsdp = dr.rule_memory_high(facts(cfg(**{"parallelism.strategy": "fsdp"}), **full))
     assert fsdp.key == "train.micro_batch_size" and fsdp.value == 8
     assert dr.rule_memory_high(facts(peak_memory_bytes=60 * GiB, memory_capacity_bytes=80 * GiB)) is None

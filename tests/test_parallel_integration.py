@@ -152,6 +152,7 @@ def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local
         events = json.load(open(MlflowClient(mlflow_uri).download_artifacts(result.run_id, "events.json", str(tmp_path))))
         start = next(e for e in events if e["event"] == "start")
         assert start["tensor_group_nodes"] == 1 and start["workers_per_node"] == [2], start
+        assert start["blocks"] == cfg.model.kwargs["depth"]  # what activation checkpointing would recompute
         assert "tensor_across_nodes" not in out and "tensor-parallel groups" not in out
     model = openclaw.load_model(result.checkpoint)
     assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)

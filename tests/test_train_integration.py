@@ -63,7 +63,7 @@ def test_digits_example_trains_tracks_and_reloads(ray_local, digits_dir, tmp_pat
     assert {m.key: (m.step, m.value, m.run_id) for m in logged_model.metrics} == {
         k: (300, v, result.run_id) for k, v in linked.items()}
     events = json.load(open(client.download_artifacts(result.run_id, "events.json", str(tmp_path))))
-    assert events[0]["event"] == "start" and events[0]["world_size"] == 2
+    assert events[0]["event"] == "start" and events[0]["world_size"] == 2 and events[0]["blocks"] == 0  # an MLP
     # The precision, resolved on the workers' device: printed, a param and an event, once.
     assert run.data.params["resolved/precision"] == "fp32" and "CPU" in run.data.params["resolved/precision_reason"]
     assert [e["precision"] for e in events if e["event"] == "precision"] == ["fp32"]

@@ -108,14 +108,14 @@ def rule_memory_headroom(f: Facts) -> Recommendation | None:
 
 
 def rule_memory_high(f: Facts) -> Recommendation | None:
-    """Peak memory over 90% of the capacity: activation checkpointing (the built-in gpt's blocks), then
-    FSDP (several workers), then a smaller micro-batch."""
+    """Peak memory over 90% of the capacity: activation checkpointing (a model with blocks: the built-in
+    gpt, or a user's that keeps them in `blocks`), then FSDP (several workers), then a smaller micro-batch."""
     peak, cap, cfg = f.peak_memory_bytes, f.memory_capacity_bytes, f.config
     if not peak or not cap or peak / cap <= MEMORY_HIGH_FRAC:
         return None
     p, finding = cfg.parallelism, f"the peak memory is {peak / cap:.0%} of the {cap / 2**30:.3g} GiB a worker has"
     stake = min(1.0, (peak / cap - MEMORY_HIGH_FRAC) * 10)
-    if cfg.model.name == "gpt" and p.activation_checkpointing != "full":
+    if (cfg.model.name == "gpt" or f.model_blocks) and p.activation_checkpointing != "full":
         to = "selective" if p.activation_checkpointing == "none" else "full"
         return Recommendation("memory_high", finding, "parallelism.activation_checkpointing", to,
                               "blocks recompute their activations in the backward: less memory, about "

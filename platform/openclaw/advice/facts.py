@@ -48,6 +48,8 @@ class RunNotes:
     tensor_group_nodes: int | None = None
     """From the newest attempt event (recorded where `parallelism.tensor` > 1)."""
     workers_per_node: tuple[int, ...] | None = None
+    model_blocks: int | None = None
+    """From the newest attempt event (`blocks`)."""
 
 
 def windows_from_history(history: dict[str, list[tuple[int, float]]]) -> list[dict[str, float]]:
@@ -96,7 +98,7 @@ def build_facts(config: Any, windows: list[dict[str, float]], notes: RunNotes | 
         state_bytes=_max(windows, "perf/state_bytes_per_rank"), grad_bytes=_max(windows, "perf/grad_bytes_per_rank"),
         prepare_s=notes.prepare_s,
         prepare_cache=notes.prepare_cache, wall_s=notes.wall_s, tensor_group_nodes=notes.tensor_group_nodes,
-        workers_per_node=notes.workers_per_node)
+        workers_per_node=notes.workers_per_node, model_blocks=notes.model_blocks)
 
 
 def facts_from_history(config: Any, history: dict[str, list[tuple[int, float]]], notes: RunNotes) -> Facts:

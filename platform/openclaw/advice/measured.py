@@ -95,3 +95,6 @@ class Facts:
     """The most nodes a tensor-parallel group spans in the newest attempt (1: each on one node)."""
     workers_per_node: tuple[int, ...] | None = None
     """The newest attempt's workers on each node, in Ray Train's node order."""
+    model_blocks: int | None = None
+    """The repeated blocks the model keeps in `blocks` (what `parallelism.activation_checkpointing`
+    recomputes), from the newest attempt event; 0: none."""

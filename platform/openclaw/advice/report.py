@@ -140,7 +140,7 @@ def run_notes(run, events: list[dict[str, Any]]) -> RunNotes:
                     tf32=precision[-1].get("tf32") if precision else None,
                     attempt_starts=[int(e.get("resumed_from_step") or 0) for e in attempts],
                     world_size=last.get("world_size"), accumulation=last.get("accumulation"), wall_s=wall,
-                    tensor_group_nodes=last.get("tensor_group_nodes"),
+                    tensor_group_nodes=last.get("tensor_group_nodes"), model_blocks=last.get("blocks"),
                     workers_per_node=tuple(last["workers_per_node"]) if last.get("workers_per_node") else None, **prep)
 
 

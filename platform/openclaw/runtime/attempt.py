@@ -22,6 +22,7 @@ from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import allgather_ints, now as perf_now
 from openclaw.engine.initial_model import initial_model, rank0_weights
+from openclaw.engine.parallel.base import transformer_blocks
 from openclaw.engine.parallel.build import build_strategy, layout_for
 from openclaw.engine.parallel.mesh import MeshLayout, nodes_spanned
 from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
@@ -87,10 +88,7 @@ class Attempt:
             prune(inputs.run_dir, cfg.checkpoint.keep)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
         placement = self._placement(layout) if cfg.parallelism.tensor > 1 else {}
-        self.tracker.attempt(world_size=self.world, resumed_from_step=self.state.step, max_steps=cfg.train.max_steps,
-                             global_batch_size=self.plan.global_batch_size, accumulation=self.sampler.accumulation,
-                             lr_factor=self.plan.lr_factor, checkpoint=loaded["path"] if loaded else None,
-                             mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)), **placement)
+        self._record_attempt(layout, loaded["path"] if loaded else None, placement)
         self.state.world_size, self.state.attempt = self.world, self.state.attempt + 1
         self.precision.announce()  # after the attempt event: the run reads start, then precision
         self._advise_placement(placement)
@@ -139,6 +137,13 @@ class Attempt:
             self.tracker.event("compile_cache", loaded_artifacts=artifacts, step=self.state.step)
         return cache
 
+    def _record_attempt(self, layout: MeshLayout, checkpoint: str | None, placement: dict[str, Any]) -> None:
+        self.tracker.attempt(world_size=self.world, resumed_from_step=self.state.step,
+                             max_steps=self.config.train.max_steps, global_batch_size=self.plan.global_batch_size,
+                             accumulation=self.sampler.accumulation, lr_factor=self.plan.lr_factor, checkpoint=checkpoint,
+                             mesh=dict(zip(("pipeline", "replicate", "shard", "tensor"), layout.shape)),
+                             blocks=self.model_blocks, **placement)
+
     def _build_engine(self) -> Engine:
         cfg = self.config
         task = build_task(cfg.task)
@@ -150,6 +155,7 @@ class Attempt:
         init = initial_model(cfg.model.name, cfg.model.kwargs, seed=cfg.seed, world=self.world,
                              sharded=strategy.sharded)
         self.on_meta = init.on_meta  # its weights come from the checkpoint restored next, or `_initial_weights`
+        self.model_blocks = len(transformer_blocks(init.model))  # the attempt event's, for the advice
         return Engine(init.model, task, cfg.train, device=self.device, world_size=self.dp, precision=precision,
                       global_batch_size=self.plan.global_batch_size, lr_factor=self.plan.lr_factor, strategy=strategy)
 
