@@ -83,27 +83,37 @@ print(f"  events: {got * 1e3:.1f} ms; host wall around the kernel: {wall * 1e3:.
 assert 0.5 * wall < got <= 1.05 * wall
 PY
 
-step "micro_batch_size: auto on CUDA: activations counted on fake tensors vs the real run's saved bytes and the allocator's peak (bf16)" 60 "$PY" - <<'PY'
+step "micro_batch_size: auto on CUDA: activations counted on fake tensors vs the real run's saved bytes and the allocator's peak (bf16; no checkpointing, then full)" 90 "$PY" - <<'PY'
 import contextlib, torch
-from openclaw.engine.memory import cuda_peak_bytes, fake_tensors, saved_activation_bytes
+from openclaw.engine.memory import block_activation_bytes, cuda_peak_bytes, fake_tensors, saved_activation_bytes
 from openclaw.engine.models import GPT
+from openclaw.engine.parallel.base import apply_activation_checkpointing
 from openclaw.engine.tasks import LanguageModeling
 d, task = torch.device("cuda"), LanguageModeling()
 x = torch.randint(0, 256, (8, 513))
-def counted(fake):
+def counted(fake, ac):
     mode = fake_tensors() if fake else contextlib.nullcontext()
     with mode, d:
         model = GPT(dim=512, depth=6, heads=8, block_size=512).train()
+        apply_activation_checkpointing(model, ac)
         batch = {"x": (mode.from_tensor(x) if fake else x).to(d)}
         def loss():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return task.loss(model, batch)[0]
         got = saved_activation_bytes(loss, model.parameters())
+        if ac != "none":  # the probe's count: the checkpointed forward, plus one block recomputed
+            blocks = list(model.blocks.values())
+            for b in blocks:
+                b.checkpointed = False
+            got += max(block_activation_bytes(loss, model.parameters(), blocks))
+            for b in blocks:
+                b.checkpointed = True
     peak = None if fake else cuda_peak_bytes(lambda: loss().backward(), d)
     return got, peak
-(fake, _), (real, peak) = counted(True), counted(False)
-print(f"  saved bytes, fake {fake / 1e6:.1f} MB vs real {real / 1e6:.1f} MB (equal: {fake == real}); "
-      f"allocator peak of a forward and backward {peak / 1e6:.1f} MB, ratio peak/saved {peak / real:.2f}")
+for ac in ("none", "full"):
+    (fake, _), (real, peak) = counted(True, ac), counted(False, ac)
+    print(f"  {ac}: counted, fake {fake / 1e6:.1f} MB vs real {real / 1e6:.1f} MB (equal: {fake == real}); "
+          f"allocator peak of a forward and backward {peak / 1e6:.1f} MB, ratio peak/counted {peak / real:.2f}")
 PY
 
 step "the fp8 and precision tests on this machine" 120 "$PY" -m pytest -q -x tests/test_fp8.py tests/test_precision.py -m "not integration"
