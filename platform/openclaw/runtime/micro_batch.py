@@ -3,8 +3,9 @@
 Every rank takes the size its run's train state keeps (chosen for the same model, precision, strategy,
 device type and memory: the `micro_batch_key`), or else probes its own device for one: the training
 state estimated under the strategy and precision, activations counted on a probe micro-batch (on fake
-tensors: no memory, whatever the model's size), the largest allowed size that fits its memory budget,
-confirmed on a GPU with room for a whole copy of the model (`runtime.micro_batch_probe`). The probe
+tensors: no memory, whatever the model's size; a tensor-parallel rank's share, checkpointed blocks as
+they recompute), the largest allowed size that fits its memory budget, confirmed where a rank runs the
+whole model on a GPU with room for a whole copy of it (`runtime.micro_batch_probe`). The probe
 touches no process group, so one rank's out-of-memory error cannot stall the others. The ranks then
 all-gather their sizes and all take the smallest, and the rest of the attempt reads a config that holds
 that number. The train state records it, so that restarts, resizes and resumes keep it and the
