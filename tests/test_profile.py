@@ -75,6 +75,41 @@ def profiled(tmp_path_factory):
     return {"folder": folder, "traces": traces, "results": results}
 
 
+TRACE_BYTES = 4_000_000
+
+
+def _traces_taken(rank: int, world: int) -> dict:
+    """Each rank's stand-in trace of 4 MB (rank 2's missing: it recorded none) to rank 0 as a profile's
+    end sends them; on rank 0, the Python memory held as each one is taken, before it is let go."""
+    import tracemalloc
+
+    from openclaw.profiling.capture import send_to_rank0, traces_from_ranks
+    mine = bytes([rank]) * TRACE_BYTES
+    ranks = [0, 1, 3]
+    if rank != 0:
+        if rank in ranks:
+            send_to_rank0(mine)
+        return {}
+    tracemalloc.start()
+    base, held, got = tracemalloc.get_traced_memory()[0], [], []
+    for r, trace in traces_from_ranks(mine, ranks):
+        held.append(tracemalloc.get_traced_memory()[0] - base)
+        got.append((r, len(trace), trace[:1] == bytes([r]), set(trace) == {r}))
+        del trace
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return {"got": got, "held": held, "peak": peak}
+
+
+def test_rank_0_takes_the_ranks_traces_one_at_a_time():
+    """At a profile's end rank 0 takes each rank's trace only after it let the one before go: it holds one
+    other rank's trace at a time (a gather of them all would hold every rank's at once, gigabytes over
+    many GPU ranks). Four gloo ranks, 4 MB each, one of which recorded none."""
+    out = spawn(4, _traces_taken)[0]
+    assert out["got"] == [(0, TRACE_BYTES, True, True), (1, TRACE_BYTES, True, True), (3, TRACE_BYTES, True, True)]
+    assert max(out["held"]) < 1.5 * TRACE_BYTES and out["peak"] < 2.5 * TRACE_BYTES, out  # not 2 x 4 MB held
+
+
 # ---- the summary, on the recorded traces -------------------------------------------------------------
 
 

@@ -11,8 +11,9 @@ every rank reaches the gather at the end:
     every step after           the profiler's schedule advances: a profiled step is one whole iteration
                                of the loop (batch positions, data, step, vote, logging, evaluation, checkpoint)
     done == start_step + steps chosen ranks export their trace and summarize it; every rank sends its
-                               (summary, gzipped trace) or None to rank 0 (`gather_object` on the
-                               training's process group); rank 0 writes the report and the advice
+                               summary or None to rank 0 (`gather_object` on the training's process
+                               group), then its gzipped trace, which rank 0 takes one rank at a time
+                               and writes as it comes; then rank 0 writes the report and the advice
 
 An attempt that starts inside the window (a restart) profiles nothing; one that starts before it
 profiles it again.
@@ -102,22 +103,21 @@ class StepProfiler:
             log.warning("profile: rank %d could not export or summarize its trace (%s); the report leaves it out",
                         self.rank, str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             mine = None
-        got = [g for g in gather_to_rank0(mine) if g is not None]
+        summary, trace = mine or (None, None)
+        summaries = [s for s in gather_to_rank0(summary) if s is not None]
         if self.rank != 0:
+            if trace is not None:
+                send_to_rank0(trace)
             return
-        if not got:
+        if not summaries:
             log.warning("profile: no rank recorded a trace (the profiled steps were cut short); no report")
             return
         try:
-            files = report_files(got, self.config, self.engine.precision, self.global_batch_size, self.world)
+            files = report_files(summaries, self.config, self.engine.precision, self.global_batch_size, self.world)
         except Exception as e:  # best effort: the traces are still worth having, and training goes on
             log.warning("profile: could not write the report (%s); logging the traces alone", e)
-            files = {f"{FOLDER}/rank{s.rank}.trace.json.gz": gz for s, gz in got}
-        try:
-            self._deliver(files, [s.rank for s, _ in got])
-        except Exception as e:  # storage away (tracking off): a warning, not a failed run
-            log.warning("profile: could not write the profile's files (%s)", e)
-            self.tracker.progress({"message": f"profile: could not write the profile's files ({e})"})
+            files = {}
+        self._deliver(files, traces_from_ranks(trace, [s.rank for s in summaries]))
 
     def _summarize(self) -> tuple[RankSummary, bytes] | None:
         """This rank's (summary, gzipped trace), None if it recorded none."""
@@ -138,41 +138,88 @@ class StepProfiler:
                            "checkpoint_bytes": held.get("params", 0) + held.get("optimizer", 0) if held else None}
         return summary, gzip.compress(trace, compresslevel=6, mtime=0)
 
-    def _deliver(self, files: dict[str, bytes], ranks: list[int]) -> None:
-        """Rank 0: to the MLflow run through the tracker, or with tracking off to the run folder."""
-        steps = f"steps {self.p.start_step + 1}-{self.last}"
+    def _deliver(self, files: dict[str, bytes], traces) -> None:
+        """Rank 0: the traces one at a time as they arrive (`traces_from_ranks`), then the report's files:
+        to the MLflow run through the tracker, or with tracking off to the run folder. A file that cannot
+        be written is left out with a warning; every trace is still received, so no rank waits forever."""
+        steps, ranks, failed = f"steps {self.p.start_step + 1}-{self.last}", [], []
+        write = self._writer()
+        for rank, gz in traces:
+            ranks.append(rank)
+            failed += _written(write, f"{FOLDER}/rank{rank}.trace.json.gz", gz)
+            del gz  # before the next one arrives
+        for path, data in files.items():
+            failed += _written(write, path, data)
+        if failed:
+            self.tracker.progress({"message": f"profile: could not write {', '.join(failed)}"})
         if self.config.tracking.enabled:
-            for path, data in files.items():
-                self.tracker.artifact(path, data)
             self.tracker.event("profile", first_step=self.p.start_step + 1, last_step=self.last,
                                ranks=ranks, report=f"{FOLDER}/report.html")
             where = f"{FOLDER}/report.html in the MLflow run's artifacts"
         else:
-            fs, root = storage_filesystem(self.run_dir)
-            fs.create_dir(f"{root}/{FOLDER}", recursive=True)
-            for path, data in files.items():
-                with fs.open_output_stream(f"{root}/{path}", compression=None) as f:  # as they are: no .gz detection
-                    f.write(data)
-            where = storage_uri(self.run_dir, f"{root}/{FOLDER}/report.html")
+            where = storage_uri(self.run_dir, f"{storage_filesystem(self.run_dir)[1]}/{FOLDER}/report.html")
         log.info("profile of %s: %s", steps, where)
         self.tracker.progress({"message": f"profile of {steps}: {where}"})
+
+    def _writer(self):
+        """Where rank 0 writes a file of the profile: the tracker, or with tracking off the run folder."""
+        if self.config.tracking.enabled:
+            return self.tracker.artifact
+        fs, root = storage_filesystem(self.run_dir)
+
+        def write(path: str, data: bytes) -> None:
+            fs.create_dir(f"{root}/{FOLDER}", recursive=True)
+            with fs.open_output_stream(f"{root}/{path}", compression=None) as f:  # as they are: no .gz detection
+                f.write(data)
+        return write
+
+
+def _written(write, path: str, data: bytes) -> list[str]:
+    """`write(path, data)`; [] or, where it failed (storage away: a warning, not a failed run), [path]."""
+    try:
+        write(path, data)
+        return []
+    except Exception as e:
+        log.warning("profile: could not write %s (%s)", path, e)
+        return [path]
 
 
 def gather_to_rank0(mine: Any) -> list[Any]:
     """Every rank's `mine` on rank 0 (in rank order), through the training's process group; every rank
     must call it. Elsewhere an empty list."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return [mine]
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, out, dst=0)
     return out or []
 
 
-def report_files(got: list[tuple[RankSummary, bytes]], config: Any, precision: Any = None,
+def send_to_rank0(data: bytes) -> None:
+    """A rank's trace to rank 0, which takes it in its turn (`traces_from_ranks`)."""
+    dist.send_object_list([data], dst=0)
+
+
+def traces_from_ranks(mine: bytes | None, ranks: list[int]):
+    """On rank 0: (rank, trace) of each of `ranks` in order, its own (`mine`) included, each received
+    from its rank (`send_to_rank0`) only when the one before has been taken: rank 0 holds one rank's
+    trace at a time, not every rank's at once (a profile of many GPU ranks is gigabytes of traces)."""
+    for rank in ranks:
+        if rank == 0:
+            yield 0, mine
+            continue
+        got: list[Any] = [None]
+        dist.recv_object_list(got, src=rank)
+        yield rank, got[0]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def report_files(summaries: list[RankSummary], config: Any, precision: Any = None,
                  global_batch_size: int | None = None, world: int | None = None) -> dict[str, bytes]:
-    """The files of a profile, by their path in the run: each rank's trace, the summaries, the advice
-    (the facts it read, and its recommendations) and the report."""
-    summaries = [s for s, _ in got]
+    """The files of a profile beside the ranks' traces, by their path in the run: the summaries, the
+    advice (the facts it read, and its recommendations) and the report."""
     facts = facts_from(summaries, config, precision=getattr(precision, "name", None),
                        tf32=getattr(precision, "tf32", None), global_batch_size=global_batch_size, world_size=world)
     try:
@@ -186,8 +233,7 @@ def report_files(got: list[tuple[RankSummary, bytes]], config: Any, precision: A
             "device": summaries[0].device.get("name") or summaries[0].device["type"],
             "precision": getattr(precision, "name", None) or config.train.precision}
     facts_out = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts) if f.name != "config"}
-    files = {f"{FOLDER}/rank{s.rank}.trace.json.gz": gz for s, gz in got}
-    files[f"{FOLDER}/summary.json"] = json.dumps([s.as_dict() for s in summaries]).encode()
+    files = {f"{FOLDER}/summary.json": json.dumps([s.as_dict() for s in summaries]).encode()}
     advice_out = {"facts": facts_out, "recommendations": [r.as_dict() for r in advice]}
     if failed:
         advice_out["error"] = failed
