@@ -27,12 +27,11 @@ def test_stream_ids_follow_file_order_with_bounded_residency(tmp_path):
     for chunk in np.array_split(ids[:3000], 30):  # random ids: every batch touches several shards
         assert np.array_equal(data.batch(np.sort(chunk[:2]))["x"].numpy(), want[np.sort(chunk[:2])])
         assert len(data._resident) <= 3
-    # A batch wider than the residency bound: it reads the shards it needs, joins exactly those, and
+    # A batch wider than the residency bound: it reads the shards it needs, gathers from each, and
     # afterwards keeps no more than the bound resident.
     batch = data.batch(ids[:500])
-    needed = np.unique(np.searchsorted(data.starts, ids[:500], side="right") - 1)
     assert np.array_equal(batch["x"].numpy(), want[ids[:500]])
-    assert len(data._resident) <= 3 and set(np.flatnonzero(data._joined_at >= 0)) == set(needed)
+    assert len(data._resident) <= 3
     seq = np.concatenate([b["x"].numpy() for b in data.sequential(np.arange(len(data)), 256)])
     assert np.array_equal(seq, want)
 

@@ -48,8 +48,6 @@ class ShardedData:
         self._resident: OrderedDict[int, Future] = OrderedDict()  # shard -> its tensors, least recent first
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openclaw-shard-reader")
         self.read_s, self.rows_read, self.wait_s = 0.0, 0, 0.0
-        self._joined: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._joined_at = np.full(len(self.shards), -1, dtype=np.int64)  # shard -> its first row in _joined
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -60,36 +58,24 @@ class ShardedData:
     def batch(self, ids: np.ndarray) -> Batch:
         ids = np.asarray(ids, dtype=np.int64)
         which = np.searchsorted(self.starts, ids, side="right") - 1
-        if self._joined is None or (self._joined_at[which] < 0).any():
-            self._join(np.unique(which))
-        rows = torch.from_numpy(self._joined_at[which] + ids - self.starts[which])
-        x_all, y_all = self._joined
-        # Gathered straight into (pinned, on GPUs) batch tensors: one copy, and an async host-to-device one.
-        x = torch.empty((len(ids), *x_all.shape[1:]), dtype=x_all.dtype, pin_memory=self.pin)
-        torch.index_select(x_all, 0, rows, out=x)
-        if y_all is None:
+        rows = ids - self.starts[which]
+        parts = {int(i): self._get(int(i)) for i in np.unique(which)}  # held here even if trimmed meanwhile
+        x = self._gather([(i, p[0]) for i, p in parts.items()], which, rows)
+        if not self.label:
             return {"x": x}
-        y = torch.empty((len(ids), *y_all.shape[1:]), dtype=y_all.dtype, pin_memory=self.pin)
-        torch.index_select(y_all, 0, rows, out=y)
-        return {"x": x, "y": y}
+        return {"x": x, "y": self._gather([(i, p[1]) for i, p in parts.items()], which, rows)}
 
-    def _join(self, needed: np.ndarray) -> None:
-        """One tensor of every shard held (those `needed` read first), so that a batch is one gather
-        however many shards it draws from. Rebuilt when a batch needs a shard outside it: once per window."""
-        parts = {int(i): self._get(int(i)) for i in needed}
-        self._trim(keep=set(parts))
-        for i, fut in self._resident.items():
-            if i not in parts and fut.done():
-                parts[i] = fut.result()
-        order = sorted(parts)
-        self._joined_at = np.full(len(self.shards), -1, dtype=np.int64)
-        offset = 0
-        for i in order:
-            self._joined_at[i] = offset
-            offset += self.shards[i].rows
-        x = torch.cat([parts[i][0] for i in order])
-        y = torch.cat([parts[i][1] for i in order]) if self.label else None
-        self._joined = (x, y)
+    def _gather(self, parts: list[tuple[int, torch.Tensor]], which: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """The batch's rows straight from each shard's tensor into one (pinned, on GPUs) batch tensor, in
+        the ids' order: no tensor of the shards joined (which held every resident row twice)."""
+        first = parts[0][1]
+        out = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype, pin_memory=self.pin)
+        if len(parts) == 1:
+            return torch.index_select(first, 0, torch.from_numpy(rows), out=out)
+        for i, src in parts:
+            at = np.flatnonzero(which == i)
+            out[torch.from_numpy(at)] = src[torch.from_numpy(rows[at])]
+        return out
 
     def prefetch(self, shards: Iterable[int]) -> None:
         """Start reading these shards in the background (those not already held), within the memory bound."""
