@@ -75,7 +75,8 @@ def worker_loop(cfg: dict) -> None:
         for _ in range(len(data) // BATCH):
             ids, epoch, offset = sampler.global_batch_at(epoch, offset)
             n += len(data.batch(ids)["x"])
-            data.prefetch(sampler.next_window_shards(epoch, offset))  # after the batch: its shards come first
+            now, ahead = sampler.windows_at(epoch, offset)
+            data.prefetch(ahead, keep=now)  # after the batch: its shards come first
             offset += BATCH
         rate = n / (time.perf_counter() - t)
         data.close()

@@ -36,6 +36,40 @@ def test_stream_ids_follow_file_order_with_bounded_residency(tmp_path):
     assert np.array_equal(seq, want)
 
 
+def test_every_window_after_the_first_is_read_ahead_within_the_bound(tmp_path):
+    """The attempt's order: a step's batch, then the read-ahead of the next window (its reads finish
+    while the step computes). Every shard a step needs is already held, but those of the run's first
+    window, and never more than two windows' shards are (`max_resident`). Before, a full stream let
+    nothing go to make room: only the second window was read ahead, and every later one was read while
+    its first step waited (10 of 12 shards here)."""
+    from openclaw.data.sampler import Sampler, shard_windows
+    for i in range(12):
+        pq.write_table(pa.table({"x": np.arange(1000, dtype=np.int64) + i * 1000, "y": np.full(1000, i)}),
+                       tmp_path / f"part-{i:03d}.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    data = _stream(src, resident=4)  # two windows of two shards, as the attempt sets it
+    sampler = Sampler(len(data), 100, 100, 0, 1, 0, data.shard_rows(), 2)
+    epoch, offset, missed, reads = 0, 0, [], []
+    read = data._read
+    data._read = lambda i: (reads.append(i), read(i))[1]  # which shards the reader thread reads, in order
+    for step in range(120):  # one epoch
+        ids, epoch, offset = sampler.global_batch_at(epoch, offset)
+        needed = set(np.searchsorted(data.starts, ids, side="right") - 1)
+        missed += [(epoch, int(i)) for i in needed if int(i) not in data._resident]
+        assert np.array_equal(data.batch(ids)["x"].numpy(), ids)  # row id i holds value i here
+        now, ahead = sampler.windows_at(epoch, offset)
+        data.prefetch(ahead, keep=now)
+        for f in list(data._resident.values()):  # the step computes while the reads finish
+            f.result()
+        assert len(data._resident) <= 4
+        offset += 100
+    first = set(sampler.windows_at(0, 0)[0].tolist())
+    assert sorted(i for _, i in missed) == sorted(first) and all(e == 0 for e, _ in missed), missed
+    # each shard read once in the epoch, in window order; then the next epoch's first window, ahead
+    assert [set(reads[k:k + 2]) for k in range(0, 12, 2)] == [set(w.tolist()) for w in shard_windows(0, 0, 12, 2)]
+    assert len(reads) <= 14
+
+
 def test_s3_source_streams_through_the_node_cache_and_rereads_without_the_network(s3_server, digits_dir, tmp_path):
     uri = s3_server.upload(digits_dir / "train", "bkt/digits/train")
     s3 = {"endpoint_url": s3_server.endpoint}

@@ -128,16 +128,21 @@ class Sampler:
 
     def next_window_shards(self, epoch: int, offset: int) -> np.ndarray:
         """The shards of the window after the one that position (epoch, offset) reads: what to prefetch."""
+        return self.windows_at(epoch, offset)[1]
+
+    def windows_at(self, epoch: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shards of the window that position (epoch, offset) reads, and of the one after it: what a
+        worker keeps, and what it reads ahead (`ShardedData.prefetch`)."""
         if self._windows[0] != epoch:
             windows = shard_windows(self.seed, epoch, len(self.shard_rows), self.window_shards)
             self._windows = (epoch, windows, window_bounds(self.shard_rows, windows))
         _, windows, bounds = self._windows
         if len(windows) == 1:
-            return windows[0]
+            return windows[0], windows[0]
         k = int(np.searchsorted(bounds, offset, side="right")) - 1
         if k + 1 < len(windows):
-            return windows[k + 1]
-        return shard_windows(self.seed, epoch + 1, len(self.shard_rows), self.window_shards)[0]
+            return windows[k], windows[k + 1]
+        return windows[k], shard_windows(self.seed, epoch + 1, len(self.shard_rows), self.window_shards)[0]
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
         """This worker's positions for `step`, split into `accumulation` micro-batches (fixed batch)."""

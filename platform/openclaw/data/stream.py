@@ -77,11 +77,17 @@ class ShardedData:
             out[torch.from_numpy(at)] = src[torch.from_numpy(rows[at])]
         return out
 
-    def prefetch(self, shards: Iterable[int]) -> None:
-        """Start reading these shards in the background (those not already held), within the memory bound."""
-        for i in shards:
-            i = int(i)
-            if i not in self._resident and len(self._resident) < self.max_resident:
+    def prefetch(self, shards: Iterable[int], keep: Iterable[int] = ()) -> None:
+        """Start reading these shards in the background (those not already held), within the memory bound,
+        first letting go of the shards read longest ago that are neither these nor in `keep` (the window
+        the steps read now). Without that, a full stream read ahead only the window after its first: every
+        later window was read while the step waited."""
+        shards = [int(i) for i in shards]
+        wanted = [i for i in dict.fromkeys(shards) if i not in self._resident]
+        if wanted:
+            self._trim(keep={int(i) for i in keep} | set(shards), room_for=len(wanted))
+        for i in wanted:
+            if len(self._resident) < self.max_resident:
                 self._resident[i] = self._pool.submit(self._read, i)
 
     def sequential(self, ids: np.ndarray, micro: int) -> Iterable[Batch]:
@@ -90,7 +96,7 @@ class ShardedData:
             chunk = ids[start:start + micro]
             nxt = np.searchsorted(self.starts, chunk[-1], side="right")
             if nxt < len(self.shards):
-                self.prefetch([nxt])
+                self.prefetch([nxt], keep=np.unique(np.searchsorted(self.starts, chunk, side="right") - 1))
             yield self.batch(chunk)
 
     def close(self) -> None:

@@ -177,7 +177,8 @@ class Attempt:
         with phase("data"):  # the `openclaw/<phase>` labels of a profile (`openclaw.profiling`); free otherwise
             mine = self.sampler.split(positions)
             batches = [self.train.batch(p) for p in mine]
-            self.train.prefetch(self.sampler.next_window_shards(epoch, offset))  # after this step's own shards
+            now, ahead = self.sampler.windows_at(epoch, offset)
+            self.train.prefetch(ahead, keep=now)  # after this step's own shards
         t1 = perf_now()
         seed_step(self.config.seed, step, self.rank)
         with phase("step"):
