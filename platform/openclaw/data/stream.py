@@ -58,24 +58,34 @@ class ShardedData:
     def batch(self, ids: np.ndarray) -> Batch:
         ids = np.asarray(ids, dtype=np.int64)
         which = np.searchsorted(self.starts, ids, side="right") - 1
-        rows = ids - self.starts[which]
-        parts = {int(i): self._get(int(i)) for i in np.unique(which)}  # held here even if trimmed meanwhile
-        x = self._gather([(i, p[0]) for i, p in parts.items()], which, rows)
-        if not self.label:
-            return {"x": x}
-        return {"x": x, "y": self._gather([(i, p[1]) for i, p in parts.items()], which, rows)}
-
-    def _gather(self, parts: list[tuple[int, torch.Tensor]], which: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        """The batch's rows straight from each shard's tensor into one (pinned, on GPUs) batch tensor, in
-        the ids' order: no tensor of the shards joined (which held every resident row twice)."""
-        first = parts[0][1]
-        out = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype, pin_memory=self.pin)
-        if len(parts) == 1:
-            return torch.index_select(first, 0, torch.from_numpy(rows), out=out)
-        for i, src in parts:
-            at = np.flatnonzero(which == i)
-            out[torch.from_numpy(at)] = src[torch.from_numpy(rows[at])]
+        order = np.argsort(which, kind="stable")  # the ids grouped by shard, each group in the ids' order
+        grouped = which[order]
+        cuts = np.flatnonzero(grouped[1:] != grouped[:-1]) + 1
+        segments = [(int(grouped[a]), a, b) for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        parts = {i: self._get(i) for i, _, _ in segments}  # held here even if trimmed meanwhile
+        rows = torch.from_numpy(ids[order] - self.starts[grouped])
+        back = None
+        if len(segments) > 1:  # where each id's row landed in the grouped rows
+            back = torch.empty(len(ids), dtype=torch.int64)
+            back[torch.from_numpy(order)] = torch.arange(len(ids))
+        out = {"x": self._gather([(parts[i][0], a, b) for i, a, b in segments], rows, back)}
+        if self.label:
+            out["y"] = self._gather([(parts[i][1], a, b) for i, a, b in segments], rows, back)
         return out
+
+    def _gather(self, segments: list[tuple[torch.Tensor, int, int]], rows: torch.Tensor,
+                back: torch.Tensor | None) -> torch.Tensor:
+        """A batch's rows from each shard's own tensor (`segments`: the shard's tensor and the span of
+        `rows` it gives), then put back in the ids' order (`back`), into one (pinned, on GPUs) batch
+        tensor: no tensor of the shards joined, which held every resident row twice."""
+        first = segments[0][0]
+        shape, dtype = (len(rows), *first.shape[1:]), first.dtype
+        grouped = torch.empty(shape, dtype=dtype, pin_memory=self.pin and back is None)
+        for src, a, b in segments:
+            torch.index_select(src, 0, rows[a:b], out=grouped[a:b])
+        if back is None:
+            return grouped
+        return torch.index_select(grouped, 0, back, out=torch.empty(shape, dtype=dtype, pin_memory=self.pin))
 
     def prefetch(self, shards: Iterable[int], keep: Iterable[int] = ()) -> None:
         """Start reading these shards in the background (those not already held), within the memory bound,
