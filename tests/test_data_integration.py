@@ -135,4 +135,5 @@ def test_a_dataset_five_times_the_object_store_streams_through_a_whole_epoch(tmp
     peak = {r["run_id"]: client.get_run(r["run_id"]).data.metrics["perf/peak_memory_bytes"] for r in (footprint, big)}
     in_memory = rows * (features * 4 + 8)
     grew = peak[big["run_id"]] - peak[footprint["run_id"]]
+    print(f"peak growth over the epoch: {grew / in_memory:.2f} x the dataset's tensors ({grew:,.0f} bytes)")
     assert 0 < grew < 0.32 * in_memory, (grew, in_memory, peak)
