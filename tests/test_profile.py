@@ -118,6 +118,7 @@ def test_tracking_off_the_profile_is_written_to_the_run_folder(profiled):
     assert names == ["advice.json", "rank0.trace.json.gz", "rank1.trace.json.gz", "report.html", "summary.json"]
     advice = json.loads((profiled["folder"] / "advice.json").read_text())
     assert advice["facts"]["device_type"] == "cpu" and advice["facts"]["extra"]["profiled_ranks"] == [0, 1]
+    assert advice["facts"]["model_blocks"] == 0  # an MLP: no blocks to checkpoint
     facts = advice["facts"]
     assert 0 < facts["step_s"] and facts["samples_per_s"] == pytest.approx(64 / facts["step_s"])
 

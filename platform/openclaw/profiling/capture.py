@@ -38,6 +38,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from openclaw.advice.rules import advise
 from openclaw.data.filesystems import storage_filesystem, storage_uri
 from openclaw.engine.metrics import memory_capacity_bytes, peak_memory_bytes
+from openclaw.engine.parallel.base import transformer_blocks
 from openclaw.profiling.facts import facts_from
 from openclaw.profiling.report import render
 from openclaw.profiling.summary import RankSummary, summarize
@@ -113,7 +114,8 @@ class StepProfiler:
             log.warning("profile: no rank recorded a trace (the profiled steps were cut short); no report")
             return
         try:
-            files = report_files(summaries, self.config, self.engine.precision, self.global_batch_size, self.world)
+            files = report_files(summaries, self.config, self.engine.precision, self.global_batch_size, self.world,
+                                 len(transformer_blocks(self.engine.strategy.unwrap(self.engine.model))))
         except Exception as e:  # best effort: the traces are still worth having, and training goes on
             log.warning("profile: could not write the report (%s); logging the traces alone", e)
             files = {}
@@ -217,11 +219,13 @@ def _distributed() -> bool:
 
 
 def report_files(summaries: list[RankSummary], config: Any, precision: Any = None,
-                 global_batch_size: int | None = None, world: int | None = None) -> dict[str, bytes]:
+                 global_batch_size: int | None = None, world: int | None = None,
+                 model_blocks: int | None = None) -> dict[str, bytes]:
     """The files of a profile beside the ranks' traces, by their path in the run: the summaries, the
     advice (the facts it read, and its recommendations) and the report."""
     facts = facts_from(summaries, config, precision=getattr(precision, "name", None),
-                       tf32=getattr(precision, "tf32", None), global_batch_size=global_batch_size, world_size=world)
+                       tf32=getattr(precision, "tf32", None), global_batch_size=global_batch_size, world_size=world,
+                       model_blocks=model_blocks)
     try:
         advice, failed = advise(facts), None
     except Exception as e:  # a rule's bug must not cost the report

@@ -35,9 +35,11 @@ def average_step(s: RankSummary, saves: int, every: int) -> tuple[float, float |
 
 
 def facts_from(summaries: list[RankSummary], config: Any, *, precision: str | None = None,
-               tf32: bool | None = None, global_batch_size: int | None = None, world_size: int | None = None) -> Facts:
+               tf32: bool | None = None, global_batch_size: int | None = None, world_size: int | None = None,
+               model_blocks: int | None = None) -> Facts:
     """Facts for `advice.rules.advise`. `config` is the run's `Config`; `precision` and `tf32` are what
-    the run trains in (the engine's decision); `global_batch_size` and `world_size` the attempt's."""
+    the run trains in (the engine's decision); `global_batch_size` and `world_size` the attempt's;
+    `model_blocks` the repeated blocks of rank 0's model (`Facts.model_blocks`)."""
     start = config.profile.start_step
     saves = saves_in(config, start + 1, start + (len(summaries[0].steps) if summaries else 0))
     steps = [average_step(s, saves, config.checkpoint.every_steps) for s in summaries]
@@ -71,7 +73,7 @@ def facts_from(summaries: list[RankSummary], config: Any, *, precision: str | No
         samples_per_s=global_batch_size / step_s if global_batch_size and step_s else None,
         device_type=device.get("type", "cpu"), device_name=device.get("name"),
         capability=tuple(device["capability"]) if device.get("capability") else None,
-        precision=precision, tf32=tf32, world_size=world_size,
+        precision=precision, tf32=tf32, world_size=world_size, model_blocks=model_blocks,
         peak_memory_bytes=process("peak_memory_bytes"), memory_capacity_bytes=process("memory_capacity_bytes"),
         state_bytes=process("state_bytes"), checkpoint_bytes=process("checkpoint_bytes"),
         kernel_idle_frac=worst([s.kernel_idle_frac for s in summaries]),
