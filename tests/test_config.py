@@ -218,3 +218,29 @@ def test_the_resume_check_reads_the_newest_complete_checkpoint_and_refuses_anoth
     assert path.endswith("checkpoint_2026-01-01_00-00-00.000001") and changes == {"train.max_steps": (first.train.max_steps, 50)}
     with pytest.raises(ConfigError, match=r"`model.kwargs.hidden` was 128, now 64\. Set them back"):
         changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=64"], base=MIN), str(run))
+
+
+def test_parallelism_keys_the_layout_makes_no_use_of_are_named_before_the_run(digits_dir, tmp_path, capsys):
+    """A key set away from its default where the layout ignores it (DDP's buckets under FSDP, a pipeline
+    schedule without a pipeline, ...) is not an error, since a sweep may try it beside a layout it does not
+    apply to, but the preflight says so before anything starts."""
+    from openclaw.engine.parallel.config import ParallelismConfig as P
+    from openclaw.launch.preflight import preflight
+    assert P().unused_settings() == [] and P(strategy="fsdp", reshard_after_forward=False).unused_settings() == []
+    assert P(pipeline=2, pipeline_schedule="gpipe", microbatches=8, bucket_cap_mb=25).unused_settings() == []
+    assert P(tensor=2, loss_parallel=False, reshard_after_forward=False).unused_settings() == []
+    unused = P(strategy="fsdp", bucket_cap_mb=10, loss_parallel=False, pipeline_schedule="gpipe", microbatches=8)
+    assert [line.split("`")[1] for line in unused.unused_settings()] == [
+        "parallelism.bucket_cap_mb", "parallelism.loss_parallel", "parallelism.pipeline_schedule",
+        "parallelism.microbatches"]
+    assert P(reshard_after_forward=False).unused_settings() == [
+        "`parallelism.reshard_after_forward` (false) applies only to sharded parameters (`strategy: fsdp`, "
+        "`tensor` or `pipeline` above 1); this run makes no use of it."]
+
+    from conftest import digits_config
+    preflight(digits_config(digits_dir, tmp_path, "sqlite:///unused.db", **{"parallelism.bucket_cap_mb": 5}))
+    out = capsys.readouterr().out
+    assert out.count("openclaw: note:") == 0  # DDP: the buckets apply
+    preflight(digits_config(digits_dir, tmp_path, "sqlite:///unused.db", **{
+        "parallelism.strategy": "fsdp", "parallelism.bucket_cap_mb": 5}))
+    assert "openclaw: note: `parallelism.bucket_cap_mb` (5.0) applies only to DDP's" in capsys.readouterr().out

@@ -35,6 +35,8 @@ def preflight(config: Config) -> dict[str, Source]:
     if ":" in config.task:
         import_path(config.task, "task")
     check_model_layout(config)
+    for line in config.parallelism.unused_settings():
+        print(f"openclaw: note: {line}", flush=True)
     if config.train.record_samples and "://" in config.checkpoint.storage:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")

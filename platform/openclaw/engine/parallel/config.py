@@ -76,6 +76,23 @@ class ParallelismConfig(Section):
             raise ValueError(f"`parallelism.microbatches` must be `auto` or at least 1, got {self.microbatches}")
         return self
 
+    def unused_settings(self) -> list[str]:
+        """The keys set away from their defaults that this layout makes no use of, each as a sentence to
+        print before the run starts. Not errors: a sweep may try such a key beside a layout it does not
+        apply to, and the run is the same with or without it."""
+        plain_ddp = self.strategy == "ddp" and self.model_parallel == 1
+        unused = [("bucket_cap_mb", self.bucket_cap_mb != 25.0 and not plain_ddp,
+                   "to DDP's gradient buckets (`strategy: ddp` without `tensor` or `pipeline`)"),
+                  ("reshard_after_forward", not self.reshard_after_forward and plain_ddp,
+                   "to sharded parameters (`strategy: fsdp`, `tensor` or `pipeline` above 1)"),
+                  ("loss_parallel", not self.loss_parallel and self.tensor == 1, "with `tensor` above 1"),
+                  ("pipeline_schedule", self.pipeline_schedule != "1f1b" and self.pipeline == 1,
+                   "with `pipeline` above 1"),
+                  ("microbatches", self.microbatches != "auto" and self.pipeline == 1, "with `pipeline` above 1")]
+        shown = {True: "true", False: "false"}
+        return [f"`parallelism.{key}` ({shown.get(getattr(self, key), getattr(self, key))}) applies only {where}; "
+                f"this run makes no use of it." for key, applies_not, where in unused if applies_not]
+
     @property
     def world_unit(self) -> int:
         """Workers of one whole layout: every world size is a multiple (replicate x tensor x pipeline)."""
