@@ -29,11 +29,13 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
 
 
 def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False,
-          model_kwargs: dict | None = None, restoring: bool = False, split_logits_ok: bool = True):
+          model_kwargs: dict | None = None, restoring: bool = False, split_logits_ok: bool = True,
+          precision: str = "auto"):
     """The engine over the test gpt. `as_a_worker`: the model built as a worker builds it
     (`engine.initial_model`: under a sharded strategy on the meta device, and unless `restoring` from a
     checkpoint, rank 0's weights sent after the wrap); else built whole on every rank.
-    `split_logits_ok`: `build_strategy`'s (false: as for a task that needs whole logits)."""
+    `split_logits_ok`: `build_strategy`'s (false: as for a task that needs whole logits). `precision`:
+    `train.precision` (auto: fp32 on a CPU)."""
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.initial_model import InitialModel, initial_model, rank0_weights
@@ -51,7 +53,8 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
         torch.manual_seed(seed)
         init = InitialModel(GPT(**kwargs))
     train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100,
-                        optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0)
+                        optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0,
+                        precision=precision)
     engine = Engine(init.model, LanguageModeling(), train, device=torch.device("cpu"), world_size=layout.dp,
                     global_batch_size=GLOBAL_BATCH, strategy=strategy)
     weights = {}

@@ -96,28 +96,32 @@ class _FirstRows:
         return {"x": global_batch(0)["x"][:len(ids)]}
 
 
-def _probed(parallelism: dict, m: int) -> int:
+def _probed(parallelism: dict, m: int, precision: str = "fp32") -> int:
     cfg = load_config(None, {"data.train": "x", "data.features": "x", "data.label": None, "task": "language_modeling",
                              "model.name": "gpt", "model.kwargs": TP_KWARGS, "scaling.min_workers": 2,
                              "scaling.max_workers": 2, "train.global_batch_size": 8, "train.micro_batch_size": 2,
                              **{f"parallelism.{k}": v for k, v in parallelism.items()}})
-    return _ProbeStep(cfg, LanguageModeling(), _FirstRows(), torch.device("cpu"), FP32, fake=True).activation_bytes(m)
+    chosen = FP32 if precision == "fp32" else Precision(precision, False, False, "")
+    return _ProbeStep(cfg, LanguageModeling(), _FirstRows(), torch.device("cpu"), chosen, fake=True).activation_bytes(m)
 
 
-def _saved_on_rank(rank: int, world: int, parallelism: dict, m: int) -> int:
-    engine, _ = build(rank, world, parallelism, model_kwargs=TP_KWARGS)
+def _saved_on_rank(rank: int, world: int, parallelism: dict, m: int, precision: str) -> int:
+    engine, _ = build(rank, world, parallelism, model_kwargs=TP_KWARGS, precision=precision)
+    assert engine.precision.name == precision
     return saved_bytes(engine, {"x": global_batch(0)["x"][:m]})
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("loss_parallel", [True, False], ids=["split-logits", "gathered-logits"])
-def test_a_tensor_parallel_rank_is_probed_for_its_share_of_the_activations(loss_parallel):
+def test_a_tensor_parallel_rank_is_probed_for_its_share_of_the_activations(loss_parallel, precision):
     """Under TP a rank saves the column-wise layers' inputs whole (they are gathered from the sequence
     slices) and the rest split: heads, the MLP's hidden layer, the norms, and with loss parallelism the
-    logits. The probe, on one fake whole copy, counts what each of two real gloo ranks saves, to 0.1%;
-    it used to count the whole model's (1.6-1.8x as much here), and so chose micro-batches that small."""
+    logits. Under bf16 autocast a column-wise layer saves a 16-bit copy of its gathered input, whole too.
+    The probe, on one fake whole copy, counts what each of two real gloo ranks saves, to 0.1%; it used to
+    count the whole model's (1.6-1.8x as much here), and so chose micro-batches that small."""
     parallelism, m = {"strategy": "ddp", "tensor": 2, "loss_parallel": loss_parallel}, 2
-    real = spawn(2, _saved_on_rank, parallelism, m)
-    probed, whole = _probed(parallelism, m), _probed({"strategy": "ddp"}, m)
+    real = spawn(2, _saved_on_rank, parallelism, m, precision)
+    probed, whole = _probed(parallelism, m, precision), _probed({"strategy": "ddp"}, m, precision)
     assert real[0] == real[1]
     assert probed == pytest.approx(real[0], rel=1e-3), (probed, real)
     assert whole > 1.5 * real[0], (whole, real)

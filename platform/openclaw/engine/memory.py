@@ -163,10 +163,11 @@ def confirm_micro_batch(size: int, sizes: list[int], try_size: Callable[[int], A
 
 @dataclass(frozen=True)
 class TensorSplit:
-    """How tensor parallelism shares a model's saved activations over a group of `size` ranks: the inputs
-    of `whole_inputs` (column-wise layers, which gather theirs whole), everything saved after
-    `whole_after` (a head whose logits are gathered) and integer tensors (token ids) are whole on every
-    rank; every other activation is split (heads, hidden layers, sequence-parallel norms): 1/size."""
+    """How tensor parallelism shares a model's saved activations over a group of `size` ranks: what
+    `whole_inputs` save of their input (column-wise layers, which gather it whole: the input itself, or
+    under autocast its 16-bit copy: the input's size either way), everything saved after `whole_after`
+    (a head whose logits are gathered) and integer tensors (token ids) are whole on every rank; every
+    other activation is split (heads, hidden layers, sequence-parallel norms): 1/size."""
     size: int
     whole_inputs: tuple[nn.Module, ...] = ()
     whole_after: nn.Module | None = None
@@ -197,25 +198,26 @@ def _saved(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[
     `split`) of each storage autograd saves while `run()` builds its graph."""
     skip = {StorageWeakRef(p.untyped_storage()) for p in params}
     seen: dict[StorageWeakRef, list] = {}  # storage -> [block, bytes, whole on every rank]
-    at: dict[str, Any] = {"block": None, "after": False}
-    gathered: set[StorageWeakRef] = set()
+    at: dict[str, Any] = {"block": None, "after": False, "gathered": None}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = StorageWeakRef(storage)  # a storage's identity, for fake tensors too (they have no data)
         if key not in skip:
-            entry = seen.setdefault(key, [at["block"], 0, at["after"] or not t.is_floating_point()])
+            whole = at["after"] or not t.is_floating_point() or t.numel() == at["gathered"]
+            entry = seen.setdefault(key, [at["block"], 0, whole])
             entry[1] = max(entry[1], storage.nbytes())
         return t  # the graph keeps `t` alive, so no other saved tensor reuses its memory while we count
 
-    def inputs_whole(_module, args) -> None:
-        gathered.update(StorageWeakRef(a.untyped_storage()) for a in args if isinstance(a, torch.Tensor))
+    def gathering(_module, args) -> None:
+        at["gathered"] = args[0].numel() if args and isinstance(args[0], torch.Tensor) else None
 
     hooks = [h for i, b in enumerate(blocks) for h in (
         b.register_forward_pre_hook(lambda *_, i=i: at.__setitem__("block", i)),
         b.register_forward_hook(lambda *_: at.__setitem__("block", None)))]
     if split is not None:
-        hooks += [m.register_forward_pre_hook(inputs_whole) for m in split.whole_inputs]
+        hooks += [h for m in split.whole_inputs for h in (
+            m.register_forward_pre_hook(gathering), m.register_forward_hook(lambda *_: at.__setitem__("gathered", None)))]
         if split.whole_after is not None:
             hooks.append(split.whole_after.register_forward_hook(lambda *_: at.__setitem__("after", True)))
     try:
@@ -226,8 +228,7 @@ def _saved(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[
         for h in hooks:
             h.remove()
     size = split.size if split is not None else 1
-    return [(block, n if whole or key in gathered else math.ceil(n / size))
-            for key, (block, n, whole) in seen.items()]
+    return [(block, n if whole else math.ceil(n / size)) for key, (block, n, whole) in seen.items()]
 
 
 def probes_whole(num_params: int, budget_bytes: int) -> bool:
