@@ -35,9 +35,10 @@ def _config(storage: str, **profile):
                      "checkpoint": {"storage": storage}, "profile": profile})
 
 
-def _profiled_loop(rank: int, world: int, storage: str, profiled: bool = True) -> dict:
+def _profiled_loop(rank: int, world: int, storage: str, profiled: bool = True, run_dir: str | None = None) -> dict:
     """The attempt's order of events, on the real engine: data, step, checkpoint, `step_ends` (with
-    `profiled` false: the same loop without a profiler, as the attempt runs it without a `profile` section)."""
+    `profiled` false: the same loop without a profiler, as the attempt runs it without a `profile` section).
+    `run_dir`: where the profile goes (default `<storage>/prof`)."""
     from openclaw.engine.engine import Engine, phase
     from openclaw.engine.models import build_model
     from openclaw.engine.parallel.build import build_strategy
@@ -48,8 +49,8 @@ def _profiled_loop(rank: int, world: int, storage: str, profiled: bool = True) -
     torch.manual_seed(0)
     engine = Engine(build_model("mlp", cfg.model.kwargs), build_task("classification"), cfg.train, world_size=world,
                     strategy=build_strategy(cfg.parallelism, world=world, rank=rank))
-    profiler = StepProfiler(cfg, engine, make_tracker(rank, False, None), f"{storage}/prof", rank, world, 0, 64) \
-        if profiled else None
+    profiler = StepProfiler(cfg, engine, make_tracker(rank, False, None), run_dir or f"{storage}/prof", rank, world,
+                            0, 64) if profiled else None
     g = torch.Generator().manual_seed(rank)
     losses = []
     for step in range(STEPS):
@@ -99,6 +100,17 @@ def _traces_taken(rank: int, world: int) -> dict:
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     return {"got": got, "held": held, "peak": peak}
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "unknown-storage"])
+def test_a_profile_that_cannot_be_written_still_takes_every_trace_and_training_goes_on(tmp_path, where):
+    """The run folder cannot be written (under a file; on storage no filesystem answers for): rank 0
+    still takes each rank's trace, so no rank waits on it forever, and both ranks train to the end."""
+    (tmp_path / "a-file").write_text("")
+    run_dir = str(tmp_path / "a-file" / "prof") if where == "under-a-file" else "nosuchscheme://bucket/prof"
+    results = spawn(2, _profiled_loop, str(tmp_path), True, run_dir)
+    assert [len(r["losses"]) for r in results] == [STEPS, STEPS]
+    assert not (tmp_path / "prof").exists()
 
 
 def test_rank_0_takes_the_ranks_traces_one_at_a_time():

@@ -143,9 +143,14 @@ class StepProfiler:
     def _deliver(self, files: dict[str, bytes], traces) -> None:
         """Rank 0: the traces one at a time as they arrive (`traces_from_ranks`), then the report's files:
         to the MLflow run through the tracker, or with tracking off to the run folder. A file that cannot
-        be written is left out with a warning; every trace is still received, so no rank waits forever."""
+        be written is left out with a warning (storage away: not a failed run); every trace is still
+        received, so no rank waits forever."""
         steps, ranks, failed = f"steps {self.p.start_step + 1}-{self.last}", [], []
-        write = self._writer()
+        try:
+            write = self._writer()
+        except Exception as e:  # the run folder's storage is away: every file fails alike, below
+            def write(path: str, data: bytes, error: Exception = e) -> None:
+                raise error
         for rank, gz in traces:
             ranks.append(rank)
             failed += _written(write, f"{FOLDER}/rank{rank}.trace.json.gz", gz)
@@ -154,6 +159,7 @@ class StepProfiler:
             failed += _written(write, path, data)
         if failed:
             self.tracker.progress({"message": f"profile: could not write {', '.join(failed)}"})
+            return
         if self.config.tracking.enabled:
             self.tracker.event("profile", first_step=self.p.start_step + 1, last_step=self.last,
                                ranks=ranks, report=f"{FOLDER}/report.html")
