@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     for mode, engine in engines.items():
         blocks = list(engine.module.blocks.values())
         first = engine.train_step(0, data[0])  # the first step also allocates the optimizer state
-        sides[mode] = {"checkpointed_blocks": sum(b.checkpointed for b in blocks), "blocks": len(blocks),
+        sides[mode] = {"checkpointed_blocks": sum(getattr(b, "checkpointed", False) for b in blocks), "blocks": len(blocks),
                        "first_step_loss": first.loss_sum / first.samples,
                        **{f"saved_{k}": v for k, v in saved_for_backward(engine, data[1][0]).items()},
                        **step_peak(engine, data[1], 1, cuda)}

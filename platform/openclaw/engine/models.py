@@ -8,7 +8,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from openclaw.errors import ConfigError
 from openclaw.user_code import import_path
@@ -53,22 +52,16 @@ class _Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block. `checkpointed`: its activations are recomputed in the backward pass
-    (`parallelism.activation_checkpointing`) instead of kept."""
+    """A pre-norm transformer block (`parallelism.activation_checkpointing` makes it recompute its
+    activations in the backward, as any model's blocks: `parallel.base.recomputable`)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = _Attention(dim, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.checkpointed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 

@@ -177,8 +177,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """`full`: every block (`transformer_blocks`) recomputes its activations in the backward; `selective`:
-    every other block. The built-in gpt's blocks have a `checkpointed` flag; a user's gets one
-    (`recomputable`). A model with no blocks is refused before any worker starts (`layout_checks`)."""
+    every other block, each given a `checkpointed` flag (`recomputable`) the first time. A model with no
+    blocks is refused before any worker starts (`layout_checks`)."""
     if mode == "none":
         return
     for i, block in enumerate(transformer_blocks(model)):
@@ -188,9 +188,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def recomputable(block: nn.Module) -> None:
-    """Give a user's block what the built-in gpt's has: a `checkpointed` flag (off) that its forward
-    honours by running under torch's non-reentrant `checkpoint`, so that the backward recomputes its
-    activations instead of keeping them. The module, its parameters and their names stay as they are."""
+    """Give a block (the built-in gpt's or a user's) a `checkpointed` flag (off) that its forward honours
+    by running under torch's non-reentrant `checkpoint`, so that the backward recomputes its activations
+    instead of keeping them. The module, its parameters and their names stay as they are."""
     inner = block.forward
 
     def forward(*args, **kwargs):
