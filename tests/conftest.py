@@ -50,6 +50,14 @@ def ray_local():
 _EMPTY_STORE: list[Path] = []
 
 
+@pytest.fixture(scope="session")
+def one_rank():
+    """The test gpt's engine-level run on one rank, what every layout's is compared with
+    (tests/parallel_harness.py): `ONE_RANK_STEPS` steps' (loss, gradient norm) and the final weights."""
+    from parallel_harness import ONE_RANK_STEPS, spawn, train
+    return spawn(1, train, {"strategy": "ddp"}, ONE_RANK_STEPS)[0]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_the_empty_store():
     yield

@@ -18,6 +18,13 @@ def spawn(world: int, fn, *args) -> list[Any]:
 
 GPT_KWARGS = {"vocab_size": 64, "block_size": 16, "dim": 32, "depth": 4, "heads": 4}
 GLOBAL_BATCH, MICRO = 8, 2
+ONE_RANK_STEPS = 10
+"""The steps of the one-rank reference run (the `one_rank` fixture)."""
+
+
+def rel(a, b) -> float:
+    """The largest relative difference of two sequences of numbers, against the first."""
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
 
 
 def global_batch(step: int) -> dict[str, torch.Tensor]:

@@ -7,26 +7,16 @@ changes its last bit (a relative 1e-7), nothing more: the maths is the same.
 import pytest
 import torch
 
-from parallel_harness import bitwise, hop, host_peak_growth, spawn, train, wrap_on_meta
-
-N_STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    return spawn(1, train, {"strategy": "ddp"}, N_STEPS)[0]
-
-
-def _rel(a, b):
-    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+from parallel_harness import ONE_RANK_STEPS as N_STEPS
+from parallel_harness import bitwise, hop, host_peak_growth, rel, spawn, train, wrap_on_meta
 
 
 def _check_history(reference, got, tol):
     losses, norms = zip(*reference["history"])
     got_losses, got_norms = zip(*got["history"])
-    assert len(got_losses) == N_STEPS and _rel(losses, got_losses) < tol, (losses, got_losses)
+    assert len(got_losses) == N_STEPS and rel(losses, got_losses) < tol, (losses, got_losses)
     # a wrong gradient scale can hide from the loss behind clipping and Adam: the global norm shows it
-    assert _rel(norms, got_norms) < tol, (norms, got_norms)
+    assert rel(norms, got_norms) < tol, (norms, got_norms)
     assert losses[-1] < losses[0]
 
 
@@ -137,12 +127,12 @@ def test_sharded_checkpoint_hops_two_ranks_one_rank_two_ranks_bit_for_bit(tmp_pa
     assert any(k.endswith("exp_avg_sq") for k in state["optimizer"]) and any(k.endswith(".step") for k in state["optimizer"])
     # and training goes on alike from each
     assert saved_at_2[0]["next"] == loaded_at_2[0]["next"]
-    assert _rel([x for x, _ in saved_at_2[0]["next"]], [x for x, _ in loaded_at_1[0]["next"]]) < 1e-6
+    assert rel([x for x, _ in saved_at_2[0]["next"]], [x for x, _ in loaded_at_1[0]["next"]]) < 1e-6
 
 
 def test_pipeline_checkpoint_loads_into_one_rank_and_a_model(tmp_path):
     """Each stage saves the parameters it holds, under the whole model's names."""
     pp = spawn(2, hop, {"strategy": "ddp", "pipeline": 2}, None, str(tmp_path / "pp"), 3)
     one = spawn(1, hop, {"strategy": "fsdp"}, str(tmp_path / "pp"), str(tmp_path / "one"), 3)
-    assert _rel([x for x, _ in pp[0]["next"]], [x for x, _ in one[0]["next"]]) < 1e-5
+    assert rel([x for x, _ in pp[0]["next"]], [x for x, _ in one[0]["next"]]) < 1e-5
     assert one[0]["state"]["model"]["head.weight"].equal(one[0]["state"]["model"]["tok.weight"])
