@@ -129,7 +129,7 @@ def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_work
     history = steps(engine, layout, rank, 0, n_steps)
     return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
             "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
-            "whole_state_keys": engine.whole_state_keys}
+            "whole_state_keys": engine.whole_state_keys, "split_logits": getattr(engine.strategy, "split_logits", False)}
 
 
 def host_peak_growth(rank: int, world: int, parallelism: dict, model_kwargs: dict, as_a_worker: bool) -> int:
@@ -177,11 +177,10 @@ def hop(rank: int, world: int, parallelism: dict, load_from: str | None, save_to
         template = engine.state_dict()
         load_shards(template, load_from)
         engine.load_state_dict(template)
-    else:
-        steps(engine, layout, rank, 0, n_steps)
+    history = [] if load_from else steps(engine, layout, rank, 0, n_steps)
     state = full_state(engine)
     save_shards(engine.state_dict(), save_to)
-    return {"state": state, "next": steps(engine, layout, rank, n_steps, n_steps + 2)}
+    return {"state": state, "history": history, "next": steps(engine, layout, rank, n_steps, n_steps + 2)}
 
 
 def wrap_on_meta(rank: int, world: int, parallelism: dict) -> dict[str, Any]:

@@ -64,8 +64,13 @@ def test_parallelism_config_is_checked_before_any_worker_starts():
                            "train.global_batch_size": 64}, base=base)
     with pytest.raises(ConfigError, match="needs `parallelism.strategy: fsdp`"):
         load_config(None, {"parallelism.replicate": 2}, base=base)
-    with pytest.raises(ConfigError, match="cannot both be above 1"):
-        load_config(None, {"parallelism.tensor": 2, "parallelism.pipeline": 2}, base=base)
+    # pipeline x tensor: whole layouts of 4 workers (2 stages of 2), the data-parallel degree elastic
+    three_d = load_config(None, {"parallelism.strategy": "fsdp", "parallelism.tensor": 2, "parallelism.pipeline": 2,
+                                 "scaling.min_workers": 4, "scaling.max_workers": 8}, base=base)
+    assert three_d.worlds == [4, 8] and three_d.parallelism.model_parallel == 4
+    with pytest.raises(ConfigError, match=r"`scaling.min_workers` \(2\) .* = 4: 2 is not"):
+        load_config(None, {"parallelism.tensor": 2, "parallelism.pipeline": 2, "scaling.min_workers": 2,
+                           "scaling.max_workers": 8}, base=base)
     with pytest.raises(ConfigError, match="data-parallel degree"):  # dp = 4 / 2 = 2: 12 % (4 x 2) != 0
         load_config(None, {"parallelism.tensor": 2, "scaling.min_workers": 4, "scaling.max_workers": 4,
                            "train.global_batch_size": 12, "train.micro_batch_size": 4}, base=base)

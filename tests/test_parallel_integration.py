@@ -137,25 +137,36 @@ def test_fsdp_two_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ra
     assert "async" in {e["mode"] for e in events if e["event"] == "checkpoint"}
 
 
-@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "1f1b"}],
-                         ids=["tensor", "pipeline"])
+@pytest.mark.parametrize("parallelism", [
+    {"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "1f1b"},
+    {"strategy": "fsdp", "pipeline": 2, "tensor": 2, "scaling.min_workers": 4, "scaling.max_workers": 4,
+     "train.micro_batch_size": "auto", "train.max_steps": 10, "train.eval_every": 5, "checkpoint.every_steps": 5}],
+    ids=["tensor", "pipeline", "pipeline-x-tensor"])
 def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local, text_dir, tmp_path, mlflow_uri,
                                                                         parallelism, capsys):
-    cfg = _config(text_dir, tmp_path, mlflow_uri, **{f"parallelism.{k}": v for k, v in parallelism.items()},
-                  **{"train.max_steps": 40, "train.eval_every": 20, "checkpoint.every_steps": 20,
-                     "parallelism.strategy": "ddp", "train.record_samples": True})
+    """Under pipeline x tensor (4 workers: 2 stages of 2 tensor-parallel workers, sharded by FSDP) each
+    worker saves its own shard of its stage."""
+    keys = {k if "." in k else f"parallelism.{k}": v for k, v in parallelism.items()}
+    cfg = _config(text_dir, tmp_path, mlflow_uri, **{"train.max_steps": 40, "train.eval_every": 20,
+                                                     "checkpoint.every_steps": 20, "parallelism.strategy": "ddp",
+                                                     "train.record_samples": True, **keys})
     result = openclaw.train(cfg)
-    dim = next(k for k in ("tensor", "pipeline") if k in parallelism)
-    out = capsys.readouterr().out
-    assert f"start at step 0/40 with 2 worker(s) (mesh {dim} 2), accumulation" in out
-    if dim == "tensor":  # both workers on this one node: their group spans one node, and nothing is advised
+    mesh = " x ".join(f"{k} 2" for k in ("pipeline", "tensor") if k in parallelism)
+    workers = cfg.scaling.max_workers
+    out, steps = capsys.readouterr().out, cfg.train.max_steps
+    assert f"start at step 0/{steps} with {workers} worker(s) (mesh {mesh}), accumulation" in out
+    if cfg.train.micro_batch_size == "auto":  # 4 micro-batches per stage (`pipeline_bubble`), 32 samples a step
+        assert "micro-batch: 4 (`auto`" in out and f"(mesh {mesh}), accumulation 8" in out
+    manifest = json.loads(open(f"{result.checkpoint}/manifest.json").read())
+    assert {f"model/__{r}_0.distcp" for r in range(workers)} <= set(manifest["files"])
+    if "tensor" in parallelism:  # every worker on this one node: each group spans one node, and nothing is advised
         events = json.load(open(MlflowClient(mlflow_uri).download_artifacts(result.run_id, "events.json", str(tmp_path))))
         start = next(e for e in events if e["event"] == "start")
-        assert start["tensor_group_nodes"] == 1 and start["workers_per_node"] == [2], start
+        assert start["tensor_group_nodes"] == 1 and start["workers_per_node"] == [workers], start
         assert start["blocks"] == cfg.model.kwargs["depth"]  # what activation checkpointing would recompute
         assert "tensor_across_nodes" not in out and "tensor-parallel groups" not in out
     model = openclaw.load_model(result.checkpoint)
     assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)
-    # one data-parallel rank: both workers trained on the same samples, recorded once
+    # one data-parallel rank: every worker trained on the same samples, recorded once
     batches = committed_batches(tmp_path / "runs" / cfg.name)
-    assert sorted(batches) == list(range(40)) and {b["world"] for b in batches.values()} == {1}
+    assert sorted(batches) == list(range(steps)) and {b["world"] for b in batches.values()} == {1}

@@ -44,7 +44,8 @@ class ParallelismConfig(Section):
     always gets them whole). The losses agree to float32 rounding either way."""
     pipeline: int = Field(1, gt=0)
     """Pipeline stages: the built-in gpt's blocks are split into this many consecutive stages, one per
-    worker of a pipeline group. Fixed for the run, like `tensor`."""
+    worker of a pipeline group. With `tensor` above 1 each stage is split over `tensor` workers too
+    (pipeline x tensor workers hold one copy of the model). Fixed for the run, like `tensor`."""
     pipeline_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages.
     Evaluation, forward only and one micro-batch at a time, runs on GPipe's schedule under `1f1b`
@@ -68,10 +69,6 @@ class ParallelismConfig(Section):
         if self.replicate > 1 and self.strategy != "fsdp":
             raise ValueError(f"`parallelism.replicate` ({self.replicate}) shards within groups and replicates "
                              f"across them: it needs `parallelism.strategy: fsdp`")
-        if self.tensor > 1 and self.pipeline > 1:
-            raise ValueError("`parallelism.tensor` and `parallelism.pipeline` cannot both be above 1 (tensor x "
-                             "pipeline parallelism is not supported); pick one, with `strategy: fsdp` for the "
-                             "data dimension")
         if isinstance(self.microbatches, int) and self.microbatches < 1:
             raise ValueError(f"`parallelism.microbatches` must be `auto` or at least 1, got {self.microbatches}")
         return self

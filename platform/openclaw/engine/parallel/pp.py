@@ -1,6 +1,8 @@
 """Pipeline parallelism for the built-in gpt (plain torch; worker process): consecutive blocks on
 consecutive ranks of a pipeline group, micro-batches flowing through them on torch's schedules (1F1B,
-GPipe, interleaved 1F1B), composed with FSDP over the data-parallel ranks.
+GPipe, interleaved 1F1B), composed with tensor parallelism within each stage and FSDP over the
+data-parallel ranks (torchtitan's 3-D order: the stages are cut, each stage's part is split over its
+tensor-parallel ranks, then sharded).
 
 Every rank builds the whole model with the run's seed, keeps its stages' parts (its blocks; the
 embeddings on the first stage; the final norm and the head on the last) and drops the rest, so
@@ -12,6 +14,12 @@ backward their gradients are summed across the two ranks, so both copies get the
 equal. The global gradient norm sums every stage's squares (the copy counted once). The loss is
 computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and broadcast
 to the group, so every rank reports it.
+
+Under tensor parallelism the ranks of a pipeline group share their tensor-parallel position, so each
+passes the next stage its own slice of the sequence (the sequence-parallel layout between blocks) as
+a plain tensor, and the split embedding and head hold the same rows of the tied matrix. The last
+stage's logits leave the stage as each rank's slice of the vocabulary under `loss_parallel` and are
+split again for the loss (`tp.loss_context`), or whole.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor, Shard
 
 from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing, on_meta, place
@@ -30,20 +39,39 @@ from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 from openclaw.errors import ConfigError
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
 class _StageView(nn.Module):
-    """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds)."""
+    """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). Under
+    tensor parallelism (`tp`: its mesh) what passes between stages is this rank's slice of the sequence,
+    a plain tensor (the pipeline sends plain tensors), made a DTensor again for the blocks."""
 
-    def __init__(self, model: GPT, blocks: list[int], first: bool, last: bool):
+    def __init__(self, model: GPT, blocks: list[int], first: bool, last: bool, tp: DeviceMesh | None = None):
         super().__init__()
-        self.model, self.blocks, self.first, self.last = model, [str(b) for b in blocks], first, last
+        self.model, self.blocks, self.first, self.last, self.tp = model, [str(b) for b in blocks], first, last, tp
+
+    seq = 0
+    """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, blocks=self.blocks, embed=self.first, head=self.last)
+        if self.tp is not None and not self.first:  # each rank's slice, as `Shard(1)` cuts it (even or not)
+            shape = (x.shape[0], self.seq, *x.shape[2:])
+            x = DTensor.from_local(x, self.tp, (Shard(1),), run_check=False, shape=torch.Size(shape),
+                                   stride=_contiguous(shape))
+        out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last)
+        return out.to_local() if isinstance(out, DTensor) else out
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
 
 
 class PipelineStrategy(ShardedState):
@@ -52,7 +80,8 @@ class PipelineStrategy(ShardedState):
     def __init__(self, layout: MeshLayout, mesh: DeviceMesh, rank: int, *, schedule: str = "1f1b",
                  microbatches: int | str = "auto", reshard_after_forward: bool = True,
                  activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
-                 always_shard: bool = True):
+                 always_shard: bool = True, loss_parallel: bool = False):
+        """`loss_parallel`: under tensor parallelism the last stage's logits stay split (`tp.gpt_plan`)."""
         self.layout, self.mesh, self.rank, self.always_shard = layout, mesh, rank, always_shard
         self.pp, self.pp_rank = layout.pipeline, layout.coords(rank)["pp"]
         self.schedule_name, self.microbatches = schedule, microbatches
@@ -66,9 +95,11 @@ class PipelineStrategy(ShardedState):
             pair = dist.new_group([ranks[0], ranks[-1]])
             if rank in (ranks[0], ranks[-1]):
                 self.tied_group = pair
+        self.loss_parallel, self.split_logits, self._vocab = loss_parallel, False, 0
         self._mb_rows = 0
         self._schedules: dict[int, Any] = {}
         self._views: list[PipelineStage] = []
+        self._parts: list[_StageView] = []
         self._tied: list[nn.Parameter] = []
         self._copy: nn.Parameter | None = None
 
@@ -86,6 +117,10 @@ class PipelineStrategy(ShardedState):
             part.tok = part.pos = None
         if not last:
             part.ln = part.head = None
+        tp = self.mesh["tp"] if self.layout.tensor > 1 else None
+        if tp is not None:  # each parameter placed as it is split
+            self.split_logits = apply_tensor_parallel(part, tp, self.loss_parallel)
+        self._vocab = part.head.weight.shape[0] if last else 0
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)
         if dp is None:
@@ -96,19 +131,29 @@ class PipelineStrategy(ShardedState):
                 place(part, device)
         self._tied = [p for p in (part.tok.weight if first else None, part.head.weight if last else None) if p is not None]
         self._copy = part.head.weight if last and not first else None  # counted once in the norm: on the first stage
-        self._views = [PipelineStage(_StageView(part, bounds[s], s == 0, s == self.stages - 1), s, self.stages,
-                                     device, group=self.group) for s in self.my_stages]
+        self._parts = [_StageView(part, bounds[s], s == 0, s == self.stages - 1, tp) for s in self.my_stages]
+        self._views = [PipelineStage(view, s, self.stages, device, group=self.group)
+                       for view, s in zip(self._parts, self.my_stages)]
         return part
 
     def _schedule(self, n: int, fns: StepFns):
         if n not in self._schedules:
             def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-                return fns.scaler.scale(fns.task.output_loss(output, target) * fns.loss_scale)
+                return fns.scaler.scale(self._output_loss(fns, output, target) * fns.loss_scale)
 
             stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
             self._schedules[n] = SCHEDULES[self.schedule_name](stages, n_microbatches=n, loss_fn=loss_fn,
                                                                scale_grads=False)
         return self._schedules[n]
+
+    def _output_loss(self, fns: StepFns, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The task's loss of the last stage's output: under loss parallelism, this rank's slice of the
+        vocabulary, split again for the cross-entropy (run under `loss_context`, `_run`)."""
+        if self.split_logits:
+            shape = (*output.shape[:-1], self._vocab)
+            output = DTensor.from_local(output, self.mesh["tp"], (Shard(-1),), run_check=False,
+                                        shape=torch.Size(shape), stride=_contiguous(shape))
+        return whole_loss(fns.task.output_loss(output, target))
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -131,15 +176,22 @@ class PipelineStrategy(ShardedState):
     def _run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor, losses: list, train: bool = True) -> None:
         run = schedule.step if train else schedule.eval
         args = (inputs,) if 0 in self.my_stages else ()
-        if self.stages - 1 in self.my_stages:
-            run(*args, target=targets, losses=losses)
-        else:
-            run(*args)
+        for part in self._parts:
+            part.seq = inputs.shape[1]
+        with loss_context(self.split_logits):  # the backward of a split loss too
+            if self.stages - 1 in self.my_stages:
+                run(*args, target=targets, losses=losses)
+            else:
+                run(*args)
 
     def _sum_tied_grads(self) -> None:
-        """The embedding's gradient from the first stage plus the head's from the last, on both."""
+        """The embedding's gradient from the first stage plus the head's from the last, on both. Under
+        tensor parallelism the embedding's backward leaves its gradient whole (`Replicate`): each rank
+        keeps its rows first, as the head's is split, so both sum the same slice."""
         for p in self._tied:
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             dist.all_reduce(grad, group=self.tied_group)
 
     def _from_last_stage(self, value: torch.Tensor) -> torch.Tensor:
@@ -187,7 +239,7 @@ class PipelineStrategy(ShardedState):
             stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
             name = "gpipe" if self.schedule_name == "1f1b" else self.schedule_name
             self._schedules["eval"] = SCHEDULES[name](
-                stages, n_microbatches=1, loss_fn=lambda o, t: fns.task.output_loss(o, t), scale_grads=False)
+                stages, n_microbatches=1, loss_fn=lambda o, t: self._output_loss(fns, o, t), scale_grads=False)
         return self._schedules["eval"]
 
     def take_comm_s(self) -> float | None:

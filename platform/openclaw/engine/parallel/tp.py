@@ -34,19 +34,22 @@ from openclaw.engine.parallel.layout_checks import check_tensor_parallel
 
 def gpt_plan(model: GPT, loss_parallel: bool = False) -> dict:
     """`loss_parallel`: the head's logits stay a DTensor split by vocabulary (`Shard(-1)`), for a loss
-    computed under `loss_context`; else they are gathered whole (`Replicate`)."""
-    first = next(iter(model.blocks))
+    computed under `loss_context`; else they are gathered whole (`Replicate`). A pipeline stage's part
+    (`pp`: the ends it does not hold are None, the other stages' blocks removed) gets the plan of what
+    it holds; between stages each rank passes on its slice of the sequence (`pp._StageView`)."""
     logits = Shard(-1) if loss_parallel else Replicate()
-    plan = {
-        # the embeddings' sum stays replicated (a DTensor plus a plain tensor is refused); block 0 slices it
-        "tok": RowwiseParallel(input_layouts=Replicate()),
-        "pos": RowwiseParallel(input_layouts=Replicate()),
-        f"blocks.{first}": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                              use_local_output=False),
-        "ln": SequenceParallel(),
-        "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=logits,
-                                use_local_output=not loss_parallel),
-    }
+    plan: dict = {}
+    if model.tok is not None:
+        plan.update({
+            # the embeddings' sum stays replicated (a DTensor plus a plain tensor is refused); block 0 slices it
+            "tok": RowwiseParallel(input_layouts=Replicate()),
+            "pos": RowwiseParallel(input_layouts=Replicate()),
+            f"blocks.{next(iter(model.blocks))}": PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=False)})
+    if model.head is not None:
+        plan.update({"ln": SequenceParallel(),
+                     "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=logits,
+                                             use_local_output=not loss_parallel)})
     for i in model.blocks:
         b = f"blocks.{i}"
         plan.update({
