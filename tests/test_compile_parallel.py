@@ -36,10 +36,13 @@ def _train(rank, world, parallelism, compile_on):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", [{"strategy": "fsdp"}, {"strategy": "ddp", "tensor": 2},
-                                         {"strategy": "ddp", "pipeline": 2}], ids=["fsdp", "tp", "pp"])
+                                         {"strategy": "ddp", "pipeline": 2},
+                                         {"strategy": "ddp", "pipeline": 2, "tensor": 2}],
+                         ids=["fsdp", "tp", "pp", "pp-x-tp"])
 def test_compiled_training_matches_eager_under_each_parallelism(parallelism):
-    eager = spawn(2, _train, parallelism, False)[0]
-    compiled = spawn(2, _train, parallelism, True)[0]
+    world = 4 if parallelism.get("pipeline", 1) * parallelism.get("tensor", 1) == 4 else 2
+    eager = spawn(world, _train, parallelism, False)[0]
+    compiled = spawn(world, _train, parallelism, True)[0]
     assert compiled["compiled_steps"] >= 1 and eager["compiled_steps"] == 0
     # inductor fuses and reorders float ops: the same maths to a relative 1e-4, not bit for bit
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4), (compiled, eager)

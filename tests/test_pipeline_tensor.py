@@ -6,6 +6,7 @@ the sequence; the tied embedding and head, on the first and last stages, hold th
 The tolerances are those of tests/test_parallel.py: the same maths, float32 sums in another order.
 """
 import pytest
+import torch
 
 from parallel_harness import bitwise, hop, rel, spawn, train
 
@@ -29,6 +30,27 @@ def test_two_stages_of_two_tensor_parallel_ranks_match_one_rank(one_rank, spec, 
     _same_run(one_rank["history"], got[0]["history"])
     assert all(g["history"] == got[0]["history"] for g in got)  # the last stage's loss reaches every rank
     assert [g["split_logits"] for g in got] == [split] * 4
+
+
+def _uneven(rank, world, parallelism):
+    """The harness's run on 15-token sequences and a 63-word vocabulary: neither splits evenly in two."""
+    import parallel_harness as h
+    h.GPT_KWARGS = {**h.GPT_KWARGS, "vocab_size": 63}
+
+    def tokens(step):
+        g = torch.Generator().manual_seed(1000 + step)
+        return {"x": (torch.randint(0, 63, (h.GLOBAL_BATCH, 1), generator=g) + torch.arange(16) * 3) % 63}
+    h.global_batch = tokens
+    return h.train(rank, world, parallelism, 4)
+
+
+def test_uneven_slices_of_the_sequence_and_the_vocabulary_pass_between_stages():
+    """Tensor parallelism cuts 15 positions into 8 and 7, and 63 logits into 32 and 31: the next stage and
+    the loss rebuild the whole from each rank's slice with the step's whole length."""
+    one = spawn(1, _uneven, {"strategy": "ddp"})[0]
+    got = spawn(4, _uneven, {"strategy": "ddp", "pipeline": 2, "tensor": 2})
+    _same_run(one["history"], got[0]["history"])
+    assert got[0]["split_logits"]
 
 
 def test_only_rank_0_builds_the_whole_model_under_pipeline_x_tensor():

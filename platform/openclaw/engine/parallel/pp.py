@@ -47,15 +47,15 @@ SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": S
 
 class _StageView(nn.Module):
     """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). Under
-    tensor parallelism (`tp`: its mesh) what passes between stages is this rank's slice of the sequence,
-    a plain tensor (the pipeline sends plain tensors), made a DTensor again for the blocks."""
+    tensor parallelism (`tp`: its mesh) what passes between stages is this rank's slice of the sequence
+    as a plain tensor, made a DTensor again for the blocks."""
+
+    seq = 0
+    """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
 
     def __init__(self, model: GPT, blocks: list[int], first: bool, last: bool, tp: DeviceMesh | None = None):
         super().__init__()
         self.model, self.blocks, self.first, self.last, self.tp = model, [str(b) for b in blocks], first, last, tp
-
-    seq = 0
-    """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is not None and not self.first:  # each rank's slice, as `Shard(1)` cuts it (even or not)
