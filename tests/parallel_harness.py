@@ -37,16 +37,16 @@ def global_batch(step: int) -> dict[str, torch.Tensor]:
 
 def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: bool = False,
           model_kwargs: dict | None = None, restoring: bool = False, split_logits_ok: bool = True,
-          precision: str = "auto"):
+          precision: str = "auto", model_name: str = "gpt"):
     """The engine over the test gpt. `as_a_worker`: the model built as a worker builds it
     (`engine.initial_model`: under a sharded strategy on the meta device, and unless `restoring` from a
     checkpoint, rank 0's weights sent after the wrap); else built whole on every rank.
     `split_logits_ok`: `build_strategy`'s (false: as for a task that needs whole logits). `precision`:
-    `train.precision` (auto: fp32 on a CPU)."""
+    `train.precision` (auto: fp32 on a CPU). `model_name`: `model.name` (a user's `user_models:<fn>`)."""
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.initial_model import InitialModel, initial_model, rank0_weights
-    from openclaw.engine.models import GPT
+    from openclaw.engine.models import build_model
     from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
     from openclaw.engine.tasks import LanguageModeling
@@ -55,10 +55,10 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
     strategy = build_strategy(cfg, world=world, rank=rank, split_logits_ok=split_logits_ok)
     kwargs = model_kwargs or GPT_KWARGS
     if as_a_worker:
-        init = initial_model("gpt", kwargs, seed=seed, world=world, sharded=strategy.sharded)
+        init = initial_model(model_name, kwargs, seed=seed, world=world, sharded=strategy.sharded)
     else:
         torch.manual_seed(seed)
-        init = InitialModel(GPT(**kwargs))
+        init = InitialModel(build_model(model_name, kwargs))
     train = TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, max_steps=100,
                         optimizer={"name": "adamw", "lr": 3e-3, "weight_decay": 0.1}, grad_clip=1.0,
                         precision=precision)
@@ -66,7 +66,7 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
                     global_batch_size=GLOBAL_BATCH, strategy=strategy)
     weights = {}
     if init.on_meta and not restoring:  # as the attempt does on a fresh start
-        weights = rank0_weights("gpt", kwargs, seed=seed, rank=rank)
+        weights = rank0_weights(model_name, kwargs, seed=seed, rank=rank)
         engine.start_over(weights, from_rank0=True)
     engine.built_on_meta, engine.whole_state_keys = init.on_meta, len(weights)
     return engine, layout
@@ -124,8 +124,9 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
-def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_worker: bool = False) -> dict[str, Any]:
-    engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker)
+def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_worker: bool = False,
+          model_name: str = "gpt") -> dict[str, Any]:
+    engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker, model_name=model_name)
     history = steps(engine, layout, rank, 0, n_steps)
     return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
             "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
@@ -168,11 +169,12 @@ def full_state(engine) -> dict[str, Any]:
 
 
 def hop(rank: int, world: int, parallelism: dict, load_from: str | None, save_to: str, n_steps: int,
-        as_a_worker: bool = False) -> dict:
+        as_a_worker: bool = False, model_name: str = "gpt") -> dict:
     """Train `n_steps` (or load `load_from`), then save the shards to `save_to`; the whole state after.
     `as_a_worker`: built as a worker builds it (see `build`), no initial weights where it loads."""
     from openclaw.engine.sharded import load_shards, save_shards
-    engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker, restoring=bool(load_from))
+    engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker, restoring=bool(load_from),
+                           model_name=model_name)
     if load_from:
         template = engine.state_dict()
         load_shards(template, load_from)

@@ -80,8 +80,8 @@ def test_parallelism_config_is_checked_before_any_worker_starts():
 
 
 def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_worker_starts():
-    """What the wraps refuse (a model tensor parallelism cannot split, a pipeline of a model that is not
-    the gpt, of a user's loss, or of more stages than blocks), found on a model that holds no memory: a
+    """What the wraps refuse (a model tensor parallelism cannot split, a pipeline of a model not shaped for
+    one, of a user's loss, or of more stages than blocks), found on a model that holds no memory: a
     175B-parameter gpt costs the driver nothing."""
     import torch
 
@@ -98,8 +98,32 @@ def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_w
         check_layout(mlp, ParallelismConfig(tensor=2), builtin_task=True)
     with pytest.raises(ConfigError, match=r"`parallelism.tensor` \(4\) must divide `model.kwargs.heads` \(6\)"):
         check_layout(small, ParallelismConfig(tensor=4), builtin_task=True)
-    with pytest.raises(ConfigError, match="splits the built-in gpt into stages; MLP is not one"):
+    with pytest.raises(ConfigError, match=r"`parallelism.pipeline` \(2 stage\(s\)\) needs a model that says how to "
+                                          r"split it into stages: the built-in gpt, or .* MLP is neither"):
         check_layout(mlp, ParallelismConfig(pipeline=2), builtin_task=True)
+    # a user's model shaped for a pipeline (tests/user_models.py): 1F1B and GPipe, not interleaved, not with TP
+    from user_models import loose_parameter, staged_stack
+    with torch.device("meta"):
+        staged, loose = staged_stack(), loose_parameter()
+    check_layout(staged, ParallelismConfig(pipeline=4, pipeline_schedule="gpipe"), builtin_task=True)
+    with pytest.raises(ConfigError, match="at least one block per stage: 8 stage.*has 4 block"):
+        check_layout(staged, ParallelismConfig(pipeline=8), builtin_task=True)
+    with pytest.raises(ConfigError, match="interleaved_1f1b` runs two stages in one copy .* for StagedStack"):
+        check_layout(staged, ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
+    staged.parallelize_plan = lambda mesh: {}
+    with pytest.raises(ConfigError, match="`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt"):
+        check_layout(staged, ParallelismConfig(pipeline=2, tensor=2), builtin_task=True)
+    with pytest.raises(ConfigError, match=r"parameters \['gate'\] are neither in a block nor in a module"):
+        check_layout(loose, ParallelismConfig(pipeline=2), builtin_task=True)
+    type(staged).pipeline_ends = (["embed", "nowhere"], ["norm", "head"])
+    try:
+        with pytest.raises(ConfigError, match=r"names \['nowhere'\], which it has no module called"):
+            check_layout(staged, ParallelismConfig(pipeline=2), builtin_task=True)
+    finally:
+        type(staged).pipeline_ends = (["embed"], ["norm", "head"])
+    staged.blocks["1"].tie = staged.embed  # the embedding's matrix inside a middle block too
+    with pytest.raises(ConfigError, match="one parameter on two stages; a pipeline keeps a tie only between"):
+        check_layout(staged, ParallelismConfig(pipeline=4, pipeline_schedule="gpipe"), builtin_task=True)
     with pytest.raises(ConfigError, match="needs a built-in `task`"):
         check_layout(small, ParallelismConfig(pipeline=2), builtin_task=False)
     with pytest.raises(ConfigError, match="at least one block per stage: 4 stage"):  # 2 ranks x 2 stages each

@@ -69,3 +69,47 @@ class BlockStack(nn.Module):
 
 def block_stack(in_features: int = 64, hidden: int = 64, depth: int = 3, num_classes: int = 10, **_) -> nn.Module:
     return BlockStack(in_features, hidden, depth, num_classes)
+
+
+class StagedStack(nn.Module):
+    """A small language model shaped as a pipeline splits it (torchtitan's convention): its blocks in an
+    `nn.ModuleDict`, the modules before and after them named in `pipeline_ends`, a forward that skips what
+    a stage does not hold. The head shares the embedding's matrix (with `tied`)."""
+    pipeline_ends = (["embed"], ["norm", "head"])
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, tied: bool):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleDict({str(i): nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                                           nn.Linear(2 * dim, dim)) for i in range(depth)})
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x.long())
+        for block in self.blocks.values():
+            x = x + block(x)
+        return self.head(self.norm(x)) if self.head is not None else x
+
+
+def staged_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, tied: bool = True, **_) -> nn.Module:
+    return StagedStack(vocab_size, dim, depth, tied)
+
+
+def untied_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn.Module:
+    return StagedStack(vocab_size, dim, depth, tied=False)
+
+
+class LooseParameter(StagedStack):
+    """A staged stack with a parameter of its own, in no block and no end: no stage would own it."""
+
+    def __init__(self, vocab_size: int, dim: int, depth: int):
+        super().__init__(vocab_size, dim, depth, tied=False)
+        self.gate = nn.Parameter(torch.ones(dim))
+
+
+def loose_parameter(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn.Module:
+    return LooseParameter(vocab_size, dim, depth)

@@ -74,6 +74,9 @@ class GPT(nn.Module):
     holds, and its parameter names stay those of the whole model.
     """
 
+    pipeline_ends = (("tok", "pos"), ("ln", "head"))
+    """What runs before the blocks and after them: the first and the last pipeline stage's modules."""
+
     def __init__(self, vocab_size: int = 256, block_size: int = 128, dim: int = 128, depth: int = 4,
                  heads: int = 4, dropout: float = 0.0):
         super().__init__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from openclaw.engine.models import GPT
+from openclaw.engine.models import GPT, tied_parameters
 from openclaw.engine.parallel.base import transformer_blocks
 from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.errors import ConfigError
@@ -24,8 +24,8 @@ def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool
     if cfg.tensor > 1:
         check_tensor_parallel(model, cfg.tensor)
     if cfg.pipeline > 1:
-        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank,
-                       builtin_task=builtin_task)
+        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank, builtin_task=builtin_task,
+                       interleaved=cfg.stages_per_rank > 1, tensor=cfg.tensor)
 
 
 def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
@@ -45,8 +45,9 @@ def stage_blocks(depth: int, stages: int) -> list[list[int]]:
     """The blocks of each of `stages` consecutive stages: as even as can be, earlier stages one more."""
     if depth < stages:
         raise ConfigError(f"`parallelism.pipeline` needs at least one block per stage: {stages} stage(s), but "
-                          f"`model.kwargs.depth` is {depth}. Lower `parallelism.pipeline` (or use `gpipe`/`1f1b` "
-                          f"rather than `interleaved_1f1b`, which runs two stages per rank).")
+                          f"the model has {depth} block(s) (the gpt's `model.kwargs.depth`). Lower "
+                          f"`parallelism.pipeline` (or use `gpipe`/`1f1b` rather than `interleaved_1f1b`, which "
+                          f"runs two stages per rank).")
     per, extra = divmod(depth, stages)
     bounds, start = [], 0
     for s in range(stages):
@@ -59,13 +60,70 @@ def stage_blocks(depth: int, stages: int) -> list[list[int]]:
 NEEDS_BUILTIN_TASK = ("`parallelism.pipeline` computes the loss on the last stage: it needs a built-in `task`, not "
                       "a user's loss function.")
 
+PIPELINE_PROTOCOL = (
+    "the built-in gpt, or a model shaped as torchtitan's are: its repeated blocks in an nn.ModuleDict "
+    "`self.blocks` (a stage keeps the names of those it holds), the modules that run before and after them "
+    "named in a class attribute `pipeline_ends = ([first stage's], [last stage's])`, and a forward that skips "
+    "each of those set to None (a later stage's input is the hidden state)")
 
-def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True) -> None:
+
+def pipeline_ends(model: nn.Module) -> tuple[list[str], list[str]] | None:
+    """The module names `model` runs before its blocks and after them (`PIPELINE_PROTOCOL`), or None where
+    it cannot be split into stages."""
+    ends = getattr(model, "pipeline_ends", None)
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleDict) or not isinstance(ends, (tuple, list)) \
+            or len(ends) != 2:
+        return None
+    return list(ends[0]), list(ends[1])
+
+
+def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, interleaved: bool = False,
+                   tensor: int = 1) -> None:
     """Whether `model` (on any device, the meta device included) splits into `stages` stages; a `ConfigError`
     naming the key otherwise."""
-    if not isinstance(model, GPT):
-        raise ConfigError(f"`parallelism.pipeline` splits the built-in gpt into stages; {type(model).__name__} "
-                          f"is not one. Set `parallelism.pipeline: 1`.")
+    name = type(model).__name__
+    ends = pipeline_ends(model)
+    if ends is None:
+        raise ConfigError(f"`parallelism.pipeline` ({stages} stage(s)) needs a model that says how to split it into "
+                          f"stages: {PIPELINE_PROTOCOL}. {name} is neither; set `parallelism.pipeline: 1`.")
     if not builtin_task:
         raise ConfigError(NEEDS_BUILTIN_TASK)
-    stage_blocks(model.depth, stages)
+    if not isinstance(model, GPT) and interleaved:
+        raise ConfigError(f"`parallelism.pipeline_schedule: interleaved_1f1b` runs two stages in one copy of the "
+                          f"model, which only the built-in gpt's forward can do; use `1f1b` or `gpipe` for {name}.")
+    if not isinstance(model, GPT) and tensor > 1:
+        raise ConfigError(f"`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt (its stages pass "
+                          f"sequence-parallel slices between them); {name} takes one of the two.")
+    _check_ends(model, *ends)
+    stage_blocks(len(model.blocks), stages)
+
+
+def _check_ends(model: nn.Module, first: list[str], last: list[str]) -> None:
+    """Every parameter in a block or an end (else every stage would train its own copy), and each tie
+    within one stage or between the first and the last."""
+    name = type(model).__name__
+    modules = dict(model.named_modules())
+    missing = [m for m in first + last if m not in modules or not m]
+    if missing:
+        raise ConfigError(f"`parallelism.pipeline`: {name}.pipeline_ends names {missing}, which it has no module "
+                          f"called.")
+
+    def part(param: str) -> str | None:
+        return stage_part(param, first, last)
+    loose = [p for p, _ in model.named_parameters() if part(p) is None]
+    if loose:
+        raise ConfigError(f"`parallelism.pipeline`: {name}'s parameters {loose[:3]} are neither in a block nor in "
+                          f"a module `pipeline_ends` names, so no stage would own them. Name their modules there.")
+    for owner, alias in tied_parameters(model):
+        if part(owner) != part(alias) and {part(owner), part(alias)} != {"first", "last"}:
+            raise ConfigError(f"`parallelism.pipeline`: {name}'s {owner} and {alias} are one parameter on two "
+                              f"stages; a pipeline keeps a tie only between its first and last stages.")
+
+
+def stage_part(param: str, first: list[str], last: list[str]) -> str | None:
+    """Where a parameter of a pipelined model lives (pure): `blocks.<key>`, `first` or `last` (in a module
+    `pipeline_ends` names), None where neither."""
+    if param.startswith("blocks."):
+        return "blocks." + param.split(".")[1]
+    return next((where for group, where in ((first, "first"), (last, "last")) for m in group
+                 if param.startswith(m + ".")), None)

@@ -1,17 +1,18 @@
-"""Pipeline parallelism for the built-in gpt (plain torch; worker process): consecutive blocks on
+"""Pipeline parallelism for the built-in gpt and models shaped like it (`layout_checks.PIPELINE_PROTOCOL`:
+blocks in an nn.ModuleDict, `pipeline_ends`) (plain torch; worker process): consecutive blocks on
 consecutive ranks of a pipeline group, micro-batches flowing through them on torch's schedules (1F1B,
 GPipe, interleaved 1F1B), composed with tensor parallelism within each stage and FSDP over the
 data-parallel ranks (torchtitan's 3-D order: the stages are cut, each stage's part is split over its
 tensor-parallel ranks, then sharded).
 
-Every rank builds the whole model with the run's seed, keeps its stages' parts (its blocks; the
-embeddings on the first stage; the final norm and the head on the last) and drops the rest, so
-parameter names, and checkpoints, are those of the whole model. With interleaved 1F1B a rank holds
-two stages, `pipeline` apart, in one pruned model.
+Every rank keeps its stages' parts of the model (its blocks; what `pipeline_ends` names for the first
+stage, the gpt's embeddings, on the first; the final norm and the head on the last) and drops the
+rest, so parameter names, and checkpoints, are those of the whole model. With interleaved 1F1B a rank
+holds two stages, `pipeline` apart, in one pruned model (the gpt's forward runs either).
 
-The tied embedding lives on the first stage and the head on the last: each holds a copy. After the
-backward their gradients are summed across the two ranks, so both copies get the same update and stay
-equal. The global gradient norm sums every stage's squares (the copy counted once). The loss is
+A parameter tied between the first and the last stage (the gpt's embedding and head) has a copy on
+each. After the backward their gradients are summed across the two ranks, so both copies get the same
+update and stay equal. The global gradient norm sums every stage's squares (the copy counted once). The loss is
 computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and broadcast
 to the group, so every rank reports it.
 
@@ -37,7 +38,9 @@ from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing, on_meta, place
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
-from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, stage_blocks
+from openclaw.engine.models import tied_parameters
+from openclaw.engine.parallel.layout_checks import (NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks,
+                                                    stage_part)
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 from openclaw.errors import ConfigError
@@ -53,17 +56,30 @@ class _StageView(nn.Module):
     seq = 0
     """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
 
-    def __init__(self, model: GPT, blocks: list[int], first: bool, last: bool, tp: DeviceMesh | None = None):
+    def __init__(self, model: nn.Module, blocks: list[str], first: bool, last: bool, tp: DeviceMesh | None = None):
         super().__init__()
-        self.model, self.blocks, self.first, self.last, self.tp = model, [str(b) for b in blocks], first, last, tp
+        self.model, self.blocks, self.first, self.last, self.tp = model, blocks, first, last, tp
+        self.subset = isinstance(model, GPT)  # runs one of two stages it holds (interleaved); else all it holds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is not None and not self.first:  # each rank's slice, as `Shard(1)` cuts it (even or not)
             shape = (x.shape[0], self.seq, *x.shape[2:])
             x = DTensor.from_local(x, self.tp, (Shard(1),), run_check=False, shape=torch.Size(shape),
                                    stride=_contiguous(shape))
-        out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last)
+        out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last) if self.subset else self.model(x)
         return out.to_local() if isinstance(out, DTensor) else out
+
+
+def _cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
+    """(the first stage's name, the last stage's name) of each parameter the two share (the gpt's embedding
+    and head): each holds a copy."""
+    starts, ends = pipeline_ends(model)
+    out = []
+    for a, b in tied_parameters(model):
+        where = (stage_part(a, starts, ends), stage_part(b, starts, ends))
+        if where in (("first", "last"), ("last", "first")):
+            out.append((a, b) if where[0] == "first" else (b, a))
+    return out
 
 
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -101,26 +117,29 @@ class PipelineStrategy(ShardedState):
         self._views: list[PipelineStage] = []
         self._parts: list[_StageView] = []
         self._tied: list[nn.Parameter] = []
-        self._copy: nn.Parameter | None = None
+        self._copies: list[nn.Parameter] = []
 
     # ---- building the stages ------------------------------------------------------------------
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        check_pipeline(model, self.stages)
-        bounds = stage_blocks(model.depth, self.stages)
-        keep = {b for s in self.my_stages for b in bounds[s]}
+        check_pipeline(model, self.stages, interleaved=len(self.my_stages) > 1, tensor=self.layout.tensor)
+        bounds = stage_blocks(len(model.blocks), self.stages)
+        keys = list(model.blocks)
+        keep = {keys[b] for s in self.my_stages for b in bounds[s]}
         first, last = 0 in self.my_stages, self.stages - 1 in self.my_stages
+        ties = _cross_stage_ties(model)
         part = copy.deepcopy(model)  # on the host: only this rank's stages reach the device, below
-        for b in [k for k in part.blocks if int(k) not in keep]:
-            del part.blocks[b]
-        if not first:
-            part.tok = part.pos = None
-        if not last:
-            part.ln = part.head = None
+        for key in [k for k in part.blocks if k not in keep]:
+            del part.blocks[key]
+        starts, ends = pipeline_ends(model)
+        for name, held in [(m, first) for m in starts] + [(m, last) for m in ends]:
+            if not held:
+                parent, _, attr = name.rpartition(".")
+                setattr(part.get_submodule(parent) if parent else part, attr, None)
         tp = self.mesh["tp"] if self.layout.tensor > 1 else None
         if tp is not None:  # each parameter placed as it is split
             self.split_logits = apply_tensor_parallel(part, tp, self.loss_parallel)
-        self._vocab = part.head.weight.shape[0] if last else 0
+        self._vocab = part.head.weight.shape[0] if self.split_logits and last else 0
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)
         if dp is None:
@@ -129,9 +148,11 @@ class PipelineStrategy(ShardedState):
             shard(part, dp, self.reshard_after_forward, self.param_dtype)
             if on_meta(part):
                 place(part, device)
-        self._tied = [p for p in (part.tok.weight if first else None, part.head.weight if last else None) if p is not None]
-        self._copy = part.head.weight if last and not first else None  # counted once in the norm: on the first stage
-        self._parts = [_StageView(part, bounds[s], s == 0, s == self.stages - 1, tp) for s in self.my_stages]
+        # each tie's two copies: summed after the backward; counted once in the norm (on the first stage)
+        self._tied = [part.get_parameter(t[0]) for t in ties if first] + [part.get_parameter(t[1]) for t in ties if last]
+        self._copies = [part.get_parameter(t[1]) for t in ties] if last and not first else []
+        keys = [[keys[b] for b in bounds[s]] for s in range(self.stages)]
+        self._parts = [_StageView(part, keys[s], s == 0, s == self.stages - 1, tp) for s in self.my_stages]
         self._views = [PipelineStage(view, s, self.stages, device, group=self.group)
                        for view, s in zip(self._parts, self.my_stages)]
         return part
@@ -200,8 +221,7 @@ class PipelineStrategy(ShardedState):
         return value
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
-        return clip_global(model.parameters(), max_norm, sum_over=[self.group],
-                           exclude=[self._copy] if self._copy is not None else [])
+        return clip_global(model.parameters(), max_norm, sum_over=[self.group], exclude=self._copies)
 
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
         """Forward only through the stages, one training-sized micro-batch at a time (the stages' buffers

@@ -1,0 +1,39 @@
+"""A user's model in a pipeline: shaped as torchtitan's models are (`tests/user_models.py:StagedStack`:
+blocks in an nn.ModuleDict, `pipeline_ends`, a forward that skips what a stage does not hold), it is
+split into stages as the built-in gpt is, its tied embedding and head summed across the first and last
+stages. The engine alone in real gloo groups on CPU (tests/parallel_harness.py), against one rank."""
+import pytest
+
+from parallel_harness import hop, rel, spawn, train
+
+N_STEPS = 6
+TIED, UNTIED = "user_models:staged_stack", "user_models:untied_stack"
+
+
+def _same_run(reference, history, tol=1e-5):
+    losses, norms = zip(*reference)
+    got_losses, got_norms = zip(*history)
+    assert len(got_losses) == len(losses) and rel(losses, got_losses) < tol, (losses, got_losses)
+    assert rel(norms, got_norms) < tol, (norms, got_norms)
+    assert got_losses[-1] < got_losses[0]
+
+
+@pytest.mark.parametrize("model,schedule", [(TIED, "1f1b"), (UNTIED, "gpipe")], ids=["tied-1f1b", "untied-gpipe"])
+def test_a_users_model_in_two_stages_trains_as_on_one_rank(model, schedule):
+    one = spawn(1, train, {"strategy": "ddp"}, N_STEPS, False, model)[0]
+    two = spawn(2, train, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule}, N_STEPS, False, model)
+    _same_run(one["history"], two[0]["history"])
+    assert two[0]["history"] == two[1]["history"]
+
+
+def test_built_as_a_worker_and_checkpointed_under_fsdp_it_loads_into_one_rank(tmp_path):
+    """Two stages x two FSDP shards: built on the meta device with rank 0's weights, the same run bit for
+    bit as built whole; its checkpoint, under the whole model's names, loads into one rank, still tied."""
+    spec = {"strategy": "fsdp", "pipeline": 2}
+    whole = spawn(4, train, spec, 3, False, TIED)
+    meta = spawn(4, hop, spec, None, str(tmp_path / "pp"), 3, True, TIED)
+    assert [m["history"] for m in meta] == [w["history"] for w in whole]
+    one = spawn(1, hop, {"strategy": "fsdp"}, str(tmp_path / "pp"), str(tmp_path / "one"), 3, False, TIED)
+    model = one[0]["state"]["model"]
+    assert model["head.weight"].equal(model["embed.weight"]) and len(model) > 10
+    _same_run(meta[0]["next"], one[0]["next"])
