@@ -64,12 +64,13 @@ def test_only_rank_0_builds_the_whole_model_under_pipeline_x_tensor():
 
 @pytest.mark.slow
 def test_eight_ranks_match_one_rank_and_their_checkpoint_loads_at_four_and_one(one_rank, tmp_path):
-    """pipeline 2 x data-parallel 2 x tensor 2 under FSDP trains as one rank does; its sharded checkpoint
-    loads at pipeline 2 x tensor 2 (a data-parallel rank lost, as an elastic shrink; built as a restarted
-    worker builds it, every weight from the checkpoint) and into one rank, every parameter and optimizer
-    state bit for bit."""
+    """pipeline 2 x data-parallel 2 x tensor 2, the data-parallel ranks as HSDP replicas and every block
+    recomputed in the backward, trains as one rank does; its sharded checkpoint loads at pipeline 2 x
+    tensor 2 under FSDP (a data-parallel rank lost, as an elastic shrink; built as a restarted worker
+    builds it, every weight from the checkpoint) and into one rank, every parameter and optimizer state
+    bit for bit."""
     spec = {"strategy": "fsdp", "pipeline": 2, "tensor": 2}
-    eight = spawn(8, hop, spec, None, str(tmp_path / "a"), 3)
+    eight = spawn(8, hop, {**spec, "replicate": 2, "activation_checkpointing": "full"}, None, str(tmp_path / "a"), 3)
     _same_run(one_rank["history"], eight[0]["history"])
     four = spawn(4, hop, spec, str(tmp_path / "a"), str(tmp_path / "b"), 3, True)
     one = spawn(1, hop, {"strategy": "fsdp"}, str(tmp_path / "b"), str(tmp_path / "c"), 3)
