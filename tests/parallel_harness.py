@@ -69,6 +69,9 @@ def build(rank: int, world: int, parallelism: dict, seed: int = 0, as_a_worker: 
         weights = rank0_weights(model_name, kwargs, seed=seed, rank=rank)
         engine.start_over(weights, from_rank0=True)
     engine.built_on_meta, engine.whole_state_keys = init.on_meta, len(weights)
+    if weights:  # what rank 0 broadcasts: each tensor once, a tied one under one name
+        from openclaw.engine.parallel.fsdp import without_aliases
+        engine.sent_keys = len(without_aliases(engine.model, weights))
     return engine, layout
 
 
@@ -130,7 +133,8 @@ def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_work
     history = steps(engine, layout, rank, 0, n_steps)
     return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
             "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
-            "whole_state_keys": engine.whole_state_keys, "split_logits": getattr(engine.strategy, "split_logits", False)}
+            "whole_state_keys": engine.whole_state_keys, "sent_keys": getattr(engine, "sent_keys", 0),
+            "split_logits": getattr(engine.strategy, "split_logits", False)}
 
 
 def host_peak_growth(rank: int, world: int, parallelism: dict, model_kwargs: dict, as_a_worker: bool) -> int:

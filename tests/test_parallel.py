@@ -68,6 +68,9 @@ def test_only_rank_0_builds_the_whole_model_and_the_run_is_the_same(world, paral
         assert a["history"] == b["history"]
         if a["weights"] is not None:
             assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    # the tied head and embedding go once, except to a pipeline's last stage, which holds the head alone
+    tied_once = parallelism.get("pipeline", 1) == 1
+    assert meta[0]["sent_keys"] == meta[0]["whole_state_keys"] - tied_once, meta[0]["sent_keys"]
 
 
 def test_only_rank_0_holds_the_whole_model_in_host_memory():

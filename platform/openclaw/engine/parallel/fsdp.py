@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from openclaw.engine.models import tied_parameters
 from openclaw.engine.noise import LocalGrad, measure_local
 from openclaw.engine.parallel.base import (Batch, CommClock, StepFns, apply_activation_checkpointing, evaluate_each,
                                           on_meta, place, transformer_blocks)
@@ -77,7 +78,15 @@ class ShardedState:
                        options=SHARDED)
 
     def load_full_model(self, model: nn.Module, state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
-        set_model_state_dict(model, state, options=FROM_RANK0 if from_rank0 else FULL_MODEL)
+        set_model_state_dict(model, without_aliases(model, state), options=FROM_RANK0 if from_rank0 else FULL_MODEL)
+
+
+def without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` less the second name of each parameter `model` holds under two (the gpt's head, its
+    embedding's matrix): loading the first fills both, and from rank 0 each name is a broadcast of the
+    whole tensor. A pipeline stage holding one of the two keeps its own name (no pair in its part)."""
+    aliases = {alias for _, alias in tied_parameters(model)}
+    return {k: v for k, v in state.items() if k not in aliases}
 
 
 class FSDPStrategy(ShardedState):
