@@ -18,9 +18,9 @@ from conftest import REPO, committed_batches, newest_logged_step
 pytestmark = pytest.mark.integration
 
 
-def _config(text_dir, tmp_path, mlflow_uri, **overrides):
-    """The shipped FSDP example at test size: a 2-block GPT on 64-token windows."""
-    return openclaw.load_config(REPO / "jobs" / "configs" / "text-lm-fsdp.yaml", {
+def _config(text_dir, tmp_path, mlflow_uri, example="text-lm-fsdp.yaml", **overrides):
+    """A shipped example (the FSDP one unless told) at test size: a 2-block GPT on 64-token windows."""
+    return openclaw.load_config(REPO / "jobs" / "configs" / example, {
         "data.train": str(text_dir / "train"), "data.val": str(text_dir / "val"),
         "checkpoint.storage": str(tmp_path / "runs"), "tracking.uri": mlflow_uri, "model.kwargs.block_size": 64,
         "model.kwargs.depth": 2, **overrides})
@@ -139,19 +139,20 @@ def test_fsdp_two_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ra
 
 @pytest.mark.parametrize("parallelism", [
     {"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "1f1b"},
-    {"strategy": "fsdp", "pipeline": 2, "tensor": 2, "scaling.min_workers": 4, "scaling.max_workers": 4,
-     "train.micro_batch_size": "auto", "train.max_steps": 10, "train.eval_every": 5, "checkpoint.every_steps": 5}],
+    {"example": "text-lm-3d.yaml", "scaling.max_workers": 4, "train.micro_batch_size": "auto",
+     "train.max_steps": 10, "train.eval_every": 5, "checkpoint.every_steps": 5}],
     ids=["tensor", "pipeline", "pipeline-x-tensor"])
 def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local, text_dir, tmp_path, mlflow_uri,
                                                                         parallelism, capsys):
-    """Under pipeline x tensor (4 workers: 2 stages of 2 tensor-parallel workers, sharded by FSDP) each
-    worker saves its own shard of its stage."""
-    keys = {k if "." in k else f"parallelism.{k}": v for k, v in parallelism.items()}
+    """The 3-D example (`jobs/configs/text-lm-3d.yaml`: 4 workers, 2 stages of 2 tensor-parallel workers,
+    sharded by FSDP) on one copy of the model: each worker saves its own shard of its stage."""
+    keys = {k if "." in k or k == "example" else f"parallelism.{k}": v for k, v in parallelism.items()}
+    strategy = {} if "example" in keys else {"parallelism.strategy": "ddp"}
     cfg = _config(text_dir, tmp_path, mlflow_uri, **{"train.max_steps": 40, "train.eval_every": 20,
-                                                     "checkpoint.every_steps": 20, "parallelism.strategy": "ddp",
-                                                     "train.record_samples": True, **keys})
+                                                     "checkpoint.every_steps": 20, "train.record_samples": True,
+                                                     **strategy, **keys})
     result = openclaw.train(cfg)
-    mesh = " x ".join(f"{k} 2" for k in ("pipeline", "tensor") if k in parallelism)
+    mesh = " x ".join(f"{k} 2" for k in ("pipeline", "tensor") if getattr(cfg.parallelism, k) == 2)
     workers = cfg.scaling.max_workers
     out, steps = capsys.readouterr().out, cfg.train.max_steps
     assert f"start at step 0/{steps} with {workers} worker(s) (mesh {mesh}), accumulation" in out
@@ -159,7 +160,7 @@ def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local
         assert "micro-batch: 4 (`auto`" in out and f"(mesh {mesh}), accumulation 8" in out
     manifest = json.loads(open(f"{result.checkpoint}/manifest.json").read())
     assert {f"model/__{r}_0.distcp" for r in range(workers)} <= set(manifest["files"])
-    if "tensor" in parallelism:  # every worker on this one node: each group spans one node, and nothing is advised
+    if cfg.parallelism.tensor > 1:  # every worker on this one node: each group spans one node, and nothing is advised
         events = json.load(open(MlflowClient(mlflow_uri).download_artifacts(result.run_id, "events.json", str(tmp_path))))
         start = next(e for e in events if e["event"] == "start")
         assert start["tensor_group_nodes"] == 1 and start["workers_per_node"] == [workers], start
