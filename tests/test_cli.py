@@ -39,7 +39,7 @@ CASES = {
     "tensor parallel mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.tensor=2"],
                             "`parallelism.tensor` (2) needs a model that says how to split it"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
-                           "`parallelism.pipeline` splits the built-in gpt into stages; MLP is not one"),
+                           "`parallelism.pipeline` (2 stage(s)) needs a model that says how to split it into stages"),
 }
 
 
