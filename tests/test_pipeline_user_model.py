@@ -3,6 +3,7 @@ blocks in an nn.ModuleDict, `pipeline_ends`, a forward that skips what a stage d
 split into stages as the built-in gpt is, its tied embedding and head summed across the first and last
 stages. The engine alone in real gloo groups on CPU (tests/parallel_harness.py), against one rank."""
 import pytest
+import torch
 
 from parallel_harness import hop, rel, spawn, train
 
@@ -37,3 +38,31 @@ def test_built_as_a_worker_and_checkpointed_under_fsdp_it_loads_into_one_rank(tm
     model = one[0]["state"]["model"]
     assert model["head.weight"].equal(model["embed.weight"]) and len(model) > 10
     _same_run(meta[0]["next"], one[0]["next"])
+
+
+def _evaluate(rank: int, world: int, parallelism: dict) -> dict[str, float]:
+    """A user's classifier's validation sums over 37 rows in batches of 8 (the last one padded)."""
+    from openclaw.engine.config import TrainConfig
+    from openclaw.engine.engine import Engine
+    from openclaw.engine.parallel.build import build_strategy
+    from openclaw.engine.parallel.config import ParallelismConfig
+    from openclaw.engine.tasks import build_task
+    from user_models import staged_classifier
+    torch.manual_seed(0)
+    train = TrainConfig(global_batch_size=16, micro_batch_size=8, max_steps=1, optimizer={"name": "adamw", "lr": 1e-2})
+    engine = Engine(staged_classifier(), build_task("classification"), train, world_size=1, global_batch_size=16,
+                    strategy=build_strategy(ParallelismConfig(**parallelism), world=world, rank=rank))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(37, 64, generator=g), torch.randint(0, 10, (37,), generator=g)
+    return engine.evaluate([{"x": x[i:i + 8], "y": y[i:i + 8]} for i in range(0, 37, 8)])
+
+
+def test_a_users_classifier_in_a_pipeline_reports_the_accuracy_one_rank_reports():
+    """The last stage sums every validation metric the task scores, the correct predictions too: before,
+    a pipeline reported the loss alone, and a classifier's `val/accuracy` went missing."""
+    one = spawn(1, _evaluate, {"strategy": "ddp"})[0]
+    two = spawn(2, _evaluate, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": "gpipe"})
+    assert set(one) == {"loss", "correct", "count"} and one["count"] == 37 and 0 < one["correct"] < 37
+    assert two[0] == two[1] and set(two[0]) == set(one)
+    assert two[0]["correct"] == one["correct"] and two[0]["count"] == 37
+    assert two[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)

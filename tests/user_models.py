@@ -113,3 +113,27 @@ class LooseParameter(StagedStack):
 
 def loose_parameter(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn.Module:
     return LooseParameter(vocab_size, dim, depth)
+
+
+class StagedClassifier(nn.Module):
+    """A classifier of residual blocks shaped as a pipeline splits it (see `StagedStack`)."""
+    pipeline_ends = (["inp"], ["out"])
+
+    def __init__(self, in_features: int, hidden: int, depth: int, num_classes: int):
+        super().__init__()
+        self.inp = nn.Linear(in_features, hidden)
+        self.blocks = nn.ModuleDict({str(i): nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU())
+                                     for i in range(depth)})
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inp is not None:
+            x = self.inp(x.flatten(1).float())
+        for block in self.blocks.values():
+            x = x + block(x)
+        return self.out(x) if self.out is not None else x
+
+
+def staged_classifier(in_features: int = 64, hidden: int = 32, depth: int = 4, num_classes: int = 10,
+                      **_) -> nn.Module:
+    return StagedClassifier(in_features, hidden, depth, num_classes)

@@ -3,8 +3,8 @@ sample count, so the engine can normalise by the global batch size and keep the 
 independent of the world size.
 
 The built-in tasks also split a batch into the model's input and the targets and score a model's
-output against the targets: what a pipeline needs, whose last stage computes the loss without seeing
-the batch.
+output against the targets (`output_loss`, and for validation `output_sums`): what a pipeline needs,
+whose last stage computes the loss without seeing the batch.
 """
 from __future__ import annotations
 
@@ -38,11 +38,14 @@ class Classification:
         x, y = self.split(batch)
         return self.output_loss(model(x), y), len(y)
 
+    def output_sums(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The validation sums of one output: the loss and the correct predictions (a target of -100, a
+        pipeline's padding row, counts in neither)."""
+        return {"loss": self.output_loss(logits, y), "correct": (logits.argmax(-1) == y.long()).sum()}
+
     def eval_sums(self, model, batch):
         x, y = self.split(batch)
-        logits = model(x).float()
-        return {"loss": self.output_loss(logits, y).item(), "correct": (logits.argmax(-1) == y.long()).sum().item(),
-                "count": len(y)}
+        return {**{k: v.item() for k, v in self.output_sums(model(x).float(), y).items()}, "count": len(y)}
 
 
 class LanguageModeling:
@@ -60,6 +63,9 @@ class LanguageModeling:
     def loss(self, model, batch):
         x, y = self.split(batch)
         return self.output_loss(model(x), y), len(x)
+
+    def output_sums(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.output_loss(logits, targets)}
 
     def eval_sums(self, model, batch):
         loss, count = self.loss(model, batch)

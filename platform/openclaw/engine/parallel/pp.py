@@ -113,6 +113,7 @@ class PipelineStrategy(ShardedState):
                 self.tied_group = pair
         self.loss_parallel, self.split_logits, self._vocab = loss_parallel, False, 0
         self._mb_rows = 0
+        self._eval_totals: dict[str, float] = {}
         self._schedules: dict[int, Any] = {}
         self._views: list[PipelineStage] = []
         self._parts: list[_StageView] = []
@@ -168,13 +169,17 @@ class PipelineStrategy(ShardedState):
         return self._schedules[n]
 
     def _output_loss(self, fns: StepFns, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The task's loss of the last stage's output: under loss parallelism, this rank's slice of the
-        vocabulary, split again for the cross-entropy (run under `loss_context`, `_run`)."""
-        if self.split_logits:
-            shape = (*output.shape[:-1], self._vocab)
-            output = DTensor.from_local(output, self.mesh["tp"], (Shard(-1),), run_check=False,
-                                        shape=torch.Size(shape), stride=_contiguous(shape))
-        return whole_loss(fns.task.output_loss(output, target))
+        """The task's loss of the last stage's output (run under `loss_context`, `_run`)."""
+        return whole_loss(fns.task.output_loss(self._task_output(output), target))
+
+    def _task_output(self, output: torch.Tensor) -> torch.Tensor:
+        """The last stage's output as the task scores it: under loss parallelism, this rank's slice of the
+        vocabulary split again."""
+        if not self.split_logits:
+            return output
+        shape = (*output.shape[:-1], self._vocab)
+        return DTensor.from_local(output, self.mesh["tp"], (Shard(-1),), run_check=False, shape=torch.Size(shape),
+                                  stride=_contiguous(shape))
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -225,16 +230,25 @@ class PipelineStrategy(ShardedState):
 
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
         """Forward only through the stages, one training-sized micro-batch at a time (the stages' buffers
-        have that shape); the last one is padded with rows whose targets are ignored."""
+        have that shape); the last one is padded with rows whose targets are ignored. The last stage sums
+        the task's `output_sums` (the loss; a classifier's correct predictions too) and sends them to the
+        group, so every rank returns what evaluating the whole model returns."""
         rows = self._mb_rows or None
-        loss, count = torch.zeros(()), 0
+        self._eval_totals, count = {}, 0
         for inputs, targets, n in self._rechunk(batches, fns, rows):
-            losses: list[torch.Tensor] = []
             with fns.autocast():
-                self._run(self._eval_schedule(fns), inputs, targets, losses, train=False)
-            loss = loss + (torch.stack(losses).sum().float().cpu() if losses else 0.0)
+                self._run(self._eval_schedule(fns), inputs, targets, [], train=False)
             count += n
-        return {"loss": self._from_last_stage(loss).item(), "count": count}
+        totals = [self._eval_totals]
+        dist.broadcast_object_list(totals, src=self.last_rank, group=self.group)
+        return {**totals[0], "count": count}
+
+    def _eval_sums(self, fns: StepFns, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The eval schedule's loss function: adds the micro-batch's `output_sums` up, returns its loss."""
+        sums = {k: whole_loss(v) for k, v in fns.task.output_sums(self._task_output(output), target).items()}
+        for k, v in sums.items():
+            self._eval_totals[k] = self._eval_totals.get(k, 0.0) + v.float().item()
+        return sums["loss"]
 
     @staticmethod
     def _rechunk(batches, fns: StepFns, rows: int | None):
@@ -259,7 +273,7 @@ class PipelineStrategy(ShardedState):
             stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
             name = "gpipe" if self.schedule_name == "1f1b" else self.schedule_name
             self._schedules["eval"] = SCHEDULES[name](
-                stages, n_microbatches=1, loss_fn=lambda o, t: self._output_loss(fns, o, t), scale_grads=False)
+                stages, n_microbatches=1, loss_fn=lambda o, t: self._eval_sums(fns, o, t), scale_grads=False)
         return self._schedules["eval"]
 
     def take_comm_s(self) -> float | None:
