@@ -152,8 +152,8 @@ class PipelineStrategy(ShardedState):
         # each tie's two copies: summed after the backward; counted once in the norm (on the first stage)
         self._tied = [part.get_parameter(t[0]) for t in ties if first] + [part.get_parameter(t[1]) for t in ties if last]
         self._copies = [part.get_parameter(t[1]) for t in ties] if last and not first else []
-        keys = [[keys[b] for b in bounds[s]] for s in range(self.stages)]
-        self._parts = [_StageView(part, keys[s], s == 0, s == self.stages - 1, tp) for s in self.my_stages]
+        self._parts = [_StageView(part, [keys[b] for b in bounds[s]], s == 0, s == self.stages - 1, tp)
+                       for s in self.my_stages]
         self._views = [PipelineStage(view, s, self.stages, device, group=self.group)
                        for view, s in zip(self._parts, self.my_stages)]
         return part
