@@ -45,8 +45,9 @@ class ParallelismConfig(Section):
     pipeline: int = Field(1, gt=0)
     """Pipeline stages: the model's blocks are split into this many consecutive stages, one per worker of
     a pipeline group (the built-in gpt, or a model with its blocks in an `nn.ModuleDict` and a
-    `pipeline_ends` attribute naming what runs before and after them). With `tensor` above 1 each stage is split over `tensor` workers too
-    (pipeline x tensor workers hold one copy of the model). Fixed for the run, like `tensor`."""
+    `pipeline_ends` attribute naming what runs before and after them). With `tensor` above 1 each
+    stage is split over `tensor` workers too (pipeline x tensor workers hold one copy of the model).
+    Fixed for the run, like `tensor`."""
     pipeline_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages.
     Evaluation, forward only and one micro-batch at a time, runs on GPipe's schedule under `1f1b`

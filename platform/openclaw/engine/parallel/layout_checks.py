@@ -107,15 +107,13 @@ def _check_ends(model: nn.Module, first: list[str], last: list[str]) -> None:
     if missing:
         raise ConfigError(f"`parallelism.pipeline`: {name}.pipeline_ends names {missing}, which it has no module "
                           f"called.")
-
-    def part(param: str) -> str | None:
-        return stage_part(param, first, last)
-    loose = [p for p, _ in model.named_parameters() if part(p) is None]
+    loose = [p for p, _ in model.named_parameters() if stage_part(p, first, last) is None]
     if loose:
         raise ConfigError(f"`parallelism.pipeline`: {name}'s parameters {loose[:3]} are neither in a block nor in "
                           f"a module `pipeline_ends` names, so no stage would own them. Name their modules there.")
     for owner, alias in tied_parameters(model):
-        if part(owner) != part(alias) and {part(owner), part(alias)} != {"first", "last"}:
+        where = {stage_part(owner, first, last), stage_part(alias, first, last)}
+        if len(where) > 1 and where != {"first", "last"}:
             raise ConfigError(f"`parallelism.pipeline`: {name}'s {owner} and {alias} are one parameter on two "
                               f"stages; a pipeline keeps a tie only between its first and last stages.")
 

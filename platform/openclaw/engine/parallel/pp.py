@@ -12,9 +12,9 @@ holds two stages, `pipeline` apart, in one pruned model (the gpt's forward runs 
 
 A parameter tied between the first and the last stage (the gpt's embedding and head) has a copy on
 each. After the backward their gradients are summed across the two ranks, so both copies get the same
-update and stay equal. The global gradient norm sums every stage's squares (the copy counted once). The loss is
-computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and broadcast
-to the group, so every rank reports it.
+update and stay equal. The global gradient norm sums every stage's squares (the copy counted once).
+The loss is computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and
+broadcast to the group, so every rank reports it.
 
 Under tensor parallelism the ranks of a pipeline group share their tensor-parallel position, so each
 passes the next stage its own slice of the sequence (the sequence-parallel layout between blocks) as
@@ -34,11 +34,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor, Shard
 
-from openclaw.engine.models import GPT
+from openclaw.engine.models import GPT, tied_parameters
 from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing, on_meta, place
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
-from openclaw.engine.models import tied_parameters
 from openclaw.engine.parallel.layout_checks import (NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks,
                                                     stage_part)
 from openclaw.engine.parallel.mesh import MeshLayout
@@ -62,10 +61,8 @@ class _StageView(nn.Module):
         self.subset = isinstance(model, GPT)  # runs one of two stages it holds (interleaved); else all it holds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp is not None and not self.first:  # each rank's slice, as `Shard(1)` cuts it (even or not)
-            shape = (x.shape[0], self.seq, *x.shape[2:])
-            x = DTensor.from_local(x, self.tp, (Shard(1),), run_check=False, shape=torch.Size(shape),
-                                   stride=_contiguous(shape))
+        if self.tp is not None and not self.first:
+            x = _from_slices(x, self.tp, 1, self.seq)
         out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last) if self.subset else self.model(x)
         return out.to_local() if isinstance(out, DTensor) else out
 
@@ -82,12 +79,17 @@ def _cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+def _from_slices(local: torch.Tensor, mesh: DeviceMesh, dim: int, whole: int) -> torch.Tensor:
+    """This rank's slice along `dim` as the DTensor `Shard(dim)` of a tensor `whole` long there: given
+    the whole length, slices need not be even (`from_local` would take every rank's for this one's)."""
+    shape = list(local.shape)
+    shape[dim] = whole
     strides, n = [], 1
     for size in reversed(shape):
         strides.append(n)
         n *= size
-    return tuple(reversed(strides))
+    return DTensor.from_local(local, mesh, (Shard(dim),), run_check=False, shape=torch.Size(shape),
+                              stride=tuple(reversed(strides)))
 
 
 class PipelineStrategy(ShardedState):
@@ -175,11 +177,7 @@ class PipelineStrategy(ShardedState):
     def _task_output(self, output: torch.Tensor) -> torch.Tensor:
         """The last stage's output as the task scores it: under loss parallelism, this rank's slice of the
         vocabulary split again."""
-        if not self.split_logits:
-            return output
-        shape = (*output.shape[:-1], self._vocab)
-        return DTensor.from_local(output, self.mesh["tp"], (Shard(-1),), run_check=False, shape=torch.Size(shape),
-                                  stride=_contiguous(shape))
+        return _from_slices(output, self.mesh["tp"], output.dim() - 1, self._vocab) if self.split_logits else output
 
     # ---- the step -------------------------------------------------------------------------------
 
