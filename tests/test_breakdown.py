@@ -1,6 +1,6 @@
 """Every rank's step-time split (data, compute, communication, checkpoint, idle) and the straggler index: the pure
-breakdown at topologies we cannot run, and DDP's measured collective wait in a real 2-process gloo
-group (no Ray) where one rank is really slower."""
+breakdown at topologies we cannot run, and each strategy's measured wait (DDP's and FSDP's collectives)
+in real gloo groups (no Ray) where one rank is really slower."""
 import math
 import time
 
@@ -8,7 +8,7 @@ import pytest
 
 from openclaw.engine.metrics import RANK_FIELDS, StepClock, rank_breakdown
 from openclaw.engine.parallel.base import CommClock
-from parallel_harness import build, full_weights, my_micro_batches, spawn, steps
+from parallel_harness import build, full_weights, global_batch, my_micro_batches, spawn, steps
 
 
 def _vector(world, per_rank):
@@ -100,7 +100,8 @@ def _slow_rank_run(rank, world, slow_rank, strategy="ddp"):
         clock.add_step(0.0, now() - t, stats.comm_s)
         comm.append(stats.comm_s)
     summed = allreduce_sum(clock.rank_vector(now() - t0, rank, world), engine.device)
-    return {"breakdown": rank_breakdown(summed), "comm": comm}
+    engine.evaluate([global_batch(0)])  # FSDP's gathers wait on the slow rank here too: not a step's wait
+    return {"breakdown": rank_breakdown(summed), "comm": comm, "after_eval": engine.strategy.take_comm_s()}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -114,6 +115,7 @@ def test_the_wait_for_a_slower_rank_is_measured(strategy):
     assert out["perf/rank0/comm_frac"] > 2 * out["perf/rank1/comm_frac"], out
     assert sum(results[0]["comm"]) > 0.5 * DELAY_S[strategy] * N_STEPS, results[0]["comm"]
     assert all(c is not None and c >= 0 for r in results for c in r["comm"])
+    assert [r["after_eval"] for r in results] == [0.0, 0.0]
 
 
 def _one_rank_comm(rank, world):
@@ -201,3 +203,4 @@ def test_fsdp_on_a_gpu_measures_the_reduce_scatter_tail_from_event_marks():
     fast, slow = spawn(2, _fsdp_event_path, 1)
     assert sum(fast) > 0.5 * DELAY_S["fsdp"] * N_STEPS, fast
     assert sum(slow) < 0.5 * sum(fast), (fast, slow)
+

@@ -174,6 +174,7 @@ class Engine:
         sums = self.strategy.evaluate(self.model, batches, self.fns)
         if counters:  # eval mode compiles graphs of its own: counted as compile time and recompiles
             counters.end(time.perf_counter() - t0)
+        self.strategy.take_comm_s()  # evaluation's collectives are not the next step's
         return sums
 
     # ---- precision ---------------------------------------------------------------------------
