@@ -1,6 +1,6 @@
 """Every rank's step-time split (data, compute, communication, checkpoint, idle) and the straggler index: the pure
-breakdown at topologies we cannot run, and each strategy's measured wait (DDP's and FSDP's collectives)
-in real gloo groups (no Ray) where one rank is really slower."""
+breakdown at topologies we cannot run, and each strategy's measured wait (DDP's and FSDP's collectives,
+a pipeline's stages) in real gloo groups (no Ray) where one rank is really slower."""
 import math
 import time
 
@@ -83,7 +83,7 @@ def test_comm_clock_counts_from_the_last_launch_to_done():
 
 
 N_STEPS = 6
-DELAY_S = {"ddp": 0.1, "fsdp": 0.15}
+DELAY_S = {"ddp": 0.1, "fsdp": 0.15, "pipeline": 0.05}
 """Per forward of the slow rank: FSDP's steps compute longer (gathers, copies), so it needs more to stand out."""
 
 
@@ -204,3 +204,32 @@ def test_fsdp_on_a_gpu_measures_the_reduce_scatter_tail_from_event_marks():
     assert sum(fast) > 0.5 * DELAY_S["fsdp"] * N_STEPS, fast
     assert sum(slow) < 0.5 * sum(fast), (fast, slow)
 
+
+def _pipeline_slow_last_stage(rank, world, events):
+    """2 pipeline stages (1F1B, 4 micro-batches a step); the last really works longer in each forward (a
+    pre-hook on its head). `events`: the GPU's path, driven by wall-clock events."""
+    engine, layout = build(rank, world, {"strategy": "ddp", "pipeline": 2})
+    if events:
+        engine.strategy.comm = CommClock(event=WallEvent)
+    if rank == 1:
+        engine.module.head.register_forward_pre_hook(lambda module, args: time.sleep(DELAY_S["pipeline"]))
+    comm, walls = [], []
+    for step in range(N_STEPS):
+        t = time.perf_counter()
+        comm.append(engine.train_step(step, my_micro_batches(step, layout, rank)).comm_s)
+        walls.append(time.perf_counter() - t)
+    engine.evaluate([global_batch(0)])
+    return {"comm": comm, "walls": walls, "after_eval": engine.strategy.take_comm_s()}
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["wall-clock", "events"])
+def test_a_pipeline_measures_how_long_each_stage_waits(events):
+    """The first stage idles while the slow last stage computes each of the step's 4 forwards (it needs
+    their gradients back): nearly all of that is measured as its wait. The last stage, whose inputs are
+    ready each time it asks, waits far less. Before, a pipeline measured no wait at all."""
+    first, last = spawn(2, _pipeline_slow_last_stage, events)
+    assert all(c is not None and 0 <= c <= w for r in (first, last) for c, w in zip(r["comm"], r["walls"]))
+    slept = 4 * DELAY_S["pipeline"]
+    assert all(c > 0.75 * slept for c in first["comm"][1:]), first["comm"]
+    assert sum(last["comm"]) < 0.5 * sum(first["comm"]), (first["comm"], last["comm"])
+    assert [first["after_eval"], last["after_eval"]] == [0.0, 0.0]  # evaluation's waits are not the next step's

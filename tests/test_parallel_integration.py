@@ -166,6 +166,9 @@ def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local
         assert start["tensor_group_nodes"] == 1 and start["workers_per_node"] == [workers], start
         assert start["blocks"] == cfg.model.kwargs["depth"]  # what activation checkpointing would recompute
         assert "tensor_across_nodes" not in out and "tensor-parallel groups" not in out
+    if cfg.parallelism.pipeline > 1:  # what each stage waits between its chunks (`pp_wait`) is logged
+        waits = MlflowClient(mlflow_uri).get_metric_history(result.run_id, "perf/comm_frac")
+        assert waits and all(0 < m.value < 1 for m in waits), waits
     model = openclaw.load_model(result.checkpoint)
     assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)
     # one data-parallel rank: every worker trained on the same samples, recorded once

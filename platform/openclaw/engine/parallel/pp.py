@@ -14,7 +14,8 @@ A parameter tied between the first and the last stage (the gpt's embedding and h
 each. After the backward their gradients are summed across the two ranks, so both copies get the same
 update and stay equal. The global gradient norm sums every stage's squares (the copy counted once).
 The loss is computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and
-broadcast to the group, so every rank reports it.
+broadcast to the group, so every rank reports it. What a rank waits for between its chunks (its
+neighbours' transfers, the bubble, those collectives) is its step's communication (`pp_wait`).
 
 Under tensor parallelism the ranks of a pipeline group share their tensor-parallel position, so each
 passes the next stage its own slice of the sequence (the sequence-parallel layout between blocks) as
@@ -31,16 +32,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor, Shard
 
 from openclaw.engine.models import GPT, tied_parameters
-from openclaw.engine.parallel.base import Batch, StepFns, apply_activation_checkpointing, on_meta, place
+from openclaw.engine.parallel.base import Batch, CommClock, StepFns, apply_activation_checkpointing, on_meta, place
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
+from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import (NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks,
                                                     stage_part)
 from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 from openclaw.errors import ConfigError
 
@@ -117,7 +120,8 @@ class PipelineStrategy(ShardedState):
         self._mb_rows = 0
         self._eval_totals: dict[str, float] = {}
         self._schedules: dict[int, Any] = {}
-        self._views: list[PipelineStage] = []
+        self._views: list[WaitingStage] = []
+        self.comm: CommClock | None = None
         self._parts: list[_StageView] = []
         self._tied: list[nn.Parameter] = []
         self._copies: list[nn.Parameter] = []
@@ -151,19 +155,23 @@ class PipelineStrategy(ShardedState):
             shard(part, dp, self.reshard_after_forward, self.param_dtype)
             if on_meta(part):
                 place(part, device)
+        self.comm = CommClock(device)  # the stages' waits (`pp_wait`); on a CPU FSDP's blocking collectives too
+        if dp is not None and device.type == "cpu":
+            time_collectives(part, self.comm, replicated=self.layout.replicate > 1)
         # each tie's two copies: summed after the backward; counted once in the norm (on the first stage)
         self._tied = [part.get_parameter(t[0]) for t in ties if first] + [part.get_parameter(t[1]) for t in ties if last]
         self._copies = [part.get_parameter(t[1]) for t in ties] if last and not first else []
         self._parts = [_StageView(part, [keys[b] for b in bounds[s]], s == 0, s == self.stages - 1, tp)
                        for s in self.my_stages]
-        self._views = [PipelineStage(view, s, self.stages, device, group=self.group)
+        self._views = [WaitingStage(view, s, self.stages, device, group=self.group)
                        for view, s in zip(self._parts, self.my_stages)]
         return part
 
     def _schedule(self, n: int, fns: StepFns):
         if n not in self._schedules:
             def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-                return fns.scaler.scale(self._output_loss(fns, output, target) * fns.loss_scale)
+                with computing(self.comm):
+                    return fns.scaler.scale(self._output_loss(fns, output, target) * fns.loss_scale)
 
             stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
             self._schedules[n] = SCHEDULES[self.schedule_name](stages, n_microbatches=n, loss_fn=loss_fn,
@@ -195,13 +203,17 @@ class PipelineStrategy(ShardedState):
         scale = fns.loss_scale * (fns.scaler.get_scale() if fns.scaler.is_enabled() else 1.0)
         total = (torch.stack(losses).sum() / scale).detach() if losses else torch.zeros((), device=inputs.device)
         self._sum_tied_grads()
-        return [self._from_last_stage(total)], len(inputs)
+        loss = self._from_last_stage(total)
+        self.comm.done()  # the step's closing collectives were waited on too
+        return [loss], len(inputs)
 
     def _run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor, losses: list, train: bool = True) -> None:
         run = schedule.step if train else schedule.eval
         args = (inputs,) if 0 in self.my_stages else ()
-        for part in self._parts:
-            part.seq = inputs.shape[1]
+        for part, view in zip(self._parts, self._views):
+            part.seq, view.clock = inputs.shape[1], self.comm if train else None
+        if train:
+            self.comm.launched()  # waiting until the first chunk computes
         with loss_context(self.split_logits):  # the backward of a split loss too
             if self.stages - 1 in self.my_stages:
                 run(*args, target=targets, losses=losses)
@@ -275,8 +287,7 @@ class PipelineStrategy(ShardedState):
         return self._schedules["eval"]
 
     def take_comm_s(self) -> float | None:
-        # stage-to-stage sends and receives are inside the schedule's step; not separated yet
-        return None
+        return self.comm.take() if self.comm else None
 
     def local_grad(self) -> None:
         # the schedule runs every micro-batch's backward in one call: no gradient of part of the batch
