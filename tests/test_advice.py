@@ -23,6 +23,8 @@ from openclaw.advice import step_rules as sr
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "jobs" / "configs" / "digits.yaml"
 GiB = 2**30
+PIPELINE = {"parallelism.pipeline": 2}
+"""Two pipeline stages over the example's 2 workers (the config alone: no model is built)."""
 
 
 def cfg(**overrides):
@@ -85,6 +87,7 @@ def test_exposed_comm_under_ddp_carries_it_over_a_larger_batch_with_the_lr_rule(
     assert applied(cfg(), rec).train.global_batch_size == 128
     assert sr.rule_exposed_comm(facts(comm_frac=0.08)) is None
     assert sr.rule_exposed_comm(facts(comm_frac=0.3, straggler_index=1.5)) is None  # the straggler's to explain
+    assert sr.rule_exposed_comm(facts(cfg(**PIPELINE), comm_frac=0.3)) is None  # the bubble's (`pipeline_bubble`)
     one = cfg(**{"scaling.min_workers": 1, "scaling.max_workers": 1})
     assert sr.rule_exposed_comm(facts(one, comm_frac=0.3)) is None
     assert sr.rule_exposed_comm(facts()) is None
@@ -121,6 +124,7 @@ def test_straggler_names_the_rank_and_what_it_costs():
     assert rec.key is None and "rank 3" in rec.finding and "1.50x" in rec.finding
     assert rec.at_stake == pytest.approx(1 / 3) and "33%" in rec.effect
     assert sr.rule_straggler(facts(straggler_index=1.1)) is None
+    assert sr.rule_straggler(facts(cfg(**PIPELINE), straggler_index=1.5, slowest_rank=1)) is None  # stages differ
     assert sr.rule_straggler(facts()) is None
 
 

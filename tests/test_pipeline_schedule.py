@@ -133,6 +133,10 @@ def test_a_pipeline_idle_a_third_of_its_step_gets_four_micro_batches_per_stage()
     assert rec.key == "parallelism.microbatches" and rec.value == 8 and rec.at_stake == pytest.approx(1 / 3)
     assert "runs 2 micro-batch(es) per step: by its arithmetic each stage idles 33%" in rec.finding
     assert "11% idle: up to 1.3x samples/s, with pipeline micro-batches of 4 sample(s)" in rec.effect
+    assert "measured" not in rec.finding  # no wait measured: the arithmetic alone
+    measured = rule_pipeline_bubble(Facts(cfg, accumulation=2, comm_frac=0.41))
+    assert measured.finding.endswith("; measured, a stage waited 41% of the step (transfers included)")
+    assert measured.at_stake == rec.at_stake and measured.value == rec.value
     assert _pipelined(**{"parallelism.microbatches": rec.value}).parallelism.microbatches == 8  # a valid change
     # quiet where its fix is in place, without a pipeline, and where the schedule leaves little idle
     assert rule_pipeline_bubble(Facts(_pipelined(**{"parallelism.microbatches": 8}), accumulation=2)) is None

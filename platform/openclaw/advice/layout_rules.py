@@ -44,9 +44,10 @@ def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
     """A pipeline whose schedule idles each stage for over 20% of the step: more micro-batches per step
     (`parallelism.microbatches`, each a smaller slice of the same batch), the fewest giving each stage
     `PER_STAGE` of them (the interleaved schedule's two stages per rank: half as many), or as many as the
-    batch allows. The share is the schedule's arithmetic for stages of equal time, not a measurement (the
-    step-time split does not separate it yet), and the finding says so; it orders the advice as what is
-    at stake."""
+    batch allows. The share is the schedule's arithmetic for stages of equal time, and orders the advice
+    as what is at stake; where the run measured its stages' waits (`perf/comm_frac`: the most-waiting
+    rank's share of the step, the transfers and closing collectives in it too) the finding quotes that
+    beside it."""
     cfg = f.config
     p = cfg.parallelism
     now = p.microbatches if isinstance(p.microbatches, int) else f.accumulation
@@ -65,6 +66,8 @@ def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
     after = bubble(p.pipeline, n, v)
     finding = (f"the {p.pipeline_schedule} schedule of {p.pipeline} stages runs {now} micro-batch(es) per step: "
                f"by its arithmetic each stage idles {idle:.0%} of the step filling and draining the pipeline")
+    if f.comm_frac is not None:
+        finding += f"; measured, a stage waited {f.comm_frac:.0%} of the step (transfers included)"
     effect = (f"{after:.0%} idle: up to {(1 - after) / (1 - idle):.2g}x samples/s, with pipeline micro-batches of "
               f"{min(shares) // n} sample(s) (a smaller slice of the same batch: each computes less efficiently)")
     return Recommendation("pipeline_bubble", finding, "parallelism.microbatches", n, effect, idle)

@@ -97,9 +97,12 @@ def rule_exposed_comm(f: Facts) -> Recommendation | None:
     false`), then fewer, larger micro-batches (FSDP gathers per micro-batch). DDP: where its gradients
     (`grad_bytes`) fill at most two buckets, smaller buckets, so that the backward hides all but the
     last all-reduce and the optimization stays the same; else (DDP all-reduces once per step) a larger
-    global batch carries that cost over more samples (its LR by `elastic.lr_rule`)."""
+    global batch carries that cost over more samples (its LR by `elastic.lr_rule`). Quiet under a
+    pipeline: its stages' wait is mostly the schedule's filling and draining (`pipeline_bubble`)."""
     frac, cfg = f.comm_frac, f.config
     if frac is None or frac <= COMM_FRAC or (f.world_size or cfg.scaling.max_workers) < 2:
+        return None
+    if cfg.parallelism.pipeline > 1:
         return None
     if f.straggler_index is not None and f.straggler_index > STRAGGLER_INDEX:
         return None
@@ -135,9 +138,12 @@ def rule_exposed_comm(f: Facts) -> Recommendation | None:
 
 def rule_straggler(f: Facts) -> Recommendation | None:
     """`straggler_index` over 1.2: one rank's busy time stands out, and every collective waits for it. The
-    fix is that rank's node (its load, its device), not a key."""
+    fix is that rank's node (its load, its device), not a key. Quiet under a pipeline, whose stages differ
+    in work by design (the last one computes the head and the loss): a busier stage is no slow node."""
     index = f.straggler_index
     if index is None or index <= STRAGGLER_INDEX or (f.world_size or f.config.scaling.max_workers) < 2:
+        return None
+    if f.config.parallelism.pipeline > 1:
         return None
     rank = f"rank {f.slowest_rank}" if f.slowest_rank is not None else "the slowest rank"
     return Recommendation("straggler", f"{rank} is busy {index:.2f}x as long per step as the median rank, and "
