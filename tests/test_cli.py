@@ -89,6 +89,17 @@ sweep:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no MLflow store, no runs folder
 
 
+def test_a_pipeline_split_that_misses_the_models_blocks_exits_2_before_anything_starts(text_dir, tmp_path):
+    """`parallelism.pipeline_split` from the command line (a YAML list): the text example's gpt has 3 blocks."""
+    r = run_cli("train", REPO / "jobs" / "configs" / "text-lm.yaml", "--set", f"data.train={text_dir / 'train'}",
+                "--set", f"data.val={text_dir / 'val'}", "--set", "parallelism.pipeline=2",
+                "--set", "parallelism.pipeline_split=[2, 2]", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("openclaw: error: `parallelism.pipeline_split` [2, 2] gives 4 block(s) to 2 stage(s), "
+                               "but the model has 3 block(s)"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
+
+
 def test_debug_adds_traceback(tmp_path):
     r = run_cli("train", tmp_path / "missing.yaml", "--debug")
     assert r.returncode == 2 and "Traceback" in r.stderr and "does not exist" in r.stderr

@@ -50,6 +50,41 @@ def test_stage_blocks_split_evenly_with_earlier_stages_taking_the_rest():
         stage_blocks(3, 4)
 
 
+def test_a_pipeline_split_gives_each_stage_its_blocks_and_is_checked_before_any_worker_starts():
+    """`parallelism.pipeline_split`: fewer blocks on a stage that does more besides (the last: the head)."""
+    import torch
+
+    from openclaw.config import load_config
+    from openclaw.engine.models import GPT
+    from openclaw.engine.parallel.layout_checks import check_layout, stage_blocks
+    from openclaw.errors import ConfigError
+    assert stage_blocks(8, 2, [5, 3]) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert stage_blocks(6, 4, [1, 2, 2, 1]) == [[0], [1, 2], [3, 4], [5]]
+    base = {"data": {"train": "x"}, "scaling": {"min_workers": 2, "max_workers": 2}}
+    assert load_config(None, {"parallelism.pipeline": 2, "parallelism.pipeline_split": [5, 3]},
+                       base=base).parallelism.pipeline_split == [5, 3]
+    # one count per stage (interleaved: two stages per rank), each at least 1: the key and the numbers named
+    with pytest.raises(ConfigError, match=r"`parallelism.pipeline_split` needs 4 block counts of at least 1 .*"
+                                          r"`pipeline` 2, interleaved_1f1b\), got \[5, 3\]"):
+        load_config(None, {"parallelism.pipeline": 2, "parallelism.pipeline_schedule": "interleaved_1f1b",
+                           "parallelism.pipeline_split": [5, 3]}, base=base)
+    with pytest.raises(ConfigError, match=r"needs 2 block counts of at least 1"):
+        load_config(None, {"parallelism.pipeline": 2, "parallelism.pipeline_split": [4, 0]}, base=base)
+    # without a pipeline the key does nothing, and the run says so
+    assert any("`parallelism.pipeline_split` ([5, 3]) applies only with `pipeline` above 1" in s
+               for s in ParallelismConfig(pipeline_split=[5, 3]).unused_settings())
+    # counts that miss the model's blocks: found on the meta device, before any worker starts
+    with torch.device("meta"):
+        gpt = GPT(dim=48, depth=8, heads=6)
+    check_layout(gpt, ParallelismConfig(pipeline=2, pipeline_split=[5, 3]), builtin_task=True)
+    with pytest.raises(ConfigError, match=r"`parallelism.pipeline_split` \[4, 3\] gives 7 block\(s\) to 2 stage\(s\), "
+                                          r"but the model has 8 block\(s\)"):
+        check_layout(gpt, ParallelismConfig(pipeline=2, pipeline_split=[4, 3]), builtin_task=True)
+    # the activations the first stage holds: its share of the blocks (5 of 8), not half
+    even, split = ParallelismConfig(pipeline=2), ParallelismConfig(pipeline=2, pipeline_split=[5, 3])
+    assert even.held_fraction(4) == pytest.approx(2 / 2) and split.held_fraction(4) == pytest.approx(2 * 5 / 8)
+
+
 def test_parallelism_config_is_checked_before_any_worker_starts():
     from openclaw.config import load_config
     from openclaw.errors import ConfigError

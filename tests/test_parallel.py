@@ -99,6 +99,21 @@ def test_pipeline_of_two_stages_matches_one_rank(one_rank, schedule):
     assert pp[0]["history"] == pp[1]["history"]  # the last stage's loss reaches the first
 
 
+def _stage_blocks(rank, world, parallelism):
+    from parallel_harness import build
+    engine, _ = build(rank, world, parallelism)
+    return list(engine.module.blocks)
+
+
+def test_a_pipeline_split_unevenly_holds_its_blocks_and_matches_one_rank(one_rank):
+    """`parallelism.pipeline_split: [3, 1]`: the first stage holds 3 of the 4 blocks, the last 1 beside the
+    head, and training is the same."""
+    spec = {"strategy": "ddp", "pipeline": 2, "pipeline_split": [3, 1]}
+    assert spawn(2, _stage_blocks, spec) == [["0", "1", "2"], ["3"]]
+    pp = spawn(2, train, spec, N_STEPS)
+    _check_history(one_rank, pp[0], 1e-5)
+
+
 @pytest.mark.parametrize("spec", [{"strategy": "fsdp", "replicate": 2}, {"strategy": "fsdp", "tensor": 2},
                                   {"strategy": "fsdp", "pipeline": 2}],
                          ids=["hsdp-2x2", "fsdp-x-tp", "fsdp-x-pp"])

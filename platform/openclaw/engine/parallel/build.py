@@ -39,5 +39,6 @@ def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank
                   param_dtype=param_dtype, always_shard=cfg.strategy == "fsdp")
     if cfg.pipeline > 1:
         return PipelineStrategy(layout, mesh, rank, schedule=cfg.pipeline_schedule, microbatches=cfg.microbatches,
-                                loss_parallel=cfg.loss_parallel and split_logits_ok, **kwargs)
+                                loss_parallel=cfg.loss_parallel and split_logits_ok, split=cfg.pipeline_split,
+                                **kwargs)
     return FSDPStrategy(layout, mesh, loss_parallel=cfg.loss_parallel and split_logits_ok, **kwargs)

@@ -52,6 +52,12 @@ class ParallelismConfig(Section):
     """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages.
     Evaluation, forward only and one micro-batch at a time, runs on GPipe's schedule under `1f1b`
     (which refuses fewer micro-batches than stages)."""
+    pipeline_split: list[int] | None = None
+    """Blocks per pipeline stage, first to last (`pipeline` numbers; under `interleaved_1f1b`, twice as
+    many), e.g. `[5, 3]`: fewer blocks on a stage that does more besides them (the last computes the
+    head and the loss, the first the embeddings). They must add up to the model's blocks (checked
+    before any worker starts). Default: as even as the blocks allow, earlier stages one more. May change
+    when a run resumes: checkpoints hold the whole model's names."""
     microbatches: int | Literal["auto"] = "auto"
     """Pipeline micro-batches per optimizer step and data-parallel rank. `auto`: the gradient
     accumulation (each micro-batch of `train.micro_batch_size` samples is one pipeline micro-batch)."""
@@ -73,6 +79,10 @@ class ParallelismConfig(Section):
                              f"across them: it needs `parallelism.strategy: fsdp`")
         if isinstance(self.microbatches, int) and self.microbatches < 1:
             raise ValueError(f"`parallelism.microbatches` must be `auto` or at least 1, got {self.microbatches}")
+        split, stages = self.pipeline_split, self.pipeline * self.stages_per_rank
+        if split is not None and self.pipeline > 1 and (len(split) != stages or min(split) < 1):
+            raise ValueError(f"`parallelism.pipeline_split` needs {stages} block counts of at least 1 (one per "
+                             f"stage: `pipeline` {self.pipeline}, {self.pipeline_schedule}), got {split}")
         return self
 
     def unused_settings(self) -> list[str]:
@@ -87,9 +97,12 @@ class ParallelismConfig(Section):
                   ("loss_parallel", not self.loss_parallel and self.tensor == 1, "with `tensor` above 1"),
                   ("pipeline_schedule", self.pipeline_schedule != "1f1b" and self.pipeline == 1,
                    "with `pipeline` above 1"),
-                  ("microbatches", self.microbatches != "auto" and self.pipeline == 1, "with `pipeline` above 1")]
-        shown = {True: "true", False: "false"}
-        return [f"`parallelism.{key}` ({shown.get(getattr(self, key), getattr(self, key))}) applies only {where}; "
+                  ("microbatches", self.microbatches != "auto" and self.pipeline == 1, "with `pipeline` above 1"),
+                  ("pipeline_split", self.pipeline_split is not None and self.pipeline == 1,
+                   "with `pipeline` above 1")]
+        def shown(value) -> str:
+            return str(value).lower() if isinstance(value, bool) else str(value)
+        return [f"`parallelism.{key}` ({shown(getattr(self, key))}) applies only {where}; "
                 f"this run makes no use of it." for key, applies_not, where in unused if applies_not]
 
     @property
@@ -130,7 +143,8 @@ class ParallelismConfig(Section):
     def held_fraction(self, n: int) -> float:
         """At the busiest pipeline rank's peak (the first), the activations it holds over a step of `n`
         pipeline micro-batches, as a share of one micro-batch's through the whole model: the micro-batch
-        x stage forwards whose backward has not yet run, each 1 / (stages x stages per rank) of the layers.
+        x stage forwards whose backward has not yet run, each 1 / (stages x stages per rank) of the layers
+        (with `pipeline_split`, the largest stage's share: an upper bound).
         GPipe runs every forward first (all `n`); 1F1B at most one per stage in flight (`min(n, stages)`);
         interleaved 1F1B warms up `(v - 1) x round + 2 x (stages - 1)` forwards, then one more (torch's
         `_get_warmup_ops`, v stages per rank, rounds of `n // max(1, n // stages)`). 1 with no pipeline."""
@@ -144,7 +158,8 @@ class ParallelismConfig(Section):
         else:
             per_round = n // max(1, n // stages)
             held = min((v - 1) * per_round + 2 * (stages - 1) + 1, n * v)
-        return held / (stages * v)
+        split = self.pipeline_split
+        return held * (max(split) / sum(split) if split else 1 / (stages * v))
 
     def activation_samples(self, share: int) -> Callable[[int], float]:
         """For a data-parallel rank's `share` of the global batch: at a micro-batch size `m`, the samples'

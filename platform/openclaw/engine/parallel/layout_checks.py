@@ -25,7 +25,7 @@ def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool
         check_tensor_parallel(model, cfg.tensor)
     if cfg.pipeline > 1:
         check_pipeline(model, cfg.pipeline * cfg.stages_per_rank, builtin_task=builtin_task,
-                       interleaved=cfg.stages_per_rank > 1, tensor=cfg.tensor)
+                       interleaved=cfg.stages_per_rank > 1, tensor=cfg.tensor, split=cfg.pipeline_split)
 
 
 def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
@@ -41,8 +41,13 @@ def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
                           f"`parallelize_module` plan. {type(model).__name__} has none; set `parallelism.tensor: 1`.")
 
 
-def stage_blocks(depth: int, stages: int) -> list[list[int]]:
-    """The blocks of each of `stages` consecutive stages: as even as can be, earlier stages one more."""
+def stage_blocks(depth: int, stages: int, split: list[int] | None = None) -> list[list[int]]:
+    """The blocks of each of `stages` consecutive stages: `split` of them each (`parallelism.pipeline_split`),
+    or as even as can be, earlier stages one more."""
+    if split is not None and (len(split) != stages or sum(split) != depth):
+        raise ConfigError(f"`parallelism.pipeline_split` {split} gives {sum(split)} block(s) to {len(split)} stage(s), "
+                          f"but the model has {depth} block(s) in {stages} stage(s) (the gpt's "
+                          f"`model.kwargs.depth`). Give every stage its count, adding up to {depth}.")
     if depth < stages:
         raise ConfigError(f"`parallelism.pipeline` needs at least one block per stage: {stages} stage(s), but "
                           f"the model has {depth} block(s) (the gpt's `model.kwargs.depth`). Lower "
@@ -51,7 +56,7 @@ def stage_blocks(depth: int, stages: int) -> list[list[int]]:
     per, extra = divmod(depth, stages)
     bounds, start = [], 0
     for s in range(stages):
-        n = per + (s < extra)
+        n = split[s] if split is not None else per + (s < extra)
         bounds.append(list(range(start, start + n)))
         start += n
     return bounds
@@ -78,7 +83,7 @@ def pipeline_ends(model: nn.Module) -> tuple[list[str], list[str]] | None:
 
 
 def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, interleaved: bool = False,
-                   tensor: int = 1) -> None:
+                   tensor: int = 1, split: list[int] | None = None) -> None:
     """Whether `model` (on any device, the meta device included) splits into `stages` stages; a `ConfigError`
     naming the key otherwise."""
     name = type(model).__name__
@@ -95,7 +100,7 @@ def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, 
         raise ConfigError(f"`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt (its stages pass "
                           f"sequence-parallel slices between them); {name} takes one of the two.")
     _check_ends(model, *ends)
-    stage_blocks(len(model.blocks), stages)
+    stage_blocks(len(model.blocks), stages, split)
 
 
 def _check_ends(model: nn.Module, first: list[str], last: list[str]) -> None:

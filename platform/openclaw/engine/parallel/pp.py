@@ -101,11 +101,12 @@ class PipelineStrategy(ShardedState):
     def __init__(self, layout: MeshLayout, mesh: DeviceMesh, rank: int, *, schedule: str = "1f1b",
                  microbatches: int | str = "auto", reshard_after_forward: bool = True,
                  activation_checkpointing: str = "none", param_dtype: torch.dtype | None = None,
-                 always_shard: bool = True, loss_parallel: bool = False):
-        """`loss_parallel`: under tensor parallelism the last stage's logits stay split (`tp.gpt_plan`)."""
+                 always_shard: bool = True, loss_parallel: bool = False, split: list[int] | None = None):
+        """`loss_parallel`: under tensor parallelism the last stage's logits stay split (`tp.gpt_plan`).
+        `split`: blocks per stage (`parallelism.pipeline_split`; None: as even as can be)."""
         self.layout, self.mesh, self.rank, self.always_shard = layout, mesh, rank, always_shard
         self.pp, self.pp_rank = layout.pipeline, layout.coords(rank)["pp"]
-        self.schedule_name, self.microbatches = schedule, microbatches
+        self.schedule_name, self.microbatches, self.split = schedule, microbatches, split
         self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
         self.stages = self.pp * (2 if schedule == "interleaved_1f1b" else 1)
         self.my_stages = list(range(self.pp_rank, self.stages, self.pp))
@@ -129,8 +130,9 @@ class PipelineStrategy(ShardedState):
     # ---- building the stages ------------------------------------------------------------------
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        check_pipeline(model, self.stages, interleaved=len(self.my_stages) > 1, tensor=self.layout.tensor)
-        bounds = stage_blocks(len(model.blocks), self.stages)
+        check_pipeline(model, self.stages, interleaved=len(self.my_stages) > 1, tensor=self.layout.tensor,
+                       split=self.split)
+        bounds = stage_blocks(len(model.blocks), self.stages, self.split)
         keys = list(model.blocks)
         keep = {keys[b] for s in self.my_stages for b in bounds[s]}
         first, last = 0 in self.my_stages, self.stages - 1 in self.my_stages
