@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from openclaw.advice import batching
 from openclaw.advice.facts import RunNotes, facts_from_history, facts_from_metrics, steady, windows_from_history
 from openclaw.advice.render import as_json, change_text, console, markdown
 from openclaw.advice.report import _prep_notes
-from openclaw.advice.rules import RULES, Facts, advise, data_wait_line
+from openclaw.advice.rules import RULES, Facts, Recommendation, advise, data_wait_line
 from openclaw.advice import device_rules as dr
 from openclaw.advice import step_rules as sr
 
@@ -367,11 +368,17 @@ def test_final_metrics_make_one_window_and_preparation_notes_count_misses():
 def test_rendered_advice_quotes_the_finding_the_change_and_the_effect():
     f = facts(cfg(**{"train.compile": True}), kernel_idle_frac=0.3, straggler_index=1.5, slowest_rank=1, **A100)
     recs = advise(f)
-    assert change_text(recs[0]) is None and change_text(recs[1]) == '--set train.compile={"mode": "reduce-overhead"}'
+    assert change_text(recs[0]) is None and change_text(recs[1]) == """--set 'train.compile={"mode":"reduce-overhead"}'"""
+    # as a shell splits it, the change loads as the config key it names
+    flag, arg = shlex.split(change_text(recs[1]))
+    assert flag == "--set" and load_config(DIGITS, [arg]).train.compile.mode == "reduce-overhead"
+    assert change_text(Recommendation("r", "f", "parallelism.pipeline_split", [6, 2], "e", 0.1)) == \
+        "--set 'parallelism.pipeline_split=[6,2]'"
+    assert change_text(Recommendation("r", "f", "train.micro_batch_size", 32, "e", 0.1)) == "--set train.micro_batch_size=32"
     text = console(recs, "6 log window(s)")
     assert text.splitlines()[0] == "openclaw: advice (6 log window(s)), most at stake first:"
     assert "1. [straggler] rank 1" in text and "No key: without it" in text
-    assert "2. [launch_bound]" in text and '`--set train.compile={"mode": "reduce-overhead"}`' in text
+    assert "2. [launch_bound]" in text and """`--set 'train.compile={"mode":"reduce-overhead"}'`""" in text
     md = markdown(recs, f, "digits-mlp", "6 log window(s)")
     assert md.startswith("# Advice: digits-mlp") and "| kernel_idle_frac | 0.3 |" in md
     assert "   - change: not a config key" in md

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from typing import Any
 
 from openclaw.advice.measured import Facts, Recommendation
 
 
 def value_text(value: Any) -> str:
-    """A value as `--set key=VALUE` takes it (YAML: JSON for booleans, numbers and mappings)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A value as `--set key=VALUE` takes it (YAML: compact JSON for booleans, numbers, lists, mappings)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def change_text(rec: Recommendation) -> str | None:
-    return f"--set {rec.key}={value_text(rec.value)}" if rec.key else None
+    """The change as a shell takes it: `key=VALUE` quoted where it holds what a shell would split or read."""
+    return f"--set {shlex.quote(f'{rec.key}={value_text(rec.value)}')}" if rec.key else None
 
 
 def line(rec: Recommendation) -> str:
