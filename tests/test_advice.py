@@ -290,7 +290,7 @@ def test_advise_orders_by_what_is_at_stake_and_one_value_per_key():
     assert [r.rule for r in recs] == ["small_micro_batch", "exposed_comm"]  # data_wait's key is taken
     assert recs[0].value == 32
     assert advise(facts()) == []
-    assert len(RULES) == 16 and all(r.__name__.startswith("rule_") for r in RULES)
+    assert len(RULES) == 17 and all(r.__name__.startswith("rule_") for r in RULES)
 
 
 def test_every_rule_is_quiet_when_nothing_was_measured():

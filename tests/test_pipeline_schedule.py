@@ -147,6 +147,36 @@ def test_a_pipeline_idle_a_third_of_its_step_gets_four_micro_batches_per_stage()
     assert rule_small_micro_batch(Facts(cfg, accumulation=2, micro_batch_s=0.0005)) is None
 
 
+def test_unequally_busy_stages_get_a_split_that_moves_blocks_off_the_busiest():
+    """2 stages of 4 blocks each, measured busy 40% and 90% of the step: a block costs 10% (the first
+    stage's), the last stage's head and loss 50%. [7, 1] and [6, 2] both leave the busiest at 70%; [6, 2]
+    moves fewer blocks. With 2 data-parallel copies each stage's ranks are the median's."""
+    from openclaw.advice.facts import facts_from_metrics
+    from openclaw.advice.layout_rules import rule_pipeline_imbalance, stage_busy
+    from openclaw.advice.rules import Facts
+    cfg = _pipelined()
+    rec = rule_pipeline_imbalance(Facts(cfg, rank_busy=(0.40, 0.90), model_blocks=8))
+    assert rec.key == "parallelism.pipeline_split" and rec.value == [6, 2]
+    assert rec.at_stake == pytest.approx(1 - 0.7 / 0.9)
+    assert "busy 40%, 90% of the step with [4, 4] blocks each" in rec.finding
+    assert "at most about 70%: up to 1.3x samples/s (estimated" in rec.effect
+    assert _pipelined(**{"parallelism.pipeline_split": rec.value}).parallelism.pipeline_split == [6, 2]
+    four = _pipelined(**{"scaling.min_workers": 4, "scaling.max_workers": 4, "train.micro_batch_size": 8})
+    assert stage_busy(Facts(four, rank_busy=(0.40, 0.44, 0.90, 0.86))) == pytest.approx([0.42, 0.88])
+    # from a window's per-rank split (the final metrics): data + compute (net of the wait), the wait measured
+    window = {"step": 50, "perf/rank0/data_frac": 0.05, "perf/rank0/compute_frac": 0.35, "perf/rank0/comm_frac": 0.55,
+              "perf/rank1/data_frac": 0.0, "perf/rank1/compute_frac": 0.90, "perf/rank1/comm_frac": 0.05}
+    assert facts_from_metrics(cfg, window).rank_busy == pytest.approx((0.40, 0.90))
+    assert facts_from_metrics(cfg, {**window, "perf/rank1/comm_frac": float("nan")}).rank_busy is None
+    # quiet: balanced stages, the split already the model's best, two stages per rank, nothing measured
+    assert rule_pipeline_imbalance(Facts(cfg, rank_busy=(0.50, 0.55), model_blocks=8)) is None
+    best = _pipelined(**{"parallelism.pipeline_split": [7, 1]})
+    assert rule_pipeline_imbalance(Facts(best, rank_busy=(0.35, 0.90), model_blocks=8)) is None
+    interleaved = _pipelined(**{"parallelism.pipeline_schedule": "interleaved_1f1b"})
+    assert rule_pipeline_imbalance(Facts(interleaved, rank_busy=(0.40, 0.90), model_blocks=8)) is None
+    assert rule_pipeline_imbalance(Facts(cfg, model_blocks=8)) is None
+
+
 # ---- the activations a schedule keeps in flight ------------------------------------------------------
 
 def _peak_forwards_in_flight(ops) -> int:

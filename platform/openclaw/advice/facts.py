@@ -24,7 +24,9 @@ WINDOW_KEYS = ("perf/data_wait_frac", "perf/step_data_s", "perf/step_compute_s",
                "perf/samples_per_s", "perf/mfu", "perf/peak_memory_bytes", "perf/memory_capacity_bytes",
                "perf/param_bytes_per_rank", "perf/grad_bytes_per_rank", "perf/optimizer_bytes_per_rank", "perf/state_bytes_per_rank",
                "perf/graph_breaks", "perf/recompiles", "train/grad_noise_scale_smooth")
-"""The metrics the facts are built from."""
+"""The metrics the facts are built from, besides each rank's split (`RANK_KEY`)."""
+RANK_KEY = re.compile(r"perf/rank(\d+)/(data|compute|comm)_frac")
+"""Each rank's shares of its wall time (`engine.metrics.rank_breakdown`)."""
 CAPABILITY = re.compile(r"compute capability (\d+)\.(\d+)")
 
 
@@ -98,7 +100,7 @@ def build_facts(config: Any, windows: list[dict[str, float]], notes: RunNotes | 
         state_bytes=_max(windows, "perf/state_bytes_per_rank"), grad_bytes=_max(windows, "perf/grad_bytes_per_rank"),
         prepare_s=notes.prepare_s,
         prepare_cache=notes.prepare_cache, wall_s=notes.wall_s, tensor_group_nodes=notes.tensor_group_nodes,
-        workers_per_node=notes.workers_per_node, model_blocks=notes.model_blocks)
+        workers_per_node=notes.workers_per_node, model_blocks=notes.model_blocks, rank_busy=_rank_busy(windows))
 
 
 def facts_from_history(config: Any, history: dict[str, list[tuple[int, float]]], notes: RunNotes) -> Facts:
@@ -109,7 +111,8 @@ def facts_from_history(config: Any, history: dict[str, list[tuple[int, float]]],
 
 def facts_from_metrics(config: Any, metrics: dict[str, Any], notes: RunNotes | None = None) -> Facts:
     """From one window: the final metrics Ray Train returns (rank 0's last logged window)."""
-    window = {k: float(v) for k, v in metrics.items() if k in WINDOW_KEYS and isinstance(v, (int, float))}
+    window = {k: float(v) for k, v in metrics.items()
+              if (k in WINDOW_KEYS or RANK_KEY.fullmatch(k)) and isinstance(v, (int, float))}
     return build_facts(config, [{**window, "step": float(metrics.get("step", 0)), "steps": 1.0}], notes)
 
 
@@ -136,6 +139,23 @@ def _last(windows, key) -> float | None:
 
 def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
+
+
+def _rank_busy(windows) -> tuple[float, ...] | None:
+    """Per rank, the median over the windows of its data and compute shares (compute net of its wait),
+    where its wait was measured (`comm_frac` logged): else compute holds the wait too."""
+    ranks = sorted({int(m.group(1)) for w in windows for k in w if (m := RANK_KEY.fullmatch(k))})
+    if not ranks or ranks != list(range(len(ranks))):
+        return None
+    busy = []
+    for r in ranks:
+        keys = [f"perf/rank{r}/{part}_frac" for part in ("data", "compute", "comm")]
+        values = [w.get(keys[0], 0.0) + w[keys[1]] for w in windows
+                  if keys[1] in w and keys[2] in w and not math.isnan(w[keys[2]])]
+        if not values:
+            return None
+        busy.append(statistics.median(values))
+    return tuple(busy)
 
 
 def _most_common(windows, key) -> int | None:

@@ -1,15 +1,21 @@
 """The rules that read the layout (pure; see `openclaw.advice.rules`): tensor-parallel groups split
-across nodes, and a pipeline whose schedule leaves its stages idle. Each is `rule(facts) ->
-Recommendation | None`, quiet when its fix is in place or its fact is unknown."""
+across nodes, a pipeline whose schedule leaves its stages idle, and one whose stages are unequally
+busy. Each is `rule(facts) -> Recommendation | None`, quiet when its fix is in place or its fact is
+unknown."""
 from __future__ import annotations
+
+import statistics
 
 from openclaw.advice import batching
 from openclaw.advice.measured import Facts, Recommendation
 from openclaw.engine.parallel.config import PER_STAGE
+from openclaw.engine.parallel.layout_checks import stage_blocks
+from openclaw.engine.parallel.mesh import mesh_layout
 
 BUBBLE_FRAC = 0.2
 """A pipeline schedule idles its stages for more than this share of the step."""
-
+IMBALANCE = 1.2
+"""The busiest pipeline stage is busy more than this many times as long as the least busy one."""
 
 
 def rule_tensor_across_nodes(f: Facts) -> Recommendation | None:
@@ -71,3 +77,45 @@ def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
     effect = (f"{after:.0%} idle: up to {(1 - after) / (1 - idle):.2g}x samples/s, with pipeline micro-batches of "
               f"{min(shares) // n} sample(s) (a smaller slice of the same batch: each computes less efficiently)")
     return Recommendation("pipeline_bubble", finding, "parallelism.microbatches", n, effect, idle)
+
+
+def stage_busy(f: Facts) -> list[float] | None:
+    """Each pipeline stage's busy share of the step: the median of its ranks' (`rank_busy`)."""
+    p = f.config.parallelism
+    world = len(f.rank_busy or ())
+    if not world or world % p.model_parallel:
+        return None
+    layout = mesh_layout(world, tensor=p.tensor, pipeline=p.pipeline)
+    return [statistics.median(b for r, b in enumerate(f.rank_busy) if layout.coords(r)["pp"] == s)
+            for s in range(p.pipeline)]
+
+
+def rule_pipeline_imbalance(f: Facts) -> Recommendation | None:
+    """Pipeline stages (one per rank: 1F1B, GPipe) whose measured busy shares differ by over 1.2x: the
+    busiest sets every stage's pace. A new `parallelism.pipeline_split`, from a model of the measurement:
+    a block costs the same on every stage (its cost from the stages but the last, which hold blocks and at
+    most the embeddings), and the last stage's head and loss cost what its share leaves. The split whose
+    busiest stage that model puts lowest, the fewest blocks moved among equals; at stake, the share of
+    the step it saves. An estimate, and the finding says so."""
+    p = f.config.parallelism
+    busy = stage_busy(f) if p.pipeline > 1 and p.stages_per_rank == 1 and f.model_blocks else None
+    if not busy or min(busy) <= 0 or max(busy) <= IMBALANCE * min(busy):
+        return None
+    depth, stages = f.model_blocks, p.pipeline
+    now = [len(b) for b in stage_blocks(depth, stages, p.pipeline_split)]
+    per_block = statistics.median(busy[s] / now[s] for s in range(stages - 1))
+    head = max(0.0, busy[-1] - now[-1] * per_block)
+
+    def slowest(split: list[int]) -> float:
+        return max(*(n * per_block for n in split[:-1]), head + split[-1] * per_block)
+    splits = [[len(b) for b in stage_blocks(depth - last, stages - 1)] + [last]
+              for last in range(1, depth - stages + 2)]
+    best = min(splits, key=lambda sp: (slowest(sp), sum(abs(a - b) for a, b in zip(sp, now))))
+    if best == now or slowest(best) >= max(busy):
+        return None
+    finding = (f"the pipeline's stages are busy {', '.join(f'{b:.0%}' for b in busy)} of the step with "
+               f"{now} blocks each: the busiest sets every stage's pace")
+    effect = (f"stages busy at most about {slowest(best):.0%}: up to {max(busy) / slowest(best):.2g}x samples/s "
+              f"(estimated: a block costs the same on every stage, the last stage's head and loss on top)")
+    return Recommendation("pipeline_imbalance", finding, "parallelism.pipeline_split", best, effect,
+                          1 - slowest(best) / max(busy))

@@ -98,3 +98,6 @@ class Facts:
     model_blocks: int | None = None
     """The repeated blocks the model keeps in `blocks` (what `parallelism.activation_checkpointing`
     recomputes), from the newest attempt event; 0: none."""
+    rank_busy: tuple[float, ...] | None = None
+    """Each rank's busy share of its wall time (`perf/rank<i>/{data,compute}_frac`: compute net of its
+    measured wait), rank 0 first; None where a rank's wait was not measured (no `comm_frac`)."""

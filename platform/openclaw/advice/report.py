@@ -18,7 +18,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from openclaw.advice.facts import WINDOW_KEYS, RunNotes, facts_from_history, facts_from_metrics
+from openclaw.advice.facts import RANK_KEY, WINDOW_KEYS, RunNotes, facts_from_history, facts_from_metrics
 from openclaw.advice.measured import Facts, Recommendation
 from openclaw.advice.render import as_json, console, markdown
 from openclaw.advice.rules import advise
@@ -114,7 +114,7 @@ def _no_progress_bars():
 
 def _logged_facts(client: MlflowClient, run, config: Config, wall_s: float | None = None) -> tuple[Facts, int]:
     run_id = run.info.run_id
-    keys = [k for k in WINDOW_KEYS if k in run.data.metrics]
+    keys = [k for k in run.data.metrics if k in WINDOW_KEYS or RANK_KEY.fullmatch(k)]
     history = {k: [(m.step, m.value) for m in points]
                for k, points in zip(keys, metric_histories(client, run_id, keys))}
     with _no_progress_bars():

@@ -23,6 +23,7 @@ reads was not measured (None). `advise` runs them all and orders what fired by w
     critical_batch     global batch < 0.25x or > 4x grad_noise_scale     global batch near it, LR by lr_rule
     tensor_across_nodes  a tensor-parallel group spans nodes             parallelism.tensor dividing each node's workers
     pipeline_bubble    the schedule idles stages > 20% of the step       parallelism.microbatches, 4 per stage
+    pipeline_imbalance  one stage busy > 1.2x another (measured)         parallelism.pipeline_split, balanced
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Callable
 
 from openclaw.advice.device_rules import (rule_critical_batch, rule_graph_breaks, rule_launch_bound, rule_low_mfu,
                                           rule_memory_headroom, rule_memory_high, rule_no_autocast, rule_no_tf32)
-from openclaw.advice.layout_rules import rule_pipeline_bubble, rule_tensor_across_nodes
+from openclaw.advice.layout_rules import rule_pipeline_bubble, rule_pipeline_imbalance, rule_tensor_across_nodes
 from openclaw.advice.measured import Facts, Recommendation
 from openclaw.advice.render import line
 from openclaw.advice.step_rules import (rule_checkpoint_stall, rule_data_preparation, rule_data_wait,
@@ -42,7 +43,7 @@ Rule = Callable[[Facts], "Recommendation | None"]
 RULES: list[Rule] = [rule_data_wait, rule_data_preparation, rule_exposed_comm, rule_straggler, rule_checkpoint_stall,
                      rule_small_micro_batch, rule_launch_bound, rule_no_autocast, rule_no_tf32, rule_memory_headroom,
                      rule_memory_high, rule_graph_breaks, rule_low_mfu, rule_critical_batch, rule_tensor_across_nodes,
-                     rule_pipeline_bubble]
+                     rule_pipeline_bubble, rule_pipeline_imbalance]
 """The rules, in the order they are documented; `advise` orders their findings by `at_stake`."""
 
 
