@@ -159,7 +159,7 @@ class ParallelismConfig(Section):
             per_round = n // max(1, n // stages)
             held = min((v - 1) * per_round + 2 * (stages - 1) + 1, n * v)
         split = self.pipeline_split
-        return held * (max(split) / sum(split) if split else 1 / (stages * v))
+        return held * max(split) / sum(split) if split else held / (stages * v)
 
     def activation_samples(self, share: int) -> Callable[[int], float]:
         """For a data-parallel rank's `share` of the global batch: at a micro-batch size `m`, the samples'
