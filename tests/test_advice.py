@@ -126,6 +126,13 @@ def test_straggler_names_the_rank_and_what_it_costs():
     assert rec.at_stake == pytest.approx(1 / 3) and "33%" in rec.effect
     assert sr.rule_straggler(facts(straggler_index=1.1)) is None
     assert sr.rule_straggler(facts(cfg(**PIPELINE), straggler_index=1.5, slowest_rank=1)) is None  # stages differ
+    # under a pipeline a rank against its own stage's: 4 workers, stages {0, 1} and {2, 3}; rank 3 is slow
+    four = cfg(**PIPELINE, **{"scaling.min_workers": 4, "scaling.max_workers": 4, "train.micro_batch_size": 8})
+    rec = sr.rule_straggler(facts(four, rank_busy=(0.3, 0.3, 0.6, 1.0), straggler_index=2.0, slowest_rank=3))
+    assert rec.finding == ("rank 3 is busy 1.25x as long per step as the median rank of pipeline stage 1, and the "
+                           "pipeline waits for it") and rec.at_stake == pytest.approx(0.2)
+    assert sr.rule_straggler(facts(four, rank_busy=(0.3, 0.32, 0.8, 0.85))) is None  # stages differ, peers agree
+    assert sr.rule_straggler(facts(cfg(**PIPELINE), rank_busy=(0.3, 0.9))) is None  # one rank per stage
     assert sr.rule_straggler(facts()) is None
 
 

@@ -79,15 +79,20 @@ def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
     return Recommendation("pipeline_bubble", finding, "parallelism.microbatches", n, effect, idle)
 
 
-def stage_busy(f: Facts) -> list[float] | None:
-    """Each pipeline stage's busy share of the step: the median of its ranks' (`rank_busy`)."""
+def stage_ranks(f: Facts) -> list[list[int]] | None:
+    """The ranks of each pipeline stage, for the world `rank_busy` was measured at (None: not measured)."""
     p = f.config.parallelism
     world = len(f.rank_busy or ())
     if not world or world % p.model_parallel:
         return None
     layout = mesh_layout(world, tensor=p.tensor, pipeline=p.pipeline)
-    return [statistics.median(b for r, b in enumerate(f.rank_busy) if layout.coords(r)["pp"] == s)
-            for s in range(p.pipeline)]
+    return [[r for r in range(world) if layout.coords(r)["pp"] == s] for s in range(p.pipeline)]
+
+
+def stage_busy(f: Facts) -> list[float] | None:
+    """Each pipeline stage's busy share of the step: the median of its ranks' (`rank_busy`)."""
+    stages = stage_ranks(f)
+    return [statistics.median(f.rank_busy[r] for r in ranks) for ranks in stages] if stages else None
 
 
 def rule_pipeline_imbalance(f: Facts) -> Recommendation | None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 
 from openclaw.advice import batching
+from openclaw.advice.layout_rules import stage_ranks
 from openclaw.advice.measured import Facts, Recommendation
 
 DATA_WAIT_FRAC = 0.05
@@ -138,18 +140,38 @@ def rule_exposed_comm(f: Facts) -> Recommendation | None:
 
 def rule_straggler(f: Facts) -> Recommendation | None:
     """`straggler_index` over 1.2: one rank's busy time stands out, and every collective waits for it. The
-    fix is that rank's node (its load, its device), not a key. Quiet under a pipeline, whose stages differ
-    in work by design (the last one computes the head and the loss): a busier stage is no slow node."""
+    fix is that rank's node (its load, its device), not a key. Under a pipeline, whose stages differ in
+    work by design (the last one computes the head and the loss), a rank is compared with the ranks of
+    its own stage, which do the same work (`rank_busy`; quiet where each stage has one rank)."""
+    if f.config.parallelism.pipeline > 1:
+        return _stage_straggler(f)
     index = f.straggler_index
     if index is None or index <= STRAGGLER_INDEX or (f.world_size or f.config.scaling.max_workers) < 2:
         return None
-    if f.config.parallelism.pipeline > 1:
-        return None
     rank = f"rank {f.slowest_rank}" if f.slowest_rank is not None else "the slowest rank"
-    return Recommendation("straggler", f"{rank} is busy {index:.2f}x as long per step as the median rank, and "
-                          f"the others wait for it", None, None,
-                          f"without it the step is up to {_pct(1 - 1 / index)} shorter: look at what else runs on "
-                          f"its node, or leave that node out", 1 - 1 / index)
+    return _straggler(f"{rank} is busy {index:.2f}x as long per step as the median rank, and the others wait for it",
+                      index)
+
+
+def _stage_straggler(f: Facts) -> Recommendation | None:
+    """The rank busiest against the median of its pipeline stage's ranks, over 1.2x."""
+    worst = None
+    for stage, ranks in enumerate(stage_ranks(f) or []):
+        median = statistics.median(f.rank_busy[r] for r in ranks)
+        for r in ranks:
+            index = f.rank_busy[r] / median if len(ranks) > 1 and median > 0 else 1.0
+            if index > STRAGGLER_INDEX and (worst is None or index > worst[0]):
+                worst = (index, r, stage)
+    if worst is None:
+        return None
+    index, rank, stage = worst
+    return _straggler(f"rank {rank} is busy {index:.2f}x as long per step as the median rank of pipeline stage "
+                      f"{stage}, and the pipeline waits for it", index)
+
+
+def _straggler(finding: str, index: float) -> Recommendation:
+    return Recommendation("straggler", finding, None, None, f"without it the step is up to {_pct(1 - 1 / index)} "
+                          f"shorter: look at what else runs on its node, or leave that node out", 1 - 1 / index)
 
 
 def rule_checkpoint_stall(f: Facts) -> Recommendation | None:
