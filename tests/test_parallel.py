@@ -105,13 +105,16 @@ def _stage_blocks(rank, world, parallelism):
     return list(engine.module.blocks)
 
 
-def test_a_pipeline_split_unevenly_holds_its_blocks_and_matches_one_rank(one_rank):
+def test_a_pipeline_split_unevenly_holds_its_blocks_matches_one_rank_and_resumes_under_another(one_rank, tmp_path):
     """`parallelism.pipeline_split: [3, 1]`: the first stage holds 3 of the 4 blocks, the last 1 beside the
-    head, and training is the same."""
+    head, and training is the same. Its checkpoint resumes under `[1, 3]` and goes on as it would have."""
     spec = {"strategy": "ddp", "pipeline": 2, "pipeline_split": [3, 1]}
     assert spawn(2, _stage_blocks, spec) == [["0", "1", "2"], ["3"]]
     pp = spawn(2, train, spec, N_STEPS)
     _check_history(one_rank, pp[0], 1e-5)
+    before = spawn(2, hop, spec, None, str(tmp_path / "split"), 3)[0]
+    after = spawn(2, hop, {**spec, "pipeline_split": [1, 3]}, str(tmp_path / "split"), str(tmp_path / "resplit"), 3)[0]
+    assert rel([x for x, _ in before["next"]], [x for x, _ in after["next"]]) < 1e-6, (before["next"], after["next"])
 
 
 @pytest.mark.parametrize("spec", [{"strategy": "fsdp", "replicate": 2}, {"strategy": "fsdp", "tensor": 2},
