@@ -12,6 +12,7 @@ from conftest import digits_config
 from openclaw.engine.memory import (MicroBatchChoice, choose_micro_batch, confirm_micro_batch, fake_tensors,
                                     gathered_bytes, micro_batch_sizes, per_sample_bytes, probes_whole,
                                     saved_activation_bytes, state_bytes_estimate)
+from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.engine.parallel.mesh import mesh_layout
 from openclaw.errors import ConfigError, MemoryBudgetError
 from openclaw.runtime.policies import batch_plan, micro_batch_dp_sizes
@@ -82,6 +83,14 @@ def test_state_estimate_shards_under_fsdp_tp_and_pp_and_grows_in_16_bit():
     assert tp.total == 16 * n // 4
     pp = state_bytes_estimate(n, mesh_layout(64, replicate=1, pipeline=4), replicated=False)  # 16 shards x 4 stages
     assert pp.total == 16 * math.ceil(n / 64)
+    # `parallelism.pipeline_split`: the rank holding the most blocks (under interleaved 1F1B, two stages)
+    split = ParallelismConfig(pipeline=4, pipeline_split=[4, 2, 1, 1])
+    assert split.rank_block_share == 0.5 and ParallelismConfig(pipeline=4).rank_block_share is None
+    assert ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b",
+                             pipeline_split=[3, 1, 1, 3]).rank_block_share == 0.5  # stages 0 + 2, 1 + 3
+    uneven = state_bytes_estimate(n, mesh_layout(64, replicate=1, pipeline=4), replicated=False,
+                                  stage_share=split.rank_block_share)
+    assert uneven.total == 16 * math.ceil(n / 2 / 16)
     bf16 = state_bytes_estimate(n, mesh_layout(1), replicated=True, precision="bf16")
     assert bf16.total - one.total == 2 * n  # a bf16 copy of the weights
     sgd = state_bytes_estimate(n, mesh_layout(1), replicated=True, optimizer="sgd", momentum=0.0)

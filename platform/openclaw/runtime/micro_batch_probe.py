@@ -96,7 +96,8 @@ def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
     def at(world: int) -> int:
         layout = layout_for(cfg.parallelism, world)
         state = state_bytes_estimate(step.num_params, layout, replicated=replicated(cfg), precision=precision.name,
-                                     optimizer=cfg.train.optimizer.name, momentum=cfg.train.optimizer.momentum)
+                                     optimizer=cfg.train.optimizer.name, momentum=cfg.train.optimizer.momentum,
+                                     stage_share=cfg.parallelism.rank_block_share)
         return state.total + gathered_bytes(step.largest_unit, layout, precision.name)
     return max(at(w) for w in cfg.worlds)
 
