@@ -155,6 +155,24 @@ def _hsdp_slow_rank(rank, world, slow_rank):
     return {"comm": comm, **groups}
 
 
+def _fsdp_x_tp_slow_rank(rank, world, slow_rank):
+    """FSDP over 2 shards x 2 tensor-parallel ranks; rank `slow_rank` really works longer in every forward."""
+    engine, layout = build(rank, world, {"strategy": "fsdp", "tensor": 2})
+    if rank == slow_rank:
+        engine.module.register_forward_pre_hook(lambda module, args: time.sleep(DELAY_S["fsdp"]))
+    comm = [engine.train_step(s, my_micro_batches(s, layout, rank)).comm_s for s in range(N_STEPS)]
+    return {"comm": comm, "coords": layout.coords(rank)}
+
+
+def test_fsdp_x_tensor_measures_the_wait_in_fsdps_collectives():
+    """Rank 3 is slow; rank 1, its peer in FSDP's shard group (not its tensor-parallel pair), waits for it
+    in FSDP's all-gathers and reduce-scatters: measured. Before, FSDP x TP measured nothing."""
+    results = spawn(4, _fsdp_x_tp_slow_rank, 3)
+    assert [r["coords"]["dp_shard"] for r in results] == [0, 0, 1, 1]  # rank 1: shard 0, tp 1, as rank 3's tp
+    assert all(c is not None and c >= 0 for r in results for c in r["comm"])
+    assert sum(results[1]["comm"]) > 0.5 * DELAY_S["fsdp"] * N_STEPS, results[1]["comm"]
+
+
 def test_hsdp_measures_the_wait_in_its_all_reduce_over_the_replicas():
     """The rank whose replica peer is slow, in a shard group without it, waits in HSDP's all-reduce (not
     in a reduce-scatter or an all-gather): only the all-reduce's timing shows it."""

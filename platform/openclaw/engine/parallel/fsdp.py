@@ -121,9 +121,10 @@ class FSDPStrategy(ShardedState):
         model = shard(model, dp, self.reshard_after_forward, self.param_dtype)
         if on_meta(model):  # `fully_shard` keeps a meta model's shards on the meta device
             place(model, device)
-        # FSDP's (and HSDP's) collectives alone. Over one shard there is no reduce-scatter to time HSDP's
-        # all-reduce from: not measured.
-        if self.layout.tensor == 1 and self.layout.shard > 1:
+        # FSDP's (and HSDP's) collectives alone: under tensor parallelism its collectives, inside the
+        # blocks' forward and backward, stay in compute. Over one shard there is no reduce-scatter to
+        # time HSDP's all-reduce from: not measured.
+        if self.layout.shard > 1:
             self.comm = measure_collectives(model, device, replicated=self.layout.replicate > 1)
         return model
 
