@@ -114,7 +114,8 @@ def _no_progress_bars():
 
 def _logged_facts(client: MlflowClient, run, config: Config, wall_s: float | None = None) -> tuple[Facts, int]:
     run_id = run.info.run_id
-    keys = [k for k in run.data.metrics if k in WINDOW_KEYS or RANK_KEY.fullmatch(k)]
+    per_rank = config.parallelism.pipeline > 1  # only the pipeline rules read each rank's split: 3 keys a rank
+    keys = [k for k in run.data.metrics if k in WINDOW_KEYS or (per_rank and RANK_KEY.fullmatch(k))]
     history = {k: [(m.step, m.value) for m in points]
                for k, points in zip(keys, metric_histories(client, run_id, keys))}
     with _no_progress_bars():
