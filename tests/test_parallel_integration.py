@@ -169,6 +169,10 @@ def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local
     if cfg.parallelism.pipeline > 1:  # what each stage waits between its chunks (`pp_wait`) is logged
         waits = MlflowClient(mlflow_uri).get_metric_history(result.run_id, "perf/comm_frac")
         assert waits and all(0 < m.value < 1 for m in waits), waits
+        # and `openclaw advise` reads every rank's busy share from the run's history (the pipeline rules')
+        from openclaw.advice.report import advise_logged_run
+        facts = advise_logged_run(result.run_id, mlflow_uri)[1]
+        assert len(facts.rank_busy) == workers and all(0 < b < 1 for b in facts.rank_busy), facts.rank_busy
     model = openclaw.load_model(result.checkpoint)
     assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)
     # one data-parallel rank: every worker trained on the same samples, recorded once
