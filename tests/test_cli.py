@@ -100,6 +100,25 @@ def test_a_pipeline_split_that_misses_the_models_blocks_exits_2_before_anything_
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
 
 
+def test_a_sweep_over_pipeline_splits_checks_each_before_anything_starts(text_dir, tmp_path):
+    """A `choice` of lists (`parallelism.pipeline_split`): the one that misses the model's 3 blocks is named."""
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"""name: sw
+model: {{name: gpt, kwargs: {{vocab_size: 256, block_size: 128, dim: 48, depth: 3, heads: 6}}}}
+task: language_modeling
+data: {{train: {text_dir / 'train'}, features: x, label: null}}
+train: {{global_batch_size: 8, micro_batch_size: 4, max_steps: 10}}
+parallelism: {{pipeline: 2}}
+scaling: {{min_workers: 2, max_workers: 2}}
+sweep: {{metric: train/loss, mode: min, search: grid, space: {{parallelism.pipeline_split: {{choice: [[2, 1], [2, 2]]}}}}}}
+""")
+    r = run_cli("sweep", cfg, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("openclaw: error: `sweep.space` gives parallelism.pipeline_split=[2, 2], a layout the "
+                               "model cannot take: `parallelism.pipeline_split` [2, 2] gives 4 block(s)"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no MLflow store, no runs folder
+
+
 def test_debug_adds_traceback(tmp_path):
     r = run_cli("train", tmp_path / "missing.yaml", "--debug")
     assert r.returncode == 2 and "Traceback" in r.stderr and "does not exist" in r.stderr
