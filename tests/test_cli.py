@@ -64,28 +64,37 @@ def test_user_error_exit_2_without_traceback(case, digits_dir, tmp_path):
     assert r.stderr.startswith("openclaw: error: ")
 
 
-def test_a_sweep_whose_space_gives_a_layout_the_model_cannot_take_exits_2_before_anything_starts(text_dir, tmp_path):
-    """Each key's values can each be fine while a combination is not: 3 heads over 2 tensor-parallel
-    ranks. Found before Ray, MLflow or any trial starts."""
+SWEEP_LAYOUTS = {
+    # each key's values can each be fine while a combination is not: 3 heads over 2 tensor-parallel ranks
+    "heads over tensor": ("depth: 2", "", "{parallelism.tensor: {choice: [1, 2]}, model.kwargs.heads: {choice: [6, 3]}}",
+                          "gives parallelism.tensor=2, model.kwargs.heads=3, a layout the model cannot take: "
+                          "`parallelism.tensor` (2) must divide"),
+    # a `choice` of lists: the split that misses the model's 3 blocks
+    "pipeline splits": ("depth: 3", "parallelism: {pipeline: 2}", "{parallelism.pipeline_split: {choice: [[2, 1], [2, 2]]}}",
+                        "gives parallelism.pipeline_split=[2, 2], a layout the model cannot take: "
+                        "`parallelism.pipeline_split` [2, 2] gives 4 block(s)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SWEEP_LAYOUTS))
+def test_a_sweep_whose_space_gives_a_layout_the_model_cannot_take_exits_2_before_anything_starts(case, text_dir,
+                                                                                                  tmp_path):
+    """Every combination of the space's values is checked against the model before Ray, MLflow or any trial
+    starts."""
+    depth, parallelism, space, expected = SWEEP_LAYOUTS[case]
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(f"""name: sw
-model: {{name: gpt, kwargs: {{vocab_size: 256, block_size: 128, dim: 48, depth: 2, heads: 6}}}}
+model: {{name: gpt, kwargs: {{vocab_size: 256, block_size: 128, dim: 48, {depth}, heads: 6}}}}
 task: language_modeling
 data: {{train: {text_dir / 'train'}, features: x, label: null}}
 train: {{global_batch_size: 8, micro_batch_size: 4, max_steps: 10}}
 scaling: {{min_workers: 2, max_workers: 2}}
-sweep:
-  metric: train/loss
-  mode: min
-  search: grid
-  space:
-    parallelism.tensor: {{choice: [1, 2]}}
-    model.kwargs.heads: {{choice: [6, 3]}}
+{parallelism}
+sweep: {{metric: train/loss, mode: min, search: grid, space: {space}}}
 """)
     r = run_cli("sweep", cfg, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("openclaw: error: `sweep.space` gives parallelism.tensor=2, model.kwargs.heads=3, a "
-                               "layout the model cannot take: `parallelism.tensor` (2) must divide"), r.stderr
+    assert r.stderr.startswith(f"openclaw: error: `sweep.space` {expected}"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no MLflow store, no runs folder
 
 
@@ -98,25 +107,6 @@ def test_a_pipeline_split_that_misses_the_models_blocks_exits_2_before_anything_
     assert r.stderr.startswith("openclaw: error: `parallelism.pipeline_split` [2, 2] gives 4 block(s) to 2 stage(s), "
                                "but the model has 3 block(s)"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
-
-
-def test_a_sweep_over_pipeline_splits_checks_each_before_anything_starts(text_dir, tmp_path):
-    """A `choice` of lists (`parallelism.pipeline_split`): the one that misses the model's 3 blocks is named."""
-    cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(f"""name: sw
-model: {{name: gpt, kwargs: {{vocab_size: 256, block_size: 128, dim: 48, depth: 3, heads: 6}}}}
-task: language_modeling
-data: {{train: {text_dir / 'train'}, features: x, label: null}}
-train: {{global_batch_size: 8, micro_batch_size: 4, max_steps: 10}}
-parallelism: {{pipeline: 2}}
-scaling: {{min_workers: 2, max_workers: 2}}
-sweep: {{metric: train/loss, mode: min, search: grid, space: {{parallelism.pipeline_split: {{choice: [[2, 1], [2, 2]]}}}}}}
-""")
-    r = run_cli("sweep", cfg, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("openclaw: error: `sweep.space` gives parallelism.pipeline_split=[2, 2], a layout the "
-                               "model cannot take: `parallelism.pipeline_split` [2, 2] gives 4 block(s)"), r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no MLflow store, no runs folder
 
 
 def test_debug_adds_traceback(tmp_path):
