@@ -143,31 +143,23 @@ def test_ddp_bucket_size_is_the_configs_and_leaves_the_optimization_alone():
     assert all(torch.allclose(small[2][k], default[2][k], rtol=1e-5, atol=1e-7) for k in default[2])
 
 
-def _hsdp_slow_rank(rank, world, slow_rank):
-    """HSDP, 2 replicas x 2 shards; rank `slow_rank` really works longer in every forward."""
+def _one_slow_rank(rank, world, parallelism, slow_rank):
+    """`parallelism` over `world` gloo ranks; rank `slow_rank` really works longer in every forward. Each
+    rank's measured waits, its mesh coordinates and the ranks of its data-parallel groups."""
     import torch.distributed as dist
-    engine, layout = build(rank, world, {"strategy": "fsdp", "replicate": 2})
+    engine, layout = build(rank, world, parallelism)
     if rank == slow_rank:
         engine.module.register_forward_pre_hook(lambda module, args: time.sleep(DELAY_S["fsdp"]))
     comm = [engine.train_step(s, my_micro_batches(s, layout, rank)).comm_s for s in range(N_STEPS)]
     mesh = engine.strategy.mesh
     groups = {dim: dist.get_process_group_ranks(mesh[dim].get_group()) for dim in ("dp_shard", "dp_replicate")}
-    return {"comm": comm, **groups}
-
-
-def _fsdp_x_tp_slow_rank(rank, world, slow_rank):
-    """FSDP over 2 shards x 2 tensor-parallel ranks; rank `slow_rank` really works longer in every forward."""
-    engine, layout = build(rank, world, {"strategy": "fsdp", "tensor": 2})
-    if rank == slow_rank:
-        engine.module.register_forward_pre_hook(lambda module, args: time.sleep(DELAY_S["fsdp"]))
-    comm = [engine.train_step(s, my_micro_batches(s, layout, rank)).comm_s for s in range(N_STEPS)]
-    return {"comm": comm, "coords": layout.coords(rank)}
+    return {"comm": comm, "coords": layout.coords(rank), **groups}
 
 
 def test_fsdp_x_tensor_measures_the_wait_in_fsdps_collectives():
     """Rank 3 is slow; rank 1, its peer in FSDP's shard group (not its tensor-parallel pair), waits for it
     in FSDP's all-gathers and reduce-scatters: measured. Before, FSDP x TP measured nothing."""
-    results = spawn(4, _fsdp_x_tp_slow_rank, 3)
+    results = spawn(4, _one_slow_rank, {"strategy": "fsdp", "tensor": 2}, 3)
     assert [r["coords"]["dp_shard"] for r in results] == [0, 0, 1, 1]  # rank 1: shard 0, tp 1, as rank 3's tp
     assert all(c is not None and c >= 0 for r in results for c in r["comm"])
     assert sum(results[1]["comm"]) > 0.5 * DELAY_S["fsdp"] * N_STEPS, results[1]["comm"]
@@ -177,7 +169,7 @@ def test_hsdp_measures_the_wait_in_its_all_reduce_over_the_replicas():
     """The rank whose replica peer is slow, in a shard group without it, waits in HSDP's all-reduce (not
     in a reduce-scatter or an all-gather): only the all-reduce's timing shows it."""
     slow = 3
-    results = spawn(4, _hsdp_slow_rank, slow)
+    results = spawn(4, _one_slow_rank, {"strategy": "fsdp", "replicate": 2}, slow)
     waiting = next(r for r in range(4) if slow not in results[r]["dp_shard"] and slow in results[r]["dp_replicate"])
     # The slow rank sleeps in each of a step's two micro-batch forwards: half of that, at least, is measured.
     assert sum(results[waiting]["comm"]) > 0.5 * 2 * DELAY_S["fsdp"] * N_STEPS, results[waiting]["comm"]
