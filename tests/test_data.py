@@ -44,6 +44,11 @@ def test_glob_and_single_file(digits_dir):
 def test_missing_path_says_how_to_prepare(tmp_path):
     with pytest.raises(DataError, match=r"`data.train`: dataset path .*nope does not exist.*data/prepare.py"):
         resolve(str(tmp_path / "nope"), "data.train")
+    # A missing `<folder>/train` or `<folder>/val` is what `prepare.py --out <folder>` writes.
+    with pytest.raises(DataError) as e:
+        resolve("datasets/text/val", "data.val")
+    assert "`python data/prepare.py RECIPE --out datasets/text` writes datasets/text/train and datasets/text/val" \
+        in str(e.value) and "digits" not in str(e.value)
 
 
 def test_folder_without_parquet(tmp_path):

@@ -120,6 +120,15 @@ def _etag_of(f: pa.NativeFile) -> str:
     return (f.metadata() or {}).get("ETag", b"").decode()
 
 
+def _prepare_hint(spec: str) -> str:
+    """How to make the dataset a missing path names: `data/prepare.py` writes `<out>/train` and `<out>/val`,
+    so a path ending in either is prepared by pointing `--out` at its folder."""
+    head, _, tail = spec.rstrip("/").rpartition("/")
+    out = head if tail in ("train", "val") and head else "FOLDER"
+    return (f"Prepare it first: `python data/prepare.py RECIPE --out {out}` writes {out}/train and {out}/val "
+            f"(`python data/prepare.py --help` lists the recipes)")
+
+
 def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[pafs.FileInfo]:
     if any(ch in root for ch in "*?["):
         if not isinstance(fs, pafs.LocalFileSystem):
@@ -132,8 +141,7 @@ def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[p
             raise DataError(f"`{key}`: cannot reach {spec} ({e}). Check the endpoint (`data.s3.endpoint_url` or "
                             f"AWS_ENDPOINT_URL) and the credentials (AWS_ACCESS_KEY_ID, ...).") from None
         if info.type == pafs.FileType.NotFound:
-            raise DataError(f"`{key}`: dataset path {spec} does not exist. Prepare it first, e.g. "
-                            f"`python data/prepare.py digits --out datasets/digits`, or fix the path.")
+            raise DataError(f"`{key}`: dataset path {spec} does not exist. {_prepare_hint(spec)}, or fix the path.")
         if info.type == pafs.FileType.File:
             infos = [info]
         else:
