@@ -237,6 +237,31 @@ def test_memory_headroom_on_a_gpu_suggests_a_larger_micro_batch():
     assert dr.rule_memory_headroom(facts(peak_memory_bytes=1 * GiB, memory_capacity_bytes=16 * GiB)) is None  # CPU
 
 
+def test_less_recompute_steps_down_where_the_estimated_peak_fits_and_speaks_before_memory_headroom():
+    gpt = lambda ac, **more: cfg(**{"model.name": "gpt", "parallelism.activation_checkpointing": ac, **more})  # noqa: E731
+    # full -> selective: the 8 GiB above the 4 GiB held grow 5.3x (the gpt's saved bytes): about 58% of 80 GiB
+    room = dict(peak_memory_bytes=12 * GiB, memory_capacity_bytes=80 * GiB, state_bytes=4 * GiB, compute_frac=0.8,
+                **A100)
+    rec = dr.rule_less_recompute(facts(gpt("full"), **room))
+    assert (rec.key, rec.value) == ("parallelism.activation_checkpointing", "selective")
+    assert rec.finding.startswith("every block recomputes its activations in the backward (`full`), yet the peak "
+                                  "memory is 15% of the device's 80 GiB")
+    assert rec.at_stake == pytest.approx(0.8 * (1 - 770.5 / 973.9)) and "up to 1.20x samples/s" in rec.effect
+    assert "the peak about 58% of the device" in rec.effect and "estimated" in rec.effect
+    assert applied(gpt("full"), rec).parallelism.activation_checkpointing == "selective"
+    # the larger micro-batch would spend the same headroom: only the step down is advised, first
+    assert dr.rule_memory_headroom(facts(gpt("full"), **room)) is None
+    assert [r.rule for r in advise(facts(gpt("full"), **room))] == ["less_recompute"]
+    sel = dr.rule_less_recompute(facts(gpt("selective"), **room))
+    assert sel.value == "none" and sel.finding.startswith("every other block recomputes")
+    # quiet: an estimate past 90% (8 GiB x 5.3 + 4 > 72 GiB), no recomputation, no headroom, a CPU
+    assert dr.rule_less_recompute(facts(gpt("full"), **{**room, "peak_memory_bytes": 18 * GiB})) is None
+    assert dr.rule_memory_headroom(facts(gpt("full"), **{**room, "peak_memory_bytes": 18 * GiB})) is not None
+    assert dr.rule_less_recompute(facts(gpt("none"), **room)) is None
+    assert dr.rule_less_recompute(facts(gpt("full"), **{**room, "peak_memory_bytes": 50 * GiB})) is None
+    assert dr.rule_less_recompute(facts(gpt("full"), **{**room, "device_type": "cpu"})) is None
+
+
 def test_memory_high_checkpoints_activations_then_shards_then_shrinks():
     full = dict(peak_memory_bytes=76 * GiB, memory_capacity_bytes=80 * GiB)
     gpt = cfg(**{"model.name": "gpt"})
@@ -297,7 +322,7 @@ def test_advise_orders_by_what_is_at_stake_and_one_value_per_key():
     assert [r.rule for r in recs] == ["small_micro_batch", "exposed_comm"]  # data_wait's key is taken
     assert recs[0].value == 32
     assert advise(facts()) == []
-    assert len(RULES) == 17 and all(r.__name__.startswith("rule_") for r in RULES)
+    assert len(RULES) == 18 and all(r.__name__.startswith("rule_") for r in RULES)
 
 
 def test_every_rule_is_quiet_when_nothing_was_measured():

@@ -17,6 +17,12 @@ MEMORY_HIGH_FRAC = 0.90
 """The peak memory is above this share of the capacity."""
 MFU_LOW = 0.5
 """MFU under half of the device's peak."""
+RECOMPUTE_STEP_DOWN = {"full": ("selective", 74.2 / 14.0, 1 - 770.5 / 973.9),
+                       "selective": ("none", 134.3 / 74.2, 1 - 754.3 / 770.5)}
+"""For each `parallelism.activation_checkpointing` but `none`: the one below it, how many times the bytes
+saved for the backward grow going there, and the share of the step's time that saves, as
+`bench/activation_checkpointing.py` measured them on the gpt (saved bytes none 134.3, selective 74.2,
+full 14.0 MiB; steps 754.3, 770.5 and 973.9 ms): estimates for another model."""
 CRITICAL_BATCH_LOW, CRITICAL_BATCH_HIGH = 0.25, 4.0
 """The global batch over the measured critical batch (`grad_noise_scale`): far below, or far above."""
 
@@ -89,13 +95,51 @@ def rule_no_tf32(f: Facts) -> Recommendation | None:
                           "train.tf32", True, effect, 0.9 * _compute_share(f))
 
 
+def _headroom(f: Facts) -> bool:
+    """A GPU's peak memory leaves over 40% of it unused (on CPUs the peak is the process's resident set)."""
+    peak, cap = f.peak_memory_bytes, f.memory_capacity_bytes
+    return f.device_type == "cuda" and bool(peak) and bool(cap) and peak / cap < 1 - MEMORY_HEADROOM_FRAC
+
+
+def _less_recompute(f: Facts) -> tuple[str, float, float] | None:
+    """With headroom and blocks recomputed: (the recomputation a step below, the peak it is estimated to
+    reach as a share of the device, the share of the step it saves), or None if that estimate passes 90%.
+    The bytes above the held state grow as the gpt's saved activations do (`RECOMPUTE_STEP_DOWN`), the
+    transient ones too: an overestimate."""
+    ac = f.config.parallelism.activation_checkpointing
+    if ac not in RECOMPUTE_STEP_DOWN or not _headroom(f):
+        return None
+    to, growth, saves = RECOMPUTE_STEP_DOWN[ac]
+    held = f.state_bytes or 0.0
+    peak = (held + (f.peak_memory_bytes - held) * growth) / f.memory_capacity_bytes
+    return (to, peak, saves) if peak <= MEMORY_HIGH_FRAC else None
+
+
+def rule_less_recompute(f: Facts) -> Recommendation | None:
+    """Activation checkpointing (`full` or `selective`) on a GPU whose peak leaves over 40% of it unused:
+    the setting a step below, if the peak it is estimated to reach stays under 90% (`_less_recompute`).
+    What it saves is the gpt's measured share of the step, times the share of the step compute decides."""
+    found = _less_recompute(f)
+    if found is None:
+        return None
+    to, peak, saves = found
+    ac, stake = f.config.parallelism.activation_checkpointing, saves * _compute_share(f)
+    blocks = "every block" if ac == "full" else "every other block"
+    return Recommendation("less_recompute", f"{blocks} recomputes its activations in the backward (`{ac}`), yet "
+                          f"the peak memory is {f.peak_memory_bytes / f.memory_capacity_bytes:.0%} of the device's "
+                          f"{f.memory_capacity_bytes / 2**30:.3g} GiB", "parallelism.activation_checkpointing", to,
+                          f"less recomputed: up to {1 / (1 - stake):.2f}x samples/s, the peak about {peak:.0%} of the "
+                          f"device (both estimated from the gpt's measured recompute cost and saved bytes)", stake)
+
+
 def rule_memory_headroom(f: Facts) -> Recommendation | None:
     """A GPU's peak memory leaves over 40% of it unused and a larger micro-batch fits the global batch:
     `train.micro_batch_size: auto` where this openclaw has it, else the larger size memory allows. Quiet
-    with `auto`, and on CPUs (a CPU's peak is its process's resident set; `small_micro_batch` speaks there)."""
+    with `auto`, on CPUs (a CPU's peak is its process's resident set; `small_micro_batch` speaks there),
+    and where recomputing less fits (`less_recompute`: it spends the same headroom, and saves compute)."""
     peak, cap, cfg = f.peak_memory_bytes, f.memory_capacity_bytes, f.config
     micro = batching.fixed_micro(cfg)
-    if f.device_type != "cuda" or not peak or not cap or micro is None or peak / cap >= 1 - MEMORY_HEADROOM_FRAC:
+    if micro is None or not _headroom(f) or _less_recompute(f) is not None:
         return None
     held = f.state_bytes or 0.0
     bigger = batching.larger_micro(cfg, micro * (0.8 * cap - held) / max(1.0, peak - held))

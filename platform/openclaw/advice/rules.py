@@ -16,6 +16,7 @@ reads was not measured (None). `advise` runs them all and orders what fired by w
     launch_bound       no kernel running > 10% of profiled steps         train.compile (mode reduce-overhead)
     no_autocast        fp32 on tensor cores (7.0+)                       train.precision bf16 / fp16
     no_tf32            fp32 without TF32 on 8.0+                         train.tf32
+    less_recompute     blocks recomputed, a GPU's peak < 60% of it       activation_checkpointing a step down
     memory_headroom    a GPU's peak memory < 60% of it                   train.micro_batch_size auto / larger
     memory_high        peak memory > 90%                                 activation checkpointing, FSDP, smaller
     graph_breaks       graph breaks under compile                        train.compile.fullgraph
@@ -29,8 +30,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from openclaw.advice.device_rules import (rule_critical_batch, rule_graph_breaks, rule_launch_bound, rule_low_mfu,
-                                          rule_memory_headroom, rule_memory_high, rule_no_autocast, rule_no_tf32)
+from openclaw.advice.device_rules import (rule_critical_batch, rule_graph_breaks, rule_launch_bound,
+                                          rule_less_recompute, rule_low_mfu, rule_memory_headroom, rule_memory_high,
+                                          rule_no_autocast, rule_no_tf32)
 from openclaw.advice.layout_rules import rule_pipeline_bubble, rule_pipeline_imbalance, rule_tensor_across_nodes
 from openclaw.advice.measured import Facts, Recommendation
 from openclaw.advice.render import line
@@ -41,9 +43,9 @@ __all__ = ["Facts", "Recommendation", "Rule", "RULES", "advise", "data_wait_line
 
 Rule = Callable[[Facts], "Recommendation | None"]
 RULES: list[Rule] = [rule_data_wait, rule_data_preparation, rule_exposed_comm, rule_straggler, rule_checkpoint_stall,
-                     rule_small_micro_batch, rule_launch_bound, rule_no_autocast, rule_no_tf32, rule_memory_headroom,
-                     rule_memory_high, rule_graph_breaks, rule_low_mfu, rule_critical_batch, rule_tensor_across_nodes,
-                     rule_pipeline_bubble, rule_pipeline_imbalance]
+                     rule_small_micro_batch, rule_launch_bound, rule_no_autocast, rule_no_tf32, rule_less_recompute,
+                     rule_memory_headroom, rule_memory_high, rule_graph_breaks, rule_low_mfu, rule_critical_batch,
+                     rule_tensor_across_nodes, rule_pipeline_bubble, rule_pipeline_imbalance]
 """The rules, in the order they are documented; `advise` orders their findings by `at_stake`."""
 
 
