@@ -33,66 +33,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
-from openclaw.engine.models import GPT, tied_parameters
 from openclaw.engine.parallel.base import Batch, CommClock, StepFns, apply_activation_checkpointing, on_meta, place
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
-from openclaw.engine.parallel.layout_checks import (NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks,
-                                                    stage_part)
+from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
+from openclaw.engine.parallel.pp_stage import _cross_stage_ties, _from_slices, _StageView
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 from openclaw.errors import ConfigError
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
-
-
-class _StageView(nn.Module):
-    """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). Under
-    tensor parallelism (`tp`: its mesh) what passes between stages is this rank's slice of the sequence
-    as a plain tensor, made a DTensor again for the blocks."""
-
-    seq = 0
-    """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
-
-    def __init__(self, model: nn.Module, blocks: list[str], first: bool, last: bool, tp: DeviceMesh | None = None):
-        super().__init__()
-        self.model, self.blocks, self.first, self.last, self.tp = model, blocks, first, last, tp
-        self.subset = isinstance(model, GPT)  # runs one of two stages it holds (interleaved); else all it holds
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp is not None and not self.first:
-            x = _from_slices(x, self.tp, 1, self.seq)
-        out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last) if self.subset else self.model(x)
-        return out.to_local() if isinstance(out, DTensor) else out
-
-
-def _cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
-    """(the first stage's name, the last stage's name) of each parameter the two share (the gpt's embedding
-    and head): each holds a copy."""
-    starts, ends = pipeline_ends(model)
-    out = []
-    for a, b in tied_parameters(model):
-        where = (stage_part(a, starts, ends), stage_part(b, starts, ends))
-        if where in (("first", "last"), ("last", "first")):
-            out.append((a, b) if where[0] == "first" else (b, a))
-    return out
-
-
-def _from_slices(local: torch.Tensor, mesh: DeviceMesh, dim: int, whole: int) -> torch.Tensor:
-    """This rank's slice along `dim` as the DTensor `Shard(dim)` of a tensor `whole` long there: given
-    the whole length, slices need not be even (`from_local` would take every rank's for this one's)."""
-    shape = list(local.shape)
-    shape[dim] = whole
-    strides, n = [], 1
-    for size in reversed(shape):
-        strides.append(n)
-        n *= size
-    return DTensor.from_local(local, mesh, (Shard(dim),), run_check=False, shape=torch.Size(shape),
-                              stride=tuple(reversed(strides)))
 
 
 class PipelineStrategy(ShardedState):
