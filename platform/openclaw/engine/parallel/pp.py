@@ -41,7 +41,7 @@ from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
-from openclaw.engine.parallel.pp_stage import _cross_stage_ties, _from_slices, _StageView
+from openclaw.engine.parallel.pp_stage import cross_stage_ties, from_slices, StageView
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 from openclaw.errors import ConfigError
@@ -77,7 +77,7 @@ class PipelineStrategy(ShardedState):
         self._schedules: dict[int, Any] = {}
         self._views: list[WaitingStage] = []
         self.comm: CommClock | None = None
-        self._parts: list[_StageView] = []
+        self._parts: list[StageView] = []
         self._tied: list[nn.Parameter] = []
         self._copies: list[nn.Parameter] = []
 
@@ -90,7 +90,7 @@ class PipelineStrategy(ShardedState):
         keys = list(model.blocks)
         keep = {keys[b] for s in self.my_stages for b in bounds[s]}
         first, last = 0 in self.my_stages, self.stages - 1 in self.my_stages
-        ties = _cross_stage_ties(model)
+        ties = cross_stage_ties(model)
         part = copy.deepcopy(model)  # on the host: only this rank's stages reach the device, below
         for key in [k for k in part.blocks if k not in keep]:
             del part.blocks[key]
@@ -117,7 +117,7 @@ class PipelineStrategy(ShardedState):
         # each tie's two copies: summed after the backward; counted once in the norm (on the first stage)
         self._tied = [part.get_parameter(t[0]) for t in ties if first] + [part.get_parameter(t[1]) for t in ties if last]
         self._copies = [part.get_parameter(t[1]) for t in ties] if last and not first else []
-        self._parts = [_StageView(part, [keys[b] for b in bounds[s]], s == 0, s == self.stages - 1, tp)
+        self._parts = [StageView(part, [keys[b] for b in bounds[s]], s == 0, s == self.stages - 1, tp)
                        for s in self.my_stages]
         self._views = [WaitingStage(view, s, self.stages, device, group=self.group)
                        for view, s in zip(self._parts, self.my_stages)]
@@ -141,7 +141,7 @@ class PipelineStrategy(ShardedState):
     def _task_output(self, output: torch.Tensor) -> torch.Tensor:
         """The last stage's output as the task scores it: under loss parallelism, this rank's slice of the
         vocabulary split again."""
-        return _from_slices(output, self.mesh["tp"], output.dim() - 1, self._vocab) if self.split_logits else output
+        return from_slices(output, self.mesh["tp"], output.dim() - 1, self._vocab) if self.split_logits else output
 
     # ---- the step -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from openclaw.engine.models import GPT, tied_parameters
 from openclaw.engine.parallel.layout_checks import pipeline_ends, stage_part
 
 
-class _StageView(nn.Module):
+class StageView(nn.Module):
     """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). Under
     tensor parallelism (`tp`: its mesh) what passes between stages is this rank's slice of the sequence
     as a plain tensor, made a DTensor again for the blocks."""
@@ -27,12 +27,12 @@ class _StageView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is not None and not self.first:
-            x = _from_slices(x, self.tp, 1, self.seq)
+            x = from_slices(x, self.tp, 1, self.seq)
         out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last) if self.subset else self.model(x)
         return out.to_local() if isinstance(out, DTensor) else out
 
 
-def _cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
+def cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
     """(the first stage's name, the last stage's name) of each parameter the two share (the gpt's embedding
     and head): each holds a copy."""
     starts, ends = pipeline_ends(model)
@@ -44,7 +44,7 @@ def _cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _from_slices(local: torch.Tensor, mesh: DeviceMesh, dim: int, whole: int) -> torch.Tensor:
+def from_slices(local: torch.Tensor, mesh: DeviceMesh, dim: int, whole: int) -> torch.Tensor:
     """This rank's slice along `dim` as the DTensor `Shard(dim)` of a tensor `whole` long there: given
     the whole length, slices need not be even (`from_local` would take every rank's for this one's)."""
     shape = list(local.shape)

@@ -36,7 +36,7 @@ def gpt_plan(model: GPT, loss_parallel: bool = False) -> dict:
     """`loss_parallel`: the head's logits stay a DTensor split by vocabulary (`Shard(-1)`), for a loss
     computed under `loss_context`; else they are gathered whole (`Replicate`). A pipeline stage's part
     (`pp`: the ends it does not hold are None, the other stages' blocks removed) gets the plan of what
-    it holds; between stages each rank passes on its slice of the sequence (`pp._StageView`)."""
+    it holds; between stages each rank passes on its slice of the sequence (`pp_stage.StageView`)."""
     logits = Shard(-1) if loss_parallel else Replicate()
     plan: dict = {}
     if model.tok is not None:
