@@ -172,9 +172,35 @@ def test_unequally_busy_stages_get_a_split_that_moves_blocks_off_the_busiest():
     assert rule_pipeline_imbalance(Facts(cfg, rank_busy=(0.50, 0.55), model_blocks=8)) is None
     best = _pipelined(**{"parallelism.pipeline_split": [7, 1]})
     assert rule_pipeline_imbalance(Facts(best, rank_busy=(0.35, 0.90), model_blocks=8)) is None
-    interleaved = _pipelined(**{"parallelism.pipeline_schedule": "interleaved_1f1b"})
-    assert rule_pipeline_imbalance(Facts(interleaved, rank_busy=(0.40, 0.90), model_blocks=8)) is None
     assert rule_pipeline_imbalance(Facts(cfg, model_blocks=8)) is None
+
+
+def test_interleaved_ranks_unequally_busy_get_a_split_over_their_two_stages_each():
+    """Interleaved 1F1B on 2 ranks: 4 stages of 2 blocks, rank 0 running stages 0 and 2, rank 1 stages 1
+    and 3 (the last). Measured busy 40% and 90%: a block costs 10% (rank 0's 4 blocks), the last stage's
+    head and loss 50%. Rank 1 needs a block in each of its stages, so the best is 6 and 2 blocks by rank,
+    busiest 70%: [3, 1, 3, 1]. At 4 ranks (8 stages of 2 blocks, 16 blocks), the last rank is left 2."""
+    from openclaw.advice.layout_rules import rule_pipeline_imbalance
+    from openclaw.advice.rules import Facts
+    interleaved = _pipelined(**{"parallelism.pipeline_schedule": "interleaved_1f1b"})
+    rec = rule_pipeline_imbalance(Facts(interleaved, rank_busy=(0.40, 0.90), model_blocks=8))
+    assert rec.key == "parallelism.pipeline_split" and rec.value == [3, 1, 3, 1]
+    assert rec.at_stake == pytest.approx(1 - 0.7 / 0.9)
+    assert "ranks are busy 40%, 90% of the step, each running 2 of the stages of [2, 2, 2, 2] blocks" in rec.finding
+    assert "ranks busy at most about 70%: up to 1.3x samples/s (estimated" in rec.effect
+    assert _pipelined(**{"parallelism.pipeline_schedule": "interleaved_1f1b",
+                         "parallelism.pipeline_split": rec.value}).parallelism.pipeline_split == [3, 1, 3, 1]
+    four = _pipelined(**{"parallelism.pipeline": 4, "parallelism.pipeline_schedule": "interleaved_1f1b",
+                         "scaling.min_workers": 4, "scaling.max_workers": 4, "train.micro_batch_size": 8})
+    # 4 blocks a rank, 5% each; the last rank's head and loss 40%: 2 blocks there (50%), 14 over the others
+    rec = rule_pipeline_imbalance(Facts(four, rank_busy=(0.20, 0.20, 0.20, 0.60), model_blocks=16))
+    assert rec.value == [3, 3, 2, 1, 2, 2, 2, 1] and sum(rec.value) == 16
+    assert [sum(rec.value[r::4]) for r in range(4)] == [5, 5, 4, 2]
+    assert rec.at_stake == pytest.approx(1 - 0.50 / 0.60)
+    # quiet: balanced ranks; the split already the model's best
+    assert rule_pipeline_imbalance(Facts(interleaved, rank_busy=(0.50, 0.55), model_blocks=8)) is None
+    best = _pipelined(**{"parallelism.pipeline_schedule": "interleaved_1f1b", "parallelism.pipeline_split": [3, 1, 3, 1]})
+    assert rule_pipeline_imbalance(Facts(best, rank_busy=(0.60, 0.70), model_blocks=8)) is None
 
 
 # ---- the activations a schedule keeps in flight ------------------------------------------------------

@@ -80,7 +80,8 @@ def rule_pipeline_bubble(f: Facts) -> Recommendation | None:
 
 
 def stage_ranks(f: Facts) -> list[list[int]] | None:
-    """The ranks of each pipeline stage, for the world `rank_busy` was measured at (None: not measured)."""
+    """The ranks at each pipeline position (each runs a stage; two, `pipeline` apart, under interleaved
+    1F1B), for the world `rank_busy` was measured at (None: not measured)."""
     p = f.config.parallelism
     world = len(f.rank_busy or ())
     if not world or world % p.model_parallel:
@@ -90,37 +91,55 @@ def stage_ranks(f: Facts) -> list[list[int]] | None:
 
 
 def stage_busy(f: Facts) -> list[float] | None:
-    """Each pipeline stage's busy share of the step: the median of its ranks' (`rank_busy`)."""
+    """Each pipeline position's busy share of the step: the median of its ranks' (`rank_busy`)."""
     stages = stage_ranks(f)
     return [statistics.median(f.rank_busy[r] for r in ranks) for ranks in stages] if stages else None
 
 
+def _candidate_split(depth: int, ranks: int, per_rank: int, last: int) -> list[int]:
+    """Blocks per stage (in stage order) giving the ranks but the last an even share of `depth - last`
+    blocks and the last rank `last`, each rank's share split evenly over its stages (stages r, r + ranks,
+    ... run on rank r)."""
+    totals = [len(b) for b in stage_blocks(depth - last, ranks - 1)] + [last]
+    split = [0] * (ranks * per_rank)
+    for r, total in enumerate(totals):
+        for k, part in enumerate(stage_blocks(total, per_rank)):
+            split[r + k * ranks] = len(part)
+    return split
+
+
 def rule_pipeline_imbalance(f: Facts) -> Recommendation | None:
-    """Pipeline stages (one per rank: 1F1B, GPipe) whose measured busy shares differ by over 1.2x: the
-    busiest sets every stage's pace. A new `parallelism.pipeline_split`, from a model of the measurement:
-    a block costs the same on every stage (its cost from the stages but the last, which hold blocks and at
-    most the embeddings), and the last stage's head and loss cost what its share leaves. The split whose
-    busiest stage that model puts lowest, the fewest blocks moved among equals; at stake, the share of
-    the step it saves. An estimate, and the finding says so."""
+    """Pipeline ranks whose measured busy shares differ by over 1.2x: the busiest sets every rank's pace.
+    A new `parallelism.pipeline_split`, from a model of the measurement: a block costs the same on every
+    stage (its cost from the ranks that do not run the last stage: blocks, and at most the embeddings),
+    and the last stage's head and loss cost what its rank's share leaves. A rank's work is its stages'
+    (under interleaved 1F1B two, `pipeline` apart). The split whose busiest rank that model puts lowest,
+    the fewest blocks moved among equals; at stake, the share of the step it saves. An estimate, and the
+    finding says so."""
     p = f.config.parallelism
-    busy = stage_busy(f) if p.pipeline > 1 and p.stages_per_rank == 1 and f.model_blocks else None
+    busy = stage_busy(f) if p.pipeline > 1 and f.model_blocks else None
     if not busy or min(busy) <= 0 or max(busy) <= IMBALANCE * min(busy):
         return None
-    depth, stages = f.model_blocks, p.pipeline
-    now = [len(b) for b in stage_blocks(depth, stages, p.pipeline_split)]
-    per_block = statistics.median(busy[s] / now[s] for s in range(stages - 1))
-    head = max(0.0, busy[-1] - now[-1] * per_block)
+    depth, ranks, v = f.model_blocks, p.pipeline, p.stages_per_rank
+    now = [len(b) for b in stage_blocks(depth, ranks * v, p.pipeline_split)]
+
+    def held(split: list[int], r: int) -> int:
+        return sum(split[r::ranks])
+    per_block = statistics.median(busy[r] / held(now, r) for r in range(ranks - 1))
+    head = max(0.0, busy[-1] - held(now, ranks - 1) * per_block)
 
     def slowest(split: list[int]) -> float:
-        return max(*(n * per_block for n in split[:-1]), head + split[-1] * per_block)
-    splits = [[len(b) for b in stage_blocks(depth - last, stages - 1)] + [last]
-              for last in range(1, depth - stages + 2)]
+        return max(held(split, r) * per_block + (head if r == ranks - 1 else 0.0) for r in range(ranks))
+    splits = [_candidate_split(depth, ranks, v, last) for last in range(v, depth - (ranks - 1) * v + 1)]
     best = min(splits, key=lambda sp: (slowest(sp), sum(abs(a - b) for a, b in zip(sp, now))))
     if best == now or slowest(best) >= max(busy):
         return None
-    finding = (f"the pipeline's stages are busy {', '.join(f'{b:.0%}' for b in busy)} of the step with "
-               f"{now} blocks each: the busiest sets every stage's pace")
-    effect = (f"stages busy at most about {slowest(best):.0%}: up to {max(busy) / slowest(best):.2g}x samples/s "
-              f"(estimated: a block costs the same on every stage, the last stage's head and loss on top)")
+    shares = ', '.join(f'{b:.0%}' for b in busy)
+    finding = (f"the pipeline's stages are busy {shares} of the step with {now} blocks each" if v == 1 else
+               f"the pipeline's ranks are busy {shares} of the step, each running {v} of the stages of {now} "
+               f"blocks (rank r stages r, r + {ranks}, ...)") + f": the busiest sets every {'stage' if v == 1 else 'rank'}'s pace"
+    effect = (f"{'stages' if v == 1 else 'ranks'} busy at most about {slowest(best):.0%}: up to "
+              f"{max(busy) / slowest(best):.2g}x samples/s (estimated: a block costs the same on every stage, "
+              f"the last stage's head and loss on top)")
     return Recommendation("pipeline_imbalance", finding, "parallelism.pipeline_split", best, effect,
                           1 - slowest(best) / max(busy))

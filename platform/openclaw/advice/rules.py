@@ -24,7 +24,7 @@ reads was not measured (None). `advise` runs them all and orders what fired by w
     critical_batch     global batch < 0.25x or > 4x grad_noise_scale     global batch near it, LR by lr_rule
     tensor_across_nodes  a tensor-parallel group spans nodes             parallelism.tensor dividing each node's workers
     pipeline_bubble    the schedule idles stages > 20% of the step       parallelism.microbatches, 4 per stage
-    pipeline_imbalance  one stage busy > 1.2x another (measured)         parallelism.pipeline_split, balanced
+    pipeline_imbalance  one pipeline rank busy > 1.2x another (measured) parallelism.pipeline_split, balanced
 """
 from __future__ import annotations
 
