@@ -136,15 +136,16 @@ def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_w
     with pytest.raises(ConfigError, match=r"`parallelism.pipeline` \(2 stage\(s\)\) needs a model that says how to "
                                           r"split it into stages: the built-in gpt, or .* MLP is neither"):
         check_layout(mlp, ParallelismConfig(pipeline=2), builtin_task=True)
-    # a user's model shaped for a pipeline (tests/user_models.py): 1F1B and GPipe, not interleaved, not with TP
+    # a user's model shaped for a pipeline (tests/user_models.py): any schedule, not with TP
     from user_models import loose_parameter, staged_stack
     with torch.device("meta"):
         staged, loose = staged_stack(), loose_parameter()
     check_layout(staged, ParallelismConfig(pipeline=4, pipeline_schedule="gpipe"), builtin_task=True)
     with pytest.raises(ConfigError, match="at least one block per stage: 8 stage.*has 4 block"):
         check_layout(staged, ParallelismConfig(pipeline=8), builtin_task=True)
-    with pytest.raises(ConfigError, match="interleaved_1f1b` runs two stages in one copy .* for StagedStack"):
-        check_layout(staged, ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
+    check_layout(staged, ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
+    with pytest.raises(ConfigError, match="at least one block per stage: 8 stage.*has 4 block"):  # 2 a rank
+        check_layout(staged, ParallelismConfig(pipeline=4, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
     staged.parallelize_plan = lambda mesh: {}
     with pytest.raises(ConfigError, match="`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt"):
         check_layout(staged, ParallelismConfig(pipeline=2, tensor=2), builtin_task=True)

@@ -19,18 +19,23 @@ def _same_run(reference, history, tol=1e-5):
     assert got_losses[-1] < got_losses[0]
 
 
-@pytest.mark.parametrize("model,schedule", [(TIED, "1f1b"), (UNTIED, "gpipe")], ids=["tied-1f1b", "untied-gpipe"])
+@pytest.mark.parametrize("model,schedule", [(TIED, "1f1b"), (UNTIED, "gpipe"), (TIED, "interleaved_1f1b")],
+                         ids=["tied-1f1b", "untied-gpipe", "tied-interleaved"])
 def test_a_users_model_in_two_stages_trains_as_on_one_rank(model, schedule):
+    """Interleaved 1F1B: 4 stages of one block each on 2 ranks, each rank running two of them (rank 0 the
+    embedding's stage and the third, rank 1 the second and the head's) in one pruned copy of the model."""
     one = spawn(1, train, {"strategy": "ddp"}, N_STEPS, False, model)[0]
     two = spawn(2, train, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule}, N_STEPS, False, model)
     _same_run(one["history"], two[0]["history"])
     assert two[0]["history"] == two[1]["history"]
 
 
-def test_built_as_a_worker_and_checkpointed_under_fsdp_it_loads_into_one_rank(tmp_path):
-    """Two stages x two FSDP shards: built on the meta device with rank 0's weights, the same run bit for
-    bit as built whole; its checkpoint, under the whole model's names, loads into one rank, still tied."""
-    spec = {"strategy": "fsdp", "pipeline": 2}
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_built_as_a_worker_and_checkpointed_under_fsdp_it_loads_into_one_rank(tmp_path, schedule):
+    """Two pipeline ranks x two FSDP shards (under interleaved 1F1B each rank runs two stages): built on
+    the meta device with rank 0's weights, the same run bit for bit as built whole; its checkpoint, under
+    the whole model's names, loads into one rank, still tied."""
+    spec = {"strategy": "fsdp", "pipeline": 2, "pipeline_schedule": schedule}
     whole = spawn(4, train, spec, 3, False, TIED)
     meta = spawn(4, hop, spec, None, str(tmp_path / "pp"), 3, True, TIED)
     assert [m["history"] for m in meta] == [w["history"] for w in whole]

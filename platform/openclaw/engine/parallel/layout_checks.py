@@ -24,8 +24,8 @@ def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool
     if cfg.tensor > 1:
         check_tensor_parallel(model, cfg.tensor)
     if cfg.pipeline > 1:
-        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank, builtin_task=builtin_task,
-                       interleaved=cfg.stages_per_rank > 1, tensor=cfg.tensor, split=cfg.pipeline_split)
+        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank, builtin_task=builtin_task, tensor=cfg.tensor,
+                       split=cfg.pipeline_split)
 
 
 def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
@@ -82,8 +82,8 @@ def pipeline_ends(model: nn.Module) -> tuple[list[str], list[str]] | None:
     return list(ends[0]), list(ends[1])
 
 
-def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, interleaved: bool = False,
-                   tensor: int = 1, split: list[int] | None = None) -> None:
+def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, tensor: int = 1,
+                   split: list[int] | None = None) -> None:
     """Whether `model` (on any device, the meta device included) splits into `stages` stages; a `ConfigError`
     naming the key otherwise."""
     name = type(model).__name__
@@ -93,9 +93,6 @@ def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, 
                           f"stages: {PIPELINE_PROTOCOL}. {name} is neither; set `parallelism.pipeline: 1`.")
     if not builtin_task:
         raise ConfigError(NEEDS_BUILTIN_TASK)
-    if not isinstance(model, GPT) and interleaved:
-        raise ConfigError(f"`parallelism.pipeline_schedule: interleaved_1f1b` runs two stages in one copy of the "
-                          f"model, which only the built-in gpt's forward can do; use `1f1b` or `gpipe` for {name}.")
     if not isinstance(model, GPT) and tensor > 1:
         raise ConfigError(f"`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt (its stages pass "
                           f"sequence-parallel slices between them); {name} takes one of the two.")

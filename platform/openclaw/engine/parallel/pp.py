@@ -8,7 +8,8 @@ tensor-parallel ranks, then sharded).
 Every rank keeps its stages' parts of the model (its blocks; what `pipeline_ends` names for the first
 stage, the gpt's embeddings, on the first; the final norm and the head on the last) and drops the
 rest, so parameter names, and checkpoints, are those of the whole model. With interleaved 1F1B a rank
-holds two stages, `pipeline` apart, in one pruned model (the gpt's forward runs either).
+holds two stages, `pipeline` apart, in one pruned model (the gpt's forward runs either; a user's model
+runs seeing only one stage's blocks and ends, `pp_stage.StageView`).
 
 A parameter tied between the first and the last stage (the gpt's embedding and head) has a copy on
 each. After the backward their gradients are summed across the two ranks, so both copies get the same
@@ -84,8 +85,7 @@ class PipelineStrategy(ShardedState):
     # ---- building the stages ------------------------------------------------------------------
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        check_pipeline(model, self.stages, interleaved=len(self.my_stages) > 1, tensor=self.layout.tensor,
-                       split=self.split)
+        check_pipeline(model, self.stages, tensor=self.layout.tensor, split=self.split)
         bounds = stage_blocks(len(model.blocks), self.stages, self.split)
         keys = list(model.blocks)
         keep = {keys[b] for s in self.my_stages for b in bounds[s]}

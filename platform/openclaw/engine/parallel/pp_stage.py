@@ -3,6 +3,9 @@ process): the stage view the schedules run, the slices of the sequence or vocabu
 rank passes on, and the parameters tied across the first and last stages (`pp.PipelineStrategy`)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -13,9 +16,11 @@ from openclaw.engine.parallel.layout_checks import pipeline_ends, stage_part
 
 
 class StageView(nn.Module):
-    """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). Under
-    tensor parallelism (`tp`: its mesh) what passes between stages is this rank's slice of the sequence
-    as a plain tensor, made a DTensor again for the blocks."""
+    """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). The
+    gpt is told which blocks and ends to run; a user's model runs as it is, seeing only this stage's
+    (`_as_stage`), so a rank may hold two stages of it (interleaved 1F1B). Under tensor parallelism (`tp`:
+    its mesh) what passes between stages is this rank's slice of the sequence as a plain tensor, made a
+    DTensor again for the blocks."""
 
     seq = 0
     """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
@@ -23,13 +28,41 @@ class StageView(nn.Module):
     def __init__(self, model: nn.Module, blocks: list[str], first: bool, last: bool, tp: DeviceMesh | None = None):
         super().__init__()
         self.model, self.blocks, self.first, self.last, self.tp = model, blocks, first, last, tp
-        self.subset = isinstance(model, GPT)  # runs one of two stages it holds (interleaved); else all it holds
+        self.subset = isinstance(model, GPT)  # told which stage to run; else sees only this stage's parts
+        starts, ends = pipeline_ends(model)
+        self.hidden = [m for m in starts if not first] + [m for m in ends if not last]
+        """The ends this stage does not run (a user's model): None while it runs."""
+        object.__setattr__(self, "stage_blocks", nn.ModuleDict({k: model.blocks[k] for k in blocks}))
+        """This stage's blocks, as the model's `blocks` while it runs (not a submodule of the view: the
+        model holds them)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is not None and not self.first:
             x = from_slices(x, self.tp, 1, self.seq)
-        out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last) if self.subset else self.model(x)
+        if self.subset:
+            out = self.model(x, blocks=self.blocks, embed=self.first, head=self.last)
+        else:
+            with _as_stage(self.model, self.stage_blocks, self.hidden):
+                out = self.model(x)
         return out.to_local() if isinstance(out, DTensor) else out
+
+
+@contextlib.contextmanager
+def _as_stage(model: nn.Module, blocks: nn.ModuleDict, hidden: list[str]) -> Iterator[None]:
+    """`model` as one of its stages' forward must see it: `blocks` its blocks, each end in `hidden` None.
+    Each is set as an instance attribute, which Python finds before nn.Module's registered submodules, so
+    the module tree is untouched: FSDP, state dicts and the optimizer see every module the rank holds."""
+    owners = [(model, "blocks", blocks)]
+    for name in hidden:
+        parent, _, attr = name.rpartition(".")
+        owners.append((model.get_submodule(parent) if parent else model, attr, None))
+    for owner, attr, value in owners:
+        owner.__dict__[attr] = value
+    try:
+        yield
+    finally:
+        for owner, attr, _ in owners:
+            owner.__dict__.pop(attr, None)
 
 
 def cross_stage_ties(model: nn.Module) -> list[tuple[str, str]]:
