@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from openclaw.engine.parallel.local import run_local
 
@@ -134,7 +135,9 @@ def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_work
     return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
             "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
             "whole_state_keys": engine.whole_state_keys, "sent_keys": getattr(engine, "sent_keys", 0),
-            "split_logits": getattr(engine.strategy, "split_logits", False)}
+            "split_logits": getattr(engine.strategy, "split_logits", False),
+            "split_params": sorted(n for n, p in engine.model.named_parameters() if isinstance(p, DTensor)
+                                   and any(pl.is_shard() for pl in p.placements))}
 
 
 def host_peak_growth(rank: int, world: int, parallelism: dict, model_kwargs: dict, as_a_worker: bool) -> int:

@@ -146,9 +146,10 @@ def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_w
     check_layout(staged, ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
     with pytest.raises(ConfigError, match="at least one block per stage: 8 stage.*has 4 block"):  # 2 a rank
         check_layout(staged, ParallelismConfig(pipeline=4, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
-    staged.parallelize_plan = lambda mesh: {}
-    with pytest.raises(ConfigError, match="`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt"):
+    with pytest.raises(ConfigError, match=r"`parallelism.tensor` \(2\) needs a model that says how to split it"):
         check_layout(staged, ParallelismConfig(pipeline=2, tensor=2), builtin_task=True)
+    staged.parallelize_plan = lambda mesh: {}  # its stages split by its own plan
+    check_layout(staged, ParallelismConfig(pipeline=2, tensor=2), builtin_task=True)
     with pytest.raises(ConfigError, match=r"parameters \['gate'\] are neither in a block nor in a module"):
         check_layout(loose, ParallelismConfig(pipeline=2), builtin_task=True)
     type(staged).pipeline_ends = (["embed", "nowhere"], ["norm", "head"])

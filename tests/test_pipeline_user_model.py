@@ -9,6 +9,7 @@ from parallel_harness import hop, rel, spawn, train
 
 N_STEPS = 6
 TIED, UNTIED = "user_models:staged_stack", "user_models:untied_stack"
+PLANNED = "user_models:planned_stack"
 
 
 def _same_run(reference, history, tol=1e-5):
@@ -43,6 +44,26 @@ def test_built_as_a_worker_and_checkpointed_under_fsdp_it_loads_into_one_rank(tm
     model = one[0]["state"]["model"]
     assert model["head.weight"].equal(model["embed.weight"]) and len(model) > 10
     _same_run(meta[0]["next"], one[0]["next"])
+
+
+@pytest.mark.parametrize("parallelism,blocks", [
+    ({"tensor": 2}, ["0123"] * 2),
+    ({"tensor": 2, "pipeline": 2}, ["01"] * 2 + ["23"] * 2),
+    ({"tensor": 2, "pipeline": 2, "pipeline_schedule": "interleaved_1f1b"}, ["02"] * 2 + ["13"] * 2),
+], ids=["tp", "pp-x-tp", "interleaved-x-tp"])
+def test_a_users_model_with_a_tensor_parallel_plan_trains_as_on_one_rank(parallelism, blocks):
+    """The model's own `parallelize_plan`: over 2 tensor-parallel ranks, and in a pipeline of 2 x 2, where
+    each stage's part is split by the plan's entries for the blocks it holds; its tied embedding and head
+    (whole, in the first and last stages) summed across them. Each tensor-parallel pair runs the same."""
+    one = spawn(1, train, {"strategy": "ddp"}, N_STEPS, False, PLANNED)[0]
+    got = spawn(2 * parallelism.get("pipeline", 1), train, {"strategy": "ddp", **parallelism}, N_STEPS, False,
+                PLANNED)
+    _same_run(one["history"], got[0]["history"])
+    assert all(r["history"] == got[0]["history"] for r in got)
+    # split by the plan: for each block a rank holds (`blocks`, by rank), its two linears' weights and the
+    # first's bias (the second's bias is added whole)
+    assert [r["split_params"] for r in got] == [
+        sorted(f"blocks.{b}.{p}" for b in held for p in ("1.weight", "1.bias", "3.weight")) for held in blocks]
 
 
 def _evaluate(rank: int, world: int, parallelism: dict) -> dict[str, float]:

@@ -103,6 +103,23 @@ def untied_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn
     return StagedStack(vocab_size, dim, depth, tied=False)
 
 
+class PlannedStack(StagedStack):
+    """A staged stack that says how tensor parallelism splits it (`parallelize_plan`): each block's first
+    linear by column, its second by row (whole, replicated activations between them), the embedding and
+    head whole. The plan names the blocks the model holds: a pipeline stage's part holds some of them."""
+
+    def parallelize_plan(self, mesh) -> dict:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        plan = {}
+        for key in self.blocks:
+            plan[f"blocks.{key}.1"], plan[f"blocks.{key}.3"] = ColwiseParallel(), RowwiseParallel()
+        return plan
+
+
+def planned_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn.Module:
+    return PlannedStack(vocab_size, dim, depth, tied=True)
+
+
 class LooseParameter(StagedStack):
     """A staged stack with a parameter of its own, in no block and no end: no stage would own it."""
 

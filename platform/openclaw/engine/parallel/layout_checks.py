@@ -93,9 +93,6 @@ def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, 
                           f"stages: {PIPELINE_PROTOCOL}. {name} is neither; set `parallelism.pipeline: 1`.")
     if not builtin_task:
         raise ConfigError(NEEDS_BUILTIN_TASK)
-    if not isinstance(model, GPT) and tensor > 1:
-        raise ConfigError(f"`parallelism.tensor` with `parallelism.pipeline` needs the built-in gpt (its stages pass "
-                          f"sequence-parallel slices between them); {name} takes one of the two.")
     _check_ends(model, *ends)
     stage_blocks(len(model.blocks), stages, split)
 

@@ -36,13 +36,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import Batch, CommClock, StepFns, apply_activation_checkpointing, on_meta, place
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
-from openclaw.engine.parallel.pp_stage import cross_stage_ties, from_slices, StageView
+from openclaw.engine.parallel.pp_stage import StageView, cross_stage_ties, from_slices, held_plan
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
 from openclaw.errors import ConfigError
@@ -101,7 +102,8 @@ class PipelineStrategy(ShardedState):
                 setattr(part.get_submodule(parent) if parent else part, attr, None)
         tp = self.mesh["tp"] if self.layout.tensor > 1 else None
         if tp is not None:  # each parameter placed as it is split
-            self.split_logits = apply_tensor_parallel(part, tp, self.loss_parallel)
+            plan = None if isinstance(model, GPT) else held_plan(model.parallelize_plan(tp), part)
+            self.split_logits = apply_tensor_parallel(part, tp, self.loss_parallel, plan)
         self._vocab = part.head.weight.shape[0] if self.split_logits and last else 0
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)

@@ -19,16 +19,18 @@ class StageView(nn.Module):
     """One stage's forward over the rank's pruned model (the stage's blocks, and the ends it holds). The
     gpt is told which blocks and ends to run; a user's model runs as it is, seeing only this stage's
     (`_as_stage`), so a rank may hold two stages of it (interleaved 1F1B). Under tensor parallelism (`tp`:
-    its mesh) what passes between stages is this rank's slice of the sequence as a plain tensor, made a
-    DTensor again for the blocks."""
+    its mesh) what passes between the gpt's stages is this rank's slice of the sequence as a plain tensor,
+    made a DTensor again for the blocks; a user's stage passes on its output's local tensor (what its
+    `parallelize_plan` leaves: whole, with torch's default output layouts)."""
 
     seq = 0
     """The step's sequence length (`PipelineStrategy._run` sets it): the whole of the slices passed on."""
 
     def __init__(self, model: nn.Module, blocks: list[str], first: bool, last: bool, tp: DeviceMesh | None = None):
         super().__init__()
-        self.model, self.blocks, self.first, self.last, self.tp = model, blocks, first, last, tp
         self.subset = isinstance(model, GPT)  # told which stage to run; else sees only this stage's parts
+        self.model, self.blocks, self.first, self.last = model, blocks, first, last
+        self.tp = tp if self.subset else None  # a user's stages pass on what its plan leaves, as a plain tensor
         starts, ends = pipeline_ends(model)
         self.hidden = [m for m in starts if not first] + [m for m in ends if not last]
         """The ends this stage does not run (a user's model): None while it runs."""
@@ -88,3 +90,15 @@ def from_slices(local: torch.Tensor, mesh: DeviceMesh, dim: int, whole: int) -> 
         n *= size
     return DTensor.from_local(local, mesh, (Shard(dim),), run_check=False, shape=torch.Size(shape),
                               stride=tuple(reversed(strides)))
+
+
+def held_plan(plan: dict, part: nn.Module) -> dict:
+    """A user's `parallelize_plan`, asked of the whole model, for a pipeline stage's part: the entries for
+    the modules the part holds (and every pattern: torch matches those against what is there). Those for
+    other stages' blocks and ends are left out, which torch would otherwise warn of, one by one."""
+    def held(path: str) -> bool:
+        try:
+            return any(ch in path for ch in "*?[") or part.get_submodule(path) is not None
+        except AttributeError:
+            return False
+    return {path: style for path, style in plan.items() if held(path)}

@@ -77,15 +77,18 @@ def whole_activations(model: nn.Module, loss_parallel: bool) -> tuple[list[str],
         None if loss_parallel else "head"
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool = False) -> bool:
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, loss_parallel: bool = False,
+                          plan: dict | None = None) -> bool:
     """Split `model` over the tensor-parallel `mesh` in place, keeping its tied parameters tied. Returns
     whether its output is split logits, which its loss needs `loss_context` for (the built-in gpt with
-    `loss_parallel`; a user's plan gives what it gives)."""
+    `loss_parallel`; a user's plan gives what it gives). `plan`: a user's model's plan, where the caller
+    asked it of another copy (a pipeline stage's part is asked of the whole model: `pp_stage.held_plan`)."""
     check_tensor_parallel(model, mesh.size())
     tied = tied_parameters(model)
     split = loss_parallel and isinstance(model, GPT)
-    plan = gpt_plan(model, split) if isinstance(model, GPT) else model.parallelize_plan(mesh)
-    parallelize_module(model, mesh, plan)
+    if isinstance(model, GPT):
+        plan = gpt_plan(model, split)
+    parallelize_module(model, mesh, plan if plan is not None else model.parallelize_plan(mesh))
     retie(model, tied)  # parallelize_module gives each module a new parameter: tie them again
     return split
 
