@@ -66,6 +66,20 @@ def test_a_users_model_with_a_tensor_parallel_plan_trains_as_on_one_rank(paralle
         sorted(f"blocks.{b}.{p}" for b in held for p in ("1.weight", "1.bias", "3.weight")) for held in blocks]
 
 
+def test_pipeline_x_tensor_built_as_a_worker_checkpoints_and_loads_into_one_rank(tmp_path):
+    """The planned model at 2 pipeline x 2 tensor-parallel ranks, built as workers build it (the meta
+    device, the plan applied, rank 0's weights sent): the same run bit for bit as built whole; its sharded
+    checkpoint, under the whole model's names, loads into one rank, tied, and trains on as there."""
+    spec = {"strategy": "ddp", "pipeline": 2, "tensor": 2}
+    whole = spawn(4, train, spec, 3, False, PLANNED)
+    meta = spawn(4, hop, spec, None, str(tmp_path / "pp-tp"), 3, True, PLANNED)
+    assert [m["history"] for m in meta] == [w["history"] for w in whole]
+    one = spawn(1, hop, {"strategy": "fsdp"}, str(tmp_path / "pp-tp"), str(tmp_path / "one"), 3, False, PLANNED)
+    model = one[0]["state"]["model"]
+    assert model["head.weight"].equal(model["embed.weight"]) and model["blocks.3.1.weight"].shape == (64, 32)
+    _same_run(meta[0]["next"], one[0]["next"])
+
+
 def _evaluate(rank: int, world: int, parallelism: dict) -> dict[str, float]:
     """A user's classifier's validation sums over 37 rows in batches of 8 (the last one padded)."""
     from openclaw.engine.config import TrainConfig
