@@ -134,11 +134,11 @@ def rule_pipeline_imbalance(f: Facts) -> Recommendation | None:
     best = min(splits, key=lambda sp: (slowest(sp), sum(abs(a - b) for a, b in zip(sp, now))))
     if best == now or slowest(best) >= max(busy):
         return None
-    shares = ', '.join(f'{b:.0%}' for b in busy)
+    shares, unit = ', '.join(f'{b:.0%}' for b in busy), "stage" if v == 1 else "rank"
     finding = (f"the pipeline's stages are busy {shares} of the step with {now} blocks each" if v == 1 else
                f"the pipeline's ranks are busy {shares} of the step, each running {v} of the stages of {now} "
-               f"blocks (rank r stages r, r + {ranks}, ...)") + f": the busiest sets every {'stage' if v == 1 else 'rank'}'s pace"
-    effect = (f"{'stages' if v == 1 else 'ranks'} busy at most about {slowest(best):.0%}: up to "
+               f"blocks (rank r stages r, r + {ranks}, ...)") + f": the busiest sets every {unit}'s pace"
+    effect = (f"{unit}s busy at most about {slowest(best):.0%}: up to "
               f"{max(busy) / slowest(best):.2g}x samples/s (estimated: a block costs the same on every stage, "
               f"the last stage's head and loss on top)")
     return Recommendation("pipeline_imbalance", finding, "parallelism.pipeline_split", best, effect,

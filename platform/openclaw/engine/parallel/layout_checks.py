@@ -24,8 +24,7 @@ def check_layout(model: nn.Module, cfg: ParallelismConfig, *, builtin_task: bool
     if cfg.tensor > 1:
         check_tensor_parallel(model, cfg.tensor)
     if cfg.pipeline > 1:
-        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank, builtin_task=builtin_task, tensor=cfg.tensor,
-                       split=cfg.pipeline_split)
+        check_pipeline(model, cfg.pipeline * cfg.stages_per_rank, builtin_task=builtin_task, split=cfg.pipeline_split)
 
 
 def check_tensor_parallel(model: nn.Module, tensor: int) -> None:
@@ -82,7 +81,7 @@ def pipeline_ends(model: nn.Module) -> tuple[list[str], list[str]] | None:
     return list(ends[0]), list(ends[1])
 
 
-def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True, tensor: int = 1,
+def check_pipeline(model: nn.Module, stages: int, *, builtin_task: bool = True,
                    split: list[int] | None = None) -> None:
     """Whether `model` (on any device, the meta device included) splits into `stages` stages; a `ConfigError`
     naming the key otherwise."""

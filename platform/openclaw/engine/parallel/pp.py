@@ -86,7 +86,7 @@ class PipelineStrategy(ShardedState):
     # ---- building the stages ------------------------------------------------------------------
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        check_pipeline(model, self.stages, tensor=self.layout.tensor, split=self.split)
+        check_pipeline(model, self.stages, split=self.split)
         bounds = stage_blocks(len(model.blocks), self.stages, self.split)
         keys = list(model.blocks)
         keep = {keys[b] for s in self.my_stages for b in bounds[s]}
