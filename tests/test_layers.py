@@ -15,7 +15,7 @@ LAYERS = ["foundation", "engine", "data", "tracking", "exports", "advice", "prof
 FOUNDATION = {"openclaw.config", "openclaw.errors", "openclaw.constants", "openclaw.section", "openclaw.user_code",
               "openclaw.config_schema"}
 """Plus every component's own config section, `openclaw.<component>[.<sub>].config`."""
-FRONT = {"openclaw", "openclaw.sdk", "openclaw.cli"}
+FRONT = {"openclaw", "openclaw.sdk", "openclaw.cli", "openclaw.cli_args"}
 FOUNDATION_THIRD_PARTY = {"pydantic", "pydantic_core", "yaml"}
 RAY_PRIVATE = "openclaw.runtime.ray_private"
 
