@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "jobs" / "configs" / "digits.yaml"
@@ -195,3 +196,67 @@ def test_a_finished_job_says_when_its_final_checkpoint_is_gone(digits_dir, tmp_p
     assert _already_finished(cfg, storage_path(cfg), "sqlite:///unused.db").checkpoint == str(final)
     assert f"its final checkpoint, {final}, is no longer there; no copy of the final model is kept elsewhere " \
            "(`tracking.enabled` was off)" in capsys.readouterr().out
+
+
+def _checkpoints(run: Path) -> dict[str, Path]:
+    """A run's folder with five whole checkpoints, oldest first: valid (step 10), never finished (its
+    manifest missing), valid (30), corrupt (a byte of model.pt changed), truncated (model.pt cut short)."""
+    from openclaw.engine import checkpoint as ckpt_io
+    made = {}
+    for i, kind in enumerate(["ok", "unfinished", "ok", "corrupt", "truncated"], start=1):
+        d = ckpt_io.save(run / f"checkpoint_2026-12-06_10-00-0{i}.000000", model={"w": torch.arange(64.0)},
+                         trainer={}, state={"step": 10 * i}, config={})
+        model = d / "model.pt"
+        if kind == "unfinished":
+            (d / ckpt_io.MANIFEST).unlink()
+        elif kind == "corrupt":
+            body = bytearray(model.read_bytes())
+            body[-20] ^= 0xFF
+            model.write_bytes(bytes(body))
+        elif kind == "truncated":
+            model.write_bytes(model.read_bytes()[:100])
+        made[kind if kind != "ok" else f"ok{i}"] = d
+    return made
+
+
+def test_checkpoint_list_checks_each_checkpoint_as_a_resume_would_and_marks_where_it_starts(tmp_path, s3_server,
+                                                                                            monkeypatch):
+    from openclaw.engine import checkpoint as ckpt_io
+    made = _checkpoints(tmp_path / "runs" / "job")
+    r = run_cli("checkpoint", "list", tmp_path / "runs" / "job")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    state = {line.split()[0]: line for line in lines[1:-1]}
+    assert list(state) == sorted(state, reverse=True) and len(state) == 5  # newest first
+    assert state[made["truncated"].name].endswith("skipped on resume: model.pt is 100 bytes, the manifest says "
+                                                  f"{(made['ok1'] / 'model.pt').stat().st_size} (truncated or overwritten).")
+    assert state[made["corrupt"].name].endswith("skipped on resume: model.pt fails its sha256 check (corrupt).")
+    assert state[made["ok3"].name].split()[1:] == ["30", "whole", "4", "0.00", "ok", "<-", "a", "resume", "starts",
+                                                   "here"]
+    assert state[made["unfinished"].name].endswith("skipped on resume: no manifest.json: not written in full")
+    assert state[made["ok1"].name].endswith(" ok")
+    # what a resume accepts: the same checkpoints
+    ok = set()
+    for d in made.values():
+        try:
+            ckpt_io.verify(d)
+            ok.add(d.name)
+        except ckpt_io.CheckpointError:
+            pass
+    assert ok == {n for n, line in state.items() if " ok" in line}
+    # --quick reads no file: the corrupt one's size matches, so it says so, and what it could not check
+    quick = run_cli("checkpoint", "list", tmp_path / "runs" / "job", "--quick").stdout.splitlines()
+    assert quick[2].endswith("sizes ok  <- a resume starts here, if its files' sha256 match")
+    assert "no sha256 read" in quick[-1]
+    # the same run in S3: every file streamed and checked, the same states
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    uri = s3_server.upload(tmp_path / "runs", "bkt/runs")
+    remote = run_cli("checkpoint", "list", f"{uri}/job")
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout.splitlines()[1:-1] == lines[1:-1]
+    # the storage folder, a checkpoint and nothing: exit 2, saying what to pass
+    wrong = {p: run_cli("checkpoint", "list", p) for p in (tmp_path / "runs", made["ok1"], tmp_path / "nope")}
+    assert all(w.returncode == 2 and "Traceback" not in w.stderr for w in wrong.values())
+    assert "It holds the runs job: pass one of them." in wrong[tmp_path / "runs"].stderr
+    assert "is one checkpoint, not a run's folder" in wrong[made["ok1"]].stderr
+    assert "there is no run folder at" in wrong[tmp_path / "nope"].stderr

@@ -1,5 +1,5 @@
 """The `openclaw` command (driver): `train CONFIG [--set k=v ...] [--address ADDR]`, `sweep CONFIG
-[--resume]`, `sync-spool FILE`, `checkpoint consolidate DIR --out FILE`, `config --schema |
+[--resume]`, `sync-spool FILE`, `checkpoint consolidate DIR --out FILE | list RUN_FOLDER`, `config --schema |
 --defaults` and `advise RUN_ID`: parse, build, run, report.
 
 User mistakes (bad config, missing data) print one paragraph and exit 2; `--debug` adds the traceback.
@@ -29,6 +29,10 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
     from openclaw.data.filesystems import local_copy
     from openclaw.engine.model_io import consolidate
+    if args.action == "list":
+        from openclaw.launch.checkpoint_list import list_checkpoints, table
+        print(table(args.run_folder, list_checkpoints(args.run_folder, args.quick), args.quick))
+        return 0
     if "://" not in args.checkpoint and not os.path.isdir(args.checkpoint):
         raise ConfigError(f"there is no checkpoint folder at {args.checkpoint}. Pass a run's checkpoint_* folder "
                           f"(the run prints its final one) or its URI.")

@@ -68,7 +68,7 @@ def _add_sync_spool(sub) -> None:
 
 
 def _add_checkpoint(sub) -> None:
-    """`openclaw checkpoint consolidate`."""
+    """`openclaw checkpoint consolidate` and `list`."""
     k = sub.add_parser("checkpoint", help="work with a run's checkpoints",
                        description="Work with a checkpoint folder (or URI) a run wrote.")
     ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -83,6 +83,17 @@ def _add_checkpoint(sub) -> None:
     kc.add_argument("--trust-code", action="store_true",
                     help="let the checkpoint's config build its `module:function` model (its code runs)")
     kc.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
+    kl = ksub.add_parser("list", help="a run's checkpoints, checked, and the one a resume takes",
+                         description="List a run's checkpoint_* folders newest first, with each one's step, format "
+                                     "(whole or sharded), files and size, and whether it is whole: every file "
+                                     "checked against its manifest (size and sha256) as a resume checks it, read "
+                                     "from the folder or URI without being written anywhere. Marks the one a "
+                                     "resume starts from.",
+                         epilog="example: openclaw checkpoint list runs/digits-mlp   (`<checkpoint.storage>/<name>`)")
+    kl.add_argument("run_folder", help="the run's folder or URI: `<checkpoint.storage>/<name>`")
+    kl.add_argument("--quick", action="store_true",
+                    help="check each file's size only, from the listing (no file is read; a resume reads them)")
+    kl.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
 
 
 def _add_export(sub) -> None:

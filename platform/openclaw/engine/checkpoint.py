@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -93,18 +93,28 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {d} has no {MANIFEST}: it was not written in full.") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {d}: {MANIFEST} is corrupt ({e}).") from None
-    for name, want in manifest["files"].items():
+    def size(name: str) -> int | None:
         p = inside(d, name)
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {d}: {name} is missing.")
-        size = p.stat().st_size
-        if size != want["size"]:
-            raise CheckpointError(f"checkpoint {d}: {name} is {size} bytes, the manifest says {want['size']} "
-                                  f"(truncated or overwritten).")
-        if sha256(p) != want["sha256"]:
-            raise CheckpointError(f"checkpoint {d}: {name} fails its sha256 check (corrupt).")
+        return p.stat().st_size if p.is_file() else None
+    check_files(f"checkpoint {d}: ", manifest["files"], size, lambda name: sha256(inside(d, name)))
     manifest.setdefault("format", WHOLE)
     return manifest
+
+
+def check_files(where: str, files: dict[str, dict], size: Callable[[str], int | None],
+                digest: Callable[[str], str] | None) -> None:
+    """Every file a manifest names (`files`) there, with its size and, unless `digest` is None, its sha256;
+    a `CheckpointError` (prefixed `where`) naming the first that is not. `size(name)`: its bytes, None
+    where it is missing; `digest(name)`: its sha256 (a local folder's, or one read through a filesystem)."""
+    for name, want in files.items():
+        got = size(name)
+        if got is None:
+            raise CheckpointError(f"{where}{name} is missing.")
+        if got != want["size"]:
+            raise CheckpointError(f"{where}{name} is {got} bytes, the manifest says {want['size']} "
+                                  f"(truncated or overwritten).")
+        if digest is not None and digest(name) != want["sha256"]:
+            raise CheckpointError(f"{where}{name} fails its sha256 check (corrupt).")
 
 
 def read(directory: str | os.PathLike) -> dict[str, Any]:
