@@ -12,7 +12,6 @@ from conftest import digits_config
 from openclaw.engine.memory import (MicroBatchChoice, choose_micro_batch, confirm_micro_batch, fake_tensors,
                                     gathered_bytes, micro_batch_sizes, per_sample_bytes, probes_whole,
                                     saved_activation_bytes, state_bytes_estimate)
-from openclaw.engine.parallel.config import ParallelismConfig
 from openclaw.engine.parallel.mesh import mesh_layout
 from openclaw.errors import ConfigError, MemoryBudgetError
 from openclaw.runtime.policies import batch_plan, micro_batch_dp_sizes
@@ -83,18 +82,34 @@ def test_state_estimate_shards_under_fsdp_tp_and_pp_and_grows_in_16_bit():
     assert tp.total == 16 * n // 4
     pp = state_bytes_estimate(n, mesh_layout(64, replicate=1, pipeline=4), replicated=False)  # 16 shards x 4 stages
     assert pp.total == 16 * math.ceil(n / 64)
-    # `parallelism.pipeline_split`: the rank holding the most blocks (under interleaved 1F1B, two stages)
-    split = ParallelismConfig(pipeline=4, pipeline_split=[4, 2, 1, 1])
-    assert split.rank_block_share == 0.5 and ParallelismConfig(pipeline=4).rank_block_share is None
-    assert ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b",
-                             pipeline_split=[3, 1, 1, 3]).rank_block_share == 0.5  # stages 0 + 2, 1 + 3
-    uneven = state_bytes_estimate(n, mesh_layout(64, replicate=1, pipeline=4), replicated=False,
-                                  stage_share=split.rank_block_share)
-    assert uneven.total == 16 * math.ceil(n / 2 / 16)
+    # the parameters the busiest pipeline rank holds (`pipeline_rank_params`), split by TP, sharded by FSDP
+    uneven = state_bytes_estimate(n, mesh_layout(64, replicate=1, tensor=2, pipeline=4), replicated=False,
+                                  stage_params=n // 2)
+    assert uneven.total == 16 * math.ceil(n / 2 / 2 / 8)
     bf16 = state_bytes_estimate(n, mesh_layout(1), replicated=True, precision="bf16")
     assert bf16.total - one.total == 2 * n  # a bf16 copy of the weights
     sgd = state_bytes_estimate(n, mesh_layout(1), replicated=True, optimizer="sgd", momentum=0.0)
     assert sgd.optimizer == 0
+
+
+def test_a_pipeline_ranks_parameters_are_its_blocks_and_the_ends_it_holds():
+    """The gpt on the meta device: a block's parameters, the embeddings (token and position) on the first
+    stage, the final norm and the head on the last; the head is the token embedding's matrix, held by
+    both. Rank r of `pipeline` runs stages r, r + pipeline, ... (interleaved 1F1B: two)."""
+    from openclaw.engine.models import build_model
+    from openclaw.engine.parallel.layout_checks import pipeline_rank_params
+    with torch.device("meta"):
+        gpt = build_model("gpt", {"vocab_size": 1000, "block_size": 64, "dim": 32, "depth": 6, "heads": 4})
+    block = sum(p.numel() for p in gpt.blocks["0"].parameters())
+    tok, pos, ln = gpt.tok.weight.numel(), gpt.pos.weight.numel(), sum(p.numel() for p in gpt.ln.parameters())
+    assert gpt.head.weight is gpt.tok.weight and tok == 32_000
+    assert sum(pipeline_rank_params(gpt, 1)) == sum(p.numel() for p in gpt.parameters())
+    assert pipeline_rank_params(gpt, 2) == [3 * block + tok + pos, 3 * block + ln + tok]
+    assert pipeline_rank_params(gpt, 2, [5, 1]) == [5 * block + tok + pos, block + ln + tok]
+    # interleaved: stages 0 and 2 on rank 0, 1 and 3 (the last) on rank 1
+    assert pipeline_rank_params(gpt, 2, [1, 1, 1, 3], 2) == [2 * block + tok + pos, 4 * block + ln + tok]
+    # the even spread the estimate used before (a third of all) is far below what the busiest rank holds
+    assert max(pipeline_rank_params(gpt, 3)) > sum(p.numel() for p in gpt.parameters()) / 3 * 1.5
 
 
 def test_fsdp_holds_its_largest_unit_gathered_beside_the_shards():
@@ -115,10 +130,10 @@ def test_the_probe_adds_the_largest_unit_fsdp_gathers_to_the_fixed_state():
     kwargs = {"vocab_size": 4096, "block_size": 32, "dim": 64, "depth": 2, "heads": 4}
     fp32 = Precision("fp32", False, False, "")
 
-    def cfg(strategy: str):
+    def cfg(strategy: str, **more):
         return load_config(None, {"data.train": "x", "data.features": "x", "data.label": None, "task": "language_modeling",
                                   "model.name": "gpt", "model.kwargs": kwargs, "parallelism.strategy": strategy,
-                                  "scaling.min_workers": 2, "scaling.max_workers": 2})
+                                  "scaling.min_workers": 2, "scaling.max_workers": 2, **more})
     step = _ProbeStep(cfg("fsdp"), LanguageModeling(), None, torch.device("cpu"), fp32, fake=True)
     gpt = GPT(**kwargs)
     block = sum(p.numel() for p in gpt.blocks["0"].parameters())
@@ -128,6 +143,12 @@ def test_the_probe_adds_the_largest_unit_fsdp_gathers_to_the_fixed_state():
     assert fixed_bytes(cfg("fsdp"), step, fp32) == sharded + 12 * step.largest_unit
     whole = state_bytes_estimate(step.num_params, mesh_layout(2, replicate=2), replicated=True).total
     assert fixed_bytes(cfg("ddp"), step, fp32) == whole  # DDP gathers nothing
+    # 2 pipeline stages: a rank holds its block and its ends, the tied embedding and head on both
+    piped = cfg("ddp", **{"parallelism.pipeline": 2})
+    step = _ProbeStep(piped, LanguageModeling(), None, torch.device("cpu"), fp32, fake=True)
+    busiest = block + gpt.tok.weight.numel() + max(gpt.pos.weight.numel(), sum(p.numel() for p in gpt.ln.parameters()))
+    assert step.stage_params == busiest > step.num_params / 2
+    assert fixed_bytes(piped, step, fp32) == 16 * busiest  # AdamW: 4 fp32 copies, nothing sharded or gathered
 
 
 def test_state_estimate_matches_what_a_real_engine_holds():

@@ -61,13 +61,14 @@ class StateEstimate:
 
 def state_bytes_estimate(num_params: int, layout: MeshLayout, *, replicated: bool, precision: str = "fp32",
                          optimizer: str = "adamw", momentum: float = 0.9,
-                         stage_share: float | None = None) -> StateEstimate:
+                         stage_params: int | None = None) -> StateEstimate:
     """One rank's parameters, gradients and optimizer state (all fp32: autocast keeps fp32 master weights
     and FSDP reduces gradients in fp32). `replicated`: plain DDP, whose buckets hold another copy of the
     gradients when there is more than one rank. Tensor and pipeline parallelism split the model over
-    `layout.tensor x layout.pipeline` ranks, or, with `stage_share` (`ParallelismConfig.rank_block_share`),
-    the busiest pipeline rank holds that share of it; FSDP shards that part over `layout.shard` ranks."""
-    part = math.ceil(num_params * stage_share) if stage_share else math.ceil(num_params / layout.pipeline)
+    `layout.tensor x layout.pipeline` ranks, or, with `stage_params` (the most parameters a pipeline rank
+    holds: `layout_checks.pipeline_rank_params`), tensor parallelism splits that part; FSDP shards it
+    over `layout.shard` ranks."""
+    part = stage_params if stage_params else math.ceil(num_params / layout.pipeline)
     held = math.ceil(math.ceil(part / layout.tensor) / layout.shard)
     states = OPTIMIZER_STATES[optimizer] if optimizer != "sgd" or momentum else 0
     buckets = 4 * held if replicated and layout.dp > 1 else 0

@@ -28,6 +28,7 @@ from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel.base import apply_activation_checkpointing, transformer_blocks
 from openclaw.engine.parallel.build import layout_for
+from openclaw.engine.parallel.layout_checks import pipeline_rank_params
 from openclaw.engine.parallel.tp import whole_activations
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import build_task
@@ -97,7 +98,7 @@ def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
         layout = layout_for(cfg.parallelism, world)
         state = state_bytes_estimate(step.num_params, layout, replicated=replicated(cfg), precision=precision.name,
                                      optimizer=cfg.train.optimizer.name, momentum=cfg.train.optimizer.momentum,
-                                     stage_share=cfg.parallelism.rank_block_share)
+                                     stage_params=step.stage_params)
         return state.total + gathered_bytes(step.largest_unit, layout, precision.name)
     return max(at(w) for w in cfg.worlds)
 
@@ -156,6 +157,10 @@ class _ProbeStep:
         apply_activation_checkpointing(self.model, cfg.parallelism.activation_checkpointing)  # as the engine does
         self.split = tensor_split(cfg, self.model)
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        p = cfg.parallelism
+        self.stage_params = max(pipeline_rank_params(self.model, p.pipeline, p.pipeline_split, p.stages_per_rank)) \
+            if p.pipeline > 1 else None
+        """The most parameters one pipeline rank holds (its blocks and ends), before TP or FSDP split them."""
         blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(self.model)]
         self.largest_unit = max(blocks + [self.num_params - sum(blocks)])
         """The parameters of the largest `fully_shard` unit: a transformer block, or what the root holds."""

@@ -161,15 +161,6 @@ class ParallelismConfig(Section):
         split = self.pipeline_split
         return held * max(split) / sum(split) if split else held / (stages * v)
 
-    @property
-    def rank_block_share(self) -> float | None:
-        """With `pipeline_split`, the largest share of the blocks one pipeline rank holds (under
-        `interleaved_1f1b` its two stages, `pipeline` apart, together); None without one (1 / pipeline)."""
-        split = self.pipeline_split
-        if not split or self.pipeline == 1:
-            return None
-        return max(sum(split[r::self.pipeline]) for r in range(self.pipeline)) / sum(split)
-
     def activation_samples(self, share: int) -> Callable[[int], float]:
         """For a data-parallel rank's `share` of the global batch: at a micro-batch size `m`, the samples'
         worth of whole-model activations the busiest rank holds at its peak. `m` itself without a

@@ -123,3 +123,21 @@ def stage_part(param: str, first: list[str], last: list[str]) -> str | None:
         return "blocks." + param.split(".")[1]
     return next((where for group, where in ((first, "first"), (last, "last")) for m in group
                  if param.startswith(m + ".")), None)
+
+
+def pipeline_rank_params(model: nn.Module, pipeline: int, split: list[int] | None = None,
+                         stages_per_rank: int = 1) -> list[int]:
+    """Each pipeline rank's parameters, on any device (the meta device included): its stages' blocks
+    (rank r runs stages r, r + `pipeline`, ...) and the ends they hold, the first stage's (the gpt's
+    embeddings) and the last's (its norm and head); a parameter tied between those two is held by both.
+    What the rank holds before tensor parallelism or FSDP split it."""
+    starts, ends = pipeline_ends(model)
+    stages = pipeline * stages_per_rank
+    keys = list(model.blocks)
+    stage_of = {keys[b]: s for s, blocks in enumerate(stage_blocks(len(keys), stages, split)) for b in blocks}
+    held: list[dict[int, int]] = [{} for _ in range(pipeline)]
+    for name, param in model.named_parameters(remove_duplicate=False):
+        where = stage_part(name, starts, ends)
+        stage = stage_of[where.split(".", 1)[1]] if where.startswith("blocks.") else 0 if where == "first" else stages - 1
+        held[stage % pipeline][id(param)] = param.numel()
+    return [sum(rank.values()) for rank in held]
