@@ -260,3 +260,10 @@ def test_checkpoint_list_checks_each_checkpoint_as_a_resume_would_and_marks_wher
     assert "It holds the runs job: pass one of them." in wrong[tmp_path / "runs"].stderr
     assert "is one checkpoint, not a run's folder" in wrong[made["ok1"]].stderr
     assert "there is no run folder at" in wrong[tmp_path / "nope"].stderr
+    # a manifest without its file list: skipped, saying so, not a crash
+    odd = tmp_path / "runs" / "job" / "checkpoint_2026-12-06_09-00-00.000000"
+    odd.mkdir()
+    (odd / "manifest.json").write_text('{"step": 5}')
+    r = run_cli("checkpoint", "list", tmp_path / "runs" / "job")
+    assert r.returncode == 0 and r.stdout.splitlines()[-2].endswith(
+        "skipped on resume: manifest.json malformed (KeyError: 'files')"), r.stdout + r.stderr

@@ -85,7 +85,7 @@ def _add_checkpoint(sub) -> None:
     kc.add_argument("--debug", action="store_true", help="print full tracebacks for errors")
     kl = ksub.add_parser("list", help="a run's checkpoints, checked, and the one a resume takes",
                          description="List a run's checkpoint_* folders newest first, with each one's step, format "
-                                     "(whole or sharded), files and size, and whether it is whole: every file "
+                                     "(whole or sharded), files and size, and whether a resume would take it: every file "
                                      "checked against its manifest (size and sha256) as a resume checks it, read "
                                      "from the folder or URI without being written anywhere. Marks the one a "
                                      "resume starts from.",

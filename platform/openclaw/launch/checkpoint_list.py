@@ -1,5 +1,5 @@
 """`openclaw checkpoint list` (driver): a run's checkpoints, newest first, each with its step, format,
-size and whether it is whole, and which one the same command would resume from.
+size and whether a resume would take it, and which one the same command would resume from.
 
 A resume takes the newest checkpoint whose files all match its manifest (`runtime.checkpoint_store`);
 this says which, before anything starts: every file's size and sha256 checked as a resume checks them,
@@ -71,9 +71,12 @@ def _check(fs: pafs.FileSystem, folder: str, name: str, quick: bool) -> Listed:
         return Listed(name, None, None, 0, 0, f"no {ckpt_io.MANIFEST}: not written in full")
     except (OSError, ValueError) as e:
         return Listed(name, None, None, 0, 0, f"{ckpt_io.MANIFEST} unreadable ({e})")
-    files = manifest.get("files", {})
-    listed = Listed(name, manifest.get("step"), manifest.get("format", ckpt_io.WHOLE), len(files),
-                    sum(f["size"] for f in files.values()), None)
+    try:
+        files = manifest["files"]
+        listed = Listed(name, manifest.get("step"), manifest.get("format", ckpt_io.WHOLE), len(files),
+                        sum(f["size"] for f in files.values()), None)
+    except (KeyError, TypeError, AttributeError) as e:
+        return Listed(name, None, None, 0, 0, f"{ckpt_io.MANIFEST} malformed ({type(e).__name__}: {e})")
     try:
         _matches(fs, folder, files, quick)
     except CheckpointError as e:
@@ -112,5 +115,5 @@ def table(run_dir: str, listed: list[Listed], quick: bool = False) -> str:
         step = "-" if c.step is None else str(c.step)
         lines.append(f"{c.name:<{width}}  {step:>7}  {c.format or '-':<7}  {c.files:>5}  {c.size / 1e6:>9.2f}  {state}")
     lines.append(f"{len(listed)} checkpoint(s) in {run_dir}; {how}." +
-                 ("" if resume else " None is whole: a resume would start over."))
+                 ("" if resume else " None is valid: a resume would start over."))
     return "\n".join(lines)
