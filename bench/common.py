@@ -51,17 +51,62 @@ def first_start_after(events: list[dict], t: float) -> dict | None:
     return next((e for e in events if e["t"] > t and e["event"] in ATTEMPTS), None)
 
 
-def run_side(argv: list[str], env: dict[str, str | None] | None = None, timeout_s: float = 900) -> dict:
-    """One side of a bench in a fresh Python process (`env` adds variables; None removes one). Its last
-    stdout line is its JSON result: an anchor that prints its figure and then fails to shut Ray down
-    cleanly still counts."""
+EXIT_GRACE_S = 60.0
+"""How long a side may take to exit after printing its result. torch's gloo teardown can deadlock at
+exit (a DDP Reducer's process group joins its worker thread while holding the GIL that thread waits
+for: seen once, in the FSDP anchor's DDP side, during a suite run); the figure was measured before."""
+
+
+def run_side(argv: list[str], env: dict[str, str | None] | None = None, timeout_s: float = 900,
+             exit_grace_s: float = EXIT_GRACE_S) -> dict:
+    """One side of a bench in a fresh Python process (`env` adds variables; None removes one), in its own
+    process group (a torchrun's ranks, a Ray anchor's daemons), all killed if it outlives `timeout_s`, or
+    `exit_grace_s` after it printed its result. Its last JSON stdout line is its result: an anchor that
+    prints its figure and then fails to shut Ray down cleanly, or hangs in its teardown, still counts."""
     import json
     import os
+    import signal
+    import threading
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout_s, env=env)
-    lines = [x for x in r.stdout.strip().splitlines() if x.startswith("{")]
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    out: list[str] = []
+    err: list[str] = []
+    result_at: list[float] = []
+
+    def read(stream, into: list[str], results: bool) -> None:
+        for line in stream:
+            into.append(line)
+            if results and line.startswith("{"):
+                result_at.append(time.monotonic())
+    readers = [threading.Thread(target=read, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=read, args=(proc.stderr, err, False), daemon=True)]
+    for t in readers:
+        t.start()
+    deadline, hung = time.monotonic() + timeout_s, False
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(argv, timeout_s, "".join(out), "".join(err))
+            if result_at and time.monotonic() - result_at[-1] > exit_grace_s:
+                hung = True
+                break
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if proc.poll() is None:  # timed out, hung in its teardown, or Ctrl-C: none of its processes outlives it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for t in readers:
+            t.join(timeout=10)
+    if hung:
+        print(f"bench: {' '.join(argv[:3])} ... printed its result but had not exited {exit_grace_s:.0f} s later: "
+              f"killed; its result counts", file=sys.stderr)
+    lines = [x for x in "".join(out).strip().splitlines() if x.startswith("{")]
     if not lines:
-        raise RuntimeError(f"{argv} exited {r.returncode} with no JSON result:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"{argv} exited {proc.returncode} with no JSON result:\n{''.join(err)[-3000:]}")
     return json.loads(lines[-1])
 
 

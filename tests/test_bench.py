@@ -1,7 +1,10 @@
-"""The benches' shared logic (pure): the ABBA order, the figures, and the README's performance table,
-which must be exactly what `bench/run_all.py` wrote from `bench/results.json` (no figure typed by hand)."""
+"""The benches' shared logic: the ABBA order, the figures, and the README's performance table, which
+must be exactly what `bench/run_all.py` wrote from `bench/results.json` (no figure typed by hand)
+(pure); and how a side's process is run and ended (real processes)."""
 import json
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -90,3 +93,24 @@ def test_the_readme_table_is_the_one_run_all_wrote_from_results_json():
     assert run_all.table(saved["results"]) in between
     names = {r["name"] for r in saved["results"]}
     assert names == set(run_all.BENCHES), f"benches missing from the last `make bench`: {set(run_all.BENCHES) - names}"
+
+
+def test_a_side_that_hangs_after_its_result_is_killed_and_its_result_counts():
+    """As torch's gloo teardown once hung the FSDP anchor at exit: the side printed its figure, then never
+    exited. It is killed with its whole process group `exit_grace_s` after the result; one that prints
+    nothing is killed at `timeout_s`, and says so."""
+    import subprocess
+    import time
+
+    import psutil
+    from common import run_side
+    hang = ("import json, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(600)']); print(json.dumps({'samples_per_s': 1.5, 'child': child.pid}), "
+            "flush=True); time.sleep(600)")
+    t0 = time.monotonic()
+    got = run_side(["-c", hang], exit_grace_s=1.0, timeout_s=120)
+    assert got["samples_per_s"] == 1.5 and time.monotonic() - t0 < 60
+    assert not psutil.pid_exists(got["child"]) or psutil.Process(got["child"]).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_side(["-c", "import time; time.sleep(600)"], timeout_s=2.0)
+    assert run_side(["-c", "print('{\"done\": true}')"]) == {"done": True}  # a side that exits at once
