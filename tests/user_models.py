@@ -106,7 +106,7 @@ def untied_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn
 class PlannedStack(StagedStack):
     """A staged stack that says how tensor parallelism splits it (`parallelize_plan`): each block's first
     linear by column, its second by row (whole, replicated activations between them), the embedding and
-    head whole. The plan names the blocks the model holds: a pipeline stage's part holds some of them."""
+    head whole. Asked of the whole model, it names every block; a pipeline stage keeps its blocks' entries."""
 
     def parallelize_plan(self, mesh) -> dict:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
