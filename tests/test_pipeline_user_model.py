@@ -5,7 +5,7 @@ stages. The engine alone in real gloo groups on CPU (tests/parallel_harness.py),
 import pytest
 import torch
 
-from parallel_harness import hop, rel, spawn, train
+from parallel_harness import build, hop, rel, spawn, train
 
 N_STEPS = 6
 TIED, UNTIED = "user_models:staged_stack", "user_models:untied_stack"
@@ -66,6 +66,26 @@ def test_a_users_model_with_a_tensor_parallel_plan_trains_as_on_one_rank(paralle
         sorted(f"blocks.{b}.{p}" for b in held for p in ("1.weight", "1.bias", "3.weight")) for held in blocks]
 
 
+def _wrap_error(rank: int, world: int, parallelism: dict, model_name: str) -> str:
+    from openclaw.errors import ConfigError
+    try:
+        build(rank, world, parallelism, model_name=model_name)
+    except ConfigError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"tensor": 2, "pipeline": 2}], ids=["tp", "pp-x-tp"])
+def test_a_plan_key_that_names_no_module_stops_every_rank_naming_it(parallelism):
+    """torch skips a plan key that resolves to no module with a warning, which left a typo'd module whole
+    on every rank, unsplit and unsaid. Each rank's wrap now refuses it, naming the key and its likely fix."""
+    got = spawn(2 * parallelism.get("pipeline", 1), _wrap_error, {"strategy": "ddp", **parallelism},
+                "user_models:misplanned_stack")
+    assert len(set(got)) == 1
+    assert "'blocks.*.l', which matches no module of the model (no module under 'blocks.*' is named 'l'; " \
+           "there: 0, 1, 2, 3)" in got[0]
+
+
 def test_pipeline_x_tensor_built_as_a_worker_checkpoints_and_loads_into_one_rank(tmp_path):
     """The planned model at 2 pipeline x 2 tensor-parallel ranks, built as workers build it (the meta
     device, the plan applied, rank 0's weights sent): the same run bit for bit as built whole; its sharded
@@ -106,3 +126,22 @@ def test_a_users_classifier_in_a_pipeline_reports_the_accuracy_one_rank_reports(
     assert two[0] == two[1] and set(two[0]) == set(one)
     assert two[0]["correct"] == one["correct"] and two[0]["count"] == 37
     assert two[0]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_plan_keys_are_resolved_level_by_level_as_torch_resolves_them():
+    """Pure: exact paths and per-level patterns that match a module pass; a pattern that matches at one
+    level but not the next, a typo, a parameter's path, and a plan that is not a dict of styles are refused."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from openclaw.engine.parallel.tp import checked_plan
+    from openclaw.errors import ConfigError
+    from user_models import planned_stack
+    model = planned_stack()
+    plan = model.parallelize_plan(None)
+    assert checked_plan(model, plan) is plan
+    assert checked_plan(model, {"blocks.*.[13]": ColwiseParallel(), "": ColwiseParallel()})
+    for key in ["blocks.*.9", "block.0.1", "blocks.0.1.weight"]:  # no such block child, a typo, a parameter
+        with pytest.raises(ConfigError, match="matches no module"):
+            checked_plan(model, {key: ColwiseParallel()})
+    with pytest.raises(ConfigError, match="must return a dict of module paths"):
+        checked_plan(model, {"blocks.0.1": "colwise"})

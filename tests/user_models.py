@@ -120,6 +120,18 @@ def planned_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> n
     return PlannedStack(vocab_size, dim, depth, tied=True)
 
 
+class MisplannedStack(StagedStack):
+    """A planned stack whose plan has a typo: `blocks.*.l` for the blocks' first linear (`blocks.*.1`)."""
+
+    def parallelize_plan(self, mesh) -> dict:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        return {"blocks.*.l": ColwiseParallel(), "blocks.*.3": RowwiseParallel()}
+
+
+def misplanned_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn.Module:
+    return MisplannedStack(vocab_size, dim, depth, tied=True)
+
+
 class LooseParameter(StagedStack):
     """A staged stack with a parameter of its own, in no block and no end: no stage would own it."""
 

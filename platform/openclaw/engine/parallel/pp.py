@@ -45,7 +45,7 @@ from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pip
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.engine.parallel.pp_stage import StageView, cross_stage_ties, from_slices, held_plan
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
-from openclaw.engine.parallel.tp import apply_tensor_parallel, loss_context, whole_loss
+from openclaw.engine.parallel.tp import apply_tensor_parallel, checked_plan, loss_context, whole_loss
 from openclaw.errors import ConfigError
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -102,7 +102,7 @@ class PipelineStrategy(ShardedState):
                 setattr(part.get_submodule(parent) if parent else part, attr, None)
         tp = self.mesh["tp"] if self.layout.tensor > 1 else None
         if tp is not None:  # each parameter placed as it is split
-            plan = None if isinstance(model, GPT) else held_plan(model.parallelize_plan(tp), part)
+            plan = None if isinstance(model, GPT) else held_plan(checked_plan(model, model.parallelize_plan(tp)), part)
             self.split_logits = apply_tensor_parallel(part, tp, self.loss_parallel, plan)
         self._vocab = part.head.weight.shape[0] if self.split_logits and last else 0
         apply_activation_checkpointing(part, self.ac)

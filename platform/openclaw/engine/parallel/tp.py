@@ -13,6 +13,7 @@ user's model opts in with a method `parallelize_plan(mesh)` that returns such a 
 from __future__ import annotations
 
 import contextlib
+from fnmatch import fnmatch
 from typing import ContextManager
 
 import torch
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    ParallelStyle,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
@@ -30,6 +32,7 @@ from torch.distributed.tensor.parallel import (
 
 from openclaw.engine.models import GPT, retie, tied_parameters
 from openclaw.engine.parallel.layout_checks import check_tensor_parallel
+from openclaw.errors import ConfigError
 
 
 def gpt_plan(model: GPT, loss_parallel: bool = False) -> dict:
@@ -88,9 +91,46 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, loss_parallel: boo
     split = loss_parallel and isinstance(model, GPT)
     if isinstance(model, GPT):
         plan = gpt_plan(model, split)
-    parallelize_module(model, mesh, plan if plan is not None else model.parallelize_plan(mesh))
+    elif plan is None:
+        plan = checked_plan(model, model.parallelize_plan(mesh))
+    parallelize_module(model, mesh, plan)
     retie(model, tied)  # parallelize_module gives each module a new parameter: tie them again
     return split
+
+
+def checked_plan(model: nn.Module, plan) -> dict:
+    """A user's `parallelize_plan`, asked of the whole `model`, checked as torch resolves it: a dict of
+    module paths (`*`, `?` and `[...]` match a name at their level, as in `parallelize_module`) to
+    parallel styles. A key that matches no module would be skipped by torch with a warning, leaving
+    that module whole on every rank (a typo costs the split silently): a `ConfigError` names it."""
+    name = f"{type(model).__name__}.parallelize_plan"
+    if not isinstance(plan, dict) or not all(isinstance(k, str) and isinstance(v, ParallelStyle) for k, v in plan.items()):
+        raise ConfigError(f"`{name}(mesh)` returned {type(plan).__name__}: it must return a dict of module paths "
+                          f"to torch parallel styles (ColwiseParallel(), RowwiseParallel(), ...).")
+    for key in plan:
+        why = unresolved(model, key)
+        if why:
+            raise ConfigError(f"`{name}(mesh)` names {key!r}, which matches no module of the model ({why}): torch "
+                              f"would skip it and leave that module whole on every rank. Give the module's path "
+                              f"as `model.named_modules()` names it.")
+    return plan
+
+
+def unresolved(model: nn.Module, key: str) -> str | None:
+    """Why a plan key names no module of `model`, resolved as torch resolves it (one `fnmatch` pattern per
+    level of the path, against the names of the children of what the levels before it matched); None
+    where it names one."""
+    found, done = [model], []
+    for atom in key.split(".") if key else []:
+        children = [(n, c) for m in found for n, c in m.named_children()]
+        found = [c for n, c in children if fnmatch(n, atom)]
+        if not found:
+            at = f"under {'.'.join(done)!r}" if done else "at the top"
+            names = sorted({n for n, _ in children})
+            return (f"no module {at} is named {atom!r}; there: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+                    if names else f"{'.'.join(done)!r} holds no modules")
+        done.append(atom)
+    return None
 
 
 def loss_context(split_logits: bool) -> ContextManager:
