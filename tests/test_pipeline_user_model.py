@@ -86,6 +86,19 @@ def test_a_plan_key_that_names_no_module_stops_every_rank_naming_it(parallelism)
            "there: 0, 1, 2, 3)" in got[0]
 
 
+@pytest.mark.parametrize("parallelism", [{"tensor": 2}, {"tensor": 2, "pipeline": 2}], ids=["tp", "pp-x-tp"])
+def test_a_plan_that_splits_a_tied_matrix_unalike_stops_every_rank_naming_both(parallelism):
+    """The tied embedding left whole and its head split by rows: on one rank the tie was made again over
+    two layouts; in a pipeline the first and last stages summed unlike slices of its gradient (a
+    collective of mismatched sizes, or on a square matrix a silent mix). Each wrap now refuses it (in
+    the pipeline, the two ends compare how their part of the plan split it)."""
+    got = spawn(2 * parallelism.get("pipeline", 1), _wrap_error, {"strategy": "ddp", **parallelism},
+                "user_models:mistied_stack")
+    assert len(set(got)) == 1
+    assert "splits the tied parameter 'embed.weight' (whole) and 'head.weight' (split Shard(dim=0)) unalike" \
+        in got[0]
+
+
 def test_pipeline_x_tensor_built_as_a_worker_checkpoints_and_loads_into_one_rank(tmp_path):
     """The planned model at 2 pipeline x 2 tensor-parallel ranks, built as workers build it (the meta
     device, the plan applied, rank 0's weights sent): the same run bit for bit as built whole; its sharded

@@ -132,6 +132,19 @@ def misplanned_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -
     return MisplannedStack(vocab_size, dim, depth, tied=True)
 
 
+class MistiedStack(StagedStack):
+    """A planned stack whose plan splits the head (by column: the tied matrix's rows) and leaves the
+    embedding that shares its matrix whole."""
+
+    def parallelize_plan(self, mesh) -> dict:
+        from torch.distributed.tensor.parallel import ColwiseParallel
+        return {"head": ColwiseParallel()}
+
+
+def mistied_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, **_) -> nn.Module:
+    return MistiedStack(vocab_size, dim, depth, tied=True)
+
+
 class LooseParameter(StagedStack):
     """A staged stack with a parameter of its own, in no block and no end: no stage would own it."""
 

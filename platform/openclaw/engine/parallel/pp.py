@@ -45,7 +45,14 @@ from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pip
 from openclaw.engine.parallel.mesh import MeshLayout
 from openclaw.engine.parallel.pp_stage import StageView, cross_stage_ties, from_slices, held_plan
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
-from openclaw.engine.parallel.tp import apply_tensor_parallel, checked_plan, loss_context, whole_loss
+from openclaw.engine.parallel.tp import (
+    apply_tensor_parallel,
+    check_ties_alike,
+    checked_plan,
+    loss_context,
+    split_of,
+    whole_loss,
+)
 from openclaw.errors import ConfigError
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -104,6 +111,7 @@ class PipelineStrategy(ShardedState):
         if tp is not None:  # each parameter placed as it is split
             plan = None if isinstance(model, GPT) else held_plan(checked_plan(model, model.parallelize_plan(tp)), part)
             self.split_logits = apply_tensor_parallel(part, tp, self.loss_parallel, plan)
+            self._check_ties_alike(part, ties, first)
         self._vocab = part.head.weight.shape[0] if self.split_logits and last else 0
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)
@@ -124,6 +132,16 @@ class PipelineStrategy(ShardedState):
         self._views = [WaitingStage(view, s, self.stages, device, group=self.group)
                        for view, s in zip(self._parts, self.my_stages)]
         return part
+
+    def _check_ties_alike(self, part: nn.Module, ties: list[tuple[str, str]], first: bool) -> None:
+        """A tie between the first and last stages is split by each stage's own part of the plan: the two
+        compare how (one object each way, at the wrap), since their gradients' slices are summed."""
+        if ties and self.tied_group is not None:
+            mine = [split_of(part.get_parameter(t[0] if first else t[1])) for t in ties]
+            both: list[Any] = [None, None]
+            dist.all_gather_object(both, (not first, mine), group=self.tied_group)
+            (_, at_first), (_, at_last) = sorted(both)
+            check_ties_alike(part, [(a, b, sa, sb) for (a, b), sa, sb in zip(ties, at_first, at_last)])
 
     def _schedule(self, n: int, fns: StepFns):
         if n not in self._schedules:

@@ -94,6 +94,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, loss_parallel: boo
     elif plan is None:
         plan = checked_plan(model, model.parallelize_plan(mesh))
     parallelize_module(model, mesh, plan)
+    check_ties_alike(model, [(a, b, split_of(model.get_parameter(a)), split_of(model.get_parameter(b)))
+                             for a, b in tied])
     retie(model, tied)  # parallelize_module gives each module a new parameter: tie them again
     return split
 
@@ -114,6 +116,23 @@ def checked_plan(model: nn.Module, plan) -> dict:
                               f"would skip it and leave that module whole on every rank. Give the module's path "
                               f"as `model.named_modules()` names it.")
     return plan
+
+
+def split_of(p: torch.Tensor) -> str:
+    """How tensor parallelism left a parameter: its placements, or whole."""
+    return f"split {', '.join(map(repr, p.placements))}" if isinstance(p, DTensor) else "whole"
+
+
+def check_ties_alike(model: nn.Module, ties: list[tuple[str, str, str, str]]) -> None:
+    """Each (name, other name, how the plan split the one, the other) of a tied parameter: both names must
+    be split alike (the gpt splits its embedding's and its head's rows, the vocabulary), or the one
+    matrix the two share would be given two layouts (and a pipeline would sum unlike slices of it)."""
+    for a, b, split_a, split_b in ties:
+        if split_a != split_b:
+            raise ConfigError(f"`{type(model).__name__}.parallelize_plan(mesh)` splits the tied parameter "
+                              f"{a!r} ({split_a}) and {b!r} ({split_b}) unalike: the matrix they share must be "
+                              f"split alike under both names, or not at all (an embedding `RowwiseParallel()` and "
+                              f"its head `ColwiseParallel()` both split its rows, as the built-in gpt's plan does).")
 
 
 def unresolved(model: nn.Module, key: str) -> str | None:
