@@ -218,32 +218,62 @@ def _peak_forwards_in_flight(ops) -> int:
     return peak
 
 
-def _interleaved_rank0_order(stages: int, n: int):
-    """The first rank's actions in torch's interleaved 1F1B (two stages per rank) over `n` micro-batches:
-    its own order-building method, on an instance given only what that method reads."""
-    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
-    schedule = object.__new__(ScheduleInterleaved1F1B)
-    schedule.pp_group_size, schedule.n_local_stages, schedule._n_microbatches = stages, 2, n
-    schedule.number_of_rounds = max(1, n // stages)
-    schedule.microbatches_per_round = n // schedule.number_of_rounds
-    return schedule._calculate_single_rank_operations(0)
+def _torch_order(schedule: str, stages: int, n: int, rank: int):
+    """One rank's actions in torch's 1F1B or interleaved 1F1B (two stages per rank) over `n` micro-batches:
+    its own order-building methods, on an instance given only what they read."""
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleInterleaved1F1B
+    if schedule == "1f1b":
+        one = object.__new__(Schedule1F1B)
+        one._num_stages, one._n_microbatches = stages, n
+        return one._get_pipeline_order()[rank]
+    interleaved = object.__new__(ScheduleInterleaved1F1B)
+    interleaved.pp_group_size, interleaved.n_local_stages, interleaved._n_microbatches = stages, 2, n
+    interleaved.number_of_rounds = max(1, n // stages)
+    interleaved.microbatches_per_round = n // interleaved.number_of_rounds
+    return interleaved._calculate_single_rank_operations(rank)
 
 
-def test_the_activations_held_in_flight_follow_each_schedule_up_to_8_stages():
-    """GPipe holds every micro-batch's forward on each stage, 1F1B at most one per stage, and interleaved
-    1F1B what torch's own action order for the first rank keeps (checked for 2 to 8 stages and every count
-    it takes up to 48), each forward a 1 / (stages x stages per rank) share of the layers."""
+def test_the_activations_held_in_flight_follow_each_schedule_on_every_rank_up_to_8_stages():
+    """GPipe holds every micro-batch's forward on each stage; 1F1B and interleaved 1F1B what torch's own
+    action order for each rank keeps (checked for every rank of 2 to 8 stages and every count each takes
+    up to 48). The busiest rank's share of one micro-batch's activations: its forwards in flight, each
+    1 / (stages x stages per rank) of the layers; the first rank's where the stages are even."""
     for stages in range(2, 9):
         for n in range(1, 49):
             gpipe = ParallelismConfig(pipeline=stages, pipeline_schedule="gpipe")
             assert gpipe.held_fraction(n) == n / stages
-            if n >= stages:
-                assert ParallelismConfig(pipeline=stages).held_fraction(n) == 1.0
-            interleaved = ParallelismConfig(pipeline=stages, pipeline_schedule="interleaved_1f1b")
-            if interleaved.schedule_refuses(n) is None:
-                peak = _peak_forwards_in_flight(_interleaved_rank0_order(stages, n))
-                assert interleaved.held_fraction(n) == peak / (2 * stages), (stages, n, peak)
-    assert ParallelismConfig(pipeline=4).held_fraction(2) == 0.5 and ParallelismConfig().held_fraction(7) == 1.0
+            for name in ("1f1b", "interleaved_1f1b"):
+                cfg = ParallelismConfig(pipeline=stages, pipeline_schedule=name)
+                if cfg.schedule_refuses(n) is None:
+                    peaks = [_peak_forwards_in_flight(_torch_order(name, stages, n, r)) for r in range(stages)]
+                    assert [cfg.in_flight(n, r) for r in range(stages)] == peaks, (name, stages, n)
+                    assert cfg.held_fraction(n) == peaks[0] / (stages * cfg.stages_per_rank)
+    assert ParallelismConfig(pipeline=4).held_fraction(4) == 1.0 and ParallelismConfig().held_fraction(7) == 1.0
+
+
+def test_the_busiest_rank_is_the_one_whose_stages_hold_the_most_in_flight():
+    """Pure: each rank's forwards in flight times the largest share of its stages. GPipe keeps all `n`
+    on every rank, so the heaviest stage decides: a last stage with large logits (half the activations
+    on 2 of 4 stages) holds twice an even quarter. 1F1B keeps fewer on later ranks: 4 stages, 8
+    micro-batches, the last holding 40%, keeps 1 of them (0.4) while the first keeps 4 x 20% (0.8).
+    Interleaved: a rank's two stages, the larger counted for each of its forwards."""
+    from openclaw.engine.parallel.layout_checks import stage_activation_shares
+    heavy_last = [0.2, 0.2, 0.2, 0.4]
+    gpipe = ParallelismConfig(pipeline=4, pipeline_schedule="gpipe")
+    assert gpipe.held_fraction(8, heavy_last) == pytest.approx(8 * 0.4) and gpipe.held_fraction(8) == 8 / 4
+    assert ParallelismConfig(pipeline=4).held_fraction(8, heavy_last) == pytest.approx(4 * 0.2)
+    assert ParallelismConfig(pipeline=4).held_fraction(8, [0.1, 0.1, 0.1, 0.7]) == pytest.approx(0.7)
+    interleaved = ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b")
+    # rank 0 holds stages 0 and 2 (5 forwards in flight at n=4), rank 1 stages 1 and 3 (3)
+    assert [interleaved.in_flight(4, r) for r in (0, 1)] == [5, 3]
+    assert interleaved.held_fraction(4, [0.1, 0.2, 0.3, 0.4]) == pytest.approx(max(5 * 0.3, 3 * 0.4))
+    # the shares: blocks by stage (even, or `pipeline_split`), the first stage's ends, all the rest on the
+    # last, and each stage's output it keeps for its backward (the next stage's first block's input)
+    assert stage_activation_shares([10] * 4, 0, 0, 2) == [0.5, 0.5]
+    assert stage_activation_shares([10] * 4, 4, 36, 2) == pytest.approx([24 / 80, 56 / 80])
+    assert stage_activation_shares([10] * 4, 0, 0, 2, [3, 1]) == [0.75, 0.25]
+    assert stage_activation_shares([10] * 4, 0, 0, 2, None, [1, 2, 5, 7]) == pytest.approx([25 / 45, 20 / 45])
+    assert stage_activation_shares([0] * 4, 0, 0, 2) is None
 
 
 def test_auto_micro_batches_count_what_the_schedule_keeps_not_one_micro_batch():
@@ -269,18 +299,23 @@ def test_auto_micro_batches_count_what_the_schedule_keeps_not_one_micro_batch():
     assert {fixed_count(m) for m in (1, 8, 64)} == {32.0}
 
 
-def test_the_probe_estimates_a_pipeline_by_its_schedule(text_dir):
-    """The probe on the text gpt, 2 stages, one data-parallel rank: 1F1B's estimate holds one micro-batch's
-    whole-model activations (two halves in flight); GPipe's holds the step's share, over two stages."""
+def test_the_probe_estimates_a_pipeline_by_its_schedule_and_each_stages_share(text_dir):
+    """The probe on the text gpt, 2 stages, one data-parallel rank, a 256-token vocabulary on a 32-wide
+    model: the last stage holds the logits and the loss's log-probabilities (64 x 256 fp32 each per
+    sample), more than half the activations. GPipe keeps the step's 8 micro-batches on both ranks, so the
+    last's share of each decides (an even half under-counted it); 1F1B keeps 2 on the first rank and 1
+    on the last, the larger of 2 x its share and 1 x the last's."""
     import torch
 
     from openclaw.data.sources import resolve
     from openclaw.data.stream import ShardedData, shard_specs
     from openclaw.engine.precision import choose_precision, device_facts
-    from openclaw.runtime.micro_batch_probe import probe
+    from openclaw.engine.tasks import build_task
+    from openclaw.runtime.micro_batch_probe import _ProbeStep, probe
     src = resolve(str(text_dir / "train"), "data.train")
     data = ShardedData(src.spec, shard_specs(src.shards), "x", None)
-    got = {}
+    fp32 = choose_precision("fp32", device_facts(torch.device("cpu")))
+    got, shares = {}, {}
     for schedule in ("1f1b", "gpipe"):
         cfg = load_config(None, {**BASE, "data": {"train": str(text_dir / "train"), "features": "x", "label": None},
                                  "model": {"name": "gpt", "kwargs": {"vocab_size": 256, "block_size": 64, "dim": 32,
@@ -289,10 +324,16 @@ def test_the_probe_estimates_a_pipeline_by_its_schedule(text_dir):
                                  "scaling": {"min_workers": 2, "max_workers": 2}, "train.global_batch_size": 32,
                                  "train.micro_batch_size": "auto", "train.memory_budget_gb": 4.0})
         counts = cfg.parallelism.auto_counts(32, [1])
-        got[schedule], _, _, _ = probe(cfg, torch.device("cpu"), data, choose_precision("fp32", device_facts(torch.device("cpu"))), [1], counts, 1)
+        got[schedule], _, _, _ = probe(cfg, torch.device("cpu"), data, fp32, [1], counts, 1)
+        shares[schedule] = _ProbeStep(cfg, build_task(cfg.task), data, torch.device("cpu"), fp32,
+                                      fake=True).stage_shares(4)
     one, all_of_it = got["1f1b"], got["gpipe"]
     assert one.size == 4 and all_of_it.size == 4  # 8 micro-batches per step: 4 per stage
     per = one.activation_bytes_per_sample
     assert per == all_of_it.activation_bytes_per_sample > 0
-    assert one.estimate_bytes - one.fixed_bytes == pytest.approx(4 * per, abs=1)
-    assert all_of_it.estimate_bytes - all_of_it.fixed_bytes == pytest.approx(32 / 2 * per, abs=1)
+    first, last = shares["gpipe"]
+    assert shares["1f1b"] == shares["gpipe"] and first + last == pytest.approx(1)
+    assert last * per >= 2 * 64 * 256 * 4 and last > 0.5 > first
+    assert one.estimate_bytes - one.fixed_bytes == pytest.approx(4 * max(2 * first, last) * per, abs=1)
+    assert all_of_it.estimate_bytes - all_of_it.fixed_bytes == pytest.approx(32 * last * per, abs=1)
+    assert all_of_it.estimate_bytes - all_of_it.fixed_bytes > 32 / 2 * per  # what an even half counted

@@ -185,40 +185,43 @@ def saved_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor
     return sum(n for _, n in _saved(run, params, [], split))
 
 
-def block_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[nn.Module],
-                           split: TensorSplit | None = None) -> list[int]:
-    """`saved_activation_bytes` of each of `blocks` while `run()` runs: the storages first saved inside its
-    forward. What a block with activation checkpointing holds again while its backward recomputes it."""
-    by_block = [0] * len(blocks)
-    for block, n in _saved(run, params, blocks, split):
-        if block is not None:
-            by_block[block] += n
-    return by_block
+def part_activation_bytes(run: Callable[[], Any], params: Iterable[torch.Tensor], parts: list[nn.Module],
+                          split: TensorSplit | None = None) -> tuple[list[int], int]:
+    """`saved_activation_bytes` of each of `parts` (modules, none inside another) while `run()` runs: the
+    storages first saved inside its forward; and of the rest, saved outside them all (the loss's, say).
+    A block's is what it holds again while its backward recomputes it under activation checkpointing."""
+    by_part, rest = [0] * len(parts), 0
+    for part, n in _saved(run, params, parts, split):
+        if part is None:
+            rest += n
+        else:
+            by_part[part] += n
+    return by_part, rest
 
 
-def _saved(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[nn.Module],
+def _saved(run: Callable[[], Any], params: Iterable[torch.Tensor], parts: list[nn.Module],
            split: TensorSplit | None) -> list[tuple[int | None, int]]:
-    """(index in `blocks` of the block running when it was first saved, or None; bytes on one rank of
+    """(index in `parts` of the part running when it was first saved, or None; bytes on one rank of
     `split`) of each storage autograd saves while `run()` builds its graph."""
     skip = {StorageWeakRef(p.untyped_storage()) for p in params}
-    seen: dict[StorageWeakRef, list] = {}  # storage -> [block, bytes, whole on every rank]
-    at: dict[str, Any] = {"block": None, "after": False, "gathered": None}
+    seen: dict[StorageWeakRef, list] = {}  # storage -> [part, bytes, whole on every rank]
+    at: dict[str, Any] = {"part": None, "after": False, "gathered": None}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = StorageWeakRef(storage)  # a storage's identity, for fake tensors too (they have no data)
         if key not in skip:
             whole = at["after"] or not t.is_floating_point() or t.numel() == at["gathered"]
-            entry = seen.setdefault(key, [at["block"], 0, whole])
+            entry = seen.setdefault(key, [at["part"], 0, whole])
             entry[1] = max(entry[1], storage.nbytes())
         return t  # the graph keeps `t` alive, so no other saved tensor reuses its memory while we count
 
     def gathering(_module, args) -> None:
         at["gathered"] = args[0].numel() if args and isinstance(args[0], torch.Tensor) else None
 
-    hooks = [h for i, b in enumerate(blocks) for h in (
-        b.register_forward_pre_hook(lambda *_, i=i: at.__setitem__("block", i)),
-        b.register_forward_hook(lambda *_: at.__setitem__("block", None)))]
+    hooks = [h for i, b in enumerate(parts) for h in (
+        b.register_forward_pre_hook(lambda *_, i=i: at.__setitem__("part", i)),
+        b.register_forward_hook(lambda *_: at.__setitem__("part", None)))]
     if split is not None:
         hooks += [h for m in split.whole_inputs for h in (
             m.register_forward_pre_hook(gathering), m.register_forward_hook(lambda *_: at.__setitem__("gathered", None)))]
@@ -232,7 +235,7 @@ def _saved(run: Callable[[], Any], params: Iterable[torch.Tensor], blocks: list[
         for h in hooks:
             h.remove()
     size = split.size if split is not None else 1
-    return [(block, n if whole else math.ceil(n / size)) for key, (block, n, whole) in seen.items()]
+    return [(part, n if whole else math.ceil(n / size)) for key, (part, n, whole) in seen.items()]
 
 
 def probes_whole(num_params: int, budget_bytes: int) -> bool:

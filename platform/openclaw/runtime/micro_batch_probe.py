@@ -4,8 +4,8 @@ ranks and records it). The activations are counted on a copy of the model made o
 hold no memory, so a model of any size can be probed, one that only its shards fit included; on a GPU
 with room for a whole copy, where a rank runs the whole model (DDP, FSDP), they are measured as the
 allocator's peak and the size is confirmed. Under tensor parallelism a rank's share of them is counted
-(`tensor_split`), and under a pipeline they are scaled by what its schedule keeps in flight
-(`held_samples`). The copy's blocks
+(`tensor_split`), and under a pipeline they are scaled by what its schedule keeps in flight on each
+rank and by the share of them its stages hold, counted (`held_samples`). The copy's blocks
 recompute as the engine's do (`parallelism.activation_checkpointing`): the forward saves only their
 inputs, and the count adds the activations of the largest one, which its backward holds again.
 """
@@ -20,15 +20,15 @@ import torch
 
 from openclaw.config import Config
 from openclaw.data.stream import ShardedData
-from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, TensorSplit, block_activation_bytes,
-                                    choose_micro_batch, confirm_micro_batch, cuda_peak_bytes, fake_tensors,
-                                    gathered_bytes, micro_batch_sizes, per_sample_bytes, probes_on_gpu,
+from openclaw.engine.memory import (CUDA_HEADROOM, GB, MicroBatchChoice, TensorSplit, choose_micro_batch,
+                                    confirm_micro_batch, cuda_peak_bytes, fake_tensors, gathered_bytes,
+                                    micro_batch_sizes, part_activation_bytes, per_sample_bytes, probes_on_gpu,
                                     probes_whole, saved_activation_bytes, state_bytes_estimate)
 from openclaw.engine.metrics import memory_capacity_bytes
 from openclaw.engine.models import build_model
 from openclaw.engine.parallel.base import apply_activation_checkpointing, transformer_blocks
 from openclaw.engine.parallel.build import layout_for
-from openclaw.engine.parallel.layout_checks import pipeline_rank_params
+from openclaw.engine.parallel.layout_checks import pipeline_ends, pipeline_rank_params, stage_activation_shares
 from openclaw.engine.parallel.tp import whole_activations
 from openclaw.engine.precision import Precision
 from openclaw.engine.tasks import build_task
@@ -63,7 +63,7 @@ def probe(cfg: Config, device: torch.device, data: ShardedData, precision: Preci
         step = _ProbeStep(cfg, task, data, device, precision, fake=False)
         per_sample = per_sample_bytes(step.activation_bytes, samples)
     choice = choose_micro_batch(budget, fixed_bytes(cfg, step, precision), per_sample, cfg.train.global_batch_size,
-                                dp_sizes, source, counts, held_samples(cfg, dp_sizes))
+                                dp_sizes, source, counts, held_samples(cfg, dp_sizes, step, samples))
     return choice, choice.size, [], "saved tensors, fake" if step.fake else "saved tensors"
 
 
@@ -82,7 +82,8 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
     try:
         fixed = fixed_bytes(cfg, step, precision)
         choice = choose_micro_batch(budget, fixed, per_sample_bytes(step.activation_bytes, samples),
-                                    cfg.train.global_batch_size, dp_sizes, source, counts, held_samples(cfg, dp_sizes))
+                                    cfg.train.global_batch_size, dp_sizes, source, counts,
+                                    held_samples(cfg, dp_sizes, step, samples))
         sizes = micro_batch_sizes(cfg.train.global_batch_size, dp_sizes, counts)
         size, failed = confirm_micro_batch(choice.size, sizes, lambda m: step.run_beside(m, fixed - 8 * step.num_params))
         return choice, size, failed, "allocator peak, confirmed"
@@ -103,10 +104,11 @@ def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
     return max(at(w) for w in cfg.worlds)
 
 
-def held_samples(cfg: Config, dp_sizes: list[int]) -> Callable[[int], float]:
+def held_samples(cfg: Config, dp_sizes: list[int], step: _ProbeStep, samples: int) -> Callable[[int], float]:
     """Samples' worth of whole-model activations a rank holds at its peak, by micro-batch size, at the
-    largest share its worlds give a data-parallel rank (`ParallelismConfig.activation_samples`)."""
-    return cfg.parallelism.activation_samples(cfg.train.global_batch_size // min(dp_sizes))
+    largest share its worlds give a data-parallel rank (`ParallelismConfig.activation_samples`), under a
+    pipeline by the share of them each stage was counted to hold (`_ProbeStep.stage_shares`)."""
+    return cfg.parallelism.activation_samples(cfg.train.global_batch_size // min(dp_sizes), step.stage_shares(samples))
 
 
 def budget_bytes(cfg: Config, device: torch.device, local_world: int) -> tuple[int, str]:
@@ -151,6 +153,7 @@ class _ProbeStep:
     def __init__(self, cfg: Config, task, data: ShardedData, device: torch.device, precision: Precision, *,
                  fake: bool):
         self.task, self.data, self.device, self.precision, self.fake = task, data, device, precision, fake
+        self.parallelism = cfg.parallelism
         self.mode = fake_tensors() if fake else contextlib.nullcontext()
         with self.mode, device:
             self.model = build_model(cfg.model.name, cfg.model.kwargs).train()
@@ -199,6 +202,33 @@ class _ProbeStep:
             self.warm = True
         return cuda_peak_bytes(lambda: self._forward_backward(m), self.device)
 
+    def stage_shares(self, m: int) -> list[float] | None:
+        """Under a pipeline, each stage's share of one micro-batch's activations, counted at `m` rows as
+        `activation_bytes` counts them on fake tensors or a CPU (saved for the backward): its blocks', the
+        first stage's ends', for the last all that is saved outside both (its norm, head, logits and the
+        loss), and for the others the output they keep for their backward. None without a pipeline."""
+        p = self.parallelism
+        if p.pipeline == 1:
+            return None
+        blocks = list(self.model.blocks.values())
+        firsts = [self.model.get_submodule(name) for name in pipeline_ends(self.model)[0]]
+        inputs = [0] * len(blocks)  # a stage's output is the next one's input: the gpt's is split under TP
+        size = self.split.size if self.split is not None else 1
+
+        def seen(i: int, args) -> None:
+            inputs[i] = args[0].numel() * args[0].element_size() // size if args and torch.is_tensor(args[0]) else 0
+        hooks = [b.register_forward_pre_hook(lambda _, args, i=i: seen(i, args)) for i, b in enumerate(blocks)]
+        rows = self._rows(m)
+        try:
+            with self.mode:
+                parts, rest = part_activation_bytes(lambda: self._loss(rows), self.model.parameters(),
+                                                    blocks + firsts, self.split)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stage_activation_shares(parts[:len(blocks)], sum(parts[len(blocks):]), rest,
+                                       p.pipeline * p.stages_per_rank, p.pipeline_split, inputs)
+
     def _recomputed_bytes(self, rows: dict[str, torch.Tensor]) -> int:
         """What the backward holds beyond the forward's saved tensors: the activations of the largest block
         with activation checkpointing, recomputed (0 without). The forward saves only such a block's input."""
@@ -208,7 +238,7 @@ class _ProbeStep:
         for b in blocks:
             b.checkpointed = False
         try:
-            return max(block_activation_bytes(lambda: self._loss(rows), self.model.parameters(), blocks, self.split))
+            return max(part_activation_bytes(lambda: self._loss(rows), self.model.parameters(), blocks, self.split)[0])
         finally:
             for b in blocks:
                 b.checkpointed = True

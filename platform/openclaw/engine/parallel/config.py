@@ -140,38 +140,45 @@ class ParallelismConfig(Section):
                     f"number of its {rounds} rounds")
         return None
 
-    def held_fraction(self, n: int) -> float:
-        """At the busiest pipeline rank's peak (the first), the activations it holds over a step of `n`
-        pipeline micro-batches, as a share of one micro-batch's through the whole model: the micro-batch
-        x stage forwards whose backward has not yet run, each 1 / (stages x stages per rank) of the layers
-        (with `pipeline_split`, the largest stage's share: an upper bound).
-        GPipe runs every forward first (all `n`); 1F1B at most one per stage in flight (`min(n, stages)`);
-        interleaved 1F1B warms up `(v - 1) x round + 2 x (stages - 1)` forwards, then one more (torch's
-        `_get_warmup_ops`, v stages per rank, rounds of `n // max(1, n // stages)`). 1 with no pipeline."""
+    def held_fraction(self, n: int, stage_shares: list[float] | None = None) -> float:
+        """At the busiest pipeline rank's peak, the activations it holds over a step of `n` pipeline
+        micro-batches, as a share of one micro-batch's through the whole model: over the ranks, the
+        forwards it holds whose backward has not yet run (`in_flight`) times the largest share of its
+        stages. `stage_shares`: each stage's share of the whole model's activations (the probe's count,
+        where the last stage's logits and loss weigh in: `layout_checks.stage_activation_shares`); without
+        them its share of the blocks (`pipeline_split`, or even). 1 with no pipeline."""
         if self.pipeline == 1:
             return 1.0
+        weights = stage_shares or self.pipeline_split or [1] * (self.pipeline * self.stages_per_rank)
+        return max(self.in_flight(n, r) * max(weights[r::self.pipeline]) for r in range(self.pipeline)) / sum(weights)
+
+    def in_flight(self, n: int, rank: int) -> int:
+        """The most micro-batch x stage forwards pipeline rank `rank` holds whose backward has not yet run,
+        over a step of `n` micro-batches. GPipe runs every forward first (all `n`); 1F1B warms up one for
+        each stage from its own to the last (`min(n, stages - rank)`: torch's `Schedule1F1B` runs the
+        backward before the next forward); interleaved 1F1B `(v - 1) x round + 2 x (stages - 1 - rank)`
+        forwards, then one more (torch's `_get_warmup_ops`, v stages per rank, rounds of
+        `n // max(1, n // stages)`)."""
         stages, v = self.pipeline, self.stages_per_rank
         if self.pipeline_schedule == "gpipe":
-            held = n
-        elif self.pipeline_schedule == "1f1b":
-            held = min(n, stages)
-        else:
-            per_round = n // max(1, n // stages)
-            held = min((v - 1) * per_round + 2 * (stages - 1) + 1, n * v)
-        split = self.pipeline_split
-        return held * max(split) / sum(split) if split else held / (stages * v)
+            return n
+        if self.pipeline_schedule == "1f1b":
+            return min(n, stages - rank)
+        per_round = n // max(1, n // stages)
+        return min((v - 1) * per_round + 2 * (stages - 1 - rank) + 1, n * v)
 
-    def activation_samples(self, share: int) -> Callable[[int], float]:
+    def activation_samples(self, share: int, stage_shares: list[float] | None = None) -> Callable[[int], float]:
         """For a data-parallel rank's `share` of the global batch: at a micro-batch size `m`, the samples'
         worth of whole-model activations the busiest rank holds at its peak. `m` itself without a
         pipeline; with one, the step's micro-batches run in one schedule, so it is the rows of a pipeline
-        micro-batch times `held_fraction` of their count (`microbatches`, or under `auto` share / m)."""
+        micro-batch times `held_fraction` of their count (`microbatches`, or under `auto` share / m), with
+        the stages' measured `stage_shares` where given."""
         if self.pipeline == 1:
             return float
 
         def samples(m: int) -> float:
             n = self.microbatches if isinstance(self.microbatches, int) else share // m
-            return share / n * self.held_fraction(n)
+            return share / n * self.held_fraction(n, stage_shares)
         return samples
 
     def count_suits(self, n: int) -> bool:

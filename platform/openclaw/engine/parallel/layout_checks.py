@@ -125,6 +125,24 @@ def stage_part(param: str, first: list[str], last: list[str]) -> str | None:
                  if param.startswith(m + ".")), None)
 
 
+def stage_activation_shares(block_bytes: list[int], first_bytes: int, last_bytes: int, stages: int,
+                            split: list[int] | None = None, block_inputs: list[int] | None = None) -> list[float] | None:
+    """Each of `stages` stages' share of one micro-batch's activations through the whole model (pure): its
+    blocks' bytes (`block_bytes`, in order), and the first stage's ends' (the embeddings) or the last's
+    (`last_bytes`: its norm, head, logits and the loss, saved outside the blocks). A large vocabulary's
+    logits make the last stage hold more than its share of the blocks. `block_inputs`: each block's
+    input bytes; a stage also keeps its output (the next stage's first block's input), until its
+    backward, beside the copy the next stage saves. None where nothing was counted."""
+    bounds = stage_blocks(len(block_bytes), stages, split)
+    per = [sum(block_bytes[b] for b in blocks) for blocks in bounds]
+    per[0] += first_bytes
+    per[-1] += last_bytes
+    for s in range(stages - 1) if block_inputs else []:
+        per[s] += block_inputs[bounds[s + 1][0]]
+    total = sum(per)
+    return [p / total for p in per] if total else None
+
+
 def pipeline_rank_params(model: nn.Module, pipeline: int, split: list[int] | None = None,
                          stages_per_rank: int = 1) -> list[int]:
     """Each pipeline rank's parameters, on any device (the meta device included): its stages' blocks
