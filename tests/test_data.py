@@ -41,7 +41,8 @@ def test_glob_and_single_file(digits_dir):
     assert resolve(str(digits_dir / "val" / "part-00000.parquet"), "data.val").num_rows == 359
 
 
-def test_missing_path_says_how_to_prepare(tmp_path):
+def test_missing_path_says_how_to_prepare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative path below: not the checkout, where datasets/text may be prepared
     with pytest.raises(DataError, match=r"`data.train`: dataset path .*nope does not exist.*data/prepare.py"):
         resolve(str(tmp_path / "nope"), "data.train")
     # A missing `<folder>/train` or `<folder>/val` is what `prepare.py --out <folder>` writes.
