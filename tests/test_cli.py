@@ -39,6 +39,10 @@ CASES = {
                          "no Ray cluster answers at 127.0.0.1:"),
     "tensor parallel mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.tensor=2"],
                             "`parallelism.tensor` (2) needs a model that says how to split it"),
+    "labels past the classes": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.num_classes=5"],
+                                "`data.train`: column 'y' (`data.label`) holds labels from 0 to 9, but the model's "
+                                "output width is 5: labels must lie in 0..4. Set `model.kwargs.num_classes` to at "
+                                "least 10"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
                            "`parallelism.pipeline` (2 stage(s)) needs a model that says how to split it into stages"),
 }
@@ -107,6 +111,20 @@ def test_a_pipeline_split_that_misses_the_models_blocks_exits_2_before_anything_
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("openclaw: error: `parallelism.pipeline_split` [2, 2] gives 4 block(s) to 2 stage(s), "
                                "but the model has 3 block(s)"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
+
+
+def test_token_ids_past_the_models_vocabulary_exit_2_before_anything_starts(text_dir, tmp_path):
+    """The text data's byte ids reach past a 100-token gpt: every worker's first step failed on them, one
+    retry after another, with an IndexError. The footers' statistics and a forward on the meta device say
+    so first."""
+    r = run_cli("train", REPO / "jobs" / "configs" / "text-lm.yaml", "--set", f"data.train={text_dir / 'train'}",
+                "--set", f"data.val={text_dir / 'val'}", "--set", "model.kwargs.vocab_size=100", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("openclaw: error: `data.train`: column 'x' (`data.features`) holds token ids from "), \
+        r.stderr
+    assert "but the model's output width is 100: token ids must lie in 0..99. Set `model.kwargs.vocab_size` to " \
+           "at least" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
 
 

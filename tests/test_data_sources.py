@@ -134,3 +134,58 @@ def test_a_shard_that_breaks_at_read_time_is_named(tmp_path):
     src = resolve(str(tmp_path), "data.train")  # footers pass
     with pytest.raises(DataError, match=r"shard .*part-0.parquet could not be read \(.*page header.*on_bad_shard: skip"):
         _stream(src).batch(np.arange(4))
+
+
+def test_integer_columns_value_ranges_come_from_the_footers(tmp_path):
+    """Each shard's integer columns' least and greatest values, a fixed-size list's over its elements, from
+    the footers' statistics across row groups; floats, and a shard written without statistics, give none
+    (nothing is known, so nothing is checked)."""
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(40, dtype=np.uint8) + 3), 4)
+    pq.write_table(pa.table({"x": tokens, "y": np.arange(10) - 2, "f": np.linspace(0, 1, 10)}),
+                   tmp_path / "part-0.parquet", row_group_size=3)
+    pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(np.full(8, 200, dtype=np.uint8)), 4),
+                             "y": np.array([7, 50]), "f": np.zeros(2)}), tmp_path / "part-1.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    assert src.value_range("x") == (3, 200) and src.value_range("y") == (-2, 50)
+    assert src.value_range("f") is None and src.value_range("missing") is None
+    from openclaw.config import load_config
+    from openclaw.launch.preflight import check_value_ranges
+    classes = load_config(None, {"data": {"train": str(tmp_path), "features": "x", "label": "y"},
+                                 "model": {"name": "mlp", "kwargs": {"in_features": 4, "num_classes": 100}}})
+    with pytest.raises(DataError, match=r"holds labels from -2 to 50, but the model's output width is 100: labels "
+                                        r"must lie in 0..99. A negative label scores nothing \(but -100"):
+        check_value_ranges(classes, {"train": src})
+    pq.write_table(pa.table({"x": tokens, "y": np.arange(10), "f": np.zeros(10)}), tmp_path / "part-2.parquet",
+                   write_statistics=False)
+    assert resolve(str(tmp_path), "data.train").value_range("y") is None
+
+
+def test_the_models_output_width_is_found_on_the_meta_device(digits_dir, text_dir):
+    """The width a label or token id must stay under: a forward of the built-in models on two meta rows
+    shaped as the data's (no weights, whatever the size); a user's model's embedding narrower than its
+    head bounds the ids too. The check passes data that fits and names the key for data that does not."""
+    from conftest import digits_config
+    from openclaw.config import load_config
+    from openclaw.launch.preflight import check_value_ranges, output_width
+    digits = digits_config(digits_dir, digits_dir, "sqlite:///unused.db", **{"model.kwargs.num_classes": 7})
+    train = {"train": resolve(str(digits_dir / "train"), "data.train")}
+    assert output_width(digits, train["train"]) == (7, "output width", "`model.kwargs.num_classes`")
+    with pytest.raises(DataError, match=r"holds labels from 0 to 9, but the model's output width is 7: labels must "
+                                        r"lie in 0..6. Set `model.kwargs.num_classes` to at least 10"):
+        check_value_ranges(digits, train)
+    check_value_ranges(digits.model_copy(update={"model": digits.model.model_copy(
+        update={"kwargs": {**digits.model.kwargs, "num_classes": 10}})}), train)
+    text = load_config(None, {"data": {"train": str(text_dir / "train"), "features": "x", "label": None},
+                              "task": "language_modeling",
+                              "model": {"name": "gpt", "kwargs": {"vocab_size": 300, "block_size": 64, "dim": 32,
+                                                                  "depth": 1, "heads": 2}}})
+    source = resolve(str(text_dir / "train"), "data.train")
+    assert output_width(text, source) == (300, "output width", "`model.kwargs.vocab_size`")
+    lo, hi = source.value_range("x")
+    assert 0 <= lo <= hi < 256
+    check_value_ranges(text, {"train": source})
+    narrow = text.model_copy(update={"model": text.model.model_copy(update={"name": "user_models:narrow_embedding",
+                                                                          "kwargs": {"rows": 50}})})
+    assert output_width(narrow, source) == (50, "first embedding's row count", "user_models:narrow_embedding's vocabulary")
+    with pytest.raises(DataError, match=r"but the model's first embedding's row count is 50"):
+        check_value_ranges(narrow, {"train": source})

@@ -179,3 +179,18 @@ class StagedClassifier(nn.Module):
 def staged_classifier(in_features: int = 64, hidden: int = 32, depth: int = 4, num_classes: int = 10,
                       **_) -> nn.Module:
     return StagedClassifier(in_features, hidden, depth, num_classes)
+
+
+class NarrowEmbedding(nn.Module):
+    """A language model whose input embedding has fewer rows than its head scores tokens."""
+
+    def __init__(self, rows: int, vocab_size: int):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(rows, 8), nn.Linear(8, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def narrow_embedding(rows: int = 50, vocab_size: int = 300, **_) -> nn.Module:
+    return NarrowEmbedding(rows, vocab_size)

@@ -34,6 +34,9 @@ class Shard:
     etag: str = ""
     """The object's ETag on an object store (empty for local files). S3 keeps modification times to the
     second: a rewrite of the same size within the same second is told apart by its ETag alone."""
+    ranges: tuple[tuple[str, int, int], ...] = ()
+    """Each integer column's (name, least value, greatest value), a list column's over its elements, from
+    the footer's statistics: a column some row group has none for is left out."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,14 @@ class Source:
     def uri(self) -> str:
         """Where the data lives, for lineage: the spec as the user wrote it, made absolute when local."""
         return self.spec if "://" in self.spec else os.path.abspath(os.path.expanduser(self.spec))
+
+    def value_range(self, column: str) -> tuple[int, int] | None:
+        """The least and greatest value of an integer column over every shard with rows, from their
+        footers' statistics (no data read); None where a shard has none for it."""
+        spans = [next(((lo, hi) for name, lo, hi in s.ranges if name == column), None) for s in self.shards if s.rows]
+        if not spans or None in spans:
+            return None
+        return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
     def with_shards(self, shards: tuple[Shard, ...], skipped: tuple[tuple[str, str], ...]) -> "Source":
         return Source(self.key, self.spec, shards, self.filesystem, self.schema, self.skipped + skipped)
@@ -96,7 +107,7 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
                 continue
             raise DataError(f"`{key}`: {problem}. All shards of a dataset must share one schema; fix the shard, "
                             f"or set `data.on_bad_shard: skip` to train without it.")
-        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag))
+        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag, footer_ranges(meta)))
     source = Source(key, spec, tuple(shards), fs, schema, tuple(skipped))
     if not shards:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) and none is readable"
@@ -104,6 +115,24 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     if source.num_rows == 0:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) but no rows.")
     return source
+
+
+def footer_ranges(meta: pq.FileMetaData) -> tuple[tuple[str, int, int], ...]:
+    """`Shard.ranges` from a Parquet footer: each top-level column with one integer leaf whose every row
+    group's statistics hold a min and max."""
+    spans: dict[str, tuple[int, int] | None] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            name, st = col.path_in_schema.split(".")[0], col.statistics
+            if st is None or not st.has_min_max or col.physical_type not in ("INT32", "INT64") or \
+                    (g == 0 and name in spans) or spans.get(name, (0, 0)) is None:
+                spans[name] = None  # no statistics, not an integer, or a second leaf (a struct)
+                continue
+            lo, hi = spans.get(name) or (st.min, st.max)
+            spans[name] = (min(lo, st.min), max(hi, st.max))
+    return tuple((name, *span) for name, span in spans.items() if span is not None)
 
 
 def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData | Exception, str]:

@@ -9,13 +9,14 @@ import sys
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data.prep import Prepared, check_transforms, prepare
 from openclaw.data.sources import Source, check_columns, resolve
-from openclaw.engine.models import build_model, build_on_meta
+from openclaw.engine.models import BUILTIN, build_model, build_on_meta
 from openclaw.engine.parallel.layout_checks import check_layout
 from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
@@ -41,6 +42,8 @@ def preflight(config: Config) -> dict[str, Source]:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")
     check_rows(sources["train"], config)
+    if not d.transforms:  # else the prepared data is checked, once prepared
+        check_value_ranges(config, sources)
     check_storage(config)
     return sources
 
@@ -100,4 +103,60 @@ def prepare_data(config: Config, sources: dict[str, Source], storage: str) -> tu
             print(f"openclaw: data.{name}: skipped {len(p.source.skipped)} bad shard(s) (`data.on_bad_shard: skip`): "
                   + "; ".join(why for _, why in p.source.skipped), file=sys.stderr, flush=True)
     check_rows(prepared["train"].source, config)
+    if config.data.transforms:
+        check_value_ranges(config, {name: p.source for name, p in prepared.items()})
     return prepared, cache
+
+
+def check_value_ranges(config: Config, sources: dict[str, Source]) -> None:
+    """Token ids (language modeling) or class labels (classification) the model cannot score: an id at or
+    past its output's width (or its embedding's rows) fails the first step in every worker, one retry
+    after another. The values' range comes from the shards' footers (`Source.value_range`), the width
+    from a forward of the model on the meta device; either unknown, nothing is checked."""
+    if config.task not in ("language_modeling", "classification"):
+        return
+    column, key = (config.data.features, "data.features") if config.task == "language_modeling" else \
+        (config.data.label, "data.label")
+    width = output_width(config, sources["train"])
+    what = "token ids" if config.task == "language_modeling" else "labels"
+    ignored = -100 if config.task == "classification" else 0  # the cross-entropy's `ignore_index`
+    for name, source in sources.items():
+        span = source.value_range(column) if width else None
+        if span is None or (span[0] >= 0 or span[0] == ignored) and span[1] < width[0]:
+            continue
+        fix = f"Set {width[2]} to at least {span[1] + 1}" if span[1] >= width[0] else \
+            f"A negative {what[:-1]} scores nothing" + (" (but -100, which the loss ignores)" if ignored else "")
+        raise DataError(f"`data.{name}`: column {column!r} (`{key}`) holds {what} from {span[0]} to {span[1]}, but "
+                        f"the model's {width[1]} is {width[0]}: {what} must lie in 0..{width[0] - 1}. {fix}, or "
+                        f"check the data.")
+
+
+def output_width(config: Config, source: Source) -> tuple[int, str, str] | None:
+    """How many token ids or classes the model scores, what says so, and the key to change: the width of
+    its output on a batch of two rows shaped as the data's, built and run on the meta device, and for
+    language modeling at most its first embedding's rows. None where it cannot run there."""
+    from openclaw.engine.tasks import build_task
+    columns = {"x": config.data.features, "y": config.data.label}
+    try:
+        batch = {k: meta_column(source.schema.field(c).type) for k, c in columns.items() if c}
+        model = build_on_meta(config.model.name, config.model.kwargs)
+        with torch.no_grad():
+            width = model(build_task(config.task).split(batch)[0]).shape[-1]
+    except Exception:  # a model that reads values, a ragged column: the first step is the check
+        return None
+    kwarg = "vocab_size" if config.task == "language_modeling" else "num_classes"
+    key = f"`model.kwargs.{kwarg}`" if kwarg in config.model.kwargs or config.model.name in BUILTIN else \
+        f"{config.model.name}'s {'vocabulary' if kwarg == 'vocab_size' else 'classes'}"
+    embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if config.task == "language_modeling" and embedding is not None and embedding.num_embeddings < width:
+        return embedding.num_embeddings, "first embedding's row count", key
+    return width, "output width", key
+
+
+def meta_column(arrow_type) -> torch.Tensor:
+    """Two rows of a column of this Arrow type, as a data batch holds them, on the meta device: a fixed-size
+    list's rows `[2, D]`, a scalar's `[2]`."""
+    size = (arrow_type.list_size,) if hasattr(arrow_type, "list_size") else ()
+    base = arrow_type.value_type if size else arrow_type
+    dtype = torch.from_numpy(np.zeros(0, dtype=base.to_pandas_dtype())).dtype
+    return torch.empty((2, *size), dtype=dtype, device="meta")
