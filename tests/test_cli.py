@@ -43,6 +43,8 @@ CASES = {
                                 "`data.train`: column 'y' (`data.label`) holds labels from 0 to 9, but the model's "
                                 "output width is 5: labels must lie in 0..4. Set `model.kwargs.num_classes` to at "
                                 "least 10"),
+    "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
+                                 "`model.kwargs.hidden` must be an integer (got 'abc')"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
                            "`parallelism.pipeline` (2 stage(s)) needs a model that says how to split it into stages"),
 }

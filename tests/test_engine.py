@@ -114,3 +114,25 @@ def test_cpu_settings_pin_threads_and_flush_subnormals():
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
+
+
+def test_a_builtin_models_kwargs_are_checked_by_name_type_and_range():
+    """Each key named and what it takes, where the constructor failed on its own arithmetic (`'abc' % 4`:
+    "not all arguments converted during string formatting"; heads 0: a division by zero) or built a
+    model nothing could train. A depth of 0 and a dropout of 0 are fine."""
+    from openclaw.engine.models import build_model
+    from openclaw.errors import ConfigError
+    cases = {("gpt", "dim", "abc"): r"`model.kwargs.dim` must be an integer \(got 'abc'\)",
+             ("gpt", "heads", 0): r"`model.kwargs.heads` must be at least 1 \(got 0\)",
+             ("gpt", "depth", -1): r"`model.kwargs.depth` must be at least 0 \(got -1\)",
+             ("gpt", "block_size", 2.5): r"`model.kwargs.block_size` must be an integer \(got 2.5\)",
+             ("mlp", "dropout", 1.0): r"`model.kwargs.dropout` must be in \[0, 1\) \(got 1.0\)",
+             ("mlp", "dropout", "x"): r"`model.kwargs.dropout` must be a number \(got 'x'\)",
+             ("mlp", "hidden", True): r"`model.kwargs.hidden` must be an integer \(got True\)",
+             ("mlp", "widht", 3): r"`model.kwargs.widht` is not an argument of the built-in 'mlp', which takes "
+                                  r"in_features, hidden, depth, num_classes, dropout\."}
+    for (name, key, value), message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            build_model(name, {key: value})
+    assert len(build_model("gpt", {"depth": 0, "dropout": 0}).blocks) == 0
+    assert build_model("mlp", {"dropout": 0.5, "hidden": 8}).net[0].out_features == 8

@@ -3,6 +3,7 @@ and the driver's preflight that checks a model builds)."""
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Callable
 
 import torch
@@ -134,7 +135,28 @@ def retie(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "gpt": GPT}
 
 
+def check_builtin_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """A built-in model's kwargs, each by its constructor's annotation: an integer size at least 1 (a
+    depth at least 0), a dropout in [0, 1); a `ConfigError` naming the key otherwise (where the
+    constructor would fail with a message about its own arithmetic, or build something unusable)."""
+    hints = typing.get_type_hints(BUILTIN[name].__init__)
+    for key, value in kwargs.items():
+        if key not in hints:
+            raise ConfigError(f"`model.kwargs.{key}` is not an argument of the built-in {name!r}, which takes "
+                              f"{', '.join(k for k in hints if k != 'return')}.")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hints[key] is int and not (number and isinstance(value, int)) or not number:
+            raise ConfigError(f"`model.kwargs.{key}` must be {'an integer' if hints[key] is int else 'a number'} "
+                              f"(got {value!r}).")
+        low, high = (0, 1) if key == "dropout" else (0 if key == "depth" else 1, None)
+        if value < low or (high is not None and value >= high):
+            raise ConfigError(f"`model.kwargs.{key}` must be " + (f"in [{low}, {high})" if high else f"at least {low}")
+                              + f" (got {value!r}).")
+
+
 def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    if name in BUILTIN:
+        check_builtin_kwargs(name, kwargs)
     builder = BUILTIN.get(name) or import_path(name, "model.name")
     try:
         model = builder(**kwargs)
