@@ -80,14 +80,18 @@ SWEEP_LAYOUTS = {
     "pipeline splits": ("depth: 3", "parallelism: {pipeline: 2}", "{parallelism.pipeline_split: {choice: [[2, 1], [2, 2]]}}",
                         "gives parallelism.pipeline_split=[2, 2], a layout the model cannot take: "
                         "`parallelism.pipeline_split` [2, 2] gives 4 block(s)"),
+    # a vocabulary the text data's byte ids reach past (checked against the footers' statistics)
+    "vocabulary": ("depth: 2", "", "{model.kwargs.vocab_size: {choice: [256, 100]}}",
+                   "gives model.kwargs.vocab_size=100, which the data does not fit: `data.train`: column 'x' "
+                   "(`data.features`) holds token ids from"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(SWEEP_LAYOUTS))
 def test_a_sweep_whose_space_gives_a_layout_the_model_cannot_take_exits_2_before_anything_starts(case, text_dir,
                                                                                                   tmp_path):
-    """Every combination of the space's values is checked against the model before Ray, MLflow or any trial
-    starts."""
+    """Every combination of the space's values is checked against the model (and the model's values against
+    the data's token ids) before Ray, MLflow or any trial starts."""
     depth, parallelism, space, expected = SWEEP_LAYOUTS[case]
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(f"""name: sw

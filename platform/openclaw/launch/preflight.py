@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
 
 
-def preflight(config: Config) -> dict[str, Source]:
-    """Check data paths, columns, transforms and import paths; raise a `UserError` naming what to fix."""
+def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], None], ...] = ()) -> dict[str, Source]:
+    """Check data paths, columns, transforms and import paths; raise a `UserError` naming what to fix.
+    `checks`: the caller's own checks of the sources (a sweep's space), run before anything is written."""
     d = config.data
     sources = {"train": resolve(d.train, "data.train", d.s3, d.on_bad_shard)}
     if d.val:
@@ -44,6 +45,8 @@ def preflight(config: Config) -> dict[str, Source]:
     check_rows(sources["train"], config)
     if not d.transforms:  # else the prepared data is checked, once prepared
         check_value_ranges(config, sources)
+    for check in checks:
+        check(sources)
     check_storage(config)
     return sources
 

@@ -23,9 +23,17 @@ from ray import tune
 
 from openclaw import constants
 from openclaw.config import Config, validate
-from openclaw.errors import ConfigError, RunStopped
+from openclaw.data.sources import Source
+from openclaw.errors import ConfigError, DataError, RunStopped
 from openclaw.launch.places import place
-from openclaw.launch.preflight import check_model_layout, prepare_data, preflight, storage_path, tracking_uri
+from openclaw.launch.preflight import (
+    check_model_layout,
+    check_value_ranges,
+    prepare_data,
+    preflight,
+    storage_path,
+    tracking_uri,
+)
 from openclaw.launch.ray_setup import connect_ray
 from openclaw.launch.stops import put_back, stop_signals_raise
 from openclaw.sweeps.config import SweepConfig, check_against, grid_size
@@ -91,21 +99,42 @@ def check_layouts(config: Config, s: SweepConfig) -> None:
     each integer of a `randint`; a float range keeps the file's value) against the layout the model must
     take, as preflight checks the file's own: a trial that could not start is found before any does.
     The first `MAX_LAYOUT_CHECKS` combinations, in grid order."""
-    keys = [k for k, spec in s.space.items()
-            if k.startswith(("model.", "parallelism.")) and spec.kind in ("choice", "randint")]
+    for params, trial in _space_trials(config, s, ("model.", "parallelism.")):
+        try:
+            check_model_layout(trial)
+        except ConfigError as e:
+            raise ConfigError(f"`sweep.space` gives {_given(params)}, a layout the model cannot take: {e}") from None
+
+
+def check_value_ranges_in_space(config: Config, s: SweepConfig, sources: dict[str, Source]) -> None:
+    """Each combination of the model values the space gives against the data's token ids or labels, as
+    preflight checks the file's own (`check_value_ranges`): a vocabulary or a class count the data does not
+    fit. With `data.transforms` the prepared data is checked, by the file's own values, once prepared."""
+    if config.data.transforms:
+        return
+    for params, trial in _space_trials(config, s, ("model.",)):
+        try:
+            check_value_ranges(trial, sources)
+        except DataError as e:
+            raise DataError(f"`sweep.space` gives {_given(params)}, which the data does not fit: {e}") from None
+
+
+def _space_trials(config: Config, s: SweepConfig, prefixes: tuple[str, ...]):
+    """(params, trial config) of each combination of the discrete values the space gives keys under
+    `prefixes`, the first `MAX_LAYOUT_CHECKS` in grid order; nothing where it gives none."""
+    keys = [k for k, spec in s.space.items() if k.startswith(prefixes) and spec.kind in ("choice", "randint")]
     if not keys:
         return
     values = [s.space[k].choice if s.space[k].kind == "choice" else range(*s.space[k].args) for k in keys]
     base = config.resolved()
     for combo in itertools.islice(itertools.product(*values), MAX_LAYOUT_CHECKS):
         params = dict(zip(keys, combo))
-        trial = trial_config(base, params, sweep_name=config.name, trial_id="check", storage="/tmp",
-                             tracking_uri="sqlite://", parent_run_id=None)
-        try:
-            check_model_layout(trial)
-        except ConfigError as e:
-            given = ", ".join(f"{k}={v!r}" for k, v in params.items())
-            raise ConfigError(f"`sweep.space` gives {given}, a layout the model cannot take: {e}") from None
+        yield params, trial_config(base, params, sweep_name=config.name, trial_id="check", storage="/tmp",
+                                   tracking_uri="sqlite://", parent_run_id=None)
+
+
+def _given(params: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
@@ -115,7 +144,8 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     config = place(config)
     s = check_sweep(config)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
-    sources = preflight(config)  # the data's files and columns, before anything starts
+    # the data's files and columns, and the space's model values against the data, before anything starts
+    sources = preflight(config, checks=(lambda found: check_value_ranges_in_space(config, s, found),))
     uri, storage = tracking_uri(config), storage_path(config)
     exp_path = f"{storage.rstrip('/')}/{config.name}"
     _check_resume(config, storage, exp_path, resume)
