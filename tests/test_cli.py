@@ -43,6 +43,10 @@ CASES = {
                                 "`data.train`: column 'y' (`data.label`) holds labels from 0 to 9, but the model's "
                                 "output width is 5: labels must lie in 0..4. Set `model.kwargs.num_classes` to at "
                                 "least 10"),
+    "mlp narrower than the data": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.in_features=10"],
+                                   "the built-in 'mlp' cannot run on the data's rows (`data.features` 'x': [64] per "
+                                   "row): RuntimeError: a and b must have same reduction dim, but got [2, 64] X "
+                                   "[10, 128]. Make `model.kwargs` fit the data (`model.kwargs.in_features`: 64)."),
     "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
                                  "`model.kwargs.hidden` must be an integer (got 'abc')"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
@@ -120,7 +124,7 @@ def test_a_pipeline_split_that_misses_the_models_blocks_exits_2_before_anything_
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
 
 
-def test_token_ids_past_the_models_vocabulary_exit_2_before_anything_starts(text_dir, tmp_path):
+def test_token_ids_past_the_models_vocabulary_or_context_exit_2_before_anything_starts(text_dir, tmp_path):
     """The text data's byte ids reach past a 100-token gpt: every worker's first step failed on them, one
     retry after another, with an IndexError. The footers' statistics and a forward on the meta device say
     so first."""
@@ -132,6 +136,12 @@ def test_token_ids_past_the_models_vocabulary_exit_2_before_anything_starts(text
     assert "but the model's output width is 100: token ids must lie in 0..99. Set `model.kwargs.vocab_size` to " \
            "at least" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no MLflow store, no runs folder
+    # a context shorter than the sequences: the position embedding's lookup failed in every worker alike
+    r = run_cli("train", REPO / "jobs" / "configs" / "text-lm.yaml", "--set", f"data.train={text_dir / 'train'}",
+                "--set", f"data.val={text_dir / 'val'}", "--set", "model.kwargs.block_size=32", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("openclaw: error: `model.kwargs.block_size` (32) is shorter than the data's sequences "
+                               "(64 tokens): set it to at least 64."), r.stderr
 
 
 def test_debug_adds_traceback(tmp_path):

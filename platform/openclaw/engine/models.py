@@ -100,6 +100,9 @@ class GPT(nn.Module):
         """Token ids to logits; a pipeline stage runs only `blocks` (of those it holds), and embeds or
         applies the head only when told (by default: when it holds them)."""
         if self.tok is not None if embed is None else embed:
+            if x.shape[1] > self.block_size:  # the position embedding has `block_size` rows
+                raise ConfigError(f"`model.kwargs.block_size` ({self.block_size}) is shorter than the data's "
+                                  f"sequences ({x.shape[1]} tokens): set it to at least {x.shape[1]}.")
             x = self.tok(x.long()) + self.pos(torch.arange(x.shape[1], device=x.device))
         for key in self.blocks if blocks is None else blocks:
             x = self.blocks[key](x)

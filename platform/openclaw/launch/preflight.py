@@ -4,6 +4,7 @@ names what to fix."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -141,12 +142,23 @@ def output_width(config: Config, source: Source) -> tuple[int, str, str] | None:
     from openclaw.engine.tasks import build_task
     columns = {"x": config.data.features, "y": config.data.label}
     try:
-        batch = {k: meta_column(source.schema.field(c).type) for k, c in columns.items() if c}
-        model = build_on_meta(config.model.name, config.model.kwargs)
-        with torch.no_grad():
-            width = model(build_task(config.task).split(batch)[0]).shape[-1]
-    except Exception:  # a model that reads values, a ragged column: the first step is the check
+        inputs = build_task(config.task).split({k: meta_column(source.schema.field(c).type)
+                                                for k, c in columns.items() if c})[0]
+    except Exception:  # a ragged column: the first step is the check
         return None
+    model = build_on_meta(config.model.name, config.model.kwargs)
+    try:
+        with torch.no_grad():
+            width = model(inputs).shape[-1]
+    except ConfigError:
+        raise
+    except Exception as e:  # a user's model may read values, which the meta device does not hold
+        if config.model.name not in BUILTIN:
+            return None
+        hint = f" (`model.kwargs.in_features`: {math.prod(inputs.shape[1:])})" if config.model.name == "mlp" else ""
+        raise ConfigError(f"the built-in {config.model.name!r} cannot run on the data's rows (`data.features` "
+                          f"{config.data.features!r}: {list(inputs.shape[1:])} per row): {type(e).__name__}: "
+                          f"{str(e).rstrip('.')}. Make `model.kwargs` fit the data{hint}.") from None
     kwarg = "vocab_size" if config.task == "language_modeling" else "num_classes"
     key = f"`model.kwargs.{kwarg}`" if kwarg in config.model.kwargs or config.model.name in BUILTIN else \
         f"{config.model.name}'s {'vocabulary' if kwarg == 'vocab_size' else 'classes'}"
