@@ -88,6 +88,10 @@ SWEEP_LAYOUTS = {
     "vocabulary": ("depth: 2", "", "{model.kwargs.vocab_size: {choice: [256, 100]}}",
                    "gives model.kwargs.vocab_size=100, which the data does not fit: `data.train`: column 'x' "
                    "(`data.features`) holds token ids from"),
+    # a context the text data's sequences (64 tokens) outgrow: found by the gpt's forward on the meta device
+    "context": ("depth: 2", "", "{model.kwargs.block_size: {choice: [128, 32]}}",
+                "gives model.kwargs.block_size=32, which the data does not fit: `model.kwargs.block_size` (32) is "
+                "shorter than the data's sequences (64 tokens)"),
 }
 
 

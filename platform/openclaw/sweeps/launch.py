@@ -115,8 +115,8 @@ def check_value_ranges_in_space(config: Config, s: SweepConfig, sources: dict[st
     for params, trial in _space_trials(config, s, ("model.",)):
         try:
             check_value_ranges(trial, sources)
-        except DataError as e:
-            raise DataError(f"`sweep.space` gives {_given(params)}, which the data does not fit: {e}") from None
+        except (ConfigError, DataError) as e:  # a built-in model that cannot run on the rows: a ConfigError
+            raise type(e)(f"`sweep.space` gives {_given(params)}, which the data does not fit: {e}") from None
 
 
 def _space_trials(config: Config, s: SweepConfig, prefixes: tuple[str, ...]):
