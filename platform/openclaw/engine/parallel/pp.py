@@ -135,7 +135,8 @@ class PipelineStrategy(ShardedState):
 
     def _check_ties_alike(self, part: nn.Module, ties: list[tuple[str, str]], first: bool) -> None:
         """A tie between the first and last stages is split by each stage's own part of the plan: the two
-        compare how (one object each way, at the wrap), since their gradients' slices are summed."""
+        ranks exchange their placements of it (one small object each, once, at the wrap) and compare,
+        since their gradients' slices are summed."""
         if ties and self.tied_group is not None:
             mine = [split_of(part.get_parameter(t[0] if first else t[1])) for t in ties]
             both: list[Any] = [None, None]
