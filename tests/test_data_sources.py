@@ -189,3 +189,17 @@ def test_the_models_output_width_is_found_on_the_meta_device(digits_dir, text_di
     assert output_width(narrow, source) == (50, "first embedding's row count", "user_models:narrow_embedding's vocabulary")
     with pytest.raises(DataError, match=r"but the model's first embedding's row count is 50"):
         check_value_ranges(narrow, {"train": source})
+
+
+def test_the_preflight_builds_the_model_once(text_dir, tmp_path):
+    """The layout check and the value check share one build of the model on the meta device: a user's
+    constructor runs once in the preflight, not once per check."""
+    from openclaw.config import load_config
+    from openclaw.launch.preflight import preflight
+    from user_models import NarrowEmbedding
+    config = load_config(None, {"data": {"train": str(text_dir / "train"), "features": "x", "label": None},
+                                "task": "language_modeling", "checkpoint": {"storage": str(tmp_path / "runs")},
+                                "model": {"name": "user_models:narrow_embedding", "kwargs": {"rows": 300}}})
+    before = NarrowEmbedding.BUILDS
+    assert set(preflight(config)) == {"train"}
+    assert NarrowEmbedding.BUILDS - before == 1

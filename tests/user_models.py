@@ -182,10 +182,13 @@ def staged_classifier(in_features: int = 64, hidden: int = 32, depth: int = 4, n
 
 
 class NarrowEmbedding(nn.Module):
-    """A language model whose input embedding has fewer rows than its head scores tokens."""
+    """A language model whose input embedding has fewer rows than its head scores tokens. `BUILDS` counts
+    its constructions in this process (how often a check builds it)."""
+    BUILDS = 0
 
     def __init__(self, rows: int, vocab_size: int):
         super().__init__()
+        NarrowEmbedding.BUILDS += 1
         self.embed, self.head = nn.Embedding(rows, 8), nn.Linear(8, vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
         raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
     if ":" in config.task:
         import_path(config.task, "task")
-    check_model_layout(config)
+    model = model_on_meta(config)  # one build for the layout and the value checks
+    check_model_layout(config, model)
     for line in config.parallelism.unused_settings():
         print(f"openclaw: note: {line}", flush=True)
     if config.train.record_samples and "://" in config.checkpoint.storage:
@@ -45,17 +46,19 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
                           "`checkpoint.storage`; turn it off or use a local folder.")
     check_rows(sources["train"], config)
     if not d.transforms:  # else the prepared data is checked, once prepared
-        check_value_ranges(config, sources)
+        check_value_ranges(config, sources, model)
     for check in checks:
         check(sources)
     check_storage(config)
     return sources
 
 
-def check_model_layout(config: Config) -> None:
-    """The model, built on the meta device, can take the layout `parallelism` asks for (heads and widths
-    divisible by `tensor`, enough blocks for `pipeline`); a `ConfigError` names the key if not."""
-    check_layout(model_on_meta(config), config.parallelism, builtin_task=":" not in config.task)
+def check_model_layout(config: Config, model: torch.nn.Module | None = None) -> None:
+    """The model, built on the meta device (`model`, or built here), can take the layout `parallelism` asks
+    for (heads and widths divisible by `tensor`, enough blocks for `pipeline`); a `ConfigError` names the
+    key if not."""
+    check_layout(model_on_meta(config) if model is None else model, config.parallelism,
+                 builtin_task=":" not in config.task)
 
 
 def model_on_meta(config: Config) -> torch.nn.Module:
@@ -112,16 +115,17 @@ def prepare_data(config: Config, sources: dict[str, Source], storage: str) -> tu
     return prepared, cache
 
 
-def check_value_ranges(config: Config, sources: dict[str, Source]) -> None:
+def check_value_ranges(config: Config, sources: dict[str, Source], model: torch.nn.Module | None = None) -> None:
     """Token ids (language modeling) or class labels (classification) the model cannot score: an id at or
     past its output's width (or its embedding's rows) fails the first step in every worker, one retry
     after another. The values' range comes from the shards' footers (`Source.value_range`), the width
-    from a forward of the model on the meta device; either unknown, nothing is checked."""
+    from a forward of the model on the meta device (`model`, or built here); either unknown, nothing is
+    checked."""
     if config.task not in ("language_modeling", "classification"):
         return
     column, key = (config.data.features, "data.features") if config.task == "language_modeling" else \
         (config.data.label, "data.label")
-    width = output_width(config, sources["train"])
+    width = output_width(config, sources["train"], model)
     what = "token ids" if config.task == "language_modeling" else "labels"
     ignored = -100 if config.task == "classification" else 0  # the cross-entropy's `ignore_index`
     for name, source in sources.items():
@@ -135,10 +139,11 @@ def check_value_ranges(config: Config, sources: dict[str, Source]) -> None:
                         f"check the data.")
 
 
-def output_width(config: Config, source: Source) -> tuple[int, str, str] | None:
+def output_width(config: Config, source: Source, model: torch.nn.Module | None = None) -> tuple[int, str, str] | None:
     """How many token ids or classes the model scores, what says so, and the key to change: the width of
     its output on a batch of two rows shaped as the data's, built and run on the meta device, and for
-    language modeling at most its first embedding's rows. None where it cannot run there."""
+    language modeling at most its first embedding's rows. None where it cannot run there. `model`: the
+    model on the meta device, if the caller has built it (`model_on_meta`)."""
     from openclaw.engine.tasks import build_task
     columns = {"x": config.data.features, "y": config.data.label}
     try:
@@ -146,7 +151,7 @@ def output_width(config: Config, source: Source) -> tuple[int, str, str] | None:
                                                 for k, c in columns.items() if c})[0]
     except Exception:  # a ragged column: the first step is the check
         return None
-    model = build_on_meta(config.model.name, config.model.kwargs)
+    model = model_on_meta(config) if model is None else model
     try:
         with torch.no_grad():
             width = model(inputs).shape[-1]
