@@ -160,11 +160,13 @@ def test_pipeline_checkpoint_loads_into_one_rank_and_a_model(tmp_path):
 
 
 def _crash_while_exiting(rank, world):
-    import atexit
+    """Rank 0 dies by SIGSEGV in its process's exit, after `run_local`'s entry returned (its result saved,
+    the group left): a finalizer multiprocessing runs as a child process exits, forked or spawned."""
     import os
     import signal
+    from multiprocessing import util
     if rank == 0:
-        atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+        util.Finalize(None, os.kill, args=(os.getpid(), signal.SIGSEGV), exitpriority=0)
     return rank * 10
 
 
@@ -174,6 +176,22 @@ def _crash_before_the_result(rank, world):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGSEGV)
     return rank
+
+
+def _environment_and_folder(rank, world):
+    import os
+    return os.environ.get("OPENCLAW_TEST_MARK"), os.getcwd(), os.environ["RANK"]
+
+
+def test_ranks_run_with_the_callers_environment_and_folder_as_they_are_at_the_call(monkeypatch, tmp_path):
+    """The ranks are forked from a server started at the first call; each still sees the caller's
+    environment and working folder as they are when it calls, as a spawned rank would."""
+    spawn(1, _environment_and_folder)  # the server runs from here on, if no test started it before
+    monkeypatch.setenv("OPENCLAW_TEST_MARK", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    assert spawn(2, _environment_and_folder) == [("set after the server started", str(tmp_path), str(r)) for r in (0, 1)]
+    monkeypatch.delenv("OPENCLAW_TEST_MARK")
+    assert spawn(1, _environment_and_folder)[0][0] is None
 
 
 def test_a_rank_crashing_as_it_exits_is_a_warning_and_one_crashing_before_its_result_an_error(caplog):
