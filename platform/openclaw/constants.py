@@ -109,8 +109,8 @@ RAY_TRAIN_DEFAULTS = {
     # The controller polls workers (and drains their one-slot report queue) at this interval. Ray's
     # default of 2 s stalls every checkpoint report for up to 2 s and detects dead workers late.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    # Ray's drain watcher is a new actor process at every worker-group start; openclaw keeps one per run
-    # instead (`node_watch.PreemptionNotices`).
+    # Ray's drain watcher is a new actor process at every worker-group start; openclaw keeps one per run,
+    # in the controller's process, instead (`runtime.controller_callbacks.PreemptionNotices`).
     PREEMPTION_WATCHER_ENV_VAR: "0",
 }
 """Ray Train tunables openclaw sets in the driver for a run (`ray_train_env`) unless the user set them."""

@@ -6,10 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.exceptions import RayActorError
 from ray.train import ControllerError, PreemptionError
 
@@ -128,8 +125,8 @@ def _error_chain(error: BaseException) -> str:
 
 
 class RunPreemptionWatcher(PreemptionWatcher):
-    """Ray Train's drain watcher (a Ray actor), re-aimable at each new worker group: only `retarget` and
-    the lock around a poll are openclaw's."""
+    """Ray Train's drain watcher (a poll thread), re-aimable at each new worker group: only `retarget`,
+    `stop` and the lock around a poll are openclaw's."""
 
     def __init__(self, **kwargs):
         self._lock = threading.Lock()
@@ -144,42 +141,31 @@ class RunPreemptionWatcher(PreemptionWatcher):
         with self._lock:
             self._node_to_ranks = {n: sorted(r) for n, r in node_to_ranks.items()}
             self._worker_actors_by_rank = dict(worker_actors_by_rank)
-            self._failure_domain_map = self._build_failure_domain_map(self._node_to_ranks)
+            self._failure_domain_map = self._build_failure_domain_map(self._node_to_ranks) if node_to_ranks else {}
             self._last_drained = {}
 
-    def adopt(self, node_to_ranks: dict, worker_actors_by_rank: dict) -> None:
-        """`retarget`, where this watcher watches nothing: after Ray restarted it (its constructor's
-        arguments name no node). A watcher already aimed keeps what it has seen."""
-        with self._lock:
-            aimed = bool(self._node_to_ranks)
-        if not aimed:
-            self.retarget(node_to_ranks, worker_actors_by_rank)
-
-
-REAIM_S = 2.0
-"""How often the controller hands the drain watcher its group again, which a watcher Ray restarted takes
-(`RunPreemptionWatcher.adopt`): the longest a restarted watcher watches nothing."""
+    def stop(self) -> None:
+        self._stop_event.set()
 
 
 class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
-    """One node-drain watcher for the whole run, where Ray Train starts one per worker group.
+    """One node-drain watcher for the whole run, in the controller's process, where Ray Train starts one
+    actor per worker group.
 
     Ray Train's watcher tells the workers when a node of theirs is being drained (a spot reclaim, an
     autoscaler scale-down), which `ray.train.get_preemption_info` returns and openclaw answers with a
-    checkpoint at the next step. Ray starts it as a new actor process after every worker-group start,
-    so each restart also pays for a process start and a `ray` import, on the same CPUs as the new
-    workers: on 2 cores about 0.8 s of a 5 s restart. This callback starts Ray's watcher once, at the
-    first start, on the controller's node, and re-aims it at each new group. Ray restarts a watcher
-    whose process died, with its constructor's empty arguments: every `REAIM_S` the controller's poll
-    hands it the group again, which only a watcher that watches nothing takes. openclaw turns Ray's own off
-    (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`, see `constants.RAY_TRAIN_DEFAULTS`) unless the user set it.
-    The poll interval is Ray's `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`.
+    checkpoint at the next step. Ray starts it as a new actor process after every worker-group start: a
+    process start and imports of `ray.train` (with Ray Data and pandas), about 2.4 s of CPU on the CPUs
+    the new workers start on. The watcher is a poll thread around a GCS query, so this callback runs Ray's
+    class in the controller's own process, which has all of it imported: started at the first worker
+    group, re-aimed at each new one, stopped with the controller. It lives and dies with the run, so
+    nothing needs to restart it. openclaw turns Ray's own off (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`, see
+    `constants.RAY_TRAIN_DEFAULTS`) unless the user set it. The poll interval is Ray's
+    `RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`.
     """
 
     def __init__(self):
-        self._watcher = None
-        self._targets: tuple[dict, dict] | None = None
-        self._aimed_at = 0.0
+        self._watcher: RunPreemptionWatcher | None = None
 
     def after_worker_group_start(self, worker_group) -> None:
         node_to_ranks: dict[str, list[int]] = {}
@@ -193,43 +179,21 @@ class PreemptionNotices(WorkerGroupCallback, ControllerCallback):
                 # Ray's knob, read here in the controller as Ray's own callback reads it.
                 poll_interval_s = float(os.environ.get(PREEMPTION_POLL_INTERVAL_S_ENV_VAR,
                                                        DEFAULT_PREEMPTION_POLL_INTERVAL_S))
-                # No actor handle among the constructor's arguments: Ray would keep them in the object store,
-                # which a restart of the watcher (max_restarts) needs alive, and log an error line at every
-                # run's start saying so (ray-project/ray#53727). The handles go in the first `retarget`.
-                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-                self._watcher = ray.remote(num_cpus=0, max_restarts=-1, scheduling_strategy=here)(
-                    RunPreemptionWatcher).remote(node_to_ranks={}, poll_interval_s=poll_interval_s)
-            self._watcher.retarget.remote(node_to_ranks, actors)
-            self._targets, self._aimed_at = (node_to_ranks, actors), time.monotonic()
+                self._watcher = RunPreemptionWatcher(node_to_ranks={}, poll_interval_s=poll_interval_s)
+            self._watcher.retarget(node_to_ranks, actors)
         except Exception as e:  # training goes on; a drain then ends as a worker failure, from the last checkpoint
             log.warning("openclaw: no preemption notices for this worker group: %s", e)
 
-    def after_worker_group_poll_status(self, worker_group_status) -> None:
-        if self._watcher is None or self._targets is None or time.monotonic() - self._aimed_at < REAIM_S:
-            return
-        self._aimed_at = time.monotonic()
-        try:
-            self._watcher.adopt.remote(*self._targets)
-        except Exception:  # the next poll tries again
-            pass
-
     def _stand_down(self, *_args) -> None:
-        self._targets = None
         if self._watcher is not None:
-            try:
-                self._watcher.retarget.remote({}, {})
-            except Exception:
-                pass
+            self._watcher.retarget({}, {})
 
     before_worker_group_shutdown = after_worker_group_abort = _stand_down
 
     def _stop(self) -> None:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
-            try:
-                ray.kill(watcher)
-            except Exception:
-                pass
+            watcher.stop()
 
     async def before_controller_shutdown(self) -> None:
         self._stop()

@@ -21,7 +21,8 @@ try:
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
     # Ray Train's node-drain watcher, and its poll-interval knob. Ray starts one per worker group (a new
-    # actor process at every restart); openclaw starts this class once per run and re-aims it.
+    # actor process at every restart); openclaw runs this class in the controller's process, once per run,
+    # and re-aims it.
     from ray.train.v2._internal.execution.preemption import PreemptionWatcher
     from ray.train.v2._internal.constants import (
         DEFAULT_PREEMPTION_POLL_INTERVAL_S,
