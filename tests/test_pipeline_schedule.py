@@ -58,14 +58,43 @@ def _evaluation(rank: int, world: int, parallelism: dict) -> dict[str, float]:
 
 
 def test_every_schedule_evaluates_and_agrees_with_one_rank():
-    """Evaluation runs one micro-batch at a time, which 1F1B refuses (fewer than its stages): every 1F1B
-    run through Ray failed at its final evaluation, after training. It runs on GPipe's forward now."""
+    """Evaluation passes as many micro-batches through the stages as a training step does (4 here), on the
+    step's own schedule, the last pass padded with rows whose targets are ignored: here a whole
+    micro-batch of them, and under loss parallelism a split loss of none. (Each 1F1B run through Ray once
+    failed at its final evaluation, which ran one micro-batch, fewer than 1F1B's stages.)"""
     one = spawn(1, _evaluation, {"strategy": "ddp"})[0]
-    for schedule in ("1f1b", "gpipe", "interleaved_1f1b"):
-        got = spawn(2, _evaluation, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule})
-        assert got[0]["count"] == one["count"] == 6, (schedule, got)
-        assert got[0]["loss"] == pytest.approx(one["loss"], rel=1e-5), (schedule, got[0], one)
+    for parallelism in ({"pipeline_schedule": "1f1b"}, {"pipeline_schedule": "gpipe"},
+                        {"pipeline_schedule": "interleaved_1f1b"}, {"tensor": 2, "loss_parallel": True}):
+        world = 2 * parallelism.get("tensor", 1)
+        got = spawn(world, _evaluation, {"strategy": "ddp", "pipeline": 2, **parallelism})
+        assert got[0]["count"] == one["count"] == 6, (parallelism, got)
+        assert got[0]["loss"] == pytest.approx(one["loss"], rel=1e-5), (parallelism, got[0], one)
 
+
+
+def _losses_around_an_evaluation(rank: int, world: int, parallelism: dict, evaluate: bool) -> list[float]:
+    """Four training steps' losses, with an evaluation after the second one (or none)."""
+    engine, layout = build(rank, world, parallelism)
+    losses = []
+    for step in range(4):
+        losses.append(engine.train_step(step, my_micro_batches(step, layout, rank)).loss_sum)
+        if step == 1 and evaluate:
+            engine.evaluate(my_micro_batches(5, layout, rank)[:3])
+    return losses
+
+
+@pytest.mark.parametrize("parallelism", [{"pipeline_schedule": "1f1b"}, {"pipeline_schedule": "interleaved_1f1b"},
+                                         {"tensor": 2, "loss_parallel": True}], ids=["1f1b", "interleaved", "pp-x-tp"])
+def test_an_evaluation_leaves_the_training_after_it_as_it_was(parallelism):
+    """The evaluation's pass and the training step's share each stage's receive buffers. A forward-only
+    pass made the buffers of the micro-batches it ran without gradients, and the training schedule, set
+    up before, kept them: those micro-batches' gradients never reached the earlier stages again, so a
+    run that evaluated trained another model than one that did not. Both now train alike, bit for bit."""
+    world = 2 * parallelism.get("tensor", 1)
+    config = {"strategy": "ddp", "pipeline": 2, **parallelism}
+    plain = spawn(world, _losses_around_an_evaluation, config, False)
+    evaluated = spawn(world, _losses_around_an_evaluation, config, True)
+    assert evaluated == plain, (parallelism, evaluated, plain)
 
 def test_a_config_whose_schedule_refuses_its_micro_batches_exits_before_any_worker_starts():
     one_batch = {"parallelism.pipeline": 2, "parallelism.pipeline_schedule": "1f1b", "train.global_batch_size": 32,

@@ -81,9 +81,10 @@ class PipelineStrategy(ShardedState):
             if rank in (ranks[0], ranks[-1]):
                 self.tied_group = pair
         self.loss_parallel, self.split_logits, self._vocab = loss_parallel, False, 0
-        self._mb_rows = 0
+        self._mb_rows = self._mb_count = 0
         self._eval_totals: dict[str, float] = {}
-        self._schedules: dict[int, Any] = {}
+        self._evaluating = False
+        self._schedules: dict[Any, Any] = {}
         self._views: list[WaitingStage] = []
         self.comm: CommClock | None = None
         self._parts: list[StageView] = []
@@ -145,8 +146,12 @@ class PipelineStrategy(ShardedState):
             check_ties_alike(part, [(a, b, sa, sb) for (a, b), sa, sb in zip(ties, at_first, at_last)])
 
     def _schedule(self, n: int, fns: StepFns):
+        """The training step's schedule for `n` micro-batches; its forward-only pass (`evaluate`) sums the
+        task's validation sums instead of the loss."""
         if n not in self._schedules:
             def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                if self._evaluating:
+                    return self._eval_sums(fns, output, target)
                 with computing(self.comm):
                     return fns.scaler.scale(self._output_loss(fns, output, target) * fns.loss_scale)
 
@@ -173,7 +178,7 @@ class PipelineStrategy(ShardedState):
         n = len(micro_batches) if self.microbatches == "auto" else int(self.microbatches)
         inputs, targets = fns.task.split(fns.to_device({k: torch.cat([b[k] for b in micro_batches])
                                                         for k in micro_batches[0]}))
-        self._mb_rows = len(inputs) // n  # the stages' buffers are sized for this: evaluation uses it too
+        self._mb_rows, self._mb_count = len(inputs) // n, n  # the stages' buffers' shape: evaluation's too
         losses: list[torch.Tensor] = []
         with fns.autocast():
             self._run(self._schedule(n, fns), inputs, targets, losses)
@@ -216,16 +221,30 @@ class PipelineStrategy(ShardedState):
         return clip_global(model.parameters(), max_norm, sum_over=[self.group], exclude=self._copies)
 
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
-        """Forward only through the stages, one training-sized micro-batch at a time (the stages' buffers
-        have that shape); the last one is padded with rows whose targets are ignored. The last stage sums
-        the task's `output_sums` (the loss; a classifier's correct predictions too) and sends them to the
-        group, so every rank returns what evaluating the whole model returns."""
-        rows = self._mb_rows or None
-        self._eval_totals, count = {}, 0
-        for inputs, targets, n in self._rechunk(batches, fns, rows):
-            with fns.autocast():
-                self._run(self._eval_schedule(fns), inputs, targets, [], train=False)
-            count += n
+        """Forward only through the stages, on the training step's own schedule: training-sized
+        micro-batches (the stages' buffers have that shape), as many per pass as a step has, so that the
+        stages overlap as in training; the last pass is padded with rows whose targets are ignored.
+
+        The same schedule, not one of its own, because a schedule sets up the stages' receive buffers
+        once, and the stages are shared: a separate forward-only schedule remade the buffers of the
+        micro-batches it ran without gradients, and the training schedule kept using them, so the earlier
+        stages lost those micro-batches' gradients at every later step (a run that evaluated trained
+        another model than one that did not). torch's schedule notices its own switch between training
+        and evaluation and sets the buffers up again. Before any training step: one micro-batch per pass
+        on GPipe's forward, which takes any count (1F1B refuses fewer micro-batches than stages).
+
+        The last stage sums the task's `output_sums` (the loss; a classifier's correct predictions too)
+        and sends them to the group, so every rank returns what evaluating the whole model returns."""
+        n = self._mb_count or 1
+        schedule = self._schedule(n, fns) if self._mb_count else self._untrained_eval_schedule(fns)
+        self._eval_totals, count, self._evaluating = {}, 0, True
+        try:
+            for inputs, targets, real in self._rechunk(batches, fns, self._mb_rows or None, n):
+                with fns.autocast():
+                    self._run(schedule, inputs, targets, [], train=False)
+                count += real
+        finally:
+            self._evaluating = False
         totals = [self._eval_totals]
         dist.broadcast_object_list(totals, src=self.last_rank, group=self.group)
         return {**totals[0], "count": count}
@@ -238,24 +257,25 @@ class PipelineStrategy(ShardedState):
         return sums["loss"]
 
     @staticmethod
-    def _rechunk(batches, fns: StepFns, rows: int | None):
-        """(inputs, targets, real rows) in chunks of exactly `rows` (the first batch's size if unset)."""
+    def _rechunk(batches, fns: StepFns, rows: int | None, micro_batches: int = 1):
+        """(inputs, targets, real rows) in chunks of exactly `micro_batches` x `rows` (`rows`: the first
+        batch's size if unset)."""
         x = y = None
+        size = rows * micro_batches if rows else 0
         for batch in batches:
             bx, by = fns.task.split(fns.to_device(batch))
-            rows = rows or len(bx)
+            size = size or len(bx) * micro_batches
             x, y = (bx, by) if x is None else (torch.cat([x, bx]), torch.cat([y, by]))
-            while len(x) >= rows:
-                yield x[:rows], y[:rows], rows
-                x, y = x[rows:], y[rows:]
+            while len(x) >= size:
+                yield x[:size], y[:size], size
+                x, y = x[size:], y[size:]
         if x is not None and len(x):
-            pad = rows - len(x)
+            pad = size - len(x)
             yield (torch.cat([x, x[:1].expand(pad, *x.shape[1:])]),
                    torch.cat([y, torch.full((pad, *y.shape[1:]), -100, dtype=y.dtype, device=y.device)]), len(x))
 
-    def _eval_schedule(self, fns: StepFns):
-        """One micro-batch at a time, forward only. 1F1B refuses fewer micro-batches than stages, and a
-        forward-only pass has no backward to interleave: it runs on GPipe's schedule, the same forward."""
+    def _untrained_eval_schedule(self, fns: StepFns):
+        """GPipe's, one micro-batch per pass: an evaluation before any training step (see `evaluate`)."""
         if "eval" not in self._schedules:
             stages = self._views if self.schedule_name == "interleaved_1f1b" else self._views[0]
             name = "gpipe" if self.schedule_name == "1f1b" else self.schedule_name
