@@ -8,6 +8,7 @@ import threading
 import time
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -140,7 +141,7 @@ def test_fsdp_two_random_sigkills_lose_and_repeat_nothing_and_end_bit_for_bit(ra
 @pytest.mark.parametrize("parallelism", [
     {"tensor": 2}, {"pipeline": 2, "pipeline_schedule": "1f1b"},
     {"example": "text-lm-3d.yaml", "scaling.max_workers": 4, "train.micro_batch_size": "auto",
-     "train.max_steps": 10, "train.eval_every": 5, "checkpoint.every_steps": 5}],
+     "train.max_steps": 10, "train.eval_every": 5, "checkpoint.every_steps": 5, "train.eval_rows": 256}],
     ids=["tensor", "pipeline", "pipeline-x-tensor"])
 def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local, text_dir, tmp_path, mlflow_uri,
                                                                         parallelism, capsys):
@@ -173,8 +174,14 @@ def test_model_parallel_runs_train_evaluate_and_checkpoint_through_ray(ray_local
         from openclaw.advice.report import advise_logged_run
         facts = advise_logged_run(result.run_id, mlflow_uri)[1]
         assert len(facts.rank_busy) == workers and all(0 < b < 1 for b in facts.rank_busy), facts.rank_busy
+    # each evaluation scored the first `train.eval_rows` rows (all where unset), said so and how long it took
+    rows, total = cfg.train.eval_rows, pq.read_table(text_dir / "val").num_rows
     model = openclaw.load_model(result.checkpoint)
-    assert _val_loss(model, text_dir / "val") == pytest.approx(result.metrics["val/loss"], rel=1e-4)
+    assert _val_loss(model, text_dir / "val", rows) == pytest.approx(result.metrics["val/loss"], rel=1e-4)
+    if rows is not None:  # (the whole set's would be another loss)
+        assert _val_loss(model, text_dir / "val") != pytest.approx(result.metrics["val/loss"], rel=1e-4)
+    assert out.count(" rows in ") == 2 and f"({rows or total:,} rows in " in out
+    assert len(MlflowClient(mlflow_uri).get_metric_history(result.run_id, "perf/eval_s")) == 2
     # one data-parallel rank: every worker trained on the same samples, recorded once
     batches = committed_batches(tmp_path / "runs" / cfg.name)
     assert sorted(batches) == list(range(steps)) and {b["world"] for b in batches.values()} == {1}

@@ -76,7 +76,7 @@ def test_a_60_s_tracking_outage_neither_stops_training_nor_loses_a_metric(ray_lo
 # Ray Train has them (train/samples_per_s). Every other key's values are checked.
 TIMED = {"train/samples_per_s", "perf/samples_per_s", "perf/tokens_per_s", "perf/flops_per_s", "perf/mfu",
          "perf/ingest_rows_per_s", "perf/step_data_s", "perf/step_compute_s", "perf/step_checkpoint_s",
-         "perf/data_wait_frac", "perf/checkpoint_stall_s", "perf/peak_memory_bytes"}
+         "perf/data_wait_frac", "perf/checkpoint_stall_s", "perf/peak_memory_bytes", "perf/eval_s"}
 
 
 def _every_key_at_every_step_once(history, steps, every):

@@ -120,6 +120,10 @@ class TrainConfig(Section):
     """Log `train/` and `perf/` metrics, and print a progress line, every N steps (and at the last)."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0: only at the end). Needs `data.val`."""
+    eval_rows: int | None = Field(None, gt=0)
+    """Score at most this many rows of `data.val` at each evaluation: its first N, in their stored order,
+    the same rows every time, so that successive `val/` metrics compare (shuffle the set when you prepare
+    it if its order is not random). null: the whole set."""
     threads_per_worker: int | None = Field(None, gt=0)
     """torch intra-op threads per worker; default: the worker's CPU count. Pinned so restarts reproduce."""
     flush_denormal: bool = True

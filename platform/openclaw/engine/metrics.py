@@ -76,7 +76,8 @@ def rank_breakdown(summed: list[float]) -> dict[str, float]:
     """The window's per-rank time split, from the all-reduced `rank_vector`s (pure):
 
     - `perf/rank<i>/{data,compute,comm,checkpoint,idle}_frac`: of rank i's wall time, summing to one;
-      idle is what none of the others account for: the loop's own work, logging, evaluation;
+      idle is what none of the others account for: the loop's own work, logging (an evaluation is out
+      of the window: `perf/eval_s`);
     - `perf/comm_frac`, `perf/idle_frac`, `perf/step_comm_s`: the largest rank's;
     - `perf/step_net_compute_s`: the median rank's compute per step, its exposed collective wait out
       (rank 0's `perf/step_compute_s` less another rank's wait would mix ranks: a rank that waits on a

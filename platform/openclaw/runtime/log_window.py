@@ -23,6 +23,7 @@ from openclaw.engine.metrics import (RANK_FIELDS, StepClock, allreduce_max, allr
                                      system_metrics)
 from openclaw.engine.noise import NoiseWindow
 from openclaw.engine.state import TrainState
+from openclaw.runtime.evaluate import evals_from
 
 
 def should_log(step: int, cfg: Config) -> bool:
@@ -49,6 +50,8 @@ class LogWindow:
         self._stats: StepStats | None = None
         self._advised = False
         self.noise = NoiseWindow()  # the gradient noise scale's pairs (engine.noise)
+        self.eval_s = 0.0
+        """The last evaluation's seconds (none yet this attempt: 0, and the ETA leaves evaluations out)."""
         self.loop_t0 = self._eta_t0 = time.perf_counter()
         self.first_step = self._eta_step = state.step
         self.restart(state)
@@ -81,6 +84,15 @@ class LogWindow:
             self.loss_sum += stats.loss_sum
             self.samples += stats.samples
 
+    def evaluated(self, seconds: float) -> float:
+        """An evaluation took `seconds`: out of the throughput, the time split and the training time per
+        step the ETA counts; the ETA adds this long for each evaluation still to come. Returns `seconds`."""
+        self.t0 += seconds
+        self.wall_t0 += seconds
+        self._eta_t0 += seconds
+        self.eval_s = seconds
+        return seconds
+
     def exclude(self, seconds: float) -> None:
         """Time that is not training (checkpoint stalls): out of the throughput, into the time split."""
         self.t0 += seconds
@@ -108,7 +120,7 @@ class LogWindow:
         loss_sum, n, untimed = totals[:3]
         ranks_end = 3 + len(RANK_FIELDS) * self.world
         sps = (n - untimed) / (now - self.t0)  # training throughput: checkpoint stalls and compiling excluded
-        wall_step_s = (now - self._eta_t0) / max(1, state.step - self._eta_step)  # the ETA counts everything
+        wall_step_s = (now - self._eta_t0) / max(1, state.step - self._eta_step)  # all but evaluations
         self._eta_t0, self._eta_step = now, state.step
         stats = self._stats
         self.last = {"train/loss": loss_sum / n, "train/lr": stats.lr, "train/samples_per_s": sps,
@@ -129,8 +141,9 @@ class LogWindow:
         tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[ranks_end:])}, state.step)
         self.last.update(perf)  # the final metrics Ray returns: the last window's split, for the end-of-run advice
         max_steps = self.cfg.train.max_steps
+        eta_s = (max_steps - state.step) * wall_step_s + evals_from(state.step, self.cfg) * self.eval_s
         tracker.progress({"step": state.step, "max_steps": max_steps, "loss": loss_sum / n, "samples_per_s": sps,
-                          "eta_s": (max_steps - state.step) * wall_step_s})
+                          "eta_s": eta_s})
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
         self.loss_sum, self.samples, self.untimed = 0.0, 0, 0
         self.t0 = self.wall_t0 = time.perf_counter()

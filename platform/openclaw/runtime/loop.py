@@ -5,10 +5,11 @@ What the loop holds is built by `runtime.attempt.Attempt`; the driver-side code 
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from openclaw.runtime.attempt import Attempt
-from openclaw.runtime.evaluate import evaluate, should_eval
+from openclaw.runtime.evaluate import eval_rows, evaluate, should_eval
 from openclaw.runtime.policies import nonfinite_decision
 
 __all__ = ["train_loop"]
@@ -36,9 +37,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if a.window.due(state.step):
             a.window.log(state, epoch, G, a.train, a.tracker)
         if should_eval(state.step, cfg):
-            val_metrics = evaluate(a.engine, a.val, cfg.train.micro_batch_size, a.dp, a.dp_rank)
-            a.tracker.log_metrics(val_metrics, state.step)
-            a.tracker.progress({"step": state.step, "max_steps": max_steps, **val_metrics})
+            t0, rows = time.perf_counter(), eval_rows(len(a.val), cfg)
+            val_metrics = evaluate(a.engine, a.val, cfg.train.micro_batch_size, a.dp, a.dp_rank, rows)
+            eval_s = a.window.evaluated(time.perf_counter() - t0)  # out of the throughput, into the ETA
+            a.tracker.log_metrics({**val_metrics, "perf/eval_s": eval_s}, state.step)
+            a.tracker.progress({"step": state.step, "max_steps": max_steps, **val_metrics, "eval_rows": rows,
+                                "eval_s": eval_s})
             a.window.last.update(val_metrics)
 
         # ---- checkpoints, and the answer to a stop (after its checkpoint)

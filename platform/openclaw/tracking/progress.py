@@ -23,4 +23,7 @@ def format_progress(item: dict[str, Any]) -> str:
     if "eta_s" in item:
         parts.append(f"ETA {format_duration(item['eta_s'])}")
     parts += [f"{k} {v:.4f}" for k, v in item.items() if k.startswith("val/")]
+    if "eval_s" in item:  # an evaluation: how much it scored, and how long it took
+        took = f"{item['eval_s']:.1f}s" if item["eval_s"] < 60 else format_duration(item["eval_s"])
+        parts.append(f"({item['eval_rows']:,} rows in {took})")
     return "  ".join(parts)
