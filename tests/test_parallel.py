@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parallel_harness import ONE_RANK_STEPS as N_STEPS
-from parallel_harness import bitwise, hop, host_peak_growth, rel, spawn, train, wrap_on_meta
+from parallel_harness import bitwise, build, hop, host_peak_growth, my_micro_batches, rel, spawn, train, wrap_on_meta
 
 
 def _check_history(reference, got, tol):
@@ -203,3 +203,28 @@ def test_a_rank_crashing_as_it_exits_is_a_warning_and_one_crashing_before_its_re
     assert "then rank 0 died by SIGSEGV while exiting" in caplog.text
     with pytest.raises(mp.ProcessExitedException, match="process 1 terminated with signal SIGSEGV"):
         spawn(2, _crash_before_the_result)
+
+
+def _losses_around_an_evaluation(rank: int, world: int, parallelism: dict, evaluate: bool) -> list[float]:
+    """Four training steps' losses, with an evaluation after the second one (or none)."""
+    engine, layout = build(rank, world, parallelism)
+    losses = []
+    for step in range(4):
+        losses.append(engine.train_step(step, my_micro_batches(step, layout, rank)).loss_sum)
+        if step == 1 and evaluate:
+            engine.evaluate(my_micro_batches(5, layout, rank)[:3])
+    return losses
+
+
+@pytest.mark.parametrize("parallelism", [{"pipeline_schedule": "1f1b"}, {"pipeline_schedule": "interleaved_1f1b"},
+                                         {"tensor": 2, "loss_parallel": True}], ids=["1f1b", "interleaved", "pp-x-tp"])
+def test_an_evaluation_leaves_the_training_after_it_as_it_was(parallelism):
+    """The evaluation's pass and the training step's share each stage's receive buffers. A forward-only
+    pass made the buffers of the micro-batches it ran without gradients, and the training schedule, set
+    up before, kept them: those micro-batches' gradients never reached the earlier stages again, so a
+    run that evaluated trained another model than one that did not. Both now train alike, bit for bit."""
+    world = 2 * parallelism.get("tensor", 1)
+    config = {"strategy": "ddp", "pipeline": 2, **parallelism}
+    plain = spawn(world, _losses_around_an_evaluation, config, False)
+    evaluated = spawn(world, _losses_around_an_evaluation, config, True)
+    assert evaluated == plain, (parallelism, evaluated, plain)

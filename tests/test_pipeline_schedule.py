@@ -72,30 +72,6 @@ def test_every_schedule_evaluates_and_agrees_with_one_rank():
 
 
 
-def _losses_around_an_evaluation(rank: int, world: int, parallelism: dict, evaluate: bool) -> list[float]:
-    """Four training steps' losses, with an evaluation after the second one (or none)."""
-    engine, layout = build(rank, world, parallelism)
-    losses = []
-    for step in range(4):
-        losses.append(engine.train_step(step, my_micro_batches(step, layout, rank)).loss_sum)
-        if step == 1 and evaluate:
-            engine.evaluate(my_micro_batches(5, layout, rank)[:3])
-    return losses
-
-
-@pytest.mark.parametrize("parallelism", [{"pipeline_schedule": "1f1b"}, {"pipeline_schedule": "interleaved_1f1b"},
-                                         {"tensor": 2, "loss_parallel": True}], ids=["1f1b", "interleaved", "pp-x-tp"])
-def test_an_evaluation_leaves_the_training_after_it_as_it_was(parallelism):
-    """The evaluation's pass and the training step's share each stage's receive buffers. A forward-only
-    pass made the buffers of the micro-batches it ran without gradients, and the training schedule, set
-    up before, kept them: those micro-batches' gradients never reached the earlier stages again, so a
-    run that evaluated trained another model than one that did not. Both now train alike, bit for bit."""
-    world = 2 * parallelism.get("tensor", 1)
-    config = {"strategy": "ddp", "pipeline": 2, **parallelism}
-    plain = spawn(world, _losses_around_an_evaluation, config, False)
-    evaluated = spawn(world, _losses_around_an_evaluation, config, True)
-    assert evaluated == plain, (parallelism, evaluated, plain)
-
 def test_a_config_whose_schedule_refuses_its_micro_batches_exits_before_any_worker_starts():
     one_batch = {"parallelism.pipeline": 2, "parallelism.pipeline_schedule": "1f1b", "train.global_batch_size": 32,
                  "train.micro_batch_size": 32, "scaling.min_workers": 2, "scaling.max_workers": 2}
