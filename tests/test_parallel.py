@@ -216,15 +216,19 @@ def _losses_around_an_evaluation(rank: int, world: int, parallelism: dict, evalu
     return losses
 
 
-@pytest.mark.parametrize("parallelism", [{"pipeline_schedule": "1f1b"}, {"pipeline_schedule": "interleaved_1f1b"},
-                                         {"tensor": 2, "loss_parallel": True}], ids=["1f1b", "interleaved", "pp-x-tp"])
-def test_an_evaluation_leaves_the_training_after_it_as_it_was(parallelism):
-    """The evaluation's pass and the training step's share each stage's receive buffers. A forward-only
-    pass made the buffers of the micro-batches it ran without gradients, and the training schedule, set
-    up before, kept them: those micro-batches' gradients never reached the earlier stages again, so a
-    run that evaluated trained another model than one that did not. Both now train alike, bit for bit."""
-    world = 2 * parallelism.get("tensor", 1)
-    config = {"strategy": "ddp", "pipeline": 2, **parallelism}
-    plain = spawn(world, _losses_around_an_evaluation, config, False)
-    evaluated = spawn(world, _losses_around_an_evaluation, config, True)
+@pytest.mark.parametrize("world,parallelism", [
+    (2, {"strategy": "ddp"}), (2, {"strategy": "fsdp"}), (4, {"strategy": "fsdp", "replicate": 2}),
+    (4, {"strategy": "fsdp", "tensor": 2}),
+    (2, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": "1f1b"}),
+    (2, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": "interleaved_1f1b"}),
+    (4, {"strategy": "ddp", "pipeline": 2, "tensor": 2, "loss_parallel": True})],
+    ids=["ddp", "fsdp", "hsdp", "fsdp-x-tp", "pp-1f1b", "pp-interleaved", "pp-x-tp"])
+def test_an_evaluation_leaves_the_training_after_it_as_it_was(world, parallelism):
+    """Under every strategy, a run that evaluates trains, bit for bit, as one that does not. Under a
+    pipeline the evaluation's pass and the training step share each stage's receive buffers: a
+    forward-only pass once made the buffers of the micro-batches it ran without gradients, and the
+    training schedule, set up before, kept them, so those micro-batches' gradients never reached the
+    earlier stages again."""
+    plain = spawn(world, _losses_around_an_evaluation, parallelism, False)
+    evaluated = spawn(world, _losses_around_an_evaluation, parallelism, True)
     assert evaluated == plain, (parallelism, evaluated, plain)
