@@ -39,7 +39,7 @@ def test_a_run_of_a_million_steps_counts_its_evaluations_without_walking_them():
     config = cfg(**{"train.max_steps": 1_000_000, "train.eval_every": 7})
     t0 = time.perf_counter()
     assert evals_from(1, config) == 1_000_000 // 7 + 1 and evals_from(999_999, config) == 2  # 7 x 142,857, the end
-    assert time.perf_counter() - t0 < 0.01
+    assert time.perf_counter() - t0 < 0.1  # walking them with `should_eval` took 0.26 s here
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8, 64])
