@@ -190,6 +190,10 @@ class PipelineStrategy(ShardedState):
         return [loss], len(inputs)
 
     def _run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor, losses: list, train: bool = True) -> None:
+        """One pass of `schedule` over `inputs` (split into its micro-batches). The last stage's outputs are
+        not kept for the caller (`return_outputs=False`): the loss function already took what it needs,
+        and torch's default holds every micro-batch's output (a language model's logits) to the end of the
+        pass, where 1F1B frees each one after its backward."""
         run = schedule.step if train else schedule.eval
         args = (inputs,) if 0 in self.my_stages else ()
         for part, view in zip(self._parts, self._views):
@@ -198,9 +202,9 @@ class PipelineStrategy(ShardedState):
             self.comm.launched()  # waiting until the first chunk computes
         with loss_context(self.split_logits):  # the backward of a split loss too
             if self.stages - 1 in self.my_stages:
-                run(*args, target=targets, losses=losses)
+                run(*args, target=targets, losses=losses, return_outputs=False)
             else:
-                run(*args)
+                run(*args, return_outputs=False)
 
     def _sum_tied_grads(self) -> None:
         """The embedding's gradient from the first stage plus the head's from the last, on both. Under
