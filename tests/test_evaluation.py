@@ -99,7 +99,26 @@ def test_an_evaluation_is_out_of_the_throughput_and_the_time_split_and_in_the_et
     assert tracker.metrics["train/samples_per_s"] == pytest.approx(64.0, rel=0.01)
     assert tracker.metrics["perf/idle_frac"] < 0.01
     (line,) = [item for item in tracker.lines if "eta_s" in item]
-    assert line["eta_s"] == pytest.approx(10 * 1.0 + 2 * 100.0, rel=0.01)
+    assert line["eta_s"] == pytest.approx(10 * 1.0 + 2 * 100.0, rel=0.01) and "evals_untimed" not in line
+
+
+def test_before_the_first_evaluation_the_eta_says_how_many_it_leaves_out():
+    """No evaluation has run yet this attempt, so none is timed: the ETA counts the steps, and says how
+    many evaluations come on top."""
+    config = cfg(**{"train.max_steps": 30, "train.log_every": 10, "train.eval_every": 10})
+    window = LogWindow(config, TrainState(), device=torch.device("cpu"), rank=0, world=1, speaks_for_node=False,
+                       flops_per_sample=None, job_start_time=time.time())
+    window.t0 = window.wall_t0 = window._eta_t0 = time.perf_counter() - 10.0
+    stats = StepStats(loss_sum=64.0, samples=64, lr=1e-3, grad_norm=1.0, finite=True)
+    for _ in range(10):
+        window.add([{"x": torch.zeros(64, 8)}], stats, data_s=0.1, compute_s=0.9)
+    state, tracker = TrainState(), Tracker()
+    state.step = 5  # a log at step 5 of 30: the evaluations at 10, 20 and 30 are still to come
+    window.log(state, 0, 64, Data(), tracker)
+    (line,) = [item for item in tracker.lines if "eta_s" in item]
+    assert line["evals_untimed"] == 3 and line["eta_s"] == pytest.approx(25 * 2.0, rel=0.01)
+    assert format_progress(line).endswith("ETA 50s + 3 evaluations")
+    assert format_progress({**line, "evals_untimed": 1}).endswith("ETA 50s + 1 evaluation")
 
 
 def test_the_progress_line_says_what_an_evaluation_scored_and_how_long_it_took():
@@ -107,4 +126,6 @@ def test_the_progress_line_says_what_an_evaluation_scored_and_how_long_it_took()
     assert line == "step 30/60  val/loss 3.0690  (11,214 rows in 3m31s)"
     short = format_progress({"step": 100, "max_steps": 300, "val/loss": 0.2, "val/accuracy": 0.95, "eval_rows": 1797,
                              "eval_s": 0.42})
-    assert short == "step 100/300  val/loss 0.2000  val/accuracy 0.9500  (1,797 rows in 0.4s)"
+    assert short == "step 100/300  val/loss 0.2000  val/accuracy 0.9500  (1,797 rows in 0.42s)"
+    assert format_progress({"step": 1, "max_steps": 2, "val/loss": 1.0, "eval_rows": 359, "eval_s": 0.013}).endswith(
+        "(359 rows in 0.01s)")

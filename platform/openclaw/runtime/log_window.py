@@ -141,9 +141,11 @@ class LogWindow:
         tracker.log_metrics({**self.last, **perf, **per_node_metrics(totals[ranks_end:])}, state.step)
         self.last.update(perf)  # the final metrics Ray returns: the last window's split, for the end-of-run advice
         max_steps = self.cfg.train.max_steps
-        eta_s = (max_steps - state.step) * wall_step_s + evals_from(state.step, self.cfg) * self.eval_s
+        evals = evals_from(state.step, self.cfg)
+        eta = {"eta_s": (max_steps - state.step) * wall_step_s + evals * self.eval_s,
+               **({"evals_untimed": evals} if evals and not self.eval_s else {})}  # none has run yet to time
         tracker.progress({"step": state.step, "max_steps": max_steps, "loss": loss_sum / n, "samples_per_s": sps,
-                          "eta_s": eta_s})
+                          **eta})
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
         self.loss_sum, self.samples, self.untimed = 0.0, 0, 0
         self.t0 = self.wall_t0 = time.perf_counter()

@@ -20,10 +20,13 @@ def format_progress(item: dict[str, Any]) -> str:
         parts.append(f"loss {item['loss']:.4f}")
     if "samples_per_s" in item:
         parts.append(f"{item['samples_per_s']:,.0f} samples/s")
-    if "eta_s" in item:
-        parts.append(f"ETA {format_duration(item['eta_s'])}")
+    if "eta_s" in item:  # and the evaluations to come, where none has run yet to time
+        untimed = item.get("evals_untimed", 0)
+        parts.append(f"ETA {format_duration(item['eta_s'])}" +
+                     (f" + {untimed} evaluation{'s' if untimed > 1 else ''}" if untimed else ""))
     parts += [f"{k} {v:.4f}" for k, v in item.items() if k.startswith("val/")]
     if "eval_s" in item:  # an evaluation: how much it scored, and how long it took
-        took = f"{item['eval_s']:.1f}s" if item["eval_s"] < 60 else format_duration(item["eval_s"])
+        seconds = item["eval_s"]
+        took = f"{seconds:.{2 if seconds < 1 else 1}f}s" if seconds < 60 else format_duration(seconds)
         parts.append(f"({item['eval_rows']:,} rows in {took})")
     return "  ".join(parts)
