@@ -78,24 +78,36 @@ class Data:
         return 0.0
 
 
+
+def _window(began_s_ago: float) -> LogWindow:
+    """Rank 0's logging window of a 30-step run that evaluates every 10 steps, begun `began_s_ago`."""
+    config = cfg(**{"train.max_steps": 30, "train.log_every": 10, "train.eval_every": 10})
+    window = LogWindow(config, TrainState(), device=torch.device("cpu"), rank=0, world=1, speaks_for_node=False,
+                       flops_per_sample=None, job_start_time=time.time())
+    window.t0 = window.wall_t0 = window._eta_t0 = time.perf_counter() - began_s_ago
+    return window
+
+
+def _ten_steps_then_log(window: LogWindow, step: int) -> Tracker:
+    """Ten one-second steps of 64 samples (0.1 s of data, 0.9 s of compute each), then the log at `step`."""
+    stats = StepStats(loss_sum=64.0, samples=64, lr=1e-3, grad_norm=1.0, finite=True)
+    for _ in range(10):
+        window.add([{"x": torch.zeros(64, 8)}], stats, data_s=0.1, compute_s=0.9)
+    state, tracker = TrainState(), Tracker()
+    state.step = step
+    window.log(state, 0, 64, Data(), tracker)
+    return tracker
+
+
 def test_an_evaluation_is_out_of_the_throughput_and_the_time_split_and_in_the_eta_on_its_own():
     """The window of steps 11 to 20: the 100 s evaluation of step 10 (after that step's log), then 10
     one-second steps. It reads 64 samples/s and no idle time, not the 5.8 samples/s and 91% idle it would
     read with the evaluation in; the ETA is the 10 steps left at one second each plus 100 s for each
     evaluation left (steps 20 and 30)."""
-    config = cfg(**{"train.max_steps": 30, "train.log_every": 10, "train.eval_every": 10})
-    window = LogWindow(config, TrainState(), device=torch.device("cpu"), rank=0, world=1, speaks_for_node=False,
-                       flops_per_sample=None, job_start_time=time.time())
-    started = time.perf_counter() - 110.0  # the window began 110 s ago: the evaluation, then 10 steps
-    window.t0 = window.wall_t0 = window._eta_t0 = started
+    window = _window(began_s_ago=110.0)  # the evaluation, then 10 steps
     window._eta_step = 10  # the ETA's last log: step 10's
     assert window.evaluated(100.0) == 100.0
-    stats = StepStats(loss_sum=64.0, samples=64, lr=1e-3, grad_norm=1.0, finite=True)
-    for _ in range(10):
-        window.add([{"x": torch.zeros(64, 8)}], stats, data_s=0.1, compute_s=0.9)
-    state, tracker = TrainState(), Tracker()
-    state.step = 20
-    window.log(state, 0, 64, Data(), tracker)
+    tracker = _ten_steps_then_log(window, 20)
     assert tracker.metrics["train/samples_per_s"] == pytest.approx(64.0, rel=0.01)
     assert tracker.metrics["perf/idle_frac"] < 0.01
     (line,) = [item for item in tracker.lines if "eta_s" in item]
@@ -105,16 +117,8 @@ def test_an_evaluation_is_out_of_the_throughput_and_the_time_split_and_in_the_et
 def test_before_the_first_evaluation_the_eta_says_how_many_it_leaves_out():
     """No evaluation has run yet this attempt, so none is timed: the ETA counts the steps, and says how
     many evaluations come on top."""
-    config = cfg(**{"train.max_steps": 30, "train.log_every": 10, "train.eval_every": 10})
-    window = LogWindow(config, TrainState(), device=torch.device("cpu"), rank=0, world=1, speaks_for_node=False,
-                       flops_per_sample=None, job_start_time=time.time())
-    window.t0 = window.wall_t0 = window._eta_t0 = time.perf_counter() - 10.0
-    stats = StepStats(loss_sum=64.0, samples=64, lr=1e-3, grad_norm=1.0, finite=True)
-    for _ in range(10):
-        window.add([{"x": torch.zeros(64, 8)}], stats, data_s=0.1, compute_s=0.9)
-    state, tracker = TrainState(), Tracker()
-    state.step = 5  # a log at step 5 of 30: the evaluations at 10, 20 and 30 are still to come
-    window.log(state, 0, 64, Data(), tracker)
+    window = _window(began_s_ago=10.0)
+    tracker = _ten_steps_then_log(window, 5)  # at step 5 of 30: the evaluations at 10, 20 and 30 are to come
     (line,) = [item for item in tracker.lines if "eta_s" in item]
     assert line["evals_untimed"] == 3 and line["eta_s"] == pytest.approx(25 * 2.0, rel=0.01)
     assert format_progress(line).endswith("ETA 50s + 3 evaluations")

@@ -86,7 +86,6 @@ def test_only_rank_0_holds_the_whole_model_in_host_memory():
     assert meta[0] > 0.9 * model_bytes and meta[1] < 0.75 * whole[1], (meta, whole, model_bytes)
 
 
-
 def _step_peak_growth(rank: int, world: int, micro_batches: int) -> int:
     """How much this rank's peak resident memory grew over the first 1F1B training step of a 2-stage gpt
     with a 65,536-wide head, in `micro_batches` micro-batches of 16 x 16 tokens."""

@@ -71,7 +71,6 @@ def test_every_schedule_evaluates_and_agrees_with_one_rank():
         assert got[0]["loss"] == pytest.approx(one["loss"], rel=1e-5), (parallelism, got[0], one)
 
 
-
 def test_a_config_whose_schedule_refuses_its_micro_batches_exits_before_any_worker_starts():
     one_batch = {"parallelism.pipeline": 2, "parallelism.pipeline_schedule": "1f1b", "train.global_batch_size": 32,
                  "train.micro_batch_size": 32, "scaling.min_workers": 2, "scaling.max_workers": 2}

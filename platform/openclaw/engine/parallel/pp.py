@@ -261,7 +261,7 @@ class PipelineStrategy(ShardedState):
         return sums["loss"]
 
     @staticmethod
-    def _rechunk(batches, fns: StepFns, rows: int | None, micro_batches: int = 1):
+    def _rechunk(batches, fns: StepFns, rows: int | None, micro_batches: int):
         """(inputs, targets, real rows) in chunks of exactly `micro_batches` x `rows` (`rows`: the first
         batch's size if unset)."""
         x = y = None
