@@ -165,3 +165,12 @@ def test_the_model_is_checked_against_the_layout_on_the_meta_device_before_any_w
         check_layout(small, ParallelismConfig(pipeline=2), builtin_task=False)
     with pytest.raises(ConfigError, match="at least one block per stage: 4 stage"):  # 2 ranks x 2 stages each
         check_layout(small, ParallelismConfig(pipeline=2, pipeline_schedule="interleaved_1f1b"), builtin_task=True)
+
+
+@pytest.mark.parametrize("kw", [{"pipeline": 4, "tensor": 4}, {"replicate": 4, "tensor": 4}, {"pipeline": 2},
+                                {}])
+def test_one_rank_of_each_data_parallel_share_counts_it_in_the_totals(kw):
+    """At 64 ranks, exactly one rank per data-parallel share counts that share's samples and loss."""
+    layout = mesh_layout(64, **kw)
+    counted = [layout.dp_rank(r) for r in range(64) if layout.counts_its_share(r)]
+    assert sorted(counted) == list(range(layout.dp)) and layout.counts_its_share(0)

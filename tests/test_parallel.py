@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parallel_harness import ONE_RANK_STEPS as N_STEPS
-from parallel_harness import bitwise, build, hop, host_peak_growth, my_micro_batches, rel, spawn, train, wrap_on_meta
+from parallel_harness import GLOBAL_BATCH, bitwise, build, hop, host_peak_growth, my_micro_batches, rel, spawn, train, wrap_on_meta
 
 
 def _check_history(reference, got, tol):
@@ -260,3 +260,34 @@ def test_an_evaluation_leaves_the_training_after_it_as_it_was(world, parallelism
     plain = spawn(world, _losses_around_an_evaluation, parallelism, False)
     evaluated = spawn(world, _losses_around_an_evaluation, parallelism, True)
     assert evaluated == plain, (parallelism, evaluated, plain)
+
+
+def _window_totals(rank: int, world: int, parallelism: dict) -> tuple[list[float], int, float]:
+    """One training step logged into a worker's window, as the attempt builds it: the window's totals
+    over every rank, and the rank's data-parallel share with the mean loss its engine reports for it."""
+    from pathlib import Path
+
+    from openclaw import load_config
+    from openclaw.engine.state import TrainState
+    from openclaw.runtime.log_window import LogWindow
+    engine, layout = build(rank, world, parallelism)
+    stats = engine.train_step(0, batches := my_micro_batches(0, layout, rank))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "digits.yaml", {})
+    window = LogWindow(cfg, TrainState(), device=torch.device("cpu"), rank=rank, world=world, speaks_for_node=False,
+                       flops_per_sample=None, job_start_time=0.0, counts_its_share=layout.counts_its_share(rank))
+    window.add(batches, stats, data_s=0.0, compute_s=1.0)
+    return window.carry(), layout.dp_rank(rank), stats.loss_sum / stats.samples
+
+
+@pytest.mark.parametrize("world,parallelism", [
+    (4, {"strategy": "fsdp", "tensor": 2}), (4, {"strategy": "ddp", "pipeline": 2, "tensor": 2}),
+    (8, {"strategy": "fsdp", "pipeline": 2, "tensor": 2})], ids=["fsdp-x-tp", "pp-x-tp", "3d"])
+def test_a_window_counts_each_sample_of_the_global_batch_once(world, parallelism):
+    """A step's samples and loss, summed over the ranks, are the global batch's, however many tensor and
+    pipeline peers trained on each share: every peer reports its share's samples, and a sum over all of
+    them read 2-4x the samples/s, tokens/s, FLOP/s and MFU of a model-parallel run."""
+    results = spawn(world, _window_totals, parallelism)
+    (loss_sum, samples), _, _ = results[0]
+    assert samples == GLOBAL_BATCH and all(totals == [loss_sum, samples] for totals, _, _ in results)
+    share_means = {share: mean for _, share, mean in results}  # equal shares: the batch's mean is theirs
+    assert loss_sum / samples == pytest.approx(sum(share_means.values()) / len(share_means), rel=1e-6)

@@ -101,7 +101,8 @@ class Attempt:
         self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
                                 speaks_for_node=ctx.get_local_rank() == 0, flops_per_sample=self.flops_per_sample,
                                 job_start_time=inputs.job_start_time, engine=self.engine,
-                                workers_on_node=ctx.get_local_world_size())
+                                workers_on_node=ctx.get_local_world_size(),
+                                counts_its_share=layout.counts_its_share(self.rank))
         self.profile = StepProfiler(cfg, self.engine, self.tracker, inputs.run_dir, self.rank, self.world,
                                     self.state.step, self.plan.global_batch_size) if cfg.profile else None
 

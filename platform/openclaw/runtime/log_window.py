@@ -33,12 +33,15 @@ def should_log(step: int, cfg: Config) -> bool:
 class LogWindow:
     def __init__(self, cfg: Config, state: TrainState, *, device: torch.device, rank: int, world: int,
                  speaks_for_node: bool, flops_per_sample: float | None, job_start_time: float, engine=None,
-                 workers_on_node: int = 1):
+                 workers_on_node: int = 1, counts_its_share: bool = True):
         """`speaks_for_node`: this rank samples its node's CPU and memory (the node's first local rank).
+        `counts_its_share`: this rank's samples and loss count in the run's totals (`MeshLayout.counts_its_share`:
+        one rank of each tensor and pipeline group, whose peers trained on the same samples).
         `flops_per_sample`: training FLOPs per sample (`perf/flops_per_s`, and `perf/mfu` on a GPU in the
         peak table, at the peak of the precision in use). `engine`: whose state bytes and precision."""
         self.cfg, self.device, self.rank, self.world, self.engine = cfg, device, rank, world, engine
         self.sample_node = speaks_for_node and cfg.tracking.enabled
+        self.share = 1.0 if counts_its_share else 0.0  # the weight of this rank's samples and loss in the sums
         self.flops_per_sample = flops_per_sample
         self.job_start_time = job_start_time
         self.capacity = memory_capacity_bytes(device, workers_on_node, cfg.train.memory_budget_gb)
@@ -103,7 +106,7 @@ class LogWindow:
 
     def carry(self) -> list[float]:
         """Collective: the window so far, summed over the ranks, for the checkpoint to carry."""
-        return allreduce_sum([self.loss_sum, float(self.samples)], self.device)
+        return allreduce_sum([self.loss_sum * self.share, self.samples * self.share], self.device)
 
     def wall_step_s(self, step: int) -> float:
         """This attempt's wall time per step, everything included."""
@@ -115,8 +118,8 @@ class LogWindow:
         node_vec = node_sample_vector(sample, self.rank, self.world) if self.cfg.tracking.enabled else []
         now = time.perf_counter()
         rank_vec = self.clock.rank_vector(now - self.wall_t0, self.rank, self.world)
-        totals = allreduce_sum([self.loss_sum, float(self.samples), float(self.untimed), *rank_vec, *node_vec],
-                               self.device)
+        counted = [self.loss_sum * self.share, self.samples * self.share, self.untimed * self.share]
+        totals = allreduce_sum([*counted, *rank_vec, *node_vec], self.device)
         loss_sum, n, untimed = totals[:3]
         ranks_end = 3 + len(RANK_FIELDS) * self.world
         sps = (n - untimed) / (now - self.t0)  # training throughput: checkpoint stalls and compiling excluded

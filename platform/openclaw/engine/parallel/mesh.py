@@ -53,6 +53,13 @@ class MeshLayout:
         c = self.coords(rank)
         return c["dp_replicate"] * self.shard + c["dp_shard"]
 
+    def counts_its_share(self, rank: int) -> bool:
+        """Whether `rank` counts its data-parallel share's samples and loss in a run's totals: the first of
+        the ranks that train on that share (its tensor and pipeline peers report the same samples and
+        loss, so a sum over every rank counts each sample once per peer)."""
+        c = self.coords(rank)
+        return c["pp"] == 0 and c["tp"] == 0
+
     def group(self, dims: tuple[str, ...] | str, rank: int) -> list[int]:
         """The ranks that differ from `rank` only along `dims` (the members of its group there)."""
         dims = (dims,) if isinstance(dims, str) else dims
