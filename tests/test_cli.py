@@ -45,8 +45,14 @@ CASES = {
                                 "least 10"),
     "mlp narrower than the data": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.in_features=10"],
                                    "the built-in 'mlp' cannot run on the data's rows (`data.features` 'x': [64] per "
-                                   "row): RuntimeError: a and b must have same reduction dim, but got [2, 64] X "
+                                   "row, torch.float32): RuntimeError: a and b must have same reduction dim, but got "
+                                   "[2, 64] X "
                                    "[10, 128]. Make `model.kwargs` fit the data (`model.kwargs.in_features`: 64)."),
+    "user's model narrower than the data": (
+        lambda d, t: [DIGITS, *_data(d), "--set", f"model.name={_user_model(t, 'nn.Linear(32, 10)')}"],
+        "the `model.name` 'narrow:build' cannot run on the data's rows (`data.features` 'x': [64] per row, "
+        "torch.float32): RuntimeError: a and b must have same reduction dim, but got [2, 64] X [32, 10]. Make the "
+        "model or `model.kwargs` fit the data."),
     "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
                                  "`model.kwargs.hidden` must be an integer (got 'abc')"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
@@ -58,6 +64,12 @@ def _closed_port() -> int:
     with socket.socket() as s:  # bound, then closed: nothing listens there now
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _user_model(tmp, body: str) -> str:
+    """A user's model module in the CLI's working folder (on its import path): `narrow:build`."""
+    (tmp / "narrow.py").write_text(f"from torch import nn\n\n\ndef build(**_):\n    return {body}\n")
+    return "narrow:build"
 
 
 def _write(tmp, text):

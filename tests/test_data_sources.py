@@ -4,6 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from torch import nn
 
 from openclaw.data.sources import resolve
 from openclaw.data.stream import ShardedData, shard_specs
@@ -203,3 +205,52 @@ def test_the_preflight_builds_the_model_once(text_dir, tmp_path):
     before = NarrowEmbedding.BUILDS
     assert set(preflight(config)) == {"train"}
     assert NarrowEmbedding.BUILDS - before == 1
+
+
+def _meta_error(run) -> BaseException:
+    """The error torch raises for `run(x)` on two meta rows of 64 floats."""
+    try:
+        run(torch.empty(2, 64, device="meta"))
+    except BaseException as e:  # noqa: BLE001 - the error itself is what the test reads
+        return e
+    raise AssertionError("no error")
+
+
+MISFITS = {  # a model that does not fit rows of 64 floats: real rows of that shape fail alike
+    "linear": lambda x: nn.Linear(32, 10, device="meta")(x),
+    "layer norm": lambda x: nn.LayerNorm(32, device="meta")(x),
+    "conv rank": lambda x: nn.Conv2d(3, 8, 3, device="meta")(x),
+    "conv channels": lambda x: nn.Conv2d(3, 8, 3, device="meta")(x.view(2, 1, 8, 8)),
+    "view": lambda x: x.view(2, 3, 7),
+    "broadcast": lambda x: x + torch.empty(2, 32, device="meta"),
+    "dim": lambda x: x.sum(dim=3),
+    "embedding of floats": lambda x: nn.Embedding(10, 4, device="meta")(x),
+    "cat": lambda x: torch.cat([x, torch.empty(3, 32, device="meta")], dim=1),
+}
+META_ONLY = {  # what only the meta device (or a driver without a GPU or a group) cannot do: the workers can
+    "item": lambda x: x.max().item(),
+    "branch on a value": lambda x: bool(x.sum() > 0),
+    "tolist": lambda x: x.tolist(),
+    "numpy": lambda x: x.numpy(),
+    "boolean mask": lambda x: x[x > 0],
+    "no meta kernel": lambda x: torch.unique(x),
+    "process group": lambda x: torch.distributed.get_rank(),
+    "bare assert": lambda x: (_ for _ in ()).throw(AssertionError()),
+}
+
+
+@pytest.mark.parametrize("case", [*MISFITS, *META_ONLY])
+def test_a_meta_forward_error_is_judged_a_misfit_only_where_real_rows_would_fail_alike(case):
+    from openclaw.launch.preflight import misfits_the_rows
+    assert misfits_the_rows(_meta_error({**MISFITS, **META_ONLY}[case])) == (case in MISFITS)
+
+
+def test_a_users_model_that_reads_a_value_passes_the_preflight(digits_dir, tmp_path):
+    """Its meta forward fails (no values there), which says nothing of real rows: the workers run it."""
+    from openclaw.config import load_config
+    from openclaw.launch.preflight import output_width, preflight
+    config = load_config(None, {"data": {"train": str(digits_dir / "train"), "features": "x", "label": "y"},
+                                "checkpoint": {"storage": str(tmp_path / "runs")},
+                                "model": {"name": "user_models:reads_a_value", "kwargs": {}}})
+    assert set(preflight(config)) == {"train"}
+    assert output_width(config, resolve(str(digits_dir / "train"), "data.train")) is None

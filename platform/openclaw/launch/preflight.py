@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import tempfile
 from typing import Any, Callable
@@ -158,12 +159,14 @@ def output_width(config: Config, source: Source, model: torch.nn.Module | None =
     except ConfigError:
         raise
     except Exception as e:  # a user's model may read values, which the meta device does not hold
-        if config.model.name not in BUILTIN:
-            return None
+        builtin = config.model.name in BUILTIN
+        if not (builtin or misfits_the_rows(e)):
+            return None  # the workers' first step runs it on real rows
         hint = f" (`model.kwargs.in_features`: {math.prod(inputs.shape[1:])})" if config.model.name == "mlp" else ""
-        raise ConfigError(f"the built-in {config.model.name!r} cannot run on the data's rows (`data.features` "
-                          f"{config.data.features!r}: {list(inputs.shape[1:])} per row): {type(e).__name__}: "
-                          f"{str(e).rstrip('.')}. Make `model.kwargs` fit the data{hint}.") from None
+        raise ConfigError(f"the {'built-in' if builtin else '`model.name`'} {config.model.name!r} cannot run on the "
+                          f"data's rows (`data.features` {config.data.features!r}: {list(inputs.shape[1:])} per row, "
+                          f"{inputs.dtype}): {type(e).__name__}: {str(e).splitlines()[0].rstrip('.')}. Make "
+                          f"{'`model.kwargs`' if builtin else 'the model or `model.kwargs`'} fit the data{hint}.") from None
     kwarg = "vocab_size" if config.task == "language_modeling" else "num_classes"
     key = f"`model.kwargs.{kwarg}`" if kwarg in config.model.kwargs or config.model.name in BUILTIN else \
         f"{config.model.name}'s {'vocabulary' if kwarg == 'vocab_size' else 'classes'}"
@@ -171,6 +174,21 @@ def output_width(config: Config, source: Source, model: torch.nn.Module | None =
     if config.task == "language_modeling" and embedding is not None and embedding.num_embeddings < width:
         return embedding.num_embeddings, "first embedding's row count", key
     return width, "output width", key
+
+
+_MISFIT = re.compile(r"shape|size|dimension|broadcast|channel|reduction dim|scalar type", re.IGNORECASE)
+_META_ONLY = re.compile(r"meta|fake|data.dependent|device|cuda|process group", re.IGNORECASE)
+
+
+def misfits_the_rows(error: BaseException) -> bool:
+    """Whether a forward's error on the meta device says the model does not fit the data's rows (pure): a
+    shape, width, rank or dtype that torch's checks refuse, which real rows of that shape would fail
+    alike. Not so for what only the meta device cannot do (read a value, an op with no meta kernel) or
+    what the driver lacks (a GPU, a process group): those the workers' first step runs on real rows."""
+    message = str(error)
+    return (isinstance(error, (RuntimeError, IndexError, ValueError, AssertionError))
+            and not isinstance(error, NotImplementedError)
+            and bool(_MISFIT.search(message)) and not _META_ONLY.search(message))
 
 
 def meta_column(arrow_type) -> torch.Tensor:
