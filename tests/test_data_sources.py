@@ -138,10 +138,10 @@ def test_a_shard_that_breaks_at_read_time_is_named(tmp_path):
         _stream(src).batch(np.arange(4))
 
 
-def test_integer_columns_value_ranges_come_from_the_footers(tmp_path):
-    """Each shard's integer columns' least and greatest values, a fixed-size list's over its elements, from
-    the footers' statistics across row groups; floats, and a shard written without statistics, give none
-    (nothing is known, so nothing is checked)."""
+def test_number_columns_value_ranges_come_from_the_footers(tmp_path):
+    """Each shard's integer and float columns' least and greatest values, a fixed-size list's over its
+    elements, from the footers' statistics across row groups; a shard written without statistics gives
+    none (nothing is known, so nothing is checked)."""
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(40, dtype=np.uint8) + 3), 4)
     pq.write_table(pa.table({"x": tokens, "y": np.arange(10) - 2, "f": np.linspace(0, 1, 10)}),
                    tmp_path / "part-0.parquet", row_group_size=3)
@@ -149,7 +149,7 @@ def test_integer_columns_value_ranges_come_from_the_footers(tmp_path):
                              "y": np.array([7, 50]), "f": np.zeros(2)}), tmp_path / "part-1.parquet")
     src = resolve(str(tmp_path), "data.train")
     assert src.value_range("x") == (3, 200) and src.value_range("y") == (-2, 50)
-    assert src.value_range("f") is None and src.value_range("missing") is None
+    assert src.value_range("f") == (0.0, 1.0) and src.value_range("missing") is None
     from openclaw.config import load_config
     from openclaw.launch.preflight import check_value_ranges
     classes = load_config(None, {"data": {"train": str(tmp_path), "features": "x", "label": "y"},
@@ -160,6 +160,29 @@ def test_integer_columns_value_ranges_come_from_the_footers(tmp_path):
     pq.write_table(pa.table({"x": tokens, "y": np.arange(10), "f": np.zeros(10)}), tmp_path / "part-2.parquet",
                    write_statistics=False)
     assert resolve(str(tmp_path), "data.train").value_range("y") is None
+
+
+@pytest.mark.parametrize("labels,error", [
+    ([0.0, 3.0, 9.0, np.nan], None),
+    ([0.0, 3.0, 12.0], r"holds labels from 0 to 12, but the model's output width is 10: labels must lie in 0..9"),
+    ([0.25, 3.0, 9.5], r"column 'y' \(`data.label`\) holds labels from 0.25 to 9.5: labels must be whole numbers, "
+                       r"and a fraction would be cut off without a word")])
+def test_a_float_label_column_is_checked_as_class_ids(tmp_path, labels, error):
+    """A float label column (pandas writes one where an integer column has a missing value) holds class ids
+    only if they are whole: the loss casts each to an integer. Its footers' range says whether both ends
+    are whole, and in range (NaNs are in no footer's range: the workers' loss refuses them)."""
+    from openclaw.config import load_config
+    from openclaw.launch.preflight import check_value_ranges
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(4 * len(labels), dtype=np.float32)), 4)
+    pq.write_table(pa.table({"x": rows, "y": np.array(labels)}), tmp_path / "part-0.parquet")
+    config = load_config(None, {"data": {"train": str(tmp_path), "features": "x", "label": "y"},
+                                "model": {"name": "mlp", "kwargs": {"in_features": 4, "num_classes": 10}}})
+    source = resolve(str(tmp_path), "data.train")
+    if error is None:
+        check_value_ranges(config, {"train": source})
+        return
+    with pytest.raises(DataError, match=error):
+        check_value_ranges(config, {"train": source})
 
 
 def test_the_models_output_width_is_found_on_the_meta_device(digits_dir, text_dir):

@@ -34,9 +34,9 @@ class Shard:
     etag: str = ""
     """The object's ETag on an object store (empty for local files). S3 keeps modification times to the
     second: a rewrite of the same size within the same second is told apart by its ETag alone."""
-    ranges: tuple[tuple[str, int, int], ...] = ()
-    """Each integer column's (name, least value, greatest value), a list column's over its elements, from
-    the footer's statistics: a column some row group has none for is left out."""
+    ranges: tuple[tuple[str, float, float], ...] = ()
+    """Each integer or float column's (name, least value, greatest value), a list column's over its
+    elements, from the footer's statistics: a column some row group has none for is left out."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,10 @@ class Source:
         """Where the data lives, for lineage: the spec as the user wrote it, made absolute when local."""
         return self.spec if "://" in self.spec else os.path.abspath(os.path.expanduser(self.spec))
 
-    def value_range(self, column: str) -> tuple[int, int] | None:
-        """The least and greatest value of an integer column over every shard with rows, from their
-        footers' statistics (no data read); None where a shard has none for it."""
+    def value_range(self, column: str) -> tuple[float, float] | None:
+        """The least and greatest value of an integer or float column over every shard with rows, from
+        their footers' statistics (no data read; a float column's NaNs are in none); None where a shard has
+        none for it."""
         spans = [next(((lo, hi) for name, lo, hi in s.ranges if name == column), None) for s in self.shards if s.rows]
         if not spans or None in spans:
             return None
@@ -117,18 +118,22 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     return source
 
 
-def footer_ranges(meta: pq.FileMetaData) -> tuple[tuple[str, int, int], ...]:
-    """`Shard.ranges` from a Parquet footer: each top-level column with one integer leaf whose every row
-    group's statistics hold a min and max."""
-    spans: dict[str, tuple[int, int] | None] = {}
+NUMERIC = ("INT32", "INT64", "FLOAT", "DOUBLE")
+"""The Parquet physical types whose footer statistics give a column's range."""
+
+
+def footer_ranges(meta: pq.FileMetaData) -> tuple[tuple[str, float, float], ...]:
+    """`Shard.ranges` from a Parquet footer: each top-level column with one integer or float leaf whose
+    every row group's statistics hold a min and max."""
+    spans: dict[str, tuple[float, float] | None] = {}
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
         for c in range(group.num_columns):
             col = group.column(c)
             name, st = col.path_in_schema.split(".")[0], col.statistics
-            if st is None or not st.has_min_max or col.physical_type not in ("INT32", "INT64") or \
+            if st is None or not st.has_min_max or col.physical_type not in NUMERIC or \
                     (g == 0 and name in spans) or spans.get(name, (0, 0)) is None:
-                spans[name] = None  # no statistics, not an integer, or a second leaf (a struct)
+                spans[name] = None  # no statistics, not a number, or a second leaf (a struct)
                 continue
             lo, hi = spans.get(name) or (st.min, st.max)
             spans[name] = (min(lo, st.min), max(hi, st.max))

@@ -121,7 +121,8 @@ def check_value_ranges(config: Config, sources: dict[str, Source], model: torch.
     past its output's width (or its embedding's rows) fails the first step in every worker, one retry
     after another. The values' range comes from the shards' footers (`Source.value_range`), the width
     from a forward of the model on the meta device (`model`, or built here); either unknown, nothing is
-    checked."""
+    checked. A float column's range with a fraction at either end is refused whatever the width: the
+    loss would cut each value to a whole number."""
     if config.task not in ("language_modeling", "classification"):
         return
     column, key = (config.data.features, "data.features") if config.task == "language_modeling" else \
@@ -130,8 +131,13 @@ def check_value_ranges(config: Config, sources: dict[str, Source], model: torch.
     what = "token ids" if config.task == "language_modeling" else "labels"
     ignored = -100 if config.task == "classification" else 0  # the cross-entropy's `ignore_index`
     for name, source in sources.items():
-        span = source.value_range(column) if width else None
-        if span is None or (span[0] >= 0 or span[0] == ignored) and span[1] < width[0]:
+        span = source.value_range(column)
+        if span is not None and not all(float(v).is_integer() for v in span):
+            raise DataError(f"`data.{name}`: column {column!r} (`{key}`) holds {what} from {span[0]:g} to {span[1]:g}: "
+                            f"{what} must be whole numbers, and a fraction would be cut off without a word. Make the "
+                            f"column whole numbers (integers), or name a task of your own in `task` for other targets.")
+        span = span and (int(span[0]), int(span[1]))
+        if span is None or width is None or (span[0] >= 0 or span[0] == ignored) and span[1] < width[0]:
             continue
         fix = f"Set {width[2]} to at least {span[1] + 1}" if span[1] >= width[0] else \
             f"A negative {what[:-1]} scores nothing" + (" (but -100, which the loss ignores)" if ignored else "")
