@@ -64,6 +64,7 @@ class LogWindow:
         """A new window from `state` (the attempt's start, or a rollback): rank 0 carries the cut window."""
         carried = state.loss_window if self.rank == 0 else [0.0, 0.0]
         self.loss_sum, self.samples = carried[0], int(carried[1])
+        self.filled = state.loss_window[1] > 0  # alike on every rank (the state is), unlike `samples`
         self.noise.reset()
         self.untimed = 0  # samples of steps that compiled: their time is not in the window's
         self.t0 = self.wall_t0 = time.perf_counter()  # wall_t0: the per-rank split's (checkpoint stalls in)
@@ -86,6 +87,7 @@ class LogWindow:
         if stats.finite:
             self.loss_sum += stats.loss_sum
             self.samples += stats.samples
+            self.filled = True
 
     def evaluated(self, seconds: float) -> float:
         """An evaluation took `seconds`: out of the throughput, the time split and the training time per
@@ -102,7 +104,9 @@ class LogWindow:
         self.clock.checkpoint_s += seconds
 
     def due(self, step: int) -> bool:
-        return should_log(step, self.cfg) and self.samples > 0
+        """Whether the window logs at `step`: the same answer on every rank, since `log` is collective. Only
+        rank 0 holds a window a checkpoint carried, so its own samples cannot say."""
+        return should_log(step, self.cfg) and self.filled
 
     def carry(self) -> list[float]:
         """Collective: the window so far, summed over the ranks, for the checkpoint to carry."""
@@ -150,7 +154,7 @@ class LogWindow:
         tracker.progress({"step": state.step, "max_steps": max_steps, "loss": loss_sum / n, "samples_per_s": sps,
                           **eta})
         self._advise(state.step, perf["perf/data_wait_frac"], read_share, tracker)
-        self.loss_sum, self.samples, self.untimed = 0.0, 0, 0
+        self.loss_sum, self.samples, self.untimed, self.filled = 0.0, 0, 0, False
         self.t0 = self.wall_t0 = time.perf_counter()
         self.clock.reset()
 
