@@ -278,6 +278,10 @@ def test_memory_high_checkpoints_activations_then_shards_then_shrinks():
     assert dr.rule_memory_high(facts(users, model_blocks=0, **full)).value == "fsdp"
     fsdp = dr.rule_memory_high(facts(cfg(**{"parallelism.strategy": "fsdp"}), **full))
     assert fsdp.key == "train.micro_batch_size" and fsdp.value == 8
+    # 2 pipeline stages over the 2 workers: one data-parallel rank, which FSDP would shard over alone
+    staged = cfg(**{"model.name": "gpt", "parallelism.activation_checkpointing": "full", **PIPELINE})
+    assert dr.rule_memory_high(facts(staged, world_size=2, **full)).key == "train.micro_batch_size"
+    assert dr.rule_memory_high(facts(staged, world_size=4, **full)).value == "fsdp"  # 2 copies of the stages
     assert dr.rule_memory_high(facts(peak_memory_bytes=60 * GiB, memory_capacity_bytes=80 * GiB)) is None
     assert dr.rule_memory_high(facts()) is None
 

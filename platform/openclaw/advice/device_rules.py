@@ -153,7 +153,8 @@ def rule_memory_headroom(f: Facts) -> Recommendation | None:
 
 def rule_memory_high(f: Facts) -> Recommendation | None:
     """Peak memory over 90% of the capacity: activation checkpointing (a model with blocks: the built-in
-    gpt, or a user's that keeps them in `blocks`), then FSDP (several workers), then a smaller micro-batch."""
+    gpt, or a user's that keeps them in `blocks`), then FSDP (several data-parallel ranks to shard over),
+    then a smaller micro-batch."""
     peak, cap, cfg = f.peak_memory_bytes, f.memory_capacity_bytes, f.config
     if not peak or not cap or peak / cap <= MEMORY_HIGH_FRAC:
         return None
@@ -164,7 +165,7 @@ def rule_memory_high(f: Facts) -> Recommendation | None:
         return Recommendation("memory_high", finding, "parallelism.activation_checkpointing", to,
                               "blocks recompute their activations in the backward: less memory, about "
                               f"{'a sixth' if to == 'selective' else 'a third'} more compute", stake)
-    if p.strategy == "ddp" and (f.world_size or cfg.scaling.max_workers) > 1:
+    if p.strategy == "ddp" and (f.world_size or cfg.scaling.max_workers) // p.model_parallel > 1:
         return Recommendation("memory_high", finding, "parallelism.strategy", "fsdp",
                               "parameters, gradients and optimizer state sharded over the workers", stake)
     smaller = batching.smaller_micro(cfg)
