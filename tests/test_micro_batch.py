@@ -196,6 +196,21 @@ def test_the_largest_size_that_fits_and_divides_is_chosen():
         choose_micro_batch(fixed, fixed, per, 1024, [16])
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b"])
+def test_a_pipelines_estimate_at_the_agreed_size_counts_what_its_schedule_holds(schedule):
+    """Under a pipeline a rank holds activations of the micro-batches its schedule keeps in flight, not of
+    `size` samples: the estimate reported at the size the ranks agree on is counted the same way as the
+    choice's (it once read `fixed + size x per sample`: 10 GB for a choice estimated at 6 GB or 4 GB)."""
+    from openclaw.engine.parallel.config import ParallelismConfig
+    fixed, per = 2000 * MB, 250 * MB
+    config = ParallelismConfig(strategy="ddp", pipeline=2 if schedule == "gpipe" else 4, pipeline_schedule=schedule)
+    held = config.activation_samples(32)
+    choice = choose_micro_batch(8000 * MB, fixed, per, 32, [1], count_suits=config.count_suits, activation_samples=held)
+    assert choice.size == 32 and choice.estimate_at(32) == choice.estimate_bytes < fixed + 32 * per
+    for size in (16, 8):  # the ranks may agree on a smaller size than this one chose
+        assert choice.estimate_at(size) == fixed + math.ceil(held(size) * per)
+
+
 def _fits_up_to(limit: int, calls: list[int]):
     """A real step function: allocates `m` rows, and raises CUDA's out-of-memory error above `limit`."""
     def step(m: int) -> float:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -115,6 +115,13 @@ class MicroBatchChoice:
     budget_bytes: int
     fixed_bytes: int
     activation_bytes_per_sample: float
+    needs: dict[int, int] = field(default_factory=dict, compare=False)
+    """Each allowed size's estimate (bytes): where the ranks agree on a smaller size than this one's."""
+
+    def estimate_at(self, size: int) -> int:
+        """The estimate at an allowed `size`: the activations a rank holds there (under a pipeline, what its
+        schedule keeps in flight), not `size` times a sample's."""
+        return self.needs[size]
 
 
 def choose_micro_batch(budget_bytes: int, fixed_bytes: int, activation_bytes_per_sample: float, global_batch: int,
@@ -140,7 +147,7 @@ def choose_micro_batch(budget_bytes: int, fixed_bytes: int, activation_bytes_per
             f"(`parallelism.strategy: fsdp`, `parallelism.tensor`), recompute activations "
             f"(`parallelism.activation_checkpointing: full`), use a smaller model, or raise the budget.")
     return MicroBatchChoice(fits[-1], need(fits[-1]), sizes[-1], int(budget_bytes), int(fixed_bytes),
-                            float(activation_bytes_per_sample))
+                            float(activation_bytes_per_sample), {m: need(m) for m in sizes})
 
 
 def confirm_micro_batch(size: int, sizes: list[int], try_size: Callable[[int], Any]) -> tuple[int, list[int]]:

@@ -70,8 +70,7 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
         choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, counts, local_world)
     gathered = allgather_ints([mine, int(choice is not None)], device, world)
     size = min(g[0] for g in gathered)
-    estimate = (choice.fixed_bytes + size * choice.activation_bytes_per_sample) / GB if choice \
-        else float(stored.get("micro_batch_estimate_gb", 0.0))
+    estimate = choice.estimate_at(size) / GB if choice else float(stored.get("micro_batch_estimate_gb", 0.0))
     auto = AutoMicroBatch(size, "probe" if choice else "train_state", key, [g[0] for g in gathered],
                           sum(g[1] for g in gathered), estimate, choice, backed_off, measured)
     return with_micro_batch(cfg, size), auto
