@@ -43,7 +43,7 @@ from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
-from openclaw.engine.parallel.pp_stage import StageView, cross_stage_ties, from_slices, held_plan
+from openclaw.engine.parallel.pp_stage import StageView, agree_on_overflow, cross_stage_ties, from_slices, held_plan
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import (
     apply_tensor_parallel,
@@ -185,6 +185,7 @@ class PipelineStrategy(ShardedState):
         scale = fns.loss_scale * (fns.scaler.get_scale() if fns.scaler.is_enabled() else 1.0)
         total = (torch.stack(losses).sum() / scale).detach() if losses else torch.zeros((), device=inputs.device)
         self._sum_tied_grads()
+        agree_on_overflow(model.parameters(), fns.scaler, self.group)
         loss = self._from_last_stage(total)
         self.comm.done()  # the step's closing collectives were waited on too
         return [loss], len(inputs)

@@ -102,3 +102,22 @@ def held_plan(plan: dict, part: nn.Module) -> dict:
         except AttributeError:
             return False
     return {path: style for path, style in plan.items() if held(path)}
+
+
+def agree_on_overflow(params: Iterator[nn.Parameter], scaler: torch.amp.GradScaler, group) -> None:
+    """fp16: every stage's loss scaler sees an overflow that any stage's gradients hold. Each scaler checks
+    only its own stage's gradients (FSDP's and tensor parallelism's DTensors agree over their own mesh,
+    not over stages): one stage would skip its update and lower its scale while the others stepped and
+    kept theirs, and from then on the lower-scaled stage's gradients unscale too large. A stage that
+    saw none while another did marks one of its gradients non-finite, so every scaler skips and lowers
+    alike. Only the last stage scales a loss: the others' scalers make their scale here (a GradScaler
+    makes it at its first `scale`). Collective over the pipeline group; no device-to-host read."""
+    if not scaler.is_enabled():
+        return
+    grads = [g.to_local() if isinstance(g, DTensor) else g for p in params if (g := p.grad) is not None]
+    grads = [g for g in grads if g.numel()]
+    scaler.scale(torch.ones((), device=grads[0].device))  # this stage's scale, for `unscale_`
+    seen = (~torch.isfinite(nn.utils.get_total_norm(grads))).float()
+    torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX, group=group)
+    first = grads[0].view(-1)[:1]
+    first.copy_(torch.where(seen > 0, torch.full_like(first, float("inf")), first))
