@@ -237,6 +237,18 @@ def test_memory_headroom_on_a_gpu_suggests_a_larger_micro_batch():
     assert dr.rule_memory_headroom(facts(peak_memory_bytes=1 * GiB, memory_capacity_bytes=16 * GiB)) is None  # CPU
 
 
+def test_memory_headroom_counts_the_activations_of_the_rank_with_the_most_not_of_two_ranks():
+    """Pipeline stages differ: the first holds the most state (20 GiB, its peak 22 GiB), the last the
+    highest peak (30 GiB over 6 GiB of state: 24 GiB of activations). The largest peak less the largest
+    state read 10 GiB of activations, room for 4.4x the micro-batch; the largest rank's own, 24 GiB, leave
+    room for 1.8x, which no allowed size fits."""
+    stages = dict(peak_memory_bytes=30 * GiB, memory_capacity_bytes=80 * GiB, state_bytes=20 * GiB, **A100)
+    assert dr.rule_memory_headroom(facts(**stages)) is not None  # a run that logged no activation bytes
+    assert dr.rule_memory_headroom(facts(**stages, activation_bytes=24 * GiB)) is None
+    history = {"perf/activation_bytes_per_rank": [(25, float(20 * GiB)), (50, float(24 * GiB))]}
+    assert facts_from_history(cfg(), history, RunNotes()).activation_bytes == 24 * GiB
+
+
 def test_less_recompute_steps_down_where_the_estimated_peak_fits_and_speaks_before_memory_headroom():
     gpt = lambda ac, **more: cfg(**{"model.name": "gpt", "parallelism.activation_checkpointing": ac, **more})  # noqa: E731
     # full -> selective: the 8 GiB above the 4 GiB held grow 5.3x (the gpt's saved bytes): about 58% of 80 GiB

@@ -110,8 +110,7 @@ def _less_recompute(f: Facts) -> tuple[str, float, float] | None:
     if ac not in RECOMPUTE_STEP_DOWN or not _headroom(f):
         return None
     to, growth, saves = RECOMPUTE_STEP_DOWN[ac]
-    held = f.state_bytes or 0.0
-    peak = (held + (f.peak_memory_bytes - held) * growth) / f.memory_capacity_bytes
+    peak = ((f.state_bytes or 0.0) + f.above_state() * growth) / f.memory_capacity_bytes
     return (to, peak, saves) if peak <= MEMORY_HIGH_FRAC else None
 
 
@@ -142,7 +141,7 @@ def rule_memory_headroom(f: Facts) -> Recommendation | None:
     if micro is None or not _headroom(f) or _less_recompute(f) is not None:
         return None
     held = f.state_bytes or 0.0
-    bigger = batching.larger_micro(cfg, micro * (0.8 * cap - held) / max(1.0, peak - held))
+    bigger = batching.larger_micro(cfg, micro * (0.8 * cap - held) / f.above_state())
     if bigger is None:
         return None
     value = "auto" if batching.takes_auto_micro(cfg) else bigger

@@ -83,6 +83,9 @@ class Facts:
     + `perf/optimizer_bytes_per_rank`)."""
     state_bytes: float | None = None
     """`perf/state_bytes_per_rank`: parameters, gradients and optimizer state (the largest rank's)."""
+    activation_bytes: float | None = None
+    """`perf/activation_bytes_per_rank`: the peak memory above the state, the largest rank's (pipeline
+    stages differ in both: the largest state and the largest peak may be two ranks')."""
     grad_bytes: float | None = None
     """`perf/grad_bytes_per_rank`: the gradients one rank holds (and, under DDP, all-reduces) per step."""
     prepare_s: float | None = None
@@ -101,3 +104,10 @@ class Facts:
     rank_busy: tuple[float, ...] | None = None
     """Each rank's busy share of its wall time (`perf/rank<i>/{data,compute}_frac`: compute net of its
     measured wait), rank 0 first; None where a rank's wait was not measured (no `comm_frac`)."""
+
+    def above_state(self) -> float:
+        """Bytes a rank's peak holds above its state (activations, and transient buffers): the largest
+        rank's where logged, else the largest peak less the largest state."""
+        if self.activation_bytes is not None:
+            return max(1.0, self.activation_bytes)
+        return max(1.0, (self.peak_memory_bytes or 0.0) - (self.state_bytes or 0.0))

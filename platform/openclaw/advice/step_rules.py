@@ -244,8 +244,7 @@ def rule_small_micro_batch(f: Facts) -> Recommendation | None:
     cap = float(batching.per_worker_batch(cfg))
     if f.device_type == "cuda" and f.peak_memory_bytes and f.memory_capacity_bytes:  # a CPU's peak is the process's
         held = f.state_bytes or 0.0
-        activations = max(1.0, f.peak_memory_bytes - held)
-        cap = min(cap, micro * (0.8 * f.memory_capacity_bytes - held) / activations)
+        cap = min(cap, micro * (0.8 * f.memory_capacity_bytes - held) / f.above_state())
     bigger = batching.larger_micro(cfg, cap)
     if bigger is None:
         return None

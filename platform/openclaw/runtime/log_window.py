@@ -164,13 +164,15 @@ class LogWindow:
         return device_peak_flops(self.device, p.name, p.tf32) if p else None
 
     def _memory(self) -> dict[str, float]:
-        """Collective: the largest rank's bytes of parameters, gradients and optimizer state, and its peak
-        memory (CUDA's allocator peak on GPUs, the resident set on CPUs)."""
+        """Collective: the largest rank's bytes of parameters, gradients and optimizer state, its peak
+        memory (CUDA's allocator peak on GPUs, the resident set on CPUs), and its peak above its state (the
+        largest of each: pipeline stages differ, so the peak less the state may be two ranks')."""
         held = (self.engine.state_bytes if self.engine is not None else None) or {}
-        values = [held.get("params", 0), held.get("grads", 0), held.get("optimizer", 0), sum(held.values()),
-                  peak_memory_bytes(self.device)]
+        peak = peak_memory_bytes(self.device)
+        values = [held.get("params", 0), held.get("grads", 0), held.get("optimizer", 0), sum(held.values()), peak,
+                  max(0, peak - sum(held.values()))]
         names = ("param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "state_bytes_per_rank",
-                 "peak_memory_bytes")
+                 "peak_memory_bytes", "activation_bytes_per_rank")
         out = {f"perf/{n}": v for n, v in zip(names, allreduce_max(values, self.device))}
         out["perf/memory_capacity_bytes"] = self.capacity  # the same on every rank of one kind of machine
         return out
