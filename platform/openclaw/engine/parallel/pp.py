@@ -43,7 +43,8 @@ from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
-from openclaw.engine.parallel.pp_stage import StageView, agree_on_overflow, cross_stage_ties, from_slices, held_plan
+from openclaw.engine.parallel.pp_stage import (StageView, agree_on_overflow, cross_stage_ties, from_slices, held_plan,
+                                               rechunk)
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import (
     apply_tensor_parallel,
@@ -244,7 +245,7 @@ class PipelineStrategy(ShardedState):
         schedule = self._schedule(n, fns) if self._mb_count else self._untrained_eval_schedule(fns)
         self._eval_totals, count, self._evaluating = {}, 0, True
         try:
-            for inputs, targets, real in self._rechunk(batches, fns, self._mb_rows or None, n):
+            for inputs, targets, real in rechunk(batches, fns, self._mb_rows or None, n):
                 with fns.autocast():
                     self._run(schedule, inputs, targets, [], train=False)
                 count += real
@@ -260,24 +261,6 @@ class PipelineStrategy(ShardedState):
         for k, v in sums.items():
             self._eval_totals[k] = self._eval_totals.get(k, 0.0) + v.float().item()
         return sums["loss"]
-
-    @staticmethod
-    def _rechunk(batches, fns: StepFns, rows: int | None, micro_batches: int):
-        """(inputs, targets, real rows) in chunks of exactly `micro_batches` x `rows` (`rows`: the first
-        batch's size if unset)."""
-        x = y = None
-        size = rows * micro_batches if rows else 0
-        for batch in batches:
-            bx, by = fns.task.split(fns.to_device(batch))
-            size = size or len(bx) * micro_batches
-            x, y = (bx, by) if x is None else (torch.cat([x, bx]), torch.cat([y, by]))
-            while len(x) >= size:
-                yield x[:size], y[:size], size
-                x, y = x[size:], y[size:]
-        if x is not None and len(x):
-            pad = size - len(x)
-            yield (torch.cat([x, x[:1].expand(pad, *x.shape[1:])]),
-                   torch.cat([y, torch.full((pad, *y.shape[1:]), -100, dtype=y.dtype, device=y.device)]), len(x))
 
     def _untrained_eval_schedule(self, fns: StepFns):
         """GPipe's, one micro-batch per pass: an evaluation before any training step (see `evaluate`)."""

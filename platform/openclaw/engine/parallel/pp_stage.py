@@ -121,3 +121,21 @@ def agree_on_overflow(params: Iterator[nn.Parameter], scaler: torch.amp.GradScal
     torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX, group=group)
     first = grads[0].view(-1)[:1]
     first.copy_(torch.where(seen > 0, torch.full_like(first, float("inf")), first))
+
+
+def rechunk(batches, fns, rows: int | None, micro_batches: int):
+    """(inputs, targets, real rows) in chunks of exactly `micro_batches` x `rows` (`rows`: the first
+    batch's size if unset): a pipeline's evaluation passes (`fns`: the engine's `StepFns`)."""
+    x = y = None
+    size = rows * micro_batches if rows else 0
+    for batch in batches:
+        bx, by = fns.task.split(fns.to_device(batch))
+        size = size or len(bx) * micro_batches
+        x, y = (bx, by) if x is None else (torch.cat([x, bx]), torch.cat([y, by]))
+        while len(x) >= size:
+            yield x[:size], y[:size], size
+            x, y = x[size:], y[size:]
+    if x is not None and len(x):
+        pad = size - len(x)
+        yield (torch.cat([x, x[:1].expand(pad, *x.shape[1:])]),
+               torch.cat([y, torch.full((pad, *y.shape[1:]), -100, dtype=y.dtype, device=y.device)]), len(x))
