@@ -53,6 +53,10 @@ CASES = {
         "the `model.name` 'narrow:build' cannot run on the data's rows (`data.features` 'x': [64] per row, "
         "torch.float32): RuntimeError: a and b must have same reduction dim, but got [2, 64] X [32, 10]. Make the "
         "model or `model.kwargs` fit the data."),
+    "fewer eval rows than data-parallel ranks": (
+        lambda d, t: [DIGITS, *_data(d), "--set", "train.eval_rows=1"],
+        "an evaluation scores 1 row(s) of `data.val`, fewer than the 2 data-parallel ranks it is shared out over: "
+        "raise `train.eval_rows`"),
     "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
                                  "`model.kwargs.hidden` must be an integer (got 'abc')"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],

@@ -325,3 +325,32 @@ def test_fp16_stages_share_one_loss_scale_through_an_overflow_on_one_stage(world
         assert [(o, s) for _, o, s in got] == [(o, s) for _, o, s in one]
         # fp16 matmuls split over tensor ranks round apart (4e-4 here); a stage unscaled by half read 2x
         assert rel([n for n, _, _ in one[1:]], [n for n, _, _ in got[1:]]) < 1e-2
+
+
+def _evaluate_rows(rank: int, world: int, parallelism: dict, rows: int) -> tuple[float, float]:
+    """(val loss, rows counted) of the first `rows` rows of a fixed set, shared out over the data-parallel
+    ranks as the loop shares them (`eval_positions`), micro-batches of 2, summed over every rank."""
+    from openclaw.engine.metrics import allreduce_sum
+    from openclaw.runtime.evaluate import eval_positions
+    from parallel_harness import global_batch
+    engine, layout = build(rank, world, parallelism)
+    data = torch.cat([global_batch(s)["x"] for s in range(2)])
+    mine = eval_positions(rows, layout.dp_rank(rank), layout.dp)
+    sums = engine.evaluate([{"x": data[mine[i:i + 2]]} for i in range(0, len(mine), 2)])
+    loss, count = allreduce_sum([sums["loss"], float(sums["count"])], engine.device)
+    peers = world // layout.dp  # tensor and pipeline peers report their share's sums alike
+    return loss / count, count / peers
+
+
+@pytest.mark.parametrize("world,parallelism", [(2, {"strategy": "fsdp"}), (4, {"strategy": "fsdp", "tensor": 2}),
+                                               (4, {"strategy": "fsdp", "pipeline": 2})],
+                         ids=["fsdp", "fsdp-x-tp", "pp-x-fsdp"])
+def test_data_parallel_shares_a_micro_batch_apart_evaluate_without_a_hang(world, parallelism):
+    """5 rows over 2 data-parallel ranks: shares of 3 and 2 rows, 2 micro-batches (or pipeline passes)
+    against 1. FSDP all-gathers the parameters in every forward, so the rank with one more forward once
+    waited for a partner that had gone on to the sums' all-reduce: a hang. Every rank now runs as many
+    forwards as the rank with the most, the extra ones counted nowhere: the loss is one rank's."""
+    (alone,) = spawn(1, _evaluate_rows, {}, 5)
+    results = spawn(world, _evaluate_rows, parallelism, 5)
+    assert alone[1] == 5 and all(count == 5 for _, count in results)
+    assert all(loss == pytest.approx(alone[0], rel=1e-5) for loss, _ in results)

@@ -20,6 +20,7 @@ from openclaw.data.prep import Prepared, check_transforms, prepare
 from openclaw.data.sources import Source, check_columns, resolve
 from openclaw.engine.models import BUILTIN, build_model, build_on_meta
 from openclaw.engine.parallel.layout_checks import check_layout
+from openclaw.runtime.evaluate import eval_rows
 from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
 
@@ -46,6 +47,7 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
                           "`checkpoint.storage`; turn it off or use a local folder.")
     check_rows(sources["train"], config)
+    check_eval_rows(sources.get("val"), config)
     if not d.transforms:  # else the prepared data is checked, once prepared
         check_value_ranges(config, sources, model)
     for check in checks:
@@ -88,6 +90,16 @@ def check_rows(train: Source, config: Config) -> None:
     if train.num_rows < config.train.global_batch_size:
         raise DataError(f"`data.train` has {train.num_rows} rows, fewer than one global batch "
                         f"(`train.global_batch_size` = {config.train.global_batch_size}). Lower the batch size.")
+
+
+def check_eval_rows(val: Source | None, config: Config) -> None:
+    """Every data-parallel rank scores at least one validation row: an evaluation shares the rows out, and
+    under FSDP each rank runs as many forwards as the one with the most, again over its own last rows."""
+    dp = max(config.worlds) // config.parallelism.model_parallel
+    if val is not None and 0 < val.num_rows and eval_rows(val.num_rows, config) < dp:
+        raise DataError(f"an evaluation scores {eval_rows(val.num_rows, config)} row(s) of `data.val`, fewer than the "
+                        f"{dp} data-parallel ranks it is shared out over: raise `train.eval_rows`, or use a larger "
+                        f"`data.val`.")
 
 
 def tracking_uri(config: Config) -> str:

@@ -3,12 +3,14 @@ a step (plain torch; worker process). See `openclaw.engine.parallel` for what a 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ContextManager, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -153,13 +155,35 @@ def place(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def evaluate_each(model: nn.Module, batches: Iterable[Batch], fns: StepFns) -> dict[str, float]:
-    """Evaluation where every rank runs the whole model (all but pipelines)."""
+def evaluate_each(model: nn.Module, batches: Iterable[Batch], fns: StepFns, alike: bool = False) -> dict[str, float]:
+    """Evaluation where every rank runs the whole model (all but pipelines). `alike`: its forward holds
+    collectives over data-parallel ranks (FSDP's all-gathers), whose shares may differ by a micro-batch:
+    every rank runs as many forwards as the one with the most (`as_many_as_any_rank`)."""
     totals: dict[str, float] = {}
-    for batch in batches:
-        for k, v in fns.eval_sums(model, batch).items():
+    device = next(model.parameters()).device
+    for batch, counted in as_many_as_any_rank(batches, device) if alike else ((b, True) for b in batches):
+        sums = fns.eval_sums(model, batch)
+        for k, v in sums.items() if counted else ():
             totals[k] = totals.get(k, 0.0) + v
     return totals
+
+
+def as_many_as_any_rank(items: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, bool]]:
+    """(item, counted) for each of this rank's items, then (its last item again, False) until every rank
+    has run out: each rank runs as many forwards as the rank with the most, so collectives inside them
+    pair up, and the extra ones count nowhere. Every rank holds at least one item. Collective: one
+    all-reduce of a flag per item, over every rank (a no-op on one)."""
+    last, many = None, dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    for item in itertools.chain(items, itertools.repeat(None)):
+        if many:
+            more = torch.tensor([int(item is not None)], device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                return
+        elif item is None:
+            return
+        last = item if item is not None else last
+        yield last, item is not None
 
 
 def no_context() -> ContextManager:

@@ -161,8 +161,8 @@ class FSDPStrategy(ShardedState):
         return clip_global(model.parameters(), max_norm)
 
     def evaluate(self, model: nn.Module, batches, fns: StepFns) -> dict[str, float]:
-        with loss_context(self.split_logits):
-            return evaluate_each(model, batches, fns)
+        with loss_context(self.split_logits):  # shares may differ by a micro-batch: every forward all-gathers
+            return evaluate_each(model, batches, fns, alike=True)
 
     def take_comm_s(self) -> float | None:
         # On CPUs the all-gathers and reduce-scatters block the step: timed. On GPUs, the reductions'

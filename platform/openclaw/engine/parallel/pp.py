@@ -37,7 +37,8 @@ from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleIn
 from torch.distributed.tensor import DTensor
 
 from openclaw.engine.models import GPT
-from openclaw.engine.parallel.base import Batch, CommClock, StepFns, apply_activation_checkpointing, on_meta, place
+from openclaw.engine.parallel.base import (Batch, CommClock, StepFns, apply_activation_checkpointing,
+                                           as_many_as_any_rank, on_meta, place)
 from openclaw.engine.parallel.clip import clip_global
 from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
@@ -240,12 +241,16 @@ class PipelineStrategy(ShardedState):
         on GPipe's forward, which takes any count (1F1B refuses fewer micro-batches than stages).
 
         The last stage sums the task's `output_sums` (the loss; a classifier's correct predictions too)
-        and sends them to the group, so every rank returns what evaluating the whole model returns."""
+        and sends them to the group, so every rank returns what evaluating the whole model returns. Data-
+        parallel shares may differ by a pass: every rank runs as many as the one with the most (its stages
+        may be FSDP's), the extra ones with every target ignored."""
         n = self._mb_count or 1
         schedule = self._schedule(n, fns) if self._mb_count else self._untrained_eval_schedule(fns)
         self._eval_totals, count, self._evaluating = {}, 0, True
         try:
-            for inputs, targets, real in rechunk(batches, fns, self._mb_rows or None, n):
+            passes = rechunk(batches, fns, self._mb_rows or None, n)
+            for (inputs, targets, real), counted in as_many_as_any_rank(passes, next(model.parameters()).device):
+                targets, real = (targets, real) if counted else (torch.full_like(targets, -100), 0)
                 with fns.autocast():
                     self._run(schedule, inputs, targets, [], train=False)
                 count += real
