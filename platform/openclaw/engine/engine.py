@@ -130,8 +130,9 @@ class Engine:
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
         loss_sum, norm, *small_sq = torch.stack([torch.stack(losses).float().sum(), grad_norm.float(), *small]).tolist()
-        overflow = self.scaler.is_enabled() and math.isfinite(loss_sum) and not math.isfinite(norm)
-        finite = math.isfinite(loss_sum) and math.isfinite(norm)
+        loss_ok = self._loss_finite_everywhere(loss_sum)
+        overflow = self.scaler.is_enabled() and loss_ok and not math.isfinite(norm)
+        finite = loss_ok and math.isfinite(norm)
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -142,6 +143,14 @@ class Engine:
         pair = grad_pair(small_sq[0], local.samples, norm, self.global_batch_size) if small_sq and finite else None
         return StepStats(loss_sum, samples, lr, norm, finite or overflow, compiled, overflow,
                          self.strategy.take_comm_s(), grad_pair=pair)
+
+    def _loss_finite_everywhere(self, loss_sum: float) -> bool:
+        """Whether every rank's loss is finite (one all-reduce; none on one rank). The loss is each
+        data-parallel rank's own share, and the ranks must call the step alike: under fp16 the others would
+        call a step whose norm one rank's non-finite loss made non-finite an overflow (skipped, the scale
+        lowered), while that rank took the non-finite loss's policy (a rollback's collectives, which the
+        others never enter); and a non-finite loss need not make the gradients non-finite."""
+        return allreduce_max([0.0 if math.isfinite(loss_sum) else 1.0], self.device)[0] == 0.0
 
     def _mean_grad_sq(self, local: LocalGrad) -> torch.Tensor:
         """The squared norm of the mean gradient over the local gradient's samples (not read yet)."""
