@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -64,3 +65,38 @@ def test_load_refuses_pickled_code(tmp_path):
     ckpt.save(d, model={"x": Evil()}, trainer={}, state={"step": 1}, config={})
     with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
         ckpt.load(d)
+
+
+def _restore_while_a_save_publishes(rank: int, world: int, root: str) -> tuple[str, int] | None:
+    """`restore` on each rank, rank 1's own listing taken a moment before a background save created the
+    newest folder (files, no manifest yet), rank 0's after: as a rollback during an async save lists."""
+    import torch
+    from ray.train import Checkpoint
+
+    import openclaw.runtime.checkpoint_store as store
+    names = sorted(n for n in os.listdir(root) if n.startswith("checkpoint_"))
+    seen = names if rank == 0 else names[:-1]
+    store.checkpoints_newest_first = lambda run_dir: [Checkpoint(os.path.join(root, n)) for n in reversed(seen)]
+    store.restore_engine = lambda engine, d, parts: None  # the folders hold no model: the choice is the test
+
+    class Engine:
+        device = torch.device("cpu")
+
+    class Tracker:
+        def event(self, *a, **k): ...
+
+        def progress(self, *a, **k): ...
+    loaded = store.restore(root, Tracker(), Engine(), lambda state, path: None)
+    return (os.path.basename(loaded["path"]), loaded["state"]["step"]) if loaded else None
+
+
+def test_ranks_restore_the_same_checkpoint_while_a_background_save_creates_a_folder(tmp_path):
+    """Each rank once listed the folder itself: both skipped the unfinished newest folder (rank 0's list)
+    and the newest whole one (rank 1's, paired with rank 0's verdict on the unfinished one), then rank 0
+    loaded step 100 and rank 1 step 50."""
+    from parallel_harness import spawn
+    for i, step in enumerate((50, 100)):
+        ckpt.save(tmp_path / f"checkpoint_2026-01-01_00-00-0{i}.000000", model={}, trainer={}, state={"step": step},
+                  config={})
+    (tmp_path / "checkpoint_2026-01-01_00-00-09.000000").mkdir()  # being published: no manifest yet
+    assert spawn(2, _restore_while_a_save_publishes, str(tmp_path)) == [("checkpoint_2026-01-01_00-00-01.000000", 100)] * 2

@@ -61,9 +61,11 @@ def restore(run_dir: str, tracker, engine, accept: Callable[[dict[str, Any], str
     metrics published with it must not be replayed. Invalid (partial, truncated, corrupt) checkpoints
     are reported and skipped in favour of the next newest; the ranks agree on each verdict, so that
     they all load the same one. `accept(state, path)` may refuse a valid checkpoint for good (the data
-    changed under the run) by raising.
+    changed under the run) by raising. Rank 0 lists the folder for every rank: a rollback can come while
+    a background save is creating a checkpoint folder, and ranks listing at different moments would
+    walk different lists, their verdicts paired to different checkpoints.
     """
-    for candidate in checkpoints_newest_first(run_dir):
+    for candidate in _listed_by_rank0(run_dir, engine.device):
         uri = storage_uri(run_dir, candidate.path)
         with candidate.as_directory() as d:
             parts, problem = None, None
@@ -78,6 +80,16 @@ def restore(run_dir: str, tracker, engine, accept: Callable[[dict[str, Any], str
             restore_engine(engine, d, parts)
         return parts | {"path": uri}
     return None
+
+
+def _listed_by_rank0(run_dir: str, device: torch.device) -> list[Checkpoint]:
+    """`checkpoints_newest_first` as rank 0 lists it, on every rank (one broadcast of the paths)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return checkpoints_newest_first(run_dir)
+    listed = [[c.path for c in checkpoints_newest_first(run_dir)] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(listed, src=0, device=device)
+    fs, _ = storage_filesystem(run_dir)
+    return [Checkpoint(path, filesystem=fs) for path in listed[0]]
 
 
 def _all_ranks_agree(ok: bool, device: torch.device) -> bool:
