@@ -7,6 +7,7 @@ from openclaw.errors import ConfigError
 from openclaw.tracking.redact import flatten
 
 REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "jobs" / "configs" / "digits.yaml"
 MIN = {"data": {"train": "x"}}
 
 
@@ -244,3 +245,31 @@ def test_parallelism_keys_the_layout_makes_no_use_of_are_named_before_the_run(di
     preflight(digits_config(digits_dir, tmp_path, "sqlite:///unused.db", **{
         "parallelism.strategy": "fsdp", "parallelism.bucket_cap_mb": 5}))
     assert "openclaw: note: `parallelism.bucket_cap_mb` (5.0) applies only to DDP's" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("seed=-1", r"`seed`: Input should be greater than or equal to 0 \(got -1\) \(set by an override\)"),
+    ("train.optimizer.betas=[0.9, 1.5]", r"`train.optimizer.betas.1`: Input should be less than 1 \(got 1.5\)"),
+    ("train.optimizer.betas=[0.9]", r"`train.optimizer.betas` needs more items \(item 1, counting from 0, is missing\)"),
+    ("scaling.resources_per_worker.CPU=-1", r"`scaling.resources_per_worker.CPU` must be 0 or more \(got -1\)"),
+    ("scaling.resources_per_worker={cpu: 1}", r"`scaling.resources_per_worker.cpu`: Ray's resource is `CPU` \(its names "
+                                              r"are case-sensitive"),
+])
+def test_values_the_workers_would_refuse_are_refused_before_they_start(override, message):
+    """Each of these passed the config and failed in every worker, three attempts in a row (a negative seed
+    in numpy's sample order, a beta of 1 or more in torch's Adam), or asked Ray for what no node has."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(DIGITS, [override])
+
+
+def test_an_override_names_the_key_it_set_and_reaches_into_a_sweeps_space():
+    """A sweep's space is keyed by dotted names: `--set sweep.space.train.optimizer.lr=...` replaces that
+    entry (it once became a nested key the space refused, naming no allowed keys)."""
+    sweep = REPO / "jobs" / "configs" / "digits-sweep.yaml"
+    cfg = load_config(sweep, ["sweep.space.train.optimizer.lr={loguniform: [1e-4, 1e-2]}"])
+    assert cfg.sweep.space["train.optimizer.lr"].loguniform == (1e-4, 1e-2)
+    with pytest.raises(ConfigError, match=r"unknown key `train.max_step`; did you mean `train.max_steps`\?.* \(set by an "
+                                          r"override\)\.$"):
+        load_config(DIGITS, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match=r"overrides must be a list of 'dotted.key=value' strings or a dict, not one"):
+        load_config(DIGITS, "train.max_steps=200")

@@ -51,7 +51,7 @@ RESERVED_NAMES = frozenset({"trials", "samples", "data-cache", "spool"})
 class Config(Section):
     name: str = "openclaw-run"
     """The run name, in Ray's storage and in MLflow. The same name (and `checkpoint.storage`) resumes."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seeds the initial weights, the sample order and every step's RNG (dropout): the same seed trains
     the same model, whatever the world size and however often the run restarts."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -199,16 +199,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         raw = _read_yaml(Path(path))
-    for key, value in _parse_overrides(overrides).items():
+    parsed = _parse_overrides(overrides)
+    for key, value in parsed.items():
         set_dotted(raw, key, value)
-    return validate(raw, source=str(path) if path else "config")
+    return validate(raw, source=str(path) if path else "config", overridden=tuple(parsed))
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> Config:
+def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> Config:
+    """`overridden`: the dotted keys an override set, so that an error there says it came from one."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e, source)) from None
+        raise ConfigError(_explain(e, source, overridden)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -233,6 +235,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     if not overrides:
         return {}
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'dotted.key=value' strings or a dict, not one string: "
+                          f"pass [{overrides!r}].")
     if isinstance(overrides, dict):
         return dict(overrides)
     parsed = {}
@@ -248,6 +253,8 @@ def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, 
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` (dotted) in `raw`. A mapping keyed by dotted names (a sweep's `space`) takes the rest of
+    the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`."""
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -255,10 +262,13 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override {key}: `{'.'.join(parts[:i + 1])}` is a value, not a section.")
         node = child
+        if any("." in k for k in node):
+            node[".".join(parts[i + 1:])] = value
+            return
     node[parts[-1]] = value
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def _explain(error: ValidationError, source: str, overridden: tuple[str, ...] = ()) -> str:
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
@@ -267,14 +277,19 @@ def _explain(error: ValidationError, source: str) -> str:
             allowed = [name for name, _ in section_fields(loc[:-1])]
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             guess = f"did you mean `{'.'.join(loc[:-1] + close)}`? " if close else ""
-            lines.append(f"unknown key `{key}`; {guess}allowed keys there: {', '.join(allowed)}")
+            where = f"allowed keys there: {', '.join(allowed)}" if allowed else "that is a value, not a section"
+            line = f"unknown key `{key}`; {guess}{where}"
+        elif err["type"] == "missing" and loc and loc[-1].isdigit():  # a tuple given too few items
+            line = f"`{'.'.join(loc[:-1])}` needs more items (item {loc[-1]}, counting from 0, is missing)"
         elif err["type"] == "missing":
-            lines.append(f"missing required key `{key}`")
+            line = f"missing required key `{key}`"
         else:
             msg = err["msg"].removeprefix("Value error, ").rstrip(".")
             given = err.get("input")
             shown = "" if isinstance(given, dict) or "`" in msg else f" (got {given!r})"
-            lines.append(f"`{key}`: {msg}{shown}" if loc else f"{msg}{shown}")
+            line = msg + shown if not loc or msg.startswith(f"`{key}") else f"`{key}`: {msg}{shown}"
+        by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
+        lines.append(line + (" (set by an override)" if by_override else ""))
     return f"Invalid config in {source}: " + "; ".join(lines) + "."
 
 

@@ -2,7 +2,7 @@
 pydantic only, validated with the rest of the tree before any worker starts)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -30,8 +30,8 @@ class OptimizerConfig(Section):
     """Peak learning rate, reached after `train.schedule.warmup_steps`."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay (AdamW) or L2 penalty (Adam, SGD) on matrices and embeddings."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas (ignored by sgd)."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    """Adam betas, each in [0, 1) (ignored by sgd)."""
     momentum: float = Field(0.9, ge=0)
     """SGD momentum (ignored by Adam)."""
 

@@ -8,6 +8,10 @@ from pydantic import Field, model_validator
 from openclaw.section import Section
 
 
+RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+"""Ray's built-in resource names, as `scaling.resources_per_worker` must spell them."""
+
+
 class ScalingConfig(Section):
     min_workers: int = Field(1, gt=0)
     """The fewest training workers the run trains with; below `max_workers` the run is elastic: it shrinks
@@ -28,6 +32,13 @@ class ScalingConfig(Section):
         if self.min_workers > self.max_workers:
             raise ValueError(f"`scaling.min_workers` ({self.min_workers}) is larger than `scaling.max_workers` "
                              f"({self.max_workers})")
+        for name, amount in self.resources_per_worker.items():
+            standard = next((s for s in RAY_RESOURCES if s.lower() == name.lower()), name)
+            if standard != name:  # Ray's names are case-sensitive: `cpu` is a custom resource no node has
+                raise ValueError(f"`scaling.resources_per_worker.{name}`: Ray's resource is `{standard}` (its "
+                                 f"names are case-sensitive; `{name}` is a custom resource no node has)")
+            if amount < 0:
+                raise ValueError(f"`scaling.resources_per_worker.{name}` must be 0 or more (got {amount:g})")
         return self
 
 
