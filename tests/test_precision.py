@@ -10,6 +10,7 @@ from openclaw.engine.metrics import StepClock
 from openclaw.engine.models import GPT, MLP
 from openclaw.engine.precision import DeviceFacts, choose_precision
 from openclaw.engine.tasks import Classification, LanguageModeling
+from openclaw.runtime.policies import SwitchPrecision
 
 H100, V100, T4, P100 = DeviceFacts("cuda", (9, 0), True), DeviceFacts("cuda", (7, 0)), DeviceFacts("cuda", (7, 5)), \
     DeviceFacts("cuda", (6, 0))
@@ -152,3 +153,68 @@ def test_bf16_switches_to_fp32_once_a_nonfinite_loss_recurs_after_a_rollback():
     assert switch.to == "fp32" and "bf16_max_rollbacks" in switch.cause
     assert rollback_precision_decision("bf16", 5, 0) is None  # 0: never
     assert rollback_precision_decision("fp32", 5, 2) is None and rollback_precision_decision("fp16", 5, 2) is None
+
+
+class _Quiet:
+    """A tracker that keeps what a precision watch says."""
+
+    def __init__(self):
+        self.said = []
+
+    def progress(self, item):
+        self.said.append(item.get("message", ""))
+
+    def event(self, *args, **kwargs): ...
+
+    def params(self, *args, **kwargs): ...
+
+
+def _fp16_watch(state):
+    from openclaw.runtime.precision_watch import PrecisionWatch
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, precision="fp16",
+                      amp={"window_steps": 50, "max_overflow_frac": 0.25})
+    engine = Engine(MLP(in_features=8, hidden=8, depth=1, num_classes=2), Classification(), cfg,
+                    device=torch.device("cpu"))
+    return PrecisionWatch(engine, state, _Quiet(), cfg, torch.device("cpu")), engine
+
+
+def _decides_at(watch, first: int) -> int | None:
+    """The step whose overflow makes `watch` decide to switch: one step in three overflows from step 90."""
+    for step in range(first, 400):
+        watch.after_step(step, step % 3 == 0 and step >= 90)
+        if watch.pending:
+            return step
+    return None
+
+
+def test_a_resumed_fp16_run_decides_its_switch_at_the_step_the_uninterrupted_run_does():
+    """The switch policy's window of the last 50 steps is in the train state: a run resumed from the
+    checkpoint at step 125 once started it empty and decided at step 174, not at 126."""
+    from openclaw.engine.state import TrainState
+    state = TrainState()
+    uninterrupted = _decides_at(_fp16_watch(state)[0], 0)
+    saved = TrainState()
+    watch, _ = _fp16_watch(saved)
+    for step in range(125):
+        watch.after_step(step, step % 3 == 0 and step >= 90)
+    resumed = TrainState()
+    resumed.load_state_dict(saved.state_dict())
+    assert uninterrupted == 126 and _decides_at(_fp16_watch(resumed)[0], 125) == uninterrupted
+
+
+def test_a_rollback_past_a_switch_trains_in_the_recorded_precision_with_the_checkpoints_scale():
+    """A switch to bf16 made after the checkpoint the rollback restores is undone (the replay makes it
+    again where it decides), and the engine takes the checkpoint's loss scale: an engine in bf16 could
+    not hold it."""
+    from openclaw.engine.state import TrainState
+    state = TrainState(precision="fp16")
+    watch, engine = _fp16_watch(state)
+    engine.scaler.scale(torch.ones(()))  # the scale is made at its first use
+    checkpoint = {"state": state.state_dict(), "scaler": {**engine.scaler.state_dict(), "scale": 1024.0}}
+    watch.pending = SwitchPrecision("bf16", "test")
+    watch.at_checkpoint()
+    assert engine.precision.name == "bf16" and state.precision == "bf16"
+    state.load_state_dict(checkpoint["state"])  # the rollback restores the older state
+    watch.pending = SwitchPrecision("bf16", "a decision of the steps rolled back")
+    watch.restored(checkpoint["scaler"])
+    assert engine.precision.name == "fp16" and engine.loss_scale() == 1024.0 and watch.pending is None

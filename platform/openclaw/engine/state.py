@@ -47,6 +47,10 @@ class TrainState:
     """Set by a run-time switch (`train.amp`): the precision every later attempt trains in."""
     overflow_steps: int = 0
     """fp16: steps whose scaled gradients overflowed (the update skipped, the scale lowered)."""
+    overflow_window: list[int] = field(default_factory=list)
+    """fp16: the newest `train.amp.window_steps` steps, 1 where one overflowed: the switch policy's window,
+    so that a resumed run switches where the uninterrupted run does. Older checkpoints lack it: it
+    starts empty."""
     loss_window: list[float] = field(default_factory=lambda: [0.0, 0.0])
     """The training loss summed over the steps since the last logged `train/loss`, and their sample count
     (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the
@@ -74,6 +78,7 @@ class TrainState:
         self.step, self.samples_seen, self.epoch, self.offset, self.pending_metrics = 0, 0, 0, 0, []
         self.loss_window = [0.0, 0.0]
         self.grad_noise_ema = [0.0, 0.0]
+        self.overflow_window = []
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

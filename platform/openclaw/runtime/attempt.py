@@ -223,6 +223,7 @@ class Attempt:
                 self._start_over()
             self.tracker.rollback(state.pending_metrics)
             self.window.restart(state)
+            self.precision.restored(loaded["trainer"].get("scaler") if loaded else None)
         state.skipped_steps = skipped
         rolled_back = isinstance(decision, Rollback)
         if rolled_back:

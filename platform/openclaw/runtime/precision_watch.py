@@ -20,7 +20,6 @@ class PrecisionWatch:
         """After the restore: an earlier attempt's switch is put back in force."""
         self.engine, self.state, self.tracker, self.cfg = engine, state, tracker, cfg
         self.facts = device_facts(device)
-        self.overflows: list[bool] = []
         self.pending: SwitchPrecision | None = None
         if state.precision_switched_to and state.precision_switched_to != engine.precision.name:
             engine.set_precision(choose_precision(state.precision_switched_to, self.facts, cfg.tf32))
@@ -57,16 +56,28 @@ class PrecisionWatch:
         overflows come from the global grad norm, and the scale moves with them."""
         if not self.engine.scaler.is_enabled():
             return
-        amp = self.cfg.amp
-        self.state.overflow_steps += overflow
-        self.overflows = (self.overflows + [overflow])[-amp.window_steps:]
+        amp, state = self.cfg.amp, self.state
+        state.overflow_steps += overflow
+        state.overflow_window = (state.overflow_window + [int(overflow)])[-amp.window_steps:]
         if not amp.switch or self.pending:
             return
         self.pending = precision_decision(
-            self.engine.precision.name, self.overflows, self.engine.loss_scale() if overflow else None,
+            self.engine.precision.name, [bool(o) for o in state.overflow_window],
+            self.engine.loss_scale() if overflow else None,
             bf16_ok=self.facts.type != "cuda" or self.facts.bf16, window_steps=amp.window_steps,
             max_overflow_frac=amp.max_overflow_frac, min_scale=amp.min_scale)
         self._say_pending(step + 1)
+
+    def restored(self, scaler_state: dict | None) -> None:
+        """After a rollback restored an older state: train in the precision it recorded (a switch made
+        after that checkpoint is undone, and made again where the replay decides it), with the checkpoint's
+        loss scale (`scaler_state`: the engine in another precision could not take it), and drop a switch
+        pending from the steps rolled back."""
+        self.pending, recorded = None, self.state.precision
+        if recorded and recorded != "fp8" and recorded != self.engine.precision.name:  # fp8 is entered at a start only
+            self.engine.set_precision(choose_precision(recorded, self.facts, self.cfg.tf32))
+            if scaler_state and self.engine.scaler.is_enabled():
+                self.engine.scaler.load_state_dict(scaler_state)
 
     def after_rollback(self, step: int, rollbacks: int) -> None:
         """bf16: a non-finite loss at `step` was rolled back, the run's `rollbacks`-th: ask the policy."""
