@@ -26,9 +26,9 @@ from math import lcm
 from pathlib import Path
 from typing import Any, get_args
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from openclaw.config_files import parse_overrides, read_yaml, set_dotted
 from openclaw.data.config import DataConfig
 from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: F401
 from openclaw.engine.parallel.config import ParallelismConfig, common_sizes
@@ -198,8 +198,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     """Read a YAML config, apply ``dotted.key=value`` overrides, and validate it into a `Config`."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
-        raw = _read_yaml(Path(path))
-    parsed = _parse_overrides(overrides)
+        raw = read_yaml(Path(path))
+    parsed = parse_overrides(overrides)
     for key, value in parsed.items():
         set_dotted(raw, key, value)
     return validate(raw, source=str(path) if path else "config", overridden=tuple(parsed))
@@ -211,61 +211,6 @@ def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str,
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_explain(e, source, overridden)) from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file, "
-                          f"for example jobs/configs/digits.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"Config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}. "
-                          f"Fix the syntax there (indentation, a missing ':' or an unclosed quote).") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of sections (name, model, data, train, ...), "
-                          f"not a {type(raw).__name__}.")
-    return raw
-
-
-def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    if not overrides:
-        return {}
-    if isinstance(overrides, str):
-        raise ConfigError(f"overrides must be a list of 'dotted.key=value' strings or a dict, not one string: "
-                          f"pass [{overrides!r}].")
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    parsed = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Override {item!r} is not of the form dotted.key=value, e.g. --set train.max_steps=200.")
-        try:
-            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            parsed[key.strip()] = text
-    return parsed
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set `key` (dotted) in `raw`. A mapping keyed by dotted names (a sweep's `space`) takes the rest of
-    the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`."""
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"Override {key}: `{'.'.join(parts[:i + 1])}` is a value, not a section.")
-        node = child
-        if any("." in k for k in node):
-            node[".".join(parts[i + 1:])] = value
-            return
-    node[parts[-1]] = value
 
 
 def _explain(error: ValidationError, source: str, overridden: tuple[str, ...] = ()) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from openclaw.config import Config, set_dotted, validate
+from openclaw.config import Config, validate
+from openclaw.config_files import set_dotted
 from openclaw.constants import apply_secret_env
 from openclaw.errors import RunStopped
 from openclaw.launch.session import train

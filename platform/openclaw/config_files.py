@@ -1,0 +1,66 @@
+"""A config's YAML file and its ``dotted.key=value`` overrides, as plain dicts before validation
+(foundation: yaml only; driver, and each Tune trial for its own overrides). `openclaw.config` validates
+what they build."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from openclaw.errors import ConfigError
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file, "
+                          f"for example jobs/configs/digits.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"Config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}. "
+                          f"Fix the syntax there (indentation, a missing ':' or an unclosed quote).") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections (name, model, data, train, ...), "
+                          f"not a {type(raw).__name__}.")
+    return raw
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'dotted.key=value' strings or a dict, not one string: "
+                          f"pass [{overrides!r}].")
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Override {item!r} is not of the form dotted.key=value, e.g. --set train.max_steps=200.")
+        try:
+            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            parsed[key.strip()] = text
+    return parsed
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` (dotted) in `raw`. A mapping keyed by dotted names (a sweep's `space`) takes the rest of
+    the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`."""
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override {key}: `{'.'.join(parts[:i + 1])}` is a value, not a section.")
+        node = child
+        if any("." in k for k in node):
+            node[".".join(parts[i + 1:])] = value
+            return
+    node[parts[-1]] = value
