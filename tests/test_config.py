@@ -273,3 +273,12 @@ def test_an_override_names_the_key_it_set_and_reaches_into_a_sweeps_space():
         load_config(DIGITS, ["train.max_step=3"])
     with pytest.raises(ConfigError, match=r"overrides must be a list of 'dotted.key=value' strings or a dict, not one"):
         load_config(DIGITS, "train.max_steps=200")
+
+
+def test_a_key_written_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: the first `max_steps` was ignored."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  max_steps: 10\n  log_every: 5\n  max_steps: 30\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML at line 6, column 3: key 'max_steps' is "
+                                          r"written twice in one mapping \(lines 4 and 6\); keep one\.$"):
+        load_config(path)

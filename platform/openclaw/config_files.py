@@ -11,17 +11,37 @@ import yaml
 from openclaw.errors import ConfigError
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _NoDuplicateKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (the plain loader keeps the last
+    silently: two `max_steps` under `train`, the first of them ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(
+                    None, None, f"key {key!r} is written twice in one mapping (lines {seen[key]} and "
+                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file, "
                           f"for example jobs/configs/digits.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_NoDuplicateKeys)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"Config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}. "
-                          f"Fix the syntax there (indentation, a missing ':' or an unclosed quote).") from None
+        fix = "" if isinstance(e, _DuplicateKey) else " Fix the syntax there (indentation, a missing ':' or an unclosed quote)."
+        raise ConfigError(f"Config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}.{fix}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
