@@ -57,6 +57,9 @@ CASES = {
         lambda d, t: [DIGITS, *_data(d), "--set", "train.eval_rows=1"],
         "an evaluation scores 1 row(s) of `data.val`, fewer than the 2 data-parallel ranks it is shared out over: "
         "raise `train.eval_rows`"),
+    "a list column as the labels": (lambda d, t: [DIGITS, *_data(d), "--set", "data.label=x"],
+                                    "holds a list per row (fixed_size_list<element: float>[64]); classification scores "
+                                    "one class id per row. Set `data.label` to the class column"),
     "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
                                  "`model.kwargs.hidden` must be an integer (got 'abc')"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],

@@ -35,6 +35,10 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
     for source in sources.values():
         schema = check_transforms(source, d) if d.transforms else source.schema
         check_columns(dataclasses.replace(source, schema=schema), d.features, d.label)
+        if config.task == "classification" and hasattr(schema.field(d.label).type, "value_type"):
+            raise DataError(f"`data.label`: column {d.label!r} in {source.spec} holds a list per row "
+                            f"({schema.field(d.label).type}); classification scores one class id per row. Set "
+                            f"`data.label` to the class column, or name a task of your own in `task`.")
     if config.task != "language_modeling" and d.label is None and ":" not in config.task:
         raise ConfigError("`data.label` is unset but `task` is classification; set `data.label` to the target column.")
     if ":" in config.task:
