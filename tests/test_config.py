@@ -219,6 +219,10 @@ def test_the_resume_check_reads_the_newest_complete_checkpoint_and_refuses_anoth
     assert path.endswith("checkpoint_2026-01-01_00-00-00.000001") and changes == {"train.max_steps": (first.train.max_steps, 50)}
     with pytest.raises(ConfigError, match=r"`model.kwargs.hidden` was 128, now 64\. Set them back"):
         changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=64"], base=MIN), str(run))
+    # a built-in's default written out builds the same model: dropout 0.0 is the mlp's (it was refused)
+    spelled = load_config(None, ["model.kwargs.hidden=128", "model.kwargs.dropout=0.0", "model.kwargs.depth=2"],
+                          base=MIN)
+    assert changes_since_checkpoint(spelled, str(run))[1] == {}
 
 
 def test_parallelism_keys_the_layout_makes_no_use_of_are_named_before_the_run(digits_dir, tmp_path, capsys):

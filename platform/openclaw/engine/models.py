@@ -2,6 +2,7 @@
 and the driver's preflight that checks a model builds)."""
 from __future__ import annotations
 
+import inspect
 import math
 import typing
 from typing import Any, Callable
@@ -155,6 +156,16 @@ def check_builtin_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         if value < low or (high is not None and value >= high):
             raise ConfigError(f"`model.kwargs.{key}` must be " + (f"in [{low}, {high})" if high else f"at least {low}")
                               + f" (got {value!r}).")
+
+
+def with_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A built-in model's kwargs with each argument its constructor defaults filled in (pure): two configs
+    that build the same model compare equal, whether or not they write a default out. A user's model's
+    kwargs as given."""
+    if name not in BUILTIN:
+        return dict(kwargs)
+    params = inspect.signature(BUILTIN[name]).parameters.values()
+    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **kwargs}
 
 
 def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from openclaw.config import Config
+from openclaw.engine.models import with_defaults
 from openclaw.errors import ConfigError
 from openclaw.runtime.checkpoint_store import newest_finished_file
 from openclaw.tracking.redact import flatten, redacted
@@ -49,6 +50,9 @@ def changes_since_checkpoint(config: Config, run_dir: str) -> tuple[str, dict[st
     except ValueError:  # the worker's restore will judge this checkpoint
         return None
     now = json.loads(json.dumps(redacted(config.resolved()), default=str))  # as the checkpoint wrote it
+    for side in (before, now):  # a default written out (or left out) builds the same model
+        model = side.get("model") or {}
+        model["kwargs"] = with_defaults(model.get("name", ""), model.get("kwargs") or {})
     changes = config_changes(before, now)
     fixed = {k: v for k, v in changes.items() if is_fixed(k)}
     if fixed:
