@@ -218,3 +218,33 @@ def test_a_rollback_past_a_switch_trains_in_the_recorded_precision_with_the_chec
     watch.pending = SwitchPrecision("bf16", "a decision of the steps rolled back")
     watch.restored(checkpoint["scaler"])
     assert engine.precision.name == "fp16" and engine.loss_scale() == 1024.0 and watch.pending is None
+
+
+A100 = DeviceFacts("cuda", (8, 0), True)
+
+
+def test_ranks_on_mixed_devices_train_in_the_least_capable_ranks_precision():
+    """64 ranks: H100s (fp8 under `fp8: auto`), A100s (bf16) and one V100 (fp16 with a scaler): every rank
+    trains in fp16, each with its own scaler, and says why; with no V100, bf16 everywhere, fp8 nowhere."""
+    from openclaw.engine.precision import common_precision
+    facts = [H100] * 32 + [A100] * 31 + [V100]
+    mine = [choose_precision("auto", f, fp8="auto") for f in facts]
+    assert {m.name for m in mine} == {"fp8", "bf16", "fp16"}
+    agreed = [common_precision(m, [x.name for x in mine], f) for m, f in zip(mine, facts)]
+    assert {(a.name, a.scaler) for a in agreed} == {("fp16", True)}
+    assert "least capable worker's precision" in agreed[0].reason and "alone would train in fp8" in agreed[0].reason
+    assert agreed[-1] is mine[-1]  # the V100's own choice, as it was
+    without = [common_precision(m, [x.name for x in mine[:63]], f) for m, f in zip(mine[:63], facts[:63])]
+    assert {a.name for a in without} == {"bf16"}
+
+
+def _agreed_on(rank: int, world: int) -> tuple[str, bool]:
+    from openclaw.runtime.precision_watch import agree_on_precision
+    facts = A100 if rank == 0 else V100
+    p = agree_on_precision(choose_precision("auto", facts), facts, True, torch.device("cpu"), world)
+    return p.name, p.scaler
+
+
+def test_the_ranks_agree_on_one_precision_in_one_all_gather():
+    from parallel_harness import spawn
+    assert spawn(2, _agreed_on) == [("fp16", True)] * 2

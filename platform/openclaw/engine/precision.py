@@ -94,6 +94,25 @@ def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True, fp8: str
     return Precision(asked, False, allow_tf32, f"{asked} autocast, as asked")
 
 
+PRECISION_ORDER = ("fp32", "fp16", "bf16", "fp8")
+"""From what any device trains in to what the fewest do: on mixed devices every rank trains in the first
+of the ranks' own choices (`common_precision`)."""
+
+
+def common_precision(mine: Precision, names: list[str], facts: DeviceFacts, tf32: bool = True) -> Precision:
+    """The precision this rank trains in, given every rank's own choice (`names`; pure). One group must
+    train in one precision: under DDP an fp16 rank's scaler would skip updates the bf16 ranks apply, so
+    their weights part; FSDP's parameter dtype would differ; only the fp8 ranks would time fp8, in
+    collectives the others never enter. So every rank takes the least capable choice, chosen again on its
+    own device, and says why."""
+    least = min(names, key=PRECISION_ORDER.index)
+    if least == mine.name:
+        return mine
+    again = choose_precision(least, facts, tf32)
+    return Precision(again.name, again.scaler, again.tf32, f"{again.name}: the least capable worker's precision "
+                     f"(another worker's device takes no more); this one alone would train in {mine.name} ({mine.reason})")
+
+
 def sharded_param_dtype(precision: str) -> torch.dtype | None:
     """The dtype sharded strategies gather parameters in and compute with (FSDP's mixed-precision
     policy) under this precision: bf16 for bf16 and for fp8 (whose other layers run in bf16); None keeps

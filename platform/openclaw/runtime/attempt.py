@@ -34,7 +34,7 @@ from openclaw.runtime.log_window import LogWindow
 from openclaw.runtime.setup import flops_per_sample, open_datasets
 from openclaw.runtime.micro_batch import record_micro_batch, resolve_micro_batch
 from openclaw.runtime.policies import BatchPlan, Fail, NonFiniteDecision, Rollback, batch_plan
-from openclaw.runtime.precision_watch import PrecisionWatch
+from openclaw.runtime.precision_watch import PrecisionWatch, agree_on_precision
 from openclaw.runtime.sample_log import SampleLog
 from openclaw.runtime.checkpoint_store import prune, restore
 from openclaw.runtime.compile_cache import CompileCache
@@ -149,7 +149,9 @@ class Attempt:
         cfg = self.config
         task = build_task(cfg.task)
         self.flops_per_sample = flops_per_sample(cfg, task, self.train)
-        precision = choose_precision(cfg.train.precision, device_facts(self.device), cfg.train.tf32, cfg.train.fp8)
+        facts = device_facts(self.device)
+        precision = agree_on_precision(choose_precision(cfg.train.precision, facts, cfg.train.tf32, cfg.train.fp8),
+                                       facts, cfg.train.tf32, self.device, self.world)
         strategy = build_strategy(cfg.parallelism, world=self.world, rank=self.rank, device=self.device,
                                   param_dtype=sharded_param_dtype(precision.name),
                                   split_logits_ok=cfg.task == "language_modeling")

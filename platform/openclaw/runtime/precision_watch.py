@@ -10,9 +10,18 @@ import torch
 
 from openclaw.engine.config import TrainConfig
 from openclaw.engine.engine import Engine
-from openclaw.engine.precision import choose_precision, device_facts
+from openclaw.engine.metrics import allgather_ints
+from openclaw.engine.precision import (PRECISION_ORDER, DeviceFacts, Precision, choose_precision, common_precision,
+                                       device_facts)
 from openclaw.engine.state import TrainState
 from openclaw.runtime.policies import SwitchPrecision, precision_decision, rollback_precision_decision
+
+
+def agree_on_precision(mine: Precision, facts: DeviceFacts, tf32: bool, device: torch.device, world: int) -> Precision:
+    """Collective: the precision every rank trains in (`common_precision` of the ranks' own choices; one
+    all-gather). Ranks on different devices may choose differently."""
+    names = [PRECISION_ORDER[g[0]] for g in allgather_ints([PRECISION_ORDER.index(mine.name)], device, world)]
+    return common_precision(mine, names, facts, tf32)
 
 
 class PrecisionWatch:
