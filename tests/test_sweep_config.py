@@ -58,6 +58,18 @@ def test_asha_grace_period_must_leave_room_to_stop():
         check_sweep(load_config(SWEEP, ["sweep.asha.grace_period_steps=75"]))
 
 
+def test_a_metric_no_trial_reports_or_the_wrong_way_round_is_refused():
+    """`val/los` was accepted, and every trial ran to its end with nothing to compare."""
+    with pytest.raises(ConfigError, match=r"`sweep.metric` is val/los, which no trial reports: its evaluations report "
+                                          r"val/loss and val/accuracy"):
+        check_sweep(load_config(SWEEP, ["sweep.metric=val/los"]))
+    with pytest.raises(ConfigError, match=r"val/accuracy with `sweep.mode: min`.*set `sweep.mode: max`"):
+        check_sweep(load_config(SWEEP, ["sweep.metric=val/accuracy", "sweep.mode=min"]))
+    check_sweep(load_config(SWEEP, ["sweep.metric=val/accuracy", "sweep.mode=max"]))
+    with pytest.raises(ConfigError, match=r"its evaluations report val/loss$|its evaluations report val/loss[;.]"):
+        check_sweep(load_config(SWEEP, ["sweep.metric=val/accuracy", "sweep.mode=max", "task=language_modeling"]))
+
+
 def test_grid_search_takes_choices_only_and_counts_combinations():
     with pytest.raises(ConfigError, match=r"train.optimizer.lr is not a choice"):
         load_config(SWEEP, ["sweep.search=grid"])

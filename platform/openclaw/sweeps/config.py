@@ -149,6 +149,13 @@ def check_against(sweep: SweepConfig, train_cfg: dict[str, Any]) -> list[str]:
     every = train_cfg["checkpoint"]["every_steps"]
     max_steps, eval_every = train_cfg["train"]["max_steps"], train_cfg["train"]["eval_every"]
     if sweep.metric.startswith("val/"):
+        known = ("val/loss", "val/accuracy") if train_cfg["task"] == "classification" else ("val/loss",)
+        if sweep.metric not in known:
+            problems.append(f"`sweep.metric` is {sweep.metric}, which no trial reports: its evaluations report "
+                            f"{' and '.join(known)}")
+        elif sweep.metric == "val/accuracy" and sweep.mode == "min":
+            problems.append("`sweep.metric` is val/accuracy with `sweep.mode: min`: the best trial would be the "
+                            "least accurate; set `sweep.mode: max`")
         if not train_cfg["data"].get("val"):
             problems.append(f"`sweep.metric` is {sweep.metric} but `data.val` is not set: set it, or tune "
                             f"`train/loss`")
