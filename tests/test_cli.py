@@ -317,6 +317,12 @@ def test_checkpoint_list_checks_each_checkpoint_as_a_resume_would_and_marks_wher
     assert "It holds the runs job: pass one of them." in wrong[tmp_path / "runs"].stderr
     assert "is one checkpoint, not a run's folder" in wrong[made["ok1"]].stderr
     assert "there is no run folder at" in wrong[tmp_path / "nope"].stderr
+    # an object store that does not answer: exit 2 naming what to check (it was pyarrow's traceback)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    unreachable = run_cli("checkpoint", "list", "s3://bkt/runs/job", "--quick")
+    assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr
+    assert unreachable.stderr.startswith("openclaw: error: cannot read s3://bkt/runs/job (") and \
+        "the endpoint (`data.s3` / AWS_ENDPOINT_URL) and the credentials" in unreachable.stderr
     # a manifest without its file list: skipped, saying so, not a crash
     odd = tmp_path / "runs" / "job" / "checkpoint_2026-12-06_09-00-00.000000"
     odd.mkdir()

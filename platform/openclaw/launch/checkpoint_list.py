@@ -37,8 +37,12 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
     """The `checkpoint_*` folders of `run_dir` (a local folder or URI), newest first (Ray names them by
     time), each checked (`quick`: sizes only); a `ConfigError` where there is no such folder or it holds
     none."""
-    fs, root = storage_filesystem(run_dir if is_remote(run_dir) else os.path.abspath(run_dir))
-    info = fs.get_file_info(root)
+    try:
+        fs, root = storage_filesystem(run_dir if is_remote(run_dir) else os.path.abspath(run_dir))
+        info = fs.get_file_info(root)
+    except OSError as e:  # an object store that does not answer, a bucket that is not there
+        raise ConfigError(f"cannot read {run_dir} ({' '.join(str(e).split())}): check the path, and for a URI the "
+                          f"bucket, the endpoint (`data.s3` / AWS_ENDPOINT_URL) and the credentials.") from None
     if info.type != pafs.FileType.Directory:
         raise ConfigError(f"there is no run folder at {run_dir}: pass `<checkpoint.storage>/<name>` of a run (the "
                           f"folder its checkpoints are written in).")
