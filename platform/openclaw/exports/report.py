@@ -82,7 +82,8 @@ def print_table(report: dict[str, Any], folder: Path) -> None:
         print(f"  val: the first {m['val_rows']:.0f} rows of the source run's data.val, scored by both models")
     print(f"  {len(report['quantized_layers'])} layer(s) quantized; kept in full precision: "
           + ("; ".join(f"{k} ({v})" for k, v in report["kept_layers"].items()) or "none"))
-    print(f"  the brief: 4-bit weights need {report['brief_int4_saving_vs_16bit']:.0%} less memory than 16-bit ones; "
+    bits = 4 if report["mode"] == "int4" else 8
+    print(f"  expected: {bits}-bit weights take {1 - bits / 16:.0%} less memory than 16-bit ones; "
           f"measured here ({report['mode']}): the quantized layers take {m['layer_saving_vs_16bit']:.1%} less than "
           f"their 16-bit size ({1 - m['layer_ratio']:.1%} less than fp32), the whole file {1 - m['file_ratio']:.1%} "
           f"less than fp32.")
