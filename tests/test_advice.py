@@ -484,3 +484,4 @@ def test_advise_an_unknown_run_exits_2_naming_it(tmp_path, capsys):
     assert main(["advise", "0" * 32, "--tracking-uri", uri]) == EXIT_USER_ERROR == 2
     err = capsys.readouterr().err
     assert err.startswith(f"openclaw: error: there is no MLflow run '{'0' * 32}' at {uri}") and "Traceback" not in err
+    assert "models:/" not in err  # advise takes run ids only: it once suggested the form it refuses

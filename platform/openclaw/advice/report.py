@@ -38,7 +38,7 @@ def advise_logged_run(run_id: str, tracking_uri: str) -> tuple[list[Recommendati
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise unreadable(e, f"MLflow run {run_id!r}", tracking_uri) from None
+        raise unreadable(e, f"MLflow run {run_id!r}", tracking_uri, models_too=False) from None
     if parent := sweep_parent(run, "advise"):
         raise parent
     facts, windows = _logged_facts(client, run, logged_config(client, run_id))

@@ -182,14 +182,14 @@ def source_run(client: MlflowClient, uri: str) -> str:
         raise unreadable(e, what, client.tracking_uri) from None
 
 
-def unreadable(e: MlflowException, what: str, tracking_uri: str) -> ConfigError:
+def unreadable(e: MlflowException, what: str, tracking_uri: str, models_too: bool = True) -> ConfigError:
     """The error for a run or model the user named that the tracking store does not have (or did not
-    answer for)."""
+    answer for). `models_too`: the command also takes a registered model's models:/NAME/VERSION."""
     where = public_uri(tracking_uri)
     if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        models = " or a registered model's models:/NAME/VERSION" if models_too else ""
         return ConfigError(f"there is no {what} at {where} ({e.error_code}). Pass the run id a training run printed "
-                           f"(\"MLflow run <id>\") or a registered model's models:/NAME/VERSION, and `--tracking-uri` if "
-                           f"it was logged elsewhere.")
+                           f"(\"MLflow run <id>\"){models}, and `--tracking-uri` if it was logged elsewhere.")
     return ConfigError(f"could not read {what} at {where}: {e.message}. Is the tracking server up, and is "
                        f"`--tracking-uri` the one the run used?")
 
