@@ -286,3 +286,18 @@ def test_a_key_written_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
     with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML at line 6, column 3: key 'max_steps' is "
                                           r"written twice in one mapping \(lines 4 and 6\); keep one\.$"):
         load_config(path)
+
+
+def test_settings_that_work_against_each_other_are_noted_before_the_run():
+    """Each was accepted without a word: a warmup as long as the run, validation on the training data,
+    an evaluation cadence with nothing to evaluate."""
+    quiet = load_config(DIGITS)
+    assert quiet.notes() == []
+    noted = load_config(DIGITS, ["train.schedule.warmup_steps=500", "train.max_steps=30",
+                                 f"data.val={quiet.data.train}"])
+    assert noted.notes() == ["`train.schedule.warmup_steps` (500) is not below `train.max_steps` (30): the LR never "
+                             "reaches `train.optimizer.lr`, and its cosine decay never starts.",
+                             "`data.val` is `data.train`: the validation loss is measured on the training data."]
+    blind = load_config(DIGITS, ["data.val=null", "train.eval_every=10"])
+    assert blind.notes() == ["`train.eval_every` and `train.eval_rows` need `data.val`, which is not set: this run "
+                             "does not evaluate."]

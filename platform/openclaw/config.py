@@ -114,6 +114,21 @@ class Config(Section):
                 f"multiples of {unit} between them. Change those keys or the worker range.")
         return self
 
+    def notes(self) -> list[str]:
+        """Settings that work against each other without failing the run, each as a sentence to print
+        before it starts (with `parallelism.unused_settings`)."""
+        t, d, out = self.train, self.data, []
+        if t.schedule.warmup_steps >= t.max_steps:
+            out.append(f"`train.schedule.warmup_steps` ({t.schedule.warmup_steps}) is not below `train.max_steps` "
+                       f"({t.max_steps}): the LR never reaches `train.optimizer.lr`"
+                       + ("." if t.schedule.name == "constant" else f", and its {t.schedule.name} decay never starts."))
+        if d.val is not None and d.val == d.train:
+            out.append("`data.val` is `data.train`: the validation loss is measured on the training data.")
+        if d.val is None and (t.eval_every or t.eval_rows):
+            out.append("`train.eval_every` and `train.eval_rows` need `data.val`, which is not set: this run does "
+                       "not evaluate.")
+        return out
+
     @property
     def worlds(self) -> list[int]:
         """Every world size the run may take (an elastic run's: whole layouts from min to max workers)."""

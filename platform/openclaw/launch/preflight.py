@@ -45,7 +45,7 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
         import_path(config.task, "task")
     model = model_on_meta(config)  # one build for the layout and the value checks
     check_model_layout(config, model)
-    for line in config.parallelism.unused_settings():
+    for line in config.parallelism.unused_settings() + config.notes():
         print(f"openclaw: note: {line}", flush=True)
     if config.train.record_samples and "://" in config.checkpoint.storage:
         raise ConfigError("`train.record_samples` writes next to the checkpoints and needs a local "
