@@ -157,7 +157,7 @@ def test_every_config_key_has_a_description():
     """Each field's docstring is its description: `openclaw config --schema/--defaults` show it."""
     from pydantic import BaseModel
 
-    from openclaw.config import section_model
+    from openclaw.config_tree import section_model
     from openclaw.data.config import Transform
     from typing import get_args
     seen, missing, todo = set(), [], [("", Config), *[(f"data.transforms[{t.__name__}]", t)

@@ -13,7 +13,7 @@ LAYERS = ["foundation", "engine", "data", "tracking", "exports", "advice", "prof
           "front"]
 """Bottom to top: a module may import modules of its own layer or below."""
 FOUNDATION = {"openclaw.config", "openclaw.errors", "openclaw.constants", "openclaw.section", "openclaw.user_code",
-              "openclaw.config_schema", "openclaw.config_files"}
+              "openclaw.config_schema", "openclaw.config_files", "openclaw.config_tree"}
 """Plus every component's own config section, `openclaw.<component>[.<sub>].config`."""
 FRONT = {"openclaw", "openclaw.sdk", "openclaw.cli", "openclaw.cli_args"}
 FOUNDATION_THIRD_PARTY = {"pydantic", "pydantic_core", "yaml"}

@@ -19,16 +19,16 @@ overrides) is what the run saves and logs, so it alone describes a run.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from math import lcm
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from openclaw.config_files import parse_overrides, read_yaml, set_dotted
+from openclaw.config_tree import explain
 from openclaw.data.config import DataConfig
 from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: F401
 from openclaw.engine.parallel.config import ParallelismConfig, common_sizes
@@ -225,46 +225,4 @@ def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str,
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e, source, overridden)) from None
-
-
-def _explain(error: ValidationError, source: str, overridden: tuple[str, ...] = ()) -> str:
-    lines = []
-    for err in error.errors():
-        loc = [str(p) for p in err["loc"]]
-        key = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            allowed = [name for name, _ in section_fields(loc[:-1])]
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
-            guess = f"did you mean `{'.'.join(loc[:-1] + close)}`? " if close else ""
-            where = f"allowed keys there: {', '.join(allowed)}" if allowed else "that is a value, not a section"
-            line = f"unknown key `{key}`; {guess}{where}"
-        elif err["type"] == "missing" and loc and loc[-1].isdigit():  # a tuple given too few items
-            line = f"`{'.'.join(loc[:-1])}` needs more items (item {loc[-1]}, counting from 0, is missing)"
-        elif err["type"] == "missing":
-            line = f"missing required key `{key}`"
-        else:
-            msg = err["msg"].removeprefix("Value error, ").rstrip(".")
-            given = err.get("input")
-            shown = "" if isinstance(given, dict) or "`" in msg else f" (got {given!r})"
-            line = msg + shown if not loc or msg.startswith(f"`{key}") else f"`{key}`: {msg}{shown}"
-        by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
-        lines.append(line + (" (set by an override)" if by_override else ""))
-    return f"Invalid config in {source}: " + "; ".join(lines) + "."
-
-
-def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The section class a field holds (also through `X | None`), or None for a plain value."""
-    ann = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
-def section_fields(loc: list[str]) -> list[tuple[str, Any]]:
-    """(key as written in YAML, field) of the section at `loc` (empty: the top level)."""
-    model: type[BaseModel] | None = Config
-    for part in loc:
-        field = model.model_fields.get(part) if model else None
-        model = section_model(getattr(field, "annotation", None))
-        if model is None:
-            return []
-    return [(f.alias or name, f) for name, f in model.model_fields.items()]
+        raise ConfigError(explain(e, Config, source, overridden)) from None

@@ -12,7 +12,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from openclaw.config import Config, section_model
+from openclaw.config import Config
+from openclaw.config_tree import section_model
 
 WIDTH = 100
 REQUIRED_MARK = "required"

@@ -1,0 +1,51 @@
+"""Walking the config's typed tree (foundation: pydantic only): the section a field holds, a section's
+keys, and a validation error explained key by key (driver, and each Tune trial)."""
+from __future__ import annotations
+
+import difflib
+from typing import Any, get_args
+
+from pydantic import BaseModel, ValidationError
+
+
+def explain(error: ValidationError, root: type[BaseModel], source: str, overridden: tuple[str, ...] = ()) -> str:
+    """One paragraph naming each bad key of a config validated against `root`, and what it allows."""
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = [name for name, _ in section_fields(root, loc[:-1])]
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            guess = f"did you mean `{'.'.join(loc[:-1] + close)}`? " if close else ""
+            where = f"allowed keys there: {', '.join(allowed)}" if allowed else "that is a value, not a section"
+            line = f"unknown key `{key}`; {guess}{where}"
+        elif err["type"] == "missing" and loc and loc[-1].isdigit():  # a tuple given too few items
+            line = f"`{'.'.join(loc[:-1])}` needs more items (item {loc[-1]}, counting from 0, is missing)"
+        elif err["type"] == "missing":
+            line = f"missing required key `{key}`"
+        else:
+            msg = err["msg"].removeprefix("Value error, ").rstrip(".")
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) or "`" in msg else f" (got {given!r})"
+            line = msg + shown if not loc or msg.startswith(f"`{key}") else f"`{key}`: {msg}{shown}"
+        by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
+        lines.append(line + (" (set by an override)" if by_override else ""))
+    return f"Invalid config in {source}: " + "; ".join(lines) + "."
+
+
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (also through `X | None`), or None for a plain value."""
+    ann = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def section_fields(root: type[BaseModel], loc: list[str]) -> list[tuple[str, Any]]:
+    """(key as written in YAML, field) of the section at `loc` under `root` (empty: `root` itself)."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        model = section_model(getattr(field, "annotation", None))
+        if model is None:
+            return []
+    return [(f.alias or name, f) for name, f in model.model_fields.items()]
