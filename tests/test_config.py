@@ -301,3 +301,17 @@ def test_settings_that_work_against_each_other_are_noted_before_the_run():
     blind = load_config(DIGITS, ["data.val=null", "train.eval_every=10"])
     assert blind.notes() == ["`train.eval_every` and `train.eval_rows` need `data.val`, which is not set: this run "
                              "does not evaluate."]
+
+
+def test_a_value_no_branch_of_a_union_takes_is_one_error_under_its_key():
+    """pydantic names the branches it tried in the location: the errors read `scaling.use_gpu.bool` and
+    `scaling.use_gpu.literal['auto']`, two keys that do not exist."""
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS, ["scaling.use_gpu=maybe"])
+    assert str(e.value).endswith(": `scaling.use_gpu` should be a valid boolean; or 'auto' (got 'maybe') "
+                                 "(set by an override).")
+    with pytest.raises(ConfigError) as e:  # a mapping went into the section's branch: its own error, under the key
+        load_config(DIGITS, ["train.compile={mode: fast}"])
+    assert "`train.compile.mode`: Input should be 'default'" in str(e.value) and "bool" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"unknown key `train.compile.modes`; did you mean `train.compile.mode`\?"):
+        load_config(DIGITS, ["train.compile={modes: fast}"])

@@ -11,8 +11,7 @@ from pydantic import BaseModel, ValidationError
 def explain(error: ValidationError, root: type[BaseModel], source: str, overridden: tuple[str, ...] = ()) -> str:
     """One paragraph naming each bad key of a config validated against `root`, and what it allows."""
     lines = []
-    for err in error.errors():
-        loc = [str(p) for p in err["loc"]]
+    for loc, err in _located(error, root):
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             allowed = [name for name, _ in section_fields(root, loc[:-1])]
@@ -24,6 +23,8 @@ def explain(error: ValidationError, root: type[BaseModel], source: str, overridd
             line = f"`{'.'.join(loc[:-1])}` needs more items (item {loc[-1]}, counting from 0, is missing)"
         elif err["type"] == "missing":
             line = f"missing required key `{key}`"
+        elif err["type"] == "union":
+            line = f"`{key}` {err['msg']} (got {err['input']!r})"
         else:
             msg = err["msg"].removeprefix("Value error, ").rstrip(".")
             given = err.get("input")
@@ -32,6 +33,50 @@ def explain(error: ValidationError, root: type[BaseModel], source: str, overridd
         by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
         lines.append(line + (" (set by an override)" if by_override else ""))
     return f"Invalid config in {source}: " + "; ".join(lines) + "."
+
+
+def _located(error: ValidationError, root: type[BaseModel]) -> list[tuple[list[str], dict]]:
+    """(the config key's parts, the error) for each error, with the branches of a union folded away
+    (pydantic names them in the location: `bool`, `literal['auto']`, `CompileConfig`). A value no branch
+    took is one error saying what each branch asks for (`scaling.use_gpu` should be a valid boolean; or
+    'auto'); where the value went into a section's branch (a mapping was given), that section's own
+    errors, under the key."""
+    sections = _section_names(root)
+    out: list[tuple[list[str], dict]] = []
+    unions: dict[tuple[str, ...], list[tuple[list[str], dict, bool]]] = {}
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        at = next((i for i, part in enumerate(loc) if i and _branch(part, sections)), None)
+        if at is None:
+            out.append((loc, err))
+        else:
+            unions.setdefault(tuple(loc[:at]), []).append((loc[:at] + loc[at + 1:], err, len(loc) > at + 1))
+    for key, errs in unions.items():
+        deeper = [(loc, err) for loc, err, deep in errs if deep]
+        if deeper:
+            out += deeper
+            continue
+        asks = "; or ".join(e["msg"].removeprefix("Input should be ").split(", ")[0].rstrip(".") for _, e, _ in errs)
+        out.append((list(key), {"type": "union", "msg": f"should be {asks}", "input": errs[0][1].get("input")}))
+    return out
+
+
+def _branch(part: str, sections: set[str]) -> bool:
+    return part in ("bool", "int", "float", "str", "list", "dict") or part.startswith(("literal[", "function-")) \
+        or part in sections
+
+
+def _section_names(root: type[BaseModel]) -> set[str]:
+    """The class names of every section under `root`: how pydantic names a union's section branch."""
+    names, todo = set(), [root]
+    while todo:
+        model = todo.pop()
+        for field in model.model_fields.values():
+            sub = section_model(field.annotation)
+            if sub is not None and sub.__name__ not in names:
+                names.add(sub.__name__)
+                todo.append(sub)
+    return names
 
 
 def section_model(annotation: Any) -> type[BaseModel] | None:
