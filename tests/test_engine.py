@@ -8,6 +8,7 @@ from openclaw.config import ScheduleConfig, TrainConfig
 from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine
 from openclaw.engine.optim import lr_at
+from openclaw.engine.state import TrainState
 from openclaw.engine.models import GPT, MLP
 from openclaw.engine.tasks import Classification, LanguageModeling
 
@@ -136,3 +137,14 @@ def test_a_builtin_models_kwargs_are_checked_by_name_type_and_range():
             build_model(name, {key: value})
     assert len(build_model("gpt", {"depth": 0, "dropout": 0}).blocks) == 0
     assert build_model("mlp", {"dropout": 0.5, "hidden": 8}).net[0].out_features == 8
+
+
+def test_a_rollback_keeps_the_attempt_that_runs_and_takes_the_training_back():
+    """The checkpoint came from an earlier attempt at another world size: the rollback once set the state
+    back to that attempt's world size and count, and the next checkpoint's events named them."""
+    earlier = TrainState(step=100, world_size=4, attempt=1, micro_batch_size=16, micro_batch_key="old",
+                         overflow_steps=3, loss_window=[1.0, 2.0])
+    now = TrainState(step=160, world_size=2, attempt=2, micro_batch_size=8, micro_batch_key="new", overflow_steps=5)
+    now.roll_back_to(earlier.state_dict())
+    assert (now.step, now.overflow_steps, now.loss_window) == (100, 3, [1.0, 2.0])
+    assert (now.world_size, now.attempt, now.micro_batch_size, now.micro_batch_key) == (2, 2, 8, "new")

@@ -40,3 +40,4 @@ def test_an_empty_window_logs_on_no_rank_until_a_step_fills_it():
     for w in windows:
         w.add([{"x": torch.zeros(8, 64)}], stats, data_s=0.0, compute_s=0.1)
     assert [w.due(4) for w in windows] == [True, True]
+

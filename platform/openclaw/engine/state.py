@@ -20,6 +20,10 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
+ATTEMPT_FIELDS = ("world_size", "attempt", "micro_batch_size", "micro_batch_key", "micro_batch_estimate_gb")
+"""What describes the attempt that runs rather than the training so far: a rollback keeps them."""
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -79,6 +83,14 @@ class TrainState:
         self.loss_window = [0.0, 0.0]
         self.grad_noise_ema = [0.0, 0.0]
         self.overflow_window = []
+
+    def roll_back_to(self, saved: dict[str, Any]) -> None:
+        """Load a checkpoint's state in the middle of an attempt (a rollback): its training, and this
+        attempt's own description kept (`ATTEMPT_FIELDS`), which a checkpoint of an earlier attempt would
+        set back (the next checkpoint and its events would name that attempt's world size)."""
+        kept = {k: getattr(self, k) for k in ATTEMPT_FIELDS}
+        self.load_state_dict(saved)
+        self.load_state_dict(kept)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

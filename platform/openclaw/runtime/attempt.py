@@ -220,7 +220,7 @@ class Attempt:
         if isinstance(decision, Rollback):
             loaded = restore(self.inputs.run_dir, self.tracker, self.engine, self._check_resumable)
             if loaded:
-                state.load_state_dict(loaded["state"])
+                state.roll_back_to(loaded["state"])
             else:  # before the first checkpoint: the last valid state is the initial one
                 self._start_over()
             self.tracker.rollback(state.pending_metrics)
