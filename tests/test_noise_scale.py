@@ -202,6 +202,39 @@ def test_the_smoothed_state_travels_in_the_train_state_and_older_checkpoints_sti
     assert anew["train/grad_noise_scale_smooth"] == pytest.approx(s / g2) != pytest.approx(expect)
 
 
+def _windows_over(rank: int, world: int, resume_at: int | None) -> dict[str, float]:
+    """Steps 1-30 logged every 10 on `world` ranks, each rank's pairs its own; with `resume_at`, a
+    checkpoint there (`LogWindow.carry`: the cut window into the state) and a restart from it."""
+    from openclaw.runtime.log_window import LogWindow
+    from test_evaluation import DIGITS
+    from openclaw import load_config
+    cfg, state = load_config(DIGITS, {"train.log_every": 10}), TrainState()
+
+    def window() -> LogWindow:
+        return LogWindow(cfg, state, device=CPU, rank=rank, world=world, speaks_for_node=False, flops_per_sample=None,
+                         job_start_time=time.time())
+    w, ema, out = window(), [0.0, 0.0], {}
+    for step in range(1, 31):
+        if step == resume_at:
+            w.carry(state)
+            state.grad_noise_ema, w = ema, window()  # the restarted attempt's window, from the checkpoint's state
+        w.noise.add(GradPair(2.0 + 0.1 * step + rank, 4, 1.0 + 0.01 * step, 32))
+        if step % 10 == 0:
+            out, ema = w.noise.close(ema, CPU)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_restart_between_two_log_steps_carries_the_cut_windows_pairs(world):
+    """A checkpoint at step 25 cut the window of steps 21-30: its pairs of steps 21-24 were lost, and
+    the resumed run's noise scale at step 30 read 12.95 where the uninterrupted run's read 13.84."""
+    whole = spawn(world, _windows_over, None)
+    resumed = spawn(world, _windows_over, 25)
+    assert whole[0]["train/grad_noise_scale_smooth"] == pytest.approx(resumed[0]["train/grad_noise_scale_smooth"],
+                                                                      rel=1e-12)
+    assert whole[0]["train/grad_noise_scale"] == pytest.approx(resumed[0]["train/grad_noise_scale"], rel=1e-12)
+
+
 def test_the_measurement_costs_one_norm_a_small_share_of_a_step():
     from parallel_harness import GPT_KWARGS, global_batch
     from openclaw.engine.models import GPT

@@ -276,7 +276,9 @@ def _window_totals(rank: int, world: int, parallelism: dict) -> tuple[list[float
     window = LogWindow(cfg, TrainState(), device=torch.device("cpu"), rank=rank, world=world, speaks_for_node=False,
                        flops_per_sample=None, job_start_time=0.0, counts_its_share=layout.counts_its_share(rank))
     window.add(batches, stats, data_s=0.0, compute_s=1.0)
-    return window.carry(), layout.dp_rank(rank), stats.loss_sum / stats.samples
+    state = TrainState()
+    window.carry(state)
+    return state.loss_window, layout.dp_rank(rank), stats.loss_sum / stats.samples
 
 
 @pytest.mark.parametrize("world,parallelism", [

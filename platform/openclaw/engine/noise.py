@@ -103,9 +103,19 @@ class NoiseWindow:
     def __init__(self):
         self.reset()
 
-    def reset(self) -> None:
-        self.g2_sum = self.s_sum = 0.0
-        self.count = 0
+    def reset(self, carried: list[float] | None = None, mine: bool = False) -> None:
+        """A new window. `carried`: the sums [|G|^2, S, count, ranks] of the window a checkpoint cut (the
+        same on every rank; `carry`), which `mine` (one rank) holds as its own, so that the window's
+        close sums what the uninterrupted run's does."""
+        carried = carried if carried and len(carried) == 4 else [0.0, 0.0, 0.0, 0.0]
+        self.g2_sum, self.s_sum, count = (carried[0], carried[1], carried[2]) if mine else (0.0, 0.0, 0.0)
+        self.count, self.carried_ranks = int(count), carried[3]
+
+    def carry(self, device: torch.device) -> list[float]:
+        """Collective: the window so far over every rank, [|G|^2, S, count, ranks], for a checkpoint."""
+        g2, s, count, ranks = allreduce_sum([self.g2_sum, self.s_sum, float(self.count), float(self.count > 0)],
+                                            device)
+        return [g2, s, count, max(ranks, self.carried_ranks)]
 
     def add(self, pair: GradPair | None) -> None:
         if pair is not None:
@@ -115,7 +125,6 @@ class NoiseWindow:
     def close(self, ema: list[float], device: torch.device) -> tuple[dict[str, float], list[float]]:
         """Collective (every rank, at every log step): the window's metrics over all ranks, and the
         smoothed state after it (the same on every rank); a new window begins."""
-        g2, s, count, ranks = allreduce_sum([self.g2_sum, self.s_sum, float(self.count), float(self.count > 0)],
-                                            device)
+        g2, s, count, ranks = self.carry(device)
         self.reset()
         return noise_metrics(ema, g2, s, count, ranks)

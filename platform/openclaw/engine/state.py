@@ -59,6 +59,10 @@ class TrainState:
     """The training loss summed over the steps since the last logged `train/loss`, and their sample count
     (all ranks): a resume between two logged steps carries it on, so the next `train/loss` averages the
     same steps as an uninterrupted run would."""
+    noise_window: list[float] = field(default_factory=list)
+    """The gradient noise scale's pairs since the last log step, summed over the ranks: [|G|^2, S, count,
+    measuring ranks] (`engine.noise.NoiseWindow`), carried on as `loss_window` is. Older checkpoints lack
+    it: the window starts empty."""
     grad_noise_ema: list[float] = field(default_factory=lambda: [0.0, 0.0])
     """The gradient noise scale's smoothed |G|^2 and S as of the last log step (`engine.noise`; the same
     on every rank), so that `train/grad_noise_scale_smooth` carries on across a restart. Older
@@ -82,6 +86,7 @@ class TrainState:
         self.step, self.samples_seen, self.epoch, self.offset, self.pending_metrics = 0, 0, 0, 0, []
         self.loss_window = [0.0, 0.0]
         self.grad_noise_ema = [0.0, 0.0]
+        self.noise_window = []
         self.overflow_window = []
 
     def roll_back_to(self, saved: dict[str, Any]) -> None:

@@ -261,7 +261,7 @@ class Attempt:
                 self.window.last["perf/wall_step_s"] = self.window.wall_step_s(step)
             if should_save(step, self.config) or stop:
                 self.precision.at_checkpoint()
-                self.state.loss_window = self.window.carry()
+                self.window.carry(self.state)
                 self.saver.save(self.window.last, final=bool(stop) or step == max_steps)
         if self.profile:  # a profiled step ends here; the profile's own end (gather, report) is no training time
             self.profile.step_ends(step)

@@ -65,7 +65,7 @@ class LogWindow:
         carried = state.loss_window if self.rank == 0 else [0.0, 0.0]
         self.loss_sum, self.samples = carried[0], int(carried[1])
         self.filled = state.loss_window[1] > 0  # alike on every rank (the state is), unlike `samples`
-        self.noise.reset()
+        self.noise.reset(state.noise_window, mine=self.rank == 0)
         self.untimed = 0  # samples of steps that compiled: their time is not in the window's
         self.t0 = self.wall_t0 = time.perf_counter()  # wall_t0: the per-rank split's (checkpoint stalls in)
 
@@ -108,9 +108,11 @@ class LogWindow:
         rank 0 holds a window a checkpoint carried, so its own samples cannot say."""
         return should_log(step, self.cfg) and self.filled
 
-    def carry(self) -> list[float]:
-        """Collective: the window so far, summed over the ranks, for the checkpoint to carry."""
-        return allreduce_sum([self.loss_sum * self.share, self.samples * self.share], self.device)
+    def carry(self, state: TrainState) -> None:
+        """Collective: the window so far, summed over the ranks, into `state` for the checkpoint to carry:
+        the loss and samples, and the gradient noise scale's pairs."""
+        state.loss_window = allreduce_sum([self.loss_sum * self.share, self.samples * self.share], self.device)
+        state.noise_window = self.noise.carry(self.device)
 
     def wall_step_s(self, step: int) -> float:
         """This attempt's wall time per step, everything included."""
