@@ -8,7 +8,7 @@ import openclaw
 from openclaw.tracking.writer import EVENTS_FILE, MlflowWriter, mesh_words
 
 
-def test_events_are_read_in_order_while_the_run_goes_on_and_match_events_json_at_the_end(tmp_path):
+def test_events_are_read_in_order_while_the_run_goes_on_and_match_events_json_at_the_end(tmp_path, capfd):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("events")).info.run_id
@@ -18,6 +18,7 @@ def test_events_are_read_in_order_while_the_run_goes_on_and_match_events_json_at
     live = openclaw.events(run_id, tracking_uri=uri)
     assert [(e["event"], e["t"]) for e in live] == [("start", 100.0), ("checkpoint", 101.0),
                                                     ("checkpoint_requested", 102.0)]
+    assert "Downloading artifacts" not in capfd.readouterr().err  # MLflow drew a bar per read on the caller's stderr
     assert EVENTS_FILE not in {a.path for a in client.list_artifacts(run_id)}  # not yet: the run goes on
 
     # A new driver resumes the run: its writer reads the events so far and appends after them.

@@ -8,9 +8,7 @@ them on the run as `advice.md` and `advice.json`; nothing here may fail a run th
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import tempfile
 from typing import Any
 
@@ -26,7 +24,7 @@ from openclaw.config import Config, validate
 from openclaw.errors import ConfigError
 from openclaw.tracking.redact import scrub
 from openclaw.tracking.run import metric_histories, sweep_parent, unreadable
-from openclaw.tracking.writer import ATTEMPT_EVENTS, read_events
+from openclaw.tracking.writer import ATTEMPT_EVENTS, no_progress_bars, read_events
 
 log = logging.getLogger("openclaw")
 ADVICE_MD, ADVICE_JSON = "advice.md", "advice.json"
@@ -88,7 +86,7 @@ def log_advice(uri: str, run_id: str, recs: list[Recommendation], facts: Facts, 
 
 def logged_config(client: MlflowClient, run_id: str) -> Config:
     """The config a run logged (`config.yaml`, secrets masked), validated."""
-    with tempfile.TemporaryDirectory(prefix="openclaw-advice-") as d, _no_progress_bars():
+    with tempfile.TemporaryDirectory(prefix="openclaw-advice-") as d, no_progress_bars():
         try:
             path = client.download_artifacts(run_id, "config.yaml", d)
         except Exception:
@@ -98,27 +96,13 @@ def logged_config(client: MlflowClient, run_id: str) -> Config:
             return validate(yaml.safe_load(f) or {}, source=f"MLflow run {run_id}'s config.yaml")
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    """MLflow draws a progress bar per artifact it downloads (the run's event parts): not on this console."""
-    name, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
 def _logged_facts(client: MlflowClient, run, config: Config, wall_s: float | None = None) -> tuple[Facts, int]:
     run_id = run.info.run_id
     per_rank = config.parallelism.pipeline > 1  # only the pipeline rules read each rank's split: 3 keys a rank
     keys = [k for k in run.data.metrics if k in WINDOW_KEYS or (per_rank and RANK_KEY.fullmatch(k))]
     history = {k: [(m.step, m.value) for m in points]
                for k, points in zip(keys, metric_histories(client, run_id, keys))}
-    with _no_progress_bars():
+    with no_progress_bars():
         notes = run_notes(run, read_events(client, run_id))
     if wall_s is not None:
         notes.wall_s = wall_s

@@ -9,6 +9,7 @@ applies a spool file's, in order, later.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import hashlib
@@ -29,6 +30,20 @@ ATTEMPT_EVENTS = ("start", "resume", "restart", "resize")
 EVENTS_DIR, EVENTS_FILE = "events", "events.json"
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """MLflow draws a progress bar per artifact it downloads (a run's event parts): none on a user's console."""
+    name, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def read_events(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
     """A run's events, in order: its parts while it runs (`events/`), or the one `events.json` of a run
     from before parts. Readers of a live run use this; `events.json` is written once the run is done."""
@@ -41,7 +56,8 @@ def read_events(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
         # The parts in one download of their folder: a download per part costs a tracking server four
         # requests each (the run, its logged models, a listing, the file). Parts written since the listing
         # are left for the next read, so that the events stay a prefix of the run's in time order.
-        client.download_artifacts(run_id, EVENTS_DIR if parts else EVENTS_FILE, d)  # lands at d/<its path>
+        with no_progress_bars():  # `openclaw.events()` drew one per part on the caller's stderr
+            client.download_artifacts(run_id, EVENTS_DIR if parts else EVENTS_FILE, d)  # lands at d/<its path>
         for name in names:
             with open(os.path.join(d, name)) as f:
                 events += json.load(f)
