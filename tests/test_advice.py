@@ -245,7 +245,7 @@ def test_memory_headroom_counts_the_activations_of_the_rank_with_the_most_not_of
     stages = dict(peak_memory_bytes=30 * GiB, memory_capacity_bytes=80 * GiB, state_bytes=20 * GiB, **A100)
     assert dr.rule_memory_headroom(facts(**stages)) is not None  # a run that logged no activation bytes
     assert dr.rule_memory_headroom(facts(**stages, activation_bytes=24 * GiB)) is None
-    history = {"perf/activation_bytes_per_rank": [(25, float(20 * GiB)), (50, float(24 * GiB))]}
+    history = {"perf/peak_activation_bytes": [(25, float(20 * GiB)), (50, float(24 * GiB))]}
     assert facts_from_history(cfg(), history, RunNotes()).activation_bytes == 24 * GiB
 
 

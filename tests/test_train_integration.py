@@ -244,7 +244,7 @@ def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_
     assert metrics["perf/comm_frac"] == max(metrics[f"perf/rank{r}/comm_frac"] for r in range(cfg.scaling.max_workers))
     assert metrics["perf/straggler_index"] >= 1.0 and metrics["perf/slowest_rank"] in range(cfg.scaling.max_workers)
     assert metrics["perf/memory_capacity_bytes"] > metrics["perf/state_bytes_per_rank"] > 0
-    assert 0 < metrics["perf/activation_bytes_per_rank"] <= metrics["perf/peak_memory_bytes"]
+    assert 0 < metrics["perf/peak_activation_bytes"] <= metrics["perf/peak_memory_bytes"]
 
 
 def test_scale_lr_policy_trains_a_smaller_world_with_its_own_batch_and_a_scaled_lr(ray_local, digits_dir, tmp_path,

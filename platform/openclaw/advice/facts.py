@@ -23,7 +23,7 @@ WINDOW_KEYS = ("perf/data_wait_frac", "perf/step_data_s", "perf/step_compute_s",
                "perf/step_net_compute_s", "perf/comm_frac", "perf/idle_frac", "perf/straggler_index", "perf/slowest_rank",
                "perf/samples_per_s", "perf/mfu", "perf/peak_memory_bytes", "perf/memory_capacity_bytes",
                "perf/param_bytes_per_rank", "perf/grad_bytes_per_rank", "perf/optimizer_bytes_per_rank", "perf/state_bytes_per_rank",
-               "perf/activation_bytes_per_rank",
+               "perf/peak_activation_bytes",
                "perf/graph_breaks", "perf/recompiles", "train/grad_noise_scale_smooth")
 """The metrics the facts are built from, besides each rank's split (`RANK_KEY`)."""
 RANK_KEY = re.compile(r"perf/rank(\d+)/(data|compute|comm)_frac")
@@ -99,7 +99,7 @@ def build_facts(config: Any, windows: list[dict[str, float]], notes: RunNotes | 
         grad_noise_scale=_last(windows, "train/grad_noise_scale_smooth"), compute_frac=_compute_frac(windows),
         world_size=world, accumulation=accum, checkpoint_bytes=_checkpoint_bytes(windows),
         state_bytes=_max(windows, "perf/state_bytes_per_rank"), grad_bytes=_max(windows, "perf/grad_bytes_per_rank"),
-        activation_bytes=_max(windows, "perf/activation_bytes_per_rank"),
+        activation_bytes=_max(windows, "perf/peak_activation_bytes"),
         prepare_s=notes.prepare_s,
         prepare_cache=notes.prepare_cache, wall_s=notes.wall_s, tensor_group_nodes=notes.tensor_group_nodes,
         workers_per_node=notes.workers_per_node, model_blocks=notes.model_blocks, rank_busy=_rank_busy(windows))

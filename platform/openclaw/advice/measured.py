@@ -84,7 +84,7 @@ class Facts:
     state_bytes: float | None = None
     """`perf/state_bytes_per_rank`: parameters, gradients and optimizer state (the largest rank's)."""
     activation_bytes: float | None = None
-    """`perf/activation_bytes_per_rank`: the peak memory above the state, the largest rank's (pipeline
+    """`perf/peak_activation_bytes`: the peak memory above the state, the largest rank's (pipeline
     stages differ in both: the largest state and the largest peak may be two ranks')."""
     grad_bytes: float | None = None
     """`perf/grad_bytes_per_rank`: the gradients one rank holds (and, under DDP, all-reduces) per step."""

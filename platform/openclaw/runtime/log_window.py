@@ -174,7 +174,7 @@ class LogWindow:
         values = [held.get("params", 0), held.get("grads", 0), held.get("optimizer", 0), sum(held.values()), peak,
                   max(0, peak - sum(held.values()))]
         names = ("param_bytes_per_rank", "grad_bytes_per_rank", "optimizer_bytes_per_rank", "state_bytes_per_rank",
-                 "peak_memory_bytes", "activation_bytes_per_rank")
+                 "peak_memory_bytes", "peak_activation_bytes")
         out = {f"perf/{n}": v for n, v in zip(names, allreduce_max(values, self.device))}
         out["perf/memory_capacity_bytes"] = self.capacity  # the same on every rank of one kind of machine
         return out
