@@ -57,6 +57,9 @@ CASES = {
         lambda d, t: [DIGITS, *_data(d), "--set", "train.eval_rows=1"],
         "an evaluation scores 1 row(s) of `data.val`, fewer than the 2 data-parallel ranks it is shared out over: "
         "raise `train.eval_rows`"),
+    "a scalar column as an mlp's features": (
+        lambda d, t: [DIGITS, *_data(d), "--set", "data.features=y", "--set", "data.label=y"],
+        "fit the data (the mlp takes a vector per row: a fixed-size list column as `data.features`)."),
     "a list column as the labels": (lambda d, t: [DIGITS, *_data(d), "--set", "data.label=x"],
                                     "holds a list per row (fixed_size_list<element: float>[64]); classification scores "
                                     "one class id per row. Set `data.label` to the class column"),

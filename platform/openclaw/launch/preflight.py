@@ -184,7 +184,8 @@ def output_width(config: Config, source: Source, model: torch.nn.Module | None =
         builtin = config.model.name in BUILTIN
         if not (builtin or misfits_the_rows(e)):
             return None  # the workers' first step runs it on real rows
-        hint = f" (`model.kwargs.in_features`: {math.prod(inputs.shape[1:])})" if config.model.name == "mlp" else ""
+        hint = "" if config.model.name != "mlp" else f" (`model.kwargs.in_features`: {math.prod(inputs.shape[1:])})" \
+            if inputs.dim() > 1 else " (the mlp takes a vector per row: a fixed-size list column as `data.features`)"
         raise ConfigError(f"the {'built-in' if builtin else '`model.name`'} {config.model.name!r} cannot run on the "
                           f"data's rows (`data.features` {config.data.features!r}: {list(inputs.shape[1:])} per row, "
                           f"{inputs.dtype}): {type(e).__name__}: {str(e).splitlines()[0].rstrip('.')}. Make "
