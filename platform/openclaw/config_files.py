@@ -80,7 +80,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"Override {key}: `{'.'.join(parts[:i + 1])}` is a value, not a section.")
         node = child
-        if any("." in k for k in node):
+        if any(isinstance(k, str) and "." in k for k in node):
             node[".".join(parts[i + 1:])] = value
             return
     node[parts[-1]] = value

@@ -102,8 +102,7 @@ def _logged_facts(client: MlflowClient, run, config: Config, wall_s: float | Non
     keys = [k for k in run.data.metrics if k in WINDOW_KEYS or (per_rank and RANK_KEY.fullmatch(k))]
     history = {k: [(m.step, m.value) for m in points]
                for k, points in zip(keys, metric_histories(client, run_id, keys))}
-    with no_progress_bars():
-        notes = run_notes(run, read_events(client, run_id))
+    notes = run_notes(run, read_events(client, run_id))  # read_events draws no progress bars
     if wall_s is not None:
         notes.wall_s = wall_s
     windows = len({step for points in history.values() for step, _ in points})

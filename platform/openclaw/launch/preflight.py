@@ -100,8 +100,9 @@ def check_eval_rows(val: Source | None, config: Config) -> None:
     """Every data-parallel rank scores at least one validation row: an evaluation shares the rows out, and
     under FSDP each rank runs as many forwards as the one with the most, again over its own last rows."""
     dp = max(config.worlds) // config.parallelism.model_parallel
-    if val is not None and 0 < val.num_rows and eval_rows(val.num_rows, config) < dp:
-        raise DataError(f"an evaluation scores {eval_rows(val.num_rows, config)} row(s) of `data.val`, fewer than the "
+    rows = eval_rows(val.num_rows, config) if val is not None else 0
+    if 0 < rows < dp:
+        raise DataError(f"an evaluation scores {rows} row(s) of `data.val`, fewer than the "
                         f"{dp} data-parallel ranks it is shared out over: raise `train.eval_rows`, or use a larger "
                         f"`data.val`.")
 
@@ -184,8 +185,10 @@ def output_width(config: Config, source: Source, model: torch.nn.Module | None =
         builtin = config.model.name in BUILTIN
         if not (builtin or misfits_the_rows(e)):
             return None  # the workers' first step runs it on real rows
-        hint = "" if config.model.name != "mlp" else f" (`model.kwargs.in_features`: {math.prod(inputs.shape[1:])})" \
-            if inputs.dim() > 1 else " (the mlp takes a vector per row: a fixed-size list column as `data.features`)"
+        hint = ""
+        if config.model.name == "mlp":  # it flattens each row: a vector's width is its `in_features`
+            hint = f" (`model.kwargs.in_features`: {math.prod(inputs.shape[1:])})" if inputs.dim() > 1 else \
+                " (the mlp takes a vector per row: a fixed-size list column as `data.features`)"
         raise ConfigError(f"the {'built-in' if builtin else '`model.name`'} {config.model.name!r} cannot run on the "
                           f"data's rows (`data.features` {config.data.features!r}: {list(inputs.shape[1:])} per row, "
                           f"{inputs.dtype}): {type(e).__name__}: {str(e).splitlines()[0].rstrip('.')}. Make "

@@ -91,10 +91,10 @@ class SwitchPrecision:
     cause: str
 
 
-def precision_decision(current: str, overflows: list[bool], scale: float | None, *, bf16_ok: bool,
+def precision_decision(current: str, overflows: list[int], scale: float | None, *, bf16_ok: bool,
                        window_steps: int, max_overflow_frac: float, min_scale: float) -> SwitchPrecision | None:
     """fp16 with loss scaling is unstable when more than `max_overflow_frac` of the last `window_steps` steps
-    overflowed (`overflows`, oldest first), or when the scale fell below `min_scale`: then the next safer
+    overflowed (`overflows`, oldest first, 1 or True where one did), or when the scale fell below `min_scale`: then the next safer
     precision is bf16 where the device has it (`bf16_ok`), else fp32. Other precisions never switch here."""
     if current != "fp16":
         return None

@@ -71,8 +71,7 @@ class PrecisionWatch:
         if not amp.switch or self.pending:
             return
         self.pending = precision_decision(
-            self.engine.precision.name, [bool(o) for o in state.overflow_window],
-            self.engine.loss_scale() if overflow else None,
+            self.engine.precision.name, state.overflow_window, self.engine.loss_scale() if overflow else None,
             bf16_ok=self.facts.type != "cuda" or self.facts.bf16, window_steps=amp.window_steps,
             max_overflow_frac=amp.max_overflow_frac, min_scale=amp.min_scale)
         self._say_pending(step + 1)
