@@ -92,18 +92,30 @@ def test_the_engine_converts_before_the_wrap_and_trains_in_fp8():
     assert all(s.finite for s in stats) and stats[-1].loss_sum < stats[0].loss_sum
 
 
-def test_the_probe_falls_back_to_bf16_where_fp8_is_slower_and_says_so():
-    # on a CPU, float8 is emulated (casts and scales around a bf16 GEMM): slower, so the probe keeps bf16
+def test_the_probe_keeps_fp8_only_where_it_measured_it_faster_and_trains_nothing():
+    # on a CPU, float8 is emulated (casts and scales around a bf16 GEMM), usually slower; the decision is
+    # checked against the times measured, whichever side they favour, so noise cannot fail it
     engine = _engine()
     before = {k: v.clone() for k, v in engine.module.state_dict().items()}
     fp8_s, bf16_s = engine.probe_fp8(_batch())
-    assert fp8_s > bf16_s > 0
-    assert engine.precision.name == "bf16" and engine.fp8_layers == [] and type(engine.module.up) is nn.Linear
-    assert "fp8 measured no faster than bf16" in engine.precision.reason
-    assert f"{fp8_s * 1e3:.1f} ms" in engine.precision.reason
+    assert fp8_s > 0 and bf16_s > 0
+    kept = fp8.pays(fp8_s, bf16_s)
+    assert engine.precision.name == ("fp8" if kept else "bf16")
+    assert (type(engine.module.up).__name__ == "Float8Linear") is kept
     after = engine.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the probe trains nothing
     assert all(p.grad is None for p in engine.module.parameters())
+
+
+def test_a_fallback_trains_on_in_bf16_around_the_same_parameters_and_says_why():
+    engine = _engine()
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    params = [id(p) for p in engine.module.parameters()]
+    assert engine.time_fp8(_batch()) is not None and engine.precision.name == "fp8"  # timing decides nothing
+    engine.fall_back_from_fp8(0.0123, 0.0045)
+    assert engine.precision.name == "bf16" and engine.fp8_layers == [] and type(engine.module.up) is nn.Linear
+    assert "fp8 measured no faster than bf16 here (12.3 ms vs 4.5 ms per micro-batch)" in engine.precision.reason
+    assert [id(p) for p in engine.module.parameters()] == params  # the optimizer's parameters still
     # and it trains on, in bf16, as a fresh bf16 engine of the same seed does
     reference = Engine(Wide(), Classification(), engine.cfg.model_copy(update={"precision": "bf16"}),
                        device=torch.device("cpu"))
@@ -138,7 +150,8 @@ def _probe_fp8_under_fsdp(rank: int, world: int) -> dict:
                       strategy=build_strategy(ParallelismConfig(strategy="fsdp"), world=world, rank=rank))
     mine = {k: v[rank * 16:(rank + 1) * 16] for k, v in _batch().items()}
     probed = engine("fp8")
-    timed = probed.probe_fp8(mine)
+    timed = probed.time_fp8(mine)
+    probed.fall_back_from_fp8(*timed)  # whichever side the noise of two ranks on two cores favoured
     got = {"timed": timed, "precision": probed.precision.name, "up": type(probed.module.up).__name__,
            "losses": [probed.train_step(s, [mine]).loss_sum for s in range(2)]}
     bf16 = engine("bf16")
@@ -149,8 +162,10 @@ def test_a_sharded_model_is_probed_and_falls_back_to_bf16_in_place():
     """Under FSDP each Linear's parameters are the shards FSDP gathers into those very modules: the probe
     runs both sides on them, and the fallback keeps them, training on as a bf16 engine does."""
     from parallel_harness import spawn
-    for got in spawn(2, _probe_fp8_under_fsdp):
-        assert got["timed"] is not None and got["timed"][0] > got["timed"][1] > 0  # emulated fp8 is slower
+    got_by_rank = spawn(2, _probe_fp8_under_fsdp)
+    assert got_by_rank[0]["timed"] == got_by_rank[1]["timed"]  # the slowest rank's: every rank decides alike
+    for got in got_by_rank:
+        assert got["timed"][0] > 0 and got["timed"][1] > 0
         assert got["precision"] == "bf16" and got["up"] == "Linear"
         assert got["losses"] == got["bf16_losses"]
 
@@ -172,17 +187,20 @@ def _probe_fp8_in_a_pipeline(rank: int, world: int) -> dict:
     layers = list(engine.fp8_layers)
     timed = engine.probe_fp8(step)
     return {"layers": layers, "timed": timed, "precision": engine.precision.name,
-            "finite": engine.train_step(0, step).finite}
+            "converted": bool(engine.fp8_layers), "finite": engine.train_step(0, step).finite}
 
 
 def test_a_pipeline_is_probed_on_a_whole_step():
     """1F1B refuses fewer micro-batches than its stages, so a probe of one micro-batch raised in a pipeline;
     the attempt probes the first step's, and the times are per micro-batch."""
     from parallel_harness import spawn
-    for got in spawn(2, _probe_fp8_in_a_pipeline):
+    got_by_rank = spawn(2, _probe_fp8_in_a_pipeline)
+    assert got_by_rank[0]["timed"] == got_by_rank[1]["timed"]  # the slowest stage's: both stages decide alike
+    for got in got_by_rank:
         assert got["layers"] and "head" not in got["layers"], got["layers"]  # this stage's float8 MLPs
-        assert got["timed"] is not None and got["timed"][0] > got["timed"][1] > 0  # emulated fp8 is slower
-        assert got["precision"] == "bf16" and got["finite"]
+        kept = fp8.pays(*got["timed"])
+        assert got["timed"][0] > 0 and got["timed"][1] > 0 and got["finite"]
+        assert got["precision"] == ("fp8" if kept else "bf16") and got["converted"] is kept
 
 
 def test_nothing_to_probe_without_fp8_layers():

@@ -203,12 +203,19 @@ class Engine:
         self.scaler = self.fns.scaler = self._scaler()
 
     def probe_fp8(self, micro_batches: Batch | list[Batch]) -> tuple[float, float] | None:
-        """fp8 pays only where its GEMMs outrun the casts around them: time a forward and backward of
-        `micro_batches` (one, or a step's: a pipeline's 1F1B schedule takes no fewer than its stages) with
-        the float8 Linears and in bf16, per micro-batch (the slowest rank's times, so every rank decides
-        alike), keep fp8 only if faster, else train in bf16 and say why in the precision's reason. None:
-        nothing to measure (not fp8, or no layer converted). Collective under every strategy: each rank
-        runs them both ways."""
+        """fp8 pays only where its GEMMs outrun the casts around them: `time_fp8`, then keep fp8 only if
+        faster (`fp8.pays`), else `fall_back_from_fp8`. None: nothing to measure (not fp8, or no layer
+        converted). Collective under every strategy."""
+        timed = self.time_fp8(micro_batches)
+        if timed is not None and not fp8.pays(*timed):
+            self.fall_back_from_fp8(*timed)
+        return timed
+
+    def time_fp8(self, micro_batches: Batch | list[Batch]) -> tuple[float, float] | None:
+        """Seconds per micro-batch of a forward and backward of `micro_batches` (one, or a step's: a
+        pipeline's 1F1B schedule takes no fewer than its stages) with the float8 Linears, then in bf16:
+        the slowest rank's, so every rank decides alike. Trains nothing and leaves the model converted
+        as it was. None without float8 layers. Collective: each rank runs both sides."""
         if not self.fp8_layers:
             return None
         batches = [micro_batches] if isinstance(micro_batches, dict) else list(micro_batches)
@@ -218,14 +225,17 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
 
         timed = allreduce_max(list(fp8.probe(self.module, run)), self.device)
-        fp8_s, bf16_s = (t / len(batches) for t in timed)
         self.strategy.take_comm_s()  # the probe's collectives are not the first step's
-        if not fp8.pays(fp8_s, bf16_s):
-            bf16 = choose_precision("bf16", device_facts(self.device), self.cfg.tf32)
-            self.set_precision(Precision("bf16", bf16.scaler, bf16.tf32,
-                                         f"fp8 measured no faster than bf16 here ({fp8_s * 1e3:.1f} ms vs "
-                                         f"{bf16_s * 1e3:.1f} ms per micro-batch): {bf16.reason}"))
+        fp8_s, bf16_s = (t / len(batches) for t in timed)
         return fp8_s, bf16_s
+
+    def fall_back_from_fp8(self, fp8_s: float, bf16_s: float) -> None:
+        """Train in bf16 from the next step on, around the same parameters, saying in the precision's
+        reason what the probe measured."""
+        bf16 = choose_precision("bf16", device_facts(self.device), self.cfg.tf32)
+        self.set_precision(Precision("bf16", bf16.scaler, bf16.tf32,
+                                     f"fp8 measured no faster than bf16 here ({fp8_s * 1e3:.1f} ms vs "
+                                     f"{bf16_s * 1e3:.1f} ms per micro-batch): {bf16.reason}"))
 
     def loss_scale(self) -> float | None:
         """fp16: the scaler's current scale (one device-to-host read); None without a scaler."""
