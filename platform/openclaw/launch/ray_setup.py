@@ -18,6 +18,7 @@ from openclaw import constants
 from openclaw.config import FP8_ON_CPU, Config
 from openclaw.data.filesystems import ray_storage
 from openclaw.errors import ConfigError
+from openclaw.launch.capacity import shortfall
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.entry import train_loop
 from openclaw.runtime.ray_private import (DatasetsCallback, ElasticScalingPolicy, PlacementGroupCleanerCallback,
@@ -28,14 +29,15 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The openclaw package folder, shipped to the cluster when it does not have openclaw installed."""
 
 
-def connect_ray(address: str | None, verbose: bool, config: Config | None = None, min_cpus: int = 0) -> None:
-    """Join `address` (or $RAY_ADDRESS), or start a fresh local instance.
+def connect_ray(address: str | None, verbose: bool, config: Config | None = None, min_cpus: int = 0) -> bool:
+    """Join `address` (or $RAY_ADDRESS), or start a fresh local instance: true where this call started
+    one (no node will join it), false where it joined a cluster or Ray was already connected.
 
     A local instance gets at least two logical CPUs beyond what the workers reserve: Ray Data's read
     tasks need CPUs of their own, and with every CPU held by a training worker they would never run.
     """
     if ray.is_initialized():
-        return
+        return False
     if not verbose:  # "Token authentication is enabled..." on every start: expected, not news
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
@@ -54,6 +56,31 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
         ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need), **kwargs)
     if callable(sigterm):
         signal.signal(signal.SIGTERM, sigterm)
+    return not address
+
+
+def check_capacity(config: Config, started_here: bool) -> None:
+    """Whether the nodes can hold `scaling.min_workers` workers (`launch.capacity`): on an instance that
+    `connect_ray` started here a ConfigError, on a cluster a note (nodes may join, and Ray Train waits)."""
+    _, per_worker = worker_resources(config)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    missing = shortfall(per_worker, config.scaling.min_workers, nodes)
+    if missing is None:
+        return
+    if started_here:
+        raise ConfigError(missing)
+    print(f"openclaw: note: {missing} Ray Train waits for nodes that can.", flush=True)
+
+
+def worker_resources(config: Config) -> tuple[bool, dict[str, float]]:
+    """Whether the workers use GPUs (`scaling.use_gpu`, auto: where the cluster has some), and the
+    resources each asks Ray for."""
+    s = config.scaling
+    use_gpu = _use_gpu(s.use_gpu)
+    resources = dict(s.resources_per_worker)
+    if use_gpu:
+        resources.setdefault("GPU", 1)
+    return use_gpu, resources
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -92,13 +119,10 @@ def build_trainer(config: Config, loop_config: dict[str, Any], storage: str, ver
     """`watch_drains`: openclaw's one drain watcher for the run, in place of Ray's per-group one (false
     when the user chose with `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`)."""
     s = config.scaling
-    use_gpu = _use_gpu(s.use_gpu)
+    use_gpu, resources = worker_resources(config)
     if config.train.precision == "fp8" and not use_gpu:  # `use_gpu: auto` found no GPU: before any worker starts
         raise ConfigError(FP8_ON_CPU)
     num_workers = s.max_workers if s.min_workers == s.max_workers else (s.min_workers, s.max_workers)
-    resources = dict(s.resources_per_worker)
-    if use_gpu:
-        resources.setdefault("GPU", 1)
     storage_path, storage_fs = ray_storage(storage)
     # The workers stream their shards themselves (`openclaw.data.stream`), in the platform's order: no
     # Ray Data iterator, whose order and position a restart could not recover.

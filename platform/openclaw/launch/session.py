@@ -32,7 +32,7 @@ from openclaw.launch.console import ProgressPrinter
 from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
 from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
-from openclaw.launch.ray_setup import build_trainer, connect_ray, on_this_node
+from openclaw.launch.ray_setup import build_trainer, check_capacity, connect_ray, on_this_node
 from openclaw.launch.resume_check import changes_since_checkpoint
 from openclaw.launch.stops import allow_clean_up, graceful_stops, put_back, stop_signals_raise
 from openclaw.runtime.control import start_control, wait_for_checkpoint
@@ -125,7 +125,7 @@ class RunSession:
         resuming = changes_since_checkpoint(config, self.run_dir)  # the model, task and optimizer it must keep
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
         self._sigterm_before = stop_signals_raise()  # `connect_ray` keeps it in place of Ray's own
-        connect_ray(address, self.verbose, config)
+        check_capacity(config, started_here=connect_ray(address, self.verbose, config))
         self.prepared, self.cache = prepare_data(config, sources, self.storage)  # a bad shard stops the job here
         resumed = False
         if self.tracked:

@@ -60,8 +60,21 @@ class ReportStartFailures(ControllerCallback):
         if error is None or "WorkerGroupStartup" not in _error_chain(error):
             return
         self.count += 1
-        put_nowait(self.progress, {"message": f"worker group start failed ({self.count} so far): "
-                                              f"{str(error).splitlines()[0][:200]}; Ray Train retries"})
+        put_nowait(self.progress, {"message": start_failure_message(error, self.count)})
+
+
+def start_failure_message(error: BaseException, count: int) -> str:
+    """The progress line for a failed worker-group start: the innermost error's first sentence (the
+    outer ones only say that the controller failed)."""
+    inner = error
+    for _ in range(6):
+        deeper = getattr(inner, "controller_failure", None) or inner.__cause__
+        if deeper is None:
+            break
+        inner = deeper
+    said = " ".join(str(inner).split())
+    said = said.split(". Potential causes")[0].split(". ")[0].rstrip(".")[:200] or type(inner).__name__
+    return f"worker group start failed ({count} so far): {said}; Ray Train retries"
 
 
 class FailureBudget(ControllerCallback):
