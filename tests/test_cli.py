@@ -65,6 +65,9 @@ CASES = {
                                     "one class id per row. Set `data.label` to the class column"),
     "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
                                  "`model.kwargs.hidden` must be an integer (got 'abc')"),
+    "tracking uri scheme typo": (lambda d, t: [DIGITS, *_data(d), "--set", "tracking.uri=htp://127.0.0.1:5000"],
+                                 "`tracking.uri`: 'htp://127.0.0.1:5000' has the scheme 'htp', which no MLflow "
+                                 "tracking store takes. Use http(s)://HOST:PORT"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
                            "`parallelism.pipeline` (2 stage(s)) needs a model that says how to split it into stages"),
 }
@@ -95,6 +98,30 @@ def test_user_error_exit_2_without_traceback(case, digits_dir, tmp_path):
     assert r.returncode == 2, r.stderr
     assert expected in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.startswith("openclaw: error: ")
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://user:pw@mlflow.example", "sqlite:///m.db",
+                                 "postgresql+psycopg2://u@db/mlflow", "mysql://db/x", "file:///tmp/mlruns", "mlruns",
+                                 "/abs/mlruns", "databricks", "databricks://profile", "htp://127.0.0.1:5000",
+                                 "s3://bucket/mlruns", "sqlit:///m.db", "postgres://db/x"])
+def test_the_tracking_uri_check_takes_what_mlflows_store_registry_takes(uri):
+    """The check's list of schemes against MLflow's own registry (private, read here only): a URI it
+    refuses, MLflow would refuse when the run opened; one it takes, MLflow takes."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from openclaw.errors import ConfigError
+    from openclaw.tracking.run import check_tracking_uri
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+        mlflow_takes = True
+    except Exception:
+        mlflow_takes = False
+    try:
+        check_tracking_uri(uri, "tracking.uri")
+        we_take = True
+    except ConfigError as e:
+        we_take = False
+        assert "pw" not in str(e)
+    assert we_take == mlflow_takes
 
 
 SWEEP_LAYOUTS = {

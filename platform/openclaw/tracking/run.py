@@ -6,13 +6,16 @@ import contextlib
 import json
 import re
 import tempfile
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import entry_points
 from typing import Any, Iterator
 
 import mlflow
 import pyarrow.fs as pafs
 from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 
 from openclaw import constants
@@ -20,6 +23,24 @@ from openclaw.config import Config
 from openclaw.data.filesystems import storage_filesystem
 from openclaw.errors import CheckpointError, ConfigError, OpenClawError
 from openclaw.tracking.redact import flatten, public_uri, redacted
+
+
+_STORE_SCHEMES = frozenset({"", "file", "http", "https", "databricks", "databricks-uc", "uc", *DATABASE_ENGINES})
+"""The URI schemes of MLflow 3's built-in tracking stores (a database's: `postgresql+psycopg2` counts as
+`postgresql`); plugins add theirs through the `mlflow.tracking_store` entry points."""
+
+
+def check_tracking_uri(uri: str, key: str) -> None:
+    """A URI that no MLflow tracking store takes (a typo: `htp://host:5000`) is a ConfigError naming `key`,
+    before Ray starts: MLflow itself raises only when the run opens."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower().split("+")[0]
+    if len(scheme) == 1 or uri in {"databricks", "databricks-uc", "uc"}:  # a Windows drive; a profile name
+        return
+    if scheme in _STORE_SCHEMES | {e.name for e in entry_points(group="mlflow.tracking_store")}:
+        return
+    raise ConfigError(f"`{key}`: {public_uri(uri)!r} has the scheme {scheme!r}, which no MLflow tracking store "
+                      f"takes. Use http(s)://HOST:PORT for an MLflow server, or sqlite:///PATH or a folder for a "
+                      f"local store.")
 
 
 def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
