@@ -97,3 +97,50 @@ def test_missing_and_non_numeric_columns(tmp_path):
         check_columns(src, "x", "y")
     with pytest.raises(DataError, match=r"`data.label`: column 'name' .* has type string"):
         check_columns(src, "x", "name")
+
+
+def test_lists_of_different_lengths_are_refused_not_cut_into_other_rows(tmp_path):
+    """Lengths 4, 3, 5, 4: 16 values, which a reshape to 4 rows of 4 cut across the rows' boundaries."""
+    from openclaw.data.stream import ShardedData, shard_specs
+    seqs = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16]]
+    pq.write_table(pa.table({"x": pa.array(seqs, pa.list_(pa.int64())), "y": [0, 1, 2, 3]}), tmp_path / "p.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    check_columns(src, "x", "y")  # a footer cannot tell: the read does
+    with pytest.raises(DataError, match=r"p.parquet, column 'x': cannot be read as a tensor \(its rows hold lists "
+                                        r"of 3 to 5 values, and every row must hold as many"):
+        ShardedData(str(tmp_path), shard_specs(src.shards), "x", "y").batch(np.arange(4))
+    even = pa.array([[1, 2], [3, 4], [5, 6]], pa.list_(pa.int64()))
+    assert column_to_numpy(pa.chunked_array([even[:1], even[1:]])).tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+LISTS = "a null or empty list, or a null element"
+
+
+@pytest.mark.parametrize("column,what,read", [
+    (pa.array([0, 1, None, 3]), "null values", "1 null row"),
+    (pa.array([[1, 2], None, [3, 4], [5, 6]], pa.list_(pa.int64())), LISTS, "1 null row"),
+    (pa.array([[1, 2], [], [3, 4], [5, 6]], pa.list_(pa.int64())), LISTS, "lists of 0 to 2 values"),
+    (pa.array([[1, None], [2, 3], [3, 4], [5, 6]], pa.list_(pa.int64(), 2)), LISTS, "1 null value"),
+])
+def test_a_null_in_a_training_column_is_refused_from_the_footers_and_at_read_time(tmp_path, column, what, read):
+    """A null label became NaN and then an IndexError deep in the loss; a null feature became NaN silently."""
+    pq.write_table(pa.table({"x": [0.5] * 4, "y": column}), tmp_path / "p.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    with pytest.raises(DataError, match=rf"`data.label`: column 'y' in shard .*p.parquet holds {what}; .*Fill or drop"):
+        check_columns(src, "x", "y")
+    check_columns(src, "x", "y", nulls=False)  # transformed data: the prepared shards are checked instead
+    with pytest.raises(ValueError, match=read):  # a shard written without statistics
+        column_to_numpy(column)
+
+
+@pytest.mark.parametrize("dtype", [pa.uint16(), pa.uint32(), pa.uint64()])
+def test_unsigned_labels_are_read_as_signed_integers_torch_can_index(tmp_path, dtype):
+    """torch's index_select has no uint16-64 kernel: every worker's first batch failed."""
+    from openclaw.data.stream import ShardedData, shard_specs
+    pq.write_table(pa.table({"x": pa.array([[0.5, 0.5]] * 4, pa.list_(pa.float32(), 2)),
+                             "y": pa.array([0, 1, 2, 65535], dtype)}), tmp_path / "p.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    got = ShardedData(str(tmp_path), shard_specs(src.shards), "x", "y").batch(np.array([3, 0]))
+    assert got["y"].tolist() == [65535, 0] and not got["y"].dtype.is_floating_point
+    with pytest.raises(ValueError, match="past the int64 range"):
+        column_to_numpy(pa.array([2 ** 63], pa.uint64()))

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from openclaw.constants import apply_secret_env, secret_env
 from openclaw.data.config import DataConfig
-from openclaw.data.sources import Shard, Source, check_columns, footer_ranges
+from openclaw.data.sources import Shard, Source, check_columns, footer_nulls, footer_ranges
 from openclaw.errors import DataError
 from openclaw.data.filesystems import filesystem_for, is_remote
 from openclaw.data.prep_cache import PrepCache
@@ -98,8 +98,9 @@ def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transfo
         good = {s["source"] for s in manifest["shards"]}
         return raw.with_shards(tuple(s for s in raw.shards if s.path in good), skipped)
     paths = [(os.path.join(folder, _shard_name(s["file"], folder)), s) for s in manifest["shards"] if s["rows"]]
-    shards = tuple(Shard(path, s["rows"], s["bytes"], 0, ranges=footer_ranges(pq.read_metadata(path)))
-                   for path, s in paths)
+    metas = [(path, s, pq.read_metadata(path)) for path, s in paths]
+    shards = tuple(Shard(path, s["rows"], s["bytes"], 0, ranges=footer_ranges(meta), nulls=footer_nulls(meta))
+                   for path, s, meta in metas)
     if not shards:
         raise DataError(f"`{raw.key}`: no rows left after preparing {raw.spec}"
                         + (f" ({len(skipped)} bad shard(s) skipped; the first: {skipped[0][1]})." if skipped else "."))

@@ -37,6 +37,9 @@ class Shard:
     ranges: tuple[tuple[str, float, float], ...] = ()
     """Each integer or float column's (name, least value, greatest value), a list column's over its
     elements, from the footer's statistics: a column some row group has none for is left out."""
+    nulls: tuple[str, ...] = ()
+    """The columns whose footer statistics count a null (a list column's: a null or empty list, or a
+    null element); a shard written without statistics has none here."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
                 continue
             raise DataError(f"`{key}`: {problem}. All shards of a dataset must share one schema; fix the shard, "
                             f"or set `data.on_bad_shard: skip` to train without it.")
-        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag, footer_ranges(meta)))
+        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag, footer_ranges(meta),
+                            footer_nulls(meta)))
     source = Source(key, spec, tuple(shards), fs, schema, tuple(skipped))
     if not shards:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) and none is readable"
@@ -138,6 +142,15 @@ def footer_ranges(meta: pq.FileMetaData) -> tuple[tuple[str, float, float], ...]
             lo, hi = spans.get(name) or (st.min, st.max)
             spans[name] = (min(lo, st.min), max(hi, st.max))
     return tuple((name, *span) for name, span in spans.items() if span is not None)
+
+
+def footer_nulls(meta: pq.FileMetaData) -> tuple[str, ...]:
+    """`Shard.nulls` from a Parquet footer: the top-level columns some row group's statistics count a null in."""
+    names = dict.fromkeys(
+        group.column(c).path_in_schema.split(".")[0]
+        for group in (meta.row_group(g) for g in range(meta.num_row_groups)) for c in range(group.num_columns)
+        if (st := group.column(c).statistics) is not None and st.has_null_count and st.null_count > 0)
+    return tuple(names)
 
 
 def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData | Exception, str]:
@@ -203,8 +216,9 @@ def _cols(schema: pa.Schema) -> str:
     return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
 
 
-def check_columns(source: Source, features: str, label: str | None) -> None:
-    """Fail before training if a configured column is missing or is not numeric."""
+def check_columns(source: Source, features: str, label: str | None, nulls: bool = True) -> None:
+    """Fail before training if a configured column is missing, is not numeric, or (`nulls`: the shards
+    are the ones training reads) a shard's footer counts a null in it."""
     for key, col in (("data.features", features), ("data.label", label)):
         if col is None:
             continue
@@ -216,17 +230,43 @@ def check_columns(source: Source, features: str, label: str | None) -> None:
         if not (pa.types.is_integer(base) or pa.types.is_floating(base)):
             raise DataError(f"`{key}`: column {col!r} in {source.spec} has type {t}; it must be numeric "
                             f"(a number or a fixed-size list of numbers).")
+        holed = next((s.path for s in source.shards if col in s.nulls), None) if nulls else None
+        if holed is not None:
+            what = "a null or empty list, or a null element" if base is not t else "null values"
+            raise DataError(f"`{key}`: column {col!r} in shard {holed} holds {what}; training reads every row as "
+                            f"numbers. Fill or drop those rows (when writing the data, or with a `data.transforms` "
+                            f"step).")
 
 
 # ---- worker side --------------------------------------------------------------------------------
 
 
 def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A scalar column to `[N]`, a (fixed-size) list column to `[N, D]`, without a Python loop."""
+    """A scalar column to `[N]`, a (fixed-size) list column to `[N, D]`, without a Python loop. Unsigned
+    integers wider than a byte become signed ones that hold them (torch indexes no uint16-64 tensor). A
+    ValueError for a null, or lists of different lengths (which a reshape would cut into other rows)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise ValueError(f"{arr.null_count} null row(s); fill or drop them")
+    width = None
     if pa.types.is_fixed_size_list(arr.type):
-        return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        flat = arr.flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(len(arr), -1)
-    return arr.to_numpy(zero_copy_only=False)
+        width = arr.type.list_size
+    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = np.diff(arr.offsets.to_numpy())
+        if len(lengths) and lengths.min() != lengths.max():
+            raise ValueError(f"its rows hold lists of {lengths.min()} to {lengths.max()} values, and every row must "
+                             f"hold as many (pad them, or write a fixed-size list)")
+        width = int(lengths[0]) if len(lengths) else 0
+    values = arr if width is None else arr.flatten()
+    if values.null_count:
+        raise ValueError(f"{values.null_count} null value(s) in its lists; fill or drop those rows")
+    out = values.to_numpy(zero_copy_only=False)
+    return _signed(out if width is None else out.reshape(len(arr), width))
+
+
+def _signed(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind != "u" or arr.dtype.itemsize == 1:
+        return arr
+    if arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"uint64 value {arr.max()} is past the int64 range torch reads")
+    return arr.astype(np.int32 if arr.dtype.itemsize == 2 else np.int64)

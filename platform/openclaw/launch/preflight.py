@@ -35,7 +35,8 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
         sources["val"] = resolve(d.val, "data.val", d.s3, d.on_bad_shard)
     for source in sources.values():
         schema = check_transforms(source, d) if d.transforms else source.schema
-        check_columns(dataclasses.replace(source, schema=schema), d.features, d.label)
+        check_columns(dataclasses.replace(source, schema=schema), d.features, d.label,
+                      nulls=not d.transforms)  # (transformed: checked once prepared)
         if config.task == "classification" and hasattr(schema.field(d.label).type, "value_type"):
             raise DataError(f"`data.label`: column {d.label!r} in {source.spec} holds a list per row "
                             f"({schema.field(d.label).type}); classification scores one class id per row. Set "
