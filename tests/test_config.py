@@ -315,3 +315,13 @@ def test_a_value_no_branch_of_a_union_takes_is_one_error_under_its_key():
     assert "`train.compile.mode`: Input should be 'default'" in str(e.value) and "bool" not in str(e.value)
     with pytest.raises(ConfigError, match=r"unknown key `train.compile.modes`; did you mean `train.compile.mode`\?"):
         load_config(DIGITS, ["train.compile={modes: fast}"])
+
+
+def test_load_config_leaves_its_base_as_it_was():
+    """Overrides were set into the caller's own nested dicts: the next config built on the same base
+    carried them (an SDK user's base config, and this file's MIN, once a test set a `data.` key)."""
+    base = {"data": {"train": "x"}, "train": {"max_steps": 10}}
+    cfg = load_config(None, ["data.shuffle_window_shards=4", "train.max_steps=20"], base=base)
+    assert cfg.data.shuffle_window_shards == 4 and cfg.train.max_steps == 20
+    assert base == {"data": {"train": "x"}, "train": {"max_steps": 10}}
+    assert load_config(None, [], base=base).data.shuffle_window_shards == 8

@@ -19,6 +19,7 @@ overrides) is what the run saves and logs, so it alone describes a run.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from math import lcm
@@ -210,8 +211,9 @@ class Config(Section):
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None,
                 *, base: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config, apply ``dotted.key=value`` overrides, and validate it into a `Config`."""
-    raw: dict[str, Any] = dict(base or {})
+    """Read a YAML config (or start from a copy of `base`), apply ``dotted.key=value`` overrides, and
+    validate it into a `Config`."""
+    raw: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         raw = read_yaml(Path(path))
     parsed = parse_overrides(overrides)
