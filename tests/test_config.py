@@ -184,7 +184,7 @@ def test_a_name_is_confined_to_its_folder_and_to_mlflow_filters(name):
     assert load_config(None, {"name": "text-lm_2.b"}, base=MIN).name == "text-lm_2.b"
 
 
-def test_a_resumed_run_may_change_anything_but_its_model_task_and_optimizer():
+def test_a_resumed_run_may_change_anything_but_its_model_task_optimizer_and_sample_order():
     from openclaw.launch.resume_check import config_changes, is_fixed
     before = load_config(None, ["model.kwargs.hidden=128"], base=MIN).resolved()
     after = load_config(None, ["model.kwargs.hidden=128", "train.global_batch_size=128", "train.optimizer.lr=2e-3"],
@@ -198,7 +198,10 @@ def test_a_resumed_run_may_change_anything_but_its_model_task_and_optimizer():
     newer = {**after, "train": {**after["train"], "a_new_key": 1}}
     assert "train.a_new_key" not in config_changes(before, newer)
     assert all(is_fixed(k) for k in ("model.name", "model.kwargs.hidden", "task", "train.optimizer.name"))
-    assert not any(is_fixed(k) for k in ("train.optimizer.lr", "modelx", "train.optimizer.name_x", "seed"))
+    assert not any(is_fixed(k) for k in ("train.optimizer.lr", "modelx", "train.optimizer.name_x", "seeds",
+                                         "data.shuffle"))
+    # the epoch's sample order: another from the saved position on repeats some samples and skips others
+    assert is_fixed("seed") and is_fixed("data.shuffle_window_shards")
 
 
 def test_the_resume_check_reads_the_newest_complete_checkpoint_and_refuses_another_model(tmp_path):
@@ -219,6 +222,10 @@ def test_the_resume_check_reads_the_newest_complete_checkpoint_and_refuses_anoth
     assert path.endswith("checkpoint_2026-01-01_00-00-00.000001") and changes == {"train.max_steps": (first.train.max_steps, 50)}
     with pytest.raises(ConfigError, match=r"`model.kwargs.hidden` was 128, now 64\. Set them back"):
         changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=64"], base=MIN), str(run))
+    for key, value in (("seed", 1), ("data.shuffle_window_shards", 4)):  # the epoch's order in progress
+        with pytest.raises(ConfigError, match=rf"optimizer or sample order: `{key}` was \d+, now {value}\."):
+            changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=128", f"{key}={value}"], base=MIN),
+                                     str(run))
     # a built-in's default written out builds the same model: dropout 0.0 is the mlp's (it was refused)
     spelled = load_config(None, ["model.kwargs.hidden=128", "model.kwargs.dropout=0.0", "model.kwargs.depth=2"],
                           base=MIN)

@@ -3,9 +3,11 @@
 The same `name` and `checkpoint.storage` resume a run from its newest checkpoint, which keeps the
 config it was trained with (`config.json`). The model, the task and the optimizer must stay as they
 were: a checkpoint cannot load into another model, and another optimizer's state would not be its
-own (a worker would fail on it at every attempt until the failure budget is spent). Anything else
-may change (a larger batch, a new learning rate, more steps): the run says what changed, and records
-it in MLflow, whose params keep the values the run started with.
+own (a worker would fail on it at every attempt until the failure budget is spent). So must the seed
+and the shuffle window: they fix the epoch's sample order, and another order from the saved position
+on would train some of the epoch's samples twice and others never. Anything else may change (a larger
+batch, a new learning rate, more steps): the run says what changed, and records it in MLflow, whose
+params keep the values the run started with.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from openclaw.errors import ConfigError
 from openclaw.runtime.checkpoint_store import newest_finished_file
 from openclaw.tracking.redact import flatten, redacted
 
-FIXED = ("model", "task", "train.optimizer.name")
+FIXED = ("model", "task", "train.optimizer.name", "seed", "data.shuffle_window_shards")
 """Keys (and the keys under them) a resumed run must keep."""
 
 
@@ -57,6 +59,7 @@ def changes_since_checkpoint(config: Config, run_dir: str) -> tuple[str, dict[st
     fixed = {k: v for k, v in changes.items() if is_fixed(k)}
     if fixed:
         said = "; ".join(f"`{k}` was {v[0]!r}, now {v[1]!r}" for k, v in fixed.items())
-        raise ConfigError(f"run {config.name!r} would resume from {path}, trained with another model, task or "
-                          f"optimizer: {said}. Set them back to resume it, or set a new `name` to start a new run.")
+        raise ConfigError(f"run {config.name!r} would resume from {path}, trained with another model, task, "
+                          f"optimizer or sample order: {said}. Set them back to resume it, or set a new `name` to "
+                          f"start a new run.")
     return path, changes
