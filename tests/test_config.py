@@ -332,3 +332,12 @@ def test_load_config_leaves_its_base_as_it_was():
     assert cfg.data.shuffle_window_shards == 4 and cfg.train.max_steps == 20
     assert base == {"data": {"train": "x"}, "train": {"max_steps": 10}}
     assert load_config(None, [], base=base).data.shuffle_window_shards == 8
+
+
+@pytest.mark.parametrize("key", ["data.cache.dir", "data.shard_cache.dir"])
+def test_a_cache_folder_given_as_a_uri_is_refused(key):
+    """`data.cache.dir: s3://bucket/prep` became a local folder named `s3:` in the working folder, which
+    the other nodes never saw."""
+    with pytest.raises(ConfigError, match=rf"`{key}`: must be a folder .*, not a URI like s3://\.\.\."):
+        load_config(None, {key: "s3://bucket/prep"}, base=MIN)
+    assert load_config(None, {key: "/mnt/shared/prep"}, base=MIN).model_dump()["data"]

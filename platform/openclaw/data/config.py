@@ -36,6 +36,11 @@ class CacheConfig(Section):
     max_bytes: int = Field(50 * 2**30, gt=0)
     """The cache's size bound; least-recently-used entries that no run is using are evicted to stay under it."""
 
+    @field_validator("dir")
+    @classmethod
+    def _a_folder(cls, v: str | None) -> str | None:
+        return _local_folder(v, "a shared mount every node sees")
+
 
 class ShardCacheConfig(Section):
     dir: str | None = None
@@ -43,6 +48,19 @@ class ShardCacheConfig(Section):
     temporary folder."""
     max_bytes: int = Field(20 * 2**30, gt=0)
     """Per node; least-recently-used shards are evicted to stay under it."""
+
+    @field_validator("dir")
+    @classmethod
+    def _a_folder(cls, v: str | None) -> str | None:
+        return _local_folder(v, "a local disk of each node")
+
+
+def _local_folder(v: str | None, where: str) -> str | None:
+    """A cache lives in a folder (file locks, renames): a URI would become a local folder named `s3:`."""
+    if v is not None and "://" in v:
+        raise ValueError(f"must be a folder ({where}), not a URI like {v.split('://')[0]}://...; the cache "
+                         f"holds file locks and renames, which object storage has not")
+    return v
 
 
 class Normalize(Section):
