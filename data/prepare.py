@@ -116,16 +116,28 @@ def synthetic(out: Path, rows: int = 100_000, features: int = 32, classes: int =
 RECIPES = {"digits": digits, "text": text, "synthetic": synthetic}
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (`--shards 0` or `-1` wrote no shard at all, after
+    deleting the old ones, and reported success)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a sharded Parquet dataset for openclaw.")
     p.add_argument("name", choices=sorted(RECIPES))
     p.add_argument("--out", required=True, type=Path, help="output folder (train/ and val/ go inside)")
     p.add_argument("--source", help="text: folder of .py files (default: the Python standard library)")
-    p.add_argument("--seq-len", type=int, default=128, help="text: tokens per training sequence")
-    p.add_argument("--max-bytes", type=int, help="text: cap on training bytes read")
-    p.add_argument("--rows", type=int, default=100_000, help="synthetic: number of rows")
-    p.add_argument("--features", type=int, default=32, help="synthetic: features per row")
-    p.add_argument("--shards", type=int, default=None, help="number of training shards")
+    p.add_argument("--seq-len", type=_positive, default=128, help="text: tokens per training sequence")
+    p.add_argument("--max-bytes", type=_positive, help="text: cap on training bytes read")
+    p.add_argument("--rows", type=_positive, default=100_000, help="synthetic: number of rows")
+    p.add_argument("--features", type=_positive, default=32, help="synthetic: features per row")
+    p.add_argument("--shards", type=_positive, default=None, help="number of training shards")
     p.add_argument("--layout", choices=["tensor", "columns"], default="tensor", help="synthetic: column layout")
     a = p.parse_args(argv)
     extra = {"shards": a.shards} if a.shards else {}

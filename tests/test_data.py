@@ -144,3 +144,17 @@ def test_unsigned_labels_are_read_as_signed_integers_torch_can_index(tmp_path, d
     assert got["y"].tolist() == [65535, 0] and not got["y"].dtype.is_floating_point
     with pytest.raises(ValueError, match="past the int64 range"):
         column_to_numpy(pa.array([2 ** 63], pa.uint64()))
+
+
+@pytest.mark.parametrize("args", [["--shards", "-1"], ["--shards", "0"], ["--rows", "0"], ["--seq-len", "x"]])
+def test_prepare_refuses_counts_below_one_and_keeps_the_dataset_there(tmp_path, args):
+    """`--shards -1` deleted the folder's shards, wrote none, and exited 0."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    out = prepare("synthetic", tmp_path / "s", "--rows", "200", "--features", "4", "--shards", "2")
+    before = sorted(p.name for p in (out / "train").iterdir())
+    r = subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "synthetic", "--out", str(out), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"argument {args[0]}: " in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (out / "train").iterdir()) == before == ["part-00000.parquet", "part-00001.parquet"]
