@@ -58,9 +58,10 @@ CASES = {
         "an evaluation scores 1 row(s) of `data.val`, fewer than the 2 data-parallel ranks it is shared out over: "
         "raise `train.eval_rows`"),
     "a scalar column as an mlp's features": (
-        lambda d, t: [DIGITS, *_data(d), "--set", "data.features=y", "--set", "data.label=y"],
+        lambda d, t: [DIGITS, "--set", f"data.train={_scalar_features(t)}", "--set", "data.val=null",
+                      "--set", "data.features=s"],
         "fit the data (the mlp takes a vector per row: a fixed-size list column as `data.features`)."),
-    "a list column as the labels": (lambda d, t: [DIGITS, *_data(d), "--set", "data.label=x"],
+    "a list column as the labels": (lambda d, t: [DIGITS, *_data(d), "--set", "data.features=y", "--set", "data.label=x"],
                                     "holds a list per row (fixed_size_list<element: float>[64]); classification scores "
                                     "one class id per row. Set `data.label` to the class column"),
     "model kwarg not a number": (lambda d, t: [DIGITS, *_data(d), "--set", "model.kwargs.hidden=abc"],
@@ -68,6 +69,9 @@ CASES = {
     "tracking uri scheme typo": (lambda d, t: [DIGITS, *_data(d), "--set", "tracking.uri=htp://127.0.0.1:5000"],
                                  "`tracking.uri`: 'htp://127.0.0.1:5000' has the scheme 'htp', which no MLflow "
                                  "tracking store takes. Use http(s)://HOST:PORT"),
+    "the label column is the features": (lambda d, t: [DIGITS, *_data(d), "--set", "data.label=x"],
+                                         "`data.label` names the same column as `data.features` ('x'). Set it to "
+                                         "the column that holds the targets."),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
                            "`parallelism.pipeline` (2 stage(s)) needs a model that says how to split it into stages"),
 }
@@ -83,6 +87,15 @@ def _user_model(tmp, body: str) -> str:
     """A user's model module in the CLI's working folder (on its import path): `narrow:build`."""
     (tmp / "narrow.py").write_text(f"from torch import nn\n\n\ndef build(**_):\n    return {body}\n")
     return "narrow:build"
+
+
+def _scalar_features(tmp):
+    """A dataset whose feature column `s` holds one number per row (and labels `y`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp / "scalar").mkdir()
+    pq.write_table(pa.table({"s": [0.5] * 256, "y": [1] * 256}), tmp / "scalar" / "part-0.parquet")
+    return tmp / "scalar"
 
 
 def _write(tmp, text):

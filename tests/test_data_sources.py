@@ -277,3 +277,21 @@ def test_a_users_model_that_reads_a_value_passes_the_preflight(digits_dir, tmp_p
                                 "model": {"name": "user_models:reads_a_value", "kwargs": {}}})
     assert set(preflight(config)) == {"train"}
     assert output_width(config, resolve(str(digits_dir / "train"), "data.train")) is None
+
+
+def test_a_language_model_with_a_label_column_the_data_lacks_is_told_to_set_none(text_dir, tmp_path):
+    """The text data has no `y`: the error said to set `data.label` to one of the columns, and a label equal
+    to the features then failed every worker with Arrow's 'Field "x" exists 2 times'."""
+    from conftest import REPO
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    from openclaw.launch.preflight import preflight
+    base = {"data.train": str(text_dir / "train"), "data.val": None, "checkpoint.storage": str(tmp_path / "runs"),
+            "tracking.enabled": False}
+    config = load_config(REPO / "jobs" / "configs" / "text-lm.yaml", {**base, "data.label": "y"})
+    with pytest.raises(DataError, match=r"`data.label`: column 'y' is not in .* language modeling needs none: .* "
+                                        r"Set `data.label: null`\."):
+        preflight(config)
+    with pytest.raises(ConfigError, match=r"Language modeling takes its targets from the features .* set "
+                                          r"`data.label: null`"):
+        load_config(REPO / "jobs" / "configs" / "text-lm.yaml", {**base, "data.label": "x"})

@@ -102,6 +102,15 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _label_is_another_column(self) -> "Config":
+        if self.data.label is not None and self.data.label == self.data.features:
+            raise ValueError(f"`data.label` names the same column as `data.features` ({self.data.label!r}). "
+                             + ("Language modeling takes its targets from the features (each row's tokens shifted "
+                                "by one): set `data.label: null`." if self.task == "language_modeling" else
+                                "Set it to the column that holds the targets."))
+        return self
+
+    @model_validator(mode="after")
     def _worlds_lay_out(self) -> "Config":
         """The worker range's ends must lay out as replicate x tensor x pipeline x shard; an elastic run
         takes only the multiples of that unit between them (`ParallelismConfig.worlds`)."""

@@ -35,6 +35,10 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
         sources["val"] = resolve(d.val, "data.val", d.s3, d.on_bad_shard)
     for source in sources.values():
         schema = check_transforms(source, d) if d.transforms else source.schema
+        if config.task == "language_modeling" and d.label is not None and d.label not in schema.names:
+            raise DataError(f"`data.label`: column {d.label!r} is not in {source.spec}, and language modeling needs "
+                            f"none: it takes its targets from `data.features` (each row's tokens shifted by one). "
+                            f"Set `data.label: null`.")
         check_columns(dataclasses.replace(source, schema=schema), d.features, d.label,
                       nulls=not d.transforms)  # (transformed: checked once prepared)
         if config.task == "classification" and hasattr(schema.field(d.label).type, "value_type"):
