@@ -261,3 +261,31 @@ def test_without_torchao_export_says_how_to_install_it(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert "pip install 'openclaw[quantize]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_export_runs_no_code_its_source_config_names_unless_trusted(tmp_path, monkeypatch):
+    """The config's `map_batches` transforms ran to prepare the rows the export is measured on, and its
+    `task: module:fn` scored them with `--eval`, both with trust_code=False."""
+    from openclaw.engine import checkpoint as ckpt_io
+    from openclaw.errors import UntrustedCodeError
+    from openclaw.exports.run import Loaded, check_code
+    marker = tmp_path / "ran"
+    (tmp_path / "evilmod.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                         "def fn(cols):\n    return cols\n\ndef loss(model, batch):\n    return 0, 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kwargs = {"in_features": 8, "hidden": 16, "depth": 1, "num_classes": 4}
+    config = load_config(None, {"model": {"name": "mlp", "kwargs": kwargs}, "task": "evilmod:loss",
+                                "data.transforms": [{"op": "map_batches", "fn": "evilmod:fn"}]},
+                         base={"data": {"train": str(tmp_path / "data")}}).resolved()
+    ckpt_io.save(tmp_path / "ckpt", model=build_model("mlp", kwargs).state_dict(), trainer={}, state={"step": 1},
+                 config=config)
+    with pytest.raises(UntrustedCodeError, match=r"names code the export would import and run: `data.transforms` "
+                                                 r"evilmod:fn\. If you trust"):
+        openclaw.export(tmp_path / "ckpt", quantize="int8", out=tmp_path / "out")
+    source = Loaded(build_model("mlp", kwargs), config, None, "ckpt")
+    with pytest.raises(UntrustedCodeError, match=r"`data.transforms` evilmod:fn, `task` evilmod:loss\."):
+        check_code(source, evaluate=True, trust_code=False)
+    check_code(source, evaluate=True, trust_code=True)
+    check_code(Loaded(source.model, {**config, "data": {**config["data"], "transforms": []}}, None, "ckpt"),
+               evaluate=False, trust_code=False)  # a task of its own is run only to score
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from openclaw.config import Config
 from openclaw.data.sources import column_to_numpy, resolve
 from openclaw.data.transforms import apply_to_table
 from openclaw.engine.tasks import build_task
-from openclaw.errors import ConfigError
+from openclaw.errors import ConfigError, UserError
 
 EVAL_ROWS = 1024
 """Validation rows scored at most (the first ones, in file order): enough to see a quantization's cost,
@@ -40,7 +41,6 @@ def val_batches(config: Config, batch_size: int = 256, max_rows: int = EVAL_ROWS
 
 
 def _concat(tables):
-    import pyarrow as pa
     return pa.concat_tables(tables)
 
 
@@ -77,7 +77,7 @@ def sample_batch(config: Config, n: int) -> torch.Tensor:
                                d.transforms)
         x = torch.from_numpy(column_to_numpy(table.column(d.features)).copy())
         batch = x[:, :-1] if config.task == "language_modeling" else x
-    except Exception:
+    except (UserError, OSError, KeyError, pa.ArrowException):  # the data is gone or does not fit: shaped inputs
         batch = None
     if batch is None or len(batch) < n:
         kw = config.model.kwargs

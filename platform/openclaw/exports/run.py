@@ -18,7 +18,7 @@ from openclaw.constants import default_tracking_uri, job_home
 from openclaw.data.filesystems import local_copy
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.model_io import load_model_dir
-from openclaw.errors import ConfigError
+from openclaw.errors import ConfigError, UntrustedCodeError
 from openclaw.exports.files import is_export, model_file, save_export, write_report
 from openclaw.exports.measure import forward_memory, latency_ms, layer_bytes, state_bytes
 from openclaw.exports.quantize import Plan, plan, torchao
@@ -68,6 +68,7 @@ def export(source: str | os.PathLike, *, quantize: str, group_size: int | None =
                           "where int8, int8-dynamic and int4 all run.")
     uri = tracking_uri or default_tracking_uri()
     src = load_source(str(source), uri, trust_code=trust_code, model_fn=model_fn)
+    check_code(src, evaluate, trust_code)
     if register and not src.run_id:
         raise ConfigError(f"`--register {register}` records the export under its source run, and {src.label} names "
                           f"none (tracking was off). Export from the run id instead, or leave out `--register`.")
@@ -105,6 +106,22 @@ def load_source(source: str, uri: str, *, trust_code: bool, model_fn) -> Loaded:
         parts = ckpt_io.read(d)
         model = load_model_dir(d, **trust)
     return Loaded(model, parts["config"], parts["state"].get("mlflow_run_id") or None, source)
+
+
+def check_code(src: Loaded, evaluate: bool, trust_code: bool) -> None:
+    """The source's config may name code the export would run: `map_batches` transforms, which prepare
+    the rows it is measured on, and (with `evaluate`) a task of its own, which scores them. Without
+    `trust_code`, an UntrustedCodeError names them, as loading a model of its own does."""
+    if trust_code:
+        return
+    config = Config.model_validate(src.config)
+    code = [f"`data.transforms` {t.fn}" for t in config.data.transforms if t.op == "map_batches"]
+    if evaluate and ":" in config.task:
+        code.append(f"`task` {config.task}")
+    if code:
+        raise UntrustedCodeError(
+            f"{src.label}'s config names code the export would import and run: {', '.join(code)}. If you trust "
+            f"where it came from, pass trust_code=True (`--trust-code` on the command line).")
 
 
 def already_quantized(source: str) -> ConfigError:
