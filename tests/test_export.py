@@ -289,3 +289,139 @@ def test_an_export_runs_no_code_its_source_config_names_unless_trusted(tmp_path,
     check_code(Loaded(source.model, {**config, "data": {**config["data"], "transforms": []}}, None, "ckpt"),
                evaluate=False, trust_code=False)  # a task of its own is run only to score
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+
+class Attend(nn.Module):
+    """A Linear, then nn.MultiheadAttention (its out_proj's weight is read by F.multi_head_attention_forward)."""
+    def __init__(self, width=32):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(16, width), nn.MultiheadAttention(width, 2, batch_first=True), nn.Linear(width, 16)
+
+    def forward(self, x):
+        h = self.inp(x.float()).unsqueeze(1)
+        return self.out(self.attn(h, h, h, need_weights=False)[0].squeeze(1))
+
+
+class ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.out(torch.relu(x.float() @ self.proj.weight.T))
+
+
+def attend(**kw):
+    return Attend(**kw)
+
+
+def reads_its_weight(**kw):
+    return ReadsItsWeight()
+
+
+class Half(nn.Module):
+    """A model kept in bf16 (its rows cast to it)."""
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+
+    def forward(self, x):
+        return self.net(x.to(torch.bfloat16))
+
+
+def half(**kw):
+    return Half().to(torch.bfloat16)
+
+
+def embeds(**kw):
+    """Integer features (token ids) into a classifier."""
+    return nn.Sequential(nn.Embedding(64, 16), nn.Flatten(), nn.Linear(16 * 16, 64), nn.ReLU(), nn.Linear(64, 16))
+'''
+
+
+def _user_checkpoint(tmp_path, monkeypatch, name: str, x=None, **config) -> str:
+    """A checkpoint of `usermodels:<name>` (written to tmp_path, on this process's and the export's fresh
+    processes' import path), with a small dataset of 16-wide float rows (or `x`) and 16 classes."""
+    import os
+
+    import numpy as np
+    import pyarrow as pa
+    from openclaw.engine import checkpoint as ckpt_io
+    from openclaw.user_code import import_path
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / "data").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    x = x if x is not None else pa.FixedSizeListArray.from_arrays(pa.array(rng.random(64 * 16, dtype=np.float32)), 16)
+    pq.write_table(pa.table({"x": x, "y": rng.integers(0, 16, 64)}), tmp_path / "data" / "part-0.parquet")
+    resolved = load_config(None, {"model": {"name": f"usermodels:{name}", "kwargs": {}}, **config},
+                           base={"data": {"train": str(tmp_path / "data")}}).resolved()
+    torch.manual_seed(0)
+    ckpt = tmp_path / f"ckpt-{name}"
+    ckpt_io.save(ckpt, model=import_path(f"usermodels:{name}", "model.name")().state_dict(), trainer={},
+                 state={"step": 1}, config=resolved)
+    return str(ckpt)
+
+
+def test_multihead_attention_keeps_its_out_proj_and_exports(tmp_path, monkeypatch):
+    """Its out_proj (a NonDynamicallyQuantizableLinear) was quantized, and F.multi_head_attention_forward,
+    reading its weight itself, failed on torchao's tensor after the folder was written as an export."""
+    from openclaw.exports.files import is_export
+    ckpt = _user_checkpoint(tmp_path, monkeypatch, "attend")
+    result = openclaw.export(ckpt, quantize="int8", out=tmp_path / "out", trust_code=True)
+    assert result.quantized_layers == ["inp", "out"]
+    assert "a subclass of nn.Linear" in result.kept_layers["attn.out_proj"] and is_export(tmp_path / "out")
+    reloaded = openclaw.load_model(tmp_path / "out", trust_code=True)
+    assert reloaded(torch.rand(2, 16)).shape == (2, 16)
+
+
+def test_a_model_that_reads_a_quantized_weight_itself_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    ckpt = _user_checkpoint(tmp_path, monkeypatch, "reads_its_weight")
+    with pytest.raises(ConfigError, match=r"`--quantize int8` made a model whose forward fails .* reads a quantized "
+                                          r"Linear's weight outside that Linear's own forward.*layers quantized: proj, out"):
+        openclaw.export(ckpt, quantize="int8", out=tmp_path / "out", trust_code=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_measurement_that_fails_leaves_no_export_behind(tmp_path, monkeypatch):
+    """`--eval` on a source with no `data.val` failed after quantization.json was written: the folder then
+    passed as an export, measured nothing, and loaded."""
+    from openclaw.exports.files import is_export
+    ckpt = _user_checkpoint(tmp_path, monkeypatch, "half")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"`--eval` scores the source run's validation set"):
+        openclaw.export(ckpt, quantize="int8", out=tmp_path / "out", trust_code=True, evaluate=True)
+    assert not is_export(tmp_path / "out") and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_model_fn_builds_the_model_in_the_memory_processes_too_and_a_bf16_source_saves_against_16_bits(
+        tmp_path, monkeypatch):
+    """`export(model_fn=...)` always failed: the fresh processes that measure memory were not given it. A
+    bf16 source's layers read 'a -6% saving against 16 bits', taking its own bytes for 32-bit ones. And the
+    memory growth of 'loading and running it' was the SDK's imports (210 MB), for a model of a few KB."""
+    ckpt = _user_checkpoint(tmp_path, monkeypatch, "half")
+    from usermodels import half
+    m = openclaw.export(ckpt, quantize="int8", out=tmp_path / "out", model_fn=half).measured
+    assert 0.3 < m["layer_saving_vs_16bit"] < 0.5 and 0.65 < m["layer_saving_vs_fp32"] < 0.75  # 1 byte of 2, of 4
+    assert 0 < m["model_rss_bytes_full"] < 50e6 and 0 < m["model_rss_bytes_quantized"] < 50e6
+    with pytest.raises(ConfigError, match=r"`model_fn` .*<lambda> cannot be imported by name.* at the top level"):
+        openclaw.export(ckpt, quantize="int8", out=tmp_path / "out2", model_fn=lambda **kw: half())
+    assert not (tmp_path / "out2").exists()
+
+
+def test_integer_features_reach_the_exported_model_as_integers(tmp_path, monkeypatch):
+    """The measuring batch was cast to float for every task but language modeling: an Embedding-fed
+    classifier failed its first forward ('indices' ... got torch.FloatTensor)."""
+    import numpy as np
+    import pyarrow as pa
+    ids = pa.FixedSizeListArray.from_arrays(pa.array(np.random.default_rng(1).integers(0, 64, 64 * 16)), 16)
+    ckpt = _user_checkpoint(tmp_path, monkeypatch, "embeds", x=ids)
+    result = openclaw.export(ckpt, quantize="int8", out=tmp_path / "out", trust_code=True)
+    assert result.quantized_layers == ["2", "4"] and result.measured["latency_ms_b32_quantized"] > 0

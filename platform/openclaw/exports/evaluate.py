@@ -86,4 +86,4 @@ def sample_batch(config: Config, n: int) -> torch.Tensor:
         if config.model.name == "mlp":
             return torch.rand(n, kw.get("in_features", 64))
         raise ConfigError(f"measuring the export needs {n} input rows, and {spec} (the source's data) cannot be read.")
-    return batch.long() if config.task == "language_modeling" else batch.float()
+    return batch.long() if config.task == "language_modeling" else batch  # the column's dtype, as training reads it

@@ -12,6 +12,7 @@ weights are assigned into it, so the loaded model is exactly the exported one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,16 @@ def _safetensors_can_hold(state: dict[str, torch.Tensor]) -> bool:
     torchao()
     from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
     return all(type(t) is torch.Tensor or type(t).__name__ in ALLOWED_TENSORS_SUBCLASSES for t in state.values())
+
+
+def discard_export(directory: str | os.PathLike) -> None:
+    """Remove what `save_export` wrote (the report first: it marks the folder as an export), and the
+    folder if nothing else is left in it."""
+    d = Path(directory)
+    for name in (REPORT_FILE, SAFETENSORS_FILE, PT_FILE, CONFIG_FILE):
+        (d / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        d.rmdir()
 
 
 def write_report(directory: str | os.PathLike, report: dict[str, Any]) -> Path:

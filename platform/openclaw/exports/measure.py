@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from openclaw.errors import ConfigError
 from openclaw.exports.quantize import tensor_bytes
+from openclaw.user_code import import_path
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -29,11 +31,18 @@ def state_bytes(model: nn.Module) -> int:
 
 def layer_bytes(model: nn.Module, names: list[str]) -> int:
     """The weights (and biases) of the named layers."""
-    total = 0
-    for name in names:
-        module = model.get_submodule(name)
-        total += sum(tensor_bytes(p.data) for p in (module.weight, module.bias) if p is not None)
-    return total
+    return sum(tensor_bytes(p.data) for p in _layer_params(model, names))
+
+
+def layer_numel(model: nn.Module, names: list[str]) -> int:
+    """How many numbers the named layers' weights (and biases) hold: their size at 16 or 32 bits, whatever
+    dtype the model itself has."""
+    return sum(p.numel() for p in _layer_params(model, names))
+
+
+def _layer_params(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    modules = [model.get_submodule(name) for name in names]
+    return [p for m in modules for p in (m.weight, m.bias) if p is not None]
 
 
 @torch.no_grad()
@@ -52,13 +61,15 @@ def latency_ms(model: nn.Module, batch: torch.Tensor, repeats: int = 20, budget_
 
 PEAK_SCRIPT = """
 import json, os, sys, torch
-import openclaw
+import openclaw, openclaw.sdk, safetensors.torch
 from openclaw.engine.metrics import peak_memory_bytes
 from openclaw.exports.quantize import torchao
+from openclaw.user_code import import_path
 torchao()  # both sides import the same libraries, so they start from the same footprint
+model_fn = import_path(sys.argv[5], "model_fn") if sys.argv[5] else None
 resident = lambda: os.sysconf("SC_PAGE_SIZE") * int(open("/proc/self/statm").read().split()[1])
-before = resident()
-model = openclaw.load_model(sys.argv[1], trust_code=sys.argv[4] == "trust")
+before = resident()  # after every import loading needs (the SDK's alone were 210 MB): the model's growth only
+model = openclaw.load_model(sys.argv[1], trust_code=sys.argv[4] == "trust", model_fn=model_fn)
 shape, dtype = json.loads(sys.argv[2]), getattr(torch, sys.argv[3])
 with torch.no_grad():
     model(torch.zeros(shape, dtype=dtype))
@@ -66,18 +77,36 @@ print(json.dumps({"peak": peak_memory_bytes(torch.device("cpu")), "model": resid
 """
 
 
+def importable(fn: Callable | None) -> str:
+    """`module:qualname` by which a fresh process finds `fn` ("" for None). A ConfigError for a function it
+    cannot import: a lambda, a nested function, or one defined in `__main__` (a script, a notebook)."""
+    if fn is None:
+        return ""
+    ref = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__qualname__', '')}"
+    try:
+        found = import_path(ref, "model_fn") if not ref.startswith("__main__:") and "<" not in ref else None
+    except ConfigError:
+        found = None
+    if found is not fn:
+        raise ConfigError(f"`model_fn` {ref} cannot be imported by name, and the export measures memory in a fresh "
+                          f"process that must build the model with it: define it at the top level of a module on "
+                          f"PYTHONPATH (not in a script, a notebook cell or another function).")
+    return ref
+
+
 def forward_memory(sources: dict[str, str], shape: list[int], dtype: torch.dtype,
-                   trust_code: bool = False) -> Callable[[], dict[str, dict[str, int]]]:
+                   trust_code: bool = False, model_fn: str = "") -> Callable[[], dict[str, dict[str, int]]]:
     """Start measuring the memory of a fresh process that loads a source (a checkpoint or an export) and runs
     one forward pass on a batch of `shape`, as a deployment pays it, for each of `sources` (name -> source);
     the returned function waits for the results: `peak`, the process's peak resident memory, torch's own
     footprint included; `model`, how much its resident memory grew from just before loading the model to
     just after the forward pass (Linux). The processes run at once, and beside the caller's untimed work:
-    each measures only itself, and each spends most of its time importing torch."""
+    each measures only itself, and each spends most of its time importing torch. `model_fn`: the
+    `importable` name of the function that builds the model, if the caller passed one."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), os.environ.get("PYTHONPATH", "")])}
     procs = {name: subprocess.Popen([sys.executable, "-c", PEAK_SCRIPT, source, json.dumps(shape),
-                                     str(dtype).removeprefix("torch."), "trust" if trust_code else "no"],
+                                     str(dtype).removeprefix("torch."), "trust" if trust_code else "no", model_fn],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for name, source in sources.items()}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from openclaw.engine.models import tied_parameters
 from openclaw.errors import ConfigError
@@ -60,14 +61,19 @@ def plan(model: nn.Module, mode: str, group_size: int | None) -> Plan:
         raise ConfigError(f"`--group-size` must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}.")
     if mode != "int4" and group_size is not None:
         raise ConfigError(f"`--group-size` is for int4 (it groups int4 weights for their scales), not {mode}.")
-    tied = {name.rsplit(".", 1)[0] for pair in tied_parameters(model) for name in pair}
+    tied = tied_modules(model)
     out = Plan(mode)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         divisors = [g for g in sorted(GROUP_SIZES, reverse=True) if module.in_features % g == 0]
         if name in tied:
-            out.kept[name] = "its weight is tied to the embedding's, which stays in full precision"
+            out.kept[name] = f"its weight is tied to {tied[name]}'s, which stays in full precision"
+        elif type(module) is not nn.Linear:
+            out.kept[name] = (f"its weight is parametrized ({', '.join(module.parametrizations)})"
+                              if parametrize.is_parametrized(module) else
+                              f"it is a {type(module).__name__}, a subclass of nn.Linear whose owner may read its "
+                              f"weight directly (nn.MultiheadAttention's out_proj does)")
         elif mode == "int4" and module.out_features % INT4_OUT_MULTIPLE:
             out.kept[name] = (f"int4 needs output features divisible by {INT4_OUT_MULTIPLE} "
                               f"({module.out_features} here)")
@@ -85,6 +91,16 @@ def plan(model: nn.Module, mode: str, group_size: int | None) -> Plan:
         kept = "; ".join(f"{k}: {v}" for k, v in out.kept.items()) or "it has no nn.Linear layer"
         raise ConfigError(f"`--quantize {mode}` finds no Linear layer it can quantize in this model ({kept}). "
                           f"Quantized export works on models whose weights are mostly nn.Linear layers.")
+    return out
+
+
+def tied_modules(model: nn.Module) -> dict[str, str]:
+    """Each module that shares a parameter with another, and that other module (`tok` for the gpt's head)."""
+    out = {}
+    for a, b in tied_parameters(model):
+        ma, mb = a.rsplit(".", 1)[0], b.rsplit(".", 1)[0]
+        out.setdefault(ma, mb)
+        out.setdefault(mb, ma)
     return out
 
 

@@ -85,8 +85,8 @@ def print_table(report: dict[str, Any], folder: Path) -> None:
     bits = 4 if report["mode"] == "int4" else 8
     print(f"  expected: {bits}-bit weights take {1 - bits / 16:.0%} less memory than 16-bit ones; "
           f"measured here ({report['mode']}): the quantized layers take {m['layer_saving_vs_16bit']:.1%} less than "
-          f"their 16-bit size ({1 - m['layer_ratio']:.1%} less than fp32), the whole file {1 - m['file_ratio']:.1%} "
-          f"less than fp32.")
+          f"their 16-bit size ({m['layer_saving_vs_fp32']:.1%} less than fp32), the whole file "
+          f"{1 - m['file_ratio']:.1%} less than the full model's.")
     for line in report.get("findings", []):
         print(f"  - {line}")
 

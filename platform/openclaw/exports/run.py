@@ -19,8 +19,10 @@ from openclaw.data.filesystems import local_copy
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.model_io import load_model_dir
 from openclaw.errors import ConfigError, UntrustedCodeError
-from openclaw.exports.files import is_export, model_file, save_export, write_report
-from openclaw.exports.measure import forward_memory, latency_ms, layer_bytes, state_bytes
+from openclaw.exports.evaluate import sample_batch
+from openclaw.exports.files import discard_export, is_export, model_file, save_export, write_report
+from openclaw.exports.measure import (forward_memory, importable, latency_ms, layer_bytes, layer_numel,
+                                      state_bytes)
 from openclaw.exports.quantize import Plan, plan, torchao
 from openclaw.exports.quantize import quantize as quantize_layers
 from openclaw.exports.report import findings, print_table, record_in_mlflow
@@ -67,6 +69,7 @@ def export(source: str | os.PathLike, *, quantize: str, group_size: int | None =
         raise ConfigError("`--device cuda` but no CUDA device is visible; export on the CPU (`--device cpu`), "
                           "where int8, int8-dynamic and int4 all run.")
     uri = tracking_uri or default_tracking_uri()
+    fn_ref = importable(model_fn)  # the memory's fresh processes build the model with it too
     src = load_source(str(source), uri, trust_code=trust_code, model_fn=model_fn)
     check_code(src, evaluate, trust_code)
     if register and not src.run_id:
@@ -74,12 +77,18 @@ def export(source: str | os.PathLike, *, quantize: str, group_size: int | None =
                           f"none (tracking was off). Export from the run id instead, or leave out `--register`.")
     p = plan(src.model, quantize, group_size)
     quantized = quantize_layers(copy.deepcopy(src.model), p, dev)
+    batch = sample_batch(Config.model_validate(src.config), 32)
+    check_forward(quantized, batch, p)
     folder = Path(out or Path(job_home()) / "exports" / f"{src.config.get('name', 'model')}-{quantize}")
     report = {"mode": p.mode, "group_size": p.group_size, "group_sizes": p.groups, "described": p.describe(),
               "torchao": torchao().__version__, "source": src.label, "source_run": src.run_id, "quantized_layers": p.quantized, "kept_layers": p.kept, "measured": {},
               "brief_int4_saving_vs_16bit": BRIEF_INT4_SAVING}
     save_export(folder, quantized, redacted(src.config), report)  # loadable before it is measured
-    report["measured"] = measured = measure(src, quantized, p, folder, evaluate, trust_code)
+    try:
+        report["measured"] = measured = measure(src, quantized, p, folder, evaluate, batch, trust_code, fn_ref)
+    except BaseException:
+        discard_export(folder)  # an export no measurement finished is not one
+        raise
     report["findings"] = findings(report)
     write_report(folder, report)
     print_table(report, folder)
@@ -129,18 +138,35 @@ def already_quantized(source: str) -> ConfigError:
                        f"came from (its quantization.json names it).")
 
 
-def measure(src: Loaded, quantized: nn.Module, p: Plan, folder: Path, evaluate: bool, trust_code: bool) -> dict:
-    """Sizes, memory, latency and (with `evaluate`) quality, full precision against quantized. The memory is
-    measured in fresh processes while this one scores the models; latency is timed after both."""
-    from openclaw.exports.evaluate import sample_batch, scores, val_batches
+def check_forward(quantized: nn.Module, batch: torch.Tensor, p: Plan) -> None:
+    """One forward of the quantized model before anything is written: code that reads a quantized Linear's
+    weight itself (`x @ self.proj.weight`) fails on torchao's tensors, and is a ConfigError here."""
+    try:
+        with torch.no_grad():
+            quantized(batch[:2].to(next(quantized.parameters()).device))
+    except Exception as e:
+        said = " ".join(str(e).split())[:300]
+        raise ConfigError(f"`--quantize {p.mode}` made a model whose forward fails ({type(e).__name__}: {said}). The "
+                          f"model's code likely reads a quantized Linear's weight outside that Linear's own forward, "
+                          f"which torchao's quantized weights do not support (layers quantized: "
+                          f"{', '.join(p.quantized[:8])}{' ...' if len(p.quantized) > 8 else ''}). Call those "
+                          f"Linears instead of reading their weights, or export without quantizing.") from None
+
+
+def measure(src: Loaded, quantized: nn.Module, p: Plan, folder: Path, evaluate: bool, batch: torch.Tensor,
+            trust_code: bool, model_fn: str = "") -> dict:
+    """Sizes, memory, latency and (with `evaluate`) quality, full precision against quantized, on `batch`'s
+    inputs. The memory is measured in fresh processes while this one scores the models; latency is timed
+    after both."""
+    from openclaw.exports.evaluate import scores, val_batches
     config = Config.model_validate(src.config)
-    batch = sample_batch(config, 32)
     m = {"weight_bytes_full": state_bytes(src.model), "weight_bytes_quantized": state_bytes(quantized),
          "layer_bytes_full": layer_bytes(src.model, p.quantized), "layer_bytes_quantized": layer_bytes(quantized, p.quantized)}
     with tempfile.TemporaryDirectory(prefix="openclaw-export-") as tmp:
         full = save_export(Path(tmp), src.model, redacted(src.config), {"mode": "none"})  # written as the export is
         m["file_bytes_full"], m["file_bytes_quantized"] = model_file(full).stat().st_size, model_file(folder).stat().st_size
-        memory = forward_memory({"full": str(full), "quantized": str(folder)}, list(batch.shape), batch.dtype, trust_code)
+        memory = forward_memory({"full": str(full), "quantized": str(folder)}, list(batch.shape), batch.dtype,
+                                trust_code, model_fn)
         if evaluate:
             batches = val_batches(config)
             m["val_rows"] = sum(len(b["x"]) for b in batches)
@@ -155,5 +181,7 @@ def measure(src: Loaded, quantized: nn.Module, p: Plan, folder: Path, evaluate: 
         m[f"latency_ms_b{n}_quantized"] = latency_ms(quantized, batch[:n].to(next(quantized.parameters()).device))
     m["file_ratio"] = m["file_bytes_quantized"] / m["file_bytes_full"]
     m["layer_ratio"] = m["layer_bytes_quantized"] / m["layer_bytes_full"]
-    m["layer_saving_vs_16bit"] = 1 - m["layer_bytes_quantized"] / (m["layer_bytes_full"] / 2)
+    numel = layer_numel(src.model, p.quantized)  # 16- and 32-bit sizes whatever the source's own dtype
+    m["layer_saving_vs_16bit"] = 1 - m["layer_bytes_quantized"] / (2 * numel)
+    m["layer_saving_vs_fp32"] = 1 - m["layer_bytes_quantized"] / (4 * numel)
     return m
