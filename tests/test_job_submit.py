@@ -56,7 +56,10 @@ def plain_head(tmp_path):
 
 def _start_head(tmp_path, hide_openclaw: bool) -> tuple[str, str, dict, str]:
     temp_dir = f"/tmp/oc-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           # `ray job stop` SIGKILLs a job still running this long after its SIGTERM (Ray's default: 3 s).
+           # The stop's checkpoint, report and MLflow close take about that on a loaded 2-core machine.
+           "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     env.pop("RAY_ADDRESS", None)
     if hide_openclaw:
         hide_dir = tmp_path / "hide"
@@ -187,7 +190,7 @@ def test_the_cli_joins_a_running_cluster_with_address_and_verbose_shows_its_work
 
 def test_ray_job_stop_checkpoints_at_the_next_step_and_the_same_submit_resumes(head, digits_dir, tmp_path):
     """`ray job stop` sends SIGTERM, and SIGKILL if the job has not ended within the head's
-    `RAY_JOB_STOP_WAIT_TIME_S` (Ray's default, 3 s, here): time enough for this model's checkpoint."""
+    `RAY_JOB_STOP_WAIT_TIME_S` (30 s on this head: Ray's 3 s default is about what the stop takes here)."""
     address, env = head
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = _digits_job(address, digits_dir, tmp_path, uri, **{"train.max_steps": 4000, "train.eval_every": 0,

@@ -244,15 +244,18 @@ def test_the_measurement_costs_one_norm_a_small_share_of_a_step():
     engine = Engine(GPT(**GPT_KWARGS), LanguageModeling(), cfg, device=CPU)
     batches = [{"x": b} for b in global_batch(0)["x"].split(4)]
     engine.train_step(0, batches)  # warm
-    t0 = time.perf_counter()
-    for step in range(1, 6):
-        engine.train_step(step, batches)
-    step_s = (time.perf_counter() - t0) / 5
+
+    def fastest(run, repeats: int) -> float:
+        """The fastest of `repeats` runs: a preemption by the machine's other work only ever adds time."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    step_s = fastest(lambda: engine.train_step(1, batches), 10)
     engine.strategy.forward_backward(engine.model, batches[:1], engine.fns)  # gradients to measure
-    t0 = time.perf_counter()
-    for _ in range(20):
-        measure_local(engine.model.parameters(), 4).sq_norm.item()
-    norm_s = (time.perf_counter() - t0) / 20
+    norm_s = fastest(lambda: measure_local(engine.model.parameters(), 4).sq_norm.item(), 50)
     print(f"\none step {step_s * 1e3:.2f} ms; the noise scale's extra norm {norm_s * 1e3:.3f} ms "
           f"({norm_s / step_s:.1%} of the step)")
     assert norm_s < 0.1 * step_s
