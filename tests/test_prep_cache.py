@@ -139,3 +139,72 @@ def test_transforms_are_validated_with_the_config(tmp_path):
     from openclaw.errors import ConfigError
     with pytest.raises(ConfigError, match="transforms"):
         load_config(base={"data": {"train": "x", "transforms": [{"op": "normalise", "column": "x"}]}})
+
+
+def _shard_task_on(tmp_path, table: pa.Table, *transforms, row_group_size: int = 2) -> dict:
+    """One shard through the preparation's per-shard task (as a Ray Data task runs it), written in
+    row groups of `row_group_size`."""
+    from openclaw.data.prep import _ShardTask
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=row_group_size)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    task = _ShardTask(str(tmp_path), {}, _transforms(*transforms), str(tmp_path / "out"), None, 1, {})
+    stat = (tmp_path / "part-0.parquet").stat()
+    return task({"i": 0, "path": str(tmp_path / "part-0.parquet"), "size": stat.st_size,
+                 "mtime_ns": stat.st_mtime_ns, "etag": ""})
+
+
+def test_a_transform_that_fails_past_the_first_rows_stops_the_job_naming_it_not_as_a_bad_shard(tmp_path,
+                                                                                               monkeypatch):
+    """A transform's TypeError (a null text) escaped the task untyped, a schema that changed between row
+    groups escaped as Arrow's ValueError, and so did a failed cast; an Arrow error in a transform counted as
+    a bad shard, which `on_bad_shard: skip` then left out of training for good."""
+    (tmp_path / "flaky.py").write_text(
+        "import numpy as np\n\ndef second_group_fails(cols):\n"
+        "    if cols['a'][0] >= 2:\n        raise TypeError('cannot convert NoneType to bytes')\n    return cols\n\n"
+        "def type_drifts(cols):\n    return {'a': cols['a'].astype(np.float64 if cols['a'][0] >= 2 else np.int64)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    table = pa.table({"a": np.arange(4), "s": ["1", "2", "x", "4"]})
+    for fn, said in (("flaky:second_group_fails", "TypeError: cannot convert NoneType to bytes"),
+                     ("flaky:type_drifts", "Table schema does not match")):
+        got = _shard_task_on(tmp_path, table, {"op": "map_batches", "fn": fn})
+        assert got["error"] is None and got["fatal"].startswith("`data.transforms` failed on shard ")
+        assert said in got["fatal"] and not list((tmp_path / "out").iterdir())  # its half-written part removed
+    cast = _shard_task_on(tmp_path, table.drop(["a"]), {"op": "cast", "column": "s", "dtype": "int64"})
+    assert cast["error"] is None and "ValueError: invalid literal" in cast["fatal"] and "part-0.parquet" in cast["fatal"]
+    assert _shard_task_on(tmp_path, table, {"op": "cast", "column": "a", "dtype": "float32"})["rows"] == 4
+
+
+def test_a_dataset_whose_every_shard_was_skipped_is_refused_on_both_paths(tmp_path):
+    """With no transforms (verified only), every shard skipped gave a source of 0 rows: no error, and an
+    evaluation then logged val/loss 0.0."""
+    from openclaw.data.prep import _prepared_source
+    pq.write_table(pa.table({"x": [1.0, 2.0]}), tmp_path / "part-0.parquet")
+    raw = resolve(str(tmp_path), "data.val")
+    manifest = {"shards": [], "skipped": [[str(tmp_path / "part-0.parquet"), "shard could not be read (x)"]]}
+    for transformed in (False, True):
+        with pytest.raises(DataError, match=r"`data.val`: no rows left after .* \(1 bad shard\(s\) skipped; the "
+                                            r"first: shard could not be read \(x\)\)"):
+            _prepared_source(raw, str(tmp_path / "entry"), manifest, transformed=transformed)
+
+
+@pytest.mark.parametrize("first", ["no row groups", "pages damaged"])
+def test_the_transforms_are_tried_on_the_first_shard_with_rows_and_a_bad_one_is_named(tmp_path, first):
+    """The preflight tried them on the first shard's first row group: one written with no row group raised
+    ArrowInvalid, and one with damaged pages an OSError, both raw, even under `on_bad_shard: skip`."""
+    from openclaw.data.prep import check_transforms
+    table = pa.table({"f0": np.arange(100, dtype=np.float32), "f1": np.arange(100, dtype=np.float32), "y": np.arange(100)})
+    bad = tmp_path / "p0.parquet"
+    if first == "no row groups":
+        pq.ParquetWriter(bad, table.schema).close()
+    else:
+        pq.write_table(table, bad)
+        body = bytearray(bad.read_bytes())
+        body[4:60] = b"\xff" * 56  # page headers destroyed; the footer still reads
+        bad.write_bytes(bytes(body))
+    pq.write_table(table, tmp_path / "p1.parquet")
+    transforms = [{"op": "to_tensor", "prefix": "f", "out": "x"}]
+    skip = DataConfig(train="x", transforms=transforms, on_bad_shard="skip")
+    assert check_transforms(resolve(str(tmp_path), "data.train", on_bad_shard="skip"), skip).names == ["y", "x"]
+    if first == "pages damaged":
+        with pytest.raises(DataError, match=r"`data.train`: shard .*p0.parquet could not be read .*on_bad_shard: skip"):
+            check_transforms(resolve(str(tmp_path), "data.train"), DataConfig(train="x", transforms=transforms))

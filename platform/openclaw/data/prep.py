@@ -63,10 +63,11 @@ def cache_dir(d: DataConfig, storage: str) -> str:
 
 
 def check_transforms(source: Source, d: DataConfig) -> pa.Schema:
-    """Run the transforms on a few rows of the first shard, before anything starts: a transform that
-    fails, or an output without the training columns, is reported now. Returns the output schema."""
-    first = source.shards[0]
-    head = pq.ParquetFile(first.path, filesystem=source.filesystem).read_row_group(0).slice(0, 64)
+    """Run the transforms on a few rows of the first shard that has some, before anything starts: a
+    transform that fails, or an output without the training columns, is reported now. Returns the output
+    schema. A shard that cannot be read is named (under `data.on_bad_shard: skip`, the next one is tried:
+    the preparation leaves it out)."""
+    first, head = _first_rows(source, d.on_bad_shard)
     try:
         out = apply_to_table(head, d.transforms)
     except DataError:
@@ -74,6 +75,20 @@ def check_transforms(source: Source, d: DataConfig) -> pa.Schema:
     except Exception as e:
         raise DataError(f"`data.transforms` failed on the first rows of {first.path}: {type(e).__name__}: {e}") from None
     return out.schema
+
+
+def _first_rows(source: Source, on_bad_shard: str, rows: int = 64) -> tuple[Shard, pa.Table]:
+    for shard in source.shards:
+        try:
+            reader = pq.ParquetFile(shard.path, filesystem=source.filesystem)
+            if reader.num_row_groups and reader.metadata.num_rows:
+                return shard, reader.read_row_group(0).slice(0, rows)
+        except (pa.ArrowException, OSError) as e:
+            if on_bad_shard != "skip":
+                raise DataError(f"`{source.key}`: shard {shard.path} could not be read ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]}). Re-create it, or set `data.on_bad_shard: skip` "
+                                f"to train without it.") from None
+    raise DataError(f"`{source.key}`: no shard of {source.spec} has rows the transforms could be tried on.")
 
 
 def prepare(sources: dict[str, Source], d: DataConfig, storage: str) -> tuple[dict[str, Prepared], PrepCache | None]:
@@ -96,7 +111,11 @@ def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transfo
     skipped = tuple((p, why) for p, why in manifest["skipped"])
     if not transformed:  # verified only: train on the good source shards themselves
         good = {s["source"] for s in manifest["shards"]}
-        return raw.with_shards(tuple(s for s in raw.shards if s.path in good), skipped)
+        verified = raw.with_shards(tuple(s for s in raw.shards if s.path in good), skipped)
+        if verified.num_rows == 0:
+            raise DataError(f"`{raw.key}`: no rows left after checking {raw.spec}"
+                            + (f" ({len(skipped)} bad shard(s) skipped; the first: {skipped[0][1]})." if skipped else "."))
+        return verified
     paths = [(os.path.join(folder, _shard_name(s["file"], folder)), s) for s in manifest["shards"] if s["rows"]]
     metas = [(path, s, pq.read_metadata(path)) for path, s in paths]
     shards = tuple(Shard(path, s["rows"], s["bytes"], 0, ranges=footer_ranges(meta), nulls=footer_nulls(meta))
@@ -186,6 +205,11 @@ class _ShardTask:
                 _unlink(os.path.join(self.out_dir, out["file"]))
         except DataError as e:  # a transform that does not fit the data: no policy skips that
             out["fatal"] = str(e)
+        except Exception as e:  # a transform's own error, or outputs whose schema differs between row groups
+            out["fatal"] = (f"`data.transforms` failed on shard {item['path']} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:500]}); fix the transform or the data")
+        if out["fatal"] and out["file"]:
+            _unlink(os.path.join(self.out_dir, out["file"]))
         return out
 
 
@@ -197,7 +221,12 @@ def _unlink(path: str) -> None:
 
 
 def _transform(table: pa.Table, transforms: list, path: str) -> pa.Table:
+    """The transforms' output for one row group. Any error in them names the shard: a transform's Arrow
+    error (a failed cast) is the transform's, not a sign of a bad shard that `skip` would leave out."""
     try:
         return apply_to_table(table, transforms)
     except DataError as e:
         raise DataError(f"{e} (shard {path})") from None
+    except Exception as e:
+        raise DataError(f"`data.transforms` failed on shard {path} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:500]}); fix the transform or the data") from None

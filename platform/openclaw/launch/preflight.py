@@ -136,6 +136,7 @@ def prepare_data(config: Config, sources: dict[str, Source], storage: str) -> tu
             print(f"openclaw: data.{name}: skipped {len(p.source.skipped)} bad shard(s) (`data.on_bad_shard: skip`): "
                   + "; ".join(why for _, why in p.source.skipped), file=sys.stderr, flush=True)
     check_rows(prepared["train"].source, config)
+    check_eval_rows(prepared["val"].source if "val" in prepared else None, config)  # as prepared: fewer, maybe
     if config.data.transforms:
         check_value_ranges(config, {name: p.source for name, p in prepared.items()})
     return prepared, cache
