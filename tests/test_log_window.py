@@ -2,6 +2,7 @@
 each rank's window is built as its worker builds it)."""
 import time
 
+import pytest
 import torch
 
 from openclaw import load_config
@@ -41,3 +42,50 @@ def test_an_empty_window_logs_on_no_rank_until_a_step_fills_it():
         w.add([{"x": torch.zeros(8, 64)}], stats, data_s=0.0, compute_s=0.1)
     assert [w.due(4) for w in windows] == [True, True]
 
+
+
+class _Tracker:
+    def log_metrics(self, metrics, step):
+        self.metrics = metrics
+
+    def progress(self, line):
+        pass
+
+
+class _Data:
+    def ingest_rows_per_s(self):
+        return 0.0
+
+    def take_wait_s(self):
+        return 0.0
+
+
+def test_the_samples_a_checkpoint_carried_count_in_the_loss_but_not_the_throughput(monkeypatch):
+    """A resume's first window divided the carried steps' samples, trained before the restart, by this
+    attempt's time alone: samples/s, tokens/s, FLOP/s and MFU read 1.67x after a checkpoint that carried 10
+    of a window's 25 steps. A fake clock: each step takes 0.02 s."""
+    import openclaw.runtime.log_window as log_window
+    now = [1000.0]
+    monkeypatch.setattr(log_window.time, "perf_counter", lambda: now[0])
+    config = load_config(DIGITS, {"train.log_every": 25, "train.global_batch_size": 16, "train.micro_batch_size": 16,
+                                  "scaling.min_workers": 1, "scaling.max_workers": 1})
+
+    def first_window(carried_steps: int) -> dict:
+        state = TrainState(step=100 + carried_steps)
+        state.loss_window = [2.0 * 16 * carried_steps, 16.0 * carried_steps]  # a loss of 2 a sample
+        window = LogWindow(config, state, device=torch.device("cpu"), rank=0, world=1, speaks_for_node=False,
+                           flops_per_sample=1e6, job_start_time=time.time())
+        for _ in range(25 - carried_steps):
+            now[0] += 0.02
+            window.add([{"x": torch.zeros(16, 64)}], StepStats(loss_sum=16.0, samples=16, lr=1e-3, grad_norm=1.0,
+                                                                finite=True), data_s=0.0, compute_s=0.02)
+            state.step += 1
+        tracker = _Tracker()
+        window.log(state, 0, 16, _Data(), tracker)
+        return tracker.metrics
+
+    fresh, resumed = first_window(0), first_window(10)
+    for key, want in (("train/samples_per_s", 16 / 0.02), ("perf/samples_per_s", 16 / 0.02),
+                      ("perf/flops_per_s", 1e6 * 16 / 0.02)):
+        assert fresh[key] == pytest.approx(want, rel=1e-9) and resumed[key] == pytest.approx(want, rel=1e-9), key
+    assert resumed["train/loss"] == (2.0 * 160 + 1.0 * 240) / 400  # the carried steps count in the average

@@ -66,7 +66,9 @@ class LogWindow:
         self.loss_sum, self.samples = carried[0], int(carried[1])
         self.filled = state.loss_window[1] > 0  # alike on every rank (the state is), unlike `samples`
         self.noise.reset(state.noise_window, mine=self.rank == 0)
-        self.untimed = 0  # samples of steps that compiled: their time is not in the window's
+        # samples whose time is not in the window's: the carried ones (trained before the restart, in the
+        # loss average but not the throughput), and later those of steps that compiled
+        self.untimed = self.samples
         self.t0 = self.wall_t0 = time.perf_counter()  # wall_t0: the per-rank split's (checkpoint stalls in)
 
     def add(self, batches: list[dict[str, torch.Tensor]], stats: StepStats, data_s: float, compute_s: float) -> None:
