@@ -485,3 +485,48 @@ def test_advise_an_unknown_run_exits_2_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"openclaw: error: there is no MLflow run '{'0' * 32}' at {uri}") and "Traceback" not in err
     assert "models:/" not in err  # advise takes run ids only: it once suggested the form it refuses
+
+
+# ---- every suggestion passes the config's own checks -------------------------------------------------
+
+
+def _gpt_pipeline(**over):
+    """The text model in 2 pipeline stages over 2 workers, global batch 8 (the pipeline's own rules:
+    1F1B needs as many micro-batches as stages, and `parallelism.microbatches` must divide the batch)."""
+    base = {"data": {"train": "x"}, "task": "language_modeling",
+            "model": {"name": "gpt", "kwargs": {"vocab_size": 256, "block_size": 32, "dim": 64, "depth": 4, "heads": 4}},
+            "train": {"global_batch_size": 8, "micro_batch_size": 4}, "scaling": {"min_workers": 2, "max_workers": 2},
+            "parallelism": {"pipeline": 2}}
+    return load_config(None, over, base=base)
+
+
+def test_suggestions_the_layout_would_refuse_are_not_made():
+    """Three rules suggested values the config then refused: the data-wait rule a micro-batch of 8 under
+    1F1B (one micro-batch a step, fewer than its 2 stages), the critical-batch rule a global batch of 2 with
+    `parallelism.microbatches: 4`, and the tensor rule `parallelism.tensor: 1` where the batch cannot split
+    8 ways."""
+    assert sr.rule_data_wait(facts(_gpt_pipeline(), data_wait_frac=0.3, world_size=2)) is None
+    micro4 = _gpt_pipeline(**{"parallelism.microbatches": 4, "train.micro_batch_size": "auto"})
+    rec = dr.rule_critical_batch(facts(micro4, grad_noise_scale=1.0))
+    assert rec.key == "train.global_batch_size" and batching.refusal(micro4, {rec.key: rec.value}) is None
+    assert rec.value % 4 == 0
+    spread = load_config(DIGITS, {"scaling.min_workers": 8, "scaling.max_workers": 8, "parallelism.tensor": 4,
+                                  "train.global_batch_size": 8, "train.micro_batch_size": 4,
+                                  "model.name": "gpt", "task": "language_modeling", "data.label": None,
+                                  "model.kwargs": {"vocab_size": 64, "block_size": 16, "dim": 32, "depth": 2,
+                                                   "heads": 4}})
+    (rec,) = advise(facts(spread, tensor_group_nodes=2, workers_per_node=(2, 2, 2, 2)),
+                    rules=[__import__("openclaw.advice.layout_rules", fromlist=["x"]).rule_tensor_across_nodes])
+    assert rec.key is None and "`parallelism.tensor=1` is one the config refuses here" in rec.effect
+    assert "must be divisible by `train.micro_batch_size`" in rec.effect
+
+
+@pytest.mark.parametrize("config", [cfg(), _gpt_pipeline(), cfg(**{"train.micro_batch_size": 8}),
+                                    _gpt_pipeline(**{"parallelism.microbatches": 4, "train.micro_batch_size": "auto"})],
+                         ids=["digits", "pipeline", "digits-micro-8", "pipeline-microbatches"])
+def test_whatever_fires_on_extreme_facts_suggests_only_values_the_config_takes(config):
+    every = facts(config, data_wait_frac=0.5, comm_frac=0.5, checkpoint_frac=0.5, grad_noise_scale=1.0,
+                  micro_batch_s=0.001, accumulation=4, step_s=1.0,
+                  world_size=2, tensor_group_nodes=2, workers_per_node=(1, 1))
+    for rec in advise(every):
+        assert rec.key is None or batching.refusal(config, {rec.key: rec.value}) is None, rec

@@ -1,11 +1,32 @@
 """Batch arithmetic for the advice rules (pure): which micro-batch and global batch sizes a config can take,
-and the LR that goes with a new global batch. A suggested value must pass the config's own check
-(`Config._batch_divides`): `train.global_batch_size` divisible by `train.micro_batch_size` x the
-data-parallel degree at every world size the run may take."""
+and the LR that goes with a new global batch. A suggested value must pass the config's own checks
+(`takes`): `train.global_batch_size` divisible by `train.micro_batch_size` x the data-parallel degree at
+every world size the run may take, and the layout's own (a pipeline schedule's micro-batch count)."""
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from pydantic import ValidationError
+
+from openclaw.config_files import set_dotted
+
+
+def refusal(config: Any, changes: dict[str, Any]) -> str | None:
+    """Why the config would refuse `changes` (dotted keys), as its own validation says; None if it takes
+    them. The advice suggests only values this returns None for."""
+    raw = config.model_dump(by_alias=True)
+    for key, value in changes.items():
+        set_dotted(raw, key, value)
+    try:
+        type(config).model_validate(raw)
+    except ValidationError as e:  # its first error's own sentence
+        return e.errors()[0]["msg"].removeprefix("Value error, ")
+    return None
+
+
+def takes(config: Any, changes: dict[str, Any]) -> bool:
+    return refusal(config, changes) is None
 
 
 def dp_degrees(config: Any) -> list[int]:
@@ -23,7 +44,8 @@ def fixed_micro(config: Any) -> int | None:
 
 def valid_micro(config: Any, micro: int) -> bool:
     g = config.train.global_batch_size
-    return micro > 0 and all(g % (micro * dp) == 0 for dp in dp_degrees(config))
+    return (micro > 0 and all(g % (micro * dp) == 0 for dp in dp_degrees(config))
+            and takes(config, {"train.micro_batch_size": micro}))  # a pipeline schedule's count, too
 
 
 def per_worker_batch(config: Any) -> int:
@@ -63,10 +85,13 @@ def batch_unit(config: Any) -> int:
     return math.lcm(*(micro * dp for dp in dp_degrees(config)))
 
 
-def global_batch_near(config: Any, target: float) -> int:
-    """The valid global batch nearest `target` (at least one unit)."""
+def global_batch_near(config: Any, target: float, tries: int = 64) -> int:
+    """The valid global batch nearest `target` (at least one unit) that the config takes (a pipeline's
+    `parallelism.microbatches` must divide it too), among the `tries` multiples of the unit nearest it."""
     unit = batch_unit(config)
-    return max(unit, int(round(target / unit)) * unit)
+    near = max(unit, int(round(target / unit)) * unit)
+    candidates = sorted({max(unit, near + k * unit) for k in range(-tries, tries + 1)}, key=lambda g: (abs(g - target), g))
+    return next((g for g in candidates if takes(config, {"train.global_batch_size": g})), near)
 
 
 def scaled_lr(config: Any, new_global: int) -> float:

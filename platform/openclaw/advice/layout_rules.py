@@ -28,7 +28,8 @@ def rule_tensor_across_nodes(f: Facts) -> Recommendation | None:
     tensor, spanned, per_node = f.config.parallelism.tensor, f.tensor_group_nodes, f.workers_per_node
     if tensor == 1 or not spanned or spanned < 2 or not per_node:
         return None
-    fits = max(t for t in range(1, tensor + 1) if tensor % t == 0 and all(n % t == 0 for n in per_node))
+    fits = max(t for t in range(1, tensor + 1) if tensor % t == 0 and all(n % t == 0 for n in per_node)
+               and (t == 1 or batching.takes(f.config, {"parallelism.tensor": t})))
     finding = (f"tensor-parallel groups of {tensor} workers span up to {spanned} nodes (workers per node: "
                f"{', '.join(map(str, per_node))}): their collectives, several per block in every forward and "
                f"backward, cross the network")

@@ -28,8 +28,10 @@ reads was not measured (None). `advise` runs them all and orders what fired by w
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
+from openclaw.advice import batching
 from openclaw.advice.device_rules import (rule_critical_batch, rule_graph_breaks, rule_launch_bound,
                                           rule_less_recompute, rule_low_mfu, rule_memory_headroom, rule_memory_high,
                                           rule_no_autocast, rule_no_tf32)
@@ -52,7 +54,8 @@ RULES: list[Rule] = [rule_data_wait, rule_data_preparation, rule_exposed_comm, r
 def advise(facts: Facts, rules: list[Rule] | None = None) -> list[Recommendation]:
     """Every rule's recommendation for these facts, the one with the most at stake first. Where two rules
     name the same key, the one with more at stake speaks (a key takes one value)."""
-    found = [r for r in (rule(facts) for rule in (RULES if rules is None else rules)) if r is not None]
+    found = [_checked(r, facts.config) for r in (rule(facts) for rule in (RULES if rules is None else rules))
+             if r is not None]
     ordered, keys = [], set()
     for rec in sorted(found, key=lambda r: -r.at_stake):
         if rec.key is None or rec.key not in keys:
@@ -61,10 +64,20 @@ def advise(facts: Facts, rules: list[Rule] | None = None) -> list[Recommendation
     return ordered
 
 
+def _checked(rec: Recommendation, config) -> Recommendation:
+    """A recommendation whose value the config would refuse keeps its finding, without the change: the
+    rules search for values the config takes, and this is the one place that holds them to it."""
+    why = batching.refusal(config, {rec.key: rec.value}) if rec.key is not None else None
+    if why is None:
+        return rec
+    return replace(rec, key=None, value=None,
+                   effect=f"{rec.effect}; but `{rec.key}={rec.value}` is one the config refuses here ({why})")
+
+
 def data_wait_line(config, data_wait_frac: float, read_share: float, world: int) -> str | None:
     """The mid-run advice line (rank 0, once a run): `rule_data_wait` on one log window, when it fires."""
     rec = rule_data_wait(Facts(config, data_wait_frac=data_wait_frac, read_share=read_share, world_size=world))
-    return f"advice: {line(rec)}" if rec else None
+    return f"advice: {line(_checked(rec, config))}" if rec else None
 
 
 def placement_line(config, tensor_group_nodes: int, workers_per_node: tuple[int, ...]) -> str | None:
@@ -72,4 +85,4 @@ def placement_line(config, tensor_group_nodes: int, workers_per_node: tuple[int,
     attempt's workers sit, when it fires."""
     rec = rule_tensor_across_nodes(Facts(config, tensor_group_nodes=tensor_group_nodes,
                                          workers_per_node=workers_per_node))
-    return f"advice: {line(rec)}" if rec else None
+    return f"advice: {line(_checked(rec, config))}" if rec else None
