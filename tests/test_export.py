@@ -171,6 +171,10 @@ def test_each_mode_takes_the_linear_layers_it_can_and_says_why_it_keeps_the_rest
         plan(gpt, "int8", 32)
     with pytest.raises(ConfigError, match=r"`--group-size` must be one of 32, 64, 128, got 48"):
         plan(gpt, "int4", 48)
+    # a layer no group size divides is kept under `--group-size 32` as it is without one (it raised)
+    odd = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    assert plan(odd, "int4", 32).kept == plan(odd, "int4", None).kept == {
+        "0": "int4 needs input features divisible by 32 (48 here)"}
     with pytest.raises(ConfigError, match=r"finds no Linear layer .* no nn.Linear layer"):
         plan(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3)), "int8", None)
 
@@ -194,6 +198,9 @@ def test_findings_say_when_an_export_is_slower_worse_or_barely_smaller_and_what_
     worse = findings(_measured(mode="int4", val_loss_quantized=0.53, val_accuracy_quantized=0.85))
     assert worse == ["quality: val loss 0.5000 -> 0.5300 (+6.0%); val accuracy 0.9000 -> 0.8500 on the first 1024 val "
                      "rows; a smaller `--group-size` (32) fits each scale to fewer weights; `--quantize int8` loses less."]
+    smallest = {**_measured(mode="int4", val_loss_quantized=0.53), "group_sizes": {"a": 32, "b": 32}}
+    assert findings(smallest)[0].endswith("every layer already has the smallest `--group-size` (32); `--quantize "
+                                          "int8` loses less.")  # it suggested 32, which changed nothing
     unscored = _measured(file_ratio=0.95)
     for k in ("val_loss_full", "val_loss_quantized", "val_accuracy_full", "val_accuracy_quantized", "val_rows"):
         del unscored["measured"][k]  # without --eval: no quality finding

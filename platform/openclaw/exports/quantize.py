@@ -77,12 +77,12 @@ def plan(model: nn.Module, mode: str, group_size: int | None) -> Plan:
         elif mode == "int4" and module.out_features % INT4_OUT_MULTIPLE:
             out.kept[name] = (f"int4 needs output features divisible by {INT4_OUT_MULTIPLE} "
                               f"({module.out_features} here)")
+        elif mode == "int4" and not divisors:  # kept whatever `--group-size` says, as when it is left out
+            out.kept[name] = f"int4 needs input features divisible by {min(GROUP_SIZES)} ({module.in_features} here)"
         elif mode == "int4" and group_size and module.in_features % group_size:
             raise ConfigError(f"`--group-size` {group_size} does not divide the {module.in_features} input features of "
-                              f"layer {name}; use {' or '.join(map(str, divisors[::-1])) if divisors else 'int8'}, "
-                              f"or leave it out to choose per layer.")
-        elif mode == "int4" and not divisors:
-            out.kept[name] = f"int4 needs input features divisible by {min(GROUP_SIZES)} ({module.in_features} here)"
+                              f"layer {name}; use {' or '.join(map(str, divisors[::-1]))}, or leave it out to choose "
+                              f"per layer.")
         else:
             out.quantized.append(name)
             if mode == "int4":

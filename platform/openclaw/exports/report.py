@@ -11,6 +11,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from openclaw.errors import ConfigError
+from openclaw.exports.quantize import GROUP_SIZES
 from openclaw.tracking.redact import public_uri
 from openclaw.tracking.run import EXPORT_DIR, EXPORT_KIND
 
@@ -59,7 +60,11 @@ def findings(report: dict[str, Any]) -> list[str]:
     if "val_accuracy_full" in m and m["val_accuracy_full"] - m["val_accuracy_quantized"] > WORSE:
         lost.append(f"val accuracy {m['val_accuracy_full']:.4f} -> {m['val_accuracy_quantized']:.4f}")
     if lost:
-        out.append(f"quality: {'; '.join(lost)} on the first {m['val_rows']:.0f} val rows; {_QUALITY_FIX[mode]}.")
+        fix = _QUALITY_FIX[mode]
+        groups = report.get("group_sizes") or {}
+        if mode == "int4" and groups and all(g <= min(GROUP_SIZES) for g in groups.values()):
+            fix = "every layer already has the smallest `--group-size` (32); `--quantize int8` loses less"
+        out.append(f"quality: {'; '.join(lost)} on the first {m['val_rows']:.0f} val rows; {fix}.")
     if m["file_ratio"] > SMALL_SAVING:
         out.append(f"barely smaller: the file is {m['file_ratio']:.1%} of the full one, since most of the model's bytes "
                    f"are outside the {len(report['quantized_layers'])} quantized layer(s) (embeddings, norms, or the "
