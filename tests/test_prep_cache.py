@@ -1,8 +1,10 @@
 """The transforms and the prepared-data cache, without Ray: keys, atomic publication, one preparer per
 key across processes, and LRU eviction that never removes an entry in use."""
+import json
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +111,24 @@ def test_failed_preparation_leaves_no_entry(tmp_path):
         cache.acquire("k", boom)
     assert cache.lookup("k") is None and os.listdir(tmp_path / ".tmp") == []
     assert cache.acquire("k", lambda tmp: {"shards": []}).hit is False
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no manifest"])
+def test_an_entry_whose_manifest_cannot_be_read_is_prepared_again_in_its_place(tmp_path, damage):
+    """A truncated manifest read as a miss, and the new entry's rename onto the old folder then failed with
+    'Directory not empty', in every later run: the key was wedged for good."""
+    cache = PrepCache(str(tmp_path), 10**9)
+
+    def prepare(folder):
+        (Path(folder) / "part-00000.parquet").write_bytes(b"x" * 10)
+        return {"shards": [], "skipped": [], "prepare_s": 0.0}
+    cache.acquire("k1", prepare)
+    cache.release("k1")
+    manifest = tmp_path / "entries" / "k1" / "manifest.json"
+    manifest.write_text("") if damage == "truncated" else manifest.unlink()
+    again = PrepCache(str(tmp_path), 10**9).acquire("k1", prepare)
+    assert not again.hit and json.loads(manifest.read_text())["key"] == "k1"
+    assert os.listdir(tmp_path / ".tmp") == []  # the old entry's remains are gone too
 
 
 def test_lru_eviction_never_removes_an_entry_in_use(tmp_path):

@@ -121,11 +121,23 @@ class PrepCache:
             manifest["bytes"] = _folder_bytes(tmp)
             with open(os.path.join(tmp, MANIFEST), "w") as f:  # last: a folder without it is not an entry
                 json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            self._clear_unreadable(key)
             os.rename(tmp, self.entry_path(key))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
+
+    def _clear_unreadable(self, key: str) -> None:
+        """Under `key`'s exclusive lock, with its manifest unreadable (a crash mid-write, a truncated file):
+        what is left of the entry, out of the way of the new one (the rename onto it failed, run after run)."""
+        old = self.entry_path(key)
+        if os.path.lexists(old):
+            aside = os.path.join(self.root, ".tmp", f"{key}-unreadable-{uuid.uuid4().hex[:8]}")
+            os.rename(old, aside)
+            shutil.rmtree(aside, ignore_errors=True)
 
     def evict(self, keep: str | None = None) -> list[str]:
         """Remove least-recently-used entries no run holds until the cache fits `max_bytes`."""
