@@ -76,6 +76,35 @@ def test_the_shard_cache_never_writes_through_a_planted_link_and_sweeps_leftover
     assert (tmp_path / "cache" / f"{key}.lock").exists() and (tmp_path / "cache" / f"{key}.json").exists()
 
 
+def test_the_shard_cache_sweeps_a_shard_left_without_its_json_unless_a_fetch_holds_it(tmp_path):
+    """A crash between a fetch's two files (or an eviction's two unlinks) left a `.parquet` that neither
+    eviction nor the sweep looked at: bytes over `max_bytes`, for good."""
+    import fcntl
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from openclaw.data.shard_cache import ShardCache
+    root = tmp_path / "cache"
+    for i in range(2):
+        pq.write_table(pa.table({"x": [i] * 100}), tmp_path / f"s{i}.parquet")
+        info = os.stat(tmp_path / f"s{i}.parquet")
+        ShardCache(str(root), 1 << 20).read(pafs.LocalFileSystem(), str(tmp_path / f"s{i}.parquet"), info.st_size,
+                                            info.st_mtime_ns)
+    orphan, held = sorted(p.name[:-5] for p in root.glob("*.json"))
+    old = time.time() - 2 * 3600
+    for key in (orphan, held):
+        (root / f"{key}.json").unlink()
+        os.utime(root / f"{key}.parquet", (old, old))
+    fd = os.open(root / f"{held}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a fetch of this key, between its two files
+    try:
+        ShardCache(str(root), 1 << 20)  # a cache sweeps what died processes left when it opens
+        assert not (root / f"{orphan}.parquet").exists() and (root / f"{held}.parquet").exists()
+    finally:
+        os.close(fd)
+    assert ShardCache(str(root), 1 << 20).sweep() == [] and not (root / f"{held}.parquet").exists()  # let go
+
+
 def test_the_prepared_cache_sweeps_what_dead_preparers_left_but_not_what_a_live_one_writes(tmp_path):
     import fcntl
     from openclaw.data.prep_cache import PrepCache

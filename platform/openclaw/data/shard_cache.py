@@ -69,14 +69,25 @@ class ShardCache:
         self.sweep()
 
     def sweep(self, stale_s: float = STALE_S) -> list[str]:
-        """Remove what died processes left: `.part` files, and lock files of no shard, older than `stale_s`."""
+        """Remove what died processes left, older than `stale_s`: `.part` files, lock files of no shard, and
+        shards without their `.json` (a fetch or an eviction cut between its two files), which no eviction
+        would ever count or remove."""
         removed, now = [], time.time()
         for name in os.listdir(self.root):
             path = os.path.join(self.root, name)
+            try:
+                stale = now - os.lstat(path).st_mtime > stale_s
+            except FileNotFoundError:
+                continue
             orphan_lock = name.endswith(".lock") and not os.path.exists(path[:-5] + ".json")
-            if (name.endswith(".part") or orphan_lock) and now - os.lstat(path).st_mtime > stale_s:
+            if stale and (name.endswith(".part") or orphan_lock):
                 _unlink(path)
                 removed.append(name)
+            elif stale and name.endswith(".parquet") and not os.path.exists(path[:-8] + ".json"):
+                with self._lock(name[:-8], blocking=False) as got:  # not while a fetch is between its files
+                    if got and not os.path.exists(path[:-8] + ".json"):
+                        _unlink(path)
+                        removed.append(name)
         return removed
 
     def read(self, fs: pafs.FileSystem, path: str, size: int, mtime_ns: int, etag: str = "") -> pa.Buffer:
