@@ -295,3 +295,51 @@ def test_a_language_model_with_a_label_column_the_data_lacks_is_told_to_set_none
     with pytest.raises(ConfigError, match=r"Language modeling takes its targets from the features .* set "
                                           r"`data.label: null`"):
         load_config(REPO / "jobs" / "configs" / "text-lm.yaml", {**base, "data.label": "x"})
+
+
+class _OnceUnreachable:
+    """An object store (a local folder underneath) whose first request for each path in `flaky` fails as
+    a reset connection does."""
+    type_name = "s3"
+
+    def __init__(self, root, flaky: set[str]):
+        import pyarrow.fs as pafs
+        self.local, self.flaky = pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()), set(flaky)
+
+    def _fail_once(self, path):
+        if path in self.flaky:
+            self.flaky.discard(path)
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 56, Failure when "
+                          "receiving data from the peer")
+
+    def open_input_stream(self, path):
+        self._fail_once(path)
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self._fail_once(path)
+        return self.local.open_input_file(path)
+
+
+def test_a_reset_connection_is_read_again_not_taken_for_a_bad_shard(tmp_path, monkeypatch):
+    """Under `on_bad_shard: skip`, one failed GetObject made a good shard 'bad' while preparing, and the
+    cached preparation (whose key does not depend on it) left it out of every later run."""
+    import openclaw.data.prep as prep
+    from openclaw.data.sources import _footer
+    (tmp_path / "bkt").mkdir()
+    pq.write_table(pa.table({"x": np.arange(10, dtype=np.float32), "y": np.arange(10)}), tmp_path / "bkt" / "p1.parquet")
+    size = (tmp_path / "bkt" / "p1.parquet").stat().st_size
+    fs = _OnceUnreachable(tmp_path, {"bkt/p1.parquet"})
+    meta, _ = _footer(fs, "bkt/p1.parquet")
+    assert meta.num_rows == 10 and not fs.flaky  # failed once, read on the second try
+
+    monkeypatch.setattr(prep, "filesystem_for", lambda spec, s3=None: (fs, "bkt"))
+    monkeypatch.setattr(prep, "RETRY_PAUSE_S", 0.0)
+    task = prep._ShardTask("s3://bkt", {}, [], str(tmp_path / "out"), str(tmp_path / "shards"), 1 << 20, {})
+    fs.flaky = {"bkt/p1.parquet"}
+    got = task({"i": 0, "path": "bkt/p1.parquet", "size": size, "mtime_ns": 1, "etag": ""})
+    assert got["error"] is None and got["rows"] == 10 and not fs.flaky
+    always = _OnceUnreachable(tmp_path, set())
+    always._fail_once = lambda path: (_ for _ in ()).throw(OSError("still down"))
+    monkeypatch.setattr(prep, "filesystem_for", lambda spec, s3=None: (always, "bkt"))
+    assert "still down" in task({"i": 0, "path": "bkt/p1.parquet", "size": size, "mtime_ns": 2, "etag": ""})["error"]

@@ -162,6 +162,10 @@ def _prepare_source(src: Source, d: DataConfig, tmp: str) -> dict[str, Any]:
             "transforms": [t.model_dump() for t in d.transforms], "prepare_s": time.perf_counter() - t0}
 
 
+READ_ATTEMPTS, RETRY_PAUSE_S = 3, 0.5
+"""How often a shard on an object store is read before it counts as bad, and the first pause between."""
+
+
 class _ShardTask:
     """One shard: read it a row group at a time, transform, write (or, with no transforms, only read)."""
 
@@ -172,8 +176,20 @@ class _ShardTask:
         self.shard_cache = (shard_cache_dir, shard_cache_bytes) if is_remote(spec) else None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The shard's outcome. An object store's read that fails is tried again (`READ_ATTEMPTS`, with a
+        growing pause) before the shard counts as bad: under `skip`, a reset connection would otherwise leave
+        a good shard out of every run that finds this preparation in the cache."""
         apply_secret_env(self.secrets)
         fs, _ = filesystem_for(self.spec, self.s3)
+        attempts = READ_ATTEMPTS if self.shard_cache else 1
+        for attempt in range(attempts):
+            out = self._once(fs, item)
+            if out["error"] is None or attempt == attempts - 1:
+                return out
+            time.sleep(RETRY_PAUSE_S * 2 ** attempt)
+        return out
+
+    def _once(self, fs, item: dict[str, Any]) -> dict[str, Any]:
         out = {"i": item["i"], "path": item["path"], "file": None, "rows": 0, "bytes": 0, "error": None,
                "fatal": None}
         try:

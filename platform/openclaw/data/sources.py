@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -153,13 +154,20 @@ def footer_nulls(meta: pq.FileMetaData) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData | Exception, str]:
-    """The shard's Parquet footer (or why it cannot be read) and its ETag, from the same request."""
-    try:
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata, _etag_of(f)
-    except (pa.ArrowInvalid, OSError) as e:
-        return e, ""
+def _footer(fs: pafs.FileSystem, path: str, attempts: int = 3) -> tuple[pq.FileMetaData | Exception, str]:
+    """The shard's Parquet footer (or why it cannot be read) and its ETag, from the same request. On an
+    object store, a read that fails is tried again (`attempts`, with a growing pause): a reset connection
+    is not a bad shard."""
+    error: Exception = OSError(f"{path}: not read")
+    for attempt in range(attempts if fs.type_name != "local" else 1):
+        try:
+            with fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata, _etag_of(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            error = e
+            if attempt + 1 < attempts and fs.type_name != "local":
+                time.sleep(0.5 * 2 ** attempt)
+    return error, ""
 
 
 def _etag_of(f: pa.NativeFile) -> str:
