@@ -77,6 +77,12 @@ def test_data_preparation_pins_the_cache_folder_unless_it_is_set_or_the_cache_hi
     assert sr.rule_data_preparation(facts(config, prepare_s=0.0, prepare_cache="hit", wall_s=40.0)) is None
     assert sr.rule_data_preparation(facts(config, prepare_s=1.0, prepare_cache="miss", wall_s=40.0)) is None
     assert sr.rule_data_preparation(facts(config, prepare_cache="miss")) is None
+    # a relative storage read from elsewhere (`openclaw advise` in another folder) named the folder it would
+    # be from there; the run records where its cache was, and that is what is suggested
+    relative = cfg(**{"checkpoint.storage": "runs"})
+    rec = sr.rule_data_preparation(facts(relative, prepare_s=10.0, prepare_cache="miss", wall_s=40.0,
+                                         prepare_dir="/data/job/runs/.data-cache"))
+    assert rec.value == "/data/job/runs/.data-cache"
 
 
 def test_exposed_comm_under_ddp_carries_it_over_a_larger_batch_with_the_lr_rule():
@@ -406,8 +412,9 @@ def test_final_metrics_make_one_window_and_preparation_notes_count_misses():
     f = facts_from_metrics(cfg(), metrics, notes)
     assert f.data_wait_frac == pytest.approx(0.2) and f.comm_frac == 0.3 and f.accumulation == 2
     assert f.prepare_s == 8.0 and f.prepare_cache == "miss" and f.wall_s == 40.0
-    assert _prep_notes({}) == {"prepare_s": None, "prepare_cache": None}
-    assert _prep_notes({"train": ("off", 0.0)}) == {"prepare_s": 0.0, "prepare_cache": "off"}
+    assert _prep_notes({}) == {"prepare_s": None, "prepare_cache": None, "prepare_dir": None}
+    assert _prep_notes({"train": ("off", 0.0)}) == {"prepare_s": 0.0, "prepare_cache": "off", "prepare_dir": None}
+    assert _prep_notes({"train": ("miss", 1.0)}, "/c")["prepare_dir"] == "/c"  # the run's tag, from MLflow
 
 
 # ---- rendering -------------------------------------------------------------------------------------

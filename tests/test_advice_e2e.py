@@ -120,6 +120,7 @@ def test_a_slow_transform_prepared_outside_a_pinned_cache_is_told_to_pin_it(ray_
     cache = str(tmp_path / "a" / "runs" / ".data-cache")
     assert top["rule"] == "data_preparation" and top["key"] == "data.cache.dir" and top["value"] == cache
     assert advice["facts"]["prepare_cache"] == "miss" and advice["facts"]["prepare_s"] > 0
+    assert MlflowClient(mlflow_uri).get_run(before.run_id).data.tags["openclaw.data.cache_dir"] == cache
 
     # Another job (another `checkpoint.storage`) with the cache pinned where the first prepared it.
     after = _train(digits_dir, tmp_path / "b", mlflow_uri, "pinned-cache", **slow, **{top["key"]: top["value"]})

@@ -47,6 +47,8 @@ class RunNotes:
     accumulation: int | None = None
     prepare_s: float | None = None
     prepare_cache: str | None = None
+    prepare_dir: str | None = None
+    """The prepared-data cache's folder (absolute), as the run recorded it."""
     wall_s: float | None = None
     tensor_group_nodes: int | None = None
     """From the newest attempt event (recorded where `parallelism.tensor` > 1)."""
@@ -101,7 +103,7 @@ def build_facts(config: Any, windows: list[dict[str, float]], notes: RunNotes | 
         state_bytes=_max(windows, "perf/state_bytes_per_rank"), grad_bytes=_max(windows, "perf/grad_bytes_per_rank"),
         activation_bytes=_max(windows, "perf/peak_activation_bytes"),
         prepare_s=notes.prepare_s,
-        prepare_cache=notes.prepare_cache, wall_s=notes.wall_s, tensor_group_nodes=notes.tensor_group_nodes,
+        prepare_cache=notes.prepare_cache, prepare_dir=notes.prepare_dir, wall_s=notes.wall_s, tensor_group_nodes=notes.tensor_group_nodes,
         workers_per_node=notes.workers_per_node, model_blocks=notes.model_blocks, rank_busy=_rank_busy(windows))
 
 

@@ -92,6 +92,8 @@ class Facts:
     """Seconds this run spent preparing its data (`data.transforms`) before training; 0 on a cache hit."""
     prepare_cache: str | None = None
     """The prepared-data cache: `miss` (this run prepared), `hit`, or `off` (nothing to prepare)."""
+    prepare_dir: str | None = None
+    """The prepared-data cache's folder (absolute) where the run found or put its data."""
     wall_s: float | None = None
     """The run's wall time, from the job's start (preparation included) to its end."""
     tensor_group_nodes: int | None = None

@@ -115,7 +115,8 @@ def run_notes(run, events: list[dict[str, Any]]) -> RunNotes:
     attempts = [e for e in events if e.get("event") in ATTEMPT_EVENTS]
     precision = [e for e in events if e.get("event") == "precision"]
     caches = {k.split(".")[2]: v for k, v in tags.items() if k.startswith("openclaw.data.") and k.endswith(".cache")}
-    prep = _prep_notes({name: (cache, metrics.get(f"data/{name}/prepare_s", 0.0)) for name, cache in caches.items()})
+    prep = _prep_notes({name: (cache, metrics.get(f"data/{name}/prepare_s", 0.0)) for name, cache in caches.items()},
+                       tags.get("openclaw.data.cache_dir"))
     end = run.info.end_time
     wall = (end - run.info.start_time) / 1000 + (prep["prepare_s"] or 0.0) if end else None  # prepared before it
     last = attempts[-1] if attempts else {}
@@ -128,11 +129,12 @@ def run_notes(run, events: list[dict[str, Any]]) -> RunNotes:
                     workers_per_node=tuple(last["workers_per_node"]) if last.get("workers_per_node") else None, **prep)
 
 
-def _prep_notes(prepared: dict[str, Any]) -> dict[str, Any]:
-    """`prepare_s` and `prepare_cache` of the datasets: `Prepared` objects (the driver's), or (cache,
-    seconds) pairs (from MLflow). Seconds count on misses only."""
+def _prep_notes(prepared: dict[str, Any], cache_dir: str | None = None) -> dict[str, Any]:
+    """`prepare_s`, `prepare_cache` and `prepare_dir` of the datasets: `Prepared` objects (the driver's), or
+    (cache, seconds) pairs and the cache's folder (from MLflow). Seconds count on misses only."""
     pairs = [p if isinstance(p, tuple) else (p.cache, p.prepare_s) for p in prepared.values()]
     caches = {cache for cache, _ in pairs}
     cache = "miss" if "miss" in caches else "hit" if "hit" in caches else ("off" if caches else None)
     spent = sum(s for c, s in pairs if c == "miss")
-    return {"prepare_s": spent if pairs else None, "prepare_cache": cache}
+    folder = cache_dir or next((p.cache_dir for p in prepared.values() if getattr(p, "cache_dir", None)), None)
+    return {"prepare_s": spent if pairs else None, "prepare_cache": cache, "prepare_dir": folder}

@@ -85,7 +85,8 @@ def rule_data_preparation(f: Facts) -> Recommendation | None:
     share = f.prepare_s / f.wall_s
     if share <= PREPARE_FRAC:
         return None
-    folder = os.path.join(os.path.abspath(cfg.checkpoint.storage), ".data-cache")
+    # the folder the run recorded; a run that recorded none: its storage's, seen from here
+    folder = f.prepare_dir or os.path.join(os.path.abspath(cfg.checkpoint.storage), ".data-cache")
     return Recommendation(
         "data_preparation", f"preparing the data (`data.transforms`, a cache miss) took {f.prepare_s:.1f} s, "
         f"{_pct(share)} of the run's {f.wall_s:.0f} s", "data.cache.dir", folder,

@@ -38,6 +38,8 @@ class Prepared:
     cache_key: str | None = None
     prepare_s: float = 0.0
     evicted: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+    """The prepared-data cache's folder (absolute) where this run found or put it."""
 
 
 def needs_preparation(d: DataConfig) -> bool:
@@ -103,7 +105,7 @@ def prepare(sources: dict[str, Source], d: DataConfig, storage: str) -> tuple[di
         prepared = _prepared_source(src, entry.path, entry.manifest, transformed=bool(d.transforms))
         check_columns(prepared, d.features, d.label)
         out[name] = Prepared(prepared, src, "hit" if entry.hit else "miss", key, entry.manifest["prepare_s"],
-                             entry.evicted)
+                             entry.evicted, cache.root)
     return out, cache
 
 

@@ -51,6 +51,8 @@ def log_lineage(uri: str, run_id: str, prepared: dict[str, Any]) -> None:
         ds = ParquetShards(p.raw, p.source, name=name, extra=extra)
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", name)]))
         tags[f"openclaw.data.{name}.cache"] = p.cache
+        if getattr(p, "cache_dir", None):
+            tags["openclaw.data.cache_dir"] = p.cache_dir
         if p.cache != "off":
             metrics[f"data/{name}/prepare_s"] = p.prepare_s if p.cache == "miss" else 0.0
             metrics[f"data/{name}/cache_hit"] = float(p.cache == "hit")
