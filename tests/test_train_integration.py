@@ -240,7 +240,9 @@ def test_perf_and_system_metrics_are_logged_per_window(ray_local, text_dir, tmp_
         parts = [metrics[f"perf/rank{rank}/{k}_frac"] for k in ("data", "compute", "comm", "checkpoint", "idle")]
         assert all(0 <= v <= 1 for v in parts) and sum(parts) == pytest.approx(1.0), parts
         assert metrics[f"perf/rank{rank}/checkpoint_frac"] > 0  # the last window holds the step-20 checkpoint
-        assert metrics[f"perf/rank{rank}/compute_frac"] > 0.3
+        # (about half here; the window also holds the step-20 checkpoint and report, which a loaded machine
+        # stretches: a compute that was not measured at all reads 0)
+        assert metrics[f"perf/rank{rank}/compute_frac"] > 0.1
     assert f"perf/rank{cfg.scaling.max_workers}/data_frac" not in metrics
     assert metrics["perf/comm_frac"] == max(metrics[f"perf/rank{r}/comm_frac"] for r in range(cfg.scaling.max_workers))
     assert metrics["perf/straggler_index"] >= 1.0 and metrics["perf/slowest_rank"] in range(cfg.scaling.max_workers)
