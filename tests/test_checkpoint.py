@@ -100,3 +100,74 @@ def test_ranks_restore_the_same_checkpoint_while_a_background_save_creates_a_fol
                   config={})
     (tmp_path / "checkpoint_2026-01-01_00-00-09.000000").mkdir()  # being published: no manifest yet
     assert spawn(2, _restore_while_a_save_publishes, str(tmp_path)) == [("checkpoint_2026-01-01_00-00-01.000000", 100)] * 2
+
+
+class _Quiet:
+    def event(self, *a, **k): ...
+
+    def progress(self, *a, **k): ...
+
+
+class _CPU:
+    device = torch.device("cpu")
+
+
+def _restored_step(run, monkeypatch) -> int | None:
+    """The step `restore` loads from `run` (its folders hold no model: the choice is the test)."""
+    import openclaw.runtime.checkpoint_store as store
+    monkeypatch.setattr(store, "restore_engine", lambda engine, d, parts: None)
+    loaded = store.restore(str(run), _Quiet(), _CPU(), lambda state, path: None)
+    return loaded["state"]["step"] if loaded else None
+
+
+def test_a_resume_walks_checkpoints_by_step_not_by_a_name_in_local_time(tmp_path, monkeypatch):
+    """Folders were named in local time and walked by name: after the autumn daylight-saving change (01:50
+    then, 30 minutes later, 01:20) or a restart with rank 0 in another time zone, a resume loaded the older
+    checkpoint. New names are in UTC, and the walk orders by each manifest's step, then by name."""
+    from openclaw.runtime.checkpoint_store import checkpoint_dir_name, listed
+    run = tmp_path / "run"
+    for name, step in (("checkpoint_2025-11-02_01-50-00.000000", 100), ("checkpoint_2025-11-02_01-20-00.000000", 200),
+                       ("checkpoint_2025-11-02_01-40-00.000000", 200)):  # 200 twice: a replay; the later name wins
+        ckpt.save(run / name, model={"w": torch.ones(2)}, trainer={}, state={"step": step}, config={})
+    (run / "checkpoint_2025-11-02_09-00-00.000000").mkdir()  # being written: no manifest, walked last
+    order = [(os.path.basename(c.path), s) for c, s in listed(str(run))]
+    assert _restored_step(run, monkeypatch) == 200
+    assert order == [("checkpoint_2025-11-02_01-40-00.000000", 200), ("checkpoint_2025-11-02_01-20-00.000000", 200),
+                     ("checkpoint_2025-11-02_01-50-00.000000", 100), ("checkpoint_2025-11-02_09-00-00.000000", None)]
+    import datetime
+    utc = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    named = datetime.datetime.strptime(checkpoint_dir_name(), "checkpoint_%Y-%m-%d_%H-%M-%S.%f")
+    assert abs((named - utc).total_seconds()) < 60  # UTC, whatever this machine's zone
+
+
+def test_prune_keeps_the_checkpoint_the_attempt_restored(tmp_path):
+    """Ray had registered step 200, whose model.pt was then found truncated; the restore skipped it and
+    loaded step 100, which Ray never registered, and prune(keep=1) deleted that one: the next rollback
+    or failure started the run over from step 0."""
+    from openclaw.runtime.checkpoint_store import prune
+    run = tmp_path / "run"
+    old, new = "checkpoint_2026-01-01_10-00-00.000000", "checkpoint_2026-01-01_11-00-00.000000"
+    ckpt.save(run / old, model={"w": torch.ones(2)}, trainer={}, state={"step": 100}, config={})
+    ckpt.save(run / new, model={"w": torch.ones(2)}, trainer={}, state={"step": 200}, config={})
+    (run / new / "model.pt").write_bytes(b"0123456789")  # truncated after Ray registered it
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": new}], "latest_checkpoint_result": {"checkpoint_dir_name": new}}))
+    assert prune(str(run), keep=1, loaded=str(run / old)) == [] and (run / old / "manifest.json").exists()
+    assert prune(str(run), keep=1) == [str(run / old)]  # (what it did before: the restored one, gone)
+
+
+@pytest.mark.parametrize("manifest", [b"\xff\xfe not utf-8", b"[1, 2]", b'{"format": "whole"}',
+                                      b'{"files": {"model.pt": 3}}', b'{"files": ["model.pt"]}'])
+def test_a_malformed_manifest_is_a_checkpoint_error_that_a_resume_skips(tmp_path, manifest, monkeypatch):
+    """A manifest that was JSON of another shape, or not UTF-8, raised KeyError, TypeError or
+    UnicodeDecodeError, which the restore does not catch: the resume crashed instead of loading the
+    checkpoint before it (as `openclaw checkpoint list` said it would)."""
+    run = tmp_path / "run"
+    ckpt.save(run / "checkpoint_2026-01-01_00-00-00.000000", model={"w": torch.ones(2)}, trainer={},
+              state={"step": 50}, config={})
+    bad = ckpt.save(run / "checkpoint_2026-01-02_00-00-00.000000", model={"w": torch.ones(2)}, trainer={},
+                    state={"step": 100}, config={})
+    (bad / "manifest.json").write_bytes(manifest)
+    with pytest.raises(CheckpointError, match="manifest.json is (corrupt|malformed)"):
+        ckpt.verify(bad)
+    assert _restored_step(run, monkeypatch) == 50

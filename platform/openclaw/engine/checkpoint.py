@@ -91,8 +91,14 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{d} is a run's folder, not one checkpoint: pass one of its checkpoint_* folders "
                               f"(the newest written in full is {d / whole[-1]}).") from None
         raise CheckpointError(f"checkpoint {d} has no {MANIFEST}: it was not written in full.") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise CheckpointError(f"checkpoint {d}: {MANIFEST} is corrupt ({e}).") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in manifest["files"].values()):
+        raise CheckpointError(f"checkpoint {d}: {MANIFEST} is malformed (no `files` mapping each name to its "
+                              f"size and sha256).")
+
     def size(name: str) -> int | None:
         p = inside(d, name)
         return p.stat().st_size if p.is_file() else None

@@ -55,7 +55,9 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
         raise ConfigError(f"{run_dir} holds no checkpoint_* folder: the run wrote none (yet), or this is not its "
                           f"folder (`<checkpoint.storage>/<name>`)." +
                           (f" It holds the runs {', '.join(runs)}: pass one of them." if runs else ""))
-    return [_check(fs, f"{root.rstrip('/')}/{name}", name, quick) for name in names]
+    checked = [_check(fs, f"{root.rstrip('/')}/{name}", name, quick) for name in names]
+    # newest first as a resume walks them (`runtime.checkpoint_store.listed`): by step, then by name
+    return sorted(checked, key=lambda c: (c.step is not None, c.step or 0, c.name), reverse=True)
 
 
 def _runs_under(fs: pafs.FileSystem, root: str) -> list[str]:

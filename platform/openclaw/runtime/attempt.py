@@ -85,7 +85,7 @@ class Attempt:
             self.precision.settle_fp8(lambda: [self.train.batch(ids) for ids in first])
         self.compile_cache = self._open_compile_cache()
         if self.rank == 0:  # checkpoints Ray Train never registered count toward `checkpoint.keep` too
-            prune(inputs.run_dir, cfg.checkpoint.keep)
+            prune(inputs.run_dir, cfg.checkpoint.keep, loaded["path"] if loaded else None)
         # ---- record how this attempt started (the tracking service names it start/resume/restart/resize)
         placement = self._placement(layout) if cfg.parallelism.tensor > 1 else {}
         self._record_attempt(layout, loaded["path"] if loaded else None, placement)

@@ -29,12 +29,30 @@ log = logging.getLogger("openclaw")
 
 
 def checkpoints_newest_first(run_dir: str) -> list[Checkpoint]:
-    """Every `checkpoint_*` folder of a run (local path or URI), newest first (Ray names them by time)."""
+    """Every `checkpoint_*` folder of a run (local path or URI), newest first (`listed`)."""
+    return [checkpoint for checkpoint, _ in listed(run_dir)]
+
+
+def listed(run_dir: str) -> list[tuple[Checkpoint, int | None]]:
+    """Every `checkpoint_*` folder of a run with the step its manifest records (None: no readable
+    manifest, a folder not written in full), newest first: by step, then by name, the time it was
+    written. Names alone misorder: a folder named in local time sorted a checkpoint written after a
+    daylight-saving change, or by rank 0 on a node in another time zone, before older ones."""
     fs, root = storage_filesystem(run_dir)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                  reverse=True)
-    return [Checkpoint(path, filesystem=fs) for path in dirs]
+    dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    steps = {path: _manifest_step(fs, path) for path in dirs}
+    order = sorted(dirs, key=lambda p: (steps[p] is not None, steps[p] or 0, os.path.basename(p)), reverse=True)
+    return [(Checkpoint(path, filesystem=fs), steps[path]) for path in order]
+
+
+def _manifest_step(fs: pafs.FileSystem, folder: str) -> int | None:
+    try:
+        with fs.open_input_stream(f"{folder}/{ckpt_io.MANIFEST}") as f:
+            step = json.loads(f.read()).get("step")
+    except (OSError, ValueError, AttributeError):  # not written in full, or not a manifest
+        return None
+    return step if isinstance(step, int) else -1
 
 
 def newest_finished_file(run_dir: str, name: str) -> tuple[str, bytes] | None:
@@ -108,8 +126,9 @@ def _skip(tracker, path: str, reason: str) -> None:
 
 
 def checkpoint_dir_name() -> str:
-    """A new checkpoint folder's name, as Ray names them (by time, so that names sort oldest first)."""
-    return "checkpoint_" + datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    """A new checkpoint folder's name, by the time in UTC, as Ray's format (so that names sort oldest first
+    whatever the time zone of the node that writes it, and across a daylight-saving change)."""
+    return "checkpoint_" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d_%H-%M-%S.%f")
 
 
 def publish_dir(local: str, run_dir: str) -> str:
@@ -158,25 +177,28 @@ def to_host(obj: Any) -> Any:
     return obj
 
 
-def prune(run_dir: str, keep: int) -> list[str]:
+def prune(run_dir: str, keep: int, loaded: str | None = None) -> list[str]:
     """Rank 0, when an attempt starts: count the checkpoints Ray Train never registered (a background
     checkpoint published just before a worker died) toward `keep`, and remove those of them that fall
     outside it, with unfinished folders. Ray deletes the ones it tracks itself, and fails the run if one
     is gone already, so those are never touched here; nor is anything newer than the newest checkpoint
-    Ray tracks, which Ray may still be about to register (it registers reports in order)."""
-    candidates = checkpoints_newest_first(run_dir)
+    Ray tracks, which Ray may still be about to register (it registers reports in order); nor `loaded`,
+    the one this attempt restored (newer ones may have failed their check and been skipped)."""
+    candidates = listed(run_dir)
     if not candidates:
         return []
-    fs = candidates[0].filesystem
-    tracked = ray_tracked(fs, candidates[0].path.rsplit("/", 1)[0])
+    fs = candidates[0][0].filesystem
+    tracked = ray_tracked(fs, candidates[0][0].path.rsplit("/", 1)[0])
     if not tracked:
         return []
     newest_tracked = max(tracked)
-    finished = [c.path for c in candidates
-                if fs.get_file_info(f"{c.path}/{ckpt_io.MANIFEST}").type == pafs.FileType.File]
-    unfinished = [c.path for c in candidates if c.path not in finished]
-    doomed = [p for p in finished[keep:] + unfinished
-              if os.path.basename(p) not in tracked and os.path.basename(p) < newest_tracked]
+    tracked_steps = [s for c, s in candidates if os.path.basename(c.path) in tracked and s is not None]
+    newest_step = max(tracked_steps, default=-1)
+    finished = [(c.path, s) for c, s in candidates if s is not None]
+    unfinished = [c.path for c, s in candidates if s is None]
+    kept = {os.path.basename(loaded.rstrip("/"))} | tracked if loaded else tracked
+    doomed = [p for p, s in finished[keep:] if os.path.basename(p) not in kept and s < newest_step]
+    doomed += [p for p in unfinished if os.path.basename(p) not in kept and os.path.basename(p) < newest_tracked]
     for path in doomed:
         try:
             fs.delete_dir(path)
