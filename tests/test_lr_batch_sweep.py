@@ -116,3 +116,14 @@ def test_the_sweep_logs_its_heat_map_and_noise_scale_on_the_parent_run(ray_local
     assert grid["noise_scale"] == pytest.approx(statistics.median(noise)) and grid["noise_scale"] > 0
     parent = client.get_run(result.parent_run_id).data.metrics
     assert parent["lr_batch/grad_noise_scale"] == pytest.approx(grid["noise_scale"])
+
+
+def test_the_best_cell_follows_the_sweeps_mode_and_a_nan_is_no_cell():
+    """The heat-map boxed the lowest value whatever `sweep.mode` said (0.4 of accuracies 0.91 to 0.97),
+    and a NaN loss took a cell of its own."""
+    base = openclaw.load_config(SWEEP, {"sweep.metric": "val/accuracy", "sweep.mode": "max"}).resolved()
+    accuracy = [{**r, "val/accuracy": a} for r, a in zip(rows()[:4], (0.91, 0.97, 0.4, float("nan")))]
+    grid = lr_batch_grid(accuracy, "val/accuracy", [], base)
+    assert grid.mode == "max" and grid.values == [[0.91, 0.97], [0.4, None]]
+    box = [p.get_xy() for p in draw(grid).axes[0].patches if not p.get_fill()]
+    assert box == [pytest.approx((0.5, -0.5))]  # 0.97: batch 64, LR 1e-3

@@ -35,8 +35,8 @@ def test_bad_distribution_names_the_key(spec, message):
 def test_tuned_key_must_exist_and_accept_its_values():
     with pytest.raises(ConfigError, match=r"`sweep.space.train.optimiser.lr` gives 0.1.*unknown key `train.optimiser`"):
         check_sweep(load_config(SWEEP, {"sweep.space": {"train.optimiser.lr": {"choice": [0.1]}}}))
-    with pytest.raises(ConfigError, match=r"`sweep.space.train.max_steps` gives 0.*greater than 0"):
-        check_sweep(load_config(SWEEP, {"sweep.space": {"train.max_steps": {"choice": [0, 10]}}}))
+    with pytest.raises(ConfigError, match=r"`sweep.space.train.log_every` gives 0.*greater than 0"):
+        check_sweep(load_config(SWEEP, {"sweep.space": {"train.log_every": {"choice": [0, 10]}}}))
     with pytest.raises(ConfigError, match=r"cannot tune checkpoint.storage"):
         load_config(SWEEP, {"sweep.space": {"checkpoint.storage": {"choice": ["a", "b"]}}})
 
@@ -123,3 +123,14 @@ def test_the_best_trial_is_a_finished_one_unless_none_finished():
     stopped = [r for r in rows if r["outcome"] == STOPPED_EARLY] + [{"trial": "d", "outcome": STOPPED_EARLY,
                                                                       "val/loss": 2.3}]
     assert best_row(stopped, "val/loss", "min")["trial"] == "b"
+    # a NaN loss compares false with everything: listed first, it was the best of min and max alike
+    diverged = [{"trial": "n", "outcome": FINISHED, "val/loss": float("nan")}] + rows
+    assert best_row(diverged, "val/loss", "min")["trial"] == "a" and best_row(diverged, "val/loss", "max")["trial"] == "c"
+    assert best_row(diverged[:1], "val/loss", "min") is None
+
+
+def test_a_space_that_tunes_max_steps_is_refused():
+    """Every trial was judged against the base `train.max_steps`: a trial of 100 steps that reached them
+    was tagged 'stopped early by ASHA at step 100 of 300', and left out of the best."""
+    with pytest.raises(ConfigError, match=r"`sweep.space` cannot tune train.max_steps: the sweep counts every trial"):
+        load_config(SWEEP, {"sweep.space": {"train.max_steps": {"choice": [100, 300]}}})

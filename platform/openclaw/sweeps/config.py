@@ -114,6 +114,10 @@ class SweepConfig(Section):
         if bad:
             raise ValueError(f"`sweep.space` cannot tune {', '.join(bad)}: the sweep sets each trial's name, "
                              f"storage and tracking itself")
+        if "train.max_steps" in self.space:
+            raise ValueError("`sweep.space` cannot tune train.max_steps: the sweep counts every trial against one "
+                             "(the scheduler's budget, and whether a trial finished or was stopped early). Set "
+                             "`train.max_steps` once, and let `sweep.scheduler: asha` stop the trials that lag")
         if self.lr_scaling and "train.global_batch_size" not in self.space:
             raise ValueError("`sweep.lr_scaling` scales each trial's LR to its global batch: add "
                              "`train.global_batch_size` to `sweep.space` (e.g. {choice: [16, 64, 256]}), or drop "

@@ -31,6 +31,8 @@ class LrBatchGrid:
     """values[i][j]: the metric at lrs[i] and batches[j], the mean over the cell's ended trials (None:
     no trial of the cell ended with a value)."""
     metric: str
+    mode: str
+    """`min` or `max` (`sweep.mode`): which cell is the best."""
     noise_scale: float | None
     """The median of the trials' smoothed gradient noise scale (None: no trial measured it)."""
     reference_batch: int
@@ -46,17 +48,17 @@ def lr_batch_grid(rows: list[dict[str, Any]], metric: str, noise_scales: list[fl
     lrs = sorted({float(r.get(LR, base_lr)) for r in rows})
     cells: dict[tuple[float, int], list[float]] = {}
     for r in rows:
-        if r.get(metric) is not None and r["outcome"] != "failed":
+        if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric]) and r["outcome"] != "failed":
             cells.setdefault((float(r.get(LR, base_lr)), int(r[BATCH])), []).append(r[metric])
     values = [[statistics.mean(cells[lr, b]) if (lr, b) in cells else None for b in batches] for lr in lrs]
     rule = base["elastic"]["lr_rule"] if scaling["rule"] == "elastic" else scaling["rule"]
-    return LrBatchGrid(batches, lrs, values, metric, statistics.median(noise_scales) if noise_scales else None,
-                       scaling["reference_batch"], rule)
+    return LrBatchGrid(batches, lrs, values, metric, base["sweep"]["mode"],
+                       statistics.median(noise_scales) if noise_scales else None, scaling["reference_batch"], rule)
 
 
 def draw(grid: LrBatchGrid) -> Figure:
     """The heat-map: a cell per (batch, LR) with its value (on a log color scale when all are positive),
-    the lowest boxed; the noise scale in the title and, when it falls inside the batches tried, as a
+    the best boxed (`sweep.mode`); the noise scale in the title and, when it falls inside the batches tried, as a
     dashed line at its place on the log-batch axis."""
     fig = Figure(figsize=(2.2 + 1.3 * len(grid.batches), 1.8 + 0.8 * len(grid.lrs)), dpi=110)
     ax = fig.add_subplot()
@@ -65,8 +67,8 @@ def draw(grid: LrBatchGrid) -> Figure:
     data = [[math.nan if v is None else v for v in row] for row in grid.values]
     image = ax.imshow(data, cmap="viridis", norm=norm, origin="lower", aspect="auto")
     fig.colorbar(image, ax=ax, label=f"final {grid.metric}")
-    best = min(((v, i, j) for i, row in enumerate(grid.values) for j, v in enumerate(row) if v is not None),
-               default=None)
+    cells = [(v, i, j) for i, row in enumerate(grid.values) for j, v in enumerate(row) if v is not None]
+    best = (min if grid.mode == "min" else max)(cells, key=lambda c: c[0], default=None)
     for i, row in enumerate(grid.values):
         for j, v in enumerate(row):
             light = v is not None and image.norm(v) > 0.6  # viridis: dark at the low end, yellow at the high

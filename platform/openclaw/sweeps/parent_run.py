@@ -8,6 +8,7 @@ a failure.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -108,9 +109,9 @@ class SweepTracker(Callback):
             client.log_dict(self.parent, {"columns": columns, "data": [[r.get(c) for c in columns] for r in rows]},
                             "trials.json")
             done = [r for r in rows if r["outcome"] in (FINISHED, STOPPED_EARLY) and r[self.metric] is not None]
-            if not done:
-                return
             best = best_row(done, self.metric, self.mode)
+            if best is None:
+                return
             client.log_metric(self.parent, f"best/{self.metric}", best[self.metric], step=len(done))
             counts = {o: sum(r["outcome"] == o for r in rows) for o in (FINISHED, STOPPED_EARLY, FAILED, RUNNING)}
             client.set_tag(self.parent, "mlflow.note.content", (
@@ -135,12 +136,19 @@ class SweepTracker(Callback):
         return MlflowClient(self.uri)
 
 
-def best_row(done: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
-    """The best of the ended trials: among those that finished, if any did. A trial ASHA stopped was judged
-    worse than others at one of its rungs, and its last metric is from an earlier step than the finished
-    ones' (a stopped trial that had not yet overfit can show a lower loss than every finished one)."""
-    finished = [r for r in done if r["outcome"] == FINISHED] or done
-    return (min if mode == "min" else max)(finished, key=lambda r: r[metric])
+def best_row(done: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The best of the ended trials with a finite metric (None: none has one): among those that finished,
+    if any did. A trial ASHA stopped was judged worse than others at one of its rungs, and its last metric
+    is from an earlier step than the finished ones' (a stopped trial that had not yet overfit can show a
+    lower loss than every finished one). A NaN compares false with everything: listed first, it won."""
+    ranked = [r for r in done if _finite(r.get(metric))]
+    finished = [r for r in ranked if r["outcome"] == FINISHED] or ranked
+    return (min if mode == "min" else max)(finished, key=lambda r: r[metric]) if finished else None
+
+
+def _finite(value: Any) -> bool:
+    """A metric a trial can be ranked by (a number, not NaN or infinite)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def ended_outcome(step: int | None, max_steps: int) -> str:
