@@ -5,7 +5,7 @@ import pytest
 
 from openclaw.config import load_config
 from openclaw.errors import ConfigError
-from openclaw.sweeps.launch import check_sweep
+from openclaw.sweeps.checks import check_sweep
 from openclaw.sweeps.config import grid_size
 from openclaw.sweeps.trial import trial_config
 

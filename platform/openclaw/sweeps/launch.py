@@ -10,8 +10,6 @@ resume their own checkpoints.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import itertools
 import json
 import os
 import sys
@@ -23,25 +21,18 @@ from ray import tune
 
 from openclaw import constants
 from openclaw.config import Config, validate
-from openclaw.data.sources import Source
-from openclaw.errors import ConfigError, DataError, RunStopped
+from openclaw.errors import ConfigError, RunStopped
 from openclaw.launch.places import place
-from openclaw.launch.preflight import (
-    check_model_layout,
-    check_value_ranges,
-    prepare_data,
-    preflight,
-    storage_path,
-    tracking_uri,
-)
+from openclaw.launch.preflight import prepare_data, preflight, storage_path, tracking_uri
 from openclaw.launch.ray_setup import connect_ray
 from openclaw.launch.stops import put_back, stop_signals_raise
-from openclaw.sweeps.config import SweepConfig, check_against, grid_size
+from openclaw.sweeps.checks import check_sweep, check_value_ranges_in_space
+from openclaw.sweeps.config import SweepConfig, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
 from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome
 from openclaw.sweeps.saved_state import check_saved_state
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
-from openclaw.sweeps.trial import run_trial, trial_config
+from openclaw.sweeps.trial import run_trial
 from openclaw.tracking.redact import public_uri
 from openclaw.tracking.run import open_run
 SWEEP_STATE_SAVE_S = "2"
@@ -60,84 +51,6 @@ class SweepResult:
     experiment_id: str
     tracking_uri: str
 
-
-# ---- checks before anything starts -----------------------------------------------------------------
-
-def check_sweep(config: Config) -> SweepConfig:
-    """Everything about the sweep that can be wrong, found before Ray or MLflow start."""
-    s = config.sweep
-    if s is None:
-        raise ConfigError(f"config {config.name!r} has no `sweep:` section. Add one with `metric`, `mode` and a "
-                          f"`space` of dotted keys (see jobs/configs/digits-sweep.yaml), or use `openclaw train`.")
-    problems = check_against(s, config.resolved())
-    if not config.tracking.enabled:
-        problems.append("a sweep records its trials in MLflow: set `tracking.enabled: true`")
-    if problems:
-        raise ConfigError("Invalid sweep: " + "; ".join(problems) + ".")
-    for key, spec in s.space.items():  # each tuned key must exist and accept the values it will get
-        values = spec.choice if spec.kind == "choice" else list(spec.args)
-        for value in values:
-            try:
-                trial_config(config.resolved(), {key: value}, sweep_name=config.name, trial_id="check",
-                             storage="/tmp", tracking_uri="sqlite://", parent_run_id=None)
-            except ConfigError as e:
-                raise ConfigError(f"`sweep.space.{key}` gives {value!r}, which the config refuses: {e}") from None
-    check_layouts(config, s)
-    if s.search == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise ConfigError("`sweep.search: optuna` needs optuna: pip install 'openclaw[optuna]', or use "
-                          "`search: random`.")
-    return s
-
-
-MAX_LAYOUT_CHECKS = 256
-"""Combinations of the space's model and parallelism values `check_layouts` builds at most (on the meta
-device, a few milliseconds each for the built-in models)."""
-
-
-def check_layouts(config: Config, s: SweepConfig) -> None:
-    """Every combination of the values the space gives the model and parallelism keys (each `choice`,
-    each integer of a `randint`; a float range keeps the file's value) against the layout the model must
-    take, as preflight checks the file's own: a trial that could not start is found before any does.
-    The first `MAX_LAYOUT_CHECKS` combinations, in grid order."""
-    for params, trial in _space_trials(config, s, ("model.", "parallelism.")):
-        try:
-            check_model_layout(trial)
-        except ConfigError as e:
-            raise ConfigError(f"`sweep.space` gives {_given(params)}, a layout the model cannot take: {e}") from None
-
-
-def check_value_ranges_in_space(config: Config, s: SweepConfig, sources: dict[str, Source]) -> None:
-    """Each combination of the model values the space gives against the data's token ids or labels, as
-    preflight checks the file's own (`check_value_ranges`): a vocabulary or a class count the data does not
-    fit. With `data.transforms` the prepared data is checked, by the file's own values, once prepared."""
-    if config.data.transforms:
-        return
-    for params, trial in _space_trials(config, s, ("model.",)):
-        try:
-            check_value_ranges(trial, sources)
-        except (ConfigError, DataError) as e:  # a built-in model that cannot run on the rows: a ConfigError
-            raise type(e)(f"`sweep.space` gives {_given(params)}, which the data does not fit: {e}") from None
-
-
-def _space_trials(config: Config, s: SweepConfig, prefixes: tuple[str, ...]):
-    """(params, trial config) of each combination of the discrete values the space gives keys under
-    `prefixes`, the first `MAX_LAYOUT_CHECKS` in grid order; nothing where it gives none."""
-    keys = [k for k, spec in s.space.items() if k.startswith(prefixes) and spec.kind in ("choice", "randint")]
-    if not keys:
-        return
-    values = [s.space[k].choice if s.space[k].kind == "choice" else range(*s.space[k].args) for k in keys]
-    base = config.resolved()
-    for combo in itertools.islice(itertools.product(*values), MAX_LAYOUT_CHECKS):
-        params = dict(zip(keys, combo))
-        yield params, trial_config(base, params, sweep_name=config.name, trial_id="check", storage="/tmp",
-                                   tracking_uri="sqlite://", parent_run_id=None)
-
-
-def _given(params: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in params.items())
-
-
-# ---- the sweep ----------------------------------------------------------------------------------
 
 def sweep(config: Config, *, resume: bool = False, address: str | None = None, verbose: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) the config's sweep to the end."""
