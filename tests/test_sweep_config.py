@@ -134,3 +134,27 @@ def test_a_space_that_tunes_max_steps_is_refused():
     was tagged 'stopped early by ASHA at step 100 of 300', and left out of the best."""
     with pytest.raises(ConfigError, match=r"`sweep.space` cannot tune train.max_steps: the sweep counts every trial"):
         load_config(SWEEP, {"sweep.space": {"train.max_steps": {"choice": [100, 300]}}})
+
+
+@pytest.mark.parametrize("space,said", [
+    ({"model.kwargs.hidden": {"loguniform": [16, 256]}},
+     r"`sweep.space.model.kwargs.hidden` gives 16.0, .* must be an integer .* use `randint` \(or `choice`\)"),
+    ({"train.global_batch_size": {"choice": [16, 64]}, "train.micro_batch_size": {"choice": [8, 32]}},
+     r"`sweep.space` gives train.global_batch_size=16, train.micro_batch_size=32, which the config refuses: "
+     r".*must be divisible by `train.micro_batch_size`"),
+    ({"train.global_batch_size": {"randint": [32, 64]}},  # its ends passed; 63, a draw, does not
+     r"`sweep.space.train.global_batch_size` gives 63, which the config refuses"),
+])
+def test_a_space_whose_trials_would_fail_is_refused_before_any_starts(space, said):
+    """Each passed, and trials failed: a float range over a whole-number kwarg (37.4 hidden units), a batch
+    with a micro-batch that does not divide it, a randint whose draws the batch check refuses."""
+    with pytest.raises(ConfigError, match=said):
+        check_sweep(load_config(SWEEP, {"sweep.space": space, "sweep.scheduler": "none",
+                                        "train.global_batch_size": 64, "train.micro_batch_size": 8}))
+
+
+def test_a_randints_high_end_is_not_a_value_it_draws():
+    """randint [64, 65] draws 64 alone: the 65 the batch check refuses refused the whole space."""
+    space = {"train.global_batch_size": {"randint": [64, 65]}}
+    assert check_sweep(load_config(SWEEP, {"sweep.space": space, "sweep.scheduler": "none",
+                                           "train.micro_batch_size": 8}))

@@ -26,13 +26,18 @@ def check_sweep(config: Config) -> SweepConfig:
     if problems:
         raise ConfigError("Invalid sweep: " + "; ".join(problems) + ".")
     for key, spec in s.space.items():  # each tuned key must exist and accept the values it will get
-        values = spec.choice if spec.kind == "choice" else list(spec.args)
-        for value in values:
+        for value in _values_to_try(spec):
             try:
-                trial_config(config.resolved(), {key: value}, sweep_name=config.name, trial_id="check",
-                             storage="/tmp", tracking_uri="sqlite://", parent_run_id=None)
+                trial = trial_config(config.resolved(), {key: value}, sweep_name=config.name, trial_id="check",
+                                     storage="/tmp", tracking_uri="sqlite://", parent_run_id=None)
+                if key.startswith("model."):  # a model's own arguments are checked as it is built
+                    check_model_layout(trial)
             except ConfigError as e:
-                raise ConfigError(f"`sweep.space.{key}` gives {value!r}, which the config refuses: {e}") from None
+                hint = (f" A `{spec.kind}` draws floats: use `randint` (or `choice`) for a key that takes whole "
+                        f"numbers." if spec.kind in ("uniform", "loguniform") else "")
+                raise ConfigError(f"`sweep.space.{key}` gives {value!r}, which the config refuses: {e}{hint}") from None
+    for _ in _space_trials(config, s, ("train.", "scaling.", "elastic.", "data.")):
+        pass  # combinations of those keys' values (a global batch with a micro-batch that does not divide it)
     check_layouts(config, s)
     if s.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("`sweep.search: optuna` needs optuna: pip install 'openclaw[optuna]', or use "
@@ -43,6 +48,19 @@ def check_sweep(config: Config) -> SweepConfig:
 MAX_LAYOUT_CHECKS = 256
 """Combinations of the space's model and parallelism values `check_layouts` builds at most (on the meta
 device, a few milliseconds each for the built-in models)."""
+
+
+def _values_to_try(spec) -> list:
+    """The values a key's distribution can give that the config may refuse: each `choice`; a `randint`'s
+    ends (its high end is exclusive); a float range's ends and a value inside it, with a fraction (a
+    range over a key that takes whole numbers draws them)."""
+    if spec.kind == "choice":
+        return list(spec.choice)
+    low, high = spec.args
+    if spec.kind == "randint":
+        return [low, high - 1]
+    inside = low * (high / low) ** 0.37 if spec.kind == "loguniform" else low + 0.37 * (high - low)
+    return [low, inside, high]
 
 
 def check_layouts(config: Config, s: SweepConfig) -> None:
@@ -80,8 +98,12 @@ def _space_trials(config: Config, s: SweepConfig, prefixes: tuple[str, ...]):
     base = config.resolved()
     for combo in itertools.islice(itertools.product(*values), MAX_LAYOUT_CHECKS):
         params = dict(zip(keys, combo))
-        yield params, trial_config(base, params, sweep_name=config.name, trial_id="check", storage="/tmp",
-                                   tracking_uri="sqlite://", parent_run_id=None)
+        try:
+            trial = trial_config(base, params, sweep_name=config.name, trial_id="check", storage="/tmp",
+                                 tracking_uri="sqlite://", parent_run_id=None)
+        except ConfigError as e:
+            raise ConfigError(f"`sweep.space` gives {_given(params)}, which the config refuses: {e}") from None
+        yield params, trial
 
 
 def _given(params: dict) -> str:
