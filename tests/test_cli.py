@@ -121,20 +121,35 @@ def test_the_tracking_uri_check_takes_what_mlflows_store_registry_takes(uri):
     """The check's list of schemes against MLflow's own registry (private, read here only): a URI it
     refuses, MLflow would refuse when the run opened; one it takes, MLflow takes."""
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-    from openclaw.errors import ConfigError
-    from openclaw.tracking.run import check_tracking_uri
+    from openclaw.tracking.run import store_scheme
     try:
         _tracking_store_registry.get_store_builder(uri)
         mlflow_takes = True
     except Exception:
         mlflow_takes = False
+    assert (store_scheme(uri) is not None) == mlflow_takes
+
+
+def test_a_tracking_server_that_does_not_answer_or_a_folder_is_refused_naming_the_key(tmp_path, monkeypatch):
+    """An unreachable server was found when the run opened, after Ray started and the data was prepared, and
+    MLflow's retries took about 4 minutes, then a traceback with the URI's password. A folder, which
+    MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set, failed there too."""
+    from conftest import MlflowServer
+    from openclaw.errors import ConfigError
+    from openclaw.tracking.run import check_tracking_uri
+    down = f"http://alice:s3cret@127.0.0.1:{_closed_port()}"
+    with pytest.raises(ConfigError, match=r"`tracking.uri`: no MLflow server answers at http://127.0.0.1:\d+ ") as e:
+        check_tracking_uri(down, "tracking.uri")
+    assert "s3cret" not in str(e.value)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError, match=r"is a folder, which MLflow 3 no longer takes .* sqlite:///PATH"):
+        check_tracking_uri(str(tmp_path / "mlruns"), "$MLFLOW_TRACKING_URI")
+    server = MlflowServer(tmp_path)
+    server.start()
     try:
-        check_tracking_uri(uri, "tracking.uri")
-        we_take = True
-    except ConfigError as e:
-        we_take = False
-        assert "pw" not in str(e)
-    assert we_take == mlflow_takes
+        check_tracking_uri(server.uri, "tracking.uri")  # a running server answers
+    finally:
+        server.stop()
 
 
 SWEEP_LAYOUTS = {
@@ -374,3 +389,18 @@ def test_checkpoint_list_checks_each_checkpoint_as_a_resume_would_and_marks_wher
     r = run_cli("checkpoint", "list", tmp_path / "runs" / "job")
     assert r.returncode == 0 and r.stdout.splitlines()[-2].endswith(
         "skipped on resume: manifest.json malformed (KeyError: 'files')"), r.stdout + r.stderr
+
+
+def test_a_librarys_own_error_prints_one_scrubbed_line_and_its_traceback_only_with_debug(tmp_path):
+    """An MLflow error (here: sync-spool to a server that does not answer) escaped the CLI as a raw
+    traceback whose message held the tracking URI's password."""
+    from openclaw.tracking.spool import append_to_spool
+    spool, uri = str(tmp_path / "spool.jsonl"), f"http://carol:topsecret@127.0.0.1:{_closed_port()}"
+    append_to_spool(spool, "run", uri, "0" * 32)
+    append_to_spool(spool, "metrics", [{"key": "train/loss", "value": 1.0, "step": 1, "timestamp": 0}])
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    for debug in ([], ["--debug"]):
+        r = subprocess.run([sys.executable, "-m", "openclaw.cli", "sync-spool", str(spool), "--tracking-uri", uri,
+                            *debug], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode != 0 and "topsecret" not in r.stdout + r.stderr, r.stderr[-2000:]
+        assert ("Traceback" in r.stderr) == bool(debug), r.stderr[-2000:]

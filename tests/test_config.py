@@ -125,6 +125,23 @@ def test_secret_looking_values_are_redacted_before_logging():
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 
 
+def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
+    """Only key names were looked at: `tracking.uri: http://alice:pw@host` and `apiKey` went to the MLflow
+    params and config.yaml as written; `scrub` left half of a password holding an `@`, and a bare token."""
+    from openclaw.tracking.redact import REDACTED, is_secret_key, redacted, scrub
+    for key in ("apiKey", "secretAccessKey", "accessKey", "auth", "authorization", "pwd", "passphrase",
+                "connection_string", "dsn", "model.kwargs.hfToken"):
+        assert is_secret_key(key), key
+    for key in ("author", "authority_count", "monkeyPatch", "hidden", "label"):
+        assert not is_secret_key(key), key
+    out = redacted({"tracking": {"uri": "postgresql://alice:pw@db:5432/mlflow"}, "model": {"kwargs": {
+        "apiKey": "sk-live", "urls": ["https://bob:hunter2@host/x", "plain text"]}}})
+    assert out == {"tracking": {"uri": "postgresql://db:5432/mlflow"}, "model": {"kwargs": {
+        "apiKey": REDACTED, "urls": ["https://host/x", "plain text"]}}}
+    said = scrub("GET https://alice:p@ss@host/a failed; https://TOKEN123@host:8/b; http://host:80 for u@x")
+    assert said == "GET https://***@host/a failed; https://***@host:8/b; http://host:80 for u@x"
+
+
 def test_ray_train_tunables_are_set_for_the_run_only_and_leave_the_users_values_alone(monkeypatch):
     import os
 

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except UserError as e:
         if args.debug:
-            traceback.print_exc()
+            print(scrub(traceback.format_exc()), file=sys.stderr)
         print(f"openclaw: error: {scrub(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunStopped as e:
@@ -140,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.Signals[e.signal_name]  # stopped on request, resumable: 143 (SIGTERM), 130 (Ctrl-C)
     except OpenClawError as e:
         if args.debug:
-            traceback.print_exc()
+            print(scrub(traceback.format_exc()), file=sys.stderr)
         print(f"openclaw: {type(e).__name__}: {scrub(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # before training started, or a second stop request
         sig, name = (signal.SIGTERM, "SIGTERM") if isinstance(e, Terminated) else (signal.SIGINT, "Ctrl-C")
         print(f"openclaw: stopped at once by {name}. Run the same command {again}.", file=sys.stderr)
         return 128 + sig
+    except Exception as e:  # a library's own error (MLflow's, Ray's): its message may hold a URL's password
+        print(scrub(traceback.format_exc()) if args.debug else
+              f"openclaw: {type(e).__name__}: {scrub(' '.join(str(e).split()))[:2000]} (--debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,24 +9,31 @@ from typing import Any
 
 from openclaw.constants import secret_env
 
-SECRET_WORDS = ("token", "password", "passwd", "secret", "credential", "key")
+SECRET_WORDS = ("token", "password", "passwd", "pwd", "passphrase", "secret", "credential", "credentials",
+                "key", "apikey", "auth", "authorization", "dsn")
 REDACTED = "***"
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
 def is_secret_key(key: str) -> bool:
-    """A key that looks like it holds a secret: its last segment names a token, password, secret or key
-    (`api_key`, `aws_secret_access_key`, `hf_token`, `key`), split on `.`, `_` and `-`."""
-    words = key.rsplit(".", 1)[-1].lower().replace("-", "_").split("_")
-    return any(w in SECRET_WORDS or w.endswith(("token", "password", "secret")) or w.startswith("credential")
-               for w in words)
+    """A key that looks like it holds a secret: its last segment names a token, password, secret, key or
+    credentials (`api_key`, `apiKey`, `aws_secret_access_key`, `secretAccessKey`, `hf_token`, `key`,
+    `auth`, `dsn`, `connection_string`), split on `.`, `_`, `-` and camelCase."""
+    last = _CAMEL.sub(r"\1_\2", key.rsplit(".", 1)[-1]).lower().replace("-", "_")
+    words = last.split("_")
+    return "connection_string" in last or any(
+        w in SECRET_WORDS or w.endswith(("token", "password", "secret")) or w.startswith("credential") for w in words)
 
 
 def redacted(tree: Any) -> Any:
-    """The tree with every secret-looking key's value replaced: what may be logged (params, config.yaml)."""
+    """The tree with every secret-looking key's value replaced, and every URI without its user info (a
+    `tracking.uri` of `postgresql://user:pw@db/mlflow`): what may be logged (params, config.yaml)."""
     if isinstance(tree, dict):
         return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redacted(v)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redacted(v) for v in tree]
+    if isinstance(tree, str):
+        return public_uri(tree)
     return tree
 
 
@@ -51,7 +58,9 @@ def public_uri(uri: str | None) -> str | None:
     return f"{scheme}://{netloc.rsplit('@', 1)[1]}{sep}{path}"
 
 
-_USERINFO = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
+_USERINFO = re.compile(r"://[^/\s]*@")
+"""A URL's user info: everything of its netloc up to the last `@` (a password may hold one; a token may
+stand alone, `https://TOKEN@host`)."""
 
 
 def scrub(text: str) -> str:

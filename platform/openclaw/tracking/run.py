@@ -15,6 +15,7 @@ import mlflow
 import pyarrow.fs as pafs
 from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 
@@ -31,16 +32,41 @@ _STORE_SCHEMES = frozenset({"", "file", "http", "https", "databricks", "databric
 
 
 def check_tracking_uri(uri: str, key: str) -> None:
-    """A URI that no MLflow tracking store takes (a typo: `htp://host:5000`) is a ConfigError naming `key`,
-    before Ray starts: MLflow itself raises only when the run opens."""
+    """Before Ray starts, a ConfigError naming `key` for a URI that no MLflow tracking store takes (a typo:
+    `htp://host:5000`; a folder, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set), or for an
+    MLflow server that does not answer: MLflow itself raised only when the run opened, after Ray started
+    and the data was prepared, and retried an unreachable server for minutes first."""
+    scheme = store_scheme(uri)
+    if scheme is None:
+        raise ConfigError(f"`{key}`: {public_uri(uri)!r} has the scheme {urllib.parse.urlparse(uri).scheme!r}, which "
+                          f"no MLflow tracking store takes. Use http(s)://HOST:PORT for an MLflow server, or "
+                          f"sqlite:///PATH for a local store.")
+    if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise ConfigError(f"`{key}`: {public_uri(uri)!r} is a folder, which MLflow 3 no longer takes as a tracking "
+                          f"store: use sqlite:///PATH (or set MLFLOW_ALLOW_FILE_STORE=true).")
+    if scheme in ("http", "https"):
+        _answers(uri, key)
+
+
+def store_scheme(uri: str) -> str | None:
+    """The MLflow tracking store a URI names, by its scheme (a database's `postgresql+psycopg2` counts as
+    `postgresql`; "" for a folder), or None where no store takes it."""
+    if uri in {"databricks", "databricks-uc", "uc"}:  # a profile name
+        return uri
     scheme = urllib.parse.urlparse(uri).scheme.lower().split("+")[0]
-    if len(scheme) == 1 or uri in {"databricks", "databricks-uc", "uc"}:  # a Windows drive; a profile name
-        return
-    if scheme in _STORE_SCHEMES | {e.name for e in entry_points(group="mlflow.tracking_store")}:
-        return
-    raise ConfigError(f"`{key}`: {public_uri(uri)!r} has the scheme {scheme!r}, which no MLflow tracking store "
-                      f"takes. Use http(s)://HOST:PORT for an MLflow server, or sqlite:///PATH or a folder for a "
-                      f"local store.")
+    scheme = "" if len(scheme) == 1 else scheme  # a Windows drive
+    return scheme if scheme in _STORE_SCHEMES | {e.name for e in entry_points(group="mlflow.tracking_store")} else None
+
+
+def _answers(uri: str, key: str, timeout_s: float = 10.0) -> None:
+    """Whether anything answers at an MLflow server's URI (any HTTP status will do: a server that wants a
+    login answers too); a ConfigError if nothing does."""
+    import requests
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as e:
+        raise ConfigError(f"`{key}`: no MLflow server answers at {public_uri(uri)} ({type(e).__name__}). Start it, "
+                          f"or point `tracking.uri` at one that runs.") from None
 
 
 def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
