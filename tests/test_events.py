@@ -1,7 +1,9 @@
 """A run's events are readable while it runs (from their parts) and after (from `events.json`); the console line
 of an attempt names its mesh."""
 import json
+import re
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 import openclaw
@@ -52,3 +54,22 @@ def test_the_start_line_names_the_mesh_unless_every_worker_is_a_replica():
     assert mesh_words(mesh(tensor=2)) == " (mesh tensor 2)"
     assert mesh_words(mesh(replicate=2, shard=2)) == " (mesh replicate 2 x shard 2)"
     assert mesh_words(mesh(pipeline=4, shard=4, tensor=4)) == " (mesh pipeline 4 x shard 4 x tensor 4)"
+
+
+def test_a_resume_reopens_its_own_run_and_refuses_another_store(tmp_path):
+    """A resume whose tracking URI was another store (MLFLOW_TRACKING_URI unset in a new shell: the default
+    sqlite file) created a second MLflow run and rewrote the job file, leaving the first run behind; any
+    error from get_run did the same."""
+    from conftest import sqlite_store
+    from openclaw.errors import ConfigError
+    from openclaw.tracking.run import open_run
+    config = openclaw.load_config(None, {"name": "once"}, base={"data": {"train": "x"}})
+    first, other = sqlite_store(tmp_path / "a.db"), sqlite_store(tmp_path / "b.db")
+    run_id, _, resumed = open_run(config, first, str(tmp_path / "runs"))
+    assert not resumed and open_run(config, first, str(tmp_path / "runs"))[:3:2] == (run_id, True)
+    with pytest.raises(ConfigError, match=re.escape(f"recorded in MLflow at {first} (run {run_id}), not at {other}")):
+        open_run(config, other, str(tmp_path / "runs"))
+    assert MlflowClient(other).search_runs([e.experiment_id for e in MlflowClient(other).search_experiments()]) == []
+    MlflowClient(first).delete_run(run_id)  # a run the user deleted: the job starts a new one
+    again, _, resumed = open_run(config, first, str(tmp_path / "runs"))
+    assert again != run_id and not resumed

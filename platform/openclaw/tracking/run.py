@@ -78,13 +78,20 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
         config.tracking.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
     job = _read_job_file(storage, config.name)
     if job.get("mlflow_run_id"):
+        recorded = job.get("tracking_uri")
+        if recorded and recorded != public_uri(uri):
+            raise ConfigError(f"run {config.name!r} is recorded in MLflow at {recorded} (run {job['mlflow_run_id']}), "
+                              f"not at {public_uri(uri)}: set `tracking.uri` (or $MLFLOW_TRACKING_URI) to it to resume "
+                              f"the run there, or set a new `name`.")
         try:
             run = client.get_run(job["mlflow_run_id"])
-            if run.info.lifecycle_stage == "active":
-                client.update_run(run.info.run_id, status="RUNNING")
-                return run.info.run_id, run.info.experiment_id, True
-        except Exception:
-            pass
+        except MlflowException as e:  # only a run the store no longer has is replaced; another error is raised
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            run = None
+        if run is not None and run.info.lifecycle_stage == "active":
+            client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, run.info.experiment_id, True
     tags = {"openclaw.name": config.name}
     if config.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = config.tracking.parent_run_id
