@@ -73,3 +73,23 @@ def test_a_resume_reopens_its_own_run_and_refuses_another_store(tmp_path):
     MlflowClient(first).delete_run(run_id)  # a run the user deleted: the job starts a new one
     again, _, resumed = open_run(config, first, str(tmp_path / "runs"))
     assert again != run_id and not resumed
+
+
+def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path):
+    """A resume went on while an earlier session's spool waited; uploaded afterwards, its `restore` op hid
+    every spooled step below the newer session's last, and its `end KILLED` set the finished run back."""
+    from conftest import sqlite_store
+    from openclaw.errors import ConfigError
+    from openclaw.launch.session import RunSession, _spool_path
+    from openclaw.tracking.run import open_run
+    config = openclaw.load_config(None, {"name": "spooled", "checkpoint.storage": str(tmp_path / "runs"),
+                                        "tracking.uri": sqlite_store(tmp_path / "m.db")},
+                                  base={"data": {"train": "x"}})
+    session = RunSession(config)
+    run_id, _, _ = open_run(config, session.uri, session.storage)
+    session._refuse_an_unsent_spool()  # nothing spooled
+    spool = _spool_path(session.run_dir, run_id)
+    with open(spool, "w") as f:
+        f.write(json.dumps({"op": "run", "args": [session.uri, run_id]}) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"upload them first (`openclaw sync-spool {spool}`)")):
+        session._refuse_an_unsent_spool()

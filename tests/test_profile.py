@@ -369,6 +369,10 @@ def test_an_artifact_op_keeps_in_the_spool_and_is_delivered_by_sync_spool(tmp_pa
     assert sync_spool(str(spool), mlflow_uri) == 1
     got = client.download_artifacts(run.info.run_id, "profile/rank0.trace.json.gz", str(tmp_path / "down"))
     assert open(got, "rb").read() == body
+    # uploaded: kept aside, so that a second upload cannot apply its ops again
+    assert not spool.exists() and (tmp_path / "spool.jsonl.synced").exists()
+    from openclaw.cli import main
+    assert main(["sync-spool", str(spool), "--tracking-uri", mlflow_uri]) == 2
 
 
 # ---- end to end ----------------------------------------------------------------------------------

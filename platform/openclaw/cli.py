@@ -68,12 +68,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_sync_spool(args: argparse.Namespace) -> int:
-    from openclaw.tracking.writer import sync_spool
+    from openclaw.tracking.writer import SYNCED, sync_spool
+    if not os.path.exists(args.spool) and os.path.exists(args.spool + SYNCED):
+        raise ConfigError(f"{args.spool} was uploaded already (it is {args.spool + SYNCED} now): a second upload would "
+                          f"register its model and record its events again.")
     try:
         n = sync_spool(args.spool, args.tracking_uri, trust_code=args.trust_code)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"cannot read spool file {args.spool}: {e}") from None
-    print(f"openclaw: uploaded {n} tracking update(s) from {args.spool}; you may delete it now.")
+    print(f"openclaw: uploaded {n} tracking update(s) from {args.spool}; it is kept as {args.spool + SYNCED}, which "
+          f"you may delete.")
     return 0
 
 

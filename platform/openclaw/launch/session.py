@@ -27,7 +27,7 @@ from openclaw.config import Config
 from openclaw.data.filesystems import storage_exists, storage_uri
 from openclaw.data.sources import Source
 from openclaw.data.stream import shard_specs
-from openclaw.errors import OpenClawError, RunStopped, Terminated
+from openclaw.errors import ConfigError, OpenClawError, RunStopped, Terminated
 from openclaw.launch.console import ProgressPrinter
 from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
 from openclaw.launch.places import place
@@ -123,6 +123,8 @@ class RunSession:
         config = self.config
         sources = sources or preflight(config)  # before anything starts
         resuming = changes_since_checkpoint(config, self.run_dir)  # the model, task and optimizer it must keep
+        if self.tracked:
+            self._refuse_an_unsent_spool()
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
         self._sigterm_before = stop_signals_raise()  # `connect_ray` keeps it in place of Ray's own
         check_capacity(config, started_here=connect_ray(address, self.verbose, config))
@@ -153,6 +155,16 @@ class RunSession:
                 constants.node_watch_interval_s(), on_change=lambda msg: self.progress.put_nowait({"message": msg}),
                 before_grow=lambda: wait_for_checkpoint(self.control, constants.checkpoint_before_grow_s()))
             self.watcher.start()
+
+    def _refuse_an_unsent_spool(self) -> None:
+        """An earlier session's spool for this run must be uploaded first: its ops (a restore, an end)
+        applied after this session's dropped the metrics in between and set a finished run back to KILLED."""
+        run_id = job_record(self.config, self.storage).get("mlflow_run_id")
+        spool = _spool_path(self.run_dir, run_id) if run_id else None
+        if spool and os.path.exists(spool) and os.path.getsize(spool):
+            raise ConfigError(f"run {self.config.name!r} has tracking updates an earlier session could not deliver, "
+                              f"in {spool}: upload them first (`openclaw sync-spool {spool}`), then run this "
+                              f"command again.")
 
     def _note_changes(self, checkpoint: str, changes: dict[str, tuple[Any, Any]]) -> None:
         """Say what the config changes since the checkpoint the run resumes from, and keep it in the run

@@ -189,6 +189,10 @@ def mesh_words(mesh: dict[str, int] | None) -> str:
     return " (mesh " + " x ".join(f"{name} {size}" for name, size in used) + ")"
 
 
+SYNCED = ".synced"
+"""What a spool file is renamed with once `sync_spool` has applied every op in it."""
+
+
 def sync_spool(path: str, tracking_uri: str | None = None, trust_code: bool = False) -> int:
     """Upload a spool file's ops in order (`openclaw sync-spool`). Returns how many were applied.
 
@@ -205,4 +209,5 @@ def sync_spool(path: str, tracking_uri: str | None = None, trust_code: bool = Fa
     writer = MlflowWriter(target, run_id, trust_code=trust_code)
     for item in ops:
         writer.apply(item["op"], *item["args"])
+    os.replace(path, path + SYNCED)  # uploaded: not again (a model registered twice), and not in a resume's way
     return len(ops)
