@@ -93,3 +93,60 @@ def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path
         f.write(json.dumps({"op": "run", "args": [session.uri, run_id]}) + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"upload them first (`openclaw sync-spool {spool}`)")):
         session._refuse_an_unsent_spool()
+
+
+def test_sync_spool_logs_the_model_without_its_data_and_writes_events_json(tmp_path):
+    """The spool's `finish` resolved the training data only for an input example: data moved since (or on
+    a store whose keys the spooled config holds as ***) failed it, leaving the run RUNNING without its
+    model; and sync-spool never wrote the `events.json` a run's own end writes."""
+    import torch
+    from conftest import sqlite_store
+    from openclaw.engine import checkpoint as ckpt_io
+    from openclaw.engine.models import build_model
+    from openclaw.tracking.spool import append_to_spool
+    from openclaw.tracking.writer import sync_spool
+    uri = sqlite_store(tmp_path / "m.db")
+    kwargs = {"in_features": 8, "hidden": 16, "depth": 1, "num_classes": 4}
+    config = openclaw.load_config(None, {"model": {"name": "mlp", "kwargs": kwargs}},
+                                  base={"data": {"train": str(tmp_path / "moved-away")}}).resolved()
+    ckpt = ckpt_io.save(tmp_path / "ckpt", model=build_model("mlp", kwargs).state_dict(), trainer={},
+                        state={"step": 5}, config=config)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("spooled")).info.run_id
+    spool = str(tmp_path / "spool.jsonl")
+    append_to_spool(spool, "run", uri, run_id)
+    append_to_spool(spool, "event", "checkpoint", {"step": 5}, 1000.0)
+    append_to_spool(spool, "finish", config, str(ckpt))
+    assert sync_spool(spool, uri) == 2
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and torch.equal(
+        openclaw.load_model(run_id, tracking_uri=uri).state_dict()["net.0.weight"],
+        openclaw.load_model(str(ckpt)).state_dict()["net.0.weight"])
+    assert [e["event"] for e in json.load(open(client.download_artifacts(run_id, "events.json", str(tmp_path))))] \
+        == ["checkpoint"]
+
+
+def test_a_retried_attempt_op_is_recorded_once_under_one_name(tmp_path):
+    """The attempt count rose before the event was written: a retry after a failed request turned a
+    'resume' into a 'restart', and wrote a second part under it."""
+    from conftest import sqlite_store
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("attempts")).info.run_id
+    MlflowWriter(uri, run_id).apply("attempt", {"world_size": 2, "resumed_from_step": 0, "max_steps": 100,
+                                                "accumulation": 1}, 1000.0)
+    writer = MlflowWriter(uri, run_id)  # a new driver: its first attempt is a resume
+    real, failed = writer.client.set_tag, []
+
+    def set_tag_once_unreachable(*args):
+        if not failed:
+            failed.append(args)
+            raise ConnectionError("the server went away")
+        return real(*args)
+    writer.client.set_tag = set_tag_once_unreachable
+    fields = {"world_size": 2, "resumed_from_step": 50, "max_steps": 100, "accumulation": 1}
+    with pytest.raises(ConnectionError):
+        writer.apply("attempt", fields, 2000.0)
+    writer.apply("attempt", fields, 2000.0)  # the service retries the op
+    assert [(e["event"], e["resumed_from_step"]) for e in openclaw.events(run_id, tracking_uri=uri)] == [
+        ("start", 0), ("resume", 50)]

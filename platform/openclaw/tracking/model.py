@@ -3,6 +3,7 @@ away): logged at the end of a run as an MLflow PyTorch model and as openclaw's w
 and config, and loaded back from either."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -18,14 +19,22 @@ from openclaw.config import Config
 from openclaw.data.config import DataConfig
 from openclaw.data.filesystems import local_copy
 from openclaw.data.sources import Source, column_to_numpy, resolve
+from openclaw.errors import UserError
 from openclaw.engine.model_io import build_from_config, load_model_dir
 from openclaw.tracking.redact import redacted
 from openclaw.tracking.run import OPENCLAW_MODEL_DIR, metric_histories, no_logged_model, source_run
 
 
 def resolve_sources(d: DataConfig) -> dict[str, Source]:
-    """The run's datasets, resolved (no preparation): where an input example for the model comes from."""
-    return {k: resolve(getattr(d, k), f"data.{k}", d.s3, d.on_bad_shard) for k in ("train", "val") if getattr(d, k)}
+    """The run's datasets, resolved (no preparation): where an input example for the model comes from.
+    Those that cannot be read now (moved, or on a store whose keys the spooled config holds as `***`) are
+    left out: the model is logged without an example."""
+    out = {}
+    for key in ("train", "val"):
+        if getattr(d, key):
+            with contextlib.suppress(UserError, OSError):
+                out[key] = resolve(getattr(d, key), f"data.{key}", d.s3, d.on_bad_shard)
+    return out
 
 
 def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sources: dict[str, Source],
@@ -36,9 +45,9 @@ def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sour
     config may build its `module:function` model (false for a spool of unknown origin)."""
     with local_copy(checkpoint) as d:
         model = load_model_dir(d, trust_code=trust_code)
-    src = sources.get("val") or sources["train"]
+    src = sources.get("val") or sources.get("train")
     example = None
-    if config.data.features in src.schema.names:  # (sync-spool after transforms sees the raw columns: no example)
+    if src is not None and config.data.features in src.schema.names:  # (sync-spool after transforms sees the raw columns: no example)
         first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
         example = column_to_numpy(first.column(config.data.features)[:2])
         example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
@@ -52,7 +61,9 @@ def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sour
     # of the run to find them (a request each, 48 on digits); the model gets its final evaluation instead.
     logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id, params=run.data.params,
                                             experiment_id=run.info.experiment_id)
+    # MLflow 3's default format (pt2) traces the model on the example: without one, the pickle format
     info = mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, input_example=example,
+                                    serialization_format=None if example is not None else "pickle",
                                     pip_requirements=requirements, registered_model_name=config.tracking.register_as)
     final = final_points(client, run_id, [k for k in run.data.metrics if k.startswith(LINKED_METRICS)])
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=max((m.step for m in final), default=0))])

@@ -149,8 +149,8 @@ class MlflowWriter:
             cause = "resize"
         else:
             cause = "resume" if self._attempts == 0 else "restart"
-        self._attempts += 1
         self._op_event(cause, {**fields, "previous_world_size": previous}, t)
+        self._attempts += 1  # once recorded: a retry of this op names it alike (and writes the same part)
         self._say(f"{cause} at step {fields['resumed_from_step']}/{fields['max_steps']} with {world} worker(s)"
                   f"{mesh_words(fields.get('mesh'))}, accumulation {fields['accumulation']}")
 
@@ -209,5 +209,6 @@ def sync_spool(path: str, tracking_uri: str | None = None, trust_code: bool = Fa
     writer = MlflowWriter(target, run_id, trust_code=trust_code)
     for item in ops:
         writer.apply(item["op"], *item["args"])
+    writer.write_events_file()  # the run's events.json, as its own end would have written it
     os.replace(path, path + SYNCED)  # uploaded: not again (a model registered twice), and not in a resume's way
     return len(ops)
