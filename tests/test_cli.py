@@ -72,6 +72,10 @@ CASES = {
     "the label column is the features": (lambda d, t: [DIGITS, *_data(d), "--set", "data.label=x"],
                                          "`data.label` names the same column as `data.features` ('x'). Set it to "
                                          "the column that holds the targets."),
+    "a model argument MLflow cannot name": (
+        lambda d, t: [DIGITS, *_data(d), "--set", f"model.name={_user_model(t, 'nn.Linear(64, 10)')}",
+                      "--set", "model.kwargs={'a@b': 1}"],
+        "`model.kwargs.a@b`: MLflow takes no param of that name"),
     "pipeline of an mlp": (lambda d, t: [DIGITS, *_data(d), "--set", "parallelism.pipeline=2"],
                            "`parallelism.pipeline` (2 stage(s)) needs a model that says how to split it into stages"),
 }

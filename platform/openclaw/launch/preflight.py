@@ -21,7 +21,7 @@ from openclaw.data.sources import Source, check_columns, resolve
 from openclaw.engine.models import BUILTIN, build_model, build_on_meta
 from openclaw.engine.parallel.layout_checks import check_layout
 from openclaw.runtime.evaluate import eval_rows
-from openclaw.tracking.run import check_tracking_uri
+from openclaw.tracking.run import check_param_keys, check_tracking_uri
 from openclaw.errors import ConfigError, DataError
 from openclaw.user_code import import_path
 
@@ -64,6 +64,7 @@ def preflight(config: Config, *, checks: tuple[Callable[[dict[str, Source]], Non
         check(sources)
     check_storage(config)
     if config.tracking.enabled:
+        check_param_keys(config)
         check_tracking_uri(tracking_uri(config), "tracking.uri" if config.tracking.uri else "$MLFLOW_TRACKING_URI")
     return sources
 

@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.store.db.db_types import DATABASE_ENGINES
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
 from mlflow.tracking import MlflowClient
 
 from openclaw import constants
@@ -46,6 +47,16 @@ def check_tracking_uri(uri: str, key: str) -> None:
                           f"store: use sqlite:///PATH (or set MLFLOW_ALLOW_FILE_STORE=true).")
     if scheme in ("http", "https"):
         _answers(uri, key)
+
+
+def check_param_keys(config: Config) -> None:
+    """Every config key, as the run's params name it, must be one MLflow takes: a `model.kwargs` key with
+    `@` or `+`, or past 250 characters, failed the run's opening after Ray started, and each retry left
+    a run behind in MLflow."""
+    for key in _flat(config):
+        if len(key) > MAX_ENTITY_KEY_LENGTH or not validate_param_and_metric_name(key) or path_not_unique(key):
+            raise ConfigError(f"`{key}`: MLflow takes no param of that name (letters, digits, `_ - . / :` and spaces, "
+                              f"at most {MAX_ENTITY_KEY_LENGTH} characters, no `..` or `//`); rename the key.")
 
 
 def store_scheme(uri: str) -> str | None:
