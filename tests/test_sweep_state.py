@@ -44,3 +44,35 @@ def test_no_state_that_reads_whole_is_a_clear_error(tmp_path, text):
                                               r"another `name`"):
         check_saved_state(str(tmp_path), "sw")
     assert (tmp_path / "experiment_state-2026-12-05_10-00-00.json").read_text() == text  # not moved: nothing else to read
+
+
+def test_the_killed_drivers_searcher_and_callback_states_go_aside_with_its_experiment_state(tmp_path):
+    """Only the experiment state was moved aside; Tune restores the newest searcher state on its own, so the
+    resumed sweep took the killed driver's, which counted trials the older experiment state never knew as
+    running for ever (with `max_concurrent` reached, no trial was made again)."""
+    from ray import tune
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    def generator():
+        made = BasicVariantGenerator(random_state=0, max_concurrent=2)
+        made.add_configurations([Experiment("s", lambda c: None, config={"lr": tune.loguniform(1e-4, 1e-2)},
+                                            num_samples=6, storage_path=str(tmp_path))])
+        return made
+    first = generator()
+    for trial in [first.next_trial(), first.next_trial()]:
+        first.on_trial_complete(trial.trial_id)
+    first.save_to_dir(str(tmp_path), "2026-12-05_10-00-00")
+    killed = generator()
+    killed.restore_from_dir(str(tmp_path))
+    killed.next_trial(), killed.next_trial()  # running when the driver was killed mid-save
+    killed.save_to_dir(str(tmp_path), "2026-12-05_11-00-00")
+    (tmp_path / "callback-states-2026-12-05_11-00-00.pkl").write_bytes(b"the killed driver's")
+    _states(tmp_path, **{"2026-12-05_10-00-00": WHOLE, "2026-12-05_11-00-00": WHOLE[:40]})
+    assert "resuming from experiment_state-2026-12-05_10-00-00.json" in check_saved_state(str(tmp_path), "sw")
+    assert sorted(p.name for p in tmp_path.iterdir() if "11-00-00" in p.name) == [
+        "basic-variant-state-2026-12-05_11-00-00.json.incomplete", "callback-states-2026-12-05_11-00-00.pkl.incomplete",
+        "experiment_state-2026-12-05_11-00-00.json.incomplete"]
+    resumed = generator()  # what Tune restores now: the first driver's searcher, which makes the next trial
+    resumed.restore_from_dir(str(tmp_path))
+    assert resumed.next_trial() is not None

@@ -20,6 +20,12 @@ from openclaw.errors import CheckpointError
 
 STATE_FILES = "experiment_state-*.json"
 """Tune's name for its experiment state files (`TuneController.CKPT_FILE_TMPL`), one per driver start."""
+SESSION_FILES = ("basic-variant-state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json",
+                 "callback-states-{}.pkl")
+"""The other states a driver start saves under its session's name (the search algorithm's, the
+searcher's and the callbacks'; `CKPT_FILE_TMPL` of each). Tune restores the newest of each kind on its
+own: left beside an experiment state moved aside, a killed driver's searcher state went with an older
+experiment state that knew none of the trials it had made, and the sweep waited on them for ever."""
 INCOMPLETE_SUFFIX = ".incomplete"
 
 
@@ -54,8 +60,14 @@ def check_saved_state(exp_path: str, sweep_name: str) -> str | None:
             f"{exp_path}), without --resume.")
     if not incomplete:
         return None
+    names = {posixpath.basename(i.path) for i in infos}
     for path in incomplete:  # Tune reads the newest by name: after the move, the whole one is the newest
         fs.move(path, path + INCOMPLETE_SUFFIX)
+        session = posixpath.basename(path)[len("experiment_state-"):-len(".json")]
+        for sibling in (t.format(session) for t in SESSION_FILES):
+            if sibling in names:
+                fs.move(posixpath.join(posixpath.dirname(path), sibling),
+                        posixpath.join(posixpath.dirname(path), sibling + INCOMPLETE_SUFFIX))
     return (f"openclaw: Tune's newest saved state of sweep {sweep_name!r} is incomplete (its driver was killed "
             f"while writing it), kept as {posixpath.basename(incomplete[0])}{INCOMPLETE_SUFFIX}; resuming from "
             f"{posixpath.basename(whole)}, saved earlier.")
