@@ -150,3 +150,26 @@ def test_a_retried_attempt_op_is_recorded_once_under_one_name(tmp_path):
     writer.apply("attempt", fields, 2000.0)  # the service retries the op
     assert [(e["event"], e["resumed_from_step"]) for e in openclaw.events(run_id, tracking_uri=uri)] == [
         ("start", 0), ("resume", 50)]
+
+
+def test_a_server_gone_between_the_flush_and_the_end_leaves_the_ending_in_the_spool(tmp_path, monkeypatch, capsys):
+    """Everything was delivered, then the server went away before the final model and the FINISHED status:
+    those were only printed about, and the run stayed RUNNING with nothing sync-spool could carry out."""
+    import socket
+
+    from openclaw.launch.session import RunSession, _spool_path
+    from openclaw.tracking.spool import read_spool
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    config = openclaw.load_config(None, {"name": "late", "checkpoint.storage": str(tmp_path / "runs"),
+                                        "tracking.uri": gone}, base={"data": {"train": "x"}})
+    session = RunSession(config)
+    session.run_id = "0" * 32
+    session._end_mlflow_run("FINISHED", str(tmp_path / "runs" / "late" / "checkpoint_x"))
+    spool = _spool_path(session.run_dir, session.run_id)
+    (uri, run_id), ops = read_spool(spool)
+    assert (uri, run_id) == (gone, "0" * 32) and [op["op"] for op in ops] == ["finish"]
+    assert ops[0]["args"][1].endswith("checkpoint_x") and f"openclaw sync-spool {spool}" in capsys.readouterr().err

@@ -244,9 +244,14 @@ class RunSession:
                 log_final_model(self.config, self.uri, self.run_id, checkpoint,
                                 {k: p.source for k, p in self.prepared.items()})
             client.set_terminated(self.run_id, status="FINISHED")
-        except Exception as e:  # the server is away: training is done and its checkpoint is safe
+        except Exception as e:  # the server went away after the flush: the ending waits in the spool
+            spool = _spool_path(self.run_dir, self.run_id)
+            if not os.path.exists(spool):
+                append_to_spool(spool, "run", public_uri(self.uri), self.run_id)
+            append_to_spool(spool, "finish", redacted(self.config.resolved()), checkpoint)
             print(scrub(f"openclaw: could not log the final model or close MLflow run {self.run_id} at {self.uri} ({e}); "
-                        f"the trained model is in {checkpoint}."), file=sys.stderr, flush=True)
+                        f"the trained model is in {checkpoint}, and `openclaw sync-spool {spool}` logs it and "
+                        f"closes the run."), file=sys.stderr, flush=True)
 
 
 def _spool_path(run_dir: str, run_id: str) -> str:
