@@ -408,3 +408,19 @@ def test_a_librarys_own_error_prints_one_scrubbed_line_and_its_traceback_only_wi
                             *debug], capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode != 0 and "topsecret" not in r.stdout + r.stderr, r.stderr[-2000:]
         assert ("Traceback" in r.stderr) == bool(debug), r.stderr[-2000:]
+
+
+def test_checkpoint_commands_take_file_uris_and_refuse_a_run_folder_uri_before_copying_it(tmp_path):
+    """`checkpoint list file:///...` made an absolute path of the URI and found no run there; `consolidate`
+    of a run folder's URI copied every checkpoint first, then named a temporary folder already gone; a URI
+    with a space escaped as Arrow's 'Cannot parse URI'."""
+    made = _checkpoints(tmp_path / "runs" / "job")
+    listed = run_cli("checkpoint", "list", f"file://{tmp_path / 'runs' / 'job'}")
+    assert listed.returncode == 0 and made["ok3"].name in listed.stdout, listed.stderr
+    folder = run_cli("checkpoint", "consolidate", f"file://{tmp_path / 'runs' / 'job'}", "--out", tmp_path / "m.pt")
+    assert folder.returncode == 2 and "is not one checkpoint (it has no manifest.json)" in folder.stderr, folder.stderr
+    assert not (tmp_path / "m.pt").exists()
+    spaced = run_cli("checkpoint", "consolidate", "s3://bkt/a run/checkpoint_x", "--out", tmp_path / "m.pt")
+    assert spaced.returncode == 2 and "cannot read s3://bkt/a run/checkpoint_x" in spaced.stderr, spaced.stderr
+    from openclaw.launch.checkpoint_list import is_one_checkpoint
+    assert is_one_checkpoint(f"file://{made['ok3']}") and not is_one_checkpoint(str(tmp_path / "runs" / "job"))

@@ -36,6 +36,11 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if "://" not in args.checkpoint and not os.path.isdir(args.checkpoint):
         raise ConfigError(f"there is no checkpoint folder at {args.checkpoint}. Pass a run's checkpoint_* folder "
                           f"(the run prints its final one) or its URI.")
+    if "://" in args.checkpoint:  # one checkpoint, before copying it (a run's folder held every checkpoint)
+        from openclaw.launch.checkpoint_list import is_one_checkpoint
+        if not is_one_checkpoint(args.checkpoint):
+            raise ConfigError(f"{args.checkpoint} is not one checkpoint (it has no manifest.json): pass one of a run's "
+                              f"checkpoint_* folders (`openclaw checkpoint list RUN_FOLDER` lists them).")
     with local_copy(args.checkpoint) as d:
         out = consolidate(d, args.out, trust_code=args.trust_code)
     print(f"openclaw: wrote the whole model of {args.checkpoint} to {out} ({out.stat().st_size:,} bytes)")

@@ -14,11 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from openclaw.data.filesystems import is_remote, storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.errors import CheckpointError, ConfigError
+from openclaw.tracking.redact import public_uri
 
 
 @dataclass
@@ -38,9 +40,9 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
     time), each checked (`quick`: sizes only); a `ConfigError` where there is no such folder or it holds
     none."""
     try:
-        fs, root = storage_filesystem(run_dir if is_remote(run_dir) else os.path.abspath(run_dir))
+        fs, root = storage_filesystem(run_dir if is_remote(run_dir) or "://" in run_dir else os.path.abspath(run_dir))
         info = fs.get_file_info(root)
-    except OSError as e:  # an object store that does not answer, a bucket that is not there
+    except (OSError, pa.ArrowInvalid) as e:  # a store that does not answer, a bucket that is not there, a bad URI
         raise ConfigError(f"cannot read {run_dir} ({' '.join(str(e).split())}): check the path, and for a URI the "
                           f"bucket, the endpoint (`data.s3` / AWS_ENDPOINT_URL) and the credentials.") from None
     if info.type != pafs.FileType.Directory:
@@ -58,6 +60,17 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
     checked = [_check(fs, f"{root.rstrip('/')}/{name}", name, quick) for name in names]
     # newest first as a resume walks them (`runtime.checkpoint_store.listed`): by step, then by name
     return sorted(checked, key=lambda c: (c.step is not None, c.step or 0, c.name), reverse=True)
+
+
+def is_one_checkpoint(uri: str) -> bool:
+    """Whether `uri` (a folder or URI) holds one checkpoint (its manifest); a ConfigError where it cannot
+    be read."""
+    try:
+        fs, root = storage_filesystem(uri if "://" in uri else os.path.abspath(uri))
+        return fs.get_file_info(f"{root.rstrip('/')}/{ckpt_io.MANIFEST}").type == pafs.FileType.File
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ConfigError(f"cannot read {public_uri(uri)} ({' '.join(str(e).split())}): check the path, and for a URI "
+                          f"the bucket, the endpoint and the credentials.") from None
 
 
 def _runs_under(fs: pafs.FileSystem, root: str) -> list[str]:
