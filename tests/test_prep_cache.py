@@ -228,3 +228,32 @@ def test_the_transforms_are_tried_on_the_first_shard_with_rows_and_a_bad_one_is_
     if first == "pages damaged":
         with pytest.raises(DataError, match=r"`data.train`: shard .*p0.parquet could not be read .*on_bad_shard: skip"):
             check_transforms(resolve(str(tmp_path), "data.train"), DataConfig(train="x", transforms=transforms))
+
+
+def _acquire_and_say(root, key, done):
+    cache = PrepCache(root, 10**9)
+    cache.acquire(key, lambda tmp: {"shards": [], "skipped": [], "prepare_s": 0.0})
+    done.set()
+
+
+def test_a_run_holding_a_key_shared_does_not_stop_another_from_preparing_it(tmp_path):
+    """Two runs that both missed held the key's lock shared; the first then asked for it exclusively to
+    prepare and waited for the second, whose own request waited for the first: in the other order, the
+    second waited for the first's whole run. Here another run holds the key shared (it missed, and waits
+    to prepare): this one must still prepare, publish and return."""
+    import fcntl
+    root = str(tmp_path / "c")
+    PrepCache(root, 10**9)  # the folders
+    fd = os.open(os.path.join(root, ".locks", "k1.lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        done = ctx.Event()
+        proc = ctx.Process(target=_acquire_and_say, args=(root, "k1", done))
+        proc.start()
+        published = done.wait(60)
+        proc.kill()
+        proc.join()
+    finally:
+        os.close(fd)
+    assert published and json.loads((tmp_path / "c" / "entries" / "k1" / "manifest.json").read_text())["key"] == "k1"

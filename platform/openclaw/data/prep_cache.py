@@ -13,6 +13,7 @@ the first and then reads its entry: one valid entry, and nobody reads a half-wri
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -33,6 +34,10 @@ class Entry:
     hit: bool
     """False when this run prepared it."""
     evicted: list[str] = field(default_factory=list)
+
+
+PREPARING = ".preparing.lock"
+"""The lock file (beside a key's own) that one preparer of the key holds while it prepares."""
 
 
 class PrepCache:
@@ -91,20 +96,31 @@ class PrepCache:
         (shared lock) until `release(key)`. Then evicts other unused entries to fit `max_bytes`."""
         fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while in use: no eviction, no sweep of its preparation
             manifest, hit = self.lookup(key), True
             if manifest is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # one preparer per key; others wait here, then find it published
-                manifest = self.lookup(key)
-                if manifest is None:
-                    manifest, hit = self._prepare(key, prepare), False
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                # One preparer per key, under a lock of its own: the others wait there, then find it published.
+                # Not by turning the shared lock exclusive: two runs that both missed each held it shared, and
+                # the second waited for the first's whole run, which went on holding it shared.
+                with self._preparing(key):
+                    manifest = self.lookup(key)
+                    if manifest is None:
+                        manifest, hit = self._prepare(key, prepare), False
         except BaseException:
             os.close(fd)
             raise
         self._held[key] = fd
         os.utime(os.path.join(self.entry_path(key), MANIFEST))  # recency, for eviction
         return Entry(key, self.entry_path(key), manifest, hit, self.evict(keep=key))
+
+    @contextlib.contextmanager
+    def _preparing(self, key: str):
+        fd = os.open(os.path.join(self.root, ".locks", key + PREPARING), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def release(self, key: str) -> None:
         fd = self._held.pop(key, None)
@@ -131,7 +147,7 @@ class PrepCache:
         return manifest
 
     def _clear_unreadable(self, key: str) -> None:
-        """Under `key`'s exclusive lock, with its manifest unreadable (a crash mid-write, a truncated file):
+        """Under `key`'s preparing lock, with its manifest unreadable (a crash mid-write, a truncated file):
         what is left of the entry, out of the way of the new one (the rename onto it failed, run after run)."""
         old = self.entry_path(key)
         if os.path.lexists(old):
