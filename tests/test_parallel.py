@@ -358,15 +358,19 @@ def test_data_parallel_shares_a_micro_batch_apart_evaluate_without_a_hang(world,
     assert all(loss == pytest.approx(alone[0], rel=1e-5) for loss, _ in results)
 
 
-def _one_rank_overflows_its_loss(rank: int, world: int, precision: str) -> list[tuple[bool, bool]]:
+def _one_rank_overflows_its_loss(rank: int, world: int, precision: str, grads: str = "infinite"
+                                 ) -> list[tuple[bool, bool]]:
     """Three DDP steps; at the second, rank 1's loss alone is infinite (its fp16 forward overflowed on its
-    own samples): each step's (finite, overflow) on this rank."""
+    own samples), its gradients with it, or (`grads: finite`) not: each step's (finite, overflow) on this
+    rank."""
     engine, layout = build(rank, world, {"strategy": "ddp"}, precision=precision)
     task, out = engine.fns.task, []
     loss = task.loss
 
     def infinite(model, batch):
         loss_sum, samples = loss(model, batch)
+        if grads == "finite":  # a sum that overflowed after the terms the gradients flow through
+            return loss_sum + torch.tensor(float("inf")), samples
         return loss_sum * float("inf"), samples
     for step in range(3):
         task.loss = infinite if step == 1 and rank == 1 else loss
@@ -375,10 +379,11 @@ def _one_rank_overflows_its_loss(rank: int, world: int, precision: str) -> list[
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_every_rank_calls_a_step_with_one_ranks_non_finite_loss_alike(precision):
+@pytest.mark.parametrize("precision,grads", [("fp16", "infinite"), ("fp32", "infinite"), ("fp32", "finite")])
+def test_every_rank_calls_a_step_with_one_ranks_non_finite_loss_alike(precision, grads):
     """The ranks must take the same branch after such a step: under fp16 rank 0 once called it an
     overflow (skipped, the scale lowered) while rank 1 took the non-finite loss's policy (a rollback's
-    collectives, which rank 0 never entered). Now both call it a non-finite loss."""
-    ranks = spawn(2, _one_rank_overflows_its_loss, precision)
+    collectives, which rank 0 never entered). With finite gradients everywhere, rank 0 applied the step
+    and rank 1 skipped it: the replicas diverged. Now both call it a non-finite loss."""
+    ranks = spawn(2, _one_rank_overflows_its_loss, precision, grads)
     assert ranks[0] == ranks[1] == [(True, False), (False, False), (True, False)]

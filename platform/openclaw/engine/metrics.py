@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -215,6 +216,15 @@ def memory_capacity_bytes(device: torch.device, workers_on_node: int = 1, budget
         import psutil
         capacity = int(psutil.virtual_memory().total // max(1, workers_on_node))
     return min(capacity, int(budget_gb * 1e9)) if budget_gb else capacity
+
+
+def start_allreduce_max(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start the maximum of `t` over every rank, in place, in the background; the returned function waits
+    for it and gives `t` (at once where there is one rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lambda: t
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+    return lambda: (work.wait(), t)[1]
 
 
 def allreduce_max(values: list[float], device: torch.device) -> list[float]:
