@@ -75,3 +75,34 @@ def test_an_sdk_callers_interpreter_is_not_ended_for_it():
         proc.kill()
         os.kill(child, signal.SIGKILL)
         proc.communicate()
+
+
+def test_rank_0_keeps_polling_the_driver_after_an_answer_that_did_not_come():
+    """One poll that timed out (a loaded driver) ended rank 0's poll thread for the rest of the attempt:
+    a SIGTERM or Ctrl-C to the driver afterwards never reached the workers, and a node's join never got its
+    checkpoint."""
+    import threading
+    import time
+
+    import torch
+
+    from openclaw.runtime.stops import StopFlag, StopSignals
+    calls, stopped = [], threading.Event()
+
+    def control():
+        calls.append(1)
+        if len(calls) == 2:  # the first poll after the attempt's start
+            raise TimeoutError("Get timed out: some object(s) not ready.")
+        if len(calls) >= 3:
+            stopped.set()
+            return {"stop": "SIGTERM", "checkpoint": 5}
+        return {"stop": None, "checkpoint": 0}
+    signals = StopSignals(torch.device("cpu"), control=control, poll_s=0.01)
+    try:
+        assert stopped.wait(30), f"the poll stopped after {len(calls)} call(s)"
+        deadline = time.monotonic() + 30
+        while signals.local() is not StopFlag.STOP and time.monotonic() < deadline:
+            stopped.wait(0.01)  # the thread sets the flag just after control() returns
+        assert signals.local() is StopFlag.STOP
+    finally:
+        signals.close()

@@ -28,6 +28,7 @@ import threading
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 import torch
 import torch.distributed as dist
 
@@ -129,8 +130,11 @@ class StopSignals:
         while not self._closed.wait(poll_s):
             try:
                 state = control()
-            except Exception:  # the driver is gone: Ray tears the group down by itself
+            except RayActorError:  # the driver's control actor is gone: Ray tears the group down by itself
                 return
+            except Exception as e:  # a slow answer (a get that timed out on a loaded driver): ask again
+                log.warning("could not read the driver's stop and checkpoint requests (%s); asking again", e)
+                continue
             self._request = max(self._request, state.get("checkpoint", 0))
             if state.get("stop"):
                 self._driver_stop.set()
