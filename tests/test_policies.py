@@ -54,3 +54,35 @@ def test_nonfinite_policy_decisions():
     assert isinstance(nonfinite_decision("fail", 7, 1e-3), Fail) and "global step 7" in nonfinite_decision(
         "fail", 7, 1e-3).message
     assert nonfinite_decision("skip", 7, 1e-3) == Skip(7) and nonfinite_decision("rollback", 7, 1e-3) == Rollback(7)
+
+
+def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():
+    """The first worker's message named the failure: rank 0's collective failing on a dead peer named a new
+    port each attempt, and an OOM its free memory, so `max_same_error` never fired; while three lost nodes
+    in a row ended a run whose `max_failures` was unlimited."""
+    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+    from openclaw.runtime.controller_callbacks import FailureBudget
+
+    class RestartingState:  # what the callback reads of Ray Train's controller state
+        def __init__(self, error):
+            self.training_failed_error = error
+
+    def attempts(per_attempt, **limits) -> int:
+        budget = FailureBudget(**{"max_failures": -1, "max_preemptions": -1, "max_same_error": 3, **limits})
+        for n, failures in enumerate(per_attempt, 1):
+            try:
+                budget.after_controller_state_update(None, RestartingState(WorkerGroupError("failed", failures)))
+            except Exception:
+                return n
+        return 0
+    peer_died = [{0: RuntimeError(f"[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.7]:{port}"),
+                  1: ActorDiedError()} for port in (41233, 52871, 39110, 60021)]
+    assert attempts(peer_died) == 3
+    oom = [{0: RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB "
+                            f"of which {free} GiB is free.")} for free in ("1.23", "1.19", "1.31", "1.25")]
+    assert attempts(oom) == 3
+    node = RayActorError(error_msg="The actor died unexpectedly before finishing this task.\\nThe actor is dead "
+                                   "because its node has died. Node Id: 3f2a")
+    assert attempts([{1: node}] * 4) == 0  # a lost node, again and again: the budget is max_failures (-1)
+    assert attempts([{1: node}] * 4, max_failures=2) == 3

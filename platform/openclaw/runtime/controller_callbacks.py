@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 
 from ray.exceptions import RayActorError
@@ -99,8 +100,10 @@ class FailureBudget(ControllerCallback):
         causes = _causes(error)
         preempted = any(isinstance(c, (WorkerPreempted, PreemptionError)) or getattr(c, "preempted", False)
                         for c in causes)
-        decision = failure_decision(self.counts, preempted, _summary(causes), **self.limits,
-                                    config_error=any(isinstance(c, ConfigError) for c in causes))
+        said = _summary(causes)
+        decision = failure_decision(self.counts, preempted, said, **self.limits,
+                                    config_error=any(isinstance(c, ConfigError) for c in causes),
+                                    key=None if _node_lost(causes) else _VOLATILE.sub("#", said))
         if isinstance(decision, GiveUp):
             if self.progress is not None:
                 put_nowait(self.progress, {"message": f"giving up: {decision.message}"})
@@ -119,9 +122,35 @@ def _causes(error: BaseException) -> list[BaseException]:
     return [inner] if inner is not None else [error]
 
 
+_COLLATERAL = re.compile(r"gloo|nccl|connection closed by peer|connection reset|processgroup|broken pipe", re.I)
+"""A collective's failure on the ranks whose peer died first: a consequence, not the cause."""
+_VOLATILE = re.compile(r"0x[0-9a-f]+|[0-9a-f]{12,}|\d+(?:\.\d+)?", re.I)
+"""What differs between two reports of one error (ports, addresses, ids, free memory): left out when
+`failure.max_same_error` compares them."""
+
+
+def _root(causes: list[BaseException]) -> BaseException:
+    """The cause most likely the failure's own, first by rank within a kind: openclaw's own errors, then
+    a worker's other errors, then a worker's death, then a collective's failure caused by a peer's."""
+    def kind(e: BaseException) -> int:
+        if isinstance(e, OpenClawError):
+            return 0
+        if isinstance(e, RayActorError):
+            return 2
+        return 3 if _COLLATERAL.search(str(e)) else 1
+    return min(causes, key=kind)
+
+
+def _node_lost(causes: list[BaseException]) -> bool:
+    """Whether a worker died with its node: the cluster's doing, which a retry on other nodes need not meet
+    again (not counted by `failure.max_same_error`)."""
+    return any(isinstance(c, RayActorError) and "node" in str(c).lower() and ("died" in str(c).lower() or
+                                                                         "dead" in str(c).lower()) for c in causes)
+
+
 def _summary(causes: list[BaseException]) -> str:
-    """One line that names the error the same way whenever it recurs (the first worker's, by rank)."""
-    first = causes[0]
+    """One line that names the error the same way whenever it recurs (its root cause's, `_root`)."""
+    first = _root(causes)
     if isinstance(first, RayActorError):  # a dead worker: which one (its id) does not make it another error
         return "a training worker died (RayActorError)"
     return f"{type(first).__name__}: {str(first).strip().splitlines()[0][:300] if str(first).strip() else ''}"

@@ -144,11 +144,13 @@ class GiveUp:
 
 
 def failure_decision(counts: FailureCounts, preempted: bool, error: str, *, max_failures: int, max_preemptions: int,
-                     max_same_error: int, config_error: bool = False) -> Retry | GiveUp:
+                     max_same_error: int, config_error: bool = False, key: str | None = "") -> Retry | GiveUp:
     """After a failed attempt: preemptions (a SIGTERM, a drained node) count against `failure.max_preemptions`,
     everything else against `failure.max_failures` (-1: no limit); the same error in `failure.max_same_error`
     attempts in a row (0: no limit) gives up at once, since a retry would fail the same way. `config_error`:
-    the error says the config cannot work (a `ConfigError` a worker raised), which no retry changes."""
+    the error says the config cannot work (a `ConfigError` a worker raised), which no retry changes. `key`:
+    what makes two errors the same (default: `error` itself; its ports and numbers left out, say); None:
+    an error no retry need meet again (a lost node), which starts no run of the same error."""
     if config_error:
         return GiveUp(f"the config cannot work, so a retry would fail alike: {error}")
     if preempted:
@@ -157,8 +159,9 @@ def failure_decision(counts: FailureCounts, preempted: bool, error: str, *, max_
             return GiveUp(f"preempted {counts.preemptions} times, more than `failure.max_preemptions` "
                           f"({max_preemptions}); the latest: {error}")
         return Retry(counts)
-    same = counts.same_error + 1 if error == counts.last_error else 1
-    counts = FailureCounts(counts.failures + 1, counts.preemptions, same, error)
+    key = error if key == "" else key
+    same = 0 if key is None else counts.same_error + 1 if key == counts.last_error else 1
+    counts = FailureCounts(counts.failures + 1, counts.preemptions, same, key or "")
     if max_same_error and same >= max_same_error:
         return GiveUp(f"the same error in {same} attempts in a row (`failure.max_same_error` is {max_same_error}), "
                       f"so a retry would fail alike: {error}")
