@@ -387,3 +387,19 @@ def test_every_rank_calls_a_step_with_one_ranks_non_finite_loss_alike(precision,
     and rank 1 skipped it: the replicas diverged. Now both call it a non-finite loss."""
     ranks = spawn(2, _one_rank_overflows_its_loss, precision, grads)
     assert ranks[0] == ranks[1] == [(True, False), (False, False), (True, False)]
+
+
+def _fp16_norms(rank: int, world: int, parallelism: dict) -> list[float]:
+    """Three fp16 steps' global grad norms of the test gpt under `parallelism`."""
+    engine, layout = build(rank, world, parallelism, precision="fp16")
+    return [engine.train_step(step, my_micro_batches(step, layout, rank)).grad_norm for step in range(3)]
+
+
+def test_fp16_pipeline_stages_sharded_by_fsdp_train_as_one_rank():
+    """Autocast's cast copies of the weights lived across a whole pipeline schedule, while FSDP freed and
+    gathered each stage's weights between micro-batches: a cached copy of a freed weight kept the later
+    micro-batches' gradients from it, and every step's grad norm read 0.73x one rank's (fp16, and any
+    autocast precision, under pipeline x FSDP). Now the schedule runs without the cache."""
+    one = spawn(1, _fp16_norms, {})[0]
+    for got in spawn(2, _fp16_norms, {"strategy": "fsdp", "pipeline": 2}):
+        assert rel(one, got) < 1e-4, (one, got)

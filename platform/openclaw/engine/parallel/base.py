@@ -27,7 +27,9 @@ class StepFns:
     """The `engine.tasks.Task`: loss sums over samples; the built-in ones also split a batch into the
     model's input and the targets (`split`) and score an output (`output_loss`)."""
     to_device: Callable[[Batch], Batch]
-    autocast: Callable[[], ContextManager]
+    autocast: Callable[..., ContextManager]
+    """The step's precision: `autocast()`, or `autocast(cache=False)` around a whole pipeline schedule,
+    whose sharded stages free and gather their weights again between micro-batches."""
     loss_scale: float
     """data-parallel degree / global batch: with gradients averaged over the data-parallel ranks, the
     gradient is the mean over the global batch."""

@@ -182,7 +182,7 @@ class PipelineStrategy(ShardedState):
                                                         for k in micro_batches[0]}))
         self._mb_rows, self._mb_count = len(inputs) // n, n  # the stages' buffers' shape: evaluation's too
         losses: list[torch.Tensor] = []
-        with fns.autocast():
+        with fns.autocast(cache=False):  # the stages reshard between micro-batches (`Engine.autocast`)
             self._run(self._schedule(n, fns), inputs, targets, losses)
         scale = fns.loss_scale * (fns.scaler.get_scale() if fns.scaler.is_enabled() else 1.0)
         total = (torch.stack(losses).sum() / scale).detach() if losses else torch.zeros((), device=inputs.device)
@@ -251,7 +251,7 @@ class PipelineStrategy(ShardedState):
             passes = rechunk(batches, fns, self._mb_rows or None, n)
             for (inputs, targets, real), counted in as_many_as_any_rank(passes, next(model.parameters()).device):
                 targets, real = (targets, real) if counted else (torch.full_like(targets, -100), 0)
-                with fns.autocast():
+                with fns.autocast(cache=False):
                     self._run(schedule, inputs, targets, [], train=False)
                 count += real
         finally:
