@@ -403,3 +403,32 @@ def test_fp16_pipeline_stages_sharded_by_fsdp_train_as_one_rank():
     one = spawn(1, _fp16_norms, {})[0]
     for got in spawn(2, _fp16_norms, {"strategy": "fsdp", "pipeline": 2}):
         assert rel(one, got) < 1e-4, (one, got)
+
+
+def _replicas_after_dropout(rank: int, world: int) -> float:
+    """Three steps of a planned stack with dropout under tensor parallelism, each seeded as the runtime seeds
+    it; the largest difference of a replicated parameter between the two tensor-parallel ranks."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from openclaw.engine.state import seed_step
+    engine, layout = build(rank, world, {"strategy": "ddp", "tensor": 2}, model_name="user_models:drop_stack")
+    for step in range(3):
+        seed_step(0, step, layout.dp_rank(rank))  # runtime.attempt: by data-parallel rank
+        engine.train_step(step, my_micro_batches(step, layout, rank))
+    worst = 0.0
+    for p in engine.model.parameters():
+        if isinstance(p, DTensor) and any(placement.is_shard() for placement in p.placements):
+            continue  # split by the plan: differs by design
+        mine = (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+        rank0 = mine.clone()
+        dist.broadcast(rank0, src=0)
+        worst = max(worst, (mine - rank0).abs().max().item())
+    return worst
+
+
+def test_tensor_parallel_peers_draw_the_same_dropout_and_their_replicated_weights_stay_equal():
+    """Seeded by their own ranks, the peers drew different masks on activations that are one model's: the
+    embedding, the norms and the row-wise biases (replicated) drifted apart, 1e-2 in three steps, and each
+    rank clipped with its own norm."""
+    assert spawn(2, _replicas_after_dropout) == [0.0, 0.0]

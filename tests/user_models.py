@@ -197,3 +197,17 @@ class NarrowEmbedding(nn.Module):
 
 def narrow_embedding(rows: int = 50, vocab_size: int = 300, **_) -> nn.Module:
     return NarrowEmbedding(rows, vocab_size)
+
+
+class DropStack(PlannedStack):
+    """A planned stack with dropout on each block's (replicated) output, as a transformer's residual
+    dropout: the tensor-parallel peers must draw the same masks."""
+
+    def __init__(self, *args, p: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        for block in self.blocks.values():
+            block.append(nn.Dropout(p))
+
+
+def drop_stack(vocab_size: int = 64, dim: int = 32, depth: int = 4, p: float = 0.1, **_) -> nn.Module:
+    return DropStack(vocab_size, dim, depth, tied=True, p=p)

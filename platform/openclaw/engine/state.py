@@ -16,7 +16,8 @@ from openclaw.errors import CheckpointError
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
-    """RNG (dropout, ...) as a function of (seed, step, rank): a resumed step draws what the original drew."""
+    """RNG (dropout, ...) as a function of (seed, step, rank): a resumed step draws what the original drew.
+    `rank`: the data-parallel rank (tensor and pipeline peers compute one model's share of one batch)."""
     torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 

@@ -183,7 +183,9 @@ class Attempt:
             now, ahead = self.sampler.windows_at(epoch, offset)
             self.train.prefetch(ahead, keep=now)  # after this step's own shards
         t1 = perf_now()
-        seed_step(self.config.seed, step, self.rank)
+        # by data-parallel rank: tensor and pipeline peers draw the same dropout, as one model would (seeded
+        # by their own ranks, the copies a tensor-parallel plan keeps alike drifted apart)
+        seed_step(self.config.seed, step, self.dp_rank)
         with phase("step"):
             stats = self.engine.train_step(step, batches)
         self.window.add(batches, stats, data_s=t1 - t0, compute_s=perf_now() - t1)
