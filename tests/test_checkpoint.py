@@ -171,3 +171,14 @@ def test_a_malformed_manifest_is_a_checkpoint_error_that_a_resume_skips(tmp_path
     with pytest.raises(CheckpointError, match="manifest.json is (corrupt|malformed)"):
         ckpt.verify(bad)
     assert _restored_step(run, monkeypatch) == 50
+
+
+def test_shards_that_do_not_load_say_why_on_each_rank(tmp_path):
+    """DCP's message leads with each rank's traceback, and its first 500 characters were all the error kept:
+    a header, without the cause (a key the checkpoint does not hold)."""
+    import torch.distributed.checkpoint as dcp
+    from openclaw.engine.sharded import load_shards
+    dcp.save({"model.w": torch.ones(3)}, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    with pytest.raises(CheckpointError, match=r"could not be loaded: rank 0: RuntimeError: Missing key in checkpoint "
+                                              r"state_dict: model\.v"):
+        load_shards({"model.v": torch.zeros(3)}, tmp_path)

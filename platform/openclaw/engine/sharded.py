@@ -92,4 +92,15 @@ def load_shards(state: dict[str, Any], directory: str | os.PathLike) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=SafeReader(str(directory)), planner=WeightsOnlyPlanner(), no_dist=no_dist)
     except dcp.api.CheckpointException as e:  # a BaseException: say what it means, as ours
-        raise CheckpointError(f"checkpoint shards in {directory} could not be loaded: {str(e)[:500]}") from None
+        raise CheckpointError(f"checkpoint shards in {directory} could not be loaded: {dcp_causes(e)}") from None
+
+
+def dcp_causes(error: BaseException) -> str:
+    """What a DCP failure says went wrong on each rank (its own message leads with the tracebacks, so its
+    first 500 characters were only a header): `rank 1: RuntimeError: Missing key ...`."""
+    failures = getattr(error, "failures", None) or {}
+    said = []
+    for rank, pair in sorted(failures.items()):
+        cause = pair[0] if isinstance(pair, tuple) else pair
+        said.append(f"rank {rank}: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}")
+    return "; ".join(said) or " ".join(str(error).split())[-500:]
