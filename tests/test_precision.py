@@ -248,3 +248,22 @@ def _agreed_on(rank: int, world: int) -> tuple[str, bool]:
 def test_the_ranks_agree_on_one_precision_in_one_all_gather():
     from parallel_harness import spawn
     assert spawn(2, _agreed_on) == [("fp16", True)] * 2
+
+
+def test_a_start_over_brings_back_the_loss_scale_the_run_began_with():
+    """A rollback before the first checkpoint restored the initial weights and a fresh optimizer but kept
+    the scaler's lowered scale and the overflow count: the replay was not the run from its start."""
+    from openclaw.engine.state import TrainState
+    torch.manual_seed(0)
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8, precision="fp16", amp={"init_scale": 2.0 ** 40})
+    engine = Engine(MLP(in_features=8, hidden=8, depth=1, num_classes=2), Classification(), cfg,
+                    device=torch.device("cpu"))
+    initial = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    assert engine.train_step(0, [{"x": torch.randn(8, 8), "y": torch.randint(0, 2, (8,))}]).overflow
+    assert engine.loss_scale() == 2.0 ** 39
+    state = TrainState(step=1)
+    state.overflow_steps, state.overflow_window = 1, [1]
+    engine.start_over(initial)
+    state.start_over()
+    assert engine.loss_scale() == 2.0 ** 40 and engine.fns.scaler is engine.scaler
+    assert (state.step, state.overflow_steps, state.overflow_window) == (0, 0, [])

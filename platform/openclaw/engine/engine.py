@@ -269,7 +269,10 @@ class Engine:
             self.scaler.load_state_dict(state["scaler"])
 
     def start_over(self, model_state: dict[str, torch.Tensor], from_rank0: bool = False) -> None:
-        """Back to these (initial) weights with a fresh optimizer. `from_rank0`: only rank 0's `model_state`
-        holds them (`Strategy.load_full_model`); also how a model built on the meta device gets its weights."""
+        """Back to these (initial) weights with a fresh optimizer and loss scaler (fp16: the scale the
+        run began with, as a checkpoint's restore brings back its own). `from_rank0`: only rank 0's
+        `model_state` holds them (`Strategy.load_full_model`); also how a model built on the meta device
+        gets its weights."""
         self.strategy.load_full_model(self.model, model_state, from_rank0)
         self.optimizer = self._optimizer()
+        self.scaler = self.fns.scaler = self._scaler()

@@ -88,7 +88,7 @@ class TrainState:
         self.loss_window = [0.0, 0.0]
         self.grad_noise_ema = [0.0, 0.0]
         self.noise_window = []
-        self.overflow_window = []
+        self.overflow_window, self.overflow_steps = [], 0
 
     def roll_back_to(self, saved: dict[str, Any]) -> None:
         """Load a checkpoint's state in the middle of an attempt (a rollback): its training, and this
