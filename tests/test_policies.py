@@ -57,9 +57,10 @@ def test_nonfinite_policy_decisions():
 
 
 def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():
-    """The first worker's message named the failure: rank 0's collective failing on a dead peer named a new
-    port each attempt, and an OOM its free memory, so `max_same_error` never fired; while three lost nodes
-    in a row ended a run whose `max_failures` was unlimited."""
+    """The first worker's message named the failure: an OOM named its free memory, so `max_same_error` never
+    fired; while three lost nodes in a row (one fixed 'a training worker died') ended a run whose
+    `max_failures` was unlimited. A worker that died (killed, its node lost) is the cluster's doing: the
+    rank 0 collective that failed on it is not the cause, and it is bounded by `max_failures` alone."""
     from ray.exceptions import ActorDiedError, RayActorError
     from ray.train.v2.api.exceptions import WorkerGroupError
     from openclaw.runtime.controller_callbacks import FailureBudget
@@ -78,7 +79,7 @@ def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():
         return 0
     peer_died = [{0: RuntimeError(f"[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.7]:{port}"),
                   1: ActorDiedError()} for port in (41233, 52871, 39110, 60021)]
-    assert attempts(peer_died) == 3
+    assert attempts(peer_died) == 0 and attempts(peer_died, max_failures=2) == 3
     oom = [{0: RuntimeError(f"CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB "
                             f"of which {free} GiB is free.")} for free in ("1.23", "1.19", "1.31", "1.25")]
     assert attempts(oom) == 3
@@ -86,3 +87,9 @@ def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():
                                    "because its node has died. Node Id: 3f2a")
     assert attempts([{1: node}] * 4) == 0  # a lost node, again and again: the budget is max_failures (-1)
     assert attempts([{1: node}] * 4, max_failures=2) == 3
+
+    class WorkerHealthCheckFailedError(Exception):  # Ray Train's, for a worker process found dead
+        pass
+    killed = [{0: WorkerHealthCheckFailedError(f"A worker health check failed. Worker {i:032x} is dead.")}
+              for i in range(4)]
+    assert attempts(killed, max_failures=3) == 4  # three SIGKILLs survived, as max_failures says

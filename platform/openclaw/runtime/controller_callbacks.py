@@ -103,7 +103,7 @@ class FailureBudget(ControllerCallback):
         said = _summary(causes)
         decision = failure_decision(self.counts, preempted, said, **self.limits,
                                     config_error=any(isinstance(c, ConfigError) for c in causes),
-                                    key=None if _node_lost(causes) else _VOLATILE.sub("#", said))
+                                    key=None if _died(_root(causes)) else _VOLATILE.sub("#", said))
         if isinstance(decision, GiveUp):
             if self.progress is not None:
                 put_nowait(self.progress, {"message": f"giving up: {decision.message}"})
@@ -135,17 +135,18 @@ def _root(causes: list[BaseException]) -> BaseException:
     def kind(e: BaseException) -> int:
         if isinstance(e, OpenClawError):
             return 0
-        if isinstance(e, RayActorError):
+        if _died(e):
             return 2
         return 3 if _COLLATERAL.search(str(e)) else 1
     return min(causes, key=kind)
 
 
-def _node_lost(causes: list[BaseException]) -> bool:
-    """Whether a worker died with its node: the cluster's doing, which a retry on other nodes need not meet
-    again (not counted by `failure.max_same_error`)."""
-    return any(isinstance(c, RayActorError) and "node" in str(c).lower() and ("died" in str(c).lower() or
-                                                                         "dead" in str(c).lower()) for c in causes)
+def _died(cause: BaseException) -> bool:
+    """Whether the failure's root cause is a worker process that died (killed, out of host memory, its node
+    lost) rather than an error its code raised: a retry need not meet it again, so `failure.max_failures`
+    bounds it and `failure.max_same_error` does not count it (three random SIGKILLs in a row, or three lost
+    nodes, are not one bug)."""
+    return isinstance(cause, RayActorError) or type(cause).__name__ == "WorkerHealthCheckFailedError"
 
 
 def _summary(causes: list[BaseException]) -> str:
