@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from openclaw.constants import apply_secret_env, secret_env
 from openclaw.data.config import DataConfig
-from openclaw.data.sources import Shard, Source, check_columns, footer_nulls, footer_ranges
+from openclaw.data.sources import (READ_ATTEMPTS, RETRY_PAUSE_S, Shard, Source, check_columns, footer_nulls,
+                                   footer_ranges)
 from openclaw.errors import DataError
 from openclaw.data.filesystems import filesystem_for, is_remote
 from openclaw.data.prep_cache import PrepCache
@@ -111,22 +112,21 @@ def prepare(sources: dict[str, Source], d: DataConfig, storage: str) -> tuple[di
 
 def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transformed: bool) -> Source:
     skipped = tuple((p, why) for p, why in manifest["skipped"])
-    if not transformed:  # verified only: train on the good source shards themselves
+    if transformed:
+        paths = [(os.path.join(folder, _shard_name(s["file"], folder)), s) for s in manifest["shards"] if s["rows"]]
+        metas = [(path, s, pq.read_metadata(path)) for path, s in paths]
+        shards = tuple(Shard(path, s["rows"], s["bytes"], 0, ranges=footer_ranges(meta), nulls=footer_nulls(meta))
+                       for path, s, meta in metas)
+    else:  # verified only: train on the good source shards themselves
         good = {s["source"] for s in manifest["shards"]}
-        verified = raw.with_shards(tuple(s for s in raw.shards if s.path in good), skipped)
-        if verified.num_rows == 0:
-            raise DataError(f"`{raw.key}`: no rows left after checking {raw.spec}"
-                            + (f" ({len(skipped)} bad shard(s) skipped; the first: {skipped[0][1]})." if skipped else "."))
-        return verified
-    paths = [(os.path.join(folder, _shard_name(s["file"], folder)), s) for s in manifest["shards"] if s["rows"]]
-    metas = [(path, s, pq.read_metadata(path)) for path, s in paths]
-    shards = tuple(Shard(path, s["rows"], s["bytes"], 0, ranges=footer_ranges(meta), nulls=footer_nulls(meta))
-                   for path, s, meta in metas)
-    if not shards:
-        raise DataError(f"`{raw.key}`: no rows left after preparing {raw.spec}"
+        shards = tuple(s for s in raw.shards if s.path in good)
+    if not sum(s.rows for s in shards):
+        raise DataError(f"`{raw.key}`: no rows left after {'preparing' if transformed else 'checking'} {raw.spec}"
                         + (f" ({len(skipped)} bad shard(s) skipped; the first: {skipped[0][1]})." if skipped else "."))
-    schema = pq.read_schema(shards[0].path)
-    return Source(raw.key, folder, shards, filesystem_for(folder)[0], schema, raw.skipped + skipped)
+    if not transformed:
+        return raw.with_shards(shards, skipped)
+    return Source(raw.key, folder, shards, filesystem_for(folder)[0], pq.read_schema(shards[0].path),
+                  raw.skipped + skipped)
 
 
 def _shard_name(name: str, folder: str) -> str:
@@ -164,10 +164,6 @@ def _prepare_source(src: Source, d: DataConfig, tmp: str) -> dict[str, Any]:
             "transforms": [t.model_dump() for t in d.transforms], "prepare_s": time.perf_counter() - t0}
 
 
-READ_ATTEMPTS, RETRY_PAUSE_S = 3, 0.5
-"""How often a shard on an object store is read before it counts as bad, and the first pause between."""
-
-
 class _ShardTask:
     """One shard: read it a row group at a time, transform, write (or, with no transforms, only read)."""
 
@@ -183,12 +179,12 @@ class _ShardTask:
         a good shard out of every run that finds this preparation in the cache."""
         apply_secret_env(self.secrets)
         fs, _ = filesystem_for(self.spec, self.s3)
-        attempts = READ_ATTEMPTS if self.shard_cache else 1
-        for attempt in range(attempts):
+        for attempt in range(READ_ATTEMPTS if self.shard_cache else 1):
+            if attempt:
+                time.sleep(RETRY_PAUSE_S * 2 ** (attempt - 1))
             out = self._once(fs, item)
-            if out["error"] is None or attempt == attempts - 1:
-                return out
-            time.sleep(RETRY_PAUSE_S * 2 ** attempt)
+            if out["error"] is None:
+                break
         return out
 
     def _once(self, fs, item: dict[str, Any]) -> dict[str, Any]:
@@ -219,14 +215,11 @@ class _ShardTask:
                 out["bytes"] = os.path.getsize(path)
         except (pa.ArrowException, OSError) as e:
             out["error"] = f"shard {item['path']} could not be read ({type(e).__name__}: {' '.join(str(e).split())})"
-            if out["file"]:
-                _unlink(os.path.join(self.out_dir, out["file"]))
         except DataError as e:  # a transform that does not fit the data: no policy skips that
             out["fatal"] = str(e)
-        except Exception as e:  # a transform's own error, or outputs whose schema differs between row groups
-            out["fatal"] = (f"`data.transforms` failed on shard {item['path']} ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:500]}); fix the transform or the data")
-        if out["fatal"] and out["file"]:
+        except Exception as e:  # outputs whose schema differs between row groups (the writer's ValueError)
+            out["fatal"] = _transform_failed(item["path"], e)
+        if (out["error"] or out["fatal"]) and out["file"]:  # no half-written part is left
             _unlink(os.path.join(self.out_dir, out["file"]))
         return out
 
@@ -246,5 +239,9 @@ def _transform(table: pa.Table, transforms: list, path: str) -> pa.Table:
     except DataError as e:
         raise DataError(f"{e} (shard {path})") from None
     except Exception as e:
-        raise DataError(f"`data.transforms` failed on shard {path} ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:500]}); fix the transform or the data") from None
+        raise DataError(_transform_failed(path, e)) from None
+
+
+def _transform_failed(path: str, error: Exception) -> str:
+    return (f"`data.transforms` failed on shard {path} ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:500]}); fix the transform or the data")

@@ -154,19 +154,23 @@ def footer_nulls(meta: pq.FileMetaData) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _footer(fs: pafs.FileSystem, path: str, attempts: int = 3) -> tuple[pq.FileMetaData | Exception, str]:
-    """The shard's Parquet footer (or why it cannot be read) and its ETag, from the same request. On an
-    object store, a read that fails is tried again (`attempts`, with a growing pause): a reset connection
-    is not a bad shard."""
-    error: Exception = OSError(f"{path}: not read")
-    for attempt in range(attempts if fs.type_name != "local" else 1):
+READ_ATTEMPTS, RETRY_PAUSE_S = 3, 0.5
+"""How often a shard on an object store is read before it counts as bad, and the first pause between
+(doubling after each): a reset connection is not a bad shard."""
+
+
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData | Exception, str]:
+    """The shard's Parquet footer (or why it cannot be read) and its ETag, from the same request; on an
+    object store, tried again (`READ_ATTEMPTS`) before it counts as unreadable."""
+    error: Exception | None = None
+    for attempt in range(1 if fs.type_name == "local" else READ_ATTEMPTS):
+        if attempt:
+            time.sleep(RETRY_PAUSE_S * 2 ** (attempt - 1))
         try:
             with fs.open_input_file(path) as f:
                 return pq.ParquetFile(f).metadata, _etag_of(f)
         except (pa.ArrowInvalid, OSError) as e:
             error = e
-            if attempt + 1 < attempts and fs.type_name != "local":
-                time.sleep(0.5 * 2 ** attempt)
     return error, ""
 
 

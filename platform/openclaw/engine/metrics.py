@@ -159,9 +159,14 @@ def now() -> float:
     return time.perf_counter()
 
 
+def _alone() -> bool:
+    """No process group, or one of one rank: a collective is its own input."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
 def allreduce_sum(values: list[float], device: torch.device) -> list[float]:
     """The sums of `values` over every rank (one all-reduce; the values as they are without a group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _alone():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -221,7 +226,7 @@ def memory_capacity_bytes(device: torch.device, workers_on_node: int = 1, budget
 def start_allreduce_max(t: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start the maximum of `t` over every rank, in place, in the background; the returned function waits
     for it and gives `t` (at once where there is one rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _alone():
         return lambda: t
     work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
     return lambda: (work.wait(), t)[1]
@@ -229,7 +234,7 @@ def start_allreduce_max(t: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def allreduce_max(values: list[float], device: torch.device) -> list[float]:
     """The maxima of `values` over every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _alone():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -4,6 +4,7 @@ run (registered as a model version with `--register NAME`)."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ class Loaded:
     run_id: str | None
     label: str
 
+    @functools.cached_property
+    def cfg(self) -> Config:
+        """`config`, validated (once)."""
+        return Config.model_validate(self.config)
+
 
 @dataclass
 class ExportResult:
@@ -77,7 +83,7 @@ def export(source: str | os.PathLike, *, quantize: str, group_size: int | None =
                           f"none (tracking was off). Export from the run id instead, or leave out `--register`.")
     p = plan(src.model, quantize, group_size)
     quantized = quantize_layers(copy.deepcopy(src.model), p, dev)
-    batch = sample_batch(Config.model_validate(src.config), 32)
+    batch = sample_batch(src.cfg, 32)
     check_forward(quantized, batch, p)
     folder = Path(out or Path(job_home()) / "exports" / f"{src.config.get('name', 'model')}-{quantize}")
     report = {"mode": p.mode, "group_size": p.group_size, "group_sizes": p.groups, "described": p.describe(),
@@ -123,7 +129,7 @@ def check_code(src: Loaded, evaluate: bool, trust_code: bool) -> None:
     `trust_code`, an UntrustedCodeError names them, as loading a model of its own does."""
     if trust_code:
         return
-    config = Config.model_validate(src.config)
+    config = src.cfg
     code = [f"`data.transforms` {t.fn}" for t in config.data.transforms if t.op == "map_batches"]
     if evaluate and ":" in config.task:
         code.append(f"`task` {config.task}")
@@ -159,7 +165,7 @@ def measure(src: Loaded, quantized: nn.Module, p: Plan, folder: Path, evaluate: 
     inputs. The memory is measured in fresh processes while this one scores the models; latency is timed
     after both."""
     from openclaw.exports.evaluate import scores, val_batches
-    config = Config.model_validate(src.config)
+    config = src.cfg
     m = {"weight_bytes_full": state_bytes(src.model), "weight_bytes_quantized": state_bytes(quantized),
          "layer_bytes_full": layer_bytes(src.model, p.quantized), "layer_bytes_quantized": layer_bytes(quantized, p.quantized)}
     with tempfile.TemporaryDirectory(prefix="openclaw-export-") as tmp:

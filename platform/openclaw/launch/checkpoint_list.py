@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from openclaw.data.filesystems import is_remote, storage_filesystem
+from openclaw.data.filesystems import storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.errors import CheckpointError, ConfigError
 from openclaw.tracking.redact import public_uri
@@ -39,12 +39,7 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
     """The `checkpoint_*` folders of `run_dir` (a local folder or URI), newest first (Ray names them by
     time), each checked (`quick`: sizes only); a `ConfigError` where there is no such folder or it holds
     none."""
-    try:
-        fs, root = storage_filesystem(run_dir if is_remote(run_dir) or "://" in run_dir else os.path.abspath(run_dir))
-        info = fs.get_file_info(root)
-    except (OSError, pa.ArrowInvalid) as e:  # a store that does not answer, a bucket that is not there, a bad URI
-        raise ConfigError(f"cannot read {run_dir} ({' '.join(str(e).split())}): check the path, and for a URI the "
-                          f"bucket, the endpoint (`data.s3` / AWS_ENDPOINT_URL) and the credentials.") from None
+    fs, root, info = _opened(run_dir)
     if info.type != pafs.FileType.Directory:
         raise ConfigError(f"there is no run folder at {run_dir}: pass `<checkpoint.storage>/<name>` of a run (the "
                           f"folder its checkpoints are written in).")
@@ -65,12 +60,19 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
 def is_one_checkpoint(uri: str) -> bool:
     """Whether `uri` (a folder or URI) holds one checkpoint (its manifest); a ConfigError where it cannot
     be read."""
+    fs, root, _ = _opened(uri)
+    return fs.get_file_info(f"{root.rstrip('/')}/{ckpt_io.MANIFEST}").type == pafs.FileType.File
+
+
+def _opened(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """`uri`'s filesystem, its path there and what is at it; a ConfigError where it cannot be read (a store
+    that does not answer, a bucket that is not there, a URI that does not parse)."""
     try:
         fs, root = storage_filesystem(uri if "://" in uri else os.path.abspath(uri))
-        return fs.get_file_info(f"{root.rstrip('/')}/{ckpt_io.MANIFEST}").type == pafs.FileType.File
+        return fs, root, fs.get_file_info(root)
     except (OSError, pa.ArrowInvalid) as e:
-        raise ConfigError(f"cannot read {public_uri(uri)} ({' '.join(str(e).split())}): check the path, and for a URI "
-                          f"the bucket, the endpoint and the credentials.") from None
+        raise ConfigError(f"cannot read {public_uri(uri)} ({' '.join(str(e).split())}): check the path, and for a "
+                          f"URI the bucket, the endpoint (`data.s3` / AWS_ENDPOINT_URL) and the credentials.") from None
 
 
 def _runs_under(fs: pafs.FileSystem, root: str) -> list[str]:

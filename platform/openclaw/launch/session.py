@@ -42,7 +42,7 @@ from openclaw.tracking.redact import public_uri, redacted, scrub
 from openclaw.tracking.model import log_final_model
 from openclaw.tracking.run import job_record, open_run, record_finished
 from openclaw.tracking.service import start_service
-from openclaw.tracking.spool import append_to_spool
+from openclaw.tracking.spool import append_ops, append_to_spool
 
 log = logging.getLogger("openclaw")
 
@@ -246,9 +246,7 @@ class RunSession:
             client.set_terminated(self.run_id, status="FINISHED")
         except Exception as e:  # the server went away after the flush: the ending waits in the spool
             spool = _spool_path(self.run_dir, self.run_id)
-            if not os.path.exists(spool):
-                append_to_spool(spool, "run", public_uri(self.uri), self.run_id)
-            append_to_spool(spool, "finish", redacted(self.config.resolved()), checkpoint)
+            append_ops(spool, self.uri, self.run_id, [("finish", (redacted(self.config.resolved()), checkpoint))])
             print(scrub(f"openclaw: could not log the final model or close MLflow run {self.run_id} at {self.uri} ({e}); "
                         f"the trained model is in {checkpoint}, and `openclaw sync-spool {spool}` logs it and "
                         f"closes the run."), file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ import ray
 
 from openclaw.constants import apply_secret_env, forwarded_env
 from openclaw.tracking.redact import public_uri, scrub
-from openclaw.tracking.spool import append_to_spool
+from openclaw.tracking.spool import append_ops
 
 log = logging.getLogger("openclaw")
 
@@ -73,10 +73,7 @@ class TrackingService:
                 log.warning("could not write events.json: %s", scrub(e))
             return {**outcome, "delivered": True}
         path = self.spool_path or f"openclaw-spool-{self.run_id}.jsonl"
-        if not os.path.exists(path):
-            append_to_spool(path, "run", public_uri(self.uri), self.run_id)  # no credential at rest
-        for op, args in left:
-            append_to_spool(path, op, *args)
+        append_ops(path, self.uri, self.run_id, left)
         return {**outcome, "delivered": False, "spool": path, "ops": len(left)}
 
     def _next(self) -> tuple[str, tuple, int]:
@@ -139,10 +136,7 @@ class TrackingService:
 
     def _set_aside(self, op: str, args: tuple, status: int, error: Exception) -> None:
         ops = [("event", tuple(a)) for a in args[0]] if op == "events" else [(op, args)]
-        if not os.path.exists(self.dead_letter):
-            append_to_spool(self.dead_letter, "run", public_uri(self.uri), self.run_id)
-        for item_op, item_args in ops:
-            append_to_spool(self.dead_letter, item_op, *item_args)
+        append_ops(self.dead_letter, self.uri, self.run_id, ops)
         self.refused += len(ops)
         log.warning("MLflow at %s refused a tracking update (HTTP %s: %s); it is kept in %s", public_uri(self.uri),
                     status, scrub(str(error).splitlines()[0][:200]), self.dead_letter)

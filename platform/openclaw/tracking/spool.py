@@ -7,6 +7,17 @@ import json
 import os
 from typing import Any
 
+from openclaw.tracking.redact import public_uri
+
+
+def append_ops(path: str, uri: str, run_id: str, ops: list[tuple[str, tuple]]) -> None:
+    """`ops` ((op, args) pairs) at the end of `run_id`'s spool file, begun with its `run` line when new
+    (the URI without its user info: no credential at rest)."""
+    if not os.path.exists(path):
+        append_to_spool(path, "run", public_uri(uri), run_id)
+    for op, args in ops:
+        append_to_spool(path, op, *args)
+
 
 def append_to_spool(path: str, op: str, *args: Any) -> None:
     """One op, as a JSON line, at the end of a spool file (`sync_spool` applies them in order)."""
