@@ -1,4 +1,8 @@
 """The policies that return decisions, as pure functions: failure budgets and non-finite losses."""
+import numpy as np
+
+from openclaw.data.sampler import Sampler
+from openclaw.engine.state import TrainState
 from openclaw.runtime.policies import (Fail, FailureCounts, GiveUp, Retry, Rollback, Skip, failure_decision,
                                        nonfinite_decision)
 
@@ -51,9 +55,55 @@ def test_a_config_error_in_a_worker_gives_up_at_once_even_with_no_limits():
 
 
 def test_nonfinite_policy_decisions():
-    assert isinstance(nonfinite_decision("fail", 7, 1e-3), Fail) and "global step 7" in nonfinite_decision(
-        "fail", 7, 1e-3).message
-    assert nonfinite_decision("skip", 7, 1e-3) == Skip(7) and nonfinite_decision("rollback", 7, 1e-3) == Rollback(7)
+    batch = (0, 56, 64)
+    assert isinstance(nonfinite_decision("fail", 7, 1e-3, batch), Fail) and "global step 7" in nonfinite_decision(
+        "fail", 7, 1e-3, batch).message
+    assert nonfinite_decision("skip", 7, 1e-3, batch) == Skip(7, batch)
+    assert nonfinite_decision("rollback", 7, 1e-3, batch) == Rollback(7, batch)
+
+
+def _walk(state: TrainState, sampler: Sampler, until: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The loop's walk over the data from `state` to step `until`: (batches trained, batches skipped)."""
+    trained, skipped = [], []
+    while state.step < until:
+        positions, epoch, offset = sampler.global_batch_at(state.epoch, state.offset)
+        skip = state.skips(state.step, epoch, offset, offset + len(positions))
+        (skipped if skip else trained).append(positions)
+        state.advance(epoch, offset, len(positions))
+    return trained, skipped
+
+
+def test_a_skipped_batch_stays_skipped_when_a_resize_changes_the_batch_each_step_reads():
+    """Under `elastic.on_resize: scale_lr` the global batch follows the world size, so a global step reads
+    other samples after a resize. A skipped batch was kept as its step number: a restart at half the world
+    that resumed before it skipped the batch its step number now reads (innocent samples), and trained on
+    the samples that made the loss non-finite (another rollback). The samples are kept, and every batch
+    that holds one of them is skipped."""
+    rows = 96
+    big = Sampler(rows, 16, 4, seed=3)
+    state = TrainState()
+    _walk(state, big, until=2)
+    checkpoint = state.state_dict()  # saved at step 2, before the bad batch
+    positions, epoch, offset = big.global_batch_at(state.epoch, state.offset)
+    bad = set(positions.tolist())
+    state.load_state_dict(state.with_skipped(2, (epoch, offset, offset + len(positions))))
+    assert state.skips(2, epoch, offset, offset + 16)
+
+    # a node is lost: the run resumes from step 2's checkpoint at half the world, half the global batch
+    resumed = TrainState()
+    resumed.load_state_dict({**checkpoint, **state.with_skipped(2, (epoch, offset, offset + 16))})
+    trained, skipped = _walk(resumed, Sampler(rows, 8, 4, seed=3), until=5)
+    assert not bad & set(np.concatenate(trained).tolist())  # no bad sample trained on
+    assert set(np.concatenate(skipped).tolist()) == bad  # and nothing else left out
+    assert len(trained) == 1 and resumed.samples_seen == checkpoint["samples_seen"] + 3 * 8
+
+
+def test_a_checkpoint_from_before_skipped_batches_were_kept_matches_its_skipped_steps_by_step():
+    state = TrainState()
+    state.load_state_dict({"skipped_steps": [4]})
+    assert state.skips(4, 0, 32, 40) and not state.skips(5, 0, 40, 48)
+    state.load_state_dict(state.with_skipped(9, (0, 72, 80)))
+    assert state.skips(4, 0, 32, 40) and state.skips(9, 0, 72, 80) and state.skipped_steps == [4, 9]
 
 
 def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():

@@ -44,6 +44,11 @@ class TrainState:
     """How many times the worker group has started on this run (1 on the first start)."""
     skipped_steps: list[int] = field(default_factory=list)
     """Global steps whose batch was skipped for a non-finite loss (`train.on_nonfinite_loss`)."""
+    skipped_batches: list[list[int]] = field(default_factory=list)
+    """Those batches' samples, [step, epoch, start, stop] in the epoch's sample order: a replay skips every
+    batch that holds one of them. A step number alone would not do under `elastic.on_resize: scale_lr`,
+    where the batch a step reads follows the world size. Older checkpoints lack it: their skipped steps
+    are matched by step."""
     pending_metrics: list[dict[str, Any]] = field(default_factory=list)
     """Metrics logged since the last publish, with their timestamps; re-published idempotently on resume."""
     precision: str = ""
@@ -81,6 +86,18 @@ class TrainState:
         """One optimizer step done, on the global batch read at data position (epoch, offset)."""
         self.step, self.samples_seen = self.step + 1, self.samples_seen + global_batch_size
         self.epoch, self.offset = epoch, offset + global_batch_size
+
+    def skips(self, step: int, epoch: int, start: int, stop: int) -> bool:
+        """Whether the batch of samples [start, stop) of `epoch`, read at global step `step`, is skipped:
+        it holds a sample of a skipped batch (or, from an older checkpoint, its step was skipped)."""
+        kept = {b[0] for b in self.skipped_batches}
+        return (any(e == epoch and s < stop and start < t for _, e, s, t in self.skipped_batches)
+                or any(s == step for s in self.skipped_steps if s not in kept))
+
+    def with_skipped(self, step: int, batch: tuple[int, int, int]) -> dict[str, Any]:
+        """The skip lists with step `step`'s batch added, to load once a rollback has restored an older state."""
+        return {"skipped_steps": sorted(set(self.skipped_steps) | {step}),
+                "skipped_batches": [list(b) for b in sorted({tuple(b) for b in self.skipped_batches} | {(step, *batch)})]}
 
     def start_over(self) -> None:
         """Back to step 0 (a rollback before the first checkpoint)."""

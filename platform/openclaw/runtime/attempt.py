@@ -218,7 +218,7 @@ class Attempt:
         if isinstance(decision, Fail):
             raise NonFiniteLossError(decision.message)
         state, loaded = self.state, None
-        skipped = sorted(set(state.skipped_steps) | {decision.step})
+        skipped = state.with_skipped(decision.step, decision.batch)
         if isinstance(decision, Rollback):
             loaded = restore(self.inputs.run_dir, self.tracker, self.engine, self._check_resumable)
             if loaded:
@@ -228,8 +228,8 @@ class Attempt:
             self.tracker.rollback(state.pending_metrics)
             self.window.restart(state)
             self.precision.restored(loaded["trainer"].get("scaler") if loaded else None)
-        state.skipped_steps = skipped
-        rolled_back = isinstance(decision, Rollback)
+        state.load_state_dict(skipped)
+        rolled_back, skipped = isinstance(decision, Rollback), skipped["skipped_steps"]
         if rolled_back:
             self.precision.after_rollback(decision.step, len(skipped))
         action = "rollback" if rolled_back else "skip"

@@ -25,11 +25,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         positions, epoch, offset = a.sampler.global_batch_at(state.epoch, state.offset)
         vote = a.stops.start(a.saver.writing())  # agreed on by all ranks while the step computes
 
-        # ---- the step (a batch skipped before a rollback stays skipped on the replay)
-        stats = a.train_step(step, positions, epoch, offset) if step not in state.skipped_steps else None
+        # ---- the step (a batch skipped before a rollback stays skipped on the replay, its samples at any world)
+        batch = (epoch, offset, offset + len(positions))
+        stats = None if state.skips(step, *batch) else a.train_step(step, positions, epoch, offset)
         stop, writing = a.stops.finish(vote)
-        if stats is not None and not stats.finite:  # the grad norm is global: every rank decides alike
-            if a.on_nonfinite(nonfinite_decision(cfg.train.on_nonfinite_loss, step, stats.lr)):
+        if stats is not None and not stats.finite:  # the flag is all-reduced: every rank decides alike
+            if a.on_nonfinite(nonfinite_decision(cfg.train.on_nonfinite_loss, step, stats.lr, batch)):
                 continue  # rolled back: carry on from the restored step
         state.advance(epoch, offset, G)
 

@@ -57,6 +57,8 @@ class Fail:
 class Skip:
     """Do not apply the step; train on from the next batch (the batch is recorded as skipped)."""
     step: int
+    batch: tuple[int, int, int]
+    """Its samples: (epoch, start, stop) in that epoch's sample order."""
 
 
 @dataclass(frozen=True)
@@ -64,21 +66,23 @@ class Rollback:
     """Restore the newest valid checkpoint (the initial state before the first) and replay from there,
     skipping this step's batch."""
     step: int
+    batch: tuple[int, int, int]
+    """Its samples: (epoch, start, stop) in that epoch's sample order."""
 
 
 NonFiniteDecision = Fail | Skip | Rollback
 
 
-def nonfinite_decision(policy: str, step: int, lr: float) -> NonFiniteDecision:
-    """`train.on_nonfinite_loss` for a non-finite loss or gradient norm at global step `step`. Every rank
-    decides alike: the grad norm is global."""
+def nonfinite_decision(policy: str, step: int, lr: float, batch: tuple[int, int, int]) -> NonFiniteDecision:
+    """`train.on_nonfinite_loss` for a non-finite loss or gradient norm at global step `step`, on the samples
+    `batch` ((epoch, start, stop) in the epoch's order). Every rank decides alike: the flag is all-reduced."""
     if policy == "fail":
         return Fail(f"non-finite loss or gradient at global step {step} (lr {lr:g}). Lower "
                     f"`train.optimizer.lr`, check the data, or set `train.on_nonfinite_loss` to skip or rollback.")
     if policy == "skip":
-        return Skip(step)
+        return Skip(step, batch)
     if policy == "rollback":
-        return Rollback(step)
+        return Rollback(step, batch)
     raise ValueError(f"unknown non-finite loss policy {policy!r}")
 
 
