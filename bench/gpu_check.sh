@@ -85,7 +85,7 @@ PY
 
 step "micro_batch_size: auto on CUDA: activations counted on fake tensors vs the real run's saved bytes and the allocator's peak (bf16; no checkpointing, then full)" 90 "$PY" - <<'PY'
 import contextlib, torch
-from openclaw.engine.memory import block_activation_bytes, cuda_peak_bytes, fake_tensors, saved_activation_bytes
+from openclaw.engine.memory import cuda_peak_bytes, fake_tensors, part_activation_bytes, saved_activation_bytes
 from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import apply_activation_checkpointing
 from openclaw.engine.tasks import LanguageModeling
@@ -105,7 +105,8 @@ def counted(fake, ac):
             blocks = list(model.blocks.values())
             for b in blocks:
                 b.checkpointed = False
-            got += max(block_activation_bytes(loss, model.parameters(), blocks))
+            by_block, _ = part_activation_bytes(loss, model.parameters(), blocks)
+            got += max(by_block)
             for b in blocks:
                 b.checkpointed = True
     peak = None if fake else cuda_peak_bytes(lambda: loss().backward(), d)
@@ -117,7 +118,7 @@ for ac in ("none", "full"):
 PY
 
 step "the fp8 and precision tests on this machine" 120 "$PY" -m pytest -q -x tests/test_fp8.py tests/test_precision.py -m "not integration"
-step "compile cache across a restart on a fresh node (cold vs warm)" 150 "$PY" bench/compile_restart.py --device cuda --dim 768 --depth 12 --heads 12 --block 1024 --repeats 2
+step "compile cache across a restart on a fresh node (cold vs warm)" 150 "$PY" bench/compile_restart.py --device cuda --dim 768 --depth 12 --heads 12 --block 1024 --repeats 2 --budget-s 140
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision" 90 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3
 step "engine vs bare loop, GPT dim 768 x 12 (the gpu preset), auto precision + compile" 150 "$PY" bench/engine_overhead.py --preset gpu --steps 20 --repeats 3 --compile
 step "engine vs bare loop, GPT 1.01B (the gpu-1b preset, dim 2048 x 20), bf16 + compile; where the time goes below 0.99x or 45% MFU" 240 "$PY" bench/engine_overhead.py --preset gpu-1b --precision bf16 --compile --steps 5 --warmup 2 --repeats 2

@@ -114,3 +114,55 @@ def test_a_side_that_hangs_after_its_result_is_killed_and_its_result_counts():
     with pytest.raises(subprocess.TimeoutExpired):
         run_side(["-c", "import time; time.sleep(600)"], timeout_s=2.0)
     assert run_side(["-c", "print('{\"done\": true}')"]) == {"done": True}  # a side that exits at once
+
+
+def _gpu_check_steps() -> tuple[list[str], list[list[str]]]:
+    """bench/gpu_check.sh's Python heredocs, and its commands that run a bench or pytest (their argv)."""
+    import shlex
+    lines = (REPO / "bench" / "gpu_check.sh").read_text().splitlines()
+    scripts, commands, i = [], [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("step ") and line.endswith("<<'PY'"):
+            end = lines.index("PY", i + 1)
+            scripts.append("\n".join(lines[i + 1:end]))
+            i = end
+        elif line.startswith("step "):
+            argv = shlex.split(line.replace('"$PY"', "PY"))
+            commands.append(argv[argv.index("PY") + 1:])
+        i += 1
+    return scripts, commands
+
+
+def test_the_gpu_check_imports_names_that_exist_and_runs_benches_with_flags_they_take():
+    """The device check runs where no Ray and no second try is at hand: a name it imports that the code no
+    longer has (`block_activation_bytes`, renamed) or a flag a bench does not take lost its step there."""
+    import ast
+    import importlib
+    import os
+    import subprocess
+    scripts, commands = _gpu_check_steps()
+    assert len(scripts) >= 6 and len(commands) >= 5
+    for script in scripts:
+        for node in ast.walk(ast.parse(script)):
+            if isinstance(node, ast.ImportFrom) and node.module.startswith("openclaw"):
+                module = importlib.import_module(node.module)
+                missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                assert not missing, f"gpu_check.sh imports {missing} from {node.module}, which has no such name"
+    parse_only = ("import argparse, runpy, sys\n"
+                  "def parse(self, args=None, namespace=None):\n"
+                  "    parsed(self, args, namespace)\n"
+                  "    raise SystemExit(0)\n"
+                  "parsed = argparse.ArgumentParser.parse_args\n"
+                  "argparse.ArgumentParser.parse_args = parse\n"
+                  "sys.argv = sys.argv[1:]\n"
+                  "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0])\n"
+                  "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    for argv in commands:
+        if argv[:2] == ["-m", "pytest"]:
+            assert all((REPO / a).is_file() for a in argv if a.startswith("tests/")), argv
+            continue
+        assert (REPO / argv[0]).is_file(), argv
+        done = subprocess.run([sys.executable, "-c", parse_only, *argv], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "platform")}, timeout=120)
+        assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr[-800:]}"
