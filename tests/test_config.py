@@ -142,6 +142,20 @@ def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
     assert said == "GET https://***@host/a failed; https://***@host:8/b; http://host:80 for u@x"
 
 
+def test_what_the_driver_hands_the_workers_shows_no_secret_as_text():
+    """Ray Train keeps `train_loop_config` as text in its run records (`RAY_TRAIN_ENABLE_STATE_TRACKING=1`,
+    the dashboard's Train page): it stringifies what is not JSON, and the dataclass's own repr held the
+    driver's credentials, the config's S3 secret and the prepared data's S3 settings."""
+    from openclaw.runtime.inputs import LoopInputs
+    inputs = LoopInputs(config={"data": {"s3": {"secret_access_key": "CFGSECRET"}}}, run_id="r1", run_dir="/runs/a",
+                        data={"train": {"spec": {"s3": {"secret_access_key": "DATASECRET"}}, "shards": []}},
+                        secrets={"AWS_SECRET_ACCESS_KEY": "ENVSECRET"}, tracking=None, control=None, progress=None,
+                        job_start_time=1.0)
+    for text in (str(inputs), repr(inputs), str({"inputs": inputs})):
+        assert not any(s in text for s in ("CFGSECRET", "DATASECRET", "ENVSECRET")), text
+        assert "r1" in text and "/runs/a" in text
+
+
 def test_ray_train_tunables_are_set_for_the_run_only_and_leave_the_users_values_alone(monkeypatch):
     import os
 

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass
+@dataclass(repr=False)
 class LoopInputs:
-    """What the driver hands every worker of every attempt (inside Ray Train's `train_loop_config`)."""
+    """What the driver hands every worker of every attempt (inside Ray Train's `train_loop_config`). Its text
+    form names the run only: Ray Train keeps `train_loop_config` as text in its run records (state
+    tracking, the dashboard), and the config, the data's settings and `secrets` hold credentials."""
     config: dict[str, Any]
     """The resolved config, as plain data (saved in every checkpoint)."""
     run_id: str
@@ -27,3 +29,6 @@ class LoopInputs:
     progress: Any
     """The driver's progress queue."""
     job_start_time: float
+
+    def __repr__(self) -> str:
+        return f"LoopInputs(run_id={self.run_id!r}, run_dir={self.run_dir!r})"
