@@ -32,10 +32,10 @@ install-test: install
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || \
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 
-datasets/digits/stats.json: data/prepare.py | venv
+datasets/digits/stats.json: data/prepare.py | install
 	$(BIN)/python data/prepare.py digits --out datasets/digits
 
-datasets/text/stats.json: data/prepare.py | venv
+datasets/text/stats.json: data/prepare.py | install
 	$(BIN)/python data/prepare.py text --out datasets/text
 
 data: datasets/digits/stats.json datasets/text/stats.json
@@ -58,6 +58,7 @@ bench: install-test
 #   MLFLOW_HOST=0.0.0.0 MLFLOW_ALLOWED_HOSTS=mlflow.internal:5000 make mlflow-server
 # (PostgreSQL needs `pip install psycopg2-binary`; S3 needs boto3.) Put TLS in front of it.
 mlflow-server: install
+	$(BIN)/python -m pip install -q -e ".[server]"
 	PYTHON=$(BIN)/python deploy/mlflow-server.sh
 
 clean:

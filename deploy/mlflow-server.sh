@@ -12,13 +12,17 @@
 #
 # Settings (environment): MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_ALLOWED_HOSTS
 # (localhost:*,127.0.0.1:*), MLFLOW_ARTIFACTS (a folder or s3://...), MLFLOW_SERVER_HOME
-# ($OPENCLAW_HOME/mlflow-server, i.e. ~/openclaw/mlflow-server). Clients: MLFLOW_TRACKING_USERNAME=admin and
+# ($OPENCLAW_HOME/mlflow-server, i.e. ~/openclaw/mlflow-server), PYTHON (python3: one with `mlflow[auth]`,
+# as `make mlflow-server` installs). Clients: MLFLOW_TRACKING_USERNAME=admin and
 # MLFLOW_TRACKING_PASSWORD="$(cat $MLFLOW_SERVER_HOME/admin-password)" (or a user the admin created).
 set -euo pipefail
 umask 077
 SERVER_HOME="${MLFLOW_SERVER_HOME:-${OPENCLAW_HOME:-$HOME/openclaw}/mlflow-server}"
 mkdir -p "$SERVER_HOME"
 chmod 700 "$SERVER_HOME"
+# Its default is inside ~/openclaw, which may be the project folder that `ray job submit --working-dir .`
+# uploads and a cluster's nodes copy: git and Ray leave out whatever a .gitignore ignores.
+[ -e "$SERVER_HOME/.gitignore" ] || echo '*' > "$SERVER_HOME/.gitignore"
 PY="${PYTHON:-python3}"
 
 secret_file() {  # a random secret, made once, readable by its owner only
@@ -47,7 +51,7 @@ export MLFLOW_AUTH_ADMIN_PASSWORD="$(secret_file "$SERVER_HOME/admin-password")"
 export MLFLOW_FLASK_SERVER_SECRET_KEY="$(secret_file "$SERVER_HOME/flask-secret-key")"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 echo "mlflow-server: basic-auth on http://${MLFLOW_HOST:-127.0.0.1}:${MLFLOW_PORT:-5000}; user admin, password in $SERVER_HOME/admin-password (0600)" >&2
-exec "$(dirname "$PY")/mlflow" server --app-name basic-auth \
+exec "$PY" -m mlflow server --app-name basic-auth \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
   --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost:*,127.0.0.1:*}" \
   --artifacts-destination "${MLFLOW_ARTIFACTS:-$SERVER_HOME/artifacts}" --workers 1

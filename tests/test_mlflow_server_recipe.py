@@ -41,9 +41,10 @@ def test_the_recipe_serves_basic_auth_with_a_private_password_and_no_secret_in_a
     db_secret = "postgres-password-in-the-uri"
     (tmp_path / "db-uri").write_text(f"sqlite:///{tmp_path / 'mlflow.db'}?note={db_secret}")
     env = {**os.environ, "OPENCLAW_HOME": str(tmp_path / "home"), "MLFLOW_PORT": str(port),
-           "MLFLOW_BACKEND_STORE_URI_FILE": str(tmp_path / "db-uri"), "PYTHON": str(BIN / "python"),
+           "MLFLOW_BACKEND_STORE_URI_FILE": str(tmp_path / "db-uri"),
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_BACKEND_STORE_URI", None)
+    env.pop("PYTHON", None)  # run as a user runs it: `python3` from PATH (it ran `./mlflow` then)
     proc = subprocess.Popen([str(REPO / "deploy" / "mlflow-server.sh")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
@@ -56,6 +57,8 @@ def test_the_recipe_serves_basic_auth_with_a_private_password_and_no_secret_in_a
         password = secret.read_text().strip()
         assert oct(secret.stat().st_mode & 0o777) == "0o600" and len(password) >= 32
         assert oct((secret.parent).stat().st_mode & 0o777) == "0o700"
+        # its folder defaults into ~/openclaw, the project that `ray job submit --working-dir .` uploads
+        assert (secret.parent / ".gitignore").read_text().split() == ["*"]
         assert _get(url) == 401  # anonymous: refused
         assert _get(url, ("admin", "not-the-password")) == 401
         assert _get(url, ("admin", password)) == 200
