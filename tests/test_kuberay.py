@@ -76,7 +76,13 @@ def test_what_openclaw_relies_on(name):
     for c in containers:
         assert c["image"].split(":")[1].startswith(PINNED_RAY + "."), c["image"]
         assert {"secretRef": {"name": "openclaw-env"}} in c["envFrom"]
-        assert not c.get("env"), "settings come from the Secret, not from the manifest"
+        assert {e["name"] for e in c.get("env", [])} <= {"RAY_JOB_STOP_WAIT_TIME_S"}, \
+            "settings come from the Secret, not from the manifest"
+    # the head's job server SIGKILLs a stopped job 3 s after its SIGTERM by default: too soon for a checkpoint
+    head_env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    assert float(head_env.get("RAY_JOB_STOP_WAIT_TIME_S", 3)) >= 60
+    # worker groups between min and max replicas: the autoscaler must be on, or the replicas stay as set
+    assert cluster.get("enableInTreeAutoscaling") is True
     assert any(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in containers)
     base = re.search(r"^FROM rayproject/ray:(\S+)$", (KUBERAY / "Dockerfile").read_text(), re.M).group(1)
     assert base.startswith(PINNED_RAY + ".") and all(c["image"].split(":")[1] == base for c in containers)
