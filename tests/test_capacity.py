@@ -37,6 +37,19 @@ def test_shortfall_says_what_is_missing_and_which_key_to_change():
     assert "hold 2 such worker(s)" in few and "Lower `scaling.min_workers` or `scaling.resources_per_worker`" in few
 
 
+def test_on_a_cluster_that_may_add_gpu_nodes_gpus_are_not_talked_out_of():
+    """A cluster's GPU nodes may start at zero (cluster.yaml, the KubeRay manifests): the note told a
+    `use_gpu: true` run to set `auto` or `false`, which trains on CPUs there; and `auto` itself found no GPU
+    on such a cluster and trained on its CPUs without a word."""
+    from openclaw.launch.capacity import auto_gpu_note
+    waiting = shortfall({"CPU": 1, "GPU": 1}, 2, [CPU_NODE], may_grow=True)
+    assert "no node has a GPU yet" in waiting and "`auto`" not in waiting and "`false`" in waiting
+    assert "`scaling.use_gpu: true`" in auto_gpu_note("auto", found_gpu=False, may_grow=True)
+    assert auto_gpu_note("auto", found_gpu=True, may_grow=True) is None
+    assert auto_gpu_note("auto", found_gpu=False, may_grow=False) is None  # openclaw's own local instance
+    assert auto_gpu_note(False, found_gpu=False, may_grow=True) is None
+
+
 def _config(tmp_path, digits_dir, **over):
     from conftest import digits_config
     return digits_config(digits_dir, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", **over)

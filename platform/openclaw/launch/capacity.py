@@ -25,9 +25,10 @@ def workers_that_fit(per_worker: Mapping[str, float], nodes: Sequence[Mapping[st
 
 
 def shortfall(per_worker: Mapping[str, float], min_workers: int,
-              nodes: Sequence[Mapping[str, float]]) -> str | None:
+              nodes: Sequence[Mapping[str, float]], may_grow: bool = False) -> str | None:
     """None where `nodes` hold `min_workers` workers of `per_worker`; else a sentence that says what each
-    worker asks for, how many the nodes hold, and which setting to change."""
+    worker asks for, how many the nodes hold, and which setting to change. `may_grow`: a cluster, where
+    an autoscaler may add the nodes (GPU nodes that start at zero): GPUs are not talked out of there."""
     fit = workers_that_fit(per_worker, nodes)
     if fit >= min_workers:
         return None
@@ -36,6 +37,9 @@ def shortfall(per_worker: Mapping[str, float], min_workers: int,
     has = ", ".join(f"{r}: {_amount(sum(n.get(r, 0.0) for n in nodes))}" for r in asks)
     said = (f"`scaling.min_workers` is {min_workers}, each worker asking for {_resources(asks)}, and the "
             f"{len(nodes)} node(s) of this Ray instance hold {fit} such worker(s) (they have {has} in all)")
+    if "GPU" in absent and may_grow:
+        return said + ("; no node has a GPU yet. An autoscaler that adds GPU nodes on demand starts one now; "
+                       "on a cluster that has none, set `scaling.use_gpu` to `false`.")
     if "GPU" in absent:
         return said + ("; no node has a GPU. Set `scaling.use_gpu` to `auto` (GPUs only where the cluster "
                        "has them) or `false`, and leave GPU out of `scaling.resources_per_worker`.")
@@ -51,3 +55,12 @@ def _resources(resources: Mapping[str, float]) -> str:
 
 def _amount(value: float) -> str:
     return f"{value:g}"
+
+
+def auto_gpu_note(setting: bool | str, found_gpu: bool, may_grow: bool) -> str | None:
+    """What to say when `scaling.use_gpu: auto` finds no GPU on a cluster (`may_grow`): it means "GPUs if
+    the cluster has one now", so a cluster whose GPU nodes start at zero would train on CPUs."""
+    if setting != "auto" or found_gpu or not may_grow:
+        return None
+    return ("`scaling.use_gpu: auto` found no GPU on this cluster now, so the workers train on CPUs. Where an "
+            "autoscaler adds GPU nodes on demand (they start at zero), set `scaling.use_gpu: true`.")

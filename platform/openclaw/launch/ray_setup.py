@@ -18,7 +18,7 @@ from openclaw import constants
 from openclaw.config import FP8_ON_CPU, Config
 from openclaw.data.filesystems import ray_storage
 from openclaw.errors import ConfigError
-from openclaw.launch.capacity import shortfall
+from openclaw.launch.capacity import auto_gpu_note, shortfall
 from openclaw.runtime.controller_callbacks import FailureBudget, PreemptionNotices, ReportStartFailures, SettleLostNodes
 from openclaw.runtime.entry import train_loop
 from openclaw.runtime.ray_private import (DatasetsCallback, ElasticScalingPolicy, PlacementGroupCleanerCallback,
@@ -62,9 +62,12 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
 def check_capacity(config: Config, started_here: bool) -> None:
     """Whether the nodes can hold `scaling.min_workers` workers (`launch.capacity`): on an instance that
     `connect_ray` started here a ConfigError, on a cluster a note (nodes may join, and Ray Train waits)."""
-    _, per_worker = worker_resources(config)
+    use_gpu, per_worker = worker_resources(config)
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    missing = shortfall(per_worker, config.scaling.min_workers, nodes)
+    note = auto_gpu_note(config.scaling.use_gpu, use_gpu, may_grow=not started_here)
+    if note:
+        print(f"openclaw: note: {note}", flush=True)
+    missing = shortfall(per_worker, config.scaling.min_workers, nodes, may_grow=not started_here)
     if missing is None:
         return
     if started_here:
