@@ -182,3 +182,17 @@ def test_shards_that_do_not_load_say_why_on_each_rank(tmp_path):
     with pytest.raises(CheckpointError, match=r"could not be loaded: rank 0: RuntimeError: Missing key in checkpoint "
                                               r"state_dict: model\.v"):
         load_shards({"model.v": torch.zeros(3)}, tmp_path)
+
+
+@pytest.mark.parametrize("step", ["20", 20.0, None])
+def test_checkpoint_list_orders_a_manifest_whose_step_is_no_whole_number_as_a_resume_does(tmp_path, step):
+    """A resume reads such a step as -1 (after every good checkpoint); the list sorted on the raw value:
+    `20.0` was marked where a resume starts, and `"20"` crashed the sort (str < int)."""
+    import json
+
+    from openclaw.launch.checkpoint_list import list_checkpoints
+    for name, s in (("checkpoint_a", 10), ("checkpoint_b", step)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"step": s, "files": {}}))
+    got = list_checkpoints(str(tmp_path), quick=True)
+    assert [c.name for c in got] == ["checkpoint_a", "checkpoint_b"] and got[0].problem is None

@@ -65,6 +65,12 @@ def save_small(directory: Path, *, trainer: dict, state: dict, config: dict) -> 
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def ordering_step(step: object) -> int:
+    """The step a resume orders a checkpoint by: its manifest's, or -1 (after every other) where that is
+    no whole number."""
+    return step if isinstance(step, int) else -1
+
+
 def write_manifest(directory: str | os.PathLike, step: int | None, fmt: str, files: dict[str, dict]) -> None:
     """Last, and atomically: the manifest appears only once everything it lists is on disk."""
     d = Path(directory)

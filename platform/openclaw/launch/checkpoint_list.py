@@ -54,7 +54,7 @@ def list_checkpoints(run_dir: str, quick: bool = False) -> list[Listed]:
                           (f" It holds the runs {', '.join(runs)}: pass one of them." if runs else ""))
     checked = [_check(fs, f"{root.rstrip('/')}/{name}", name, quick) for name in names]
     # newest first as a resume walks them (`runtime.checkpoint_store.listed`): by step, then by name
-    return sorted(checked, key=lambda c: (c.step is not None, c.step or 0, c.name), reverse=True)
+    return sorted(checked, key=lambda c: (c.step is not None, ckpt_io.ordering_step(c.step), c.name), reverse=True)
 
 
 def is_one_checkpoint(uri: str) -> bool:

@@ -52,7 +52,7 @@ def _manifest_step(fs: pafs.FileSystem, folder: str) -> int | None:
             step = json.loads(f.read()).get("step")
     except (OSError, ValueError, AttributeError):  # not written in full, or not a manifest
         return None
-    return step if isinstance(step, int) else -1
+    return ckpt_io.ordering_step(step)
 
 
 def newest_finished_file(run_dir: str, name: str) -> tuple[str, bytes] | None:
