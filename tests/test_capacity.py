@@ -37,6 +37,19 @@ def test_shortfall_says_what_is_missing_and_which_key_to_change():
     assert "hold 2 such worker(s)" in few and "Lower `scaling.min_workers` or `scaling.resources_per_worker`" in few
 
 
+def test_address_local_is_a_local_instance_not_a_cluster(monkeypatch):
+    """`--address local` (or RAY_ADDRESS=local) was taken for a cluster: the capacity check only noted a
+    group no node could hold (and the run waited for ever), and Ray Data got no spare CPUs."""
+    from openclaw.launch.ray_setup import cluster_address
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address("local") is None and cluster_address(None) is None
+    assert cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert cluster_address(None) == "auto" and cluster_address("ray://h:10001") == "ray://h:10001"
+
+
 def test_on_a_cluster_that_may_add_gpu_nodes_gpus_are_not_talked_out_of():
     """A cluster's GPU nodes may start at zero (cluster.yaml, the KubeRay manifests): the note told a
     `use_gpu: true` run to set `auto` or `false`, which trains on CPUs there; and `auto` itself found no GPU

@@ -40,7 +40,7 @@ def connect_ray(address: str | None, verbose: bool, config: Config | None = None
         return False
     if not verbose:  # "Token authentication is enabled..." on every start: expected, not news
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                                   configure_logging=True, runtime_env=_runtime_env())
     # Ray's core worker installs its own SIGTERM handler in the driver (it dumps a stack and aborts): the
@@ -84,6 +84,13 @@ def worker_resources(config: Config) -> tuple[bool, dict[str, float]]:
     if use_gpu:
         resources.setdefault("GPU", 1)
     return use_gpu, resources
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else $RAY_ADDRESS; None for a local instance (unset, or `local`,
+    which is no cluster: no node joins it, and its workers need Ray Data's spare CPUs)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return None if not address or address.strip().lower() == "local" else address
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
