@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 
 DEFAULT_MLFLOW_DB = "mlflow.db"
@@ -59,6 +60,21 @@ runtime env. On a cluster, prefer each node's own environment or an instance rol
 def forwarded_env() -> dict[str, str]:
     """What goes into the runtime env of openclaw's Ray processes (no credential)."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_VARS}
+
+
+SECRET_WORDS = ("token", "password", "passwd", "pwd", "passphrase", "secret", "credential", "credentials",
+                "key", "apikey", "auth", "authorization", "dsn")
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+
+
+def is_secret_key(key: str) -> bool:
+    """A key that looks like it holds a secret: its last segment names a token, password, secret, key or
+    credentials (`api_key`, `apiKey`, `aws_secret_access_key`, `secretAccessKey`, `hf_token`, `key`,
+    `auth`, `dsn`, `connection_string`), split on `.`, `_`, `-` and camelCase."""
+    last = _CAMEL.sub(r"\1_\2", key.rsplit(".", 1)[-1]).lower().replace("-", "_")
+    words = last.split("_")
+    return "connection_string" in last or any(
+        w in SECRET_WORDS or w.endswith(("token", "password", "secret")) or w.startswith("credential") for w in words)
 
 
 def secret_env() -> dict[str, str]:

@@ -7,22 +7,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from openclaw.constants import secret_env
+from openclaw.constants import is_secret_key, secret_env
 
-SECRET_WORDS = ("token", "password", "passwd", "pwd", "passphrase", "secret", "credential", "credentials",
-                "key", "apikey", "auth", "authorization", "dsn")
 REDACTED = "***"
-_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
-
-
-def is_secret_key(key: str) -> bool:
-    """A key that looks like it holds a secret: its last segment names a token, password, secret, key or
-    credentials (`api_key`, `apiKey`, `aws_secret_access_key`, `secretAccessKey`, `hf_token`, `key`,
-    `auth`, `dsn`, `connection_string`), split on `.`, `_`, `-` and camelCase."""
-    last = _CAMEL.sub(r"\1_\2", key.rsplit(".", 1)[-1]).lower().replace("-", "_")
-    words = last.split("_")
-    return "connection_string" in last or any(
-        w in SECRET_WORDS or w.endswith(("token", "password", "secret")) or w.startswith("credential") for w in words)
 
 
 def redacted(tree: Any) -> Any:
