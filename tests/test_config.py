@@ -142,6 +142,20 @@ def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
     assert said == "GET https://***@host/a failed; https://***@host:8/b; http://host:80 for u@x"
 
 
+def test_a_bad_value_of_a_secret_key_is_not_printed_in_the_error(tmp_path):
+    """The error quoted the value it refused (`got ...`): an all-digit MinIO secret, read by YAML as a
+    number, was printed whole."""
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    for over in ({"data.s3.secret_access_key": 12345678901234567890}, {"data.s3.secret_access_key": ["pw1", "pw2"]}):
+        with pytest.raises(ConfigError) as e:
+            load_config(REPO / "jobs/configs/digits.yaml", over)
+        said = str(e.value)
+        assert "data.s3.secret_access_key" in said and "1234567890" not in said and "pw1" not in said, said
+    with pytest.raises(ConfigError, match=r"got 'x'"):  # other keys still show what was given
+        load_config(REPO / "jobs/configs/digits.yaml", {"train.max_steps": "x"})
+
+
 def test_what_the_driver_hands_the_workers_shows_no_secret_as_text():
     """Ray Train keeps `train_loop_config` as text in its run records (`RAY_TRAIN_ENABLE_STATE_TRACKING=1`,
     the dashboard's Train page): it stringifies what is not JSON, and the dataclass's own repr held the

@@ -7,6 +7,8 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from openclaw.constants import is_secret_key
+
 
 def explain(error: ValidationError, root: type[BaseModel], source: str, overridden: tuple[str, ...] = ()) -> str:
     """One paragraph naming each bad key of a config validated against `root`, and what it allows."""
@@ -24,15 +26,20 @@ def explain(error: ValidationError, root: type[BaseModel], source: str, overridd
         elif err["type"] == "missing":
             line = f"missing required key `{key}`"
         elif err["type"] == "union":
-            line = f"`{key}` {err['msg']} (got {err['input']!r})"
+            line = f"`{key}` {err['msg']}{_given(key, err['input'])}"
         else:
             msg = err["msg"].removeprefix("Value error, ").rstrip(".")
             given = err.get("input")
-            shown = "" if isinstance(given, dict) or "`" in msg else f" (got {given!r})"
+            shown = "" if isinstance(given, dict) or "`" in msg else _given(key, given)
             line = msg + shown if not loc or msg.startswith(f"`{key}") else f"`{key}`: {msg}{shown}"
         by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
         lines.append(line + (" (set by an override)" if by_override else ""))
     return f"Invalid config in {source}: " + "; ".join(lines) + "."
+
+
+def _given(key: str, value: Any) -> str:
+    """What a bad value was, to show beside its error; not the value of a secret-looking key."""
+    return " (the value is not shown: the key holds a secret)" if is_secret_key(key) else f" (got {value!r})"
 
 
 def _located(error: ValidationError, root: type[BaseModel]) -> list[tuple[list[str], dict]]:
