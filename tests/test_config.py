@@ -142,6 +142,32 @@ def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
     assert said == "GET https://***@host/a failed; https://***@host:8/b; http://host:80 for u@x"
 
 
+def test_overrides_apply_in_the_order_given_and_a_mapping_merges_into_its_section():
+    """A repeated key kept its first place in a dict, so `train={log_every: 5}` given between two
+    `train.max_steps` wiped the later one (100, the default); and a mapping replaced its whole section,
+    so `{"train": {"max_steps": 7}}` set the file's `lr` back to the default without a word."""
+    from openclaw.config import load_config
+    got = load_config(DIGITS, ["train.max_steps=5", "train={log_every: 5}", "train.max_steps=7"])
+    file = load_config(DIGITS)
+    assert (got.train.max_steps, got.train.log_every) == (7, 5)
+    assert got.train.optimizer.lr == file.train.optimizer.lr  # the file's, kept
+    merged = load_config(DIGITS, {"train": {"max_steps": 7}})
+    assert merged.train.max_steps == 7 and merged.train.optimizer.lr == file.train.optimizer.lr
+
+
+def test_the_sdk_applies_overrides_to_a_loaded_config_and_a_path_with_a_base_is_refused():
+    """`openclaw.train(cfg, overrides=[...])` with a loaded `Config` dropped the overrides silently, and
+    `load_config(path, base=...)` ignored `base`."""
+    from openclaw.config import Config, load_config, with_overrides
+    from openclaw.errors import ConfigError
+    cfg = load_config(DIGITS)
+    got = with_overrides(cfg, ["train.max_steps=7"])
+    assert isinstance(got, Config) and got.train.max_steps == 7 and got.data == cfg.data
+    assert with_overrides(cfg, None) is cfg
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(DIGITS, base=cfg.resolved())
+
+
 def test_a_bad_value_of_a_secret_key_is_not_printed_in_the_error(tmp_path):
     """The error quoted the value it refused (`got ...`): an all-digit MinIO secret, read by YAML as a
     number, was printed whole."""

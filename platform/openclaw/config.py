@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from openclaw.config_files import parse_overrides, read_yaml, set_dotted
-from openclaw.config_tree import explain
+from openclaw.config_tree import explain, is_section
 from openclaw.data.config import DataConfig
 from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: F401
 from openclaw.engine.parallel.config import ParallelismConfig, common_sizes
@@ -222,13 +222,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
                 *, base: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or start from a copy of `base`), apply ``dotted.key=value`` overrides, and
     validate it into a `Config`."""
-    raw: dict[str, Any] = copy.deepcopy(base or {})
-    if path is not None:
-        raw = read_yaml(Path(path))
+    if path is not None and base is not None:
+        raise ConfigError("load_config takes a config file or a `base` to start from, not both.")
+    raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else copy.deepcopy(base or {})
     parsed = parse_overrides(overrides)
-    for key, value in parsed.items():
-        set_dotted(raw, key, value)
-    return validate(raw, source=str(path) if path else "config", overridden=tuple(parsed))
+    for key, value in parsed:  # a mapping given for a section merges into it; for a value, replaces it
+        set_dotted(raw, key, value, merge=is_section(Config, key.split(".")))
+    return validate(raw, source=str(path) if path else "config", overridden=tuple(k for k, _ in parsed))
+
+
+def with_overrides(config: Config, overrides: list[str] | dict[str, Any] | None) -> Config:
+    """A loaded config with `overrides` applied and validated again (itself where there are none)."""
+    return config if not overrides else load_config(None, overrides, base=config.resolved())
 
 
 def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> Config:

@@ -50,29 +50,31 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """(dotted key, value) in the order given: a key given twice is set twice, the later last."""
     if not overrides:
-        return {}
+        return []
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of 'dotted.key=value' strings or a dict, not one string: "
                           f"pass [{overrides!r}].")
     if isinstance(overrides, dict):
-        return dict(overrides)
-    parsed = {}
+        return list(overrides.items())
+    parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"Override {item!r} is not of the form dotted.key=value, e.g. --set train.max_steps=200.")
         try:
-            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else None
+            parsed.append((key.strip(), yaml.safe_load(text) if text.strip() else None))
         except yaml.YAMLError:
-            parsed[key.strip()] = text
+            parsed.append((key.strip(), text))
     return parsed
 
 
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any, merge: bool = False) -> None:
     """Set `key` (dotted) in `raw`. A mapping keyed by dotted names (a sweep's `space`) takes the rest of
-    the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`."""
+    the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`. `merge` (the key is a
+    config section): a mapping merges into it (`train={log_every: 5}` keeps the section's other keys)."""
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -83,4 +85,11 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         if any(isinstance(k, str) and "." in k for k in node):
             node[".".join(parts[i + 1:])] = value
             return
-    node[parts[-1]] = value
+    node[parts[-1]] = _merged(node.get(parts[-1]), value) if merge else value
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """`new` over `old`: mappings key by key, anything else replaced."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}

@@ -3,7 +3,7 @@ keys, and a validation error explained key by key (driver, and each Tune trial).
 from __future__ import annotations
 
 import difflib
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -90,6 +90,19 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
     """The section class a field holds (also through `X | None`), or None for a plain value."""
     ann = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def is_section(root: type[BaseModel], loc: list[str]) -> bool:
+    """Whether `loc` names a section of `root` (a model, or a model or a value), not a value that is a
+    mapping (`model.kwargs`, `sweep.space` and its dimensions)."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        annotation = getattr(field, "annotation", None)
+        if get_origin(annotation) in (dict, list, tuple):
+            return False
+        model = section_model(annotation)
+    return model is not None and bool(loc)
 
 
 def section_fields(root: type[BaseModel], loc: list[str]) -> list[tuple[str, Any]]:

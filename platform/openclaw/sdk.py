@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from openclaw.config import Config, load_config
+from openclaw.config import Config, load_config, with_overrides
 from openclaw.constants import default_tracking_uri
 from openclaw.data.filesystems import local_copy
 from openclaw.engine.model_io import load_model_dir, load_model_file
@@ -26,8 +26,7 @@ from openclaw.tracking.writer import read_events
 def train(config: Config | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
           verbose: bool = False) -> TrainResult:
     """Train to the end. Returns a `TrainResult` with `run_id`, `checkpoint` and final `metrics`."""
-    if not isinstance(config, Config):
-        config = load_config(config, overrides)
+    config = with_overrides(config, overrides) if isinstance(config, Config) else load_config(config, overrides)
     return _train(config, address=address, verbose=verbose)
 
 
@@ -35,8 +34,7 @@ def sweep(config: Config | str | os.PathLike, *, overrides: list[str] | None = N
           address: str | None = None, verbose: bool = False) -> SweepResult:
     """Run the config's `sweep:` (or continue it, with `resume`). Returns a `SweepResult`: the parent run
     id, the best trial (its run, metric and params) and every trial's outcome."""
-    if not isinstance(config, Config):
-        config = load_config(config, overrides)
+    config = with_overrides(config, overrides) if isinstance(config, Config) else load_config(config, overrides)
     return _sweep(config, resume=resume, address=address, verbose=verbose)
 
 
