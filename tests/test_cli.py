@@ -424,3 +424,34 @@ def test_checkpoint_commands_take_file_uris_and_refuse_a_run_folder_uri_before_c
     assert spaced.returncode == 2 and "cannot read s3://bkt/a run/checkpoint_x" in spaced.stderr, spaced.stderr
     from openclaw.launch.checkpoint_list import is_one_checkpoint
     assert is_one_checkpoint(f"file://{made['ok3']}") and not is_one_checkpoint(str(tmp_path / "runs" / "job"))
+
+
+def test_more_bad_input_exits_2_naming_what_to_fix(tmp_path):
+    """Each of these left the CLI with exit 1: a config file that is not UTF-8, a bad OPENCLAW_*_S setting
+    (a traceback), a spool file that is a folder, not JSON lines of ops, or empty (it also said it was
+    renamed), and a folder without a manifest given to `checkpoint consolidate`."""
+    def cli(*args, env=None):
+        return subprocess.run([sys.executable, "-m", "openclaw.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **(env or {})})
+
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "list.jsonl").write_text("[]\n")
+    (tmp_path / "nop.jsonl").write_text("{}\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "not-a-checkpoint").mkdir()
+    runs = {
+        "not utf-8": (cli("train", binary), f"{binary} is not UTF-8 text"),
+        "bad setting": (cli("config", "--defaults", env={"OPENCLAW_STOP_GRACE_S": "abc"}),
+                        "OPENCLAW_STOP_GRACE_S must be a number of seconds, not 'abc'"),
+        "spool folder": (cli("sync-spool", tmp_path / "folder.jsonl"), "cannot read spool file"),
+        "spool list": (cli("sync-spool", tmp_path / "list.jsonl"), "is not an openclaw spool file"),
+        "spool no op": (cli("sync-spool", tmp_path / "nop.jsonl"), "is not an openclaw spool file"),
+        "spool empty": (cli("sync-spool", tmp_path / "empty.jsonl"), "holds no tracking update"),
+        "no manifest": (cli("checkpoint", "consolidate", tmp_path / "not-a-checkpoint", "--out", tmp_path / "m.pt"),
+                        "is not one checkpoint (it has no manifest.json)"),
+    }
+    for name, (r, said) in runs.items():
+        assert r.returncode == 2 and "Traceback" not in r.stderr and said in r.stderr, (name, r.returncode, r.stderr)
+    assert (tmp_path / "empty.jsonl").exists() and not (tmp_path / "m.pt").exists()

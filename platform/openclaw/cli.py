@@ -36,11 +36,10 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if "://" not in args.checkpoint and not os.path.isdir(args.checkpoint):
         raise ConfigError(f"there is no checkpoint folder at {args.checkpoint}. Pass a run's checkpoint_* folder "
                           f"(the run prints its final one) or its URI.")
-    if "://" in args.checkpoint:  # one checkpoint, before copying it (a run's folder held every checkpoint)
-        from openclaw.launch.checkpoint_list import is_one_checkpoint
-        if not is_one_checkpoint(args.checkpoint):
-            raise ConfigError(f"{args.checkpoint} is not one checkpoint (it has no manifest.json): pass one of a run's "
-                              f"checkpoint_* folders (`openclaw checkpoint list RUN_FOLDER` lists them).")
+    from openclaw.launch.checkpoint_list import is_one_checkpoint
+    if not is_one_checkpoint(args.checkpoint):  # before copying it (a run's folder held every checkpoint)
+        raise ConfigError(f"{args.checkpoint} is not one checkpoint (it has no manifest.json): pass one of a run's "
+                          f"checkpoint_* folders (`openclaw checkpoint list RUN_FOLDER` lists them).")
     with local_copy(args.checkpoint) as d:
         out = consolidate(d, args.out, trust_code=args.trust_code)
     print(f"openclaw: wrote the whole model of {args.checkpoint} to {out} ({out.stat().st_size:,} bytes)")
@@ -79,8 +78,10 @@ def cmd_sync_spool(args: argparse.Namespace) -> int:
                           f"register its model and record its events again.")
     try:
         n = sync_spool(args.spool, args.tracking_uri, trust_code=args.trust_code)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read spool file {args.spool}: {e}") from None
+    if not n:
+        raise ConfigError(f"{args.spool} holds no tracking update: nothing was uploaded, and it is left as it is.")
     print(f"openclaw: uploaded {n} tracking update(s) from {args.spool}; it is kept as {args.spool + SYNCED}, which "
           f"you may delete.")
     return 0
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     again = ("with --resume to go on: finished trials are kept, unfinished ones resume from their checkpoints"
              if args.command == "sweep" else "again to go on: it resumes from the run's newest checkpoint, or "
              "starts over if it wrote none")
-    exit_when_stuck(stop_grace_s(), f"Run the same command {again}.")  # whatever its clean-up does
     try:
+        exit_when_stuck(stop_grace_s(), f"Run the same command {again}.")  # whatever its clean-up does
         commands = {"train": cmd_train, "sweep": cmd_sweep, "sync-spool": cmd_sync_spool, "config": cmd_config,
                     "checkpoint": cmd_checkpoint, "export": cmd_export, "advise": cmd_advise}
         return commands[args.command](args)

@@ -36,7 +36,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} does not exist. Pass the path of a YAML file, "
                           f"for example jobs/configs/digits.yaml.")
     try:
-        raw = yaml.load(path.read_text(), Loader=_NoDuplicateKeys)  # noqa: S506 - a SafeLoader
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML.") from None
+    except OSError as e:
+        raise ConfigError(f"Config file {path} cannot be read: {e.strerror or e}.") from None
+    try:
+        raw = yaml.load(text, Loader=_NoDuplicateKeys)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

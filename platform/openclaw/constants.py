@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Iterator
 
+from openclaw.errors import ConfigError
+
 DEFAULT_MLFLOW_DB = "mlflow.db"
 """MLflow's sqlite store, in the job's home folder (`job_home`), when no tracking URI is configured."""
 
@@ -75,6 +77,18 @@ def is_secret_key(key: str) -> bool:
     words = last.split("_")
     return "connection_string" in last or any(
         w in SECRET_WORDS or w.endswith(("token", "password", "secret")) or w.startswith("credential") for w in words)
+
+
+def seconds_setting(name: str, default: float) -> float:
+    """An `OPENCLAW_*_S` environment setting: a number of seconds (`default` where unset)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {text!r}: fix it or unset it "
+                          f"(default {default:g}).") from None
 
 
 def secret_env() -> dict[str, str]:
@@ -157,7 +171,7 @@ DEFAULT_NODE_WATCH_INTERVAL_S = 0.5
 
 
 def node_watch_interval_s() -> float:
-    return float(os.environ.get(NODE_WATCH_INTERVAL_S_ENV_VAR, DEFAULT_NODE_WATCH_INTERVAL_S))
+    return seconds_setting(NODE_WATCH_INTERVAL_S_ENV_VAR, DEFAULT_NODE_WATCH_INTERVAL_S)
 
 
 NODE_DEATH_WAIT_S_ENV_VAR = "OPENCLAW_NODE_DEATH_WAIT_S"
@@ -166,7 +180,7 @@ DEFAULT_NODE_DEATH_WAIT_S = 30.0
 
 
 def node_death_wait_s() -> float:
-    return float(os.environ.get(NODE_DEATH_WAIT_S_ENV_VAR, DEFAULT_NODE_DEATH_WAIT_S))
+    return seconds_setting(NODE_DEATH_WAIT_S_ENV_VAR, DEFAULT_NODE_DEATH_WAIT_S)
 
 
 CHECKPOINT_BEFORE_GROW_S_ENV_VAR = "OPENCLAW_CHECKPOINT_BEFORE_GROW_S"
@@ -175,7 +189,7 @@ DEFAULT_CHECKPOINT_BEFORE_GROW_S = 30.0
 
 
 def checkpoint_before_grow_s() -> float:
-    return float(os.environ.get(CHECKPOINT_BEFORE_GROW_S_ENV_VAR, DEFAULT_CHECKPOINT_BEFORE_GROW_S))
+    return seconds_setting(CHECKPOINT_BEFORE_GROW_S_ENV_VAR, DEFAULT_CHECKPOINT_BEFORE_GROW_S)
 
 
 STOP_GRACE_S_ENV_VAR = "OPENCLAW_STOP_GRACE_S"
@@ -185,4 +199,4 @@ longest wait for the driver's clean-up (closing the MLflow run, Ray's shutdown) 
 
 
 def stop_grace_s() -> float:
-    return float(os.environ.get(STOP_GRACE_S_ENV_VAR, DEFAULT_STOP_GRACE_S))
+    return seconds_setting(STOP_GRACE_S_ENV_VAR, DEFAULT_STOP_GRACE_S)

@@ -32,7 +32,8 @@ def read_spool(path: str) -> tuple[tuple[str, str], list[dict[str, Any]]]:
         ops = [json.loads(line) for line in f if line.strip()]
     if not ops:
         return ("", ""), []
-    if ops[0]["op"] != "run":
-        raise ValueError(f"{path} is not an openclaw spool file (it must start with a 'run' line)")
+    if not all(isinstance(op, dict) and "op" in op and isinstance(op.get("args"), list) for op in ops) \
+            or ops[0]["op"] != "run":
+        raise ValueError(f"{path} is not an openclaw spool file (JSON lines of ops, the first a 'run' line)")
     uri, run_id = ops[0]["args"][:2]
     return (uri, run_id), ops[1:]
