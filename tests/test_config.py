@@ -366,6 +366,17 @@ def test_a_key_written_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
         load_config(path)
 
 
+def test_yaml_merge_keys_load_and_keys_they_bring_in_may_be_overridden_there(tmp_path):
+    """`<<: *defaults` (a YAML merge key) was refused as "not valid YAML": the duplicate-key check built
+    each key before PyYAML expanded the merge. A key the merge brings in and the mapping sets again is
+    YAML's override, not a duplicate."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("data:\n  train: x\nckpt: &ck {every_steps: 5, keep: 4}\n"
+                    "checkpoint:\n  <<: *ck\n  keep: 2\n")
+    from openclaw.config_files import read_yaml
+    assert read_yaml(path)["checkpoint"] == {"every_steps": 5, "keep": 2}
+
+
 def test_settings_that_work_against_each_other_are_noted_before_the_run():
     """Each was accepted without a word: a warmup as long as the run, validation on the training data,
     an evaluation cadence with nothing to evaluate."""

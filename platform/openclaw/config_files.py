@@ -17,11 +17,14 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
 
 class _NoDuplicateKeys(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping (the plain loader keeps the last
-    silently: two `max_steps` under `train`, the first of them ignored)."""
+    silently: two `max_steps` under `train`, the first of them ignored). A merge key (`<<: *defaults`)
+    is YAML's, expanded by the loader; a key it brings in may be set again beside it."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise _DuplicateKey(
