@@ -377,6 +377,24 @@ def test_yaml_merge_keys_load_and_keys_they_bring_in_may_be_overridden_there(tmp
     assert read_yaml(path)["checkpoint"] == {"every_steps": 5, "keep": 2}
 
 
+@pytest.mark.parametrize("override", ["train.max_steps=yes", "train.eval_every=no", "train.optimizer.lr=true",
+                                      "seed=true", "profile.ranks=true", "profile.ranks=[0, true]",
+                                      "data.shuffle_window_shards=off"])
+def test_a_boolean_is_no_number(override):
+    """YAML reads yes/no/on/off/true/false as booleans, and pydantic took them as 1 and 0: `max_steps=yes`
+    trained one step, and `profile.ranks: true` (meant as every rank) profiled rank 1."""
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"must be a number, not a boolean"):
+        load_config(DIGITS, [override])
+
+
+def test_booleans_still_set_the_keys_that_take_them():
+    from openclaw.config import load_config
+    got = load_config(DIGITS, ["scaling.use_gpu=true", "train.compile=true", "train.flush_denormal=false"])
+    assert got.scaling.use_gpu is True and got.train.compile is True and got.train.flush_denormal is False
+
+
 def test_settings_that_work_against_each_other_are_noted_before_the_run():
     """Each was accepted without a word: a warmup as long as the run, validation on the training data,
     an evaluation cadence with nothing to evaluate."""

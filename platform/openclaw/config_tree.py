@@ -3,7 +3,7 @@ keys, and a validation error explained key by key (driver, and each Tune trial).
 from __future__ import annotations
 
 import difflib
-from typing import Any, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -90,6 +90,38 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
     """The section class a field holds (also through `X | None`), or None for a plain value."""
     ann = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def booleans_for_numbers(raw: Any, model: type[BaseModel], at: str = "") -> list[str]:
+    """The dotted keys of `raw` that give a boolean (or a list holding one) where `model` takes a number
+    and no boolean. YAML reads yes/no/on/off/true/false as booleans, which pydantic takes as 1 and 0:
+    `max_steps: yes` trained one step, `profile.ranks: true` profiled rank 1."""
+    if not isinstance(raw, dict):
+        return []
+    found = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if key not in raw:
+            continue
+        value, sub = raw[key], section_model(field.annotation)
+        if sub is not None and get_origin(field.annotation) not in (dict, list, tuple):
+            found += booleans_for_numbers(value, sub, f"{at}{key}.")
+        elif any(isinstance(v, bool) for v in (value if isinstance(value, list) else [value])) \
+                and _number_not_bool(field.annotation):
+            found.append(at + key)
+    return found
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a type takes numbers (also in a list, or beside other types) and no boolean."""
+    kinds, todo = [], [annotation]
+    while todo:
+        a = todo.pop()
+        if get_origin(a) in (Union, list, tuple) or type(a).__name__ == "UnionType":
+            todo += get_args(a)
+        else:
+            kinds.append(a)
+    return bool not in kinds and any(k in (int, float) for k in kinds)
 
 
 def is_section(root: type[BaseModel], loc: list[str]) -> bool:
