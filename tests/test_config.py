@@ -377,6 +377,16 @@ def test_yaml_merge_keys_load_and_keys_they_bring_in_may_be_overridden_there(tmp
     assert read_yaml(path)["checkpoint"] == {"every_steps": 5, "keep": 2}
 
 
+def test_an_override_reaches_into_a_sweep_space_that_holds_no_dotted_key_yet():
+    """Whether `sweep.space` took the rest of a key whole was guessed from the keys already in it: in a
+    config whose space held none (or only `seed`), `sweep.space.train.optimizer.lr=...` was refused."""
+    from openclaw.config import load_config
+    for space in ({}, {"seed": {"choice": [1, 2]}}):
+        got = load_config(DIGITS, [f"sweep={{space: {space}, search: random}}".replace("'", ""),
+                                   "sweep.space.train.optimizer.lr={loguniform: [1.0e-4, 1.0e-2]}"])
+        assert got.sweep.space["train.optimizer.lr"].kind == "loguniform"
+
+
 @pytest.mark.parametrize("override", ["train.max_steps=yes", "train.eval_every=no", "train.optimizer.lr=true",
                                       "seed=true", "profile.ranks=true", "profile.ranks=[0, true]",
                                       "data.shuffle_window_shards=off"])

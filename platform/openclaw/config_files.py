@@ -80,10 +80,14 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> list[tuple[
     return parsed
 
 
+KEYED_BY_DOTTED_NAMES = ("sweep.space",)
+"""Mappings whose keys are dotted config keys: an override below one names one of its keys whole."""
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any, merge: bool = False) -> None:
-    """Set `key` (dotted) in `raw`. A mapping keyed by dotted names (a sweep's `space`) takes the rest of
-    the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`. `merge` (the key is a
-    config section): a mapping merges into it (`train={log_every: 5}` keeps the section's other keys)."""
+    """Set `key` (dotted) in `raw`. A mapping keyed by dotted names (`KEYED_BY_DOTTED_NAMES`) takes the
+    rest of the key whole: `sweep.space.train.optimizer.lr` sets its `train.optimizer.lr`. `merge` (the key
+    is a config section): a mapping merges into it (`train={log_every: 5}` keeps the section's other keys)."""
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -91,7 +95,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, merge: bool = False) -
         if not isinstance(child, dict):
             raise ConfigError(f"Override {key}: `{'.'.join(parts[:i + 1])}` is a value, not a section.")
         node = child
-        if any(isinstance(k, str) and "." in k for k in node):
+        if ".".join(parts[:i + 1]) in KEYED_BY_DOTTED_NAMES:
             node[".".join(parts[i + 1:])] = value
             return
     node[parts[-1]] = _merged(node.get(parts[-1]), value) if merge else value
