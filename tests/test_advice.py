@@ -211,6 +211,9 @@ def test_launch_bound_compiles_then_asks_for_cuda_graphs():
     assert dr.rule_launch_bound(facts(graphs, kernel_idle_frac=0.3, **A100)) is None
     assert dr.rule_launch_bound(facts(kernel_idle_frac=0.05, **A100)) is None
     assert dr.rule_launch_bound(facts(**A100)) is None
+    # the gaps are a share of the compute; the step's gain counts them against the whole step (compute 50%)
+    half = dr.rule_launch_bound(facts(kernel_idle_frac=0.3, compute_frac=0.5, **A100))
+    assert half.at_stake == pytest.approx(0.15) and "1.18x" in half.effect
 
 
 def test_no_autocast_on_tensor_cores_picks_bf16_or_fp16_by_capability():

@@ -50,20 +50,23 @@ def _peak_ratio(f: Facts, to: str, to_tf32: bool = False) -> float | None:
 
 
 def rule_launch_bound(f: Facts) -> Recommendation | None:
-    """After a GPU profile, no kernel runs for over 10% of the steps: the host launches too slowly. Compile
+    """After a GPU profile, no kernel runs for over 10% of the steps' compute (forward/backward and optimizer;
+    data waits and checkpoints are other rules'): the host launches too slowly. Compile
     (fewer, fused kernels); compiled already, CUDA graphs (`mode: reduce-overhead`) remove the gaps."""
     idle, cfg = f.kernel_idle_frac, f.config
     if idle is None or idle <= KERNEL_IDLE_FRAC or f.device_type != "cuda":
         return None
-    finding = f"the GPU runs no kernel for {idle:.0%} of the profiled steps: they are launch-bound"
+    finding = (f"the GPU runs no kernel for {idle:.0%} of the profiled steps' forward, backward and optimizer: "
+               f"they are launch-bound")
+    at_stake = idle * (f.compute_frac if f.compute_frac is not None else 1.0)  # of the whole step
     if not cfg.train.compile:
         return Recommendation("launch_bound", finding, "train.compile", True,
-                              f"fewer, fused kernels: up to {1 / (1 - idle):.2f}x samples/s", idle)
+                              f"fewer, fused kernels: up to {1 / (1 - at_stake):.2f}x samples/s", at_stake)
     if isinstance(cfg.train.compile, bool) or cfg.train.compile.mode == "default":
         key, value = _compile_key(cfg, "mode", "reduce-overhead")
         return Recommendation("launch_bound", finding, key, value,
                               f"CUDA graphs replay each unit's kernels without launch gaps: up to "
-                              f"{1 / (1 - idle):.2f}x samples/s", idle)
+                              f"{1 / (1 - at_stake):.2f}x samples/s", at_stake)
     return None
 
 

@@ -67,7 +67,8 @@ class RankSummary:
     memory: dict[str, Any]
     """device, peak_bytes, by_category (`MEMORY_CATEGORIES`), peak_phase; empty without `profile.memory`."""
     kernel_idle_frac: float | None
-    """The share of the profiled steps with no kernel running (GPU traces only)."""
+    """The share of the steps' compute (forward/backward and optimizer) with no kernel running (GPU traces
+    only): launch gaps."""
     device: dict[str, Any]
     """type (cpu, cuda), and for a GPU its name, capability and memory_bytes."""
     process: dict[str, Any] = field(default_factory=dict)
@@ -191,9 +192,18 @@ def summarize(trace: dict[str, Any], rank: int | None = None, top: int = TOP) ->
         steps=steps, intervals=intervals, seconds={k: length(v) / 1e6 for k, v in intervals.items()}, wall_s=wall_s,
         top_ops=top_operators(host, top), top_kernels=top_kernels(kernels, top),
         memory=memory_at_peak(mem, base, events, labelled) if mem else {},
-        kernel_idle_frac=1.0 - length(intersect(union((e.start, e.end) for e in kernels), window)) / 1e6 / wall_s
-        if kernels and wall_s else None,
+        kernel_idle_frac=_kernel_idle_frac(kernels, intervals),
         device=_device(trace, kernels))
+
+
+def _kernel_idle_frac(kernels: list[Event], intervals: dict[str, list[Interval]]) -> float | None:
+    """The share of the compute phases (forward/backward, optimizer) with no kernel running: launch gaps.
+    The data wait, checkpoints and the loop's own time are other rules' findings, not launch gaps."""
+    compute = union(intervals["forward_backward"] + intervals["optimizer"])
+    if not kernels or not compute:
+        return None
+    busy = intersect(union((e.start, e.end) for e in kernels), compute)
+    return 1.0 - length(busy) / length(compute)
 
 
 def top_operators(host: list[Event], top: int = TOP) -> list[dict[str, Any]]:
