@@ -232,6 +232,13 @@ def test_the_summary_of_a_hand_written_trace():
     assert s.intervals["optimizer"] == [(60, 90)] and s.intervals["data"] == [(0, 10)]
     # exposed: the collective's 50-80 less the loop thread's operators (60-70)
     assert s.intervals["communication"] == [(50, 60), (70, 80)] and s.intervals["collectives"] == [(50, 80)]
+    # the exposed communication inside the forward/backward (10-60): what a micro-batch's compute leaves out;
+    # the optimizer's (the finite-loss all-reduce) was taken out of the micro-batches' time too
+    assert s.intervals["communication_in_forward_backward"] == [(50, 60)]
+    from openclaw.profiling.facts import facts_from
+    cfg = validate({**MIN, "train": {"max_steps": 100, "global_batch_size": 16, "micro_batch_size": 8},
+                    "profile": {"start_step": 20, "steps": 1}})
+    assert facts_from([s], cfg, global_batch_size=16, world_size=1).micro_batch_s == pytest.approx((50 - 10) / 2 / 1e6)
     assert s.idle_frac == pytest.approx(0.1)  # 90-100
     ops = {op["name"]: op for op in s.top_ops}
     assert ops["aten::mm"]["self_ms"] == pytest.approx(0.023) and ops["aten::mm"]["total_ms"] == pytest.approx(0.028)

@@ -67,7 +67,7 @@ def facts_from(summaries: list[RankSummary], config: Any, *, precision: str | No
                             for s, k, (step, _) in zip(summaries, n, steps)]),
         straggler_index=busy[slowest] / median if slowest is not None and median > 0 else None,
         slowest_rank=summaries[slowest].rank if slowest is not None else None,
-        micro_batch_s=worst([(s.seconds.get("forward_backward", 0.0) - s.seconds.get("communication", 0.0)) / k
+        micro_batch_s=worst([(s.seconds.get("forward_backward", 0.0) - _fb_communication(s)) / k
                              / accumulation for s, k in zip(summaries, n)]) if accumulation else None,
         accumulation=accumulation, step_s=step_s,
         samples_per_s=global_batch_size / step_s if global_batch_size and step_s else None,
@@ -80,6 +80,11 @@ def facts_from(summaries: list[RankSummary], config: Any, *, precision: str | No
         extra={"source": "profile", "profiled_ranks": [s.rank for s in summaries], "profiled_steps": min(n, default=0),
                "checkpoints_profiled": saves,
                "memory_by_category": summaries[0].memory.get("by_category") if summaries else None})
+
+
+def _fb_communication(s: RankSummary) -> float:
+    """The exposed communication inside the forward/backward (a summary from before it was kept: all of it)."""
+    return s.seconds.get("communication_in_forward_backward", s.seconds.get("communication", 0.0))
 
 
 def _accumulation(config: Any, global_batch_size: int | None, world_size: int | None) -> int | None:

@@ -182,6 +182,8 @@ def summarize(trace: dict[str, Any], rank: int | None = None, top: int = TOP) ->
     computing = (union((e.start, e.end) for e in device_events if not is_comm(e.name)) if device_events else
                  union((e.start, e.end) for e in events if e.cat == "cpu_op" and e.tid == main and not is_comm(e.name)))
     intervals["communication"] = subtract(collectives, computing)
+    # what a micro-batch's compute leaves out: not the optimizer's (the finite-loss all-reduce, say)
+    intervals["communication_in_forward_backward"] = intersect(intervals["communication"], intervals["forward_backward"])
     intervals["collectives"] = collectives
     wall_s = length(window) / 1e6
     host = [e for e in events if e.cat not in DEVICE_CATS and window[0][0] <= e.start < window[-1][1]]
