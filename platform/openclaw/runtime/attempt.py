@@ -40,7 +40,7 @@ from openclaw.runtime.checkpoint_store import prune, restore
 from openclaw.runtime.compile_cache import CompileCache
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.runtime.saver import Saver, should_save
-from openclaw.runtime.stops import StopFlag, StopSignals, install_in_ray_worker
+from openclaw.runtime.stops import StopFlag, StopSignals, driver_control, install_in_ray_worker
 from openclaw.tracking.tracker import NullTracker, make_tracker
 
 log = logging.getLogger("openclaw")
@@ -97,7 +97,7 @@ class Attempt:
         self.saver = Saver(self.engine, self.state, self.tracker, inputs.config, self.rank, inputs.run_dir,
                            background=cfg.checkpoint.async_)
         install_in_ray_worker()
-        self.stops = StopSignals(self.device, **(_driver_control(inputs.control) if self.rank == 0 else {}))
+        self.stops = StopSignals(self.device, **(driver_control(inputs.control) if self.rank == 0 else {}))
         self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
                                 speaks_for_node=ctx.get_local_rank() == 0, flops_per_sample=self.flops_per_sample,
                                 job_start_time=inputs.job_start_time, engine=self.engine,
@@ -292,9 +292,3 @@ class Attempt:
         self.stops.close()
         self.train.close()
         self.tracker.close()
-
-
-def _driver_control(control) -> dict[str, Any]:
-    """Rank 0 polls the driver's requests (stop, checkpoint before a resize) from the control plane."""
-    return {"control": lambda: ray.get(control.state.remote(), timeout=10),
-            "on_request_answered": lambda request, step: control.checkpoint_answered.remote(request, step)}

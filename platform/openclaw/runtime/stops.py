@@ -104,6 +104,13 @@ def _ray_preemption_notice() -> Any:
         return None
 
 
+def driver_control(control: Any) -> dict[str, Any]:
+    """Rank 0 polls the driver's requests (stop, checkpoint before a resize) from the control plane: the
+    `StopSignals` arguments that do so."""
+    return {"control": lambda: ray.get(control.state.remote(), timeout=10),
+            "on_request_answered": lambda request, step: control.checkpoint_answered.remote(request, step)}
+
+
 class StopSignals:
     """One per training loop: the local flag, the per-step agreement, and the driver's stop request."""
 
