@@ -478,6 +478,16 @@ def test_the_log_window_says_it_once_and_only_after_its_first_window():
     quiet._advise(20, 0.3, 0.0, tracker)
     assert len(tracker.said) == 1
 
+    # `train.micro_batch_size: auto`, resolved to 32 on the workers: the line suggested 64 where the probe
+    # chose 32; as the user wrote it (`auto`, which chooses the size itself) the rule is quiet
+    from openclaw.advice.batching import as_asked
+    resolved = cfg(**{"train.log_every": 10, "train.micro_batch_size": 16})
+    assert as_asked(resolved, auto=False) is resolved and as_asked(resolved, auto=True).train.micro_batch_size == "auto"
+    probed = LogWindow(as_asked(resolved, auto=True), TrainState(), device=torch.device("cpu"), rank=0, world=2,
+                       speaks_for_node=False, flops_per_sample=None, job_start_time=time.time())
+    probed._advise(20, 0.3, 0.0, tracker)
+    assert len(tracker.said) == 1
+
 
 def test_advise_has_a_useful_help(capsys):
     from openclaw.cli import main

@@ -36,6 +36,15 @@ def dp_degrees(config: Any) -> list[int]:
     return sorted({max(1, w // mp) for w in worlds})
 
 
+def as_asked(config: Any, auto: bool) -> Any:
+    """The config the advice reads on a worker: `train.micro_batch_size: auto` where `auto` resolved it
+    (the worker's config holds the number). The rules that suggest a micro-batch are quiet under `auto`,
+    which chooses the size itself: given the number, they contradicted the probe's choice."""
+    if not auto:
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": "auto"})})
+
+
 def fixed_micro(config: Any) -> int | None:
     """`train.micro_batch_size` when it is a number (None: `auto`, which chooses it itself)."""
     m = config.train.micro_batch_size

@@ -14,6 +14,7 @@ import ray
 import ray.train
 import ray.train.torch
 
+from openclaw.advice.batching import as_asked
 from openclaw.advice.rules import placement_line
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
@@ -93,17 +94,18 @@ class Attempt:
         self.precision.announce()  # after the attempt event: the run reads start, then precision
         self._advise_placement(placement)
         record_micro_batch(self.micro_batch, self.state, self.tracker)
+        asked = as_asked(cfg, auto=self.micro_batch is not None)  # what the advice reads (its rules: quiet on `auto`)
         self.samples_log = self._sample_log(layout) if cfg.train.record_samples else None
         self.saver = Saver(self.engine, self.state, self.tracker, inputs.config, self.rank, inputs.run_dir,
                            background=cfg.checkpoint.async_)
         install_in_ray_worker()
         self.stops = StopSignals(self.device, **(driver_control(inputs.control) if self.rank == 0 else {}))
-        self.window = LogWindow(cfg, self.state, device=self.device, rank=self.rank, world=self.world,
+        self.window = LogWindow(asked, self.state, device=self.device, rank=self.rank, world=self.world,
                                 speaks_for_node=ctx.get_local_rank() == 0, flops_per_sample=self.flops_per_sample,
                                 job_start_time=inputs.job_start_time, engine=self.engine,
                                 workers_on_node=ctx.get_local_world_size(),
                                 counts_its_share=layout.counts_its_share(self.rank))
-        self.profile = StepProfiler(cfg, self.engine, self.tracker, inputs.run_dir, self.rank, self.world,
+        self.profile = StepProfiler(asked, self.engine, self.tracker, inputs.run_dir, self.rank, self.world,
                                     self.state.step, self.plan.global_batch_size) if cfg.profile else None
 
     def _placement(self, layout: MeshLayout) -> dict[str, Any]:
