@@ -67,6 +67,31 @@ def _profiled_loop(rank: int, world: int, storage: str, profiled: bool = True, r
     return {"losses": losses}
 
 
+def test_an_attempt_that_starts_past_the_profiled_steps_says_it_profiles_nothing(tmp_path):
+    """A run resumed at step 500 with `profile: {steps: 5}` (start_step 20) ended without a profile and
+    without a word."""
+    from openclaw.engine.engine import Engine
+    from openclaw.engine.models import build_model
+    from openclaw.engine.tasks import build_task
+    from openclaw.profiling.capture import StepProfiler
+    from openclaw.tracking.tracker import NullTracker
+    cfg = _config(str(tmp_path), start_step=START, steps=PROFILED)
+    engine = Engine(build_model("mlp", cfg.model.kwargs), build_task("classification"), cfg.train)
+
+    class Said(NullTracker):
+        def __init__(self):
+            self.said = []
+
+        def progress(self, line):
+            self.said.append(line["message"])
+    for done, rank, says in ((START - 1, 0, False), (START + 1, 0, True), (START + 1, 1, False)):
+        tracker = Said()
+        StepProfiler(cfg, engine, tracker, str(tmp_path), rank, 2, done, 64)
+        assert bool(tracker.said) == says, (done, rank, tracker.said)
+        if says:
+            assert f"past `profile.start_step` ({START})" in tracker.said[0] and "profiles nothing" in tracker.said[0]
+
+
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")

@@ -65,6 +65,11 @@ class StepProfiler:
         self.began = self.finished = False
         self._trace: bytes | None = None
         self._begin(done)
+        if done > self.first and rank == 0:  # resumed past the profile's warm-up: say so, not silence
+            tracker.progress({"message": f"profile: this attempt starts after step {done}, past `profile.start_step` "
+                                         f"({self.p.start_step}): it profiles nothing (an earlier attempt that ran "
+                                         f"those steps logged their profile). Set `profile.start_step` to {done + 1} "
+                                         f"or later to profile this run now."})
 
     def step_ends(self, done: int) -> None:
         """After a step's checkpoint (`done`: the steps done). At the end of the profile, every rank gathers."""
