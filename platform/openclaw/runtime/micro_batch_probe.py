@@ -90,6 +90,9 @@ def _probe_on_gpu(cfg: Config, task, data: ShardedData, device: torch.device, pr
     finally:
         step = None  # its memory goes before the cache is emptied
         torch.cuda.empty_cache()
+        # the run's peak (`perf/peak_memory_bytes`, a profile's) is its training's, not this copy's or the
+        # out-of-memory tries': else it read near the whole GPU, and the memory rules advised on that
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def fixed_bytes(cfg: Config, step: _ProbeStep, precision: Precision) -> int:
