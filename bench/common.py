@@ -138,16 +138,22 @@ def add_budget(parser) -> None:
 
 
 def alternate(sides: dict[str, Callable[[], dict]], repeats: int, budget_s: float | None = None,
-              clock: Callable[[], float] = time.monotonic, started: float | None = None) -> dict[str, list[dict]]:
+              clock: Callable[[], float] = time.monotonic, started: float | None = None,
+              warmup: bool = False) -> dict[str, list[dict]]:
     """Run every side `repeats` times, reversing the order on every other round (ABBA: A B, B A, A B, ...),
     so that a drift of the machine over the invocation weighs on each side alike. Returns each side's
-    results in the order they ran.
+    results in the order they ran. `warmup`: each side runs once first, its result dropped, so that the
+    first timed run does not pay alone what only the first run of a process pays (a Ray worker pool, a
+    database created).
 
     With `budget_s`, a round starts only if it would end within `budget_s` of `started` (the bench's
     start), taking the longest round so far as what the next one costs; the first round always runs,
     so every side has at least one result. Whole rounds only: each side keeps the same number of runs."""
     names, out = list(sides), {name: [] for name in sides}
     started = STARTED if started is None else started
+    for name in names if warmup else []:
+        print(f"  [warm-up] {name} (not counted) ...", file=sys.stderr, flush=True)
+        sides[name]()
     longest = 0.0
     for i in range(repeats):
         now = clock()

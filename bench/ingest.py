@@ -12,7 +12,8 @@ gathered into tensors. Cases:
 The raw side scans the column the worker trains on, in the same files, in file order (no shuffle,
 batches of 1024): the token shards, and the prepared cache's shards (not the 33 source columns, which
 would be more work).
-The preparation, done once before, is timed and reported apart. The sides alternate (ABBA) over
+Both sides decode with one pyarrow thread, as a Ray worker does (`ARROW_THREADS`). The preparation, done
+once before, is timed and reported apart. The sides alternate (ABBA) over
 `--repeats` rounds; medians, spreads (min-max) and the ratio of medians, openclaw / raw.
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ sys.path.insert(0, str(REPO.parent / "shared" / "anchors"))
 from common import add_budget, alternate, summarize  # noqa: E402  (bench/ is this script's folder)
 
 BATCH = 1024
+ARROW_THREADS = 1
+"""pyarrow's decoding threads, on both sides: a Ray worker's (Ray sets OMP_NUM_THREADS=1, which pyarrow
+follows), where the driver's raw scan would otherwise use every core."""
 
 
 def make_tokens(folder: Path, rows: int, shards: int = 8, seq: int = 129) -> None:
@@ -50,6 +54,7 @@ def raw_rows_per_s(files: list[str], column: str) -> float:
     """A raw pyarrow scan of `column` (a fixed-size tensor column, the one the worker trains on), in file
     order, as [N, D] torch tensors of batches of 1024."""
     import torch
+    pa.set_cpu_count(ARROW_THREADS)
     t, n = time.perf_counter(), 0
     for f in files:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=BATCH, columns=[column]):
@@ -68,6 +73,7 @@ def worker_loop(cfg: dict) -> None:
     from openclaw.data.stream import ShardedData
     from openclaw.data.sampler import Sampler
     torch.set_num_threads(1)
+    pa.set_cpu_count(ARROW_THREADS)
     for _ in range(2):
         data = ShardedData(cfg["spec"], cfg["shards"], cfg["features"], None, max_resident=2 * cfg["window"])
         sampler = Sampler(len(data), BATCH, BATCH, 0, 1, 0, data.shard_rows(), cfg["window"])

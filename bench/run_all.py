@@ -67,7 +67,8 @@ def _precision(result: dict) -> list[dict]:
 
 
 def _compile(result: dict) -> list[dict]:
-    return [figure(f"compile after a restart, {result['model']} on {result['device']}: perf/compile_s",
+    return [figure(f"compile after a restart, {result['model']} on {result['device']}: perf/compile_s plus loading "
+                   f"the cache",
                    {"cold Inductor cache": result["cold_s"], "warm (the run's compile cache)": result["warm_s"]},
                    base="cold Inductor cache")]
 
@@ -114,7 +115,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
                    "a round is three Ray Train runs, two of them writing 110 MB checkpoints"),
     "cache": (["cache.py", "--rows", "30000", "--rounds", "1000", *QUICK], _found,
               "a round is a cache miss (Ray Data preparing the rows) and a hit, each a Ray Train run"),
-    "tracking": (["tracking_overhead.py", "--steps", "100", *QUICK], _found, "a round is two Ray Train runs"),
+    "tracking": (["tracking_overhead.py", "--steps", "100", "--checkpoint-every", "25", *QUICK], _found,
+                 "a round is two Ray Train runs, after a warm-up run of each"),
     "ingest": (["ingest.py", "--rows", "800000", "--token-rows", "160000", *QUICK], _found, ""),
     "goodput": (["goodput.py", "--steps", "200", "--kill-every", "15", *QUICK], _found,
                 "a round is a faulty run and a clean one"),
@@ -186,7 +188,8 @@ def write(results: list[dict], meta: dict[str, str]) -> str:
     fewer = [f"- {r['name']}: {why}." for r in results if (why := _why_fewer(r))]
     over = over_two_minutes(results)
     md = "\n".join([f"Measured by `make bench` (`python bench/run_all.py`) {_when(results, meta)}, on {meta['machine']}. "
-                    "Every side of a figure ran in the same invocation, the sides alternating (ABBA).", "",
+                    "Every side of a figure ran in the same invocation, the sides alternating (ABBA) where a figure has more "
+                    "than one round (n > 1); with one, in the order the figure lists them.", "",
                     table(results), "",
                     *(["Fewer than 5 repeats, and why:", *fewer, ""] if fewer else []),
                     *(["Over 2 minutes, and why:", *over, ""] if over else []),

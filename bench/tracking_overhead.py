@@ -11,8 +11,10 @@ CPUs). Two figures per run:
   the loop: creating the MLflow run, logging params and the dataset inputs, the final model's upload,
   and the last flush.
 
-The sides alternate (ABBA: off, on, on, off, ...) over `--repeats` rounds; medians, spreads (min-max)
-and ratios of medians.
+Each side runs once first, not counted (Ray's worker pool, the MLflow database's creation). The sides
+then alternate (ABBA: off, on, on, off, ...) over `--repeats` rounds; medians, spreads (min-max) and
+ratios of medians. Metrics reach MLflow with each checkpoint (`--checkpoint-every`): a run shorter than
+that interval sends them only at its end.
 
     python bench/tracking_overhead.py        # 5 rounds, then one JSON line
 """
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             runs = alternate({"tracking off": lambda: run(work, f"off-{next(names)}", False, a),
-                              "tracking on": lambda: run(work, f"on-{next(names)}", True, a)}, a.repeats, a.budget_s)
+                              "tracking on": lambda: run(work, f"on-{next(names)}", True, a)}, a.repeats, a.budget_s,
+                             warmup=True)  # Ray's worker pool (off's), the MLflow database's creation (on's)
         finally:
             ray.shutdown()
-    step = summarize(f"wall time per step (metrics every {a.log_every} steps)",
+    step = summarize(f"wall time per step (metrics every {a.log_every} steps, sent with each checkpoint, every "
+                     f"{a.checkpoint_every})",
                      {k: [r["wall_step_s"] * 1e3 for r in v] for k, v in runs.items()}, base="tracking off", unit="ms")
     whole = summarize(f"end to end, the whole openclaw.train call ({a.steps} steps)",
                       {k: [r["end_to_end_s"] for r in v] for k, v in runs.items()}, base="tracking off")

@@ -36,6 +36,9 @@ def test_a_budget_starts_only_whole_rounds_that_end_within_it(capsys):
     now[0] = 100.0  # already past the budget: one round all the same, so every side has a result
     got = alternate({"A": lambda: side("A"), "B": lambda: side("B")}, repeats=5, budget_s=55, clock=clock, started=0.0)
     assert got == {"A": ["A"], "B": ["B"]}
+    now[0] = 0.0  # a warm-up run of each side first, not counted (nor against the budget's rounds)
+    got = alternate({"A": lambda: side("A"), "B": lambda: side("B")}, repeats=2, clock=clock, started=0.0, warmup=True)
+    assert got == {"A": ["A"] * 2, "B": ["B"] * 2} and now[0] == 60.0
     now[0] = 0.0  # no budget: every round
     got = alternate({"A": lambda: side("A"), "B": lambda: side("B")}, repeats=3, clock=clock, started=0.0)
     assert got == {"A": ["A"] * 3, "B": ["B"] * 3}
