@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 
-from common import alternate, summarize  # noqa: E402  (bench/ is this script's folder)
+from common import add_budget, alternate, figure, summarize  # noqa: E402  (bench/ is this script's folder)
 
 MODES = ("none", "selective", "full")
 
@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
                    help="wall clock, or this process's CPU time: steadier on a shared CPU box (CPU only)")
     p.add_argument("--seed", type=int, default=0)
+    add_budget(p)
     args = p.parse_args(argv)
     args.global_batch = args.global_batch or args.micro_batch
     if args.global_batch % args.micro_batch:
@@ -178,7 +179,7 @@ def main(argv=None) -> None:
     print(f"GPT dim {args.dim} depth {args.depth} heads {args.heads} block {args.block} vocab {args.vocab} "
           f"({n_params / 1e6:.2f}M params), global batch {args.global_batch} = micro {args.micro_batch} x "
           f"{args.global_batch // args.micro_batch}, {args.steps} steps (+{args.warmup} warmup) x {args.repeats} repeats")
-    times = alternate({mode: (lambda mode=mode: timed(mode)) for mode in MODES}, args.repeats)
+    times = alternate({mode: (lambda mode=mode: timed(mode)) for mode in MODES}, args.repeats, args.budget_s)
     step_time = summarize(f"step time, activation checkpointing none / selective / full, GPT {n_params / 1e6:.1f}M, "
                           f"{device.type}", times, base="none", unit="ms", digits=1)
 
@@ -199,11 +200,15 @@ def main(argv=None) -> None:
     if not cuda:
         print("memory on CPU: the saved-for-backward bytes; the resident set is not measured per side (it never "
               "goes down within a process)")
+    saved = figure(f"bytes saved for the backward in one micro-batch's forward, activation checkpointing none / "
+                   f"selective / full, GPT {n_params / 1e6:.1f}M, {device.type} (deterministic: one count per side)",
+                   {mode: [s["saved_bytes"] / 2 ** 20] for mode, s in sides.items()}, base="none", unit="MiB", digits=1)
     print(json.dumps({"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                       "precision": engines["none"].precision.name, "params": n_params,
                       "model": {k: getattr(args, k) for k in ("dim", "depth", "heads", "block", "vocab")},
                       "micro_batch": args.micro_batch, "global_batch": args.global_batch, "timer": args.timer,
-                      "threads": None if cuda else torch.get_num_threads(), "sides": sides, "step_time": step_time}))
+                      "threads": None if cuda else torch.get_num_threads(), "sides": sides, "step_time": step_time,
+                      "saved": saved}))
 
 
 if __name__ == "__main__":

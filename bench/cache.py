@@ -67,7 +67,7 @@ def main() -> int:
 
     got = alternate({"cache miss": miss, "cache hit": hit}, args.repeats, args.budget_s)
     out = summarize(f"seconds to the first step, a {args.rounds}-round transform over {args.rows:,} rows",
-                    {k: [r["s"] for r in v] for k, v in got.items()}, base="cache hit", digits=1)
+                    {k: [r["s"] for r in v] for k, v in got.items()}, base="cache hit", digits=2)
     out["prepare_s"] = [round(r["prepare_s"], 1) for r in got["cache miss"]]
     print(f"  of each miss, preparation (Ray Data tasks): {out['prepare_s']} s")
     print(json.dumps(out))

@@ -103,7 +103,8 @@ def bench_one(name: str, source: str, mode: str, work: Path, args) -> dict:
     for n in args.batches:
         times = latency(full, quantized, sample_batch(config, n), args.repeats, args.passes)
         med = {k: statistics.median(v) for k, v in times.items()}
-        row[f"latency_b{n}"] = {k: {"median_ms": med[k], "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
+        row[f"latency_b{n}"] = {k: {"median_ms": med[k], "min_ms": min(v), "max_ms": max(v), "n": len(v)}
+                                for k, v in times.items()}
         row[f"latency_b{n}"]["ratio"] = med["quantized"] / med["full"]
     row["checks"] = checks(name, mode, row)
     return row

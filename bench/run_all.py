@@ -60,6 +60,13 @@ def _loss_parallel(result: dict) -> list[dict]:
                    unit="samples/s", digits=1)]
 
 
+def _pp_microbatches(result: dict) -> list[dict]:
+    sides = {k: v["samples_per_s"] for k, v in result["sides"].items() if k.startswith("pp-")}
+    return [figure(f"pipeline micro-batches per step (the pipeline_bubble rule's fix), the engine alone: "
+                   f"{result['params'] / 1e6:.1f}M-parameter GPT, {result['world']} gloo stages", sides, base="pp-2mb",
+                   unit="samples/s", digits=1)]
+
+
 def _precision(result: dict) -> list[dict]:
     return [figure(f"precision on CPU, the engine alone, {model}",
                    {"fp32": r["fp32_runs"], "bf16": r["bf16_runs"]}, base="fp32", unit="samples/s", digits=1)
@@ -84,7 +91,7 @@ def _quantize(rows: list[dict]) -> list[dict]:
             for side, name in (("full", "full precision"), ("quantized", r["mode"])):
                 s = lat[side]
                 f["sides"][name] = {"median": round(s["median_ms"], 3), "min": round(s["min_ms"], 3),
-                                    "max": round(s["max_ms"], 3), "n": None,
+                                    "max": round(s["max_ms"], 3), "n": s.get("n"),
                                     "ratio": 1.0 if side == "full" else round(lat["ratio"], 3)}
             out.append(f)
     return out
@@ -102,17 +109,24 @@ BENCHES: dict[str, tuple[list[str], Callable[[Any], list[dict]], str]] = {
                  "a round trains each of the four strategies"),
     "loss-parallel": (["parallel_overhead.py", "--sides", "ddp,tp,tp-gathered", "--vocab", "16384", "--steps", "3",
                        "--warmup", "1", *QUICK], _loss_parallel, ""),
+    "pp-microbatches": (["parallel_overhead.py", "--sides", "ddp,pp-2mb,pp-8mb,pp-16mb", "--steps", "3", "--warmup", "1",
+                         *QUICK], _pp_microbatches, "a round trains ddp and three pipeline schedules"),
+    "tp-small-vocab": (["parallel_overhead.py", "--sides", "ddp,tp,tp-gathered", "--steps", "3", "--warmup", "1",
+                        *QUICK], _loss_parallel, ""),
+    "activation-ckpt": (["activation_checkpointing.py", "--timer", "cpu", *QUICK], _found, ""),
+    "compile-onoff": (["engine_overhead.py", "--compile-sides", "--steps", "20", "--timer", "cpu", *QUICK], _found,
+                      "a round compiles nothing (the compile is in the untimed warm-up), but the warm-up compiles"),
     "fsdp-bare": (["fsdp_vs_bare.py", "--strategies", "fsdp", "--steps", "10", "--warmup", "2", *QUICK], _found,
                   "a round is two torchrun launches of 2 ranks"),
     "precision": (["cpu_precision.py", "--steps", "15", "--repeats", "5"], _precision, ""),
     "compile": (["compile_restart.py", *QUICK], _compile, "a round compiles twice, each in a fresh process"),
     "quantize": (["quantize.py", "--train", "--train-steps", "40", "--val-rows", "1024", "--modes", "int4",
-                  "--batches", "8", "--passes", "1", "--repeats", "5"], _quantize, ""),
+                  "--batches", "8", "--passes", "5", "--repeats", "5"], _quantize, ""),
     "recovery": (["recovery.py", "--repeats", "2"], _found,
                  "a round is three Ray Train runs, each started, killed and restarted, two of them by the bare anchor"),
     "node-loss": (["node_loss.py", "--repeats", "1"], _found, "a round is three 2-node clusters, each losing a node"),
     "checkpoint": (["checkpoint_stall.py", "--steps", "40", "--every", "5", "--hidden", "3000", *QUICK], _found,
-                   "a round is three Ray Train runs, two of them writing 110 MB checkpoints"),
+                   "a round is three Ray Train runs, two of them writing 111 MB checkpoints"),
     "cache": (["cache.py", "--rows", "30000", "--rounds", "1000", *QUICK], _found,
               "a round is a cache miss (Ray Data preparing the rows) and a hit, each a Ray Train run"),
     "tracking": (["tracking_overhead.py", "--steps", "100", "--checkpoint-every", "25", *QUICK], _found,

@@ -3,6 +3,8 @@ import points down the layers. A violation names the edge, its file and line."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,4 +208,13 @@ def test_the_ray_train_controller_unpickles_the_training_function_without_the_en
     probe = ("import pickle, sys; fn, cfg = pickle.loads(sys.stdin.buffer.read()); "
              "print([m for m in ('torch', 'openclaw.runtime.loop', 'mlflow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], input=blob, capture_output=True, check=True, cwd=PKG.parent)
+    assert out.stdout.decode().strip() == "[]", out
+
+
+def test_reading_a_config_imports_no_torch_ray_or_mlflow():
+    """The CLI validates a config before anything heavy loads (exit 2 in moments on a typo)."""
+    probe = ("import sys, openclaw.config; openclaw.config.load_config('jobs/configs/digits.yaml'); "
+             "print([m for m in ('torch', 'ray', 'mlflow', 'pyarrow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True, cwd=PKG.parents[1],
+                         env={**os.environ, "PYTHONPATH": str(PKG.parent)})
     assert out.stdout.decode().strip() == "[]", out
