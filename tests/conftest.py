@@ -27,6 +27,18 @@ def prepare(name: str, out: Path, *args: str) -> Path:
     return out
 
 
+NEEDS_A_CLUSTER = {"ray_local"}
+"""Fixtures that start Ray: a test using one is `integration` (`make test-unit` leaves it out)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items if NEEDS_A_CLUSTER & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError(f"these tests start Ray ({', '.join(sorted(NEEDS_A_CLUSTER))}) but are not marked "
+                                f"`integration`: {', '.join(unmarked)}")
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     return prepare("digits", tmp_path_factory.mktemp("digits"))

@@ -69,17 +69,20 @@ def test_a_strategy_that_does_not_measure_communication_logs_no_comm_keys():
     assert not any(math.isnan(v) for v in out.values())
 
 
-def test_comm_clock_counts_from_the_last_launch_to_done():
+def test_comm_clock_counts_from_the_last_launch_to_done(monkeypatch):
+    from openclaw.engine.parallel import base
+    now = [100.0]  # a fake clock: a loaded machine's scheduling is not what is tested
+    monkeypatch.setattr(base.time, "perf_counter", lambda: now[0])
     clock = CommClock()
     clock.done()  # nothing launched: nothing exposed
     assert clock.take() == 0.0
     clock.launched()
-    time.sleep(0.01)  # the work being timed, not a synchronization
+    now[0] += 1.0  # compute between two launches: not exposed communication
     clock.launched()
+    now[0] += 0.25  # the wait for the last one
     clock.done()
     clock.add(0.5)
-    got = clock.take()
-    assert 0.5 <= got < 0.51
+    assert clock.take() == 0.75
     assert clock.take() == 0.0
 
 

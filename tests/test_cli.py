@@ -134,6 +134,7 @@ def test_the_tracking_uri_check_takes_what_mlflows_store_registry_takes(uri):
     assert (store_scheme(uri) is not None) == mlflow_takes
 
 
+@pytest.mark.integration  # a real `mlflow server` answers in one case
 def test_a_tracking_server_that_does_not_answer_or_a_folder_is_refused_naming_the_key(tmp_path, monkeypatch):
     """An unreachable server was found when the run opened, after Ray started and the data was prepared, and
     MLflow's retries took about 4 minutes, then a traceback with the URI's password. A folder, which

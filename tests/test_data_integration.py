@@ -25,9 +25,10 @@ def test_s3_data_is_transformed_once_cached_and_recorded_in_mlflow(ray_local, s3
               "data.on_bad_shard": "skip", "data.cache.dir": str(tmp_path / "cache"),
               "data.shard_cache.dir": str(tmp_path / "shards"),
               "train.max_steps": 30, "train.log_every": 10, "checkpoint.every_steps": 30, "train.eval_every": 0}
+    rows = json.loads((digits_dir / "stats.json").read_text())["train_rows"]  # the recipe's count (the good shards)
     first = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="s3-first", **common))
     out = capsys.readouterr()
-    assert "data.train: 1438 rows in 4 shard(s), prepared in" in out.out
+    assert f"data.train: {rows} rows in 4 shard(s), prepared in" in out.out
     assert "skipped 1 bad shard(s)" in out.err and "part-00009.parquet could not be read" in out.err
 
     # the cache entry holds the transformed shards, in the source's order
@@ -47,7 +48,7 @@ def test_s3_data_is_transformed_once_cached_and_recorded_in_mlflow(ray_local, s3
     train_ds = inputs["train"]
     assert json.loads(train_ds.source)["uri"] == train_uri and train_ds.digest
     profile = json.loads(train_ds.profile)
-    assert (profile["rows"], profile["shards"], profile["skipped_shards"], profile["cache"]) == (1438, 5, 1, "miss")
+    assert (profile["rows"], profile["shards"], profile["skipped_shards"], profile["cache"]) == (rows, 5, 1, "miss")
     assert run.data.tags["openclaw.data.train.cache"] == "miss" and run.data.metrics["data/train/skipped_shards"] == 1
     assert run.data.metrics["data/train/prepare_s"] > 0
     skipped = json.loads(open(client.download_artifacts(first.run_id, "data/skipped_shards.json", str(tmp_path))).read())
@@ -58,7 +59,7 @@ def test_s3_data_is_transformed_once_cached_and_recorded_in_mlflow(ray_local, s3
 
     # a second run with the same data and transforms skips the preparation and trains on the same samples
     second = openclaw.train(digits_config(digits_dir, tmp_path, mlflow_uri, name="s3-second", **common))
-    assert "data.train: 1438 rows in 4 shard(s), found in the cache" in capsys.readouterr().out
+    assert f"data.train: {rows} rows in 4 shard(s), found in the cache" in capsys.readouterr().out
     again = client.get_run(second.run_id).data
     assert again.tags["openclaw.data.train.cache"] == "hit" and again.metrics["data/train/cache_hit"] == 1
     # Same samples in the same order: the two runs end with bitwise-equal weights.

@@ -66,9 +66,13 @@ def test_state_dict_round_trip_continues_bit_for_bit():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_steps_on_cpu(precision):
     x, y = _data()
-    e = _engine(precision=precision)
-    stats = e.train_step(0, _micro(x, y, 0, 32, 8))
-    assert e.dtype != torch.float32 and stats.samples == 32 and stats.loss_sum > 0
+    e, full = _engine(precision=precision), _engine()  # the same initial weights (one seed)
+    before = [p.detach().clone() for p in e.model.parameters()]
+    stats, ref = e.train_step(0, _micro(x, y, 0, 32, 8)), full.train_step(0, _micro(x, y, 0, 32, 8))
+    assert e.dtype != torch.float32 and stats.finite and stats.samples == 32
+    # the same loss as fp32 to the reduced precision's rounding, and a step taken
+    assert stats.loss_sum == pytest.approx(ref.loss_sum, rel=0.02) and stats.loss_sum != ref.loss_sum
+    assert any(not torch.equal(b, p) for b, p in zip(before, e.model.parameters()))
 
 
 def test_nonfinite_loss_is_reported_and_not_applied():

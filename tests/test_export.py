@@ -46,6 +46,7 @@ def _report(folder) -> dict:
     return json.loads((folder / "quantization.json").read_text())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode,max_layer_ratio", [("int8", 0.30), ("int4", 0.20)])
 def test_a_trained_run_exports_registers_and_loads_back(trained, digits_dir, mode, max_layer_ratio, capsys):
     result, uri, tmp = trained
@@ -238,6 +239,7 @@ def test_an_export_whose_weights_file_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_user_errors_exit_2_naming_what_to_change(trained, tmp_path, capsys):
     result, uri, _ = trained
     cases = [(["export", str(tmp_path / "nope"), "--quantize", "int8"], "is not a checkpoint folder, an MLflow run id"),

@@ -12,6 +12,7 @@ import openclaw
 from conftest import digits_config
 from openclaw.errors import NonFiniteLossError
 from openclaw.data.sampler import Sampler
+from openclaw.data.sources import resolve
 
 pytestmark = pytest.mark.integration
 BAD_ROW, STEPS = 100, 50
@@ -31,7 +32,8 @@ def poisoned(digits_dir, tmp_path_factory):
     return out
 
 
-def _bad_steps(cfg, rows):
+def _bad_steps(cfg):
+    rows = resolve(cfg.data.train, "data.train").num_rows  # the (poisoned) training data the run reads
     s = Sampler(rows, cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.seed)
     return [step for step in range(STEPS) if BAD_ROW in s.global_batch(step)]
 
@@ -48,7 +50,7 @@ def _events(client, run_id, tmp_path):
 
 def test_skip_and_rollback(ray_local, poisoned, tmp_path, mlflow_uri):
     skip_cfg = _cfg(poisoned, tmp_path, mlflow_uri, "skip", "skip")
-    bad = _bad_steps(skip_cfg, 1438)
+    bad = _bad_steps(skip_cfg)
     assert len(bad) >= 2  # the bad row comes round once per epoch
     client = MlflowClient(mlflow_uri)
 
@@ -72,7 +74,7 @@ def test_skip_and_rollback(ray_local, poisoned, tmp_path, mlflow_uri):
 
 def test_fail_names_the_step(ray_local, poisoned, tmp_path, mlflow_uri):
     cfg = _cfg(poisoned, tmp_path, mlflow_uri, "fail", "fail")
-    first_bad = _bad_steps(cfg, 1438)[0]
+    first_bad = _bad_steps(cfg)[0]
     with pytest.raises(NonFiniteLossError, match=f"global step {first_bad} "):
         openclaw.train(cfg)
     run = MlflowClient(mlflow_uri).search_runs([MlflowClient(mlflow_uri).get_experiment_by_name("openclaw")
@@ -84,7 +86,7 @@ def test_the_same_error_in_two_attempts_in_a_row_gives_up_before_max_failures(ra
                                                                              mlflow_uri, capsys):
     cfg = _cfg(poisoned, tmp_path, mlflow_uri, "fail", "same-error")
     cfg = openclaw.load_config(None, {"failure.max_failures": 5, "failure.max_same_error": 2}, base=cfg.resolved())
-    first_bad = _bad_steps(cfg, 1438)[0]
+    first_bad = _bad_steps(cfg)[0]
     with pytest.raises(NonFiniteLossError, match=f"global step {first_bad} "):
         openclaw.train(cfg)
     assert "giving up: the same error in 2 attempts in a row (`failure.max_same_error` is 2)" in capsys.readouterr().out
@@ -99,7 +101,7 @@ def test_a_nonfinite_loss_that_recurs_after_a_rollback_in_bf16_switches_the_run_
                                                                                       tmp_path, mlflow_uri):
     cfg = _cfg(poisoned, tmp_path, mlflow_uri, "rollback", "bf16-rollbacks")
     cfg = openclaw.load_config(None, {"train.precision": "bf16"}, base=cfg.resolved())
-    bad = _bad_steps(cfg, 1438)
+    bad = _bad_steps(cfg)
     result = openclaw.train(cfg)
     assert result.metrics["step"] == STEPS
     client = MlflowClient(mlflow_uri)

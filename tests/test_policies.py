@@ -138,8 +138,9 @@ def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():
     assert attempts([{1: node}] * 4) == 0  # a lost node, again and again: the budget is max_failures (-1)
     assert attempts([{1: node}] * 4, max_failures=2) == 3
 
-    class WorkerHealthCheckFailedError(Exception):  # Ray Train's, for a worker process found dead
-        pass
-    killed = [{0: WorkerHealthCheckFailedError(f"A worker health check failed. Worker {i:032x} is dead.")}
+    # Ray Train's own, for a worker process found dead (matched by name: it is in a private module)
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    killed = [{0: WorkerHealthCheckFailedError(f"A worker health check failed. Worker {i:032x} is dead.",
+                                               failure=RuntimeError("the worker process exited"))}
               for i in range(4)]
     assert attempts(killed, max_failures=3) == 4  # three SIGKILLs survived, as max_failures says

@@ -72,14 +72,15 @@ def test_cache_key_changes_with_the_source_the_transforms_and_their_code(digits_
     assert fingerprint(resolve(str(data), "data.train"), cfg.data) != key  # the transform's code changed
 
 
-def _prepare_slowly(root, key, log):
+def _prepare_slowly(root, key, log, start):
     cache = PrepCache(root, 10**9)
+    start.wait(30)  # all three ask for the key at once: they overlap for sure
 
     def prepare(tmp):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         pq.write_table(pa.table({"x": [1, 2, 3]}), os.path.join(tmp, "part-00000.parquet"))
-        time.sleep(0.5)  # a window in which a reader of a half-written entry would see one
+        time.sleep(0.5)  # a hold, with the others already asking: a reader of a half-written entry would see one
         return {"shards": [{"file": "part-00000.parquet", "rows": 3}]}
 
     entry = cache.acquire(key, prepare)
@@ -90,7 +91,8 @@ def _prepare_slowly(root, key, log):
 def test_two_processes_preparing_one_key_make_one_entry(tmp_path):
     ctx = multiprocessing.get_context("fork")
     log = tmp_path / "prepared_by.txt"
-    procs = [ctx.Process(target=_prepare_slowly, args=(str(tmp_path / "c"), "k1", str(log))) for _ in range(3)]
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_prepare_slowly, args=(str(tmp_path / "c"), "k1", str(log), start)) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:

@@ -8,7 +8,6 @@ import contextlib
 import gzip
 import json
 import re
-import timeit
 
 import pytest
 import torch
@@ -358,10 +357,7 @@ def test_phase_labels_are_free_without_a_profiler_and_recorded_with_one():
         with record_function("openclaw/data"):
             pass
 
-    assert isinstance(phase("data"), contextlib.nullcontext)
-    ours, theirs = (min(timeit.repeat(f, number=20000, repeat=5)) / 20000 * 1e6 for f in (labelled, bare))
-    print(f"per label without a profiler: phase() {ours:.2f} us, record_function {theirs:.2f} us")
-    assert ours < theirs
+    assert isinstance(phase("data"), contextlib.nullcontext)  # no profiler: no record_function at all
     with profile() as prof:
         labelled()
     assert "openclaw/data" in {e.key for e in prof.key_averages()}

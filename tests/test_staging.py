@@ -1,6 +1,8 @@
 """Checkpoint staging folders: a killed worker's are removed by the next worker of its host, no one else's."""
 import os
 
+import pytest
+
 from conftest import exited_pid
 from openclaw.runtime import staging
 
@@ -40,10 +42,8 @@ def test_a_host_name_with_dashes_and_odd_characters_still_parses(tmp_path, monke
 
 
 def test_a_staging_folder_is_gone_after_its_block_even_on_error(tmp_path):
-    try:
+    with pytest.raises(RuntimeError, match="the write failed"):  # the error goes on, not swallowed
         with staging.staging_dir() as d:
             (open(os.path.join(d, "f"), "w")).close()
             raise RuntimeError("the write failed")
-    except RuntimeError:
-        pass
     assert not os.path.exists(d)

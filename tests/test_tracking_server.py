@@ -44,8 +44,8 @@ def test_a_60_s_tracking_outage_neither_stops_training_nor_loses_a_metric(ray_lo
 
     def take_the_server_away():
         run_dir = tmp_path / "runs" / "outage"
-        while not any(run_dir.glob("checkpoint_*/manifest.json")):
-            time.sleep(0.05)
+        if not _first_checkpoint(run_dir):
+            return  # the run failed first: its own error says why
         server.stop()
         outage["down"] = time.time()
         time.sleep(60)  # the outage itself, as the issue specifies: not a synchronization
@@ -53,12 +53,11 @@ def test_a_60_s_tracking_outage_neither_stops_training_nor_loses_a_metric(ray_lo
         server.start()  # (seconds of the machine's CPU, on the test's account)
         outage["up"] = time.time()
 
-    chaos = threading.Thread(target=take_the_server_away)
+    chaos = threading.Thread(target=take_the_server_away, daemon=True)
     chaos.start()
     result = openclaw.train(cfg)
     chaos.join()
-    assert result.metrics["step"] == steps
-    assert outage["restart"] - outage["down"] >= 60
+    assert result.metrics["step"] == steps and "up" in outage  # (the outage's windows: `_kept_its_pace`)
 
     client = MlflowClient(server.uri)
     history = {k: client.get_metric_history(result.run_id, k) for k in client.get_run(result.run_id).data.metrics}
@@ -121,6 +120,17 @@ def _values_as_the_workers_logged_them(at, cfg, run_dir, steps, every) -> set[st
         "train/lr", "train/epoch", "train/global_batch_size", "train/skipped_batches"}
 
 
+def _first_checkpoint(run_dir, timeout_s: float = 300) -> bool:
+    """Whether the run wrote its first checkpoint within `timeout_s` (polled: a run that failed first must
+    not leave this thread spinning, and pytest waiting on it)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(run_dir.glob("checkpoint_*/manifest.json")):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _kept_its_pace(history, outage):
     """Training went on at its pace while the server was down: the median rate of the logging windows
     (20 steps, timed by the workers' clocks) of the outage is at least 0.8 x the median of the windows
@@ -143,11 +153,10 @@ def test_a_server_that_never_returns_leaves_a_spool_that_uploads_later(ray_local
     run_dir = tmp_path / "runs" / "gone"
 
     def take_the_server_away():
-        while not any(run_dir.glob("checkpoint_*/manifest.json")):
-            time.sleep(0.05)
-        server.stop()
+        if _first_checkpoint(run_dir):
+            server.stop()
 
-    chaos = threading.Thread(target=take_the_server_away)
+    chaos = threading.Thread(target=take_the_server_away, daemon=True)
     chaos.start()
     result = openclaw.train(cfg)
     chaos.join()
