@@ -124,6 +124,10 @@ def test_setup_installs_the_project(cluster):
     assert cluster["file_mounts"].get("~/openclaw") == "."
     installs = [c for c in cluster["setup_commands"] if "pip install" in c and "-e ~/openclaw" in c]
     assert installs, cluster["setup_commands"]
+    # every node the same Ray as the head's (Ray refuses another), whenever the autoscaler adds it
+    import ray
+    assert any(f"ray[train,data,tune,default]=={ray.__version__}'" in c for c in installs), installs
+    assert "chmod 600 ~/.ray/auth_token" in cluster["setup_commands"]
 
 
 def test_fast_node_failure_detection(cluster):
