@@ -50,6 +50,21 @@ def test_address_local_is_a_local_instance_not_a_cluster(monkeypatch):
     assert cluster_address(None) == "auto" and cluster_address("ray://h:10001") == "ray://h:10001"
 
 
+def test_a_dashboard_address_is_refused_saying_what_it_is_and_an_ipv6_address_is_checked():
+    """RAY_ADDRESS=http://127.0.0.1:8265 (the usual export for `ray job submit`) said "no Ray cluster
+    answers ... Name or service not known", even with the dashboard listening; [::1]:6379 likewise."""
+    import socket
+
+    from openclaw.errors import ConfigError
+    from openclaw.launch.ray_setup import _check_reachable
+    with pytest.raises(ConfigError, match=r"is a dashboard's address, which `ray job submit` takes"):
+        _check_reachable("http://127.0.0.1:8265")
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        s.listen()
+        _check_reachable(f"[::1]:{s.getsockname()[1]}")  # answers: no error
+
+
 def test_on_a_cluster_that_may_add_gpu_nodes_gpus_are_not_talked_out_of():
     """A cluster's GPU nodes may start at zero (cluster.yaml, the KubeRay manifests): the note told a
     `use_gpu: true` run to set `auto` or `false`, which trains on CPUs there; and `auto` itself found no GPU

@@ -96,7 +96,13 @@ def cluster_address(address: str | None) -> str | None:
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A cluster address (`HOST:PORT`, `ray://HOST:PORT`) must answer: Ray itself retries an address that
     does not for minutes, printing connection warnings."""
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"{address} (`--address` or $RAY_ADDRESS) is a dashboard's address, which `ray job submit` "
+                          f"takes: a run joins a cluster at its GCS, HOST:6379 (`ray status` on the head shows it). "
+                          f"To run on the cluster, submit it: `ray job submit --address {address} -- python "
+                          f"jobs/train.py CONFIG`.")
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 address, [::1]:6379
     if not host or not port.isdigit():  # "auto", "local": Ray resolves them
         return
     try:
