@@ -100,10 +100,11 @@ def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    config = load_config(args.config, args.overrides)  # a mistake in the config: in moments, before torch loads
     from openclaw.launch.places import place
     from openclaw.launch.preflight import preflight
-    config = place(load_config(args.config, args.overrides))
-    sources = preflight(config)  # a user's mistake is reported here, before Ray and MLflow are even imported
+    config = place(config)
+    sources = preflight(config)  # one in the data, storage or tracking: here, before Ray starts
     from openclaw.launch.session import train
     result = train(config, address=args.address, verbose=args.verbose, sources=sources)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("train/loss", "val/"))}
@@ -117,9 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+    config = load_config(args.config, args.overrides)  # a mistake in the config: in moments, before Tune loads
     from openclaw.sweeps.launch import sweep
-    result = sweep(load_config(args.config, args.overrides), resume=args.resume, address=args.address,
-                   verbose=args.verbose)
+    result = sweep(config, resume=args.resume, address=args.address, verbose=args.verbose)
     counts = {o: sum(t["outcome"] == o for t in result.trials) for o in ("finished", "stopped_early", "failed")}
     print(f"openclaw: sweep done: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
           f"{counts['failed']} failed")
