@@ -115,12 +115,17 @@ def test_secret_looking_values_are_redacted_before_logging():
     for key in ("api_key", "model.kwargs.hf_token", "aws_secret_access_key", "password", "db-password", "key",
                 "access_token", "client_secret", "credentials"):
         assert is_secret_key(key), key
-    for key in ("keep", "checkpoint.keep", "keyword_weight", "monkey", "tokenizer", "max_tokens", "name"):
+    for key in ("keep", "checkpoint.keep", "keyword_weight", "monkey", "tokenizer", "max_tokens", "name",
+                "num_key_value_heads", "pad_token_id", "eos_token_id", "key_dim", "numKeyValueHeads"):
         assert not is_secret_key(key), key
-    tree = {"model": {"kwargs": {"api_key": "sk-123", "hidden": 8, "nested": {"hf_token": "hf_abc"}}},
+    # a checkpoint's config rebuilds its model: a model argument that is a number stays what it was (a user
+    # model's `num_key_value_heads` and `pad_token_id` were saved as '***' and the model could not be built)
+    tree = {"model": {"kwargs": {"api_key": "sk-123", "hidden": 8, "nested": {"hf_token": "hf_abc"},
+                                 "num_key_value_heads": 2, "pad_token_id": 0, "n_token": 256}},
             "tracking": {"password": None}}
     out = redacted(tree)
-    assert out["model"]["kwargs"] == {"api_key": REDACTED, "hidden": 8, "nested": {"hf_token": REDACTED}}
+    assert out["model"]["kwargs"] == {"api_key": REDACTED, "hidden": 8, "nested": {"hf_token": REDACTED},
+                                      "num_key_value_heads": 2, "pad_token_id": 0, "n_token": 256}
     assert out["tracking"]["password"] is None and tree["model"]["kwargs"]["api_key"] == "sk-123"
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 

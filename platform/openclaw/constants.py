@@ -70,13 +70,14 @@ _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
 def is_secret_key(key: str) -> bool:
-    """A key that looks like it holds a secret: its last segment names a token, password, secret, key or
-    credentials (`api_key`, `apiKey`, `aws_secret_access_key`, `secretAccessKey`, `hf_token`, `key`,
-    `auth`, `dsn`, `connection_string`), split on `.`, `_`, `-` and camelCase."""
+    """A key that looks like it holds a secret: the last word of its last segment names a token, password,
+    secret, key or credentials (`api_key`, `apiKey`, `aws_secret_access_key`, `secretAccessKey`, `hf_token`,
+    `key`, `auth`, `dsn`, `connection_string`), split on `.`, `_`, `-` and camelCase. Only the last word: a
+    model's `num_key_value_heads`, `pad_token_id` or `key_dim` is a number, not a secret."""
     last = _CAMEL.sub(r"\1_\2", key.rsplit(".", 1)[-1]).lower().replace("-", "_")
-    words = last.split("_")
-    return "connection_string" in last or any(
-        w in SECRET_WORDS or w.endswith(("token", "password", "secret")) or w.startswith("credential") for w in words)
+    word = last.rsplit("_", 1)[-1]
+    return last.endswith("connection_string") or (
+        word in SECRET_WORDS or word.endswith(("token", "password", "secret")) or word.startswith("credential"))
 
 
 def seconds_setting(name: str, default: float) -> float:

@@ -16,7 +16,7 @@ def redacted(tree: Any) -> Any:
     """The tree with every secret-looking key's value replaced, and every URI without its user info (a
     `tracking.uri` of `postgresql://user:pw@db/mlflow`): what may be logged (params, config.yaml)."""
     if isinstance(tree, dict):
-        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redacted(v)) for k, v in tree.items()}
+        return {k: (REDACTED if is_secret_key(str(k)) and isinstance(v, str) else redacted(v)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redacted(v) for v in tree]
     if isinstance(tree, str):
