@@ -48,8 +48,10 @@ def load_model(source: str | os.PathLike, *, tracking_uri: str | None = None, tr
       (its quantized model);
     - an MLflow run id (its logged `model`), or a `runs:/RUN_ID/model` or `models:/NAME/VERSION` URI,
       from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db), rebuilt from the
-      state dict and config openclaw logs beside the MLflow model (nothing is unpickled unless
-      `trust_pickle=True`, which loads the MLflow model itself).
+      state dict and config openclaw logs beside the MLflow model, each logged model its own (nothing
+      is unpickled unless `trust_pickle=True`, which loads the MLflow model itself: for a run with
+      data, MLflow's torch.export program traced on two rows, which takes the example's shapes
+      beyond the batch, and is not an `nn.Module` you can `.eval()`).
 
     Nothing runs code unless you say so: a built-in model is built; a `module:function` model named by
     the checkpoint needs `trust_code=True`, or your own `model_fn`, called with its `model.kwargs`.

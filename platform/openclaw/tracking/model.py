@@ -10,6 +10,7 @@ import tempfile
 from typing import Callable
 
 import mlflow
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from mlflow.entities import LoggedModelOutput, Metric
@@ -22,7 +23,7 @@ from openclaw.data.sources import Source, column_to_numpy, resolve
 from openclaw.errors import UserError
 from openclaw.engine.model_io import build_from_config, load_model_dir
 from openclaw.tracking.redact import redacted
-from openclaw.tracking.run import OPENCLAW_MODEL_DIR, metric_histories, no_logged_model, source_run
+from openclaw.tracking.run import OPENCLAW_MODEL_DIR, metric_histories, model_folder, no_logged_model
 
 
 def resolve_sources(d: DataConfig) -> dict[str, Source]:
@@ -45,14 +46,11 @@ def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sour
     config may build its `module:function` model (false for a spool of unknown origin)."""
     with local_copy(checkpoint) as d:
         model = load_model_dir(d, trust_code=trust_code)
-    src = sources.get("val") or sources.get("train")
-    example = None
-    if src is not None and config.data.features in src.schema.names:  # (sync-spool after transforms sees the raw columns: no example)
-        first = pq.ParquetFile(src.files[0], filesystem=src.filesystem).read_row_group(0, columns=[config.data.features])
-        example = column_to_numpy(first.column(config.data.features)[:2])
-        example = example[:, :-1].astype("int64") if config.task == "language_modeling" else example.astype("float32")
+    example = input_example(config, sources.get("val") or sources.get("train"))
     # Explicit requirements: MLflow's inference re-imports the model in a subprocess (about 10 s here).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "openclaw"]
+    # Not "openclaw": PyPI's package of that name is another project, which a tool building the model's
+    # environment would install. The default (pt2) format needs no openclaw to load.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     run = client.get_run(run_id)
@@ -70,14 +68,46 @@ def log_final_model(config: Config, uri: str, run_id: str, checkpoint: str, sour
     # The same points (key, value, time and step) with the model's id: the run's histories gain no point.
     client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id)
                                       for m in final])
+    # openclaw's copy, this logged model's own (a run that logs again keeps each), and which is the newest
     with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
         torch.save(model.state_dict(), os.path.join(d, "model.pt"))
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(redacted(config.resolved()), f, indent=2)
+        client.log_artifacts(run_id, d, f"{OPENCLAW_MODEL_DIR}/{logged.model_id}")
+        os.remove(os.path.join(d, "model.pt"))  # the run's folder: the newest's config and id (no second copy)
+        with open(os.path.join(d, "latest.json"), "w") as f:
+            json.dump({"model_id": logged.model_id}, f)
         client.log_artifacts(run_id, d, OPENCLAW_MODEL_DIR)
     if config.tracking.register_as:
         print(f"openclaw: registered the model as models:/{config.tracking.register_as}/"
               f"{info.registered_model_version}", flush=True)
+
+
+def input_example(config: Config, src: Source | None, rows: int = 2) -> np.ndarray | None:
+    """`rows` rows of the features, as the model takes them, for MLflow's export to trace on: from the first
+    row groups that hold them (a first shard or row group of 0 or 1 rows fixed the traced batch size to it,
+    so the logged model took no other), integers kept integers (a model that embeds token ids, as a
+    language model does without its last token). None (the pickle format) where the data has too few
+    rows, or no such column (sync-spool after transforms sees the raw columns)."""
+    if src is None or config.data.features not in src.schema.names:
+        return None
+    parts, have = [], 0
+    for path in src.files:
+        f = pq.ParquetFile(path, filesystem=src.filesystem)
+        for g in range(f.num_row_groups):
+            if have >= rows:
+                break
+            column = f.read_row_group(g, columns=[config.data.features]).column(config.data.features)
+            parts.append(column_to_numpy(column[:rows - have]))
+            have += len(parts[-1])
+        if have >= rows:
+            break
+    if have < rows:
+        return None
+    example = np.concatenate(parts)
+    if config.task == "language_modeling":
+        return example[:, :-1].astype("int64")
+    return example.astype("int64" if np.issubdtype(example.dtype, np.integer) else "float32")
 
 
 LINKED_METRICS = ("val/", "train/loss")
@@ -98,10 +128,10 @@ def load_logged_model(uri: str, tracking_uri: str, *, trust_code: bool = False,
     if trust_pickle:
         return mlflow.pytorch.load_model(uri, dst_path=None)
     client = MlflowClient(tracking_uri)
-    run_id = source_run(client, uri)
+    run_id, where = model_folder(client, uri)
     with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
         try:
-            folder = client.download_artifacts(run_id, OPENCLAW_MODEL_DIR, d)
+            folder = client.download_artifacts(run_id, where, d)
         except Exception:
             raise no_logged_model(client, run_id, uri, "load its checkpoint instead, or pass trust_pickle=True to "
                                   "unpickle its MLflow model if you trust where it came from") from None

@@ -188,13 +188,38 @@ def logged_export(uri: str, tracking_uri: str) -> Iterator[str | None]:
         yield client.download_artifacts(run.info.run_id, EXPORT_DIR, d)
 
 
+def model_folder(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(the run, the artifact folder of openclaw's copy of the model) that `uri` names. A run may log its
+    final model more than once (a resume that trains on, a spool uploaded after a partial end): each is in
+    `openclaw-model/<model id>/`, and `openclaw-model/latest.json` names the newest (what `runs:/RUN/model`
+    means). A model version is its own logged model. Older runs: the files at `openclaw-model/` itself."""
+    run_id = source_run(client, uri)
+    model_id = None
+    if uri.startswith("models:/"):
+        ref = uri.removeprefix("models:/")
+        name, alias = ref.split("@", 1) if "@" in ref else (ref.partition("/")[0], None)
+        version = (client.get_model_version_by_alias(name, alias) if alias else
+                   client.get_model_version(name, ref.partition("/")[2]))
+        # MLflow 3: the version's source is its logged model (`models:/m-...`); model_id is not always filled
+        source = version.source or ""
+        model_id = getattr(version, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/")
+                                                          else None)
+    else:
+        with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d, contextlib.suppress(Exception):
+            with open(client.download_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/latest.json", d)) as f:
+                model_id = json.load(f)["model_id"]
+    if model_id and client.list_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/{model_id}"):
+        return run_id, f"{OPENCLAW_MODEL_DIR}/{model_id}"
+    return run_id, OPENCLAW_MODEL_DIR
+
+
 def load_logged_config(uri: str, tracking_uri: str) -> tuple[dict[str, Any], str]:
     """(the redacted config, the run id) of a model logged with `log_final_model`."""
     client = MlflowClient(tracking_uri)
-    run_id = source_run(client, uri)
+    run_id, folder = model_folder(client, uri)
     with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
         try:
-            path = client.download_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/config.json", d)
+            path = client.download_artifacts(run_id, f"{folder}/config.json", d)
         except Exception:
             raise no_logged_model(client, run_id, uri, "export from its checkpoint instead") from None
         with open(path) as f:
