@@ -68,11 +68,17 @@ def text(out: Path, source: str | None = None, seq_len: int = 128, val_fraction:
     (default: this Python's standard library). Files are split into train/val whole, so no val text
     was seen in training. Also records the unigram (byte frequency) entropy: the loss to beat."""
     root = Path(source or sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    if not files:
-        raise SystemExit(f"no .py files under {root}; pass --source DIR with text files")
+    # (the standard library's own site-packages left out: installed packages, not the library)
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    if len(files) < 2:
+        raise SystemExit(f"{len(files)} .py file(s) under {root}: the recipe reads .py files, at least 2 (train "
+                         f"and val are split by file); pass --source DIR with more")
     rng = np.random.default_rng(0)
     is_val = rng.random(len(files)) < val_fraction
+    if not is_val.any():  # a small source: at least one file is val, so that val is never empty
+        is_val[int(rng.integers(len(files)))] = True
+    if is_val.all():
+        is_val[int(rng.integers(len(files)))] = False
     streams = {"train": bytearray(), "val": bytearray()}
     for path, val in zip(files, is_val):
         buf = streams["val" if val else "train"]
@@ -87,6 +93,9 @@ def text(out: Path, source: str | None = None, seq_len: int = 128, val_fraction:
                      shards if split == "train" else 1)
         stats[f"{split}_rows"] = rows
         stats[f"{split}_bytes"] = int(len(tokens))
+        if rows == 0:  # nothing to train or evaluate on: the configs would refuse the folder later
+            raise SystemExit(f"the {split} files hold {len(tokens)} bytes, less than one sequence of --seq-len "
+                             f"{seq_len} + 1: lower --seq-len or pass a larger --source")
     counts = np.bincount(np.frombuffer(bytes(streams["train"]), dtype=np.uint8), minlength=256).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     stats["unigram_entropy_nats"] = float(-(p * np.log(p)).sum())

@@ -158,3 +158,29 @@ def test_prepare_refuses_counts_below_one_and_keeps_the_dataset_there(tmp_path, 
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"argument {args[0]}: " in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (out / "train").iterdir()) == before == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_the_text_recipe_never_writes_an_empty_split(tmp_path):
+    """A small `--source` (one file, or two the draw put both in train) wrote an empty `val/` and exited 0,
+    as did a `--seq-len` longer than the text; the configs then refused the folder at the run's start.
+    A `.py` file under a folder named site-packages inside the source was left out too."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    src = tmp_path / "src" / "site-packages" / "pkg"  # the filter looks below --source only
+    src.mkdir(parents=True)
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "text", *args], capture_output=True,
+                              text=True, timeout=120)
+    (src / "a.py").write_text("x = 1\n" * 400)
+    one = run("--source", str(src.parent), "--out", str(tmp_path / "one"))
+    assert one.returncode != 0 and "1 .py file(s) under" in one.stderr and "at least 2" in one.stderr
+    (src / "b.py").write_text("y = 2\n" * 400)
+    two = run("--source", str(src.parent), "--out", str(tmp_path / "two"), "--seq-len", "16")
+    stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert two.returncode == 0 and stats["train_rows"] > 0 and stats["val_rows"] > 0
+    assert resolve(str(tmp_path / "two" / "val"), "data.val").num_rows == stats["val_rows"]
+    long = run("--source", str(src.parent), "--out", str(tmp_path / "long"), "--seq-len", "100000")
+    assert long.returncode != 0 and "less than one sequence of --seq-len 100000" in long.stderr
