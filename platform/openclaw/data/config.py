@@ -44,8 +44,8 @@ class CacheConfig(Section):
 
 class ShardCacheConfig(Section):
     dir: str | None = None
-    """Each node's local copy of shards read from object storage. Unset: `openclaw-shards` in the system
-    temporary folder."""
+    """Each node's local copy of shards read from object storage. Unset: `openclaw-shards-<uid>` in the
+    system temporary folder (one per user, 0700)."""
     max_bytes: int = Field(20 * 2**30, gt=0)
     """Per node; least-recently-used shards are evicted to stay under it."""
 

@@ -82,7 +82,7 @@ def choose_precision(asked: str, facts: DeviceFacts, tf32: bool = True, fp8: str
         if on_gpu and cap >= (7, 0):
             return Precision("fp16", True, False, f"auto: fp16 autocast with loss scaling on {where} "
                                                   f"(tensor cores without bf16)")
-        why = "no 16-bit tensor cores" if on_gpu else "bf16 autocast was no faster than fp32 on CPUs here"
+        why = "no 16-bit tensor cores" if on_gpu else "bf16 autocast on CPUs is faster for some models, slower for others"
         return Precision("fp32", False, allow_tf32, f"auto: fp32 on {where} ({why})")
     if asked == "bf16" and on_gpu and not facts.bf16:
         return Precision("fp16", True, False, f"bf16 asked, but {where} has no bf16: fp16 autocast with loss "
