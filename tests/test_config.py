@@ -168,7 +168,10 @@ def test_the_sdk_applies_overrides_to_a_loaded_config_and_a_path_with_a_base_is_
     cfg = load_config(DIGITS)
     got = with_overrides(cfg, ["train.max_steps=7"])
     assert isinstance(got, Config) and got.train.max_steps == 7 and got.data == cfg.data
-    assert with_overrides(cfg, None) is cfg
+    assert with_overrides(cfg, None) == cfg
+    cfg.scaling.use_gpu, cfg.train.precision = False, "fp8"  # each accepted alone: their section's own checks
+    with pytest.raises(ConfigError, match="fp8"):
+        with_overrides(cfg, None)
     with pytest.raises(ConfigError, match="not both"):
         load_config(DIGITS, base=cfg.resolved())
 
@@ -390,6 +393,33 @@ def test_an_override_reaches_into_a_sweep_space_that_holds_no_dotted_key_yet():
         got = load_config(DIGITS, [f"sweep={{space: {space}, search: random}}".replace("'", ""),
                                    "sweep.space.train.optimizer.lr={loguniform: [1.0e-4, 1.0e-2]}"])
         assert got.sweep.space["train.optimizer.lr"].kind == "loguniform"
+
+
+@pytest.mark.parametrize("override, said", [
+    ("data.transforms=[{op: cast, column: y, dtype: int64, bogus: 1}]",
+     "unknown key `data.transforms.0.bogus`; allowed keys there: op, column, dtype"),
+    ("data.transforms=[{op: normalize, colum: x, mean: 0.5, std: 0.5}]",
+     "unknown key `data.transforms.0.colum`; did you mean `data.transforms.0.column`?"),
+    ("sweep={space: {train.optimizer.lr: {choyce: [1, 2]}}}",
+     "unknown key `sweep.space.train.optimizer.lr.choyce`; did you mean `sweep.space.train.optimizer.lr.choice`?"),
+])
+def test_an_unknown_key_inside_a_list_or_a_mapping_of_sections_is_named_as_written(override, said):
+    """Inside `data.transforms` the error named the transform's tag as a key (`data.transforms.0.cast.bogus`)
+    and said "that is a value, not a section"; inside `sweep.space` likewise, with no keys allowed there."""
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS, [override])
+    assert said in str(e.value), str(e.value)
+    assert "that is a value, not a section" not in str(e.value)
+
+
+def test_a_wrong_item_in_a_list_of_ranks_is_one_error_at_its_key():
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS, ["profile.ranks=[a]"])
+    assert "`profile.ranks.0`" in str(e.value) and "list[int]" not in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("override", ["train.max_steps=yes", "train.eval_every=no", "train.optimizer.lr=true",

@@ -232,8 +232,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 
 def with_overrides(config: Config, overrides: list[str] | dict[str, Any] | None) -> Config:
-    """A loaded config with `overrides` applied and validated again (itself where there are none)."""
-    return config if not overrides else load_config(None, overrides, base=config.resolved())
+    """A loaded config with `overrides` applied, validated again as a whole: a section's field set on the
+    loaded object (`cfg.train.precision = "fp8"`) is checked alone, not against the other sections."""
+    return load_config(None, overrides, base=config.resolved())
 
 
 def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> Config:

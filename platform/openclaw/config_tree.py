@@ -3,7 +3,7 @@ keys, and a validation error explained key by key (driver, and each Tune trial).
 from __future__ import annotations
 
 import difflib
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -16,7 +16,8 @@ def explain(error: ValidationError, root: type[BaseModel], source: str, overridd
     for loc, err in _located(error, root):
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = [name for name, _ in section_fields(root, loc[:-1])]
+            where = err.get("section")  # the section the key is in (a transform's, by its tag)
+            allowed = [f.alias or name for name, f in where.model_fields.items()] if where else []
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             guess = f"did you mean `{'.'.join(loc[:-1] + close)}`? " if close else ""
             where = f"allowed keys there: {', '.join(allowed)}" if allowed else "that is a value, not a section"
@@ -52,7 +53,8 @@ def _located(error: ValidationError, root: type[BaseModel]) -> list[tuple[list[s
     out: list[tuple[list[str], dict]] = []
     unions: dict[tuple[str, ...], list[tuple[list[str], dict, bool]]] = {}
     for err in error.errors():
-        loc = [str(p) for p in err["loc"]]
+        raw = [str(p) for p in err["loc"]]
+        loc, err = walk(root, raw)[0], {**err, "section": walk(root, raw[:-1])[1]}  # a transform's `op` tag is no key
         at = next((i for i, part in enumerate(loc) if i and _branch(part, sections)), None)
         if at is None:
             out.append((loc, err))
@@ -69,8 +71,60 @@ def _located(error: ValidationError, root: type[BaseModel]) -> list[tuple[list[s
 
 
 def _branch(part: str, sections: set[str]) -> bool:
-    return part in ("bool", "int", "float", "str", "list", "dict") or part.startswith(("literal[", "function-")) \
-        or part in sections
+    return part in ("bool", "int", "float", "str", "list", "dict") or part.startswith(
+        ("literal[", "function-", "list[", "dict[", "tuple[")) or part in sections
+
+
+def walk(root: type[BaseModel], loc: list[str]) -> tuple[list[str], type[BaseModel] | None]:
+    """`loc` (a validation error's location) as a key the user wrote, and the section at its end (None: a
+    value). It goes into list items (`data.transforms.0`) and mapping values (`sweep.space.<key>`), and
+    drops the tag pydantic puts in the location of a union told apart by a field (`data.transforms.0.cast`:
+    the transform whose `op` is cast)."""
+    out: list[str] = []
+    ann: Any = root
+    i = 0
+    while i < len(loc):
+        part, model = loc[i], _model(ann)
+        named = next((a for a in get_args(ann) if isinstance(a, type) and a.__name__ == part), None)
+        if named is not None:  # pydantic's name for a union's branch (`CompileConfig`): kept, for `_located`
+            out.append(part)
+            ann = named
+        elif model is not None:
+            field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
+            out.append(part)
+            ann = field.annotation if field is not None else None
+        elif get_origin(ann) in (list, tuple) and part.isdigit() or get_origin(ann) is dict:
+            out.append(part)
+            ann = get_args(ann)[-1] if get_args(ann) else None
+        elif (member := _tagged(ann, part)) is not None:
+            ann = member  # the tag: not part of the key
+        else:
+            return out + loc[i:], None
+        i += 1
+    return out, _model(ann)
+
+
+def _model(annotation: Any) -> type[BaseModel] | None:
+    """The section an annotation is: a model, or a model or None; not a union of several models."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is Annotated:
+        return _model(get_args(annotation)[0])
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if get_origin(annotation) in (Union, type(int | None)) and len(models) == 1 else None
+
+
+def _tagged(annotation: Any, tag: str) -> type[BaseModel] | None:
+    """The member of a union of sections whose literal field is `tag` (a discriminated union's)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    for member in get_args(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel) and any(
+                get_origin(f.annotation) is Literal and tag in get_args(f.annotation)
+                for f in member.model_fields.values()):
+            return member
+    return None
+
 
 
 def _section_names(root: type[BaseModel]) -> set[str]:
@@ -135,14 +189,3 @@ def is_section(root: type[BaseModel], loc: list[str]) -> bool:
             return False
         model = section_model(annotation)
     return model is not None and bool(loc)
-
-
-def section_fields(root: type[BaseModel], loc: list[str]) -> list[tuple[str, Any]]:
-    """(key as written in YAML, field) of the section at `loc` under `root` (empty: `root` itself)."""
-    model: type[BaseModel] | None = root
-    for part in loc:
-        field = model.model_fields.get(part) if model else None
-        model = section_model(getattr(field, "annotation", None))
-        if model is None:
-            return []
-    return [(f.alias or name, f) for name, f in model.model_fields.items()]
