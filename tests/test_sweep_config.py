@@ -51,6 +51,23 @@ def test_metric_must_be_reported_with_every_checkpoint():
     check_sweep(load_config(SWEEP, ["sweep.metric=train/loss", "data.val=null"]))
 
 
+def test_a_train_metric_no_trial_reports_is_refused():
+    """`val/los` was refused, `train/los` accepted: the sweep then waited on a metric no trial reports."""
+    with pytest.raises(ConfigError, match=r"`sweep.metric` is train/los, which no trial reports"):
+        check_sweep(load_config(SWEEP, ["sweep.metric=train/los"]))
+    assert check_sweep(load_config(SWEEP, ["sweep.metric=train/grad_norm", "sweep.mode=min"])) is not None
+
+
+def test_every_train_metric_the_code_logs_is_one_a_sweep_may_tune_on():
+    import re
+
+    from conftest import REPO
+    from openclaw.sweeps.config import TRAIN_METRICS
+    logged = {m for p in (REPO / "platform" / "openclaw").rglob("*.py") if p.parts[-2:] != ("sweeps", "config.py")
+              for m in re.findall(r'"(train/[a-z_]+)"', p.read_text())}  # (the list itself left out)
+    assert logged == set(TRAIN_METRICS), logged ^ set(TRAIN_METRICS)
+
+
 def test_asha_grace_period_must_leave_room_to_stop():
     with pytest.raises(ConfigError, match=r"grace_period_steps` \(300\) must be below `train.max_steps` \(300\)"):
         check_sweep(load_config(SWEEP, ["sweep.asha.grace_period_steps=300"]))

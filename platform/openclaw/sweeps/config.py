@@ -146,6 +146,12 @@ def trial_lr(raw: dict[str, Any], scaling: dict[str, Any]) -> float:
     return raw["train"]["optimizer"]["lr"] * {"linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
+TRAIN_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/epoch",
+                 "train/global_batch_size", "train/skipped_batches", "train/overflow_steps", "train/grad_noise_scale",
+                 "train/grad_noise_scale_smooth")
+"""The train/ metrics a run logs (`runtime.log_window`, `engine.noise`): what a sweep may tune on."""
+
+
 def check_against(sweep: SweepConfig, train_cfg: dict[str, Any]) -> list[str]:
     """Problems that only show with the training config: what the sweep's metric and scheduler need.
     `train_cfg` is the resolved config (plain data). Returns messages; empty when all is well."""
@@ -169,6 +175,9 @@ def check_against(sweep: SweepConfig, train_cfg: dict[str, Any]) -> list[str]:
                             f"divisor of `checkpoint.every_steps` ({every}), e.g. {every}")
     elif not sweep.metric.startswith("train/"):
         problems.append(f"`sweep.metric` must be a `train/...` or `val/...` metric, got {sweep.metric!r}")
+    elif sweep.metric not in TRAIN_METRICS:
+        problems.append(f"`sweep.metric` is {sweep.metric}, which no trial reports: the train/ metrics are "
+                        f"{', '.join(TRAIN_METRICS)}")
     elif every % train_cfg["train"]["log_every"]:
         problems.append(f"`sweep.metric` is {sweep.metric}, which trials report with each checkpoint, so every "
                         f"checkpoint step must be a logging step: set `train.log_every` to a divisor of "
