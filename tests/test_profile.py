@@ -432,3 +432,18 @@ def test_a_two_worker_digits_run_logs_its_profile_to_mlflow(ray_local, digits_di
     assert client.get_run(profiled.run_id).info.status == "FINISHED"
     print(f"final loss with the profile {profiled.metrics['train/loss']!r}, without {bare.metrics['train/loss']!r}")
     assert profiled.metrics["train/loss"] == bare.metrics["train/loss"]  # the profiler changes no number
+
+
+def test_the_reports_operator_means_count_only_the_ranks_that_list_the_operator():
+    """An operator at 10 ms on one rank and 9 ms on the other, but past the second rank's top list, was
+    shown as 5 ms: the missing entry counted as 0."""
+    from openclaw.profiling.report import _mean_rows
+    from openclaw.profiling.summary import RankSummary
+
+    def rank(r, ops):
+        return RankSummary(rank=r, steps=[(0, 1e4)], intervals={}, seconds={}, wall_s=0.01, top_ops=ops,
+                           top_kernels=[], memory={}, kernel_idle_frac=None, device={"type": "cpu"})
+    op = lambda name, ms: {"name": name, "self_ms": ms, "total_ms": ms, "calls": 1}  # noqa: E731
+    rows = dict(_mean_rows([rank(0, [op("aten::mm", 10.0), op("aten::add", 4.0)]), rank(1, [op("aten::add", 6.0)])],
+                           "top_ops", "self_ms"))
+    assert rows["aten::mm"]["self_ms"] == 10.0 and rows["aten::add"]["self_ms"] == 5.0
