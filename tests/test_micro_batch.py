@@ -385,9 +385,10 @@ def test_ranks_agree_on_the_smallest_size_and_a_kept_size_is_not_probed_again(di
     # the kept size, on every rank, with no probe
     assert [(k["size"], k["source"], k["probed"], k["choice"]) for k in same] == [(8, "train_state", 0, None)] * 2
     assert same[0]["estimate_gb"] == 0.25
-    # rank 1's memory is another (its budget is in the key): it chooses again, and the ranks take its smaller size
-    assert [(m["size"], m["source"], m["proposed"], m["probed"]) for m in mixed] == \
-        [(4, "train_state", [8, 4], 1), (4, "probe", [8, 4], 1)]
+    # rank 1's memory is another (its budget is in the key): it chooses again, and the ranks take its smaller size,
+    # chosen now (said as a probe's, which prints it), with the estimate at that size (rank 0 said kept, at 8's)
+    assert [(m["size"], m["source"], m["proposed"], m["probed"]) for m in mixed] == [(4, "probe", [8, 4], 1)] * 2
+    assert mixed[0]["estimate_gb"] == mixed[1]["estimate_gb"] == pytest.approx((fixed + 4 * per) / 1e9, rel=1e-4)
 
 
 # ---- end to end -------------------------------------------------------------------------------------------

@@ -68,12 +68,20 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
         mine, choice, backed_off, measured = stored["micro_batch_size"], None, [], ""
     else:
         choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, counts, local_world)
-    gathered = allgather_ints([mine, int(choice is not None)], device, world)
-    size = min(g[0] for g in gathered)
-    estimate = choice.estimate_at(size) / GB if choice else float(stored.get("micro_batch_estimate_gb", 0.0))
-    auto = AutoMicroBatch(size, "probe" if choice else "train_state", key, [g[0] for g in gathered],
-                          sum(g[1] for g in gathered), estimate, choice, backed_off, measured)
+    mine_gb = choice.estimate_at(mine) / GB if choice else float(stored.get("micro_batch_estimate_gb", 0.0))
+    gathered = allgather_ints([mine, int(choice is not None), round(mine_gb * GB)], device, world)
+    size, source, estimate = agree_on_size(gathered)
+    auto = AutoMicroBatch(size, source, key, [g[0] for g in gathered], sum(g[1] for g in gathered), estimate,
+                          choice, backed_off, measured)
     return with_micro_batch(cfg, size), auto
+
+
+def agree_on_size(gathered: list[list[int]]) -> tuple[int, str, float]:
+    """The ranks' (size, probed, estimate in bytes) agreed on: the smallest size, with the estimate of a rank that
+    proposed it, and `probe` where any rank probed (a rank that kept the stored size takes another's
+    smaller one: it was chosen now, and its estimate is not the stored size's)."""
+    at = min(range(len(gathered)), key=lambda r: gathered[r][0])
+    return gathered[at][0], "probe" if any(g[1] for g in gathered) else "train_state", gathered[at][2] / GB
 
 
 def with_micro_batch(cfg: Config, size: int) -> Config:
