@@ -119,20 +119,26 @@ def steps(engine, layout, rank: int, first: int, last: int) -> list[tuple[float,
     return out
 
 
-def full_weights(engine) -> dict[str, torch.Tensor]:
-    """Collective: the whole model's weights, on every rank."""
+def full_weights(engine, pipeline: int = 1) -> dict[str, torch.Tensor]:
+    """Collective: the whole model's weights, on every rank (a pipeline's: each stage's, gathered)."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     if not engine.strategy.sharded:
         return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     sd = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().clone() for k, v in sd.items()}
+    mine = {k: v.detach().cpu().clone() for k, v in sd.items()}
+    if pipeline == 1:
+        return mine
+    stages: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, mine)
+    return {k: v for stage in stages for k, v in stage.items()}
 
 
 def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_worker: bool = False,
           model_name: str = "gpt") -> dict[str, Any]:
     engine, layout = build(rank, world, parallelism, as_a_worker=as_a_worker, model_name=model_name)
     history = steps(engine, layout, rank, 0, n_steps)
-    return {"history": history, "weights": full_weights(engine) if parallelism.get("pipeline", 1) == 1 else None,
+    return {"history": history, "weights": full_weights(engine, parallelism.get("pipeline", 1)),
             "state_bytes": engine.state_bytes, "built_on_meta": engine.built_on_meta,
             "whole_state_keys": engine.whole_state_keys, "sent_keys": getattr(engine, "sent_keys", 0),
             "split_logits": getattr(engine.strategy, "split_logits", False),

@@ -66,8 +66,8 @@ def test_only_rank_0_builds_the_whole_model_and_the_run_is_the_same(world, paral
         assert b["built_on_meta"] and not a["built_on_meta"]
         assert (b["whole_state_keys"] > 20) == (rank == 0), (rank, b["whole_state_keys"])
         assert a["history"] == b["history"]
-        if a["weights"] is not None:
-            assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+        assert a["weights"].keys() == b["weights"].keys()  # a pipeline's too: each stage's, gathered
+        assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     # the tied head and embedding go once, except to a pipeline's last stage, which holds the head alone
     tied_once = parallelism.get("pipeline", 1) == 1
     assert meta[0]["sent_keys"] == meta[0]["whole_state_keys"] - tied_once, meta[0]["sent_keys"]
@@ -125,6 +125,7 @@ def test_pipeline_of_two_stages_matches_one_rank(one_rank, schedule):
     pp = spawn(2, train, {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule}, N_STEPS)
     _check_history(one_rank, pp[0], 1e-5)
     assert pp[0]["history"] == pp[1]["history"]  # the last stage's loss reaches the first
+    _check_weights(one_rank, pp[0], 1e-5)  # every stage's weights, gathered: the tied head's copy included
 
 
 def _stage_blocks(rank, world, parallelism):
@@ -151,8 +152,7 @@ def test_a_pipeline_split_unevenly_holds_its_blocks_matches_one_rank_and_resumes
 def test_two_dimensional_meshes_at_four_ranks_match_one_rank(one_rank, spec):
     got = spawn(4, train, spec, N_STEPS)
     _check_history(one_rank, got[0], 1e-5)
-    if got[0]["weights"] is not None:
-        _check_weights(one_rank, got[0], 1e-5)
+    _check_weights(one_rank, got[0], 1e-5)  # a pipeline's too: each stage's, gathered
 
 
 def test_hsdp_two_replicas_of_one_shard_and_activation_checkpointing(one_rank):
