@@ -47,3 +47,27 @@ def test_a_staging_folder_is_gone_after_its_block_even_on_error(tmp_path):
             (open(os.path.join(d, "f"), "w")).close()
             raise RuntimeError("the write failed")
     assert not os.path.exists(d)
+
+
+def test_two_workers_of_a_node_sweeping_at_once_both_carry_on(tmp_path):
+    """Both workers of a node sweep at their start. One removed a stale folder while the other was adding
+    up its size: the walk of a folder that is gone raised FileNotFoundError, and that worker crashed
+    before its first step (the three-SIGKILLs run spent a restart on it and gave up)."""
+    import threading
+    host, dead = staging._host(), exited_pid()
+    for i in range(200):
+        _plant(tmp_path, f"{staging.PREFIX}{host}-{dead}-r{i:03d}")
+    errors, removed = [], []
+
+    def sweep():
+        try:
+            removed.extend(staging.remove_stale(str(tmp_path)))
+        except Exception as e:  # what crashed the worker
+            errors.append(e)
+    workers = [threading.Thread(target=sweep) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors and not list(tmp_path.glob(f"{staging.PREFIX}*"))
+    assert len(removed) == len(set(removed)) == 200  # each said removed once, by the worker that did

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -75,10 +76,14 @@ def remove_stale(tmp: str | None = None) -> list[Path]:
         try:
             if not entry.is_dir() or entry.is_symlink() or entry.stat().st_uid != os.getuid():
                 continue
-        except FileNotFoundError:  # another worker of this node removed it first
+            # claimed first, under a name of this (live) process: the node's other workers sweep at the same
+            # time, and one removing a folder while another walked it crashed the walker
+            claimed = root / f"{PREFIX}{host}-{os.getpid()}-swept{secrets.token_hex(4)}"
+            os.rename(entry, claimed)
+        except FileNotFoundError:  # another worker of this node claimed it first
             continue
-        size = _size(entry)
-        shutil.rmtree(entry, ignore_errors=True)
+        size = _size(claimed)
+        shutil.rmtree(claimed, ignore_errors=True)
         log.info("removed %s (%.1f MB), a checkpoint staging folder left by exited process %s",
                  entry, size / 1e6, m["pid"])
         removed.append(entry)
