@@ -93,7 +93,9 @@ def test_on_a_cluster_the_check_only_notes_where_openclaws_own_instance_refuses(
     assert capsys.readouterr().out == ""
     too_big = _config(tmp_path, digits_dir, **{"scaling.resources_per_worker": {"CPU": 1, "chips": 1}})
     check_capacity(too_big, started_here=False)  # nodes may join a cluster: Ray Train waits for them
-    out = capsys.readouterr().out
+    auto, out = capsys.readouterr().out.splitlines()
+    # `use_gpu: auto` on a cluster with no GPU now: said, since GPU nodes may start at zero
+    assert auto.startswith("openclaw: note: `scaling.use_gpu: auto` found no GPU on this cluster now")
     assert out.startswith("openclaw: note: `scaling.min_workers` is 2") and "no node has chips 1" in out
     assert out.rstrip().endswith("Ray Train waits for nodes that can.")
     with pytest.raises(ConfigError, match=r"no node has chips 1\. Lower `scaling.resources_per_worker.chips`"):
