@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faulty run: {r['seconds']:.1f} s, {len(r['kills'])} kills, finished at step {r['step']}")
         for i, c in enumerate(r["per_kill"], 1):
             print(f"  kill {i}: training again {c['recovery_s']:.2f} s later, from step {c['resumed_from_step']}")
-    walls = summarize("wall-clock seconds, the whole run", {k: [r["seconds"] for r in v] for k, v in runs.items()},
-                      base="uninterrupted", digits=1)
-    within = summarize("within each run: useful step time / wall-clock time",
+    kills = f"the faulty runs' kills that landed: {[len(r['per_kill']) for r in faulty]}"  # (in the title: a short
+    # run may end before its first kill, and then its figures say nothing about recovery)
+    walls = summarize(f"wall-clock seconds, the whole run ({kills})",
+                      {k: [r["seconds"] for r in v] for k, v in runs.items()}, base="uninterrupted", digits=1)
+    within = summarize(f"within each run: useful step time / wall-clock time ({kills})",
                        {k: [r["useful_s"] / r["seconds"] for r in v] for k, v in runs.items()},
                        base="uninterrupted", unit="", digits=3)
     name = next(k for k in runs if k != "uninterrupted")
