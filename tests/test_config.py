@@ -126,6 +126,8 @@ def test_secret_looking_values_are_redacted_before_logging():
     out = redacted(tree)
     assert out["model"]["kwargs"] == {"api_key": REDACTED, "hidden": 8, "nested": {"hf_token": REDACTED},
                                       "num_key_value_heads": 2, "pad_token_id": 0, "n_token": 256}
+    # a password is masked even as a number (YAML reads `password: 123456` as one), a list of credentials too
+    assert redacted({"password": 123456, "auth": ["user", "hunter2"]}) == {"password": REDACTED, "auth": REDACTED}
     assert out["tracking"]["password"] is None and tree["model"]["kwargs"]["api_key"] == "sk-123"
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 
@@ -135,7 +137,9 @@ def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
     params and config.yaml as written; `scrub` left half of a password holding an `@`, and a bare token."""
     from openclaw.tracking.redact import REDACTED, is_secret_key, redacted, scrub
     for key in ("apiKey", "secretAccessKey", "accessKey", "auth", "authorization", "pwd", "passphrase",
-                "connection_string", "dsn", "model.kwargs.hfToken"):
+                "connection_string", "dsn", "model.kwargs.hfToken",
+                # a secret word anywhere, not only last
+                "credentials_json", "private_key_pem", "client_secret_value", "secret_key_base"):
         assert is_secret_key(key), key
     for key in ("author", "authority_count", "monkeyPatch", "hidden", "label"):
         assert not is_secret_key(key), key

@@ -64,20 +64,34 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_VARS}
 
 
-SECRET_WORDS = ("token", "password", "passwd", "pwd", "passphrase", "secret", "credential", "credentials",
-                "key", "apikey", "auth", "authorization", "dsn")
+SECRET_WORDS = ("password", "passwd", "pwd", "passphrase", "secret", "credential", "credentials", "apikey", "dsn",
+                "private")
+"""Words that mark a secret wherever they stand in a key (`client_secret_value`, `credentials_json`)."""
+LAST_SECRET_WORDS = ("key", "token", "auth", "authorization")
+"""Words that mark a secret only as a key's last word: `api_key`, `hf_token`, but not a model's
+`num_key_value_heads`, `pad_token_id` or `key_dim`."""
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
 def is_secret_key(key: str) -> bool:
-    """A key that looks like it holds a secret: the last word of its last segment names a token, password,
-    secret, key or credentials (`api_key`, `apiKey`, `aws_secret_access_key`, `secretAccessKey`, `hf_token`,
-    `key`, `auth`, `dsn`, `connection_string`), split on `.`, `_`, `-` and camelCase. Only the last word: a
-    model's `num_key_value_heads`, `pad_token_id` or `key_dim` is a number, not a secret."""
-    last = _CAMEL.sub(r"\1_\2", key.rsplit(".", 1)[-1]).lower().replace("-", "_")
-    word = last.rsplit("_", 1)[-1]
-    return last.endswith("connection_string") or (
-        word in SECRET_WORDS or word.endswith(("token", "password", "secret")) or word.startswith("credential"))
+    """A key that looks like it holds a secret, its last segment split on `_`, `-` and camelCase: a word
+    that names a password, secret, credentials or a private key anywhere in it (`aws_secret_access_key`,
+    `private_key_pem`, `credentials_json`), or a key, token or auth as its last word (`api_key`, `apiKey`,
+    `hf_token`, `key`, `auth`), or `dsn` or `connection_string`."""
+    words = _words(key)
+    return words[-1] in LAST_SECRET_WORDS or words[-1].endswith("token") or is_password_key(key)
+
+
+def is_password_key(key: str) -> bool:
+    """A key a word of which names a password, secret, credentials or a private key (not merely a key or a
+    token): its value is a secret even when it is a number (`password: 123456`)."""
+    words = _words(key)
+    return "_".join(words).endswith("connection_string") or any(
+        w in SECRET_WORDS or w.endswith(("password", "secret")) or w.startswith("credential") for w in words)
+
+
+def _words(key: str) -> list[str]:
+    return _CAMEL.sub(r"\1_\2", key.rsplit(".", 1)[-1]).lower().replace("-", "_").split("_")
 
 
 def seconds_setting(name: str, default: float) -> float:

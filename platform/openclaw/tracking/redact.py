@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from openclaw.constants import is_secret_key, secret_env
+from openclaw.constants import is_password_key, is_secret_key, secret_env
 
 REDACTED = "***"
 
@@ -16,12 +16,21 @@ def redacted(tree: Any) -> Any:
     """The tree with every secret-looking key's value replaced, and every URI without its user info (a
     `tracking.uri` of `postgresql://user:pw@db/mlflow`): what may be logged (params, config.yaml)."""
     if isinstance(tree, dict):
-        return {k: (REDACTED if is_secret_key(str(k)) and isinstance(v, str) else redacted(v)) for k, v in tree.items()}
+        return {k: (REDACTED if is_secret_key(str(k)) and _maskable(str(k), v) else redacted(v)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redacted(v) for v in tree]
     if isinstance(tree, str):
         return public_uri(tree)
     return tree
+
+
+def _maskable(key: str, value: Any) -> bool:
+    """A secret-looking key's value to mask: anything but nothing, and a number only under a password's
+    name (`password: 123456`); a model's `n_token: 256` is a size, and rebuilds the model from its
+    checkpoint."""
+    if value is None:
+        return False
+    return is_password_key(key) or isinstance(value, bool) or not isinstance(value, (int, float))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
