@@ -434,8 +434,11 @@ def test_a_boolean_is_no_number(override):
     trained one step, and `profile.ranks: true` (meant as every rank) profiled rank 1."""
     from openclaw.config import load_config
     from openclaw.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"must be a number, not a boolean"):
-        load_config(DIGITS, [override])
+    with pytest.raises(ConfigError, match=r"must be a number, not a boolean") as e:
+        load_config(DIGITS, [override, "train.max_stepz=3"])
+    # said as coming from the override, beside the config's other problems (not one at a time)
+    assert "not a boolean (YAML reads true/false/yes/no/on/off as booleans) (set by an override)" in str(e.value)
+    assert "unknown key `train.max_stepz`" in str(e.value)
 
 
 def test_booleans_still_set_the_keys_that_take_them():

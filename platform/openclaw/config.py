@@ -239,12 +239,14 @@ def with_overrides(config: Config, overrides: list[str] | dict[str, Any] | None)
 
 def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> Config:
     """`overridden`: the dotted keys an override set, so that an error there says it came from one."""
-    booleans = booleans_for_numbers(raw, Config)
-    if booleans:
-        raise ConfigError(f"Invalid config in {source}: " + "; ".join(
-            f"`{key}` must be a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
-            for key in booleans) + ".")
+    booleans = [f"`{key}` must be a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
+                + (" (set by an override)" if any(key == k or key.startswith(k + ".") for k in overridden) else "")
+                for key in booleans_for_numbers(raw, Config)]
     try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(explain(e, Config, source, overridden)) from None
+        config = Config.model_validate(raw)
+    except ValidationError as e:  # every problem at once, the booleans' with the rest
+        said = explain(e, Config, source, overridden).removeprefix(f"Invalid config in {source}: ").rstrip(".")
+        raise ConfigError(f"Invalid config in {source}: " + "; ".join([*booleans, said]) + ".") from None
+    if booleans:
+        raise ConfigError(f"Invalid config in {source}: " + "; ".join(booleans) + ".")
+    return config
