@@ -204,8 +204,10 @@ def model_folder(client: MlflowClient, uri: str) -> tuple[str, str]:
         source = version.source or ""
         model_id = getattr(version, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/")
                                                           else None)
-    else:
-        with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d, contextlib.suppress(Exception):
+    elif any(a.path.endswith("/latest.json") for a in client.list_artifacts(run_id, OPENCLAW_MODEL_DIR)):
+        # (an older run has none: its files are the folder's own) a failure to read it is raised, not taken
+        # for an older run's layout, whose message would blame an older openclaw
+        with tempfile.TemporaryDirectory(prefix="openclaw-model-") as d:
             with open(client.download_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/latest.json", d)) as f:
                 model_id = json.load(f)["model_id"]
     if model_id and client.list_artifacts(run_id, f"{OPENCLAW_MODEL_DIR}/{model_id}"):
