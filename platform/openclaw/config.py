@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from openclaw.config_files import parse_overrides, read_yaml, set_dotted
-from openclaw.config_tree import booleans_for_numbers, explain, is_section
+from openclaw.config_tree import booleans_for_numbers, by_override, explain, is_section
 from openclaw.data.config import DataConfig
 from openclaw.engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig  # noqa: F401
 from openclaw.engine.parallel.config import ParallelismConfig, common_sizes
@@ -240,7 +240,7 @@ def with_overrides(config: Config, overrides: list[str] | dict[str, Any] | None)
 def validate(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> Config:
     """`overridden`: the dotted keys an override set, so that an error there says it came from one."""
     booleans = [f"`{key}` must be a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
-                + (" (set by an override)" if any(key == k or key.startswith(k + ".") for k in overridden) else "")
+                + by_override(key, overridden)
                 for key in booleans_for_numbers(raw, Config)]
     try:
         config = Config.model_validate(raw)

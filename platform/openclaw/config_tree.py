@@ -33,9 +33,14 @@ def explain(error: ValidationError, root: type[BaseModel], source: str, overridd
             given = err.get("input")
             shown = "" if isinstance(given, dict) or "`" in msg else _given(key, given)
             line = msg + shown if not loc or msg.startswith(f"`{key}") else f"`{key}`: {msg}{shown}"
-        by_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
-        lines.append(line + (" (set by an override)" if by_override else ""))
+        lines.append(line + by_override(key, overridden))
     return f"Invalid config in {source}: " + "; ".join(lines) + "."
+
+
+def by_override(key: str, overridden: tuple[str, ...]) -> str:
+    """" (set by an override)" where an override set `key`, a section above it or a key below it."""
+    hit = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in overridden)
+    return " (set by an override)" if hit else ""
 
 
 def _given(key: str, value: Any) -> str:

@@ -90,6 +90,8 @@ class TrainState:
     def skips(self, step: int, epoch: int, start: int, stop: int) -> bool:
         """Whether the batch of samples [start, stop) of `epoch`, read at global step `step`, is skipped:
         it holds a sample of a skipped batch (or, from an older checkpoint, its step was skipped)."""
+        if not self.skipped_steps:  # (every step asks: the usual run skipped nothing)
+            return False
         kept = {b[0] for b in self.skipped_batches}
         return (any(e == epoch and s < stop and start < t for _, e, s, t in self.skipped_batches)
                 or any(s == step for s in self.skipped_steps if s not in kept))

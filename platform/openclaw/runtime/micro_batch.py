@@ -68,8 +68,8 @@ def resolve_micro_batch(cfg: Config, *, device: torch.device, world: int, local_
         mine, choice, backed_off, measured = stored["micro_batch_size"], None, [], ""
     else:
         choice, mine, backed_off, measured = probe(cfg, device, data, precision, dp_sizes, counts, local_world)
-    mine_gb = choice.estimate_at(mine) / GB if choice else float(stored.get("micro_batch_estimate_gb", 0.0))
-    gathered = allgather_ints([mine, int(choice is not None), round(mine_gb * GB)], device, world)
+    estimate = choice.estimate_at(mine) if choice else float(stored.get("micro_batch_estimate_gb", 0.0)) * GB
+    gathered = allgather_ints([mine, int(choice is not None), round(estimate)], device, world)
     size, source, estimate = agree_on_size(gathered)
     auto = AutoMicroBatch(size, source, key, [g[0] for g in gathered], sum(g[1] for g in gathered), estimate,
                           choice, backed_off, measured)

@@ -60,7 +60,7 @@ def _alive(pid: int) -> bool:
 def _size(folder: Path) -> int:
     total = 0
     for f in folder.rglob("*"):
-        with contextlib.suppress(OSError):  # removed meanwhile by another worker of this node
+        with contextlib.suppress(OSError):  # a file that went, or cannot be read: its size is not counted
             total += f.stat().st_size if f.is_file() else 0
     return total
 

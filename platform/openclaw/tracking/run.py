@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import mlflow
 import pyarrow.fs as pafs
 from mlflow.entities import Metric, Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.store.db.db_types import DATABASE_ENGINES
@@ -180,7 +181,7 @@ def logged_export(uri: str, tracking_uri: str) -> Iterator[str | None]:
     """The export folder of `uri`, downloaded to a temporary folder, when `uri` names an `openclaw export`
     run (`runs:/RUN_ID/quantized`, or a model version registered from one); else None."""
     client = MlflowClient(tracking_uri)
-    run = client.get_run(source_run(client, uri))
+    run = client.get_run(source_run(client, uri)[0])
     if run.data.tags.get("openclaw.kind") != EXPORT_KIND:
         yield None
         return
@@ -193,13 +194,9 @@ def model_folder(client: MlflowClient, uri: str) -> tuple[str, str]:
     final model more than once (a resume that trains on, a spool uploaded after a partial end): each is in
     `openclaw-model/<model id>/`, and `openclaw-model/latest.json` names the newest (what `runs:/RUN/model`
     means). A model version is its own logged model. Older runs: the files at `openclaw-model/` itself."""
-    run_id = source_run(client, uri)
+    run_id, version = source_run(client, uri)
     model_id = None
-    if uri.startswith("models:/"):
-        ref = uri.removeprefix("models:/")
-        name, alias = ref.split("@", 1) if "@" in ref else (ref.partition("/")[0], None)
-        version = (client.get_model_version_by_alias(name, alias) if alias else
-                   client.get_model_version(name, ref.partition("/")[2]))
+    if version is not None:
         # MLflow 3: the version's source is its logged model (`models:/m-...`); model_id is not always filled
         source = version.source or ""
         model_id = getattr(version, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/")
@@ -256,19 +253,21 @@ def sweep_parent(run: Run, verb: str) -> ConfigError | None:
                                             "one of its trials' runs instead."))
 
 
-def source_run(client: MlflowClient, uri: str) -> str:
-    """The run that logged `runs:/RUN_ID/...` or `models:/NAME/VERSION` (or `models:/NAME@ALIAS`). One that
-    does not exist is a ConfigError that says what to pass."""
+def source_run(client: MlflowClient, uri: str) -> tuple[str, ModelVersion | None]:
+    """The run that logged `runs:/RUN_ID/...` or `models:/NAME/VERSION` (or `models:/NAME@ALIAS`), and the
+    model version a `models:/` URI names. One that does not exist is a ConfigError that says what to pass."""
     ref = uri.removeprefix("models:/")
     try:
         if uri.startswith("runs:/"):
             run_id = uri.removeprefix("runs:/").split("/", 1)[0]
-            return client.get_run(run_id).info.run_id
+            return client.get_run(run_id).info.run_id, None
         if "@" in ref:
             name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias).run_id
-        name, _, version = ref.partition("/")
-        return client.get_model_version(name, version).run_id
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.partition("/")
+            version = client.get_model_version(name, number)
+        return version.run_id, version
     except MlflowException as e:
         what = f"MLflow run {run_id!r}" if uri.startswith("runs:/") else f"registered model version {uri!r}"
         raise unreadable(e, what, client.tracking_uri) from None
