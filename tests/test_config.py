@@ -129,6 +129,11 @@ def test_secret_looking_values_are_redacted_before_logging():
     # a password is masked even as a number (YAML reads `password: 123456` as one), a list of credentials too
     assert redacted({"password": 123456, "auth": ["user", "hunter2"]}) == {"password": REDACTED, "auth": REDACTED}
     assert out["tracking"]["password"] is None and tree["model"]["kwargs"]["api_key"] == "sk-123"
+    # so does a tokenizer's special token (a text model's `pad_token: "<pad>"` was saved as '***')
+    special = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<|endoftext|>", "unk_token": "[UNK]"}
+    assert redacted(special) == special
+    assert set(redacted({"hf_token": "<hf_abc def>", "api_key": "[sk-123]x", "password": "<pad>"}).values()) == {
+        REDACTED}
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 
 

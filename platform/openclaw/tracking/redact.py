@@ -25,12 +25,18 @@ def redacted(tree: Any) -> Any:
 
 
 def _maskable(key: str, value: Any) -> bool:
-    """A secret-looking key's value to mask: anything but nothing, and a number only under a password's
-    name (`password: 123456`); a model's `n_token: 256` is a size, and rebuilds the model from its
-    checkpoint."""
+    """A secret-looking key's value to mask: anything but nothing; under a password's name, whatever it is
+    (`password: 123456`); under a key's or a token's, not a number (a model's `n_token: 256` is a size,
+    and rebuilds the model from its checkpoint) nor a tokenizer's special token (`pad_token: "<pad>"`)."""
     if value is None:
         return False
-    return is_password_key(key) or isinstance(value, bool) or not isinstance(value, (int, float))
+    if is_password_key(key):
+        return True
+    return isinstance(value, bool) or not (isinstance(value, (int, float)) or _SPECIAL_TOKEN.fullmatch(str(value)))
+
+
+_SPECIAL_TOKEN = re.compile(r"<[^<>\s]{1,30}>|\[[^\[\]\s]{1,30}\]")
+"""A tokenizer's special token (`<pad>`, `</s>`, `<|endoftext|>`, `[PAD]`): short, bracketed, no spaces."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
