@@ -446,6 +446,21 @@ def test_a_boolean_is_no_number(override):
     assert "unknown key `train.max_stepz`" in str(e.value)
 
 
+def test_a_boolean_inside_a_list_or_mapping_of_sections_is_no_number_either():
+    """The check stopped at lists and mappings: a transform's `std: yes` normalized by 1.0, and a sweep's
+    `uniform: [no, yes]` searched [0, 1]."""
+    from openclaw.config import load_config
+    from openclaw.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        load_config(DIGITS, ["data.transforms=[{op: cast, column: x, dtype: int64}, {op: normalize, column: x, "
+                             "std: yes}, {op: tokenize_bytes, column: t, seq_len: on}]",
+                             "sweep.space={train.optimizer.lr: {uniform: [no, yes]}}"])
+    said = str(e.value)
+    for key in ("data.transforms.1.std", "data.transforms.2.seq_len", "sweep.space.train.optimizer.lr.uniform"):
+        assert f"`{key}` must be a number, not a boolean" in said, said
+    assert said.count("not a boolean") == 3, said
+
+
 def test_booleans_still_set_the_keys_that_take_them():
     from openclaw.config import load_config
     got = load_config(DIGITS, ["scaling.use_gpu=true", "train.compile=true", "train.flush_denormal=false"])

@@ -165,10 +165,29 @@ def booleans_for_numbers(raw: Any, model: type[BaseModel], at: str = "") -> list
         value, sub = raw[key], section_model(field.annotation)
         if sub is not None and get_origin(field.annotation) not in (dict, list, tuple):
             found += booleans_for_numbers(value, sub, f"{at}{key}.")
+        elif get_origin(field.annotation) in (dict, list) and isinstance(value, (dict, list)) and (
+                items := _item_sections(field.annotation, value)):  # `data.transforms`, `sweep.space`
+            for name_of, item, item_model in items:
+                found += booleans_for_numbers(item, item_model, f"{at}{key}.{name_of}.")
         elif any(isinstance(v, bool) for v in (value if isinstance(value, list) else [value])) \
                 and _number_not_bool(field.annotation):
             found.append(at + key)
     return found
+
+
+def _item_sections(annotation: Any, value: list | dict) -> list[tuple[str, dict, type[BaseModel]]]:
+    """(its key or index, the item, its section) for each item of a list or mapping of sections, the
+    member of a union told apart by a literal field (a transform's `op`) chosen by the item's value."""
+    kind = get_args(annotation)[-1] if get_args(annotation) else None
+    members = get_args(get_args(kind)[0] if get_origin(kind) is Annotated else kind) or (kind,)
+    out = []
+    for name, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+        model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and isinstance(item, dict)
+                      and all(item.get(f.alias or n) in get_args(f.annotation) for n, f in m.model_fields.items()
+                              if get_origin(f.annotation) is Literal)), None)
+        if model is not None:
+            out.append((str(name), item, model))
+    return out
 
 
 def _number_not_bool(annotation: Any) -> bool:
