@@ -63,6 +63,27 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.model.parameters(), b.model.parameters()))
 
 
+def test_a_resume_trains_with_the_optimizer_settings_of_its_config_and_the_saved_moments():
+    """torch's `load_state_dict` put the checkpoint's settings back: a resume that changed the weight decay
+    or the betas said so (`the config changed since`) and trained on with the old ones."""
+    x, y = _data()
+    a = _engine(optimizer={"weight_decay": 0.0, "betas": (0.9, 0.95)})
+    for step in range(3):
+        a.train_step(step, _micro(x, y, step * 32, 32, 8))
+    saved = copy.deepcopy(a.state_dict())
+    b = _engine(optimizer={"weight_decay": 0.1, "betas": (0.8, 0.99)})
+    b.load_state_dict(saved)
+    assert [(g["weight_decay"], g["betas"]) for g in b.optimizer.param_groups] == [(0.1, (0.8, 0.99)), (0.0, (0.8, 0.99))]
+    params = [p for group in b.optimizer.param_groups for p in group["params"]]  # the saved state's order
+    assert all(torch.equal(b.optimizer.state[params[i]]["exp_avg"], s["exp_avg"])
+               for i, s in saved["optimizer"]["state"].items())
+    c = _engine(optimizer={"weight_decay": 0.1, "betas": (0.8, 0.99)})  # the same as a fresh optimizer would
+    c.load_state_dict(copy.deepcopy(saved))
+    for engine in (b, c):
+        engine.train_step(3, _micro(x, y, 96, 32, 8))
+    assert all(torch.equal(pb, pc) for pb, pc in zip(b.model.parameters(), c.model.parameters()))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_steps_on_cpu(precision):
     x, y = _data()

@@ -264,7 +264,13 @@ class Engine:
         return {**self.strategy.state_dict(self.model, self.optimizer), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The checkpoint's weights, optimizer state and loss scale, under this config's optimizer settings:
+        torch's `load_state_dict` brings back the saved ones (weight decay, betas, momentum, fused), and a
+        resume that changed `train.optimizer.weight_decay` said so and trained on with the old value."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.strategy.load_state_dict(self.model, self.optimizer, state)
+        for group, setting in zip(self.optimizer.param_groups, settings):
+            group.update(setting)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
