@@ -173,3 +173,37 @@ def test_a_rollback_keeps_the_attempt_that_runs_and_takes_the_training_back():
     now.roll_back_to(earlier.state_dict())
     assert (now.step, now.overflow_steps, now.loss_window) == (100, 3, [1.0, 2.0])
     assert (now.world_size, now.attempt, now.micro_batch_size, now.micro_batch_key) == (2, 2, 8, "new")
+
+
+def test_a_resume_and_a_rollback_keep_the_mlflow_run_this_session_tracks_to():
+    """A run deleted in MLflow is replaced by a new one when the job resumes; the restore then set the
+    train state back to the deleted run's id, and every later checkpoint (and export) named it."""
+    saved = TrainState(step=100, attempt=3, mlflow_run_id="deleted").state_dict()
+    resumed = TrainState(mlflow_run_id="new")
+    resumed.resume_from(saved)
+    assert (resumed.step, resumed.attempt, resumed.mlflow_run_id) == (100, 3, "new")
+    resumed.roll_back_to(saved)
+    assert (resumed.step, resumed.mlflow_run_id) == (100, "new")
+    untracked = TrainState()  # `tracking.enabled: false`: the checkpoint's run is the only one known
+    untracked.resume_from(saved)
+    assert untracked.mlflow_run_id == "deleted"
+
+
+def test_each_step_seeds_torch_python_and_numpy_alike_whatever_was_drawn_before():
+    """Only torch was seeded: a user's task or model drawing from `random` or numpy's global generator
+    drew differently after every restart."""
+    import random
+
+    import numpy as np
+
+    from openclaw.engine.state import seed_step
+
+    def draws():
+        return torch.rand(2).tolist(), random.random(), np.random.rand(2).tolist()
+    seed_step(7, 42, 1)
+    first = draws()
+    draws(), random.random(), np.random.rand(5)  # what a restart's earlier steps would have drawn
+    seed_step(7, 42, 1)
+    assert draws() == first
+    seed_step(7, 43, 1)
+    assert all(a != b for a, b in zip(draws(), first))

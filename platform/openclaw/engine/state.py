@@ -7,9 +7,11 @@ same data.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from openclaw.errors import CheckpointError
@@ -18,11 +20,21 @@ from openclaw.errors import CheckpointError
 def seed_step(seed: int, step: int, rank: int) -> None:
     """RNG (dropout, ...) as a function of (seed, step, rank): a resumed step draws what the original drew.
     `rank`: the data-parallel rank (tensor and pipeline peers compute one model's share of one batch)."""
-    torch.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    seed_all((seed * 1_000_003 + step) * 4099 + rank)
 
 
-ATTEMPT_FIELDS = ("world_size", "attempt", "micro_batch_size", "micro_batch_key", "micro_batch_estimate_gb")
-"""What describes the attempt that runs rather than the training so far: a rollback keeps them."""
+def seed_all(value: int) -> None:
+    """torch's generators, and Python's and numpy's global ones (a user's task or model may draw from them:
+    they drew differently after every restart)."""
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
+ATTEMPT_FIELDS = ("world_size", "attempt", "micro_batch_size", "micro_batch_key", "micro_batch_estimate_gb",
+                  "mlflow_run_id")
+"""What describes the attempt that runs rather than the training so far: a rollback keeps them. The MLflow
+run is the session's (`resume_from`)."""
 
 
 @dataclass
@@ -108,6 +120,14 @@ class TrainState:
         self.grad_noise_ema = [0.0, 0.0]
         self.noise_window = []
         self.overflow_window, self.overflow_steps = [], 0
+
+    def resume_from(self, saved: dict[str, Any]) -> None:
+        """Load a checkpoint's state as an attempt starts, keeping the MLflow run this session tracks to
+        (where it has one): a run deleted since was replaced by a new one, and the checkpoint's id sent
+        every later checkpoint, and the exports made from them, to the deleted run."""
+        run_id = self.mlflow_run_id
+        self.load_state_dict(saved)
+        self.mlflow_run_id = run_id or self.mlflow_run_id
 
     def roll_back_to(self, saved: dict[str, Any]) -> None:
         """Load a checkpoint's state in the middle of an attempt (a rollback): its training, and this

@@ -76,7 +76,7 @@ class Attempt:
                                 mlflow_run_id=inputs.run_id)
         loaded = restore(inputs.run_dir, self.tracker, self.engine, self._check_resumable)
         if loaded:
-            self.state.load_state_dict(loaded["state"])
+            self.state.resume_from(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
         elif self.on_meta:  # a fresh start of a model built on the meta device: rank 0's initial weights
             self._initial_weights()
