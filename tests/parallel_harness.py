@@ -146,6 +146,23 @@ def train(rank: int, world: int, parallelism: dict, n_steps: int = 10, as_a_work
                                    and any(pl.is_shard() for pl in p.placements))}
 
 
+def with_dropout(rank: int, world: int, parallelism: dict, n_steps: int = 6, by_micro_batch: bool = True
+                 ) -> dict[str, Any]:
+    """`train` with dropout 0.2, each step seeded as a worker seeds it (`runtime.attempt.train_step`):
+    by data-parallel rank, then each micro-batch by where it starts in the global batch (without
+    `by_micro_batch`, only by rank, as before)."""
+    from openclaw.data.sampler import micro_batch_starts
+    from openclaw.engine.state import micro_batch_seed, seed_step
+    engine, layout = build(rank, world, parallelism, model_kwargs={**GPT_KWARGS, "dropout": 0.2})
+    dp_rank, history = layout.dp_rank(rank), []
+    for step in range(n_steps):
+        seed_step(0, step, dp_rank)
+        seeds = [micro_batch_seed(0, step, s) for s in micro_batch_starts(GLOBAL_BATCH, layout.dp, dp_rank, MICRO)
+                 if by_micro_batch]
+        history.append(engine.train_step(step, my_micro_batches(step, layout, rank), seeds).grad_norm)
+    return {"history": history, "weights": full_weights(engine, parallelism.get("pipeline", 1))}
+
+
 def host_peak_growth(rank: int, world: int, parallelism: dict, model_kwargs: dict, as_a_worker: bool) -> int:
     """How much this rank's peak resident memory (VmHWM) grew while it built the engine: its host's
     share of the model."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from parallel_harness import ONE_RANK_STEPS as N_STEPS
-from parallel_harness import GLOBAL_BATCH, bitwise, build, hop, host_peak_growth, my_micro_batches, rel, spawn, train, wrap_on_meta
+from parallel_harness import (GLOBAL_BATCH, bitwise, build, hop, host_peak_growth, my_micro_batches, rel, spawn, train,
+                              with_dropout, wrap_on_meta)
 
 
 def _check_history(reference, got, tol):
@@ -38,6 +39,21 @@ def test_fsdp_matches_ddp_at_two_ranks(one_rank):
     held = {name: sum(run["state_bytes"].values()) for name, run in (("ddp", ddp), ("fsdp", fsdp))}
     assert held["fsdp"] <= 0.55 * held["ddp"], held
     assert fsdp["state_bytes"]["grads"] <= 0.55 * ddp["state_bytes"]["grads"]
+
+
+def test_dropout_follows_the_samples_so_a_resize_keeps_the_optimization():
+    """Seeded by rank and step, the same samples drew other dropout masks at another world size (or in
+    another micro-batch order): a run resized from 2 workers to 1 trained on other draws, 5% off in a
+    step's gradient. Seeded by where each micro-batch starts in the global batch, they draw alike."""
+    one = spawn(1, with_dropout, {"strategy": "ddp"})[0]
+    for parallelism in ({"strategy": "ddp"}, {"strategy": "fsdp"}):
+        two = spawn(2, with_dropout, parallelism)[0]
+        assert rel(one["history"], two["history"]) < 1e-6, (parallelism, one["history"], two["history"])
+        _check_weights(one, two, 1e-5)
+    undropped = [norm for _, norm in spawn(1, train, {"strategy": "ddp"}, 6)[0]["history"]]
+    assert rel(one["history"], undropped) > 1e-3  # dropout is drawn
+    by_rank = spawn(1, with_dropout, {"strategy": "ddp"}, 6, False)[0], spawn(2, with_dropout, {"strategy": "ddp"}, 6, False)[0]
+    assert rel(*(run["history"] for run in by_rank)) > 1e-3  # what a resize did before
 
 
 @pytest.mark.parametrize("parallelism", [{"strategy": "fsdp"}, {"strategy": "fsdp", "tensor": 2}],

@@ -127,3 +127,16 @@ def test_windowed_resize_continues_with_exactly_the_next_samples_and_prefetches_
     windows = shard_windows(11, 0, len(rows), 4)
     assert np.array_equal(s.next_window_shards(0, 0), windows[1])
     assert np.array_equal(s.next_window_shards(0, n - 1), shard_windows(11, 1, len(rows), 4)[0])
+
+
+@pytest.mark.parametrize("world,micro", [(1, 8), (4, 8), (64, 2), (16, 4)])
+def test_micro_batch_starts_name_the_same_micro_batches_at_any_world_size(world, micro):
+    """Each rank's micro-batches start where the one-rank run's do (the seeds of their dropout,
+    `engine.state.micro_batch_seed`), every one once, in the rank's order."""
+    from openclaw.data.sampler import micro_batch_starts
+    starts = [micro_batch_starts(128, world, rank, micro) for rank in range(world)]
+    assert [s for mine in starts for s in mine] == list(range(0, 128, micro))
+    assert all(len(mine) == 128 // world // micro for mine in starts)
+    sampler = Sampler(1000, 128, micro, seed=0, world_size=world, rank=world - 1)
+    positions = sampler.global_batch(3)
+    assert [list(m) for m in sampler.split(positions)] == [list(positions[s:s + micro]) for s in sampler.micro_starts]

@@ -99,6 +99,13 @@ def worker_slice(global_batch_size: int, world_size: int, rank: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
+def micro_batch_starts(global_batch_size: int, world_size: int, rank: int, micro_batch_size: int) -> list[int]:
+    """Where each of worker `rank`'s micro-batches starts in a global batch: what names a micro-batch
+    whatever the world size (`engine.state.micro_batch_seed`)."""
+    mine = worker_slice(global_batch_size, world_size, rank)
+    return list(range(mine.start, mine.stop, micro_batch_size))
+
+
 class Sampler:
     """Caches one epoch's permutation and hands out each step's sample positions for one worker."""
 
@@ -110,6 +117,8 @@ class Sampler:
         self.micro_batch_size = micro_batch_size
         self.accumulation = accumulation_steps(global_batch_size, micro_batch_size, world_size)
         self._slice = worker_slice(global_batch_size, world_size, rank)
+        self.micro_starts = micro_batch_starts(global_batch_size, world_size, rank, micro_batch_size)
+        """Where this worker's micro-batches start in each global batch."""
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
         self._windows: tuple = (-1, [], np.empty(0))
 

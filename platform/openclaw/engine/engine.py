@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -108,8 +108,9 @@ class Engine:
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def train_step(self, step: int, micro_batches: list[Batch]) -> StepStats:
-        """Forward/backward every micro-batch, then one optimizer step at the LR of `step`.
+    def train_step(self, step: int, micro_batches: list[Batch], seeds: Sequence[int] = ()) -> StepStats:
+        """Forward/backward every micro-batch, then one optimizer step at the LR of `step`. `seeds`: each
+        micro-batch's RNG seed (`engine.state.micro_batch_seed`), set before its forward.
 
         One device-to-host read per step (loss and grad norm together, with the gradient noise scale's
         small-batch norm), as in a bare loop.
@@ -124,7 +125,8 @@ class Engine:
             counters.begin()
         t0 = time.perf_counter()
         with phase("forward_backward"):
-            losses, samples = self._forward_backward(micro_batches)
+            losses, samples = self._forward_backward(micro_batches, list(seeds))
+            self.fns.seeds = []  # (a pipeline's schedule takes none)
         loss = torch.stack(losses).float().sum()
         # Whether any rank's loss is not finite, agreed in the background while the norm is computed. The
         # loss is each data-parallel rank's own share, and the ranks must take the same branch: one whose
@@ -155,8 +157,9 @@ class Engine:
         amp = self.scaler.scale(torch.ones((), device=local.sq_norm.device))  # the fp16 loss scale; 1 without
         return mean_grad_sq(local, self.fns.loss_scale, amp).to(self.device)
 
-    def _forward_backward(self, micro_batches: list[Batch]) -> tuple[list[torch.Tensor], int]:
+    def _forward_backward(self, micro_batches: list[Batch], seeds: list[int]) -> tuple[list[torch.Tensor], int]:
         try:
+            self.fns.seeds = list(seeds)
             return self.strategy.forward_backward(self.model, micro_batches, self.fns)
         except Exception as e:
             if not self.compile or not is_compile_error(e):
@@ -169,6 +172,7 @@ class Engine:
         uncompile(self.module)
         self.compile, self.compile_counters, self.fell_back = None, None, why
         self.optimizer.zero_grad(set_to_none=True)
+        self.fns.seeds = list(seeds)
         return self.strategy.forward_backward(self.model, micro_batches, self.fns)
 
     @torch.no_grad()

@@ -23,6 +23,13 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     seed_all((seed * 1_000_003 + step) * 4099 + rank)
 
 
+def micro_batch_seed(seed: int, step: int, start: int) -> int:
+    """The RNG seed of the micro-batch that starts at sample `start` of step `step`'s global batch
+    (`data.sampler.micro_batch_starts`): the same samples draw the same dropout at any world size, and
+    whichever rank runs them (seeded by rank and step, a resize gave them other draws)."""
+    return ((seed * 1_000_003 + step) * 65_537 + start) % 2**63
+
+
 def seed_all(value: int) -> None:
     """torch's generators, and Python's and numpy's global ones (a user's task or model may draw from them:
     they drew differently after every restart)."""

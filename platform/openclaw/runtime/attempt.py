@@ -27,7 +27,7 @@ from openclaw.engine.parallel.base import transformer_blocks
 from openclaw.engine.parallel.build import build_strategy, layout_for
 from openclaw.engine.parallel.mesh import MeshLayout, nodes_spanned
 from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
-from openclaw.engine.state import TrainState, seed_step
+from openclaw.engine.state import TrainState, micro_batch_seed, seed_step
 from openclaw.engine.tasks import build_task
 from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
 from openclaw.profiling.capture import StepProfiler
@@ -188,8 +188,9 @@ class Attempt:
         # by data-parallel rank: tensor and pipeline peers draw the same dropout, as one model would (seeded
         # by their own ranks, the copies a tensor-parallel plan keeps alike drifted apart)
         seed_step(self.config.seed, step, self.dp_rank)
-        with phase("step"):
-            stats = self.engine.train_step(step, batches)
+        with phase("step"):  # each micro-batch's dropout follows its samples, at any world size
+            seeds = [micro_batch_seed(self.config.seed, step, start) for start in self.sampler.micro_starts]
+            stats = self.engine.train_step(step, batches, seeds)
         self.window.add(batches, stats, data_s=t1 - t0, compute_s=perf_now() - t1)
         if stats.compiled or self.engine.fell_back:
             self._after_compile(step)

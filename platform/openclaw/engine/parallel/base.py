@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ContextManager, Protocol
 
 import torch
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from openclaw.engine.models import retie, tied_parameters
 from openclaw.engine.noise import LocalGrad
+from openclaw.engine.state import seed_all
 
 Batch = dict[str, torch.Tensor]
 
@@ -34,8 +35,14 @@ class StepFns:
     """data-parallel degree / global batch: with gradients averaged over the data-parallel ranks, the
     gradient is the mean over the global batch."""
     scaler: torch.amp.GradScaler
+    seeds: list[int] = field(default_factory=list)
+    """The step's micro-batches' seeds, in order (`Engine.train_step`): each `loss` takes the next one, so
+    that a micro-batch's dropout follows its samples, not the rank and the order it ran in (a pipeline's
+    schedule draws per step: it takes none)."""
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        if self.seeds:
+            seed_all(self.seeds.pop(0))
         with self.autocast():
             return self.task.loss(model, self.to_device(batch))
 
