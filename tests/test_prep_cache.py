@@ -157,6 +157,62 @@ def test_lru_eviction_never_removes_an_entry_in_use(tmp_path):
     assert "in-use" in ours.evict(keep="c")  # released: now it may go
 
 
+def test_a_sweep_clears_what_died_runs_left_in_tmp_and_removes_no_lock_file(tmp_path):
+    """Two runs starting at once (a sweep's trials share one cache) swept the lock files of keys with no
+    entry, both: one's open or unlink met a file the other had just removed, and its start crashed with
+    FileNotFoundError. A lock file removed while a run waited on it also split the lock, letting another
+    run evict the entry it trained on. And a `<key>-unreadable-<id>` leftover was never swept."""
+    root = tmp_path / "c"
+    PrepCache(str(root), 10**9)
+    for name in ("gone.lock", "gone.preparing.lock", "held.lock"):
+        (root / ".locks" / name).touch()
+    for name in ("dead-1a2b3c4d", "evict-old-1a2b3c4d", "bad-unreadable-1a2b3c4d", "held-1a2b3c4d"):
+        (root / ".tmp" / name).mkdir()
+        (root / ".tmp" / name / "part-00000.parquet").write_bytes(b"x")
+    import fcntl
+    fd = os.open(root / ".locks" / "held.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a run preparing `held`
+    try:
+        PrepCache(str(root), 10**9)
+    finally:
+        os.close(fd)
+    assert os.listdir(root / ".tmp") == ["held-1a2b3c4d"]
+    assert sorted(os.listdir(root / ".locks")) == ["bad.lock", "dead.lock", "gone.lock", "gone.preparing.lock",
+                                                   "held.lock", "old.lock"]
+
+
+def _evict_slowly(root, barrier, results):
+    cache = PrepCache(root, 0)
+    barrier.wait()
+    try:
+        results.put(cache.evict())
+    except Exception as e:  # noqa: BLE001  (what the other process's eviction made of this one)
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_two_runs_evicting_at_once_each_remove_some_entries_and_neither_fails(tmp_path):
+    """Both listed an entry; the first removed it, and the second's rename of it raised FileNotFoundError
+    out of its `acquire`: that run failed at its start."""
+    root = str(tmp_path / "c")
+    ctx, failures = multiprocessing.get_context("fork"), []
+    for rounds in range(20):
+        cache = PrepCache(root, 10**9)
+        for key in [f"k{rounds}-{i}" for i in range(30)]:
+            cache.acquire(key, lambda tmp: {})
+            cache.release(key)
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_evict_slowly, args=(root, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+        failures += [g for g in got if isinstance(g, str)]
+        assert sorted(k for g in got if isinstance(g, list) for k in g) == sorted(f"k{rounds}-{i}" for i in range(30))
+        assert os.listdir(os.path.join(root, "entries")) == []
+    assert failures == []
+
+
 def test_transforms_are_validated_with_the_config(tmp_path):
     from openclaw.errors import ConfigError
     with pytest.raises(ConfigError, match="transforms"):

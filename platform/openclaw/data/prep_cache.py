@@ -49,26 +49,23 @@ class PrepCache:
         self.sweep()
 
     def sweep(self) -> list[str]:
-        """Remove what died preparers left: `.tmp` folders no preparer is writing (its key's lock is free),
-        and lock files of keys with no entry (taken exclusively first, so no run holds them)."""
+        """Remove what died preparers and evictions left in `.tmp` (`<key>-<id>`, `evict-<key>-<id>`,
+        `<key>-unreadable-<id>`), where no preparer holds the key's lock.
+
+        Lock files stay, empty: a lock file removed while another process waits on it (or has just opened
+        it) splits the lock in two, and two sweepers removing the same file crashed each other's start."""
         removed = []
         for name in os.listdir(os.path.join(self.root, ".tmp")):
-            key = name.rsplit("-", 1)[0].removeprefix("evict-")
+            key = name.removeprefix("evict-").rsplit("-", 1)[0].removesuffix("-unreadable")
             if self._if_free(key, lambda: shutil.rmtree(os.path.join(self.root, ".tmp", name), ignore_errors=True)):
                 removed.append(f".tmp/{name}")
-        for name in os.listdir(os.path.join(self.root, ".locks")):
-            key = name.removesuffix(".lock")
-            if not os.path.exists(self.entry_path(key)) and self._if_free(
-                    key, lambda: os.unlink(os.path.join(self.root, ".locks", name))):
-                removed.append(f".locks/{name}")
         return removed
 
     def _if_free(self, key: str, action) -> bool:
         """Run `action` while holding `key`'s lock exclusively, if no one holds it; whether it ran."""
-        path = os.path.join(self.root, ".locks", key + ".lock")
-        if key in self._held or not os.path.exists(path):
+        if key in self._held:
             return False
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,6 +177,8 @@ class PrepCache:
                 doomed = os.path.join(self.root, ".tmp", f"evict-{key}-{uuid.uuid4().hex[:8]}")
                 os.rename(self.entry_path(key), doomed)  # gone from view at once, then deleted
                 shutil.rmtree(doomed, ignore_errors=True)
+            except FileNotFoundError:  # another run evicted it between our listing and our lock
+                continue
             finally:
                 os.close(fd)
             total -= size
