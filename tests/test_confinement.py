@@ -105,6 +105,28 @@ def test_the_shard_cache_sweeps_a_shard_left_without_its_json_unless_a_fetch_hol
     assert ShardCache(str(root), 1 << 20).sweep() == [] and not (root / f"{held}.parquet").exists()  # let go
 
 
+def test_the_shard_cache_sweep_leaves_the_lock_of_a_fetch_under_way(tmp_path):
+    """An evicted shard's lock file stays, with its old time: a worker fetching that shard again holds it,
+    with no `.json` yet, and a cache opening on the node (a worker's start, a preparing task) removed it
+    as an orphan, so a third process took the key's lock at the same time and fetched the shard again."""
+    import fcntl
+    from openclaw.data.shard_cache import ShardCache
+    root = tmp_path / "cache"
+    cache = ShardCache(str(root), 1 << 20)
+    old = time.time() - 2 * 3600
+    for key in ("fetching", "dead"):
+        (root / f"{key}.lock").touch()
+        os.utime(root / f"{key}.lock", (old, old))
+    with cache._lock("fetching"):
+        assert ShardCache(str(root), 1 << 20).sweep() == [] and (root / "fetching.lock").exists()
+        with cache._lock("fetching", blocking=False) as got:
+            assert not got  # still one lock
+    assert not (root / "dead.lock").exists()  # swept by the cache that opened while the fetch held its own
+    fd = os.open(root / "fetching.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    os.close(fd)
+
+
 def test_the_prepared_cache_sweeps_what_dead_preparers_left_but_not_what_a_live_one_writes(tmp_path):
     import fcntl
     from openclaw.data.prep_cache import PrepCache
@@ -117,7 +139,7 @@ def test_the_prepared_cache_sweeps_what_dead_preparers_left_but_not_what_a_live_
     try:
         PrepCache(str(tmp_path / "c"), 1 << 30)  # sweeps when it opens
         assert not (tmp_path / "c" / ".tmp" / "dead-1234abcd").exists()
-        assert not (tmp_path / "c" / ".locks" / "dead.lock").exists()
+        assert (tmp_path / "c" / ".locks" / "dead.lock").exists()  # lock files stay (`PrepCache.sweep`)
         assert (tmp_path / "c" / ".tmp" / "live-5678abcd").exists() and (tmp_path / "c" / ".locks" / "live.lock").exists()
     finally:
         os.close(fd)

@@ -79,10 +79,14 @@ class ShardCache:
                 stale = now - os.lstat(path).st_mtime > stale_s
             except FileNotFoundError:
                 continue
-            orphan_lock = name.endswith(".lock") and not os.path.exists(path[:-5] + ".json")
-            if stale and (name.endswith(".part") or orphan_lock):
+            if stale and name.endswith(".part"):
                 _unlink(path)
                 removed.append(name)
+            elif stale and name.endswith(".lock") and not os.path.exists(path[:-5] + ".json"):
+                with self._lock(name[:-5], blocking=False) as got:  # not one a fetch holds or waits on
+                    if got and not os.path.exists(path[:-5] + ".json"):
+                        _unlink(path)
+                        removed.append(name)
             elif stale and name.endswith(".parquet") and not os.path.exists(path[:-8] + ".json"):
                 with self._lock(name[:-8], blocking=False) as got:  # not while a fetch is between its files
                     if got and not os.path.exists(path[:-8] + ".json"):
@@ -158,13 +162,22 @@ class ShardCache:
 
     @contextmanager
     def _lock(self, key: str, blocking: bool = True):
-        fd = os.open(os.path.join(self.root, key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-        try:
+        """`key`'s lock, exclusively (`blocking=False`: yields whether it got it). The lock file a sweep
+        removed (under this lock) while this process waited on it is no lock: opened again until the file
+        locked is the one at the path."""
+        path = os.path.join(self.root, key + ".lock")
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
+                os.close(fd)
                 yield False
                 return
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        try:
             yield True
         finally:
             os.close(fd)
@@ -187,6 +200,13 @@ def _valid_copy(data: str, meta: str, size: int) -> pa.Buffer | None:
     if len(body) != size or want.get("size") != size or zlib.crc32(body) != want.get("crc32"):
         return None  # damaged or stale: fetch again
     return pa.py_buffer(body)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _unlink(path: str) -> None:
