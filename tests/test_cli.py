@@ -304,7 +304,7 @@ def test_a_finished_job_says_when_its_final_checkpoint_is_gone(digits_dir, tmp_p
     from conftest import digits_config
     from openclaw.launch.preflight import storage_path
     from openclaw.launch.session import _already_finished
-    from openclaw.tracking.run import record_finished
+    from openclaw.tracking.job_file import record_finished
     cfg = digits_config(digits_dir, tmp_path, "sqlite:///unused.db",
                         **{"train.max_steps": 20, "tracking.enabled": False, "name": "gone"})
     final = tmp_path / "runs" / "gone" / "checkpoint_2026-12-05_06-00-00.000000"

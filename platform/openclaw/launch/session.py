@@ -40,7 +40,8 @@ from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
 from openclaw.tracking.redact import public_uri, redacted, scrub
 from openclaw.tracking.model import log_final_model
-from openclaw.tracking.run import job_record, open_run, record_finished
+from openclaw.tracking.job_file import job_record, record_finished
+from openclaw.tracking.run import open_run
 from openclaw.tracking.service import start_service
 from openclaw.tracking.spool import append_ops, append_to_spool
 

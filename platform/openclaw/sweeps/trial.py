@@ -19,7 +19,7 @@ from openclaw.constants import apply_secret_env
 from openclaw.errors import RunStopped
 from openclaw.launch.session import train
 from openclaw.sweeps.config import trial_lr
-from openclaw.tracking.run import finished_run
+from openclaw.tracking.job_file import finished_run
 
 
 def trial_name(sweep_name: str, trial_id: str) -> str:

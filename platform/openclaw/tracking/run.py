@@ -12,7 +12,6 @@ from importlib.metadata import entry_points
 from typing import Any, Iterator
 
 import mlflow
-import pyarrow.fs as pafs
 from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -21,10 +20,9 @@ from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
 from mlflow.tracking import MlflowClient
 
-from openclaw import constants
 from openclaw.config import Config
-from openclaw.data.filesystems import storage_filesystem
 from openclaw.errors import CheckpointError, ConfigError, OpenClawError
+from openclaw.tracking.job_file import _read_job_file, _write_job_file
 from openclaw.tracking.redact import flatten, public_uri, redacted
 
 
@@ -118,52 +116,12 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
     return run_id, exp_id, False
 
 
-def record_finished(config: Config, storage: str, step: int, checkpoint: str | None, metrics: dict[str, Any]) -> None:
-    """Note in the job file that the run reached its last step (a sweep's rerun trial then only reports it)."""
-    job = _read_job_file(storage, config.name)
-    job["finished"] = {"step": step, "checkpoint": checkpoint,
-                       "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    _write_job_file(storage, config.name, job)
-
-
-def finished_run(config: Config, storage: str) -> dict[str, Any] | None:
-    """What `record_finished` noted for this job name, or None if it has not finished."""
-    return job_record(config, storage).get("finished")
-
-
-def job_record(config: Config, storage: str) -> dict[str, Any]:
-    """The job file of this job name (`mlflow_run_id`, `experiment_id`, and `finished` once it has); {} if
-    there is none yet."""
-    return _read_job_file(storage, config.name)
-
-
 def _flat(config: Config) -> dict[str, Any]:
     return flatten(redacted(config.resolved()))
 
 
 def _param_str(v: Any) -> str:
     return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
-
-
-def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
-    fs, root = storage_filesystem(storage)
-    return fs, f"{root.rstrip('/')}/{name}/{constants.JOB_FILE}"
-
-
-def _read_job_file(storage: str, name: str) -> dict[str, Any]:
-    fs, path = _job_fs(storage, name)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
-    fs, path = _job_fs(storage, name)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(content, indent=2).encode())
 
 
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")

@@ -1,0 +1,52 @@
+"""The job file (driver): `<checkpoint.storage>/<name>/openclaw_job.json`, which names the job's MLflow
+run (`open_run` creates or reopens it) and, once the job reached its last step, what it finished with."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from openclaw import constants
+from openclaw.config import Config
+from openclaw.data.filesystems import storage_filesystem
+
+
+def record_finished(config: Config, storage: str, step: int, checkpoint: str | None, metrics: dict[str, Any]) -> None:
+    """Note in the job file that the run reached its last step (a sweep's rerun trial then only reports it)."""
+    job = _read_job_file(storage, config.name)
+    job["finished"] = {"step": step, "checkpoint": checkpoint,
+                       "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    _write_job_file(storage, config.name, job)
+
+
+def finished_run(config: Config, storage: str) -> dict[str, Any] | None:
+    """What `record_finished` noted for this job name, or None if it has not finished."""
+    return job_record(config, storage).get("finished")
+
+
+def job_record(config: Config, storage: str) -> dict[str, Any]:
+    """The job file of this job name (`mlflow_run_id`, `experiment_id`, and `finished` once it has); {} if
+    there is none yet."""
+    return _read_job_file(storage, config.name)
+
+
+def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = storage_filesystem(storage)
+    return fs, f"{root.rstrip('/')}/{name}/{constants.JOB_FILE}"
+
+
+def _read_job_file(storage: str, name: str) -> dict[str, Any]:
+    fs, path = _job_fs(storage, name)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
+    fs, path = _job_fs(storage, name)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(content, indent=2).encode())
