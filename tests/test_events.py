@@ -1,6 +1,7 @@
 """A run's events are readable while it runs (from their parts) and after (from `events.json`); the console line
 of an attempt names its mesh."""
 import json
+import os
 import re
 
 import pytest
@@ -73,6 +74,39 @@ def test_a_resume_reopens_its_own_run_and_refuses_another_store(tmp_path):
     MlflowClient(first).delete_run(run_id)  # a run the user deleted: the job starts a new one
     again, _, resumed = open_run(config, first, str(tmp_path / "runs"))
     assert again != run_id and not resumed
+
+
+def test_a_job_file_is_whole_after_a_kill_mid_write_and_a_damaged_one_is_refused(tmp_path):
+    """The job file was rewritten in place: a driver killed in the write (`ray job stop` SIGKILLs 3 s after
+    its SIGTERM) left it empty, which read as no job at all: the next run started a second MLflow run,
+    passed the finished and unsent-spool checks, and `record_finished` wrote it back without the run id."""
+    import signal
+
+    from openclaw.errors import ConfigError
+    from openclaw.tracking.job_file import _read_job_file, _write_job_file, job_record
+    storage = str(tmp_path / "runs")
+    job = {"mlflow_run_id": "a" * 32, "experiment_id": "1", "finished": {"step": 1000, "metrics": {"x": 0.1}},
+           "pad": "x" * 200_000}  # a write long enough to be cut
+    _write_job_file(storage, "job", job)
+    for kill in range(30):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a driver rewriting the file, saying so after each write
+            os.close(read)
+            while True:
+                _write_job_file(storage, "job", job)
+                os.write(write, b".")
+        os.close(write)
+        os.read(read, 1 + kill % 3)  # killed in its next write (or between two)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert _read_job_file(storage, "job") == job, kill
+    (tmp_path / "runs" / "job" / "openclaw_job.json").write_text("")  # damaged some other way
+    config = openclaw.load_config(None, {"name": "job"}, base={"data": {"train": "x"}})
+    with pytest.raises(ConfigError, match="openclaw_job.json cannot be read .* Delete it to start the job 'job' in a "
+                                          "new MLflow run, or use a new `name`"):
+        job_record(config, storage)
 
 
 def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path):

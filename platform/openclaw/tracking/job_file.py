@@ -3,6 +3,8 @@ run (`open_run` creates or reopens it) and, once the job reached its last step, 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -10,6 +12,7 @@ import pyarrow.fs as pafs
 from openclaw import constants
 from openclaw.config import Config
 from openclaw.data.filesystems import storage_filesystem
+from openclaw.errors import ConfigError
 
 
 def record_finished(config: Config, storage: str, step: int, checkpoint: str | None, metrics: dict[str, Any]) -> None:
@@ -37,16 +40,30 @@ def _job_fs(storage: str, name: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _read_job_file(storage: str, name: str) -> dict[str, Any]:
+    """{} where the job has none yet. Any other failure is raised: read as {}, a storage error (or a file
+    a crash cut short) started a second MLflow run for the job, passed the unsent-spool and finished
+    checks, and `record_finished` wrote the file back without the run's id."""
     fs, path = _job_fs(storage, name)
     try:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
+            text = f.read()
+    except FileNotFoundError:
         return {}
+    try:
+        job = json.loads(text)
+    except ValueError:
+        job = None
+    if not isinstance(job, dict):
+        raise ConfigError(f"The job file {path} cannot be read (not a JSON object): it names the job's MLflow run. "
+                          f"Delete it to start the job {name!r} in a new MLflow run, or use a new `name`.")
+    return job
 
 
 def _write_job_file(storage: str, name: str, content: dict[str, Any]) -> None:
+    """Whole or not at all: written beside, then moved over it (a driver killed mid-write left it empty)."""
     fs, path = _job_fs(storage, name)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open_output_stream(tmp) as f:
         f.write(json.dumps(content, indent=2).encode())
+    fs.move(tmp, path)
