@@ -129,6 +129,30 @@ def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path
         session._refuse_an_unsent_spool()
 
 
+def test_a_spool_line_a_crash_cut_short_is_dropped_and_the_file_stays_readable(tmp_path):
+    """A tracking actor killed mid-append left half a line: `read_spool` refused the whole file, the next
+    append continued that half line, and the run could neither upload its spool nor resume past it. A
+    kill between creating the file and its `run` line made every later append skip that line."""
+    from openclaw.tracking.spool import append_ops, append_to_spool, read_spool
+    spool = tmp_path / "run.spool.jsonl"
+    append_ops(str(spool), "http://u:pw@host:5000", "r1", [("metrics", ([["train/loss", 1.0, 0, 10]],))])
+    with open(spool, "ab") as f:
+        f.write(b'{"op": "metrics", "args": [[["train/loss", 0.5, 0, ')  # the kill
+    assert read_spool(str(spool)) == (("http://host:5000", "r1"), [{"op": "metrics", "args": [[["train/loss", 1.0, 0, 10]]]}])
+    append_to_spool(str(spool), "end", "KILLED")
+    append_ops(str(spool), "http://host:5000", "r1", [("end", ("FAILED",))])
+    assert [op["op"] for op in read_spool(str(spool))[1]] == ["metrics", "end", "end"]
+    assert spool.read_bytes().count(b"\n") == 4 and oct(spool.stat().st_mode)[-3:] == "600"
+    whole = tmp_path / "whole.jsonl"  # cut just before its newline: whole, kept
+    whole.write_bytes(b'{"op": "run", "args": ["http://host", "r2"]}\n{"op": "end", "args": ["KILLED"]}')
+    append_to_spool(str(whole), "end", "FAILED")
+    assert [op["args"] for op in read_spool(str(whole))[1]] == [["KILLED"], ["FAILED"]]
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()  # created, then killed before its first line
+    append_ops(str(empty), "http://host", "r3", [("end", ("KILLED",))])
+    assert read_spool(str(empty)) == (("http://host", "r3"), [{"op": "end", "args": ["KILLED"]}])
+
+
 def test_sync_spool_logs_the_model_without_its_data_and_writes_events_json(tmp_path):
     """The spool's `finish` resolved the training data only for an input example: data moved since (or on
     a store whose keys the spooled config holds as ***) failed it, leaving the run RUNNING without its

@@ -3,33 +3,74 @@ the tracking actor and the driver, read by `openclaw sync-spool` on the driver).
 the run (`run`: tracking URI, run id); the others are ops, in the order they were sent."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from openclaw.tracking.redact import public_uri
 
 
 def append_ops(path: str, uri: str, run_id: str, ops: list[tuple[str, tuple]]) -> None:
-    """`ops` ((op, args) pairs) at the end of `run_id`'s spool file, begun with its `run` line when new
-    (the URI without its user info: no credential at rest)."""
-    if not os.path.exists(path):
-        append_to_spool(path, "run", public_uri(uri), run_id)
-    for op, args in ops:
-        append_to_spool(path, op, *args)
+    """`ops` ((op, args) pairs) at the end of `run_id`'s spool file, begun with its `run` line when new or
+    empty (the URI without its user info: no credential at rest). A process killed between creating the
+    file and writing that line left a file every later append made unreadable."""
+    with _appending(path) as f:
+        if f.tell() == 0:
+            _write(f, "run", public_uri(uri), run_id)
+        for op, args in ops:
+            _write(f, op, *args)
 
 
 def append_to_spool(path: str, op: str, *args: Any) -> None:
     """One op, as a JSON line, at the end of a spool file (`sync_spool` applies them in order)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it may hold the run's metrics: its owner's only
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps({"op": op, "args": list(args)}) + "\n")
+    with _appending(path) as f:
+        _write(f, op, *args)
+
+
+@contextlib.contextmanager
+def _appending(path: str) -> Iterator[BinaryIO]:
+    """The spool file open at its end, under its lock (the tracking actor and the driver both append), its
+    last line whole: a line a crash cut short is dropped (it was never written whole, and the next op
+    would have continued it, making the file unreadable to `sync-spool` and blocking the run's resume)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # it may hold the run's metrics: its owner's only
+    with os.fdopen(fd, "r+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        end = f.seek(0, os.SEEK_END)
+        if end and f.seek(end - 1) >= 0 and f.read(1) != b"\n":
+            f.seek(0)
+            whole, _, tail = f.read().rpartition(b"\n")
+            keep = len(whole) + 1 if whole or _ else 0
+            if _parses(tail):  # whole but for its newline
+                f.write(b"\n")
+            else:
+                f.truncate(keep)
+                f.seek(keep)
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write(f: BinaryIO, op: str, *args: Any) -> None:
+    f.write((json.dumps({"op": op, "args": list(args)}) + "\n").encode())
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
 
 
 def read_spool(path: str) -> tuple[tuple[str, str], list[dict[str, Any]]]:
-    """((tracking URI, run id), ops) of a spool file."""
-    with open(path) as f:
-        ops = [json.loads(line) for line in f if line.strip()]
+    """((tracking URI, run id), ops) of a spool file; a last line a crash cut short is left out."""
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    if lines and not _parses(lines[-1]):
+        lines.pop()
+    ops = [json.loads(line) for line in lines]
     if not ops:
         return ("", ""), []
     if not all(isinstance(op, dict) and "op" in op and isinstance(op.get("args"), list) for op in ops) \
