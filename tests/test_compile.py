@@ -107,3 +107,44 @@ def test_the_run_compile_cache_is_found_and_used_by_a_fresh_worker_on_a_new_node
     cold = _worker(tmp_path / "run", tmp_path / "node3", load=False, save=False)
     assert warm["loaded_artifacts"] > 0 and warm["perf/compile_cache_hits"] > 0
     assert cold["loaded_artifacts"] == 0 and cold["perf/compile_cache_hits"] == 0
+
+
+def _kernels_tar(n: int, size: int) -> tuple[bytes, dict[str, bytes]]:
+    import io
+    import tarfile
+    bodies = {f"k{i % 3}/c_{i:02d}.so": os.urandom(size) for i in range(n)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, body in bodies.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue(), bodies
+
+
+def _unpack_and_read_back(blob, root, barrier, results):
+    from openclaw.runtime.compile_cache import _unpack_kernels
+    barrier.wait()
+    _unpack_kernels(blob, root)
+    results.put({os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                 for d, _, files in os.walk(root) for f in files if ".openclaw-unpack-" not in d})
+
+
+def test_built_kernels_appear_whole_or_not_at_all_and_a_nodes_two_workers_share_them(tmp_path):
+    """Unpacked in place, a node's two workers loading at once rewrote the files the other had just
+    written and was reading (and a worker killed in a kernel left it cut short, which every later attempt
+    on the node kept: Inductor loads a kernel it finds). Each is now unpacked aside and linked into place."""
+    import multiprocessing
+    blob, bodies = _kernels_tar(24, 1 << 20)
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        root = tmp_path / f"node{round_}"
+        root.mkdir()
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_unpack_and_read_back, args=(blob, str(root), barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        seen = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+        assert all(got == bodies for got in seen), round_

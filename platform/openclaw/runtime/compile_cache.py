@@ -14,11 +14,14 @@ config turns it on: storage only the run's owner can write.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import posixpath
+import shutil
 import tarfile
+import tempfile
 
 import torch
 
@@ -29,6 +32,8 @@ log = logging.getLogger("openclaw")
 FOLDER = "compile_cache"
 MAX_KERNEL_BYTES = 512 * 2 ** 20
 """A node's built CPU kernels beyond this are not saved (the artifacts still are)."""
+UNPACKING = ".openclaw-unpack-"
+"""The folders in Inductor's cache that kernels are unpacked into before they are linked into place."""
 
 
 def _inductor_cache_dir() -> str:
@@ -95,7 +100,8 @@ class CompileCache:
 def _pack_kernels(root: str) -> bytes | None:
     """The shared objects Inductor built under `root` (its CPU kernels), as a tar; None when there are none
     or too many bytes of them."""
-    files = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith(".so")]
+    files = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+             if n.endswith(".so") and UNPACKING not in d]  # not another worker's, half unpacked
     if not files or sum(os.path.getsize(f) for f in files) > MAX_KERNEL_BYTES:
         return None
     buf = io.BytesIO()
@@ -106,7 +112,21 @@ def _pack_kernels(root: str) -> bytes | None:
 
 
 def _unpack_kernels(blob: bytes, root: str) -> None:
-    """Into Inductor's cache folder, keeping what is there; names confined to it (tarfile's data filter)."""
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and not os.path.exists(os.path.join(root, m.name))]
-        tar.extractall(root, members=members, filter="data")
+    """Into Inductor's cache folder, keeping what is there; names confined to it (tarfile's data filter).
+
+    Each file is unpacked beside, then linked into place: it appears whole or not at all. Unpacked in place,
+    a worker killed mid-file left a cut-short kernel that every later attempt kept (and Inductor loads a
+    kernel it finds), and a node's two workers loading at once rewrote the files the other had just
+    written and was reading."""
+    aside = tempfile.mkdtemp(prefix=UNPACKING, dir=root)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and not os.path.exists(os.path.join(root, m.name))]
+            tar.extractall(aside, members=members, filter="data")
+        for member in members:
+            target = os.path.join(root, member.name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # another worker's, as whole as ours
+                os.link(os.path.join(aside, member.name), target)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
