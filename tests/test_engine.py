@@ -178,10 +178,10 @@ def test_a_rollback_keeps_the_attempt_that_runs_and_takes_the_training_back():
 def test_a_resume_and_a_rollback_keep_the_mlflow_run_this_session_tracks_to():
     """A run deleted in MLflow is replaced by a new one when the job resumes; the restore then set the
     train state back to the deleted run's id, and every later checkpoint (and export) named it."""
-    saved = TrainState(step=100, attempt=3, mlflow_run_id="deleted").state_dict()
-    resumed = TrainState(mlflow_run_id="new")
+    saved = TrainState(step=100, attempt=3, mlflow_run_id="deleted", shard_layout="old").state_dict()
+    resumed = TrainState(mlflow_run_id="new", shard_layout="now")  # (a layout that differs was refused before)
     resumed.resume_from(saved)
-    assert (resumed.step, resumed.attempt, resumed.mlflow_run_id) == (100, 3, "new")
+    assert (resumed.step, resumed.attempt, resumed.mlflow_run_id, resumed.shard_layout) == (100, 3, "new", "now")
     resumed.roll_back_to(saved)
     assert (resumed.step, resumed.mlflow_run_id) == (100, "new")
     untracked = TrainState()  # `tracking.enabled: false`: the checkpoint's run is the only one known

@@ -140,3 +140,25 @@ def test_micro_batch_starts_name_the_same_micro_batches_at_any_world_size(world,
     sampler = Sampler(1000, 128, micro, seed=0, world_size=world, rank=world - 1)
     positions = sampler.global_batch(3)
     assert [list(m) for m in sampler.split(positions)] == [list(positions[s:s + micro]) for s in sampler.micro_starts]
+
+
+def test_a_resume_over_the_same_rows_cut_into_other_shards_is_refused_where_the_order_follows_them():
+    """Only the row count was compared: the same 4096 rows prepared again as 16 shards of 256, not 8 of
+    512, resumed under a shuffle window and trained on 1280 samples its epoch had already seen."""
+    from openclaw.data.sampler import check_same_order, shard_layout
+    from openclaw.errors import DataError
+    eight, sixteen = [512] * 8, [256] * 16
+    saved = {"num_samples": 4096, "shard_layout": shard_layout(eight)}
+    check_same_order(saved, 4096, eight, 2, "ckpt")  # the same data
+    with pytest.raises(DataError, match="cut into other shards than `data.train` has now \\(16\\)"):
+        check_same_order(saved, 4096, sixteen, 2, "ckpt")
+    resumed_at = 2048  # the order the saved position meant, and the one it would read now
+    before = epoch_order(0, 0, 4096, eight, 2)[:resumed_at]
+    after = epoch_order(0, 0, 4096, sixteen, 2)[resumed_at:]
+    assert len(set(before) & set(after)) > 1000
+    check_same_order(saved, 4096, sixteen, 0, "ckpt")  # without a window the order is the rows' alone
+    assert np.array_equal(epoch_order(0, 0, 4096, eight, 0), epoch_order(0, 0, 4096, sixteen, 0))
+    check_same_order({"num_samples": 4096}, 4096, sixteen, 2, "ckpt")  # an older checkpoint: not known
+    with pytest.raises(DataError, match="trained on 4096 rows but `data.train` now has 4000"):
+        check_same_order(saved, 4000, [500] * 8, 2, "ckpt")
+    assert shard_layout(eight) != shard_layout([512] * 7 + [511, 1]) and shard_layout(eight) == shard_layout(eight)

@@ -14,10 +14,13 @@ optimizer step at exactly ``G``. With a fixed ``G`` the position is a function o
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from openclaw.errors import DataError
 
 
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
@@ -54,6 +57,28 @@ def epoch_order(seed: int, epoch: int, num_samples: int, shard_rows: Sequence[in
         rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in ids])
         parts.append(rows[np.random.default_rng([seed, epoch, 2, k]).permutation(len(rows))])
     return np.concatenate(parts)
+
+
+def shard_layout(shard_rows: Sequence[int]) -> str:
+    """A digest of the training shards' row counts, in order: with a shuffle window, the sample order is a
+    function of them (`epoch_order`), not of the row count alone."""
+    return hashlib.sha1(np.asarray(list(shard_rows), dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def check_same_order(saved: dict[str, Any], num_samples: int, shard_rows: Sequence[int], window_shards: int,
+                     path: str) -> None:
+    """Refuse a checkpoint whose data position means other samples here: another row count, or (under a
+    shuffle window) the same rows cut into other shards, which reorders the rest of the epoch (the same
+    number of rows prepared again in other shards resumed and trained on samples the epoch had seen)."""
+    if saved["num_samples"] != num_samples:
+        raise DataError(f"checkpoint {path} was trained on {saved['num_samples']} rows but `data.train` now has "
+                        f"{num_samples}; use a new `name` to start a fresh run.")
+    windowed = 0 < window_shards < len(shard_rows)
+    if windowed and saved.get("shard_layout") and saved["shard_layout"] != shard_layout(shard_rows):
+        raise DataError(f"checkpoint {path} was trained on the same number of rows cut into other shards than "
+                        f"`data.train` has now ({len(shard_rows)}); with `data.shuffle_window_shards` the sample "
+                        f"order follows the shards, so the rest of its epoch would differ. Resume on the data it "
+                        f"was trained on, or use a new `name`.")
 
 
 def shard_windows(seed: int, epoch: int, num_shards: int, window_shards: int) -> list[np.ndarray]:

@@ -57,6 +57,10 @@ class TrainState:
     """World size of the attempt that saved this state."""
     num_samples: int = 0
     """Training rows when saved; a resume over a different dataset is refused."""
+    shard_layout: str = ""
+    """A digest of the training shards' row counts (`data.sampler.shard_layout`): under a shuffle window
+    the sample order follows them, and a resume over the same rows cut otherwise is refused. Older
+    checkpoints lack it."""
     seed: int = 0
     mlflow_run_id: str = ""
     attempt: int = 0
@@ -129,12 +133,12 @@ class TrainState:
         self.overflow_window, self.overflow_steps = [], 0
 
     def resume_from(self, saved: dict[str, Any]) -> None:
-        """Load a checkpoint's state as an attempt starts, keeping the MLflow run this session tracks to
-        (where it has one): a run deleted since was replaced by a new one, and the checkpoint's id sent
-        every later checkpoint, and the exports made from them, to the deleted run."""
-        run_id = self.mlflow_run_id
+        """Load a checkpoint's state as an attempt starts, keeping what this session has (where it has it):
+        its MLflow run (a run deleted since was replaced by a new one, and the checkpoint's id sent every
+        later checkpoint, and the exports made from them, to the deleted run) and its data's layout."""
+        run_id, layout = self.mlflow_run_id, self.shard_layout
         self.load_state_dict(saved)
-        self.mlflow_run_id = run_id or self.mlflow_run_id
+        self.mlflow_run_id, self.shard_layout = run_id or self.mlflow_run_id, layout or self.shard_layout
 
     def roll_back_to(self, saved: dict[str, Any]) -> None:
         """Load a checkpoint's state in the middle of an attempt (a rollback): its training, and this

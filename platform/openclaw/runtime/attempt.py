@@ -18,7 +18,7 @@ from openclaw.advice.batching import as_asked
 from openclaw.advice.rules import placement_line
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
-from openclaw.data.sampler import Sampler
+from openclaw.data.sampler import Sampler, check_same_order, shard_layout
 from openclaw.engine.device import configure_cpu
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import allgather_ints, now as perf_now
@@ -29,7 +29,7 @@ from openclaw.engine.parallel.mesh import MeshLayout, nodes_spanned
 from openclaw.engine.precision import choose_precision, device_facts, sharded_param_dtype
 from openclaw.engine.state import TrainState, micro_batch_seed, seed_step
 from openclaw.engine.tasks import build_task
-from openclaw.errors import DataError, NonFiniteLossError, WorkerPreempted
+from openclaw.errors import NonFiniteLossError, WorkerPreempted
 from openclaw.profiling.capture import StepProfiler
 from openclaw.runtime.log_window import LogWindow
 from openclaw.runtime.setup import flops_per_sample, open_datasets
@@ -73,7 +73,7 @@ class Attempt:
         # ---- model and engine, then the newest valid checkpoint
         self.engine = self._build_engine()
         self.state = TrainState(world_size=self.world, num_samples=len(self.train), seed=cfg.seed,
-                                mlflow_run_id=inputs.run_id)
+                                mlflow_run_id=inputs.run_id, shard_layout=shard_layout(self.train.shard_rows()))
         loaded = restore(inputs.run_dir, self.tracker, self.engine, self._check_resumable)
         if loaded:
             self.state.resume_from(loaded["state"])
@@ -244,9 +244,7 @@ class Attempt:
         return rolled_back
 
     def _check_resumable(self, state: dict[str, Any], path: str) -> None:
-        if state["num_samples"] != len(self.train):
-            raise DataError(f"checkpoint {path} was trained on {state['num_samples']} rows but `data.train` now has "
-                            f"{len(self.train)}; use a new `name` to start a fresh run.")
+        check_same_order(state, len(self.train), self.train.shard_rows(), self.config.data.shuffle_window_shards, path)
 
     def _start_over(self) -> None:
         """Back to step 0 with the initial weights (same seed) and a fresh optimizer."""
