@@ -77,7 +77,19 @@ def test_a_failed_compile_names_the_key_or_falls_back_to_eager_as_configured():
                      compile={"fullgraph": True, "fallback": "eager"}), device=torch.device("cpu"))
     stats = lenient.train_step(0, [data])
     assert stats.finite and lenient.fell_back and lenient.compile is None
-    assert lenient.train_step(1, [data]).finite
+    # a restart trains eager too, as the run did since (its train state says so: it compiled again, and
+    # compiled steps differ from eager ones in their last bits)
+    from openclaw.engine.state import TrainState
+    state = TrainState(step=1, compile_fell_back=lenient.fell_back)
+    restarted = Engine(_Breaks(), Classification(), TrainConfig(global_batch_size=4, micro_batch_size=4,
+                       compile={"fullgraph": True, "fallback": "eager"}), device=torch.device("cpu"))
+    restarted.load_state_dict(copy.deepcopy(lenient.state_dict()))
+    restarted.train_eager()
+    assert restarted.compile is None and not restarted.fell_back
+    assert lenient.train_step(1, [data]).finite and restarted.train_step(1, [data]).finite
+    assert all(torch.equal(a, b) for a, b in zip(lenient.model.parameters(), restarted.model.parameters()))
+    state.roll_back_to(TrainState(step=0).state_dict())  # a checkpoint from before the failure
+    assert state.compile_fell_back == lenient.fell_back
 
 
 def test_graph_breaks_are_counted():

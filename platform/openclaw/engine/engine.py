@@ -169,11 +169,18 @@ class Engine:
                 raise CompileError(f"torch.compile failed on the model ({why}). Set `train.compile.fallback: eager` "
                                    f"to train uncompiled when compiling fails, or `train.compile: false`.") from e
         log.warning("torch.compile failed (%s); training eager (`train.compile.fallback: eager`)", why)
-        uncompile(self.module)
-        self.compile, self.compile_counters, self.fell_back = None, None, why
+        self.train_eager()
+        self.fell_back = why
         self.optimizer.zero_grad(set_to_none=True)
         self.fns.seeds = list(seeds)
         return self.strategy.forward_backward(self.model, micro_batches, self.fns)
+
+    def train_eager(self) -> None:
+        """Uncompiled from here on: after a compile failed (`fallback: eager`), in this attempt and in every
+        later one (`TrainState.compile_fell_back`), as the uninterrupted run trains."""
+        if self.compile:
+            uncompile(self.module)
+        self.compile, self.compile_counters = None, None
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:

@@ -39,7 +39,7 @@ def seed_all(value: int) -> None:
 
 
 ATTEMPT_FIELDS = ("world_size", "attempt", "micro_batch_size", "micro_batch_key", "micro_batch_estimate_gb",
-                  "mlflow_run_id")
+                  "mlflow_run_id", "compile_fell_back")
 """What describes the attempt that runs rather than the training so far: a rollback keeps them. The MLflow
 run is the session's (`resume_from`)."""
 
@@ -96,6 +96,9 @@ class TrainState:
     """The gradient noise scale's smoothed |G|^2 and S as of the last log step (`engine.noise`; the same
     on every rank), so that `train/grad_noise_scale_smooth` carries on across a restart. Older
     checkpoints lack it: it starts from zero."""
+    compile_fell_back: str = ""
+    """Why `train.compile` failed, where the run fell back to eager (`fallback: eager`): every later
+    attempt trains eager too (compiled and eager steps differ in their last bits)."""
     micro_batch_size: int = 0
     """`train.micro_batch_size: auto`: the size chosen on the run's first start (0: the config sets it),
     kept by every later attempt (restart, resize, resume) whose `micro_batch_key` is the same. Older

@@ -78,6 +78,8 @@ class Attempt:
         if loaded:
             self.state.resume_from(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
+            if self.state.compile_fell_back:  # as the run did since its compile failed
+                self.engine.train_eager()
         elif self.on_meta:  # a fresh start of a model built on the meta device: rank 0's initial weights
             self._initial_weights()
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
@@ -209,7 +211,7 @@ class Attempt:
             self.tracker.progress({"message": f"torch.compile failed; training eager (`train.compile.fallback: "
                                               f"eager`): {self.engine.fell_back}"})
             self.tracker.event("compile_fallback", step=step, error=self.engine.fell_back)
-            self.engine.fell_back = None
+            self.state.compile_fell_back, self.engine.fell_back = self.engine.fell_back, None
         elif self.compile_cache and not self.compile_cache.saved:
             saved = self.compile_cache.save()
             self.tracker.event("compile_cache", saved_bytes=saved, step=step,
