@@ -78,8 +78,6 @@ class Attempt:
         if loaded:
             self.state.resume_from(loaded["state"])
             self.tracker.restore_pending(self.state.pending_metrics)
-            if self.state.compile_fell_back:  # as the run did since its compile failed
-                self.engine.train_eager()
         elif self.on_meta:  # a fresh start of a model built on the meta device: rank 0's initial weights
             self._initial_weights()
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
@@ -133,7 +131,10 @@ class Attempt:
                          records=coords["tp"] == 0 == coords["pp"])
 
     def _open_compile_cache(self) -> CompileCache | None:
-        """`train.compile.cache`: an earlier attempt's compiled graphs, loaded before the first step compiles."""
+        """`train.compile.cache`: an earlier attempt's compiled graphs, loaded before the first step compiles
+        (none where the run's compile failed earlier: it trains eager since, and so does this attempt)."""
+        if self.state.compile_fell_back:
+            self.engine.train_eager()
         if not (self.engine.compile and self.engine.compile.cache):
             return None
         cache = CompileCache(self.inputs.run_dir, self.rank)
