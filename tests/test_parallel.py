@@ -56,6 +56,24 @@ def test_dropout_follows_the_samples_so_a_resize_keeps_the_optimization():
     assert rel(*(run["history"] for run in by_rank)) > 1e-3  # what a resize did before
 
 
+@pytest.mark.parametrize("world,parallelism", [(2, {"strategy": "fsdp"}), (4, {"strategy": "fsdp", "replicate": 2})],
+                         ids=["fsdp", "hsdp"])
+def test_fsdp_keeps_batch_norm_statistics_as_ddp_does(world, parallelism):
+    """FSDP left each rank its own running statistics: the ranks evaluated with different ones, and a
+    checkpoint kept one rank's, which a resume then gave them all. After each step every rank now holds
+    rank 0's, which are DDP's (DDP hands rank 0's out before each forward)."""
+    from parallel_harness import batch_norm_run
+    ranks = spawn(world, batch_norm_run, parallelism)
+    ddp = spawn(world, batch_norm_run, {"strategy": "ddp"})[0]
+    assert set(ranks[0]["buffers"]) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    for other in ranks[1:]:
+        assert all(torch.equal(ranks[0]["buffers"][k], other["buffers"][k]) for k in ranks[0]["buffers"])
+    assert all(torch.allclose(ranks[0]["buffers"][k].float(), ddp["buffers"][k].float(), rtol=1e-5, atol=1e-7)
+               for k in ddp["buffers"])
+    assert not torch.allclose(ddp["buffers"]["1.running_mean"], spawn(world, batch_norm_run, {"strategy": "ddp"}, 1)[0][
+        "buffers"]["1.running_mean"])  # the statistics move with the steps: the comparison can fail
+
+
 @pytest.mark.parametrize("parallelism", [{"strategy": "fsdp"}, {"strategy": "fsdp", "tensor": 2}],
                          ids=["fsdp", "fsdp-x-tp"])
 def test_sharding_moves_no_whole_model_to_the_device(parallelism):

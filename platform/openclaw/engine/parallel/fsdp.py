@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -103,6 +104,7 @@ class FSDPStrategy(ShardedState):
         self.reshard_after_forward, self.ac, self.param_dtype = reshard_after_forward, activation_checkpointing, param_dtype
         self._local: LocalGrad | None = None
         self.comm: CommClock | None = None
+        self._kept_buffers: set[str] = set()
 
     def dp_mesh(self) -> DeviceMesh | None:
         return dp_mesh(self.layout, self.mesh, self.always_shard)
@@ -115,6 +117,8 @@ class FSDPStrategy(ShardedState):
         if self.layout.tensor > 1:
             self.split_logits = apply_tensor_parallel(model, self.mesh["tp"], self.loss_parallel)
         apply_activation_checkpointing(model, self.ac)
+        buffers = {name for name, _ in model.named_buffers()}
+        self._kept_buffers = buffers & set(model.state_dict())  # not `persistent=False` ones
         dp = self.dp_mesh()
         if dp is None:  # tensor parallelism alone: what it did not split (norms, biases) goes whole
             return place(model, device)
@@ -146,7 +150,25 @@ class FSDPStrategy(ShardedState):
                 self._local = self._first_local_grad(model, count)
             losses.append(loss.detach())
             samples += count
+        self._sync_buffers(model)
         return losses, samples
+
+    def _sync_buffers(self, model: nn.Module) -> None:
+        """The buffers a checkpoint keeps (BatchNorm's running statistics), data-parallel rank 0's on every
+        rank, as DDP keeps them: FSDP leaves each rank's own, so the ranks evaluated with different
+        statistics and a checkpoint kept one rank's, which a resume then gave them all."""
+        dp = self.dp_mesh()
+        if dp is None or not self._kept_buffers:  # (a transformer's: none)
+            return
+        kept = [b for name, b in model.named_buffers() if name in self._kept_buffers]
+        for dtype in dict.fromkeys(b.dtype for b in kept):
+            same = [b for b in kept if b.dtype == dtype]
+            flat = torch.cat([b.detach().reshape(-1) for b in same])
+            for dim in range(dp.ndim):  # along the shards, then across the replicas: rank (0, 0)'s
+                group = dp.get_group(dim)
+                dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
+            for b, part in zip(same, flat.split([b.numel() for b in same])):
+                b.detach().copy_(part.view_as(b))
 
     def _first_local_grad(self, model: nn.Module, count: int) -> LocalGrad | None:
         """The first micro-batch's gradient (`engine.noise`): not reduce-scattered nor resharded yet, so
