@@ -2,6 +2,7 @@
 Each case fails in preflight, before Ray or any worker starts, but the last: a bad shard that only the
 data's preparation (Ray Data tasks) finds."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -467,3 +468,23 @@ def test_a_config_mistake_is_reported_before_torch_ray_or_mlflow_load(command):
              "print(rc, [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.stdout.split("\n")[0] == "2 []" and "did you mean `train.max_steps`" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_checkpoint_list_of_a_live_run_names_a_checkpoint_deleted_while_it_was_read(tmp_path, monkeypatch):
+    """Ray Train deletes a live run's older checkpoints (`checkpoint.keep`): one deleted between the
+    listing of its files and the read of their sha256 ended the listing in a FileNotFoundError."""
+    import pyarrow.fs as pafs
+
+    import openclaw.launch.checkpoint_list as checkpoint_list
+    made = _checkpoints(tmp_path / "runs" / "job")
+    real = checkpoint_list._sha256
+
+    def deleted_first(fs, path):
+        if made["ok1"].name in path:
+            shutil.rmtree(made["ok1"], ignore_errors=True)  # as Ray's controller does, between the two reads
+        return real(fs, path)
+    monkeypatch.setattr(checkpoint_list, "_sha256", deleted_first)
+    listed = {c.name: c for c in (checkpoint_list._check(pafs.LocalFileSystem(), str(made[k]), made[k].name, False)
+                                  for k in ("ok1", "ok3"))}
+    assert listed[made["ok1"].name].problem == "deleted while it was being checked"
+    assert listed[made["ok3"].name].problem is None

@@ -102,6 +102,8 @@ def _check(fs: pafs.FileSystem, folder: str, name: str, quick: bool) -> Listed:
         _matches(fs, folder, files, quick)
     except CheckpointError as e:
         listed.problem = str(e)
+    except FileNotFoundError:  # deleted while we read it (Ray Train keeps `checkpoint.keep` of a live run)
+        listed.problem = "deleted while it was being checked"
     return listed
 
 
