@@ -59,6 +59,8 @@ def test_data_wait_fires_with_its_number_and_is_quiet_where_each_worker_gathers_
     assert sr.rule_data_wait(facts(cfg(**{"train.micro_batch_size": 32}), data_wait_frac=0.07)) is None
     assert sr.rule_data_wait(facts(data_wait_frac=0.04)) is None
     assert sr.rule_data_wait(facts()) is None
+    # twice the micro-batch, not more (below the worker's batch, where the cap hid a mutant's 4x)
+    assert sr.rule_data_wait(facts(cfg(**{"train.micro_batch_size": 4}), data_wait_frac=0.07)).value == 8
 
 
 def test_data_wait_on_shard_reads_asks_for_cpus():
@@ -153,6 +155,8 @@ def test_checkpoint_stall_of_a_small_checkpoint_saves_less_often():
     assert short.value == 40 and "only the final checkpoint" in short.effect
     assert sr.rule_checkpoint_stall(facts(every10, checkpoint_frac=0.04)) is None
     assert sr.rule_checkpoint_stall(facts(every10)) is None
+    # at 20% (not 50%, where a mutant's frac alone rounded the same): 10 x 0.25 x 49 = 122.5 -> 200
+    assert sr.rule_checkpoint_stall(facts(every10, checkpoint_frac=0.2, step_s=0.02, checkpoint_bytes=4e5)).value == 200
 
 
 def test_checkpoint_stall_of_a_large_synchronous_checkpoint_writes_in_the_background():
@@ -167,6 +171,10 @@ def test_checkpoint_stall_of_a_large_synchronous_checkpoint_writes_in_the_backgr
     every_step = sr.rule_checkpoint_stall(facts(cfg(**{"checkpoint.every_steps": 1, "train.max_steps": 10000}),
                                                 checkpoint_frac=0.6, step_s=1.0, checkpoint_bytes=40e9))
     assert every_step.key == "checkpoint.every_steps" and every_step.value > 1
+    # the same with a GPU to write from and a stall that would hide behind its compute no better
+    no_room = sr.rule_checkpoint_stall(facts(cfg(**{"checkpoint.every_steps": 1, "train.max_steps": 10000}),
+                                             checkpoint_frac=0.6, step_s=0.1, checkpoint_bytes=1e9, device_type="cuda"))
+    assert no_room.key == "checkpoint.every_steps"
 
 
 def test_a_cpu_worker_saves_in_the_background_only_with_a_cpu_its_torch_threads_leave_free():

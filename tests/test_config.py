@@ -137,6 +137,15 @@ def test_secret_looking_values_are_redacted_before_logging():
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 
 
+def test_secret_words_count_run_together_or_joined_by_hyphens_and_a_password_may_hold_an_at():
+    """Mutants lived that dropped the `...token`, `...password`/`...secret` and hyphen cases, and that cut
+    a URI's user info at its first `@` (leaving the rest of a password in the params)."""
+    from openclaw.tracking.redact import is_secret_key, redacted
+    for key in ("accesstoken", "authtoken", "dbpassword", "clientsecret", "api-key", "hf-token"):
+        assert is_secret_key(key), key
+    assert redacted({"uri": "postgresql://alice:p@ss@db/mlflow"}) == {"uri": "postgresql://db/mlflow"}
+
+
 def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
     """Only key names were looked at: `tracking.uri: http://alice:pw@host` and `apiKey` went to the MLflow
     params and config.yaml as written; `scrub` left half of a password holding an `@`, and a bare token."""

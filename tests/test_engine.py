@@ -114,6 +114,18 @@ def test_lr_schedule_is_a_function_of_the_step():
     assert lr_at(60, 1.0, s, 110) == pytest.approx(0.55)
     assert lr_at(110, 1.0, s, 110) == pytest.approx(0.1)
     assert lr_at(50, 1.0, ScheduleConfig(name="linear"), 100) == pytest.approx(0.55)
+    # the floor is a ratio of the LR (at a base LR of 1.0, a floor of 0.1 itself passed as well)
+    assert lr_at(110, 3e-4, s, 110) == pytest.approx(3e-5) and lr_at(0, 3e-4, s, 110) == pytest.approx(3e-5)
+
+
+def test_the_engine_trains_at_the_lr_its_resize_factor_scales():
+    """`elastic.on_resize: scale_lr` hands the engine an LR factor; a mutant that dropped it lived (only
+    integration tests ran it)."""
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=8)
+    engine = Engine(MLP(8, 8, 1, 2), Classification(), cfg, device=torch.device("cpu"), lr_factor=0.5)
+    stats = engine.train_step(3, [{"x": torch.randn(8, 8), "y": torch.randint(0, 2, (8,))}])
+    want = lr_at(3, cfg.optimizer.lr * 0.5, cfg.schedule, cfg.max_steps)
+    assert stats.lr == pytest.approx(want) and engine.optimizer.param_groups[0]["lr"] == pytest.approx(want)
 
 
 def test_gpt_language_modeling_step():

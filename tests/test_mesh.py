@@ -174,3 +174,12 @@ def test_one_rank_of_each_data_parallel_share_counts_it_in_the_totals(kw):
     layout = mesh_layout(64, **kw)
     counted = [layout.dp_rank(r) for r in range(64) if layout.counts_its_share(r)]
     assert sorted(counted) == list(range(layout.dp)) and layout.counts_its_share(0)
+
+
+@pytest.mark.parametrize("world,kwargs", [(8, {"replicate": 2}), (16, {"replicate": 2, "tensor": 2}),
+                                          (8, {"replicate": 4}), (64, {"replicate": 4, "tensor": 2, "pipeline": 2})])
+def test_every_data_parallel_rank_reads_its_own_slice_when_replicas_and_shards_differ(world, kwargs):
+    """A mutant numbering the data-parallel ranks by replicate x replicate lived: the tests used 4 x 4
+    meshes only, where that is shard's count too; with 2 replicas of 4 shards two ranks read one slice."""
+    layout = mesh_layout(world, **kwargs)
+    assert sorted({layout.dp_rank(r) for r in range(world)}) == list(range(layout.dp))

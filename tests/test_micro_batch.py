@@ -108,6 +108,8 @@ def test_a_pipeline_ranks_parameters_are_its_blocks_and_the_ends_it_holds():
     assert pipeline_rank_params(gpt, 2, [5, 1]) == [5 * block + tok + pos, block + ln + tok]
     # interleaved: stages 0 and 2 on rank 0, 1 and 3 (the last) on rank 1
     assert pipeline_rank_params(gpt, 2, [1, 1, 1, 3], 2) == [2 * block + tok + pos, 4 * block + ln + tok]
+    # and split evenly, [2, 2, 1, 1]: 3 blocks each (rank 0 does not run stages 0 and 1, 4 blocks)
+    assert pipeline_rank_params(gpt, 2, stages_per_rank=2) == [3 * block + tok + pos, 3 * block + ln + tok]
     # the even spread the estimate used before (a third of all) is far below what the busiest rank holds
     assert max(pipeline_rank_params(gpt, 3)) > sum(p.numel() for p in gpt.parameters()) / 3 * 1.5
 

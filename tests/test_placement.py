@@ -51,6 +51,9 @@ def test_the_rule_keeps_each_group_on_a_node_with_the_largest_degree_that_fits()
                           "train.micro_batch_size": 4})  # the change is a valid config
     uneven = rule_tensor_across_nodes(Facts(_cfg(2, 8), tensor_group_nodes=2, workers_per_node=(3, 5)))
     assert uneven.value == 1 and "give every node a multiple of 2 workers" in uneven.effect
+    # a degree every node holds, not one that some node does (4 on nodes of 4, 2 and 2 still spans two)
+    mixed = rule_tensor_across_nodes(Facts(_cfg(4, 8), tensor_group_nodes=2, workers_per_node=(4, 2, 2)))
+    assert mixed.value == 2
 
 
 def test_the_rule_is_quiet_on_one_node_without_tensor_parallelism_or_without_the_placement():

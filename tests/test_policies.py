@@ -144,3 +144,13 @@ def test_the_same_error_is_its_root_cause_with_its_numbers_left_out():
                                                failure=RuntimeError("the worker process exited"))}
               for i in range(4)]
     assert attempts(killed, max_failures=3) == 4  # three SIGKILLs survived, as max_failures says
+
+
+def test_no_failure_budget_gives_up_at_the_first_and_one_same_error_counts_only_an_error():
+    """`failure.max_failures: 0` (fail fast) must give up at the first failure, and a failure with no
+    error to compare (a lost node) must not count as the same error (`max_same_error: 1` ended the run)."""
+    given_up = failure_decision(FailureCounts(), False, "boom", max_failures=0, max_preemptions=-1, max_same_error=0)
+    assert isinstance(given_up, GiveUp) and "`failure.max_failures` (0)" in given_up.message
+    lost_node = failure_decision(FailureCounts(), False, "node died", key=None, max_failures=-1, max_preemptions=-1,
+                                 max_same_error=1)
+    assert isinstance(lost_node, Retry) and lost_node.counts.same_error == 0

@@ -267,3 +267,13 @@ def test_a_start_over_brings_back_the_loss_scale_the_run_began_with():
     state.start_over()
     assert engine.loss_scale() == 2.0 ** 40 and engine.fns.scaler is engine.scaler
     assert (state.step, state.overflow_steps, state.overflow_window) == (0, 0, [])
+
+
+def test_an_fp16_scale_at_its_floor_is_no_reason_to_switch():
+    """The switch is for a scale below `train.amp.min_scale`: scales are powers of two, and one exactly at
+    the floor (1.0 by default) switched the run a step early."""
+    from openclaw.runtime.policies import precision_decision
+    assert precision_decision("fp16", [], 1.0, bf16_ok=True, window_steps=10, max_overflow_frac=0.3,
+                              min_scale=1.0) is None
+    assert isinstance(precision_decision("fp16", [], 0.5, bf16_ok=True, window_steps=10, max_overflow_frac=0.3,
+                                         min_scale=1.0), SwitchPrecision)

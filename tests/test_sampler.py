@@ -162,3 +162,14 @@ def test_a_resume_over_the_same_rows_cut_into_other_shards_is_refused_where_the_
     with pytest.raises(DataError, match="trained on 4096 rows but `data.train` now has 4000"):
         check_same_order(saved, 4000, [500] * 8, 2, "ckpt")
     assert shard_layout(eight) != shard_layout([512] * 7 + [511, 1]) and shard_layout(eight) == shard_layout(eight)
+
+
+def test_each_epoch_cuts_the_shards_into_other_windows_and_the_sampler_follows_it():
+    """Two mutants lived: a window order without the epoch in its seed (every epoch the same shards
+    together), and a sampler that kept epoch 0's windows (prefetching the wrong shards from epoch 1 on)."""
+    first, second = shard_windows(11, 0, 12, 4), shard_windows(11, 1, 12, 4)
+    assert [sorted(w.tolist()) for w in first] != [sorted(w.tolist()) for w in second]
+    rows = [64] * 12
+    sampler = Sampler(sum(rows), 96, 8, 11, 1, 0, rows, 4)
+    sampler.windows_at(0, 0)
+    assert np.array_equal(sampler.windows_at(1, 0)[0], second[0])
