@@ -560,3 +560,10 @@ def test_whatever_fires_on_extreme_facts_suggests_only_values_the_config_takes(c
     assert any(rec.key for rec in found), found  # something to check: the loop asserts on each suggestion
     for rec in found:
         assert rec.key is None or batching.refusal(config, {rec.key: rec.value}) is None, rec
+
+
+def test_the_next_smaller_micro_batch_goes_down_to_one():
+    """A mutant that never offered 1 lived: memory-high advice went quiet for a run at micro-batch 2."""
+    assert batching.smaller_micro(cfg(**{"train.micro_batch_size": 2})) == 1
+    assert batching.smaller_micro(cfg(**{"train.micro_batch_size": 16})) == 8
+    assert batching.smaller_micro(cfg(**{"train.micro_batch_size": 1})) is None
