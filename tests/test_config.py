@@ -132,8 +132,8 @@ def test_secret_looking_values_are_redacted_before_logging():
     # so does a tokenizer's special token (a text model's `pad_token: "<pad>"` was saved as '***')
     special = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<|endoftext|>", "unk_token": "[UNK]"}
     assert redacted(special) == special
-    assert set(redacted({"hf_token": "<hf_abc def>", "api_key": "[sk-123]x", "password": "<pad>"}).values()) == {
-        REDACTED}
+    assert set(redacted({"hf_token": "<hf_abc def>", "api_key": "[sk-123]x", "password": "<pad>",
+                         "access_token": ["sk-abc123"], "auth": ["<pad>"]}).values()) == {REDACTED}
     assert "sk-123" not in str(flatten(out)) and "hf_abc" not in str(flatten(out))
 
 

@@ -32,7 +32,8 @@ def _maskable(key: str, value: Any) -> bool:
         return False
     if is_password_key(key):
         return True
-    return isinstance(value, bool) or not (isinstance(value, (int, float)) or _SPECIAL_TOKEN.fullmatch(str(value)))
+    special = isinstance(value, str) and _SPECIAL_TOKEN.fullmatch(value)  # (not a list: `[sk-abc]` is one)
+    return isinstance(value, bool) or not (isinstance(value, (int, float)) or special)
 
 
 _SPECIAL_TOKEN = re.compile(r"<[^<>\s]{1,30}>|\[[^\[\]\s]{1,30}\]")
