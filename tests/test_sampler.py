@@ -173,3 +173,11 @@ def test_each_epoch_cuts_the_shards_into_other_windows_and_the_sampler_follows_i
     sampler = Sampler(sum(rows), 96, 8, 11, 1, 0, rows, 4)
     sampler.windows_at(0, 0)
     assert np.array_equal(sampler.windows_at(1, 0)[0], second[0])
+
+
+def test_no_two_micro_batches_of_a_run_share_a_seed():
+    """`(step * 65537 + start)` gave step 1's first micro-batch the seed of step 0's micro-batch at 65537:
+    a global batch above 65,537 samples repeated dropout masks."""
+    from openclaw.engine.state import micro_batch_seed
+    seeds = {micro_batch_seed(7, step, start) for step in (0, 1, 2, 10**6) for start in (0, 1, 65_537, 2**20, 2**31)}
+    assert len(seeds) == 20 and all(0 <= s < 2**63 for s in seeds)

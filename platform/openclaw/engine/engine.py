@@ -125,8 +125,10 @@ class Engine:
             counters.begin()
         t0 = time.perf_counter()
         with phase("forward_backward"):
-            losses, samples = self._forward_backward(micro_batches, list(seeds))
-            self.fns.seeds = []  # (a pipeline's schedule takes none)
+            try:
+                losses, samples = self._forward_backward(micro_batches, list(seeds))
+            finally:
+                self.fns.seeds = []  # (a pipeline's schedule takes none)
         loss = torch.stack(losses).float().sum()
         # Whether any rank's loss is not finite, agreed in the background while the norm is computed. The
         # loss is each data-parallel rank's own share, and the ranks must take the same branch: one whose

@@ -2,8 +2,10 @@
 (plain torch; worker process, saved in every checkpoint).
 
 The data position is (epoch, offset) into the epoch's sample order (see `data.sampler`), and the RNG is
-a function of (seed, step, rank) (`seed_step`); `num_samples` lets a resume check that it reads the
-same data.
+a function of the seed, the step and where each micro-batch starts in the global batch
+(`micro_batch_seed`; of the data-parallel rank, `seed_step`, for what a step draws outside its
+micro-batches' forwards, a pipeline's schedule included); `num_samples` and `shard_layout` let a resume
+check that it reads the same data.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def micro_batch_seed(seed: int, step: int, start: int) -> int:
     """The RNG seed of the micro-batch that starts at sample `start` of step `step`'s global batch
     (`data.sampler.micro_batch_starts`): the same samples draw the same dropout at any world size, and
     whichever rank runs them (seeded by rank and step, a resize gave them other draws)."""
-    return ((seed * 1_000_003 + step) * 65_537 + start) % 2**63
+    return (((seed * 1_000_003 + step) << 32) + start) % 2**63  # one per (step, start) of a run
 
 
 def seed_all(value: int) -> None:
