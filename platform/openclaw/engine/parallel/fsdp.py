@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from openclaw.engine.models import tied_parameters
 from openclaw.engine.noise import LocalGrad, measure_local
@@ -160,7 +161,8 @@ class FSDPStrategy(ShardedState):
         dp = self.dp_mesh()
         if dp is None or not self._kept_buffers:  # (a transformer's: none)
             return
-        kept = [b for name, b in model.named_buffers() if name in self._kept_buffers]
+        kept = [b.to_local() if isinstance(b, DTensor) else b  # (a user's tensor plan may replicate them)
+                for name, b in model.named_buffers() if name in self._kept_buffers]
         for dtype in dict.fromkeys(b.dtype for b in kept):
             same = [b for b in kept if b.dtype == dtype]
             flat = torch.cat([b.detach().reshape(-1) for b in same])
