@@ -4,6 +4,7 @@ the run (`run`: tracking URI, run id); the others are ops, in the order they wer
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -36,7 +37,11 @@ def _appending(path: str) -> Iterator[BinaryIO]:
     would have continued it, making the file unreadable to `sync-spool` and blocking the run's resume)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # it may hold the run's metrics: its owner's only
     with os.fdopen(fd, "r+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (NFSv3 without its lock daemon): append unlocked
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
         end = f.seek(0, os.SEEK_END)
         if end and f.seek(end - 1) >= 0 and f.read(1) != b"\n":
             f.seek(0)
