@@ -160,3 +160,24 @@ def test_built_kernels_appear_whole_or_not_at_all_and_a_nodes_two_workers_share_
         for p in procs:
             p.join(60)
         assert all(got == bodies for got in seen), round_
+
+
+def test_kernels_unpack_where_links_are_refused_and_a_killed_workers_folder_is_swept(tmp_path, monkeypatch):
+    """`os.link` fails on some FUSE mounts (gcsfuse): the kernels go into place by rename instead. An
+    unpack folder a killed worker left is swept once it is an hour old."""
+    import time
+
+    import openclaw.runtime.compile_cache as compile_cache
+    blob, bodies = _kernels_tar(3, 1000)
+    root = tmp_path / "inductor"
+    (root / ".openclaw-unpack-dead").mkdir(parents=True)
+    (root / ".openclaw-unpack-live").mkdir()
+    old = time.time() - 7200
+    os.utime(root / ".openclaw-unpack-dead", (old, old))
+
+    def no_links(src, dst):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(compile_cache.os, "link", no_links)
+    compile_cache._unpack_kernels(blob, str(root))
+    assert {n: (root / n).read_bytes() for n in bodies} == bodies
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [".openclaw-unpack-live"]

@@ -22,6 +22,7 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
+import time
 
 import torch
 
@@ -118,6 +119,8 @@ def _unpack_kernels(blob: bytes, root: str) -> None:
     a worker killed mid-file left a cut-short kernel that every later attempt kept (and Inductor loads a
     kernel it finds), and a node's two workers loading at once rewrote the files the other had just
     written and was reading."""
+    os.makedirs(root, exist_ok=True)
+    _sweep_unpacking(root)
     aside = tempfile.mkdtemp(prefix=UNPACKING, dir=root)
     try:
         with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
@@ -126,7 +129,26 @@ def _unpack_kernels(blob: bytes, root: str) -> None:
         for member in members:
             target = os.path.join(root, member.name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with contextlib.suppress(FileExistsError):  # another worker's, as whole as ours
-                os.link(os.path.join(aside, member.name), target)
+            _put(os.path.join(aside, member.name), target)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _put(unpacked: str, target: str) -> None:
+    """`unpacked` at `target`, whole, keeping a file already there (another worker's, as whole): a link, or
+    on a filesystem without links (some FUSE mounts) a rename, which leaves a reader's open file alone."""
+    try:
+        os.link(unpacked, target)
+    except FileExistsError:
+        pass
+    except OSError:
+        if not os.path.exists(target):
+            os.replace(unpacked, target)
+
+
+def _sweep_unpacking(root: str, stale_s: float = 3600.0) -> None:
+    """Remove the unpack folders of workers killed mid-unpack (older than `stale_s`: none still at work)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(root):
+            if entry.name.startswith(UNPACKING) and time.time() - entry.stat().st_mtime > stale_s:
+                shutil.rmtree(entry.path, ignore_errors=True)
