@@ -76,8 +76,7 @@ class Attempt:
                                 mlflow_run_id=inputs.run_id, shard_layout=shard_layout(self.train.shard_rows()))
         loaded = restore(inputs.run_dir, self.tracker, self.engine, self._check_resumable)
         if loaded:
-            self.state.resume_from(loaded["state"])
-            self.tracker.restore_pending(self.state.pending_metrics)
+            self._resume(loaded["state"])
         elif self.on_meta:  # a fresh start of a model built on the meta device: rank 0's initial weights
             self._initial_weights()
         self.precision = PrecisionWatch(self.engine, self.state, self.tracker, cfg.train, self.device)
@@ -109,9 +108,8 @@ class Attempt:
                                     self.state.step, self.plan.global_batch_size) if cfg.profile else None
 
     def _placement(self, layout: MeshLayout) -> dict[str, Any]:
-        """Where this attempt's tensor-parallel groups sit (one all-gather of the workers' Ray node ids, as
-        60-bit numbers): the most nodes one spans, and each node's workers in rank order. Ray Train's node
-        rank would not do: it numbers nodes by IP, which nodes sharing a host (or a test cluster) share."""
+        """Where this attempt's tensor-parallel groups sit (one all-gather of the workers' Ray node ids, as 60-bit
+        numbers; not Ray Train's node rank, by IP): the most nodes one spans, each node's workers in rank order."""
         mine = int(ray.get_runtime_context().get_node_id()[:15], 16)
         nodes = [n for n, in allgather_ints([mine], self.device, self.world)]
         return {"tensor_group_nodes": nodes_spanned(layout, nodes, "tp"),
@@ -130,11 +128,15 @@ class Attempt:
         return SampleLog(self.inputs.run_dir, self.rank, self.world, self.dp_rank, self.dp,
                          records=coords["tp"] == 0 == coords["pp"])
 
-    def _open_compile_cache(self) -> CompileCache | None:
-        """`train.compile.cache`: an earlier attempt's compiled graphs, loaded before the first step compiles
-        (none where the run's compile failed earlier: it trains eager since, and so does this attempt)."""
+    def _resume(self, saved: dict[str, Any]) -> None:
+        """The checkpoint's train state and unsent metrics; eager, fp8 probe included, where compiling failed."""
+        self.state.resume_from(saved)
+        self.tracker.restore_pending(self.state.pending_metrics)
         if self.state.compile_fell_back:
             self.engine.train_eager()
+
+    def _open_compile_cache(self) -> CompileCache | None:
+        """`train.compile.cache`: an earlier attempt's compiled graphs, loaded before the first step compiles."""
         if not (self.engine.compile and self.engine.compile.cache):
             return None
         cache = CompileCache(self.inputs.run_dir, self.rank)
