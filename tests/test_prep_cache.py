@@ -213,6 +213,28 @@ def test_two_runs_evicting_at_once_each_remove_some_entries_and_neither_fails(tm
     assert failures == []
 
 
+def test_an_entry_another_run_evicted_still_counts_toward_the_room_made(tmp_path, monkeypatch):
+    """An entry gone between the listing and the lock was skipped without subtracting its size: the run
+    then evicted more entries than the cache needed gone."""
+    import openclaw.data.prep_cache as prep_cache
+    root = str(tmp_path / "c")
+    cache = PrepCache(root, 10**9)
+    for i, key in enumerate(("old", "mid", "new")):
+        cache.acquire(key, lambda tmp: (Path(tmp, "part-00000.parquet").write_bytes(b"x" * 1000), {})[1])
+        cache.release(key)
+        os.utime(os.path.join(root, "entries", key, "manifest.json"), (i, i))
+    real = prep_cache._folder_bytes
+
+    def evicted_meanwhile(path):  # another run evicts "old" while this one lists the entries
+        size = real(path)
+        if path.endswith(os.sep + "old"):
+            os.rename(path, os.path.join(root, ".tmp", "evict-old-1a2b3c4d"))  # as its eviction does
+        return size
+    monkeypatch.setattr(prep_cache, "_folder_bytes", evicted_meanwhile)
+    cache.max_bytes = 2500  # room for two of the three: once "old" is gone, nothing more goes
+    assert cache.evict() == [] and sorted(os.listdir(os.path.join(root, "entries"))) == ["mid", "new"]
+
+
 def test_transforms_are_validated_with_the_config(tmp_path):
     from openclaw.errors import ConfigError
     with pytest.raises(ConfigError, match="transforms"):

@@ -178,6 +178,7 @@ class PrepCache:
                 os.rename(self.entry_path(key), doomed)  # gone from view at once, then deleted
                 shutil.rmtree(doomed, ignore_errors=True)
             except FileNotFoundError:  # another run evicted it between our listing and our lock
+                total -= size
                 continue
             finally:
                 os.close(fd)
