@@ -462,12 +462,14 @@ def test_a_boolean_inside_a_list_or_mapping_of_sections_is_no_number_either():
     from openclaw.errors import ConfigError
     with pytest.raises(ConfigError) as e:
         load_config(DIGITS, ["data.transforms=[{op: cast, column: x, dtype: int64}, {op: normalize, column: x, "
-                             "std: yes}, {op: tokenize_bytes, column: t, seq_len: on}]",
+                             "std: yes}, {op: tokenize_bytes, column: t, seq_len: on}, {op: to_tensor, "
+                             "columns: [a], out: z}, {op: normalize, column: z, mean: off}]",
                              "sweep.space={train.optimizer.lr: {uniform: [no, yes]}}"])
     said = str(e.value)
-    for key in ("data.transforms.1.std", "data.transforms.2.seq_len", "sweep.space.train.optimizer.lr.uniform"):
+    for key in ("data.transforms.1.std", "data.transforms.2.seq_len", "data.transforms.4.mean",
+                "sweep.space.train.optimizer.lr.uniform"):
         assert f"`{key}` must be a number, not a boolean" in said, said
-    assert said.count("not a boolean") == 3, said
+    assert said.count("not a boolean") == 4, said
 
 
 def test_booleans_still_set_the_keys_that_take_them():

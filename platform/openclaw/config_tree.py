@@ -184,7 +184,7 @@ def _item_sections(annotation: Any, value: list | dict) -> list[tuple[str, dict,
     for name, item in (value.items() if isinstance(value, dict) else enumerate(value)):
         model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and isinstance(item, dict)
                       and all(item.get(f.alias or n) in get_args(f.annotation) for n, f in m.model_fields.items()
-                              if get_origin(f.annotation) is Literal)), None)
+                              if get_origin(f.annotation) is Literal and f.is_required())), None)
         if model is not None:
             out.append((str(name), item, model))
     return out
