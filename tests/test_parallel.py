@@ -66,8 +66,9 @@ def test_fsdp_keeps_batch_norm_statistics_as_ddp_does(world, parallelism):
     ranks = spawn(world, batch_norm_run, parallelism)
     ddp = spawn(world, batch_norm_run, {"strategy": "ddp"})[0]
     assert set(ranks[0]["buffers"]) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
-    for other in ranks[1:]:
+    for other in ranks[1:]:  # what FSDP without the sync fails
         assert all(torch.equal(ranks[0]["buffers"][k], other["buffers"][k]) for k in ranks[0]["buffers"])
+    # and they are rank 0's, DDP's (which rank 0 keeps with or without the sync: the meaning, not the fix)
     assert all(torch.allclose(ranks[0]["buffers"][k].float(), ddp["buffers"][k].float(), rtol=1e-5, atol=1e-7)
                for k in ddp["buffers"])
     assert not torch.allclose(ddp["buffers"]["1.running_mean"], spawn(world, batch_norm_run, {"strategy": "ddp"}, 1)[0][
