@@ -153,6 +153,22 @@ def test_a_spool_line_a_crash_cut_short_is_dropped_and_the_file_stays_readable(t
     assert read_spool(str(empty)) == (("http://host", "r3"), [{"op": "end", "args": ["KILLED"]}])
 
 
+def test_the_drivers_ending_goes_into_a_spool_a_crash_left_empty_with_its_run_line(tmp_path):
+    """A tracking actor killed between creating its spool and writing the `run` line left an empty file;
+    the driver's `end` or `finish` then went in without one, and the file could never be uploaded."""
+    from openclaw.launch.session import RunSession, _spool_path
+    from openclaw.tracking.spool import read_spool
+    config = openclaw.load_config(None, {"name": "empty", "checkpoint.storage": str(tmp_path / "runs"),
+                                        "tracking.uri": "http://127.0.0.1:9"}, base={"data": {"train": "x"}})
+    session = RunSession(config)
+    session.run_id = "1" * 32
+    spool = _spool_path(session.run_dir, session.run_id)
+    os.makedirs(os.path.dirname(spool), exist_ok=True)
+    open(spool, "w").close()
+    session._spool_ending(spool, "KILLED", None)
+    assert read_spool(spool) == (("http://127.0.0.1:9", "1" * 32), [{"op": "end", "args": ["KILLED"]}])
+
+
 def test_sync_spool_logs_the_model_without_its_data_and_writes_events_json(tmp_path):
     """The spool's `finish` resolved the training data only for an input example: data moved since (or on
     a store whose keys the spooled config holds as ***) failed it, leaving the run RUNNING without its

@@ -43,7 +43,7 @@ from openclaw.tracking.model import log_final_model
 from openclaw.tracking.job_file import job_record, record_finished
 from openclaw.tracking.run import open_run
 from openclaw.tracking.service import start_service
-from openclaw.tracking.spool import append_ops, append_to_spool
+from openclaw.tracking.spool import append_ops
 
 log = logging.getLogger("openclaw")
 
@@ -227,9 +227,9 @@ class RunSession:
 
     def _spool_ending(self, spool: str, status: str, checkpoint: str | None) -> None:
         if status != "FINISHED":
-            append_to_spool(spool, "end", status)
+            append_ops(spool, self.uri, self.run_id, [("end", (status,))])  # (its `run` line where it has none)
             return
-        append_to_spool(spool, "finish", redacted(self.config.resolved()), checkpoint)
+        append_ops(spool, self.uri, self.run_id, [("finish", (redacted(self.config.resolved()), checkpoint))])
         print(f"openclaw: the final model is in {checkpoint}; `openclaw sync-spool {spool}` also logs it to "
               f"MLflow and closes the run.", file=sys.stderr, flush=True)
 
