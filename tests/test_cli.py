@@ -400,10 +400,9 @@ def test_checkpoint_list_checks_each_checkpoint_as_a_resume_would_and_marks_wher
 def test_a_librarys_own_error_prints_one_scrubbed_line_and_its_traceback_only_with_debug(tmp_path):
     """An MLflow error (here: sync-spool to a server that does not answer) escaped the CLI as a raw
     traceback whose message held the tracking URI's password."""
-    from openclaw.tracking.spool import append_to_spool
+    from openclaw.tracking.spool import append_ops
     spool, uri = str(tmp_path / "spool.jsonl"), f"http://carol:topsecret@127.0.0.1:{_closed_port()}"
-    append_to_spool(spool, "run", uri, "0" * 32)
-    append_to_spool(spool, "metrics", [{"key": "train/loss", "value": 1.0, "step": 1, "timestamp": 0}])
+    append_ops(spool, uri, "0" * 32, [("metrics", ([{"key": "train/loss", "value": 1.0, "step": 1, "timestamp": 0}],))])
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
     for debug in ([], ["--debug"]):
         r = subprocess.run([sys.executable, "-m", "openclaw.cli", "sync-spool", str(spool), "--tracking-uri", uri,

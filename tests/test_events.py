@@ -133,19 +133,19 @@ def test_a_spool_line_a_crash_cut_short_is_dropped_and_the_file_stays_readable(t
     """A tracking actor killed mid-append left half a line: `read_spool` refused the whole file, the next
     append continued that half line, and the run could neither upload its spool nor resume past it. A
     kill between creating the file and its `run` line made every later append skip that line."""
-    from openclaw.tracking.spool import append_ops, append_to_spool, read_spool
+    from openclaw.tracking.spool import append_ops, read_spool
     spool = tmp_path / "run.spool.jsonl"
     append_ops(str(spool), "http://u:pw@host:5000", "r1", [("metrics", ([["train/loss", 1.0, 0, 10]],))])
     with open(spool, "ab") as f:
         f.write(b'{"op": "metrics", "args": [[["train/loss", 0.5, 0, ')  # the kill
     assert read_spool(str(spool)) == (("http://host:5000", "r1"), [{"op": "metrics", "args": [[["train/loss", 1.0, 0, 10]]]}])
-    append_to_spool(str(spool), "end", "KILLED")
+    append_ops(str(spool), "http://host:5000", "r1", [("end", ("KILLED",))])
     append_ops(str(spool), "http://host:5000", "r1", [("end", ("FAILED",))])
     assert [op["op"] for op in read_spool(str(spool))[1]] == ["metrics", "end", "end"]
     assert spool.read_bytes().count(b"\n") == 4 and oct(spool.stat().st_mode)[-3:] == "600"
     whole = tmp_path / "whole.jsonl"  # cut just before its newline: whole, kept
     whole.write_bytes(b'{"op": "run", "args": ["http://host", "r2"]}\n{"op": "end", "args": ["KILLED"]}')
-    append_to_spool(str(whole), "end", "FAILED")
+    append_ops(str(whole), "http://host", "r2", [("end", ("FAILED",))])
     assert [op["args"] for op in read_spool(str(whole))[1]] == [["KILLED"], ["FAILED"]]
     empty = tmp_path / "empty.jsonl"
     empty.touch()  # created, then killed before its first line
@@ -177,7 +177,7 @@ def test_sync_spool_logs_the_model_without_its_data_and_writes_events_json(tmp_p
     from conftest import sqlite_store
     from openclaw.engine import checkpoint as ckpt_io
     from openclaw.engine.models import build_model
-    from openclaw.tracking.spool import append_to_spool
+    from openclaw.tracking.spool import append_ops
     from openclaw.tracking.writer import sync_spool
     uri = sqlite_store(tmp_path / "m.db")
     kwargs = {"in_features": 8, "hidden": 16, "depth": 1, "num_classes": 4}
@@ -188,9 +188,7 @@ def test_sync_spool_logs_the_model_without_its_data_and_writes_events_json(tmp_p
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("spooled")).info.run_id
     spool = str(tmp_path / "spool.jsonl")
-    append_to_spool(spool, "run", uri, run_id)
-    append_to_spool(spool, "event", "checkpoint", {"step": 5}, 1000.0)
-    append_to_spool(spool, "finish", config, str(ckpt))
+    append_ops(spool, uri, run_id, [("event", ("checkpoint", {"step": 5}, 1000.0)), ("finish", (config, str(ckpt)))])
     assert sync_spool(spool, uri) == 2
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and torch.equal(

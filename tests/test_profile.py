@@ -388,14 +388,14 @@ def test_the_profile_section_is_off_by_default_and_checked_against_the_run():
 def test_an_artifact_op_keeps_in_the_spool_and_is_delivered_by_sync_spool(tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from openclaw.tracking.spool import append_to_spool
+    from openclaw.tracking.spool import append_ops
     from openclaw.tracking.writer import sync_spool
     client = MlflowClient(mlflow_uri)
     run = client.create_run(client.create_experiment("spooled", artifact_location=str(tmp_path / "artifacts")))
     body = gzip.compress(b'{"traceEvents": []}' * 100)
     spool = tmp_path / "spool.jsonl"
-    append_to_spool(str(spool), "run", mlflow_uri, run.info.run_id)
-    append_to_spool(str(spool), "artifact", "profile/rank0.trace.json.gz", base64.b64encode(body).decode("ascii"))
+    append_ops(str(spool), mlflow_uri, run.info.run_id,
+               [("artifact", ("profile/rank0.trace.json.gz", base64.b64encode(body).decode("ascii")))])
     assert sync_spool(str(spool), mlflow_uri) == 1
     got = client.download_artifacts(run.info.run_id, "profile/rank0.trace.json.gz", str(tmp_path / "down"))
     assert open(got, "rb").read() == body

@@ -177,13 +177,12 @@ class PrepCache:
                 doomed = os.path.join(self.root, ".tmp", f"evict-{key}-{uuid.uuid4().hex[:8]}")
                 os.rename(self.entry_path(key), doomed)  # gone from view at once, then deleted
                 shutil.rmtree(doomed, ignore_errors=True)
-            except FileNotFoundError:  # another run evicted it between our listing and our lock
-                total -= size
-                continue
+                evicted.append(key)
+            except FileNotFoundError:  # another run evicted it between our listing and our lock: room made
+                pass
             finally:
                 os.close(fd)
             total -= size
-            evicted.append(key)
         return evicted
 
 

@@ -41,9 +41,9 @@ def seed_all(value: int) -> None:
 
 
 ATTEMPT_FIELDS = ("world_size", "attempt", "micro_batch_size", "micro_batch_key", "micro_batch_estimate_gb",
-                  "mlflow_run_id", "compile_fell_back")
-"""What describes the attempt that runs rather than the training so far: a rollback keeps them. The MLflow
-run is the session's (`resume_from`)."""
+                  "compile_fell_back")
+"""What describes the attempt that runs rather than the training so far: a rollback keeps them (and what
+`resume_from` keeps)."""
 
 
 @dataclass
@@ -150,7 +150,7 @@ class TrainState:
         attempt's own description kept (`ATTEMPT_FIELDS`), which a checkpoint of an earlier attempt would
         set back (the next checkpoint and its events would name that attempt's world size)."""
         kept = {k: getattr(self, k) for k in ATTEMPT_FIELDS}
-        self.load_state_dict(saved)
+        self.resume_from(saved)
         self.load_state_dict(kept)
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,12 +24,6 @@ def append_ops(path: str, uri: str, run_id: str, ops: list[tuple[str, tuple]]) -
             _write(f, op, *args)
 
 
-def append_to_spool(path: str, op: str, *args: Any) -> None:
-    """One op, as a JSON line, at the end of a spool file (`sync_spool` applies them in order)."""
-    with _appending(path) as f:
-        _write(f, op, *args)
-
-
 @contextlib.contextmanager
 def _appending(path: str) -> Iterator[BinaryIO]:
     """The spool file open at its end, under its lock (the tracking actor and the driver both append), its

@@ -158,8 +158,8 @@ class FSDPStrategy(ShardedState):
         """The buffers a checkpoint keeps (BatchNorm's running statistics), data-parallel rank 0's on every
         rank, as DDP keeps them: FSDP leaves each rank's own, so the ranks evaluated with different
         statistics and a checkpoint kept one rank's, which a resume then gave them all."""
-        dp = self.dp_mesh()
-        if dp is None or not self._kept_buffers:  # (a transformer's: none)
+        dp = self.dp_mesh() if self._kept_buffers else None  # (a transformer has none: nothing per step)
+        if dp is None:
             return
         kept = [b.to_local() if isinstance(b, DTensor) else b  # (a user's tensor plan may replicate them)
                 for name, b in model.named_buffers() if name in self._kept_buffers]
