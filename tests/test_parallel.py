@@ -56,6 +56,19 @@ def test_dropout_follows_the_samples_so_a_resize_keeps_the_optimization():
     assert rel(*(run["history"] for run in by_rank)) > 1e-3  # what a resize did before
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_a_pipeline_draws_dropout_by_the_samples_so_a_resize_keeps_the_optimization(schedule):
+    """A pipeline's schedule drew each step's masks from the data-parallel rank's seed, chunk after chunk:
+    resized from two replicas to one, the same samples drew other masks. Each chunk's forward is now
+    seeded by the sample it starts at (and its stage), as a micro-batch's is."""
+    pp = {"strategy": "ddp", "pipeline": 2, "pipeline_schedule": schedule}
+    one, two = spawn(2, with_dropout, pp)[0], spawn(4, with_dropout, pp)[0]  # one data-parallel replica; two
+    assert rel(one["history"], two["history"]) < 1e-6, (one["history"], two["history"])
+    _check_weights(one, two, 1e-5)
+    by_rank = spawn(2, with_dropout, pp, 6, False)[0], spawn(4, with_dropout, pp, 6, False)[0]
+    assert rel(*(run["history"] for run in by_rank)) > 1e-4  # what a resize did before
+
+
 @pytest.mark.parametrize("world,parallelism", [(2, {"strategy": "fsdp"}), (4, {"strategy": "fsdp", "replicate": 2})],
                          ids=["fsdp", "hsdp"])
 def test_fsdp_keeps_batch_norm_statistics_as_ddp_does(world, parallelism):

@@ -181,3 +181,23 @@ def test_no_two_micro_batches_of_a_run_share_a_seed():
     from openclaw.engine.state import micro_batch_seed
     seeds = {micro_batch_seed(7, step, start) for step in (0, 1, 2, 10**6) for start in (0, 1, 65_537, 2**20, 2**31)}
     assert len(seeds) == 20 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_a_pipeline_chunk_draws_from_the_seed_of_the_sample_it_starts_at():
+    """A pipeline cuts a rank's micro-batches into its own chunks (`parallelism.microbatches`): each chunk
+    is seeded as a micro-batch starting at its first sample would be, cut where `torch.tensor_split` cuts,
+    and each stage mixes in its index."""
+    import torch
+
+    from openclaw.engine.parallel.pp_stage import chunk_seeds
+    from openclaw.engine.state import later_seed, micro_batch_seed, stage_seed
+    assert later_seed(micro_batch_seed(3, 5, 40), 7) == micro_batch_seed(3, 5, 47)
+    starts = list(range(16, 32, 4))  # a rank's four micro-batches of 4 rows, from sample 16
+    seeds = [micro_batch_seed(3, 5, s) for s in starts]
+    assert chunk_seeds(seeds, 4, 16, 4) == seeds  # `microbatches: auto`: a chunk per micro-batch
+    for chunks in (2, 3, 5):
+        cut = [int(c[0]) for c in torch.arange(16).tensor_split(chunks)]
+        assert chunk_seeds(seeds, 4, 16, chunks) == [micro_batch_seed(3, 5, 16 + s) for s in cut], chunks
+    assert chunk_seeds([], 4, 16, 4) == []
+    assert len({stage_seed(s, stage) for s in seeds for stage in range(4)}) == 16
+    assert stage_seed(seeds[0], 0) != seeds[0] and stage_seed(seeds[0], 1) != stage_seed(seeds[1], 0)

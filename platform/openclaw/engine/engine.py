@@ -128,7 +128,7 @@ class Engine:
             try:
                 losses, samples = self._forward_backward(micro_batches, list(seeds))
             finally:
-                self.fns.seeds = []  # (a pipeline's schedule takes none)
+                self.fns.seeds = []  # (what a strategy did not take)
         loss = torch.stack(losses).float().sum()
         # Whether any rank's loss is not finite, agreed in the background while the norm is computed. The
         # loss is each data-parallel rank's own share, and the ranks must take the same branch: one whose

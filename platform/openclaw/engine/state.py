@@ -3,9 +3,9 @@
 
 The data position is (epoch, offset) into the epoch's sample order (see `data.sampler`), and the RNG is
 a function of the seed, the step and where each micro-batch starts in the global batch
-(`micro_batch_seed`; of the data-parallel rank, `seed_step`, for what a step draws outside its
-micro-batches' forwards, a pipeline's schedule included); `num_samples` and `shard_layout` let a resume
-check that it reads the same data.
+(`micro_batch_seed`; a pipeline stage's also of the stage, `stage_seed`; of the data-parallel rank,
+`seed_step`, for what a step draws outside its micro-batches' forwards); `num_samples` and
+`shard_layout` let a resume check that it reads the same data.
 """
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ def micro_batch_seed(seed: int, step: int, start: int) -> int:
     (`data.sampler.micro_batch_starts`): the same samples draw the same dropout at any world size, and
     whichever rank runs them (seeded by rank and step, a resize gave them other draws)."""
     return (((seed * 1_000_003 + step) << 32) + start) % 2**63  # one per (step, start) of a run
+
+
+def later_seed(seed: int, by: int) -> int:
+    """The seed of the micro-batch that starts `by` samples after the one `micro_batch_seed` gave `seed`
+    (`micro_batch_seed(s, step, start + by)`): a pipeline's chunks of a rank's micro-batches."""
+    return (seed + by) % 2**63
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed of pipeline stage `stage`'s forward of the micro-batch seeded `seed`: each stage draws its
+    own masks (seeded alike, two stages' dropout layers would drop the same positions)."""
+    return (seed * 0x9E3779B97F4A7C15 + stage) % 2**63  # odd: one stage's seeds stay apart
 
 
 def seed_all(value: int) -> None:

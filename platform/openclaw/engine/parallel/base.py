@@ -37,8 +37,8 @@ class StepFns:
     scaler: torch.amp.GradScaler
     seeds: list[int] = field(default_factory=list)
     """The step's micro-batches' seeds, in order (`Engine.train_step`): each `loss` takes the next one, so
-    that a micro-batch's dropout follows its samples, not the rank and the order it ran in (a pipeline's
-    schedule draws per step: it takes none)."""
+    that a micro-batch's dropout follows its samples, not the rank and the order it ran in (a pipeline
+    takes them all, for its chunks: `pp_stage.chunk_seeds`)."""
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         if self.seeds:

@@ -44,8 +44,8 @@ from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
 from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
-from openclaw.engine.parallel.pp_stage import (StageView, agree_on_overflow, cross_stage_ties, from_slices, held_plan,
-                                               rechunk)
+from openclaw.engine.parallel.pp_stage import (StageView, agree_on_overflow, chunk_seeds, cross_stage_ties,
+                                               from_slices, held_plan, rechunk)
 from openclaw.engine.parallel.pp_wait import WaitingStage, computing
 from openclaw.engine.parallel.tp import (
     apply_tensor_parallel,
@@ -181,9 +181,16 @@ class PipelineStrategy(ShardedState):
         inputs, targets = fns.task.split(fns.to_device({k: torch.cat([b[k] for b in micro_batches])
                                                         for k in micro_batches[0]}))
         self._mb_rows, self._mb_count = len(inputs) // n, n  # the stages' buffers' shape: evaluation's too
+        seeds = chunk_seeds(fns.seeds, len(next(iter(micro_batches[0].values()))), len(inputs), n)
         losses: list[torch.Tensor] = []
-        with fns.autocast(cache=False):  # the stages reshard between micro-batches (`Engine.autocast`)
-            self._run(self._schedule(n, fns), inputs, targets, losses)
+        try:
+            for view in self._views:
+                view.seeds = seeds
+            with fns.autocast(cache=False):  # the stages reshard between micro-batches (`Engine.autocast`)
+                self._run(self._schedule(n, fns), inputs, targets, losses)
+        finally:
+            for view in self._views:
+                view.seeds = []
         scale = fns.loss_scale * (fns.scaler.get_scale() if fns.scaler.is_enabled() else 1.0)
         total = (torch.stack(losses).sum() / scale).detach() if losses else torch.zeros((), device=inputs.device)
         self._sum_tied_grads()

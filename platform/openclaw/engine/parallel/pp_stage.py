@@ -1,6 +1,7 @@
 """A pipeline stage's forward over a rank's pruned model, and what passes between stages (plain torch; worker
 process): the stage view the schedules run, the slices of the sequence or vocabulary a tensor-parallel
-rank passes on, and the parameters tied across the first and last stages (`pp.PipelineStrategy`)."""
+rank passes on, the parameters tied across the first and last stages, and the seeds of a step's chunks
+(`pp.PipelineStrategy`)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from openclaw.engine.models import GPT, tied_parameters
 from openclaw.engine.parallel.layout_checks import pipeline_ends, stage_part
+from openclaw.engine.state import later_seed
 
 
 class StageView(nn.Module):
@@ -121,6 +123,18 @@ def agree_on_overflow(params: Iterator[nn.Parameter], scaler: torch.amp.GradScal
     torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX, group=group)
     first = grads[0].view(-1)[:1]
     first.copy_(torch.where(seen > 0, torch.full_like(first, float("inf")), first))
+
+
+def chunk_seeds(seeds: list[int], micro_rows: int, rows: int, chunks: int) -> list[int]:
+    """The seeds of a pipeline step's `chunks` chunks of a rank's `rows` rows, cut as the schedule cuts
+    them (`torch.tensor_split`: the first `rows % chunks` one row longer), from the seeds of the rank's
+    micro-batches of `micro_rows` rows each (`engine.state.micro_batch_seed`): each chunk's is the seed
+    of the sample it starts at, so its masks follow its samples as a micro-batch's do. None given: none."""
+    if not seeds:
+        return []
+    size, longer = divmod(rows, chunks)
+    starts = [i * size + min(i, longer) for i in range(chunks)]
+    return [later_seed(seeds[s // micro_rows], s % micro_rows) for s in starts]
 
 
 def rechunk(batches, fns, rows: int | None, micro_batches: int):

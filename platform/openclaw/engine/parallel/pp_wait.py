@@ -7,6 +7,8 @@ pipeline filling and draining, the bubble), and for the step's closing collectiv
 gradients' sum, the loss's broadcast). `WaitingStage` marks the start and end of each chunk in the
 strategy's `CommClock`, which counts the gaps: wall time on a CPU; on a GPU, CUDA events on the compute
 stream, whose gaps are the stream's waits on the transfers (the host runs ahead of the kernels).
+
+It also seeds each chunk's forward (`seeds`), as `StepFns.loss` seeds a micro-batch's.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import contextlib
 from torch.distributed.pipelining import PipelineStage
 
 from openclaw.engine.parallel.base import CommClock
+from openclaw.engine.state import seed_all, stage_seed
 
 
 @contextlib.contextmanager
@@ -34,10 +37,17 @@ class WaitingStage(PipelineStage):
     """torch's stage, its chunks marked in `clock` while a training step runs (None: not marked)."""
 
     clock: CommClock | None = None
+    seeds: list[int] = []
+    """The step's chunks' seeds (`PipelineStrategy.forward_backward`; none in evaluation): each chunk's
+    forward draws (dropout) from its own, mixed with the stage's index, so that the same samples draw the
+    same masks whichever data-parallel rank runs them (an activation-checkpointed block's recompute
+    restores the state it drew from)."""
 
-    def forward_one_chunk(self, *args, **kwargs):
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        if self.seeds:
+            seed_all(stage_seed(self.seeds[fwd_chunk_id], self.stage_index))
         with computing(self.clock):
-            return super().forward_one_chunk(*args, **kwargs)
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
 
     def backward_one_chunk(self, *args, **kwargs):
         with computing(self.clock):
