@@ -231,9 +231,11 @@ def wrap_on_meta(rank: int, world: int, parallelism: dict) -> dict[str, Any]:
     return {"whole": whole, "held": sum(t.numel() for t in local), "devices": sorted({t.device.type for t in local})}
 
 
-def batch_norm_run(rank: int, world: int, parallelism: dict, n_steps: int = 3) -> dict[str, Any]:
+def batch_norm_run(rank: int, world: int, parallelism: dict, n_steps: int = 3, staged: bool = False
+                   ) -> dict[str, Any]:
     """A classifier with BatchNorm (running statistics: buffers a checkpoint keeps), `n_steps` steps of
-    each rank's own samples: this rank's buffers after them."""
+    each data-parallel rank's own samples: this rank's buffers after them. `staged`: shaped as a
+    pipeline splits it, BatchNorm in each block."""
     from torch import nn
 
     from openclaw.engine.config import TrainConfig
@@ -244,14 +246,18 @@ def batch_norm_run(rank: int, world: int, parallelism: dict, n_steps: int = 3) -
     cfg = ParallelismConfig(**parallelism)
     layout = layout_for(cfg, world)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    if staged:
+        from user_models import normed_stages
+        model = normed_stages()
+    else:
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
     engine = Engine(model, Classification(), TrainConfig(global_batch_size=16, micro_batch_size=4, max_steps=10),
                     device=torch.device("cpu"), world_size=layout.dp, global_batch_size=16,
                     strategy=build_strategy(cfg, world=world, rank=rank, split_logits_ok=False))
-    g = torch.Generator().manual_seed(100 + rank)  # each rank's samples differ: so do their statistics
+    dp_rank = layout.dp_rank(rank)
+    g = torch.Generator().manual_seed(100 + dp_rank)  # each replica's samples differ: so do their statistics
     for step in range(n_steps):
-        engine.train_step(step, [{"x": torch.randn(4, 4, generator=g) * (1 + rank), "y": torch.randint(0, 2, (4,),
-                                                                                                      generator=g)}
-                                 for _ in range(16 // layout.dp // 4)])
+        engine.train_step(step, [{"x": torch.randn(4, 4, generator=g) * (1 + dp_rank),
+                                  "y": torch.randint(0, 2, (4,), generator=g)} for _ in range(16 // layout.dp // 4)])
     buffers = {n: b.detach().clone() for n, b in engine.module.named_buffers()}
-    return {"buffers": buffers}
+    return {"buffers": buffers, "stage": layout.coords(rank)["pp"], "dp_rank": dp_rank}

@@ -88,6 +88,25 @@ def test_fsdp_keeps_batch_norm_statistics_as_ddp_does(world, parallelism):
         "buffers"]["1.running_mean"])  # the statistics move with the steps: the comparison can fail
 
 
+@pytest.mark.parametrize("world", [2], ids=["one-replica"])
+def test_a_pipeline_keeps_each_stages_batch_norm_statistics_as_ddp_does(world):
+    """torch's pipeline stages learn their output shapes from a forward on uninitialized tensors, at each
+    attempt's first step: in training mode, BatchNorm took it in (running statistics of inf, one batch
+    too many). And each stage's replicas kept their own statistics, as FSDP's ranks did. A stage's
+    statistics are now what DDP's rank 0 holds, on every replica of the stage."""
+    from parallel_harness import batch_norm_run
+    ranks = spawn(world, batch_norm_run, {"strategy": "ddp", "pipeline": 2}, 3, True)  # two stages
+    ddp = spawn(world // 2, batch_norm_run, {"strategy": "ddp"}, 3, True)[0]
+    assert sorted((r["stage"], r["dp_rank"]) for r in ranks) == [(s, d) for s in (0, 1) for d in range(world // 2)]
+    for stage in (0, 1):
+        first, *others = sorted((r for r in ranks if r["stage"] == stage), key=lambda r: r["dp_rank"])
+        assert first["buffers"] and all(set(first["buffers"]) == set(o["buffers"]) for o in others)
+        assert all(torch.equal(first["buffers"][k], o["buffers"][k]) for k in first["buffers"] for o in others)
+        assert all(torch.allclose(b.float(), ddp["buffers"][k].float(), rtol=1e-5, atol=1e-6)
+                   for k, b in first["buffers"].items()), stage
+    assert sum(len(r["buffers"]) for r in ranks if r["dp_rank"] == 0) == len(ddp["buffers"])  # each on its stage
+
+
 @pytest.mark.parametrize("parallelism", [{"strategy": "fsdp"}, {"strategy": "fsdp", "tensor": 2}],
                          ids=["fsdp", "fsdp-x-tp"])
 def test_sharding_moves_no_whole_model_to_the_device(parallelism):

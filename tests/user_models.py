@@ -181,6 +181,19 @@ def staged_classifier(in_features: int = 64, hidden: int = 32, depth: int = 4, n
     return StagedClassifier(in_features, hidden, depth, num_classes)
 
 
+class NormedStages(StagedClassifier):
+    """A staged classifier whose blocks hold BatchNorm (running statistics: buffers a checkpoint keeps)."""
+
+    def __init__(self, in_features: int, hidden: int, depth: int, num_classes: int):
+        super().__init__(in_features, hidden, depth, num_classes)
+        self.blocks = nn.ModuleDict({str(i): nn.Sequential(nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU())
+                                     for i in range(depth)})
+
+
+def normed_stages(in_features: int = 4, hidden: int = 8, depth: int = 2, num_classes: int = 2, **_) -> nn.Module:
+    return NormedStages(in_features, hidden, depth, num_classes)
+
+
 class NarrowEmbedding(nn.Module):
     """A language model whose input embedding has fewer rows than its head scores tokens. `BUILDS` counts
     its constructions in this process (how often a check builds it)."""

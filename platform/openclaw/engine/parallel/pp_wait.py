@@ -8,7 +8,8 @@ gradients' sum, the loss's broadcast). `WaitingStage` marks the start and end of
 strategy's `CommClock`, which counts the gaps: wall time on a CPU; on a GPU, CUDA events on the compute
 stream, whose gaps are the stream's waits on the transfers (the host runs ahead of the kernels).
 
-It also seeds each chunk's forward (`seeds`), as `StepFns.loss` seeds a micro-batch's.
+It also seeds each chunk's forward (`seeds`), as `StepFns.loss` seeds a micro-batch's, and keeps the
+stage's buffers out of torch's shape inference (`_forward_metadata_inference`).
 """
 from __future__ import annotations
 
@@ -56,3 +57,19 @@ class WaitingStage(PipelineStage):
     def backward_weight_one_chunk(self, *args, **kwargs):
         with computing(self.clock):
             return super().backward_weight_one_chunk(*args, **kwargs)
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        """torch (2.13) learns a stage's output shapes by running its forward on tensors it leaves
+        uninitialized (the first stage: on the first micro-batch), each time a schedule sets its stages up:
+        at an attempt's first step, and after an evaluation. In training mode BatchNorm's running
+        statistics took that forward in (garbage: inf), and a resumed run's differed from the uninterrupted
+        one's. It runs in evaluation mode, which computes the same shapes and updates no buffer (put back
+        after it, the buffers broke the backward that torch's inference runs next). (A private method of
+        torch's: the test of a pipeline's BatchNorm statistics fails if torch stops calling it.)"""
+        modes = [(m, m.training) for m in self.submod.modules()]
+        self.submod.eval()
+        try:
+            return super()._forward_metadata_inference(*args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
