@@ -88,7 +88,7 @@ def test_fsdp_keeps_batch_norm_statistics_as_ddp_does(world, parallelism):
         "buffers"]["1.running_mean"])  # the statistics move with the steps: the comparison can fail
 
 
-@pytest.mark.parametrize("world", [2], ids=["one-replica"])
+@pytest.mark.parametrize("world", [2, 4], ids=["one-replica", "two-replicas"])
 def test_a_pipeline_keeps_each_stages_batch_norm_statistics_as_ddp_does(world):
     """torch's pipeline stages learn their output shapes from a forward on uninitialized tensors, at each
     attempt's first step: in training mode, BatchNorm took it in (running statistics of inf, one batch

@@ -91,6 +91,30 @@ def without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     return {k: v for k, v in state.items() if k not in aliases}
 
 
+def kept_buffers(model: nn.Module) -> set[str]:
+    """The names of the buffers a checkpoint keeps (not `persistent=False` ones): what `sync_buffers` syncs."""
+    return {name for name, _ in model.named_buffers()} & set(model.state_dict())
+
+
+def sync_buffers(model: nn.Module, kept: set[str], dp: DeviceMesh | None) -> None:
+    """The buffers named in `kept` (BatchNorm's running statistics), data-parallel rank 0's on every rank
+    of `dp`, as DDP keeps them: FSDP leaves each rank its own, so the ranks evaluated with different
+    statistics and a checkpoint kept one rank's, which a resume then gave them all. Nothing kept (a
+    transformer), or no `dp`: nothing per step."""
+    if dp is None or not kept:
+        return
+    buffers = [b.to_local() if isinstance(b, DTensor) else b  # (a user's tensor plan may replicate them)
+               for name, b in model.named_buffers() if name in kept]
+    for dtype in dict.fromkeys(b.dtype for b in buffers):
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in same])
+        for dim in range(dp.ndim):  # along the shards, then across the replicas: rank (0, 0)'s
+            group = dp.get_group(dim)
+            dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
+        for b, part in zip(same, flat.split([b.numel() for b in same])):
+            b.detach().copy_(part.view_as(b))
+
+
 class FSDPStrategy(ShardedState):
     name = "fsdp"
 
@@ -118,8 +142,7 @@ class FSDPStrategy(ShardedState):
         if self.layout.tensor > 1:
             self.split_logits = apply_tensor_parallel(model, self.mesh["tp"], self.loss_parallel)
         apply_activation_checkpointing(model, self.ac)
-        buffers = {name for name, _ in model.named_buffers()}
-        self._kept_buffers = buffers & set(model.state_dict())  # not `persistent=False` ones
+        self._kept_buffers = kept_buffers(model)
         dp = self.dp_mesh()
         if dp is None:  # tensor parallelism alone: what it did not split (norms, biases) goes whole
             return place(model, device)
@@ -155,22 +178,7 @@ class FSDPStrategy(ShardedState):
         return losses, samples
 
     def _sync_buffers(self, model: nn.Module) -> None:
-        """The buffers a checkpoint keeps (BatchNorm's running statistics), data-parallel rank 0's on every
-        rank, as DDP keeps them: FSDP leaves each rank's own, so the ranks evaluated with different
-        statistics and a checkpoint kept one rank's, which a resume then gave them all."""
-        dp = self.dp_mesh() if self._kept_buffers else None  # (a transformer has none: nothing per step)
-        if dp is None:
-            return
-        kept = [b.to_local() if isinstance(b, DTensor) else b  # (a user's tensor plan may replicate them)
-                for name, b in model.named_buffers() if name in self._kept_buffers]
-        for dtype in dict.fromkeys(b.dtype for b in kept):
-            same = [b for b in kept if b.dtype == dtype]
-            flat = torch.cat([b.detach().reshape(-1) for b in same])
-            for dim in range(dp.ndim):  # along the shards, then across the replicas: rank (0, 0)'s
-                group = dp.get_group(dim)
-                dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
-            for b, part in zip(same, flat.split([b.numel() for b in same])):
-                b.detach().copy_(part.view_as(b))
+        sync_buffers(model, self._kept_buffers, self.dp_mesh() if self._kept_buffers else None)
 
     def _first_local_grad(self, model: nn.Module, count: int) -> LocalGrad | None:
         """The first micro-batch's gradient (`engine.noise`): not reduce-scattered nor resharded yet, so

@@ -15,7 +15,8 @@ A parameter tied between the first and the last stage (the gpt's embedding and h
 each. After the backward their gradients are summed across the two ranks, so both copies get the same
 update and stay equal. The global gradient norm sums every stage's squares (the copy counted once).
 The loss is computed on the last stage (the task's `output_loss`, scaled as the engine scales it) and
-broadcast to the group, so every rank reports it. What a rank waits for between its chunks (its
+broadcast to the group, so every rank reports it. The buffers a checkpoint keeps (BatchNorm's) are
+each stage's data-parallel rank 0's after every step (`fsdp.sync_buffers`). What a rank waits for between its chunks (its
 neighbours' transfers, the bubble, those collectives) is its step's communication (`pp_wait`).
 
 Under tensor parallelism the ranks of a pipeline group share their tensor-parallel position, so each
@@ -40,7 +41,7 @@ from openclaw.engine.models import GPT
 from openclaw.engine.parallel.base import (Batch, CommClock, StepFns, apply_activation_checkpointing,
                                            as_many_as_any_rank, on_meta, place)
 from openclaw.engine.parallel.clip import clip_global
-from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, shard
+from openclaw.engine.parallel.fsdp import ShardedState, dp_mesh, kept_buffers, shard, sync_buffers
 from openclaw.engine.parallel.fsdp_comm import time_collectives
 from openclaw.engine.parallel.layout_checks import NEEDS_BUILTIN_TASK, check_pipeline, pipeline_ends, stage_blocks
 from openclaw.engine.parallel.mesh import MeshLayout
@@ -92,6 +93,8 @@ class PipelineStrategy(ShardedState):
         self._parts: list[StageView] = []
         self._tied: list[nn.Parameter] = []
         self._copies: list[nn.Parameter] = []
+        self._kept: set[str] = set()
+        self._dp: DeviceMesh | None = None
 
     # ---- building the stages ------------------------------------------------------------------
 
@@ -118,6 +121,7 @@ class PipelineStrategy(ShardedState):
         self._vocab = part.head.weight.shape[0] if self.split_logits and last else 0
         apply_activation_checkpointing(part, self.ac)
         dp = dp_mesh(self.layout, self.mesh, self.always_shard)
+        self._kept, self._dp = kept_buffers(part), dp  # synced across the stage's replicas after each step
         if dp is None:
             part = place(part, device)
         else:  # `fully_shard` places each block's shard (new parameter objects: the tied ones are looked up after)
@@ -194,6 +198,7 @@ class PipelineStrategy(ShardedState):
         scale = fns.loss_scale * (fns.scaler.get_scale() if fns.scaler.is_enabled() else 1.0)
         total = (torch.stack(losses).sum() / scale).detach() if losses else torch.zeros((), device=inputs.device)
         self._sum_tied_grads()
+        sync_buffers(model, self._kept, self._dp)
         agree_on_overflow(model.parameters(), fns.scaler, self.group)
         loss = self._from_last_stage(total)
         self.comm.done()  # the step's closing collectives were waited on too
