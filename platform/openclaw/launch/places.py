@@ -3,11 +3,12 @@ whose working folder is Ray's temporary copy of `--working-dir`, `$OPENCLAW_HOME
 
 Under a Ray job, runs, checkpoints, the prepared-data cache and the default MLflow store land in
 `$OPENCLAW_HOME`, where they outlive the job (Ray deletes its copy of the working folder). A relative
-data path is looked up in the working folder first (data that travelled with the job) and then in
-`$OPENCLAW_HOME`; git-ignored files, such as `datasets/`, never travel with `--working-dir`.
+data path (or glob) is looked up in the working folder first (data that travelled with the job) and
+then in `$OPENCLAW_HOME`; git-ignored files, such as `datasets/`, never travel with `--working-dir`.
 """
 from __future__ import annotations
 
+import glob
 import os
 
 from openclaw import constants
@@ -42,10 +43,9 @@ def _data_path(spec: str, key: str, home: str) -> str:
     if "://" in spec or os.path.isabs(os.path.expanduser(spec)):
         return spec
     shipped, kept = os.path.abspath(spec), os.path.join(home, spec)
-    if os.path.exists(shipped):
-        return shipped
-    if os.path.exists(kept):
-        return kept
+    for path in (shipped, kept):
+        if glob.glob(path, recursive=True) if glob.has_magic(path) else os.path.exists(path):
+            return path  # (a glob, `data/*.parquet`: where it matches)
     raise DataError(
         f"`{key}`: {spec} is neither in the job's working folder ({shipped}: `ray job submit --working-dir` leaves "
         f"out git-ignored files, such as datasets/) nor under $OPENCLAW_HOME ({kept}). Put the data there (e.g. "
