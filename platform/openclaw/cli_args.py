@@ -21,7 +21,7 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model from a YAML config", description=textwrap.fill(
         "Train from a YAML config. Every knob is a config key; override any with --set. The same command (the "
         "same `name` and `checkpoint.storage`) resumes the run from its newest checkpoint, with other settings if "
-        "you like, but not another model, task or optimizer. Ctrl-C or SIGTERM checkpoints at the next step and "
+        "you like, but not another model, task, optimizer, seed or data.shuffle_window_shards. Ctrl-C or SIGTERM checkpoints at the next step and "
         "stops; a second one stops at once.", 79), epilog=textwrap.fill(
         "exit codes: 0 trained to train.max_steps; 1 failed; 2 a config, data or usage error (nothing started); "
         "130 (Ctrl-C) or 143 (SIGTERM) stopped, resumable.", 79) +

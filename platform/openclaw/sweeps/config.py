@@ -113,7 +113,8 @@ class SweepConfig(Section):
         bad = [k for k in self.space if k.split(".")[0] in ("name", "sweep", "checkpoint", "tracking")]
         if bad:
             raise ValueError(f"`sweep.space` cannot tune {', '.join(bad)}: the sweep sets each trial's name, "
-                             f"storage and tracking itself")
+                             f"checkpoints and tracking itself (`name`, `sweep.*`, `checkpoint.*` and `tracking.*` "
+                             f"are the sweep's)")
         if "train.max_steps" in self.space:
             raise ValueError("`sweep.space` cannot tune train.max_steps: the sweep counts every trial against one "
                              "(the scheduler's budget, and whether a trial finished or was stopped early). Set "
