@@ -51,6 +51,29 @@ for prec in ("auto", "bf16", "fp16", "fp32"):
     assert losses[-1] < losses[0] and all(l == l for l in losses)
 PY
 
+step "train.deterministic on CUDA: two GPT runs bitwise equal with it; how far apart without (an embedding's backward adds atomically)" 60 "$PY" - <<'PY'
+import torch
+from openclaw.engine.config import TrainConfig
+from openclaw.engine.device import set_deterministic
+from openclaw.engine.engine import Engine
+from openclaw.engine.models import GPT
+from openclaw.engine.tasks import LanguageModeling
+def run(deterministic):
+    set_deterministic(deterministic)
+    torch.manual_seed(0)
+    e = Engine(GPT(vocab_size=8192, dim=512, depth=4, heads=8, block_size=256).cuda(), LanguageModeling(),
+               TrainConfig(global_batch_size=16, micro_batch_size=8, precision="bf16", deterministic=deterministic),
+               device=torch.device("cuda"))
+    x = torch.randint(0, 8192, (16, 257), generator=torch.Generator().manual_seed(1)).cuda()
+    for s in range(5):
+        e.train_step(s, [{"x": x[:8]}, {"x": x[8:]}])
+    return torch.cat([p.detach().float().flatten() for p in e.model.parameters()])
+on = [run(True) for _ in range(2)]
+off = [run(False) for _ in range(2)]
+print(f"deterministic: equal {torch.equal(*on)}; off: equal {torch.equal(*off)}, max diff {(off[0] - off[1]).abs().max().item():.3g}")
+assert torch.equal(*on)
+PY
+
 step "fp8 (torchao float8 Linears) against bf16: the first-step probe's decision, and the fp8 tests" 150 "$PY" - <<'PY'
 import torch
 from openclaw.engine.config import TrainConfig

@@ -1,11 +1,12 @@
 """The engine in one process, no Ray: the same code the workers run."""
 import copy
+import os
 
 import pytest
 import torch
 
 from openclaw.config import ScheduleConfig, TrainConfig
-from openclaw.engine.device import configure_cpu
+from openclaw.engine.device import configure_process
 from openclaw.engine.engine import Engine
 from openclaw.engine.optim import lr_at
 from openclaw.engine.state import TrainState
@@ -142,16 +143,44 @@ def test_cpu_settings_pin_threads_and_flush_subnormals():
     threads = torch.get_num_threads()  # (flushing is off in a fresh process, and put back off below)
     tiny = torch.tensor([1e-39])  # subnormal in float32
     try:
-        configure_cpu(TrainConfig(global_batch_size=8, micro_batch_size=8, max_steps=1), cpus=1)
+        configure_process(TrainConfig(global_batch_size=8, micro_batch_size=8, max_steps=1), cpus=1)
         assert torch.get_num_threads() == 1
         if torch.set_flush_denormal(True):  # the CPU supports it (x86 with SSE3)
             assert (tiny * 1.0).item() == 0.0
-        configure_cpu(TrainConfig(global_batch_size=8, micro_batch_size=8, max_steps=1, threads_per_worker=2,
+        configure_process(TrainConfig(global_batch_size=8, micro_batch_size=8, max_steps=1, threads_per_worker=2,
                                   flush_denormal=False), cpus=1)
         assert torch.get_num_threads() == 2 and (tiny * 1.0).item() > 0.0
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
+
+
+def test_deterministic_kernels_follow_the_config_and_train_the_same_on_a_cpu(monkeypatch):
+    """`train.deterministic`: torch's deterministic kernels, cuDNN's without benchmarking and cuBLAS's fixed
+    workspace (set as the worker starts), off again with the config; the gpt trains under them on a CPU,
+    bit for bit as without (a CPU's kernels are deterministic already)."""
+    from openclaw.engine.device import CUBLAS_WORKSPACE, set_deterministic
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    threads = torch.get_num_threads()
+
+    def run(deterministic: bool) -> list[float]:
+        cfg = TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=3, threads_per_worker=1,
+                          deterministic=deterministic)
+        configure_process(cfg, cpus=1)
+        torch.manual_seed(0)
+        e = Engine(GPT(vocab_size=16, block_size=8, dim=16, depth=2, heads=2, dropout=0.1), LanguageModeling(), cfg)
+        tokens = torch.arange(36).remainder(16).view(4, 9)
+        return [e.train_step(s, [{"x": tokens[:2]}, {"x": tokens[2:]}], seeds=[s, s + 1]).grad_norm for s in range(3)]
+    try:
+        on = run(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+        off = run(False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert on == off
+    finally:
+        set_deterministic(False)
+        torch.set_num_threads(threads)
 
 
 def test_a_builtin_models_kwargs_are_checked_by_name_type_and_range():

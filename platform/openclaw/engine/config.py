@@ -126,6 +126,13 @@ class TrainConfig(Section):
     it if its order is not random). null: the whole set."""
     threads_per_worker: int | None = Field(None, gt=0)
     """torch intra-op threads per worker; default: the worker's CPU count. Pinned so restarts reproduce."""
+    deterministic: bool = False
+    """Deterministic kernels on GPUs (`torch.use_deterministic_algorithms`, cuDNN's deterministic
+    convolutions, cuBLAS's fixed workspace): two runs, or a resumed run and the uninterrupted one, then
+    compute the same bits on the same GPUs. Off, some CUDA kernels (an embedding's backward, `index_add`,
+    `scatter_add`) add in the order their threads finish, so GPU runs agree only to rounding. Costs speed
+    where those kernels run; an op with no deterministic kernel fails, naming itself. CPU workers compute
+    deterministically either way (their threads pinned: `threads_per_worker`)."""
     flush_denormal: bool = True
     """CPU workers flush subnormal floats (below ~1.2e-38) to zero. Late in training, tiny gradients and
     Adam's second moments turn subnormal and every operation on them is slow: the digits MLP's throughput

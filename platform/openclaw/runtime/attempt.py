@@ -19,7 +19,7 @@ from openclaw.advice.rules import placement_line
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
 from openclaw.data.sampler import Sampler, check_same_order, shard_layout
-from openclaw.engine.device import configure_cpu
+from openclaw.engine.device import configure_process
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import allgather_ints, now as perf_now
 from openclaw.engine.initial_model import initial_model, rank0_weights
@@ -57,7 +57,7 @@ class Attempt:
         self.world, self.rank = ctx.get_world_size(), ctx.get_world_rank()
         layout = layout_for(cfg.parallelism, self.world)  # samples are shared out over the data-parallel ranks
         self.dp, self.dp_rank = layout.dp, layout.dp_rank(self.rank)
-        configure_cpu(cfg.train, int(cfg.scaling.resources_per_worker.get("CPU", 1)))
+        configure_process(cfg.train, int(cfg.scaling.resources_per_worker.get("CPU", 1)))
         self.device = ray.train.torch.get_device()
         self.tracker: NullTracker = make_tracker(self.rank, cfg.tracking.enabled, inputs.tracking, inputs.progress)
         # ---- data, then `train.micro_batch_size: auto` resolved on it: from here on the config holds a number
