@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/sweep.py jobs/configs/digits-sweep.yaml [--resume] [--set k=v ...]
 
-Works whether or not openclaw is installed on the cluster (see jobs/_entry.py).
+Runs the submitted platform/, whether or not openclaw is installed on the cluster (see jobs/_entry.py).
 """
 import sys
 

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/train.py jobs/configs/digits.yaml [--set k=v ...]
 
-Works whether or not openclaw is installed on the cluster (see jobs/_entry.py).
+Runs the submitted platform/, whether or not openclaw is installed on the cluster (see jobs/_entry.py).
 """
 import sys
 
