@@ -231,33 +231,43 @@ def wrap_on_meta(rank: int, world: int, parallelism: dict) -> dict[str, Any]:
     return {"whole": whole, "held": sum(t.numel() for t in local), "devices": sorted({t.device.type for t in local})}
 
 
-def batch_norm_run(rank: int, world: int, parallelism: dict, n_steps: int = 3, staged: bool = False
-                   ) -> dict[str, Any]:
+def batch_norm_run(rank: int, world: int, parallelism: dict, n_steps: int = 3, staged: bool = False,
+                   resume_at: int | None = None, shards: str | None = None) -> dict[str, Any]:
     """A classifier with BatchNorm (running statistics: buffers a checkpoint keeps), `n_steps` steps of
-    each data-parallel rank's own samples: this rank's buffers after them. `staged`: shaped as a
-    pipeline splits it, BatchNorm in each block."""
+    each data-parallel rank's own samples: this rank's buffers after them (and its parameters). `staged`:
+    shaped as a pipeline splits it, BatchNorm in each block. `resume_at`: after that many steps, saved
+    to `shards` and loaded into an engine built again, which trains the rest (a resume)."""
     from torch import nn
 
     from openclaw.engine.config import TrainConfig
     from openclaw.engine.engine import Engine
     from openclaw.engine.parallel.build import build_strategy, layout_for
     from openclaw.engine.parallel.config import ParallelismConfig
+    from openclaw.engine.sharded import load_shards, save_shards
     from openclaw.engine.tasks import Classification
+    from user_models import normed_stages
     cfg = ParallelismConfig(**parallelism)
     layout = layout_for(cfg, world)
-    torch.manual_seed(0)
-    if staged:
-        from user_models import normed_stages
-        model = normed_stages()
-    else:
-        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-    engine = Engine(model, Classification(), TrainConfig(global_batch_size=16, micro_batch_size=4, max_steps=10),
-                    device=torch.device("cpu"), world_size=layout.dp, global_batch_size=16,
-                    strategy=build_strategy(cfg, world=world, rank=rank, split_logits_ok=False))
-    dp_rank = layout.dp_rank(rank)
+
+    def new_engine() -> Engine:
+        torch.manual_seed(0)
+        model = normed_stages() if staged else nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                                             nn.Linear(8, 2))
+        return Engine(model, Classification(), TrainConfig(global_batch_size=16, micro_batch_size=4, max_steps=10),
+                      device=torch.device("cpu"), world_size=layout.dp, global_batch_size=16,
+                      strategy=build_strategy(cfg, world=world, rank=rank, split_logits_ok=False))
+    engine, dp_rank = new_engine(), layout.dp_rank(rank)
     g = torch.Generator().manual_seed(100 + dp_rank)  # each replica's samples differ: so do their statistics
     for step in range(n_steps):
+        if step == resume_at:
+            save_shards(engine.state_dict(), shards)
+            engine = new_engine()
+            template = engine.state_dict()
+            load_shards(template, shards)
+            engine.load_state_dict(template)
         engine.train_step(step, [{"x": torch.randn(4, 4, generator=g) * (1 + dp_rank),
                                   "y": torch.randint(0, 2, (4,), generator=g)} for _ in range(16 // layout.dp // 4)])
     buffers = {n: b.detach().clone() for n, b in engine.module.named_buffers()}
-    return {"buffers": buffers, "stage": layout.coords(rank)["pp"], "dp_rank": dp_rank}
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in engine.module.named_parameters()}
+    return {"buffers": buffers, "params": params, "stage": layout.coords(rank)["pp"], "dp_rank": dp_rank}

@@ -107,6 +107,18 @@ def test_a_pipeline_keeps_each_stages_batch_norm_statistics_as_ddp_does(world):
     assert sum(len(r["buffers"]) for r in ranks if r["dp_rank"] == 0) == len(ddp["buffers"])  # each on its stage
 
 
+def test_a_pipeline_with_batch_norm_resumes_bit_for_bit(tmp_path):
+    """A resumed pipeline's new stages run torch's shape inference again at their first step: in training
+    mode BatchNorm took that forward in, and the resumed run's statistics, then its weights, parted from
+    the uninterrupted run's. Now both end bit for bit alike."""
+    from parallel_harness import batch_norm_run
+    pp = {"strategy": "ddp", "pipeline": 2}
+    straight = spawn(2, batch_norm_run, pp, 4, True)
+    resumed = spawn(2, batch_norm_run, pp, 4, True, 2, str(tmp_path / "shards"))
+    for a, b in zip(straight, resumed):
+        assert bitwise(a["buffers"], b["buffers"]) == 3 and bitwise(a["params"], b["params"]) >= 2
+
+
 @pytest.mark.parametrize("parallelism", [{"strategy": "fsdp"}, {"strategy": "fsdp", "tensor": 2}],
                          ids=["fsdp", "fsdp-x-tp"])
 def test_sharding_moves_no_whole_model_to_the_device(parallelism):
