@@ -524,3 +524,50 @@ def test_a_cache_folder_given_as_a_uri_is_refused(key):
     with pytest.raises(ConfigError, match=rf"`{key}`: must be a folder .*, not a URI like s3://\.\.\."):
         load_config(None, {key: "s3://bucket/prep"}, base=MIN)
     assert load_config(None, {key: "/mnt/shared/prep"}, base=MIN).model_dump()["data"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"name": "Trials"}, r"`name` must start with a letter"),  # a case-insensitive filesystem's `trials` folder
+    ({"data.label": "x"}, r"`data.label` names the same column as `data.features` \('x'\)\. Set it to the column"),
+    ({"task": "language_modeling", "data.label": "x"}, r"Language modeling takes its targets from the features"),
+    ({"parallelism.tensor": 2, "scaling.min_workers": 1, "scaling.max_workers": 4},
+     r"`scaling.min_workers` \(1\) and `scaling.max_workers` \(4\) must be multiples of .* = 2: 1 is not"),
+    ({"train.global_batch_size": 4, "train.micro_batch_size": 1, "scaling.min_workers": 1, "scaling.max_workers": 4},
+     r"it is not for world size 3\."),  # a world size between the ends
+    ({"data.on_bad_shard": "skip", "checkpoint.storage": "s3://bucket/runs"}, r"`data.on_bad_shard: skip` needs"),
+    ({"data.transforms": [{"op": "cast", "column": "x", "dtype": "float32"}], "checkpoint.storage": "gs://b/runs"},
+     r"`checkpoint.storage` is the URI gs://b/runs"),
+    ({"data.cache.dir": "gs://bucket/prep"}, r"not a URI like gs://"),
+    ({"data.cache.max_bytes": 0}, r"`data.cache.max_bytes`: Input should be greater than 0"),
+    ({"data.shuffle_window_shards": -1}, r"`data.shuffle_window_shards`: Input should be greater than or equal to 0"),
+    ({"data.transforms": [{"op": "normalize", "column": "x", "std": 0}]}, r"`data.transforms.0.std`: Input should be "
+                                                                           r"greater than 0"),
+    ({"data.transforms": [{"op": "tokenize_bytes", "column": "t", "seq_len": 0}]}, r"`data.transforms.0.seq_len`"),
+    ({"data.transforms": [{"op": "map_batches", "fn": "mod:"}]}, r"`fn` must be a `module:function` import path"),
+    ({"model.name": ":fn"}, r"`model.name` must be one of mlp, gpt or a `module:function` import path"),
+    ({"parallelism.microbatches": "many"}, r"`parallelism.microbatches` should be a valid integer; or 'auto' "
+                                           r"\(got 'many'\)"),
+])
+def test_each_refusal_names_its_key_and_what_it_takes(override, message):
+    """Refusals a mutation of the config's checks survived: nothing had tried them."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override, base=MIN)
+
+
+def test_a_warmup_as_long_as_the_run_and_eval_rows_without_val_are_noted():
+    assert load_config(None, {"train.schedule.warmup_steps": 30, "train.max_steps": 30}, base=MIN).notes()[0].startswith(
+        "`train.schedule.warmup_steps` (30) is not below `train.max_steps` (30)")
+    assert load_config(None, {"train.eval_rows": 100}, base=MIN).notes() == [
+        "`train.eval_every` and `train.eval_rows` need `data.val`, which is not set: this run does not evaluate."]
+
+
+def test_a_config_set_in_code_is_checked_and_takes_its_keys_by_field_name_too():
+    """An SDK user's assignment is validated (`validate_assignment`), and a key whose YAML name is a Python
+    keyword (`checkpoint.async`) is also taken by its field name (`async_`)."""
+    from pydantic import ValidationError
+
+    from openclaw.runtime.config import CheckpointConfig
+    cfg = load_config(None, {}, base=MIN)
+    with pytest.raises(ValidationError):
+        cfg.train.max_steps = -1
+    assert CheckpointConfig(async_=True).async_ is True and CheckpointConfig(**{"async": True}).async_ is True
