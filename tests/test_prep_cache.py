@@ -37,6 +37,41 @@ def test_builtin_transforms_make_one_tensor_column():
     assert tokens.column("x").to_pylist() == [list(b"abcde"), list(b"fghij")]  # 10 bytes -> 2 windows of 5
 
 
+def test_each_builtin_transform_does_exactly_what_it_says():
+    """What a mutation of the transforms survived: the windows of a text whose length leaves a remainder,
+    tokenizing replacing every column, a prefix matching only at the start, to_tensor's float32 default,
+    and the refusals (a non-numeric column to normalize, an output column of more than 2 dimensions)."""
+    text = pa.table({"text": ["abcdefghijklm"], "label": [1]})  # 13 bytes: two windows of 5, three left over
+    tokens = apply_to_table(text, _transforms({"op": "tokenize_bytes", "column": "text", "seq_len": 4}))
+    assert tokens.column_names == ["x"] and tokens.column("x").to_pylist() == [list(b"abcde"), list(b"fghij")]
+    table = pa.table({"f0": [1, 2], "f1": [3, 4], "xf": [5, 6]})
+    stacked = apply_to_table(table, _transforms({"op": "to_tensor", "prefix": "f"}))
+    assert stacked.column_names == ["xf", "x"] and stacked.schema.field("x").type == pa.list_(pa.float32(), 2)
+    assert stacked.column("x").to_pylist() == [[1.0, 3.0], [2.0, 4.0]]
+    with pytest.raises(DataError, match=r"#0 \(normalize\): column 'text' has type .*; normalize needs numbers"):
+        apply_to_table(text, _transforms({"op": "normalize", "column": "text"}))
+    from openclaw.data.transforms import columns_to_table
+    with pytest.raises(DataError, match=r"output column 'x' has shape \(2, 2, 2\); columns must be 1-D"):
+        columns_to_table({"x": np.zeros((2, 2, 2))})
+
+
+def test_a_user_transform_must_return_columns_and_its_whole_module_keys_the_cache(tmp_path, monkeypatch):
+    """A user function returning something else than a dict of columns is named; the cache key follows the
+    source of the function's whole module, so a change to a helper it calls prepares the data again."""
+    import sys
+
+    from openclaw.data.transforms import code_version
+    (tmp_path / "prep_mod.py").write_text("def helper():\n    return 1\n\n\ndef f(batch):\n    return [helper()]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    transforms = _transforms({"op": "map_batches", "fn": "prep_mod:f"})
+    with pytest.raises(DataError, match=r"#0 \(map_batches\): prep_mod:f returned list; it must return a dict"):
+        apply_to_table(pa.table({"x": [1.0]}), transforms)
+    before = code_version(transforms)
+    (tmp_path / "prep_mod.py").write_text("def helper():\n    return 2\n\n\ndef f(batch):\n    return [helper()]\n")
+    sys.modules.pop("prep_mod", None)
+    assert code_version(transforms) != before
+
+
 def test_user_transform_and_errors_name_the_transform_and_column(tmp_path, monkeypatch):
     (tmp_path / "my_prep.py").write_text("def double(batch, factor=2):\n"
                                          "    return {**batch, 'x': batch['x'] * factor}\n")
