@@ -127,3 +127,27 @@ def test_a_failed_start_says_the_innermost_error_not_the_controllers_wrapper():
     assert said == ("worker group start failed (3 so far): The worker group startup timed out after 10.0 seconds "
                     "waiting for 2 workers; Ray Train retries")
     assert start_failure_message(ControllerError(TimeoutError("")), 1).endswith("): TimeoutError; Ray Train retries")
+
+
+def test_the_capacity_and_row_checks_hold_at_their_bounds():
+    """Bounds a mutation of these checks survived: Ray's fixed point both ways (0.7 CPUs hold seven workers
+    of 0.1; 0.9999 holds no worker of 1), a node with exactly what a worker asks is no missing resource, a
+    resource asked as 0 is not named; a dataset of exactly one global batch trains, one row fewer is
+    refused; evaluation rows are counted against the most data-parallel ranks the run may take."""
+    from types import SimpleNamespace
+
+    from openclaw.config import load_config
+    from openclaw.errors import DataError
+    from openclaw.launch.preflight import check_eval_rows, check_rows
+    assert workers_that_fit({"CPU": 0.1}, [{"CPU": 0.7}]) == 7
+    assert workers_that_fit({"CPU": 1}, [{"CPU": 0.9999}]) == 0
+    few = shortfall({"CPU": 2, "GPU": 0}, 3, [CPU_NODE])
+    assert "hold 1 such worker(s)" in few and "no node has" not in few and "GPU" not in few, few
+    cfg = load_config(None, {"train.global_batch_size": 12, "train.micro_batch_size": 1, "scaling.min_workers": 1,
+                             "scaling.max_workers": 4}, base={"data": {"train": "x"}})
+    check_rows(SimpleNamespace(num_rows=12), cfg)
+    with pytest.raises(DataError, match="has 11 rows, fewer than one global batch"):
+        check_rows(SimpleNamespace(num_rows=11), cfg)
+    check_eval_rows(SimpleNamespace(num_rows=4), cfg)
+    with pytest.raises(DataError, match=r"scores 3 row\(s\) of `data.val`, fewer than the 4 data-parallel ranks"):
+        check_eval_rows(SimpleNamespace(num_rows=3), cfg)
