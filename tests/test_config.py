@@ -554,6 +554,13 @@ def test_each_refusal_names_its_key_and_what_it_takes(override, message):
         load_config(None, override, base=MIN)
 
 
+def test_an_error_a_section_raises_about_an_overridden_key_says_the_override_set_it():
+    """The section's own check fails at the section (`parallelism`), the override set a key below it."""
+    with pytest.raises(ConfigError, match=r"`parallelism.microbatches` must be `auto` or at least 1, got 0 "
+                                          r"\(set by an override\)\.$"):
+        load_config(DIGITS, ["parallelism.microbatches=0"])
+
+
 def test_a_warmup_as_long_as_the_run_and_eval_rows_without_val_are_noted():
     assert load_config(None, {"train.schedule.warmup_steps": 30, "train.max_steps": 30}, base=MIN).notes()[0].startswith(
         "`train.schedule.warmup_steps` (30) is not below `train.max_steps` (30)")
