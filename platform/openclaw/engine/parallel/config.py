@@ -51,8 +51,8 @@ class ParallelismConfig(Section):
     pipeline_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
     """How micro-batches flow through the stages. `interleaved_1f1b` gives each worker two stages.
     Evaluation, forward only, runs on the training step's own schedule, in training-sized micro-batches;
-    before the first training step, one micro-batch at a time on GPipe's (`1f1b` refuses fewer
-    micro-batches than stages)."""
+    before the first training step, one micro-batch at a time (under `1f1b` on GPipe's: 1F1B refuses
+    fewer micro-batches than stages)."""
     pipeline_split: list[int] | None = None
     """Blocks per pipeline stage, first to last (`pipeline` numbers; under `interleaved_1f1b`, twice as
     many), e.g. `[5, 3]`: fewer blocks on a stage that does more besides them (the last computes the

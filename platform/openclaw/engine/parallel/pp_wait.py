@@ -9,16 +9,22 @@ strategy's `CommClock`, which counts the gaps: wall time on a CPU; on a GPU, CUD
 stream, whose gaps are the stream's waits on the transfers (the host runs ahead of the kernels).
 
 It also seeds each chunk's forward (`seeds`), as `StepFns.loss` seeds a micro-batch's, and keeps the
-stage's buffers out of torch's shape inference (`_forward_metadata_inference`).
+stage's buffers out of torch's shape inference (`_forward_metadata_inference`, `EVAL_INFERENCE`).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 
+import torch
+from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from openclaw.engine.parallel.base import CommClock
+from openclaw.engine.parallel.fsdp import kept_buffers
 from openclaw.engine.state import seed_all, stage_seed
+
+log = logging.getLogger("openclaw")
 
 
 @contextlib.contextmanager
@@ -44,6 +50,13 @@ class WaitingStage(PipelineStage):
     same masks whichever data-parallel rank runs them (an activation-checkpointed block's recompute
     restores the state it drew from)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not EVAL_INFERENCE and kept_buffers(self.submod):
+            log.warning("this torch (%s) sets pipeline stages up otherwise than torch 2.13: its shape inference may "
+                        "update the stage's buffers (BatchNorm's running statistics) with a forward on "
+                        "uninitialized tensors", torch.__version__)
+
     def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
         if self.seeds:
             seed_all(stage_seed(self.seeds[fwd_chunk_id], self.stage_index))
@@ -61,15 +74,32 @@ class WaitingStage(PipelineStage):
     def _forward_metadata_inference(self, *args, **kwargs):
         """torch (2.13) learns a stage's output shapes by running its forward on tensors it leaves
         uninitialized (the first stage: on the first micro-batch), each time a schedule sets its stages up:
-        at an attempt's first step, and after an evaluation. In training mode BatchNorm's running
+        at an attempt's first step, and after an evaluation; then its gradients' shapes by a backward
+        through that forward (`_backward_metadata_inference`). In training mode BatchNorm's running
         statistics took that forward in (garbage: inf), and a resumed run's differed from the uninterrupted
-        one's. It runs in evaluation mode, which computes the same shapes and updates no buffer (put back
-        after it, the buffers broke the backward that torch's inference runs next). (A private method of
-        torch's: the test of a pipeline's BatchNorm statistics fails if torch stops calling it.)"""
-        modes = [(m, m.training) for m in self.submod.modules()]
-        self.submod.eval()
-        try:
+        one's. Both run in evaluation mode, which computes the same shapes and updates no buffer (put back
+        after the forward, the buffers broke torch's backward; the backward in training mode recomputed an
+        activation-checkpointed block otherwise than its forward ran). (Private methods of torch's: the
+        tests of a pipeline's BatchNorm statistics fail if torch stops calling them; `EVAL_INFERENCE`.)"""
+        with _evaluating(self.submod):
             return super()._forward_metadata_inference(*args, **kwargs)
-        finally:
-            for m, training in modes:
-                m.training = training
+
+    def _backward_metadata_inference(self, *args, **kwargs):
+        with _evaluating(self.submod):
+            return super()._backward_metadata_inference(*args, **kwargs)
+
+
+EVAL_INFERENCE = all(hasattr(PipelineStage, m) for m in ("_forward_metadata_inference", "_backward_metadata_inference"))
+"""Whether this torch infers a stage's shapes where `WaitingStage` runs the inference in evaluation mode."""
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module):
+    """`module` and every module in it in evaluation mode inside; each put back as it was."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
