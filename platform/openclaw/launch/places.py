@@ -43,9 +43,12 @@ def _data_path(spec: str, key: str, home: str) -> str:
     if "://" in spec or os.path.isabs(os.path.expanduser(spec)):
         return spec
     shipped, kept = os.path.abspath(spec), os.path.join(home, spec)
-    for path in (shipped, kept):
-        if glob.glob(path, recursive=True) if glob.has_magic(path) else os.path.exists(path):
-            return path  # (a glob, `data/*.parquet`: where it matches)
+    for base in (os.getcwd(), home):
+        if not glob.has_magic(spec) and os.path.exists(os.path.join(base, spec)):
+            return os.path.join(base, spec)
+        pattern = os.path.join(glob.escape(base), spec)  # a glob (`data/*.parquet`): where it matches Parquet
+        if glob.has_magic(spec) and any(f.endswith(".parquet") for f in glob.glob(pattern, recursive=True)):
+            return pattern  # files, as the loader reads it (`data.sources`)
     raise DataError(
         f"`{key}`: {spec} is neither in the job's working folder ({shipped}: `ray job submit --working-dir` leaves "
         f"out git-ignored files, such as datasets/) nor under $OPENCLAW_HOME ({kept}). Put the data there (e.g. "
