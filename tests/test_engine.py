@@ -165,7 +165,7 @@ def test_deterministic_kernels_follow_the_config_and_train_the_same_on_a_cpu(mon
 
     def run(deterministic: bool) -> list[float]:
         cfg = TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=3, threads_per_worker=1,
-                          deterministic=deterministic)
+                          deterministic=deterministic, flush_denormal=False)
         configure_process(cfg, cpus=1)
         torch.manual_seed(0)
         e = Engine(GPT(vocab_size=16, block_size=8, dim=16, depth=2, heads=2, dropout=0.1), LanguageModeling(), cfg)
@@ -181,6 +181,16 @@ def test_deterministic_kernels_follow_the_config_and_train_the_same_on_a_cpu(mon
     finally:
         set_deterministic(False)
         torch.set_num_threads(threads)
+
+
+def test_a_step_takes_one_seed_per_micro_batch_or_none():
+    """A pipeline's chunks take their seeds from each micro-batch's: too few seeds failed deep in it."""
+    engine = Engine(MLP(in_features=4, hidden=8, depth=1, num_classes=2), Classification(),
+                    TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=1))
+    batch = {"x": torch.zeros(2, 4), "y": torch.zeros(2, dtype=torch.long)}
+    with pytest.raises(ValueError, match="1 seeds for 2 micro-batches: give one each, or none"):
+        engine.train_step(0, [batch, batch], seeds=[7])
+    assert engine.train_step(0, [batch, batch], seeds=[7, 8]).samples == 4
 
 
 def test_a_builtin_models_kwargs_are_checked_by_name_type_and_range():

@@ -115,6 +115,8 @@ class Engine:
         One device-to-host read per step (loss and grad norm together, with the gradient noise scale's
         small-batch norm), as in a bare loop.
         """
+        if seeds and len(seeds) != len(micro_batches):  # (a pipeline's chunks take theirs from each micro-batch's)
+            raise ValueError(f"{len(seeds)} seeds for {len(micro_batches)} micro-batches: give one each, or none")
         if not self.model.training:  # model.train() walks every module; evaluate() is the only other mode
             self.model.train()
         lr = lr_at(step, self.cfg.optimizer.lr * self.lr_factor, self.cfg.schedule, self.cfg.max_steps)
