@@ -131,8 +131,9 @@ class TrainConfig(Section):
     convolutions, cuBLAS's fixed workspace): two runs, or a resumed run and the uninterrupted one, then
     compute the same bits on the same GPUs. Off, some CUDA kernels (an embedding's backward, `index_add`,
     `scatter_add`) add in the order their threads finish, so GPU runs agree only to rounding. Costs speed
-    where those kernels run; an op with no deterministic kernel fails, naming itself. CPU workers compute
-    deterministically either way (their threads pinned: `threads_per_worker`)."""
+    where those kernels run, and torch then fills memory it allocates uninitialized (`torch.empty`); an op
+    with no deterministic kernel fails, naming itself. CPU workers compute deterministically either way
+    (their threads pinned: `threads_per_worker`). Set as each worker starts."""
     flush_denormal: bool = True
     """CPU workers flush subnormal floats (below ~1.2e-38) to zero. Late in training, tiny gradients and
     Adam's second moments turn subnormal and every operation on them is slow: the digits MLP's throughput
