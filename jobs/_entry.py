@@ -2,8 +2,8 @@
 
 The job runs the openclaw it was submitted with: this working dir's `platform/`, shipped to every Ray
 worker with the job, ahead of any openclaw installed on the cluster (which ran instead, and silently,
-when the cluster's image had one: edits to the submitted copy were ignored). Without `platform/` (the
-entrypoints copied elsewhere), the installed openclaw runs.
+when the cluster's image had one: edits to the submitted copy were ignored). Without
+`platform/openclaw/cli.py` (the entrypoints copied elsewhere), the installed openclaw runs.
 """
 import importlib.util
 import os
@@ -12,7 +12,7 @@ import sys
 
 def run(command: str) -> int:
     here = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "platform"))
-    if os.path.isdir(os.path.join(here, "openclaw")):
+    if os.path.isfile(os.path.join(here, "openclaw", "cli.py")):
         installed = importlib.util.find_spec("openclaw")  # (finding imports nothing)
         sys.path.insert(0, here)
         os.environ["OPENCLAW_SHIP_PACKAGE"] = "1"
