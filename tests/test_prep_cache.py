@@ -67,7 +67,7 @@ def test_a_user_transform_must_return_columns_and_its_whole_module_keys_the_cach
     with pytest.raises(DataError, match=r"#0 \(map_batches\): prep_mod:f returned list; it must return a dict"):
         apply_to_table(pa.table({"x": [1.0]}), transforms)
     before = code_version(transforms)
-    (tmp_path / "prep_mod.py").write_text("def helper():\n    return 2\n\n\ndef f(batch):\n    return [helper()]\n")
+    (tmp_path / "prep_mod.py").write_text("def helper():\n    return 22\n\n\ndef f(batch):\n    return [helper()]\n")
     sys.modules.pop("prep_mod", None)
     assert code_version(transforms) != before
 
