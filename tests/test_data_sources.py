@@ -166,7 +166,10 @@ def test_number_columns_value_ranges_come_from_the_footers(tmp_path):
     ([0.0, 3.0, 9.0, np.nan], None),
     ([0.0, 3.0, 12.0], r"holds labels from 0 to 12, but the model's output width is 10: labels must lie in 0..9"),
     ([0.25, 3.0, 9.5], r"column 'y' \(`data.label`\) holds labels from 0.25 to 9.5: labels must be whole numbers, "
-                       r"and a fraction would be cut off without a word")])
+                       r"and a fraction would be cut off without a word"),
+    ([0.0, 3.0, 9.5], r"holds labels from 0 to 9.5: labels must be whole numbers"),  # one end whole is not enough
+    ([0.0, 10.0], r"holds labels from 0 to 10, but the model's output width is 10: .* at least 11"),  # at the width
+    ([-100.0, 3.0, 9.0], None)])  # -100: the label the loss ignores
 def test_a_float_label_column_is_checked_as_class_ids(tmp_path, labels, error):
     """A float label column (pandas writes one where an integer column has a missing value) holds class ids
     only if they are whole: the loss casts each to an integer. Its footers' range says whether both ends

@@ -160,7 +160,8 @@ def check_value_ranges(config: Config, sources: dict[str, Source], model: torch.
     for name, source in sources.items():
         span = source.value_range(column)
         if span is not None and not all(float(v).is_integer() for v in span):
-            raise DataError(f"`data.{name}`: column {column!r} (`{key}`) holds {what} from {span[0]:g} to {span[1]:g}: "
+            low, high = (v + 0.0 for v in span)  # (+ 0.0: a footer's -0.0, Parquet's least zero, reads as 0)
+            raise DataError(f"`data.{name}`: column {column!r} (`{key}`) holds {what} from {low:g} to {high:g}: "
                             f"{what} must be whole numbers, and a fraction would be cut off without a word. Make the "
                             f"column whole numbers (integers), or name a task of your own in `task` for other targets.")
         span = span and (int(span[0]), int(span[1]))
