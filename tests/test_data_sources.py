@@ -261,6 +261,7 @@ META_ONLY = {  # what only the meta device (or a driver without a GPU or a group
     "boolean mask": lambda x: x[x > 0],
     "no meta kernel": lambda x: torch.unique(x),
     "process group": lambda x: torch.distributed.get_rank(),
+    "repeats read from values": lambda x: torch.repeat_interleave(x[0].long()),  # says "size" and "meta"
     "bare assert": lambda x: (_ for _ in ()).throw(AssertionError()),
 }
 

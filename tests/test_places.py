@@ -59,3 +59,11 @@ def test_a_glob_under_a_home_whose_name_holds_brackets_is_escaped(tmp_path, monk
 def test_a_relative_data_path_found_nowhere_is_refused_by_its_key(job, spec):
     with pytest.raises(DataError, match=r"`data.train`: .* is neither in the job's working folder"):
         place(validate({"data": {"train": spec}}))
+
+
+def test_checkpoint_storage_under_the_home_folder_is_expanded(monkeypatch, tmp_path):
+    """`checkpoint.storage: ~/runs` is the user's folder, not a folder named `~` in the working folder."""
+    from openclaw.launch.preflight import storage_path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage_path(validate({"data": {"train": "x"}, "checkpoint": {"storage": "~/runs"}})) == str(tmp_path / "runs")
+    assert storage_path(validate({"data": {"train": "x"}, "checkpoint": {"storage": "s3://b/runs"}})) == "s3://b/runs"
