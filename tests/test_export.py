@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -434,3 +435,31 @@ def test_integer_features_reach_the_exported_model_as_integers(tmp_path, monkeyp
     ckpt = _user_checkpoint(tmp_path, monkeypatch, "embeds", x=ids)
     result = openclaw.export(ckpt, quantize="int8", out=tmp_path / "out", trust_code=True)
     assert result.quantized_layers == ["2", "4"] and result.measured["latency_ms_b32_quantized"] > 0
+
+
+def test_the_measures_count_biases_warm_up_and_take_their_passes():
+    """What a mutation of the measures survived: a layer's bias counted in its bytes and numbers, a tied
+    weight once in the model's; the
+    latency's two warm-up passes, at least five timed passes when the budget is spent, and as many as
+    asked for while the budget (in seconds, against milliseconds) lasts."""
+    from torch import nn
+
+    from openclaw.exports.measure import latency_ms, layer_numel, state_bytes
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    assert layer_bytes(model, ["0"]) == (8 + 2) * 4 and layer_numel(model, ["0"]) == 10
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    assert state_bytes(tied) == 16 * 4  # a tied weight counts once
+
+    class Counted(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Counted.calls += 1
+            time.sleep(0.001)  # a forward of a millisecond: 20 fit in a second's budget, not in a millisecond's
+            return x
+    for repeats, budget_s, calls in ((20, 0.0, 2 + 5), (3, 5.0, 2 + 3), (20, 1.0, 2 + 20)):
+        Counted.calls = 0
+        assert latency_ms(Counted(), torch.zeros(1), repeats=repeats, budget_s=budget_s) >= 1.0
+        assert Counted.calls == calls, (repeats, budget_s, Counted.calls)
