@@ -463,3 +463,22 @@ def test_the_measures_count_biases_warm_up_and_take_their_passes():
         Counted.calls = 0
         assert latency_ms(Counted(), torch.zeros(1), repeats=repeats, budget_s=budget_s) >= 1.0
         assert Counted.calls == calls, (repeats, budget_s, Counted.calls)
+
+
+def test_a_model_fn_the_fresh_measuring_process_cannot_import_by_name_is_refused():
+    """The memory is measured in a fresh process that imports `model_fn` by its `module:qualname`: a lambda,
+    a nested function, or a name that imports another object (a rebound name) is refused before it starts."""
+    import os.path
+    import types
+
+    from openclaw.errors import ConfigError
+    from openclaw.exports.measure import importable
+    assert importable(os.path.join) == "posixpath:join" and importable(None) == ""
+
+    def nested():
+        return None
+    impostor = types.FunctionType(nested.__code__, nested.__globals__)
+    impostor.__module__, impostor.__qualname__ = "posixpath", "join"  # imports os.path.join, another function
+    for fn in (lambda: None, nested, impostor):
+        with pytest.raises(ConfigError, match="cannot be imported by name"):
+            importable(fn)
