@@ -211,6 +211,30 @@ def test_findings_say_when_an_export_is_slower_worse_or_barely_smaller_and_what_
                                   "precision)."]
 
 
+def test_findings_at_their_bounds_and_the_table_the_export_prints(capsys, tmp_path):
+    """What a mutation of the report survived: 1.10x the time is not yet slower; a loss that improves, or
+    rises by under 2% of a large loss, is no loss of quality; the smallest group size is named only when
+    every int4 layer has it; and the printed table's ratio (quantized / full), the expected saving (4-bit
+    weights: 75% less than 16-bit) and the file's saving."""
+    from openclaw.exports.report import print_table
+    assert findings(_measured(latency_ms_b1_quantized=1.10)) == []
+    assert findings(_measured(val_loss_quantized=0.45)) == []
+    assert findings(_measured(val_loss_full=10.0, val_loss_quantized=10.1)) == []
+    mixed = {**_measured(mode="int4", val_loss_quantized=0.53), "group_sizes": {"a": 32, "b": 128}}
+    assert findings(mixed)[0].endswith("a smaller `--group-size` (32) fits each scale to fewer weights; `--quantize "
+                                       "int8` loses less.")
+    int8 = {**_measured(val_loss_quantized=0.53), "group_sizes": {"a": 32}}
+    assert findings(int8)[0].endswith("score it on your own data before you ship it, or keep the full model.")
+    report = {**_measured(mode="int4", file_bytes_full=4e6, file_bytes_quantized=1e6, layer_saving_vs_16bit=0.7,
+                          layer_saving_vs_fp32=0.85), "described": "int4", "source": "ckpt", "kept_layers": {}}
+    report["measured"]["file_ratio"] = 0.25
+    print_table(report, tmp_path)
+    out = capsys.readouterr().out
+    assert "file on disk (MB)" in out and out.split("file on disk (MB)")[1].split()[:3] == ["4", "1", "0.250"]
+    assert "expected: 4-bit weights take 75% less memory than 16-bit ones" in out
+    assert "the whole file 75.0% less than the full model's" in out and "weights in memory" not in out
+
+
 class _Payload:
     def __init__(self, path):
         self.path = str(path)
