@@ -427,3 +427,10 @@ def test_auto_micro_batch_on_two_workers_is_logged_agreed_and_kept_on_resume(ray
     assert [(e["event"], e["accumulation"]) for e in starts] == [("start", 4), ("resume", 4)]  # 32 per worker / 8
     states = sorted((tmp_path / "runs" / "auto-mb").glob("checkpoint_*/state.pt"))
     assert torch.load(states[-1], weights_only=True)["micro_batch_size"] == 8
+
+
+def test_a_noisy_probe_that_measures_less_at_twice_the_batch_takes_the_larger_measure_per_sample():
+    """Measured at 8 and 16 samples, a probe whose noise puts the larger batch below the smaller gave a
+    negative per-sample cost: `auto` would then pick the largest micro-batch and risk running out of memory."""
+    assert per_sample_bytes(lambda m: {8: 4_000_000, 16: 3_900_000}[m], 8) == 3_900_000 / 16
+    assert per_sample_bytes(lambda m: {8: 4_000_000, 16: 6_000_000}[m], 8) == 2_000_000 / 8
