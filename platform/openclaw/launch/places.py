@@ -43,12 +43,11 @@ def _data_path(spec: str, key: str, home: str) -> str:
     if "://" in spec or os.path.isabs(os.path.expanduser(spec)):
         return spec
     shipped, kept = os.path.abspath(spec), os.path.join(home, spec)
-    for base in (os.getcwd(), home):
-        if not glob.has_magic(spec) and os.path.exists(os.path.join(base, spec)):
-            return os.path.join(base, spec)
-        pattern = os.path.join(glob.escape(base), spec)  # a glob (`data/*.parquet`): where it matches Parquet
-        if glob.has_magic(spec) and any(f.endswith(".parquet") for f in glob.glob(pattern, recursive=True)):
-            return pattern  # files, as the loader reads it (`data.sources`)
+    magic = glob.has_magic(spec)  # a glob (`data/*.parquet`): where it matches Parquet files, as the loader
+    for base in (os.getcwd(), home):  # reads it (`data.sources`), under the base taken literally
+        path = os.path.join(glob.escape(base) if magic else base, spec)
+        if any(f.endswith(".parquet") for f in glob.glob(path, recursive=True)) if magic else os.path.exists(path):
+            return path
     raise DataError(
         f"`{key}`: {spec} is neither in the job's working folder ({shipped}: `ray job submit --working-dir` leaves "
         f"out git-ignored files, such as datasets/) nor under $OPENCLAW_HOME ({kept}). Put the data there (e.g. "
