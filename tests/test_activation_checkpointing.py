@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from conftest import REPO, digits_config
+from openclaw.engine.compile import compile_in_place
+from openclaw.engine.config import CompileConfig
 from openclaw.engine.memory import saved_activation_bytes
 from openclaw.engine.parallel.base import apply_activation_checkpointing
 from openclaw.errors import ConfigError
 from openclaw.launch.preflight import check_model_layout
-from user_models import block_stack
+from user_models import block_stack, normed_stages
 
 
 def _loss_and_grads(mode: str) -> tuple[float, dict[str, torch.Tensor], int]:
@@ -43,6 +45,37 @@ def test_a_users_blocks_recompute_with_the_same_gradients_and_keep_less():
     apply_activation_checkpointing(model, "selective")
     assert [b.checkpointed for b in model.blocks] == [True, False, True, False]
     assert [k for k, _ in model.named_parameters()] == names  # checkpoints keep their keys
+
+
+def _batch_norm_run(mode: str, compiled: bool = False) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = normed_stages(in_features=4, hidden=8, depth=3)
+    apply_activation_checkpointing(model, mode)
+    if compiled:
+        compile_in_place(model, CompileConfig())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
+
+
+def test_recomputed_blocks_take_each_batch_into_batch_norm_statistics_once():
+    """torch's backward recomputes a checkpointed block's forward in training mode: BatchNorm took that
+    recompute in as a second batch (6 batches counted for 3 steps, its running statistics moved twice). The
+    recompute now leaves them as the forward did: after 3 steps under `full` and `selective`, every weight
+    and statistic is bitwise that of the run that keeps everything. Compiled, torch's recompute replays no
+    buffer update of its own: 3 batches counted, the statistics those of the uncompiled run to rounding."""
+    kept = _batch_norm_run("none")
+    assert int(kept["blocks.0.1.num_batches_tracked"]) == 3
+    for mode in ("full", "selective"):
+        state = _batch_norm_run(mode)
+        assert [k for k in kept if not torch.equal(state[k], kept[k])] == [], mode
+    compiled = _batch_norm_run("full", compiled=True)
+    assert int(compiled["blocks.0.1.num_batches_tracked"]) == 3
+    assert [k for k in kept if not torch.allclose(compiled[k].float(), kept[k].float(), atol=1e-5)] == []
 
 
 def test_checkpointing_a_model_without_blocks_is_refused_before_anything_starts(digits_dir, tmp_path):

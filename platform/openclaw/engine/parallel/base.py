@@ -223,12 +223,33 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 def recomputable(block: nn.Module) -> None:
     """Give a block (the built-in gpt's or a user's) a `checkpointed` flag (off) that its forward honours
     by running under torch's non-reentrant `checkpoint`, so that the backward recomputes its activations
-    instead of keeping them. The module, its parameters and their names stay as they are."""
+    instead of keeping them. The module, its parameters and their names stay as they are. The recompute
+    runs in training mode: the running statistics of the block's norms (BatchNorm's) are put back after
+    it, so they take each batch in once, as without checkpointing. (Compiled, torch's own recompute
+    replays no buffer update, and takes no `context_fn`.)"""
     inner = block.forward
+    norms = [m for m in block.modules() if getattr(m, "track_running_stats", False)]
+
+    def contexts() -> tuple[ContextManager, ContextManager]:
+        return contextlib.nullcontext(), _statistics_kept(norms)
 
     def forward(*args, **kwargs):
         if block.checkpointed and torch.is_grad_enabled():
+            if norms and not torch.compiler.is_compiling():
+                return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
             return checkpoint(inner, *args, use_reentrant=False, **kwargs)
         return inner(*args, **kwargs)
     block.checkpointed = False
     block.forward = forward
+
+
+@contextlib.contextmanager
+def _statistics_kept(norms: list[nn.Module]) -> Iterator[None]:
+    """The norms' running statistics (their buffers) as they were before, after whatever runs inside."""
+    kept = [(b, b.clone()) for m in norms for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, before in kept:
+                b.copy_(before)
