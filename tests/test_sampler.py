@@ -164,6 +164,27 @@ def test_a_resume_over_the_same_rows_cut_into_other_shards_is_refused_where_the_
     assert shard_layout(eight) != shard_layout([512] * 7 + [511, 1]) and shard_layout(eight) == shard_layout(eight)
 
 
+def test_a_resume_is_refused_where_the_window_cut_the_order_then_and_cuts_none_now():
+    """The layout was compared only where a window cuts the order now: 160 rows trained as 10 shards under
+    a window of 8, resumed as 8 shards (no window), were accepted, and the rest of the epoch repeated 45
+    samples. An order no window cut is the rows' alone: re-cut, it resumes."""
+    from openclaw.data.sampler import check_same_order, order_layout, shard_layout
+    from openclaw.errors import DataError
+    ten, eight, five = [16] * 10, [20] * 8, [32] * 5
+    windowed = {"num_samples": 160, "shard_layout": order_layout(ten, 8)}
+    with pytest.raises(DataError, match="cut into other shards than `data.train` has now \\(8\\)"):
+        check_same_order(windowed, 160, eight, 8, "ckpt")
+    before, after = epoch_order(0, 0, 160, ten, 8)[:80], epoch_order(0, 0, 160, eight, 8)[80:]
+    assert len(set(before) & set(after)) > 0  # what the refusal prevents
+    whole = {"num_samples": 160, "shard_layout": order_layout(eight, 8)}
+    check_same_order(whole, 160, five, 8, "ckpt")  # neither order windowed: the same order
+    assert np.array_equal(epoch_order(0, 0, 160, eight, 8), epoch_order(0, 0, 160, five, 8))
+    with pytest.raises(DataError, match="cut into other shards"):
+        check_same_order(whole, 160, ten, 8, "ckpt")  # windowed now, not then
+    older = {"num_samples": 160, "shard_layout": shard_layout(eight)}  # a digest whatever the window
+    check_same_order(older, 160, eight, 8, "ckpt")
+
+
 def test_each_epoch_cuts_the_shards_into_other_windows_and_the_sampler_follows_it():
     """Two mutants lived: a window order without the epoch in its seed (every epoch the same shards
     together), and a sampler that kept epoch 0's windows (prefetching the wrong shards from epoch 1 on)."""

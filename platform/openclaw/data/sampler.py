@@ -65,16 +65,25 @@ def shard_layout(shard_rows: Sequence[int]) -> str:
     return hashlib.sha1(np.asarray(list(shard_rows), dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def order_layout(shard_rows: Sequence[int], window_shards: int) -> str:
+    """What the epoch's order follows besides the row count, kept in the train state: the shards' row counts
+    (`shard_layout`) where a shuffle window cuts it, `unwindowed` where none does."""
+    return shard_layout(shard_rows) if 0 < window_shards < len(shard_rows) else "unwindowed"
+
+
 def check_same_order(saved: dict[str, Any], num_samples: int, shard_rows: Sequence[int], window_shards: int,
                      path: str) -> None:
     """Refuse a checkpoint whose data position means other samples here: another row count, or (under a
-    shuffle window) the same rows cut into other shards, which reorders the rest of the epoch (the same
-    number of rows prepared again in other shards resumed and trained on samples the epoch had seen)."""
+    shuffle window then or now) the same rows cut into other shards, which reorders the rest of the epoch
+    (the same number of rows prepared again in other shards resumed and trained on samples the epoch had
+    seen). `saved["shard_layout"]` is `order_layout`'s; older checkpoints hold `shard_layout`'s digest,
+    or nothing. The window is the checkpoint's (`launch.resume_check` keeps it): with none, no order
+    followed the shards."""
     if saved["num_samples"] != num_samples:
         raise DataError(f"checkpoint {path} was trained on {saved['num_samples']} rows but `data.train` now has "
                         f"{num_samples}; use a new `name` to start a fresh run.")
-    windowed = 0 < window_shards < len(shard_rows)
-    if windowed and saved.get("shard_layout") and saved["shard_layout"] != shard_layout(shard_rows):
+    kept = saved.get("shard_layout")
+    if kept and window_shards > 0 and kept not in (order_layout(shard_rows, window_shards), shard_layout(shard_rows)):
         raise DataError(f"checkpoint {path} was trained on the same number of rows cut into other shards than "
                         f"`data.train` has now ({len(shard_rows)}); with `data.shuffle_window_shards` the sample "
                         f"order follows the shards, so the rest of its epoch would differ. Resume on the data it "
@@ -146,6 +155,10 @@ class Sampler:
         """Where this worker's micro-batches start in each global batch."""
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
         self._windows: tuple = (-1, [], np.empty(0))
+
+    def order_layout(self) -> str:
+        """What its epochs' order follows besides the row count (`order_layout`), for the train state."""
+        return order_layout(self.shard_rows, self.window_shards)
 
     def global_batch(self, step: int) -> np.ndarray:
         """All positions global step `step` consumes, across all workers (a run with a fixed batch)."""

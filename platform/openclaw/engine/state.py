@@ -72,9 +72,9 @@ class TrainState:
     num_samples: int = 0
     """Training rows when saved; a resume over a different dataset is refused."""
     shard_layout: str = ""
-    """A digest of the training shards' row counts (`data.sampler.shard_layout`): under a shuffle window
-    the sample order follows them, and a resume over the same rows cut otherwise is refused. Older
-    checkpoints lack it."""
+    """What the sample order follows besides the row count (`data.sampler.order_layout`): under a shuffle
+    window a digest of the shards' row counts, and a resume over the same rows cut otherwise is refused.
+    Older checkpoints hold the digest whatever the window, or nothing."""
     seed: int = 0
     mlflow_run_id: str = ""
     attempt: int = 0

@@ -18,7 +18,7 @@ from openclaw.advice.batching import as_asked
 from openclaw.advice.rules import placement_line
 from openclaw.config import Config
 from openclaw.constants import apply_secret_env
-from openclaw.data.sampler import Sampler, check_same_order, shard_layout
+from openclaw.data.sampler import Sampler, check_same_order
 from openclaw.engine.device import configure_process
 from openclaw.engine.engine import Engine, StepStats, phase
 from openclaw.engine.metrics import allgather_ints, now as perf_now
@@ -73,7 +73,7 @@ class Attempt:
         # ---- model and engine, then the newest valid checkpoint
         self.engine = self._build_engine()
         self.state = TrainState(world_size=self.world, num_samples=len(self.train), seed=cfg.seed,
-                                mlflow_run_id=inputs.run_id, shard_layout=shard_layout(self.train.shard_rows()))
+                                mlflow_run_id=inputs.run_id, shard_layout=self.sampler.order_layout())
         loaded = restore(inputs.run_dir, self.tracker, self.engine, self._check_resumable)
         if loaded:
             self._resume(loaded["state"])
