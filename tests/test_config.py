@@ -165,6 +165,43 @@ def test_a_uris_user_info_and_camel_case_secret_keys_are_redacted_too():
     assert said == "GET https://***@host/a failed; https://***@host:8/b; http://host:80 for u@x"
 
 
+def test_a_database_password_holding_a_slash_is_masked_where_sqlalchemy_reads_one():
+    """A user's info was cut at the netloc's first `/`: SQLAlchemy, behind MLflow's database stores, reads
+    `postgresql://mlflow:Zx9/kQ2+ab@db:5432/mlflow` as password `Zx9/kQ2+ab` (generated base64 passwords
+    hold slashes), and the params, config.yaml, job file and printed messages kept it whole. A URL's path
+    holding an `@` keeps its host; a sqlite path its folders."""
+    from sqlalchemy.engine import make_url
+
+    from openclaw.tracking.redact import public_uri, redacted, scrub
+    uri = "postgresql+psycopg2://mlflow:Zx9/kQ2+ab@db.internal:5432/mlflow?sslmode=require"
+    assert make_url(uri).password == "Zx9/kQ2+ab"
+    assert public_uri(uri) == "postgresql+psycopg2://db.internal:5432/mlflow?sslmode=require"
+    assert redacted({"tracking": {"uri": uri}}) == {"tracking": {"uri": public_uri(uri)}}
+    assert public_uri("mysql://root@db/mlflow") == "mysql://db/mlflow"
+    assert public_uri("http://host:5000/runs/a@b") == "http://host:5000/runs/a@b"
+    assert public_uri("sqlite:////home/a@b/mlflow.db") == "sqlite:////home/a@b/mlflow.db"
+    said = scrub(f"could not connect to {uri}: timeout; mysql://u:a/b@db/x and https://h/p@q")
+    assert said == ("could not connect to postgresql+psycopg2://***@db.internal:5432/mlflow?sslmode=require: "
+                    "timeout; mysql://***@db/x and https://h/p@q")
+
+
+def test_openclaws_log_lines_mask_credentials_whatever_logs_them(caplog, monkeypatch):
+    """Warnings logged an exception as MLflow's client wrote it (`could not record the datasets ...:
+    ... http://alice:S3cretPw@host ...`), its user info whole: only printed messages were scrubbed. Every
+    record of the `openclaw` logger is now, in any process that imports openclaw."""
+    import logging
+
+    import openclaw  # noqa: F401  (the package puts the filter on its logger)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI")
+    with caplog.at_level(logging.WARNING, logger="openclaw"):
+        logging.getLogger("openclaw").warning("could not record the datasets in MLflow run %s: %s", "r1",
+                                              ConnectionError("http://alice:S3cretPw@127.0.0.1:9/api failed"))
+        logging.getLogger("openclaw").warning("s3 said %s", "key wJalrXUtnFEMI refused")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["could not record the datasets in MLflow run r1: http://***@127.0.0.1:9/api failed",
+                    "s3 said key *** refused"]
+
+
 def test_overrides_apply_in_the_order_given_and_a_mapping_merges_into_its_section():
     """A repeated key kept its first place in a dict, so `train={log_every: 5}` given between two
     `train.max_steps` wiped the later one (100, the default); and a mapping replaced its whole section,

@@ -4,6 +4,7 @@ sweep's saved state), URIs without user info (`public_uri`: what is printed and 
 with credentials masked (`scrub`: errors and warnings openclaw prints)."""
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -53,24 +54,51 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def public_uri(uri: str | None) -> str | None:
-    """A URI without its user info (`http://user:pass@host` -> `http://host`): what may be printed or stored."""
-    if not uri or "://" not in uri or "@" not in uri.split("://", 1)[1].split("/", 1)[0]:
+    """A URI without its user info (`http://user:pass@host` -> `http://host`): what may be printed or stored.
+    A database URI's password ends at its last `@`, as SQLAlchemy (MLflow's database stores) reads it, `/`
+    included (generated passwords hold them); a URL's user info ends its netloc, at the first `/`."""
+    if not uri or "://" not in uri:
         return uri
     scheme, rest = uri.split("://", 1)
+    info = _DATABASE_USERINFO.match(rest) if scheme.lower().split("+")[0] in _DATABASES else None
+    if info:
+        return f"{scheme}://{rest[info.end():]}"
     netloc, sep, path = rest.partition("/")
+    if "@" not in netloc:
+        return uri
     return f"{scheme}://{netloc.rsplit('@', 1)[1]}{sep}{path}"
 
+
+_DATABASES = ("postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle", "cockroachdb")
+"""URI schemes SQLAlchemy's databases take (with a `+driver`); sqlite's holds a path, no user info."""
+
+_DATABASE_USERINFO = re.compile(r"[^:/@?\s]*(?::[^?\s]*)?@")
+"""A database URI's user info, as SQLAlchemy parses it: a user (no `:` or `/`), then a password up to the
+last `@` before the query."""
 
 _USERINFO = re.compile(r"://[^/\s]*@")
 """A URL's user info: everything of its netloc up to the last `@` (a password may hold one; a token may
 stand alone, `https://TOKEN@host`)."""
 
+_DATABASE_URI = re.compile(r"\b((?:%s)(?:\+\w+)?://)%s" % ("|".join(_DATABASES), _DATABASE_USERINFO.pattern))
+"""A database URI's scheme and user info, in free text."""
+
 
 def scrub(text: str) -> str:
     """`text` (an error message, a log line) with credentials masked: the user info of any URL, and the
     value of every credential in this process's environment (`constants.SECRET_ENV_VARS`)."""
-    text = _USERINFO.sub("://***@", str(text))
+    text = _USERINFO.sub("://***@", _DATABASE_URI.sub(r"\1***@", str(text)))
     for value in secret_env().values():
         if len(value) >= 4:
             text = text.replace(value, REDACTED)
     return text
+
+
+class ScrubbedLog(logging.Filter):
+    """Masks credentials (`scrub`) in every record of the logger it is put on (`openclaw`'s, as the
+    package loads, in every process): a warning that logs an exception as MLflow's or boto's client wrote
+    it names the URL whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage()), ()
+        return True
