@@ -111,7 +111,9 @@ def test_a_job_file_is_whole_after_a_kill_mid_write_and_a_damaged_one_is_refused
 
 def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path):
     """A resume went on while an earlier session's spool waited; uploaded afterwards, its `restore` op hid
-    every spooled step below the newer session's last, and its `end KILLED` set the finished run back."""
+    every spooled step below the newer session's last, and its `end KILLED` set the finished run back. A
+    spool holding its run line alone was refused too, and `sync-spool` refuses one with nothing to upload:
+    the job could not go on at all."""
     from conftest import sqlite_store
     from openclaw.errors import ConfigError
     from openclaw.launch.session import RunSession, _spool_path
@@ -125,6 +127,9 @@ def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path
     spool = _spool_path(session.run_dir, run_id)
     with open(spool, "w") as f:
         f.write(json.dumps({"op": "run", "args": [session.uri, run_id]}) + "\n")
+    session._refuse_an_unsent_spool()  # its run line alone (a kill mid-append): nothing to upload
+    with open(spool, "a") as f:
+        f.write(json.dumps({"op": "end", "args": ["KILLED"]}) + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"upload them first (`openclaw sync-spool {spool}`)")):
         session._refuse_an_unsent_spool()
 

@@ -43,7 +43,7 @@ from openclaw.tracking.model import log_final_model
 from openclaw.tracking.job_file import job_record, record_finished
 from openclaw.tracking.run import open_run
 from openclaw.tracking.service import start_service
-from openclaw.tracking.spool import append_ops
+from openclaw.tracking.spool import append_ops, holds_ops
 
 log = logging.getLogger("openclaw")
 
@@ -162,7 +162,7 @@ class RunSession:
         applied after this session's dropped the metrics in between and set a finished run back to KILLED."""
         run_id = job_record(self.config, self.storage).get("mlflow_run_id")
         spool = _spool_path(self.run_dir, run_id) if run_id else None
-        if spool and os.path.exists(spool) and os.path.getsize(spool):
+        if spool and os.path.exists(spool) and holds_ops(spool):
             raise ConfigError(f"run {self.config.name!r} has tracking updates an earlier session could not deliver, "
                               f"in {spool}: upload them first (`openclaw sync-spool {spool}`), then run this "
                               f"command again.")

@@ -77,3 +77,12 @@ def read_spool(path: str) -> tuple[tuple[str, str], list[dict[str, Any]]]:
         raise ValueError(f"{path} is not an openclaw spool file (JSON lines of ops, the first a 'run' line)")
     uri, run_id = ops[0]["args"][:2]
     return (uri, run_id), ops[1:]
+
+
+def holds_ops(path: str) -> bool:
+    """Whether a spool file holds an op to upload, not its `run` line alone (what a kill mid-append leaves,
+    and `sync-spool` has nothing to upload from). One that cannot be read counts: it needs a look."""
+    try:
+        return bool(read_spool(path)[1])
+    except (OSError, ValueError):
+        return True
