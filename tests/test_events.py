@@ -250,3 +250,51 @@ def test_a_server_gone_between_the_flush_and_the_end_leaves_the_ending_in_the_sp
     (uri, run_id), ops = read_spool(spool)
     assert (uri, run_id) == (gone, "0" * 32) and [op["op"] for op in ops] == ["finish"]
     assert ops[0]["args"][1].endswith("checkpoint_x") and f"openclaw sync-spool {spool}" in capsys.readouterr().err
+
+
+def test_a_flush_that_times_out_waits_for_the_request_in_flight_and_spools_only_what_is_left(tmp_path, monkeypatch):
+    """The flush copied the queue while the service's thread was still sending its head: a slow server
+    that then took the request kept those events twice, in MLflow and in the spool (`sync-spool` wrote
+    them again). The flush now waits for the request in flight and spools only what it did not deliver."""
+    import threading
+
+    from conftest import sqlite_store
+    from openclaw.tracking.service import TrackingService
+    from openclaw.tracking.spool import read_spool
+    from openclaw.tracking.writer import read_events
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("flush")).info.run_id
+    sending, real = threading.Event(), MlflowWriter.apply
+    service: list[TrackingService] = []
+
+    def slow_apply(self, op, *args):  # the server answers once the flush has given up on it
+        sending.set()
+        while not service[0]._closed:
+            threading.Event().wait(0.01)
+        return real(self, op, *args)
+    monkeypatch.setattr(MlflowWriter, "apply", slow_apply)
+    service.append(TrackingService(uri, run_id, None, str(tmp_path / "spool.jsonl")))
+    service[0].submit("event", "checkpoint", {"step": 10}, 1000.0)
+    service[0].submit("event", "first_step", {"step": 11}, 1001.0)
+    assert sending.wait(60)
+    service[0].submit("end", "FINISHED")  # queued behind the batch in flight
+    outcome = service[0].flush(timeout_s=0.1)
+    assert [e["event"] for e in read_events(client, run_id)] == ["checkpoint", "first_step"]
+    assert outcome["delivered"] is False and [op["op"] for op in read_spool(outcome["spool"])[1]] == ["end"]
+
+
+def test_a_spool_keeps_every_op_where_one_holds_a_value_json_has_no_type_for(tmp_path):
+    """Each op was encoded as it was written: a numpy number in an event raised halfway, the spool held its
+    `run` line alone, and the ops after it (the run's queued metrics) were lost."""
+    import numpy as np
+
+    from openclaw.tracking.spool import append_ops, read_spool
+    spool = str(tmp_path / "spool.jsonl")
+    append_ops(spool, "http://host:5000", "r1", [("metrics", ([["train/loss", 1.5, 0, 10]],)),
+                                                 ("event", ("checkpoint", {"step": np.int64(10), "ranks": np.arange(2),
+                                                                           "path": tmp_path}, 1000.0)),
+                                                 ("end", ("KILLED",))])
+    _, ops = read_spool(spool)
+    assert [op["op"] for op in ops] == ["metrics", "event", "end"]
+    assert ops[1]["args"][1] == {"step": 10, "ranks": [0, 1], "path": str(tmp_path)}

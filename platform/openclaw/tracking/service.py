@@ -45,7 +45,9 @@ class TrackingService:
         self.uri, self.run_id, self.progress, self.spool_path = tracking_uri, run_id, progress, spool_path
         self._ops: collections.deque = collections.deque()
         self._cv = threading.Condition()
-        self._closed = False
+        self._closed, self._stopped = False, threading.Event()
+        self._applying = 0
+        """How many queued ops (the head of the queue) the service's thread is sending now."""
         self.outages = 0
         self.dead_letter, self.refused = dead_letter_path(spool_path, run_id), 0
         self._writer = None
@@ -57,12 +59,18 @@ class TrackingService:
             self._cv.notify_all()
 
     def flush(self, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Wait until every op is applied, or `timeout_s`; spool what is left. Ends the service."""
+        """Wait until every op is applied, or `timeout_s`; spool what is left. Ends the service. A request
+        in flight at the deadline is waited for (it ends within MLflow's request timeout): copied to the
+        spool while a slow server was still taking it, its ops were kept twice."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
             while self._ops and time.monotonic() < deadline:
                 self._cv.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             self._closed = True
+            self._stopped.set()  # a retry's backoff ends now
+            in_flight = time.monotonic() + float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")) + 5
+            while self._applying and time.monotonic() < in_flight:
+                self._cv.wait(timeout=max(0.0, min(1.0, in_flight - time.monotonic())))
             left = list(self._ops)
         outcome = {"outages": self.outages, "refused": self.refused, "dead_letter": self.dead_letter}
         if not left:
@@ -104,26 +112,29 @@ class TrackingService:
                 if self._closed:
                     return
                 op, args, n = self._next()
-            self._deliver(op, args, MlflowWriter)
+                self._applying = n
+            done = self._deliver(op, args, MlflowWriter)
             with self._cv:
-                if not self._closed:
+                if done:  # delivered (or set aside), the flush's deadline passed or not: not spooled
                     for _ in range(n):
                         self._ops.popleft()
+                self._applying = 0
                 self._cv.notify_all()
 
-    def _deliver(self, op: str, args: tuple, writer_cls) -> None:
-        """Apply one op: retried with backoff while the server is away; set aside for good if it refuses."""
+    def _deliver(self, op: str, args: tuple, writer_cls) -> bool:
+        """Apply one op: retried with backoff while the server is away; set aside for good if it refuses.
+        False where the service closed first (the op is left for the spool)."""
         delay, failing = RETRY_MIN_S, False
         while not self._closed:
             try:
                 self._writer = self._writer or writer_cls(self.uri, self.run_id, self.progress)
                 self._writer.apply(op, *args)
-                return
+                return True
             except Exception as e:
                 status = refused_status(e)
                 if status is not None:  # the server answered no: retrying cannot help, and must not block the rest
                     self._set_aside(op, args, status, e)
-                    return
+                    return True
                 if not failing:  # the server is away: keep the op, retry with backoff
                     failing, self.outages = True, self.outages + 1
                     log.warning("MLflow at %s is not answering (%s); metrics are queued and retried",
@@ -131,8 +142,9 @@ class TrackingService:
                     if self._writer is not None:
                         self._writer._say(f"MLflow at {public_uri(self.uri)} is not answering; queuing metrics, "
                                           f"training goes on")
-                time.sleep(delay)
+                self._stopped.wait(delay)
                 delay = min(RETRY_MAX_S, delay * 2)
+        return False
 
     def _set_aside(self, op: str, args: tuple, status: int, error: Exception) -> None:
         ops = [("event", tuple(a)) for a in args[0]] if op == "events" else [(op, args)]

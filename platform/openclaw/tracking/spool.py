@@ -17,11 +17,11 @@ def append_ops(path: str, uri: str, run_id: str, ops: list[tuple[str, tuple]]) -
     """`ops` ((op, args) pairs) at the end of `run_id`'s spool file, begun with its `run` line when new or
     empty (the URI without its user info: no credential at rest). A process killed between creating the
     file and writing that line left a file every later append made unreadable."""
+    lines = b"".join(_line(op, *args) for op, args in ops)  # all encoded before any is written
     with _appending(path) as f:
         if f.tell() == 0:
-            _write(f, "run", public_uri(uri), run_id)
-        for op, args in ops:
-            _write(f, op, *args)
+            f.write(_line("run", public_uri(uri), run_id))
+        f.write(lines)
 
 
 @contextlib.contextmanager
@@ -51,8 +51,16 @@ def _appending(path: str) -> Iterator[BinaryIO]:
         os.fsync(f.fileno())
 
 
-def _write(f: BinaryIO, op: str, *args: Any) -> None:
-    f.write((json.dumps({"op": op, "args": list(args)}) + "\n").encode())
+def _line(op: str, *args: Any) -> bytes:
+    return (json.dumps({"op": op, "args": list(args)}, default=_plain) + "\n").encode()
+
+
+def _plain(value: Any) -> Any:
+    """A value JSON has no type for: numpy's scalars and arrays as the numbers they hold, anything else as
+    its text. (An op that failed to encode halfway through a flush left a spool of its `run` line alone,
+    and the ops after it were lost.)"""
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else str(value)
 
 
 def _parses(line: bytes) -> bool:
