@@ -76,6 +76,32 @@ def test_a_resume_reopens_its_own_run_and_refuses_another_store(tmp_path):
     assert again != run_id and not resumed
 
 
+def test_a_run_whose_opening_failed_halfway_is_reopened_not_doubled(tmp_path, monkeypatch):
+    """The job file was written last: a server error (or Ctrl-C) after the run was created, while its
+    params and config were logged, left a RUNNING run no job file named, and the next command created a
+    second run for the job. The job's run is now recorded as it is created, and finished on the reopen."""
+    from conftest import sqlite_store
+    from openclaw.tracking.run import open_run
+    config = openclaw.load_config(None, {"name": "halfway"}, base={"data": {"train": "x"}})
+    uri, storage = sqlite_store(tmp_path / "m.db"), str(tmp_path / "runs")
+    real, failed = MlflowClient.log_dict, []
+
+    def log_dict_once_unavailable(self, *args, **kwargs):
+        if not failed:
+            failed.append(args)
+            raise ConnectionError("503 Service Unavailable")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "log_dict", log_dict_once_unavailable)
+    with pytest.raises(ConnectionError):
+        open_run(config, uri, storage)
+    run_id, experiment_id, resumed = open_run(config, uri, storage)
+    client = MlflowClient(uri)
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id] and not resumed
+    run = client.get_run(run_id)
+    assert run.data.params["name"] == "halfway" and "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+    assert open_run(config, uri, storage)[:3:2] == (run_id, True)  # opened whole: a resume from now on
+
+
 def test_a_job_file_is_whole_after_a_kill_mid_write_and_a_damaged_one_is_refused(tmp_path):
     """The job file was rewritten in place: a driver killed in the write (`ray job stop` SIGKILLs 3 s after
     its SIGTERM) left it empty, which read as no job at all: the next run started a second MLflow run,

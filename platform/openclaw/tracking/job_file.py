@@ -29,8 +29,8 @@ def finished_run(config: Config, storage: str) -> dict[str, Any] | None:
 
 
 def job_record(config: Config, storage: str) -> dict[str, Any]:
-    """The job file of this job name (`mlflow_run_id`, `experiment_id`, and `finished` once it has); {} if
-    there is none yet."""
+    """The job file of this job name (`mlflow_run_id`, `experiment_id`, `tracking_uri`, `opened` once the
+    run's params and config are logged, and `finished` once it has); {} if there is none yet."""
     return _read_job_file(storage, config.name)
 
 

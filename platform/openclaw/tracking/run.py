@@ -101,19 +101,28 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
             run = None
         if run is not None and run.info.lifecycle_stage == "active":
             client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id, run.info.experiment_id, True
+            opened = job.get("opened", True)  # (job files from before the key: opened)
+            if not opened:
+                _log_config(client, run.info.run_id, config, storage, job)
+            return run.info.run_id, run.info.experiment_id, opened
     tags = {"openclaw.name": config.name}
     if config.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = config.tracking.parent_run_id
     run = client.create_run(exp_id, run_name=config.name, tags=tags)
-    run_id = run.info.run_id
+    job = {"mlflow_run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": public_uri(uri), "opened": False}
+    _write_job_file(storage, config.name, job)  # at once: a failure below reopens this run, not a second one
+    _log_config(client, run.info.run_id, config, storage, job)
+    return run.info.run_id, exp_id, False
+
+
+def _log_config(client: MlflowClient, run_id: str, config: Config, storage: str, job: dict[str, Any]) -> None:
+    """A new run's params and `config.yaml`, then its job file marked `opened` (a run whose opening failed
+    halfway gets them on the next command's reopen, as a start)."""
     params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
     client.log_dict(run_id, redacted(config.resolved()), "config.yaml")  # secret-looking values never logged
-    _write_job_file(storage, config.name, {"mlflow_run_id": run_id, "experiment_id": exp_id,
-                                           "tracking_uri": public_uri(uri)})
-    return run_id, exp_id, False
+    _write_job_file(storage, config.name, {**job, "opened": True})
 
 
 def _flat(config: Config) -> dict[str, Any]:
