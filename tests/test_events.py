@@ -45,6 +45,15 @@ def test_a_run_from_before_parts_reads_its_events_json_and_a_run_without_events_
     client.log_text(old, json.dumps(logged), EVENTS_FILE)
     assert read_events(client, old) == logged
     assert read_events(client, empty) == []
+    # Resumed by a writer with parts: its events.json was ignored once a part was there, and written over
+    # without the run's first events at the end.
+    resumed = MlflowWriter(uri, old)
+    resumed.apply("attempt", {"world_size": 2, "resumed_from_step": 5, "max_steps": 10, "accumulation": 1}, 3.0)
+    assert [e["event"] for e in read_events(client, old)] == ["start", "checkpoint", "resume"]
+    resumed.write_events_file()
+    assert [e["event"] for e in read_events(client, old)] == ["start", "checkpoint", "resume"]
+    saved = json.load(open(client.download_artifacts(old, EVENTS_FILE, str(tmp_path))))
+    assert [e["event"] for e in saved] == ["start", "checkpoint", "resume"]
 
 
 def test_the_start_line_names_the_mesh_unless_every_worker_is_a_replica():

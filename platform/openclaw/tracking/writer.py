@@ -45,22 +45,28 @@ def no_progress_bars():
 
 
 def read_events(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
-    """A run's events, in order: its parts while it runs (`events/`), or the one `events.json` of a run
-    from before parts. Readers of a live run use this; `events.json` is written once the run is done."""
+    """A run's events, in order: its parts (`events/`), after the events of `events.json` from before its
+    first part. Readers of a live run use this; `events.json` is written once the run is done, with every
+    event then, so the parts repeat the rest of it. (A run from before parts, resumed, lost its first
+    events: `events.json` was not read once a part was there.)"""
     parts = sorted(a.path for a in client.list_artifacts(run_id, EVENTS_DIR))
-    names = parts or [a.path for a in client.list_artifacts(run_id) if a.path == EVENTS_FILE]
+    whole = [a.path for a in client.list_artifacts(run_id) if a.path == EVENTS_FILE]
     events: list[dict[str, Any]] = []
-    if not names:
-        return events
     with tempfile.TemporaryDirectory() as d:
         # The parts in one download of their folder: a download per part costs a tracking server four
         # requests each (the run, its logged models, a listing, the file). Parts written since the listing
         # are left for the next read, so that the events stay a prefix of the run's in time order.
         with no_progress_bars():  # `openclaw.events()` drew one per part on the caller's stderr
-            client.download_artifacts(run_id, EVENTS_DIR if parts else EVENTS_FILE, d)  # lands at d/<its path>
-        for name in names:
+            for folder in (EVENTS_DIR if parts else None, EVENTS_FILE if whole else None):
+                if folder:
+                    client.download_artifacts(run_id, folder, d)  # lands at d/<its path>
+        for name in parts:
             with open(os.path.join(d, name)) as f:
                 events += json.load(f)
+        if whole:
+            with open(os.path.join(d, EVENTS_FILE)) as f:
+                before = [e for e in json.load(f) if not events or e["t"] < events[0]["t"]]
+            events = before + events
     return events
 
 
