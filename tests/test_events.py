@@ -333,3 +333,35 @@ def test_a_spool_keeps_every_op_where_one_holds_a_value_json_has_no_type_for(tmp
     _, ops = read_spool(spool)
     assert [op["op"] for op in ops] == ["metrics", "event", "end"]
     assert ops[1]["args"][1] == {"step": 10, "ranks": [0, 1], "path": str(tmp_path)}
+
+
+def test_a_spooled_restart_is_uploaded_as_a_restart_not_a_resume(tmp_path, monkeypatch):
+    """`sync-spool`'s writer counted the session's attempts from 0: a restart the spool kept, after the
+    session's start reached MLflow, was recorded as a resume (a new driver). The spool now says how many
+    attempts the session had recorded before its ops."""
+    import threading
+
+    from conftest import sqlite_store
+    from openclaw.tracking.service import TrackingService
+    from openclaw.tracking.writer import read_events, sync_spool
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("spooled")).info.run_id
+    real, delivered, away = MlflowWriter.apply, threading.Event(), []
+
+    def apply(self, op, *args):
+        if away:
+            raise ConnectionError("the server went away")
+        real(self, op, *args)
+        delivered.set()
+    monkeypatch.setattr(MlflowWriter, "apply", apply)
+    service = TrackingService(uri, run_id, None, str(tmp_path / "spool.jsonl"))
+    fields = {"world_size": 2, "resumed_from_step": 0, "max_steps": 10, "accumulation": 1}
+    service.submit("attempt", fields, 1000.0)
+    assert delivered.wait(60)
+    away.append(True)
+    service.submit("attempt", {**fields, "resumed_from_step": 5}, 2000.0)
+    outcome = service.flush(timeout_s=0.5)
+    monkeypatch.setattr(MlflowWriter, "apply", real)
+    assert sync_spool(outcome["spool"], uri) == 1
+    assert [(e["event"], e["resumed_from_step"]) for e in read_events(client, run_id)] == [("start", 0), ("restart", 5)]

@@ -81,6 +81,8 @@ class TrackingService:
                 log.warning("could not write events.json: %s", scrub(e))
             return {**outcome, "delivered": True}
         path = self.spool_path or f"openclaw-spool-{self.run_id}.jsonl"
+        if self._writer is not None and any(op == "attempt" for op, _ in left):  # named after this session's
+            left.insert(0, ("attempts", (self._writer.attempts,)))
         append_ops(path, self.uri, self.run_id, left)
         return {**outcome, "delivered": False, "spool": path, "ops": len(left)}
 

@@ -81,7 +81,9 @@ class MlflowWriter:
         self._events: list[dict[str, Any]] | None = None
         self._unwritten = False
         self._published_through = 0
-        self._attempts = 0
+        self.attempts = 0
+        """Attempts recorded by this writer's session: its first at the last size is a resume, a later one a
+        restart."""
 
     def apply(self, op: str, *args: Any) -> None:
         getattr(self, f"_op_{op}")(*args)
@@ -144,6 +146,11 @@ class MlflowWriter:
             self.client.log_dict(self.run_id, self.events(), EVENTS_FILE)
             self._unwritten = False
 
+    def _op_attempts(self, count: int) -> None:
+        """How many attempts the session whose ops follow (in a spool) had recorded before them: its next
+        one at the same size is a restart, not a resume."""
+        self.attempts = count
+
     def _op_attempt(self, fields: dict[str, Any], t: float) -> None:
         """A worker group started: record it as start, resume (a new driver), restart or resize."""
         sizes = [e["world_size"] for e in self.events() if e["event"] in ATTEMPT_EVENTS]
@@ -154,9 +161,9 @@ class MlflowWriter:
         elif previous != world:
             cause = "resize"
         else:
-            cause = "resume" if self._attempts == 0 else "restart"
+            cause = "resume" if self.attempts == 0 else "restart"
         self._op_event(cause, {**fields, "previous_world_size": previous}, t)
-        self._attempts += 1  # once recorded: a retry of this op names it alike (and writes the same part)
+        self.attempts += 1  # once recorded: a retry of this op names it alike (and writes the same part)
         self._say(f"{cause} at step {fields['resumed_from_step']}/{fields['max_steps']} with {world} worker(s)"
                   f"{mesh_words(fields.get('mesh'))}, accumulation {fields['accumulation']}")
 
@@ -217,4 +224,4 @@ def sync_spool(path: str, tracking_uri: str | None = None, trust_code: bool = Fa
         writer.apply(item["op"], *item["args"])
     writer.write_events_file()  # the run's events.json, as its own end would have written it
     os.replace(path, path + SYNCED)  # uploaded: not again (a model registered twice), and not in a resume's way
-    return len(ops)
+    return sum(item["op"] != "attempts" for item in ops)  # (a count the spool keeps is no update)
