@@ -365,3 +365,22 @@ def test_a_spooled_restart_is_uploaded_as_a_restart_not_a_resume(tmp_path, monke
     monkeypatch.setattr(MlflowWriter, "apply", real)
     assert sync_spool(outcome["spool"], uri) == 1
     assert [(e["event"], e["resumed_from_step"]) for e in read_events(client, run_id)] == [("start", 0), ("restart", 5)]
+
+
+def test_a_resumed_session_adds_no_second_point_to_the_data_metrics(tmp_path, digits_dir):
+    """Every session logged the data's metrics at step 0: a resumed run's `data/train/cache_hit` held 0 then
+    1 at the same step. The first session's stay; a resumed one's cache is in the run's tags."""
+    from conftest import sqlite_store
+    from openclaw.data.prep import Prepared
+    from openclaw.data.sources import resolve
+    from openclaw.tracking.lineage import log_lineage
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("lineage")).info.run_id
+    source = resolve(str(digits_dir / "train"), "data.train")
+    log_lineage(uri, run_id, {"train": Prepared(source, source, cache="miss", prepare_s=12.5)})
+    log_lineage(uri, run_id, {"train": Prepared(source, source, cache="hit")}, resumed=True)
+    history = client.get_metric_history(run_id, "data/train/cache_hit")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0)]
+    assert [m.value for m in client.get_metric_history(run_id, "data/train/prepare_s")] == [12.5]
+    assert client.get_run(run_id).data.tags["openclaw.data.train.cache"] == "hit"

@@ -140,7 +140,7 @@ class RunSession:
             self._note_changes(*resuming)
         if self.tracked:
             try:
-                log_lineage(self.uri, self.run_id, self.prepared)
+                log_lineage(self.uri, self.run_id, self.prepared, resumed)
             except Exception as e:  # lineage must not cost the run
                 log.warning("could not record the datasets in MLflow run %s: %s", self.run_id, e)
         self.progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})

@@ -43,7 +43,10 @@ class ParquetShards(Dataset):
                 "schema": json.dumps({"arrow": {f.name: str(f.type) for f in self._src.schema}})}
 
 
-def log_lineage(uri: str, run_id: str, prepared: dict[str, Any]) -> None:
+def log_lineage(uri: str, run_id: str, prepared: dict[str, Any], resumed: bool = False) -> None:
+    """The datasets as the run's inputs, their cache in its tags, and their rows, skipped shards and
+    preparation as metrics at step 0: once, by the run's first session (a resumed one's would be a
+    second point at the same step; its cache is in the tags)."""
     client = MlflowClient(uri)
     inputs, metrics, tags, skipped = [], {}, {}, {}
     for name, p in prepared.items():
@@ -63,7 +66,7 @@ def log_lineage(uri: str, run_id: str, prepared: dict[str, Any]) -> None:
     client.log_inputs(run_id, datasets=inputs)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
-    for key, value in metrics.items():
+    for key, value in ({} if resumed else metrics).items():
         client.log_metric(run_id, key, value, step=0)
     if skipped:
         client.log_dict(run_id, skipped, "data/skipped_shards.json")
