@@ -384,3 +384,18 @@ def test_a_resumed_session_adds_no_second_point_to_the_data_metrics(tmp_path, di
     assert [(m.step, m.value) for m in history] == [(0, 0.0)]
     assert [m.value for m in client.get_metric_history(run_id, "data/train/prepare_s")] == [12.5]
     assert client.get_run(run_id).data.tags["openclaw.data.train.cache"] == "hit"
+
+
+def test_a_deleted_experiment_is_named_with_what_to_do(tmp_path):
+    """A `tracking.experiment` deleted in MLflow failed the run's opening with MLflow's own error, which
+    says neither the key nor how to go on."""
+    from conftest import sqlite_store
+    from openclaw.errors import ConfigError
+    from openclaw.tracking.run import open_run
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    config = openclaw.load_config(None, {"name": "job", "tracking.experiment": "gone"}, base={"data": {"train": "x"}})
+    with pytest.raises(ConfigError, match=r"`tracking.experiment` \('gone'\) is deleted in MLflow .*mlflow "
+                                          r"experiments restore --experiment-id \d+"):
+        open_run(config, uri, str(tmp_path / "runs"))

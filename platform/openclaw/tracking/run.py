@@ -84,6 +84,10 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(config.tracking.experiment)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"`tracking.experiment` ({config.tracking.experiment!r}) is deleted in MLflow at "
+                          f"{public_uri(uri)}: restore it (`mlflow experiments restore --experiment-id "
+                          f"{exp.experiment_id}`), or set `tracking.experiment` to another name.")
     exp_id = exp.experiment_id if exp else client.create_experiment(
         config.tracking.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
     job = _read_job_file(storage, config.name)
