@@ -151,7 +151,8 @@ def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path
     the job could not go on at all."""
     from conftest import sqlite_store
     from openclaw.errors import ConfigError
-    from openclaw.launch.session import RunSession, _spool_path
+    from openclaw.launch.ending import spool_path
+    from openclaw.launch.session import RunSession
     from openclaw.tracking.run import open_run
     config = openclaw.load_config(None, {"name": "spooled", "checkpoint.storage": str(tmp_path / "runs"),
                                         "tracking.uri": sqlite_store(tmp_path / "m.db")},
@@ -159,7 +160,7 @@ def test_a_run_with_an_unsent_spool_is_not_resumed_until_it_is_uploaded(tmp_path
     session = RunSession(config)
     run_id, _, _ = open_run(config, session.uri, session.storage)
     session._refuse_an_unsent_spool()  # nothing spooled
-    spool = _spool_path(session.run_dir, run_id)
+    spool = spool_path(session.run_dir, run_id)
     with open(spool, "w") as f:
         f.write(json.dumps({"op": "run", "args": [session.uri, run_id]}) + "\n")
     session._refuse_an_unsent_spool()  # its run line alone (a kill mid-append): nothing to upload
@@ -196,13 +197,14 @@ def test_a_spool_line_a_crash_cut_short_is_dropped_and_the_file_stays_readable(t
 def test_the_drivers_ending_goes_into_a_spool_a_crash_left_empty_with_its_run_line(tmp_path):
     """A tracking actor killed between creating its spool and writing the `run` line left an empty file;
     the driver's `end` or `finish` then went in without one, and the file could never be uploaded."""
-    from openclaw.launch.session import RunSession, _spool_path
+    from openclaw.launch.ending import spool_path
+    from openclaw.launch.session import RunSession
     from openclaw.tracking.spool import read_spool
     config = openclaw.load_config(None, {"name": "empty", "checkpoint.storage": str(tmp_path / "runs"),
                                         "tracking.uri": "http://127.0.0.1:9"}, base={"data": {"train": "x"}})
     session = RunSession(config)
     session.run_id = "1" * 32
-    spool = _spool_path(session.run_dir, session.run_id)
+    spool = spool_path(session.run_dir, session.run_id)
     os.makedirs(os.path.dirname(spool), exist_ok=True)
     open(spool, "w").close()
     session._spool_ending(spool, "KILLED", None)
@@ -269,7 +271,8 @@ def test_a_server_gone_between_the_flush_and_the_end_leaves_the_ending_in_the_sp
     those were only printed about, and the run stayed RUNNING with nothing sync-spool could carry out."""
     import socket
 
-    from openclaw.launch.session import RunSession, _spool_path
+    from openclaw.launch.ending import spool_path
+    from openclaw.launch.session import RunSession
     from openclaw.tracking.spool import read_spool
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -281,7 +284,7 @@ def test_a_server_gone_between_the_flush_and_the_end_leaves_the_ending_in_the_sp
     session = RunSession(config)
     session.run_id = "0" * 32
     session._end_mlflow_run("FINISHED", str(tmp_path / "runs" / "late" / "checkpoint_x"))
-    spool = _spool_path(session.run_dir, session.run_id)
+    spool = spool_path(session.run_dir, session.run_id)
     (uri, run_id), ops = read_spool(spool)
     assert (uri, run_id) == (gone, "0" * 32) and [op["op"] for op in ops] == ["finish"]
     assert ops[0]["args"][1].endswith("checkpoint_x") and f"openclaw sync-spool {spool}" in capsys.readouterr().err

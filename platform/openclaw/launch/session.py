@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from mlflow.tracking import MlflowClient
 from ray.util.queue import Queue
 
@@ -29,12 +28,13 @@ from openclaw.data.sources import Source
 from openclaw.data.stream import shard_specs
 from openclaw.errors import ConfigError, OpenClawError, RunStopped, Terminated
 from openclaw.launch.console import ProgressPrinter
+from openclaw.launch.ending import flush_tracking, spool_path
 from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
 from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
 from openclaw.launch.ray_setup import build_trainer, check_capacity, connect_ray, on_this_node
 from openclaw.launch.resume_check import changes_since_checkpoint
-from openclaw.launch.stops import allow_clean_up, graceful_stops, put_back, stop_signals_raise
+from openclaw.launch.stops import graceful_stops, put_back, stop_signals_raise
 from openclaw.runtime.control import start_control, wait_for_checkpoint
 from openclaw.runtime.inputs import LoopInputs
 from openclaw.tracking.lineage import log_lineage
@@ -148,7 +148,7 @@ class RunSession:
         self.printer.start()
         self.control = start_control(config.name, on_this_node())
         if self.tracked:
-            self.tracking = start_service(self.uri, self.run_id, self.progress, _spool_path(self.run_dir, self.run_id),
+            self.tracking = start_service(self.uri, self.run_id, self.progress, spool_path(self.run_dir, self.run_id),
                                           on_this_node(), constants.secret_env())
         if config.scaling.min_workers < config.scaling.max_workers:
             pin_coordinator()
@@ -161,7 +161,7 @@ class RunSession:
         """An earlier session's spool for this run must be uploaded first: its ops (a restore, an end)
         applied after this session's dropped the metrics in between and set a finished run back to KILLED."""
         run_id = job_record(self.config, self.storage).get("mlflow_run_id")
-        spool = _spool_path(self.run_dir, run_id) if run_id else None
+        spool = spool_path(self.run_dir, run_id) if run_id else None
         if spool and os.path.exists(spool) and holds_ops(spool):
             raise ConfigError(f"run {self.config.name!r} has tracking updates an earlier session could not deliver, "
                               f"in {spool}: upload them first (`openclaw sync-spool {spool}`), then run this "
@@ -208,7 +208,7 @@ class RunSession:
         put_back(self._sigterm_before)
         if self.watcher:
             self.watcher.stop()
-        spool = _flush_tracking(self.tracking, self.uri, self.config.tracking.flush_timeout_s) if self.tracking else None
+        spool = flush_tracking(self.tracking, self.uri, self.config.tracking.flush_timeout_s) if self.tracking else None
         if self.printer:
             self.printer.stop()
         for p in self.prepared.values() if self.cache else ():  # the prepared data may be evicted again
@@ -246,40 +246,11 @@ class RunSession:
                                 {k: p.source for k, p in self.prepared.items()})
             client.set_terminated(self.run_id, status="FINISHED")
         except Exception as e:  # the server went away after the flush: the ending waits in the spool
-            spool = _spool_path(self.run_dir, self.run_id)
+            spool = spool_path(self.run_dir, self.run_id)
             append_ops(spool, self.uri, self.run_id, [("finish", (redacted(self.config.resolved()), checkpoint))])
             print(scrub(f"openclaw: could not log the final model or close MLflow run {self.run_id} at {self.uri} ({e}); "
                         f"the trained model is in {checkpoint}, and `openclaw sync-spool {spool}` logs it and "
                         f"closes the run."), file=sys.stderr, flush=True)
-
-
-def _spool_path(run_dir: str, run_id: str) -> str:
-    """Where undelivered tracking ops are kept: the run's folder when it is local, else `$OPENCLAW_HOME/spool`
-    (never the working folder, which `ray job submit --working-dir .` would ship)."""
-    folder = run_dir if "://" not in run_dir else os.path.join(constants.openclaw_home(), "spool")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    return os.path.join(folder, f"tracking-spool-{run_id}.jsonl")
-
-
-def _flush_tracking(tracking, uri: str, timeout_s: float) -> str | None:
-    """Wait for the tracking service to deliver everything. If the server stays away, say where it is
-    kept and return that spool file's path."""
-    allow_clean_up(timeout_s)  # a stop at once under way waits for the flush too (it spools at its end)
-    try:
-        outcome = ray.get(tracking.flush.remote(timeout_s))
-    except Exception as e:  # the service is gone with its queue: nothing more can be done here
-        log.warning("the tracking service failed: %s", e)
-        return None
-    if outcome.get("refused"):
-        print(f"openclaw: MLflow at {public_uri(uri)} refused {outcome['refused']} tracking update(s); they are kept in "
-              f"{outcome['dead_letter']} (after fixing the cause, `openclaw sync-spool {outcome['dead_letter']}` "
-              f"sends them again). Every other update was delivered.", file=sys.stderr, flush=True)
-    if outcome["delivered"]:
-        return None
-    print(f"openclaw: MLflow at {public_uri(uri)} did not answer; {outcome['ops']} tracking update(s) are kept in "
-          f"{outcome['spool']}. Upload them when it is back: openclaw sync-spool {outcome['spool']}",
-          file=sys.stderr, flush=True)
-    return outcome["spool"]
 
 
 def _unwrap(error: BaseException) -> BaseException:
