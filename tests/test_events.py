@@ -402,3 +402,32 @@ def test_a_deleted_experiment_is_named_with_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=r"`tracking.experiment` \('gone'\) is deleted in MLflow .*mlflow "
                                           r"experiments restore --experiment-id \d+"):
         open_run(config, uri, str(tmp_path / "runs"))
+
+
+def test_a_failed_runs_ending_joins_a_spool_that_waits_and_is_said_where_none_does(tmp_path, monkeypatch, capsys):
+    """A failed or stopped run whose server was away at its end stayed RUNNING in MLflow without a word: the
+    error was swallowed. Where its spool waits for `sync-spool` anyway, the ending now joins it; where none
+    does, the run is said to stay RUNNING until it is resumed."""
+    import socket
+
+    from openclaw.launch.ending import spool_path
+    from openclaw.launch.session import RunSession
+    from openclaw.tracking.spool import append_ops, read_spool
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    config = openclaw.load_config(None, {"name": "failed", "checkpoint.storage": str(tmp_path / "runs"),
+                                        "tracking.uri": gone}, base={"data": {"train": "x"}})
+    session = RunSession(config)
+    session.run_id = "1" * 32
+    spool = spool_path(session.run_dir, session.run_id)
+    session._end_mlflow_run("FAILED", None)
+    assert not os.path.exists(spool)
+    said = capsys.readouterr().err
+    assert f"could not mark MLflow run {session.run_id} FAILED" in said and "stays RUNNING there until" in said
+    append_ops(spool, gone, session.run_id, [("metrics", ([],))])  # the flush spooled what it could not send
+    session._end_mlflow_run("KILLED", None)
+    assert [(op["op"], op["args"]) for op in read_spool(spool)[1]] == [("metrics", [[]]), ("end", ["KILLED"])]
+    assert f"openclaw sync-spool {spool}" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import ray
 
 from openclaw import constants
 from openclaw.launch.stops import allow_clean_up
-from openclaw.tracking.redact import public_uri
+from openclaw.tracking.redact import public_uri, scrub
+from openclaw.tracking.spool import append_ops, holds_ops
 
 log = logging.getLogger("openclaw")
 
@@ -42,3 +43,17 @@ def flush_tracking(tracking, uri: str, timeout_s: float) -> str | None:
           f"{outcome['spool']}. Upload them when it is back: openclaw sync-spool {outcome['spool']}",
           file=sys.stderr, flush=True)
     return outcome["spool"]
+
+
+def ending_not_taken(run_dir: str, uri: str, run_id: str, status: str, error: Exception) -> None:
+    """A failed or stopped run's ending (`status`) the server did not take: into the run's spool where one
+    waits for `sync-spool` anyway (its upload then closes the run), else said: the run stays RUNNING in
+    MLflow until the job is resumed. (The error was swallowed without a word.)"""
+    spool = spool_path(run_dir, run_id)
+    if os.path.exists(spool) and holds_ops(spool):
+        append_ops(spool, uri, run_id, [("end", (status,))])
+        then = f"`openclaw sync-spool {spool}` marks it {status}"
+    else:
+        then = "it stays RUNNING there until the job is resumed"
+    print(scrub(f"openclaw: could not mark MLflow run {run_id} {status} at {uri} ({error}); {then}."),
+          file=sys.stderr, flush=True)

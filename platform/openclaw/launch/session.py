@@ -28,7 +28,7 @@ from openclaw.data.sources import Source
 from openclaw.data.stream import shard_specs
 from openclaw.errors import ConfigError, OpenClawError, RunStopped, Terminated
 from openclaw.launch.console import ProgressPrinter
-from openclaw.launch.ending import flush_tracking, spool_path
+from openclaw.launch.ending import ending_not_taken, flush_tracking, spool_path
 from openclaw.launch.node_watcher import NodeWatcher, pin_coordinator
 from openclaw.launch.places import place
 from openclaw.launch.preflight import preflight, prepare_data, storage_path, tracking_uri
@@ -236,9 +236,11 @@ class RunSession:
     def _end_mlflow_run(self, status: str, checkpoint: str | None) -> None:
         client = MlflowClient(self.uri)
         if status != "FINISHED":
-            with contextlib.suppress(Exception):  # the run's own error matters more
+            try:
                 if client.get_run(self.run_id).info.status == "RUNNING":  # a sweep may have marked it
                     client.set_terminated(self.run_id, status=status)
+            except Exception as e:  # the run's own error matters more: said, not raised
+                ending_not_taken(self.run_dir, self.uri, self.run_id, status, e)
             return
         try:
             if checkpoint:
