@@ -77,6 +77,42 @@ def test_schema_mismatch_between_shards(tmp_path):
     assert "column 'y' has type string, not int64" in src.skipped[1][1]
 
 
+def test_the_schema_most_shards_share_is_the_reference_not_the_first_shards(tmp_path):
+    """One odd shard (an extra column) that sorted first made its schema the reference: the four good
+    shards were named bad, and under `on_bad_shard: skip` the run trained on the odd one alone."""
+    pq.write_table(pa.table({"x": [0.0], "y": [0], "debug": [0.0]}), tmp_path / "part-000.parquet")
+    for i in range(1, 5):
+        pq.write_table(pa.table({"x": [1.0], "y": [i]}), tmp_path / f"part-{i:03d}.parquet")
+    with pytest.raises(DataError, match=r"part-000.parquet: column 'debug' is extra \(compared with .*part-001.parquet, "
+                                        r"whose schema 4 of 5 readable shards share\)"):
+        resolve(str(tmp_path), "data.train")
+    src = resolve(str(tmp_path), "data.train", on_bad_shard="skip")
+    assert [p.rsplit("/", 1)[1] for p in src.files] == [f"part-{i:03d}.parquet" for i in range(1, 5)]
+    assert [p.rsplit("/", 1)[1] for p, _ in src.skipped] == ["part-000.parquet"] and src.schema.names == ["x", "y"]
+
+
+def test_shards_that_differ_only_in_nullability_share_one_schema(tmp_path):
+    """A column declared non-nullable in one shard (Spark writes them) refused the dataset, with a message
+    that showed two identical schemas. Nulls themselves are refused by `check_columns` and at read time."""
+    pq.write_table(pa.table({"x": pa.array([[0.5, 0.5]] * 2, pa.list_(pa.float32())), "y": [0, 1]}),
+                   tmp_path / "a.parquet")
+    strict = pa.schema([pa.field("x", pa.list_(pa.field("element", pa.float32(), nullable=False)), nullable=False),
+                        pa.field("y", pa.int64(), nullable=False)])
+    pq.write_table(pa.table({"x": [[1.0, 1.0]] * 2, "y": [2, 3]}, schema=strict), tmp_path / "b.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    assert src.num_rows == 4 and len(src.files) == 2
+    from openclaw.config import load_config
+    from openclaw.exports.evaluate import val_batches
+    config = load_config(None, {"data.val": str(tmp_path), "data.features": "x", "data.label": "y"},
+                         base={"data": {"train": "x"}})
+    assert val_batches(config)[0]["y"].tolist() == [0, 1, 2, 3]  # `export --eval` reads them as one table
+    pq.write_table(pa.table({"x": pa.array([[1.0, 1.0]], pa.list_(pa.float32())), "y": [4.0]}),
+                   tmp_path / "c.parquet")  # a type still counts
+    with pytest.raises(DataError, match=r"c.parquet: column 'y' has type double, not int64 \(compared with "
+                                        r".*a.parquet, whose schema 2 of 3 readable shards share\)"):
+        resolve(str(tmp_path), "data.train")
+
+
 def test_corrupt_shard_skipped(tmp_path):
     pq.write_table(pa.table({"x": [1.0, 2.0]}), tmp_path / "a.parquet")
     (tmp_path / "b.parquet").write_bytes(b"PAR1 garbage")
@@ -111,6 +147,27 @@ def test_lists_of_different_lengths_are_refused_not_cut_into_other_rows(tmp_path
         ShardedData(str(tmp_path), shard_specs(src.shards), "x", "y").batch(np.arange(4))
     even = pa.array([[1, 2], [3, 4], [5, 6]], pa.list_(pa.int64()))
     assert column_to_numpy(pa.chunked_array([even[:1], even[1:]])).tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_list_rows_of_another_width_in_another_shard_stop_the_read_naming_both(tmp_path, first):
+    """Rows of 4 values in one shard and 3 in another: each shard alone was consistent, and a batch that
+    mixed them took its shape from its first shard and padded the other's rows with uninitialised memory."""
+    from openclaw.data.stream import ShardedData, shard_specs
+    pq.write_table(pa.table({"x": pa.array([[1.0] * 4] * 5, pa.list_(pa.float32())), "y": range(5)}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"x": pa.array([[2.0] * 3] * 5, pa.list_(pa.float32())), "y": range(5, 10)}),
+                   tmp_path / "b.parquet")
+    src = resolve(str(tmp_path), "data.train")
+    check_columns(src, "x", "y")  # one schema: only the read can tell
+    data = ShardedData(str(tmp_path), shard_specs(src.shards), "x", "y")
+    ids, (this, this_shape), (other, other_shape) = (
+        ([0, 5], ("b", 3), ("a", 4)) if first == "a" else ([5, 0], ("a", 4), ("b", 3)))
+    data.batch(np.array(ids[:1]))  # the first shard read alone is fine
+    with pytest.raises(DataError, match=rf"shard .*{this}.parquet, column 'x': its rows are float32 values of shape "
+                                        rf"\({this_shape},\), but those of shard .*{other}.parquet are float32 values "
+                                        rf"of shape \({other_shape},\)"):
+        data.batch(np.array(ids))
 
 
 LISTS = "a null or empty list, or a null element"

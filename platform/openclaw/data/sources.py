@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from openclaw.errors import DataError
 from openclaw.data.filesystems import filesystem_for
+from openclaw.data.schemas import columns, difference, reference
 
 
 FOOTER_READERS = 16
@@ -87,37 +88,33 @@ class Source:
 def resolve(spec: str, key: str, s3=None, on_bad_shard: str = "fail") -> Source:
     """Expand a folder, glob or URI into its Parquet shards and read their footers.
 
-    A shard whose footer is unreadable, or whose schema differs from the first good shard's, stops the
-    run with its name (`on_bad_shard: fail`) or is left out (`skip`)."""
+    A shard whose footer is unreadable, or whose columns (names and types) differ from those most shards
+    share (`data.schemas`), stops the run with its name (`on_bad_shard: fail`) or is left out (`skip`)."""
     fs, root = filesystem_for(spec, s3)
     infos = _list_parquet(fs, root, spec, key)
     with ThreadPoolExecutor(FOOTER_READERS) as pool:  # one request each: in parallel for object stores
         footers = list(pool.map(lambda i: _footer(fs, i.path), infos))
-    schema, shards, skipped = None, [], []
-    for info, (meta, etag) in zip(infos, footers):
-        if isinstance(meta, Exception):
+    schemas = [None if isinstance(meta, Exception) else meta.schema.to_arrow_schema() for meta, _ in footers]
+    (ref, share), shards, skipped = reference(schemas), [], []
+    for info, (meta, etag), shard_schema in zip(infos, footers, schemas):
+        if shard_schema is None:
             problem = f"shard {info.path} is not a readable Parquet file ({meta})"
-            if on_bad_shard == "skip":
-                skipped.append((info.path, problem))
-                continue
-            raise DataError(f"`{key}`: {problem}. Re-create it, remove it from {spec}, or set "
-                            f"`data.on_bad_shard: skip` to train without it.") from None
-        shard_schema = meta.schema.to_arrow_schema()
-        if schema is None:
-            schema = shard_schema
-        elif not shard_schema.equals(schema):
-            problem = f"shard {info.path}: {_schema_difference(schema, shard_schema)}"
-            if on_bad_shard == "skip":
-                skipped.append((info.path, problem))
-                continue
-            raise DataError(f"`{key}`: {problem}. All shards of a dataset must share one schema; fix the shard, "
-                            f"or set `data.on_bad_shard: skip` to train without it.")
-        shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag, footer_ranges(meta),
-                            footer_nulls(meta)))
-    source = Source(key, spec, tuple(shards), fs, schema, tuple(skipped))
+            todo = f"Re-create it, remove it from {spec}, or set"
+        elif columns(shard_schema) != columns(schemas[ref]):
+            problem = (f"shard {info.path}: {difference(schemas[ref], shard_schema)} (compared with "
+                       f"{infos[ref].path}, whose schema {share})")
+            todo = "All shards of a dataset must share one schema; fix the shard, or set"
+        else:
+            shards.append(Shard(info.path, meta.num_rows, info.size, info.mtime_ns or 0, etag, footer_ranges(meta),
+                                footer_nulls(meta)))
+            continue
+        if on_bad_shard != "skip":
+            raise DataError(f"`{key}`: {problem}. {todo} `data.on_bad_shard: skip` to train without it.")
+        skipped.append((info.path, problem))
     if not shards:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) and none is readable"
                         + (f" ({skipped[0][1]})." if skipped else "."))
+    source = Source(key, spec, tuple(shards), fs, schemas[ref], tuple(skipped))
     if source.num_rows == 0:
         raise DataError(f"`{key}`: {spec} holds {len(infos)} Parquet file(s) but no rows.")
     return source
@@ -210,22 +207,6 @@ def _list_parquet(fs: pafs.FileSystem, root: str, spec: str, key: str) -> list[p
     if not infos:
         raise DataError(f"`{key}`: no .parquet files found at {spec}.")
     return infos
-
-
-def _schema_difference(first: pa.Schema, other: pa.Schema) -> str:
-    """Name the columns that differ: missing, extra, or of another type."""
-    parts = []
-    for f in first:
-        if f.name not in other.names:
-            parts.append(f"column {f.name!r} is missing")
-        elif not other.field(f.name).type.equals(f.type):
-            parts.append(f"column {f.name!r} has type {other.field(f.name).type}, not {f.type} as in the first shard")
-    parts += [f"column {n!r} is extra" for n in other.names if n not in first.names]
-    return "; ".join(parts or [f"schema {_cols(other)} differs from the first shard's {_cols(first)}"])
-
-
-def _cols(schema: pa.Schema) -> str:
-    return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
 
 
 def check_columns(source: Source, features: str, label: str | None, nulls: bool = True) -> None:

@@ -48,6 +48,8 @@ class ShardedData:
         self._resident: OrderedDict[int, Future] = OrderedDict()  # shard -> its tensors, least recent first
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openclaw-shard-reader")
         self.read_s, self.rows_read, self.wait_s = 0.0, 0, 0.0
+        self._rows_like: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
+        """Per column: the first shard read with rows, and its rows' shape and dtype (`_tensor`)."""
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -166,10 +168,20 @@ class ShardedData:
         return x, y
 
     def _tensor(self, table: pa.Table, column: str, shard: Shard) -> torch.Tensor:
+        """The column as one tensor, whose rows are shaped and typed as the first shard's read: a list column
+        whose lengths differ only between shards shares one schema, and a batch mixing a 4-wide and a
+        3-wide shard took its shape from the first and padded the other's rows with uninitialised memory."""
         try:
             arr = column_to_numpy(table.column(column))
         except (pa.ArrowException, ValueError) as e:
             raise DataError(f"shard {shard.path}, column {column!r}: cannot be read as a tensor ({e}).") from None
+        if len(arr):  # an empty shard's lists have no width
+            first, shape, dtype = self._rows_like.setdefault(column, (shard.path, arr.shape[1:], arr.dtype))
+            if (shape, dtype) != (arr.shape[1:], arr.dtype):
+                raise DataError(f"shard {shard.path}, column {column!r}: its rows are {arr.dtype} values of shape "
+                                f"{arr.shape[1:]}, but those of shard {first} are {dtype} values of shape {shape}; "
+                                f"every shard's rows must hold as many values of one type (pad the lists to one "
+                                f"length, or write a fixed-size list).")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
         with warnings.catch_warnings():  # Arrow's buffer is read-only: shard tensors are only ever read

@@ -41,7 +41,8 @@ def val_batches(config: Config, batch_size: int = 256, max_rows: int = EVAL_ROWS
 
 
 def _concat(tables):
-    return pa.concat_tables(tables)
+    """The shards' tables as one: shards may differ in nullability alone (`data.schemas`)."""
+    return pa.concat_tables(tables, promote_options="default")
 
 
 @torch.no_grad()
