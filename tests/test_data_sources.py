@@ -1,5 +1,9 @@
 """Object-store sources (a real S3-compatible server on loopback) and each node's shard cache; the
 worker's shard stream. No Ray: these are the pieces the workers and the preparation tasks use."""
+import resource
+import signal
+from contextlib import contextmanager
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -347,3 +351,64 @@ def test_a_reset_connection_is_read_again_not_taken_for_a_bad_shard(tmp_path, mo
     always._fail_once = lambda path: (_ for _ in ()).throw(OSError("still down"))
     monkeypatch.setattr(prep, "filesystem_for", lambda spec, s3=None: (always, "bkt"))
     assert "still down" in task({"i": 0, "path": "bkt/p1.parquet", "size": size, "mtime_ns": 2, "etag": ""})["error"]
+
+
+@contextmanager
+def _writes_past(nbytes: int):
+    """Writes past `nbytes` fail (EFBIG: RLIMIT_FSIZE, with SIGXFSZ ignored), as writes to a full disk fail
+    (ENOSPC). The moto server is another process: not limited."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_shard_cache_that_cannot_write_serves_the_fetched_shard_not_a_bad_shard(s3_server, tmp_path, caplog):
+    """A full disk under the shard cache left a `.part` file, stopped the worker blaming the shard ("could
+    not be read ... set on_bad_shard: skip"), and under `skip` the preparation took the good shard for a
+    bad one: retried, skipped, and recorded in the cached preparation, so later runs trained without it."""
+    from openclaw.data.prep import _ShardTask
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"x": np.arange(20_000, dtype=np.float32), "y": np.arange(20_000)}),
+                   tmp_path / "src" / "p0.parquet")
+    uri = s3_server.upload(tmp_path / "src", "bkt/d")
+    s3 = {"endpoint_url": s3_server.endpoint}
+    src = resolve(uri, "data.train", s3)
+    assert src.shards[0].size > 64 * 1024
+    folder = tmp_path / "shards"
+    cache = ShardCache(str(folder), max_bytes=10**9)
+    task = _ShardTask(uri, s3, [], str(tmp_path / "out"), str(folder), 10**9, {})
+    shard = src.shards[0]
+    with _writes_past(64 * 1024), caplog.at_level("WARNING", logger="openclaw"):
+        got = ShardedData(uri, shard_specs(src.shards), "x", "y", s3=s3, shard_cache=cache).batch(np.array([7, 19_999]))
+        prepared = task({"i": 0, "path": shard.path, "size": shard.size, "mtime_ns": shard.mtime_ns, "etag": shard.etag})
+    assert got["x"].tolist() == [7.0, 19_999.0] and got["y"].tolist() == [7, 19_999]
+    assert prepared["error"] is None and prepared["rows"] == 20_000
+    assert f"could not keep shard {shard.path} in the shard cache {folder}" in caplog.text and "Errno 27" in caplog.text
+    assert [p.name for p in folder.iterdir() if not p.name.endswith(".lock")] == []  # no `.part`, no half entry
+    ShardCache(str(folder), max_bytes=10**9).read(s3_server.filesystem(), shard.path, shard.size, shard.mtime_ns,
+                                                  shard.etag)
+    again = ShardCache(str(folder), max_bytes=10**9)  # with room again, the shard is cached as before
+    again.read(s3_server.filesystem(), shard.path, shard.size, shard.mtime_ns, shard.etag)
+    assert (again.stats.hits, again.stats.misses) == (1, 0)
+
+
+def test_a_prepared_part_that_cannot_be_written_stops_the_preparation_not_as_a_bad_shard(tmp_path):
+    """The same full disk under `data.cache.dir`: the transforms' output could not be written, and the
+    shard whose output it was counted as bad (`on_bad_shard: skip` left it out for good)."""
+    from openclaw.data.config import DataConfig
+    from openclaw.data.prep import _ShardTask
+    pq.write_table(pa.table({"x": np.arange(20_000, dtype=np.float32), "y": np.arange(20_000)}), tmp_path / "p0.parquet")
+    transforms = DataConfig(train="x", transforms=[{"op": "cast", "column": "y", "dtype": "int32"}]).transforms
+    (tmp_path / "out").mkdir()
+    task = _ShardTask(str(tmp_path), {}, transforms, str(tmp_path / "out"), None, 1, {})
+    item = {"i": 0, "path": str(tmp_path / "p0.parquet"), "size": 0, "mtime_ns": 0, "etag": ""}
+    with _writes_past(64 * 1024):
+        got = task(item)
+    assert got["error"] is None and got["fatal"].startswith(f"could not write the prepared shard {tmp_path}/out/part-00000")
+    assert "Errno 27" in got["fatal"] and "`data.cache.dir`" in got["fatal"] and not list((tmp_path / "out").iterdir())
+    assert task(item)["rows"] == 20_000 and pq.read_table(tmp_path / "out" / "part-00000.parquet").num_rows == 20_000

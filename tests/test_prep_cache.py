@@ -372,3 +372,52 @@ def test_a_run_holding_a_key_shared_does_not_stop_another_from_preparing_it(tmp_
     finally:
         os.close(fd)
     assert published and json.loads((tmp_path / "c" / "entries" / "k1" / "manifest.json").read_text())["key"] == "k1"
+
+
+def _prepare_in_process(src, d, tmp):
+    """What `prep._prepare_source` does, with its per-shard task run here instead of in Ray Data."""
+    from openclaw.data.prep import _ShardTask
+    task = _ShardTask(src.spec, d.s3.model_dump(), d.transforms, tmp, None, 1, {})
+    done = [task({"i": i, "path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "etag": s.etag})
+            for i, s in enumerate(src.shards)]
+    return {"source": src.uri, "shards": [{"source": r["path"], "file": r["file"], "rows": r["rows"],
+                                           "bytes": r["bytes"]} for r in done],
+            "skipped": [], "rows": sum(r["rows"] for r in done), "transforms": [], "prepare_s": 0.0}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_published_entry_whose_part_cannot_be_read_is_prepared_again_in_its_place(tmp_path, monkeypatch, damage):
+    """A part file cut short or deleted under a published entry: every later run hit the entry and failed
+    with Arrow's bare ArrowInvalid or FileNotFoundError (CLI exit 1), and nothing ever prepared it again."""
+    import openclaw.data.prep as prep
+    (tmp_path / "raw").mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"x": np.arange(10, dtype=np.float32), "y": np.arange(10) + 10 * i}),
+                       tmp_path / "raw" / f"s{i}.parquet")
+    d = DataConfig(train=str(tmp_path / "raw"), transforms=[{"op": "cast", "column": "y", "dtype": "int32"}],
+                   cache={"dir": str(tmp_path / "cache")})
+    src = resolve(d.train, "data.train")
+    monkeypatch.setattr(prep, "_prepare_source", _prepare_in_process)
+    first, cache = prep.prepare({"train": src}, d, str(tmp_path))
+    cache.release(first["train"].cache_key)
+    part = Path(first["train"].source.shards[1].path)
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[:100])
+    else:
+        part.unlink()
+    again, cache = prep.prepare({"train": src}, d, str(tmp_path))
+    assert again["train"].cache == "miss" and again["train"].source.num_rows == 30
+    assert pq.read_table(part).column("y").to_pylist() == list(range(10, 20))
+    cache.release(again["train"].cache_key)
+    assert prep.prepare({"train": src}, d, str(tmp_path))[0]["train"].cache == "hit"
+    assert os.listdir(tmp_path / "cache" / ".tmp") == []  # the damaged entry's remains are gone
+
+    def loses_a_part(src, d, tmp):  # damaged on every preparation: named, not prepared for ever
+        manifest = _prepare_in_process(src, d, tmp)
+        os.unlink(os.path.join(tmp, "part-00002.parquet"))
+        return manifest
+    monkeypatch.setattr(prep, "_prepare_source", loses_a_part)
+    d2 = d.model_copy(update={"transforms": _transforms({"op": "cast", "column": "y", "dtype": "int64"})})
+    with pytest.raises(DataError, match=r"the prepared-data cache entry .*cache/entries/\w+ cannot be read even "
+                                        r"prepared again \(.*part-00002.parquet.*\); delete it"):
+        prep.prepare({"train": src}, d2, str(tmp_path))

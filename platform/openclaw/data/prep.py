@@ -8,8 +8,10 @@ sample ids are stable, and a bad shard is known by name. Training then streams t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,9 +26,11 @@ from openclaw.data.sources import (READ_ATTEMPTS, RETRY_PAUSE_S, Shard, Source, 
                                    footer_ranges)
 from openclaw.errors import DataError
 from openclaw.data.filesystems import filesystem_for, is_remote
-from openclaw.data.prep_cache import PrepCache
+from openclaw.data.prep_cache import Entry, PrepCache
 from openclaw.data.shard_cache import ShardCache
 from openclaw.data.transforms import apply_to_table, code_version
+
+log = logging.getLogger("openclaw")
 
 
 @dataclass
@@ -102,12 +106,31 @@ def prepare(sources: dict[str, Source], d: DataConfig, storage: str) -> tuple[di
     out = {}
     for name, src in sources.items():
         key = fingerprint(src, d)
-        entry = cache.acquire(key, lambda tmp, src=src: _prepare_source(src, d, tmp))
-        prepared = _prepared_source(src, entry.path, entry.manifest, transformed=bool(d.transforms))
+        entry, prepared = _acquire(cache, key, src, d)
         check_columns(prepared, d.features, d.label)
         out[name] = Prepared(prepared, src, "hit" if entry.hit else "miss", key, entry.manifest["prepare_s"],
                              entry.evicted, cache.root)
     return out, cache
+
+
+def _acquire(cache: PrepCache, key: str, src: Source, d: DataConfig) -> tuple[Entry, Source]:
+    """The key's entry, held, and the source it holds. An entry whose part file cannot be read (deleted, or
+    cut short, after it was published) is prepared again in its place, once: every later run hit it and
+    failed with Arrow's bare error. If the new one cannot be read either, the entry is named."""
+    def make(tmp: str) -> dict[str, Any]:
+        return _prepare_source(src, d, tmp)
+    entry = cache.acquire(key, make)
+    for again in (False, True):
+        try:
+            return entry, _prepared_source(src, entry.path, entry.manifest, transformed=bool(d.transforms))
+        except (pa.ArrowException, OSError) as e:
+            cache.release(key)
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            if again:
+                raise DataError(f"the prepared-data cache entry {entry.path} cannot be read even prepared again "
+                                f"({why}); delete it, or set `data.cache.dir` to another folder.") from None
+            log.warning("the prepared-data cache entry %s cannot be read (%s); preparing it again", entry.path, why)
+            entry = cache.acquire(key, make, unreadable=entry.manifest)
 
 
 def _prepared_source(raw: Source, folder: str, manifest: dict[str, Any], transformed: bool) -> Source:
@@ -206,12 +229,15 @@ class _ShardTask:
             writer = None
             for table in tables:
                 table = _transform(table, self.transforms, item["path"])
-                if writer is None:
-                    writer = pq.ParquetWriter(path, table.schema)
-                writer.write_table(table)
+                with _writing(path):
+                    if writer is None:
+                        writer = pq.ParquetWriter(path, table.schema)
+                    writer.write_table(table)
                 out["rows"] += table.num_rows
             if writer is not None:
-                writer.close()
+                with _writing(path):
+                    writer.close()
+                    _fsync(path)
                 out["bytes"] = os.path.getsize(path)
         except (pa.ArrowException, OSError) as e:
             out["error"] = f"shard {item['path']} could not be read ({type(e).__name__}: {' '.join(str(e).split())})"
@@ -222,6 +248,28 @@ class _ShardTask:
         if (out["error"] or out["fatal"]) and out["file"]:  # no half-written part is left
             _unlink(os.path.join(self.out_dir, out["file"]))
         return out
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """A prepared part's write that fails (a full disk, a quota) stops the preparation naming the part: it is
+    no fault of the shard's, which as a read error `on_bad_shard: skip` left out of every later run that
+    found this preparation in the cache."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"could not write the prepared shard {path} ({' '.join(str(e).split())}); free space "
+                        f"there, or set `data.cache.dir` to a folder on a larger disk") from None
+
+
+def _fsync(path: str) -> None:
+    """On disk before the entry is published: a crash then must not leave a published entry whose part
+    the disk never got."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:

@@ -5,6 +5,7 @@ times), the transform config and the transform code. Its lifecycle:
 
     absent --(a run takes the key's lock exclusively)--> preparing in `.tmp/<key>-<uuid>/`
            --(manifest written last, folder renamed into place: atomic)--> published
+           --(a run finds a part file unreadable: deleted or cut short)--> prepared again in its place
            --(no run holds the key's lock; least recently used; cache over `max_bytes`)--> evicted
 
 A run holds a shared lock on its entry's key for as long as it trains on it, so eviction (which needs
@@ -88,20 +89,23 @@ class PrepCache:
         except (FileNotFoundError, ValueError):
             return None
 
-    def acquire(self, key: str, prepare: Callable[[str], dict[str, Any]]) -> Entry:
+    def acquire(self, key: str, prepare: Callable[[str], dict[str, Any]],
+                unreadable: dict[str, Any] | None = None) -> Entry:
         """The entry for `key`, prepared with `prepare(tmp_folder) -> manifest` on a miss, and held in use
-        (shared lock) until `release(key)`. Then evicts other unused entries to fit `max_bytes`."""
+        (shared lock) until `release(key)`. Then evicts other unused entries to fit `max_bytes`.
+        `unreadable`: the manifest of the entry the caller could not read: a miss too, unless another run
+        has prepared the entry again meanwhile (its manifest is another)."""
         fd = os.open(os.path.join(self.root, ".locks", key + ".lock"), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # held while in use: no eviction, no sweep of its preparation
             manifest, hit = self.lookup(key), True
-            if manifest is None:
+            if _is_miss(manifest, unreadable):
                 # One preparer per key, under a lock of its own: the others wait there, then find it published.
                 # Not by turning the shared lock exclusive: two runs that both missed each held it shared, and
                 # the second waited for the first's whole run, which went on holding it shared.
                 with self._preparing(key):
                     manifest = self.lookup(key)
-                    if manifest is None:
+                    if _is_miss(manifest, unreadable):
                         manifest, hit = self._prepare(key, prepare), False
         except BaseException:
             os.close(fd)
@@ -144,8 +148,9 @@ class PrepCache:
         return manifest
 
     def _clear_unreadable(self, key: str) -> None:
-        """Under `key`'s preparing lock, with its manifest unreadable (a crash mid-write, a truncated file):
-        what is left of the entry, out of the way of the new one (the rename onto it failed, run after run)."""
+        """Under `key`'s preparing lock, with its manifest unreadable (a crash mid-write, a truncated file) or
+        a part file (`acquire`'s `unreadable`): what is left of the entry, out of the way of the new one (the
+        rename onto it failed, run after run)."""
         old = self.entry_path(key)
         if os.path.lexists(old):
             aside = os.path.join(self.root, ".tmp", f"{key}-unreadable-{uuid.uuid4().hex[:8]}")
@@ -184,6 +189,11 @@ class PrepCache:
                 os.close(fd)
             total -= size
         return evicted
+
+
+def _is_miss(manifest: dict[str, Any] | None, unreadable: dict[str, Any] | None) -> bool:
+    """No entry, or still the one a caller could not read (the same `created`: not prepared again since)."""
+    return manifest is None or (unreadable is not None and manifest.get("created") == unreadable.get("created"))
 
 
 def _folder_bytes(path: str) -> int:

@@ -10,13 +10,15 @@ instead of trained on. A re-read of a cached shard does not touch the network. L
 shards are evicted to keep the folder under `max_bytes`; a shard is read whole into memory under its
 lock, so eviction never pulls one from under a reader.
 
-States of a shard: absent -> downloading (`.part` file, per-shard lock held) -> cached -> evicted.
+States of a shard: absent -> downloading (`.part` file, per-shard lock held) -> cached -> evicted; a
+download whose local write fails (a full disk) -> absent, its bytes served uncached.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -31,6 +33,7 @@ import pyarrow.fs as pafs
 from openclaw.errors import DataError
 
 CHUNK_BYTES = 8 * 2**20
+log = logging.getLogger("openclaw")
 
 
 STALE_S = 3600.0
@@ -124,15 +127,31 @@ class ShardCache:
         if len(body) != size:
             raise OSError(f"shard {path}: fetched {len(body)} bytes, expected {size}; the object changed or the "
                           f"transfer was cut short")
-        tmp = data + f".{os.getpid()}.part"
-        with _new_file(tmp) as f:
-            f.write(body)
-        os.replace(tmp, data)
-        with _new_file(meta + f".{os.getpid()}.part") as f:
-            f.write(json.dumps({"source": path, "size": size, "crc32": crc}).encode())
-        os.replace(meta + f".{os.getpid()}.part", meta)
+        self._keep(path, body, json.dumps({"source": path, "size": size, "crc32": crc}).encode(), data, meta)
         self.stats.bytes_fetched += size
         return pa.py_buffer(body)
+
+    def _keep(self, path: str, body: bytes, info: bytes, data: str, meta: str) -> None:
+        """Write a fetched shard into the cache, under its lock. A local write that fails (a full disk, a
+        quota) is no fault of the shard's, whose bytes are in memory, whole: they are served uncached, with
+        a warning, and nothing of them is left (the run goes on; the next read fetches the shard again).
+        Raising instead blamed the shard ("could not be read"), and under `on_bad_shard: skip` the
+        preparation took the good shard for a bad one and recorded it so in the cached preparation, which
+        every later run then trained without."""
+        try:
+            for dest, content in ((data, body), (meta, info)):
+                tmp = dest + f".{os.getpid()}.part"
+                try:
+                    with _new_file(tmp) as f:
+                        f.write(content)
+                    os.replace(tmp, dest)
+                finally:
+                    _unlink(tmp)
+        except OSError as e:
+            _unlink(data)  # no shard without its `.json`: no eviction would count it
+            log.warning("could not keep shard %s in the shard cache %s (%s); reading it uncached. Free space "
+                        "there, lower `data.shard_cache.max_bytes`, or set `data.shard_cache.dir` to a larger disk.",
+                        path, self.root, e)
 
     def evict(self, keep: set[str] = frozenset()) -> None:
         """Drop least-recently-used shards until the folder fits in `max_bytes` (never those in `keep`)."""
