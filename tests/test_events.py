@@ -431,3 +431,19 @@ def test_a_failed_runs_ending_joins_a_spool_that_waits_and_is_said_where_none_do
     session._end_mlflow_run("KILLED", None)
     assert [(op["op"], op["args"]) for op in read_spool(spool)[1]] == [("metrics", [[]]), ("end", ["KILLED"])]
     assert f"openclaw sync-spool {spool}" in capsys.readouterr().err
+
+
+def test_an_op_that_comes_after_the_flush_is_spooled_not_dropped(tmp_path):
+    """The service's thread ends at the flush: an op queued after it (an actor call a worker sent as the run
+    ended, run after the flush's) was kept in a queue nothing would send, and lost without a word."""
+    from conftest import sqlite_store
+    from openclaw.tracking.service import TrackingService
+    from openclaw.tracking.spool import read_spool
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("late")).info.run_id
+    service = TrackingService(uri, run_id, None, str(tmp_path / "spool.jsonl"))
+    assert service.flush(timeout_s=30)["delivered"]
+    service.submit("event", "checkpoint", {"step": 10}, 1000.0)
+    assert [(op["op"], op["args"][1]) for op in read_spool(str(tmp_path / "spool.jsonl"))[1]] == [
+        ("event", {"step": 10})]

@@ -54,9 +54,17 @@ class TrackingService:
         threading.Thread(target=self._run, daemon=True, name="openclaw-tracking").start()
 
     def submit(self, op: str, *args: Any) -> None:
+        """Queue an op. One that comes after the flush (an actor call a worker sent as the run ended, run
+        after the flush's) goes to the spool: queued, nothing would have sent it."""
         with self._cv:
-            self._ops.append((op, args))
-            self._cv.notify_all()
+            if not self._closed:
+                self._ops.append((op, args))
+                self._cv.notify_all()
+                return
+        path = self.spool_path or f"openclaw-spool-{self.run_id}.jsonl"
+        append_ops(path, self.uri, self.run_id, [(op, args)])
+        log.warning("a tracking update (%s) came after the run's flush; it is kept in %s (`openclaw sync-spool %s`)",
+                    op, path, path)
 
     def flush(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Wait until every op is applied, or `timeout_s`; spool what is left. Ends the service. A request
