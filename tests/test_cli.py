@@ -487,3 +487,18 @@ def test_checkpoint_list_of_a_live_run_names_a_checkpoint_deleted_while_it_was_r
                                   for k in ("ok1", "ok3"))}
     assert listed[made["ok1"].name].problem == "deleted while it was being checked"
     assert listed[made["ok3"].name].problem is None
+
+
+def test_a_stopped_runs_message_masks_the_storages_credentials(monkeypatch, capsys):
+    """Every error the CLI prints was scrubbed but a stop's (Ctrl-C, SIGTERM), which names the run's
+    folder: a storage URI's user info was printed whole."""
+    from openclaw import cli
+    from openclaw.errors import RunStopped
+
+    def stopped(args):
+        raise RunStopped("stopped by Ctrl-C; resume it with the same command (s3://AKIA1:wJalrSecret@bucket/sweep)",
+                         "SIGINT")
+    monkeypatch.setattr(cli, "cmd_config", stopped)
+    assert cli.main(["config", "--defaults"]) == 130
+    err = capsys.readouterr().err
+    assert "wJalrSecret" not in err and "s3://***@bucket/sweep" in err

@@ -175,3 +175,19 @@ def test_a_randints_high_end_is_not_a_value_it_draws():
     space = {"train.global_batch_size": {"randint": [64, 65]}}
     assert check_sweep(load_config(SWEEP, {"sweep.space": space, "sweep.scheduler": "none",
                                            "train.micro_batch_size": 8}))
+
+
+def test_the_tracker_tune_saves_holds_no_credential_and_takes_its_uri_back_on_resume(tmp_path):
+    """Tune pickles the run config, the sweep's MLflow callback with it, into the experiment's `tuner.pkl`:
+    the callback kept the tracking URI whole, a database's password with it."""
+    import ray.cloudpickle as pickle
+
+    from openclaw.sweeps import parent_run
+    uri = "postgresql://mlflow:S3cretPw@db.example/mlflow"
+    cfg = load_config(SWEEP, {"tracking.uri": uri, "checkpoint.storage": str(tmp_path)})
+    saved = pickle.dumps(parent_run.SweepTracker(cfg, uri, "1", "p" * 32, str(tmp_path)))
+    assert b"S3cretPw" not in saved and b"db.example" in saved
+    parent_run._FULL_URIS.clear()  # another driver: `--resume`
+    assert pickle.loads(saved).uri == "postgresql://db.example/mlflow"
+    parent_run.remember_uri(uri)
+    assert pickle.loads(saved).uri == uri

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openclaw: error: {scrub(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunStopped as e:
-        print(f"openclaw: {e}", file=sys.stderr)
+        print(f"openclaw: {scrub(e)}", file=sys.stderr)
         return 128 + signal.Signals[e.signal_name]  # stopped on request, resumable: 143 (SIGTERM), 130 (Ctrl-C)
     except OpenClawError as e:
         if args.debug:

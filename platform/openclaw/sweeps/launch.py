@@ -29,7 +29,7 @@ from openclaw.launch.stops import put_back, stop_signals_raise
 from openclaw.sweeps.checks import check_sweep, check_value_ranges_in_space
 from openclaw.sweeps.config import SweepConfig, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
-from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome
+from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome, remember_uri
 from openclaw.sweeps.saved_state import check_saved_state
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
 from openclaw.sweeps.trial import run_trial
@@ -103,6 +103,7 @@ def _tuner(config: Config, s: SweepConfig, base: dict[str, Any], storage: str, u
     trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
                                      tracking_uri=uri, parent_run_id=parent_id, secrets=constants.secret_env())
     if resume:
+        remember_uri(uri)  # for the saved tracker, which Tune keeps without the URI's credentials
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable, param_space=tune_space(s),

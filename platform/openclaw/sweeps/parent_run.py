@@ -19,10 +19,18 @@ from ray.tune import Callback
 from openclaw.config import Config
 from openclaw.sweeps.heatmap import log_lr_batch
 from openclaw.sweeps.trial import trial_config, trial_name
-from openclaw.tracking.redact import redacted
+from openclaw.tracking.redact import public_uri, redacted
 from openclaw.tracking.writer import MlflowWriter
 
 FINISHED, STOPPED_EARLY, FAILED, RUNNING = "finished", "stopped_early", "failed", "running"
+
+_FULL_URIS: dict[str, str] = {}
+"""This driver's tracking URIs by their public form (`remember_uri`): Tune saves the tracker with the
+experiment, without the URI's credentials, and the tracker `--resume` unpickles takes its URI back here."""
+
+
+def remember_uri(uri: str) -> None:
+    _FULL_URIS[public_uri(uri)] = uri
 
 
 class SweepTracker(Callback):
@@ -30,12 +38,21 @@ class SweepTracker(Callback):
     marks each child run's outcome. Picklable (Tune saves it with the experiment, for `--resume`)."""
 
     def __init__(self, config: Config, tracking_uri: str, experiment_id: str, parent_run_id: str, storage: str):
+        remember_uri(tracking_uri)
         self.sweep_name, self.uri, self.exp_id, self.parent = config.name, tracking_uri, experiment_id, parent_run_id
         self.storage = storage
         self.metric, self.mode, self.max_steps = config.sweep.metric, config.sweep.mode, config.train.max_steps
         self.base = redacted(config.resolved())  # Tune saves this callback with the experiment: no credential
         self._child: dict[str, str] = {}
         self._best: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What Tune saves (`tuner.pkl`): the tracking URI without its user info (a database's password)."""
+        return {**self.__dict__, "uri": public_uri(self.uri)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.uri = _FULL_URIS.get(self.uri, self.uri)
 
     # -- Tune's hooks
     def on_trial_start(self, iteration, trials, trial, **info):
