@@ -191,3 +191,40 @@ def test_the_tracker_tune_saves_holds_no_credential_and_takes_its_uri_back_on_re
     assert pickle.loads(saved).uri == "postgresql://db.example/mlflow"
     parent_run.remember_uri(uri)
     assert pickle.loads(saved).uri == uri
+
+
+def test_the_best_trial_is_written_again_after_a_write_that_failed(tmp_path, monkeypatch, capsys):
+    """The tracker noted the best trial before writing it: one MLflow error while its tags were set, and
+    the next update saw the same best and wrote nothing, so the parent ended with no best trial."""
+    import types
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import sqlite_store
+    from openclaw.sweeps.parent_run import SweepTracker
+    uri = sqlite_store(tmp_path / "m.db")
+    cfg = load_config(SWEEP, {"tracking.uri": uri, "checkpoint.storage": str(tmp_path), "sweep.metric": "val/accuracy",
+                              "sweep.mode": "max", "sweep.scheduler": "none"})
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweep")
+    parent = client.create_run(experiment).info.run_id
+    tracker = SweepTracker(cfg, uri, experiment, parent, str(tmp_path))
+
+    def trial(tid, value, lr):
+        return types.SimpleNamespace(trial_id=tid, status="TERMINATED", config={"train.optimizer.lr": lr},
+                                     last_result={"step": cfg.train.max_steps, "val/accuracy": value})
+    real, failed = MlflowClient.set_tag, []
+
+    def set_tag(self, run_id, key, value, *args, **kwargs):
+        if key == "best.trial" and not failed:
+            failed.append(value)
+            raise ConnectionError("the tracking server hiccuped")
+        return real(self, run_id, key, value, *args, **kwargs)
+    monkeypatch.setattr(MlflowClient, "set_tag", set_tag)
+    first, second = trial("t_00000", 0.8, 1e-3), trial("t_00001", 0.6, 1e-2)
+    tracker.update_parent([first], completing=first)
+    assert failed == ["t_00000"] and "could not update the sweep's MLflow run" in capsys.readouterr().err
+    tracker.update_parent([first, second], completing=second)
+    tags = client.get_run(parent).data.tags
+    assert (tags.get("best.trial"), tags.get("best.params")) == ("t_00000", '{"train.optimizer.lr": 0.001}')
+    assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent)}

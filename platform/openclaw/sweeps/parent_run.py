@@ -137,7 +137,6 @@ class SweepTracker(Callback):
                 f"trial {best['trial']} ({self.metric} {_short(best[self.metric])}), run {best['run_id']}; its "
                 f"config is `best_config.yaml`, every trial is in `trials.json`."))
             if best["trial"] != self._best:
-                self._best = best["trial"]
                 params = {k: best[k] for k in trials[0].config}
                 for key, value in {"best.trial": best["trial"], "best.run_id": best["run_id"] or "",
                                    "best.params": json.dumps(params), "best.step": str(best["step"])}.items():
@@ -146,6 +145,7 @@ class SweepTracker(Callback):
                                    storage=self.storage, tracking_uri=self.uri,
                                    parent_run_id=None).resolved()
                 client.log_dict(self.parent, redacted(cfg), "best_config.yaml")
+                self._best = best["trial"]  # written whole: a write that failed is tried again at the next trial
         except Exception as e:  # the parent's records never stop the sweep; they are rebuilt at the next trial
             print(f"openclaw: could not update the sweep's MLflow run {self.parent}: {e}", file=sys.stderr, flush=True)
 
