@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 
 from openclaw.config import Config
 from openclaw.data.sources import Source
@@ -60,6 +61,8 @@ def _values_to_try(spec) -> list:
     if spec.kind == "randint":
         return [low, high - 1]
     inside = low * (high / low) ** 0.37 if spec.kind == "loguniform" else low + 0.37 * (high - low)
+    if inside == int(inside):  # ([0, 100] gave 37.0, which an integer key takes)
+        inside = math.nextafter(inside, high)
     return [low, inside, high]
 
 
