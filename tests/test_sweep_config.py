@@ -22,6 +22,7 @@ def test_shipped_sweep_config_passes_every_check():
 @pytest.mark.parametrize("spec, message", [
     ({"uniform": [1, 0]}, r"low < high"),
     ({"loguniform": [0, 1]}, r"low bound > 0"),
+    ({"uniform": [1.0e-4, float("inf")]}, r"`uniform` needs finite bounds"),
     ({"choice": []}, r"at least one value"),
     ({"choice": [1], "uniform": [0, 1]}, r"exactly one of choice, uniform, loguniform, randint"),
     ({"normal": [0, 1]}, r"unknown key `sweep.space.train.optimizer.lr.normal`"),
@@ -161,6 +162,8 @@ def test_a_space_that_tunes_max_steps_is_refused():
      r".*must be divisible by `train.micro_batch_size`"),
     ({"train.global_batch_size": {"randint": [32, 64]}},  # its ends passed; 63, a draw, does not
      r"`sweep.space.train.global_batch_size` gives 63, which the config refuses"),
+    ({"train.schedule.warmup_steps": {"uniform": [0, 100]}},  # the value tried inside was 37.0, whole
+     r"`sweep.space.train.schedule.warmup_steps` gives 37.00000000000001, .* valid integer.* use `randint`"),
 ])
 def test_a_space_whose_trials_would_fail_is_refused_before_any_starts(space, said):
     """Each passed, and trials failed: a float range over a whole-number kwarg (37.4 hidden units), a batch

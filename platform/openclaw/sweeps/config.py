@@ -48,6 +48,8 @@ class ParamSpec(Section):
         kind, value = given[0], getattr(self, given[0])
         if kind == "choice" and not value:
             raise ValueError("`choice` needs at least one value")
+        if kind != "choice" and not all(math.isfinite(v) for v in value):  # (Tune refused them once started)
+            raise ValueError(f"`{kind}` needs finite bounds, got {list(value)}")
         if kind != "choice" and not value[0] < value[1]:
             raise ValueError(f"`{kind}` needs [low, high] with low < high, got {list(value)}")
         if kind == "loguniform" and value[0] <= 0:
