@@ -1,4 +1,5 @@
 """The `sweep:` section and the checks `openclaw sweep` makes before anything starts (no Ray, no MLflow)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,19 @@ def test_the_best_trial_is_written_again_after_a_write_that_failed(tmp_path, mon
     tags = client.get_run(parent).data.tags
     assert (tags.get("best.trial"), tags.get("best.params")) == ("t_00000", '{"train.optimizer.lr": 0.001}')
     assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_a_relative_store_and_cache_folders_are_the_drivers_not_each_trials(tmp_path, monkeypatch):
+    """Tune runs each trial in a folder of its own: `tracking.uri: sqlite:///mlflow.db` opened every child
+    run in a store of that trial's (the parent found none of its children), and a relative
+    `data.cache.dir` was a cache per trial, each preparing the data again."""
+    from openclaw.sweeps.launch import _absolute_paths, _absolute_store
+    monkeypatch.chdir(tmp_path)
+    assert _absolute_store("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    for kept in ("sqlite:////abs/m.db", "http://127.0.0.1:5000", "postgresql://db/mlflow"):
+        assert _absolute_store(kept) == kept
+    raw = load_config(SWEEP, {"data.cache.dir": "cache", "data.shard_cache.dir": "~/shards",
+                              "data.train": "datasets/digits/train"}).resolved()
+    paths = _absolute_paths(raw, str(tmp_path / "runs"))["data"]
+    assert (paths["cache"]["dir"], paths["shard_cache"]["dir"], paths["train"]) == (
+        str(tmp_path / "cache"), os.path.expanduser("~/shards"), str(tmp_path / "datasets/digits/train"))

@@ -59,7 +59,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # openclaw prints its own UI link
     # the data's files and columns, and the space's model values against the data, before anything starts
     sources = preflight(config, checks=(lambda found: check_value_ranges_in_space(config, s, found),))
-    uri, storage = tracking_uri(config), storage_path(config)
+    uri, storage = _absolute_store(tracking_uri(config)), storage_path(config)
     exp_path = f"{storage.rstrip('/')}/{config.name}"
     _check_resume(config, storage, exp_path, resume)
     parent_id, exp_id = _open_parent_run(config, s, uri, storage, resume)
@@ -70,7 +70,7 @@ def sweep(config: Config, *, resume: bool = False, address: str | None = None, v
         connect_ray(address, verbose, min_cpus=s.max_concurrent * per_trial + 2)
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SWEEP_STATE_SAVE_S)
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # an off-grid checkpoint (SIGTERM) may precede the first log
-        base = _absolute_data_paths(config.resolved(), storage)
+        base = _absolute_paths(config.resolved(), storage)
         _prepare_once(validate(base), sources, storage)
         tuner = _tuner(config, s, base, storage, uri, exp_id, parent_id, exp_path, resume, verbose)
         # Tune copies the driver's AWS credentials into its trial actors' runtime env; the trials get them
@@ -172,17 +172,30 @@ def _finish(client: MlflowClient, grid, s: SweepConfig, max_steps: int, parent_i
                        trials, exp_id, public_uri(uri))
 
 
-def _absolute_data_paths(raw: dict[str, Any], storage: str) -> dict[str, Any]:
-    """Local data paths made absolute from the driver's working folder: trials run in Tune's trial
-    folders (and a trial's log of its config then says where the data was). All trials share the
-    sweep's prepared-data cache."""
+def _absolute_paths(raw: dict[str, Any], storage: str) -> dict[str, Any]:
+    """Local data and cache paths made absolute from the driver's working folder: trials run in Tune's
+    trial folders (and a trial's log of its config then says where the data was). All trials share the
+    sweep's prepared-data cache (a relative `data.cache.dir` was one per trial folder, prepared again by
+    every trial)."""
     for key in ("train", "val"):
         path = raw["data"].get(key)
         if path and "://" not in path:
             raw["data"][key] = os.path.abspath(os.path.expanduser(path))
+    for section in ("cache", "shard_cache"):
+        folder = raw["data"][section].get("dir")
+        if folder and "://" not in folder:
+            raw["data"][section]["dir"] = os.path.abspath(os.path.expanduser(folder))
     if not raw["data"]["cache"].get("dir") and "://" not in storage:
         raw["data"]["cache"]["dir"] = os.path.join(storage, ".data-cache")
     return raw
+
+
+def _absolute_store(uri: str) -> str:
+    """A relative `sqlite:///` store made absolute from the driver's working folder: each trial opened
+    its run in a store of its own, in its Tune trial folder, and the parent found none of its children."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{os.path.abspath(os.path.expanduser(uri.removeprefix('sqlite:///')))}"
+    return uri
 
 
 def _prepare_once(config: Config, sources, storage: str) -> None:
