@@ -153,6 +153,21 @@ def test_a_space_that_tunes_max_steps_is_refused():
     was tagged 'stopped early by ASHA at step 100 of 300', and left out of the best."""
     with pytest.raises(ConfigError, match=r"`sweep.space` cannot tune train.max_steps: the sweep counts every trial"):
         load_config(SWEEP, {"sweep.space": {"train.max_steps": {"choice": [100, 300]}}})
+    with pytest.raises(ConfigError, match=r"`sweep.space` cannot tune train.max_steps"):  # a whole section set it
+        load_config(SWEEP, {"sweep.space": {"train": {"choice": [{"max_steps": 5000}]}}})
+
+
+def test_the_metrics_cadence_is_checked_for_each_value_the_space_gives():
+    """Only the file's values were checked: `train.eval_every` tuned to 30, with checkpoints every 50, passed,
+    and the trials' checkpoints came with no `val/` metric to report, where the same 30 in the file is refused."""
+    space = {"train.optimizer.lr": {"loguniform": [1.0e-4, 1.0e-2]}, "train.eval_every": {"choice": [50, 30]}}
+    cfg = load_config(SWEEP, {"sweep.space": space, "sweep.metric": "val/loss", "checkpoint.every_steps": 50,
+                              "train.eval_every": 50})
+    with pytest.raises(ConfigError, match=r"`sweep.space` gives train.eval_every=30, which the sweep refuses: "
+                                          r"`sweep.metric` is val/loss, .* divisor of `checkpoint.every_steps` \(50\)"):
+        check_sweep(cfg)
+    check_sweep(load_config(SWEEP, {"sweep.space": {**space, "train.eval_every": {"choice": [50, 25]}},
+                                    "sweep.metric": "val/loss", "checkpoint.every_steps": 50, "train.eval_every": 50}))
 
 
 @pytest.mark.parametrize("space,said", [

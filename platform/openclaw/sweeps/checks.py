@@ -37,8 +37,13 @@ def check_sweep(config: Config) -> SweepConfig:
                 hint = (f" A `{spec.kind}` draws floats: use `randint` (or `choice`) for a key that takes whole "
                         f"numbers." if spec.kind in ("uniform", "loguniform") else "")
                 raise ConfigError(f"`sweep.space.{key}` gives {value!r}, which the config refuses: {e}{hint}") from None
-    for _ in _space_trials(config, s, ("train.", "scaling.", "elastic.", "data.")):
-        pass  # combinations of those keys' values (a global batch with a micro-batch that does not divide it)
+    # Combinations of those keys' values (a global batch with a micro-batch that does not divide it), and
+    # what the sweep needs of each (an `eval_every` the space sets that no checkpoint step is a multiple of).
+    for params, trial in _space_trials(config, s, ("train.", "scaling.", "elastic.", "data.", "task")):
+        problems = check_against(s, trial.resolved())
+        if problems:
+            raise ConfigError(f"`sweep.space` gives {_given(params)}, which the sweep refuses: " + "; ".join(problems)
+                              + ".")
     check_layouts(config, s)
     if s.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("`sweep.search: optuna` needs optuna: pip install 'openclaw[optuna]', or use "

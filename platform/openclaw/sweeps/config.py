@@ -117,7 +117,7 @@ class SweepConfig(Section):
             raise ValueError(f"`sweep.space` cannot tune {', '.join(bad)}: the sweep sets each trial's name, "
                              f"checkpoints and tracking itself (`name`, `sweep.*`, `checkpoint.*` and `tracking.*` "
                              f"are the sweep's)")
-        if "train.max_steps" in self.space:
+        if any(k == "train.max_steps" or "train.max_steps".startswith(k + ".") for k in self.space):
             raise ValueError("`sweep.space` cannot tune train.max_steps: the sweep counts every trial against one "
                              "(the scheduler's budget, and whether a trial finished or was stopped early). Set "
                              "`train.max_steps` once, and let `sweep.scheduler: asha` stop the trials that lag")
