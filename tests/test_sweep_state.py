@@ -76,3 +76,20 @@ def test_the_killed_drivers_searcher_and_callback_states_go_aside_with_its_exper
     resumed = generator()  # what Tune restores now: the first driver's searcher, which makes the next trial
     resumed.restore_from_dir(str(tmp_path))
     assert resumed.next_trial() is not None
+
+
+def test_a_resume_whose_sweep_section_changed_is_refused_naming_what_changed(tmp_path):
+    """Tune restores its search as it started: a resume with `num_samples: 12` for 6 printed 12 trials and
+    ran 6, and another `metric` named a best trial with no value (the CLI then failed on it)."""
+    import pytest
+
+    from openclaw.errors import ConfigError
+    from openclaw.sweeps.saved_state import check_same_sweep, keep_sweep_section
+    exp = str(tmp_path / "sweeps" / "sw")
+    check_same_sweep(exp, {"num_samples": 6})  # a sweep from before the note: not compared
+    started = {"metric": "val/loss", "num_samples": 6, "space": {"train.optimizer.lr": {"loguniform": (1e-4, 1e-2)}}}
+    keep_sweep_section(exp, started)
+    check_same_sweep(exp, started)
+    with pytest.raises(ConfigError, match=r"changed since: sweep.metric 'val/loss' -> 'train/loss', "
+                                          r"sweep.num_samples 6 -> 12\. Put it back"):
+        check_same_sweep(exp, {**started, "metric": "train/loss", "num_samples": 12})

@@ -30,7 +30,7 @@ from openclaw.sweeps.checks import check_sweep, check_value_ranges_in_space
 from openclaw.sweeps.config import SweepConfig, grid_size
 from openclaw.sweeps.interrupt import graceful_interrupt
 from openclaw.sweeps.parent_run import FAILED, FINISHED, SweepTracker, ended_outcome, remember_uri
-from openclaw.sweeps.saved_state import check_saved_state
+from openclaw.sweeps.saved_state import check_same_sweep, check_saved_state, keep_sweep_section
 from openclaw.sweeps.search import scheduler, search_alg, tune_space
 from openclaw.sweeps.trial import run_trial
 from openclaw.tracking.redact import public_uri
@@ -140,8 +140,13 @@ def _check_resume(config: Config, storage: str, exp_path: str, resume: bool) -> 
     if exists and not resume:
         raise ConfigError(f"sweep {config.name!r} already exists in {storage}. Pass --resume to continue it "
                           f"(finished trials are kept), or set a new `name` to start another.")
-    if resume and (moved := check_saved_state(exp_path, config.name)):
-        print(moved, flush=True)
+    section = config.resolved()["sweep"]
+    if resume:
+        check_same_sweep(exp_path, section)
+        if moved := check_saved_state(exp_path, config.name):
+            print(moved, flush=True)
+    else:
+        keep_sweep_section(exp_path, section)
 
 
 def _open_parent_run(config: Config, s: SweepConfig, uri: str, storage: str, resume: bool) -> tuple[str, str]:

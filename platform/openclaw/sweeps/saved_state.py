@@ -6,6 +6,9 @@ driver killed while it writes (`ray job stop` SIGKILLs 3 s after its SIGTERM) le
 short. Tune's restore then fails, logs the error and silently starts the whole sweep over, under the
 same name and parent run. openclaw reads the newest state first: an incomplete one is moved aside
 when an older one (of an earlier driver) reads whole, and is otherwise a clear error.
+
+Tune's state keeps the search as it started (its trial count, metric, scheduler and space); the
+`sweep:` section it started from is kept beside it (`SWEEP_FILE`), and a resume must bring the same.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import posixpath
 import pyarrow.fs as pafs
 
 from openclaw.data.filesystems import storage_filesystem
-from openclaw.errors import CheckpointError
+from openclaw.errors import CheckpointError, ConfigError
+from openclaw.tracking.redact import flatten
 
 STATE_FILES = "experiment_state-*.json"
 """Tune's name for its experiment state files (`TuneController.CKPT_FILE_TMPL`), one per driver start."""
@@ -27,6 +31,36 @@ searcher's and the callbacks'; `CKPT_FILE_TMPL` of each). Tune restores the newe
 own: left beside an experiment state moved aside, a killed driver's searcher state went with an older
 experiment state that knew none of the trials it had made, and the sweep waited on them for ever."""
 INCOMPLETE_SUFFIX = ".incomplete"
+SWEEP_FILE = "openclaw_sweep.json"
+"""The `sweep:` section a sweep started with, beside Tune's state."""
+
+
+def keep_sweep_section(exp_path: str, section: dict) -> None:
+    """Note the `sweep:` section (plain data) a sweep starts with, for its resumes to compare with."""
+    fs, root = storage_filesystem(exp_path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(posixpath.join(root, SWEEP_FILE)) as f:
+        f.write(json.dumps(section, sort_keys=True).encode())
+
+
+def check_same_sweep(exp_path: str, section: dict) -> None:
+    """Refuse a resume whose `sweep:` section is not the one the sweep started with: Tune restores its
+    search as it was, so an edit took only in part (`num_samples: 12` printed 12 trials and ran 6; another
+    `metric` named a best trial with no value, and the CLI failed after the whole sweep). A sweep from
+    before `SWEEP_FILE` is not compared."""
+    fs, root = storage_filesystem(exp_path)
+    try:
+        with fs.open_input_stream(posixpath.join(root, SWEEP_FILE)) as f:
+            before = flatten(json.loads(f.readall()))
+    except FileNotFoundError:
+        return
+    now = flatten(json.loads(json.dumps(section)))
+    changed = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+    if changed:
+        said = ", ".join(f"sweep.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume continues the search Tune saved, as it started, but the `sweep:` section "
+                          f"changed since: {said}. Put it back to resume, or start a new sweep under another "
+                          f"`name`.")
 
 
 def _reads_whole(fs: pafs.FileSystem, path: str) -> bool:
