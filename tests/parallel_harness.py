@@ -15,6 +15,16 @@ def spawn(world: int, fn, *args) -> list[Any]:
     return run_local(world, fn, *args, backend="gloo")
 
 
+def background_groups(rank: int, world: int) -> list[str | None]:
+    """The backend of each group `runtime.saver.background_group` makes here, for a sharded background
+    save, a sharded synchronous one and a whole background one (None: no group of its own)."""
+    import torch.distributed as dist
+
+    from openclaw.runtime.saver import background_group
+    made = [background_group(*args) for args in ((True, True), (True, False), (False, True))]
+    return [None if g is None else dist.get_backend(g) for g in made]
+
+
 # ---- an engine-level run ---------------------------------------------------------------------------
 
 GPT_KWARGS = {"vocab_size": 64, "block_size": 16, "dim": 32, "depth": 4, "heads": 4}

@@ -196,3 +196,12 @@ def test_checkpoint_list_orders_a_manifest_whose_step_is_no_whole_number_as_a_re
         (tmp_path / name / "manifest.json").write_text(json.dumps({"step": s, "files": {}}))
     got = list_checkpoints(str(tmp_path), quick=True)
     assert [c.name for c in got] == ["checkpoint_a", "checkpoint_b"] and got[0].problem is None
+
+
+def test_a_sharded_background_save_writes_on_a_gloo_group_of_its_own_at_one_worker_too():
+    """The group was made only above one worker: at one (an elastic FSDP run shrunk to it, or resumed on one
+    machine), DCP's async save ran on the default group, NCCL alone on a GPU, and every save failed with
+    "A CPU backend must be enabled for async save"."""
+    from parallel_harness import background_groups, spawn
+    assert spawn(1, background_groups) == [["gloo", None, None]]
+    assert spawn(2, background_groups) == [["gloo", None, None]] * 2

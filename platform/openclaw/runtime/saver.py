@@ -44,6 +44,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def background_group(sharded: bool, background: bool):
+    """The process group a sharded background save runs its own collectives on: never the training's, and
+    one with a CPU backend (gloo), which torch's async save needs. At one worker too: there a GPU's
+    default group is NCCL alone, and every save failed ("A CPU backend must be enabled for async save")."""
+    if sharded and background and dist.is_available() and dist.is_initialized():
+        return dist.new_group(backend="gloo")
+    return None
+
+
 class Saver:
     """Saves for one training loop. Every rank calls `save` and `report_ready` at the same steps."""
 
@@ -54,8 +63,7 @@ class Saver:
         self.sharded = engine.strategy.sharded
         remove_stale()  # what a killed worker of this node left in the middle of a save
         self.fs, self.root = storage_filesystem(run_dir)
-        # DCP's background writes run collectives of their own: never on the training's group.
-        self._group = dist.new_group(backend="gloo") if self.sharded and background and _distributed() else None
+        self._group = background_group(self.sharded, background)
         self._thread: threading.Thread | None = None
         self._written: dict[str, Any] = {}   # this rank's background write: {"files", "error"}
         self._outstanding: dict[str, Any] | None = None  # every rank: {"step", "stall_s", "path", "metrics"}
