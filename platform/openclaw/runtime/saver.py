@@ -122,16 +122,17 @@ class Saver:
                 publish_manifest(self.fs, dest, self.state.step, ckpt_io.SHARDED, files)
             self._report(self.state.step, metrics, dest, mode="sync")
             return
-        with staging_dir() as d:
-            checkpoint, name = None, checkpoint_dir_name()
-            if self.rank == 0:
-                es = self.engine.state_dict()
+        # Published by rank 0 as a background save is, manifest last: Ray's upload copied the folder's files
+        # in parallel, and a worker killed in it left a manifest beside a missing model.pt, which the
+        # listings (`checkpoint list`, retention, the resume's config check) took for a finished checkpoint.
+        dest = None
+        if self.rank == 0:
+            es = self.engine.state_dict()
+            with staging_dir() as d:
                 ckpt_io.save(d, model=es["model"], trainer={k: v for k, v in es.items() if k != "model"},
                              state=self.state.state_dict(), config=self.config)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"step": self.state.step, **metrics}, checkpoint=checkpoint,
-                             checkpoint_dir_name=name if checkpoint else None)
-        self._after_report(self.state.step, f"{self.run_dir.rstrip('/')}/{name}", mode="sync")
+                dest = publish_dir(d, self.run_dir)
+        self._report(self.state.step, metrics, dest, mode="sync")
 
     def _begin_background(self, metrics: dict[str, float]) -> None:
         dest = f"{self.root.rstrip('/')}/{self._agreed_name()}" if self.sharded else None
