@@ -192,8 +192,8 @@ def test_checkpoint_list_orders_a_manifest_whose_step_is_no_whole_number_as_a_re
 
     from openclaw.launch.checkpoint_list import list_checkpoints
     for name, s in (("checkpoint_a", 10), ("checkpoint_b", step)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "manifest.json").write_text(json.dumps({"step": s, "files": {}}))
+        d = _save(tmp_path / name)
+        (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()), "step": s}))
     got = list_checkpoints(str(tmp_path), quick=True)
     assert [c.name for c in got] == ["checkpoint_a", "checkpoint_b"] and got[0].problem is None
 
@@ -205,3 +205,61 @@ def test_a_sharded_background_save_writes_on_a_gloo_group_of_its_own_at_one_work
     from parallel_harness import background_groups, spawn
     assert spawn(1, background_groups) == [["gloo", None, None]]
     assert spawn(2, background_groups) == [["gloo", None, None]] * 2
+
+
+def test_a_manifest_that_leaves_out_a_file_its_format_holds_is_refused_and_a_resume_goes_back(tmp_path, monkeypatch):
+    """`verify` checked the files the manifest listed, and no others: one that left out `model.pt` (cut short
+    beside it), or listed none, passed, and every attempt then failed on the file with torch's own error,
+    though an older checkpoint was whole. `checkpoint list` judges it as the resume does."""
+    import json
+
+    from openclaw.launch.checkpoint_list import list_checkpoints
+    run = tmp_path / "run"
+    ckpt.save(run / "checkpoint_2026-01-01_00-00-00.000000", model={"w": torch.ones(2)}, trainer={},
+              state={"step": 50}, config={})
+    bad = ckpt.save(run / "checkpoint_2026-01-02_00-00-00.000000", model={"w": torch.ones(2)}, trainer={},
+                    state={"step": 100}, config={})
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["files"]["model.pt"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    (bad / "model.pt").write_bytes(b"cut short")
+    with pytest.raises(CheckpointError, match="manifest.json does not list model.pt, which a whole checkpoint holds"):
+        ckpt.verify(bad)
+    assert _restored_step(run, monkeypatch) == 50
+    listed = {c.name: c.problem for c in list_checkpoints(str(run), quick=True)}
+    assert "does not list model.pt" in listed[bad.name] and listed["checkpoint_2026-01-01_00-00-00.000000"] is None
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))
+    with pytest.raises(CheckpointError, match="does not list model.pt, trainer.pt, state.pt, config.json"):
+        ckpt.verify(bad)
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "format": "zipped"}))
+    with pytest.raises(CheckpointError, match="names the format 'zipped'"):
+        ckpt.verify(bad)
+
+
+def test_a_file_that_leads_outside_its_checkpoint_by_a_link_is_refused(tmp_path):
+    """Names were checked, not where they lead: `model.pt` as a symbolic link to a file elsewhere passed."""
+    import shutil
+    d = _save(tmp_path / "c")
+    shutil.move(d / "model.pt", tmp_path / "elsewhere.pt")
+    (d / "model.pt").symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(CheckpointError, match="model.pt leads outside it"):
+        ckpt.verify(d)
+
+
+@pytest.mark.parametrize("edit, said", [({"size": 4016.0}, "malformed"), ({"format": ["whole"]}, "names the format")])
+def test_checkpoint_list_refuses_a_manifest_the_resume_refuses(tmp_path, edit, said):
+    """The list had checks of its own: a size written as a float listed as where a resume starts (which
+    refuses it), and a format that was no string failed the command with a TypeError."""
+    import json
+
+    from openclaw.launch.checkpoint_list import list_checkpoints
+    d = _save(tmp_path / "checkpoint_a")
+    manifest = json.loads((d / "manifest.json").read_text())
+    if "size" in edit:
+        manifest["files"]["model.pt"]["size"] = edit["size"]
+    else:
+        manifest.update(edit)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=said):
+        ckpt.verify(d)
+    assert said in list_checkpoints(str(tmp_path), quick=True)[0].problem

@@ -394,7 +394,8 @@ def test_checkpoint_list_checks_each_checkpoint_as_a_resume_would_and_marks_wher
     (odd / "manifest.json").write_text('{"step": 5}')
     r = run_cli("checkpoint", "list", tmp_path / "runs" / "job")
     assert r.returncode == 0 and r.stdout.splitlines()[-2].endswith(
-        "skipped on resume: manifest.json malformed (KeyError: 'files')"), r.stdout + r.stderr
+        "skipped on resume: manifest.json is malformed (no `files` mapping each name to its size, a whole number, and "
+        "sha256)"), r.stdout + r.stderr
 
 
 def test_a_librarys_own_error_prints_one_scrubbed_line_and_its_traceback_only_with_debug(tmp_path):

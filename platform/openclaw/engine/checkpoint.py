@@ -30,6 +30,10 @@ from openclaw.errors import CheckpointError, ConfigError
 
 MANIFEST = "manifest.json"
 WHOLE, SHARDED = "whole", "sharded"
+HOLDS = {WHOLE: ("model.pt", "trainer.pt", "state.pt", "config.json"),
+         SHARDED: ("model/.metadata", "trainer.pt", "state.pt", "config.json")}
+"""The files a checkpoint of each format holds, which its manifest must list (`engine.sharded.SHARDS_DIR`
+is `model`): one that left `model.pt` out passed, cut short, and the resume failed on it every attempt."""
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -99,18 +103,34 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {d} has no {MANIFEST}: it was not written in full.") from None
     except ValueError as e:  # not JSON, or not UTF-8
         raise CheckpointError(f"checkpoint {d}: {MANIFEST} is corrupt ({e}).") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-            for v in manifest["files"].values()):
-        raise CheckpointError(f"checkpoint {d}: {MANIFEST} is malformed (no `files` mapping each name to its "
-                              f"size and sha256).")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"checkpoint {d}: {MANIFEST} {problem}.")
 
     def size(name: str) -> int | None:
         p = inside(d, name)
+        if p.is_symlink() or not p.resolve().is_relative_to(d.resolve()):  # (a name inside, leading out)
+            raise CheckpointError(f"checkpoint {d}: {name} leads outside it (a symbolic link).")
         return p.stat().st_size if p.is_file() else None
     check_files(f"checkpoint {d}: ", manifest["files"], size, lambda name: sha256(inside(d, name)))
     manifest.setdefault("format", WHOLE)
     return manifest
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What makes a manifest (parsed JSON) one a resume refuses, said after its name; None where nothing
+    does. The resume's check and `openclaw checkpoint list`'s."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
+            for v in manifest["files"].values()):
+        return "is malformed (no `files` mapping each name to its size, a whole number, and sha256)"
+    fmt = manifest.get("format", WHOLE)
+    if not isinstance(fmt, str) or fmt not in HOLDS:
+        return f"names the format {fmt!r}, not {WHOLE!r} or {SHARDED!r}"
+    unlisted = [name for name in HOLDS[fmt] if name not in manifest["files"]]
+    if unlisted:
+        return f"does not list {', '.join(unlisted)}, which a {fmt} checkpoint holds"
+    return None
 
 
 def check_files(where: str, files: dict[str, dict], size: Callable[[str], int | None],

@@ -92,12 +92,12 @@ def _check(fs: pafs.FileSystem, folder: str, name: str, quick: bool) -> Listed:
         return Listed(name, None, None, 0, 0, f"no {ckpt_io.MANIFEST}: not written in full")
     except (OSError, ValueError) as e:
         return Listed(name, None, None, 0, 0, f"{ckpt_io.MANIFEST} unreadable ({e})")
-    try:
-        files = manifest["files"]
-        listed = Listed(name, manifest.get("step"), manifest.get("format", ckpt_io.WHOLE), len(files),
-                        sum(f["size"] for f in files.values()), None)
-    except (KeyError, TypeError, AttributeError) as e:
-        return Listed(name, None, None, 0, 0, f"{ckpt_io.MANIFEST} malformed ({type(e).__name__}: {e})")
+    problem = ckpt_io.manifest_problem(manifest)  # as the resume judges it
+    if problem:
+        return Listed(name, None, None, 0, 0, f"{ckpt_io.MANIFEST} {problem}")
+    files = manifest["files"]
+    listed = Listed(name, manifest.get("step"), manifest.get("format", ckpt_io.WHOLE), len(files),
+                    sum(f["size"] for f in files.values()), None)
     try:
         _matches(fs, folder, files, quick)
     except CheckpointError as e:
