@@ -364,6 +364,11 @@ def test_the_resume_check_reads_the_newest_complete_checkpoint_and_refuses_anoth
     spelled = load_config(None, ["model.kwargs.hidden=128", "model.kwargs.dropout=0.0", "model.kwargs.depth=2"],
                           base=MIN)
     assert changes_since_checkpoint(spelled, str(run))[1] == {}
+    # another layout of the state: each worker refused the checkpoint, attempt after attempt
+    with pytest.raises(ConfigError, match=r"written whole, but its `parallelism` \(strategy 'fsdp', tensor 1, "
+                                          r"pipeline 1\) keeps the state sharded"):
+        changes_since_checkpoint(load_config(None, ["model.kwargs.hidden=128", "parallelism.strategy=fsdp"],
+                                             base=MIN), str(run))
 
 
 def test_parallelism_keys_the_layout_makes_no_use_of_are_named_before_the_run(digits_dir, tmp_path, capsys):

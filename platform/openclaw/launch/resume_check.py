@@ -5,9 +5,10 @@ config it was trained with (`config.json`). The model, the task and the optimize
 were: a checkpoint cannot load into another model, and another optimizer's state would not be its
 own (a worker would fail on it at every attempt until the failure budget is spent). So must the seed
 and the shuffle window: they fix the epoch's sample order, and another order from the saved position
-on would train some of the epoch's samples twice and others never. Anything else may change (a larger
-batch, a new learning rate, more steps): the run says what changed, and records it in MLflow, whose
-params keep the values the run started with.
+on would train some of the epoch's samples twice and others never. So must the state's layout, whole
+(DDP) or sharded (FSDP, tensor or pipeline parallelism): the checkpoint is written in it. Anything else
+may change (a larger batch, a new learning rate, more steps): the run says what changed, and records it
+in MLflow, whose params keep the values the run started with.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 from typing import Any
 
 from openclaw.config import Config
+from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.models import with_defaults
 from openclaw.errors import ConfigError
 from openclaw.runtime.checkpoint_store import newest_finished_file
@@ -55,6 +57,7 @@ def changes_since_checkpoint(config: Config, run_dir: str) -> tuple[str, dict[st
     for side in (before, now):  # a default written out (or left out) builds the same model
         model = side.get("model") or {}
         model["kwargs"] = with_defaults(model.get("name", ""), model.get("kwargs") or {})
+    _check_layout(config, run_dir, path)
     changes = config_changes(before, now)
     fixed = {k: v for k, v in changes.items() if is_fixed(k)}
     if fixed:
@@ -63,3 +66,20 @@ def changes_since_checkpoint(config: Config, run_dir: str) -> tuple[str, dict[st
                           f"optimizer or sample order: {said}. Set them back to resume it, or set a new `name` to "
                           f"start a new run.")
     return path, changes
+
+
+def _check_layout(config: Config, run_dir: str, path: str) -> None:
+    """A checkpoint written whole (DDP) resumes under a strategy that keeps the state whole, a sharded
+    one under a sharded one: another refused it in every worker, attempt after attempt, until the failure
+    budget was spent."""
+    found = newest_finished_file(run_dir, ckpt_io.MANIFEST)
+    try:
+        fmt = json.loads(found[1]).get("format", ckpt_io.WHOLE) if found and found[0] == path else None
+    except (ValueError, AttributeError):  # the worker's restore will judge this checkpoint
+        return
+    if fmt in (ckpt_io.WHOLE, ckpt_io.SHARDED) and (fmt == ckpt_io.SHARDED) != config.parallelism.sharded_state:
+        now = "sharded" if config.parallelism.sharded_state else "whole"
+        raise ConfigError(f"run {config.name!r} would resume from {path}, written {fmt}, but its `parallelism` "
+                          f"(strategy {config.parallelism.strategy!r}, tensor {config.parallelism.tensor}, pipeline "
+                          f"{config.parallelism.pipeline}) keeps the state {now}. Resume with a layout that keeps it "
+                          f"{fmt}, or set a new `name` to start a new run.")

@@ -29,7 +29,7 @@ def build_strategy(cfg: ParallelismConfig | None = None, *, world: int = 1, rank
     `LanguageModeling`'s cross-entropy under `loss_context`), so `cfg.loss_parallel` applies. Off unless
     the caller says so: another loss gets whole logits, as it would on one device."""
     cfg = cfg or ParallelismConfig()
-    if cfg.strategy == "ddp" and cfg.model_parallel == 1:
+    if not cfg.sharded_state:
         return DDPStrategy(activation_checkpointing=cfg.activation_checkpointing, bucket_cap_mb=cfg.bucket_cap_mb)
     layout = layout_for(cfg, world)
     if device is not None and device.type == "cuda":  # where the mesh, and `fully_shard`, place tensors

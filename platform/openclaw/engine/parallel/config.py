@@ -127,6 +127,12 @@ class ParallelismConfig(Section):
         """Workers that hold one copy of the model between them: tensor x pipeline."""
         return self.tensor * self.pipeline
 
+    @property
+    def sharded_state(self) -> bool:
+        """Whether the strategy keeps the training state sharded (its checkpoints `sharded`): all but plain
+        DDP, which `build_strategy` builds where `strategy: ddp` has no model parallelism."""
+        return not (self.strategy == "ddp" and self.model_parallel == 1)
+
     def schedule_refuses(self, n: int) -> str | None:
         """Why torch's pipeline schedule refuses `n` micro-batches per step (None: it takes them). 1F1B needs
         at least one per pipeline rank; interleaved 1F1B runs them in rounds of `pipeline` and needs a
