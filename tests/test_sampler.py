@@ -183,6 +183,9 @@ def test_a_resume_is_refused_where_the_window_cut_the_order_then_and_cuts_none_n
         check_same_order(whole, 160, ten, 8, "ckpt")  # windowed now, not then
     older = {"num_samples": 160, "shard_layout": shard_layout(eight)}  # a digest whatever the window
     check_same_order(older, 160, eight, 8, "ckpt")
+    check_same_order(older, 160, five, 8, "ckpt")  # re-cut, and no window now: the same order, as before
+    with pytest.raises(DataError, match="cut into other shards"):
+        check_same_order(older, 160, ten, 8, "ckpt")  # a window cuts it now
 
 
 def test_each_epoch_cuts_the_shards_into_other_windows_and_the_sampler_follows_it():

@@ -68,7 +68,7 @@ def shard_layout(shard_rows: Sequence[int]) -> str:
 def order_layout(shard_rows: Sequence[int], window_shards: int) -> str:
     """What the epoch's order follows besides the row count, kept in the train state: the shards' row counts
     (`shard_layout`) where a shuffle window cuts it, `unwindowed` where none does."""
-    return shard_layout(shard_rows) if 0 < window_shards < len(shard_rows) else "unwindowed"
+    return f"windowed:{shard_layout(shard_rows)}" if 0 < window_shards < len(shard_rows) else "unwindowed"
 
 
 def check_same_order(saved: dict[str, Any], num_samples: int, shard_rows: Sequence[int], window_shards: int,
@@ -76,14 +76,17 @@ def check_same_order(saved: dict[str, Any], num_samples: int, shard_rows: Sequen
     """Refuse a checkpoint whose data position means other samples here: another row count, or (under a
     shuffle window then or now) the same rows cut into other shards, which reorders the rest of the epoch
     (the same number of rows prepared again in other shards resumed and trained on samples the epoch had
-    seen). `saved["shard_layout"]` is `order_layout`'s; older checkpoints hold `shard_layout`'s digest,
-    or nothing. The window is the checkpoint's (`launch.resume_check` keeps it): with none, no order
-    followed the shards."""
+    seen). `saved["shard_layout"]` is `order_layout`'s; older checkpoints hold `shard_layout`'s digest
+    whatever the window (refused, as then, only where a window cuts the order now), or nothing. The window
+    is the checkpoint's (`launch.resume_check` keeps it): with none, no order followed the shards."""
     if saved["num_samples"] != num_samples:
         raise DataError(f"checkpoint {path} was trained on {saved['num_samples']} rows but `data.train` now has "
                         f"{num_samples}; use a new `name` to start a fresh run.")
-    kept = saved.get("shard_layout")
-    if kept and window_shards > 0 and kept not in (order_layout(shard_rows, window_shards), shard_layout(shard_rows)):
+    kept, now = saved.get("shard_layout"), order_layout(shard_rows, window_shards)
+    older = kept != "unwindowed" and not str(kept).startswith("windowed:")
+    if older and (now == "unwindowed" or kept == shard_layout(shard_rows)):
+        return
+    if kept and window_shards > 0 and kept != now:
         raise DataError(f"checkpoint {path} was trained on the same number of rows cut into other shards than "
                         f"`data.train` has now ({len(shard_rows)}); with `data.shuffle_window_shards` the sample "
                         f"order follows the shards, so the rest of its epoch would differ. Resume on the data it "
