@@ -8,6 +8,8 @@ sorting first made every good one "bad", and `on_bad_shard: skip` then trained o
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import pyarrow as pa
 
 
@@ -16,7 +18,7 @@ def reference(schemas: list[pa.Schema | None]) -> tuple[int | None, str]:
     most readable shards share (ties: the first), and how many do, for messages ("4 of 5 readable shards
     share"); (None, "") when none is readable."""
     keys = [None if s is None else columns(s) for s in schemas]
-    counts = {k: keys.count(k) for k in keys if k is not None}
+    counts = Counter(k for k in keys if k is not None)  # (`keys.count` per shard: minutes at 50,000 shards)
     if not counts:
         return None, ""
     ref = next(i for i, k in enumerate(keys) if counts.get(k) == max(counts.values()))
