@@ -109,6 +109,13 @@ def test_a_run_whose_opening_failed_halfway_is_reopened_not_doubled(tmp_path, mo
     run = client.get_run(run_id)
     assert run.data.params["name"] == "halfway" and "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
     assert open_run(config, uri, storage)[:3:2] == (run_id, True)  # opened whole: a resume from now on
+    # Failed halfway again, then reopened with a key changed: the params it has keep their values
+    # (MLflow refuses to change one, and the job could not go on).
+    from openclaw.tracking.job_file import _read_job_file, _write_job_file
+    _write_job_file(storage, "halfway", {**_read_job_file(storage, "halfway"), "opened": False})
+    changed = openclaw.load_config(None, {"name": "halfway", "train.max_steps": 7}, base={"data": {"train": "x"}})
+    assert open_run(changed, uri, storage)[:3:2] == (run_id, False)
+    assert client.get_run(run_id).data.params["train.max_steps"] == str(config.train.max_steps)
 
 
 def test_a_job_file_is_whole_after_a_kill_mid_write_and_a_damaged_one_is_refused(tmp_path):

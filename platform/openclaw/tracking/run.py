@@ -121,8 +121,10 @@ def open_run(config: Config, uri: str, storage: str) -> tuple[str, str, bool]:
 
 def _log_config(client: MlflowClient, run_id: str, config: Config, storage: str, job: dict[str, Any]) -> None:
     """A new run's params and `config.yaml`, then its job file marked `opened` (a run whose opening failed
-    halfway gets them on the next command's reopen, as a start)."""
-    params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items()]
+    halfway gets them on the next command's reopen, as a start: the params it has keep their values, as
+    MLflow refuses to change one)."""
+    logged = client.get_run(run_id).data.params
+    params = [mlflow.entities.Param(k, _param_str(v)) for k, v in _flat(config).items() if k not in logged]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
     client.log_dict(run_id, redacted(config.resolved()), "config.yaml")  # secret-looking values never logged
