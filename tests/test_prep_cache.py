@@ -421,3 +421,11 @@ def test_a_published_entry_whose_part_cannot_be_read_is_prepared_again_in_its_pl
     with pytest.raises(DataError, match=r"the prepared-data cache entry .*cache/entries/\w+ cannot be read even "
                                         r"prepared again \(.*part-00002.parquet.*\); delete it"):
         prep.prepare({"train": src}, d2, str(tmp_path))
+
+    def too_many_files(*args, **kwargs):  # not damage: named, and the entry (another run may read it) kept
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(prep, "_prepared_source", too_many_files)
+    with pytest.raises(DataError, match=r"cache/entries/\w+ could not be read \(OSError: \[Errno 24\] Too many "
+                                        r"open files\); run again"):
+        prep.prepare({"train": src}, d, str(tmp_path))
+    assert pq.read_table(part).column("y").to_pylist() == list(range(10, 20))  # still there, as prepared

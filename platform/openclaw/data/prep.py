@@ -126,6 +126,11 @@ def _acquire(cache: PrepCache, key: str, src: Source, d: DataConfig) -> tuple[En
         except (pa.ArrowException, OSError) as e:
             cache.release(key)
             why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            # Only damage (a part cut short, or gone) prepares it again, in its place: a transient error (too
+            # many open files, a network filesystem's hiccup) would pull a good entry from a run reading it.
+            if not isinstance(e, (pa.ArrowInvalid, FileNotFoundError)):
+                raise DataError(f"the prepared-data cache entry {entry.path} could not be read ({why}); run "
+                                f"again.") from None
             if again:
                 raise DataError(f"the prepared-data cache entry {entry.path} cannot be read even prepared again "
                                 f"({why}); delete it, or set `data.cache.dir` to another folder.") from None
