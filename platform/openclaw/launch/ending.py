@@ -11,6 +11,7 @@ import ray
 from openclaw import constants
 from openclaw.launch.stops import allow_clean_up
 from openclaw.tracking.redact import public_uri, scrub
+from openclaw.tracking.service import in_flight_s
 from openclaw.tracking.spool import append_ops, holds_ops
 
 log = logging.getLogger("openclaw")
@@ -27,7 +28,7 @@ def spool_path(run_dir: str, run_id: str) -> str:
 def flush_tracking(tracking, uri: str, timeout_s: float) -> str | None:
     """Wait for the tracking service to deliver everything. If the server stays away, say where it is
     kept and return that spool file's path."""
-    allow_clean_up(timeout_s)  # a stop at once under way waits for the flush too (it spools at its end)
+    allow_clean_up(timeout_s + in_flight_s())  # a stop at once under way waits for the flush (it spools at its end)
     try:
         outcome = ray.get(tracking.flush.remote(timeout_s))
     except Exception as e:  # the service is gone with its queue: nothing more can be done here

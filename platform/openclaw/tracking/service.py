@@ -76,7 +76,7 @@ class TrackingService:
                 self._cv.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             self._closed = True
             self._stopped.set()  # a retry's backoff ends now
-            in_flight = time.monotonic() + float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")) + 5
+            in_flight = time.monotonic() + in_flight_s()
             while self._applying and time.monotonic() < in_flight:
                 self._cv.wait(timeout=max(0.0, min(1.0, in_flight - time.monotonic())))
             left = list(self._ops)
@@ -162,6 +162,12 @@ class TrackingService:
         self.refused += len(ops)
         log.warning("MLflow at %s refused a tracking update (HTTP %s: %s); it is kept in %s", public_uri(self.uri),
                     status, scrub(str(error).splitlines()[0][:200]), self.dead_letter)
+
+
+def in_flight_s() -> float:
+    """How long a flush past its deadline waits for the request in flight: MLflow's request timeout (the
+    service's default, or the one forwarded to it), and a margin."""
+    return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")) + 5
 
 
 def refused_status(error: Exception) -> int | None:
