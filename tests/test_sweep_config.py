@@ -202,14 +202,16 @@ def test_the_tracker_tune_saves_holds_no_credential_and_takes_its_uri_back_on_re
     import ray.cloudpickle as pickle
 
     from openclaw.sweeps import parent_run
-    uri = "postgresql://mlflow:S3cretPw@db.example/mlflow"
+    uri, storage = "postgresql://mlflow:S3cretPw@db.example/mlflow", "s3://AKIA1:wJalrSecret@bucket/sweeps"
     cfg = load_config(SWEEP, {"tracking.uri": uri, "checkpoint.storage": str(tmp_path)})
-    saved = pickle.dumps(parent_run.SweepTracker(cfg, uri, "1", "p" * 32, str(tmp_path)))
-    assert b"S3cretPw" not in saved and b"db.example" in saved
+    saved = pickle.dumps(parent_run.SweepTracker(cfg, uri, "1", "p" * 32, storage))
+    assert b"S3cretPw" not in saved and b"wJalrSecret" not in saved and b"db.example" in saved
     parent_run._FULL_URIS.clear()  # another driver: `--resume`
-    assert pickle.loads(saved).uri == "postgresql://db.example/mlflow"
+    restored = pickle.loads(saved)
+    assert (restored.uri, restored.storage) == ("postgresql://db.example/mlflow", "s3://bucket/sweeps")
     parent_run.remember_uri(uri)
-    assert pickle.loads(saved).uri == uri
+    parent_run.remember_uri(storage)
+    assert (pickle.loads(saved).uri, pickle.loads(saved).storage) == (uri, storage)
 
 
 def test_the_best_trial_is_written_again_after_a_write_that_failed(tmp_path, monkeypatch, capsys):

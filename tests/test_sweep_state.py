@@ -93,3 +93,6 @@ def test_a_resume_whose_sweep_section_changed_is_refused_naming_what_changed(tmp
     with pytest.raises(ConfigError, match=r"changed since: sweep.metric 'val/loss' -> 'train/loss', "
                                           r"sweep.num_samples 6 -> 12\. Put it back"):
         check_same_sweep(exp, {**started, "metric": "train/loss", "num_samples": 12})
+    check_same_sweep(exp, {**started, "a_key_a_later_version_adds": 1})  # not a change
+    with pytest.raises(ConfigError, match=r"changed since: sweep.space .*'model.kwargs.hidden'"):  # a key tuned more
+        check_same_sweep(exp, {**started, "space": {**started["space"], "model.kwargs.hidden": {"choice": [64, 128]}}})

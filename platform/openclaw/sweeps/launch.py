@@ -103,7 +103,8 @@ def _tuner(config: Config, s: SweepConfig, base: dict[str, Any], storage: str, u
     trainable = tune.with_parameters(run_trial, base=base, sweep_name=config.name, storage=storage,
                                      tracking_uri=uri, parent_run_id=parent_id, secrets=constants.secret_env())
     if resume:
-        remember_uri(uri)  # for the saved tracker, which Tune keeps without the URI's credentials
+        remember_uri(uri)  # for the saved tracker, which Tune keeps without the URIs' credentials
+        remember_uri(storage)
         return tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable, param_space=tune_space(s),

@@ -39,6 +39,7 @@ class SweepTracker(Callback):
 
     def __init__(self, config: Config, tracking_uri: str, experiment_id: str, parent_run_id: str, storage: str):
         remember_uri(tracking_uri)
+        remember_uri(storage)
         self.sweep_name, self.uri, self.exp_id, self.parent = config.name, tracking_uri, experiment_id, parent_run_id
         self.storage = storage
         self.metric, self.mode, self.max_steps = config.sweep.metric, config.sweep.mode, config.train.max_steps
@@ -47,12 +48,13 @@ class SweepTracker(Callback):
         self._best: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """What Tune saves (`tuner.pkl`): the tracking URI without its user info (a database's password)."""
-        return {**self.__dict__, "uri": public_uri(self.uri)}
+        """What Tune saves (`tuner.pkl`): the tracking and storage URIs without their user info (a database's
+        password, an object store's keys)."""
+        return {**self.__dict__, "uri": public_uri(self.uri), "storage": public_uri(self.storage)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.uri = _FULL_URIS.get(self.uri, self.uri)
+        self.uri, self.storage = (_FULL_URIS.get(u, u) for u in (self.uri, self.storage))
 
     # -- Tune's hooks
     def on_trial_start(self, iteration, trials, trial, **info):

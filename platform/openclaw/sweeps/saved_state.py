@@ -51,11 +51,16 @@ def check_same_sweep(exp_path: str, section: dict) -> None:
     fs, root = storage_filesystem(exp_path)
     try:
         with fs.open_input_stream(posixpath.join(root, SWEEP_FILE)) as f:
-            before = flatten(json.loads(f.readall()))
+            kept = json.loads(f.readall())
     except FileNotFoundError:
         return
-    now = flatten(json.loads(json.dumps(section)))
-    changed = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+    plain = json.loads(json.dumps(section))
+    before, now = (flatten({k: v for k, v in side.items() if k != "space"}) for side in (kept, plain))
+    # Keys on both sides: one on a side alone is a key another openclaw version has (`resume_check` alike);
+    # the space is the user's own, whole.
+    changed = {k: (before[k], now[k]) for k in sorted(before.keys() & now.keys()) if before[k] != now[k]}
+    if kept.get("space") != plain.get("space"):
+        changed["space"] = (kept.get("space"), plain.get("space"))
     if changed:
         said = ", ".join(f"sweep.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"--resume continues the search Tune saved, as it started, but the `sweep:` section "
