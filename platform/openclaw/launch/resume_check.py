@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from openclaw.config import Config
+from openclaw.data.filesystems import storage_filesystem
 from openclaw.engine import checkpoint as ckpt_io
 from openclaw.engine.models import with_defaults
 from openclaw.errors import ConfigError
@@ -72,10 +73,11 @@ def _check_layout(config: Config, run_dir: str, path: str) -> None:
     """A checkpoint written whole (DDP) resumes under a strategy that keeps the state whole, a sharded
     one under a sharded one: another refused it in every worker, attempt after attempt, until the failure
     budget was spent."""
-    found = newest_finished_file(run_dir, ckpt_io.MANIFEST)
+    fs, _ = storage_filesystem(run_dir)
     try:
-        fmt = json.loads(found[1]).get("format", ckpt_io.WHOLE) if found and found[0] == path else None
-    except (ValueError, AttributeError):  # the worker's restore will judge this checkpoint
+        with fs.open_input_stream(f"{path}/{ckpt_io.MANIFEST}") as f:
+            fmt = json.loads(f.read()).get("format", ckpt_io.WHOLE)
+    except (OSError, ValueError, AttributeError):  # the worker's restore will judge this checkpoint
         return
     if fmt in (ckpt_io.WHOLE, ckpt_io.SHARDED) and (fmt == ckpt_io.SHARDED) != config.parallelism.sharded_state:
         now = "sharded" if config.parallelism.sharded_state else "whole"

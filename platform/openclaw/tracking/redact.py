@@ -100,5 +100,8 @@ class ScrubbedLog(logging.Filter):
     it names the URL whole."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = scrub(record.getMessage()), ()
+        try:
+            record.msg, record.args = scrub(record.getMessage()), ()
+        except (TypeError, ValueError):  # arguments its format does not take: the handler says so, as without
+            pass
         return True
