@@ -454,3 +454,24 @@ def test_an_op_that_comes_after_the_flush_is_spooled_not_dropped(tmp_path):
     service.submit("event", "checkpoint", {"step": 10}, 1000.0)
     assert [(op["op"], op["args"][1]) for op in read_spool(str(tmp_path / "spool.jsonl"))[1]] == [
         ("event", {"step": 10})]
+
+
+def test_an_op_no_request_can_carry_is_set_aside_and_the_rest_delivered(tmp_path):
+    """An op MLflow's client could not encode (a numpy number in a metric) was taken for a server away:
+    retried until the flush's deadline, with every later op waiting behind it, and 'not answering' said."""
+    import numpy as np
+
+    from conftest import sqlite_store
+    from openclaw.tracking.service import TrackingService
+    from openclaw.tracking.spool import read_spool
+    uri = sqlite_store(tmp_path / "m.db")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("poison")).info.run_id
+    service = TrackingService(uri, run_id, None, str(tmp_path / "spool.jsonl"))
+    service.submit("params", {"a": object()})  # the writer's str() takes it: delivered
+    service.submit("event", "checkpoint", {"step": np.int64(10)}, 1000.0)  # MLflow's json.dumps does not
+    service.submit("metrics", [{"key": "train/loss", "value": 1.5, "timestamp": 1000, "step": 10}])
+    outcome = service.flush(timeout_s=20)
+    assert outcome["delivered"] and outcome["refused"] == 1
+    assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [1.5]
+    assert [op["op"] for op in read_spool(outcome["dead_letter"])[1]] == ["event"]

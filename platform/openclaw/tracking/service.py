@@ -141,8 +141,10 @@ class TrackingService:
                 self._writer.apply(op, *args)
                 return True
             except Exception as e:
-                status = refused_status(e)
-                if status is not None:  # the server answered no: retrying cannot help, and must not block the rest
+                # The server answered no, or no request can carry the op (a TypeError: a value JSON has no
+                # type for): retrying cannot help, and must not block the rest.
+                status = refused_status(e) or (type(e).__name__ if isinstance(e, TypeError) else None)
+                if status is not None:
                     self._set_aside(op, args, status, e)
                     return True
                 if not failing:  # the server is away: keep the op, retry with backoff
@@ -156,12 +158,14 @@ class TrackingService:
                 delay = min(RETRY_MAX_S, delay * 2)
         return False
 
-    def _set_aside(self, op: str, args: tuple, status: int, error: Exception) -> None:
+    def _set_aside(self, op: str, args: tuple, status: int | str, error: Exception) -> None:
+        """`status`: the HTTP status of the server's refusal, or the error's type where no request went."""
         ops = [("event", tuple(a)) for a in args[0]] if op == "events" else [(op, args)]
         append_ops(self.dead_letter, self.uri, self.run_id, ops)
         self.refused += len(ops)
-        log.warning("MLflow at %s refused a tracking update (HTTP %s: %s); it is kept in %s", public_uri(self.uri),
-                    status, scrub(str(error).splitlines()[0][:200]), self.dead_letter)
+        why = f"HTTP {status}" if isinstance(status, int) else status
+        log.warning("MLflow at %s refused a tracking update (%s: %s); it is kept in %s", public_uri(self.uri),
+                    why, scrub(str(error).splitlines()[0][:200]), self.dead_letter)
 
 
 def in_flight_s() -> float:
