@@ -1,5 +1,6 @@
 """The policies that return decisions, as pure functions: failure budgets and non-finite losses."""
 import numpy as np
+import pytest
 
 from openclaw.data.sampler import Sampler
 from openclaw.engine.state import TrainState
@@ -48,10 +49,56 @@ def test_different_errors_spend_max_failures_and_a_preemption_breaks_a_run_of_er
 def test_a_config_error_in_a_worker_gives_up_at_once_even_with_no_limits():
     """A ConfigError a worker raises (a model the strategy cannot split) fails every retry alike."""
     decision = failure_decision(FailureCounts(), False, "ConfigError: `parallelism.tensor` (2) needs a model...",
-                                max_failures=-1, max_preemptions=-1, max_same_error=0, config_error=True)
-    assert isinstance(decision, GiveUp) and decision.message.startswith("the config cannot work")
+                                max_failures=-1, max_preemptions=-1, max_same_error=0, final=True)
+    assert isinstance(decision, GiveUp) and decision.message.startswith("a retry would fail alike")
     assert isinstance(failure_decision(FailureCounts(), False, "ValueError: x", max_failures=-1, max_preemptions=-1,
-                                       max_same_error=0, config_error=False), Retry)
+                                       max_same_error=0, final=False), Retry)
+
+
+class RestartingState:  # what the controller callbacks read of Ray Train's controller state
+    def __init__(self, error):
+        self.training_failed_error = error
+
+
+def test_a_nonfinite_loss_under_fail_ends_the_run_at_once_and_a_spent_preemption_budget_says_so():
+    """A NonFiniteLossError (`on_nonfinite_loss: fail`) was retried as any failure: the replay from the
+    checkpoint met the same NaN, twice with the defaults, for ever with no limits. And a spent preemption
+    budget ended the run with the preemption's own message, which says the run resumes."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from openclaw.errors import MemoryBudgetError, NonFiniteLossError, WorkerPreempted
+    from openclaw.runtime.controller_callbacks import FailureBudget
+    for final in (NonFiniteLossError("non-finite loss at global step 7"), MemoryBudgetError("no micro-batch fits")):
+        budget = FailureBudget(max_failures=-1, max_preemptions=-1, max_same_error=0)
+        with pytest.raises(Exception) as ended:  # at the first failure, with no limits
+            budget.after_controller_state_update(None, RestartingState(WorkerGroupError("failed", {0: final})))
+        assert ended.value.controller_failure is final
+    budget = FailureBudget(max_failures=-1, max_preemptions=1, max_same_error=0)
+    preempted = [WorkerGroupError("failed", {0: WorkerPreempted("a training worker got SIGTERM; resuming")})
+                 for _ in range(2)]
+    budget.after_controller_state_update(None, RestartingState(preempted[0]))
+    with pytest.raises(Exception) as ended:
+        budget.after_controller_state_update(None, RestartingState(preempted[1]))
+    assert "more than `failure.max_preemptions` (1)" in str(ended.value)
+
+
+def test_a_failed_start_is_counted_once_however_often_the_controller_sets_its_state():
+    """Ray's controller sets the same state again on every pass while it waits for resources: the progress
+    said 'worker group start failed (N so far)' with N climbing every pass."""
+    from types import SimpleNamespace
+
+    from openclaw.runtime.controller_callbacks import ReportStartFailures
+
+    class WorkerGroupStartupTimeoutError(Exception):
+        pass
+    lines: list[str] = []  # the progress queue's actor, as `put_nowait` calls it
+    progress = SimpleNamespace(actor=SimpleNamespace(put_nowait=SimpleNamespace(
+        remote=lambda line: lines.append(line["message"]))))
+    report, state = ReportStartFailures(progress), RestartingState(WorkerGroupStartupTimeoutError("no resources"))
+    for _ in range(5):
+        report.after_controller_state_update(None, state)
+    report.after_controller_state_update(None, RestartingState(WorkerGroupStartupTimeoutError("again")))
+    assert len(lines) == 2 and "(2 so far)" in lines[-1], lines
 
 
 def test_nonfinite_policy_decisions():

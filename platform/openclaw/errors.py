@@ -9,6 +9,10 @@ from __future__ import annotations
 class OpenClawError(Exception):
     """Base of every error openclaw raises on purpose."""
 
+    final = False
+    """A retry of the attempt would fail alike (the config cannot work; a non-finite loss under `fail`, which
+    the replay from the checkpoint meets again): a worker group that raises it is not started again."""
+
     def __reduce__(self):  # picklable across Ray process boundaries, whatever the subclass signature
         return (self.__class__, self.args)
 
@@ -19,6 +23,8 @@ class UserError(OpenClawError):
 
 class ConfigError(UserError):
     """The config file or an override is malformed, has an unknown key or a bad value."""
+
+    final = True
 
 
 class DataError(UserError):
@@ -31,6 +37,8 @@ class CheckpointError(OpenClawError):
 
 class NonFiniteLossError(OpenClawError):
     """The loss or the gradient norm became NaN or infinite."""
+
+    final = True
 
 
 class WorkerPreempted(OpenClawError):
@@ -55,6 +63,8 @@ class UntrustedCodeError(UserError):
     """A checkpoint, logged model or spool names code that loading it would import and run, and the user
     has not said to trust it."""
 
+    final = True
+
 
 class FailureBudgetSpent(OpenClawError):
     """The run failed more often than its `failure` settings allow; the message names the budget and the
@@ -64,7 +74,11 @@ class FailureBudgetSpent(OpenClawError):
 class CompileError(UserError):
     """`torch.compile` failed on the model (`train.compile`); the message says how to train without it."""
 
+    final = True
+
 
 class MemoryBudgetError(UserError):
     """`train.micro_batch_size: auto` found no micro-batch that fits the memory; the message says what
     to shard, recompute or raise."""
+
+    final = True

@@ -11,7 +11,7 @@ import threading
 from ray.exceptions import RayActorError
 from ray.train import ControllerError, PreemptionError
 
-from openclaw.errors import ConfigError, FailureBudgetSpent, OpenClawError, WorkerPreempted
+from openclaw.errors import FailureBudgetSpent, OpenClawError, WorkerPreempted
 from openclaw.runtime.cluster_view import settle_lost_nodes
 from openclaw.runtime.policies import FailureCounts, GiveUp, failure_decision
 from openclaw.runtime.ray_private import (
@@ -54,12 +54,13 @@ class ReportStartFailures(ControllerCallback):
 
     def __init__(self, progress):
         self.progress = progress
-        self.count = 0
+        self.count, self._seen = 0, None
 
     def after_controller_state_update(self, previous_state, current_state):
         error = getattr(current_state, "training_failed_error", None)
-        if error is None or "WorkerGroupStartup" not in _error_chain(error):
-            return
+        if error is None or error is self._seen or "WorkerGroupStartup" not in _error_chain(error):
+            return  # (Ray's controller sets the same state again on each pass while it waits for resources)
+        self._seen = error
         self.count += 1
         put_nowait(self.progress, {"message": start_failure_message(error, self.count)})
 
@@ -102,13 +103,15 @@ class FailureBudget(ControllerCallback):
                         for c in causes)
         said = _summary(causes)
         decision = failure_decision(self.counts, preempted, said, **self.limits,
-                                    config_error=any(isinstance(c, ConfigError) for c in causes),
+                                    final=any(getattr(c, "final", False) for c in causes),
                                     key=None if _died(_root(causes)) else _VOLATILE.sub("#", said))
         if isinstance(decision, GiveUp):
             if self.progress is not None:
                 put_nowait(self.progress, {"message": f"giving up: {decision.message}"})
-            # openclaw's own error (a non-finite loss, bad data) says best what to change: end with it
-            ours = next((c for c in causes if isinstance(c, OpenClawError)), None)
+            # openclaw's own error (a non-finite loss, bad data) says best what to change: end with it; not
+            # a preemption's, which says the run resumes (its budget is what is spent)
+            ours = next((c for c in causes if isinstance(c, OpenClawError) and not isinstance(c, WorkerPreempted)),
+                        None)
             raise ControllerError(ours or FailureBudgetSpent(decision.message))
         self.counts = decision.counts
 

@@ -148,15 +148,16 @@ class GiveUp:
 
 
 def failure_decision(counts: FailureCounts, preempted: bool, error: str, *, max_failures: int, max_preemptions: int,
-                     max_same_error: int, config_error: bool = False, key: str | None = "") -> Retry | GiveUp:
+                     max_same_error: int, final: bool = False, key: str | None = "") -> Retry | GiveUp:
     """After a failed attempt: preemptions (a SIGTERM, a drained node) count against `failure.max_preemptions`,
     everything else against `failure.max_failures` (-1: no limit); the same error in `failure.max_same_error`
-    attempts in a row (0: no limit) gives up at once, since a retry would fail the same way. `config_error`:
-    the error says the config cannot work (a `ConfigError` a worker raised), which no retry changes. `key`:
+    attempts in a row (0: no limit) gives up at once, since a retry would fail the same way. `final`: the
+    error says a retry would fail alike (`OpenClawError.final`: a `ConfigError` a worker raised, a
+    non-finite loss under `fail`), which no budget need wait out. `key`:
     what makes two errors the same (default: `error` itself; its ports and numbers left out, say); None:
     an error no retry need meet again (a lost node), which starts no run of the same error."""
-    if config_error:
-        return GiveUp(f"the config cannot work, so a retry would fail alike: {error}")
+    if final:
+        return GiveUp(f"a retry would fail alike: {error}")
     if preempted:
         counts = FailureCounts(counts.failures, counts.preemptions + 1, 0, "")
         if 0 <= max_preemptions < counts.preemptions:
