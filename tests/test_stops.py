@@ -116,3 +116,25 @@ def test_rank_0_keeps_polling_the_driver_after_an_answer_that_did_not_come():
         assert signals.local() is StopFlag.STOP
     finally:
         signals.close()
+
+
+def test_a_sigterm_at_the_last_step_ends_the_run_it_finished_not_a_restart():
+    """A TERM voted at `train.max_steps` saved the final checkpoint, then raised WorkerPreempted: Ray
+    restarted the group to run no step (and waited for resources where its node was gone, or failed the
+    finished run under `max_preemptions: 0`)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from openclaw.errors import WorkerPreempted
+    from openclaw.runtime.attempt import Attempt
+    from openclaw.runtime.stops import StopFlag
+    events = []
+    tracker = SimpleNamespace(event=lambda kind, **fields: events.append(kind), progress=lambda line: None)
+    attempt = SimpleNamespace(state=SimpleNamespace(step=100), tracker=tracker, close=lambda: events.append("closed"),
+                              config=SimpleNamespace(train=SimpleNamespace(max_steps=100)))
+    assert Attempt.answer_stop(attempt, StopFlag.TERM) is True and events == []  # the loop ends, the run finishes
+    attempt.state.step = 60
+    with pytest.raises(WorkerPreempted, match="checkpointed at step 60"):
+        Attempt.answer_stop(attempt, StopFlag.TERM)
+    assert events == ["preempted", "closed"]

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import numpy as np
-import ray
 import ray.train
 import ray.train.torch
 
@@ -287,6 +286,7 @@ class Attempt:
             return False
         if stop == StopFlag.STOP:
             tracker.event("stopped", step=step, cause="driver asked to stop")
+        if stop == StopFlag.STOP or step >= self.config.train.max_steps:  # (TERM at the last: the run is done)
             return True
         tracker.event("preempted", step=step, cause="SIGTERM")
         tracker.progress({"message": f"SIGTERM: checkpointed at step {step}; Ray Train restarts from there"})
