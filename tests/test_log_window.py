@@ -49,7 +49,7 @@ class _Tracker:
         self.metrics = metrics
 
     def progress(self, line):
-        pass
+        self.line = line
 
 
 class _Data:
@@ -89,3 +89,34 @@ def test_the_samples_a_checkpoint_carried_count_in_the_loss_but_not_the_throughp
                       ("perf/flops_per_s", 1e6 * 16 / 0.02)):
         assert fresh[key] == pytest.approx(want, rel=1e-9) and resumed[key] == pytest.approx(want, rel=1e-9), key
     assert resumed["train/loss"] == (2.0 * 160 + 1.0 * 240) / 400  # the carried steps count in the average
+
+
+def test_the_eta_after_a_rollback_paces_the_replayed_steps_not_the_time_lost(monkeypatch):
+    """A rollback (a non-finite loss at step 99, back to the checkpoint at 50) restarted the window but not
+    the ETA's pace: the log at step 55 divided the time since the log at 95 (the lost steps, the restore,
+    the replay) by max(1, 55 - 95) steps, an ETA about 10x too long. A fake clock: each step takes 0.02 s."""
+    import openclaw.runtime.log_window as log_window
+    now = [1000.0]
+    monkeypatch.setattr(log_window.time, "perf_counter", lambda: now[0])
+    config = load_config(DIGITS, {"train.log_every": 5, "train.max_steps": 200, "train.eval_every": 0,
+                                  "train.global_batch_size": 16, "train.micro_batch_size": 16,
+                                  "scaling.min_workers": 1, "scaling.max_workers": 1})
+    state = TrainState(step=90)
+    window = LogWindow(config, state, device=torch.device("cpu"), rank=0, world=1, speaks_for_node=False,
+                       flops_per_sample=None, job_start_time=time.time())
+    tracker, stats = _Tracker(), StepStats(loss_sum=16.0, samples=16, lr=1e-3, grad_norm=1.0, finite=True)
+
+    def steps(n):
+        for _ in range(n):
+            now[0] += 0.02
+            window.add([{"x": torch.zeros(16, 64)}], stats, data_s=0.0, compute_s=0.02)
+            state.step += 1
+    steps(5)
+    window.log(state, 0, 16, _Data(), tracker)  # step 95
+    steps(4)
+    now[0] += 3.0  # step 99's NaN, the restore
+    state.step = 50
+    window.restart(state)
+    steps(5)
+    window.log(state, 0, 16, _Data(), tracker)  # step 55
+    assert tracker.line["step"] == 55 and tracker.line["eta_s"] == pytest.approx(145 * 0.02, rel=1e-6)

@@ -55,8 +55,8 @@ class LogWindow:
         self.noise = NoiseWindow()  # the gradient noise scale's pairs (engine.noise)
         self.eval_s = 0.0
         """The last evaluation's seconds (none yet this attempt: 0, and the ETA leaves evaluations out)."""
-        self.loop_t0 = self._eta_t0 = time.perf_counter()
-        self.first_step = self._eta_step = state.step
+        self.loop_t0 = time.perf_counter()
+        self.first_step = state.step
         self.restart(state)
         system_metrics(device)  # primes psutil's CPU counter
 
@@ -70,6 +70,9 @@ class LogWindow:
         # loss average but not the throughput), and later those of steps that compiled
         self.untimed = self.samples
         self.t0 = self.wall_t0 = time.perf_counter()  # wall_t0: the per-rank split's (checkpoint stalls in)
+        # the ETA's pace from here: after a rollback, the time since the last log (the lost steps, the
+        # restore, the replay) over steps counted back from it made one ETA about 10x too long
+        self._eta_t0, self._eta_step = self.t0, state.step
 
     def add(self, batches: list[dict[str, torch.Tensor]], stats: StepStats, data_s: float, compute_s: float) -> None:
         """A computed step (applied or not). A step that compiled is compile time (`perf/compile_s`): out of
