@@ -273,23 +273,30 @@ def test_a_retried_attempt_op_is_recorded_once_under_one_name(tmp_path):
         ("start", 0), ("resume", 50)]
 
 
-def test_a_server_gone_between_the_flush_and_the_end_leaves_the_ending_in_the_spool(tmp_path, monkeypatch, capsys):
-    """Everything was delivered, then the server went away before the final model and the FINISHED status:
-    those were only printed about, and the run stayed RUNNING with nothing sync-spool could carry out."""
+def _session_with_its_server_gone(tmp_path, monkeypatch, name: str, run_id: str):
+    """A job's session whose MLflow server is a loopback port nothing listens on, and that URI."""
     import socket
 
-    from openclaw.launch.ending import spool_path
     from openclaw.launch.session import RunSession
-    from openclaw.tracking.spool import read_spool
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         gone = f"http://127.0.0.1:{s.getsockname()[1]}"
-    config = openclaw.load_config(None, {"name": "late", "checkpoint.storage": str(tmp_path / "runs"),
+    config = openclaw.load_config(None, {"name": name, "checkpoint.storage": str(tmp_path / "runs"),
                                         "tracking.uri": gone}, base={"data": {"train": "x"}})
     session = RunSession(config)
-    session.run_id = "0" * 32
+    session.run_id = run_id
+    return session, gone
+
+
+def test_a_server_gone_between_the_flush_and_the_end_leaves_the_ending_in_the_spool(tmp_path, monkeypatch, capsys):
+    """Everything was delivered, then the server went away before the final model and the FINISHED status:
+    those were only printed about, and the run stayed RUNNING with nothing sync-spool could carry out."""
+
+    from openclaw.launch.ending import spool_path
+    from openclaw.tracking.spool import read_spool
+    session, gone = _session_with_its_server_gone(tmp_path, monkeypatch, "late", "0" * 32)
     session._end_mlflow_run("FINISHED", str(tmp_path / "runs" / "late" / "checkpoint_x"))
     spool = spool_path(session.run_dir, session.run_id)
     (uri, run_id), ops = read_spool(spool)
@@ -415,20 +422,10 @@ def test_a_failed_runs_ending_joins_a_spool_that_waits_and_is_said_where_none_do
     """A failed or stopped run whose server was away at its end stayed RUNNING in MLflow without a word: the
     error was swallowed. Where its spool waits for `sync-spool` anyway, the ending now joins it; where none
     does, the run is said to stay RUNNING until it is resumed."""
-    import socket
 
     from openclaw.launch.ending import spool_path
-    from openclaw.launch.session import RunSession
     from openclaw.tracking.spool import append_ops, read_spool
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
-    config = openclaw.load_config(None, {"name": "failed", "checkpoint.storage": str(tmp_path / "runs"),
-                                        "tracking.uri": gone}, base={"data": {"train": "x"}})
-    session = RunSession(config)
-    session.run_id = "1" * 32
+    session, gone = _session_with_its_server_gone(tmp_path, monkeypatch, "failed", "1" * 32)
     spool = spool_path(session.run_dir, session.run_id)
     session._end_mlflow_run("FAILED", None)
     assert not os.path.exists(spool)
